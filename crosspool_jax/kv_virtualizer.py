@@ -1,0 +1,939 @@
+"""Host-side page allocator and virtualizer for the shared KV pool.
+
+The KV pool is `num_devices` KV devices, each owning an arena of `pages_per_device` pages of
+`page_bytes` bytes. A physical page is `(device, page index)`. Every model registers a `KVGeometry`
+(layers, bytes of KV per token per layer); the pool's page size then fixes how many tokens one page
+holds for that model (`tokens_per_page`), so models of different KV widths share one arena.
+
+A page holds ONE layer's KV for `tokens_per_page` consecutive tokens of ONE request. A request of
+`n` tokens therefore needs `ceil(n / tokens_per_page)` pages per layer. We call the `num_layers`
+pages that cover the same token range a *row*; rows are the unit of allocation, and all pages of a
+row live on one device.
+
+A request's rows normally live on one device (attention stays local to its KV). When the device
+cannot hold it, the request is cut into *segments*: contiguous token ranges, each on one device with
+all its layers, so the engine can run split-KV decode per segment and combine the partial softmaxes.
+
+This module is plain Python bookkeeping (numpy only for the exported page tables): no JAX, no
+copies. Swap-out / swap-in return the list of page copies for the engine to perform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Hashable, Iterator
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+ModelId = str
+RequestId = Hashable
+
+PAGE_SENTINEL = -1
+"""Value that pads the page-index arrays of `ModelPageTable` (no page)."""
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+class KVPoolError(Exception):
+    """Base class of every error raised by the KV virtualizer."""
+
+
+class KVConfigError(KVPoolError, ValueError):
+    """A pool configuration or model geometry that cannot work (e.g. not one token fits a page)."""
+
+
+class KVOutOfPages(KVPoolError):
+    """An allocation that does not fit the free device pages; nothing was allocated."""
+
+    def __init__(self, message: str, pages_needed: int, pages_free: int) -> None:
+        super().__init__(message)
+        self.pages_needed = pages_needed
+        self.pages_free = pages_free
+
+
+class KVHostSwapFull(KVPoolError):
+    """A swap-out that does not fit the free host swap slots; nothing was changed."""
+
+
+class KVRequestStateError(KVPoolError, ValueError):
+    """An operation on a request in the wrong state (unknown, swapped when it must be resident, ...)."""
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPoolConfig:
+    """Shape of the KV pool.
+
+    num_devices: KV devices in the pool.
+    pages_per_device: pages in each device's arena (same on every device).
+    page_bytes: bytes of one page.
+    host_swap_pages: host-memory slots of `page_bytes` each for swapped-out pages (0: no swap).
+    """
+
+    num_devices: int
+    pages_per_device: int
+    page_bytes: int
+    host_swap_pages: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_devices", "pages_per_device", "page_bytes"):
+            if getattr(self, name) < 1:
+                raise KVConfigError(f"KVPoolConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.host_swap_pages < 0:
+            raise KVConfigError(f"KVPoolConfig.host_swap_pages must be >= 0, got {self.host_swap_pages}")
+
+    @property
+    def total_pages(self) -> int:
+        """Pages in the whole pool (all devices)."""
+        return self.num_devices * self.pages_per_device
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of one device's arena."""
+        return self.pages_per_device * self.page_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all arenas together."""
+        return self.total_pages * self.page_bytes
+
+    @property
+    def host_swap_bytes(self) -> int:
+        """Bytes of host swap space."""
+        return self.host_swap_pages * self.page_bytes
+
+
+class _HasKVShape(Protocol):
+    """What `KVGeometry.from_model_config` reads from a `crosspool_jax.config.ModelConfig`."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def kv_width(self) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class KVGeometry:
+    """A model's KV shape as the pool sees it.
+
+    num_layers: attention layers, each with its own KV.
+    bytes_per_token_per_layer: KV bytes one token occupies in one layer (K and V together).
+    token_align: tokens per page are rounded down to a multiple of this (a kernel's tile).
+    """
+
+    num_layers: int
+    bytes_per_token_per_layer: int
+    token_align: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "bytes_per_token_per_layer", "token_align"):
+            if getattr(self, name) < 1:
+                raise KVConfigError(f"KVGeometry.{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_model_config(cls, config: _HasKVShape, dtype_bytes: int = 2, token_align: int = 1) -> KVGeometry:
+        """Geometry of a `ModelConfig` whose KV cache is stored with `dtype_bytes` bytes per element."""
+        return cls(config.num_layers, config.kv_width * dtype_bytes, token_align)
+
+    def tokens_per_page(self, page_bytes: int) -> int:
+        """Tokens of one layer that one page of `page_bytes` bytes holds (a multiple of token_align)."""
+        fit = page_bytes // self.bytes_per_token_per_layer
+        aligned = fit - fit % self.token_align
+        if aligned < 1:
+            raise KVConfigError(
+                f"a page of {page_bytes} bytes holds {fit} tokens of {self.bytes_per_token_per_layer} "
+                f"bytes/token/layer, fewer than token_align={self.token_align}: no token fits"
+            )
+        return aligned
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKVLayout:
+    """A model's geometry resolved against the pool's page size."""
+
+    model: ModelId
+    geometry: KVGeometry
+    page_bytes: int
+    tokens_per_page: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.geometry.num_layers
+
+    def rows_for(self, num_tokens: int) -> int:
+        """Pages per layer (= rows) that `num_tokens` tokens need."""
+        return -(-num_tokens // self.tokens_per_page)
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages over all layers that `num_tokens` tokens need."""
+        return self.rows_for(num_tokens) * self.num_layers
+
+    @property
+    def used_bytes_per_page(self) -> int:
+        """Bytes of a full page that hold KV; the rest of the page (page_bytes minus this) is unused."""
+        return self.tokens_per_page * self.geometry.bytes_per_token_per_layer
+
+
+class PhysicalPage(NamedTuple):
+    """One page of the pool: `page` is its index in `device`'s arena."""
+
+    device: int
+    page: int
+
+
+@dataclasses.dataclass(frozen=True)
+class KVSegment:
+    """A contiguous token range of one request whose KV (all layers) lives on one device.
+
+    Tokens [token_start, token_end) are held; `layer_pages[l][i]` is the page index (on `device`) of
+    layer l for tokens [token_start + i*tokens_per_page, token_start + (i+1)*tokens_per_page).
+    The last page may be partly filled.
+    """
+
+    device: int
+    token_start: int
+    token_end: int
+    layer_pages: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+    @property
+    def pages_per_layer(self) -> int:
+        return len(self.layer_pages[0]) if self.layer_pages else 0
+
+
+class Residency(enum.StrEnum):
+    RESIDENT = "resident"  # pages on KV devices (possibly none yet)
+    SWAPPED = "swapped"  # pages copied to host slots; no device pages
+
+
+class SwapDirection(enum.StrEnum):
+    DEVICE_TO_HOST = "device_to_host"
+    HOST_TO_DEVICE = "host_to_device"
+
+
+@dataclasses.dataclass(frozen=True)
+class PageCopy:
+    """Copy one page between a device arena and a host swap slot.
+
+    layer and page_ordinal say which page of the request it is: page_ordinal i of a layer holds the
+    request's tokens [i*tokens_per_page, (i+1)*tokens_per_page).
+    """
+
+    layer: int
+    page_ordinal: int
+    device: int
+    device_page: int
+    host_slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapPlan:
+    """The copies of one swap-out or swap-in; the engine performs them, in any order.
+
+    Ordering rule for the engine: perform every swap-out's copies before any step writes KV (the
+    device pages are already free in the books), and every swap-in's copies before the step that
+    reads them.
+    """
+
+    request_id: RequestId
+    model: ModelId
+    direction: SwapDirection
+    num_tokens: int
+    page_bytes: int
+    copies: tuple[PageCopy, ...]
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.copies)
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes moved between host and device."""
+        return len(self.copies) * self.page_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class EvictedKV:
+    """What `evict` freed: the request's token count and its device pages (now free)."""
+
+    request_id: RequestId
+    model: ModelId
+    num_tokens: int
+    page_bytes: int
+    pages: tuple[PhysicalPage, ...]
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.pages) * self.page_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceKVStats:
+    """Occupancy of one KV device. tokens_held counts tokens (not token-layers) stored there."""
+
+    device: int
+    pages_total: int
+    pages_used: int
+    pages_free: int
+    bytes_used: int
+    bytes_free: int
+    tokens_held: int
+    num_requests: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKVStats:
+    """Occupancy of one model across the pool and host swap."""
+
+    model: ModelId
+    pages_used: int
+    bytes_used: int
+    pages_used_per_device: tuple[int, ...]
+    tokens_held: int
+    num_requests: int  # resident requests
+    num_swapped: int
+    host_pages_used: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolKVStats:
+    """Occupancy of the whole pool and host swap."""
+
+    pages_total: int
+    pages_used: int
+    pages_free: int
+    bytes_used: int
+    bytes_free: int
+    host_pages_total: int
+    host_pages_used: int
+    num_requests: int
+    num_swapped: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelPageTable:
+    """One model's page table on one device, for the attention kernels.
+
+    Row r is one segment of one request (normally the whole request): `page_indices[r, l, i]` is the
+    page (on `device`) of layer l holding the row's tokens [token_start[r] + i*tokens_per_page, ...),
+    padded with PAGE_SENTINEL. num_tokens[r] is the tokens of the row. All arrays are int32.
+    """
+
+    device: int
+    model: ModelId
+    tokens_per_page: int
+    request_ids: tuple[RequestId, ...]
+    segment_index: np.ndarray  # [rows]
+    token_start: np.ndarray  # [rows]
+    num_tokens: np.ndarray  # [rows]
+    page_indices: np.ndarray  # [rows, num_layers, max_pages]
+
+    def as_lists(self) -> dict[tuple[RequestId, int, int], list[int]]:
+        """{(request, segment index, layer): page indices on this device}, without padding."""
+        out: dict[tuple[RequestId, int, int], list[int]] = {}
+        for r, request_id in enumerate(self.request_ids):
+            for layer in range(self.page_indices.shape[1]):
+                row = self.page_indices[r, layer]
+                out[(request_id, int(self.segment_index[r]), layer)] = [
+                    int(p) for p in row if p != PAGE_SENTINEL
+                ]
+        return out
+
+
+# ---- internal state -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Segment:
+    device: int
+    token_start: int
+    layer_pages: list[list[int]]  # [layer] -> page indices, token order
+
+    @property
+    def rows(self) -> int:
+        return len(self.layer_pages[0])
+
+
+@dataclasses.dataclass
+class _RequestKV:
+    request_id: RequestId
+    layout: ModelKVLayout
+    num_tokens: int = 0
+    residency: Residency = Residency.RESIDENT
+    segments: list[_Segment] = dataclasses.field(default_factory=list)
+    host_slots: list[list[int]] = dataclasses.field(default_factory=list)  # [layer] -> slots, token order
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.segments)
+
+    @property
+    def num_device_pages(self) -> int:
+        return self.rows * self.layout.num_layers
+
+    @property
+    def num_host_pages(self) -> int:
+        return sum(len(s) for s in self.host_slots)
+
+
+# ---- the virtualizer ----------------------------------------------------------------------------
+
+
+class KVVirtualizer:
+    """Allocator of the shared KV pool: maps (model, request, layer) to physical pages.
+
+    All operations are all-or-nothing: one that raises changes nothing.
+    """
+
+    def __init__(self, config: KVPoolConfig) -> None:
+        self._config = config
+        # free page stacks; pop() hands out the lowest index first on a fresh arena
+        self._free: list[list[int]] = [
+            list(range(config.pages_per_device - 1, -1, -1)) for _ in range(config.num_devices)
+        ]
+        self._owner: list[list[RequestId | None]] = [
+            [None] * config.pages_per_device for _ in range(config.num_devices)
+        ]
+        self._host_free: list[int] = list(range(config.host_swap_pages - 1, -1, -1))
+        self._layouts: dict[ModelId, ModelKVLayout] = {}
+        self._requests: dict[RequestId, _RequestKV] = {}
+        self._model_pages: dict[ModelId, int] = {}
+
+    # -- models --
+
+    @property
+    def config(self) -> KVPoolConfig:
+        return self._config
+
+    def register_model(self, model: ModelId, geometry: KVGeometry) -> ModelKVLayout:
+        """Make `model` known to the pool. Re-registering the same geometry is a no-op."""
+        existing = self._layouts.get(model)
+        if existing is not None:
+            if existing.geometry != geometry:
+                raise KVConfigError(f"model {model!r} is registered with {existing.geometry}, not {geometry}")
+            return existing
+        tokens_per_page = geometry.tokens_per_page(self._config.page_bytes)
+        if geometry.num_layers > self._config.pages_per_device:
+            raise KVConfigError(
+                f"model {model!r} has {geometry.num_layers} layers but a device holds only "
+                f"{self._config.pages_per_device} pages: not one row of pages fits"
+            )
+        layout = ModelKVLayout(model, geometry, self._config.page_bytes, tokens_per_page)
+        self._layouts[model] = layout
+        self._model_pages[model] = 0
+        return layout
+
+    def unregister_model(self, model: ModelId) -> None:
+        """Forget `model`; refused while it has requests."""
+        self.layout(model)
+        live = [r.request_id for r in self._requests.values() if r.layout.model == model]
+        if live:
+            raise KVRequestStateError(f"model {model!r} still has {len(live)} requests, e.g. {live[0]!r}")
+        del self._layouts[model]
+        del self._model_pages[model]
+
+    def layout(self, model: ModelId) -> ModelKVLayout:
+        try:
+            return self._layouts[model]
+        except KeyError:
+            raise KVRequestStateError(f"model {model!r} is not registered with the KV pool") from None
+
+    @property
+    def models(self) -> tuple[ModelId, ...]:
+        return tuple(self._layouts)
+
+    def max_tokens(self, model: ModelId) -> int:
+        """Longest request of `model` the empty pool could hold (split over every device)."""
+        layout = self.layout(model)
+        rows = self._config.num_devices * (self._config.pages_per_device // layout.num_layers)
+        return rows * layout.tokens_per_page
+
+    # -- requests --
+
+    def add_request(self, request_id: RequestId, model: ModelId) -> None:
+        """Start tracking `request_id` of `model`, holding 0 tokens."""
+        if request_id in self._requests:
+            raise KVRequestStateError(f"request {request_id!r} is already in the KV pool")
+        self._requests[request_id] = _RequestKV(request_id, self.layout(model))
+
+    def has_request(self, request_id: RequestId) -> bool:
+        return request_id in self._requests
+
+    def request_ids(self) -> tuple[RequestId, ...]:
+        return tuple(self._requests)
+
+    def model_of(self, request_id: RequestId) -> ModelId:
+        return self._get(request_id).layout.model
+
+    def num_tokens(self, request_id: RequestId) -> int:
+        """Tokens whose KV the request holds (on device or, if swapped, on host)."""
+        return self._get(request_id).num_tokens
+
+    def residency(self, request_id: RequestId) -> Residency:
+        return self._get(request_id).residency
+
+    def pages_to_grow(self, request_id: RequestId, new_len: int) -> int:
+        """Device pages a `grow(request_id, new_len)` would allocate."""
+        req = self._resident(request_id)
+        self._check_new_len(req, new_len)
+        return max(0, req.layout.rows_for(new_len) - req.rows) * req.layout.num_layers
+
+    def can_grow(self, request_id: RequestId, new_len: int, allow_split: bool = True) -> bool:
+        req = self._resident(request_id)
+        self._check_new_len(req, new_len)
+        extra_rows = req.layout.rows_for(new_len) - req.rows
+        return extra_rows <= 0 or self._place_rows(req, extra_rows, allow_split) is not None
+
+    def can_fit(self, model: ModelId, num_tokens: int, allow_split: bool = True) -> bool:
+        """Whether a new request of `model` with `num_tokens` tokens fits the free pages now."""
+        layout = self.layout(model)
+        rows = layout.rows_for(num_tokens)
+        return rows == 0 or self._place_rows_for(layout, None, rows, allow_split) is not None
+
+    def grow(self, request_id: RequestId, new_len: int, allow_split: bool = True) -> tuple[PhysicalPage, ...]:
+        """Hold `new_len` tokens of KV for the request; returns the newly allocated pages.
+
+        Extends the request's last segment on its device while that device has room, then opens
+        segments on other devices (most free pages first) if `allow_split`. Raises KVOutOfPages and
+        changes nothing if the growth does not fit.
+        """
+        req = self._resident(request_id)
+        self._check_new_len(req, new_len)
+        extra_rows = req.layout.rows_for(new_len) - req.rows
+        new_pages: list[PhysicalPage] = []
+        if extra_rows > 0:
+            placement = self._place_rows(req, extra_rows, allow_split)
+            if placement is None:
+                need = extra_rows * req.layout.num_layers
+                raise KVOutOfPages(
+                    f"request {request_id!r} of model {req.layout.model!r}: growing to {new_len} tokens "
+                    f"needs {need} more pages ({extra_rows} rows of {req.layout.num_layers} layers) "
+                    f"{'split over devices' if allow_split else 'on one device'}; free pages per device: "
+                    f"{[len(f) for f in self._free]}",
+                    need,
+                    self.total_free_pages,
+                )
+            new_pages = self._allocate_rows(req, placement)
+        req.num_tokens = new_len
+        return tuple(new_pages)
+
+    def free(self, request_id: RequestId) -> int:
+        """Release everything the request holds (device pages and host slots) and forget it.
+
+        Returns the number of pages released (device + host).
+        """
+        req = self._get(request_id)
+        released = req.num_device_pages + req.num_host_pages
+        self._release_device_pages(req)
+        for slots in req.host_slots:
+            self._host_free.extend(reversed(slots))
+        del self._requests[request_id]
+        return released
+
+    def evict(self, request_id: RequestId) -> EvictedKV:
+        """Drop a resident request's KV (to be recomputed later) and forget it; returns what was freed."""
+        req = self._resident(request_id)
+        evicted = EvictedKV(
+            request_id, req.layout.model, req.num_tokens, self._config.page_bytes, self._pages_of(req)
+        )
+        self._release_device_pages(req)
+        del self._requests[request_id]
+        return evicted
+
+    # -- swap --
+
+    @property
+    def host_free_pages(self) -> int:
+        return len(self._host_free)
+
+    def can_swap_out(self, request_id: RequestId) -> bool:
+        return self._resident(request_id).num_device_pages <= len(self._host_free)
+
+    def swap_out(self, request_id: RequestId) -> SwapPlan:
+        """Move a resident request's pages to host slots (in the books); returns the copies to do.
+
+        The device pages are free on return. Raises KVHostSwapFull and changes nothing if the host
+        swap space is too small.
+        """
+        req = self._resident(request_id)
+        need = req.num_device_pages
+        if need > len(self._host_free):
+            raise KVHostSwapFull(
+                f"request {request_id!r}: swap-out needs {need} host slots, {len(self._host_free)} free"
+            )
+        copies: list[PageCopy] = []
+        host_slots: list[list[int]] = [[] for _ in range(req.layout.num_layers)]
+        for layer in range(req.layout.num_layers):
+            ordinal = 0
+            for seg in req.segments:
+                for page in seg.layer_pages[layer]:
+                    slot = self._host_free.pop()
+                    host_slots[layer].append(slot)
+                    copies.append(PageCopy(layer, ordinal, seg.device, page, slot))
+                    ordinal += 1
+        self._release_device_pages(req)
+        req.host_slots = host_slots
+        req.residency = Residency.SWAPPED
+        return SwapPlan(
+            request_id,
+            req.layout.model,
+            SwapDirection.DEVICE_TO_HOST,
+            req.num_tokens,
+            self._config.page_bytes,
+            tuple(copies),
+        )
+
+    def can_swap_in(self, request_id: RequestId, allow_split: bool = True) -> bool:
+        req = self._swapped(request_id)
+        rows = req.layout.rows_for(req.num_tokens)
+        return rows == 0 or self._place_rows_for(req.layout, None, rows, allow_split) is not None
+
+    def swap_in(self, request_id: RequestId, allow_split: bool = True) -> SwapPlan:
+        """Bring a swapped request back onto device pages (placed like a new request); returns copies.
+
+        The host slots are free on return. Raises KVOutOfPages and changes nothing if it does not fit.
+        """
+        req = self._swapped(request_id)
+        rows = req.layout.rows_for(req.num_tokens)
+        placement = self._place_rows_for(req.layout, None, rows, allow_split) if rows else []
+        if placement is None:
+            need = rows * req.layout.num_layers
+            raise KVOutOfPages(
+                f"request {request_id!r}: swap-in of {req.num_tokens} tokens needs {need} pages; free pages "
+                f"per device: {[len(f) for f in self._free]}",
+                need,
+                self.total_free_pages,
+            )
+        req.residency = Residency.RESIDENT
+        self._allocate_rows(req, placement)
+        copies: list[PageCopy] = []
+        for layer in range(req.layout.num_layers):
+            device_pages = [(seg.device, p) for seg in req.segments for p in seg.layer_pages[layer]]
+            for ordinal, ((device, page), slot) in enumerate(
+                zip(device_pages, req.host_slots[layer], strict=True)
+            ):
+                copies.append(PageCopy(layer, ordinal, device, page, slot))
+            self._host_free.extend(reversed(req.host_slots[layer]))
+        req.host_slots = []
+        return SwapPlan(
+            request_id,
+            req.layout.model,
+            SwapDirection.HOST_TO_DEVICE,
+            req.num_tokens,
+            self._config.page_bytes,
+            tuple(copies),
+        )
+
+    # -- maps and tables --
+
+    def segments(self, request_id: RequestId) -> tuple[KVSegment, ...]:
+        """The request's segments in token order (empty if it holds no pages or is swapped)."""
+        req = self._get(request_id)
+        out = []
+        tpp = req.layout.tokens_per_page
+        for seg in req.segments:
+            end = min(req.num_tokens, seg.token_start + seg.rows * tpp)
+            out.append(KVSegment(seg.device, seg.token_start, end, tuple(tuple(p) for p in seg.layer_pages)))
+        return tuple(out)
+
+    def layer_pages(self, request_id: RequestId, layer: int) -> tuple[PhysicalPage, ...]:
+        """Physical pages of one layer of the request, in token order."""
+        req = self._resident(request_id)
+        if not 0 <= layer < req.layout.num_layers:
+            raise KVRequestStateError(f"layer {layer} out of range for model {req.layout.model!r}")
+        return tuple(PhysicalPage(s.device, p) for s in req.segments for p in s.layer_pages[layer])
+
+    def device_pages_held(self, request_id: RequestId) -> int:
+        """Device pages the request holds (0 when swapped)."""
+        return self._get(request_id).num_device_pages
+
+    def request_pages(self, request_id: RequestId) -> tuple[PhysicalPage, ...]:
+        """All device pages the request holds."""
+        return self._pages_of(self._get(request_id))
+
+    def page_table(self, device: int, model: ModelId, max_pages: int | None = None) -> ModelPageTable:
+        """Page table of `model`'s resident requests on `device` (one row per segment there).
+
+        max_pages: width of the page axis (for a fixed kernel shape); default: the widest row.
+        """
+        self._check_device(device)
+        layout = self.layout(model)
+        rows: list[tuple[RequestId, int, int, int, list[list[int]]]] = []
+        for req in self._requests.values():
+            if req.layout.model != model or req.residency != Residency.RESIDENT:
+                continue
+            for index, seg in enumerate(req.segments):
+                if seg.device == device:
+                    end = min(req.num_tokens, seg.token_start + seg.rows * layout.tokens_per_page)
+                    rows.append(
+                        (req.request_id, index, seg.token_start, end - seg.token_start, seg.layer_pages)
+                    )
+        widest = max((len(r[4][0]) for r in rows), default=0)
+        width = widest if max_pages is None else max_pages
+        if width < widest:
+            raise KVRequestStateError(
+                f"a row on device {device} has {widest} pages, more than max_pages={width}"
+            )
+        pages = np.full((len(rows), layout.num_layers, max(width, 1)), PAGE_SENTINEL, dtype=np.int32)
+        for r, (_, _, _, _, layer_pages) in enumerate(rows):
+            for layer, plist in enumerate(layer_pages):
+                pages[r, layer, : len(plist)] = plist
+        return ModelPageTable(
+            device=device,
+            model=model,
+            tokens_per_page=layout.tokens_per_page,
+            request_ids=tuple(r[0] for r in rows),
+            segment_index=np.array([r[1] for r in rows], dtype=np.int32),
+            token_start=np.array([r[2] for r in rows], dtype=np.int32),
+            num_tokens=np.array([r[3] for r in rows], dtype=np.int32),
+            page_indices=pages,
+        )
+
+    def page_owner(self, page: PhysicalPage) -> RequestId | None:
+        """The request holding a physical page, or None if it is free."""
+        self._check_device(page.device)
+        return self._owner[page.device][page.page]
+
+    # -- statistics --
+
+    def free_pages(self, device: int) -> int:
+        self._check_device(device)
+        return len(self._free[device])
+
+    @property
+    def total_free_pages(self) -> int:
+        return sum(len(f) for f in self._free)
+
+    def model_pages(self, model: ModelId) -> int:
+        """Device pages `model`'s requests hold now."""
+        self.layout(model)
+        return self._model_pages[model]
+
+    def iter_requests_on(self, device: int) -> Iterator[RequestId]:
+        """Requests with at least one segment on `device`."""
+        self._check_device(device)
+        for req in self._requests.values():
+            if any(s.device == device for s in req.segments):
+                yield req.request_id
+
+    def device_stats(self, device: int) -> DeviceKVStats:
+        self._check_device(device)
+        total = self._config.pages_per_device
+        free = len(self._free[device])
+        tokens = 0
+        requests = 0
+        for req in self._requests.values():
+            on_device = [s for s in req.segments if s.device == device]
+            if on_device:
+                requests += 1
+                tpp = req.layout.tokens_per_page
+                tokens += sum(
+                    min(req.num_tokens, s.token_start + s.rows * tpp) - s.token_start for s in on_device
+                )
+        pb = self._config.page_bytes
+        return DeviceKVStats(
+            device, total, total - free, free, (total - free) * pb, free * pb, tokens, requests
+        )
+
+    def model_stats(self, model: ModelId) -> ModelKVStats:
+        self.layout(model)
+        per_device = [0] * self._config.num_devices
+        tokens = resident = swapped = host = 0
+        for req in self._requests.values():
+            if req.layout.model != model:
+                continue
+            if req.residency == Residency.SWAPPED:
+                swapped += 1
+                host += req.num_host_pages
+                continue
+            resident += 1
+            tokens += req.num_tokens
+            for seg in req.segments:
+                per_device[seg.device] += seg.rows * req.layout.num_layers
+        used = self._model_pages[model]
+        return ModelKVStats(
+            model, used, used * self._config.page_bytes, tuple(per_device), tokens, resident, swapped, host
+        )
+
+    def pool_stats(self) -> PoolKVStats:
+        cfg = self._config
+        free = self.total_free_pages
+        swapped = sum(1 for r in self._requests.values() if r.residency == Residency.SWAPPED)
+        return PoolKVStats(
+            pages_total=cfg.total_pages,
+            pages_used=cfg.total_pages - free,
+            pages_free=free,
+            bytes_used=(cfg.total_pages - free) * cfg.page_bytes,
+            bytes_free=free * cfg.page_bytes,
+            host_pages_total=cfg.host_swap_pages,
+            host_pages_used=cfg.host_swap_pages - len(self._host_free),
+            num_requests=len(self._requests) - swapped,
+            num_swapped=swapped,
+        )
+
+    def check_invariants(self) -> None:
+        """Recount everything from the request maps; raise KVPoolError on any inconsistency."""
+        cfg = self._config
+        seen: dict[PhysicalPage, RequestId] = {}
+        model_pages = dict.fromkeys(self._layouts, 0)
+        for req in self._requests.values():
+            self._check_request_consistent(req)
+            for page in self._pages_of(req):
+                if page in seen:
+                    raise KVPoolError(f"page {page} mapped by {seen[page]!r} and {req.request_id!r}")
+                if self._owner[page.device][page.page] != req.request_id:
+                    raise KVPoolError(
+                        f"page {page} of {req.request_id!r} has owner {self._owner[page.device][page.page]!r}"
+                    )
+                seen[page] = req.request_id
+            model_pages[req.layout.model] += req.num_device_pages
+        for device in range(cfg.num_devices):
+            free = self._free[device]
+            if len(set(free)) != len(free) or any(self._owner[device][p] is not None for p in free):
+                raise KVPoolError(f"device {device}: free list has duplicates or owned pages")
+            used = sum(1 for p in seen if p.device == device)
+            if used + len(free) != cfg.pages_per_device:
+                raise KVPoolError(
+                    f"device {device}: {used} used + {len(free)} free != {cfg.pages_per_device}"
+                )
+        if model_pages != self._model_pages:
+            raise KVPoolError(f"per-model page counts {self._model_pages} != recount {model_pages}")
+        host_used = [s for r in self._requests.values() for slots in r.host_slots for s in slots]
+        if len(set(host_used)) != len(host_used) or set(host_used) & set(self._host_free):
+            raise KVPoolError("host slots mapped twice or both used and free")
+        if len(host_used) + len(self._host_free) != cfg.host_swap_pages:
+            raise KVPoolError(
+                f"host slots: {len(host_used)} used + {len(self._host_free)} free != {cfg.host_swap_pages}"
+            )
+
+    # -- internals --
+
+    def _get(self, request_id: RequestId) -> _RequestKV:
+        try:
+            return self._requests[request_id]
+        except KeyError:
+            raise KVRequestStateError(f"request {request_id!r} is not in the KV pool") from None
+
+    def _resident(self, request_id: RequestId) -> _RequestKV:
+        req = self._get(request_id)
+        if req.residency != Residency.RESIDENT:
+            raise KVRequestStateError(f"request {request_id!r} is swapped out; swap it in first")
+        return req
+
+    def _swapped(self, request_id: RequestId) -> _RequestKV:
+        req = self._get(request_id)
+        if req.residency != Residency.SWAPPED:
+            raise KVRequestStateError(f"request {request_id!r} is not swapped out")
+        return req
+
+    def _check_device(self, device: int) -> None:
+        if not 0 <= device < self._config.num_devices:
+            raise KVRequestStateError(f"device {device} out of range [0, {self._config.num_devices})")
+
+    @staticmethod
+    def _check_new_len(req: _RequestKV, new_len: int) -> None:
+        if new_len < req.num_tokens:
+            raise KVRequestStateError(
+                f"request {req.request_id!r} holds {req.num_tokens} tokens; cannot grow to {new_len}"
+            )
+
+    def _check_request_consistent(self, req: _RequestKV) -> None:
+        tpp = req.layout.tokens_per_page
+        start = 0
+        for seg in req.segments:
+            if seg.token_start != start or len(seg.layer_pages) != req.layout.num_layers:
+                raise KVPoolError(f"request {req.request_id!r}: segments not contiguous from 0")
+            if seg.rows < 1 or any(len(p) != seg.rows for p in seg.layer_pages):
+                raise KVPoolError(f"request {req.request_id!r}: a segment has uneven or empty layers")
+            start += seg.rows * tpp
+        rows = req.layout.rows_for(req.num_tokens)
+        if req.residency == Residency.RESIDENT and (req.rows != rows or req.host_slots):
+            raise KVPoolError(f"request {req.request_id!r}: {req.rows} rows for {req.num_tokens} tokens")
+        if req.residency == Residency.SWAPPED and (
+            req.segments or req.num_host_pages != rows * req.layout.num_layers
+        ):
+            raise KVPoolError(f"request {req.request_id!r}: swapped state inconsistent")
+
+    def _pages_of(self, req: _RequestKV) -> tuple[PhysicalPage, ...]:
+        return tuple(
+            PhysicalPage(s.device, p) for s in req.segments for plist in s.layer_pages for p in plist
+        )
+
+    def _place_rows(self, req: _RequestKV, rows: int, allow_split: bool) -> list[tuple[int, int]] | None:
+        last_device = req.segments[-1].device if req.segments else None
+        return self._place_rows_for(req.layout, last_device, rows, allow_split)
+
+    def _place_rows_for(
+        self, layout: ModelKVLayout, last_device: int | None, rows: int, allow_split: bool
+    ) -> list[tuple[int, int]] | None:
+        """Where `rows` new rows go: [(device, rows)], first entry extends `last_device`; None if no fit.
+
+        Policy: extend the last segment's device as far as it has room; then the device with the most
+        free rows (ties: lowest index), and so on. Without split, everything must go on one device
+        (the last segment's device for a request that already holds pages).
+        """
+        free_rows = [len(f) // layout.num_layers for f in self._free]
+        if not allow_split:
+            if last_device is not None:
+                return [(last_device, rows)] if free_rows[last_device] >= rows else None
+            best = max(range(len(free_rows)), key=lambda d: (free_rows[d], -d))
+            return [(best, rows)] if free_rows[best] >= rows else None
+        if sum(free_rows) < rows:
+            return None
+        placement: list[tuple[int, int]] = []
+        remaining = rows
+        order = sorted(range(len(free_rows)), key=lambda d: (-free_rows[d], d))
+        if last_device is not None:
+            order.remove(last_device)
+            order.insert(0, last_device)
+        for device in order:
+            take = min(remaining, free_rows[device])
+            if take:
+                placement.append((device, take))
+                remaining -= take
+            if remaining == 0:
+                return placement
+        raise AssertionError("unreachable: free rows were counted above")
+
+    def _allocate_rows(self, req: _RequestKV, placement: list[tuple[int, int]]) -> list[PhysicalPage]:
+        tpp = req.layout.tokens_per_page
+        layers = req.layout.num_layers
+        new_pages: list[PhysicalPage] = []
+        for device, rows in placement:
+            if req.segments and req.segments[-1].device == device:
+                seg = req.segments[-1]
+            else:
+                seg = _Segment(device, req.rows * tpp, [[] for _ in range(layers)])
+                req.segments.append(seg)
+            free = self._free[device]
+            owner = self._owner[device]
+            for _ in range(rows):
+                for layer in range(layers):
+                    page = free.pop()
+                    owner[page] = req.request_id
+                    seg.layer_pages[layer].append(page)
+                    new_pages.append(PhysicalPage(device, page))
+        self._model_pages[req.layout.model] += len(new_pages)
+        return new_pages
+
+    def _release_device_pages(self, req: _RequestKV) -> None:
+        # push in reverse allocation order (rows, then layers) so the pages pop back in their order
+        for seg in reversed(req.segments):
+            free = self._free[seg.device]
+            owner = self._owner[seg.device]
+            for row in reversed(range(seg.rows)):
+                for plist in reversed(seg.layer_pages):
+                    page = plist[row]
+                    owner[page] = None
+                    free.append(page)
+        self._model_pages[req.layout.model] -= req.num_device_pages
+        req.segments = []

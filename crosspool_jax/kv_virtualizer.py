@@ -123,18 +123,28 @@ class KVGeometry:
     """A model's KV shape as the pool sees it.
 
     num_layers: attention layers, each with its own KV.
-    bytes_per_token_per_layer: KV bytes one token occupies in one layer (K and V together).
-    token_align: tokens per page are rounded down to a multiple of this (a kernel's tile).
+    bytes_per_token_per_layer: KV bytes one token occupies in one layer (K and V together, including
+        any row padding the kernels' page layout adds; `pallas_kernels.page_layout.PageGeometry.
+        bytes_per_token_used`).
+    token_align: tokens per page are rounded down to a multiple of this when at least this many fit
+        (the same rule as `pallas_kernels.page_layout.tokens_per_page`).
+    tokens_per_page_override: use exactly this many tokens per page (e.g. the kernels' own
+        `PageGeometry.tokens_per_page`); must fit in the page.
     """
 
     num_layers: int
     bytes_per_token_per_layer: int
     token_align: int = 1
+    tokens_per_page_override: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "bytes_per_token_per_layer", "token_align"):
             if getattr(self, name) < 1:
                 raise KVConfigError(f"KVGeometry.{name} must be >= 1, got {getattr(self, name)}")
+        if self.tokens_per_page_override is not None and self.tokens_per_page_override < 1:
+            raise KVConfigError(
+                f"KVGeometry.tokens_per_page_override must be >= 1, got {self.tokens_per_page_override}"
+            )
 
     @classmethod
     def from_model_config(cls, config: _HasKVShape, dtype_bytes: int = 2, token_align: int = 1) -> KVGeometry:
@@ -142,15 +152,23 @@ class KVGeometry:
         return cls(config.num_layers, config.kv_width * dtype_bytes, token_align)
 
     def tokens_per_page(self, page_bytes: int) -> int:
-        """Tokens of one layer that one page of `page_bytes` bytes holds (a multiple of token_align)."""
+        """Tokens of one layer that one page of `page_bytes` bytes holds."""
         fit = page_bytes // self.bytes_per_token_per_layer
-        aligned = fit - fit % self.token_align
-        if aligned < 1:
+        if self.tokens_per_page_override is not None:
+            if self.tokens_per_page_override > fit:
+                raise KVConfigError(
+                    f"tokens_per_page_override={self.tokens_per_page_override} tokens of "
+                    f"{self.bytes_per_token_per_layer} bytes do not fit a page of {page_bytes} bytes"
+                )
+            return self.tokens_per_page_override
+        if fit < 1:
             raise KVConfigError(
-                f"a page of {page_bytes} bytes holds {fit} tokens of {self.bytes_per_token_per_layer} "
-                f"bytes/token/layer, fewer than token_align={self.token_align}: no token fits"
+                f"a page of {page_bytes} bytes is smaller than one token of {self.bytes_per_token_per_layer} "
+                "bytes/token/layer: no token fits"
             )
-        return aligned
+        if fit >= self.token_align:
+            fit -= fit % self.token_align
+        return fit
 
 
 @dataclasses.dataclass(frozen=True)

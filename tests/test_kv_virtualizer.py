@@ -54,10 +54,18 @@ def test_tokens_per_page_and_page_counts() -> None:
 def test_token_align_rounds_down_and_too_wide_kv_is_refused() -> None:
     assert KVGeometry(3, 1000, token_align=3).tokens_per_page(4096) == 3
     assert KVGeometry(1, 100, token_align=16).tokens_per_page(4096) == 32  # 40 -> 32
+    # fewer than token_align fit: keep what fits (the kernels' page_layout rule)
+    assert KVGeometry(1, 1000, token_align=8).tokens_per_page(4096) == 4
     with pytest.raises(KVConfigError, match="no token fits"):
         KVGeometry(1, 5000).tokens_per_page(4096)
-    with pytest.raises(KVConfigError, match="no token fits"):
-        KVGeometry(1, 1000, token_align=8).tokens_per_page(4096)  # 4 fit, fewer than 8
+
+
+def test_tokens_per_page_override_is_used_when_it_fits() -> None:
+    assert KVGeometry(2, 256, tokens_per_page_override=8).tokens_per_page(4096) == 8
+    with pytest.raises(KVConfigError, match="do not fit"):
+        KVGeometry(2, 256, tokens_per_page_override=17).tokens_per_page(4096)
+    kv = KVVirtualizer(KVPoolConfig(1, 8, 4096))
+    assert kv.register_model("m", KVGeometry(2, 256, tokens_per_page_override=8)).tokens_per_page == 8
 
 
 def test_geometry_from_model_config_shape() -> None:
@@ -277,7 +285,7 @@ class VirtualizerMachine(RuleBasedStateMachine):
         page_bytes=st.sampled_from([256, 1000, 4096]),
         host_swap_pages=st.integers(0, 96),
         geometries=st.lists(
-            st.tuples(st.integers(1, 4), st.sampled_from([16, 48, 64, 100, 128]), st.sampled_from([1, 2])),
+            st.tuples(st.integers(1, 4), st.sampled_from([16, 48, 64, 100, 128]), st.sampled_from([1, 2, 8])),
             min_size=1,
             max_size=3,
         ),
@@ -286,7 +294,7 @@ class VirtualizerMachine(RuleBasedStateMachine):
         self.kv = KVVirtualizer(KVPoolConfig(num_devices, pages_per_device, page_bytes, host_swap_pages))
         for i, (layers, width, align) in enumerate(geometries):
             geometry = KVGeometry(layers, width, align)
-            if geometry.bytes_per_token_per_layer * align <= page_bytes and layers <= pages_per_device:
+            if geometry.bytes_per_token_per_layer <= page_bytes and layers <= pages_per_device:
                 self.kv.register_model(f"m{i}", geometry)
         if not self.kv.models:
             self.kv.register_model("fallback", KVGeometry(1, 16))

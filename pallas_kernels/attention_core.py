@@ -1,0 +1,214 @@
+"""The one paged-attention core behind decode and chunked prefill (GQA and MLA alike).
+
+Callers cut their queries into *query blocks*: block i holds ``M`` rows of one sequence
+``blk_seq[i]``, ``rows_per_token`` rows per query token (the GQA group or the MLA heads of one
+token), for the tokens at absolute positions ``blk_pos0[i] + [0, blk_nq[i])``. Each row attends
+causally to the paged KV of its sequence (positions ``<= its own``, and ``> own - window`` with a
+sliding window). Decode is the special case of one token per block at position ``length - 1``.
+
+Backends:
+
+* gpu / interpret: `_blocks_gpu` -- grid ``(blocks, kv_heads * group_blocks, splits)``, each
+  program a split of the block's KV range, then a jnp log-sum-exp combine of the splits; or the
+  persistent kernel (`pallas_kernels.persistent`).
+* tpu / tpu_interpret: `pallas_kernels.attention_tpu`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import (
+    attend_range_gpu,
+    flat_rows,
+    gpu_compiler_params,
+    interpret_flag,
+    split_softmax_combine,
+)
+from pallas_kernels.page_layout import PageGeometry
+
+DEFAULT_NUM_SMS = 132  # H100 / H200 SXM; used when the device does not report a core count
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the default device (DEFAULT_NUM_SMS when not reported)."""
+    try:
+        n = getattr(jax.devices()[0], "core_count", None)
+        return int(n) if n else DEFAULT_NUM_SMS
+    except Exception:  # pragma: no cover - device query is best effort
+        return DEFAULT_NUM_SMS
+
+
+def kv_range(pos0, nq, kv_len, window: int | None):
+    """[lo, hi) of KV positions a block of queries at ``pos0 + [0, nq)`` can see (hi >= lo)."""
+    hi = jnp.minimum(kv_len, pos0 + nq)
+    lo = jnp.maximum(pos0 - window + 1, 0) if window is not None else jnp.zeros_like(hi)
+    return lo, jnp.maximum(hi, lo)
+
+
+def _blocks_gpu_kernel(
+    seq_ref, pos0_ref, nq_ref, kvlen_ref, split_ref, tbl_ref, q_ref, arena_ref,
+    o_ref, m_ref, l_ref,
+    *, geom: PageGeometry, rows_per_token: int, num_gb: int, num_splits: int, max_pages: int,
+    block_t: int, scale: float, soft_cap: float | None, window: int | None, num_pages: int,
+):
+    blk = pl.program_id(0)
+    hg = pl.program_id(1)
+    s = pl.program_id(2)
+    h = hg // num_gb
+    r = geom.row_elems
+    b_raw = seq_ref[blk]
+    b = jnp.maximum(b_raw, 0)
+    pos0 = pos0_ref[blk]
+    nq = jnp.where(b_raw >= 0, nq_ref[blk], 0)
+    lo_all, hi_all = kv_range(pos0, nq, kvlen_ref[b], window)
+    split = split_ref[0]
+    lo = jnp.minimum(lo_all + s * split, hi_all)
+    hi = jnp.minimum(lo + split, hi_all)
+    kv_dtype = arena_ref.dtype
+    m_rows = q_ref.shape[2]
+    q_chunks = [q_ref[blk, hg, :, pl.ds(c * r, r)].astype(kv_dtype)
+                for c in range(len(geom.score_chunk_rows))]
+    q_pos = pos0 + jax.lax.broadcasted_iota(jnp.int32, (m_rows,), 0) // rows_per_token
+    m, den, accs = attend_range_gpu(
+        q_chunks, arena_ref, tbl_ref,
+        table_base=b * max_pages, head_base=h * geom.head_stride_rows, lo=lo, hi=hi,
+        geom=geom, block_t=block_t, scale=scale, soft_cap=soft_cap, q_pos=q_pos, window=window,
+        num_pages=num_pages,
+    )
+    idx = (blk * pl.num_programs(1) + hg) * num_splits + s
+    for c, acc in enumerate(accs):
+        o_ref[idx, :, pl.ds(c * r, r)] = acc
+    m_ref[idx, :] = m
+    l_ref[idx, :] = den
+
+
+def blocks_gpu(
+    qb: jax.Array,
+    blk_seq: jax.Array,
+    blk_pos0: jax.Array,
+    blk_nq: jax.Array,
+    kv_lens: jax.Array,
+    page_table: jax.Array,
+    arena: jax.Array,
+    geom: PageGeometry,
+    *,
+    rows_per_token: int,
+    num_gb: int,
+    scale: float,
+    soft_cap: float | None,
+    window: int | None,
+    num_splits: int,
+    block_t: int,
+    backend: str,
+    num_warps: int,
+    num_stages: int,
+) -> jax.Array:
+    """Split-KV paged attention of query blocks (GPU Triton lowering, or interpret on CPU).
+
+    qb: [NB, KVH * num_gb, M, q_width] query rows (KV dtype or f32), head index = axis1 // num_gb.
+    blk_seq / blk_pos0 / blk_nq: [NB] int32 (blk_seq -1: unused block, output 0).
+    kv_lens: [B] int32; page_table: [B, max_pages] int32; arena: [num_pages, rows_per_page, R].
+    Returns [NB, KVH * num_gb, M, out_width] f32, normalised (rows that see no key: 0).
+    """
+    nb, hgs, m_rows, _ = qb.shape
+    max_pages = page_table.shape[1]
+    b_ok = blk_seq >= 0
+    kvl = kv_lens[jnp.maximum(blk_seq, 0)]
+    lo, hi = kv_range(blk_pos0, jnp.where(b_ok, blk_nq, 0), kvl, window)
+    longest = jnp.max(hi - lo) if nb else jnp.int32(0)
+    split = (longest + num_splits - 1) // num_splits
+    split = ((split + block_t - 1) // block_t * block_t).astype(jnp.int32).reshape(1)
+    n_prog = nb * hgs * num_splits
+    wv = geom.out_width
+    kernel = functools.partial(
+        _blocks_gpu_kernel, geom=geom, rows_per_token=rows_per_token, num_gb=num_gb,
+        num_splits=num_splits, max_pages=max_pages, block_t=block_t, scale=scale,
+        soft_cap=soft_cap, window=window, num_pages=arena.shape[0],
+    )
+    o, m, den = pl.pallas_call(
+        kernel,
+        grid=(nb, hgs, num_splits),
+        out_shape=(
+            jax.ShapeDtypeStruct((n_prog, m_rows, wv), jnp.float32),
+            jax.ShapeDtypeStruct((n_prog, m_rows), jnp.float32),
+            jax.ShapeDtypeStruct((n_prog, m_rows), jnp.float32),
+        ),
+        interpret=interpret_flag(backend),
+        compiler_params=None if backend != "gpu" else gpu_compiler_params(num_warps, num_stages),
+        name="paged_attention",
+    )(blk_seq.astype(jnp.int32), blk_pos0.astype(jnp.int32), blk_nq.astype(jnp.int32),
+      kv_lens.astype(jnp.int32), split, page_table.reshape(-1).astype(jnp.int32), qb,
+      flat_rows(arena))
+    shape = (nb, hgs, num_splits, m_rows)
+    return split_softmax_combine(o.reshape(*shape, wv), m.reshape(shape), den.reshape(shape),
+                                 axis=2)
+
+
+def default_num_splits(num_blocks: int, programs_per_block: int, max_tokens: int,
+                       block_t: int) -> int:
+    """Splits so that about 2 waves of programs fill the GPU, never a split under one block."""
+    want = -(-2 * num_sms() // max(1, num_blocks * programs_per_block))
+    return int(max(1, min(want, -(-max_tokens // block_t))))
+
+
+def run_blocks(
+    qb: jax.Array,
+    blk_seq: jax.Array,
+    blk_pos0: jax.Array,
+    blk_nq: jax.Array,
+    kv_lens: jax.Array,
+    page_table: jax.Array,
+    arena: jax.Array,
+    geom: PageGeometry,
+    *,
+    rows_per_token: int,
+    num_gb: int,
+    scale: float,
+    soft_cap: float | None,
+    window: int | None,
+    backend: str,
+    schedule: str = "split",
+    num_splits: int | None = None,
+    block_t: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    max_kv_tokens: int | None = None,
+    num_programs: int | None = None,
+) -> jax.Array:
+    """Dispatches query blocks to the backend's kernel. Shapes as `blocks_gpu`.
+
+    schedule: "split" (grid over blocks x heads x splits) or "persistent" (GPU/interpret only:
+    one program per SM walking a (block, head, split) work list).
+    max_kv_tokens: static upper bound of one block's KV range (default: the page table's).
+    num_programs: persistent schedule only: programs in the launch (default 2 x SM count).
+    """
+    if backend in ("tpu", "tpu_interpret"):
+        from pallas_kernels.attention_tpu import blocks_tpu
+
+        return blocks_tpu(qb, blk_seq, blk_pos0, blk_nq, kv_lens, page_table, arena, geom,
+                          rows_per_token=rows_per_token, num_gb=num_gb, scale=scale,
+                          soft_cap=soft_cap, window=window, backend=backend)
+    bt = block_t or 64
+    if schedule == "persistent":
+        from pallas_kernels.persistent import blocks_persistent
+
+        return blocks_persistent(qb, blk_seq, blk_pos0, blk_nq, kv_lens, page_table, arena, geom,
+                                 rows_per_token=rows_per_token, num_gb=num_gb, scale=scale,
+                                 soft_cap=soft_cap, window=window, block_t=bt, backend=backend,
+                                 num_warps=num_warps, num_stages=num_stages,
+                                 num_programs=num_programs)
+    if schedule != "split":
+        raise ValueError(f"unknown schedule {schedule!r}")
+    max_tokens = max_kv_tokens or page_table.shape[1] * geom.tokens_per_page
+    if window is not None:
+        max_tokens = min(max_tokens, window + qb.shape[2] // rows_per_token)
+    ns = num_splits or default_num_splits(qb.shape[0], qb.shape[1], max_tokens, bt)
+    return blocks_gpu(qb, blk_seq, blk_pos0, blk_nq, kv_lens, page_table, arena, geom,
+                      rows_per_token=rows_per_token, num_gb=num_gb, scale=scale,
+                      soft_cap=soft_cap, window=window, num_splits=ns, block_t=bt,
+                      backend=backend, num_warps=num_warps, num_stages=num_stages)

@@ -1,0 +1,305 @@
+"""Chunked-prefill attention over paged KV, ragged over several sequences in one call.
+
+Public API (backend from the platform unless ``backend=`` says otherwise):
+
+* `paged_prefill_attention` -- GQA / MQA / MHA.
+* `paged_mla_prefill_attention` -- DeepSeek MLA, absorbed (latent) form, over the paged latents.
+* `paged_prefill_attention_reference`, `paged_mla_prefill_attention_reference` -- plain jnp.
+
+Contract: the chunk's own K/V are appended to the pages FIRST (`pallas_kernels.append`), so the
+kernel only reads pages. Sequence b contributes ``q_len_b = cu_q_lens[b+1] - cu_q_lens[b]`` query
+tokens (rows ``cu_q_lens[b] : cu_q_lens[b+1]`` of q) at absolute positions
+``kv_lens[b] - q_len_b + [0, q_len_b)``; each attends to positions ``<= its own`` (the paged
+prefix plus, causally, the chunk), and with a sliding window only to ``> own - window``.
+
+MLA: a prefill chunk may also be computed by the caller in the non-absorbed form (expanding the
+latents into per-head K/V with a dense attention); the absorbed form here reads only the pages.
+
+Internally the queries are cut into blocks of ``block_q`` tokens of one sequence and run by the
+shared core (`pallas_kernels.attention_core`), the same kernels as decode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels._common import next_pow2, pack_query_chunks, resolve_backend, softcap_scores
+from pallas_kernels.attention_core import run_blocks
+from pallas_kernels.page_layout import KVKind, PageGeometry
+from pallas_kernels.paged_reference import read_features
+
+
+def _row_seq_pos(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int):
+    """(sequence [T], position [T], valid [T]) of each query row."""
+    rows = jnp.arange(num_tokens, dtype=jnp.int32)
+    b = jnp.searchsorted(cu_q_lens[1:], rows, side="right").astype(jnp.int32)
+    valid = (rows >= cu_q_lens[0]) & (rows < cu_q_lens[-1])
+    b = jnp.minimum(b, kv_lens.shape[0] - 1)
+    q_len = cu_q_lens[b + 1] - cu_q_lens[b]
+    pos = kv_lens[b] - q_len + (rows - cu_q_lens[b])
+    return b, pos, valid
+
+
+def _prefill_dense(parts, values, cu_q_lens, kv_lens, max_len, scale, soft_cap, window):
+    """parts: [(q [T, K, G, d], k [B, K, L, d])...], values [B, K, L, W] -> [T, K, G, W] f32."""
+    t = parts[0][0].shape[0]
+    b, pos, valid = _row_seq_pos(cu_q_lens, kv_lens, t)
+    hp = lax.Precision.HIGHEST
+    s = sum(
+        jnp.einsum("tkgd,tkld->tkgl", qi.astype(jnp.float32), ki[b].astype(jnp.float32),
+                   precision=hp)
+        for qi, ki in parts
+    )
+    s = softcap_scores(s * scale, soft_cap)
+    kpos = jnp.arange(max_len, dtype=jnp.int32)[None, :]
+    mask = (kpos <= pos[:, None]) & (kpos < kv_lens[b][:, None]) & valid[:, None]
+    if window is not None:
+        mask = mask & (kpos > pos[:, None] - window)
+    m4 = mask[:, None, None, :]
+    s = jnp.where(m4, s, -jnp.inf)
+    mx = jnp.max(s, axis=-1, keepdims=True)
+    mx = jnp.where(jnp.isneginf(mx), 0.0, mx)
+    p = jnp.where(m4, jnp.exp(s - mx), 0.0)
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    v = values[b].astype(jnp.float32)  # [T, K, L, W]
+    v = jnp.where(mask[:, None, :, None], v, 0.0)
+    o = jnp.einsum("tkgl,tklw->tkgw", p, v, precision=hp)
+    return jnp.where(den > 0, o / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def paged_prefill_attention_reference(
+    q: jax.Array,
+    arena: jax.Array,
+    page_table: jax.Array,
+    kv_lens: jax.Array,
+    cu_q_lens: jax.Array,
+    geom: PageGeometry,
+    *,
+    scale: float | None = None,
+    soft_cap: float | None = None,
+    window: int | None = None,
+) -> jax.Array:
+    """Plain-jnp GQA chunked-prefill attention (fp32 math). Same contract as the kernel."""
+    t, hq, d = q.shape
+    kvh = geom.spec.kv_heads
+    scale = d**-0.5 if scale is None else scale
+    max_len = page_table.shape[1] * geom.tokens_per_page
+    f = read_features(arena, geom, page_table, max_len)
+    qg = q.reshape(t, kvh, hq // kvh, d)
+    o = _prefill_dense([(qg, f["k"])], f["v"], cu_q_lens, kv_lens, max_len, scale, soft_cap,
+                       window)
+    return o.reshape(t, hq, d).astype(q.dtype)
+
+
+def paged_mla_prefill_attention_reference(
+    q_latent: jax.Array,
+    q_rope: jax.Array,
+    arena: jax.Array,
+    page_table: jax.Array,
+    kv_lens: jax.Array,
+    cu_q_lens: jax.Array,
+    geom: PageGeometry,
+    *,
+    scale: float,
+    soft_cap: float | None = None,
+    window: int | None = None,
+) -> jax.Array:
+    """Plain-jnp MLA (absorbed) chunked-prefill attention. Same contract as the kernel."""
+    max_len = page_table.shape[1] * geom.tokens_per_page
+    f = read_features(arena, geom, page_table, max_len)
+    lat = f["latent"][:, None]
+    parts = [(q_latent[:, None], lat)]
+    if geom.spec.rope_dim:
+        parts.append((q_rope[:, None], f["rope"][:, None]))
+    o = _prefill_dense(parts, lat, cu_q_lens, kv_lens, max_len, scale, soft_cap, window)
+    return o[:, 0].astype(q_latent.dtype)
+
+
+def query_blocks(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int, block_q: int):
+    """Cuts each sequence's queries into blocks of ``block_q`` tokens.
+
+    Returns (blk_seq, blk_pos0, blk_nq: [NB] int32, tok_idx: [NB, block_q] int32 row of q for
+    each block slot, ``num_tokens`` where unused) with the static
+    ``NB = ceil(num_tokens / block_q) + B``; unused blocks have blk_seq = -1.
+    """
+    nseq = kv_lens.shape[0]
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    nblk = (q_lens + block_q - 1) // block_q
+    ends = jnp.cumsum(nblk)
+    max_blocks = -(-num_tokens // block_q) + nseq
+    i = jnp.arange(max_blocks, dtype=jnp.int32)
+    b = jnp.minimum(jnp.searchsorted(ends, i, side="right").astype(jnp.int32), nseq - 1)
+    live = i < ends[-1]
+    j = i - (ends[b] - nblk[b])
+    q0 = j * block_q
+    nq = jnp.where(live, jnp.clip(q_lens[b] - q0, 0, block_q), 0)
+    pos0 = kv_lens[b] - q_lens[b] + q0
+    slot = jnp.arange(block_q, dtype=jnp.int32)[None, :]
+    tok_idx = jnp.where(slot < nq[:, None], cu_q_lens[b][:, None] + q0[:, None] + slot,
+                        num_tokens)
+    return jnp.where(live, b, -1), pos0, nq, tok_idx
+
+
+def _run_prefill(qp, arena, page_table, kv_lens, cu_q_lens, geom, *, group_block, block_q, **kw):
+    """qp: [T, KVH, Gp, q_width] -> [T, KVH, Gp, out_width] f32 (rows outside sequences: 0)."""
+    t, kvh, gp, wq = qp.shape
+    num_gb = gp // group_block
+    blk_seq, pos0, nq, tok_idx = query_blocks(cu_q_lens, kv_lens, t, block_q)
+    nb = blk_seq.shape[0]
+    qrows = jnp.take(qp, tok_idx.reshape(-1), axis=0, mode="fill", fill_value=0)
+    qb = qrows.reshape(nb, block_q, kvh, num_gb, group_block, wq)
+    qb = qb.transpose(0, 2, 3, 1, 4, 5).reshape(nb, kvh * num_gb, block_q * group_block, wq)
+    out = run_blocks(qb, blk_seq, pos0, nq, kv_lens, page_table, arena, geom,
+                     rows_per_token=group_block, num_gb=num_gb, **kw)
+    wv = out.shape[-1]
+    out = out.reshape(nb, kvh, num_gb, block_q, group_block, wv).transpose(0, 3, 1, 2, 4, 5)
+    out = out.reshape(nb * block_q, kvh, gp, wv)
+    res = jnp.zeros((t, kvh, gp, wv), jnp.float32)
+    return res.at[tok_idx.reshape(-1)].set(out, mode="drop")
+
+
+def _min_rows(backend: str) -> int:
+    return 16 if backend in ("gpu", "interpret") else 8
+
+
+def _default_block_q(rows_per_token: int, backend: str) -> int:
+    return max(1, max(64, _min_rows(backend)) // rows_per_token)
+
+
+_STATIC = ("geom", "scale", "soft_cap", "window", "backend", "schedule", "block_q", "num_splits",
+           "block_t", "group_block", "num_warps", "num_stages")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _paged_prefill(q, arena, page_table, kv_lens, cu_q_lens, *, geom, scale, soft_cap, window,
+                   backend, schedule, block_q, num_splits, block_t, group_block, num_warps,
+                   num_stages):
+    t, hq, d = q.shape
+    kvh = geom.spec.kv_heads
+    g = hq // kvh
+    gp = next_pow2(g)
+    if gp < _min_rows(backend) and block_q is not None and block_q * gp < _min_rows(backend):
+        gp = _min_rows(backend)
+    qg = jnp.pad(q.reshape(t, kvh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    qp = pack_query_chunks(qg, geom, (d,))
+    bq = block_q or _default_block_q(gp, backend)
+    out = _run_prefill(qp, arena, page_table, kv_lens.astype(jnp.int32),
+                       cu_q_lens.astype(jnp.int32), geom, group_block=gp, block_q=bq,
+                       scale=scale, soft_cap=soft_cap, window=window, backend=backend,
+                       schedule=schedule, num_splits=num_splits or 1, block_t=block_t,
+                       num_warps=num_warps, num_stages=num_stages)
+    return out[:, :, :g, :d].reshape(t, hq, d).astype(q.dtype)
+
+
+def paged_prefill_attention(
+    q: jax.Array,
+    arena: jax.Array,
+    page_table: jax.Array,
+    kv_lens: jax.Array,
+    cu_q_lens: jax.Array,
+    geom: PageGeometry,
+    *,
+    scale: float | None = None,
+    soft_cap: float | None = None,
+    window: int | None = None,
+    backend: str | None = None,
+    schedule: str = "split",
+    block_q: int | None = None,
+    num_splits: int | None = None,
+    block_t: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:
+    """Chunked-prefill attention for a GQA/MQA/MHA model over paged KV (chunk already appended).
+
+    q: [T, num_q_heads, head_dim] the chunk queries of all sequences, packed.
+    arena: [num_pages, rows_per_page, R]; page_table: [B, max_pages] int32.
+    kv_lens: [B] int32 tokens in each sequence's cache INCLUDING this chunk.
+    cu_q_lens: [B + 1] int32 prefix offsets of each sequence's queries in q (non-decreasing;
+      ``cu_q_lens[b+1] - cu_q_lens[b] <= kv_lens[b]``). Rows of q outside ``[cu[0], cu[B])``
+      produce 0. A sequence with no queries is allowed.
+    scale / soft_cap / window / backend / schedule: as `paged_decode_attention`.
+    block_q: query tokens per program (default: 64 rows / padded group); num_splits: KV splits
+      per query block on GPU (default 1: prefill usually has enough blocks).
+    Returns [T, num_q_heads, head_dim] in q's dtype.
+    """
+    if geom.spec.kind != KVKind.GQA:
+        raise ValueError("paged_prefill_attention needs a GQA geometry")
+    if q.shape[1] % geom.spec.kv_heads or q.shape[2] != geom.spec.head_dim:
+        raise ValueError(f"q {q.shape} does not fit {geom.spec}")
+    if cu_q_lens.shape != (kv_lens.shape[0] + 1,):
+        raise ValueError(f"cu_q_lens {cu_q_lens.shape} must be [B + 1] for kv_lens {kv_lens.shape}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    be = resolve_backend(backend)
+    if be == "reference":
+        return paged_prefill_attention_reference(q, arena, page_table, kv_lens, cu_q_lens, geom,
+                                                 scale=scale, soft_cap=soft_cap, window=window)
+    return _paged_prefill(q, arena, page_table, kv_lens, cu_q_lens, geom=geom, scale=scale,
+                          soft_cap=soft_cap, window=window, backend=be, schedule=schedule,
+                          block_q=block_q, num_splits=num_splits, block_t=block_t,
+                          group_block=None, num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _paged_mla_prefill(q_latent, q_rope, arena, page_table, kv_lens, cu_q_lens, *, geom, scale,
+                       soft_cap, window, backend, schedule, block_q, num_splits, block_t,
+                       group_block, num_warps, num_stages):
+    _, h, c = q_latent.shape
+    hp = max(_min_rows(backend), next_pow2(h))
+    q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
+    q = jnp.pad(q, ((0, 0), (0, hp - h), (0, 0)))[:, None]  # [T, 1, Hp, C + Rd]
+    qp = pack_query_chunks(q, geom, (c, geom.spec.rope_dim) if geom.spec.rope_dim else (c,))
+    gb = min(group_block or 64, hp)
+    bq = block_q or _default_block_q(gb, backend)
+    out = _run_prefill(qp, arena, page_table, kv_lens.astype(jnp.int32),
+                       cu_q_lens.astype(jnp.int32), geom, group_block=gb, block_q=bq,
+                       scale=scale, soft_cap=soft_cap, window=window, backend=backend,
+                       schedule=schedule, num_splits=num_splits or 1, block_t=block_t,
+                       num_warps=num_warps, num_stages=num_stages)
+    return out[:, 0, :h, :c].astype(q_latent.dtype)
+
+
+def paged_mla_prefill_attention(
+    q_latent: jax.Array,
+    q_rope: jax.Array,
+    arena: jax.Array,
+    page_table: jax.Array,
+    kv_lens: jax.Array,
+    cu_q_lens: jax.Array,
+    geom: PageGeometry,
+    *,
+    scale: float,
+    soft_cap: float | None = None,
+    window: int | None = None,
+    backend: str | None = None,
+    schedule: str = "split",
+    block_q: int | None = None,
+    num_splits: int | None = None,
+    block_t: int | None = None,
+    group_block: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:
+    """MLA chunked prefill in absorbed form: q_latent [T, H, kv_lora_rank], q_rope [T, H, rope].
+
+    Same contract as `paged_prefill_attention`; ``scale`` is required (see the MLA decode).
+    Returns [T, H, kv_lora_rank], the attention-weighted latents, in q_latent's dtype.
+    """
+    if geom.spec.kind != KVKind.MLA:
+        raise ValueError("paged_mla_prefill_attention needs an MLA geometry")
+    if q_latent.shape[-1] != geom.spec.kv_lora_rank or q_rope.shape[-1] != geom.spec.rope_dim:
+        raise ValueError(f"q_latent {q_latent.shape} / q_rope {q_rope.shape} do not fit {geom.spec}")
+    be = resolve_backend(backend)
+    if be == "reference":
+        return paged_mla_prefill_attention_reference(q_latent, q_rope, arena, page_table, kv_lens,
+                                                     cu_q_lens, geom, scale=scale,
+                                                     soft_cap=soft_cap, window=window)
+    return _paged_mla_prefill(q_latent, q_rope, arena, page_table, kv_lens, cu_q_lens, geom=geom,
+                              scale=float(scale), soft_cap=soft_cap, window=window, backend=be,
+                              schedule=schedule, block_q=block_q, num_splits=num_splits,
+                              block_t=block_t, group_block=group_block, num_warps=num_warps,
+                              num_stages=num_stages)

@@ -1,0 +1,813 @@
+"""KV planner: admission, growth and preemption policy over the shared KV pool.
+
+The planner owns the lifecycle of every request (waiting, running, swapped, and the terminal
+states) and decides, once per engine step, which requests run, which are preempted and how, and
+which waiting ones are admitted. It is plain host-side bookkeeping: dataclasses in, dataclasses out,
+no clocks, no threads. The policy and its reasons are in docs/planner.md; in short:
+
+- Precedence: higher `priority` first, then earlier arrival. A request keeps its arrival number when
+  it is preempted, so it resumes ahead of the requests of its model that arrived after it.
+- Admission by aggregate active demand: a waiting request is admitted when the pool (all devices,
+  split-KV allowed) can hold its prefill plus `admission_headroom_tokens` decode tokens, after the
+  pages still promised to running prefills and the unused floors of other models with demand.
+- Fairness: round-robin over models with waiting requests; FCFS (by precedence) within a model,
+  and a head that does not fit blocks only its own model's queue.
+- Floors and caps: `ModelLimits.floor_pages` are reserved for a model while it has live requests
+  (other models can neither be admitted into nor grow into them, nor preempt its requests below
+  them); `cap_pages` bounds the device pages a model may hold.
+- Growth: running requests grow in precedence order. When one does not fit, the lowest-precedence
+  running request that can help loses its pages; if none is left, the growing request itself does.
+- Preemption mode: swap to host if host slots allow and (in AUTO) the swap round trip is estimated
+  cheaper than recomputing; else drop and recompute (re-prefill prompt + generated tokens).
+- A request that could never fit (longer than the whole pool, or than its model's cap) is rejected
+  at submission. No other request is ever dropped: each ends FINISHED, CANCELLED or FAILED with a
+  message.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+from crosspool_jax.kv_virtualizer import (
+    KVVirtualizer,
+    ModelId,
+    PhysicalPage,
+    RequestId,
+    Residency,
+    SwapPlan,
+)
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+class PreemptionChoice(enum.StrEnum):
+    """How the planner picks swap or recompute for a preempted request."""
+
+    AUTO = "auto"  # the cheaper by the cost model, swap only if host slots allow
+    PREFER_SWAP = "prefer_swap"  # swap whenever host slots allow, else recompute
+    ALWAYS_RECOMPUTE = "always_recompute"  # never use host memory
+
+
+class PreemptionMode(enum.StrEnum):
+    """What happened to a preempted request's KV."""
+
+    SWAP = "swap"  # pages copied to host; resumes by copying them back
+    RECOMPUTE = "recompute"  # pages dropped; resumes by re-prefilling prompt + generated tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLimits:
+    """Per-model page limits (device pages, all layers).
+
+    floor_pages: reserved for the model while it has live requests (0: none).
+    cap_pages: most device pages the model may hold at once (None: no cap).
+    """
+
+    floor_pages: int = 0
+    cap_pages: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.floor_pages < 0:
+            raise ValueError(f"ModelLimits.floor_pages must be >= 0, got {self.floor_pages}")
+        if self.cap_pages is not None and self.cap_pages < self.floor_pages:
+            raise ValueError(f"ModelLimits.cap_pages {self.cap_pages} < floor_pages {self.floor_pages}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannerConfig:
+    """Planner policy knobs.
+
+    admission_headroom_tokens: decode tokens beyond the prefill a request must fit to be admitted.
+    preemption: swap/recompute choice (see PreemptionChoice).
+    host_link_bytes_per_s: host<->device copy bandwidth for the swap cost (bytes/s; placeholder
+        until the engine measures it).
+    prefill_tokens_per_s: re-prefill throughput for the recompute cost (tokens/s; placeholder),
+        overridable per model in `model_prefill_tokens_per_s`.
+    allow_split_kv: let a request span several KV devices when one device cannot hold it.
+    model_limits: floors and caps per model (models not named: no floor, no cap).
+    """
+
+    admission_headroom_tokens: int = 0
+    preemption: PreemptionChoice = PreemptionChoice.AUTO
+    host_link_bytes_per_s: float = 25e9
+    prefill_tokens_per_s: float = 10_000.0
+    model_prefill_tokens_per_s: Mapping[ModelId, float] = dataclasses.field(default_factory=dict)
+    allow_split_kv: bool = True
+    model_limits: Mapping[ModelId, ModelLimits] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.admission_headroom_tokens < 0:
+            raise ValueError(f"admission_headroom_tokens must be >= 0, got {self.admission_headroom_tokens}")
+        if self.host_link_bytes_per_s <= 0 or self.prefill_tokens_per_s <= 0:
+            raise ValueError("host_link_bytes_per_s and prefill_tokens_per_s must be > 0")
+        if any(v <= 0 for v in self.model_prefill_tokens_per_s.values()):
+            raise ValueError("model_prefill_tokens_per_s values must be > 0")
+
+    def limits(self, model: ModelId) -> ModelLimits:
+        return self.model_limits.get(model, _NO_LIMITS)
+
+
+_NO_LIMITS = ModelLimits()
+
+
+# ---- requests -----------------------------------------------------------------------------------
+
+
+class RequestStatus(enum.StrEnum):
+    WAITING = "waiting"  # not running; KV (if any) dropped: (re)starts with a prefill
+    SWAPPED = "swapped"  # not running; KV on host: resumes with a swap-in
+    RUNNING = "running"  # holds device pages
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    REJECTED = "rejected"  # refused at submission (could never fit)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset(
+    {RequestStatus.FINISHED, RequestStatus.CANCELLED, RequestStatus.FAILED, RequestStatus.REJECTED}
+)
+
+
+class PlannerError(Exception):
+    """Misuse of the planner API (unknown request, wrong state, inconsistent step input)."""
+
+
+class RequestRejected(PlannerError):
+    """A submission the pool can never serve; the request is recorded as REJECTED."""
+
+    def __init__(self, request_id: RequestId, reason: str) -> None:
+        super().__init__(f"request {request_id!r} rejected: {reason}")
+        self.request_id = request_id
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestSpec:
+    """A request as submitted: prompt token ids and the most tokens it may generate."""
+
+    request_id: RequestId
+    model: ModelId
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    priority: int = 0  # higher runs first and is preempted last
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """Most KV positions the request ever needs: the last generated token is never fed back."""
+        return len(self.prompt) + self.max_new_tokens - 1
+
+
+class Phase(enum.StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestInfo:
+    """Snapshot of a request.
+
+    kv_len: tokens whose KV is held (on device, or on host when swapped).
+    phase: for a running request, whether its next step is a prefill chunk or a decode (else None).
+    """
+
+    request_id: RequestId
+    model: ModelId
+    status: RequestStatus
+    prompt: tuple[int, ...]
+    generated: tuple[int, ...]
+    kv_len: int
+    phase: Phase | None
+    num_preemptions: int
+    message: str
+
+
+@dataclasses.dataclass
+class _Request:
+    spec: RequestSpec
+    arrival: int
+    status: RequestStatus = RequestStatus.WAITING
+    generated: list[int] = dataclasses.field(default_factory=list)
+    kv_len: int = 0  # KV positions held (device, or host when swapped)
+    prefill_target: int = 0  # KV positions to reach by prefill before decoding
+    promised_len: int = 0  # KV positions the admission forecast counted on (pending until held)
+    num_preemptions: int = 0
+    message: str = ""
+
+    @property
+    def precedence(self) -> tuple[int, int]:
+        """Sort key: smaller runs first and is preempted last."""
+        return (-self.spec.priority, self.arrival)
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens: prompt + generated."""
+        return len(self.spec.prompt) + len(self.generated)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.kv_len < self.prefill_target
+
+    def info(self) -> RequestInfo:
+        phase = None
+        if self.status == RequestStatus.RUNNING:
+            phase = Phase.PREFILL if self.in_prefill else Phase.DECODE
+        return RequestInfo(
+            self.spec.request_id,
+            self.spec.model,
+            self.status,
+            self.spec.prompt,
+            tuple(self.generated),
+            self.kv_len,
+            phase,
+            self.num_preemptions,
+            self.message,
+        )
+
+
+# ---- step input and output ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInput:
+    """What the engine asks of one step.
+
+    decode_lengths: for running decode requests, the KV length each will hold after the step
+        (kv_len + K for K decode steps); a running decode request not named decodes one token.
+    prefill_token_budget: most prefill tokens to schedule over all requests (None: no limit).
+    """
+
+    decode_lengths: Mapping[RequestId, int] = dataclasses.field(default_factory=dict)
+    prefill_token_budget: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's work this step: compute KV positions [token_start, token_end).
+
+    The input tokens are prompt + generated, positions [token_start, token_end). samples_token: the
+    step yields sampled tokens for it (token_end - token_start of them for decode, 1 for the final
+    prefill chunk), to be passed to `KVPlanner.append_tokens`.
+    """
+
+    request_id: RequestId
+    model: ModelId
+    phase: Phase
+    token_start: int
+    token_end: int
+    samples_token: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+
+@dataclasses.dataclass(frozen=True)
+class Preemption:
+    """A running request that lost its device pages this step; it is waiting (or swapped) again."""
+
+    request_id: RequestId
+    model: ModelId
+    mode: PreemptionMode
+    kv_len: int  # KV positions it held
+    pages_freed: tuple[PhysicalPage, ...]
+    swap_out: SwapPlan | None  # the copies to host, for SWAP
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """A waiting or swapped request that got device pages this step."""
+
+    request_id: RequestId
+    model: ModelId
+    resumed: bool  # it had run before (preempted)
+    swap_in: SwapPlan | None  # the copies from host, when it was swapped
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The planner's decision for one step.
+
+    Engine order: perform every `preempted[i].swap_out`, then every `admitted[i].swap_in`, then run
+    `run` (page tables from the virtualizer are already up to date). A step plan never holds both
+    swap-outs and swap-ins: admission is skipped in a step that preempted.
+    """
+
+    run: tuple[ScheduledRequest, ...]
+    preempted: tuple[Preemption, ...]
+    admitted: tuple[Admission, ...]
+
+    @property
+    def swap_outs(self) -> tuple[SwapPlan, ...]:
+        return tuple(p.swap_out for p in self.preempted if p.swap_out is not None)
+
+    @property
+    def swap_ins(self) -> tuple[SwapPlan, ...]:
+        return tuple(a.swap_in for a in self.admitted if a.swap_in is not None)
+
+
+class _Shortfall(NamedTuple):
+    cap_bound: bool  # the model's cap, not the pool, is what is short
+    text: str
+
+
+# ---- the planner --------------------------------------------------------------------------------
+
+
+class KVPlanner:
+    """Admission, growth and preemption over a `KVVirtualizer` (which it drives exclusively)."""
+
+    def __init__(self, virtualizer: KVVirtualizer, config: PlannerConfig | None = None) -> None:
+        self._kv = virtualizer
+        self._config = config or PlannerConfig()
+        total_floor = sum(lim.floor_pages for lim in self._config.model_limits.values())
+        if total_floor > virtualizer.config.total_pages:
+            raise ValueError(
+                f"floors add up to {total_floor} pages, more than the pool's {virtualizer.config.total_pages}"
+            )
+        self._requests: dict[RequestId, _Request] = {}
+        self._running: dict[RequestId, _Request] = {}
+        self._queues: dict[ModelId, list[tuple[tuple[int, int], RequestId]]] = {}  # per model, by precedence
+        self._model_order: list[ModelId] = []  # round-robin order (first submission)
+        self._rr_next = 0
+        self._live_per_model: dict[ModelId, int] = {}
+        self._arrivals = 0
+
+    @property
+    def config(self) -> PlannerConfig:
+        return self._config
+
+    @property
+    def virtualizer(self) -> KVVirtualizer:
+        return self._kv
+
+    # -- lifecycle API --
+
+    def submit(self, spec: RequestSpec) -> RequestInfo:
+        """Queue a request. Raises RequestRejected (and records it REJECTED) if it could never fit."""
+        if spec.request_id in self._requests:
+            raise PlannerError(f"request id {spec.request_id!r} was already submitted")
+        req = _Request(spec, self._arrivals)
+        self._arrivals += 1
+        self._requests[spec.request_id] = req
+        reason = self._rejection_reason(spec)
+        if reason is not None:
+            req.status = RequestStatus.REJECTED
+            req.message = reason
+            raise RequestRejected(spec.request_id, reason)
+        req.message = "waiting for admission"
+        if spec.model not in self._queues:
+            self._queues[spec.model] = []
+            self._model_order.append(spec.model)
+        self._live_per_model[spec.model] = self._live_per_model.get(spec.model, 0) + 1
+        self._enqueue(req)
+        return req.info()
+
+    def append_tokens(self, request_id: RequestId, tokens: Sequence[int]) -> RequestInfo:
+        """Record tokens sampled for a running request; finishes it at max_new_tokens."""
+        req = self._get(request_id)
+        if req.status != RequestStatus.RUNNING:
+            raise PlannerError(f"request {request_id!r} is {req.status}, not running: cannot append tokens")
+        if req.num_tokens + len(tokens) > req.kv_len + 1:
+            raise PlannerError(
+                f"request {request_id!r}: {len(tokens)} tokens appended but only "
+                f"{req.kv_len + 1 - req.num_tokens} were sampled by the scheduled positions"
+            )
+        if len(req.generated) + len(tokens) > req.spec.max_new_tokens:
+            raise PlannerError(
+                f"request {request_id!r}: {len(req.generated) + len(tokens)} tokens exceed max_new_tokens "
+                f"{req.spec.max_new_tokens}"
+            )
+        req.generated.extend(int(t) for t in tokens)
+        if len(req.generated) == req.spec.max_new_tokens:
+            self._end(req, RequestStatus.FINISHED, "finished: max_new_tokens reached")
+        return req.info()
+
+    def finish(self, request_id: RequestId, message: str = "finished") -> RequestInfo:
+        """End a running request normally (e.g. a stop token); frees its pages now."""
+        req = self._get(request_id)
+        if req.status != RequestStatus.RUNNING:
+            raise PlannerError(f"request {request_id!r} is {req.status}; only a running request finishes")
+        self._end(req, RequestStatus.FINISHED, message)
+        return req.info()
+
+    def cancel(self, request_id: RequestId, message: str = "cancelled") -> RequestInfo:
+        """End a live request at the client's wish; frees its pages (device or host) now."""
+        req = self._live(request_id)
+        self._end(req, RequestStatus.CANCELLED, message)
+        return req.info()
+
+    def fail(self, request_id: RequestId, message: str) -> RequestInfo:
+        """End a live request with an error; frees its pages now."""
+        if not message:
+            raise PlannerError("a failure needs a message")
+        req = self._live(request_id)
+        self._end(req, RequestStatus.FAILED, message)
+        return req.info()
+
+    def info(self, request_id: RequestId) -> RequestInfo:
+        return self._get(request_id).info()
+
+    def forget(self, request_id: RequestId) -> None:
+        """Drop the record of a request in a terminal state."""
+        req = self._get(request_id)
+        if not req.status.is_terminal:
+            raise PlannerError(f"request {request_id!r} is {req.status}; only ended requests are forgotten")
+        del self._requests[request_id]
+
+    def running(self) -> tuple[RequestId, ...]:
+        """Running requests by precedence."""
+        return tuple(r.spec.request_id for r in sorted(self._running.values(), key=lambda r: r.precedence))
+
+    def waiting(self, model: ModelId | None = None) -> tuple[RequestId, ...]:
+        """Waiting and swapped requests in admission order within each model."""
+        models = self._model_order if model is None else [model]
+        return tuple(rid for m in models for _, rid in self._queues.get(m, []))
+
+    @property
+    def has_live_requests(self) -> bool:
+        return bool(self._running) or any(self._queues.values())
+
+    # -- the step --
+
+    def step(self, step_input: StepInput | None = None) -> StepPlan:
+        """Plan one engine step: grow running requests (preempting if needed), then admit."""
+        step_input = step_input or StepInput()
+        budget = step_input.prefill_token_budget
+        if budget is not None and budget < 0:
+            raise PlannerError(f"prefill_token_budget must be >= 0, got {budget}")
+        targets = self._decode_targets(step_input.decode_lengths)
+        run: list[ScheduledRequest] = []
+        preempted: list[Preemption] = []
+        order = sorted(self._running.values(), key=lambda r: r.precedence)
+        leader = True  # the highest-precedence request that grows this step ignores floors
+        for req in order:
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
+            target, chunk_tokens = self._next_length(req, targets, budget)
+            if target == req.kv_len:
+                continue  # a prefill with no budget left this step
+            if not self._grow_or_preempt(req, target, preempted, ignore_floors=leader):
+                continue  # it preempted itself
+            leader = False
+            if budget is not None:
+                budget -= chunk_tokens
+            run.append(self._scheduled(req, target))
+        admitted: list[Admission] = []
+        if not preempted:
+            budget = self._admit(run, admitted, budget)
+        return StepPlan(tuple(run), tuple(preempted), tuple(admitted))
+
+    # -- step internals --
+
+    def _decode_targets(self, decode_lengths: Mapping[RequestId, int]) -> dict[RequestId, int]:
+        for rid, target in decode_lengths.items():
+            req = self._running.get(rid)
+            if req is None or req.in_prefill:
+                raise PlannerError(f"decode length given for {rid!r}, which is not a running decode request")
+            if not req.kv_len < target <= req.spec.max_kv_tokens:
+                raise PlannerError(
+                    f"request {rid!r}: decode length {target} outside "
+                    f"({req.kv_len}, {req.spec.max_kv_tokens}]"
+                )
+        return dict(decode_lengths)
+
+    def _next_length(
+        self, req: _Request, targets: Mapping[RequestId, int], budget: int | None
+    ) -> tuple[int, int]:
+        """(KV length after this step, prefill tokens it uses) for a running request."""
+        if req.in_prefill:
+            chunk = req.prefill_target - req.kv_len
+            if budget is not None:
+                chunk = min(chunk, budget)
+            return req.kv_len + chunk, chunk
+        if req.num_tokens != req.kv_len + 1:
+            raise PlannerError(
+                f"request {req.spec.request_id!r}: append the tokens sampled by its last step "
+                f"before planning the next ({req.num_tokens} tokens known, {req.kv_len} positions computed)"
+            )
+        return targets.get(req.spec.request_id, req.kv_len + 1), 0
+
+    def _scheduled(self, req: _Request, target: int) -> ScheduledRequest:
+        start = req.kv_len
+        phase = Phase.PREFILL if req.in_prefill else Phase.DECODE
+        req.kv_len = target
+        samples = phase == Phase.DECODE or target == req.prefill_target
+        return ScheduledRequest(req.spec.request_id, req.spec.model, phase, start, target, samples)
+
+    def _grow_or_preempt(
+        self, req: _Request, target: int, preempted: list[Preemption], ignore_floors: bool
+    ) -> bool:
+        """Grow `req` to `target` KV tokens, preempting lower-precedence requests as needed.
+
+        ignore_floors: other models' unused floors do not limit this growth (the step's leader).
+        Returns False if `req` itself had to be preempted.
+        """
+        rid = req.spec.request_id
+        while True:
+            need = self._kv.pages_to_grow(rid, target)
+            shortfall = self._growth_shortfall(req, need, target, ignore_floors)
+            if shortfall is None:
+                self._kv.grow(rid, target, allow_split=self._config.allow_split_kv)
+                return True
+            victim = self._pick_victim(req, cap_bound=shortfall.cap_bound)
+            if victim is None:
+                reason = (
+                    f"could not grow to {target} tokens ({shortfall.text}) and no lower-precedence "
+                    "request could give pages"
+                )
+                preempted.append(self._preempt(req, reason))
+                return False
+            reason = f"gave its pages to {rid!r}, which grows to {target} tokens ({shortfall.text})"
+            preempted.append(self._preempt(victim, reason))
+
+    def _growth_shortfall(
+        self, req: _Request, need: int, target: int, ignore_floors: bool
+    ) -> _Shortfall | None:
+        """Why growing `req` by `need` pages is not allowed now (None: it is)."""
+        if need == 0:
+            return None
+        model = req.spec.model
+        cap = self._config.limits(model).cap_pages
+        held = self._kv.model_pages(model)
+        if cap is not None and held + need > cap:
+            return _Shortfall(True, f"model {model!r} holds {held} of its {cap}-page cap, needs {need} more")
+        free = self._kv.total_free_pages
+        reserved = 0 if ignore_floors else self._reserved_for_others(model, pending=None)
+        if need > free - reserved:
+            return _Shortfall(
+                False, f"needs {need} pages, {free} free of which {reserved} are other models' floors"
+            )
+        if not self._kv.can_grow(req.spec.request_id, target, allow_split=self._config.allow_split_kv):
+            return _Shortfall(False, f"needs {need} pages, the free ones are too scattered over devices")
+        return None
+
+    def _pick_victim(self, req: _Request, cap_bound: bool) -> _Request | None:
+        """Lowest-precedence running request below `req` whose preemption frees pages `req` may use."""
+        best: _Request | None = None
+        for other in self._running.values():
+            if other is req or other.precedence < req.precedence:
+                continue
+            if self._kv.num_tokens(other.spec.request_id) == 0:
+                continue
+            same_model = other.spec.model == req.spec.model
+            if cap_bound and not same_model:
+                continue
+            if not same_model and not self._above_floor(other.spec.model):
+                continue
+            if best is None or other.precedence > best.precedence:
+                best = other
+        return best
+
+    def _above_floor(self, model: ModelId) -> bool:
+        return self._kv.model_pages(model) > self._config.limits(model).floor_pages
+
+    def _reserved_for_others(self, model: ModelId, pending: Mapping[ModelId, int] | None) -> int:
+        """Unused floor pages of models other than `model` that have live requests."""
+        total = 0
+        for other, live in self._live_per_model.items():
+            if other == model or not live:
+                continue
+            floor = self._config.limits(other).floor_pages
+            held = self._kv.model_pages(other) + (pending.get(other, 0) if pending else 0)
+            total += max(0, floor - held)
+        return total
+
+    def _choose_mode(self, req: _Request) -> tuple[PreemptionMode, str]:
+        rid = req.spec.request_id
+        pages = self._kv.device_pages_held(rid)
+        if req.kv_len == 0 or pages == 0:
+            return PreemptionMode.RECOMPUTE, "nothing computed yet"
+        choice = self._config.preemption
+        if choice == PreemptionChoice.ALWAYS_RECOMPUTE:
+            return PreemptionMode.RECOMPUTE, "policy: always recompute"
+        if not self._kv.can_swap_out(rid):
+            return (
+                PreemptionMode.RECOMPUTE,
+                f"host swap space too small ({self._kv.host_free_pages} slots free)",
+            )
+        if choice == PreemptionChoice.PREFER_SWAP:
+            return PreemptionMode.SWAP, "policy: prefer swap"
+        swap_s, recompute_s = self.preemption_costs_s(req.spec.model, pages, req.kv_len)
+        if swap_s <= recompute_s:
+            return PreemptionMode.SWAP, f"swap {swap_s * 1e3:.3g} ms <= recompute {recompute_s * 1e3:.3g} ms"
+        return PreemptionMode.RECOMPUTE, f"recompute {recompute_s * 1e3:.3g} ms < swap {swap_s * 1e3:.3g} ms"
+
+    def preemption_costs_s(self, model: ModelId, pages: int, kv_tokens: int) -> tuple[float, float]:
+        """Estimated (swap round trip, recompute) seconds for a request holding `pages` / `kv_tokens`.
+
+        Swap: pages * page_bytes copied out and back over the host link. Recompute: re-prefill of
+        kv_tokens tokens at the model's prefill rate.
+        """
+        cfg = self._config
+        swap_s = 2 * pages * self._kv.config.page_bytes / cfg.host_link_bytes_per_s
+        rate = cfg.model_prefill_tokens_per_s.get(model, cfg.prefill_tokens_per_s)
+        return swap_s, kv_tokens / rate
+
+    def _preempt(self, req: _Request, reason: str) -> Preemption:
+        rid = req.spec.request_id
+        mode, why = self._choose_mode(req)
+        kv_len = req.kv_len
+        pages = self._kv.request_pages(rid)
+        swap_out = None
+        if mode == PreemptionMode.SWAP:
+            swap_out = self._kv.swap_out(rid)
+            req.status = RequestStatus.SWAPPED
+        else:
+            self._kv.evict(rid)
+            req.status = RequestStatus.WAITING
+            req.kv_len = 0
+            req.prefill_target = 0  # set again at admission: prompt + generated
+        del self._running[rid]
+        req.num_preemptions += 1
+        req.message = f"preempted ({mode}: {why}): {reason}"
+        self._enqueue(req)
+        return Preemption(rid, req.spec.model, mode, kv_len, pages, swap_out, f"{reason}; {why}")
+
+    def _admit(
+        self, run: list[ScheduledRequest], admitted: list[Admission], budget: int | None
+    ) -> int | None:
+        """Round-robin over models with waiting requests; returns the prefill budget left."""
+        blocked: set[ModelId] = set()
+        n = len(self._model_order)
+        while True:
+            progressed = False
+            for i in range(n):
+                index = (self._rr_next + i) % n
+                model = self._model_order[index]
+                queue = self._queues[model]
+                if model in blocked or not queue:
+                    continue
+                req = self._requests[queue[0][1]]
+                # with nothing running, floors reserve pages for requests that cannot start
+                # either: the first admission into an idle pool ignores them (no deadlock)
+                admission, budget_used = self._try_admit(req, budget, ignore_floors=not self._running)
+                if admission is None:
+                    blocked.add(model)
+                    continue
+                queue.pop(0)
+                admitted.append(admission)
+                if budget is not None:
+                    budget -= budget_used
+                run.append(self._scheduled(req, self._kv.num_tokens(req.spec.request_id)))
+                self._rr_next = (index + 1) % n
+                progressed = True
+                break  # restart the rotation from the next model
+            if not progressed:
+                return budget
+
+    def _try_admit(
+        self, req: _Request, budget: int | None, ignore_floors: bool
+    ) -> tuple[Admission | None, int]:
+        """Admit `req` if it fits (device pages allocated, status RUNNING); (None, 0) if not."""
+        rid = req.spec.request_id
+        model = req.spec.model
+        swapped = req.status == RequestStatus.SWAPPED
+        resume_len = req.kv_len if swapped else 0
+        prefill_target = req.prefill_target if swapped else req.num_tokens
+        in_prefill = resume_len < prefill_target
+        if in_prefill and budget == 0:
+            return None, 0
+        # what this step computes: the next prefill chunk, or one decode token after a swap-in
+        if in_prefill:
+            chunk = (
+                prefill_target - resume_len if budget is None else min(prefill_target - resume_len, budget)
+            )
+            step_len = resume_len + chunk
+        else:
+            chunk = 0
+            step_len = resume_len + 1
+        headroom = self._config.admission_headroom_tokens
+        forecast_len = max(step_len, min(max(prefill_target, resume_len) + headroom, req.spec.max_kv_tokens))
+        if not self._forecast_fits(model, forecast_len, ignore_floors):
+            return None, 0
+        # the forecast checked that the pool can place forecast_len >= step_len tokens for a new
+        # request of this model now, so the swap-in (placed like a new request) and the growth fit
+        swap_in = None
+        if swapped:
+            swap_in = self._kv.swap_in(rid, allow_split=self._config.allow_split_kv)
+        else:
+            self._kv.add_request(rid, model)
+            req.prefill_target = prefill_target
+        resumed = req.num_preemptions > 0
+        req.promised_len = forecast_len
+        req.status = RequestStatus.RUNNING
+        req.message = "running"
+        self._running[rid] = req
+        # `_scheduled` (called by the caller) advances kv_len; pages are grown here
+        self._kv.grow(rid, step_len, allow_split=self._config.allow_split_kv)
+        return Admission(rid, model, resumed, swap_in), chunk
+
+    def _forecast_fits(self, model: ModelId, tokens: int, ignore_floors: bool) -> bool:
+        """Whether a new request of `model` holding `tokens` tokens fits the admission forecast."""
+        layout = self._kv.layout(model)
+        pages = layout.pages_for(tokens)
+        pending = self._pending_pages()
+        cap = self._config.limits(model).cap_pages
+        if cap is not None and self._kv.model_pages(model) + pending.get(model, 0) + pages > cap:
+            return False
+        available = (
+            self._kv.total_free_pages
+            - sum(pending.values())
+            - (0 if ignore_floors else self._reserved_for_others(model, pending))
+        )
+        if pages > available:
+            return False
+        return self._kv.can_fit(model, tokens, allow_split=self._config.allow_split_kv)
+
+    def _pending_pages(self) -> dict[ModelId, int]:
+        """Pages running requests were promised at admission but do not hold yet, per model."""
+        pending: dict[ModelId, int] = {}
+        for req in self._running.values():
+            promised_pages = self._kv.layout(req.spec.model).pages_for(req.promised_len)
+            extra = max(0, promised_pages - self._kv.device_pages_held(req.spec.request_id))
+            if extra:
+                pending[req.spec.model] = pending.get(req.spec.model, 0) + extra
+        return pending
+
+    # -- helpers --
+
+    def _rejection_reason(self, spec: RequestSpec) -> str | None:
+        if spec.model not in self._kv.models:
+            return f"model {spec.model!r} is not registered with the KV pool"
+        if len(spec.prompt) < 1:
+            return "empty prompt"
+        if spec.max_new_tokens < 1:
+            return f"max_new_tokens must be >= 1, got {spec.max_new_tokens}"
+        longest = spec.max_kv_tokens
+        pool_tokens = self._kv.max_tokens(spec.model)
+        if longest > pool_tokens:
+            return (
+                f"needs up to {longest} tokens of KV (prompt {len(spec.prompt)} + max_new_tokens "
+                f"{spec.max_new_tokens} - 1); the whole pool holds {pool_tokens} for model {spec.model!r}"
+            )
+        cap = self._config.limits(spec.model).cap_pages
+        pages = self._kv.layout(spec.model).pages_for(longest)
+        if cap is not None and pages > cap:
+            return f"needs up to {pages} pages of KV; model {spec.model!r} is capped at {cap} pages"
+        if not self._config.allow_split_kv:
+            per_device = self._kv.max_tokens(spec.model) // self._kv.config.num_devices
+            if longest > per_device:
+                return (
+                    f"needs up to {longest} tokens of KV; one KV device holds {per_device} "
+                    "and split-KV is off"
+                )
+        return None
+
+    def _enqueue(self, req: _Request) -> None:
+        bisect.insort(self._queues[req.spec.model], (req.precedence, req.spec.request_id), key=lambda e: e[0])
+
+    def _end(self, req: _Request, status: RequestStatus, message: str) -> None:
+        rid = req.spec.request_id
+        if req.status == RequestStatus.RUNNING:
+            del self._running[rid]
+        elif req.status in (RequestStatus.WAITING, RequestStatus.SWAPPED):
+            queue = self._queues[req.spec.model]
+            queue.remove((req.precedence, rid))
+        if self._kv.has_request(rid):
+            self._kv.free(rid)
+        self._live_per_model[req.spec.model] -= 1
+        req.status = status
+        req.message = message
+
+    def _get(self, request_id: RequestId) -> _Request:
+        try:
+            return self._requests[request_id]
+        except KeyError:
+            raise PlannerError(f"unknown request {request_id!r}") from None
+
+    def _live(self, request_id: RequestId) -> _Request:
+        req = self._get(request_id)
+        if req.status.is_terminal:
+            raise PlannerError(f"request {request_id!r} already ended ({req.status}: {req.message})")
+        return req
+
+    def check_invariants(self) -> None:
+        """Cross-check planner and virtualizer books; raise PlannerError on any inconsistency."""
+        self._kv.check_invariants()
+        for rid, req in self._requests.items():
+            in_kv = self._kv.has_request(rid)
+            if req.status == RequestStatus.RUNNING:
+                if rid not in self._running or not in_kv or self._kv.residency(rid) != Residency.RESIDENT:
+                    raise PlannerError(f"running request {rid!r} not resident")
+                if self._kv.num_tokens(rid) != req.kv_len:
+                    raise PlannerError(
+                        f"request {rid!r}: kv_len {req.kv_len} != pool {self._kv.num_tokens(rid)}"
+                    )
+            elif req.status == RequestStatus.SWAPPED:
+                if not in_kv or self._kv.residency(rid) != Residency.SWAPPED:
+                    raise PlannerError(f"swapped request {rid!r} not swapped in the pool")
+            elif in_kv:
+                raise PlannerError(f"request {rid!r} is {req.status} but holds KV")
+        for model in self._kv.models:
+            cap = self._config.limits(model).cap_pages
+            if cap is not None and self._kv.model_pages(model) > cap:
+                raise PlannerError(f"model {model!r} holds {self._kv.model_pages(model)} pages > cap {cap}")

@@ -56,8 +56,8 @@ def _blocks_gpu_kernel(
     *, geom: PageGeometry, rows_per_token: int, num_gb: int, num_splits: int, max_pages: int,
     block_t: int, scale: float, soft_cap: float | None, window: int | None, num_pages: int,
 ):
-    blk = pl.program_id(0)
-    hg = pl.program_id(1)
+    hg = pl.program_id(0)  # heads fastest: MLA head blocks sharing one KV range run together
+    blk = pl.program_id(1)
     s = pl.program_id(2)
     h = hg // num_gb
     r = geom.row_elems
@@ -80,7 +80,7 @@ def _blocks_gpu_kernel(
         geom=geom, block_t=block_t, scale=scale, soft_cap=soft_cap, q_pos=q_pos, window=window,
         num_pages=num_pages,
     )
-    idx = (blk * pl.num_programs(1) + hg) * num_splits + s
+    idx = (blk * pl.num_programs(0) + hg) * num_splits + s
     for c, acc in enumerate(accs):
         o_ref[idx, :, pl.ds(c * r, r)] = acc
     m_ref[idx, :] = m
@@ -110,6 +110,9 @@ def blocks_gpu(
 ) -> jax.Array:
     """Split-KV paged attention of query blocks (GPU Triton lowering, or interpret on CPU).
 
+    Grid ``(KVH * num_gb, NB, num_splits)``, heads fastest, so the programs of the head blocks
+    that read the same KV (MLA) are launched together and share it through L2.
+
     qb: [NB, KVH * num_gb, M, q_width] query rows (KV dtype or f32), head index = axis1 // num_gb.
     blk_seq / blk_pos0 / blk_nq: [NB] int32 (blk_seq -1: unused block, output 0).
     kv_lens: [B] int32; page_table: [B, max_pages] int32; arena: [num_pages, rows_per_page, R].
@@ -132,7 +135,7 @@ def blocks_gpu(
     )
     o, m, den = pl.pallas_call(
         kernel,
-        grid=(nb, hgs, num_splits),
+        grid=(hgs, nb, num_splits),
         out_shape=(
             jax.ShapeDtypeStruct((n_prog, m_rows, wv), jnp.float32),
             jax.ShapeDtypeStruct((n_prog, m_rows), jnp.float32),
@@ -151,8 +154,15 @@ def blocks_gpu(
 
 def default_num_splits(num_blocks: int, programs_per_block: int, max_tokens: int,
                        block_t: int) -> int:
-    """Splits so that about 2 waves of programs fill the GPU, never a split under one block."""
+    """Static split-KV factor: enough programs for about 2 waves on the GPU, and at least one
+    split per 16K tokens the page table can hold (a wide table means a long sequence may be
+    there), never a split under one block.
+
+    Only shapes are known here: a batch whose lengths are very uneven is better served by the
+    persistent schedule (docs/kernels.md, "Measured").
+    """
     want = -(-2 * num_sms() // max(1, num_blocks * programs_per_block))
+    want = max(want, -(-max_tokens // 16384))
     return int(max(1, min(want, -(-max_tokens // block_t))))
 
 
@@ -176,16 +186,19 @@ def run_blocks(
     num_splits: int | None = None,
     block_t: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     max_kv_tokens: int | None = None,
     num_programs: int | None = None,
+    items_per_program: int = 2,
 ) -> jax.Array:
     """Dispatches query blocks to the backend's kernel. Shapes as `blocks_gpu`.
 
     schedule: "split" (grid over blocks x heads x splits) or "persistent" (GPU/interpret only:
     one program per SM walking a (block, head, split) work list).
+    block_t / num_stages default to 64 / 2, except 128 / 3 for a persistent GQA launch.
     max_kv_tokens: static upper bound of one block's KV range (default: the page table's).
-    num_programs: persistent schedule only: programs in the launch (default 2 x SM count).
+    num_programs / items_per_program: persistent schedule only: programs in the launch (default
+    2 x SM count) and work items aimed at per program.
     """
     if backend in ("tpu", "tpu_interpret"):
         from pallas_kernels.attention_tpu import blocks_tpu
@@ -193,15 +206,21 @@ def run_blocks(
         return blocks_tpu(qb, blk_seq, blk_pos0, blk_nq, kv_lens, page_table, arena, geom,
                           rows_per_token=rows_per_token, num_gb=num_gb, scale=scale,
                           soft_cap=soft_cap, window=window, backend=backend)
-    bt = block_t or 64
+    n_tiles = len(set(geom.score_chunk_rows) | set(geom.value_chunk_rows))
+    if schedule == "persistent" and n_tiles <= 4:
+        # GQA: the best persistent configuration measured on H200 (docs/kernels.md).
+        bt, stages = block_t or 128, num_stages or 3
+    else:  # MLA keeps 9 [block_t, R] tiles live: 128-token blocks would spill registers.
+        bt, stages = block_t or 64, num_stages or 2
     if schedule == "persistent":
         from pallas_kernels.persistent import blocks_persistent
 
         return blocks_persistent(qb, blk_seq, blk_pos0, blk_nq, kv_lens, page_table, arena, geom,
                                  rows_per_token=rows_per_token, num_gb=num_gb, scale=scale,
                                  soft_cap=soft_cap, window=window, block_t=bt, backend=backend,
-                                 num_warps=num_warps, num_stages=num_stages,
-                                 num_programs=num_programs)
+                                 num_warps=num_warps, num_stages=stages,
+                                 num_programs=num_programs,
+                                 items_per_program=items_per_program)
     if schedule != "split":
         raise ValueError(f"unknown schedule {schedule!r}")
     max_tokens = max_kv_tokens or page_table.shape[1] * geom.tokens_per_page
@@ -211,4 +230,4 @@ def run_blocks(
     return blocks_gpu(qb, blk_seq, blk_pos0, blk_nq, kv_lens, page_table, arena, geom,
                       rows_per_token=rows_per_token, num_gb=num_gb, scale=scale,
                       soft_cap=soft_cap, window=window, num_splits=ns, block_t=bt,
-                      backend=backend, num_warps=num_warps, num_stages=num_stages)
+                      backend=backend, num_warps=num_warps, num_stages=stages)

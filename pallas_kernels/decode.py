@@ -155,11 +155,12 @@ def _min_rows(backend: str) -> int:
 @functools.partial(
     jax.jit,
     static_argnames=("geom", "scale", "soft_cap", "window", "backend", "schedule", "num_splits",
-                     "block_t", "group_block", "num_warps", "num_stages", "num_programs"),
+                     "block_t", "group_block", "num_warps", "num_stages", "num_programs",
+                     "items_per_program"),
 )
 def _paged_decode_attention(q, arena, page_table, lengths, *, geom, scale, soft_cap, window,
                             backend, schedule, num_splits, block_t, group_block, num_warps,
-                            num_stages, num_programs):
+                            num_stages, num_programs, items_per_program):
     b, hq, d = q.shape
     kvh = geom.spec.kv_heads
     g = hq // kvh
@@ -171,7 +172,7 @@ def _paged_decode_attention(q, arena, page_table, lengths, *, geom, scale, soft_
                       scale=scale, soft_cap=soft_cap, window=window, backend=backend,
                       schedule=schedule, num_splits=num_splits, block_t=block_t,
                       num_warps=num_warps, num_stages=num_stages,
-                      num_programs=num_programs)
+                      num_programs=num_programs, items_per_program=items_per_program)
     return out[:, :, :g, :d].reshape(b, hq, d).astype(q.dtype)
 
 
@@ -190,8 +191,9 @@ def paged_decode_attention(
     num_splits: int | None = None,
     block_t: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     num_programs: int | None = None,
+    items_per_program: int = 2,
 ) -> jax.Array:
     """Decode attention (one new token per sequence) for a GQA/MQA/MHA model over paged KV.
 
@@ -210,8 +212,9 @@ def paged_decode_attention(
       (one program per SM walking a work list of (sequence, head, KV split) items; see
       `pallas_kernels.persistent`). TPU ignores it.
     num_splits / block_t / num_warps / num_stages: GPU tuning (split-KV factor, tokens per inner
-      step, Triton warps and pipeline stages); num_programs: persistent launch size (default
-      2 x SM count).
+      step, Triton warps and pipeline stages; block_t / num_stages default to 64 / 2, and to
+      128 / 3 for a "persistent" GQA launch); num_programs / items_per_program: persistent
+      launch size (default 2 x SM count) and work items aimed at per program.
     Returns [B, num_q_heads, head_dim] in q's dtype.
     """
     if geom.spec.kind != KVKind.GQA:
@@ -229,27 +232,31 @@ def paged_decode_attention(
                                    schedule=schedule, num_splits=num_splits, block_t=block_t,
                                    group_block=None,
                                    num_warps=num_warps, num_stages=num_stages,
-                                   num_programs=num_programs)
+                                   num_programs=num_programs,
+                                   items_per_program=items_per_program)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("geom", "scale", "soft_cap", "window", "backend", "schedule", "num_splits",
-                     "block_t", "group_block", "num_warps", "num_stages", "num_programs"),
+                     "block_t", "group_block", "num_warps", "num_stages", "num_programs",
+                     "items_per_program"),
 )
 def _paged_mla_decode(q_latent, q_rope, arena, page_table, lengths, *, geom, scale, soft_cap,
                       window, backend, schedule, num_splits, block_t, group_block, num_warps,
-                            num_stages, num_programs):
+                            num_stages, num_programs, items_per_program):
     _, h, c = q_latent.shape
     hp = max(_min_rows(backend), next_pow2(h))
     q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
     q = jnp.pad(q, ((0, 0), (0, hp - h), (0, 0)))[:, None]  # [B, 1, Hp, C + Rd]
     qp = pack_query_chunks(q, geom, (c, geom.spec.rope_dim) if geom.spec.rope_dim else (c,))
-    gb = group_block if group_block is not None else min(hp, 64)
+    # 16 query heads per program measured fastest on H200 (docs/kernels.md "Measured").
+    gb = group_block if group_block is not None else min(hp, 16)
     out = _run_decode(qp, arena, page_table, lengths, geom, group_block=gb, scale=scale,
                       soft_cap=soft_cap, window=window, backend=backend, schedule=schedule,
                       num_splits=num_splits, block_t=block_t, num_warps=num_warps,
-                      num_stages=num_stages, num_programs=num_programs)
+                      num_stages=num_stages, num_programs=num_programs,
+                      items_per_program=items_per_program)
     return out[:, 0, :h, :c].astype(q_latent.dtype)
 
 
@@ -270,8 +277,9 @@ def paged_mla_decode_attention(
     block_t: int | None = None,
     group_block: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     num_programs: int | None = None,
+    items_per_program: int = 2,
 ) -> jax.Array:
     """DeepSeek MLA decode attention in absorbed form over paged latents.
 
@@ -280,8 +288,8 @@ def paged_mla_decode_attention(
     arena / page_table / lengths: as `paged_decode_attention`; geom: an MLA `PageGeometry`.
     scale: softmax scale (DeepSeek: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5, times the
       yarn mscale factor if any) -- required, since it is not a function of these shapes.
-    group_block: query heads per program on GPU (default min(H padded, 64)); each block re-reads
-      the latents, so larger is less traffic but more registers.
+    group_block: query heads per program on GPU (default 16); the head blocks of one sequence
+      run side by side and share the latents through L2; larger blocks need more registers.
     Returns [B, H, kv_lora_rank]: the attention-weighted latent (the caller applies W_UV), in
     q_latent's dtype.
     """
@@ -300,7 +308,8 @@ def paged_mla_decode_attention(
                              schedule=schedule, num_splits=num_splits, block_t=block_t,
                              group_block=group_block,
                              num_warps=num_warps, num_stages=num_stages,
-                             num_programs=num_programs)
+                             num_programs=num_programs,
+                             items_per_program=items_per_program)
 
 
 def decode_kv_bytes(lengths, geom: PageGeometry, window: int | None = None) -> int:

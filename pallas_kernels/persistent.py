@@ -5,9 +5,9 @@ items* ``(query block, kv head, KV range)`` of at most ``split`` tokens each, wh
 chosen on device from the batch's total KV so that there are about ``items_per_program`` items per
 program. Program p then takes items ``p, p + P, p + 2P, ...`` (items of one long sequence are
 consecutive in the list, so they land on different programs). Each item writes an unnormalised
-partial (o, m, l); a jnp segment reduction combines the partials of each (block, head) by
-log-sum-exp. Nothing in the launch depends on the longest sequence, and no program idles while
-another has a whole long sequence to itself.
+partial (o, m, l); a second small kernel merges the partials of each (block, head) by
+log-sum-exp (they are contiguous in the list). Nothing in the launch depends on the longest
+sequence, and no program idles while another has a whole long sequence to itself.
 
 Static bound on the work list: with ``split >= total / (P * items_per_program)``, the items number
 at most ``blocks * heads + P * items_per_program``, so the list (and the partials buffer) has that
@@ -39,13 +39,15 @@ from pallas_kernels.page_layout import PageGeometry
 def build_work_list(
     lo: jax.Array, hi: jax.Array, heads: int, num_programs: int, items_per_program: int,
     block_t: int, min_split: int,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+) -> dict[str, jax.Array]:
     """Cuts each (block, head)'s KV range ``[lo, hi)`` into items of at most ``split`` tokens.
 
     lo, hi: [NB] int32 KV range of each query block (the same for all its heads).
-    Returns (item_bh [I], item_lo [I], item_hi [I], n_items [1], split [1]) with
-    ``I = NB * heads + num_programs * items_per_program``; item_bh = block * heads + head.
-    Items are ordered by (block, head, range start); entries >= n_items are padding.
+    Returns a dict of int32 arrays: item_bh / item_lo / item_hi [I] with
+    ``I = NB * heads + num_programs * items_per_program`` (item_bh = block * heads + head),
+    n_items [1], split [1], and per (block, head) segment its first item and item count
+    (seg_first / seg_count [NB * heads]). Items are ordered by (block, head, range start);
+    entries >= n_items are padding.
     """
     nb = lo.shape[0]
     n_tok = jnp.repeat(hi - lo, heads)  # [NB * heads]
@@ -58,7 +60,8 @@ def build_work_list(
     n_items = ends[-1] if nb else jnp.int32(0)
     max_items = nb * heads + target
     it = jnp.arange(max_items, dtype=jnp.int32)
-    bh = jnp.searchsorted(ends, it, side="right").astype(jnp.int32)
+    # compare_all: one fused op; the default binary-search loop is ~log2(n) tiny GPU kernels.
+    bh = jnp.searchsorted(ends, it, side="right", method="compare_all").astype(jnp.int32)
     bh_c = jnp.minimum(bh, nb * heads - 1)
     k = it - (ends[bh_c] - counts[bh_c])
     base = jnp.repeat(lo, heads)[bh_c]
@@ -66,8 +69,12 @@ def build_work_list(
     item_lo = base + k * split
     item_hi = jnp.minimum(item_lo + split, top)
     live = it < n_items
-    return (jnp.where(live, bh_c, 0), jnp.where(live, item_lo, 0), jnp.where(live, item_hi, 0),
-            jnp.reshape(n_items, (1,)).astype(jnp.int32), split.reshape(1))
+    return {
+        "item_bh": jnp.where(live, bh_c, 0), "item_lo": jnp.where(live, item_lo, 0),
+        "item_hi": jnp.where(live, item_hi, 0),
+        "n_items": jnp.reshape(n_items, (1,)).astype(jnp.int32), "split": split.reshape(1),
+        "seg_first": (ends - counts).astype(jnp.int32), "seg_count": counts.astype(jnp.int32),
+    }
 
 
 def _persistent_kernel(
@@ -131,21 +138,22 @@ def blocks_persistent(
     num_programs: int | None = None,
     items_per_program: int = 2,
     min_split: int | None = None,
+    combine: str = "kernel",
 ) -> jax.Array:
     """Same contract as `pallas_kernels.attention_core.blocks_gpu`, one persistent launch.
 
     num_programs: programs in the launch (default 2 x the device's SM count).
     items_per_program: work items aimed at per program (more: finer balance, more partials).
     min_split: smallest item in tokens (default 4 x block_t).
+    combine: "kernel" (a Pallas merge, one program per (block, head)) or "xla" (segment ops).
     """
     nb, hgs, m_rows, _ = qb.shape
     p = num_programs or 2 * num_sms()
     b_ok = blk_seq >= 0
     kvl = kv_lens[jnp.maximum(blk_seq, 0)]
     lo, hi = kv_range(blk_pos0, jnp.where(b_ok, blk_nq, 0), kvl, window)
-    item_bh, item_lo, item_hi, n_items, _ = build_work_list(
-        lo, hi, hgs, p, items_per_program, block_t, min_split or 4 * block_t)
-    max_items = item_bh.shape[0]
+    work = build_work_list(lo, hi, hgs, p, items_per_program, block_t, min_split or 4 * block_t)
+    max_items = work["item_bh"].shape[0]
     wv = geom.out_width
     kernel = functools.partial(
         _persistent_kernel, geom=geom, heads=hgs, num_gb=num_gb, rows_per_token=rows_per_token,
@@ -163,12 +171,70 @@ def blocks_persistent(
         interpret=interpret_flag(backend),
         compiler_params=None if backend != "gpu" else gpu_compiler_params(num_warps, num_stages),
         name="paged_attention_persistent",
-    )(n_items, item_bh, item_lo, item_hi, blk_seq.astype(jnp.int32),
-      blk_pos0.astype(jnp.int32), page_table.reshape(-1).astype(jnp.int32), qb, flat_rows(arena))
-    return combine_items(o, m, den, item_bh, n_items, nb * hgs).reshape(nb, hgs, m_rows, wv)
+    )(work["n_items"], work["item_bh"], work["item_lo"], work["item_hi"],
+      blk_seq.astype(jnp.int32), blk_pos0.astype(jnp.int32),
+      page_table.reshape(-1).astype(jnp.int32), qb, flat_rows(arena))
+    if combine == "xla":
+        out = combine_items_xla(o, m, den, work["item_bh"], work["n_items"], nb * hgs)
+    else:
+        out = combine_items_kernel(o, m, den, work["seg_first"], work["seg_count"], backend)
+    return out.reshape(nb, hgs, m_rows, wv)
 
 
-def combine_items(o: jax.Array, m: jax.Array, den: jax.Array, item_bh: jax.Array,
+def _combine_kernel(first_ref, count_ref, o_ref, m_ref, l_ref, out_ref, *, unroll: int):
+    seg = pl.program_id(0)
+    first = first_ref[seg]
+    cnt = count_ref[seg]
+    m_rows, w = out_ref.shape[1:]
+
+    def body(i, carry):
+        m_run, l_run, acc = carry
+        for u in range(unroll):  # independent loads in flight
+            j = i * unroll + u
+            ok = j < cnt
+            it = first + jnp.clip(j, 0, jnp.maximum(cnt - 1, 0))
+            m_j = jnp.where(ok, m_ref[it, :], -jnp.inf)
+            l_j = jnp.where(ok, l_ref[it, :], 0.0)
+            o_j = jnp.where(ok, o_ref[it, :, :], 0.0)
+            m_new = jnp.maximum(m_run, m_j)
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            a = jnp.exp(m_run - m_safe)
+            b = jnp.exp(m_j - m_safe)
+            l_run = l_run * a + l_j * b
+            acc = acc * a[:, None] + o_j * b[:, None]
+            m_run = m_new
+        return m_run, l_run, acc
+
+    init = (jnp.full((m_rows,), -jnp.inf, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
+            jnp.zeros((m_rows, w), jnp.float32))
+    _, l_run, acc = lax.fori_loop(0, (cnt + unroll - 1) // unroll, body, init)
+    safe = jnp.where(l_run > 0, l_run, 1.0)
+    out_ref[seg, :, :] = jnp.where((l_run > 0)[:, None], acc / safe[:, None], 0.0)
+
+
+def combine_items_kernel(o: jax.Array, m: jax.Array, den: jax.Array, seg_first: jax.Array,
+                         seg_count: jax.Array, backend: str, unroll: int = 4) -> jax.Array:
+    """Log-sum-exp merge of work-item partials, one program per (block, head) segment.
+
+    o: [I, M, W], m/den: [I, M] partials; segment k owns the contiguous items
+    ``[seg_first[k], seg_first[k] + seg_count[k])`` (nothing else is read, so never-written
+    items cannot leak in). Returns [num_segments, M, W] f32; an empty segment gives 0.
+    A Pallas kernel rather than XLA segment ops: those lower to scatters whose cost on GPU grew
+    with the size of the whole partials buffer (see docs/kernels.md, "Measured").
+    """
+    nseg = seg_first.shape[0]
+    _, m_rows, w = o.shape
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, unroll=unroll),
+        grid=(nseg,),
+        out_shape=jax.ShapeDtypeStruct((nseg, m_rows, w), jnp.float32),
+        interpret=interpret_flag(backend),
+        compiler_params=None if backend != "gpu" else gpu_compiler_params(4, 1),
+        name="persistent_combine",
+    )(seg_first, seg_count, o, m, den)
+
+
+def combine_items_xla(o: jax.Array, m: jax.Array, den: jax.Array, item_bh: jax.Array,
                   n_items: jax.Array, num_segments: int) -> jax.Array:
     """Log-sum-exp merge of work-item partials into their (block, head) segments.
 
@@ -180,11 +246,12 @@ def combine_items(o: jax.Array, m: jax.Array, den: jax.Array, item_bh: jax.Array
     m = jnp.where(live[:, None], m, -jnp.inf)
     den = jnp.where(live[:, None], den, 0.0)
     o = jnp.where(live[:, None, None], o, 0.0)
-    m_seg = jax.ops.segment_max(m, seg, num_segments=num_segments)
+    m_seg = jax.ops.segment_max(m, seg, num_segments=num_segments, indices_are_sorted=True)
     m_seg = jnp.where(jnp.isneginf(m_seg), 0.0, m_seg)
     w = jnp.where(jnp.isneginf(m), 0.0,
                   jnp.exp(m - m_seg[jnp.minimum(seg, num_segments - 1)]))
-    l_seg = jax.ops.segment_sum(w * den, seg, num_segments=num_segments)
-    o_seg = jax.ops.segment_sum(w[..., None] * o, seg, num_segments=num_segments)
+    l_seg = jax.ops.segment_sum(w * den, seg, num_segments=num_segments, indices_are_sorted=True)
+    o_seg = jax.ops.segment_sum(w[..., None] * o, seg, num_segments=num_segments,
+                                indices_are_sorted=True)
     safe = jnp.where(l_seg > 0, l_seg, 1.0)
     return jnp.where((l_seg > 0)[..., None], o_seg / safe[..., None], 0.0)

@@ -132,7 +132,8 @@ def query_blocks(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int, bloc
     ends = jnp.cumsum(nblk)
     max_blocks = -(-num_tokens // block_q) + nseq
     i = jnp.arange(max_blocks, dtype=jnp.int32)
-    b = jnp.minimum(jnp.searchsorted(ends, i, side="right").astype(jnp.int32), nseq - 1)
+    b = jnp.searchsorted(ends, i, side="right", method="compare_all").astype(jnp.int32)
+    b = jnp.minimum(b, nseq - 1)
     live = i < ends[-1]
     j = i - (ends[b] - nblk[b])
     q0 = j * block_q
@@ -212,7 +213,7 @@ def paged_prefill_attention(
     num_splits: int | None = None,
     block_t: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> jax.Array:
     """Chunked-prefill attention for a GQA/MQA/MHA model over paged KV (chunk already appended).
 
@@ -282,7 +283,7 @@ def paged_mla_prefill_attention(
     block_t: int | None = None,
     group_block: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> jax.Array:
     """MLA chunked prefill in absorbed form: q_latent [T, H, kv_lora_rank], q_rope [T, H, rope].
 

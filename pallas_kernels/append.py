@@ -90,7 +90,10 @@ def _append_kernel(slot_ref, rows_ref, arena_in_ref, arena_ref, *, geom: PageGeo
     slots = slot_ref[pl.ds(i * block_n, block_n)]
     ok = slots >= 0
     s = jnp.maximum(slots, 0)
-    base = (s // t) * geom.rows_per_page + s % t
+    # Skipped tokens point past the arena: their stores are masked off on GPU, and the Pallas
+    # interpreter (which writes masked lanes back as read) then drops them instead of racing a
+    # real write to the same row.
+    base = jnp.where(ok, (s // t) * geom.rows_per_page + s % t, arena_ref.shape[0])
     mask = jnp.broadcast_to(ok[:, None], (block_n, geom.row_elems))
     for c in range(num_chunks):
         vals = rows_ref[pl.ds(i * block_n, block_n), c, :]

@@ -6,11 +6,13 @@ Public API (each picks the backend from the platform unless ``backend=`` says ot
 * `paged_mla_decode_attention` -- DeepSeek MLA in its absorbed (latent) form.
 * `paged_decode_attention_reference`, `paged_mla_decode_attention_reference` -- plain jnp.
 
-GPU (Pallas, Triton lowering) and CPU (the same kernel, ``interpret=True``): grid ``(B, kv_heads *
-group_blocks, num_splits)``; each program walks its split of the sequence in blocks of
-``block_t`` tokens, gathering each token's rows through the page table, and writes an
-unnormalised partial (o, m, l); a small jnp combine merges the splits (log-sum-exp). TPU (Mosaic):
-see `pallas_kernels.decode_tpu`. The persistent GPU variant is `pallas_kernels.persistent`.
+Decode is the shared core (`pallas_kernels.attention_core`) with one query block per sequence at
+position ``length - 1``. GPU (Pallas, Triton lowering) and CPU (the same kernel,
+``interpret=True``): grid ``(kv_heads * group_blocks, B, num_splits)``; each program walks its
+split of the sequence in blocks of ``block_t`` tokens, gathering each token's rows through the
+page table, and writes an unnormalised partial (o, m, l); a small jnp combine merges the splits
+(log-sum-exp). TPU (Mosaic): `pallas_kernels.attention_tpu`. The persistent GPU variant:
+`pallas_kernels.persistent`.
 """
 
 from __future__ import annotations

@@ -15,8 +15,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from crosspool_jax.errors import CrossPoolError
 
-class ConfigError(ValueError):
+
+class ConfigError(CrossPoolError, ValueError):
     """A config.json that names an unknown architecture or holds inconsistent values."""
 
 

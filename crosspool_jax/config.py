@@ -69,7 +69,7 @@ class RopeConfig:
     original_max_position_embeddings: int | None = None
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 1.0
+    mscale: float | None = None  # None: HF derives attention_factor from `factor` alone
     mscale_all_dim: float = 0.0
     attention_factor: float | None = None
     truncate: bool = True
@@ -256,7 +256,7 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
         original_max_position_embeddings=params.get("original_max_position_embeddings"),
         beta_fast=float(params.get("beta_fast") or 32.0),
         beta_slow=float(params.get("beta_slow") or 1.0),
-        mscale=float(params.get("mscale") or 1.0),
+        mscale=float(params["mscale"]) if params.get("mscale") else None,
         mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
         attention_factor=params.get("attention_factor"),
         truncate=bool(params.get("truncate", True)),

@@ -1,0 +1,160 @@
+"""The single-model reference generation path: no pools, a contiguous KV cache, jitted prefill and
+decode. It is the oracle the pooled engine is compared with, token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crosspool_jax.config import ModelConfig
+from crosspool_jax.errors import InvalidRequestError
+from crosspool_jax.models.attention import Cache, init_cache
+from crosspool_jax.models.transformer import forward
+from crosspool_jax.params import ModelWeights
+from crosspool_jax.sampling import SamplingParams, sample_tokens, seed_words
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    token_ids: tuple[int, ...]  # generated ids only (the stop token included when one was hit)
+    finish_reason: str  # "stop" (a stop token was generated) | "length" (max_new_tokens reached)
+
+
+def validate_request(
+    cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens: int, stop_token_ids: Sequence[int] = ()
+) -> None:
+    """Raises InvalidRequestError for an empty/too-long prompt, ids outside the vocabulary, bad lengths."""
+    if len(prompt_ids) == 0:
+        raise InvalidRequestError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise InvalidRequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    bad = [t for t in prompt_ids if not 0 <= int(t) < cfg.vocab_size]
+    if bad:
+        raise InvalidRequestError(
+            f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size}) ({len(bad)} such ids)"
+        )
+    bad = [t for t in stop_token_ids if not 0 <= int(t) < cfg.vocab_size]
+    if bad:
+        raise InvalidRequestError(f"stop token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    total = len(prompt_ids) + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise InvalidRequestError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+            f"model's max_position_embeddings ({cfg.max_position_embeddings})"
+        )
+
+
+def _bucket(n: int, cap: int, floor: int = 16) -> int:
+    """Next power of two >= n (at least `floor`), at most `cap`: bounds the number of compilations."""
+    return min(max(floor, 1 << (max(n, 1) - 1).bit_length()), cap)
+
+
+class ReferenceGenerator:
+    """Generates for one model, one request at a time. Compiles once per (prompt bucket, cache bucket)."""
+
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights):
+        self.cfg = cfg
+        self.weights = weights
+        self.cache_dtype = jax.tree.leaves(weights.attn)[0].dtype
+
+    @functools.cached_property
+    def _prefill(self) -> Any:
+        def prefill(weights: ModelWeights, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+            positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+            return forward(self.cfg, weights, tokens, positions, cache)
+
+        # donates: the cache
+        return jax.jit(prefill, donate_argnums=(2,))
+
+    @functools.cached_property
+    def _decode(self) -> Any:
+        def decode(weights: ModelWeights, token: jax.Array, pos: jax.Array, cache: Cache, samp: tuple):
+            logits, cache = forward(self.cfg, weights, token[:, None], pos[:, None], cache)
+            nxt = sample_tokens(logits[:, 0], *samp, positions=pos + 1)
+            return nxt, cache
+
+        # donates: the cache
+        return jax.jit(decode, donate_argnums=(3,))
+
+    def prompt_logits(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Full-prompt forward: logits [T, V] float32 (what parity tests compare with HF)."""
+        validate_request(self.cfg, prompt_ids, 1)
+        n = len(prompt_ids)
+        t_pad = _bucket(n, self.cfg.max_position_embeddings)
+        cache = init_cache(self.cfg, 1, t_pad, self.cache_dtype)
+        tokens = jnp.zeros((1, t_pad), jnp.int32).at[0, :n].set(jnp.asarray(prompt_ids, jnp.int32))
+        logits, _ = self._prefill(self.weights, tokens, cache)
+        return np.asarray(logits[0, :n])
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        stop_token_ids: Sequence[int] = (),
+    ) -> GenerationResult:
+        """Prefill the prompt, then decode until a stop token or max_new_tokens."""
+        validate_request(self.cfg, prompt_ids, max_new_tokens, stop_token_ids)
+        n = len(prompt_ids)
+        cap = self.cfg.max_position_embeddings
+        cache_len = _bucket(n + max_new_tokens, cap)
+        t_pad = min(_bucket(n, cap), cache_len)
+        cache = init_cache(self.cfg, 1, cache_len, self.cache_dtype)
+        tokens = jnp.zeros((1, t_pad), jnp.int32).at[0, :n].set(jnp.asarray(prompt_ids, jnp.int32))
+        samp = (
+            jnp.asarray([sampling.temperature], jnp.float32),
+            jnp.asarray([sampling.top_k], jnp.int32),
+            jnp.asarray([sampling.top_p], jnp.float32),
+            jnp.asarray([seed_words(sampling.seed)], jnp.uint32),
+        )
+        logits, cache = self._prefill(self.weights, tokens, cache)
+        tok = sample_tokens(logits[:, n - 1], *samp, positions=jnp.asarray([n], jnp.int32))
+        stops = {int(s) for s in stop_token_ids}
+        out: list[int] = []
+        pos = n
+        while True:
+            t = int(tok[0])
+            out.append(t)
+            if t in stops:
+                return GenerationResult(tuple(out), "stop")
+            if len(out) >= max_new_tokens:
+                return GenerationResult(tuple(out), "length")
+            tok, cache = self._decode(self.weights, tok, jnp.asarray([pos], jnp.int32), cache, samp)
+            pos += 1
+
+
+def generate_cli(args: Any) -> int:
+    """`crosspool generate` (reference mode): prints one JSON object per line."""
+    from checkpoints import load_model  # local import: the CLI is the only caller needing checkpoints
+
+    model = load_model(args.model)
+    if args.prompt is not None:
+        if model.tokenizer is None:
+            raise InvalidRequestError(f"{args.model}: --prompt needs a tokenizer.json; use --prompt-ids")
+        prompt_ids = model.tokenizer.encode(args.prompt)
+    else:
+        try:
+            prompt_ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise InvalidRequestError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    stop_ids = list(getattr(args, "stop_ids", None) or model.config.eos_token_ids)
+    sampling = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    result = ReferenceGenerator(model.config, model.weights).generate(
+        prompt_ids, args.max_new_tokens, sampling, stop_ids
+    )
+    line: dict[str, Any] = {"token_ids": list(result.token_ids), "finish_reason": result.finish_reason}
+    if model.tokenizer is not None:
+        line["text"] = model.tokenizer.decode(list(result.token_ids))
+    print(json.dumps(line), file=sys.stdout, flush=True)
+    return 0

@@ -1,0 +1,446 @@
+"""The narrow engine interface the gRPC server depends on (JetStream-style), and `ReferenceEngine`.
+
+The server only sees `Engine` (a Protocol) and the plain dataclasses below, so the pooled engine can
+replace `ReferenceEngine` without touching the server. `ReferenceEngine` runs the single-model
+reference path (`ReferenceGenerator`'s jitted prefill/decode) token by token on one worker thread:
+
+- a bounded number of live requests (queued + running); one more raises `QueueFullError`;
+- `cancel(request_id)` removes the request at once and the worker stops it before its next token;
+- `unload_model(name)` fails that model's live requests with a final "error" event naming the unload;
+- every request ends with exactly one final event (finish_reason set), so no consumer ever hangs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import jax.numpy as jnp
+
+from crosspool_jax.config import ModelConfig
+from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
+from crosspool_jax.models.attention import init_cache
+from crosspool_jax.params import ModelWeights
+from crosspool_jax.reference import ReferenceGenerator, _bucket, validate_request
+from crosspool_jax.sampling import SamplingParams, sample_tokens, seed_words
+
+FINISH_STOP = "stop"  # a stop token was generated
+FINISH_LENGTH = "length"  # max_new_tokens reached
+FINISH_CANCELLED = "cancelled"  # cancel(request_id) (client cancel, deadline)
+FINISH_ERROR = "error"  # the engine failed the request (model unloaded, shutdown, internal error)
+
+
+class ModelNotFoundError(CrossPoolError, KeyError):
+    """A request or call names a model that is not loaded."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "model not found"
+
+
+class QueueFullError(CapacityError):
+    """The engine holds its maximum number of live requests; the caller may retry later."""
+
+
+class EngineClosedError(CrossPoolError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation request. `request_id` is generated when empty."""
+
+    model: str
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int = 32
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    stop_token_ids: tuple[int, ...] = ()
+    request_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """Token counts of a finished request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One streamed event. Token events carry token_id/text; the final event carries finish_reason and
+    usage (and also the last token when the request ended on a token). `error` is set when
+    finish_reason == "error". `timestamp` is time.time() when the event was produced."""
+
+    request_id: str
+    index: int  # position of the token among the generated ones (-1: no token in this event)
+    token_id: int | None
+    text: str
+    timestamp: float
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What ListModels shows about a loaded model."""
+
+    name: str
+    family: str
+    num_layers: int
+    num_experts: int
+    vocab_size: int
+    max_position_embeddings: int
+    hidden_size: int
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load and counters."""
+
+    queue_depth: int  # live requests not yet started
+    running: int  # live requests generating now
+    max_live_requests: int
+    live_request_ids: tuple[str, ...]
+    completed: int
+    cancelled: int
+    failed: int
+    tokens_generated: int
+    models: tuple[str, ...]
+
+
+class RequestHandle:
+    """A submitted request: iterate it (or `events()`) for its events; the last one is final."""
+
+    def __init__(self, request_id: str, engine: Engine):
+        self.request_id = request_id
+        self._engine = engine
+        self._q: queue.Queue[Event] = queue.Queue()
+
+    def _put(self, ev: Event) -> None:
+        self._q.put(ev)
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None when none arrives within `timeout` seconds."""
+        try:
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def events(self) -> Iterator[Event]:
+        """Yields events until (and including) the final one."""
+        while True:
+            ev = self._q.get()
+            yield ev
+            if ev.final:
+                return
+
+    __iter__ = events
+
+    def cancel(self) -> bool:
+        """Cancels this request (see Engine.cancel)."""
+        return self._engine.cancel(self.request_id)
+
+
+class Engine(Protocol):
+    """What the server needs from an engine."""
+
+    def list_models(self) -> list[ModelInfo]: ...
+
+    def load_model(self, name: str, path: str) -> ModelInfo: ...
+
+    def unload_model(self, name: str) -> int: ...
+
+    def submit(self, request: Request) -> RequestHandle: ...
+
+    def cancel(self, request_id: str) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self, timeout: float | None = None) -> None: ...
+
+
+@dataclasses.dataclass
+class _Model:
+    info: ModelInfo
+    generator: ReferenceGenerator
+    tokenizer: Any  # encode/decode or None
+
+
+@dataclasses.dataclass
+class _Live:
+    request: Request
+    handle: RequestHandle
+    model: _Model
+    running: bool = False
+    done: bool = False
+
+
+class ReferenceEngine:
+    """`Engine` over one `ReferenceGenerator` per model; one worker thread runs requests in order."""
+
+    def __init__(self, max_live_requests: int = 64):
+        if max_live_requests < 1:
+            raise ValueError(f"max_live_requests must be >= 1, got {max_live_requests}")
+        self.max_live_requests = max_live_requests
+        self._lock = threading.Lock()
+        self._models: dict[str, _Model] = {}
+        self._live: dict[str, _Live] = {}
+        self._pending: queue.Queue[str | None] = queue.Queue()
+        self._ids = itertools.count()
+        self._closed = False
+        self._counts = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+        self._worker = threading.Thread(target=self._run, name="crosspool-reference-engine", daemon=True)
+        self._worker.start()
+
+    # ---- models -------------------------------------------------------------------------------
+    def add_model(
+        self, name: str, config: ModelConfig, weights: ModelWeights, tokenizer: Any = None, source: str = ""
+    ) -> ModelInfo:
+        """Registers an in-memory model (demo models, tests). Replacing a live name is refused."""
+        if not name:
+            raise InvalidRequestError("a model name must not be empty")
+        info = ModelInfo(
+            name=name,
+            family=str(config.family.value),
+            num_layers=config.num_layers,
+            num_experts=config.num_experts,
+            vocab_size=config.vocab_size,
+            max_position_embeddings=config.max_position_embeddings,
+            hidden_size=config.hidden_size,
+            source=source,
+        )
+        with self._lock:
+            if name in self._models:
+                raise InvalidRequestError(f"a model named {name!r} is already loaded; unload it first")
+            self._models[name] = _Model(info, ReferenceGenerator(config, weights), tokenizer)
+        return info
+
+    def load_model(self, name: str, path: str) -> ModelInfo:
+        """Loads an HF directory or crosspool checkpoint from `path` under `name`."""
+        from checkpoints import load_model  # local import: checkpoints pulls in orbax
+
+        with self._lock:
+            if name in self._models:
+                raise InvalidRequestError(f"a model named {name!r} is already loaded; unload it first")
+        m = load_model(path)
+        return self.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
+
+    def unload_model(self, name: str) -> int:
+        """Removes a model; its live requests end with an "error" event. Returns how many were failed."""
+        with self._lock:
+            if name not in self._models:
+                raise ModelNotFoundError(f"model {name!r} is not loaded")
+            del self._models[name]
+            victims = [lv for lv in self._live.values() if lv.request.model == name]
+        for lv in victims:
+            self._finish(lv, FINISH_ERROR, error=f"model {name!r} was unloaded while the request was live")
+        return len(victims)
+
+    def list_models(self) -> list[ModelInfo]:
+        with self._lock:
+            return [m.info for m in self._models.values()]
+
+    def tokenizer(self, name: str) -> Any:
+        """The model's tokenizer (None when it has none)."""
+        return self._model(name).tokenizer
+
+    def _model(self, name: str) -> _Model:
+        with self._lock:
+            m = self._models.get(name)
+        if m is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        return m
+
+    # ---- requests -----------------------------------------------------------------------------
+    def submit(self, request: Request) -> RequestHandle:
+        """Validates and queues a request. Raises ModelNotFoundError, InvalidRequestError,
+        QueueFullError or EngineClosedError."""
+        model = self._model(request.model)
+        r = request
+        validate_request(model.generator.cfg, r.prompt_ids, r.max_new_tokens, r.stop_token_ids)
+        rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        request = dataclasses.replace(request, request_id=rid)
+        handle = RequestHandle(rid, self)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is shutting down")
+            if rid in self._live:
+                raise InvalidRequestError(f"request id {rid!r} is already live")
+            if len(self._live) >= self.max_live_requests:
+                raise QueueFullError(
+                    f"the engine holds its maximum of {self.max_live_requests} live requests; retry later"
+                )
+            self._live[rid] = _Live(request, handle, model)
+        self._pending.put(rid)
+        return handle
+
+    def cancel(self, request_id: str) -> bool:
+        """Ends a live request with a "cancelled" event; False when it is not live (done or unknown)."""
+        with self._lock:
+            lv = self._live.get(request_id)
+        if lv is None:
+            return False
+        return self._finish(lv, FINISH_CANCELLED)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            running = sum(1 for lv in self._live.values() if lv.running)
+            return EngineStats(
+                queue_depth=len(self._live) - running,
+                running=running,
+                max_live_requests=self.max_live_requests,
+                live_request_ids=tuple(self._live),
+                completed=self._counts["completed"],
+                cancelled=self._counts["cancelled"],
+                failed=self._counts["failed"],
+                tokens_generated=self._counts["tokens"],
+                models=tuple(self._models),
+            )
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stops taking requests, lets live ones finish for up to `timeout` seconds (None: wait), then
+        fails what is left and stops the worker."""
+        with self._lock:
+            self._closed = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                left = list(self._live.values())
+            if not left or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(0.01)
+        for lv in left:
+            self._finish(lv, FINISH_ERROR, error="the engine shut down before the request finished")
+        self._pending.put(None)
+        self._worker.join(timeout=5)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _finish(
+        self,
+        lv: _Live,
+        reason: str,
+        error: str | None = None,
+        last: tuple[int, int, str] | None = None,
+        completion_tokens: int = 0,
+    ) -> bool:
+        """Sends the one final event of `lv` and forgets it. Idempotent: False when already done."""
+        with self._lock:
+            if lv.done:
+                return False
+            lv.done = True
+            self._live.pop(lv.request.request_id, None)
+            key = {FINISH_CANCELLED: "cancelled", FINISH_ERROR: "failed"}.get(reason, "completed")
+            self._counts[key] += 1
+        index, token_id, text = last if last is not None else (-1, None, "")
+        lv.handle._put(
+            Event(
+                request_id=lv.request.request_id,
+                index=index,
+                token_id=token_id,
+                text=text,
+                timestamp=time.time(),
+                finish_reason=reason,
+                usage=Usage(len(lv.request.prompt_ids), completion_tokens),
+                error=error,
+            )
+        )
+        return True
+
+    def _run(self) -> None:
+        while True:
+            rid = self._pending.get()
+            if rid is None:
+                return
+            with self._lock:
+                lv = self._live.get(rid)
+                if lv is None or lv.done:
+                    continue
+                lv.running = True
+            try:
+                self._generate(lv)
+            except Exception as e:  # never leave a consumer hanging on an engine bug
+                msg = " ".join(str(e).split()) or type(e).__name__
+                self._finish(lv, FINISH_ERROR, error=f"internal error: {type(e).__name__}: {msg}")
+
+    def _generate(self, lv: _Live) -> None:
+        """Prefill, then decode one token at a time, checking for cancel/unload between tokens."""
+        req, gen, tok_model = lv.request, lv.model.generator, lv.model.tokenizer
+        cfg = gen.cfg
+        n = len(req.prompt_ids)
+        cap = cfg.max_position_embeddings
+        cache_len = _bucket(n + req.max_new_tokens, cap)
+        t_pad = min(_bucket(n, cap), cache_len)
+        cache = init_cache(cfg, 1, cache_len, gen.cache_dtype)
+        tokens = jnp.zeros((1, t_pad), jnp.int32).at[0, :n].set(jnp.asarray(req.prompt_ids, jnp.int32))
+        s = req.sampling
+        samp = (
+            jnp.asarray([s.temperature], jnp.float32),
+            jnp.asarray([s.top_k], jnp.int32),
+            jnp.asarray([s.top_p], jnp.float32),
+            jnp.asarray([seed_words(s.seed)], jnp.uint32),
+        )
+        logits, cache = gen._prefill(gen.weights, tokens, cache)
+        tok = sample_tokens(logits[:, n - 1], *samp, positions=jnp.asarray([n], jnp.int32))
+        stops = {int(x) for x in req.stop_token_ids}
+        out: list[int] = []
+        text_so_far = ""
+        held = 0
+        pos = n
+        while True:
+            t = int(tok[0])
+            if lv.done:  # cancelled or failed by another thread: stop before emitting more
+                return
+            out.append(t)
+            piece = ""
+            if tok_model is not None:
+                full = tok_model.decode(out)
+                if full.endswith("\ufffd") and held < 3:  # maybe an incomplete UTF-8 sequence: hold it
+                    held += 1
+                else:
+                    piece, text_so_far, held = full[len(text_so_far) :], full, 0
+            with self._lock:
+                self._counts["tokens"] += 1
+            reason = FINISH_STOP if t in stops else FINISH_LENGTH if len(out) >= req.max_new_tokens else None
+            if reason is not None:
+                if tok_model is not None and piece == "" and len(tok_model.decode(out)) > len(text_so_far):
+                    piece = tok_model.decode(out)[len(text_so_far) :]  # flush a held-back tail
+                self._finish(lv, reason, last=(len(out) - 1, t, piece), completion_tokens=len(out))
+                return
+            lv.handle._put(Event(req.request_id, len(out) - 1, t, piece, time.time()))
+            tok, cache = gen._decode(gen.weights, tok, jnp.asarray([pos], jnp.int32), cache, samp)
+            pos += 1
+
+
+def make_request(
+    model: str,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int = 32,
+    sampling: SamplingParams | None = None,
+    stop_token_ids: Sequence[int] = (),
+    request_id: str = "",
+) -> Request:
+    """A `Request` from plain values (lists are turned into tuples)."""
+    return Request(
+        model=model,
+        prompt_ids=tuple(int(t) for t in prompt_ids),
+        max_new_tokens=int(max_new_tokens),
+        sampling=sampling or SamplingParams(),
+        stop_token_ids=tuple(int(t) for t in stop_token_ids),
+        request_id=request_id,
+    )

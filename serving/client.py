@@ -1,0 +1,103 @@
+"""A small Python client for the crosspool.v1 service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from serving.crosspool.v1 import crosspool_pb2 as pb
+from serving.crosspool.v1 import crosspool_pb2_grpc as pb_grpc
+
+FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+
+
+class CrossPoolClient:
+    """Wraps a channel to a crosspool server. Use as a context manager, or call close()."""
+
+    def __init__(self, address: str, auth_token: str | None = None):
+        self.address = address
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.CrossPoolStub(self.channel)
+        self._md = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
+
+    def __enter__(self) -> CrossPoolClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate_stream(
+        self,
+        model: str,
+        prompt: str | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        max_new_tokens: int = 32,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Any:
+        """The streaming call: an iterator of GenerateResponse that is also a grpc.Call (`.cancel()`)."""
+        sampling = pb.SamplingParams()
+        for field, value in (
+            ("temperature", temperature),
+            ("top_k", top_k),
+            ("top_p", top_p),
+            ("seed", seed),
+        ):
+            if value is not None:
+                setattr(sampling, field, value)
+        req = pb.GenerateRequest(
+            model=model,
+            request_id=request_id,
+            prompt=prompt or "",
+            prompt_ids=list(prompt_ids or ()),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop_token_ids=list(stop_token_ids),
+            ignore_eos=ignore_eos,
+        )
+        return self.stub.Generate(req, timeout=timeout, metadata=self._md)
+
+    def generate(self, model: str, **kw: Any) -> dict[str, Any]:
+        """Runs a whole generation: {"token_ids", "text", "finish_reason", "usage", "timestamps_ns"}."""
+        out: dict[str, Any] = {"token_ids": [], "text": "", "timestamps_ns": []}
+        last: pb.GenerateResponse | None = None
+        for r in self.generate_stream(model, **kw):
+            out["token_ids"].append(r.token_id)
+            out["text"] += r.text
+            out["timestamps_ns"].append(r.timestamp_unix_nanos)
+            last = r
+        if last is not None:
+            out["finish_reason"] = FINISH_NAMES.get(last.finish_reason, "unknown")
+            out["usage"] = {
+                "prompt_tokens": last.usage.prompt_tokens,
+                "completion_tokens": last.usage.completion_tokens,
+                "total_tokens": last.usage.total_tokens,
+            }
+        return out
+
+    def iter_tokens(self, model: str, **kw: Any) -> Iterator[pb.GenerateResponse]:
+        """Yields GenerateResponse messages as they arrive."""
+        yield from self.generate_stream(model, **kw)
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self.stub.ListModels(pb.ListModelsRequest(), metadata=self._md).models)
+
+    def load_model(self, name: str, path: str) -> pb.ModelInfo:
+        return self.stub.LoadModel(pb.LoadModelRequest(name=name, path=path), metadata=self._md).model
+
+    def unload_model(self, name: str) -> int:
+        return self.stub.UnloadModel(pb.UnloadModelRequest(name=name), metadata=self._md).failed_requests
+
+    def stats(self) -> pb.GetStatsResponse:
+        return self.stub.GetStats(pb.GetStatsRequest(), metadata=self._md)

@@ -1,0 +1,285 @@
+"""The crosspool.v1 gRPC server over an `Engine` (crosspool_jax.engine_api).
+
+Status codes: unknown model NOT_FOUND; bad sampling parameters, empty or too-long prompt
+INVALID_ARGUMENT; too many live requests RESOURCE_EXHAUSTED; a model unloaded under a live stream
+ABORTED; missing/wrong bearer token (when a token is configured) UNAUTHENTICATED. A client cancel or
+deadline cancels the engine request at once. `stop(grace)` drains live streams for `grace` seconds.
+The standard grpc.health.v1 and reflection services are registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from crosspool_jax.engine_api import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineClosedError,
+    ModelInfo,
+    ModelNotFoundError,
+    QueueFullError,
+    ReferenceEngine,
+    make_request,
+)
+from crosspool_jax.errors import CrossPoolError, InvalidRequestError
+from crosspool_jax.sampling import SamplingParams
+from serving.crosspool.v1 import crosspool_pb2 as pb
+from serving.crosspool.v1 import crosspool_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CrossPool"].full_name
+DEFAULT_MAX_NEW_TOKENS = 32
+_FINISH = {FINISH_STOP: pb.FINISH_REASON_STOP, FINISH_LENGTH: pb.FINISH_REASON_LENGTH}
+
+
+def _info_pb(m: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(**dataclasses.asdict(m))
+
+
+class CrossPoolServicer(pb_grpc.CrossPoolServicer):
+    """Maps crosspool.v1 calls onto the engine."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def _abort(self, context: grpc.ServicerContext, e: Exception) -> None:
+        code = grpc.StatusCode.INTERNAL
+        if isinstance(e, ModelNotFoundError):
+            code = grpc.StatusCode.NOT_FOUND
+        elif isinstance(e, InvalidRequestError):
+            code = grpc.StatusCode.INVALID_ARGUMENT
+        elif isinstance(e, QueueFullError):
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        elif isinstance(e, EngineClosedError):
+            code = grpc.StatusCode.UNAVAILABLE
+        elif isinstance(e, CrossPoolError | OSError):
+            code = grpc.StatusCode.FAILED_PRECONDITION
+        context.abort(code, " ".join(str(e).split()) or type(e).__name__)
+
+    def Generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateResponse]:
+        try:
+            engine_req = self._to_engine_request(request)
+            handle = self.engine.submit(engine_req)
+        except CrossPoolError as e:
+            self._abort(context, e)
+            return
+        # a client cancel or deadline ends the RPC; the engine request goes with it, at once
+        context.add_callback(lambda: self.engine.cancel(handle.request_id))
+        while True:
+            ev = handle.next_event(timeout=0.1)
+            if ev is None:
+                if not context.is_active():
+                    self.engine.cancel(handle.request_id)
+                    return
+                continue
+            if ev.finish_reason == FINISH_ERROR:
+                context.abort(grpc.StatusCode.ABORTED, ev.error or "the request failed")
+            if ev.finish_reason == FINISH_CANCELLED:
+                return
+            resp = pb.GenerateResponse(
+                request_id=ev.request_id,
+                index=max(ev.index, 0),
+                token_id=ev.token_id if ev.token_id is not None else -1,
+                text=ev.text,
+                timestamp_unix_nanos=int(ev.timestamp * 1e9),
+            )
+            if ev.final:
+                resp.finish_reason = _FINISH[ev.finish_reason]
+                u = ev.usage
+                resp.usage.CopyFrom(
+                    pb.Usage(
+                        prompt_tokens=u.prompt_tokens,
+                        completion_tokens=u.completion_tokens,
+                        total_tokens=u.total_tokens,
+                    )
+                )
+            yield resp
+            if ev.final:
+                return
+
+    def _to_engine_request(self, r: pb.GenerateRequest) -> Any:
+        models = {m.name: m for m in self.engine.list_models()}
+        if r.model not in models:
+            raise ModelNotFoundError(
+                f"model {r.model!r} is not loaded (loaded: {', '.join(models) or 'none'})"
+            )
+        if r.prompt and r.prompt_ids:
+            raise InvalidRequestError("give prompt or prompt_ids, not both")
+        if r.prompt:
+            tok = self.engine.tokenizer(r.model)
+            if tok is None:
+                raise InvalidRequestError(f"model {r.model!r} has no tokenizer; send prompt_ids")
+            prompt_ids = tok.encode(r.prompt)
+        else:
+            prompt_ids = list(r.prompt_ids)
+        s = r.sampling
+        sampling = SamplingParams(
+            temperature=s.temperature if s.HasField("temperature") else 0.0,
+            top_k=s.top_k if s.HasField("top_k") else 0,
+            top_p=s.top_p if s.HasField("top_p") else 1.0,
+            seed=s.seed if s.HasField("seed") else 0,
+        )
+        if r.ignore_eos:
+            stops: list[int] = []
+        elif r.stop_token_ids:
+            stops = list(r.stop_token_ids)
+        else:
+            stops = list(self.engine.model_eos_ids(r.model))
+        return make_request(
+            r.model, prompt_ids, r.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, sampling, stops, r.request_id
+        )
+
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[_info_pb(m) for m in self.engine.list_models()])
+
+    def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> pb.LoadModelResponse:
+        try:
+            if not request.name or not request.path:
+                raise InvalidRequestError("LoadModel needs a name and a path")
+            return pb.LoadModelResponse(model=_info_pb(self.engine.load_model(request.name, request.path)))
+        except (CrossPoolError, OSError) as e:
+            self._abort(context, e)
+            raise AssertionError("unreachable") from None
+
+    def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        try:
+            return pb.UnloadModelResponse(failed_requests=self.engine.unload_model(request.name))
+        except CrossPoolError as e:
+            self._abort(context, e)
+            raise AssertionError("unreachable") from None
+
+    def GetStats(self, request: pb.GetStatsRequest, context: grpc.ServicerContext) -> pb.GetStatsResponse:
+        st = self.engine.stats()
+        return pb.GetStatsResponse(
+            queue_depth=st.queue_depth,
+            running=st.running,
+            max_live_requests=st.max_live_requests,
+            live_request_ids=list(st.live_request_ids),
+            completed=st.completed,
+            cancelled=st.cancelled,
+            failed=st.failed,
+            tokens_generated=st.tokens_generated,
+            models=list(st.models),
+        )
+
+
+class BearerAuthInterceptor(grpc.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every call except grpc.health.v1 (for probes)."""
+
+    def __init__(self, token: str):
+        self._token = token.encode()
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
+        if handler_call_details.method.startswith("/grpc.health.v1."):
+            return continuation(handler_call_details)
+        md = dict(handler_call_details.invocation_metadata or ())
+        got = str(md.get("authorization", "")).encode()
+        if hmac.compare_digest(got, b"Bearer " + self._token):
+            return continuation(handler_call_details)
+        return self._deny_stream if handler_call_details.method.endswith("/Generate") else self._deny_unary
+
+
+class ServingEngine(ReferenceEngine):
+    """ReferenceEngine plus the two look-ups the server needs for text prompts and default stops."""
+
+    def model_eos_ids(self, name: str) -> tuple[int, ...]:
+        return tuple(self._model(name).generator.cfg.eos_token_ids)
+
+
+@dataclasses.dataclass
+class RunningServer:
+    """A started server: its address, engine and a `stop(grace)` that drains streams first."""
+
+    server: grpc.Server
+    engine: Any
+    address: str
+    port: int
+    health: health.HealthServicer
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Marks NOT_SERVING, refuses new calls, lets live streams finish for `grace` s, stops the engine."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.engine.shutdown(timeout=0)
+
+
+def start_server(
+    engine: Any,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    auth_token: str | None = None,
+    max_workers: int = 32,
+) -> RunningServer:
+    """Starts a server on host:port (port 0: a free port) and returns at once."""
+    interceptors = [BearerAuthInterceptor(auth_token)] if auth_token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
+    pb_grpc.add_CrossPoolServicer_to_server(CrossPoolServicer(engine), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    for svc in ("", SERVICE_NAME):
+        health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, engine, f"{host}:{bound}", bound, health_servicer)
+
+
+def demo_engine(max_live_requests: int = 64, names: list[str] | None = None) -> ServingEngine:
+    """A ServingEngine holding the built-in demo models (all, or those in `names`)."""
+    from crosspool_jax.demo import demo_models
+
+    engine = ServingEngine(max_live_requests=max_live_requests)
+    for name, m in demo_models().items():
+        if names is None or name in names:
+            engine.add_model(name, m.config, m.weights, m.tokenizer, source="builtin-demo")
+    return engine
+
+
+def serve_forever(running: RunningServer, grace: float = 5.0) -> None:
+    """Blocks until Ctrl-C / SIGTERM, then stops gracefully."""
+    import signal
+
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not stop["now"]:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    running.stop(grace)
+
+
+def new_request_id() -> str:
+    """A fresh request id (the client's default)."""
+    return uuid.uuid4().hex

@@ -1,0 +1,172 @@
+"""A real crosspool.v1 server on 127.0.0.1 (free port), called through the client and raw stubs."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import subprocess
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.client import CrossPoolClient
+from serving.server import demo_engine, start_server
+
+NAME = "demo-mixtral"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = start_server(demo_engine(max_live_requests=2, names=[NAME]), port=0)
+    yield s
+    s.stop(grace=0)
+
+
+@pytest.fixture
+def client(server):
+    with CrossPoolClient(server.address) as c:
+        yield c
+
+
+def _wait_idle(client, timeout=30.0):
+    end = time.time() + timeout
+    while client.stats().live_request_ids and time.time() < end:
+        time.sleep(0.02)
+    return list(client.stats().live_request_ids)
+
+
+def test_health_and_list(server, client):
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    for svc in ("", "crosspool.v1.CrossPool"):
+        assert (
+            stub.Check(health_pb2.HealthCheckRequest(service=svc)).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+    (m,) = client.list_models()
+    assert m.name == NAME and m.family == "mixtral" and m.vocab_size == 258
+
+
+def test_generate_stream_order(client):
+    out = client.generate(NAME, prompt="hello", max_new_tokens=10, ignore_eos=True)
+    assert len(out["token_ids"]) == 10 and out["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15}
+    assert out["timestamps_ns"] == sorted(out["timestamps_ns"])
+    resps = list(client.generate_stream(NAME, prompt_ids=[104, 105], max_new_tokens=6, ignore_eos=True))
+    assert [r.index for r in resps] == list(range(6))
+    assert all(r.finish_reason == 0 for r in resps[:-1]) and resps[-1].finish_reason != 0
+    # stop tokens end the stream with STOP
+    stop = out["token_ids"][3]
+    out2 = client.generate(NAME, prompt="hello", max_new_tokens=10, stop_token_ids=[stop])
+    assert out2["finish_reason"] == "stop" and out2["token_ids"][-1] == stop
+    assert out2["token_ids"] == out["token_ids"][: len(out2["token_ids"])]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(prompt_ids=[]),
+        dict(prompt_ids=[1] * 600),
+        dict(prompt_ids=[1, 2], temperature=-1.0),
+        dict(prompt_ids=[1, 2], top_p=1.5),
+        dict(prompt_ids=[1, 2], top_k=-3),
+        dict(prompt_ids=[1, 2], max_new_tokens=-1),
+        dict(prompt_ids=[9999]),
+    ],
+)
+def test_invalid_argument(client, kw):
+    with pytest.raises(grpc.RpcError) as ei:
+        client.generate(NAME, **kw)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_not_found(client):
+    with pytest.raises(grpc.RpcError) as ei:
+        client.generate("no-such-model", prompt_ids=[1])
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as ei:
+        client.unload_model("no-such-model")
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_resource_exhausted_and_cancel_frees(client):
+    a = client.generate_stream(NAME, prompt_ids=[1, 2], max_new_tokens=400, ignore_eos=True)
+    b = client.generate_stream(NAME, prompt_ids=[3, 4], max_new_tokens=400, ignore_eos=True)
+    first_a = next(a)  # a is running on the server
+    deadline = time.time() + 10
+    while len(client.stats().live_request_ids) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(grpc.RpcError) as ei:
+        client.generate(NAME, prompt_ids=[5], max_new_tokens=2)
+    assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    a.cancel()
+    b.cancel()
+    assert _wait_idle(client, 5.0) == []  # both freed promptly
+    assert first_a.request_id not in client.stats().live_request_ids
+    assert client.stats().cancelled >= 2
+
+
+def test_deadline_stops_generation(client):
+    before = client.stats().cancelled
+    with pytest.raises(grpc.RpcError) as ei:
+        client.generate(NAME, prompt_ids=[1, 2], max_new_tokens=450, ignore_eos=True, timeout=0.5)
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait_idle(client, 5.0) == []
+    assert client.stats().cancelled == before + 1
+
+
+def test_unload_with_live_stream_aborts_it_then_load_back(server, client):
+    s = client.generate_stream(NAME, prompt_ids=[1, 2], max_new_tokens=400, ignore_eos=True)
+    next(s)
+    assert client.unload_model(NAME) == 1
+    with pytest.raises(grpc.RpcError) as ei:
+        list(s)
+    assert ei.value.code() == grpc.StatusCode.ABORTED and "unloaded" in ei.value.details()
+    assert client.list_models() == []
+    # put it back for the other tests (in-process: the engine's add_model)
+    from crosspool_jax.demo import demo_models
+
+    m = demo_models()[NAME]
+    server.engine.add_model(NAME, m.config, m.weights, m.tokenizer)
+    with pytest.raises(grpc.RpcError) as ei:
+        client.load_model("x", "/nonexistent/dir")
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_auth_and_graceful_drain():
+    s = start_server(demo_engine(max_live_requests=4, names=[NAME]), port=0, auth_token="s3cret")
+    try:
+        with CrossPoolClient(s.address) as anon:
+            with pytest.raises(grpc.RpcError) as ei:
+                anon.list_models()
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as ei:
+                anon.generate(NAME, prompt_ids=[1])
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            hs = health_pb2_grpc.HealthStub(anon.channel)
+            assert hs.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        with CrossPoolClient(s.address, auth_token="s3cret") as c:
+            assert [m.name for m in c.list_models()] == [NAME]
+            stream = c.generate_stream(NAME, prompt_ids=[1, 2], max_new_tokens=40, ignore_eos=True)
+            got = [next(stream)]
+            import threading
+
+            t = threading.Thread(target=s.stop, args=(30.0,))
+            t.start()
+            got += list(stream)  # the live stream drains to its end
+            t.join()
+            assert len(got) == 40 and got[-1].finish_reason != 0
+    finally:
+        s.stop(grace=0)
+
+
+def test_generated_code_is_fresh(tmp_path):
+    subprocess.run(["bash", os.path.join(ROOT, "scripts", "gen_protos.sh"), str(tmp_path)], check=True)
+    for f in ("crosspool_pb2.py", "crosspool_pb2.pyi", "crosspool_pb2_grpc.py"):
+        assert filecmp.cmp(
+            tmp_path / "crosspool" / "v1" / f,
+            os.path.join(ROOT, "serving", "crosspool", "v1", f),
+            shallow=False,
+        ), f"{f} differs: run scripts/gen_protos.sh"

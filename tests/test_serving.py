@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.client import CrossPoolClient
-from serving.server import demo_engine, start_server
+from serving.server import ServingEngine, demo_engine, start_server
 
 NAME = "demo-mixtral"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +23,41 @@ def server():
     s = start_server(demo_engine(max_live_requests=2, names=[NAME]), port=0)
     yield s
     s.stop(grace=0)
+
+
+class GatedEngine(ServingEngine):
+    """A ServingEngine whose worker waits on `gate` before each request: no timing races in tests."""
+
+    def __init__(self, *a, **kw):
+        import threading
+
+        self.gate = threading.Event()
+        super().__init__(*a, **kw)
+
+    def _generate(self, lv):
+        self.gate.wait(timeout=60)
+        return super()._generate(lv)
+
+
+@pytest.fixture
+def gated():
+    from crosspool_jax.demo import demo_models
+
+    m = demo_models()[NAME]
+    engine = GatedEngine(max_live_requests=2)
+    engine.add_model(NAME, m.config, m.weights, m.tokenizer)
+    s = start_server(engine, port=0)
+    with CrossPoolClient(s.address) as c:
+        yield engine, c
+    engine.gate.set()
+    s.stop(grace=0)
+
+
+def _wait_live(client, n, timeout=10.0):
+    end = time.time() + timeout
+    while len(client.stats().live_request_ids) < n and time.time() < end:
+        time.sleep(0.01)
+    return list(client.stats().live_request_ids)
 
 
 @pytest.fixture
@@ -91,45 +126,41 @@ def test_not_found(client):
     assert ei.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_resource_exhausted_and_cancel_frees(client):
+def test_resource_exhausted_and_cancel_frees(gated):
+    engine, client = gated  # the worker is held: a is taken, b waits
     a = client.generate_stream(NAME, prompt_ids=[1, 2], max_new_tokens=400, ignore_eos=True)
     b = client.generate_stream(NAME, prompt_ids=[3, 4], max_new_tokens=400, ignore_eos=True)
-    first_a = next(a)  # a is running on the server
-    deadline = time.time() + 10
-    while len(client.stats().live_request_ids) < 2 and time.time() < deadline:
-        time.sleep(0.01)
+    assert len(_wait_live(client, 2)) == 2
     with pytest.raises(grpc.RpcError) as ei:
         client.generate(NAME, prompt_ids=[5], max_new_tokens=2)
     assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     a.cancel()
     b.cancel()
-    assert _wait_idle(client, 5.0) == []  # both freed promptly
-    assert first_a.request_id not in client.stats().live_request_ids
-    assert client.stats().cancelled >= 2
+    assert _wait_idle(client, 5.0) == []  # both freed at once, while the worker is still held
+    assert client.stats().cancelled == 2
+    engine.gate.set()
+    out = client.generate(NAME, prompt_ids=[5], max_new_tokens=3, ignore_eos=True)  # room again
+    assert len(out["token_ids"]) == 3
 
 
-def test_deadline_stops_generation(client):
-    before = client.stats().cancelled
+def test_deadline_stops_generation(gated):
+    _engine, client = gated
     with pytest.raises(grpc.RpcError) as ei:
-        client.generate(NAME, prompt_ids=[1, 2], max_new_tokens=450, ignore_eos=True, timeout=0.5)
+        client.generate(NAME, prompt_ids=[1, 2], max_new_tokens=400, ignore_eos=True, timeout=0.5)
     assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert _wait_idle(client, 5.0) == []
-    assert client.stats().cancelled == before + 1
+    assert client.stats().cancelled == 1 and client.stats().completed == 0
 
 
-def test_unload_with_live_stream_aborts_it_then_load_back(server, client):
+def test_unload_with_live_stream_aborts_it(gated):
+    _engine, client = gated
     s = client.generate_stream(NAME, prompt_ids=[1, 2], max_new_tokens=400, ignore_eos=True)
-    next(s)
+    assert len(_wait_live(client, 1)) == 1
     assert client.unload_model(NAME) == 1
     with pytest.raises(grpc.RpcError) as ei:
         list(s)
     assert ei.value.code() == grpc.StatusCode.ABORTED and "unloaded" in ei.value.details()
-    assert client.list_models() == []
-    # put it back for the other tests (in-process: the engine's add_model)
-    from crosspool_jax.demo import demo_models
-
-    m = demo_models()[NAME]
-    server.engine.add_model(NAME, m.config, m.weights, m.tokenizer)
+    assert client.list_models() == [] and client.stats().live_request_ids == []
     with pytest.raises(grpc.RpcError) as ei:
         client.load_model("x", "/nonexistent/dir")
     assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION

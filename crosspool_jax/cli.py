@@ -82,11 +82,18 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1.0 = off")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--stop-ids", type=_prompt_ids, default=None, metavar="1,2", help="stop token ids")
+    p.add_argument(
+        "--server", default=None, metavar="ADDR", help="use the `crosspool serve` at ADDR; --model is a NAME"
+    )
+    p.add_argument("--auth-token", default=None, metavar="TOKEN", help="bearer token for --server")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Hands the parsed arguments to `crosspool_jax.reference.generate_cli(args) -> int`."""
+    """Hands the parsed arguments to `crosspool_jax.reference.generate_cli(args) -> int` (or, with
+    --server, to serving.cli_client.generate_remote)."""
+    if getattr(args, "server", None):
+        return _generate_remote(args)
     try:
         reference = importlib.import_module("crosspool_jax.reference")
     except ModuleNotFoundError as e:
@@ -99,6 +106,77 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return int(generate_cli(args))
 
 
+def _generate_remote(args: argparse.Namespace) -> int:
+    """`crosspool generate --server ADDR`: one JSON line, like the local path."""
+    import json
+
+    import grpc
+
+    from serving.client import CrossPoolClient
+
+    kw: dict = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=args.stop_ids or (),
+    )
+    if args.prompt is not None:
+        kw["prompt"] = args.prompt
+    else:
+        kw["prompt_ids"] = args.prompt_ids
+    try:
+        with CrossPoolClient(args.server, auth_token=args.auth_token) as c:
+            out = c.generate(args.model, **kw)
+    except grpc.RpcError as e:
+        raise CrossPoolError(f"{args.server}: {e.code().name}: {e.details()}") from None
+    line = {"token_ids": out["token_ids"], "finish_reason": out.get("finish_reason"), "text": out["text"]}
+    print(json.dumps(line), flush=True)
+    return 0
+
+
+# ---- serve -----------------------------------------------------------------------------------------
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the crosspool.v1 gRPC server (default: the built-in demo models)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="listen port (0: a free port)")
+    p.add_argument(
+        "--model", action="append", default=[], metavar="NAME=PATH", help="serve a checkpoint (repeatable)"
+    )
+    p.add_argument("--no-demo", action="store_true", help="do not load the built-in demo models")
+    p.add_argument("--max-live-requests", type=int, default=64, metavar="N")
+    p.add_argument("--auth-token", default=None, metavar="TOKEN", help="require this bearer token")
+    p.add_argument("--grace", type=float, default=10.0, metavar="S", help="drain time on shutdown")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Starts the server with the demo models (unless --no-demo or --model is given) and blocks."""
+    from serving.server import ServingEngine, demo_engine, serve_forever, start_server
+
+    specs = []
+    for spec in args.model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CrossPoolError(f"--model expects NAME=PATH, got {spec!r}")
+        specs.append((name, path))
+    if args.no_demo or specs:
+        engine = ServingEngine(max_live_requests=args.max_live_requests)
+    else:
+        engine = demo_engine(max_live_requests=args.max_live_requests)
+    for name, path in specs:
+        _log(f"serve: loading {name} from {path}")
+        engine.load_model(name, path)
+    running = start_server(engine, args.host, args.port, auth_token=args.auth_token)
+    names = ", ".join(m.name for m in engine.list_models()) or "none"
+    print(f"crosspool: serving on {running.address} (models: {names})", flush=True)
+    serve_forever(running, grace=args.grace)
+    return 0
+
+
 # ---- main ------------------------------------------------------------------------------------------
 
 
@@ -107,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
     _add_generate(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -201,3 +201,30 @@ def test_generated_code_is_fresh(tmp_path):
             os.path.join(ROOT, "serving", "crosspool", "v1", f),
             shallow=False,
         ), f"{f} differs: run scripts/gen_protos.sh"
+
+
+def test_cli_generate_via_server(server, capsys):
+    import json
+
+    from crosspool_jax.cli import main
+
+    assert (
+        main(
+            [
+                "generate",
+                "--server",
+                server.address,
+                "--model",
+                NAME,
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(line["token_ids"]) <= 4 and line["finish_reason"] in ("stop", "length")
+    assert main(["generate", "--server", server.address, "--model", "nope", "--prompt-ids", "1"]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err

@@ -43,8 +43,12 @@ class QKNorm(enum.StrEnum):
 
 
 class RopeStyle(enum.StrEnum):
-    HALF = "half"  # rotate_half: pairs (i, i + d/2); Llama/Mixtral/Qwen/OLMoE, DeepSeek-V3 with interleave off
-    INTERLEAVED_SPLIT = "interleaved_split"  # DeepSeek-V3 rope_interleave: pairs (2i, 2i+1), out = [evens | odds]
+    HALF = (
+        "half"  # rotate_half: pairs (i, i + d/2); Llama/Mixtral/Qwen/OLMoE, DeepSeek-V3 with interleave off
+    )
+    INTERLEAVED_SPLIT = (
+        "interleaved_split"  # DeepSeek-V3 rope_interleave: pairs (2i, 2i+1), out = [evens | odds]
+    )
     INTERLEAVED = "interleaved"  # DeepSeek-V2 complex form: pairs (2i, 2i+1), out stays interleaved
 
 
@@ -126,11 +130,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         problems = []
         if self.num_heads % max(self.num_kv_heads, 1):
-            problems.append(f"num_attention_heads {self.num_heads} not a multiple of kv heads {self.num_kv_heads}")
+            problems.append(
+                f"num_attention_heads {self.num_heads} not a multiple of kv heads {self.num_kv_heads}"
+            )
         if len(self.ffn_kinds) != self.num_layers:
             problems.append(f"ffn_kinds has {len(self.ffn_kinds)} entries for {self.num_layers} layers")
         if len(self.sliding_windows) != self.num_layers:
-            problems.append(f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_layers} layers")
+            problems.append(
+                f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_layers} layers"
+            )
         if FFNKind.MOE in self.ffn_kinds:
             if not 1 <= self.top_k <= self.num_experts:
                 problems.append(f"top_k {self.top_k} not in [1, num_experts={self.num_experts}]")
@@ -361,13 +369,16 @@ def _from_hf(hf: Mapping[str, Any], family: Family) -> ModelConfig:
             if layer_types is None:
                 mwl = int(g("max_window_layers", n_layers))
                 layer_types = [
-                    "sliding_attention" if (i + 1) % 2 and i < mwl else "full_attention" for i in range(n_layers)
+                    "sliding_attention" if (i + 1) % 2 and i < mwl else "full_attention"
+                    for i in range(n_layers)
                 ]
             windows = tuple(int(hf["sliding_window"]) if t == "sliding_attention" else 0 for t in layer_types)
         shared = int(g("shared_expert_intermediate_size", 0) or 0) if family == Family.QWEN2_MOE else 0
         return ModelConfig(
             **{**common, "sliding_windows": windows},
-            qkv_bias=bool(g("qkv_bias", True)) if family == Family.QWEN2_MOE else bool(g("attention_bias", False)),
+            qkv_bias=bool(g("qkv_bias", True))
+            if family == Family.QWEN2_MOE
+            else bool(g("attention_bias", False)),
             o_bias=family == Family.QWEN3_MOE and bool(g("attention_bias", False)),
             qk_norm=QKNorm.PER_HEAD if family == Family.QWEN3_MOE else QKNorm.NONE,
             ffn_kinds=kinds,

@@ -119,7 +119,9 @@ def weight_specs(cfg: ModelConfig, dtype: Any = None) -> ModelWeights:
 
     def conv(tree: Tree, prefix: str) -> Tree:
         return {
-            k: jax.ShapeDtypeStruct(v, param_dtype(f"{prefix}/{k}", dtype)) if _is_shape(v) else conv(v, f"{prefix}/{k}")
+            k: jax.ShapeDtypeStruct(v, param_dtype(f"{prefix}/{k}", dtype))
+            if _is_shape(v)
+            else conv(v, f"{prefix}/{k}")
             for k, v in tree.items()
         }
 
@@ -149,7 +151,9 @@ def unflatten(flat: dict[str, Any]) -> Tree:
     return out
 
 
-def init_random_weights(cfg: ModelConfig, seed: int = 0, dtype: Any = None, scale: float = 0.02) -> ModelWeights:
+def init_random_weights(
+    cfg: ModelConfig, seed: int = 0, dtype: Any = None, scale: float = 0.02
+) -> ModelWeights:
     """Deterministic random weights (normal * scale; norms = 1, biases small) for demos and benchmarks.
 
     Generated with numpy on the host, leaf by leaf, so realistic-size models can be built without

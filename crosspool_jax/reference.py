@@ -23,6 +23,9 @@ from crosspool_jax.params import ModelWeights
 from crosspool_jax.sampling import SamplingParams, sample_tokens, seed_words
 
 
+GREEDY = SamplingParams()
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     token_ids: tuple[int, ...]  # generated ids only (the stop token included when one was hit)
@@ -99,7 +102,7 @@ class ReferenceGenerator:
         self,
         prompt_ids: Sequence[int],
         max_new_tokens: int,
-        sampling: SamplingParams = SamplingParams(),
+        sampling: SamplingParams = GREEDY,
         stop_token_ids: Sequence[int] = (),
     ) -> GenerationResult:
         """Prefill the prompt, then decode until a stop token or max_new_tokens."""
@@ -142,11 +145,8 @@ def generate_cli(args: Any) -> int:
             raise InvalidRequestError(f"{args.model}: --prompt needs a tokenizer.json; use --prompt-ids")
         prompt_ids = model.tokenizer.encode(args.prompt)
     else:
-        try:
-            prompt_ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-        except ValueError:
-            raise InvalidRequestError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
-    stop_ids = list(getattr(args, "stop_ids", None) or model.config.eos_token_ids)
+        prompt_ids = list(args.prompt_ids)
+    stop_ids = list(model.config.eos_token_ids if args.stop_ids is None else args.stop_ids)
     sampling = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )

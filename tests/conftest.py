@@ -5,3 +5,24 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HF_FIXTURES = pathlib.Path(os.environ.get("CROSSPOOL_HF_FIXTURES", ROOT / ".cache" / "hf_fixtures"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # scripts/test.sh (and so CI) builds the fixtures first and sets this: there, missing fixtures
+    # are an error, never a silent skip.
+    if os.environ.get("CROSSPOOL_REQUIRE_FIXTURES") == "1" and not (HF_FIXTURES / "manifest.json").is_file():
+        raise pytest.UsageError(f"HF fixtures missing at {HF_FIXTURES}: run `bash scripts/fixtures.sh`")
+
+
+def fixture_cases() -> list[dict]:
+    """The cases of the HF fixture manifest (empty when the fixtures were not generated)."""
+    path = HF_FIXTURES / "manifest.json"
+    return json.loads(path.read_text())["cases"] if path.is_file() else []

@@ -125,11 +125,15 @@ def attention_layer(
         cos, sin = rope_cos_sin(cfg, positions)
         q_nope, q_rope = mla_q(cfg, lw, x, cos, sin)
         latent, k_rope = mla_latent(cfg, lw, x, cos, sin)
-        cache = {"latent": _write(cache["latent"], latent, positions), "k_rope": _write(cache["k_rope"], k_rope, positions)}
+        cache = {
+            "latent": _write(cache["latent"], latent, positions),
+            "k_rope": _write(cache["k_rope"], k_rope, positions),
+        }
         S, H, n = cache["latent"].shape[1], cfg.num_heads, cfg.qk_nope_head_dim
         kv = linear(cache["latent"], lw["wkv_b"]).reshape(B, S, H, n + cfg.v_head_dim)
         k_full = jnp.concatenate(
-            [kv[..., :n], jnp.broadcast_to(cache["k_rope"][:, :, None, :], (B, S, H, cfg.qk_rope_head_dim))], -1
+            [kv[..., :n], jnp.broadcast_to(cache["k_rope"][:, :, None, :], (B, S, H, cfg.qk_rope_head_dim))],
+            -1,
         )
         q_full = jnp.concatenate([q_nope, q_rope], -1)
         mask = _mask(positions, S, window)

@@ -43,9 +43,11 @@ def route(cfg: ModelConfig, router_w: jax.Array, router_bias: jax.Array | None, 
 def _mask_groups(scores: jax.Array, group_scores: jax.Array, cfg: ModelConfig, fill: float) -> jax.Array:
     """Keeps the experts of the topk_group best groups. scores [N, E]; group_scores [N, G]."""
     _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)
-    keep_group = jnp.zeros_like(group_scores, dtype=bool).at[
-        jnp.arange(group_scores.shape[0])[:, None], top_groups
-    ].set(True)
+    keep_group = (
+        jnp.zeros_like(group_scores, dtype=bool)
+        .at[jnp.arange(group_scores.shape[0])[:, None], top_groups]
+        .set(True)
+    )
     keep = jnp.repeat(keep_group, cfg.num_experts // cfg.n_group, axis=-1)
     return jnp.where(keep, scores, fill)
 

@@ -22,7 +22,6 @@ from crosspool_jax.models.transformer import forward
 from crosspool_jax.params import ModelWeights
 from crosspool_jax.sampling import SamplingParams, sample_tokens, seed_words
 
-
 GREEDY = SamplingParams()
 
 

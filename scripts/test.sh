@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on CPU: sets up .venv (and .venv-ref for the HF fixtures) when needed,
+# regenerates the HF reference fixtures if their generator changed, lints, then runs pytest with
+# 8 virtual CPU devices (Pallas kernels run in interpret mode). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+bash scripts/fixtures.sh .cache/hf_fixtures
+.venv/bin/ruff check .
+export CROSSPOOL_REQUIRE_FIXTURES=1
+export JAX_PLATFORMS=cpu
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -7,7 +7,6 @@ line `crosspool: error: <message>` on stderr, exit code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -90,19 +89,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Hands the parsed arguments to `crosspool_jax.reference.generate_cli(args) -> int` (or, with
-    --server, to serving.cli_client.generate_remote)."""
+    """Generates with the reference path (crosspool_jax.reference.generate_cli), or with --server
+    through the gRPC client."""
     if getattr(args, "server", None):
         return _generate_remote(args)
-    try:
-        reference = importlib.import_module("crosspool_jax.reference")
-    except ModuleNotFoundError as e:
-        if e.name != "crosspool_jax.reference":
-            raise
-        reference = None
-    generate_cli = getattr(reference, "generate_cli", None)
-    if generate_cli is None:
-        raise CrossPoolError("generate is not available: crosspool_jax.reference.generate_cli is missing")
+    from crosspool_jax.reference import generate_cli  # local import: keeps `crosspool --help` fast
+
     return int(generate_cli(args))
 
 

@@ -18,7 +18,8 @@ stamp_ok() {  # $1 venv, $2 content that defines it
   [ -f "$1/.stamp" ] && [ "$(cat "$1/.stamp")" = "$2" ]
 }
 
-want_main="$(cat pyproject.toml)"
+# Rebuild only when the dependency pins change (the package itself is installed editable).
+want_main="$(sed -n '/^dependencies = \[/,/^\[project.scripts\]/p' pyproject.toml)"
 if ! stamp_ok .venv "$want_main"; then
   py="$(find_python 3.12)"
   echo "[bootstrap] creating .venv with $py" >&2

@@ -66,7 +66,7 @@ class ReferenceGenerator:
     def __init__(self, cfg: ModelConfig, weights: ModelWeights):
         self.cfg = cfg
         self.weights = weights
-        self.cache_dtype = jax.tree.leaves(weights.attn)[0].dtype
+        self.cache_dtype = weights.attn["embed"].dtype  # the KV cache holds activations of this dtype
 
     @functools.cached_property
     def _prefill(self) -> Any:

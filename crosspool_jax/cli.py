@@ -142,6 +142,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-live-requests", type=int, default=64, metavar="N")
     p.add_argument("--auth-token", default=None, metavar="TOKEN", help="require this bearer token")
     p.add_argument("--grace", type=float, default=10.0, metavar="S", help="drain time on shutdown")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve Prometheus metrics on 127.0.0.1:N/metrics (0: a free port; default: off)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -162,7 +169,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, path in specs:
         _log(f"serve: loading {name} from {path}")
         engine.load_model(name, path)
-    running = start_server(engine, args.host, args.port, auth_token=args.auth_token)
+    metrics = None
+    if args.metrics_port is not None:
+        from serving.metrics import ServerMetrics, start_metrics_http
+
+        metrics = ServerMetrics(engine)
+    running = start_server(engine, args.host, args.port, auth_token=args.auth_token, metrics=metrics)
+    if metrics is not None:
+        _httpd, maddr = start_metrics_http(metrics, args.metrics_port)
+        print(f"crosspool: metrics on http://{maddr}/metrics", flush=True)
     names = ", ".join(m.name for m in engine.list_models()) or "none"
     print(f"crosspool: serving on {running.address} (models: {names})", flush=True)
     serve_forever(running, grace=args.grace)

@@ -50,8 +50,9 @@ def _info_pb(m: ModelInfo) -> pb.ModelInfo:
 class CrossPoolServicer(pb_grpc.CrossPoolServicer):
     """Maps crosspool.v1 calls onto the engine."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, metrics: Any = None):
         self.engine = engine
+        self.metrics = metrics  # serving.metrics.ServerMetrics or None
 
     def _abort(self, context: grpc.ServicerContext, e: Exception) -> None:
         code = grpc.StatusCode.INTERNAL
@@ -70,45 +71,67 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
+        t0 = time.monotonic()
         try:
             engine_req = self._to_engine_request(request)
             handle = self.engine.submit(engine_req)
         except CrossPoolError as e:
             self._abort(context, e)
             return
+        m, model = self.metrics, request.model
+        last_sent: float | None = None  # when the previous token was handed to gRPC
+        ended = False  # finished (stop/length/error) rather than cancelled
         # a client cancel or deadline ends the RPC; the engine request goes with it, at once
         context.add_callback(lambda: self.engine.cancel(handle.request_id))
-        while True:
-            ev = handle.next_event(timeout=0.1)
-            if ev is None:
-                if not context.is_active():
-                    self.engine.cancel(handle.request_id)
+        try:
+            while True:
+                ev = handle.next_event(timeout=0.1)
+                if ev is None:
+                    if not context.is_active():
+                        self.engine.cancel(handle.request_id)
+                        return
+                    continue
+                if ev.finish_reason == FINISH_ERROR:
+                    ended = True
+                    if m is not None:
+                        m.finish(model, FINISH_ERROR)
+                    context.abort(grpc.StatusCode.ABORTED, ev.error or "the request failed")
+                if ev.finish_reason == FINISH_CANCELLED:
                     return
-                continue
-            if ev.finish_reason == FINISH_ERROR:
-                context.abort(grpc.StatusCode.ABORTED, ev.error or "the request failed")
-            if ev.finish_reason == FINISH_CANCELLED:
-                return
-            resp = pb.GenerateResponse(
-                request_id=ev.request_id,
-                index=max(ev.index, 0),
-                token_id=ev.token_id if ev.token_id is not None else -1,
-                text=ev.text,
-                timestamp_unix_nanos=int(ev.timestamp * 1e9),
-            )
-            if ev.final:
-                resp.finish_reason = _FINISH[ev.finish_reason]
-                u = ev.usage
-                resp.usage.CopyFrom(
-                    pb.Usage(
-                        prompt_tokens=u.prompt_tokens,
-                        completion_tokens=u.completion_tokens,
-                        total_tokens=u.total_tokens,
-                    )
+                resp = pb.GenerateResponse(
+                    request_id=ev.request_id,
+                    index=max(ev.index, 0),
+                    token_id=ev.token_id if ev.token_id is not None else -1,
+                    text=ev.text,
+                    timestamp_unix_nanos=int(ev.timestamp * 1e9),
                 )
-            yield resp
-            if ev.final:
-                return
+                if ev.final:
+                    resp.finish_reason = _FINISH[ev.finish_reason]
+                    u = ev.usage
+                    resp.usage.CopyFrom(
+                        pb.Usage(
+                            prompt_tokens=u.prompt_tokens,
+                            completion_tokens=u.completion_tokens,
+                            total_tokens=u.total_tokens,
+                        )
+                    )
+                if m is not None and ev.token_id is not None:
+                    now = time.monotonic()
+                    if last_sent is None:
+                        m.first_token(model, now - t0)
+                    else:
+                        m.token_gap(model, now - last_sent)
+                    last_sent = now
+                if ev.final:
+                    ended = True
+                    if m is not None:
+                        m.finish(model, ev.finish_reason)
+                yield resp
+                if ev.final:
+                    return
+        finally:
+            if m is not None and not ended:
+                m.cancel(model)
 
     def _to_engine_request(self, r: pb.GenerateRequest) -> Any:
         models = {m.name: m for m in self.engine.list_models()}
@@ -210,6 +233,12 @@ class ServingEngine(ReferenceEngine):
     def model_eos_ids(self, name: str) -> tuple[int, ...]:
         return tuple(self._model(name).generator.cfg.eos_token_ids)
 
+    def weights_bytes(self, name: str) -> int:
+        """Bytes of the model's weights (what the metrics export as crosspool_weights_bytes)."""
+        from crosspool_jax.params import tree_bytes
+
+        return tree_bytes(self._model(name).generator.weights)
+
 
 @dataclasses.dataclass
 class RunningServer:
@@ -220,6 +249,7 @@ class RunningServer:
     address: str
     port: int
     health: health.HealthServicer
+    metrics: Any = None  # serving.metrics.ServerMetrics
 
     def stop(self, grace: float = 5.0) -> None:
         """Marks NOT_SERVING, refuses new calls, lets live streams finish for `grace` s, stops the engine."""
@@ -234,11 +264,13 @@ def start_server(
     port: int = 50051,
     auth_token: str | None = None,
     max_workers: int = 32,
+    metrics: Any = None,
 ) -> RunningServer:
-    """Starts a server on host:port (port 0: a free port) and returns at once."""
+    """Starts a server on host:port (port 0: a free port) and returns at once. Metrics (a
+    serving.metrics.ServerMetrics) are recorded only when given."""
     interceptors = [BearerAuthInterceptor(auth_token)] if auth_token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
-    pb_grpc.add_CrossPoolServicer_to_server(CrossPoolServicer(engine), server)
+    pb_grpc.add_CrossPoolServicer_to_server(CrossPoolServicer(engine, metrics), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -248,7 +280,7 @@ def start_server(
     server.start()
     for svc in ("", SERVICE_NAME):
         health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, engine, f"{host}:{bound}", bound, health_servicer)
+    return RunningServer(server, engine, f"{host}:{bound}", bound, health_servicer, metrics)
 
 
 def demo_engine(max_live_requests: int = 64, names: list[str] | None = None) -> ServingEngine:

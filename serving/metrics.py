@@ -1,0 +1,125 @@
+"""Prometheus metrics of a crosspool.v1 server, on a per-server `CollectorRegistry`.
+
+Recorded by the server's Generate path (`serving.server.CrossPoolServicer`):
+- `crosspool_ttft_seconds{model}`: histogram, Generate call received -> first token sent.
+- `crosspool_tbt_seconds{model}`: histogram, gap between consecutive tokens sent (n-1 per stream).
+- `crosspool_requests_finished_total{model,reason}`: stop / length / error.
+- `crosspool_requests_cancelled_total{model}`: client cancel or deadline.
+Read from the engine at scrape time:
+- `crosspool_queue_depth`: live requests (waiting + running); `crosspool_requests_waiting`,
+  `crosspool_requests_running`.
+- `crosspool_weights_bytes{model}`: where the engine reports `weights_bytes(name)`.
+- `crosspool_kv_pages_used{device}` / `crosspool_kv_pages_free{device}`: only where the engine has
+  `kv_page_stats()` -> {device: (used, free)}. The reference engine has no KV pool, so none are
+  exported for it (no invented numbers).
+`start_metrics_http(metrics, port)` serves them on 127.0.0.1 (port 0: a free port).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# CPU reference path: tens of ms per token; GPUs: ~ms. Buckets cover both.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TBT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _EngineCollector(Collector):
+    """Gauges read from `engine.stats()` (and optional engine reports) at scrape time."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        st = self.engine.stats()
+        yield GaugeMetricFamily(
+            "crosspool_queue_depth",
+            "Live requests in the engine (waiting + running)",
+            value=st.queue_depth + st.running,
+        )
+        yield GaugeMetricFamily(
+            "crosspool_requests_waiting", "Live requests not yet started", value=st.queue_depth
+        )
+        yield GaugeMetricFamily(
+            "crosspool_requests_running", "Live requests generating now", value=st.running
+        )
+        wb = getattr(self.engine, "weights_bytes", None)
+        if wb is not None:
+            g = GaugeMetricFamily(
+                "crosspool_weights_bytes", "Weights bytes per loaded model", labels=["model"]
+            )
+            for name in st.models:
+                try:
+                    g.add_metric([name], float(wb(name)))
+                except Exception:  # unloaded between stats() and here
+                    continue
+            yield g
+        kv = getattr(self.engine, "kv_page_stats", None)
+        if kv is not None:
+            used = GaugeMetricFamily(
+                "crosspool_kv_pages_used", "KV pages in use per device", labels=["device"]
+            )
+            free = GaugeMetricFamily("crosspool_kv_pages_free", "KV pages free per device", labels=["device"])
+            for dev, (u, f) in kv().items():
+                used.add_metric([str(dev)], float(u))
+                free.add_metric([str(dev)], float(f))
+            yield used
+            yield free
+
+
+class ServerMetrics:
+    """The metrics of one server; `registry` is its own (never the process-global one)."""
+
+    def __init__(self, engine: Any, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.ttft = Histogram(
+            "crosspool_ttft_seconds",
+            "Time to first token (Generate received -> first token sent)",
+            ["model"],
+            registry=self.registry,
+            buckets=TTFT_BUCKETS,
+        )
+        self.tbt = Histogram(
+            "crosspool_tbt_seconds",
+            "Time between consecutive tokens sent",
+            ["model"],
+            registry=self.registry,
+            buckets=TBT_BUCKETS,
+        )
+        self.finished = Counter(
+            "crosspool_requests_finished",
+            "Generate streams finished, by finish reason",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.cancelled = Counter(
+            "crosspool_requests_cancelled",
+            "Generate streams cancelled by the client or a deadline",
+            ["model"],
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(engine))
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(model).observe(seconds)
+
+    def token_gap(self, model: str, seconds: float) -> None:
+        self.tbt.labels(model).observe(seconds)
+
+    def finish(self, model: str, reason: str) -> None:
+        self.finished.labels(model, reason).inc()
+
+    def cancel(self, model: str) -> None:
+        self.cancelled.labels(model).inc()
+
+
+def start_metrics_http(metrics: ServerMetrics, port: int = 0, addr: str = "127.0.0.1") -> tuple[Any, str]:
+    """Serves `metrics.registry` at http://addr:port/metrics (port 0: a free one). Returns
+    (the WSGI server, to `shutdown()`; "addr:port")."""
+    httpd, _thread = start_http_server(port, addr=addr, registry=metrics.registry)
+    return httpd, f"{addr}:{httpd.server_port}"

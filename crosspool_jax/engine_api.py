@@ -21,14 +21,11 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-import jax.numpy as jnp
-
 from crosspool_jax.config import ModelConfig
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
-from crosspool_jax.models.attention import init_cache
 from crosspool_jax.params import ModelWeights
-from crosspool_jax.reference import ReferenceGenerator, _bucket, validate_request
-from crosspool_jax.sampling import SamplingParams, sample_tokens, seed_words
+from crosspool_jax.reference import ReferenceGenerator, validate_request
+from crosspool_jax.sampling import SamplingParams
 
 FINISH_STOP = "stop"  # a stop token was generated
 FINISH_LENGTH = "length"  # max_new_tokens reached
@@ -381,29 +378,11 @@ class ReferenceEngine:
     def _generate(self, lv: _Live) -> None:
         """Prefill, then decode one token at a time, checking for cancel/unload between tokens."""
         req, gen, tok_model = lv.request, lv.model.generator, lv.model.tokenizer
-        cfg = gen.cfg
-        n = len(req.prompt_ids)
-        cap = cfg.max_position_embeddings
-        cache_len = _bucket(n + req.max_new_tokens, cap)
-        t_pad = min(_bucket(n, cap), cache_len)
-        cache = init_cache(cfg, 1, cache_len, gen.cache_dtype)
-        tokens = jnp.zeros((1, t_pad), jnp.int32).at[0, :n].set(jnp.asarray(req.prompt_ids, jnp.int32))
-        s = req.sampling
-        samp = (
-            jnp.asarray([s.temperature], jnp.float32),
-            jnp.asarray([s.top_k], jnp.int32),
-            jnp.asarray([s.top_p], jnp.float32),
-            jnp.asarray([seed_words(s.seed)], jnp.uint32),
-        )
-        logits, cache = gen._prefill(gen.weights, tokens, cache)
-        tok = sample_tokens(logits[:, n - 1], *samp, positions=jnp.asarray([n], jnp.int32))
         stops = {int(x) for x in req.stop_token_ids}
         out: list[int] = []
         text_so_far = ""
         held = 0
-        pos = n
-        while True:
-            t = int(tok[0])
+        for t in gen.stream_tokens(req.prompt_ids, req.max_new_tokens, req.sampling):
             if lv.done:  # cancelled or failed by another thread: stop before emitting more
                 return
             out.append(t)
@@ -423,8 +402,6 @@ class ReferenceEngine:
                 self._finish(lv, reason, last=(len(out) - 1, t, piece), completion_tokens=len(out))
                 return
             lv.handle._put(Event(req.request_id, len(out) - 1, t, piece, time.time()))
-            tok, cache = gen._decode(gen.weights, tok, jnp.asarray([pos], jnp.int32), cache, samp)
-            pos += 1
 
 
 def make_request(

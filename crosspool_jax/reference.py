@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -97,15 +97,12 @@ class ReferenceGenerator:
         logits, _ = self._prefill(self.weights, tokens, cache)
         return np.asarray(logits[0, :n])
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        max_new_tokens: int,
-        sampling: SamplingParams = GREEDY,
-        stop_token_ids: Sequence[int] = (),
-    ) -> GenerationResult:
-        """Prefill the prompt, then decode until a stop token or max_new_tokens."""
-        validate_request(self.cfg, prompt_ids, max_new_tokens, stop_token_ids)
+    def stream_tokens(
+        self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams = GREEDY
+    ) -> Iterator[int]:
+        """Yields max_new_tokens sampled ids, one at a time; each decode step runs only when the
+        consumer asks for the next id, so a consumer can stop (stop token, cancel) between tokens."""
+        validate_request(self.cfg, prompt_ids, max_new_tokens)
         n = len(prompt_ids)
         cap = self.cfg.max_position_embeddings
         cache_len = _bucket(n + max_new_tokens, cap)
@@ -120,18 +117,27 @@ class ReferenceGenerator:
         )
         logits, cache = self._prefill(self.weights, tokens, cache)
         tok = sample_tokens(logits[:, n - 1], *samp, positions=jnp.asarray([n], jnp.int32))
+        for i in range(max_new_tokens):
+            if i:  # the token at position n + i - 1 goes in, the one at n + i comes out
+                tok, cache = self._decode(self.weights, tok, jnp.asarray([n + i - 1], jnp.int32), cache, samp)
+            yield int(tok[0])
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingParams = GREEDY,
+        stop_token_ids: Sequence[int] = (),
+    ) -> GenerationResult:
+        """Prefill the prompt, then decode until a stop token or max_new_tokens."""
+        validate_request(self.cfg, prompt_ids, max_new_tokens, stop_token_ids)
         stops = {int(s) for s in stop_token_ids}
         out: list[int] = []
-        pos = n
-        while True:
-            t = int(tok[0])
+        for t in self.stream_tokens(prompt_ids, max_new_tokens, sampling):
             out.append(t)
             if t in stops:
                 return GenerationResult(tuple(out), "stop")
-            if len(out) >= max_new_tokens:
-                return GenerationResult(tuple(out), "length")
-            tok, cache = self._decode(self.weights, tok, jnp.asarray([pos], jnp.int32), cache, samp)
-            pos += 1
+        return GenerationResult(tuple(out), "length")
 
 
 def generate_cli(args: Any) -> int:

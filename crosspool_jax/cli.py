@@ -1,4 +1,5 @@
-"""The `crosspool` command line: `crosspool convert` (HF -> crosspool checkpoint) and `crosspool generate`.
+"""The `crosspool` command line: `crosspool convert` (HF -> crosspool checkpoint), `crosspool generate`
+(local, or `--server ADDR` through the gRPC client) and `crosspool serve` (the gRPC server).
 
 Every error the engine raises on purpose (CrossPoolError, ConfigError included) is printed as one
 line `crosspool: error: <message>` on stderr, exit code 2, without a traceback.
@@ -85,6 +86,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--server", default=None, metavar="ADDR", help="use the `crosspool serve` at ADDR; --model is a NAME"
     )
     p.add_argument("--auth-token", default=None, metavar="TOKEN", help="bearer token for --server")
+    p.add_argument(
+        "--tls-ca",
+        default=None,
+        metavar="FILE",
+        help="--server speaks TLS; trust this PEM CA (or self-signed cert)",
+    )
+    p.add_argument(
+        "--tls", action="store_true", help="--server speaks TLS; trust the system's root certificates"
+    )
     p.set_defaults(func=cmd_generate)
 
 
@@ -102,6 +112,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
     """`crosspool generate --server ADDR`: one JSON line, like the local path."""
     import json
 
+    # gRPC's C core logs a failed TLS handshake at INFO on stderr; keep the error to our one line
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     import grpc
 
     from serving.client import CrossPoolClient
@@ -118,11 +130,20 @@ def _generate_remote(args: argparse.Namespace) -> int:
         kw["prompt"] = args.prompt
     else:
         kw["prompt_ids"] = args.prompt_ids
+    tls = bool(args.tls or args.tls_ca)
+    client = CrossPoolClient(args.server, auth_token=args.auth_token, tls_ca=args.tls_ca, tls=tls)
     try:
-        with CrossPoolClient(args.server, auth_token=args.auth_token) as c:
+        with client as c:
             out = c.generate(args.model, **kw)
     except grpc.RpcError as e:
-        raise CrossPoolError(f"{args.server}: {e.code().name}: {e.details()}") from None
+        hint = ""
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            hint = (
+                " (is the server up, does it speak TLS, and does --tls-ca trust its certificate?)"
+                if tls
+                else " (is the server up? if it uses TLS, pass --tls-ca FILE)"
+            )
+        raise CrossPoolError(f"{args.server}: {e.code().name}: {e.details()}{hint}") from None
     line = {"token_ids": out["token_ids"], "finish_reason": out.get("finish_reason"), "text": out["text"]}
     print(json.dumps(line), flush=True)
     return 0
@@ -132,16 +153,30 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the crosspool.v1 gRPC server (default: the built-in demo models)")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="listen port (0: a free port)")
-    p.add_argument(
-        "--model", action="append", default=[], metavar="NAME=PATH", help="serve a checkpoint (repeatable)"
+    p = sub.add_parser(
+        "serve",
+        help="run the crosspool.v1 gRPC server (default: the built-in demo models)",
+        description="Flags override the --config file; unset flags keep the file's value or the default.",
     )
-    p.add_argument("--no-demo", action="store_true", help="do not load the built-in demo models")
-    p.add_argument("--max-live-requests", type=int, default=64, metavar="N")
+    p.add_argument(
+        "--config", default=None, metavar="FILE.toml", help="settings file (serving/example_config.toml)"
+    )
+    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default 50051; 0: a free port)")
+    p.add_argument(
+        "--model", action="append", default=None, metavar="NAME=PATH", help="serve a checkpoint (repeatable)"
+    )
+    p.add_argument(
+        "--demo",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load the built-in demo models (default: yes unless models are given)",
+    )
+    p.add_argument("--max-live-requests", type=int, default=None, metavar="N", help="default 64")
     p.add_argument("--auth-token", default=None, metavar="TOKEN", help="require this bearer token")
-    p.add_argument("--grace", type=float, default=10.0, metavar="S", help="drain time on shutdown")
+    p.add_argument(
+        "--grace", type=float, default=None, metavar="S", help="drain time on shutdown (default 10)"
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -149,38 +184,78 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="serve Prometheus metrics on 127.0.0.1:N/metrics (0: a free port; default: off)",
     )
+    p.add_argument("--tls-cert", default=None, metavar="FILE", help="PEM certificate chain: serve TLS only")
+    p.add_argument("--tls-key", default=None, metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--mode",
+        default=None,
+        metavar="MODE",
+        help="engine: reference (default), crosspool, shared or static (these three: the pooled engine)",
+    )
+    p.add_argument("--pools", default=None, metavar="KV+W", help="device split for pooled modes, e.g. 4+4")
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Starts the server with the demo models (unless --no-demo or --model is given) and blocks."""
-    from serving.server import ServingEngine, demo_engine, serve_forever, start_server
+def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettings
+    """The serve settings from --config (if any) overridden by the flags that were given."""
+    from serving.settings import build_settings, check_value, load_config, parse_model_spec
 
-    specs = []
-    for spec in args.model:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise CrossPoolError(f"--model expects NAME=PATH, got {spec!r}")
-        specs.append((name, path))
-    if args.no_demo or specs:
-        engine = ServingEngine(max_live_requests=args.max_live_requests)
-    else:
-        engine = demo_engine(max_live_requests=args.max_live_requests)
-    for name, path in specs:
-        _log(f"serve: loading {name} from {path}")
-        engine.load_model(name, path)
+    config = load_config(args.config) if args.config else {}
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "demo": args.demo,
+        "max_live_requests": args.max_live_requests,
+        "auth_token": args.auth_token,
+        "metrics_port": args.metrics_port,
+        "grace": args.grace,
+        "mode": args.mode,
+        "pools": args.pools,
+    }
+    overrides = {k: check_value(k, v, "--" + k.replace("_", "-")) for k, v in flags.items() if v is not None}
+    if args.model:
+        overrides["models"] = dict(parse_model_spec(spec) for spec in args.model)
+    overrides["tls_cert"], overrides["tls_key"] = args.tls_cert, args.tls_key
+    return build_settings(config, overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Starts the server from the settings (serving.settings) and blocks until Ctrl-C / SIGTERM."""
+    from serving.settings import make_engine
+
+    settings = serve_settings(args)
+    if settings.tls:  # check the files before any model is loaded
+        from serving.tls import server_credentials
+
+        server_credentials(settings.tls_cert, settings.tls_key)
+    from serving.server import serve_forever, start_server
+
+    engine = make_engine(settings, log=_log)
     metrics = None
-    if args.metrics_port is not None:
+    if settings.metrics_port is not None:
         from serving.metrics import ServerMetrics, start_metrics_http
 
         metrics = ServerMetrics(engine)
-    running = start_server(engine, args.host, args.port, auth_token=args.auth_token, metrics=metrics)
+    try:
+        running = start_server(
+            engine,
+            settings.host,
+            settings.port,
+            auth_token=settings.auth_token,
+            metrics=metrics,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+        )
+    except BaseException:
+        engine.shutdown(timeout=0)
+        raise
     if metrics is not None:
-        _httpd, maddr = start_metrics_http(metrics, args.metrics_port)
+        _httpd, maddr = start_metrics_http(metrics, settings.metrics_port)
         print(f"crosspool: metrics on http://{maddr}/metrics", flush=True)
     names = ", ".join(m.name for m in engine.list_models()) or "none"
-    print(f"crosspool: serving on {running.address} (models: {names})", flush=True)
-    serve_forever(running, grace=args.grace)
+    tls = ", TLS" if running.tls else ""
+    print(f"crosspool: serving on {running.address} (mode {settings.mode}{tls}; models: {names})", flush=True)
+    serve_forever(running, grace=settings.grace)
     return 0
 
 

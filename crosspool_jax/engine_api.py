@@ -119,6 +119,9 @@ class EngineStats:
     failed: int
     tokens_generated: int
     models: tuple[str, ...]
+    # (device name, KV pages used, KV pages total) per KV device; empty when the engine has no KV pool
+    kv_pages: tuple[tuple[str, int, int], ...] = ()
+    preemptions: int = 0  # requests preempted (swapped out or recomputed) since the engine started
 
 
 class RequestHandle:

@@ -14,11 +14,28 @@ FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"
 
 
 class CrossPoolClient:
-    """Wraps a channel to a crosspool server. Use as a context manager, or call close()."""
+    """Wraps a channel to a crosspool server. Use as a context manager, or call close().
 
-    def __init__(self, address: str, auth_token: str | None = None):
+    TLS: `tls_ca` (a PEM CA bundle; a self-signed server certificate is its own CA) or `tls=True`
+    (the system's root certificates). `tls_server_name` overrides the name checked against the
+    server's certificate (default: the host part of `address`). Without either: plaintext."""
+
+    def __init__(
+        self,
+        address: str,
+        auth_token: str | None = None,
+        tls_ca: str | None = None,
+        tls: bool = False,
+        tls_server_name: str | None = None,
+    ):
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        if tls or tls_ca:
+            from serving.tls import channel_credentials
+
+            options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+            self.channel = grpc.secure_channel(address, channel_credentials(tls_ca), options=options)
+        else:
+            self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.CrossPoolStub(self.channel)
         self._md = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
 

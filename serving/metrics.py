@@ -9,9 +9,11 @@ Read from the engine at scrape time:
 - `crosspool_queue_depth`: live requests (waiting + running); `crosspool_requests_waiting`,
   `crosspool_requests_running`.
 - `crosspool_weights_bytes{model}`: where the engine reports `weights_bytes(name)`.
-- `crosspool_kv_pages_used{device}` / `crosspool_kv_pages_free{device}`: only where the engine has
-  `kv_page_stats()` -> {device: (used, free)}. The reference engine has no KV pool, so none are
-  exported for it (no invented numbers).
+- `crosspool_kv_pages_used{device}` / `crosspool_kv_pages_free{device}`: from `EngineStats.kv_pages`
+  ((device, used, total) per KV device), only when it is not empty. The reference engine has no KV
+  pool, so none are exported for it (no invented numbers).
+- `crosspool_preemptions_total`: `EngineStats.preemptions` (0 for the reference engine, which never
+  preempts), exported as a counter family read at scrape time.
 `start_metrics_http(metrics, port)` serves them on 127.0.0.1 (port 0: a free port).
 """
 
@@ -21,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # CPU reference path: tens of ms per token; GPUs: ~ms. Buckets cover both.
@@ -35,7 +37,7 @@ class _EngineCollector(Collector):
     def __init__(self, engine: Any):
         self.engine = engine
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         st = self.engine.stats()
         yield GaugeMetricFamily(
             "crosspool_queue_depth",
@@ -59,17 +61,20 @@ class _EngineCollector(Collector):
                 except Exception:  # unloaded between stats() and here
                     continue
             yield g
-        kv = getattr(self.engine, "kv_page_stats", None)
-        if kv is not None:
+        if st.kv_pages:
             used = GaugeMetricFamily(
                 "crosspool_kv_pages_used", "KV pages in use per device", labels=["device"]
             )
             free = GaugeMetricFamily("crosspool_kv_pages_free", "KV pages free per device", labels=["device"])
-            for dev, (u, f) in kv().items():
-                used.add_metric([str(dev)], float(u))
-                free.add_metric([str(dev)], float(f))
+            for dev, n_used, n_total in st.kv_pages:
+                used.add_metric([str(dev)], float(n_used))
+                free.add_metric([str(dev)], float(n_total - n_used))
             yield used
             yield free
+        # read from the engine's own count at scrape time, so a counter family rather than a Counter
+        yield CounterMetricFamily(
+            "crosspool_preemptions", "Requests preempted (swapped out or recomputed)", value=st.preemptions
+        )
 
 
 class ServerMetrics:

@@ -4,7 +4,8 @@ Status codes: unknown model NOT_FOUND; bad sampling parameters, empty or too-lon
 INVALID_ARGUMENT; too many live requests RESOURCE_EXHAUSTED; a model unloaded under a live stream
 ABORTED; missing/wrong bearer token (when a token is configured) UNAUTHENTICATED. A client cancel or
 deadline cancels the engine request at once. `stop(grace)` drains live streams for `grace` seconds.
-The standard grpc.health.v1 and reflection services are registered.
+The standard grpc.health.v1 and reflection services are registered. With a certificate and key the
+port speaks TLS only (serving/tls.py).
 """
 
 from __future__ import annotations
@@ -250,6 +251,7 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     metrics: Any = None  # serving.metrics.ServerMetrics
+    tls: bool = False  # serving TLS only
 
     def stop(self, grace: float = 5.0) -> None:
         """Marks NOT_SERVING, refuses new calls, lets live streams finish for `grace` s, stops the engine."""
@@ -265,22 +267,41 @@ def start_server(
     auth_token: str | None = None,
     max_workers: int = 32,
     metrics: Any = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> RunningServer:
     """Starts a server on host:port (port 0: a free port) and returns at once. Metrics (a
-    serving.metrics.ServerMetrics) are recorded only when given."""
+    serving.metrics.ServerMetrics) are recorded only when given. With `tls_cert` and `tls_key` (PEM
+    files: certificate chain, private key) it serves TLS only; raises serving.tls.TLSError for a bad
+    file or pair."""
+    creds = None
+    if tls_cert or tls_key:
+        from serving.tls import TLSError, server_credentials
+
+        if not (tls_cert and tls_key):
+            raise TLSError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        creds = server_credentials(tls_cert, tls_key)
     interceptors = [BearerAuthInterceptor(auth_token)] if auth_token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
     pb_grpc.add_CrossPoolServicer_to_server(CrossPoolServicer(engine, metrics), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        if creds is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", creds)
+    except RuntimeError:  # grpc raises instead of returning 0 for some bind failures
+        bound = 0
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
     for svc in ("", SERVICE_NAME):
         health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, engine, f"{host}:{bound}", bound, health_servicer, metrics)
+    return RunningServer(
+        server, engine, f"{host}:{bound}", bound, health_servicer, metrics, tls=creds is not None
+    )
 
 
 def demo_engine(max_live_requests: int = 64, names: list[str] | None = None) -> ServingEngine:

@@ -8,6 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from crosspool_jax.engine_api import EngineStats
 from serving.client import CrossPoolClient
 from serving.metrics import ServerMetrics, start_metrics_http
 from serving.server import demo_engine, start_server
@@ -70,6 +71,7 @@ def test_metrics_count_what_was_streamed(served):
     assert m[("crosspool_requests_running", ())] == 0
     assert m[("crosspool_weights_bytes", model)] == s.engine.weights_bytes(NAME) > 0
     assert not any(k[0].startswith("crosspool_kv_pages") for k in m)  # the reference engine has no KV pool
+    assert m[("crosspool_preemptions_total", ())] == 0  # ... and never preempts
 
 
 def test_tbt_counts_exact_without_cancel():
@@ -91,6 +93,65 @@ def test_tbt_counts_exact_without_cancel():
     finally:
         httpd.shutdown()
         s.stop(grace=0)
+
+
+class FakePoolEngine:
+    """Only `stats()`: what the metrics read from a pooled engine, set by the test."""
+
+    def __init__(self):
+        self.kv_pages: tuple = ()
+        self.preemptions = 0
+
+    def stats(self):
+        return EngineStats(
+            queue_depth=1,
+            running=2,
+            max_live_requests=8,
+            live_request_ids=("a", "b", "c"),
+            completed=0,
+            cancelled=0,
+            failed=0,
+            tokens_generated=0,
+            models=(),
+            kv_pages=self.kv_pages,
+            preemptions=self.preemptions,
+        )
+
+
+def test_kv_pages_and_preemptions_follow_the_engine():
+    from prometheus_client import generate_latest
+
+    engine = FakePoolEngine()
+    metrics = ServerMetrics(engine)
+
+    def scrape():
+        out = {}
+        for fam in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+            for sm in fam.samples:
+                out[(sm.name, tuple(sorted(sm.labels.items())))] = sm.value
+        return out
+
+    m = scrape()
+    assert not any(k[0].startswith("crosspool_kv_pages") for k in m)  # no KV pool reported: no gauges
+    assert m[("crosspool_preemptions_total", ())] == 0 and m[("crosspool_queue_depth", ())] == 3
+    engine.kv_pages = (("cuda:0", 10, 100), ("cuda:1", 0, 100))
+    engine.preemptions = 3
+    m = scrape()
+    used = {k[1][0][1]: v for k, v in m.items() if k[0] == "crosspool_kv_pages_used"}
+    free = {k[1][0][1]: v for k, v in m.items() if k[0] == "crosspool_kv_pages_free"}
+    assert used == {"cuda:0": 10, "cuda:1": 0} and free == {"cuda:0": 90, "cuda:1": 100}
+    assert m[("crosspool_preemptions_total", ())] == 3
+    engine.kv_pages = (("cuda:0", 0, 100), ("cuda:1", 0, 100))  # pages back to zero
+    engine.preemptions = 5
+    m = scrape()
+    assert m[("crosspool_kv_pages_used", (("device", "cuda:0"),))] == 0
+    assert m[("crosspool_kv_pages_free", (("device", "cuda:0"),))] == 100
+    assert m[("crosspool_preemptions_total", ())] == 5
+
+
+def test_engine_stats_new_fields_default():
+    st = EngineStats(0, 0, 1, (), 0, 0, 0, 0, ())
+    assert st.kv_pages == () and st.preemptions == 0
 
 
 def test_serve_cli_metrics_flag():

@@ -1,0 +1,380 @@
+"""TLS (a self-signed certificate made here with the `openssl` binary), the `crosspool serve` config
+file and flags (serving/settings.py), and the engine choice by mode (`make_engine`)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import textwrap
+
+import grpc
+import pytest
+
+from crosspool_jax.cli import build_parser, main, serve_settings
+from serving import settings as settings_mod
+from serving.client import CrossPoolClient
+from serving.crosspool.v1 import crosspool_pb2 as pb
+from serving.crosspool.v1 import crosspool_pb2_grpc as pb_grpc
+from serving.server import demo_engine, start_server
+from serving.settings import (
+    CONFIG_KEYS,
+    ServeSettings,
+    SettingsError,
+    build_settings,
+    load_config,
+    make_engine,
+)
+from serving.tls import TLSError, server_credentials
+
+NAME = "demo-mixtral"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "serving" / "example_config.toml"
+
+
+def _self_signed(d: pathlib.Path, stem: str) -> tuple[str, str]:
+    cert, key = d / f"{stem}.pem", d / f"{stem}.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("no `openssl` binary (and no `cryptography` package) to make a self-signed certificate")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = _self_signed(d, "server")
+    other_cert, other_key = _self_signed(d, "other")
+    garbage = d / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    return dict(cert=cert, key=key, other_cert=other_cert, other_key=other_key, garbage=str(garbage))
+
+
+@pytest.fixture(scope="module")
+def tls_server(certs):
+    s = start_server(
+        demo_engine(max_live_requests=4, names=[NAME]), port=0, tls_cert=certs["cert"], tls_key=certs["key"]
+    )
+    yield s
+    s.stop(grace=0)
+
+
+# ---- TLS -------------------------------------------------------------------------------------------
+
+
+def test_tls_client_works_plaintext_fails(tls_server, certs):
+    assert tls_server.tls
+    with CrossPoolClient(tls_server.address, tls_ca=certs["cert"]) as c:
+        assert [m.name for m in c.list_models()] == [NAME]
+        out = c.generate(NAME, prompt="hi", max_new_tokens=3, ignore_eos=True)
+        assert len(out["token_ids"]) == 3 and out["finish_reason"] == "length"
+    # plaintext, and TLS trusting the wrong CA, both fail to connect
+    for kw in ({}, {"tls_ca": certs["other_cert"]}):
+        with CrossPoolClient(tls_server.address, **kw) as c:
+            with pytest.raises(grpc.RpcError) as ei:
+                c.stub.ListModels(pb.ListModelsRequest(), timeout=10)
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_tls_with_auth_token(certs):
+    s = start_server(
+        demo_engine(max_live_requests=2, names=[NAME]),
+        port=0,
+        auth_token="s3cret",
+        tls_cert=certs["cert"],
+        tls_key=certs["key"],
+    )
+    try:
+        with CrossPoolClient(s.address, tls_ca=certs["cert"]) as anon:
+            with pytest.raises(grpc.RpcError) as ei:
+                anon.list_models()
+            assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with CrossPoolClient(s.address, tls_ca=certs["cert"], auth_token="s3cret") as c:
+            assert [m.name for m in c.list_models()] == [NAME]
+    finally:
+        s.stop(grace=0)
+
+
+def test_cli_generate_tls(tls_server, certs, capsys):
+    import json
+
+    base = ["generate", "--server", tls_server.address, "--model", NAME, "--prompt-ids", "1,2"]
+    assert main([*base, "--max-new-tokens", "2", "--tls-ca", certs["cert"]]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(line["token_ids"]) <= 2
+    assert main(base) == 2  # plaintext against a TLS server
+    err = capsys.readouterr().err.strip()
+    assert "UNAVAILABLE" in err and "--tls-ca" in err and len(err.splitlines()) == 1
+    for bad, why in (("/nonexistent/ca.pem", "cannot read"), (certs["garbage"], "not a PEM certificate")):
+        assert main([*base, "--tls-ca", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("crosspool: error: --tls-ca") and why in err and len(err.splitlines()) == 1
+
+
+def test_bad_tls_files(certs, capfd):
+    with pytest.raises(TLSError, match=r"--tls-cert /nonexistent\.pem: cannot read"):
+        server_credentials("/nonexistent.pem", certs["key"])
+    with pytest.raises(TLSError, match="not a PEM certificate"):
+        server_credentials(certs["garbage"], certs["key"])
+    with pytest.raises(TLSError, match=r"--tls-key .*: not a PEM private key"):
+        server_credentials(certs["cert"], certs["cert"])
+    with pytest.raises(TLSError, match="refused the pair"):
+        server_credentials(certs["cert"], certs["other_key"])  # the key of another certificate
+    capfd.readouterr()
+    # the CLI: one line on stderr (gRPC's own log of the refused key included), exit 2, before any model
+    for cert, key, why in (
+        ("/nonexistent.pem", certs["key"], "cannot read"),
+        (certs["cert"], certs["other_key"], "refused the pair"),
+        (certs["cert"], None, "needs both"),
+    ):
+        argv = ["serve", "--port", "0", "--tls-cert", cert] + (["--tls-key", key] if key else [])
+        assert main(argv) == 2
+        out, err = capfd.readouterr()
+        assert err.startswith("crosspool: error: ") and why in err and len(err.strip().splitlines()) == 1
+        assert "serving on" not in out
+    with pytest.raises(TLSError, match="needs both"):
+        start_server(object(), port=0, tls_cert=certs["cert"])
+
+
+# ---- config file and flags -------------------------------------------------------------------------
+
+
+def test_example_config_loads_and_names_every_key():
+    cfg = load_config(str(EXAMPLE))
+    s = build_settings(cfg)
+    assert (s.host, s.port, s.max_live_requests, s.grace, s.metrics_port) == (
+        "127.0.0.1",
+        50051,
+        64,
+        10.0,
+        9100,
+    )
+    assert s.mode == "reference" and s.demo is True and s.load_demo and s.models == {} and not s.tls
+    text = EXAMPLE.read_text()
+    for key in CONFIG_KEYS:  # every key is shown (set or commented out)
+        assert f"{key} =" in text or f"[{key}]" in text, key
+    for key in ("cert", "key"):
+        assert f"{key} =" in text
+
+
+def _write(tmp_path, body: str) -> str:
+    p = tmp_path / "serve.toml"
+    p.write_text(textwrap.dedent(body))
+    return str(p)
+
+
+def test_config_values_and_relative_paths(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+        host = "0.0.0.0"
+        port = 6000
+        max_live_requests = 8
+        auth_token = "tok"
+        metrics_port = 0
+        grace = 3
+        demo = false
+        mode = "crosspool"
+        pools = " 2 + 6 "
+        [models]
+        a = "ckpt/a"
+        "b-2" = "/abs/b"
+        [tls]
+        cert = "c.pem"
+        key = "/k.pem"
+        """,
+    )
+    s = build_settings(load_config(path))
+    assert (s.host, s.port, s.max_live_requests, s.auth_token, s.metrics_port) == (
+        "0.0.0.0",
+        6000,
+        8,
+        "tok",
+        0,
+    )
+    assert s.grace == 3.0 and s.demo is False and s.mode == "crosspool" and s.pools == "2+6"
+    assert s.models == {"a": str(tmp_path / "ckpt" / "a"), "b-2": "/abs/b"}
+    assert (s.tls_cert, s.tls_key) == (str(tmp_path / "c.pem"), "/k.pem")
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ("prot = 1", "unknown key 'prot'"),
+        ('port = "50051"', "key 'port': must be an integer"),
+        ("port = 70000", "key 'port': must be in 0..65535"),
+        ("max_live_requests = 0", "key 'max_live_requests': must be >= 1"),
+        ("grace = -1", "key 'grace'"),
+        ("demo = 1", "key 'demo': must be true or false"),
+        ('mode = "fast"', "key 'mode': must be one of reference, crosspool, shared, static"),
+        ('pools = "4x4"', "key 'pools': must look like KV+WEIGHTS"),
+        ('pools = "0+4"', "key 'pools'"),
+        ("models = 3", "key 'models': must be a table"),
+        ("[models]\na = 3", "key 'models.a'"),
+        ('[tls]\ncert = "c"\nchain = "x"', "unknown key 'tls.chain'"),
+        ('auth_token = ""', "key 'auth_token'"),
+        ("port = = 1", "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, body, needle):
+    path = _write(tmp_path, body)
+    with pytest.raises(SettingsError) as ei:
+        load_config(path)
+    msg = str(ei.value)
+    assert msg.startswith(f"config {path}: ") and needle in msg and "\n" not in msg
+
+
+def test_flags_override_the_file(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+        port = 6000
+        mode = "static"
+        pools = "4+4"
+        grace = 3.0
+        [models]
+        a = "/ckpt/a"
+        b = "/ckpt/b"
+        """,
+    )
+    args = build_parser().parse_args(
+        ["serve", "--config", path, "--port", "0", "--mode", "reference", "--model", "b=/other/b", "--demo"]
+    )
+    s = serve_settings(args)
+    assert s.port == 0 and s.mode == "reference" and s.pools == "4+4" and s.grace == 3.0
+    assert s.models == {"a": "/ckpt/a", "b": "/other/b"} and s.demo is True
+    # no config: the defaults; --model turns the demo models off unless --demo
+    s = serve_settings(build_parser().parse_args(["serve", "--model", "x=/p", "--no-demo"]))
+    assert s == ServeSettings(models={"x": "/p"}, demo=False)
+    assert not ServeSettings(models={"x": "/p"}).load_demo and ServeSettings().load_demo
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--mode", "fast"], "--mode: must be one of reference, crosspool, shared, static"),
+        (["--pools", "4x4"], "--pools: must look like KV+WEIGHTS"),
+        (["--port", "-1"], "--port: must be in 0..65535"),
+        (["--max-live-requests", "0"], "--max-live-requests: must be >= 1"),
+        (["--model", "noequals"], "--model expects NAME=PATH"),
+        (["--config", "/nonexistent.toml"], "config /nonexistent.toml: cannot read"),
+    ],
+)
+def test_serve_flag_errors(argv, needle, capsys):
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"crosspool: error: {err.removeprefix('crosspool: error: ')}" and needle in err
+    assert len(err.splitlines()) == 1
+
+
+# ---- mode -> engine --------------------------------------------------------------------------------
+
+
+def test_pooled_modes_without_the_pooled_engine(monkeypatch, capsys):
+    monkeypatch.setattr(settings_mod, "POOLED_ENGINE_MODULE", "crosspool_jax._no_such_engine_module")
+    for mode in ("crosspool", "shared", "static"):
+        with pytest.raises(
+            SettingsError, match=f"^mode {mode} needs the pooled engine \\(not available yet\\)$"
+        ):
+            make_engine(ServeSettings(mode=mode, pools="4+4", demo=False))
+    assert main(["serve", "--port", "0", "--no-demo", "--mode", "shared"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "crosspool: error: mode shared needs the pooled engine (not available yet)"
+    )
+
+
+FAKE_POOLED = """
+class PooledEngine:
+    made = []
+
+    def __init__(self, mode, pools, max_live_requests):
+        self.kw = dict(mode=mode, pools=pools, max_live_requests=max_live_requests)
+        self.added = []
+        PooledEngine.made.append(self)
+
+    def add_model(self, name, config, weights, tokenizer=None, source=""):
+        self.added.append((name, config.family.value, source))
+
+    def shutdown(self, timeout=None):
+        pass
+"""
+
+
+def test_pooled_engine_is_used_when_present(tmp_path, monkeypatch):
+    (tmp_path / "fake_pooled_engine_mod.py").write_text(FAKE_POOLED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(settings_mod, "POOLED_ENGINE_MODULE", "fake_pooled_engine_mod")
+    engine = make_engine(ServeSettings(mode="crosspool", pools="2+6", max_live_requests=7))
+    assert type(engine).__name__ == "PooledEngine"
+    assert engine.kw == dict(mode="crosspool", pools="2+6", max_live_requests=7)
+    assert [a[0] for a in engine.added] == ["demo-mixtral", "demo-qwen3-moe", "demo-deepseek-v3"]
+    assert {a[2] for a in engine.added} == {"builtin-demo"}
+    # a module without PooledEngine counts as absent
+    (tmp_path / "fake_empty_engine_mod.py").write_text("X = 1\n")
+    monkeypatch.setattr(settings_mod, "POOLED_ENGINE_MODULE", "fake_empty_engine_mod")
+    with pytest.raises(SettingsError, match="needs the pooled engine"):
+        make_engine(ServeSettings(mode="static", demo=False))
+
+
+def test_reference_mode_engine(capsys):
+    logs = []
+    engine = make_engine(ServeSettings(pools="4+4"), log=logs.append)
+    try:
+        assert [m.name for m in engine.list_models()] == [
+            "demo-mixtral",
+            "demo-qwen3-moe",
+            "demo-deepseek-v3",
+        ]
+        assert logs == ["serve: pools '4+4' are ignored in mode reference"]
+    finally:
+        engine.shutdown(timeout=0)
+
+
+def test_serve_cli_from_config_with_tls(certs, tmp_path):
+    """`crosspool serve --config` end to end in a subprocess: TLS paths relative to the file, a flag
+    overriding the file's port, SIGTERM drains and exits 0."""
+    import signal
+    import sys
+    import time
+
+    shutil.copy(certs["cert"], tmp_path / "server.pem")
+    shutil.copy(certs["key"], tmp_path / "server.key")
+    path = _write(
+        tmp_path,
+        """
+        port = 1
+        max_live_requests = 2
+        grace = 1
+        [tls]
+        cert = "server.pem"
+        key = "server.key"
+        """,
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "crosspool_jax.cli", "serve", "--config", path, "--port", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "serving on 127.0.0.1:" in line and "mode reference, TLS" in line, line + proc.stderr.read()
+        addr = line.split("serving on ")[1].split()[0]
+        with CrossPoolClient(addr, tls_ca=certs["cert"]) as c:
+            assert {m.name for m in c.list_models()} == {NAME, "demo-qwen3-moe", "demo-deepseek-v3"}
+            assert c.stats().max_live_requests == 2
+        with CrossPoolClient(addr) as c, pytest.raises(grpc.RpcError):
+            pb_grpc.CrossPoolStub(c.channel).ListModels(pb.ListModelsRequest(), timeout=10)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0 and time.time() - t0 < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

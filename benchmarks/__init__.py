@@ -1,0 +1,1 @@
+"""Benchmarks of CrossPool-JAX (timed work lives here, never in tests)."""

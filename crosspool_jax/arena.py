@@ -1,0 +1,503 @@
+"""The unified arena: one same-shaped buffer per device whose meaning depends on the device's role.
+
+The one-program step (crosspool_jax/pooled_step.py) runs SPMD over the global mesh, so every
+global array gives every device a same-shaped shard. Devices of the two pools hold different
+things, so each device owns ONE arena `[num_pages, rows_per_page, R]` (pallas_kernels.page_layout)
+and the roles give it meaning (docs/design.md, "The unified arena"):
+
+    KV device:      rows [0, attn_rows)      attention-side weights of every model (replicated on
+                                             each KV device)
+                    pages [kv_first_page, ..) KV pages, shared by every model (the KV virtualizer
+                                             hands them out; page ids are arena page ids)
+    weights device: rows [0, ...)            FFN-side weights of every model: routed experts
+                                             sharded expert-parallel (expert axis padded to a
+                                             multiple of the weights devices), shared experts and
+                                             dense FFN sharded tensor-parallel on the intermediate
+                                             axis (padded), routers replicated
+
+So a weights device holds no attention weights and no pages, and a KV device holds no FFN weights.
+Kernels reach weights through row offsets (`TensorSlot.row`), like KV through page tables.
+
+Storage of one tensor: per item (one layer of a stack), the logical array's last axis is padded to
+a multiple of R and laid out row-major, so a `[K, N]` matrix is `K * N_pad / R` consecutive rows
+(`pallas_kernels.arena_matmul` reads it in place). A tensor whose dtype differs from the arena's
+(DeepSeek-V3's float32 router bias in a bf16 arena) is stored bit-for-bit (bitcast), everything
+else is cast to the arena dtype (the pool's weights dtype).
+
+This module is host-side: the plan (`ArenaPlan`, plain Python) and the writer (`ArenaStore`), which
+places a model's tensors with one jitted, donated in-place update per tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from crosspool_jax.config import AttentionKind, FFNKind, ModelConfig
+from crosspool_jax.errors import CapacityError, CrossPoolError
+from crosspool_jax.params import ModelWeights
+from crosspool_jax.topology import POOL_AXIS, PoolTopology, Role, experts_per_device
+from pallas_kernels.page_layout import PoolLayout, _np_dtype
+
+try:  # jax >= 0.6
+    from jax import shard_map as _shard_map
+
+    def shard_map(f: Callable, mesh: Any, in_specs: Any, out_specs: Any) -> Callable:
+        return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+except ImportError:  # pragma: no cover
+    from jax.experimental.shard_map import shard_map as _old_shard_map
+
+    def shard_map(f: Callable, mesh: Any, in_specs: Any, out_specs: Any) -> Callable:
+        return _old_shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+class ArenaError(CrossPoolError):
+    """A model that cannot be placed in the arena, or an inconsistent arena request."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSlot:
+    """Where one (stacked) tensor lives in the arenas of the devices of `role`.
+
+    items: stacked copies (layers; 1 for an unstacked tensor); item i starts at row
+    ``row + i * item_rows``. shape: one item's logical shape ON ONE DEVICE (expert / tensor-parallel
+    shards included). dtype: the logical dtype. bitcast: stored bit-for-bit in arena units.
+    """
+
+    role: Role
+    row: int
+    items: int
+    shape: tuple[int, ...]
+    dtype: str
+    row_elems: int
+    arena_dtype: str
+
+    @property
+    def bitcast(self) -> bool:
+        return np.dtype(_np_dtype(self.dtype)) != np.dtype(_np_dtype(self.arena_dtype))
+
+    @property
+    def last_padded(self) -> int:
+        """The last axis as stored (arena elements, padded to a multiple of R)."""
+        last = self.shape[-1] if self.shape else 1
+        if self.bitcast:
+            ratio = np.dtype(_np_dtype(self.dtype)).itemsize // np.dtype(_np_dtype(self.arena_dtype)).itemsize
+            last *= ratio
+        return -(-last // self.row_elems) * self.row_elems
+
+    @property
+    def lead(self) -> int:
+        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+
+    @property
+    def item_rows(self) -> int:
+        return self.lead * self.last_padded // self.row_elems
+
+    @property
+    def rows(self) -> int:
+        return self.items * self.item_rows
+
+    def item_row(self, item: int) -> int:
+        return self.row + item * self.item_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArena:
+    """A model's tensors in the arenas: name -> slot. Names are the F-/A-side tree paths with the
+    layer stack removed (``attn/layers/wqkv``, ``ffn/moe/w_gate_up`` ...)."""
+
+    name: str
+    config: ModelConfig
+    slots: Mapping[str, TensorSlot]
+    experts_local: int  # routed experts per weights device (expert axis padded)
+    shared_local: int  # shared-expert intermediate columns per weights device (0: none)
+    dense_local: int  # dense-FFN intermediate columns per weights device (0: none)
+
+    def slot(self, name: str) -> TensorSlot:
+        return self.slots[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.slots
+
+    def rows(self, role: Role) -> int:
+        return sum(s.rows for s in self.slots.values() if s.role == role)
+
+
+# ---- what a model stores where ----------------------------------------------------------------
+
+
+def _pad_axis(a: np.ndarray, axis: int, size: int) -> np.ndarray:
+    if a.shape[axis] == size:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, size - a.shape[axis])
+    return np.pad(a, pad)
+
+
+def _tp_gate_up(w: np.ndarray, inter: int, parts: int, j: int) -> np.ndarray:
+    """[.., D, 2I] gate|up -> device j's [.., D, 2 * I_loc] (gate cols then up cols, zero-padded)."""
+    loc = -(-inter // parts)
+    gate = _pad_axis(w[..., :inter], -1, loc * parts)[..., j * loc:(j + 1) * loc]
+    up = _pad_axis(w[..., inter:], -1, loc * parts)[..., j * loc:(j + 1) * loc]
+    return np.concatenate([gate, up], axis=-1)
+
+
+def _tp_down(w: np.ndarray, inter: int, parts: int, j: int) -> np.ndarray:
+    """[.., I, D] -> device j's [.., I_loc, D] rows (zero-padded)."""
+    loc = -(-inter // parts)
+    return _pad_axis(w, -2, loc * parts)[..., j * loc:(j + 1) * loc, :]
+
+
+TensorPieces = Callable[[int], np.ndarray]
+"""Given the index of a device within its pool, that device's host array (all items stacked)."""
+
+
+def model_tensors(cfg: ModelConfig, weights: ModelWeights, num_weights_devices: int
+                  ) -> Iterator[tuple[str, Role, tuple[int, ...], int, str, TensorSlot | None,
+                                      TensorPieces]]:
+    """Yields (name, role, per-item shape, items, dtype, None, pieces) for every stored tensor.
+
+    A-side: GQA q/k/v are fused into ``wqkv [D, (H + 2K) * Dh]`` (one weight read); a tied LM
+    head is stored transposed as ``lm_head [D, V]``. F-side: experts, shared experts and dense FFN
+    sharded as the module docstring says.
+    """
+    w = num_weights_devices
+    a = jax.tree.map(np.asarray, weights.attn)
+    f = jax.tree.map(np.asarray, weights.ffn)
+
+    def rep(name: str, role: Role, arr: np.ndarray, stacked: bool):
+        shape = arr.shape[1:] if stacked else arr.shape
+        items = arr.shape[0] if stacked else 1
+        return name, role, tuple(shape), items, str(arr.dtype), None, (lambda j, arr=arr: arr)
+
+    yield rep("attn/embed", Role.KV, a["embed"], False)
+    yield rep("attn/final_norm", Role.KV, a["final_norm"], False)
+    head = a["embed"].T if cfg.tie_word_embeddings else a["lm_head"]
+    yield rep("attn/lm_head", Role.KV, np.ascontiguousarray(head), False)
+    layers = dict(a["layers"])
+    if cfg.attention == AttentionKind.GQA:
+        layers["wqkv"] = np.concatenate([layers.pop("wq"), layers.pop("wk"), layers.pop("wv")], -1)
+        if "bq" in layers:
+            layers["bqkv"] = np.concatenate([layers.pop("bq"), layers.pop("bk"), layers.pop("bv")], -1)
+    for k, v in layers.items():
+        yield rep(f"attn/layers/{k}", Role.KV, v, True)
+
+    if "dense" in f:
+        d = f["dense"]
+        inter = d["w_down"].shape[1]
+        loc = -(-inter // w)
+        gu, dn = d["w_gate_up"], d["w_down"]
+        yield ("ffn/dense/w_gate_up", Role.WEIGHTS, (gu.shape[1], 2 * loc), gu.shape[0], str(gu.dtype),
+               None, lambda j, gu=gu, inter=inter: _tp_gate_up(gu, inter, w, j))
+        yield ("ffn/dense/w_down", Role.WEIGHTS, (loc, dn.shape[2]), dn.shape[0], str(dn.dtype),
+               None, lambda j, dn=dn, inter=inter: _tp_down(dn, inter, w, j))
+    if "moe" in f:
+        m = f["moe"]
+        lm, num_e, dim, two_i = m["w_gate_up"].shape
+        e_loc = experts_per_device(num_e, w)
+        yield rep("ffn/moe/router", Role.WEIGHTS, m["router"], True)
+        if "router_bias" in m:
+            yield rep("ffn/moe/router_bias", Role.WEIGHTS, m["router_bias"], True)
+        gu, dn = m["w_gate_up"], m["w_down"]
+
+        def experts(arr: np.ndarray, j: int) -> np.ndarray:
+            arr = _pad_axis(arr, 1, e_loc * w)
+            return arr[:, j * e_loc:(j + 1) * e_loc]
+
+        yield ("ffn/moe/w_gate_up", Role.WEIGHTS, (e_loc, dim, two_i), lm, str(gu.dtype), None,
+               lambda j, gu=gu: experts(gu, j))
+        yield ("ffn/moe/w_down", Role.WEIGHTS, (e_loc, two_i // 2, dim), lm, str(dn.dtype), None,
+               lambda j, dn=dn: experts(dn, j))
+        if "shared_gate_up" in m:
+            sgu, sdn = m["shared_gate_up"], m["shared_down"]
+            inter = sdn.shape[1]
+            loc = -(-inter // w)
+            yield ("ffn/moe/shared_gate_up", Role.WEIGHTS, (dim, 2 * loc), lm, str(sgu.dtype), None,
+                   lambda j, sgu=sgu, inter=inter: _tp_gate_up(sgu, inter, w, j))
+            yield ("ffn/moe/shared_down", Role.WEIGHTS, (loc, dim), lm, str(sdn.dtype), None,
+                   lambda j, sdn=sdn, inter=inter: _tp_down(sdn, inter, w, j))
+            if "shared_gate" in m:
+                yield rep("ffn/moe/shared_gate", Role.WEIGHTS, m["shared_gate"], True)
+
+
+def local_sizes(cfg: ModelConfig, num_weights_devices: int) -> tuple[int, int, int]:
+    """(experts, shared intermediate, dense intermediate) per weights device."""
+    w = num_weights_devices
+    e = experts_per_device(cfg.num_experts, w) if cfg.moe_layers else 0
+    s = -(-cfg.shared_intermediate_size // w) if cfg.moe_layers and cfg.shared_intermediate_size else 0
+    d = -(-cfg.dense_intermediate_size // w) if cfg.dense_layers else 0
+    return e, s, d
+
+
+# ---- row allocation -------------------------------------------------------------------------------
+
+
+class RowAllocator:
+    """First-fit allocator of row ranges [0, capacity) (plain Python)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._free: list[tuple[int, int]] = [(0, capacity)] if capacity > 0 else []
+
+    @property
+    def free_rows(self) -> int:
+        return sum(n for _, n in self._free)
+
+    def largest_free(self) -> int:
+        return max((n for _, n in self._free), default=0)
+
+    def alloc(self, n: int) -> int | None:
+        for i, (start, size) in enumerate(self._free):
+            if size >= n:
+                if size == n:
+                    self._free.pop(i)
+                else:
+                    self._free[i] = (start + n, size - n)
+                return start
+        return None
+
+    def release(self, start: int, n: int) -> None:
+        self._free.append((start, n))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, k in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + k)
+            else:
+                merged.append((s, k))
+        self._free = merged
+
+
+# ---- the store -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ArenaDeviceReport:
+    """Bytes of one device's arena by use."""
+
+    device_id: int
+    role: Role
+    weights_bytes: dict[str, int]  # model -> bytes of its tensors here (row-padded)
+    kv_pages_total: int
+    arena_bytes: int
+
+
+class ArenaStore:
+    """The global arena array and what is placed in it.
+
+    layout: page size / dtype / R of the arena (the KV pool's `PoolLayout`), num_pages = pages per
+    device. attn_pages: pages at the start of each KV device's arena reserved for attention-side
+    weights; the rest are KV pages (`kv_first_page`, `kv_pages`). Weights devices use their whole
+    arena for FFN-side weights.
+
+    `arena` is a jax.Array [N * num_pages, rows_per_page, R] sharded over the global mesh's `pool`
+    axis (device i's shard is its arena). Every update donates it: use `store.arena` afresh.
+    """
+
+    def __init__(self, topology: PoolTopology | None, layout: PoolLayout, attn_pages: int, *,
+                 colocated: jax.Device | None = None):
+        if layout.num_pages < 1:
+            raise ArenaError("the arena needs num_pages >= 1")
+        if not 0 <= attn_pages < layout.num_pages:
+            raise ArenaError(f"attn_pages={attn_pages} must leave KV pages in an arena of "
+                             f"{layout.num_pages} pages")
+        if (topology is None) == (colocated is None):
+            raise ArenaError("give either a pool topology or one colocated device")
+        self.topology = topology
+        self.colocated = colocated is not None
+        if colocated is not None:  # one device holding both roles (the shared/static baselines)
+            self.devices: tuple[jax.Device, ...] = (colocated,)
+            self.kv_devices = self.weights_devices = (colocated,)
+            self.mesh = Mesh(np.array([colocated]), (POOL_AXIS,))
+        else:
+            self.devices = topology.devices
+            self.kv_devices, self.weights_devices = topology.kv_devices, topology.weights_devices
+            self.mesh = topology.global_mesh
+        self.layout = layout
+        self.attn_pages = attn_pages
+        self.models: dict[str, ModelArena] = {}
+        rpp = layout.rows_per_page
+        kv_alloc = RowAllocator(attn_pages * rpp)
+        self._alloc = {Role.KV: kv_alloc,
+                       Role.WEIGHTS: kv_alloc if self.colocated else RowAllocator(layout.num_pages * rpp)}
+        self.sharding = NamedSharding(self.mesh, P(POOL_AXIS))
+        n = len(self.devices)
+        shape = (n * layout.num_pages, rpp, layout.row_elems)
+        dtype = jnp.dtype(_np_dtype(layout.dtype))
+        self.arena: jax.Array = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.sharding)()
+
+    # -- geometry --
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    @property
+    def num_kv(self) -> int:
+        return len(self.kv_devices)
+
+    @property
+    def num_weights(self) -> int:
+        return len(self.weights_devices)
+
+    @property
+    def weights_index_base(self) -> int:
+        """Position on the pool axis of the first weights device."""
+        return 0 if self.colocated else self.num_kv
+
+    @property
+    def kv_first_page(self) -> int:
+        return self.attn_pages
+
+    @property
+    def kv_pages(self) -> int:
+        """KV pages per KV device."""
+        return self.layout.num_pages - self.attn_pages
+
+    def row_bytes(self) -> int:
+        return self.layout.row_elems * self.layout.itemsize
+
+    # -- placement --
+    def plan_model(self, name: str, cfg: ModelConfig, weights: ModelWeights) -> ModelArena:
+        """Allocates rows for every tensor; raises CapacityError (nothing allocated) if it does not fit."""
+        if name in self.models:
+            raise ArenaError(f"model {name!r} is already placed")
+        tensors = [(t[0], TensorSlot(t[1], 0, t[3], t[2], t[4], self.layout.row_elems, self.layout.dtype))
+                   for t in model_tensors(cfg, weights, self.num_weights)]
+        need = {r: sum(sl.rows for _, sl in tensors if sl.role == r) for r in Role}
+        free = {r: self._alloc[r].free_rows for r in Role}
+        rb = self.row_bytes()
+        short = (need[Role.KV] + need[Role.WEIGHTS] > free[Role.KV]) if self.colocated else \
+            any(need[r] > free[r] for r in Role)
+        if short:
+            raise CapacityError(
+                f"model {name!r} does not fit the arena: it needs {need[Role.KV] * rb} bytes of "
+                f"attention-side weights per KV device and {need[Role.WEIGHTS] * rb} bytes of FFN "
+                f"weights per weights device; free: {free[Role.KV] * rb} bytes of the "
+                f"{self.attn_pages} pages reserved for weights on KV devices, "
+                f"{free[Role.WEIGHTS] * rb} bytes on weights devices")
+        got: list[tuple[Role, int, int]] = []
+        slots: dict[str, TensorSlot] = {}
+        try:
+            for tname, slot in tensors:
+                start = self._alloc[slot.role].alloc(slot.rows)
+                if start is None:
+                    raise CapacityError(f"model {name!r}: the free weight rows are too fragmented "
+                                        f"for {tname} ({slot.rows * rb} bytes)")
+                got.append((slot.role, start, slot.rows))
+                slots[tname] = dataclasses.replace(slot, row=start)
+        except BaseException:
+            for role, start, n in got:
+                self._alloc[role].release(start, n)
+            raise
+        e, s, d = local_sizes(cfg, self.num_weights)
+        return ModelArena(name, cfg, slots, e, s, d)
+
+    def place_model(self, name: str, cfg: ModelConfig, weights: ModelWeights) -> ModelArena:
+        """Plans and writes a model's tensors into the arenas of their devices.
+
+        Each device receives only its own piece (its experts / tensor-parallel columns); the arena
+        is updated in place (donated) one tensor at a time, so the transient memory is one tensor.
+        Requests of other models are not touched (their rows and pages are disjoint).
+        """
+        ma = self.plan_model(name, cfg, weights)
+        try:
+            for tname, _, _, _, _, _, pieces in model_tensors(cfg, weights, self.num_weights):
+                self._write(ma.slots[tname], pieces)
+        except BaseException:
+            self._release(ma)
+            raise
+        self.models[name] = ma
+        return ma
+
+    def remove_model(self, name: str) -> None:
+        """Frees a model's rows (the bytes stay until overwritten; nothing reads them)."""
+        ma = self.models.pop(name, None)
+        if ma is None:
+            raise ArenaError(f"model {name!r} is not placed")
+        self._release(ma)
+
+    def _release(self, ma: ModelArena) -> None:
+        for slot in ma.slots.values():
+            self._alloc[slot.role].release(slot.row, slot.rows)
+
+    def _pool_devices(self, role: Role) -> tuple[jax.Device, ...]:
+        return self.kv_devices if role == Role.KV else self.weights_devices
+
+    def _encode(self, slot: TensorSlot, arr: np.ndarray) -> np.ndarray:
+        """Host array (all items) -> [rows, R] in the arena dtype."""
+        adt = np.dtype(_np_dtype(self.layout.dtype))
+        arr = np.asarray(arr)
+        if arr.size != slot.items * int(np.prod(slot.shape)):
+            raise ArenaError(f"tensor of shape {arr.shape} does not fit a slot of "
+                             f"{slot.items} x {slot.shape}")
+        arr = arr.reshape(slot.items, *slot.shape)
+        if slot.bitcast:
+            src = np.ascontiguousarray(arr.astype(_np_dtype(slot.dtype)))
+            arr = src.view(adt)
+        else:
+            arr = arr.astype(adt)
+        flat = arr.reshape(slot.items, slot.lead, -1)
+        flat = _pad_axis(flat, 2, slot.last_padded)
+        return np.ascontiguousarray(flat.reshape(slot.rows, self.layout.row_elems))
+
+    def _write(self, slot: TensorSlot, pieces: TensorPieces) -> None:
+        devices = self.devices
+        role_devs = self._pool_devices(slot.role)
+        rows = slot.rows
+        r = self.layout.row_elems
+        adt = jnp.dtype(_np_dtype(self.layout.dtype))
+        shards = []
+        for dev in devices:
+            if dev in role_devs:
+                shards.append(jax.device_put(self._encode(slot, pieces(role_devs.index(dev))), dev))
+            else:  # every shard must have the same shape; these rows are not written (flag off)
+                shards.append(jax.device_put(np.zeros((rows, r), adt), dev))
+        mask = np.array([d in role_devs for d in devices])
+        data = jax.make_array_from_single_device_arrays((len(devices) * rows, r), self.sharding, shards)
+        flags = jax.device_put(mask, self.sharding)
+        self.arena = _writer(self.mesh, rows)(self.arena, data, flags,
+                                                              jnp.int32(slot.row))
+
+    # -- reports --
+    def memory_report(self) -> list[ArenaDeviceReport]:
+        """Per device: bytes of each model's tensors held there, and KV pages (KV devices)."""
+        rb = self.row_bytes()
+        out = []
+        for dev in self.devices:
+            role = Role.KV if dev in self.kv_devices else Role.WEIGHTS
+            roles = (Role.KV, Role.WEIGHTS) if self.colocated else (role,)
+            wb = {name: sum(ma.rows(r) for r in roles) * rb for name, ma in self.models.items()}
+            out.append(ArenaDeviceReport(dev.id, role, wb, self.kv_pages if role == Role.KV else 0,
+                                         self.layout.num_pages * self.layout.page_bytes))
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def _writer(mesh: Any, rows: int) -> Callable:
+    """jit(shard_map): each flagged device writes its [rows, R] piece at `row` of its arena.
+
+    donates: the arena.
+    """
+
+    def body(arena: jax.Array, data: jax.Array, flag: jax.Array, row: jax.Array) -> jax.Array:
+        n, rpp, r = arena.shape
+        flat = arena.reshape(n * rpp, r)
+        old = jax.lax.dynamic_slice_in_dim(flat, row, rows, axis=0)
+        new = jnp.where(flag[0], data, old)
+        return jax.lax.dynamic_update_slice_in_dim(flat, new, row, axis=0).reshape(n, rpp, r)
+
+    f = shard_map(body, mesh, in_specs=(P(POOL_AXIS), P(POOL_AXIS), P(POOL_AXIS), P()),
+                  out_specs=P(POOL_AXIS))
+    return jax.jit(f, donate_argnums=(0,))
+
+
+def ffn_kind_index(cfg: ModelConfig, layer: int) -> tuple[FFNKind, int]:
+    return cfg.ffn_kinds[layer], cfg.ffn_stack_index[layer]

@@ -1,0 +1,397 @@
+"""Host side of the pooled engine for one device group: models in an arena, requests in the planner,
+and the one-program steps built from them (plain Python bookkeeping; the device work is in
+`crosspool_jax.pooled_step`).
+
+A `GroupRunner` owns one `ArenaStore` (its devices: a KV+weights split, or one colocated device),
+one `KVVirtualizer` over the KV devices' pages and one `KVPlanner`. `step()` is one engine step:
+
+1. the planner grows running requests (preempting by recompute when the pool is full) and admits
+   waiting ones, giving each a token range [start, end) to compute this step;
+2. prefill ranges run as chunked-prefill programs and decode ranges as K-step decode programs
+   (control lowering: the device samples and checks stops; the host sees tokens once per call);
+   a range that crosses from one KV segment into the next (a request that just spilled onto
+   another KV device) is cut at the boundary and the rest runs in a follow-up call;
+3. sampled tokens go back to the planner; stops, max_new_tokens, cancels free pages at once.
+
+Shapes are bucketed (slots, tokens, pages to powers of two) so a handful of programs serve any mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crosspool_jax.arena import ArenaStore
+from crosspool_jax.config import ModelConfig
+from crosspool_jax.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
+from crosspool_jax.params import ModelWeights
+from crosspool_jax.planner import (
+    KVPlanner,
+    ModelLimits,
+    Phase,
+    PlannerConfig,
+    PreemptionChoice,
+    RequestSpec,
+    RequestStatus,
+)
+from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry
+from crosspool_jax.sampling import SamplingParams, seed_words
+from crosspool_jax.topology import PoolTopology
+from pallas_kernels.page_layout import PageGeometry, PoolLayout
+
+
+def _pow2(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << max(0, (int(n) - 1).bit_length()))
+
+
+@dataclasses.dataclass
+class _Req:
+    request_id: str
+    model: str
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_ids: tuple[int, ...]
+    generated: list[int] = dataclasses.field(default_factory=list)
+    done: bool = False
+    finish_reason: str | None = None
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What one `GroupRunner.step()` produced: new tokens per request and the requests that ended."""
+
+    tokens: dict[str, list[int]]
+    finished: dict[str, tuple[str, str]]  # request id -> (finish reason, message)
+    calls: int  # device program calls made
+    preempted: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class _Work:
+    req: _Req
+    start: int
+    end: int
+    decode: bool
+    samples: bool
+
+
+class GroupRunner:
+    """One device group of the pooled engine (see module docstring).
+
+    topology: the group's devices (KV + weights split), or `colocated` for a single device that is
+    both (the `shared` / `static` baselines). layout: the arena pages (num_pages per device).
+    attn_pages: pages per KV device for attention-side weights (colocated: for all weights).
+    steps_per_call: K decode tokens per host call. prefill_chunk: most prefill tokens per request
+    per step (chunked prefill interleaved with decode). backend: the kernels' backend.
+    kv_pages_per_device: KV pages the virtualizer hands out per KV device (default: all the arena's
+    KV pages; fewer leaves the rest unused, e.g. to give two modes the same KV budget).
+    """
+
+    def __init__(
+        self,
+        topology: PoolTopology | None,
+        layout: PoolLayout,
+        attn_pages: int,
+        *,
+        colocated: jax.Device | None = None,
+        steps_per_call: int = 4,
+        prefill_chunk: int = 64,
+        max_prefill_tokens: int = 512,
+        backend: str | None = None,
+        platform: str | None = None,
+        planner_config: PlannerConfig | None = None,
+        kv_pages_per_device: int | None = None,
+    ):
+        self.store = ArenaStore(topology, layout, attn_pages, colocated=colocated)
+        self.platform = platform or ("gpu" if jax.default_backend() in ("gpu", "cuda") else "cpu")
+        self.backend = backend
+        self.steps_per_call = steps_per_call
+        self.prefill_chunk = prefill_chunk
+        self.max_prefill_tokens = max_prefill_tokens
+        pages = self.store.kv_pages if kv_pages_per_device is None else kv_pages_per_device
+        if not 1 <= pages <= self.store.kv_pages:
+            raise ValueError(f"kv_pages_per_device={pages} must be in [1, {self.store.kv_pages}]")
+        self.kv = KVVirtualizer(KVPoolConfig(self.store.num_kv, pages, layout.page_bytes))
+        self._planner_config = planner_config or PlannerConfig(preemption=PreemptionChoice.ALWAYS_RECOMPUTE)
+        self.planner = KVPlanner(self.kv, self._planner_config)
+        self.geoms: dict[str, PageGeometry] = {}
+        self.reqs: dict[str, _Req] = {}
+        self._programs: dict[StepSpec, Callable] = {}
+        self.preemptions = 0
+        self.calls = 0
+
+    # -- models --
+    def add_model(self, name: str, cfg: ModelConfig, weights: ModelWeights) -> None:
+        geom = model_geometry(cfg, self.store.layout, self.platform)
+        self.store.place_model(name, cfg, weights)
+        self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
+                                                tokens_per_page_override=geom.tokens_per_page))
+        self.geoms[name] = geom
+        self._programs.clear()
+
+    def remove_model(self, name: str) -> None:
+        live = [r for r in self.reqs.values() if r.model == name and not r.done]
+        if live:
+            raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
+        self.store.remove_model(name)
+        self.kv.unregister_model(name)
+        del self.geoms[name]
+        self._programs.clear()
+
+    def set_limits(self, limits: dict[str, ModelLimits]) -> None:
+        """Per-model page floors/caps (the `static` mode's fixed reservations)."""
+        if self.planner.has_live_requests:
+            raise RuntimeError("limits change only while idle")
+        cfg = dataclasses.replace(self._planner_config, model_limits=dict(limits))
+        self._planner_config = cfg
+        self.planner = KVPlanner(self.kv, cfg)
+
+    # -- requests --
+    def submit(self, request_id: str, model: str, prompt: Sequence[int], max_new_tokens: int,
+               sampling: SamplingParams, stop_ids: Sequence[int] = ()) -> None:
+        """Queue a request (raises planner.RequestRejected if it could never fit)."""
+        if model not in self.geoms:
+            raise KeyError(f"model {model!r} is not in this group")
+        self.planner.submit(RequestSpec(request_id, model, tuple(int(t) for t in prompt), max_new_tokens))
+        self.reqs[request_id] = _Req(request_id, model, tuple(int(t) for t in prompt), max_new_tokens,
+                                     sampling, tuple(int(s) for s in stop_ids))
+
+    def cancel(self, request_id: str) -> bool:
+        """Ends a live request; its pages are free when this returns."""
+        r = self.reqs.get(request_id)
+        if r is None or r.done:
+            return False
+        self.planner.cancel(request_id)
+        self._end(r, "cancelled", "cancelled")
+        return True
+
+    def fail(self, request_id: str, message: str) -> None:
+        r = self.reqs.get(request_id)
+        if r is not None and not r.done:
+            self.planner.fail(request_id, message)
+            self._end(r, "error", message)
+
+    def _end(self, r: _Req, reason: str, message: str) -> None:
+        r.done, r.finish_reason, r.message = True, reason, message
+        self.planner.forget(r.request_id)
+        del self.reqs[r.request_id]
+
+    @property
+    def has_work(self) -> bool:
+        return self.planner.has_live_requests
+
+    # -- the step --
+    def step(self) -> StepResult:
+        """One engine step (see module docstring)."""
+        k = self.steps_per_call
+        decode_lengths = {}
+        for rid in self.planner.running():
+            info = self.planner.info(rid)
+            if info.phase == Phase.DECODE:
+                r = self.reqs[rid]
+                cap = len(r.prompt) + r.max_new_tokens - 1
+                decode_lengths[rid] = min(info.kv_len + k, cap)
+        from crosspool_jax.planner import StepInput
+
+        plan = self.planner.step(StepInput(decode_lengths, prefill_token_budget=self.max_prefill_tokens))
+        preempted = []
+        for p in plan.preempted:
+            self.preemptions += 1
+            preempted.append(str(p.request_id))
+        work = [_Work(self.reqs[str(s.request_id)], s.token_start, s.token_end,
+                      s.phase == Phase.DECODE, s.samples_token) for s in plan.run]
+        tokens: dict[str, list[int]] = {}
+        finished: dict[str, tuple[str, str]] = {}
+        calls = 0
+        while work:
+            pre = [w for w in work if not w.decode]
+            dec = [w for w in work if w.decode]
+            rest: list[_Work] = []
+            if pre:
+                rest += self._run(pre, False, tokens)
+                calls += 1
+            if dec:
+                rest += self._run(dec, True, tokens)
+                calls += 1
+            work = rest
+        for rid, toks in tokens.items():
+            r = self.reqs.get(rid)
+            if r is None:
+                continue
+            stop_at = next((i for i, t in enumerate(toks) if t in r.stop_ids), None)
+            if stop_at is not None:
+                toks = toks[: stop_at + 1]
+                tokens[rid] = toks
+            r.generated.extend(toks)
+            info = self.planner.append_tokens(rid, toks)
+            if stop_at is not None and info.status == RequestStatus.RUNNING:
+                self.planner.finish(rid, "stop token")
+                info = self.planner.info(rid)
+            if info.status == RequestStatus.FINISHED:
+                reason = "stop" if stop_at is not None else "length"
+                finished[rid] = (reason, info.message)
+                self._end(r, reason, info.message)
+        self.calls += calls
+        return StepResult(tokens, finished, calls, tuple(preempted))
+
+    # -- building one program call --
+    def _segment_at(self, rid: str, pos: int) -> tuple[int, KVSegment, list[KVSegment]]:
+        segs = self.kv.segments(rid)
+        tpp = self.kv.layout(self.reqs[rid].model).tokens_per_page
+        for i, s in enumerate(segs):
+            cap_end = s.token_start + s.pages_per_layer * tpp
+            if s.token_start <= pos < cap_end:
+                return i, s, list(segs[:i])
+        raise RuntimeError(f"request {rid}: no KV segment holds position {pos}: {segs}")
+
+    def _run(self, items: list[_Work], decode: bool, tokens: dict[str, list[int]]) -> list[_Work]:
+        """Runs one program over `items`; returns the work left (ranges cut at segment ends)."""
+        store = self.store
+        n, n_kv = store.num_devices, store.num_kv
+        base = store.kv_first_page
+        by_model: dict[str, list[tuple[_Work, int, int, KVSegment, list[KVSegment], int]]] = {}
+        rest: list[_Work] = []
+        for w in items:
+            rid = w.req.request_id
+            si, seg, older, = self._segment_at(rid, w.start)
+            tpp = self.geoms[w.req.model].tokens_per_page
+            seg_cap_end = seg.token_start + seg.pages_per_layer * tpp
+            end = min(w.end, seg_cap_end)
+            if not decode:
+                end = min(end, w.start + self.prefill_chunk)
+            if end < w.end:
+                rest.append(_Work(w.req, end, w.end, w.decode, w.samples))
+            by_model.setdefault(w.req.model, []).append((w, w.start, end, seg, older, si))
+        lanes: list[LaneShape] = []
+        host_inputs: list[dict[str, np.ndarray]] = []
+        placements: list[list[tuple[str, int, int, int, bool]]] = []
+        k_steps = 1
+        for model, rows in sorted(by_model.items()):
+            cfg = store.models[model].config
+            geom = self.geoms[model]
+            tpp = geom.tokens_per_page
+            per_dev: list[list] = [[] for _ in range(n_kv)]
+            for row in rows:
+                per_dev[row[3].device].append(row)
+            b = _pow2(max(len(d) for d in per_dev))
+            if decode:
+                t = b
+                k_steps = max(k_steps, max(r[2] - r[1] for r in rows))
+            else:
+                t = _pow2(max(sum(r[2] - r[1] for r in d) for d in per_dev), 8)
+            pages = _pow2(max(max(r[3].pages_per_layer for r in rows),
+                              max((s.pages_per_layer for r in rows for s in r[4]), default=1)))
+            n_extra_dev = [0] * n
+            for row in rows:
+                for s in row[4]:
+                    n_extra_dev[s.device] += 1
+            x = _pow2(max(n_extra_dev)) if any(n_extra_dev) else 0
+            c = 1 if decode else _pow2(max(r[2] - r[1] for r in rows))
+            s_w = _pow2(max((len(r[0].req.stop_ids) for r in rows), default=1))
+            L = cfg.num_layers
+            arr = {
+                "tokens": np.zeros((n, t), np.int32), "positions": np.zeros((n, t), np.int32),
+                "tok_slot": np.full((n, t), -1, np.int32),
+                "tail_pages": np.full((n, b, L, pages), -1, np.int32),
+                "tail_start": np.zeros((n, b), np.int32), "tail_len": np.zeros((n, b), np.int32),
+                "sample_row": np.full((n, b), -1, np.int32),
+                "temperature": np.zeros((n, b), np.float32), "top_k": np.zeros((n, b), np.int32),
+                "top_p": np.ones((n, b), np.float32), "seed": np.zeros((n, b, 2), np.uint32),
+                "remaining": np.zeros((n, b), np.int32), "stop_ids": np.full((n, b, s_w), -1, np.int32),
+            }
+            if not decode:
+                arr["cu_q"] = np.zeros((n, b + 1), np.int32)
+            if x:
+                arr["x_rows"] = np.full((n, x, c), -1, np.int32)
+                arr["x_pages"] = np.full((n, x, L, pages), -1, np.int32)
+                arr["x_len"] = np.zeros((n, x), np.int32)
+            place = []
+            x_fill = [0] * n
+            for d in range(n_kv):
+                row_ptr = 0
+                for bi, (w, s0, e0, seg, older, _) in enumerate(per_dev[d]):
+                    r = w.req
+                    known = list(r.prompt) + r.generated + tokens.get(r.request_id, [])
+                    q = e0 - s0
+                    rows_idx = (np.arange(q) + row_ptr) if not decode else np.array([bi])
+                    if decode:
+                        arr["tokens"][d, bi] = known[s0]
+                        arr["positions"][d, bi] = s0
+                        arr["tok_slot"][d, bi] = bi
+                        arr["sample_row"][d, bi] = bi
+                        arr["tail_len"][d, bi] = s0 - seg.token_start + 1
+                        arr["remaining"][d, bi] = e0 - s0
+                    else:
+                        arr["tokens"][d, rows_idx] = known[s0:e0]
+                        arr["positions"][d, rows_idx] = np.arange(s0, e0)
+                        arr["tok_slot"][d, rows_idx] = bi
+                        arr["cu_q"][d, bi + 1:] = row_ptr + q
+                        arr["tail_len"][d, bi] = e0 - seg.token_start
+                        if w.samples and e0 == w.end:
+                            arr["sample_row"][d, bi] = row_ptr + q - 1
+                        arr["remaining"][d, bi] = 1
+                        row_ptr += q
+                    for layer in range(L):
+                        pl = seg.layer_pages[layer]
+                        arr["tail_pages"][d, bi, layer, : len(pl)] = np.asarray(pl) + base
+                    arr["tail_start"][d, bi] = seg.token_start
+                    sp = r.sampling
+                    arr["temperature"][d, bi] = sp.temperature
+                    arr["top_k"][d, bi] = sp.top_k
+                    arr["top_p"][d, bi] = sp.top_p
+                    arr["seed"][d, bi] = seed_words(sp.seed)
+                    arr["stop_ids"][d, bi, : len(r.stop_ids)] = r.stop_ids
+                    for s in older:
+                        xd = s.device
+                        xi = x_fill[xd]
+                        x_fill[xd] += 1
+                        arr["x_rows"][xd, xi, : len(rows_idx)] = d * t + rows_idx
+                        for layer in range(L):
+                            pl = s.layer_pages[layer]
+                            arr["x_pages"][xd, xi, layer, : len(pl)] = np.asarray(pl) + base
+                        arr["x_len"][xd, xi] = s.num_tokens
+                    place.append((r.request_id, d, bi, e0 - s0, decode or (w.samples and e0 == w.end)))
+                if not decode:
+                    arr["cu_q"][d, len(per_dev[d]) + 1:] = row_ptr
+            lanes.append(LaneShape(model, b, t, pages, x, c, s_w))
+            host_inputs.append(arr)
+            placements.append(place)
+        spec = StepSpec(tuple(lanes), decode, _pow2(k_steps) if decode else 1, self.backend)
+        prog = self._programs.get(spec)
+        if prog is None:
+            prog = build_step(spec, store, self.platform)
+            self._programs[spec] = prog
+        sharding = store.sharding
+        dev_inputs = tuple({key: jax.device_put(v.reshape(-1, *v.shape[2:]), sharding)
+                            for key, v in arr.items()} for arr in host_inputs)
+        store.arena, outs = prog(store.arena, dev_inputs)
+        for lane, place, out in zip(lanes, placements, outs, strict=True):
+            got = np.asarray(out).reshape(out.shape[0], n, lane.slots)
+            for rid, d, bi, count, samples in place:
+                if not samples:
+                    continue
+                seq = [int(v) for v in got[:, d, bi] if v >= 0]
+                if decode:
+                    seq = seq[:count]
+                tokens.setdefault(rid, []).extend(seq)
+        # a decode range cut at a segment end continues in the next call unless it stopped
+        return [w for w in rest
+                if not (w.decode and any(t in w.req.stop_ids for t in tokens.get(w.req.request_id, [])))]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def as_device_array(x: np.ndarray, sharding: Any) -> jax.Array:
+    return jax.device_put(jnp.asarray(x), sharding)

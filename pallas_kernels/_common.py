@@ -60,13 +60,15 @@ def dot_precision(dtype: jnp.dtype) -> lax.Precision | None:
 
 
 def split_softmax_combine(
-    o: jax.Array, m: jax.Array, den: jax.Array, axis: int
-) -> jax.Array:
+    o: jax.Array, m: jax.Array, den: jax.Array, axis: int, return_lse: bool = False
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Combines split-KV partial results along ``axis``.
 
     o: [..., S, ..., W] unnormalised partial outputs (f32), m/l: the matching running max and sum
     (m = -inf and l = 0 for an empty split). Returns ``sum_s w_s o_s / sum_s w_s l_s`` with
     ``w_s = exp(m_s - max_s m_s)``; rows with no key at all (all splits empty) come out as 0.
+    return_lse: also return the combined log-sum-exp ``max_s m_s + log(sum_s w_s l_s)`` (m's
+    shape without ``axis``; -inf for rows with no key), as ``(out, lse)``.
     """
     m_max = jnp.max(m, axis=axis, keepdims=True)
     m_safe = jnp.where(jnp.isneginf(m_max), 0.0, m_max)
@@ -74,7 +76,15 @@ def split_softmax_combine(
     l_tot = jnp.sum(w * den, axis=axis)
     o_tot = jnp.sum(w[..., None] * o, axis=axis)
     safe_l = jnp.where(l_tot > 0, l_tot, 1.0)
-    return jnp.where((l_tot > 0)[..., None], o_tot / safe_l[..., None], 0.0)
+    out = jnp.where((l_tot > 0)[..., None], o_tot / safe_l[..., None], 0.0)
+    if not return_lse:
+        return out
+    return out, lse_from(jnp.squeeze(m_safe, axis), l_tot)
+
+
+def lse_from(m: jax.Array, den: jax.Array) -> jax.Array:
+    """``m + log(den)`` for an online-softmax state (max m, sum den); -inf where den is 0."""
+    return jnp.where(den > 0, m + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
 
 
 def softcap_scores(s: jax.Array, soft_cap: float | None) -> jax.Array:
@@ -223,6 +233,7 @@ __all__ = [
     "gather_rows",
     "gpu_compiler_params",
     "interpret_flag",
+    "lse_from",
     "next_pow2",
     "pack_query_chunks",
     "pl",

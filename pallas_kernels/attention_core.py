@@ -107,7 +107,8 @@ def blocks_gpu(
     backend: str,
     num_warps: int,
     num_stages: int,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Split-KV paged attention of query blocks (GPU Triton lowering, or interpret on CPU).
 
     Grid ``(KVH * num_gb, NB, num_splits)``, heads fastest, so the programs of the head blocks
@@ -117,6 +118,8 @@ def blocks_gpu(
     blk_seq / blk_pos0 / blk_nq: [NB] int32 (blk_seq -1: unused block, output 0).
     kv_lens: [B] int32; page_table: [B, max_pages] int32; arena: [num_pages, rows_per_page, R].
     Returns [NB, KVH * num_gb, M, out_width] f32, normalised (rows that see no key: 0).
+    return_lse: return ``(out, lse)``, lse [NB, KVH * num_gb, M] f32 the natural-log sum-exp of
+    each row's scaled (soft-capped) scores over the keys it sees (-inf where it sees none).
     """
     nb, hgs, m_rows, _ = qb.shape
     max_pages = page_table.shape[1]
@@ -149,7 +152,7 @@ def blocks_gpu(
       flat_rows(arena))
     shape = (nb, hgs, num_splits, m_rows)
     return split_softmax_combine(o.reshape(*shape, wv), m.reshape(shape), den.reshape(shape),
-                                 axis=2)
+                                 axis=2, return_lse=return_lse)
 
 
 def default_num_splits(num_blocks: int, programs_per_block: int, max_tokens: int,
@@ -190,7 +193,8 @@ def run_blocks(
     max_kv_tokens: int | None = None,
     num_programs: int | None = None,
     items_per_program: int = 2,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Dispatches query blocks to the backend's kernel. Shapes as `blocks_gpu`.
 
     schedule: "split" (grid over blocks x heads x splits) or "persistent" (GPU/interpret only:
@@ -199,13 +203,15 @@ def run_blocks(
     max_kv_tokens: static upper bound of one block's KV range (default: the page table's).
     num_programs / items_per_program: persistent schedule only: programs in the launch (default
     2 x SM count) and work items aimed at per program.
+    return_lse: return ``(out, lse)`` as `blocks_gpu` (every backend and schedule).
     """
     if backend in ("tpu", "tpu_interpret"):
         from pallas_kernels.attention_tpu import blocks_tpu
 
         return blocks_tpu(qb, blk_seq, blk_pos0, blk_nq, kv_lens, page_table, arena, geom,
                           rows_per_token=rows_per_token, num_gb=num_gb, scale=scale,
-                          soft_cap=soft_cap, window=window, backend=backend)
+                          soft_cap=soft_cap, window=window, backend=backend,
+                          return_lse=return_lse)
     n_tiles = len(set(geom.score_chunk_rows) | set(geom.value_chunk_rows))
     if schedule == "persistent" and n_tiles <= 4:
         # GQA: the best persistent configuration measured on H200 (docs/kernels.md).
@@ -220,7 +226,7 @@ def run_blocks(
                                  soft_cap=soft_cap, window=window, block_t=bt, backend=backend,
                                  num_warps=num_warps, num_stages=stages,
                                  num_programs=num_programs,
-                                 items_per_program=items_per_program)
+                                 items_per_program=items_per_program, return_lse=return_lse)
     if schedule != "split":
         raise ValueError(f"unknown schedule {schedule!r}")
     max_tokens = max_kv_tokens or page_table.shape[1] * geom.tokens_per_page
@@ -230,4 +236,5 @@ def run_blocks(
     return blocks_gpu(qb, blk_seq, blk_pos0, blk_nq, kv_lens, page_table, arena, geom,
                       rows_per_token=rows_per_token, num_gb=num_gb, scale=scale,
                       soft_cap=soft_cap, window=window, num_splits=ns, block_t=bt,
-                      backend=backend, num_warps=num_warps, num_stages=stages)
+                      backend=backend, num_warps=num_warps, num_stages=stages,
+                      return_lse=return_lse)

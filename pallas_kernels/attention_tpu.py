@@ -8,7 +8,9 @@ units of [T, R] blocks. Pallas's pipeline then DMAs each [T, R] chunk straight f
 (double-buffered) and never copies the arena. Steps outside the block's KV range repeat the
 nearest in-range block index, so the pipeline issues no DMA for them, and the body skips their
 compute. Online-softmax state lives in VMEM scratch; the output is written normalised at the last
-step (no split-KV: the (block, head) grid axes spread the work over the chip's TensorCores).
+step (no split-KV: the (block, head) grid axes spread the work over the chip's TensorCores), and,
+with ``return_lse``, the row's log-sum-exp ``m + log(l)`` from that same state (lane-replicated
+[M, 128] blocks; the caller keeps lane 0).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import dot_precision, interpret_flag, softcap_scores
+from pallas_kernels._common import dot_precision, interpret_flag, lse_from, softcap_scores
 from pallas_kernels.attention_core import kv_range
 from pallas_kernels.page_layout import PageGeometry
 
@@ -30,11 +32,12 @@ LANES = 128
 
 def _kernel(seq_ref, pos0_ref, nq_ref, kvlen_ref, tbl_ref, q_ref, *refs, geom: PageGeometry,
             pps: int, offsets: tuple[int, ...], rows_per_token: int, scale: float,
-            soft_cap: float | None, window: int | None):
+            soft_cap: float | None, window: int | None, return_lse: bool = False):
     n_in = pps * len(offsets)
     kv_refs = refs[:n_in]
     o_ref = refs[n_in]
-    m_ref, l_ref, acc_ref = refs[n_in + 1:]
+    lse_ref = refs[n_in + 1] if return_lse else None
+    m_ref, l_ref, acc_ref = refs[n_in + 1 + int(return_lse):]
     blk = pl.program_id(0)
     i = pl.program_id(2)
     t_pp, r = geom.tokens_per_page, geom.row_elems
@@ -95,6 +98,8 @@ def _kernel(seq_ref, pos0_ref, nq_ref, kvlen_ref, tbl_ref, q_ref, *refs, geom: P
         den = l_ref[...][:, :1]
         safe = jnp.where(den > 0, den, 1.0)
         o_ref[...] = jnp.where(den > 0, acc_ref[...] / safe, 0.0).astype(o_ref.dtype)
+        if lse_ref is not None:
+            lse_ref[...] = lse_from(m_ref[...], l_ref[...])
 
 
 def blocks_tpu(
@@ -114,12 +119,14 @@ def blocks_tpu(
     window: int | None,
     backend: str,
     pages_per_step: int | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Same contract as `pallas_kernels.attention_core.blocks_gpu`, on Mosaic TPU.
 
     M (qb.shape[2]) must be a multiple of 8 and tokens_per_page a multiple of the sublane tile
     (8 for 32-bit, 16 for 16-bit KV; `page_layout.default_token_align("tpu", dtype)`).
     pages_per_step: pages DMA'd per grid step (default: about 128 tokens' worth).
+    return_lse: return ``(out, lse [NB, heads, M])`` as `blocks_gpu`.
     """
     nb, hgs, m_rows, wq = qb.shape
     n_pages = arena.shape[0]
@@ -150,22 +157,27 @@ def blocks_tpu(
     wv = geom.out_width
     kernel = functools.partial(_kernel, geom=geom, pps=pps, offsets=offsets,
                                rows_per_token=rows_per_token, scale=scale, soft_cap=soft_cap,
-                               window=window)
+                               window=window, return_lse=return_lse)
+    out_specs = pl.BlockSpec((None, None, m_rows, wv), q_map)
+    out_shape = jax.ShapeDtypeStruct((nb, hgs, m_rows, wv), jnp.float32)
+    if return_lse:  # lane-replicated like the m/l scratch: whole (8, 128) tiles
+        out_specs = (out_specs, pl.BlockSpec((None, None, m_rows, LANES), q_map))
+        out_shape = (out_shape, jax.ShapeDtypeStruct((nb, hgs, m_rows, LANES), jnp.float32))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
         grid=(nb, hgs, steps),
         in_specs=[pl.BlockSpec((None, None, m_rows, wq), q_map), *kv_specs],
-        out_specs=pl.BlockSpec((None, None, m_rows, wv), q_map),
+        out_specs=out_specs,
         scratch_shapes=[
             pltpu.VMEM((m_rows, LANES), jnp.float32),
             pltpu.VMEM((m_rows, LANES), jnp.float32),
             pltpu.VMEM((m_rows, wv), jnp.float32),
         ],
     )
-    return pl.pallas_call(
+    res = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((nb, hgs, m_rows, wv), jnp.float32),
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret_flag(backend),
@@ -173,3 +185,7 @@ def blocks_tpu(
     )(blk_seq.astype(jnp.int32), blk_pos0.astype(jnp.int32), blk_nq.astype(jnp.int32),
       kv_lens.astype(jnp.int32), page_table.reshape(-1).astype(jnp.int32), qb,
       *([arena] * len(kv_specs)))
+    if not return_lse:
+        return res
+    out, lse = res
+    return out, lse[..., 0]

@@ -13,6 +13,10 @@ split of the sequence in blocks of ``block_t`` tokens, gathering each token's ro
 page table, and writes an unnormalised partial (o, m, l); a small jnp combine merges the splits
 (log-sum-exp). TPU (Mosaic): `pallas_kernels.attention_tpu`. The persistent GPU variant:
 `pallas_kernels.persistent`.
+
+``return_lse=True`` (every function, every backend and schedule) also returns the float32
+log-sum-exp of each query head's scores, for merging partial attentions of one sequence whose KV
+is split across devices (docs/kernels.md, "Log-sum-exp output").
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._common import next_pow2, pack_query_chunks, resolve_backend, softcap_scores
+from pallas_kernels._common import (
+    lse_from,
+    next_pow2,
+    pack_query_chunks,
+    resolve_backend,
+    softcap_scores,
+)
 from pallas_kernels.attention_core import run_blocks
 from pallas_kernels.page_layout import KVKind, PageGeometry
 from pallas_kernels.paged_reference import read_features
@@ -37,8 +47,12 @@ def _dense_attention(
     valid: jax.Array,
     scale: float,
     soft_cap: float | None,
-) -> jax.Array:
-    """scores = sum_i einsum(q_i, k_i) over [B, K, G, L]; values: [B, K, L, W]; valid: [B, L]."""
+) -> tuple[jax.Array, jax.Array]:
+    """scores = sum_i einsum(q_i, k_i) over [B, K, G, L]; values: [B, K, L, W]; valid: [B, L].
+
+    Returns (out [B, K, G, W] f32, lse [B, K, G] f32: log-sum-exp of the masked scores, -inf
+    for a row with no valid key).
+    """
     hp = lax.Precision.HIGHEST
     s = sum(
         jnp.einsum("bkgd,bkld->bkgl", qi.astype(jnp.float32), ki.astype(jnp.float32), precision=hp)
@@ -53,7 +67,8 @@ def _dense_attention(
     denom = jnp.sum(p, axis=-1, keepdims=True)
     v = jnp.where(valid[:, None, :, None], values.astype(jnp.float32), 0.0)
     o = jnp.einsum("bkgl,bklw->bkgw", p, v, precision=hp)
-    return jnp.where(denom > 0, o / jnp.where(denom > 0, denom, 1.0), 0.0)
+    out = jnp.where(denom > 0, o / jnp.where(denom > 0, denom, 1.0), 0.0)
+    return out, lse_from(m[..., 0], denom[..., 0])
 
 
 def _decode_valid(lengths: jax.Array, max_len: int, window: int | None) -> jax.Array:
@@ -74,7 +89,8 @@ def paged_decode_attention_reference(
     scale: float | None = None,
     soft_cap: float | None = None,
     window: int | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Plain-jnp GQA decode attention over the pages (fp32 math). Same contract as the kernel."""
     b, hq, d = q.shape
     kvh = geom.spec.kv_heads
@@ -82,9 +98,10 @@ def paged_decode_attention_reference(
     max_len = page_table.shape[1] * geom.tokens_per_page
     f = read_features(arena, geom, page_table, max_len)
     qg = q.reshape(b, kvh, hq // kvh, d)
-    o = _dense_attention([(qg, f["k"])], f["v"], _decode_valid(lengths, max_len, window), scale,
-                         soft_cap)
-    return o.reshape(b, hq, d).astype(q.dtype)
+    o, lse = _dense_attention([(qg, f["k"])], f["v"], _decode_valid(lengths, max_len, window),
+                              scale, soft_cap)
+    out = o.reshape(b, hq, d).astype(q.dtype)
+    return (out, lse.reshape(b, hq)) if return_lse else out
 
 
 def paged_mla_decode_attention_reference(
@@ -98,7 +115,8 @@ def paged_mla_decode_attention_reference(
     scale: float,
     soft_cap: float | None = None,
     window: int | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Plain-jnp MLA (absorbed) decode attention. Same contract as the kernel."""
     max_len = page_table.shape[1] * geom.tokens_per_page
     f = read_features(arena, geom, page_table, max_len)
@@ -106,8 +124,10 @@ def paged_mla_decode_attention_reference(
     parts = [(q_latent[:, None], lat)]
     if geom.spec.rope_dim:
         parts.append((q_rope[:, None], f["rope"][:, None]))
-    o = _dense_attention(parts, lat, _decode_valid(lengths, max_len, window), scale, soft_cap)
-    return o[:, 0].astype(q_latent.dtype)
+    o, lse = _dense_attention(parts, lat, _decode_valid(lengths, max_len, window), scale,
+                              soft_cap)
+    out = o[:, 0].astype(q_latent.dtype)
+    return (out, lse[:, 0]) if return_lse else out
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -121,11 +141,13 @@ def _run_decode(
     geom: PageGeometry,
     *,
     group_block: int,
+    return_lse: bool = False,
     **kw,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """qp: [B, KVH, Gp, q_width] packed queries -> [B, KVH, Gp, out_width] f32 (normalised).
 
     One query block per sequence at position ``length - 1``; ``group_block`` rows per program.
+    return_lse: also return lse [B, KVH, Gp] f32 (-inf for an empty slot).
     """
     b, kvh, gp, wq = qp.shape
     if gp % group_block:
@@ -135,9 +157,13 @@ def _run_decode(
     lengths = lengths.astype(jnp.int32)
     out = run_blocks(
         qb, jnp.arange(b, dtype=jnp.int32), lengths - 1, (lengths > 0).astype(jnp.int32),
-        lengths, page_table, arena, geom, rows_per_token=group_block, num_gb=num_gb, **kw,
+        lengths, page_table, arena, geom, rows_per_token=group_block, num_gb=num_gb,
+        return_lse=return_lse, **kw,
     )
-    return out.reshape(b, kvh, gp, -1)
+    if not return_lse:
+        return out.reshape(b, kvh, gp, -1)
+    out, lse = out
+    return out.reshape(b, kvh, gp, -1), lse.reshape(b, kvh, gp)
 
 
 def _check_common(arena: jax.Array, page_table: jax.Array, lengths: jax.Array,
@@ -158,11 +184,11 @@ def _min_rows(backend: str) -> int:
     jax.jit,
     static_argnames=("geom", "scale", "soft_cap", "window", "backend", "schedule", "num_splits",
                      "block_t", "group_block", "num_warps", "num_stages", "num_programs",
-                     "items_per_program"),
+                     "items_per_program", "return_lse"),
 )
 def _paged_decode_attention(q, arena, page_table, lengths, *, geom, scale, soft_cap, window,
                             backend, schedule, num_splits, block_t, group_block, num_warps,
-                            num_stages, num_programs, items_per_program):
+                            num_stages, num_programs, items_per_program, return_lse=False):
     b, hq, d = q.shape
     kvh = geom.spec.kv_heads
     g = hq // kvh
@@ -174,8 +200,13 @@ def _paged_decode_attention(q, arena, page_table, lengths, *, geom, scale, soft_
                       scale=scale, soft_cap=soft_cap, window=window, backend=backend,
                       schedule=schedule, num_splits=num_splits, block_t=block_t,
                       num_warps=num_warps, num_stages=num_stages,
-                      num_programs=num_programs, items_per_program=items_per_program)
-    return out[:, :, :g, :d].reshape(b, hq, d).astype(q.dtype)
+                      num_programs=num_programs, items_per_program=items_per_program,
+                      return_lse=return_lse)
+    if not return_lse:
+        return out[:, :, :g, :d].reshape(b, hq, d).astype(q.dtype)
+    out, lse = out
+    return (out[:, :, :g, :d].reshape(b, hq, d).astype(q.dtype),
+            lse[:, :, :g].reshape(b, hq))
 
 
 def paged_decode_attention(
@@ -196,7 +227,8 @@ def paged_decode_attention(
     num_stages: int | None = None,
     num_programs: int | None = None,
     items_per_program: int = 2,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Decode attention (one new token per sequence) for a GQA/MQA/MHA model over paged KV.
 
     q: [B, num_q_heads, head_dim] (bf16 or f32); query head i reads kv head
@@ -217,7 +249,12 @@ def paged_decode_attention(
       step, Triton warps and pipeline stages; block_t / num_stages default to 64 / 2, and to
       128 / 3 for a "persistent" GQA launch); num_programs / items_per_program: persistent
       launch size (default 2 x SM count) and work items aimed at per program.
-    Returns [B, num_q_heads, head_dim] in q's dtype.
+    return_lse: also return the log-sum-exp of each head's scores (every backend and schedule).
+    Returns [B, num_q_heads, head_dim] in q's dtype; with ``return_lse`` the pair ``(out, lse)``,
+    lse [B, num_q_heads] float32 = ``log(sum_j exp(s_j))`` over the keys the query attends to
+    (s: scaled, soft-capped scores), -inf for an empty slot. Partial results of one sequence
+    over disjoint parts of its KV merge as ``o = sum_i exp(lse_i - M) o_i / sum_i exp(lse_i - M)``
+    (M = max_i lse_i) into the attention over all of it, with ``lse = M + log(sum_i ...)``.
     """
     if geom.spec.kind != KVKind.GQA:
         raise ValueError("paged_decode_attention needs a GQA geometry; use paged_mla_decode_attention")
@@ -228,25 +265,26 @@ def paged_decode_attention(
     be = resolve_backend(backend)
     if be == "reference":
         return paged_decode_attention_reference(q, arena, page_table, lengths, geom, scale=scale,
-                                                soft_cap=soft_cap, window=window)
+                                                soft_cap=soft_cap, window=window,
+                                                return_lse=return_lse)
     return _paged_decode_attention(q, arena, page_table, lengths, geom=geom, scale=scale,
                                    soft_cap=soft_cap, window=window, backend=be,
                                    schedule=schedule, num_splits=num_splits, block_t=block_t,
                                    group_block=None,
                                    num_warps=num_warps, num_stages=num_stages,
                                    num_programs=num_programs,
-                                   items_per_program=items_per_program)
+                                   items_per_program=items_per_program, return_lse=return_lse)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("geom", "scale", "soft_cap", "window", "backend", "schedule", "num_splits",
                      "block_t", "group_block", "num_warps", "num_stages", "num_programs",
-                     "items_per_program"),
+                     "items_per_program", "return_lse"),
 )
 def _paged_mla_decode(q_latent, q_rope, arena, page_table, lengths, *, geom, scale, soft_cap,
                       window, backend, schedule, num_splits, block_t, group_block, num_warps,
-                            num_stages, num_programs, items_per_program):
+                      num_stages, num_programs, items_per_program, return_lse=False):
     _, h, c = q_latent.shape
     hp = max(_min_rows(backend), next_pow2(h))
     q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
@@ -258,8 +296,11 @@ def _paged_mla_decode(q_latent, q_rope, arena, page_table, lengths, *, geom, sca
                       soft_cap=soft_cap, window=window, backend=backend, schedule=schedule,
                       num_splits=num_splits, block_t=block_t, num_warps=num_warps,
                       num_stages=num_stages, num_programs=num_programs,
-                      items_per_program=items_per_program)
-    return out[:, 0, :h, :c].astype(q_latent.dtype)
+                      items_per_program=items_per_program, return_lse=return_lse)
+    if not return_lse:
+        return out[:, 0, :h, :c].astype(q_latent.dtype)
+    out, lse = out
+    return out[:, 0, :h, :c].astype(q_latent.dtype), lse[:, 0, :h]
 
 
 def paged_mla_decode_attention(
@@ -282,7 +323,8 @@ def paged_mla_decode_attention(
     num_stages: int | None = None,
     num_programs: int | None = None,
     items_per_program: int = 2,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """DeepSeek MLA decode attention in absorbed form over paged latents.
 
     q_latent: [B, H, kv_lora_rank] queries already multiplied by W_UK (in the latent space);
@@ -293,7 +335,8 @@ def paged_mla_decode_attention(
     group_block: query heads per program on GPU (default 16); the head blocks of one sequence
       run side by side and share the latents through L2; larger blocks need more registers.
     Returns [B, H, kv_lora_rank]: the attention-weighted latent (the caller applies W_UV), in
-    q_latent's dtype.
+    q_latent's dtype; with ``return_lse`` the pair ``(out, lse [B, H] float32)`` as
+    `paged_decode_attention`.
     """
     if geom.spec.kind != KVKind.MLA:
         raise ValueError("paged_mla_decode_attention needs an MLA geometry")
@@ -304,14 +347,14 @@ def paged_mla_decode_attention(
     if be == "reference":
         return paged_mla_decode_attention_reference(q_latent, q_rope, arena, page_table, lengths,
                                                     geom, scale=scale, soft_cap=soft_cap,
-                                                    window=window)
+                                                    window=window, return_lse=return_lse)
     return _paged_mla_decode(q_latent, q_rope, arena, page_table, lengths, geom=geom,
                              scale=float(scale), soft_cap=soft_cap, window=window, backend=be,
                              schedule=schedule, num_splits=num_splits, block_t=block_t,
                              group_block=group_block,
                              num_warps=num_warps, num_stages=num_stages,
                              num_programs=num_programs,
-                             items_per_program=items_per_program)
+                             items_per_program=items_per_program, return_lse=return_lse)
 
 
 def decode_kv_bytes(lengths, geom: PageGeometry, window: int | None = None) -> int:

@@ -31,6 +31,7 @@ from pallas_kernels._common import (
     flat_rows,
     gpu_compiler_params,
     interpret_flag,
+    lse_from,
 )
 from pallas_kernels.attention_core import kv_range, num_sms
 from pallas_kernels.page_layout import PageGeometry
@@ -139,13 +140,15 @@ def blocks_persistent(
     items_per_program: int = 2,
     min_split: int | None = None,
     combine: str = "kernel",
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Same contract as `pallas_kernels.attention_core.blocks_gpu`, one persistent launch.
 
     num_programs: programs in the launch (default 2 x the device's SM count).
     items_per_program: work items aimed at per program (more: finer balance, more partials).
     min_split: smallest item in tokens (default 4 x block_t).
     combine: "kernel" (a Pallas merge, one program per (block, head)) or "xla" (segment ops).
+    return_lse: return ``(out, lse [NB, heads, M])``; both combines keep the merged (m, l).
     """
     nb, hgs, m_rows, _ = qb.shape
     p = num_programs or 2 * num_sms()
@@ -175,13 +178,18 @@ def blocks_persistent(
       blk_seq.astype(jnp.int32), blk_pos0.astype(jnp.int32),
       page_table.reshape(-1).astype(jnp.int32), qb, flat_rows(arena))
     if combine == "xla":
-        out = combine_items_xla(o, m, den, work["item_bh"], work["n_items"], nb * hgs)
+        res = combine_items_xla(o, m, den, work["item_bh"], work["n_items"], nb * hgs,
+                                return_lse=return_lse)
     else:
-        out = combine_items_kernel(o, m, den, work["seg_first"], work["seg_count"], backend)
-    return out.reshape(nb, hgs, m_rows, wv)
+        res = combine_items_kernel(o, m, den, work["seg_first"], work["seg_count"], backend,
+                                   return_lse=return_lse)
+    if not return_lse:
+        return res.reshape(nb, hgs, m_rows, wv)
+    out, lse = res
+    return out.reshape(nb, hgs, m_rows, wv), lse.reshape(nb, hgs, m_rows)
 
 
-def _combine_kernel(first_ref, count_ref, o_ref, m_ref, l_ref, out_ref, *, unroll: int):
+def _combine_kernel(first_ref, count_ref, o_ref, m_ref, l_ref, out_ref, *lse_ref, unroll: int):
     seg = pl.program_id(0)
     first = first_ref[seg]
     cnt = count_ref[seg]
@@ -207,13 +215,16 @@ def _combine_kernel(first_ref, count_ref, o_ref, m_ref, l_ref, out_ref, *, unrol
 
     init = (jnp.full((m_rows,), -jnp.inf, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
             jnp.zeros((m_rows, w), jnp.float32))
-    _, l_run, acc = lax.fori_loop(0, (cnt + unroll - 1) // unroll, body, init)
+    m_run, l_run, acc = lax.fori_loop(0, (cnt + unroll - 1) // unroll, body, init)
     safe = jnp.where(l_run > 0, l_run, 1.0)
     out_ref[seg, :, :] = jnp.where((l_run > 0)[:, None], acc / safe[:, None], 0.0)
+    if lse_ref:
+        lse_ref[0][seg, :] = lse_from(m_run, l_run)
 
 
 def combine_items_kernel(o: jax.Array, m: jax.Array, den: jax.Array, seg_first: jax.Array,
-                         seg_count: jax.Array, backend: str, unroll: int = 4) -> jax.Array:
+                         seg_count: jax.Array, backend: str, unroll: int = 4,
+                         return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Log-sum-exp merge of work-item partials, one program per (block, head) segment.
 
     o: [I, M, W], m/den: [I, M] partials; segment k owns the contiguous items
@@ -221,13 +232,17 @@ def combine_items_kernel(o: jax.Array, m: jax.Array, den: jax.Array, seg_first: 
     items cannot leak in). Returns [num_segments, M, W] f32; an empty segment gives 0.
     A Pallas kernel rather than XLA segment ops: those lower to scatters whose cost on GPU grew
     with the size of the whole partials buffer (see docs/kernels.md, "Measured").
+    return_lse: also return the merged log-sum-exp [num_segments, M] (-inf for no key).
     """
     nseg = seg_first.shape[0]
     _, m_rows, w = o.shape
+    out_shape = jax.ShapeDtypeStruct((nseg, m_rows, w), jnp.float32)
+    if return_lse:
+        out_shape = (out_shape, jax.ShapeDtypeStruct((nseg, m_rows), jnp.float32))
     return pl.pallas_call(
         functools.partial(_combine_kernel, unroll=unroll),
         grid=(nseg,),
-        out_shape=jax.ShapeDtypeStruct((nseg, m_rows, w), jnp.float32),
+        out_shape=out_shape,
         interpret=interpret_flag(backend),
         compiler_params=None if backend != "gpu" else gpu_compiler_params(4, 1),
         name="persistent_combine",
@@ -235,11 +250,13 @@ def combine_items_kernel(o: jax.Array, m: jax.Array, den: jax.Array, seg_first: 
 
 
 def combine_items_xla(o: jax.Array, m: jax.Array, den: jax.Array, item_bh: jax.Array,
-                  n_items: jax.Array, num_segments: int) -> jax.Array:
+                      n_items: jax.Array, num_segments: int,
+                      return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Log-sum-exp merge of work-item partials into their (block, head) segments.
 
     o: [I, M, W], m/l: [I, M] partials (entries >= n_items are never written: ignored, even
     if NaN). Returns [num_segments, M, W] f32; a segment with no item (empty sequence) is 0.
+    return_lse: also return the merged log-sum-exp [num_segments, M] (-inf for no key).
     """
     live = jnp.arange(o.shape[0]) < n_items[0]
     seg = jnp.where(live, item_bh, num_segments)  # out of range -> dropped by segment ops
@@ -254,4 +271,5 @@ def combine_items_xla(o: jax.Array, m: jax.Array, den: jax.Array, item_bh: jax.A
     o_seg = jax.ops.segment_sum(w[..., None] * o, seg, num_segments=num_segments,
                                 indices_are_sorted=True)
     safe = jnp.where(l_seg > 0, l_seg, 1.0)
-    return jnp.where((l_seg > 0)[..., None], o_seg / safe[..., None], 0.0)
+    out = jnp.where((l_seg > 0)[..., None], o_seg / safe[..., None], 0.0)
+    return (out, lse_from(m_seg, l_seg)) if return_lse else out

@@ -17,6 +17,9 @@ latents into per-head K/V with a dense attention); the absorbed form here reads 
 
 Internally the queries are cut into blocks of ``block_q`` tokens of one sequence and run by the
 shared core (`pallas_kernels.attention_core`), the same kernels as decode.
+
+``return_lse=True`` also returns each query row's float32 log-sum-exp (see
+`pallas_kernels.decode.paged_decode_attention`); -inf for rows outside every sequence.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._common import next_pow2, pack_query_chunks, resolve_backend, softcap_scores
+from pallas_kernels._common import (
+    lse_from,
+    next_pow2,
+    pack_query_chunks,
+    resolve_backend,
+    softcap_scores,
+)
 from pallas_kernels.attention_core import run_blocks
 from pallas_kernels.page_layout import KVKind, PageGeometry
 from pallas_kernels.paged_reference import read_features
@@ -45,7 +54,10 @@ def _row_seq_pos(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int):
 
 
 def _prefill_dense(parts, values, cu_q_lens, kv_lens, max_len, scale, soft_cap, window):
-    """parts: [(q [T, K, G, d], k [B, K, L, d])...], values [B, K, L, W] -> [T, K, G, W] f32."""
+    """parts: [(q [T, K, G, d], k [B, K, L, d])...], values [B, K, L, W].
+
+    Returns (out [T, K, G, W] f32, lse [T, K, G] f32; -inf for a row that sees no key).
+    """
     t = parts[0][0].shape[0]
     b, pos, valid = _row_seq_pos(cu_q_lens, kv_lens, t)
     hp = lax.Precision.HIGHEST
@@ -68,7 +80,8 @@ def _prefill_dense(parts, values, cu_q_lens, kv_lens, max_len, scale, soft_cap, 
     v = values[b].astype(jnp.float32)  # [T, K, L, W]
     v = jnp.where(mask[:, None, :, None], v, 0.0)
     o = jnp.einsum("tkgl,tklw->tkgw", p, v, precision=hp)
-    return jnp.where(den > 0, o / jnp.where(den > 0, den, 1.0), 0.0)
+    out = jnp.where(den > 0, o / jnp.where(den > 0, den, 1.0), 0.0)
+    return out, lse_from(mx[..., 0], den[..., 0])
 
 
 def paged_prefill_attention_reference(
@@ -82,7 +95,8 @@ def paged_prefill_attention_reference(
     scale: float | None = None,
     soft_cap: float | None = None,
     window: int | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Plain-jnp GQA chunked-prefill attention (fp32 math). Same contract as the kernel."""
     t, hq, d = q.shape
     kvh = geom.spec.kv_heads
@@ -90,9 +104,10 @@ def paged_prefill_attention_reference(
     max_len = page_table.shape[1] * geom.tokens_per_page
     f = read_features(arena, geom, page_table, max_len)
     qg = q.reshape(t, kvh, hq // kvh, d)
-    o = _prefill_dense([(qg, f["k"])], f["v"], cu_q_lens, kv_lens, max_len, scale, soft_cap,
-                       window)
-    return o.reshape(t, hq, d).astype(q.dtype)
+    o, lse = _prefill_dense([(qg, f["k"])], f["v"], cu_q_lens, kv_lens, max_len, scale,
+                            soft_cap, window)
+    out = o.reshape(t, hq, d).astype(q.dtype)
+    return (out, lse.reshape(t, hq)) if return_lse else out
 
 
 def paged_mla_prefill_attention_reference(
@@ -107,7 +122,8 @@ def paged_mla_prefill_attention_reference(
     scale: float,
     soft_cap: float | None = None,
     window: int | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Plain-jnp MLA (absorbed) chunked-prefill attention. Same contract as the kernel."""
     max_len = page_table.shape[1] * geom.tokens_per_page
     f = read_features(arena, geom, page_table, max_len)
@@ -115,8 +131,9 @@ def paged_mla_prefill_attention_reference(
     parts = [(q_latent[:, None], lat)]
     if geom.spec.rope_dim:
         parts.append((q_rope[:, None], f["rope"][:, None]))
-    o = _prefill_dense(parts, lat, cu_q_lens, kv_lens, max_len, scale, soft_cap, window)
-    return o[:, 0].astype(q_latent.dtype)
+    o, lse = _prefill_dense(parts, lat, cu_q_lens, kv_lens, max_len, scale, soft_cap, window)
+    out = o[:, 0].astype(q_latent.dtype)
+    return (out, lse[:, 0]) if return_lse else out
 
 
 def query_blocks(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int, block_q: int):
@@ -145,8 +162,12 @@ def query_blocks(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int, bloc
     return jnp.where(live, b, -1), pos0, nq, tok_idx
 
 
-def _run_prefill(qp, arena, page_table, kv_lens, cu_q_lens, geom, *, group_block, block_q, **kw):
-    """qp: [T, KVH, Gp, q_width] -> [T, KVH, Gp, out_width] f32 (rows outside sequences: 0)."""
+def _run_prefill(qp, arena, page_table, kv_lens, cu_q_lens, geom, *, group_block, block_q,
+                 return_lse=False, **kw):
+    """qp: [T, KVH, Gp, q_width] -> [T, KVH, Gp, out_width] f32 (rows outside sequences: 0).
+
+    return_lse: also return lse [T, KVH, Gp] f32 (rows outside sequences: -inf).
+    """
     t, kvh, gp, wq = qp.shape
     num_gb = gp // group_block
     blk_seq, pos0, nq, tok_idx = query_blocks(cu_q_lens, kv_lens, t, block_q)
@@ -155,12 +176,20 @@ def _run_prefill(qp, arena, page_table, kv_lens, cu_q_lens, geom, *, group_block
     qb = qrows.reshape(nb, block_q, kvh, num_gb, group_block, wq)
     qb = qb.transpose(0, 2, 3, 1, 4, 5).reshape(nb, kvh * num_gb, block_q * group_block, wq)
     out = run_blocks(qb, blk_seq, pos0, nq, kv_lens, page_table, arena, geom,
-                     rows_per_token=group_block, num_gb=num_gb, **kw)
+                     rows_per_token=group_block, num_gb=num_gb, return_lse=return_lse, **kw)
+    if return_lse:
+        out, lse = out
     wv = out.shape[-1]
     out = out.reshape(nb, kvh, num_gb, block_q, group_block, wv).transpose(0, 3, 1, 2, 4, 5)
     out = out.reshape(nb * block_q, kvh, gp, wv)
     res = jnp.zeros((t, kvh, gp, wv), jnp.float32)
-    return res.at[tok_idx.reshape(-1)].set(out, mode="drop")
+    res = res.at[tok_idx.reshape(-1)].set(out, mode="drop")
+    if not return_lse:
+        return res
+    lse = lse.reshape(nb, kvh, num_gb, block_q, group_block).transpose(0, 3, 1, 2, 4)
+    lse = lse.reshape(nb * block_q, kvh, gp)
+    lse_res = jnp.full((t, kvh, gp), -jnp.inf, jnp.float32)
+    return res, lse_res.at[tok_idx.reshape(-1)].set(lse, mode="drop")
 
 
 def _min_rows(backend: str) -> int:
@@ -172,13 +201,13 @@ def _default_block_q(rows_per_token: int, backend: str) -> int:
 
 
 _STATIC = ("geom", "scale", "soft_cap", "window", "backend", "schedule", "block_q", "num_splits",
-           "block_t", "group_block", "num_warps", "num_stages")
+           "block_t", "group_block", "num_warps", "num_stages", "return_lse")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _paged_prefill(q, arena, page_table, kv_lens, cu_q_lens, *, geom, scale, soft_cap, window,
                    backend, schedule, block_q, num_splits, block_t, group_block, num_warps,
-                   num_stages):
+                   num_stages, return_lse=False):
     t, hq, d = q.shape
     kvh = geom.spec.kv_heads
     g = hq // kvh
@@ -192,8 +221,11 @@ def _paged_prefill(q, arena, page_table, kv_lens, cu_q_lens, *, geom, scale, sof
                        cu_q_lens.astype(jnp.int32), geom, group_block=gp, block_q=bq,
                        scale=scale, soft_cap=soft_cap, window=window, backend=backend,
                        schedule=schedule, num_splits=num_splits or 1, block_t=block_t,
-                       num_warps=num_warps, num_stages=num_stages)
-    return out[:, :, :g, :d].reshape(t, hq, d).astype(q.dtype)
+                       num_warps=num_warps, num_stages=num_stages, return_lse=return_lse)
+    if not return_lse:
+        return out[:, :, :g, :d].reshape(t, hq, d).astype(q.dtype)
+    out, lse = out
+    return out[:, :, :g, :d].reshape(t, hq, d).astype(q.dtype), lse[:, :, :g].reshape(t, hq)
 
 
 def paged_prefill_attention(
@@ -214,7 +246,8 @@ def paged_prefill_attention(
     block_t: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Chunked-prefill attention for a GQA/MQA/MHA model over paged KV (chunk already appended).
 
     q: [T, num_q_heads, head_dim] the chunk queries of all sequences, packed.
@@ -226,7 +259,10 @@ def paged_prefill_attention(
     scale / soft_cap / window / backend / schedule: as `paged_decode_attention`.
     block_q: query tokens per program (default: 64 rows / padded group); num_splits: KV splits
       per query block on GPU (default 1: prefill usually has enough blocks).
-    Returns [T, num_q_heads, head_dim] in q's dtype.
+    return_lse: as `paged_decode_attention` (every backend and schedule).
+    Returns [T, num_q_heads, head_dim] in q's dtype; with ``return_lse`` the pair ``(out, lse)``,
+    lse [T, num_q_heads] float32 the log-sum-exp of each row's scores over the keys it sees
+    (-inf for rows outside every sequence).
     """
     if geom.spec.kind != KVKind.GQA:
         raise ValueError("paged_prefill_attention needs a GQA geometry")
@@ -238,17 +274,19 @@ def paged_prefill_attention(
     be = resolve_backend(backend)
     if be == "reference":
         return paged_prefill_attention_reference(q, arena, page_table, kv_lens, cu_q_lens, geom,
-                                                 scale=scale, soft_cap=soft_cap, window=window)
+                                                 scale=scale, soft_cap=soft_cap, window=window,
+                                                 return_lse=return_lse)
     return _paged_prefill(q, arena, page_table, kv_lens, cu_q_lens, geom=geom, scale=scale,
                           soft_cap=soft_cap, window=window, backend=be, schedule=schedule,
                           block_q=block_q, num_splits=num_splits, block_t=block_t,
-                          group_block=None, num_warps=num_warps, num_stages=num_stages)
+                          group_block=None, num_warps=num_warps, num_stages=num_stages,
+                          return_lse=return_lse)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _paged_mla_prefill(q_latent, q_rope, arena, page_table, kv_lens, cu_q_lens, *, geom, scale,
                        soft_cap, window, backend, schedule, block_q, num_splits, block_t,
-                       group_block, num_warps, num_stages):
+                       group_block, num_warps, num_stages, return_lse=False):
     _, h, c = q_latent.shape
     hp = max(_min_rows(backend), next_pow2(h))
     q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
@@ -260,8 +298,11 @@ def _paged_mla_prefill(q_latent, q_rope, arena, page_table, kv_lens, cu_q_lens, 
                        cu_q_lens.astype(jnp.int32), geom, group_block=gb, block_q=bq,
                        scale=scale, soft_cap=soft_cap, window=window, backend=backend,
                        schedule=schedule, num_splits=num_splits or 1, block_t=block_t,
-                       num_warps=num_warps, num_stages=num_stages)
-    return out[:, 0, :h, :c].astype(q_latent.dtype)
+                       num_warps=num_warps, num_stages=num_stages, return_lse=return_lse)
+    if not return_lse:
+        return out[:, 0, :h, :c].astype(q_latent.dtype)
+    out, lse = out
+    return out[:, 0, :h, :c].astype(q_latent.dtype), lse[:, 0, :h]
 
 
 def paged_mla_prefill_attention(
@@ -284,11 +325,13 @@ def paged_mla_prefill_attention(
     group_block: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
-) -> jax.Array:
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """MLA chunked prefill in absorbed form: q_latent [T, H, kv_lora_rank], q_rope [T, H, rope].
 
     Same contract as `paged_prefill_attention`; ``scale`` is required (see the MLA decode).
-    Returns [T, H, kv_lora_rank], the attention-weighted latents, in q_latent's dtype.
+    Returns [T, H, kv_lora_rank], the attention-weighted latents, in q_latent's dtype; with
+    ``return_lse`` the pair ``(out, lse [T, H] float32)``.
     """
     if geom.spec.kind != KVKind.MLA:
         raise ValueError("paged_mla_prefill_attention needs an MLA geometry")
@@ -298,9 +341,10 @@ def paged_mla_prefill_attention(
     if be == "reference":
         return paged_mla_prefill_attention_reference(q_latent, q_rope, arena, page_table, kv_lens,
                                                      cu_q_lens, geom, scale=scale,
-                                                     soft_cap=soft_cap, window=window)
+                                                     soft_cap=soft_cap, window=window,
+                                                     return_lse=return_lse)
     return _paged_mla_prefill(q_latent, q_rope, arena, page_table, kv_lens, cu_q_lens, geom=geom,
                               scale=float(scale), soft_cap=soft_cap, window=window, backend=be,
                               schedule=schedule, block_q=block_q, num_splits=num_splits,
                               block_t=block_t, group_block=group_block, num_warps=num_warps,
-                              num_stages=num_stages)
+                              num_stages=num_stages, return_lse=return_lse)

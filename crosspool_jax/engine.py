@@ -1,0 +1,359 @@
+"""`PooledEngine`: the serving engine over the one-program pooled step, in three modes.
+
+Modes (one switch, same devices, same kernels, batching, sampling and planner code):
+
+* ``crosspool``: one device group split into a KV pool and a weights pool (``pools="KV+WEIGHTS"``,
+  default half and half): every model's FFN weights consolidated on the weights devices, one KV
+  pool shared by the requests of every model on the KV devices, split-KV across KV devices.
+* ``shared`` (kvcached-like): every device is a colocated group holding whole models (placed to
+  balance weight bytes) and a KV arena shared elastically by the models placed there.
+* ``static``: the same placement as ``shared``, but each model gets a fixed KV reservation (an
+  equal share of its device's KV pages, as planner floor = cap).
+
+The Engine interface (crosspool_jax.engine_api) is the reference engine's: submit / stream events /
+cancel / load / unload / stats. One worker thread runs the groups' steps; requests, cancels and
+unloads from other threads are handed to it, so every GroupRunner is touched by one thread only.
+A cancel's pages are free before the worker's next step.
+
+Example (docs/engine.md has a runnable version)::
+
+    from crosspool_jax.engine import PooledEngine
+    from crosspool_jax.engine_api import make_request
+    eng = PooledEngine(mode="crosspool", pools="4+4")
+    eng.add_model("m", cfg, weights)
+    for ev in eng.submit(make_request("m", [1, 2, 3], max_new_tokens=8)):
+        print(ev.token_id, ev.finish_reason)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from crosspool_jax.config import ModelConfig
+from crosspool_jax.engine_api import (
+    FINISH_ERROR,
+    EngineStats,
+    Event,
+    ModelInfo,
+    ModelNotFoundError,
+    ReferenceEngine,
+    Usage,
+    _Live,
+)
+from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
+from crosspool_jax.params import ModelWeights, tree_bytes
+from crosspool_jax.planner import ModelLimits, RequestRejected
+from crosspool_jax.pool_runner import GroupRunner
+from crosspool_jax.topology import PoolTopology, Role
+from pallas_kernels.page_layout import PoolLayout
+
+MODES = ("crosspool", "shared", "static")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Sizes of the engine's arenas and its control knobs.
+
+    arena_bytes: bytes of each device's arena (default: 64 MiB on CPU; 80% of the device's free
+      memory on GPU). page_bytes: bytes of one KV page. weights_fraction: share of a KV device's
+      arena (crosspool) or of a colocated device's arena (shared/static) reserved for weights.
+    steps_per_call: decode tokens per host call (K). prefill_chunk: most prompt tokens of one
+      request per program call. dtype: the arena's (weights and KV) dtype, default the platform's
+      ("float32" on CPU, "bfloat16" elsewhere).
+    """
+
+    arena_bytes: int | None = None
+    page_bytes: int = 16384
+    weights_fraction: float = 0.5
+    steps_per_call: int = 4
+    prefill_chunk: int = 64
+    max_prefill_tokens: int = 512
+    dtype: str | None = None
+    attention_backend: str | None = None
+
+
+@dataclasses.dataclass
+class _Pending:
+    live: _Live
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    held: int = 0
+
+
+class PooledEngine(ReferenceEngine):
+    """The pooled engine (see module docstring). `mode`: "crosspool" | "shared" | "static";
+    `pools`: the crosspool device split ("KV+WEIGHTS"; shared/static: "N" devices to use)."""
+
+    def __init__(self, mode: str = "crosspool", pools: str | None = None, max_live_requests: int = 64,
+                 config: EngineConfig | None = None, devices: list[jax.Device] | None = None):
+        if mode not in MODES:
+            raise InvalidRequestError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.config = cfg = config or EngineConfig()
+        devs = list(devices or jax.devices())
+        platform = "gpu" if devs[0].platform in ("gpu", "cuda") else "cpu"
+        dtype = cfg.dtype or ("float32" if platform == "cpu" else "bfloat16")
+        itemsize = jnp.dtype(dtype).itemsize
+        row_elems = 128 if platform != "cpu" else 64
+        if cfg.page_bytes % (row_elems * itemsize):
+            raise InvalidRequestError(
+                f"page_bytes {cfg.page_bytes} must be a multiple of {row_elems * itemsize}")
+        arena = cfg.arena_bytes or (64 << 20 if platform == "cpu" else _gpu_arena_bytes(devs[0]))
+        num_pages = arena // cfg.page_bytes
+        layout = PoolLayout(cfg.page_bytes, dtype, row_elems, num_pages)
+        wpages = max(1, int(num_pages * cfg.weights_fraction))
+        kw = dict(steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk,
+                  max_prefill_tokens=cfg.max_prefill_tokens, backend=cfg.attention_backend,
+                  platform=platform)
+        self.groups: list[GroupRunner] = []
+        if mode == "crosspool":
+            if pools is None:
+                if len(devs) < 2:
+                    raise InvalidRequestError(
+                        "mode crosspool needs at least 2 devices (a KV and a weights pool)")
+                pools = f"{len(devs) // 2}+{len(devs) - len(devs) // 2}"
+            self.pools = pools
+            self.groups.append(GroupRunner(PoolTopology.split(pools, devs), layout, wpages, **kw))
+        else:
+            n = len(devs) if pools is None else int(pools)
+            if not 1 <= n <= len(devs):
+                raise InvalidRequestError(f"mode {mode}: pools must be a device count in [1, {len(devs)}]")
+            self.pools = str(n)
+            self.groups = [GroupRunner(None, layout, wpages, colocated=d, **kw) for d in devs[:n]]
+        self._model_group: dict[str, GroupRunner] = {}
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._pending_by_id: dict[str, _Pending] = {}
+        self._group_lock = threading.Lock()  # add/remove models vs the worker's steps
+        self._preemptions = 0
+        super().__init__(max_live_requests=max_live_requests)
+
+    # ---- models ------------------------------------------------------------------------------
+    def add_model(self, name: str, config: ModelConfig, weights: ModelWeights, tokenizer: Any = None,
+                  source: str = "") -> ModelInfo:
+        """Places a model (cast to the arena dtype) into its group; refused (CapacityError) if it
+        does not fit, with nothing already placed disturbed."""
+        info = super().add_model(name, config, weights, tokenizer, source)
+        dtype = jnp.dtype(self.groups[0].store.layout.dtype)
+        weights = jax.tree_util.tree_map_with_path(  # router biases stay f32 (stored bit for bit)
+            lambda path, a: a if str(getattr(path[-1], "key", "")) == "router_bias" else a.astype(dtype),
+            weights)
+        try:
+            with self._group_lock:
+                group = self._pick_group(config, weights)
+                group.add_model(name, config, weights)
+                self._model_group[name] = group
+                if self.mode == "static":
+                    self._set_static_limits(group)
+        except BaseException:
+            with self._lock:
+                self._models.pop(name, None)
+            raise
+        return info
+
+    def _pick_group(self, config: ModelConfig, weights: ModelWeights) -> GroupRunner:
+        if len(self.groups) == 1:
+            return self.groups[0]
+        load = {id(g): sum(tree_bytes(self._models_weights(n)) for n in g.geoms) for g in self.groups}
+        for g in sorted(self.groups, key=lambda g: load[id(g)]):
+            try:
+                probe = g.store.plan_model("__probe__", config, weights)
+            except CapacityError:
+                continue
+            g.store._release(probe)
+            return g
+        raise CapacityError(f"model {config.family} does not fit any device of mode {self.mode}")
+
+    def _models_weights(self, name: str) -> Any:
+        m = self._models.get(name)
+        return m.generator.weights if m is not None else {}
+
+    def _set_static_limits(self, group: GroupRunner) -> None:
+        names = list(group.geoms)
+        share = group.kv.config.total_pages // max(1, len(names))
+        group.set_limits({n: ModelLimits(floor_pages=share, cap_pages=share) for n in names})
+
+    def unload_model(self, name: str) -> int:
+        failed = super().unload_model(name)
+        self._inbox.put(("unload", name))
+        return failed
+
+    def weights_bytes(self, name: str) -> int:
+        group = self._model_group.get(name)
+        if group is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        ma = group.store.models[name]
+        rb = group.store.row_bytes()
+        st = group.store
+        return (ma.rows(Role.KV) * st.num_kv + ma.rows(Role.WEIGHTS) * st.num_weights) * rb
+
+    def model_eos_ids(self, name: str) -> tuple[int, ...]:
+        return tuple(self._model(name).generator.cfg.eos_token_ids)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def cancel(self, request_id: str) -> bool:
+        ok = super().cancel(request_id)
+        if ok:
+            self._inbox.put(("cancel", request_id))
+        return ok
+
+    def stats(self) -> EngineStats:
+        base = super().stats()
+        pages = []
+        for gi, g in enumerate(self.groups):
+            for d in range(g.kv.config.num_devices):
+                st = g.kv.device_stats(d)
+                dev = g.store.kv_devices[d]
+                pages.append((f"{dev.platform}:{dev.id}" if len(self.groups) == 1 else
+                              f"group{gi}/{dev.platform}:{dev.id}", st.pages_used, st.pages_total))
+        return dataclasses.replace(base, kv_pages=tuple(pages), preemptions=self._preemptions)
+
+    def describe(self) -> str:
+        g = self.groups[0]
+        topo = g.store.topology
+        where = topo.describe() if topo is not None else f"{len(self.groups)} colocated devices"
+        return (f"mode {self.mode}: {where}, one-program step, "
+                f"K={self.config.steps_per_call} tokens per host call")
+
+    # ---- the worker ----------------------------------------------------------------------------
+    def _run(self) -> None:  # replaces ReferenceEngine's per-request loop
+        while True:
+            try:
+                self._drain_inbox()
+                busy = self._step_groups()
+            except Exception as e:  # an engine bug must not hang consumers: fail what is live
+                msg = " ".join(str(e).split()) or type(e).__name__
+                self._fail_all(f"internal error: {type(e).__name__}: {msg}")
+                busy = False
+            if self._stop.is_set():
+                return
+            if not busy:
+                time.sleep(0.002)
+
+    @property
+    def _stop(self) -> threading.Event:
+        ev = getattr(self, "_stop_event", None)
+        if ev is None:
+            ev = self._stop_event = threading.Event()
+        return ev
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                rid = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if rid is None:
+                self._stop.set()
+                continue
+            with self._lock:
+                lv = self._live.get(rid)
+            if lv is None or lv.done:
+                continue
+            self._admit(lv)
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "cancel":
+                p = self._pending_by_id.pop(arg, None)
+                if p is not None:
+                    self._model_group_of(p.live).cancel(arg)
+            elif kind == "unload":
+                with self._group_lock:
+                    group = self._model_group.pop(arg, None)
+                    if group is not None:
+                        gone = [r for r, p in self._pending_by_id.items() if p.live.request.model == arg]
+                        for rid in gone:
+                            group.fail(rid, "model unloaded")
+                            self._pending_by_id.pop(rid, None)
+                        group.remove_model(arg)
+                        if self.mode == "static":
+                            self._set_static_limits(group)
+
+    def _model_group_of(self, lv: _Live) -> GroupRunner:
+        return self._model_group[lv.request.model]
+
+    def _admit(self, lv: _Live) -> None:
+        r = lv.request
+        group = self._model_group.get(r.model)
+        if group is None:
+            self._finish(lv, FINISH_ERROR, error=f"model {r.model!r} is not loaded")
+            return
+        try:
+            group.submit(r.request_id, r.model, r.prompt_ids, r.max_new_tokens, r.sampling,
+                         r.stop_token_ids)
+        except RequestRejected as e:
+            self._finish(lv, FINISH_ERROR, error=f"rejected: {e}")
+            return
+        lv.running = True
+        self._pending_by_id[r.request_id] = _Pending(lv)
+
+    def _step_groups(self) -> bool:
+        busy = False
+        for group in self.groups:
+            with self._group_lock:
+                if not group.has_work:
+                    continue
+                busy = True
+                res = group.step()
+            self._preemptions += len(res.preempted)
+            for rid, toks in res.tokens.items():
+                p = self._pending_by_id.get(rid)
+                if p is None:
+                    continue
+                fin = res.finished.get(rid)
+                for i, t in enumerate(toks):
+                    last = fin is not None and i == len(toks) - 1
+                    self._emit(p, t, fin[0] if last else None)
+            for rid, (reason, _) in res.finished.items():
+                p = self._pending_by_id.pop(rid, None)
+                if p is not None and not p.live.done:  # finished without a token this step
+                    self._finish(p.live, reason, completion_tokens=len(p.tokens))
+        return busy
+
+    def _emit(self, p: _Pending, t: int, reason: str | None) -> None:
+        lv = p.live
+        if lv.done:
+            return
+        p.tokens.append(t)
+        piece = ""
+        tok_model = lv.model.tokenizer
+        if tok_model is not None:
+            full = tok_model.decode(p.tokens)
+            if full.endswith("\ufffd") and p.held < 3 and reason is None:
+                p.held += 1
+            else:
+                piece, p.text, p.held = full[len(p.text):], full, 0
+        with self._lock:
+            self._counts["tokens"] += 1
+        if reason is not None:
+            self._pending_by_id.pop(lv.request.request_id, None)
+            self._finish(lv, reason, last=(len(p.tokens) - 1, t, piece), completion_tokens=len(p.tokens))
+        else:
+            lv.handle._put(Event(lv.request.request_id, len(p.tokens) - 1, t, piece, time.time()))
+
+    def _fail_all(self, message: str) -> None:
+        for rid, p in list(self._pending_by_id.items()):
+            with contextlib.suppress(CrossPoolError, KeyError, RuntimeError):
+                self._model_group_of(p.live).fail(rid, message)
+            self._finish(p.live, FINISH_ERROR, error=message)
+        self._pending_by_id.clear()
+
+
+def _gpu_arena_bytes(device: jax.Device) -> int:
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit", 16 << 30)
+    used = stats.get("bytes_in_use", 0)
+    return int((limit - used) * 0.8)
+
+
+__all__ = ["MODES", "EngineConfig", "PooledEngine", "Usage"]

@@ -170,35 +170,50 @@ def model_tensors(cfg: ModelConfig, weights: ModelWeights, num_weights_devices: 
     sharded as the module docstring says.
     """
     w = num_weights_devices
-    a = jax.tree.map(np.asarray, weights.attn)
-    f = jax.tree.map(np.asarray, weights.ffn)
+    a, f = weights.attn, weights.ffn  # arrays or ShapeDtypeStructs: nothing is read until a piece is
 
-    def rep(name: str, role: Role, arr: np.ndarray, stacked: bool):
+    def host(x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def rep(name: str, role: Role, arr: Any, stacked: bool, get: Callable[[], np.ndarray] | None = None):
         shape = arr.shape[1:] if stacked else arr.shape
         items = arr.shape[0] if stacked else 1
-        return name, role, tuple(shape), items, str(arr.dtype), None, (lambda j, arr=arr: arr)
+        get = get or (lambda arr=arr: host(arr))
+        return name, role, tuple(shape), items, str(np.dtype(arr.dtype)), None, (lambda j: get())
 
     yield rep("attn/embed", Role.KV, a["embed"], False)
     yield rep("attn/final_norm", Role.KV, a["final_norm"], False)
-    head = a["embed"].T if cfg.tie_word_embeddings else a["lm_head"]
-    yield rep("attn/lm_head", Role.KV, np.ascontiguousarray(head), False)
+    if cfg.tie_word_embeddings:
+        e = a["embed"]
+        yield rep("attn/lm_head", Role.KV, jax.ShapeDtypeStruct(e.shape[::-1], e.dtype), False,
+                  lambda e=e: np.ascontiguousarray(host(e).T))
+    else:
+        yield rep("attn/lm_head", Role.KV, a["lm_head"], False)
     layers = dict(a["layers"])
     if cfg.attention == AttentionKind.GQA:
-        layers["wqkv"] = np.concatenate([layers.pop("wq"), layers.pop("wk"), layers.pop("wv")], -1)
-        if "bq" in layers:
-            layers["bqkv"] = np.concatenate([layers.pop("bq"), layers.pop("bk"), layers.pop("bv")], -1)
+        for fused, parts in (("wqkv", ("wq", "wk", "wv")), ("bqkv", ("bq", "bk", "bv"))):
+            if parts[0] not in layers:
+                continue
+            arrs = [layers.pop(p) for p in parts]
+            spec = jax.ShapeDtypeStruct((*arrs[0].shape[:-1], sum(x.shape[-1] for x in arrs)),
+                                        arrs[0].dtype)
+            yield rep(f"attn/layers/{fused}", Role.KV, spec, True,
+                      lambda arrs=arrs: np.concatenate([host(x) for x in arrs], -1))
     for k, v in layers.items():
         yield rep(f"attn/layers/{k}", Role.KV, v, True)
+
+    def dt(x: Any) -> str:
+        return str(np.dtype(x.dtype))
 
     if "dense" in f:
         d = f["dense"]
         inter = d["w_down"].shape[1]
         loc = -(-inter // w)
         gu, dn = d["w_gate_up"], d["w_down"]
-        yield ("ffn/dense/w_gate_up", Role.WEIGHTS, (gu.shape[1], 2 * loc), gu.shape[0], str(gu.dtype),
-               None, lambda j, gu=gu, inter=inter: _tp_gate_up(gu, inter, w, j))
-        yield ("ffn/dense/w_down", Role.WEIGHTS, (loc, dn.shape[2]), dn.shape[0], str(dn.dtype),
-               None, lambda j, dn=dn, inter=inter: _tp_down(dn, inter, w, j))
+        yield ("ffn/dense/w_gate_up", Role.WEIGHTS, (gu.shape[1], 2 * loc), gu.shape[0], dt(gu),
+               None, lambda j, gu=gu, inter=inter: _tp_gate_up(host(gu), inter, w, j))
+        yield ("ffn/dense/w_down", Role.WEIGHTS, (loc, dn.shape[2]), dn.shape[0], dt(dn),
+               None, lambda j, dn=dn, inter=inter: _tp_down(host(dn), inter, w, j))
     if "moe" in f:
         m = f["moe"]
         lm, num_e, dim, two_i = m["w_gate_up"].shape
@@ -208,22 +223,23 @@ def model_tensors(cfg: ModelConfig, weights: ModelWeights, num_weights_devices: 
             yield rep("ffn/moe/router_bias", Role.WEIGHTS, m["router_bias"], True)
         gu, dn = m["w_gate_up"], m["w_down"]
 
-        def experts(arr: np.ndarray, j: int) -> np.ndarray:
-            arr = _pad_axis(arr, 1, e_loc * w)
-            return arr[:, j * e_loc:(j + 1) * e_loc]
+        def experts(arr: Any, j: int) -> np.ndarray:
+            lo, hi = j * e_loc, min((j + 1) * e_loc, num_e)
+            part = host(arr[:, lo:hi]) if hi > lo else np.zeros((lm, 0, *arr.shape[2:]), np.dtype(arr.dtype))
+            return _pad_axis(part, 1, e_loc)
 
-        yield ("ffn/moe/w_gate_up", Role.WEIGHTS, (e_loc, dim, two_i), lm, str(gu.dtype), None,
+        yield ("ffn/moe/w_gate_up", Role.WEIGHTS, (e_loc, dim, two_i), lm, dt(gu), None,
                lambda j, gu=gu: experts(gu, j))
-        yield ("ffn/moe/w_down", Role.WEIGHTS, (e_loc, two_i // 2, dim), lm, str(dn.dtype), None,
+        yield ("ffn/moe/w_down", Role.WEIGHTS, (e_loc, two_i // 2, dim), lm, dt(dn), None,
                lambda j, dn=dn: experts(dn, j))
         if "shared_gate_up" in m:
             sgu, sdn = m["shared_gate_up"], m["shared_down"]
             inter = sdn.shape[1]
             loc = -(-inter // w)
-            yield ("ffn/moe/shared_gate_up", Role.WEIGHTS, (dim, 2 * loc), lm, str(sgu.dtype), None,
-                   lambda j, sgu=sgu, inter=inter: _tp_gate_up(sgu, inter, w, j))
-            yield ("ffn/moe/shared_down", Role.WEIGHTS, (loc, dim), lm, str(sdn.dtype), None,
-                   lambda j, sdn=sdn, inter=inter: _tp_down(sdn, inter, w, j))
+            yield ("ffn/moe/shared_gate_up", Role.WEIGHTS, (dim, 2 * loc), lm, dt(sgu), None,
+                   lambda j, sgu=sgu, inter=inter: _tp_gate_up(host(sgu), inter, w, j))
+            yield ("ffn/moe/shared_down", Role.WEIGHTS, (loc, dim), lm, dt(sdn), None,
+                   lambda j, sdn=sdn, inter=inter: _tp_down(host(sdn), inter, w, j))
             if "shared_gate" in m:
                 yield rep("ffn/moe/shared_gate", Role.WEIGHTS, m["shared_gate"], True)
 

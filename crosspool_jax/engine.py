@@ -67,7 +67,7 @@ class EngineConfig:
       arena (crosspool) or of a colocated device's arena (shared/static) reserved for weights.
     steps_per_call: decode tokens per host call (K). prefill_chunk: most prompt tokens of one
       request per program call. dtype: the arena's (weights and KV) dtype, default the platform's
-      ("float32" on CPU, "bfloat16" elsewhere).
+      ("float32" on CPU, "bfloat16" elsewhere). micro_batches: 2 = ping-pong decode lanes.
     """
 
     arena_bytes: int | None = None
@@ -78,6 +78,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512
     dtype: str | None = None
     attention_backend: str | None = None
+    micro_batches: int = 1
 
 
 @dataclasses.dataclass
@@ -112,7 +113,7 @@ class PooledEngine(ReferenceEngine):
         wpages = max(1, int(num_pages * cfg.weights_fraction))
         kw = dict(steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk,
                   max_prefill_tokens=cfg.max_prefill_tokens, backend=cfg.attention_backend,
-                  platform=platform)
+                  platform=platform, micro_batches=cfg.micro_batches)
         self.groups: list[GroupRunner] = []
         if mode == "crosspool":
             if pools is None:

@@ -93,6 +93,9 @@ class GroupRunner:
     per step (chunked prefill interleaved with decode). backend: the kernels' backend.
     kv_pages_per_device: KV pages the virtualizer hands out per KV device (default: all the arena's
     KV pages; fewer leaves the rest unused, e.g. to give two modes the same KV budget).
+    micro_batches: decode lanes per model (2: ping-pong, each model's slots split in two lanes whose
+    layers interleave so attention and experts overlap across the pools; requests split across KV
+    devices stay in one lane).
     """
 
     def __init__(
@@ -109,11 +112,15 @@ class GroupRunner:
         platform: str | None = None,
         planner_config: PlannerConfig | None = None,
         kv_pages_per_device: int | None = None,
+        micro_batches: int = 1,
     ):
         self.store = ArenaStore(topology, layout, attn_pages, colocated=colocated)
         self.platform = platform or ("gpu" if jax.default_backend() in ("gpu", "cuda") else "cpu")
         self.backend = backend
         self.steps_per_call = steps_per_call
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.micro_batches = micro_batches
         self.prefill_chunk = prefill_chunk
         self.max_prefill_tokens = max_prefill_tokens
         pages = self.store.kv_pages if kv_pages_per_device is None else kv_pages_per_device
@@ -274,7 +281,14 @@ class GroupRunner:
         host_inputs: list[dict[str, np.ndarray]] = []
         placements: list[list[tuple[str, int, int, int, bool]]] = []
         k_steps = 1
+        groups = []
         for model, rows in sorted(by_model.items()):
+            mb = self.micro_batches
+            if decode and mb > 1 and len(rows) >= mb and not any(r[4] for r in rows):
+                groups += [(model, rows[i::mb]) for i in range(mb)]  # ping-pong lanes
+            else:
+                groups.append((model, rows))
+        for model, rows in groups:
             cfg = store.models[model].config
             geom = self.geoms[model]
             tpp = geom.tokens_per_page

@@ -462,26 +462,37 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                     tail_len = jnp.where(is_kv, ln_len, 0)
                 x = rd.embed(jnp.where(row_ok, tok, 0))
                 states.append(_LaneState(x, pos, row_ok, tail_len, inp))
+            # Software-pipelined lane order: lane i's attention of layer l is emitted next to the
+            # FFN of the lane before it, so with 2+ lanes (micro-batches) the KV devices' attention
+            # and the weights devices' experts can run at the same time.
+            pending: list[tuple[int, int, jax.Array]] = []
+
+            def run_ffn(i: int, layer: int, f_rows: jax.Array) -> None:
+                ln, st = lanes[i], states[i]
+                rd = _Reader(arena.reshape(-1, arena.shape[-1]), ln.ma, mm_backend)
+                part = ln.ffn(rd, f_rows, layer, dev, is_w)
+                total = lax.psum(jnp.where(is_w, part, 0.0), POOL_AXIS)
+                t = ln.shape.tokens
+                mine = lax.dynamic_slice_in_dim(total, jnp.minimum(dev, n_kv - 1) * t, t, axis=0)
+                st.x = st.x + mine.astype(st.x.dtype)
+
             max_layers = max(ln.cfg.num_layers for ln in lanes)
             for layer in range(max_layers):
-                f_ins = []
-                for ln, st in zip(lanes, states, strict=True):
+                for i, (ln, st) in enumerate(zip(lanes, states, strict=True)):
                     if layer >= ln.cfg.num_layers:
-                        f_ins.append(None)
                         continue
+                    for item in [p for p in pending if p[0] == i]:  # this lane's previous layer
+                        pending.remove(item)
+                        run_ffn(*item)
                     rd = _Reader(arena.reshape(-1, arena.shape[-1]), ln.ma, mm_backend)
                     arena, f_in = ln.attention(rd, arena, st, layer, dev, is_kv)
-                    f_ins.append(lax.all_gather(jnp.where(st.row_ok[:, None], f_in, 0), POOL_AXIS,
-                                                tiled=True)[: n_kv * ln.shape.tokens])
-                for ln, st, f_rows in zip(lanes, states, f_ins, strict=True):
-                    if f_rows is None:
-                        continue
-                    rd = _Reader(arena.reshape(-1, arena.shape[-1]), ln.ma, mm_backend)
-                    part = ln.ffn(rd, f_rows, layer, dev, is_w)
-                    total = lax.psum(jnp.where(is_w, part, 0.0), POOL_AXIS)
-                    t = ln.shape.tokens
-                    mine = lax.dynamic_slice_in_dim(total, jnp.minimum(dev, n_kv - 1) * t, t, axis=0)
-                    st.x = st.x + mine.astype(st.x.dtype)
+                    f_rows = lax.all_gather(jnp.where(st.row_ok[:, None], f_in, 0), POOL_AXIS,
+                                            tiled=True)[: n_kv * ln.shape.tokens]
+                    pending.append((i, layer, f_rows))
+                    if len(pending) > 1:
+                        run_ffn(*pending.pop(0))
+            while pending:
+                run_ffn(*pending.pop(0))
             new = []
             for ln, st, rem, done in zip(lanes, states, rems, dones, strict=True):
                 inp = st.inp

@@ -244,6 +244,15 @@ def model_tensors(cfg: ModelConfig, weights: ModelWeights, num_weights_devices: 
                 yield rep("ffn/moe/shared_gate", Role.WEIGHTS, m["shared_gate"], True)
 
 
+def model_rows(cfg: ModelConfig, weights: ModelWeights, num_weights_devices: int,
+               layout: PoolLayout) -> dict[Role, int]:
+    """Arena rows a model takes per KV device and per weights device (weights may be specs)."""
+    out = {Role.KV: 0, Role.WEIGHTS: 0}
+    for _, role, shape, items, dtype, _, _ in model_tensors(cfg, weights, num_weights_devices):
+        out[role] += TensorSlot(role, 0, items, shape, dtype, layout.row_elems, layout.dtype).rows
+    return out
+
+
 def local_sizes(cfg: ModelConfig, num_weights_devices: int) -> tuple[int, int, int]:
     """(experts, shared intermediate, dense intermediate) per weights device."""
     w = num_weights_devices

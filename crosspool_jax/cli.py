@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from crosspool_jax.errors import CrossPoolError
+from crosspool_jax.errors import CrossPoolError, InvalidRequestError
 
 EXIT_ERROR = 2
 DTYPES = ("bfloat16", "float16", "float32")
@@ -71,8 +71,14 @@ def _prompt_ids(text: str) -> list[int]:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate tokens with the single-model reference path")
-    p.add_argument("--model", required=True, metavar="PATH", help="HF directory or crosspool checkpoint")
+    p = sub.add_parser("generate", help="generate tokens (reference path, a pooled mode, or a server)")
+    p.add_argument("--model", required=True, action="append", metavar="PATH",
+                   help="HF directory or crosspool checkpoint (repeat: the prompt goes to every model "
+                        "concurrently, one JSON line per model)")
+    p.add_argument("--mode", choices=("reference", "crosspool", "shared", "static"), default="reference",
+                   help="execution mode (default reference: the single-model oracle path)")
+    p.add_argument("--pools", default=None, metavar="KV+W",
+                   help="crosspool device split (e.g. 4+4); shared/static: devices to use")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", type=_prompt_ids, metavar="1,2,3", help="prompt token ids")
     prompt.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the checkpoint's tokenizer)")
@@ -102,10 +108,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generates with the reference path (crosspool_jax.reference.generate_cli), or with --server
     through the gRPC client."""
     if getattr(args, "server", None):
+        if len(args.model) != 1:
+            raise InvalidRequestError("--server takes one --model NAME")
+        args.model = args.model[0]
         return _generate_remote(args)
-    from crosspool_jax.reference import generate_cli  # local import: keeps `crosspool --help` fast
+    if args.mode == "reference" and len(args.model) == 1:
+        from crosspool_jax.reference import generate_cli  # local import: keeps `crosspool --help` fast
 
-    return int(generate_cli(args))
+        args.model = args.model[0]
+        return int(generate_cli(args))
+    return _generate_pooled(args)
+
+
+def _generate_pooled(args: argparse.Namespace) -> int:
+    """Several models (or a pooled mode): the prompt goes to every model concurrently through one
+    engine; one JSON line per model, in --model order."""
+    import json
+
+    from checkpoints import load_model
+    from crosspool_jax.engine import PooledEngine
+    from crosspool_jax.engine_api import ReferenceEngine, make_request
+    from crosspool_jax.sampling import SamplingParams
+
+    engine = ReferenceEngine() if args.mode == "reference" else PooledEngine(mode=args.mode, pools=args.pools)
+    try:
+        handles = []
+        for i, path in enumerate(args.model):
+            m = load_model(path)
+            name = f"{i}:{path}"
+            engine.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
+            if args.prompt is not None:
+                if m.tokenizer is None:
+                    raise InvalidRequestError(f"{path}: --prompt needs a tokenizer.json; use --prompt-ids")
+                ids = m.tokenizer.encode(args.prompt)
+            else:
+                ids = list(args.prompt_ids)
+            stops = list(m.config.eos_token_ids if args.stop_ids is None else args.stop_ids)
+            sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed)
+            handles.append((path, m, engine.submit(make_request(name, ids, args.max_new_tokens, sp, stops))))
+        for path, m, h in handles:
+            toks, reason, err = [], None, None
+            for ev in h.events():
+                if ev.token_id is not None:
+                    toks.append(ev.token_id)
+                reason, err = ev.finish_reason, ev.error
+            if reason == "error":
+                raise CrossPoolError(f"{path}: {err}")
+            line = {"model": path, "token_ids": toks, "finish_reason": reason}
+            if m.tokenizer is not None:
+                line["text"] = m.tokenizer.decode(toks)
+            print(json.dumps(line), flush=True)
+    finally:
+        engine.shutdown(timeout=0)
+    return 0
 
 
 def _generate_remote(args: argparse.Namespace) -> int:

@@ -442,6 +442,29 @@ class ArenaStore:
         self.models[name] = ma
         return ma
 
+    def place_model_random(self, name: str, cfg: ModelConfig, seed: int = 0, scale: float = 0.02
+                           ) -> ModelArena:
+        """Plans a model from its shapes and fills its rows on the devices with random values
+        (norms 1, router biases 0, everything else N(0, scale^2)): realistic-size models for
+        benchmarks without building weights on the host. Each tensor is generated in place."""
+        from crosspool_jax.params import weight_specs
+
+        specs = weight_specs(cfg, jnp.dtype(_np_dtype(self.layout.dtype)))
+        ma = self.plan_model(name, cfg, specs)
+        try:
+            for i, (tname, slot) in enumerate(sorted(ma.slots.items())):
+                kind = 1 if "norm" in tname.rsplit("/", 1)[-1] else 0 if "router_bias" in tname else 2
+                mask = np.array([d in self._pool_devices(slot.role) for d in self.devices])
+                flags = jax.device_put(mask, self.sharding)
+                key = jax.random.fold_in(jax.random.key(seed), i)
+                fill = _filler(self.mesh, slot.rows, kind, scale)
+                self.arena = fill(self.arena, flags, jnp.int32(slot.row), key)
+        except BaseException:
+            self._release(ma)
+            raise
+        self.models[name] = ma
+        return ma
+
     def remove_model(self, name: str) -> None:
         """Frees a model's rows (the bytes stay until overwritten; nothing reads them)."""
         ma = self.models.pop(name, None)
@@ -521,6 +544,29 @@ def _writer(mesh: Any, rows: int) -> Callable:
 
     f = shard_map(body, mesh, in_specs=(P(POOL_AXIS), P(POOL_AXIS), P(POOL_AXIS), P()),
                   out_specs=P(POOL_AXIS))
+    return jax.jit(f, donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=64)
+def _filler(mesh: Any, rows: int, kind: int, scale: float) -> Callable:
+    """jit(shard_map): flagged devices fill [rows, R] at `row` with 0 / 1 / N(0, scale^2).
+
+    donates: the arena.
+    """
+
+    def body(arena: jax.Array, flag: jax.Array, row: jax.Array, key: jax.Array) -> jax.Array:
+        n, rpp, r = arena.shape
+        flat = arena.reshape(n * rpp, r)
+        if kind == 2:
+            # the same values on every device of the role: replicated tensors stay identical
+            data = (jax.random.normal(key, (rows, r), jnp.float32) * scale).astype(arena.dtype)
+        else:
+            data = jnp.full((rows, r), float(kind), arena.dtype)
+        old = jax.lax.dynamic_slice_in_dim(flat, row, rows, axis=0)
+        new = jnp.where(flag[0], data, old)
+        return jax.lax.dynamic_update_slice_in_dim(flat, new, row, axis=0).reshape(n, rpp, r)
+
+    f = shard_map(body, mesh, in_specs=(P(POOL_AXIS), P(POOL_AXIS), P(), P()), out_specs=P(POOL_AXIS))
     return jax.jit(f, donate_argnums=(0,))
 
 

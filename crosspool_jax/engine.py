@@ -159,6 +159,27 @@ class PooledEngine(ReferenceEngine):
             raise
         return info
 
+    def add_random_model(self, name: str, config: ModelConfig, seed: int = 0, tokenizer: Any = None
+                         ) -> ModelInfo:
+        """A model with random weights generated on its devices (benchmarks at real sizes: no host
+        copy of the weights is ever built)."""
+        from crosspool_jax.params import weight_specs
+
+        specs = weight_specs(config, jnp.dtype(self.groups[0].store.layout.dtype))
+        info = super().add_model(name, config, specs, tokenizer, source=f"random(seed={seed})")
+        try:
+            with self._group_lock:
+                group = self._pick_group(config, specs)
+                group.add_random_model(name, config, seed)
+                self._model_group[name] = group
+                if self.mode == "static":
+                    self._set_static_limits(group)
+        except BaseException:
+            with self._lock:
+                self._models.pop(name, None)
+            raise
+        return info
+
     def _pick_group(self, config: ModelConfig, weights: ModelWeights) -> GroupRunner:
         if len(self.groups) == 1:
             return self.groups[0]

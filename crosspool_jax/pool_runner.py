@@ -144,6 +144,15 @@ class GroupRunner:
         self.geoms[name] = geom
         self._programs.clear()
 
+    def add_random_model(self, name: str, cfg: ModelConfig, seed: int = 0) -> None:
+        """A model with random weights generated on the devices (benchmarks at real sizes)."""
+        geom = model_geometry(cfg, self.store.layout, self.platform)
+        self.store.place_model_random(name, cfg, seed)
+        self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
+                                                tokens_per_page_override=geom.tokens_per_page))
+        self.geoms[name] = geom
+        self._programs.clear()
+
     def remove_model(self, name: str) -> None:
         live = [r for r in self.reqs.values() if r.model == name and not r.done]
         if live:

@@ -19,6 +19,7 @@ Shapes are bucketed (slots, tokens, pages to powers of two) so a handful of prog
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,7 +44,7 @@ from crosspool_jax.planner import (
 from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry
 from crosspool_jax.sampling import SamplingParams, seed_words
 from crosspool_jax.topology import PoolTopology
-from pallas_kernels.page_layout import PageGeometry, PoolLayout
+from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
 
 
 def _pow2(n: int, floor: int = 1) -> int:
@@ -96,6 +97,8 @@ class GroupRunner:
     micro_batches: decode lanes per model (2: ping-pong, each model's slots split in two lanes whose
     layers interleave so attention and experts overlap across the pools; requests split across KV
     devices stay in one lane).
+    host_swap_pages: host-memory page slots for swapped-out KV (0: preemption always recomputes;
+    otherwise the planner's `preemption` policy picks swap or recompute per request).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class GroupRunner:
         planner_config: PlannerConfig | None = None,
         kv_pages_per_device: int | None = None,
         micro_batches: int = 1,
+        host_swap_pages: int = 0,
     ):
         self.store = ArenaStore(topology, layout, attn_pages, colocated=colocated)
         self.platform = platform or ("gpu" if jax.default_backend() in ("gpu", "cuda") else "cpu")
@@ -126,7 +130,7 @@ class GroupRunner:
         pages = self.store.kv_pages if kv_pages_per_device is None else kv_pages_per_device
         if not 1 <= pages <= self.store.kv_pages:
             raise ValueError(f"kv_pages_per_device={pages} must be in [1, {self.store.kv_pages}]")
-        self.kv = KVVirtualizer(KVPoolConfig(self.store.num_kv, pages, layout.page_bytes))
+        self.kv = KVVirtualizer(KVPoolConfig(self.store.num_kv, pages, layout.page_bytes, host_swap_pages))
         self._planner_config = planner_config or PlannerConfig(preemption=PreemptionChoice.ALWAYS_RECOMPUTE)
         self.planner = KVPlanner(self.kv, self._planner_config)
         self.geoms: dict[str, PageGeometry] = {}
@@ -134,6 +138,10 @@ class GroupRunner:
         self._programs: dict[StepSpec, Callable] = {}
         self.preemptions = 0
         self.calls = 0
+        self.swapped_pages = 0
+        hp = self.kv.config.host_swap_pages
+        self._host_swap = (np.zeros((hp, layout.rows_per_page, layout.row_elems), _np_dtype(layout.dtype))
+                           if hp else None)
 
     # -- models --
     def add_model(self, name: str, cfg: ModelConfig, weights: ModelWeights) -> None:
@@ -218,6 +226,11 @@ class GroupRunner:
         from crosspool_jax.planner import StepInput
 
         plan = self.planner.step(StepInput(decode_lengths, prefill_token_budget=self.max_prefill_tokens))
+        # swap-outs before anything writes KV, swap-ins before anything reads it (planner contract)
+        for sp in plan.swap_outs:
+            self._swap(sp, to_host=True)
+        for sp in plan.swap_ins:
+            self._swap(sp, to_host=False)
         preempted = []
         for p in plan.preempted:
             self.preemptions += 1
@@ -257,6 +270,23 @@ class GroupRunner:
                 self._end(r, reason, info.message)
         self.calls += calls
         return StepResult(tokens, finished, calls, tuple(preempted))
+
+    # -- swap --
+    def _swap(self, plan: Any, to_host: bool) -> None:
+        """Copies a request's pages between the arena and the host swap slots (`plan.copies`)."""
+        if not plan.copies:
+            return
+        st = self.store
+        idx = np.array([c.device * st.layout.num_pages + st.kv_first_page + c.device_page
+                        for c in plan.copies], np.int32)
+        slots = np.array([c.host_slot for c in plan.copies], np.int64)
+        if self._host_swap is None:
+            raise RuntimeError("a swap was planned but the runner has no host swap space")
+        if to_host:
+            self._host_swap[slots] = np.asarray(_gather_pages(st.arena, jnp.asarray(idx)))
+        else:
+            st.arena = _scatter_pages(st.arena, jnp.asarray(idx), jnp.asarray(self._host_swap[slots]))
+        self.swapped_pages += len(plan.copies)
 
     # -- building one program call --
     def _segment_at(self, rid: str, pos: int) -> tuple[int, KVSegment, list[KVSegment]]:
@@ -408,6 +438,18 @@ class GroupRunner:
         # a decode range cut at a segment end continues in the next call unless it stopped
         return [w for w in rest
                 if not (w.decode and any(t in w.req.stop_ids for t in tokens.get(w.req.request_id, [])))]
+
+
+@functools.partial(jax.jit)
+def _gather_pages(arena: jax.Array, idx: jax.Array) -> jax.Array:
+    """[n] global page indices -> [n, rows_per_page, R] (a device-to-host swap's source)."""
+    return arena[idx]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter_pages(arena: jax.Array, idx: jax.Array, pages: jax.Array) -> jax.Array:
+    """Writes [n, rows_per_page, R] pages back at global page indices. donates: the arena."""
+    return arena.at[idx].set(pages.astype(arena.dtype))
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

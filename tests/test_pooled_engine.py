@@ -62,3 +62,48 @@ def test_cancel_frees_pages() -> None:
         assert sum(used for _, used, _ in eng.stats().kv_pages) == 0
     finally:
         eng.shutdown(timeout=0)
+
+
+@pytest.mark.parametrize("preemption", ["prefer_swap", "always_recompute"])
+def test_preemption_keeps_tokens(preemption: str) -> None:
+    """A KV pool too small for three concurrent requests: the planner preempts (swap to host and
+    back, or drop and recompute) and every request still equals the reference."""
+    import dataclasses
+
+    import numpy as np
+
+    from crosspool_jax.arena import model_rows
+    from crosspool_jax.planner import PlannerConfig, PreemptionChoice
+    from crosspool_jax.pool_runner import GroupRunner
+    from crosspool_jax.sampling import SamplingParams
+    from crosspool_jax.topology import PoolTopology, Role
+    from pallas_kernels.page_layout import PoolLayout
+
+    layout = PoolLayout(4096, "float32", 16, 1)
+    topo = PoolTopology.split("2+2")
+    w32 = {n: jax.tree.map(lambda a: a.astype(jnp.float32), m.weights) for n, m in MODELS.items()}
+    rows = {r: sum(model_rows(m.config, w32[n], 2, layout)[r] for n, m in MODELS.items()) for r in Role}
+    a_pages = -(-rows[Role.KV] // layout.rows_per_page) + 1
+    f_pages = -(-rows[Role.WEIGHTS] // layout.rows_per_page) + 1
+    runner = GroupRunner(topo, dataclasses.replace(layout, num_pages=max(f_pages, a_pages + 6)), a_pages,
+                         backend="reference", kv_pages_per_device=6, prefill_chunk=16,
+                         host_swap_pages=64 if preemption == "prefer_swap" else 0,
+                         planner_config=PlannerConfig(preemption=PreemptionChoice(preemption)))
+    for n, m in MODELS.items():
+        runner.add_model(n, m.config, w32[n])
+    rng = np.random.default_rng(0)
+    prompts = {n: [int(x) for x in rng.integers(1, 250, 30 + 7 * i)] for i, n in enumerate(MODELS)}
+    for n in MODELS:
+        runner.submit(n, n, prompts[n], 20, SamplingParams())
+    out: dict[str, list[int]] = {}
+    preempted = 0
+    while runner.has_work:
+        res = runner.step()
+        preempted += len(res.preempted)
+        for rid, toks in res.tokens.items():
+            out.setdefault(rid, []).extend(toks)
+    assert preempted > 0
+    assert (runner.swapped_pages > 0) == (preemption == "prefer_swap")
+    for n in MODELS:
+        assert out[n] == _reference(n, prompts[n], 20), n
+    assert runner.kv.pool_stats().pages_used == 0 and runner.kv.pool_stats().host_pages_used == 0

@@ -345,6 +345,19 @@ class KVPlanner:
     def config(self) -> PlannerConfig:
         return self._config
 
+    def update_costs(self, host_link_bytes_per_s: float | None = None,
+                     prefill_tokens_per_s: Mapping[ModelId, float] | None = None) -> None:
+        """Replace the swap/recompute cost constants with measured ones (the engine measures its
+        own swaps and prefill calls); later preemptions use them."""
+        cfg = self._config
+        if host_link_bytes_per_s is not None:
+            cfg = dataclasses.replace(cfg, host_link_bytes_per_s=float(host_link_bytes_per_s))
+        if prefill_tokens_per_s:
+            rates = dict(cfg.model_prefill_tokens_per_s)
+            rates.update({m: float(r) for m, r in prefill_tokens_per_s.items()})
+            cfg = dataclasses.replace(cfg, model_prefill_tokens_per_s=rates)
+        self._config = cfg
+
     @property
     def virtualizer(self) -> KVVirtualizer:
         return self._kv

@@ -139,6 +139,9 @@ class GroupRunner:
         self.preemptions = 0
         self.calls = 0
         self.swapped_pages = 0
+        self.link_rate: float | None = None  # measured host<->device bytes/s (swaps)
+        self.prefill_rate: dict[str, float] = {}  # measured prefill tokens/s per model
+        self._compiled_last_call = False
         hp = self.kv.config.host_swap_pages
         self._host_swap = (np.zeros((hp, layout.rows_per_page, layout.row_elems), _np_dtype(layout.dtype))
                            if hp else None)
@@ -245,7 +248,9 @@ class GroupRunner:
             dec = [w for w in work if w.decode]
             rest: list[_Work] = []
             if pre:
+                t0 = time.perf_counter()
                 rest += self._run(pre, False, tokens)
+                self._note_prefill(pre, time.perf_counter() - t0)
                 calls += 1
             if dec:
                 rest += self._run(dec, True, tokens)
@@ -271,6 +276,17 @@ class GroupRunner:
         self.calls += calls
         return StepResult(tokens, finished, calls, tuple(preempted))
 
+    def _note_prefill(self, items: list[_Work], seconds: float) -> None:
+        """Measured prefill throughput per model (EMA over calls) -> the planner's recompute cost."""
+        if self._compiled_last_call:  # compile time is not prefill time
+            return
+        total = sum(min(w.end - w.start, self.prefill_chunk) for w in items)
+        for m in {w.req.model for w in items}:
+            rate = total / max(seconds, 1e-9)  # tokens of all models per second of this call
+            old = self.prefill_rate.get(m)
+            self.prefill_rate[m] = rate if old is None else 0.8 * old + 0.2 * rate
+        self.planner.update_costs(prefill_tokens_per_s=dict(self.prefill_rate))
+
     # -- swap --
     def _swap(self, plan: Any, to_host: bool) -> None:
         """Copies a request's pages between the arena and the host swap slots (`plan.copies`)."""
@@ -282,11 +298,17 @@ class GroupRunner:
         slots = np.array([c.host_slot for c in plan.copies], np.int64)
         if self._host_swap is None:
             raise RuntimeError("a swap was planned but the runner has no host swap space")
+        t0 = time.perf_counter()
         if to_host:
             self._host_swap[slots] = np.asarray(_gather_pages(st.arena, jnp.asarray(idx)))
         else:
             st.arena = _scatter_pages(st.arena, jnp.asarray(idx), jnp.asarray(self._host_swap[slots]))
+            st.arena.block_until_ready()
         self.swapped_pages += len(plan.copies)
+        # measured host link rate (EMA) feeds the planner's swap-or-recompute choice
+        rate = len(plan.copies) * st.layout.page_bytes / max(time.perf_counter() - t0, 1e-9)
+        self.link_rate = rate if self.link_rate is None else 0.8 * self.link_rate + 0.2 * rate
+        self.planner.update_costs(host_link_bytes_per_s=self.link_rate)
 
     # -- building one program call --
     def _segment_at(self, rid: str, pos: int) -> tuple[int, KVSegment, list[KVSegment]]:
@@ -419,6 +441,7 @@ class GroupRunner:
             placements.append(place)
         spec = StepSpec(tuple(lanes), decode, _pow2(k_steps) if decode else 1, self.backend)
         prog = self._programs.get(spec)
+        self._compiled_last_call = prog is None
         if prog is None:
             prog = build_step(spec, store, self.platform)
             self._programs[spec] = prog

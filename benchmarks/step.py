@@ -265,12 +265,12 @@ def main() -> None:
     rows = []
     k = args.steps_per_call
     variants = [
-        ("crosspool 1+1", "pool", 1, None, k),
-        ("crosspool 1+1 ping-pong", "pool", 2, None, k),
-        ("crosspool 1+1 K=1", "pool", 1, None, 1),
-        ("crosspool 1+1 Pallas matmul", "pool", 1, "gpu", k),
-        ("colocated 1 GPU", "coloc", 1, None, k),
-        ("colocated 1 GPU Pallas matmul", "coloc", 1, "gpu", k),
+        ("crosspool 1+1", "pool", 1, "gpu", k),
+        ("crosspool 1+1 ping-pong", "pool", 2, "gpu", k),
+        ("crosspool 1+1 K=1", "pool", 1, "gpu", 1),
+        ("crosspool 1+1 XLA matmul", "pool", 1, "reference", k),
+        ("colocated 1 GPU", "coloc", 1, "gpu", k),
+        ("colocated 1 GPU XLA matmul", "coloc", 1, "reference", k),
     ]
     stores: dict[str, ArenaStore] = {}
     for label, kind, mb, mm, kk in variants:

@@ -116,8 +116,8 @@ class StepSpec:
 class _Reader:
     """Reads a model's tensors from one device's flat arena rows [rows, R]."""
 
-    def __init__(self, rows: jax.Array, ma: ModelArena, backend: str | None):
-        self.rows = rows
+    def __init__(self, arena: jax.Array, ma: ModelArena, backend: str | None):
+        self.rows = arena.reshape(-1, arena.shape[-1])
         self.ma = ma
         self.backend = backend
 
@@ -229,22 +229,22 @@ class _Lane:
         self.w_base = weights_base
 
     # -- A-side --
-    def attention(self, rd: _Reader, arena: jax.Array, st: _LaneState, layer: int, dev: jax.Array,
-                  is_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # A layer's attention is three phases so the program can write all lanes' KV at ONE point per
+    # layer: every read of the arena's previous version then feeds (through the hidden states) into
+    # that write, so XLA can update the arena in place. A read no later write depends on (e.g. one
+    # lane's attention while another lane appends) makes XLA copy the whole arena instead.
+    def attention_pre(self, rd: _Reader, st: _LaneState, layer: int, is_kv: jax.Array) -> dict:
+        """Input norm, projections, norms, rotary: the new K/V (or MLA latent) and the queries."""
         cfg, sh, inp = self.cfg, self.shape, st.inp
-        self.state_inp = inp
         t = sh.tokens
         n_act = jnp.where(is_kv, t, 0)
         dt = st.x.dtype
         h = rms_norm(st.x, rd.array("attn/layers/input_norm", layer), cfg.rms_norm_eps)
-        window = cfg.sliding_windows[layer] or None
         tail_pages = inp["tail_pages"][:, layer]
         slots = _append_slots(tail_pages, inp["tail_start"], inp["tok_slot"], st.positions,
                               st.row_ok, self.geom.tokens_per_page)
         cos, sin = rope_cos_sin(cfg, st.positions[None])
-        be = self.spec.backend
-        kw = dict(backend=be, window=window)
-        split = sh.extras > 0
+        ctx: dict[str, Any] = dict(n_act=n_act, dt=dt, tail_pages=tail_pages, slots=slots)
         if cfg.attention == AttentionKind.GQA:
             H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
             qkv = rd.matmul(h, "attn/layers/wqkv", layer, n_act)
@@ -261,23 +261,70 @@ class _Lane:
             if cfg.qk_norm == QKNorm.PER_HEAD:
                 q = rms_norm(q, rd.array("attn/layers/q_norm", layer), cfg.rms_norm_eps)
                 k = rms_norm(k, rd.array("attn/layers/k_norm", layer), cfg.rms_norm_eps)
-            q = apply_rope(q[None], cos, sin, cfg.rope_style)[0]
-            k = apply_rope(k[None], cos, sin, cfg.rope_style)[0]
-            arena = kv_append(arena, slots, k, v, self.geom, backend=be)
+            ctx["q"] = apply_rope(q[None], cos, sin, cfg.rope_style)[0]
+            ctx["k"] = apply_rope(k[None], cos, sin, cfg.rope_style)[0]
+            ctx["v"] = v
+            return ctx
+        H, n, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        R = cfg.kv_lora_rank
+        if self.ma.has("attn/layers/wq_a"):
+            qa = rd.matmul(h, "attn/layers/wq_a", layer, n_act)
+            if self.ma.has("attn/layers/bq_a"):
+                qa = qa + rd.array("attn/layers/bq_a", layer).astype(jnp.float32)
+            qa = rms_norm(qa.astype(dt), rd.array("attn/layers/q_a_norm", layer), cfg.rms_norm_eps)
+            q = rd.matmul(qa, "attn/layers/wq_b", layer, n_act).astype(dt)
+        else:
+            q = rd.matmul(h, "attn/layers/wq", layer, n_act).astype(dt)
+        q = q.reshape(t, H, n + r)
+        ctx["q_nope"] = q[..., :n]
+        ctx["q_rope"] = apply_rope(q[None, ..., n:], cos, sin, cfg.rope_style)[0]
+        ckv = rd.matmul(h, "attn/layers/wkv_a", layer, n_act)
+        if self.ma.has("attn/layers/bkv_a"):
+            ckv = ckv + rd.array("attn/layers/bkv_a", layer).astype(jnp.float32)
+        ckv = ckv.astype(dt)
+        ctx["latent"] = rms_norm(ckv[:, :R], rd.array("attn/layers/kv_a_norm", layer), cfg.rms_norm_eps)
+        ctx["k_rope"] = apply_rope(ckv[None, :, None, R:], cos, sin, cfg.rope_style)[0, :, 0]
+        return ctx
+
+    def kv_write(self, arena: jax.Array, ctx: dict) -> jax.Array:
+        """Appends this layer's new K/V (MLA: latent + rope key) into the pages, in place."""
+        be = self.spec.backend
+        if self.cfg.attention == AttentionKind.GQA:
+            return kv_append(arena, ctx["slots"], ctx["k"], ctx["v"], self.geom, backend=be)
+        return mla_kv_append(arena, ctx["slots"], ctx["latent"], ctx["k_rope"], self.geom, backend=be)
+
+    def attention_post(self, rd: _Reader, arena: jax.Array, st: _LaneState, layer: int,
+                       dev: jax.Array, is_kv: jax.Array, ctx: dict) -> jax.Array:
+        """Paged attention (+ split-KV combine), output projection, residual; returns the FFN input
+        (post-attention-normed hidden states [T, D]). Reads `arena` after the layer's KV writes."""
+        cfg, t, dt, n_act = self.cfg, self.shape.tokens, ctx["dt"], ctx["n_act"]
+        self.state_inp = st.inp
+        kw = dict(backend=self.spec.backend, window=cfg.sliding_windows[layer] or None)
+        split = self.shape.extras > 0
+        tail_pages = ctx["tail_pages"]
+        if cfg.attention == AttentionKind.GQA:
+            q = ctx["q"]
             o, lse = self._attend(arena, q, None, st, tail_pages, kw, split)
             if split:
                 o = self._split(arena, q, None, o, lse, layer, dev, is_kv, kw)
-            o = o.astype(dt).reshape(t, H * Dh)
+            o = o.astype(dt).reshape(t, cfg.num_heads * cfg.head_dim)
         else:
-            o, arena = self._mla(rd, arena, h, st, layer, dev, is_kv, slots, cos, sin, tail_pages,
-                                 kw, split, n_act)
+            H, n, vd, R = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+            wkv_b = rd.array("attn/layers/wkv_b", layer).reshape(R, H, n + vd)
+            hp = lax.Precision.HIGHEST if dt == jnp.float32 else None
+            q_lat = jnp.einsum("thn,chn->thc", ctx["q_nope"], wkv_b[..., :n], precision=hp,
+                               preferred_element_type=jnp.float32).astype(dt)
+            o_lat, lse = self._attend(arena, q_lat, ctx["q_rope"], st, tail_pages, kw, split)
+            if split:
+                o_lat = self._split(arena, q_lat, ctx["q_rope"], o_lat, lse, layer, dev, is_kv, kw)
+            o = jnp.einsum("thc,chv->thv", o_lat.astype(dt), wkv_b[..., n:], precision=hp,
+                           preferred_element_type=jnp.float32).astype(dt).reshape(t, H * vd)
         a = rd.matmul(o, "attn/layers/wo", layer, n_act)
         if self.ma.has("attn/layers/bo"):
             a = a + rd.array("attn/layers/bo", layer).astype(jnp.float32)
         x = st.x + a.astype(dt)
-        f_in = rms_norm(x, rd.array("attn/layers/post_attn_norm", layer), cfg.rms_norm_eps)
         st.x = x
-        return arena, f_in
+        return rms_norm(x, rd.array("attn/layers/post_attn_norm", layer), cfg.rms_norm_eps)
 
     def _attend(self, arena, q, q_rope, st: _LaneState, tail_pages, kw, split: bool):
         """Tail-segment attention of this device's rows: (o [T, H, W], lse [T, H] or None)."""
@@ -321,40 +368,6 @@ class _Lane:
             ox, lsex = paged_decode_attention(qx, arena, pages, lens, self.geom,
                                               scale=cfg.softmax_scale, **kw)
         return _combine_split(o, lse, ox, lsex, x_rows, dev, self.n * sh.tokens)
-
-    def _mla(self, rd: _Reader, arena, h, st: _LaneState, layer, dev, is_kv, slots, cos, sin,
-             tail_pages, kw, split, n_act):
-        cfg, t, dt = self.cfg, self.shape.tokens, h.dtype
-        H, n, r, vd = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        R = cfg.kv_lora_rank
-        if self.ma.has("attn/layers/wq_a"):
-            qa = rd.matmul(h, "attn/layers/wq_a", layer, n_act)
-            if self.ma.has("attn/layers/bq_a"):
-                qa = qa + rd.array("attn/layers/bq_a", layer).astype(jnp.float32)
-            qa = rms_norm(qa.astype(dt), rd.array("attn/layers/q_a_norm", layer), cfg.rms_norm_eps)
-            q = rd.matmul(qa, "attn/layers/wq_b", layer, n_act).astype(dt)
-        else:
-            q = rd.matmul(h, "attn/layers/wq", layer, n_act).astype(dt)
-        q = q.reshape(t, H, n + r)
-        q_nope = q[..., :n]
-        q_rope = apply_rope(q[None, ..., n:], cos, sin, cfg.rope_style)[0]
-        ckv = rd.matmul(h, "attn/layers/wkv_a", layer, n_act)
-        if self.ma.has("attn/layers/bkv_a"):
-            ckv = ckv + rd.array("attn/layers/bkv_a", layer).astype(jnp.float32)
-        ckv = ckv.astype(dt)
-        latent = rms_norm(ckv[:, :R], rd.array("attn/layers/kv_a_norm", layer), cfg.rms_norm_eps)
-        k_rope = apply_rope(ckv[None, :, None, R:], cos, sin, cfg.rope_style)[0, :, 0]
-        arena = mla_kv_append(arena, slots, latent, k_rope, self.geom, backend=self.spec.backend)
-        wkv_b = rd.array("attn/layers/wkv_b", layer).reshape(R, H, n + vd)
-        hp = lax.Precision.HIGHEST if dt == jnp.float32 else None
-        q_lat = jnp.einsum("thn,chn->thc", q_nope, wkv_b[..., :n], precision=hp,
-                           preferred_element_type=jnp.float32).astype(dt)
-        o_lat, lse = self._attend(arena, q_lat, q_rope, st, tail_pages, kw, split)
-        if split:
-            o_lat = self._split(arena, q_lat, q_rope, o_lat, lse, layer, dev, is_kv, kw)
-        o = jnp.einsum("thc,chv->thv", o_lat.astype(dt), wkv_b[..., n:], precision=hp,
-                       preferred_element_type=jnp.float32)
-        return o.astype(dt).reshape(t, H * vd), arena
 
     # -- F-side --
     def ffn(self, rd: _Reader, f_rows: jax.Array, layer: int, dev: jax.Array, is_w: jax.Array
@@ -453,7 +466,7 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
             states: list[_LaneState] = []
             for ln, inp, tok, pos, ln_len, done in zip(lanes, inputs, toks, poss, lens, dones,
                                                        strict=True):
-                rd = _Reader(arena.reshape(-1, arena.shape[-1]), ln.ma, mm_backend)
+                rd = _Reader(arena, ln.ma, mm_backend)
                 if spec.decode:
                     row_ok = is_kv & (inp["tok_slot"] >= 0) & jnp.logical_not(done)
                     tail_len = jnp.where(is_kv & jnp.logical_not(done), ln_len, 0)
@@ -462,15 +475,16 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                     tail_len = jnp.where(is_kv, ln_len, 0)
                 x = rd.embed(jnp.where(row_ok, tok, 0))
                 states.append(_LaneState(x, pos, row_ok, tail_len, inp))
-            # Software-pipelined lane order: lane i's attention of layer l is emitted next to the
-            # FFN of the lane before it, so with 2+ lanes (micro-batches) the KV devices' attention
-            # and the weights devices' experts can run at the same time.
+            # Per layer: every lane's projections (reads of the arena's current version), then
+            # every lane's KV write at one point (in place: all earlier reads feed it), then each
+            # lane's attention + output projection, emitted next to the FFN of the lane before it
+            # (software pipelining), so with 2+ lanes (micro-batches) the KV devices' attention and
+            # the weights devices' experts can run at the same time.
             pending: list[tuple[int, int, jax.Array]] = []
 
             def run_ffn(i: int, layer: int, f_rows: jax.Array) -> None:
                 ln, st = lanes[i], states[i]
-                rd = _Reader(arena.reshape(-1, arena.shape[-1]), ln.ma, mm_backend)
-                part = ln.ffn(rd, f_rows, layer, dev, is_w)
+                part = ln.ffn(_Reader(arena, ln.ma, mm_backend), f_rows, layer, dev, is_w)
                 total = lax.psum(jnp.where(is_w, part, 0.0), POOL_AXIS)
                 t = ln.shape.tokens
                 mine = lax.dynamic_slice_in_dim(total, jnp.minimum(dev, n_kv - 1) * t, t, axis=0)
@@ -478,14 +492,21 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
 
             max_layers = max(ln.cfg.num_layers for ln in lanes)
             for layer in range(max_layers):
-                for i, (ln, st) in enumerate(zip(lanes, states, strict=True)):
-                    if layer >= ln.cfg.num_layers:
-                        continue
-                    for item in [p for p in pending if p[0] == i]:  # this lane's previous layer
-                        pending.remove(item)
-                        run_ffn(*item)
-                    rd = _Reader(arena.reshape(-1, arena.shape[-1]), ln.ma, mm_backend)
-                    arena, f_in = ln.attention(rd, arena, st, layer, dev, is_kv)
+                while pending:  # the previous layer's FFNs feed this layer's projections
+                    run_ffn(*pending.pop(0))
+                live = [i for i, ln in enumerate(lanes) if layer < ln.cfg.num_layers]
+                ctxs = {i: lanes[i].attention_pre(_Reader(arena, lanes[i].ma, mm_backend), states[i],
+                                                  layer, is_kv) for i in live}
+                # every lane's reads of this version happen before the first write (barrier)
+                arrs = {i: {k: v for k, v in c.items() if isinstance(v, jax.Array)} for i, c in ctxs.items()}
+                arena, arrs = lax.optimization_barrier((arena, arrs))
+                ctxs = {i: {**ctxs[i], **arrs[i]} for i in live}
+                for i in live:
+                    arena = lanes[i].kv_write(arena, ctxs[i])
+                for i in live:
+                    ln, st = lanes[i], states[i]
+                    f_in = ln.attention_post(_Reader(arena, ln.ma, mm_backend), arena, st, layer, dev,
+                                             is_kv, ctxs[i])
                     f_rows = lax.all_gather(jnp.where(st.row_ok[:, None], f_in, 0), POOL_AXIS,
                                             tiled=True)[: n_kv * ln.shape.tokens]
                     pending.append((i, layer, f_rows))
@@ -496,7 +517,7 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
             new = []
             for ln, st, rem, done in zip(lanes, states, rems, dones, strict=True):
                 inp = st.inp
-                rd = _Reader(arena.reshape(-1, arena.shape[-1]), ln.ma, mm_backend)
+                rd = _Reader(arena, ln.ma, mm_backend)
                 logits = ln.head(rd, st.x, inp["sample_row"], is_kv)
                 row = jnp.maximum(inp["sample_row"], 0)
                 spos = jnp.take(st.positions, row) + 1

@@ -242,6 +242,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated substrings: run only variants whose label contains one")
     args = ap.parse_args()
     devs = jax.devices()
     if len(devs) < 2:
@@ -272,6 +274,9 @@ def main() -> None:
         ("colocated 1 GPU", "coloc", 1, "gpu", k),
         ("colocated 1 GPU XLA matmul", "coloc", 1, "reference", k),
     ]
+    if args.variants:
+        keep = [v.strip() for v in args.variants.split(",")]
+        variants = [v for v in variants if any(k == v[0] for k in keep)]
     stores: dict[str, ArenaStore] = {}
     for label, kind, mb, mm, kk in variants:
         if kind not in stores:
@@ -287,7 +292,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     res["rows"] = rows
     coloc = next((r["ms_per_step"] for r in rows if r["label"] == "colocated 1 GPU" and "ms_per_step" in r),
-                 math.nan)
+                 math.nan)  # nan when the colocated variant was not run
     print(f"\n{res['device']} x{len(devs)}; {args.model} batch {args.batch} x {args.context} ctx; "
           f"copy BW {bw / 1e9:.0f} GB/s; roofline {roof_ms:.3f} ms/step ({roof['total'] / 1e9:.2f} GB)")
     print(f"{'variant':32s} {'ms/step':>9s} {'/coloc':>7s} {'/roof':>7s} {'calls/tok':>9s}")

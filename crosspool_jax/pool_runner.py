@@ -48,7 +48,7 @@ from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
 
 
 def _pow2(n: int, floor: int = 1) -> int:
-    return max(floor, 1 << max(0, (int(n) - 1).bit_length()))
+    return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
 
 
 @dataclasses.dataclass

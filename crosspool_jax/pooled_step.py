@@ -498,9 +498,14 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                 ctxs = {i: lanes[i].attention_pre(_Reader(arena, lanes[i].ma, mm_backend), states[i],
                                                   layer, is_kv) for i in live}
                 # every lane's reads of this version happen before the first write (barrier)
+                # (the residual streams too: XLA would otherwise re-fuse the layer-0 embedding
+                # gather into the residual add after the write, reading the old arena)
                 arrs = {i: {k: v for k, v in c.items() if isinstance(v, jax.Array)} for i, c in ctxs.items()}
-                arena, arrs = lax.optimization_barrier((arena, arrs))
+                xs = tuple(st.x for st in states)
+                arena, arrs, xs = lax.optimization_barrier((arena, arrs, xs))
                 ctxs = {i: {**ctxs[i], **arrs[i]} for i in live}
+                for st, x in zip(states, xs, strict=True):
+                    st.x = x
                 for i in live:
                     arena = lanes[i].kv_write(arena, ctxs[i])
                 for i in live:

@@ -1,5 +1,6 @@
 """The `crosspool` command line: `crosspool convert` (HF -> crosspool checkpoint), `crosspool generate`
-(local, or `--server ADDR` through the gRPC client) and `crosspool serve` (the gRPC server).
+(local, or `--server ADDR` through the gRPC client), `crosspool serve` (the gRPC server) and
+`crosspool bench` (benchmarks/runner.py: one trace against crosspool, shared and static).
 
 Every error the engine raises on purpose (CrossPoolError, ConfigError included) is printed as one
 line `crosspool: error: <message>` on stderr, exit code 2, without a traceback.
@@ -133,8 +134,13 @@ def _generate_pooled(args: argparse.Namespace) -> int:
     engine = ReferenceEngine() if args.mode == "reference" else PooledEngine(mode=args.mode, pools=args.pools)
     try:
         handles = []
+        host = None
+        if args.mode != "reference":  # pooled modes place pieces from host memory
+            import jax
+
+            host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
         for i, path in enumerate(args.model):
-            m = load_model(path)
+            m = load_model(path, shardings=host)
             name = f"{i}:{path}"
             engine.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
             if args.prompt is not None:
@@ -315,6 +321,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bench (benchmarks/runner.py) ------------------------------------------------------------------
+
+
+def _bench_runner():  # -> the benchmarks.runner module
+    """benchmarks.runner; `benchmarks/` is not an installed package, so from a checkout the repo root
+    (this file's parent's parent) is put on sys.path when the plain import fails."""
+    try:
+        import benchmarks.runner as runner
+    except ImportError:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if not os.path.isfile(os.path.join(root, "benchmarks", "runner.py")):
+            raise
+        sys.path.insert(0, root)
+        import benchmarks.runner as runner
+    return runner
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="replay a workload trace against crosspool, shared and static (P99 TBT, TTFT, goodput)",
+        description="Replays one trace (a preset's, or --trace) through the gRPC server against each mode "
+        "on the same devices; writes results.json and plot data to --out. See benchmarks/runner.py.",
+    )
+    try:
+        runner = _bench_runner()
+    except ImportError as e:  # an install without the repo's benchmarks/
+        err = f"crosspool bench needs the repository's benchmarks/ package: {e}"
+        p.set_defaults(func=lambda args: (_ for _ in ()).throw(CrossPoolError(err)))
+        return
+    runner.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs benchmarks.runner with the parsed flags; its errors become one-line CLI errors."""
+    runner = _bench_runner()
+    from benchmarks.workload.trace import TraceFormatError
+
+    args.command_line = " ".join(["crosspool", *sys.argv[1:]])
+    try:
+        return int(runner.main_args(args))
+    except (ValueError, RuntimeError, TraceFormatError) as e:
+        raise CrossPoolError(str(e)) from None
+
+
 # ---- main ------------------------------------------------------------------------------------------
 
 
@@ -324,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_generate(sub)
     _add_serve(sub)
+    _add_bench(sub)
     return parser
 
 

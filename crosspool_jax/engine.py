@@ -159,6 +159,18 @@ class PooledEngine(ReferenceEngine):
             raise
         return info
 
+    def load_model(self, name: str, path: str) -> ModelInfo:
+        """Loads an HF directory or crosspool checkpoint into host memory (never onto one
+        accelerator), then places each device's piece into the arenas (`add_model`)."""
+        from checkpoints import load_model  # local import: checkpoints pulls in orbax
+
+        with self._lock:
+            if name in self._models:
+                raise InvalidRequestError(f"a model named {name!r} is already loaded; unload it first")
+        host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        m = load_model(path, shardings=host)
+        return self.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
+
     def add_random_model(self, name: str, config: ModelConfig, seed: int = 0, tokenizer: Any = None
                          ) -> ModelInfo:
         """A model with random weights generated on its devices (benchmarks at real sizes: no host

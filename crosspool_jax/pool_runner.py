@@ -369,7 +369,7 @@ class GroupRunner:
                 for s in row[4]:
                     n_extra_dev[s.device] += 1
             x = _pow2(max(n_extra_dev)) if any(n_extra_dev) else 0
-            c = 1 if decode else _pow2(max(r[2] - r[1] for r in rows))
+            c = 1 if decode or not x else _pow2(max(r[2] - r[1] for r in rows))  # only read with extras
             s_w = _pow2(max((len(r[0].req.stop_ids) for r in rows), default=1))
             L = cfg.num_layers
             arr = {

@@ -261,6 +261,9 @@ def make_engine(settings: ServeSettings, log: Callable[[str], None] | None = Non
 
             for name, path in settings.models.items():
                 log(f"serve: loading {name} from {path}")
+                if settings.mode != "reference":  # the pooled engine loads to host, then places
+                    engine.load_model(name, path)
+                    continue
                 m = load_model(path)
                 engine.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
     except BaseException:

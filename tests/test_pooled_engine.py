@@ -64,7 +64,7 @@ def test_cancel_frees_pages() -> None:
         eng.shutdown(timeout=0)
 
 
-@pytest.mark.parametrize("preemption", ["prefer_swap", "always_recompute"])
+@pytest.mark.parametrize("preemption", ["prefer_swap"])  # recompute: tests/test_pooled_step.py
 def test_preemption_keeps_tokens(preemption: str) -> None:
     """A KV pool too small for three concurrent requests: the planner preempts (swap to host and
     back, or drop and recompute) and every request still equals the reference."""
@@ -107,3 +107,26 @@ def test_preemption_keeps_tokens(preemption: str) -> None:
     for n in MODELS:
         assert out[n] == _reference(n, prompts[n], 20), n
     assert runner.kv.pool_stats().pages_used == 0 and runner.kv.pool_stats().host_pages_used == 0
+
+
+def test_load_and_unload_while_another_model_streams() -> None:
+    """Loading and unloading a model at runtime does not disturb another model's live request."""
+    eng = PooledEngine(mode="crosspool", pools="2+2",
+                       config=EngineConfig(arena_bytes=8 << 20, attention_backend="reference",
+                                           steps_per_call=2))
+    try:
+        a, b = MODELS["demo-mixtral"], MODELS["demo-deepseek-v3"]
+        eng.add_model("a", a.config, a.weights)
+        h = eng.submit(make_request("a", PROMPTS["demo-mixtral"], 24))
+        first = h.next_event(timeout=120)
+        assert first is not None and first.token_id is not None
+        eng.add_model("b", b.config, b.weights)  # while "a" is generating
+        hb = eng.submit(make_request("b", PROMPTS["demo-deepseek-v3"], 6))
+        got_b = [ev.token_id for ev in hb.events() if ev.token_id is not None]
+        assert eng.unload_model("b") == 0
+        got_a = [first.token_id] + [ev.token_id for ev in h.events() if ev.token_id is not None]
+        assert got_a == _reference("demo-mixtral", PROMPTS["demo-mixtral"], 24)
+        assert got_b == _reference("demo-deepseek-v3", PROMPTS["demo-deepseek-v3"], 6)
+        assert [m.name for m in eng.list_models()] == ["a"]
+    finally:
+        eng.shutdown(timeout=0)

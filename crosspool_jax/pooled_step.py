@@ -106,8 +106,8 @@ class StepSpec:
     steps: int = 1
     backend: str | None = None  # attention kernels' backend (None: from the platform)
     attention_schedule: str = "split"
-    matmul_backend: str | None = None  # arena matmul backend (None: "reference", XLA's ragged_dot
-    # over the sliced weights, until the Pallas kernel is measured faster; "gpu": the Pallas kernel)
+    matmul_backend: str | None = None  # arena matmul backend (None: the Pallas kernel on GPU,
+    # "reference" = XLA's ragged_dot over sliced weights elsewhere)
 
 
 # ---- reading the arena ------------------------------------------------------------------------------
@@ -452,7 +452,9 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
         ma = store.models[sh.model]
         lanes.append(_Lane(sh, ma, model_geometry(ma.config, store.layout, platform), spec, n, w_base))
     ksteps = spec.steps if spec.decode else 1
-    mm_backend = spec.matmul_backend or "reference"
+    # the Pallas arena matmul on GPU (measured faster, docs/benchmarks.md); elsewhere XLA's
+    # ragged_dot over sliced weights (the interpreter is too slow for whole models on CPU)
+    mm_backend = spec.matmul_backend or ("gpu" if platform == "gpu" else "reference")
     if not spec.decode and ksteps != 1:
         raise ValueError("a prefill program runs one step")
 

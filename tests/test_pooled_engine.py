@@ -130,3 +130,28 @@ def test_load_and_unload_while_another_model_streams() -> None:
         assert [m.name for m in eng.list_models()] == ["a"]
     finally:
         eng.shutdown(timeout=0)
+
+
+def test_cli_generate_sends_the_prompt_to_every_model(capsys: pytest.CaptureFixture[str]) -> None:
+    """`crosspool generate --mode crosspool --model A --model B`: one JSON line per model, each equal
+    to that model's reference generation."""
+    import json
+
+    from checkpoints import load_model
+    from crosspool_jax.cli import main
+    from tests.conftest import HF_FIXTURES
+
+    paths = [HF_FIXTURES / "olmoe_mha4_top2_clip", HF_FIXTURES / "qwen2moe_gqa6x2_top2_shared40"]
+    if not all(p.is_dir() for p in paths):
+        pytest.skip(f"HF fixtures missing at {HF_FIXTURES}")
+    args = ["generate", "--mode", "crosspool", "--pools", "2+2", "--prompt-ids", "1,2,3,4,5",
+            "--max-new-tokens", "6", "--stop-ids", ""]
+    for p in paths:
+        args += ["--model", str(p)]
+    assert main(args) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [x["model"] for x in lines] == [str(p) for p in paths]
+    for p, line in zip(paths, lines, strict=True):
+        m = load_model(p)
+        ref = ReferenceGenerator(m.config, m.weights).generate([1, 2, 3, 4, 5], 6)
+        assert line["token_ids"] == list(ref.token_ids)

@@ -1,0 +1,103 @@
+"""`crosspool bench` (benchmarks/runner.py): a shortened cpu-tiny replay through all three modes
+(the first 3.6 s of the trace, time-compressed 4x, at most 2 live requests so one is refused) in a
+subprocess, checking the result JSON has every metric, no request is lost, and pages are back to 0
+after each mode; plus the memory plan and the metric helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import runner
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODE_KEYS = {
+    "requests", "finished", "rejected", "failed", "lost", "short_streams", "ttft_s", "tbt_s", "tpot_p99_s",
+    "slo_met", "goodput_rps", "goodput_fraction", "kv_pages", "pages_after", "live_after", "preemptions",
+    "rejection_reasons", "failure_reasons", "engine_clock", "compiles", "per_model", "replay_s", "engine",
+}
+
+
+def test_bench_cpu_tiny_short_all_modes(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "bench"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+    cmd = [sys.executable, "-m", "benchmarks.runner", "--preset", "cpu-tiny", "--max-duration-s", "3.6",
+           "--time-scale", "0.25", "--reference-requests", "1", "--max-live-requests", "2",
+           "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "bench crosspool: replaying 3 requests" in p.stderr  # progress is shown
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["modes"]) == {"crosspool", "shared", "static"}
+    assert res["slo"]["rule"] and res["slo"]["per_shape"]["demo-mixtral"]["<8K"]["ttft_s"] > 0
+    assert {"arena_bytes", "devices", "crosspool_pools"} <= set(res["setup"])
+    arenas = {p["arena_bytes"] for p in res["memory"].values()}
+    assert len(arenas) == 1  # the same memory per device in every mode
+    for f in res["files"]:
+        assert (out / f).is_file(), f
+    for mode, m in res["modes"].items():
+        assert set(m) >= MODE_KEYS, (mode, MODE_KEYS - set(m))
+        assert set(m["ttft_s"]) == {"p50", "p90", "p99"}
+        assert set(m["tbt_s"]) == {"p50", "p90", "p99", "p99_9"}
+        assert m["requests"] == 3 and m["lost"] == 0
+        assert m["finished"] + m["rejected"] + m["failed"] == 3
+        assert m["finished"] >= 1 and m["short_streams"] == 0
+        assert all(used == 0 for _, used, _ in m["pages_after"]), (mode, m["pages_after"])
+        assert m["live_after"] == 0
+        assert m["ttft_s"]["p99"] is not None and m["tbt_s"]["p99_9"] is not None
+        assert m["goodput_rps"] is not None and m["kv_pages"]["peak"] > 0
+        recs = [json.loads(line) for line in (out / f"requests_{mode}.jsonl").read_text().splitlines()]
+        assert len(recs) == 3
+        for r in recs:
+            assert r["outcome"] in ("finished", "rejected", "failed") and r["reason"], r
+            if r["outcome"] == "finished":
+                assert len(r["token_s"]) == r["output_len"] and r["reason"] == "length"
+            if r["outcome"] == "rejected":
+                assert r["reason"].startswith("RESOURCE_EXHAUSTED")
+    header = (out / "kv_pages.csv").read_text().splitlines()[0]
+    assert header == "mode,t_s,device,pages_used,pages_total"
+
+
+def test_memory_plan_cpu_tiny() -> None:
+    setup = runner.setup_for("cpu-tiny-uniform")
+    assert setup is runner.SETUPS["cpu-tiny"]
+    models = runner.add_order(["demo-qwen3-moe", "demo-mixtral", "demo-deepseek-v3"])
+    assert models[0] == "demo-mixtral"  # heaviest first
+    plans = {m: runner.memory_plan(m, models, setup, setup.arena_bytes, "cpu") for m in runner.MODES}
+    for p in plans.values():
+        assert p["fits"] and p["arena_bytes"] == setup.arena_bytes
+        assert int(p["pages_per_device"] * p["weights_fraction"]) == p["weights_pages"]
+    cp, sh, st = plans["crosspool"], plans["shared"], plans["static"]
+    assert cp["kv_pages_total"] == cp["pages_per_device"] - cp["weights_pages"]  # one KV device (1+1)
+    placed = [d["models"] for d in sh["placement"]]
+    assert placed == [["demo-mixtral"], ["demo-qwen3-moe", "demo-deepseek-v3"]]
+    caps = st["static_kv_cap_pages"]
+    assert caps["demo-mixtral"] == st["kv_pages_per_device"]
+    assert caps["demo-qwen3-moe"] == caps["demo-deepseek-v3"] == st["kv_pages_per_device"] // 2
+
+
+def test_metric_helpers() -> None:
+    assert runner.pct([], (50, 99.9)) == {"p50": None, "p99_9": None}
+    assert runner.pct([1.0, 2.0, 3.0], (50,)) == {"p50": 2.0}
+    assert runner.nearest_rank_p99([3.0, 1.0, 2.0]) == 3.0
+    assert [runner.bucket_of(n) for n in (1, 8191, 8192, 32768)] == ["<8K", "<8K", "8-32K", ">=32K"]
+    assert runner.prompt_ids(0, 5, 4, 258) == runner.prompt_ids(0, 5, 4, 258)
+    assert all(0 <= t < 258 for t in runner.prompt_ids(1, 2, 100, 258))
+    rec = runner.Record(0, "r", "demo-mixtral", 10, 3, 0.0, sent_s=1.0, token_s=[1.5, 1.6, 1.8],
+                        outcome="finished", reason="length")
+    assert rec.ttft == pytest.approx(0.5) and rec.tpot == pytest.approx(0.15)
+    slo = {"demo-mixtral": {"<8K": {"ttft_s": 0.6, "tpot_s": 0.2}}}
+    assert runner.meets_slo(rec, slo)
+    assert not runner.meets_slo(rec, {"demo-mixtral": {"<8K": {"ttft_s": 0.4, "tpot_s": 0.2}}})
+    assert not runner.meets_slo(rec, {})  # no SLO for its bucket: a miss
+    import grpc
+
+    assert runner._classify(grpc.StatusCode.RESOURCE_EXHAUSTED, "full")[0] == "rejected"
+    assert runner._classify(grpc.StatusCode.ABORTED, "rejected: never fits")[0] == "rejected"
+    assert runner._classify(grpc.StatusCode.ABORTED, "model unloaded")[0] == "failed"

@@ -32,6 +32,7 @@ import dataclasses
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -134,6 +135,10 @@ class PooledEngine(ReferenceEngine):
         self._pending_by_id: dict[str, _Pending] = {}
         self._group_lock = threading.Lock()  # add/remove models vs the worker's steps
         self._preemptions = 0
+        self._programs_compiled = 0
+        # called (on the worker thread) with a one-line note after each step that compiled step
+        # programs: which models, how many, how long (the server logs it; compiles stall a step)
+        self.on_compile: Callable[[str], None] | None = None
         super().__init__(max_live_requests=max_live_requests)
 
     # ---- models ------------------------------------------------------------------------------
@@ -220,13 +225,18 @@ class PooledEngine(ReferenceEngine):
         return failed
 
     def weights_bytes(self, name: str) -> int:
+        return sum(self.weights_bytes_by_side(name))
+
+    def weights_bytes_by_side(self, name: str) -> tuple[int, int]:
+        """Arena bytes of a model's weights over all its devices: (attention side, on the KV
+        devices or the colocated device; FFN side, on the weights devices or the colocated device)."""
         group = self._model_group.get(name)
         if group is None:
             raise ModelNotFoundError(f"model {name!r} is not loaded")
         ma = group.store.models[name]
         rb = group.store.row_bytes()
         st = group.store
-        return (ma.rows(Role.KV) * st.num_kv + ma.rows(Role.WEIGHTS) * st.num_weights) * rb
+        return ma.rows(Role.KV) * st.num_kv * rb, ma.rows(Role.WEIGHTS) * st.num_weights * rb
 
     def model_eos_ids(self, name: str) -> tuple[int, ...]:
         return tuple(self._model(name).generator.cfg.eos_token_ids)
@@ -248,6 +258,11 @@ class PooledEngine(ReferenceEngine):
                 pages.append((f"{dev.platform}:{dev.id}" if len(self.groups) == 1 else
                               f"group{gi}/{dev.platform}:{dev.id}", st.pages_used, st.pages_total))
         return dataclasses.replace(base, kv_pages=tuple(pages), preemptions=self._preemptions)
+
+    @property
+    def programs_compiled(self) -> int:
+        """Step programs compiled since the engine started (all groups)."""
+        return self._programs_compiled
 
     def describe(self) -> str:
         g = self.groups[0]
@@ -338,7 +353,18 @@ class PooledEngine(ReferenceEngine):
                 if not group.has_work:
                     continue
                 busy = True
+                before = _programs_built(group)
+                t0 = time.perf_counter()
                 res = group.step()
+                new = _programs_built(group) - before
+                models = sorted({self._pending_by_id[r].live.request.model
+                                 for r in res.tokens if r in self._pending_by_id})
+            if new > 0:
+                self._programs_compiled += new
+                if self.on_compile is not None:
+                    self.on_compile(f"compiled {new} step program{'s' if new > 1 else ''} "
+                                    f"({', '.join(models) or 'no tokens'}) in "
+                                    f"{time.perf_counter() - t0:.1f} s; {self._programs_compiled} so far")
             self._preemptions += len(res.preempted)
             for rid, toks in res.tokens.items():
                 p = self._pending_by_id.get(rid)
@@ -381,6 +407,13 @@ class PooledEngine(ReferenceEngine):
                 self._model_group_of(p.live).fail(rid, message)
             self._finish(p.live, FINISH_ERROR, error=message)
         self._pending_by_id.clear()
+
+
+def _programs_built(group: GroupRunner) -> int:
+    """Step programs the group has compiled so far (its own counter where it keeps one, else the
+    programs it holds; the difference across one step is what that step compiled)."""
+    built = getattr(group, "programs_built", None)
+    return int(built) if built is not None else len(group._programs)
 
 
 def _gpu_arena_bytes(device: jax.Device) -> int:

@@ -5,15 +5,18 @@ Recorded by the server's Generate path (`serving.server.CrossPoolServicer`):
 - `crosspool_tbt_seconds{model}`: histogram, gap between consecutive tokens sent (n-1 per stream).
 - `crosspool_requests_finished_total{model,reason}`: stop / length / error.
 - `crosspool_requests_cancelled_total{model}`: client cancel or deadline.
-Read from the engine at scrape time:
-- `crosspool_queue_depth`: live requests (waiting + running); `crosspool_requests_waiting`,
-  `crosspool_requests_running`.
-- `crosspool_weights_bytes{model}`: where the engine reports `weights_bytes(name)`.
+Read from the engine at scrape time, from the same snapshot GetStats sends (serving/stats.py):
+- `crosspool_queue_depth`: live requests (waiting + running); `crosspool_requests_waiting`
+  (= GetStats.queue_depth), `crosspool_requests_running` (= GetStats.running).
+- `crosspool_engine_info{mode,topology}`: 1 (GetStats.mode / .topology).
+- `crosspool_weights_bytes{model}`: weights bytes per loaded model (= GetStats.weights[].bytes).
 - `crosspool_kv_pages_used{device}` / `crosspool_kv_pages_free{device}`: from `EngineStats.kv_pages`
-  ((device, used, total) per KV device), only when it is not empty. The reference engine has no KV
-  pool, so none are exported for it (no invented numbers).
+  ((device, used, total) per KV device; = GetStats.kv_pages), only when it is not empty. The
+  reference engine has no KV pool, so none are exported for it (no invented numbers).
 - `crosspool_preemptions_total`: `EngineStats.preemptions` (0 for the reference engine, which never
   preempts), exported as a counter family read at scrape time.
+- `crosspool_step_programs_compiled_total`: step programs the pooled engine compiled (each stalls
+  its step for the compile; 0 for the reference engine).
 `start_metrics_http(metrics, port)` serves them on 127.0.0.1 (port 0: a free port).
 """
 
@@ -25,6 +28,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from serving.stats import snapshot
 
 # CPU reference path: tens of ms per token; GPUs: ~ms. Buckets cover both.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -38,7 +43,8 @@ class _EngineCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        st = self.engine.stats()
+        snap = snapshot(self.engine)
+        st = snap.stats
         yield GaugeMetricFamily(
             "crosspool_queue_depth",
             "Live requests in the engine (waiting + running)",
@@ -50,16 +56,19 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             "crosspool_requests_running", "Live requests generating now", value=st.running
         )
-        wb = getattr(self.engine, "weights_bytes", None)
-        if wb is not None:
+        if snap.mode:
+            info = GaugeMetricFamily(
+                "crosspool_engine_info", "The engine's mode and devices (value 1)",
+                labels=["mode", "topology"],
+            )
+            info.add_metric([snap.mode, snap.topology], 1.0)
+            yield info
+        if snap.weights:
             g = GaugeMetricFamily(
                 "crosspool_weights_bytes", "Weights bytes per loaded model", labels=["model"]
             )
-            for name in st.models:
-                try:
-                    g.add_metric([name], float(wb(name)))
-                except Exception:  # unloaded between stats() and here
-                    continue
+            for w in snap.weights:
+                g.add_metric([w.model], float(w.bytes))
             yield g
         if st.kv_pages:
             used = GaugeMetricFamily(
@@ -74,6 +83,11 @@ class _EngineCollector(Collector):
         # read from the engine's own count at scrape time, so a counter family rather than a Counter
         yield CounterMetricFamily(
             "crosspool_preemptions", "Requests preempted (swapped out or recomputed)", value=st.preemptions
+        )
+        yield CounterMetricFamily(
+            "crosspool_step_programs_compiled",
+            "Step programs compiled by the pooled engine (each stalls its step)",
+            value=snap.programs_compiled,
         )
 
 

@@ -38,6 +38,7 @@ from crosspool_jax.errors import CrossPoolError, InvalidRequestError
 from crosspool_jax.sampling import SamplingParams
 from serving.crosspool.v1 import crosspool_pb2 as pb
 from serving.crosspool.v1 import crosspool_pb2_grpc as pb_grpc
+from serving.stats import snapshot
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CrossPool"].full_name
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -96,7 +97,11 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
                     ended = True
                     if m is not None:
                         m.finish(model, FINISH_ERROR)
-                    context.abort(grpc.StatusCode.ABORTED, ev.error or "the request failed")
+                    err = ev.error or "the request failed"
+                    # the pooled engine's planner refuses a request whose KV could never fit its pool
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED if err.startswith("rejected:") else (
+                        grpc.StatusCode.ABORTED)
+                    context.abort(code, err)
                 if ev.finish_reason == FINISH_CANCELLED:
                     return
                 resp = pb.GenerateResponse(
@@ -190,7 +195,8 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
             raise AssertionError("unreachable") from None
 
     def GetStats(self, request: pb.GetStatsRequest, context: grpc.ServicerContext) -> pb.GetStatsResponse:
-        st = self.engine.stats()
+        snap = snapshot(self.engine)  # the metrics read the same snapshot (serving/stats.py)
+        st = snap.stats
         return pb.GetStatsResponse(
             queue_depth=st.queue_depth,
             running=st.running,
@@ -201,6 +207,20 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
             failed=st.failed,
             tokens_generated=st.tokens_generated,
             models=list(st.models),
+            mode=snap.mode,
+            topology=snap.topology,
+            kv_pages=[
+                pb.KVDeviceStats(device=dev, pages_used=used, pages_free=total - used, pages_total=total)
+                for dev, used, total in st.kv_pages
+            ],
+            preemptions=st.preemptions,
+            weights=[
+                pb.ModelWeightsStats(
+                    model=w.model, bytes=w.bytes, attention_bytes=w.attention_bytes, ffn_bytes=w.ffn_bytes
+                )
+                for w in snap.weights
+            ],
+            programs_compiled=snap.programs_compiled,
         )
 
 
@@ -229,16 +249,29 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
 
 
 class ServingEngine(ReferenceEngine):
-    """ReferenceEngine plus the two look-ups the server needs for text prompts and default stops."""
+    """ReferenceEngine plus the look-ups the server needs for text prompts and default stops, and the
+    reports GetStats and the metrics read (mode, devices, weights bytes)."""
+
+    mode = "reference"
 
     def model_eos_ids(self, name: str) -> tuple[int, ...]:
         return tuple(self._model(name).generator.cfg.eos_token_ids)
 
     def weights_bytes(self, name: str) -> int:
         """Bytes of the model's weights (what the metrics export as crosspool_weights_bytes)."""
+        return sum(self.weights_bytes_by_side(name))
+
+    def weights_bytes_by_side(self, name: str) -> tuple[int, int]:
+        """(attention-side bytes, FFN-side bytes) of the model's weights."""
         from crosspool_jax.params import tree_bytes
 
-        return tree_bytes(self._model(name).generator.weights)
+        w = self._model(name).generator.weights
+        return tree_bytes(w.attn), tree_bytes(w.ffn)
+
+    def describe(self) -> str:
+        import jax
+
+        return f"mode reference: one request at a time on {jax.devices()[0]}"
 
 
 @dataclasses.dataclass

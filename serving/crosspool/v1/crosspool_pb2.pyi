@@ -132,12 +132,36 @@ class UnloadModelResponse(_message.Message):
     failed_requests: int
     def __init__(self, failed_requests: _Optional[int] = ...) -> None: ...
 
+class KVDeviceStats(_message.Message):
+    __slots__ = ("device", "pages_used", "pages_free", "pages_total")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_USED_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    pages_used: int
+    pages_free: int
+    pages_total: int
+    def __init__(self, device: _Optional[str] = ..., pages_used: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_total: _Optional[int] = ...) -> None: ...
+
+class ModelWeightsStats(_message.Message):
+    __slots__ = ("model", "bytes", "attention_bytes", "ffn_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FFN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    bytes: int
+    attention_bytes: int
+    ffn_bytes: int
+    def __init__(self, model: _Optional[str] = ..., bytes: _Optional[int] = ..., attention_bytes: _Optional[int] = ..., ffn_bytes: _Optional[int] = ...) -> None: ...
+
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("queue_depth", "running", "max_live_requests", "live_request_ids", "completed", "cancelled", "failed", "tokens_generated", "models")
+    __slots__ = ("queue_depth", "running", "max_live_requests", "live_request_ids", "completed", "cancelled", "failed", "tokens_generated", "models", "mode", "topology", "kv_pages", "preemptions", "weights", "programs_compiled")
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     MAX_LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +171,12 @@ class GetStatsResponse(_message.Message):
     FAILED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PROGRAMS_COMPILED_FIELD_NUMBER: _ClassVar[int]
     queue_depth: int
     running: int
     max_live_requests: int
@@ -156,4 +186,10 @@ class GetStatsResponse(_message.Message):
     failed: int
     tokens_generated: int
     models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., max_live_requests: _Optional[int] = ..., live_request_ids: _Optional[_Iterable[str]] = ..., completed: _Optional[int] = ..., cancelled: _Optional[int] = ..., failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+    mode: str
+    topology: str
+    kv_pages: _containers.RepeatedCompositeFieldContainer[KVDeviceStats]
+    preemptions: int
+    weights: _containers.RepeatedCompositeFieldContainer[ModelWeightsStats]
+    programs_compiled: int
+    def __init__(self, queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., max_live_requests: _Optional[int] = ..., live_request_ids: _Optional[_Iterable[str]] = ..., completed: _Optional[int] = ..., cancelled: _Optional[int] = ..., failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., topology: _Optional[str] = ..., kv_pages: _Optional[_Iterable[_Union[KVDeviceStats, _Mapping]]] = ..., preemptions: _Optional[int] = ..., weights: _Optional[_Iterable[_Union[ModelWeightsStats, _Mapping]]] = ..., programs_compiled: _Optional[int] = ...) -> None: ...

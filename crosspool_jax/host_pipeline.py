@@ -406,7 +406,7 @@ def _attention_pre(cfg: ModelConfig, w: Tree, x: jax.Array, pos: jax.Array):
     return q, apply_rope(k[None], cos, sin, cfg.rope_style)[0], v
 
 
-def _grouped(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str) -> jax.Array:
+def expert_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str) -> jax.Array:
     """Rows of x sorted by group; w [G, K, N]; sizes [G] -> [M, N] f32 (rows past sum(sizes): 0).
 
     backend: "xla" (`lax.ragged_dot`) or a Pallas backend of `arena_grouped_matmul` ("gpu",
@@ -446,9 +446,9 @@ def _ffn_partials(cfg: ModelConfig, w: Tree, x: jax.Array, dev: jax.Array, e_loc
     tok = order // k
     xs = x[tok].astype(w["w_gate_up"].dtype)
     inter = cfg.moe_intermediate_size
-    h = _grouped(xs, w["w_gate_up"], sizes, backend)
+    h = expert_matmul(xs, w["w_gate_up"], sizes, backend)
     a = (jax.nn.silu(h[:, :inter]) * h[:, inter:]).astype(w["w_down"].dtype)
-    o = _grouped(a, w["w_down"], sizes, backend)
+    o = expert_matmul(a, w["w_down"], sizes, backend)
     o = o * jnp.where(key[order] < e_loc, weights.reshape(-1)[order], 0.0)[:, None]
     routed = jnp.zeros((n, x.shape[1]), jnp.float32).at[tok].add(o)
     shared = (_gated_partial(x, w["shared_gate_up"], w["shared_down"]) if "shared_gate_up" in w

@@ -700,6 +700,16 @@ class HostPipeline:
         in_specs = (kv, rep, rep, kv, P(None, KV_AXIS), rep, kv, kv, kv, kv, rep)
         return jax.jit(_shard_map(body, self.kv_mesh, in_specs, (kv, kv, kv)))
 
+    def describe(self) -> dict[str, Any]:
+        """What runs, for logs and stats: the strategy, its knobs, the pools' devices, backends."""
+        c = self.config
+        return {"strategy": "host-scheduled", "micro_batches": c.micro_batches, "group_size": c.group_size,
+                "lanes": c.lanes, "batch": self.batch, "max_seq_len": self.max_seq_len,
+                "kv_devices": [d.id for d in self.kv_mesh.devices.flat],
+                "weights_devices": [d.id for d in self.w_mesh.devices.flat],
+                "tokens_per_page": self.geom.tokens_per_page, "attention_backend": self.attn_backend,
+                "expert_backend": self.expert_backend}
+
     def attention_program_text(self, layers: Sequence[int] | None = None) -> str:
         """The optimised HLO of the attention call of one lane tick (entries at `layers`, default
         0 .. g - 1), compiled for this pipeline's shapes: what to search for copies of the arena."""

@@ -166,6 +166,9 @@ def test_hidden_states_cross_the_meshes(models):
     assert {s.data.shape[0] for s in experts.addressable_shards} == {2}
     assert set(pm.bytes_by_device()) == kv | w
     assert pipe.arena.sharding.spec == P("kv") and {d.id for d in pipe.arena.sharding.device_set} == kv
+    desc = pipe.describe()
+    assert (desc["strategy"], desc["lanes"]) == ("host-scheduled", 1)
+    assert (set(desc["kv_devices"]), set(desc["weights_devices"])) == (kv, w)
 
 
 def test_transfers_never_staged_through_host(models, monkeypatch):

@@ -35,7 +35,7 @@ from benchmarks.kernels import copy_bandwidth
 from crosspool_jax.arena import ArenaStore, model_rows
 from crosspool_jax.config import ModelConfig, from_hf_config
 from crosspool_jax.params import weight_specs
-from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry
+from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry, one_model_group_inputs
 from crosspool_jax.topology import PoolTopology, Role
 from pallas_kernels.page_layout import PoolLayout
 
@@ -177,7 +177,8 @@ def time_variant(store: ArenaStore, cfg: ModelConfig, platform: str, batch: int,
             p["sample_row"] = np.where(p["sample_row"] >= 0, np.arange(h)[None], -1).astype(np.int32)
     for p in parts:
         b = p["tokens"].shape[1]
-        lanes.append(LaneShape("m", b, b, P))
+        p.update(one_model_group_inputs(store, "m", [int((p["tok_slot"][0] >= 0).sum())], b, b))
+        lanes.append(LaneShape(store.models["m"].cls, 1, b, b, P))
         inputs.append({key: jax.device_put(v.reshape(-1, *v.shape[2:]), store.sharding)
                        for key, v in p.items()})
     spec = StepSpec(tuple(lanes), True, k, None, matmul_backend=matmul_backend)

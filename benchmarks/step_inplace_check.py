@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from benchmarks.step import MODELS, build_store, decode_inputs
-from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry
+from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry, one_model_group_inputs
 from crosspool_jax.topology import PoolTopology
 from pallas_kernels.page_layout import PoolLayout
 
@@ -40,14 +40,16 @@ def main() -> None:
     layout = PoolLayout(65536, "bfloat16", 128, 1)
     geom = model_geometry(cfg, layout, platform)
     kv_pages = args.batch * cfg.num_layers * (-(-(args.context + 4) // geom.tokens_per_page)) + 8
-    for kind in ("pool", "coloc"):
+    for kind in ("pool", "coloc") if len(devs) >= 2 else ("coloc",):
         topo = PoolTopology.split("1+1", devs) if kind == "pool" else None
         store, _ = build_store(cfg, topo, devs[0] if kind == "coloc" else None, layout, kv_pages)
         arr = decode_inputs(store, cfg, geom.tokens_per_page, args.batch, args.context, 2,
                             np.random.default_rng(0))
+        arr.update(one_model_group_inputs(store, "m", [args.batch], args.batch, args.batch))
         inp = {k: jax.device_put(v.reshape(-1, *v.shape[2:]), store.sharding) for k, v in arr.items()}
         for mm in ("gpu" if platform == "gpu" else "reference", "reference"):
-            spec = StepSpec((LaneShape("m", args.batch, args.batch, arr["tail_pages"].shape[-1]),),
+            lane = LaneShape(store.models["m"].cls, 1, args.batch, args.batch, arr["tail_pages"].shape[-1])
+            spec = StepSpec((lane,),
                             True, 2, None, matmul_backend=mm)
             text = build_step(spec, store, platform).lower(store.arena, (inp,)).compile().as_text()
             shard = (store.layout.num_pages, store.layout.rows_per_page, store.layout.row_elems)

@@ -110,25 +110,75 @@ class TensorSlot:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelArena:
-    """A model's tensors in the arenas: name -> slot. Names are the F-/A-side tree paths with the
-    layer stack removed (``attn/layers/wqkv``, ``ffn/moe/w_gate_up`` ...)."""
+class ModelClass:
+    """What a compiled step needs to know of a model: its config and where each tensor lies
+    RELATIVE to the model's base row on the devices of the tensor's role.
 
-    name: str
+    A model's tensors of one role are one contiguous block of arena rows, laid out in a fixed order
+    by `model_tensors`, so models with equal configs, weight dtypes and pool split have equal
+    classes and differ only in their base rows. A step program is built per class and takes the
+    bases as inputs: a program serves every model of its class, and one lane can run several of
+    them (docs/design.md, "Lanes and model classes"). Hashable (a jit cache key)."""
+
     config: ModelConfig
-    slots: Mapping[str, TensorSlot]
+    slots: tuple[tuple[str, TensorSlot], ...]  # (name, slot with `row` relative to the role base)
     experts_local: int  # routed experts per weights device (expert axis padded)
     shared_local: int  # shared-expert intermediate columns per weights device (0: none)
     dense_local: int  # dense-FFN intermediate columns per weights device (0: none)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, TensorSlot]:
+        return dict(self.slots)
+
+    def slot(self, name: str) -> TensorSlot:
+        return self._by_name[name]
+
+    def has(self, name: str) -> bool:
+        return name in self._by_name
+
+    def rows(self, role: Role) -> int:
+        """Rows of the model's block on a device of `role`."""
+        return sum(s.rows for _, s in self.slots if s.role == role)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArena:
+    """A placed model: its class and its base row per role; `slots` gives absolute rows.
+    Names are the F-/A-side tree paths with the layer stack removed (``attn/layers/wqkv``,
+    ``ffn/moe/w_gate_up`` ...)."""
+
+    name: str
+    cls: ModelClass
+    base: Mapping[Role, int]  # first row of the model's block on devices of each role
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.cls.config
+
+    @property
+    def experts_local(self) -> int:
+        return self.cls.experts_local
+
+    @property
+    def shared_local(self) -> int:
+        return self.cls.shared_local
+
+    @property
+    def dense_local(self) -> int:
+        return self.cls.dense_local
+
+    @functools.cached_property
+    def slots(self) -> dict[str, TensorSlot]:
+        return {n: dataclasses.replace(s, row=self.base[s.role] + s.row) for n, s in self.cls.slots}
 
     def slot(self, name: str) -> TensorSlot:
         return self.slots[name]
 
     def has(self, name: str) -> bool:
-        return name in self.slots
+        return self.cls.has(name)
 
     def rows(self, role: Role) -> int:
-        return sum(s.rows for s in self.slots.values() if s.role == role)
+        return self.cls.rows(role)
 
 
 # ---- what a model stores where ----------------------------------------------------------------
@@ -408,22 +458,26 @@ class ArenaStore:
                 f"weights per weights device; free: {free[Role.KV] * rb} bytes of the "
                 f"{self.attn_pages} pages reserved for weights on KV devices, "
                 f"{free[Role.WEIGHTS] * rb} bytes on weights devices")
-        got: list[tuple[Role, int, int]] = []
-        slots: dict[str, TensorSlot] = {}
+        rel: list[tuple[str, TensorSlot]] = []
+        offset = {r: 0 for r in Role}
+        for tname, slot in tensors:  # one contiguous block per role, in model_tensors' order
+            rel.append((tname, dataclasses.replace(slot, row=offset[slot.role])))
+            offset[slot.role] += slot.rows
+        base: dict[Role, int] = {}
         try:
-            for tname, slot in tensors:
-                start = self._alloc[slot.role].alloc(slot.rows)
+            for role in Role:
+                start = self._alloc[role].alloc(need[role]) if need[role] else 0
                 if start is None:
                     raise CapacityError(f"model {name!r}: the free weight rows are too fragmented "
-                                        f"for {tname} ({slot.rows * rb} bytes)")
-                got.append((slot.role, start, slot.rows))
-                slots[tname] = dataclasses.replace(slot, row=start)
+                                        f"for its {role.value} block ({need[role] * rb} bytes)")
+                base[role] = start
         except BaseException:
-            for role, start, n in got:
-                self._alloc[role].release(start, n)
+            for role, start in base.items():
+                if need[role]:
+                    self._alloc[role].release(start, need[role])
             raise
         e, s, d = local_sizes(cfg, self.num_weights)
-        return ModelArena(name, cfg, slots, e, s, d)
+        return ModelArena(name, ModelClass(cfg, tuple(rel), e, s, d), base)
 
     def place_model(self, name: str, cfg: ModelConfig, weights: ModelWeights) -> ModelArena:
         """Plans and writes a model's tensors into the arenas of their devices.
@@ -473,8 +527,9 @@ class ArenaStore:
         self._release(ma)
 
     def _release(self, ma: ModelArena) -> None:
-        for slot in ma.slots.values():
-            self._alloc[slot.role].release(slot.row, slot.rows)
+        for role in Role:
+            if ma.rows(role):
+                self._alloc[role].release(ma.base[role], ma.rows(role))
 
     def _pool_devices(self, role: Role) -> tuple[jax.Device, ...]:
         return self.kv_devices if role == Role.KV else self.weights_devices

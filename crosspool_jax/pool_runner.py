@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crosspool_jax.arena import ArenaStore
-from crosspool_jax.config import ModelConfig
+from crosspool_jax.config import AttentionKind, ModelConfig
 from crosspool_jax.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
 from crosspool_jax.params import ModelWeights
 from crosspool_jax.planner import (
@@ -43,12 +43,41 @@ from crosspool_jax.planner import (
 )
 from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry
 from crosspool_jax.sampling import SamplingParams, seed_words
-from crosspool_jax.topology import PoolTopology
+from crosspool_jax.topology import PoolTopology, Role
 from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
 
 
 def _pow2(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeBuckets:
+    """How a call's sizes round up to the static shapes of a compiled program: the smallest
+    ``floor * growth**k >= n``. Coarser buckets (bigger floor / growth) mean fewer programs to
+    compile and more padding per call. ``fine`` (the CPU default) keeps padding small; ``coarse``
+    (the GPU default) keeps a long run to a few dozen programs, since a GPU compile of a
+    real-size step takes seconds while padded slots and pages cost little there (the kernels skip
+    pages past each sequence's length and rows past each group's size)."""
+
+    slots_floor: int = 1  # B per KV device
+    tokens_floor: int = 8  # prefill query rows T per KV device
+    pages_floor: int = 1  # page-table width P
+    growth: int = 2
+
+    def round(self, n: int, floor: int) -> int:
+        size = max(1, floor)
+        while size < n:
+            size *= self.growth
+        return size
+
+    @classmethod
+    def fine(cls) -> ShapeBuckets:
+        return cls()
+
+    @classmethod
+    def coarse(cls) -> ShapeBuckets:
+        return cls(slots_floor=8, tokens_floor=32, pages_floor=16, growth=4)
 
 
 @dataclasses.dataclass
@@ -99,6 +128,9 @@ class GroupRunner:
     devices stay in one lane).
     host_swap_pages: host-memory page slots for swapped-out KV (0: preemption always recomputes;
     otherwise the planner's `preemption` policy picks swap or recompute per request).
+    max_programs: compiled step programs kept (least recently used evicted). Programs are per
+    model CLASS and shape bucket (`pooled_step.LaneShape`), not per model. buckets: how sizes
+    round to program shapes (default: `ShapeBuckets.coarse()` on GPU, `.fine()` elsewhere).
     """
 
     def __init__(
@@ -117,6 +149,8 @@ class GroupRunner:
         kv_pages_per_device: int | None = None,
         micro_batches: int = 1,
         host_swap_pages: int = 0,
+        max_programs: int = 32,
+        buckets: ShapeBuckets | None = None,
     ):
         self.store = ArenaStore(topology, layout, attn_pages, colocated=colocated)
         self.platform = platform or ("gpu" if jax.default_backend() in ("gpu", "cuda") else "cpu")
@@ -135,7 +169,13 @@ class GroupRunner:
         self.planner = KVPlanner(self.kv, self._planner_config)
         self.geoms: dict[str, PageGeometry] = {}
         self.reqs: dict[str, _Req] = {}
+        # compiled step programs, least recently used first; bounded because every compiled
+        # program holds its own memory mappings and code (a long run with many shapes would
+        # otherwise exhaust the process's mappings)
         self._programs: dict[StepSpec, Callable] = {}
+        self.max_programs = max_programs
+        self.buckets = buckets or (ShapeBuckets.coarse() if self.platform == "gpu" else ShapeBuckets.fine())
+        self.programs_built = 0
         self.preemptions = 0
         self.calls = 0
         self.swapped_pages = 0
@@ -153,7 +193,6 @@ class GroupRunner:
         self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
                                                 tokens_per_page_override=geom.tokens_per_page))
         self.geoms[name] = geom
-        self._programs.clear()
 
     def add_random_model(self, name: str, cfg: ModelConfig, seed: int = 0) -> None:
         """A model with random weights generated on the devices (benchmarks at real sizes)."""
@@ -162,7 +201,6 @@ class GroupRunner:
         self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
                                                 tokens_per_page_override=geom.tokens_per_page))
         self.geoms[name] = geom
-        self._programs.clear()
 
     def remove_model(self, name: str) -> None:
         live = [r for r in self.reqs.values() if r.model == name and not r.done]
@@ -171,7 +209,6 @@ class GroupRunner:
         self.store.remove_model(name)
         self.kv.unregister_model(name)
         del self.geoms[name]
-        self._programs.clear()
 
     def set_limits(self, limits: dict[str, ModelLimits]) -> None:
         """Per-model page floors/caps (the `static` mode's fixed reservations)."""
@@ -342,28 +379,40 @@ class GroupRunner:
         host_inputs: list[dict[str, np.ndarray]] = []
         placements: list[list[tuple[str, int, int, int, bool]]] = []
         k_steps = 1
-        groups = []
+        # one lane per model class (MLA: per model): its models are groups of one program
+        by_class: dict[Any, tuple[list[str], list]] = {}
         for model, rows in sorted(by_model.items()):
+            cls = store.models[model].cls
+            key = (cls, model) if cls.config.attention == AttentionKind.MLA else (cls, None)
+            names, all_rows = by_class.setdefault(key, ([], []))
+            names.append(model)
+            all_rows.extend(rows)
+        groups = []
+        for (cls, _), (names, rows) in by_class.items():
             mb = self.micro_batches
             if decode and mb > 1 and len(rows) >= mb and not any(r[4] for r in rows):
-                groups += [(model, rows[i::mb]) for i in range(mb)]  # ping-pong lanes
+                groups += [(cls, names, rows[i::mb]) for i in range(mb)]  # ping-pong lanes
             else:
-                groups.append((model, rows))
-        for model, rows in groups:
-            cfg = store.models[model].config
-            geom = self.geoms[model]
+                groups.append((cls, names, rows))
+        for cls, names, rows in groups:
+            cfg = cls.config
+            geom = self.geoms[names[0]]
             tpp = geom.tokens_per_page
+            g_count = _pow2(len(names))
+            gidx = {m: i for i, m in enumerate(names)}
             per_dev: list[list] = [[] for _ in range(n_kv)]
-            for row in rows:
+            for row in sorted(rows, key=lambda r: gidx[r[0].req.model]):  # slots sorted by model
                 per_dev[row[3].device].append(row)
-            b = _pow2(max(len(d) for d in per_dev))
+            bk = self.buckets
+            b = bk.round(max(len(d) for d in per_dev), bk.slots_floor)
             if decode:
                 t = b
                 k_steps = max(k_steps, max(r[2] - r[1] for r in rows))
             else:
-                t = _pow2(max(sum(r[2] - r[1] for r in d) for d in per_dev), 8)
-            pages = _pow2(max(max(r[3].pages_per_layer for r in rows),
-                              max((s.pages_per_layer for r in rows for s in r[4]), default=1)))
+                t = bk.round(max(sum(r[2] - r[1] for r in d) for d in per_dev), bk.tokens_floor)
+            pages = bk.round(max(max(r[3].pages_per_layer for r in rows),
+                                 max((s.pages_per_layer for r in rows for s in r[4]), default=1)),
+                             bk.pages_floor)
             n_extra_dev = [0] * n
             for row in rows:
                 for s in row[4]:
@@ -384,6 +433,14 @@ class GroupRunner:
             }
             if not decode:
                 arr["cu_q"] = np.zeros((n, b + 1), np.int32)
+            a_base = [store.models[m].base[Role.KV] for m in names]
+            f_base = [store.models[m].base[Role.WEIGHTS] for m in names]
+            arr["a_base"] = np.tile(np.array(a_base + a_base[:1] * (g_count - len(names)), np.int32), (n, 1))
+            arr["f_base"] = np.tile(np.array(f_base + f_base[:1] * (g_count - len(names)), np.int32), (n, 1))
+            arr["grp_rows"] = np.zeros((n, g_count), np.int32)
+            arr["grp_slots"] = np.zeros((n, g_count), np.int32)
+            arr["tok_grp"] = np.zeros((n, t), np.int32)
+            arr["slot_grp"] = np.zeros((n, b), np.int32)
             if x:
                 arr["x_rows"] = np.full((n, x, c), -1, np.int32)
                 arr["x_pages"] = np.full((n, x, L, pages), -1, np.int32)
@@ -397,6 +454,11 @@ class GroupRunner:
                     known = list(r.prompt) + r.generated + tokens.get(r.request_id, [])
                     q = e0 - s0
                     rows_idx = (np.arange(q) + row_ptr) if not decode else np.array([bi])
+                    gi = gidx[r.model]
+                    arr["grp_rows"][d, gi] += len(rows_idx)
+                    arr["grp_slots"][d, gi] += 1
+                    arr["tok_grp"][d, rows_idx] = gi
+                    arr["slot_grp"][d, bi] = gi
                     if decode:
                         arr["tokens"][d, bi] = known[s0]
                         arr["positions"][d, bi] = s0
@@ -436,15 +498,18 @@ class GroupRunner:
                     place.append((r.request_id, d, bi, e0 - s0, decode or (w.samples and e0 == w.end)))
                 if not decode:
                     arr["cu_q"][d, len(per_dev[d]) + 1:] = row_ptr
-            lanes.append(LaneShape(model, b, t, pages, x, c, s_w))
+            lanes.append(LaneShape(cls, g_count, b, t, pages, x, c, s_w))
             host_inputs.append(arr)
             placements.append(place)
         spec = StepSpec(tuple(lanes), decode, _pow2(k_steps) if decode else 1, self.backend)
-        prog = self._programs.get(spec)
+        prog = self._programs.pop(spec, None)
         self._compiled_last_call = prog is None
         if prog is None:
             prog = build_step(spec, store, self.platform)
-            self._programs[spec] = prog
+            self.programs_built += 1
+            while len(self._programs) >= self.max_programs:  # least recently used goes
+                self._programs.pop(next(iter(self._programs)))
+        self._programs[spec] = prog  # most recently used last
         sharding = store.sharding
         dev_inputs = tuple({key: jax.device_put(v.reshape(-1, *v.shape[2:]), sharding)
                             for key, v in arr.items()} for arr in host_inputs)

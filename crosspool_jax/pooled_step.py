@@ -26,6 +26,12 @@ Split-KV across KV devices: a request whose KV does not fit one device has its o
 partial attention of the segments it holds (with the log-sum-exp), and a pmax / psum softmax
 combine merges them, so one request can use the KV of the whole pool.
 
+Lanes and model classes: a lane runs the slots of up to G models of one `ModelClass` (equal
+configs and arena layouts); every projection and the experts are grouped matmuls whose groups are
+(model) or (model, expert), reading each model's weights at its base row, and the norms/biases
+are gathered per row. The models' base rows are inputs, so one compiled program serves every
+model of a class and the number of programs does not grow with the number of models.
+
 Ping-pong: with ``micro_batches=2`` each model's slots are two lanes whose layers interleave, so
 the attention of one can run on the KV devices while the experts of the other run on the weights
 devices.
@@ -39,8 +45,11 @@ X extra segments, C query rows per extra):
     tail segment after this call's first append; 0: empty slot), sample_row [B] int32 (row of
     `tokens` whose logits are sampled, -1: none), temperature [B] f32, top_k [B] int32, top_p [B]
     f32, seed [B, 2] uint32, remaining [B] int32 (decode: tokens the slot may still produce),
-    stop_ids [B, S] int32 (-1 pad); extras: x_rows [X, C] int32 (global query rows, -1 pad),
-    x_pages [X, L, P] int32, x_len [X] int32.
+    stop_ids [B, S] int32 (-1 pad); the lane's models (G of one class): a_base [G], f_base [G]
+    int32 (each model's first arena row on KV / weights devices), grp_rows [G] int32 (query rows
+    of each model; rows and slots are sorted by model), grp_slots [G] int32, tok_grp [T] int32,
+    slot_grp [B] int32 (model of each row / slot); extras: x_rows [X, C] int32 (global query rows,
+    -1 pad), x_pages [X, L, P] int32, x_len [X] int32.
 Output per lane: tokens [K, B] int32 (-1: no token). The arena is donated.
 """
 
@@ -52,15 +61,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from crosspool_jax.arena import ArenaStore, ModelArena, shard_map
+from crosspool_jax.arena import ArenaStore, ModelClass, TensorSlot, shard_map
 from crosspool_jax.config import AttentionKind, FFNKind, ModelConfig, QKNorm
 from crosspool_jax.models.layers import apply_rope, rms_norm, rope_cos_sin
-from crosspool_jax.models.moe import route
+from crosspool_jax.models.moe import route_logits
 from crosspool_jax.sampling import sample_tokens
-from crosspool_jax.topology import POOL_AXIS
+from crosspool_jax.topology import POOL_AXIS, Role
 from pallas_kernels import (
     kv_append,
     mla_kv_append,
@@ -86,15 +96,25 @@ def model_geometry(cfg: ModelConfig, layout: PoolLayout, platform: str) -> PageG
 
 @dataclasses.dataclass(frozen=True)
 class LaneShape:
-    """Static shape of one lane (a model's slots, or half of them with two micro-batches)."""
+    """Static shape of one lane: slots of up to `groups` models of ONE class (equal configs and
+    arena layouts), or half of them with two micro-batches. Which models they are is an input
+    (their base rows), so one compiled program serves any models of the class."""
 
-    model: str
+    cls: ModelClass
+    groups: int  # G: models the lane can hold (unused groups get 0 rows)
     slots: int  # B per KV device
     tokens: int  # T per KV device (decode: == slots, row b is slot b's token)
     max_pages: int  # P
     extras: int = 0  # X per device (0: no split request in this call)
     extra_rows: int = 1  # C query rows per extra segment
     stop_width: int = 1  # S
+
+    def __post_init__(self) -> None:
+        if self.groups < 1:
+            raise ValueError(f"a lane needs groups >= 1, got {self.groups}")
+        if self.groups > 1 and self.cls.config.attention == AttentionKind.MLA:
+            # MLA's absorbed wkv_b is applied per head with einsums, not a grouped matmul
+            raise ValueError("MLA lanes hold one model (groups=1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,50 +134,77 @@ class StepSpec:
 
 
 class _Reader:
-    """Reads a model's tensors from one device's flat arena rows [rows, R]."""
+    """Reads the tensors of a lane's models (one class, G of them) from one device's flat arena
+    rows [rows, R]. a_base / f_base [G] int32: each model's base row on KV / weights devices."""
 
-    def __init__(self, arena: jax.Array, ma: ModelArena, backend: str | None):
+    def __init__(self, arena: jax.Array, cls: ModelClass, a_base: jax.Array, f_base: jax.Array,
+                 backend: str | None):
         self.rows = arena.reshape(-1, arena.shape[-1])
-        self.ma = ma
+        self.cls = cls
+        self.bases = {Role.KV: a_base.astype(jnp.int32), Role.WEIGHTS: f_base.astype(jnp.int32)}
+        self.groups = a_base.shape[0]
         self.backend = backend
 
-    def array(self, name: str, item: int = 0) -> jax.Array:
-        """A small tensor by static slice (norms, biases, router, wkv_b)."""
-        s = self.ma.slot(name)
-        r0 = s.item_row(item)
-        flat = self.rows[r0:r0 + s.item_rows].reshape(s.lead, s.last_padded)
-        if s.bitcast:
-            dt = jnp.dtype(s.dtype)
-            ratio = dt.itemsize // flat.dtype.itemsize
-            flat = flat[:, : (s.shape[-1] * ratio)].reshape(s.lead, s.shape[-1], ratio)
-            flat = lax.bitcast_convert_type(flat, dt)
-        else:
-            flat = flat[:, : s.shape[-1]]
-        return flat.reshape(s.shape)
+    def _start(self, name: str, item: int) -> tuple[TensorSlot, jax.Array]:
+        s = self.cls.slot(name)
+        return s, self.bases[s.role] + s.item_row(item)  # [G] first rows
 
-    def matmul(self, x: jax.Array, name: str, item: int, n_valid: jax.Array) -> jax.Array:
-        """x [M, K] @ W (in place in the arena) for the first n_valid rows -> [M, N] f32."""
-        s = self.ma.slot(name)
-        off = jnp.asarray([s.item_row(item)], jnp.int32)
-        y = arena_grouped_matmul(x, self.rows, off, jnp.reshape(n_valid, (1,)).astype(jnp.int32),
-                                 s.last_padded, backend=self.backend)
+    def stacked(self, name: str, item: int = 0) -> jax.Array:
+        """A small tensor of every model of the lane (norms, biases, router, wkv_b): [G, *shape]."""
+        s, starts = self._start(name, item)
+
+        def one(r0: jax.Array) -> jax.Array:
+            flat = lax.dynamic_slice_in_dim(self.rows, r0, s.item_rows, axis=0)
+            flat = flat.reshape(s.lead, s.last_padded)
+            if s.bitcast:
+                dt = jnp.dtype(s.dtype)
+                ratio = dt.itemsize // flat.dtype.itemsize
+                flat = flat[:, : (s.shape[-1] * ratio)].reshape(s.lead, s.shape[-1], ratio)
+                flat = lax.bitcast_convert_type(flat, dt)
+            else:
+                flat = flat[:, : s.shape[-1]]
+            return flat.reshape(s.shape)
+
+        return jnp.stack([one(starts[g]) for g in range(self.groups)])
+
+    def per_row(self, name: str, item: int, grp: jax.Array) -> jax.Array:
+        """The tensor of each row's model: [M, *shape] for grp [M] (one model: [*shape], which
+        broadcasts the same way)."""
+        st = self.stacked(name, item)
+        return st[0] if self.groups == 1 else jnp.take(st, grp, axis=0)
+
+    def matmul(self, x: jax.Array, name: str, item: int, sizes: jax.Array) -> jax.Array:
+        """x [M, K] (rows sorted by model; sizes [G] rows each, the rest 0) @ each model's W read
+        in place from the arena -> [M, N] f32."""
+        s, starts = self._start(name, item)
+        y = arena_grouped_matmul(x, self.rows, starts, sizes.astype(jnp.int32), s.last_padded,
+                                 backend=self.backend)
         return y[:, : s.shape[-1]]
 
     def grouped(self, x: jax.Array, name: str, item: int, sizes: jax.Array) -> jax.Array:
-        """Local experts: x rows sorted by expert; sizes [E_loc] -> [M, N] f32."""
-        s = self.ma.slot(name)
+        """Local experts of every model: x rows sorted by (model, expert); sizes [G * E_loc]."""
+        s, starts = self._start(name, item)
         per_expert = s.item_rows // s.shape[0]
-        offs = s.item_row(item) + per_expert * jnp.arange(s.shape[0], dtype=jnp.int32)
-        y = arena_grouped_matmul(x, self.rows, offs, sizes, s.last_padded, backend=self.backend)
+        offs = starts[:, None] + per_expert * jnp.arange(s.shape[0], dtype=jnp.int32)[None]
+        y = arena_grouped_matmul(x, self.rows, offs.reshape(-1), sizes, s.last_padded,
+                                 backend=self.backend)
         return y[:, : s.shape[-1]]
 
-    def embed(self, tokens: jax.Array) -> jax.Array:
-        """tokens [T] -> [T, D] (gathers the tokens' rows only)."""
-        s = self.ma.slot("attn/embed")
+    def embed(self, tokens: jax.Array, grp: jax.Array) -> jax.Array:
+        """tokens [T] of models grp [T] -> [T, D] (gathers the tokens' rows only)."""
+        s, starts = self._start("attn/embed", 0)
         per_tok = s.last_padded // s.row_elems
-        idx = s.row + tokens[:, None] * per_tok + jnp.arange(per_tok, dtype=jnp.int32)[None]
+        first = jnp.take(starts, grp)
+        idx = (first + tokens * per_tok)[:, None] + jnp.arange(per_tok, dtype=jnp.int32)[None]
         out = jnp.take(self.rows, idx.reshape(-1), axis=0, mode="clip")
         return out.reshape(tokens.shape[0], s.last_padded)[:, : s.shape[-1]]
+
+
+def _norm_rows(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """rms_norm of x [T, ..., N] with w [N] or per-row [T, N]."""
+    if w.ndim > 1 and x.ndim > w.ndim:
+        w = w.reshape(w.shape[0], *([1] * (x.ndim - w.ndim)), w.shape[-1])
+    return rms_norm(x, w, eps)
 
 
 # ---- one lane's layer ---------------------------------------------------------------------------------
@@ -218,15 +265,20 @@ def _combine_split(o: jax.Array, lse: jax.Array, ox: jax.Array, lsex: jax.Array,
 class _Lane:
     """One lane's computation inside the program (closes over static shapes)."""
 
-    def __init__(self, shape: LaneShape, ma: ModelArena, geom: PageGeometry, spec: StepSpec,
-                 num_devices: int, weights_base: int):
+    def __init__(self, shape: LaneShape, geom: PageGeometry, spec: StepSpec, num_devices: int,
+                 num_kv: int, weights_base: int):
         self.shape = shape
-        self.ma = ma
-        self.cfg: ModelConfig = ma.config
+        self.cls = shape.cls
+        self.cfg: ModelConfig = shape.cls.config
+        self.g = shape.groups
         self.geom = geom
         self.spec = spec
         self.n = num_devices
+        self.n_kv = num_kv
         self.w_base = weights_base
+
+    def reader(self, arena: jax.Array, inp: dict[str, jax.Array], backend: str | None) -> _Reader:
+        return _Reader(arena, self.cls, inp["a_base"], inp["f_base"], backend)
 
     # -- A-side --
     # A layer's attention is three phases so the program can write all lanes' KV at ONE point per
@@ -237,52 +289,54 @@ class _Lane:
         """Input norm, projections, norms, rotary: the new K/V (or MLA latent) and the queries."""
         cfg, sh, inp = self.cfg, self.shape, st.inp
         t = sh.tokens
-        n_act = jnp.where(is_kv, t, 0)
+        grp = inp["tok_grp"]
+        sizes = jnp.where(is_kv, inp["grp_rows"], 0)  # [G] rows of each model (sorted by model)
+        eps = cfg.rms_norm_eps
         dt = st.x.dtype
-        h = rms_norm(st.x, rd.array("attn/layers/input_norm", layer), cfg.rms_norm_eps)
+        h = _norm_rows(st.x, rd.per_row("attn/layers/input_norm", layer, grp), eps)
         tail_pages = inp["tail_pages"][:, layer]
         slots = _append_slots(tail_pages, inp["tail_start"], inp["tok_slot"], st.positions,
                               st.row_ok, self.geom.tokens_per_page)
         cos, sin = rope_cos_sin(cfg, st.positions[None])
-        ctx: dict[str, Any] = dict(n_act=n_act, dt=dt, tail_pages=tail_pages, slots=slots)
+        ctx: dict[str, Any] = dict(sizes=sizes, dt=dt, tail_pages=tail_pages, slots=slots)
         if cfg.attention == AttentionKind.GQA:
             H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-            qkv = rd.matmul(h, "attn/layers/wqkv", layer, n_act)
-            if self.ma.has("attn/layers/bqkv"):
-                qkv = qkv + rd.array("attn/layers/bqkv", layer).astype(jnp.float32)
+            qkv = rd.matmul(h, "attn/layers/wqkv", layer, sizes)
+            if self.cls.has("attn/layers/bqkv"):
+                qkv = qkv + rd.per_row("attn/layers/bqkv", layer, grp).astype(jnp.float32)
             qkv = qkv.astype(dt)
             q, k, v = qkv[:, : H * Dh], qkv[:, H * Dh:(H + K) * Dh], qkv[:, (H + K) * Dh:]
             if cfg.qk_norm == QKNorm.FULL:
-                q = rms_norm(q, rd.array("attn/layers/q_norm", layer), cfg.rms_norm_eps)
-                k = rms_norm(k, rd.array("attn/layers/k_norm", layer), cfg.rms_norm_eps)
+                q = _norm_rows(q, rd.per_row("attn/layers/q_norm", layer, grp), eps)
+                k = _norm_rows(k, rd.per_row("attn/layers/k_norm", layer, grp), eps)
             if cfg.clip_qkv is not None:
                 q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
             q, k, v = q.reshape(t, H, Dh), k.reshape(t, K, Dh), v.reshape(t, K, Dh)
             if cfg.qk_norm == QKNorm.PER_HEAD:
-                q = rms_norm(q, rd.array("attn/layers/q_norm", layer), cfg.rms_norm_eps)
-                k = rms_norm(k, rd.array("attn/layers/k_norm", layer), cfg.rms_norm_eps)
+                q = _norm_rows(q, rd.per_row("attn/layers/q_norm", layer, grp), eps)
+                k = _norm_rows(k, rd.per_row("attn/layers/k_norm", layer, grp), eps)
             ctx["q"] = apply_rope(q[None], cos, sin, cfg.rope_style)[0]
             ctx["k"] = apply_rope(k[None], cos, sin, cfg.rope_style)[0]
             ctx["v"] = v
             return ctx
         H, n, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         R = cfg.kv_lora_rank
-        if self.ma.has("attn/layers/wq_a"):
-            qa = rd.matmul(h, "attn/layers/wq_a", layer, n_act)
-            if self.ma.has("attn/layers/bq_a"):
-                qa = qa + rd.array("attn/layers/bq_a", layer).astype(jnp.float32)
-            qa = rms_norm(qa.astype(dt), rd.array("attn/layers/q_a_norm", layer), cfg.rms_norm_eps)
-            q = rd.matmul(qa, "attn/layers/wq_b", layer, n_act).astype(dt)
+        if self.cls.has("attn/layers/wq_a"):
+            qa = rd.matmul(h, "attn/layers/wq_a", layer, sizes)
+            if self.cls.has("attn/layers/bq_a"):
+                qa = qa + rd.per_row("attn/layers/bq_a", layer, grp).astype(jnp.float32)
+            qa = _norm_rows(qa.astype(dt), rd.per_row("attn/layers/q_a_norm", layer, grp), eps)
+            q = rd.matmul(qa, "attn/layers/wq_b", layer, sizes).astype(dt)
         else:
-            q = rd.matmul(h, "attn/layers/wq", layer, n_act).astype(dt)
+            q = rd.matmul(h, "attn/layers/wq", layer, sizes).astype(dt)
         q = q.reshape(t, H, n + r)
         ctx["q_nope"] = q[..., :n]
         ctx["q_rope"] = apply_rope(q[None, ..., n:], cos, sin, cfg.rope_style)[0]
-        ckv = rd.matmul(h, "attn/layers/wkv_a", layer, n_act)
-        if self.ma.has("attn/layers/bkv_a"):
-            ckv = ckv + rd.array("attn/layers/bkv_a", layer).astype(jnp.float32)
+        ckv = rd.matmul(h, "attn/layers/wkv_a", layer, sizes)
+        if self.cls.has("attn/layers/bkv_a"):
+            ckv = ckv + rd.per_row("attn/layers/bkv_a", layer, grp).astype(jnp.float32)
         ckv = ckv.astype(dt)
-        ctx["latent"] = rms_norm(ckv[:, :R], rd.array("attn/layers/kv_a_norm", layer), cfg.rms_norm_eps)
+        ctx["latent"] = _norm_rows(ckv[:, :R], rd.per_row("attn/layers/kv_a_norm", layer, grp), eps)
         ctx["k_rope"] = apply_rope(ckv[None, :, None, R:], cos, sin, cfg.rope_style)[0, :, 0]
         return ctx
 
@@ -297,7 +351,8 @@ class _Lane:
                        dev: jax.Array, is_kv: jax.Array, ctx: dict) -> jax.Array:
         """Paged attention (+ split-KV combine), output projection, residual; returns the FFN input
         (post-attention-normed hidden states [T, D]). Reads `arena` after the layer's KV writes."""
-        cfg, t, dt, n_act = self.cfg, self.shape.tokens, ctx["dt"], ctx["n_act"]
+        cfg, t, dt, sizes = self.cfg, self.shape.tokens, ctx["dt"], ctx["sizes"]
+        grp = st.inp["tok_grp"]
         self.state_inp = st.inp
         kw = dict(backend=self.spec.backend, window=cfg.sliding_windows[layer] or None)
         split = self.shape.extras > 0
@@ -310,7 +365,7 @@ class _Lane:
             o = o.astype(dt).reshape(t, cfg.num_heads * cfg.head_dim)
         else:
             H, n, vd, R = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-            wkv_b = rd.array("attn/layers/wkv_b", layer).reshape(R, H, n + vd)
+            wkv_b = rd.stacked("attn/layers/wkv_b", layer)[0].reshape(R, H, n + vd)  # groups == 1
             hp = lax.Precision.HIGHEST if dt == jnp.float32 else None
             q_lat = jnp.einsum("thn,chn->thc", ctx["q_nope"], wkv_b[..., :n], precision=hp,
                                preferred_element_type=jnp.float32).astype(dt)
@@ -319,12 +374,12 @@ class _Lane:
                 o_lat = self._split(arena, q_lat, ctx["q_rope"], o_lat, lse, layer, dev, is_kv, kw)
             o = jnp.einsum("thc,chv->thv", o_lat.astype(dt), wkv_b[..., n:], precision=hp,
                            preferred_element_type=jnp.float32).astype(dt).reshape(t, H * vd)
-        a = rd.matmul(o, "attn/layers/wo", layer, n_act)
-        if self.ma.has("attn/layers/bo"):
-            a = a + rd.array("attn/layers/bo", layer).astype(jnp.float32)
+        a = rd.matmul(o, "attn/layers/wo", layer, sizes)
+        if self.cls.has("attn/layers/bo"):
+            a = a + rd.per_row("attn/layers/bo", layer, grp).astype(jnp.float32)
         x = st.x + a.astype(dt)
         st.x = x
-        return rms_norm(x, rd.array("attn/layers/post_attn_norm", layer), cfg.rms_norm_eps)
+        return _norm_rows(x, rd.per_row("attn/layers/post_attn_norm", layer, grp), cfg.rms_norm_eps)
 
     def _attend(self, arena, q, q_rope, st: _LaneState, tail_pages, kw, split: bool):
         """Tail-segment attention of this device's rows: (o [T, H, W], lse [T, H] or None)."""
@@ -370,59 +425,83 @@ class _Lane:
         return _combine_split(o, lse, ox, lsex, x_rows, dev, self.n * sh.tokens)
 
     # -- F-side --
-    def ffn(self, rd: _Reader, f_rows: jax.Array, layer: int, dev: jax.Array, is_w: jax.Array
-            ) -> jax.Array:
-        """This device's partial FFN output [M, D] f32 for the KV devices' rows f_rows [M, D]."""
-        cfg = self.cfg
+    def ffn(self, rd: _Reader, f_rows: jax.Array, f_grp: jax.Array, f_ok: jax.Array, layer: int,
+            dev: jax.Array, is_w: jax.Array) -> jax.Array:
+        """This device's partial FFN output [M, D] f32 for the KV devices' rows f_rows [M, D] of
+        models f_grp [M] (f_ok [M]: a real token; other rows come back 0)."""
+        cfg, g = self.cfg, self.g
         m_rows = f_rows.shape[0]
-        n_act = jnp.where(is_w, m_rows, 0)
         idx = cfg.ffn_stack_index[layer]
         dt = f_rows.dtype
         if cfg.ffn_kinds[layer] == FFNKind.DENSE:
-            return self._gated(rd, f_rows, "ffn/dense", idx, n_act, self.ma.dense_local)
-        router = rd.array("ffn/moe/router", idx)
-        bias = rd.array("ffn/moe/router_bias", idx) if self.ma.has("ffn/moe/router_bias") else None
-        weights, experts = route(cfg, router, bias, f_rows)
-        e_loc = self.ma.experts_local
+            return self._tensor_parallel(rd, f_rows, f_grp, f_ok, "ffn/dense/w_gate_up",
+                                         "ffn/dense/w_down", idx, is_w, self.cls.dense_local)
+        # each row routed by its own model's router: one grouped matmul over the models (f32,
+        # as the reference's router), then top-k on the logits
+        logits = self._by_model(rd, f_rows, f_grp, f_ok, is_w,
+                                lambda xs, sizes: rd.matmul(xs, "ffn/moe/router", idx, sizes))
+        bias = (rd.per_row("ffn/moe/router_bias", idx, f_grp).astype(jnp.float32)
+                if self.cls.has("ffn/moe/router_bias") else None)
+        weights, experts = route_logits(cfg, logits, bias)
+        e_loc = self.cls.experts_local
         k = cfg.top_k
-        j = dev - self.w_base
-        local = experts - j * e_loc
-        is_local = (local >= 0) & (local < e_loc) & is_w
-        key = jnp.where(is_local, local, e_loc).reshape(-1)
+        local = experts - (dev - self.w_base) * e_loc
+        is_local = (local >= 0) & (local < e_loc) & is_w & f_ok[:, None]
+        n_groups = g * e_loc  # (model, local expert) groups, model-major
+        key = jnp.where(is_local, f_grp[:, None] * e_loc + local, n_groups).reshape(-1)
         order = jnp.argsort(key, stable=True)
-        sizes = jnp.bincount(key, length=e_loc + 1)[:e_loc].astype(jnp.int32)
+        sizes = jnp.bincount(key, length=n_groups + 1)[:n_groups].astype(jnp.int32)
         tok = order // k
         xs = f_rows[tok]
         inter = cfg.moe_intermediate_size
         hgu = rd.grouped(xs, "ffn/moe/w_gate_up", idx, sizes)
         act = (jax.nn.silu(hgu[:, :inter]) * hgu[:, inter:2 * inter]).astype(dt)
         o = rd.grouped(act, "ffn/moe/w_down", idx, sizes)
-        w_sorted = jnp.where(key[order] < e_loc, weights.reshape(-1)[order], 0.0)
+        w_sorted = jnp.where(key[order] < n_groups, weights.reshape(-1)[order], 0.0)
         out = jnp.zeros((m_rows, cfg.hidden_size), jnp.float32).at[tok].add(o * w_sorted[:, None])
-        if self.ma.shared_local:
-            sh = self._gated(rd, f_rows, "ffn/moe/shared", idx, n_act, self.ma.shared_local)
-            if self.ma.has("ffn/moe/shared_gate"):
-                g = jnp.einsum("nd,do->no", f_rows, rd.array("ffn/moe/shared_gate", idx),
-                               preferred_element_type=jnp.float32)
-                sh = jax.nn.sigmoid(g.astype(dt).astype(jnp.float32)) * sh
+        if self.cls.shared_local:
+            sh = self._tensor_parallel(rd, f_rows, f_grp, f_ok, "ffn/moe/shared_gate_up",
+                                       "ffn/moe/shared_down", idx, is_w, self.cls.shared_local)
+            if self.cls.has("ffn/moe/shared_gate"):
+                gate_w = rd.per_row("ffn/moe/shared_gate", idx, f_grp)  # [D, 1] or [M, D, 1]
+                eq = "nd,do->no" if gate_w.ndim == 2 else "nd,ndo->no"
+                gate = jnp.einsum(eq, f_rows, gate_w, preferred_element_type=jnp.float32)
+                sh = jax.nn.sigmoid(gate.astype(dt).astype(jnp.float32)) * sh
             out = out + sh
         return out
 
-    def _gated(self, rd: _Reader, x: jax.Array, prefix: str, idx: int, n_act: jax.Array,
-               inter_local: int) -> jax.Array:
-        """Tensor-parallel SwiGLU partial: this device's intermediate columns -> [M, D] f32."""
-        h = rd.matmul(x, f"{prefix}_gate_up" if prefix.endswith("shared") else f"{prefix}/w_gate_up",
-                      idx, n_act).astype(x.dtype)
-        a = jax.nn.silu(h[:, :inter_local]) * h[:, inter_local:2 * inter_local]
-        down = f"{prefix}_down" if prefix.endswith("shared") else f"{prefix}/w_down"
-        return rd.matmul(a.astype(x.dtype), down, idx, n_act)
+    def _by_model(self, rd: _Reader, x: jax.Array, grp: jax.Array, ok: jax.Array, is_w: jax.Array,
+                  fn: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+        """fn(rows sorted by model, sizes [G]) -> [M, N], put back in the rows' order. Rows that
+        are not real tokens (ok False) and every row off the weights devices come back 0."""
+        g = self.g
+        key = jnp.where(ok, grp, g) if g > 1 else jnp.where(ok, 0, 1)
+        order = jnp.argsort(key, stable=True)
+        sizes = jnp.bincount(key, length=g + 1)[:g]
+        sizes = jnp.where(is_w, sizes, 0).astype(jnp.int32)
+        ys = fn(x[order], sizes)
+        return jnp.zeros_like(ys).at[order].set(ys)
+
+    def _tensor_parallel(self, rd: _Reader, x: jax.Array, grp: jax.Array, ok: jax.Array,
+                         gate_up: str, down: str, idx: int, is_w: jax.Array, inter_local: int
+                         ) -> jax.Array:
+        """Tensor-parallel SwiGLU partial (this device's intermediate columns) -> [M, D] f32."""
+
+        def swiglu(xs: jax.Array, sizes: jax.Array) -> jax.Array:
+            h = rd.matmul(xs, gate_up, idx, sizes).astype(x.dtype)
+            a = jax.nn.silu(h[:, :inter_local]) * h[:, inter_local:2 * inter_local]
+            return rd.matmul(a.astype(x.dtype), down, idx, sizes)
+
+        return self._by_model(rd, x, grp, ok, is_w, swiglu)
 
     # -- head --
-    def head(self, rd: _Reader, x: jax.Array, sample_row: jax.Array, is_kv: jax.Array) -> jax.Array:
+    def head(self, rd: _Reader, x: jax.Array, inp: dict[str, jax.Array], is_kv: jax.Array
+             ) -> jax.Array:
+        """Logits [B, V] f32 of each slot's sample row (slots sorted by model)."""
         cfg = self.cfg
-        xs = jnp.take(x, jnp.maximum(sample_row, 0), axis=0)
-        h = rms_norm(xs, rd.array("attn/final_norm"), cfg.rms_norm_eps)
-        return rd.matmul(h, "attn/lm_head", 0, jnp.where(is_kv, xs.shape[0], 0))
+        xs = jnp.take(x, jnp.maximum(inp["sample_row"], 0), axis=0)
+        h = _norm_rows(xs, rd.per_row("attn/final_norm", 0, inp["slot_grp"]), cfg.rms_norm_eps)
+        return rd.matmul(h, "attn/lm_head", 0, jnp.where(is_kv, inp["grp_slots"], 0))
 
 
 # ---- the program ---------------------------------------------------------------------------------------
@@ -430,7 +509,8 @@ class _Lane:
 
 def _lane_specs(lane: LaneShape, decode: bool) -> dict[str, P]:
     keys = ["tokens", "positions", "tok_slot", "tail_pages", "tail_start", "tail_len", "sample_row",
-            "temperature", "top_k", "top_p", "seed", "remaining", "stop_ids"]
+            "temperature", "top_k", "top_p", "seed", "remaining", "stop_ids", "a_base", "f_base",
+            "grp_rows", "grp_slots", "tok_grp", "slot_grp"]
     if not decode:
         keys.append("cu_q")
     if lane.extras:
@@ -447,10 +527,8 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
     """
     n, n_kv = store.num_devices, store.num_kv
     w_base = store.weights_index_base
-    lanes = []
-    for sh in spec.lanes:
-        ma = store.models[sh.model]
-        lanes.append(_Lane(sh, ma, model_geometry(ma.config, store.layout, platform), spec, n, w_base))
+    lanes = [_Lane(sh, model_geometry(sh.cls.config, store.layout, platform), spec, n, n_kv, w_base)
+             for sh in spec.lanes]
     ksteps = spec.steps if spec.decode else 1
     # the Pallas arena matmul on GPU (measured faster, docs/benchmarks.md); elsewhere XLA's
     # ragged_dot over sliced weights (the interpreter is too slow for whole models on CPU)
@@ -468,14 +546,14 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
             states: list[_LaneState] = []
             for ln, inp, tok, pos, ln_len, done in zip(lanes, inputs, toks, poss, lens, dones,
                                                        strict=True):
-                rd = _Reader(arena, ln.ma, mm_backend)
+                rd = ln.reader(arena, inp, mm_backend)
                 if spec.decode:
                     row_ok = is_kv & (inp["tok_slot"] >= 0) & jnp.logical_not(done)
                     tail_len = jnp.where(is_kv & jnp.logical_not(done), ln_len, 0)
                 else:
                     row_ok = is_kv & (inp["tok_slot"] >= 0)
                     tail_len = jnp.where(is_kv, ln_len, 0)
-                x = rd.embed(jnp.where(row_ok, tok, 0))
+                x = rd.embed(jnp.where(row_ok, tok, 0), inp["tok_grp"])
                 states.append(_LaneState(x, pos, row_ok, tail_len, inp))
             # Per layer: every lane's projections (reads of the arena's current version), then
             # every lane's KV write at one point (in place: all earlier reads feed it), then each
@@ -483,10 +561,17 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
             # (software pipelining), so with 2+ lanes (micro-batches) the KV devices' attention and
             # the weights devices' experts can run at the same time.
             pending: list[tuple[int, int, jax.Array]] = []
+            # every KV device's rows, as the weights devices see them: model of each row, real or not
+            f_meta = []
+            for ln, st in zip(lanes, states, strict=True):
+                m = n_kv * ln.shape.tokens
+                f_meta.append((lax.all_gather(st.inp["tok_grp"], POOL_AXIS, tiled=True)[:m],
+                               lax.all_gather(st.row_ok, POOL_AXIS, tiled=True)[:m]))
 
             def run_ffn(i: int, layer: int, f_rows: jax.Array) -> None:
                 ln, st = lanes[i], states[i]
-                part = ln.ffn(_Reader(arena, ln.ma, mm_backend), f_rows, layer, dev, is_w)
+                part = ln.ffn(ln.reader(arena, st.inp, mm_backend), f_rows, *f_meta[i], layer, dev,
+                              is_w)
                 total = lax.psum(jnp.where(is_w, part, 0.0), POOL_AXIS)
                 t = ln.shape.tokens
                 mine = lax.dynamic_slice_in_dim(total, jnp.minimum(dev, n_kv - 1) * t, t, axis=0)
@@ -497,8 +582,8 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                 while pending:  # the previous layer's FFNs feed this layer's projections
                     run_ffn(*pending.pop(0))
                 live = [i for i, ln in enumerate(lanes) if layer < ln.cfg.num_layers]
-                ctxs = {i: lanes[i].attention_pre(_Reader(arena, lanes[i].ma, mm_backend), states[i],
-                                                  layer, is_kv) for i in live}
+                ctxs = {i: lanes[i].attention_pre(lanes[i].reader(arena, states[i].inp, mm_backend),
+                                                  states[i], layer, is_kv) for i in live}
                 # every lane's reads of this version happen before the first write (barrier)
                 # (the residual streams too: XLA would otherwise re-fuse the layer-0 embedding
                 # gather into the residual add after the write, reading the old arena)
@@ -512,8 +597,8 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                     arena = lanes[i].kv_write(arena, ctxs[i])
                 for i in live:
                     ln, st = lanes[i], states[i]
-                    f_in = ln.attention_post(_Reader(arena, ln.ma, mm_backend), arena, st, layer, dev,
-                                             is_kv, ctxs[i])
+                    f_in = ln.attention_post(ln.reader(arena, st.inp, mm_backend), arena, st, layer,
+                                             dev, is_kv, ctxs[i])
                     f_rows = lax.all_gather(jnp.where(st.row_ok[:, None], f_in, 0), POOL_AXIS,
                                             tiled=True)[: n_kv * ln.shape.tokens]
                     pending.append((i, layer, f_rows))
@@ -524,8 +609,7 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
             new = []
             for ln, st, rem, done in zip(lanes, states, rems, dones, strict=True):
                 inp = st.inp
-                rd = _Reader(arena, ln.ma, mm_backend)
-                logits = ln.head(rd, st.x, inp["sample_row"], is_kv)
+                logits = ln.head(ln.reader(arena, inp, mm_backend), st.x, inp, is_kv)
                 row = jnp.maximum(inp["sample_row"], 0)
                 spos = jnp.take(st.positions, row) + 1
                 nxt = sample_tokens(logits, inp["temperature"], inp["top_k"], inp["top_p"],
@@ -573,6 +657,24 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
     return jax.jit(f, donate_argnums=(0,))
 
 
+def one_model_group_inputs(store: ArenaStore, model: str, slots_per_device: list[int], tokens: int,
+                           slots: int) -> dict[str, np.ndarray]:
+    """The model-group inputs (a_base ... slot_grp, shapes [N, ...]) of a lane holding only
+    `model`, whose first `slots_per_device[d]` slots (one query row each) are real on KV device d.
+    For benchmarks and tests that build lane inputs by hand (the engine's runner builds them for
+    lanes of several models)."""
+    n = store.num_devices
+    ma = store.models[model]
+    real = np.zeros(n, np.int32)
+    real[: len(slots_per_device)] = slots_per_device
+    return {"a_base": np.full((n, 1), ma.base[Role.KV], np.int32),
+            "f_base": np.full((n, 1), ma.base[Role.WEIGHTS], np.int32),
+            "grp_rows": real[:, None].copy(), "grp_slots": real[:, None].copy(),
+            "tok_grp": np.zeros((n, tokens), np.int32), "slot_grp": np.zeros((n, slots), np.int32)}
+
+
 def describe(spec: StepSpec) -> dict[str, Any]:
     return {"decode": spec.decode, "steps": spec.steps,
-            "lanes": [dataclasses.asdict(sh) for sh in spec.lanes]}
+            "lanes": [{"family": sh.cls.config.family.value, "groups": sh.groups, "slots": sh.slots,
+                       "tokens": sh.tokens, "max_pages": sh.max_pages, "extras": sh.extras}
+                      for sh in spec.lanes]}

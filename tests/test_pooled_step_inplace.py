@@ -15,7 +15,7 @@ import pytest
 from crosspool_jax.arena import ArenaStore, model_rows
 from crosspool_jax.demo import demo_configs
 from crosspool_jax.params import weight_specs
-from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step
+from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, one_model_group_inputs
 from crosspool_jax.topology import PoolTopology, Role
 from pallas_kernels.page_layout import PoolLayout
 
@@ -42,9 +42,9 @@ def _store(colocated: bool) -> ArenaStore:
     return store
 
 
-def _inputs(store: ArenaStore, lane: LaneShape, decode: bool) -> dict:
+def _inputs(store: ArenaStore, model: str, lane: LaneShape, decode: bool) -> dict:
     n, b, t, p = store.num_devices, lane.slots, lane.tokens, lane.max_pages
-    L = CFGS[lane.model].num_layers
+    L = CFGS[model].num_layers
     z = np.zeros
     arr = {"tokens": z((n, t), np.int32), "positions": z((n, t), np.int32),
            "tok_slot": np.full((n, t), -1, np.int32), "tail_pages": np.full((n, b, L, p), -1, np.int32),
@@ -53,6 +53,9 @@ def _inputs(store: ArenaStore, lane: LaneShape, decode: bool) -> dict:
            "top_k": z((n, b), np.int32), "top_p": np.ones((n, b), np.float32),
            "seed": z((n, b, 2), np.uint32), "remaining": z((n, b), np.int32),
            "stop_ids": np.full((n, b, lane.stop_width), -1, np.int32)}
+    arr.update(one_model_group_inputs(store, model, [0], t, b))
+    for key in ("a_base", "f_base", "grp_rows", "grp_slots"):  # G models: the same one G times
+        arr[key] = np.repeat(arr[key], lane.groups, axis=1)
     if not decode:
         arr["cu_q"] = z((n, b + 1), np.int32)
     if lane.extras:
@@ -62,9 +65,11 @@ def _inputs(store: ArenaStore, lane: LaneShape, decode: bool) -> dict:
     return {k: jax.device_put(v.reshape(-1, *v.shape[2:]), store.sharding) for k, v in arr.items()}
 
 
-def _arena_copies(store: ArenaStore, spec: StepSpec) -> int:
+def _arena_copies(store: ArenaStore, lanes: tuple[tuple[str, LaneShape], ...], decode: bool,
+                  steps: int) -> int:
+    spec = StepSpec(tuple(ln for _, ln in lanes), decode, steps, "interpret")
     prog = build_step(spec, store, "cpu")
-    inputs = tuple(_inputs(store, ln, spec.decode) for ln in spec.lanes)
+    inputs = tuple(_inputs(store, m, ln, spec.decode) for m, ln in lanes)
     text = prog.lower(store.arena, inputs).compile().as_text()
     _, rpp, r = store.arena.shape
     shard = (store.layout.num_pages, rpp, r)
@@ -73,12 +78,19 @@ def _arena_copies(store: ArenaStore, spec: StepSpec) -> int:
                if (" copy(" in line or "copy-start(" in line) and any(s in line for s in shapes))
 
 
+def _lane(store: ArenaStore, model: str, *shape: int, groups: int = 1, **kw: int
+          ) -> tuple[str, LaneShape]:
+    return model, LaneShape(store.models[model].cls, groups, *shape, **kw)
+
+
 LANES = {
-    "one-lane": (LaneShape("demo-mixtral", 4, 4, 4),),
-    "ping-pong": (LaneShape("demo-mixtral", 2, 2, 4), LaneShape("demo-mixtral", 2, 2, 4)),
-    "three-models": (LaneShape("demo-mixtral", 2, 2, 4), LaneShape("demo-qwen3-moe", 2, 2, 4),
-                     LaneShape("demo-deepseek-v3", 2, 2, 4)),
-    "split-mla": (LaneShape("demo-deepseek-v3", 2, 2, 4, extras=2), LaneShape("demo-mixtral", 2, 2, 4)),
+    "one-lane": lambda s: (_lane(s, "demo-mixtral", 4, 4, 4),),
+    "ping-pong": lambda s: (_lane(s, "demo-mixtral", 2, 2, 4), _lane(s, "demo-mixtral", 2, 2, 4)),
+    "three-models": lambda s: (_lane(s, "demo-mixtral", 2, 2, 4), _lane(s, "demo-qwen3-moe", 2, 2, 4),
+                               _lane(s, "demo-deepseek-v3", 2, 2, 4)),
+    "split-mla": lambda s: (_lane(s, "demo-deepseek-v3", 2, 2, 4, extras=2),
+                            _lane(s, "demo-mixtral", 2, 2, 4)),
+    "two-groups": lambda s: (_lane(s, "demo-qwen3-moe", 4, 4, 4, groups=2),),
 }
 
 
@@ -86,10 +98,10 @@ LANES = {
 @pytest.mark.parametrize("colocated", [False, True])
 def test_decode_updates_arena_in_place(case: str, colocated: bool) -> None:
     store = _store(colocated)
-    assert _arena_copies(store, StepSpec(LANES[case], True, 2, "interpret")) == 0
+    assert _arena_copies(store, LANES[case](store), True, 2) == 0
 
 
 def test_prefill_updates_arena_in_place() -> None:
     store = _store(False)
-    lanes = (LaneShape("demo-mixtral", 2, 16, 4), LaneShape("demo-deepseek-v3", 2, 16, 4))
-    assert _arena_copies(store, StepSpec(lanes, False, 1, "interpret")) == 0
+    lanes = (_lane(store, "demo-mixtral", 2, 16, 4), _lane(store, "demo-deepseek-v3", 2, 16, 4))
+    assert _arena_copies(store, lanes, False, 1) == 0

@@ -18,6 +18,11 @@ def route(cfg: ModelConfig, router_w: jax.Array, router_bias: jax.Array | None, 
     Returns (weights [N, k] float32, experts [N, k] int32).
     """
     logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), router_w.astype(jnp.float32))
+    return route_logits(cfg, logits, router_bias)
+
+
+def route_logits(cfg: ModelConfig, logits: jax.Array, router_bias: jax.Array | None):
+    """`route` from the router logits [N, E] f32; router_bias [E] or per row [N, E] (f32) or None."""
     k, E = cfg.top_k, cfg.num_experts
     if cfg.router == RouterKind.SIGMOID_GROUPED:
         scores = jax.nn.sigmoid(logits)

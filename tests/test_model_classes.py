@@ -1,0 +1,129 @@
+"""Models of one class share step programs and lanes (crosspool_jax/pooled_step.py, "Lanes and model
+classes"): several models with equal configs but different weights run as groups of ONE lane, each
+row reading its own model's weights, norms and biases, and the outputs equal each model's reference
+token for token. A model added later reuses the compiled programs of its class.
+
+Norm weights are perturbed per model (random init sets them to 1), so a row that read another
+model's norm would change the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from pooled_helpers import References, Req, build_runner, drive, f32
+
+from crosspool_jax import pool_runner
+from crosspool_jax.config import Family, FFNKind, QKNorm
+from crosspool_jax.demo import demo_configs
+from crosspool_jax.params import init_random_weights
+from crosspool_jax.sampling import SamplingParams
+
+QWEN3 = demo_configs()["demo-qwen3-moe"]  # per-head q/k norms
+MIX = demo_configs()["demo-mixtral"]
+# Qwen2-MoE-like: q/k/v and output biases, full-width q/k norms, a dense layer, a gated shared expert
+QWEN2 = dataclasses.replace(
+    QWEN3, family=Family.QWEN2_MOE, qkv_bias=True, o_bias=True, qk_norm=QKNorm.FULL,
+    ffn_kinds=(FFNKind.DENSE, FFNKind.MOE), dense_intermediate_size=96, shared_intermediate_size=48,
+    shared_expert_gate=True)
+SAMPLED = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=77)
+
+
+def _weights(cfg, seed: int):
+    """Random weights with every norm and bias perturbed per model."""
+    w = init_random_weights(cfg, seed=seed, scale=0.5)
+    rng = np.random.default_rng(seed + 1000)
+
+    def perturb(path, a):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name or name.rsplit("'", 2)[-2].startswith("b"):
+            return np.asarray(a) * (1.0 + 0.4 * rng.standard_normal(a.shape)).astype(np.float32)
+        return a
+
+    return f32(jax.tree_util.tree_map_with_path(perturb, w))
+
+
+def _prompt(seed: int, n: int) -> tuple[int, ...]:
+    return tuple(int(t) for t in np.random.default_rng(seed).integers(3, 250, n))
+
+
+MODELS = {
+    "q3-a": (QWEN3, _weights(QWEN3, 11)), "q3-b": (QWEN3, _weights(QWEN3, 12)),
+    "q3-c": (QWEN3, _weights(QWEN3, 13)),
+    "q2-a": (QWEN2, _weights(QWEN2, 21)), "q2-b": (QWEN2, _weights(QWEN2, 22)),
+    "mix": (MIX, _weights(MIX, 31)),
+}
+LATE = {"q3-d": (QWEN3, _weights(QWEN3, 14))}
+
+
+def _requests(tag: str, models: list[str]) -> list[Req]:
+    out = []
+    for i, m in enumerate(models):
+        out.append(Req(f"{m}-x{tag}", m, _prompt(100 + i, 3 + 2 * i), 6))
+        out.append(Req(f"{m}-y{tag}", m, _prompt(200 + i, 9 - i), 5, SAMPLED if i % 2 else SamplingParams()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def refs():
+    return References({**MODELS, **LATE})
+
+
+def _check(refs: References, reqs: list[Req], log) -> None:
+    for r in reqs:
+        want, reason = refs(r)
+        assert log.tokens[r.rid] == want, f"{r.rid}: reference {want}, pooled {log.tokens[r.rid]}"
+        assert log.finished[r.rid][0] == reason
+
+
+def _max_groups(runner) -> int:
+    return max(ln.groups for spec in runner._programs for ln in spec.lanes)
+
+
+def test_one_class_runs_as_one_lane_and_matches_reference(refs, monkeypatch) -> None:
+    runner = build_runner({**MODELS, **LATE}, kv_pages=16, prefill_chunk=16)
+    runner.remove_model("q3-d")  # added back once the programs are compiled
+    classes = {runner.store.models[m].cls for m in MODELS}
+    assert len(classes) == 3  # qwen3-like x3, qwen2-like x2, mixtral
+    reqs = _requests("", list(MODELS))
+    log = drive(runner, reqs)
+    _check(refs, reqs, log)
+    assert _max_groups(runner) == 4  # the three qwen3-like models in one lane (padded to 4)
+    for spec in runner._programs:  # never two lanes of one class in one program (1 micro-batch)
+        assert len({ln.cls for ln in spec.lanes}) == len(spec.lanes)
+    assert runner.kv.pool_stats().pages_used == 0
+
+    # a model of a known class loads without invalidating the compiled programs: the same
+    # requests with q3-d for q3-a reuse them (only a shape the first run never had compiles; the
+    # new model's different tokens can end a request at another step)
+    before = set(runner._programs)
+    built: list = []
+    build = pool_runner.build_step
+
+    def spy(spec, store, platform):
+        built.append(spec)
+        return build(spec, store, platform)
+
+    monkeypatch.setattr(pool_runner, "build_step", spy)
+    runner.add_model("q3-d", *LATE["q3-d"])
+    again = [dataclasses.replace(r, rid=r.rid.replace("q3-a", "q3-d") + "-2",
+                                 model="q3-d" if r.model == "q3-a" else r.model)
+             for r in _requests("", list(MODELS))]
+    log2 = drive(runner, again)
+    _check(refs, again, log2)
+    assert not before & set(built)
+    assert len(built) < len(before)
+
+
+def test_colocated_lane_of_two_models_matches_reference(refs) -> None:
+    models = {m: MODELS[m] for m in ("q2-a", "q2-b")}
+    runner = build_runner(models, split=None, colocated=jax.devices()[0], kv_pages=16,
+                          prefill_chunk=16, micro_batches=2)
+    reqs = [*_requests("-c", list(models)), Req("q2-a-z", "q2-a", _prompt(7, 4), 6)]
+    log = drive(runner, reqs)
+    _check(refs, reqs, log)
+    assert _max_groups(runner) == 2
+    assert runner.kv.pool_stats().pages_used == 0

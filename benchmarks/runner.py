@@ -24,8 +24,8 @@ refused it because it could never fit) or `failed` (any other status, a deadline
 without a final message), each with its reason. Nothing is retried.
 
 Memory (BENCHMARK.md, "say what fraction of HBM each mode gives to KV"): every mode gets the same
-`arena_bytes` per device (`EngineConfig.arena_bytes`; on GPU 80% of device 0's free memory, measured
-once before the first mode). Within it, each mode reserves for weights the fewest pages that hold
+`arena_bytes` per device (`EngineConfig.arena_bytes`; on GPU 92% of device 0's free memory in a
+95% memory pool, measured once before the first mode). Within it, each mode reserves for weights the fewest pages that hold
 the weights it places on a KV-holding device (crosspool: every model's attention side on each KV
 device; shared/static: the heaviest device's whole models, the engine using one reservation for
 every colocated device) and gives the rest to KV, as vLLM / kvcached give KV what the weights
@@ -98,7 +98,7 @@ class BenchSetup:
 
     devices: the first N of jax.devices() are used by every mode. crosspool_pools: the crosspool
     KV+WEIGHTS split of those devices; shared and static use all N as colocated devices.
-    arena_bytes: per device, the same in every mode (None: 80% of device 0's free memory, measured
+    arena_bytes: per device, the same in every mode (None: 92% of device 0's free memory, measured
     once). attention_backend: the kernels' backend (None: the platform's; "reference" on CPU, where
     the Pallas interpreter would dominate every step). max_live_requests: the engine's limit (one
     more is RESOURCE_EXHAUSTED).
@@ -121,13 +121,20 @@ SETUPS: dict[str, BenchSetup] = {
     "cpu-tiny": BenchSetup(
         devices=2, crosspool_pools="1+1", arena_bytes=13 * MIB // 4, attention_backend="reference",
         note="2 of the CPU devices; arena 3.25 MiB per device (208 pages of 16 KiB)"),
-    "gpu-2": BenchSetup(devices=2, crosspool_pools="1+1", arena_bytes=None,
-                        note="2 GPUs; arena = 80% of GPU 0's free memory"),
-    "gpu-8": BenchSetup(devices=8, crosspool_pools="4+4", arena_bytes=None,
-                        note="8 GPUs; arena = 80% of GPU 0's free memory"),
+    # 256 KiB pages: 32 tokens of an OLMoE-1B-7B layer per page (16 KiB pages would hold 2, and a
+    # 32K-token request would need a 16K-wide page table per layer)
+    "gpu-2": BenchSetup(devices=2, crosspool_pools="1+1", arena_bytes=None, page_bytes=262144,
+                        note="2 GPUs; arena = 92% of GPU 0's free memory (95% pool)"),
+    "gpu-8": BenchSetup(devices=8, crosspool_pools="4+4", arena_bytes=None, page_bytes=262144,
+                        note="8 GPUs; arena = 92% of GPU 0's free memory (95% pool)"),
 }
-# assumed arena of one H200 for --plan-only without a GPU (139 GiB usable x 0.8)
-ASSUMED_GPU_ARENA_BYTES = int(139 * (1 << 30) * 0.8)
+# GPU: the memory pool JAX may take (the bench sets XLA_PYTHON_CLIENT_MEM_FRACTION to this unless it
+# is set) and the share of the pool's free bytes the arena gets (the rest: step temporaries, which
+# are small: benchmarks/arena_memory_probe.py measured 0.25 GiB over a 59.6 GiB arena)
+GPU_MEM_FRACTION = "0.95"
+GPU_ARENA_SHARE = 0.92
+# assumed arena of one H200 for --plan-only without a GPU (139.8 GiB x 0.95 pool x 0.92)
+ASSUMED_GPU_ARENA_BYTES = int(139.8 * (1 << 30) * 0.95 * GPU_ARENA_SHARE)
 
 
 def setup_for(preset: str) -> BenchSetup:
@@ -1013,6 +1020,8 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         plat = "gpu" if args.preset.startswith("gpu") else "cpu"
         arena = setup.arena_bytes or ASSUMED_GPU_ARENA_BYTES
     else:
+        if args.preset.startswith("gpu"):  # inherited by every spawned child
+            os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION)
         probe = in_child("_probe", n_devices=setup.devices)
         if len(probe["devices"]) < setup.devices:
             raise RuntimeError(
@@ -1021,7 +1030,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         plat = probe["platform"]
         arena = setup.arena_bytes
         if arena is None:
-            arena = int(((probe["bytes_limit"] or 16 << 30) - probe["bytes_in_use"]) * 0.8)
+            arena = int(((probe["bytes_limit"] or 16 << 30) - probe["bytes_in_use"]) * GPU_ARENA_SHARE)
     arena -= arena % setup.page_bytes
     order = add_order(models)
     plans = {m: memory_plan(m, order, setup, arena, plat) for m in modes}

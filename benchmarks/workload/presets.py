@@ -64,8 +64,10 @@ def model_shape(name: str) -> str:
     return head if head and tail.isdigit() else name
 
 
-GPU_2_MODELS = interleave({"olmoe-1b-7b": 8, "deepseek-v2-lite": 4})
-GPU_8_MODELS = interleave({"olmoe-1b-7b": 16, "deepseek-v2-lite": 12, "qwen3-30b-a3b": 4})
+# as many as crosspool's weights pool holds (one weights GPU of ~121 GiB arena for gpu-2, four for
+# gpu-8: `crosspool bench --preset NAME --plan-only` prints the plan per mode)
+GPU_2_MODELS = interleave({"olmoe-1b-7b": 9})
+GPU_8_MODELS = interleave({"olmoe-1b-7b": 16, "deepseek-v2-lite": 8})
 
 
 def cpu_tiny() -> WorkloadSpec:
@@ -150,13 +152,15 @@ def cpu_tiny_ramp() -> WorkloadSpec:
 
 
 def gpu_2() -> WorkloadSpec:
-    """Headline bursty long-context preset for 2 GPUs: 12 models, 2 req/s, 180 s.
+    """Headline bursty long-context preset for 2 GPUs: 9 models, 2 req/s, 180 s.
 
-    Models (popularity order, ``GPU_2_MODELS``): 8 OLMoE-1B-7B-shaped (13.8 GB bf16 each) and 4
-    DeepSeek-V2-Lite-shaped (~31 GB): 234 GB of weights on 2 x 141 GB, so with the weights
-    balanced by bytes (``shared``) roughly 20 GB per GPU remain beside them for KV and
-    activations. alpha 1.3, Gamma CV 4, on/off cycles 30-90 s (50% off), burst groups of 2-3
-    models. Mooncake lengths unscaled, capped by clipping at
+    Models (popularity order, ``GPU_2_MODELS``): 9 OLMoE-1B-7B-shaped (13.8 GB bf16 each, 12.0 GiB
+    of it FFN): crosspool 1+1 holds every model's FFN (108 GiB) on the weights GPU and gives the
+    KV GPU's arena minus 8 GiB of attention-side weights to one KV pool (~113 GiB); ``shared``
+    puts 5 + 4 whole models on the two GPUs, leaving ~57 GiB of KV beside the weights on each,
+    so the same aggregate KV is split in two pools by where the weights sit (plans with a 121 GiB
+    arena per GPU; ``--plan-only`` prints them). alpha 1.3, Gamma CV 4, on/off cycles 30-90 s
+    (50% off), burst groups of 2-3 models. Mooncake lengths unscaled, capped by clipping at
     max_prompt_len = 126,976 and max_output_len = 4,096 tokens (``GPU_MAX_*``: 128K context per
     request, the pool limit these presets assume; lower it if the runner's pool is smaller).
     """
@@ -180,12 +184,12 @@ def gpu_2() -> WorkloadSpec:
 
 
 def gpu_2_uniform() -> WorkloadSpec:
-    """``gpu-2``'s control: Poisson at the same 2 req/s over the same 12 models, Azure lengths."""
+    """``gpu-2``'s control: Poisson at the same 2 req/s over the same 9 models, Azure lengths."""
     return dataclasses.replace(gpu_2(), arm="uniform", cv=1.0, off_fraction=0.0, length_source="azure")
 
 
 def gpu_2_replay() -> WorkloadSpec:
-    """Mooncake's own arrivals and lengths over ``gpu-2``'s 12 models, time-compressed to its mean
+    """Mooncake's own arrivals and lengths over ``gpu-2``'s 9 models, time-compressed to its mean
     2 req/s (time_compression = 2 / 3.40); the first 180 s."""
     base = gpu_2()
     return dataclasses.replace(
@@ -216,10 +220,11 @@ def gpu_2_ramp() -> WorkloadSpec:
 
 
 def gpu_8() -> WorkloadSpec:
-    """Headline bursty long-context preset for 8 GPUs: 32 models, 8 req/s, 180 s.
+    """Headline bursty long-context preset for 8 GPUs: 24 models, 8 req/s, 180 s.
 
-    Models (``GPU_8_MODELS``): 16 OLMoE-1B-7B-shaped, 12 DeepSeek-V2-Lite-shaped and 4
-    Qwen3-30B-A3B-shaped (~61 GB), ~837 GB of weights on 8 x 141 GB. Same arrival and length law as
+    Models (``GPU_8_MODELS``): 16 OLMoE-1B-7B-shaped and 8 DeepSeek-V2-Lite-shaped (~31 GB),
+    ~470 GB of weights on 8 x 141 GB; crosspool 4+4 holds their FFN expert-parallel on 4 weights
+    GPUs. Same arrival and length law as
     ``gpu-2`` (alpha 1.3, CV 4, cycles 30-90 s, 50% off, groups of 2-3, Mooncake lengths clipped at
     max_prompt_len = 126,976 and max_output_len = 4,096 tokens).
     """
@@ -229,12 +234,12 @@ def gpu_8() -> WorkloadSpec:
 
 
 def gpu_8_uniform() -> WorkloadSpec:
-    """``gpu-8``'s control: Poisson at the same 8 req/s over the same 32 models, Azure lengths."""
+    """``gpu-8``'s control: Poisson at the same 8 req/s over the same 24 models, Azure lengths."""
     return dataclasses.replace(gpu_8(), arm="uniform", cv=1.0, off_fraction=0.0, length_source="azure")
 
 
 def gpu_8_replay() -> WorkloadSpec:
-    """Mooncake's own arrivals and lengths over ``gpu-8``'s 32 models, time-compressed to 8 req/s
+    """Mooncake's own arrivals and lengths over ``gpu-8``'s 24 models, time-compressed to 8 req/s
     (time_compression = 8 / 3.40); the first 180 s."""
     base = gpu_8()
     return dataclasses.replace(

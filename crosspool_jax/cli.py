@@ -252,15 +252,60 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--mode",
         default=None,
         metavar="MODE",
-        help="engine: reference (default), crosspool, shared or static (these three: the pooled engine)",
+        help="engine: auto (default: crosspool on >= 2 devices, else shared), crosspool, shared, static "
+        "(the pooled engine) or reference (one request at a time)",
     )
-    p.add_argument("--pools", default=None, metavar="KV+W", help="device split for pooled modes, e.g. 4+4")
+    p.add_argument(
+        "--pools",
+        default=None,
+        metavar="KV+W|N",
+        help="crosspool: KV+WEIGHTS device split, e.g. 4+4 (default: half and half); shared/static: "
+        "devices to use (default: all)",
+    )
+    p.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the step programs of a short request per model before serving (default: yes in "
+        "pooled modes)",
+    )
+    g = p.add_argument_group(
+        "engine (pooled modes; crosspool_jax.engine.EngineConfig, or the [engine] table of --config)"
+    )
+    g.add_argument("--arena-bytes", default=None, metavar="SIZE",
+                   help="arena per device, e.g. 64MiB (default: 64MiB on CPU, 80%% of free memory on GPU)")
+    g.add_argument("--page-bytes", default=None, metavar="SIZE", help="bytes of one KV page (default 16384)")
+    g.add_argument("--weights-fraction", type=float, default=None, metavar="F",
+                   help="share of a KV / colocated device's arena for weights (default 0.5)")
+    g.add_argument("--steps-per-call", type=int, default=None, metavar="K",
+                   help="decode tokens per host call (default 4)")
+    g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="most prompt tokens of one request per step (default 64)")
+    g.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
+                   help="most prompt tokens of all requests per step (default 512)")
+    g.add_argument("--micro-batches", type=int, default=None, metavar="N",
+                   help="decode lanes per model (2 = ping-pong; default 1)")
+    g.add_argument("--dtype", default=None, metavar="DTYPE",
+                   help="arena dtype: float32, bfloat16 or float16 (default: float32 on CPU, else bfloat16)")
+    g.add_argument("--attention-backend", default=None, metavar="B",
+                   help="gpu, tpu, interpret, tpu_interpret or reference (default: the platform's; "
+                   "reference on CPU)")
     p.set_defaults(func=cmd_serve)
+
+
+ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call", "prefill_chunk",
+                "max_prefill_tokens", "micro_batches", "dtype", "attention_backend")
 
 
 def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettings
     """The serve settings from --config (if any) overridden by the flags that were given."""
-    from serving.settings import build_settings, check_value, load_config, parse_model_spec
+    from serving.settings import (
+        build_settings,
+        check_engine_value,
+        check_value,
+        load_config,
+        parse_model_spec,
+    )
 
     config = load_config(args.config) if args.config else {}
     flags = {
@@ -273,8 +318,13 @@ def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettin
         "grace": args.grace,
         "mode": args.mode,
         "pools": args.pools,
+        "warmup": args.warmup,
     }
     overrides = {k: check_value(k, v, "--" + k.replace("_", "-")) for k, v in flags.items() if v is not None}
+    engine = {k: check_engine_value(k, getattr(args, k), "--" + k.replace("_", "-"))
+              for k in ENGINE_FLAGS if getattr(args, k, None) is not None}
+    if engine:
+        overrides["engine"] = engine
     if args.model:
         overrides["models"] = dict(parse_model_spec(spec) for spec in args.model)
     overrides["tls_cert"], overrides["tls_key"] = args.tls_cert, args.tls_key
@@ -292,7 +342,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server_credentials(settings.tls_cert, settings.tls_key)
     from serving.server import serve_forever, start_server
 
+    t0 = time.perf_counter()
     engine = make_engine(settings, log=_log)
+    mode = str(getattr(engine, "mode", settings.mode))
+    try:
+        if settings.warmup if settings.warmup is not None else mode != "reference":
+            from serving.warmup import warm_up
+
+            warm_up(engine, log=_log)
+    except BaseException:
+        engine.shutdown(timeout=0)
+        raise
+    if hasattr(engine, "on_compile"):  # a compile while serving stalls the engine: say so
+        engine.on_compile = lambda note: _log(f"engine: {note}")
+    _log(f"serve: ready in {time.perf_counter() - t0:.1f} s")
     metrics = None
     if settings.metrics_port is not None:
         from serving.metrics import ServerMetrics, start_metrics_http
@@ -316,7 +379,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"crosspool: metrics on http://{maddr}/metrics", flush=True)
     names = ", ".join(m.name for m in engine.list_models()) or "none"
     tls = ", TLS" if running.tls else ""
-    print(f"crosspool: serving on {running.address} (mode {settings.mode}{tls}; models: {names})", flush=True)
+    print(f"crosspool: serving on {running.address} (mode {mode}{tls}; models: {names})", flush=True)
     serve_forever(running, grace=settings.grace)
     return 0
 

@@ -5,15 +5,23 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
 
     host = "127.0.0.1"          port = 50051            max_live_requests = 64
     auth_token = "..."          metrics_port = 9100     grace = 10.0
-    demo = false                mode = "reference"      pools = "4+4"
+    demo = false                mode = "auto"           pools = "4+4"
+    warmup = true
     [models]                    # name = path (an HF directory or a crosspool checkpoint)
     mine = "/ckpt/mine"
+    [engine]                    # crosspool_jax.engine.EngineConfig fields (pooled modes)
+    arena_bytes = "64MiB"       page_bytes = 16384      weights_fraction = 0.5
+    steps_per_call = 4          prefill_chunk = 64      max_prefill_tokens = 512
+    micro_batches = 1           dtype = "float32"       attention_backend = "reference"
     [tls]
     cert = "server.pem"
     key = "server.key"
 
 Relative paths in the file (models, tls.cert, tls.key) are taken relative to the file's directory.
 An unknown key or a bad value is a `SettingsError` naming the file and the key.
+
+Mode "auto" (the default) is the pooled engine: `crosspool` (KV pool + weights pool) when there are
+at least 2 devices, else `shared` on the one device (the reason is logged).
 """
 
 from __future__ import annotations
@@ -23,13 +31,14 @@ import importlib
 import importlib.util
 import os
 import re
+import time
 import tomllib
 from collections.abc import Callable
 from typing import Any
 
 from crosspool_jax.errors import CrossPoolError
 
-MODES = ("reference", "crosspool", "shared", "static")
+MODES = ("auto", "reference", "crosspool", "shared", "static")
 POOLED_MODES = ("crosspool", "shared", "static")
 POOLED_ENGINE_MODULE = "crosspool_jax.engine"
 
@@ -52,12 +61,23 @@ class ServeSettings:
     grace: float = 10.0
     tls_cert: str | None = None
     tls_key: str | None = None
-    mode: str = "reference"
+    mode: str = "auto"
     pools: str | None = None
+    # EngineConfig fields set by the file's [engine] table or the flags (the rest keep the engine's
+    # defaults); pooled modes only
+    engine: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warmup: bool | None = None  # compile the common step programs before serving (None: pooled modes)
 
     @property
     def load_demo(self) -> bool:
         return self.demo if self.demo is not None else not self.models
+
+    def engine_config(self, base: Any = None) -> Any:
+        """`crosspool_jax.engine.EngineConfig`: `base` (default: the engine's defaults) with the
+        fields this settings object sets."""
+        from crosspool_jax.engine import EngineConfig
+
+        return dataclasses.replace(base if base is not None else EngineConfig(), **self.engine)
 
     @property
     def tls(self) -> bool:
@@ -105,10 +125,56 @@ def _mode(v: Any) -> str:
 
 
 def _pools(v: Any) -> str:
+    """"KV+WEIGHTS" (mode crosspool) or "N" (shared/static: devices to use)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)
     m = re.fullmatch(r"\s*(\d+)\s*\+\s*(\d+)\s*", v) if isinstance(v, str) else None
-    if m is None or int(m[1]) < 1 or int(m[2]) < 1:
-        raise ValueError(f'must look like KV+WEIGHTS device counts, each >= 1 (e.g. "4+4"), got {v!r}')
-    return f"{int(m[1])}+{int(m[2])}"
+    if m is not None and int(m[1]) >= 1 and int(m[2]) >= 1:
+        return f"{int(m[1])}+{int(m[2])}"
+    n = re.fullmatch(r"\s*(\d+)\s*", v) if isinstance(v, str) else None
+    if n is not None and int(n[1]) >= 1:
+        return str(int(n[1]))
+    raise ValueError(
+        f'must look like KV+WEIGHTS device counts, each >= 1 (e.g. "4+4", mode crosspool), '
+        f'or a device count N >= 1 (shared/static), got {v!r}'
+    )
+
+
+_SIZE = re.compile(r"\s*(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\s*", re.IGNORECASE)
+_UNIT = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+         "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def _bytes(v: Any) -> int:
+    """A byte count: an integer, or a string like "64MiB" / "512k" / "2G" (powers of 1024)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, str) and (m := _SIZE.fullmatch(v)):
+        n = int(m[1]) * _UNIT[m[2].lower()]
+    else:
+        raise ValueError(f'must be a byte count (an integer, or e.g. "64MiB", "512KiB", "2GiB"), got {v!r}')
+    if n < 1:
+        raise ValueError(f"must be >= 1 byte, got {v!r}")
+    return n
+
+
+def _fraction(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
+        raise ValueError(f"must be a number between 0 and 1 (exclusive), got {v!r}")
+    return float(v)
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {v!r}")
+        return str(v)
+
+    return check
+
+
+ATTENTION_BACKENDS = ("gpu", "tpu", "interpret", "tpu_interpret", "reference")  # pallas_kernels BACKENDS
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 CHECKS: dict[str, Callable[[Any], Any]] = {
@@ -121,8 +187,21 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "grace": _seconds,
     "mode": _mode,
     "pools": _pools,
+    "warmup": _bool,
 }
-TABLES = ("models", "tls")
+# the [engine] table / engine flags: crosspool_jax.engine.EngineConfig fields
+ENGINE_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "arena_bytes": _bytes,
+    "page_bytes": _bytes,
+    "weights_fraction": _fraction,
+    "steps_per_call": _int(1),
+    "prefill_chunk": _int(1),
+    "max_prefill_tokens": _int(1),
+    "micro_batches": _int(1),
+    "dtype": _choice(DTYPES),
+    "attention_backend": _choice(ATTENTION_BACKENDS),
+}
+TABLES = ("models", "engine", "tls")
 TLS_KEYS = {"cert": "tls_cert", "key": "tls_key"}
 CONFIG_KEYS = (*CHECKS, *TABLES)
 
@@ -132,6 +211,14 @@ def check_value(key: str, value: Any, where: str) -> Any:
     config file's key)."""
     try:
         return CHECKS[key](value)
+    except ValueError as e:
+        raise SettingsError(f"{where}: {e}") from None
+
+
+def check_engine_value(key: str, value: Any, where: str) -> Any:
+    """`value` checked/normalized for the EngineConfig field `key` (an [engine] key or its flag)."""
+    try:
+        return ENGINE_CHECKS[key](value)
     except ValueError as e:
         raise SettingsError(f"{where}: {e}") from None
 
@@ -176,6 +263,17 @@ def load_config(path: str) -> dict[str, Any]:
                     )
                 models[name] = resolve(p)
             out["models"] = models
+        elif key == "engine":
+            if not isinstance(value, dict):
+                raise SettingsError(f"{where}: must be a table of EngineConfig fields (e.g. [engine])")
+            engine = {}
+            for sub, v in value.items():
+                if sub not in ENGINE_CHECKS:
+                    raise SettingsError(
+                        f"config {path}: unknown key 'engine.{sub}' (known: {', '.join(ENGINE_CHECKS)})"
+                    )
+                engine[sub] = check_engine_value(sub, v, f"config {path}: key 'engine.{sub}'")
+            out["engine"] = engine
         elif key == "tls":
             if not isinstance(value, dict):
                 raise SettingsError(f"{where}: must be a table with cert and key (e.g. [tls])")
@@ -204,6 +302,8 @@ def build_settings(
                 continue
             if key == "models":
                 s.models = {**s.models, **value}
+            elif key == "engine":
+                s.engine = {**s.engine, **value}
             else:
                 setattr(s, key, value)
     if bool(s.tls_cert) != bool(s.tls_key):
@@ -228,45 +328,150 @@ def pooled_engine_class() -> Any:
     return getattr(mod, "PooledEngine", None)
 
 
-def make_engine(settings: ServeSettings, log: Callable[[str], None] | None = None) -> Any:
+def _describe_devices(devices: list[Any]) -> str:
+    kinds = sorted({d.platform for d in devices}) or ["no"]
+    return f"{len(devices)} {'/'.join(kinds)} device{'s' if len(devices) != 1 else ''}"
+
+
+def resolve_mode(settings: ServeSettings, devices: list[Any]) -> tuple[str, str | None]:
+    """(the mode to run, why "auto" chose it or None). "auto": crosspool when there are >= 2
+    devices (KV pool + weights pool), else shared on the one device. Checks `pools` against the
+    mode and the device count (SettingsError)."""
+    mode, why = settings.mode, None
+    n = len(devices)
+    if mode == "auto":
+        if n >= 2:
+            mode = "crosspool"
+            why = f"mode auto: crosspool on {_describe_devices(devices)} (KV pool + weights pool)"
+        else:
+            mode = "shared"
+            why = (f"mode auto: shared, because {_describe_devices(devices)} cannot be split into a KV pool "
+                   "and a weights pool (crosspool needs >= 2; on a CPU-only machine "
+                   "XLA_FLAGS=--xla_force_host_platform_device_count=2 gives 2 virtual devices, as "
+                   "scripts/serve.sh does)")
+    if mode not in POOLED_MODES:
+        return mode, why
+    p = settings.pools
+    if mode == "crosspool":
+        if p is not None and "+" not in p:
+            raise SettingsError(
+                f'mode crosspool: pools must be KV+WEIGHTS device counts (e.g. "1+1"), got {p!r}'
+            )
+        if p is None and n < 2:
+            raise SettingsError(
+                f"mode crosspool needs at least 2 devices (a KV pool and a weights pool), found "
+                f"{_describe_devices(devices)}; use --mode shared (or auto), or on a CPU-only machine "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=2"
+            )
+        if p is not None:
+            kv, w = (int(x) for x in p.split("+"))
+            if kv + w > n:
+                raise SettingsError(
+                    f"mode crosspool: pools {p} needs {kv + w} devices, found {_describe_devices(devices)}"
+                )
+    elif p is not None:
+        if "+" in p:
+            raise SettingsError(
+                f"mode {mode}: pools is the number of devices to use (e.g. \"{n}\"), got {p!r} "
+                "(KV+WEIGHTS is for mode crosspool)"
+            )
+        if int(p) > n:
+            raise SettingsError(f"mode {mode}: pools {p} is more than the {_describe_devices(devices)} found")
+    return mode, why
+
+
+def make_engine(
+    settings: ServeSettings,
+    log: Callable[[str], None] | None = None,
+    *,
+    engine_config: Any = None,
+    devices: list[Any] | None = None,
+) -> Any:
     """The engine `settings` ask for, with its models added: the demo models (unless turned off or
     `models` are given; a configured model wins over a demo of the same name), then each
     `models` checkpoint, all through `add_model(name, config, weights, tokenizer, source)`.
 
-    mode "reference": serving.server.ServingEngine. Other modes: `PooledEngine(mode=, pools=,
-    max_live_requests=)` from crosspool_jax.engine, or a SettingsError while it does not exist. The
-    server also calls `tokenizer(name)` and `model_eos_ids(name)` (and `weights_bytes(name)` for the
-    metrics, when present) on the engine."""
+    mode "reference": serving.server.ServingEngine. Pooled modes ("auto" resolves to crosspool or
+    shared, see `resolve_mode`): `PooledEngine(mode=, pools=, max_live_requests=, config=, devices=)`
+    from crosspool_jax.engine (a SettingsError while it does not exist). `config` is `engine_config`
+    (default: the engine's defaults) with the fields `settings.engine` sets on top; when neither sets
+    `attention_backend` and the devices are CPUs, the plain-jnp "reference" attention is used (the
+    Pallas kernels only run interpreted on CPU: slower to compile and to run). `devices` default to
+    `jax.devices()`. The server also calls `tokenizer(name)` and `model_eos_ids(name)` (and, for
+    GetStats / the metrics, what serving/stats.py reads) on the engine."""
     log = log or (lambda msg: None)
     if settings.mode == "reference":
         from serving.server import ServingEngine
 
         if settings.pools:
             log(f"serve: pools {settings.pools!r} are ignored in mode reference")
+        if settings.engine:
+            log(f"serve: engine settings ({', '.join(settings.engine)}) are ignored in mode reference")
         engine = ServingEngine(max_live_requests=settings.max_live_requests)
     else:
         cls = pooled_engine_class()
         if cls is None:
-            raise SettingsError(f"mode {settings.mode} needs the pooled engine (not available yet)")
-        engine = cls(mode=settings.mode, pools=settings.pools, max_live_requests=settings.max_live_requests)
+            shown = settings.mode if settings.mode != "auto" else "auto (the pooled engine)"
+            raise SettingsError(f"mode {shown} needs the pooled engine (not available yet)")
+        # a class with config / devices bound by functools.partial (how benchmarks/runner.py passed
+        # them before make_engine took them): those are the defaults of the two keywords
+        bound = getattr(cls, "keywords", None) or {}
+        if engine_config is None:
+            engine_config = bound.get("config")
+        if devices is None:
+            devices = bound.get("devices")
+        if devices is None:
+            import jax
+
+            devices = jax.devices()
+        devices = list(devices)
+        mode, why = resolve_mode(settings, devices)
+        if why:
+            log(f"serve: {why}")
+        config = settings.engine_config(engine_config)
+        if config.attention_backend is None and devices and devices[0].platform == "cpu":
+            config = dataclasses.replace(config, attention_backend="reference")
+            log("serve: attention_backend reference on CPU (set engine.attention_backend to override)")
+        try:
+            engine = cls(mode=mode, pools=settings.pools, max_live_requests=settings.max_live_requests,
+                         config=config, devices=devices)
+        except (CrossPoolError, ValueError) as e:
+            msg = " ".join(str(e).split())
+            raise SettingsError(f"mode {mode}: the engine refused its settings: {msg}") from None
+        describe = getattr(engine, "describe", None)
+        if callable(describe):
+            log(f"serve: {describe()}")
+    verb = "loaded" if settings.mode == "reference" else "placed"
     try:
         if settings.load_demo:
             from crosspool_jax.demo import demo_models
 
             for name, m in demo_models().items():
                 if name not in settings.models:
+                    t0 = time.perf_counter()
                     engine.add_model(name, m.config, m.weights, m.tokenizer, source="builtin-demo")
+                    log(f"serve: {verb} {name} ({m.config.family.value}) in {time.perf_counter() - t0:.1f} s"
+                        + _weights_note(engine, name))
         if settings.models:
             from checkpoints import load_model  # local import: checkpoints pulls in orbax
 
             for name, path in settings.models.items():
                 log(f"serve: loading {name} from {path}")
+                t0 = time.perf_counter()
                 if settings.mode != "reference":  # the pooled engine loads to host, then places
                     engine.load_model(name, path)
-                    continue
-                m = load_model(path)
-                engine.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
+                else:
+                    m = load_model(path)
+                    engine.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
+                log(f"serve: {verb} {name} in {time.perf_counter() - t0:.1f} s" + _weights_note(engine, name))
     except BaseException:
         engine.shutdown(timeout=0)
         raise
     return engine
+
+
+def _weights_note(engine: Any, name: str) -> str:
+    from serving.stats import model_weights
+
+    w = model_weights(engine, name)
+    return f" ({w.bytes / 2**20:.2f} MiB of weights)" if w is not None else ""

@@ -10,9 +10,11 @@ import subprocess
 import textwrap
 
 import grpc
+import jax
 import pytest
 
 from crosspool_jax.cli import build_parser, main, serve_settings
+from crosspool_jax.engine import EngineConfig
 from serving import settings as settings_mod
 from serving.client import CrossPoolClient
 from serving.crosspool.v1 import crosspool_pb2 as pb
@@ -20,11 +22,13 @@ from serving.crosspool.v1 import crosspool_pb2_grpc as pb_grpc
 from serving.server import demo_engine, start_server
 from serving.settings import (
     CONFIG_KEYS,
+    ENGINE_CHECKS,
     ServeSettings,
     SettingsError,
     build_settings,
     load_config,
     make_engine,
+    resolve_mode,
 )
 from serving.tls import TLSError, server_credentials
 
@@ -158,12 +162,13 @@ def test_example_config_loads_and_names_every_key():
         10.0,
         9100,
     )
-    assert s.mode == "reference" and s.demo is True and s.load_demo and s.models == {} and not s.tls
+    assert s.mode == "auto" and s.demo is True and s.load_demo and s.models == {} and not s.tls
+    assert s.warmup is True and s.engine == {}
     text = EXAMPLE.read_text()
     for key in CONFIG_KEYS:  # every key is shown (set or commented out)
         assert f"{key} =" in text or f"[{key}]" in text, key
-    for key in ("cert", "key"):
-        assert f"{key} =" in text
+    for key in ("cert", "key", *ENGINE_CHECKS):
+        assert f"{key} =" in text, key
 
 
 def _write(tmp_path, body: str) -> str:
@@ -215,7 +220,7 @@ def test_config_values_and_relative_paths(tmp_path):
         ("max_live_requests = 0", "key 'max_live_requests': must be >= 1"),
         ("grace = -1", "key 'grace'"),
         ("demo = 1", "key 'demo': must be true or false"),
-        ('mode = "fast"', "key 'mode': must be one of reference, crosspool, shared, static"),
+        ('mode = "fast"', "key 'mode': must be one of auto, reference, crosspool, shared, static"),
         ('pools = "4x4"', "key 'pools': must look like KV+WEIGHTS"),
         ('pools = "0+4"', "key 'pools'"),
         ("models = 3", "key 'models': must be a table"),
@@ -261,7 +266,7 @@ def test_flags_override_the_file(tmp_path):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--mode", "fast"], "--mode: must be one of reference, crosspool, shared, static"),
+        (["--mode", "fast"], "--mode: must be one of auto, reference, crosspool, shared, static"),
         (["--pools", "4x4"], "--pools: must look like KV+WEIGHTS"),
         (["--port", "-1"], "--port: must be in 0..65535"),
         (["--max-live-requests", "0"], "--max-live-requests: must be >= 1"),
@@ -296,8 +301,9 @@ FAKE_POOLED = """
 class PooledEngine:
     made = []
 
-    def __init__(self, mode, pools, max_live_requests):
+    def __init__(self, mode, pools, max_live_requests, config, devices):
         self.kw = dict(mode=mode, pools=pools, max_live_requests=max_live_requests)
+        self.config, self.devices = config, devices
         self.added = []
         PooledEngine.made.append(self)
 
@@ -318,6 +324,18 @@ def test_pooled_engine_is_used_when_present(tmp_path, monkeypatch):
     assert engine.kw == dict(mode="crosspool", pools="2+6", max_live_requests=7)
     assert [a[0] for a in engine.added] == ["demo-mixtral", "demo-qwen3-moe", "demo-deepseek-v3"]
     assert {a[2] for a in engine.added} == {"builtin-demo"}
+    # the engine's defaults, all devices, and the plain-jnp attention on CPU (nothing set it)
+    assert engine.config == EngineConfig(attention_backend="reference")
+    assert engine.devices == jax.devices()
+    # engine_config and devices are passed on; the settings' [engine] fields go on top of engine_config
+    base = EngineConfig(arena_bytes=8 << 20, page_bytes=4096, steps_per_call=2, attention_backend="interpret")
+    s = ServeSettings(mode="auto", demo=False, engine={"steps_per_call": 3, "micro_batches": 2})
+    engine = make_engine(s, engine_config=base, devices=jax.devices()[:3])
+    assert engine.kw["mode"] == "crosspool" and engine.devices == jax.devices()[:3]
+    assert engine.config == EngineConfig(arena_bytes=8 << 20, page_bytes=4096, steps_per_call=3,
+                                         micro_batches=2, attention_backend="interpret")
+    engine = make_engine(ServeSettings(mode="auto", demo=False), devices=jax.devices()[:1])
+    assert engine.kw["mode"] == "shared"  # one device: no pool split
     # a module without PooledEngine counts as absent
     (tmp_path / "fake_empty_engine_mod.py").write_text("X = 1\n")
     monkeypatch.setattr(settings_mod, "POOLED_ENGINE_MODULE", "fake_empty_engine_mod")
@@ -325,16 +343,128 @@ def test_pooled_engine_is_used_when_present(tmp_path, monkeypatch):
         make_engine(ServeSettings(mode="static", demo=False))
 
 
+def test_engine_settings_from_file_and_flags(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+        mode = "crosspool"
+        pools = "1+1"
+        warmup = false
+        [engine]
+        arena_bytes = "8MiB"
+        page_bytes = 4096
+        weights_fraction = 0.25
+        steps_per_call = 2
+        prefill_chunk = 32
+        max_prefill_tokens = 128
+        micro_batches = 2
+        dtype = "float32"
+        attention_backend = "reference"
+        """,
+    )
+    s = build_settings(load_config(path))
+    assert s.warmup is False and s.engine == dict(
+        arena_bytes=8 << 20, page_bytes=4096, weights_fraction=0.25, steps_per_call=2, prefill_chunk=32,
+        max_prefill_tokens=128, micro_batches=2, dtype="float32", attention_backend="reference")
+    assert s.engine_config() == EngineConfig(**s.engine)
+    # flags win over the file, field by field; sizes take units
+    args = build_parser().parse_args(
+        ["serve", "--config", path, "--arena-bytes", "16m", "--steps-per-call", "8", "--no-warmup"]
+    )
+    s = serve_settings(args)
+    assert s.engine["arena_bytes"] == 16 << 20 and s.engine["steps_per_call"] == 8
+    assert s.engine["page_bytes"] == 4096 and s.warmup is False
+    assert serve_settings(build_parser().parse_args(["serve"])).engine == {}
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ("[engine]\narena = 1", "unknown key 'engine.arena' (known: arena_bytes, page_bytes"),
+        ('[engine]\narena_bytes = "lots"', "key 'engine.arena_bytes': must be a byte count"),
+        ("[engine]\npage_bytes = 0", "key 'engine.page_bytes': must be >= 1 byte"),
+        ("[engine]\nweights_fraction = 1.0", "key 'engine.weights_fraction': must be a number between"),
+        ("[engine]\nsteps_per_call = 0", "key 'engine.steps_per_call': must be >= 1"),
+        ("[engine]\nmicro_batches = 1.5", "key 'engine.micro_batches': must be an integer"),
+        ('[engine]\ndtype = "int8"', "key 'engine.dtype': must be one of float32, bfloat16, float16"),
+        ('[engine]\nattention_backend = "cuda"', "key 'engine.attention_backend': must be one of gpu"),
+        ("engine = 3", "key 'engine': must be a table"),
+        ('warmup = "yes"', "key 'warmup': must be true or false"),
+    ],
+)
+def test_engine_config_errors_name_the_key(tmp_path, body, needle):
+    path = _write(tmp_path, body)
+    with pytest.raises(SettingsError) as ei:
+        load_config(path)
+    assert str(ei.value).startswith(f"config {path}: ") and needle in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--arena-bytes", "12 parsecs"], "--arena-bytes: must be a byte count"),
+        (["--weights-fraction", "0"], "--weights-fraction: must be a number between 0 and 1"),
+        (["--prefill-chunk", "0"], "--prefill-chunk: must be >= 1"),
+        (["--dtype", "int4"], "--dtype: must be one of float32, bfloat16, float16"),
+        (["--mode", "crosspool", "--pools", "4"], "mode crosspool: pools must be KV+WEIGHTS"),
+        (["--mode", "shared", "--pools", "4+4"], "mode shared: pools is the number of devices to use"),
+        (["--mode", "crosspool", "--pools", "8+1"], "mode crosspool: pools 8+1 needs 9 devices, found 8 cpu"),
+        (["--mode", "static", "--pools", "9"], "mode static: pools 9 is more than the 8 cpu devices"),
+        (["--page-bytes", "1000"], "mode crosspool: the engine refused its settings: page_bytes 1000"),
+    ],
+)
+def test_engine_flag_errors(argv, needle, capsys):
+    assert main(["serve", "--port", "0", "--no-demo", "--no-warmup", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("crosspool: error: ") and needle in err[-1], err
+
+
+def test_resolve_mode():
+    devs = jax.devices()
+    assert resolve_mode(ServeSettings(), devs[:2]) == (
+        "crosspool", "mode auto: crosspool on 2 cpu devices (KV pool + weights pool)")
+    mode, why = resolve_mode(ServeSettings(), devs[:1])
+    assert mode == "shared" and "1 cpu device cannot be split" in why
+    assert resolve_mode(ServeSettings(mode="static", pools="3"), devs) == ("static", None)
+    assert resolve_mode(ServeSettings(mode="reference", pools="4+4"), devs[:1]) == ("reference", None)
+    with pytest.raises(SettingsError, match=r"^mode crosspool needs at least 2 devices .* 1 cpu device;"):
+        resolve_mode(ServeSettings(mode="crosspool"), devs[:1])
+
+
+def test_make_engine_builds_the_pooled_engine():
+    """The real PooledEngine from settings: the given devices, EngineConfig from the settings, and
+    GetStats' reports (mode, topology, KV pages, weights per model) on it."""
+    from serving.stats import snapshot
+
+    s = ServeSettings(mode="auto", engine={"arena_bytes": 4 << 20, "page_bytes": 8192}, demo=True)
+    logs = []
+    engine = make_engine(s, log=logs.append, devices=jax.devices()[:2])
+    try:
+        assert engine.mode == "crosspool" and engine.pools == "1+1"
+        assert engine.config.arena_bytes == 4 << 20 and engine.config.page_bytes == 8192
+        assert logs[0] == "serve: mode auto: crosspool on 2 cpu devices (KV pool + weights pool)"
+        placed = [x for x in logs if x.startswith("serve: placed ")]
+        assert [x.split()[2] for x in placed] == ["demo-mixtral", "demo-qwen3-moe", "demo-deepseek-v3"]
+        snap = snapshot(engine)
+        assert snap.mode == "crosspool"
+        assert snap.topology.startswith("mode crosspool: 1+1 (kv: 0; weights: 1)")
+        assert snap.stats.kv_pages == (("cpu:0", 0, engine.groups[0].kv.config.total_pages),)
+        assert [w.model for w in snap.weights] == list(snap.stats.models)
+        for w in snap.weights:  # attention side on the KV device, FFN side on the weights device
+            assert w.attention_bytes > 0 and w.ffn_bytes > 0 and w.bytes == engine.weights_bytes(w.model)
+    finally:
+        engine.shutdown(timeout=0)
+
+
 def test_reference_mode_engine(capsys):
     logs = []
-    engine = make_engine(ServeSettings(pools="4+4"), log=logs.append)
+    engine = make_engine(ServeSettings(mode="reference", pools="4+4"), log=logs.append)
     try:
-        assert [m.name for m in engine.list_models()] == [
-            "demo-mixtral",
-            "demo-qwen3-moe",
-            "demo-deepseek-v3",
-        ]
-        assert logs == ["serve: pools '4+4' are ignored in mode reference"]
+        names = ["demo-mixtral", "demo-qwen3-moe", "demo-deepseek-v3"]
+        assert [m.name for m in engine.list_models()] == names
+        assert logs[0] == "serve: pools '4+4' are ignored in mode reference"
+        assert [x.split()[2] for x in logs[1:]] == names
+        assert all(x.startswith("serve: loaded ") for x in logs[1:])
     finally:
         engine.shutdown(timeout=0)
 
@@ -354,6 +484,7 @@ def test_serve_cli_from_config_with_tls(certs, tmp_path):
         port = 1
         max_live_requests = 2
         grace = 1
+        mode = "reference"
         [tls]
         cert = "server.pem"
         key = "server.key"

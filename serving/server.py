@@ -298,7 +298,7 @@ def start_server(
     host: str = "127.0.0.1",
     port: int = 50051,
     auth_token: str | None = None,
-    max_workers: int = 32,
+    max_workers: int | None = None,
     metrics: Any = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
@@ -306,7 +306,12 @@ def start_server(
     """Starts a server on host:port (port 0: a free port) and returns at once. Metrics (a
     serving.metrics.ServerMetrics) are recorded only when given. With `tls_cert` and `tls_key` (PEM
     files: certificate chain, private key) it serves TLS only; raises serving.tls.TLSError for a bad
-    file or pair."""
+    file or pair.
+
+    `max_workers`: gRPC handler threads (default: the engine's max_live_requests + 16, at least 32).
+    A stream holds one for its whole life, so fewer threads than live requests would leave streams
+    queued inside gRPC, invisible to the engine and never refused; the server also takes at most
+    `max_workers` calls at once and refuses more with RESOURCE_EXHAUSTED."""
     creds = None
     if tls_cert or tls_key:
         from serving.tls import TLSError, server_credentials
@@ -315,7 +320,13 @@ def start_server(
             raise TLSError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
         creds = server_credentials(tls_cert, tls_key)
     interceptors = [BearerAuthInterceptor(auth_token)] if auth_token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
+    if max_workers is None:
+        max_workers = max(32, int(getattr(engine, "max_live_requests", 16)) + 16)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=max_workers,
+    )
     pb_grpc.add_CrossPoolServicer_to_server(CrossPoolServicer(engine, metrics), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -143,6 +143,31 @@ def test_resource_exhausted_and_cancel_frees(gated):
     assert len(out["token_ids"]) == 3
 
 
+def test_every_live_request_reaches_the_engine():
+    """More live streams than gRPC's old fixed 32 handler threads: each one reaches the engine (none
+    waits unseen inside gRPC) and the one past max_live_requests is refused at once."""
+    from crosspool_jax.demo import demo_models
+
+    m = demo_models()[NAME]
+    engine = GatedEngine(max_live_requests=40)
+    engine.add_model(NAME, m.config, m.weights, m.tokenizer)
+    s = start_server(engine, port=0)
+    try:
+        with CrossPoolClient(s.address) as c:
+            streams = [c.generate_stream(NAME, prompt_ids=[1, i + 2], max_new_tokens=50, ignore_eos=True)
+                       for i in range(40)]
+            assert len(_wait_live(c, 40)) == 40
+            with pytest.raises(grpc.RpcError) as ei:
+                c.generate(NAME, prompt_ids=[5], max_new_tokens=2, timeout=10)
+            assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for st in streams:
+                st.cancel()
+            assert _wait_idle(c, 10.0) == []
+    finally:
+        engine.gate.set()
+        s.stop(grace=0)
+
+
 def test_deadline_stops_generation(gated):
     _engine, client = gated
     with pytest.raises(grpc.RpcError) as ei:

@@ -64,6 +64,10 @@ class ShapeBuckets:
     tokens_floor: int = 8  # prefill query rows T per KV device
     pages_floor: int = 1  # page-table width P
     growth: int = 2
+    # a lane's model groups G: "active" = the class's models with work in this call (rounded to a
+    # power of two); "placed" = every model of the class in the group (one G per class: no
+    # program per number of active models; empty groups cost a lane in the kernels' item maps)
+    groups: str = "active"
 
     def round(self, n: int, floor: int) -> int:
         size = max(1, floor)
@@ -77,7 +81,7 @@ class ShapeBuckets:
 
     @classmethod
     def coarse(cls) -> ShapeBuckets:
-        return cls(slots_floor=8, tokens_floor=32, pages_floor=16, growth=4)
+        return cls(slots_floor=8, tokens_floor=32, pages_floor=16, growth=4, groups="placed")
 
 
 @dataclasses.dataclass
@@ -388,7 +392,9 @@ class GroupRunner:
             names.append(model)
             all_rows.extend(rows)
         groups = []
-        for (cls, _), (names, rows) in by_class.items():
+        for (cls, one), (names, rows) in by_class.items():
+            if self.buckets.groups == "placed" and one is None:
+                names = sorted(m for m, ma in store.models.items() if ma.cls == cls)
             mb = self.micro_batches
             if decode and mb > 1 and len(rows) >= mb and not any(r[4] for r in rows):
                 groups += [(cls, names, rows[i::mb]) for i in range(mb)]  # ping-pong lanes

@@ -20,6 +20,7 @@ from crosspool_jax import pool_runner
 from crosspool_jax.config import Family, FFNKind, QKNorm
 from crosspool_jax.demo import demo_configs
 from crosspool_jax.params import init_random_weights
+from crosspool_jax.pool_runner import ShapeBuckets
 from crosspool_jax.sampling import SamplingParams
 
 QWEN3 = demo_configs()["demo-qwen3-moe"]  # per-head q/k norms
@@ -126,4 +127,20 @@ def test_colocated_lane_of_two_models_matches_reference(refs) -> None:
     log = drive(runner, reqs)
     _check(refs, reqs, log)
     assert _max_groups(runner) == 2
+    assert runner.kv.pool_stats().pages_used == 0
+
+
+def test_placed_groups_and_coarse_buckets_match_reference(refs) -> None:
+    """The GPU defaults (`ShapeBuckets.coarse()`: G = every placed model of the class, wide
+    slot/page/token buckets) on CPU: lanes keep the placed models' groups even when only some of
+    them have work, and outputs still equal the reference."""
+    models = {m: MODELS[m] for m in ("q3-a", "q3-b", "q3-c", "mix")}
+    runner = build_runner(models, split=None, colocated=jax.devices()[0], kv_pages=24,
+                          prefill_chunk=16, buckets=ShapeBuckets.coarse())
+    reqs = [r for r in _requests("-p", ["q3-a", "q3-b", "q3-c", "mix"]) if r.model in ("q3-b", "mix")]
+    log = drive(runner, reqs)
+    _check(refs, reqs, log)
+    lanes = [ln for spec in runner._programs for ln in spec.lanes]
+    assert {ln.groups for ln in lanes if ln.cls.config.family == Family.QWEN3_MOE} == {4}
+    assert all(ln.slots >= 8 and ln.max_pages >= 16 for ln in lanes)
     assert runner.kv.pool_stats().pages_used == 0

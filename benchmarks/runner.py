@@ -24,12 +24,13 @@ refused it because it could never fit) or `failed` (any other status, a deadline
 without a final message), each with its reason. Nothing is retried.
 
 Memory (BENCHMARK.md, "say what fraction of HBM each mode gives to KV"): every mode gets the same
-`arena_bytes` per device (`EngineConfig.arena_bytes`; on GPU 92% of device 0's free memory in a
-95% memory pool, measured once before the first mode). Within it, each mode reserves for weights the fewest pages that hold
-the weights it places on a KV-holding device (crosspool: every model's attention side on each KV
-device; shared/static: the heaviest device's whole models, the engine using one reservation for
-every colocated device) and gives the rest to KV, as vLLM / kvcached give KV what the weights
-leave. The plan (per-device weights and KV bytes, KV fraction) is in the results.
+`arena_bytes` per device (`EngineConfig.arena_bytes`; on GPU 92% of device 0's free memory in a 95%
+memory pool, measured once before the first mode). Within it, each mode reserves for weights the
+fewest pages that hold the weights it places on a KV-holding device (crosspool: every model's
+attention side on each KV device; shared/static: the heaviest device's whole models, the engine
+using one reservation for every colocated device) and gives the rest to KV, as vLLM / kvcached give
+KV what the weights leave. The plan (per-device weights and KV bytes, KV fraction) is in the
+results.
 
 SLO (BENCHMARK.md, after Prism): before the modes run, each model shape is served alone (an engine
 in crosspool mode holding only that model, same devices and arena) and sent a few requests of the
@@ -111,6 +112,8 @@ class BenchSetup:
     attention_backend: str | None = None
     max_live_requests: int = 64
     steps_per_call: int = 4
+    prefill_chunk: int = 64  # most prompt tokens of one request per step call
+    max_prefill_tokens: int = 512  # most prompt tokens of all requests per step
     note: str = ""
 
 
@@ -124,8 +127,10 @@ SETUPS: dict[str, BenchSetup] = {
     # 256 KiB pages: 32 tokens of an OLMoE-1B-7B layer per page (16 KiB pages would hold 2, and a
     # 32K-token request would need a 16K-wide page table per layer)
     "gpu-2": BenchSetup(devices=2, crosspool_pools="1+1", arena_bytes=None, page_bytes=262144,
+                        prefill_chunk=512, max_prefill_tokens=2048,
                         note="2 GPUs; arena = 92% of GPU 0's free memory (95% pool)"),
     "gpu-8": BenchSetup(devices=8, crosspool_pools="4+4", arena_bytes=None, page_bytes=262144,
+                        prefill_chunk=512, max_prefill_tokens=2048,
                         note="8 GPUs; arena = 92% of GPU 0's free memory (95% pool)"),
 }
 # GPU: the memory pool JAX may take (the bench sets XLA_PYTHON_CLIENT_MEM_FRACTION to this unless it
@@ -386,7 +391,8 @@ def _engine_config(setup: BenchSetup, plan: dict[str, Any]) -> Any:
 
     return EngineConfig(arena_bytes=plan["arena_bytes"], page_bytes=setup.page_bytes,
                         weights_fraction=plan["weights_fraction"], steps_per_call=setup.steps_per_call,
-                        attention_backend=setup.attention_backend)
+                        attention_backend=setup.attention_backend, prefill_chunk=setup.prefill_chunk,
+                        max_prefill_tokens=setup.max_prefill_tokens)
 
 
 # ---- replay -------------------------------------------------------------------------------------
@@ -1022,6 +1028,10 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
     else:
         if args.preset.startswith("gpu"):  # inherited by every spawned child
             os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION)
+        cache = getattr(args, "compile_cache", None) or os.path.join(args.out or ".", "jax-compile-cache")
+        if cache != "none":
+            os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(cache))
+            os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
         probe = in_child("_probe", n_devices=setup.devices)
         if len(probe["devices"]) < setup.devices:
             raise RuntimeError(
@@ -1046,6 +1056,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
                     "python": _platform.python_version(), "jax": probe["jax"]},
         "preset": args.preset, "trace_file": args.trace, "seed": args.seed, "time_scale": args.time_scale,
         "max_duration_s": args.max_duration_s, "replay_window_s": window, "warmup_passes": args.warmup,
+        "compile_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR"),
         "trace": {"requests": len(trace), "models": models, "add_order": order,
                   "duration_s": trace.meta.get("duration_s"),
                   "summary": summarize(trace)},
@@ -1164,6 +1175,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=0, metavar="N",
                    help="replay the trace N times, unmeasured, on each mode's engine before the measured "
                         "replay (compiles most step programs first; default 0: a cold server)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="JAX persistent compilation cache shared by the modes' processes (default: "
+                        "OUT/jax-compile-cache; 'none': off). On GPU the cache key ignores which device a "
+                        "program runs on, so shared's second GPU and static reuse shared's programs")
     p.add_argument("--slo-scale", type=float, default=5.0, help="SLO = this x the isolated P99 (default 5)")
     p.add_argument("--reference-requests", type=int, default=3, metavar="N",
                    help="isolated requests per (shape, prompt bucket) for the SLO (1-3, default 3)")

@@ -68,6 +68,9 @@ class ShapeBuckets:
     # power of two); "placed" = every model of the class in the group (one G per class: no
     # program per number of active models; empty groups cost a lane in the kernels' item maps)
     groups: str = "active"
+    # decode steps per call: False = the power of two covering the most tokens any slot still
+    # needs (up to steps_per_call); True = always steps_per_call (finished slots idle on device)
+    fixed_steps: bool = False
 
     def round(self, n: int, floor: int) -> int:
         size = max(1, floor)
@@ -81,7 +84,8 @@ class ShapeBuckets:
 
     @classmethod
     def coarse(cls) -> ShapeBuckets:
-        return cls(slots_floor=8, tokens_floor=32, pages_floor=16, growth=4, groups="placed")
+        return cls(slots_floor=8, tokens_floor=32, pages_floor=16, growth=4, groups="placed",
+                   fixed_steps=True)
 
 
 @dataclasses.dataclass
@@ -507,7 +511,8 @@ class GroupRunner:
             lanes.append(LaneShape(cls, g_count, b, t, pages, x, c, s_w))
             host_inputs.append(arr)
             placements.append(place)
-        spec = StepSpec(tuple(lanes), decode, _pow2(k_steps) if decode else 1, self.backend)
+        steps = (self.steps_per_call if self.buckets.fixed_steps else _pow2(k_steps)) if decode else 1
+        spec = StepSpec(tuple(lanes), decode, steps, self.backend)
         prog = self._programs.pop(spec, None)
         self._compiled_last_call = prog is None
         if prog is None:

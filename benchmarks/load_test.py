@@ -1,17 +1,22 @@
 """Bounded loopback load test of the crosspool.v1 server.
 
-Starts a server with the demo models in this process (or uses --server ADDR), runs --streams
-concurrent client threads for --duration seconds; each thread sends greedy Generate calls back to
-back (seeded random demo model, prompt and max_new_tokens) and checks every stream:
+Starts a server with the demo models in this process (default: the pooled engine in mode crosspool,
+built by `serving.settings.make_engine` exactly as `crosspool serve` does, warmed up the same way),
+or uses --server ADDR; runs --streams concurrent client threads for --duration seconds; each thread
+sends greedy Generate calls back to back (seeded random demo model, prompt and max_new_tokens) and
+checks every stream:
 - not lost: it ends with a finish reason, or with RESOURCE_EXHAUSTED (engine full; the thread backs
   off and retries); any other status, a deadline or a stream without a final message is an error;
-- not duplicated or corrupted: indices 0..n-1 in order, one final message, usage matches, and the
-  token ids equal `crosspool_jax.reference.ReferenceGenerator` on the same demo weights for that
-  (prompt, max_new_tokens) (precomputed once per distinct pair);
-- afterwards GetStats shows 0 live requests.
+- not duplicated or corrupted: indices 0..n-1 in order, one final message, one request id per stream
+  and never the same id in two streams, usage matches, and the token ids equal
+  `crosspool_jax.reference.ReferenceGenerator` on the same demo weights (in the engine's arena
+  dtype, float32 on CPU) for that (prompt, max_new_tokens) (precomputed once per distinct pair);
+- afterwards GetStats shows 0 live requests and 0 KV pages in use on every KV device.
+A sampler reads GetStats every 0.5 s (peak KV pages in use, peak live requests).
 Prints a summary table; --json PATH writes the numbers. Exit code 1 when any check failed.
 
-    .venv/bin/python benchmarks/load_test.py --streams 200 --duration 60 --json /tmp/load.json
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+      .venv/bin/python benchmarks/load_test.py --streams 200 --duration 60 --json /tmp/load.json
 """
 
 from __future__ import annotations
@@ -43,12 +48,15 @@ def _pct(xs: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
-def build_cases(seed: int, prompts_per_model: int) -> list[dict]:
-    """Distinct (model, prompt, max_new_tokens) cases with their reference tokens."""
+def build_cases(seed: int, prompts_per_model: int, dtype: str = "float32") -> list[dict]:
+    """Distinct (model, prompt, max_new_tokens) cases with their reference tokens (weights in
+    `dtype`, the engine's arena dtype)."""
+    import jax
+
     rng = random.Random(seed)
     cases = []
     for name, m in demo_models().items():
-        gen = ReferenceGenerator(m.config, m.weights)
+        gen = ReferenceGenerator(m.config, jax.tree.map(lambda a: a.astype(dtype), m.weights))
         eos = list(m.config.eos_token_ids)
         for _ in range(prompts_per_model):
             text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ,.") for _ in range(rng.randint(1, 48)))
@@ -61,40 +69,56 @@ def build_cases(seed: int, prompts_per_model: int) -> list[dict]:
     return cases
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--server", default=None, help="ADDR of a running `crosspool serve` (default: start one)")
-    ap.add_argument("--streams", type=int, default=200, help="concurrent client streams")
-    ap.add_argument("--duration", type=float, default=60.0, help="seconds to keep sending")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompts-per-model", type=int, default=6)
-    ap.add_argument("--max-live-requests", type=int, default=64, help="engine limit of the started server")
-    ap.add_argument("--stream-timeout", type=float, default=300.0, help="gRPC deadline of one stream")
-    ap.add_argument("--json", default=None, metavar="PATH")
-    args = ap.parse_args(argv)
+def start_local_server(args: argparse.Namespace) -> tuple[object, str]:
+    """A server over the demo models, built as `crosspool serve` builds it."""
+    from serving.server import start_server
+    from serving.settings import ServeSettings, make_engine
+    from serving.warmup import warm_up
 
-    t_ref = time.time()
-    cases = build_cases(args.seed, args.prompts_per_model)
-    t_ref = time.time() - t_ref
-    running = None
-    addr = args.server
-    if addr is None:
-        from serving.server import demo_engine, start_server
+    def log(msg: str) -> None:
+        print(f"load_test: {msg}", flush=True)
 
-        running = start_server(demo_engine(max_live_requests=args.max_live_requests), port=0, max_workers=256)
-        addr = running.address
-    print(f"load_test: {len(cases)} reference cases in {t_ref:.1f} s; server {addr}", flush=True)
+    settings = ServeSettings(mode=args.mode, pools=args.pools, max_live_requests=args.max_live_requests,
+                             demo=True)
+    engine = make_engine(settings, log=log)
+    if args.warmup and getattr(engine, "mode", "reference") != "reference":
+        warm_up(engine, log=log)
+    if hasattr(engine, "on_compile"):
+        engine.on_compile = lambda note: log(f"engine: {note}")
+    running = start_server(engine, port=0)  # gRPC threads as `crosspool serve` sizes them
+    return running, running.address
 
+
+def run_pass(index: int, addr: str, args: argparse.Namespace, cases: list[dict]) -> dict:
+    """One load phase of --duration seconds against `addr`; returns its numbers (see main)."""
+    with CrossPoolClient(addr) as c:
+        st0 = c.stats()
     lock = threading.Lock()
     tot = {"ok": 0, "exhausted": 0, "errors": 0, "mismatch": 0, "tokens": 0}
     errors: list[str] = []
     ttft: list[float] = []
     tbt: list[float] = []
+    seen_ids: set[str] = set()
+    peak = {"kv_pages_used": 0, "live": 0, "samples": 0}
     t_start = time.time()
     deadline = t_start + args.duration
+    done = threading.Event()
+
+    def sampler() -> None:
+        with CrossPoolClient(addr) as c:
+            while not done.wait(0.5):
+                try:
+                    st = c.stats()
+                except grpc.RpcError:
+                    continue
+                used = sum(k.pages_used for k in st.kv_pages)
+                with lock:
+                    peak["kv_pages_used"] = max(peak["kv_pages_used"], used)
+                    peak["live"] = max(peak["live"], len(st.live_request_ids))
+                    peak["samples"] += 1
 
     def worker(i: int) -> None:
-        rng = random.Random(args.seed * 100003 + i)
+        rng = random.Random((args.seed + 7919 * index) * 100003 + i)
         with CrossPoolClient(addr) as c:
             while time.time() < deadline:
                 case = rng.choice(cases)
@@ -121,10 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                         errors.append(f"{e.code().name}: {e.details()}")
                     continue
                 bad = None
+                ids = {r.request_id for r in resps}
                 if not resps or resps[-1].finish_reason == 0:
                     bad = "lost: no final message"
                 elif any(r.finish_reason != 0 for r in resps[:-1]):
                     bad = "duplicated final message"
+                elif len(ids) != 1:
+                    bad = f"several request ids in one stream: {sorted(ids)}"
                 elif [r.index for r in resps] != list(range(len(resps))):
                     bad = f"bad indices {[r.index for r in resps]}"
                 elif resps[-1].usage.completion_tokens != len(resps):
@@ -132,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 elif [r.token_id for r in resps] != case["ref"]:
                     bad = "tokens differ from the reference"
                 with lock:
+                    if bad is None and resps[0].request_id in seen_ids:
+                        bad = f"request id {resps[0].request_id} streamed twice"
+                    seen_ids.update(ids)
                     if bad:
                         tot["mismatch"] += 1
                         errors.append(f"{case['model']} {case['prompt']!r} k={case['max_new']}: {bad}")
@@ -141,23 +171,32 @@ def main(argv: list[str] | None = None) -> int:
                         ttft.append(times[0] - t0)
                         tbt.extend(b - a for a, b in itertools.pairwise(times))
 
+    sampler_thread = threading.Thread(target=sampler, daemon=True)
+    sampler_thread.start()
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(args.streams)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.time() - t_start
+    done.set()
+    sampler_thread.join()
     with CrossPoolClient(addr) as c:
-        end = time.time() + 10
-        live = list(c.stats().live_request_ids)
-        while live and time.time() < end:
-            time.sleep(0.05)
-            live = list(c.stats().live_request_ids)
-        st = c.stats()
-    if running is not None:
-        running.stop(grace=0)
+        end = time.time() + 30
 
+        def busy(st: object) -> bool:
+            return bool(st.live_request_ids) or any(k.pages_used for k in st.kv_pages)
+
+        st = c.stats()
+        while busy(st) and time.time() < end:
+            time.sleep(0.05)
+            st = c.stats()
+    live = list(st.live_request_ids)
+    pages_after = sum(k.pages_used for k in st.kv_pages)
     res = {
+        "pass": index + 1,
+        "mode": st.mode,
+        "topology": st.topology,
         "streams": args.streams,
         "duration_s": args.duration,
         "wall_s": round(wall, 1),
@@ -165,29 +204,85 @@ def main(argv: list[str] | None = None) -> int:
         "resource_exhausted": tot["exhausted"],
         "errors": tot["errors"],
         "corrupted_or_lost": tot["mismatch"],
+        "distinct_request_ids": len(seen_ids),
         "tokens": tot["tokens"],
         "tokens_per_s": round(tot["tokens"] / wall, 1),
         "ttft_p50_s": _pct(ttft, 50),
         "ttft_p99_s": _pct(ttft, 99),
+        "ttft_max_s": max(ttft) if ttft else None,
         "tbt_p50_s": _pct(tbt, 50),
         "tbt_p99_s": _pct(tbt, 99),
+        "tbt_max_s": max(tbt) if tbt else None,
         "live_after": len(live),
+        "kv_pages_used_after": pages_after,
+        "kv_pages_total": sum(k.pages_total for k in st.kv_pages),
+        "kv_pages_used_peak": peak["kv_pages_used"],
+        "live_requests_peak": peak["live"],
+        "stats_samples": peak["samples"],
+        "preemptions": st.preemptions,
+        "programs_compiled_before_load": st0.programs_compiled,
+        "programs_compiled_after_load": st.programs_compiled,
         "server_completed": st.completed,
         "server_cancelled": st.cancelled,
         "server_failed": st.failed,
         "reference_cases": len(cases),
         "error_samples": errors[:10],
+        "ok": tot["errors"] == 0 and tot["mismatch"] == 0 and not live and pages_after == 0,
     }
-    rows = [(k, v) for k, v in res.items() if k != "error_samples"]
-    w = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
-    for e in errors[:10]:
-        print("  error:", e)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--server", default=None, help="ADDR of a running `crosspool serve` (default: start one)")
+    ap.add_argument("--mode", default="crosspool", help="mode of the started server (default crosspool)")
+    ap.add_argument("--pools", default=None, help="its device split (default: the engine's)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the start-up warm-up")
+    ap.add_argument("--streams", type=int, default=200, help="concurrent client streams")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds to keep sending")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompts-per-model", type=int, default=6)
+    ap.add_argument("--max-live-requests", type=int, default=64, help="engine limit of the started server")
+    ap.add_argument("--stream-timeout", type=float, default=300.0, help="gRPC deadline of one stream")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="load phases in a row against the same server (pass 2 on: its programs compiled)")
+    ap.add_argument("--json", default=None, metavar="PATH")
+    args = ap.parse_args(argv)
+
+    t_ref = time.time()
+    cases = build_cases(args.seed, args.prompts_per_model)
+    t_ref = time.time() - t_ref
+    running = None
+    addr = args.server
+    t_up = time.time()
+    if addr is None:
+        running, addr = start_local_server(args)
+    t_up = time.time() - t_up
+    with CrossPoolClient(addr) as c:
+        st0 = c.stats()
+    print(f"load_test: {len(cases)} reference cases in {t_ref:.1f} s; server {addr} "
+          f"({st0.topology or st0.mode}) up in {t_up:.1f} s", flush=True)
+
+    results = []
+    try:
+        for index in range(args.passes):
+            res = run_pass(index, addr, args, cases)
+            res["server_start_s"] = round(t_up, 1)
+            results.append(res)
+            print(f"load_test: pass {index + 1} of {args.passes}", flush=True)
+            rows = [(k, v) for k, v in res.items() if k != "error_samples"]
+            w = max(len(k) for k, _ in rows)
+            for k, v in rows:
+                print(f"{k:<{w}}  {v:.4f}" if isinstance(v, float) else f"{k:<{w}}  {v}")
+            for e in res["error_samples"]:
+                print("  error:", e)
+    finally:
+        if running is not None:
+            running.stop(grace=0)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-    ok = tot["errors"] == 0 and tot["mismatch"] == 0 and not live
+            json.dump(results if args.passes > 1 else results[0], f, indent=2)
+    ok = all(r["ok"] for r in results)
     print("load_test:", "PASS" if ok else "FAIL", flush=True)
     return 0 if ok else 1
 

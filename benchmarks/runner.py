@@ -1005,7 +1005,8 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
         over["steps_per_call"] = args.steps_per_call
     s = dataclasses.replace(s, **over)
     kv, w = (int(x) for x in s.crosspool_pools.split("+"))
-    if kv < 1 or w < 1 or kv + w != s.devices:
+    crosspool_runs = "crosspool" in (getattr(args, "modes", None) or ",".join(MODES)).split(",")
+    if crosspool_runs and (kv < 1 or w < 1 or kv + w != s.devices):
         raise ValueError(f"crosspool pools {s.crosspool_pools!r} must split the {s.devices} devices")
     return s
 

@@ -136,6 +136,8 @@ class PooledEngine(ReferenceEngine):
         self._group_lock = threading.Lock()  # add/remove models vs the worker's steps
         self._preemptions = 0
         self._programs_compiled = 0
+        # group -> requests its planner runs, as of the group's last step (read by stats())
+        self._planner_running: dict[int, int] = {id(g): 0 for g in self.groups}
         # called (on the worker thread) with a one-line note after each step that compiled step
         # programs: which models, how many, how long (the server logs it; compiles stall a step)
         self.on_compile: Callable[[str], None] | None = None
@@ -250,6 +252,11 @@ class PooledEngine(ReferenceEngine):
 
     def stats(self) -> EngineStats:
         base = super().stats()
+        # running = what the planners admitted (as of each group's last step); the rest of the live
+        # requests wait: for the worker, or in a planner queue for KV pages
+        live = base.queue_depth + base.running
+        running = min(live, sum(self._planner_running.values()))
+        base = dataclasses.replace(base, queue_depth=live - running, running=running)
         pages = []
         for gi, g in enumerate(self.groups):
             for d in range(g.kv.config.num_devices):
@@ -351,12 +358,14 @@ class PooledEngine(ReferenceEngine):
         for group in self.groups:
             with self._group_lock:
                 if not group.has_work:
+                    self._planner_running[id(group)] = 0
                     continue
                 busy = True
                 before = _programs_built(group)
                 t0 = time.perf_counter()
                 res = group.step()
                 new = _programs_built(group) - before
+                self._planner_running[id(group)] = len(group.planner.running())
                 models = sorted({self._pending_by_id[r].live.request.model
                                  for r in res.tokens if r in self._pending_by_id})
             if new > 0:

@@ -166,6 +166,8 @@ def test_resource_exhausted_then_cancel(served):
     a = client.generate_stream(A, prompt_ids=[1, 2], max_new_tokens=200, ignore_eos=True)
     b = client.generate_stream(A, prompt_ids=[3, 4], max_new_tokens=200, ignore_eos=True)
     assert _wait(lambda: len(client.stats().live_request_ids) == 2)
+    st = client.stats()
+    assert (st.queue_depth, st.running) == (2, 0)  # waiting: the planner has not admitted them
     with pytest.raises(grpc.RpcError) as ei:
         client.generate(A, prompt_ids=[5], max_new_tokens=2)
     assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -182,7 +184,9 @@ def test_cancel_frees_pages_at_once(served):
     engine.budget = 1
     stream = client.generate_stream(A, prompt_ids=[1, 2, 3], max_new_tokens=200, ignore_eos=True)
     _held_after_first_token(engine, stream)
-    assert _pages_used(client) > 0 and len(client.stats().live_request_ids) == 1
+    st = client.stats()
+    assert sum(k.pages_used for k in st.kv_pages) > 0 and len(st.live_request_ids) == 1
+    assert (st.queue_depth, st.running) == (0, 1)
     stream.cancel()
     # freed by the cancel itself: the engine is still held, so the request cannot have finished
     assert _wait(lambda: _pages_used(client) == 0 and client.stats().live_request_ids == [], 5.0)

@@ -365,25 +365,13 @@ def never_fit(plan: dict[str, Any], trace: Trace, setup: BenchSetup, platform: s
 
 def make_bench_engine(mode: str, pools: str, devices: Sequence[Any], engine_config: Any,
                       max_live_requests: int) -> Any:
-    """The engine through `serving.settings.make_engine` (demo models off, no checkpoints).
-
-    make_engine builds `PooledEngine(mode=, pools=, max_live_requests=)` with no EngineConfig and
-    all devices; the bench needs the same arena on the chosen devices in every mode, so for this
-    call its pooled-engine class is the real one with `config` and `devices` bound."""
+    """The engine through `serving.settings.make_engine` (demo models off, no checkpoints), with
+    the bench's EngineConfig (the same arena in every mode) on the chosen devices."""
     from serving import settings as serve_settings
 
-    cls = serve_settings.pooled_engine_class()
-    if cls is None:
-        raise RuntimeError("the pooled engine (crosspool_jax.engine.PooledEngine) is not available")
     s = serve_settings.ServeSettings(mode=mode, pools=pools, demo=False, models={},
                                      max_live_requests=max_live_requests)
-    bound = functools.partial(cls, config=engine_config, devices=list(devices))
-    original = serve_settings.pooled_engine_class
-    serve_settings.pooled_engine_class = lambda: bound
-    try:
-        return serve_settings.make_engine(s)
-    finally:
-        serve_settings.pooled_engine_class = original
+    return serve_settings.make_engine(s, engine_config=engine_config, devices=list(devices))
 
 
 def _engine_config(setup: BenchSetup, plan: dict[str, Any]) -> Any:

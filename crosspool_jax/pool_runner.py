@@ -157,7 +157,7 @@ class GroupRunner:
         kv_pages_per_device: int | None = None,
         micro_batches: int = 1,
         host_swap_pages: int = 0,
-        max_programs: int = 32,
+        max_programs: int = 64,
         buckets: ShapeBuckets | None = None,
     ):
         self.store = ArenaStore(topology, layout, attn_pages, colocated=colocated)
@@ -178,8 +178,8 @@ class GroupRunner:
         self.geoms: dict[str, PageGeometry] = {}
         self.reqs: dict[str, _Req] = {}
         # compiled step programs, least recently used first; bounded because every compiled
-        # program holds its own memory mappings and code (a long run with many shapes would
-        # otherwise exhaust the process's mappings)
+        # program holds its own memory mappings and code (on XLA:CPU ~570 mappings each: a
+        # process died past ~110 programs at the default vm.max_map_count of 65,530)
         self._programs: dict[StepSpec, Callable] = {}
         self.max_programs = max_programs
         self.buckets = buckets or (ShapeBuckets.coarse() if self.platform == "gpu" else ShapeBuckets.fine())

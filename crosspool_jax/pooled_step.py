@@ -475,7 +475,9 @@ class _Lane:
         """fn(rows sorted by model, sizes [G]) -> [M, N], put back in the rows' order. Rows that
         are not real tokens (ok False) and every row off the weights devices come back 0."""
         g = self.g
-        key = jnp.where(ok, grp, g) if g > 1 else jnp.where(ok, 0, 1)
+        if g == 1:  # one model: every row in one group, no sort (rows that are not tokens are 0)
+            return fn(jnp.where(ok[:, None], x, 0), jnp.where(is_w, x.shape[0], 0).astype(jnp.int32)[None])
+        key = jnp.where(ok, grp, g)
         order = jnp.argsort(key, stable=True)
         sizes = jnp.bincount(key, length=g + 1)[:g]
         sizes = jnp.where(is_w, sizes, 0).astype(jnp.int32)

@@ -906,10 +906,13 @@ def write_plots(out_dir: str, records: dict[str, list[Record]], runs: dict[str, 
     ax2.set(xscale="log", yscale="log", xlabel="time between tokens (s)", ylabel="1 - CDF", title="TBT tail")
     for a in (ax, ax2):
         a.grid(True, which="both", alpha=0.3)
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "tbt_cdf.png"), dpi=120)
     plt.close(fig)
+    if not runs:  # every mode failed: nothing to plot over time
+        return ["tbt_cdf.png"]
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.6 * len(runs)), sharex=True, squeeze=False)
     for a, (mode, run) in zip(axes[:, 0], runs.items(), strict=True):
         t = [s["t"] for s in run["samples"]]

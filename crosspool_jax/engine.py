@@ -64,7 +64,10 @@ class EngineConfig:
     """Sizes of the engine's arenas and its control knobs.
 
     arena_bytes: bytes of each device's arena (default: 64 MiB on CPU; 80% of the device's free
-      memory on GPU). page_bytes: bytes of one KV page. weights_fraction: share of a KV device's
+      memory on GPU). page_bytes: bytes of one KV page (default 16 KiB on CPU, 256 KiB on GPU: 32
+      tokens of an OLMoE-1B-7B layer, so a long request's page table stays narrow).
+      max_prefill_tokens: most prompt tokens of all requests per step (default 512 on CPU, 2048
+      on GPU; prefill_chunk defaults to 64 / 512). weights_fraction: share of a KV device's
       arena (crosspool) or of a colocated device's arena (shared/static) reserved for weights.
     steps_per_call: decode tokens per host call (K). prefill_chunk: most prompt tokens of one
       request per program call. dtype: the arena's (weights and KV) dtype, default the platform's
@@ -72,11 +75,11 @@ class EngineConfig:
     """
 
     arena_bytes: int | None = None
-    page_bytes: int = 16384
+    page_bytes: int | None = None  # None: 16 KiB on CPU, 256 KiB on GPU
     weights_fraction: float = 0.5
     steps_per_call: int = 4
-    prefill_chunk: int = 64
-    max_prefill_tokens: int = 512
+    prefill_chunk: int | None = None  # None: 64 on CPU, 512 on GPU
+    max_prefill_tokens: int | None = None  # None: 512 on CPU, 2048 on GPU
     dtype: str | None = None
     attention_backend: str | None = None
     micro_batches: int = 1
@@ -99,9 +102,14 @@ class PooledEngine(ReferenceEngine):
         if mode not in MODES:
             raise InvalidRequestError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        self.config = cfg = config or EngineConfig()
+        cfg = config or EngineConfig()
         devs = list(devices or jax.devices())
         platform = "gpu" if devs[0].platform in ("gpu", "cuda") else "cpu"
+        gpu = platform == "gpu"
+        self.config = cfg = dataclasses.replace(  # platform defaults resolved
+            cfg, page_bytes=cfg.page_bytes or (262144 if gpu else 16384),
+            prefill_chunk=cfg.prefill_chunk or (512 if gpu else 64),
+            max_prefill_tokens=cfg.max_prefill_tokens or (2048 if gpu else 512))
         dtype = cfg.dtype or ("float32" if platform == "cpu" else "bfloat16")
         itemsize = jnp.dtype(dtype).itemsize
         row_elems = 128 if platform != "cpu" else 64

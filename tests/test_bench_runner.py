@@ -62,6 +62,8 @@ def test_bench_cpu_tiny_short_all_modes(tmp_path: pathlib.Path) -> None:
                 assert r["reason"].startswith("RESOURCE_EXHAUSTED")
     header = (out / "kv_pages.csv").read_text().splitlines()[0]
     assert header == "mode,t_s,device,pages_used,pages_total"
+    for png in ("tbt_cdf.png", "kv_pages.png"):  # matplotlib is a dev dependency
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
 def test_memory_plan_cpu_tiny() -> None:

@@ -15,7 +15,9 @@ no stop ids (`ignore_eos`), so every finished stream has exactly output_len toke
 is polled every 0.2 s (KV pages used per device, preemptions). Then the server is stopped and the
 next mode starts on a fresh engine. Each engine lives in its own spawned child process (the parent
 only plans, dispatches and computes the metrics), so device memory is free between modes and
-compiled programs do not pile up in one process. `--warmup N` replays the trace N times, unmeasured,
+compiled programs do not pile up in one process. `--precompile` (default on GPU) compiles every
+one-lane step program of the shape grid before a mode serves (`PooledEngine.precompile`, in
+threads, unmeasured). `--warmup N` replays the trace N times, unmeasured,
 on the same engine first (the cold default measures a freshly started server, compiles included).
 
 Outcomes: every request ends `finished` (a final message with a finish reason), `rejected` (gRPC
@@ -573,9 +575,11 @@ def replay(engine: Any, address: str, records: list[Record], vocab: dict[str, in
 def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[str], plan: dict[str, Any],
                      setup: BenchSetup, devices: Sequence[Any], records: list[Record], seed: int,
                      label: str, timeout: float, log: Callable[[str], None], progress: bool = True,
-                     sequential: bool = False, warmup_passes: int = 0) -> dict[str, Any]:
+                     sequential: bool = False, warmup_passes: int = 0,
+                     precompile_context: int | None = None) -> dict[str, Any]:
     """Builds mode's engine with `models`, serves it on 127.0.0.1 (free port), replays (after
-    `warmup_passes` unmeasured replays of the same requests on the same engine), stops."""
+    `PooledEngine.precompile(precompile_context)` when given, then `warmup_passes` unmeasured
+    replays of the same requests on the same engine), stops."""
     from serving.server import start_server
 
     pools = setup.crosspool_pools if mode == "crosspool" else str(setup.devices)
@@ -587,6 +591,13 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
         t_build = time.time() - t_build
         if progress:
             log(f"bench {label}: {engine.describe()}; {len(models)} models in {t_build:.1f} s")
+        pre = None
+        if precompile_context:
+            t_pre = time.time()
+            n_pre = engine.precompile(precompile_context, threads=max(1, (os.cpu_count() or 2) // 2),
+                                      log=(lambda m: log(f"bench {label}: {m}")) if progress else None)
+            pre = {"programs": n_pre, "seconds": round(time.time() - t_pre, 2),
+                   "max_context": precompile_context}
         running = start_server(engine, "127.0.0.1", 0, max_workers=setup.max_live_requests + 32)
         vocab = {n: model_config(n).vocab_size for n in models}
         warm = []
@@ -602,7 +613,7 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
         base_preempt = engine.stats().preemptions
         out = replay(engine, running.address, records, vocab, seed, label, timeout, log, progress, sequential)
         out["preemptions"] -= base_preempt
-        out.update(build_s=t_build, weights=how, describe=engine.describe(), warmup=warm)
+        out.update(build_s=t_build, weights=how, describe=engine.describe(), warmup=warm, precompile=pre)
         return out
     finally:
         if running is not None:
@@ -675,13 +686,15 @@ def _probe(n_devices: int) -> dict[str, Any]:
 
 def _mode_job(mode: str, models: Sequence[str], trace_models: Sequence[str], plan: dict[str, Any],
               setup: BenchSetup, records: list[Record], seed: int, label: str, timeout: float,
-              warmup_passes: int = 0, progress: bool = True, sequential: bool = False) -> dict[str, Any]:
+              warmup_passes: int = 0, progress: bool = True, sequential: bool = False,
+              precompile_context: int | None = None) -> dict[str, Any]:
     """(child) serve_and_replay on the setup's devices; the filled records, the run and its compiles."""
     import jax
 
     comp = _compile_log()
     run = serve_and_replay(mode, models, trace_models, plan, setup, jax.devices()[: setup.devices], records,
-                           seed, label, timeout, _log, progress, sequential, warmup_passes)
+                           seed, label, timeout, _log, progress, sequential, warmup_passes,
+                           precompile_context)
     warm = comp.between(run["warmup"][0]["t0"], run["t0"]) if run["warmup"] else None
     return {"records": records, "run": run, "compiles": comp.between(run["t0"], run["t0"] + run["t_end"]),
             "warmup_compiles": warm}
@@ -1101,6 +1114,9 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
     results["slo"] = {"rule": rule, "scale": args.slo_scale, "per_shape": slo}
     records: dict[str, list[Record]] = {}
     runs: dict[str, dict[str, Any]] = {}
+    pre_on = args.precompile == "on" or (args.precompile == "auto" and plat == "gpu")
+    precompile_context = (max(r.prompt_len + r.output_len for r in trace.requests) if pre_on else None)
+    results["precompile_context"] = precompile_context
     for mode in modes:
         recs = [Record(i, r.request_id, r.model, r.prompt_len, r.output_len, r.arrival_s * args.time_scale)
                 for i, r in enumerate(trace.requests)]
@@ -1108,7 +1124,8 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         try:
             job = in_child("_mode_job", mode=mode, models=order, trace_models=models, plan=plans[mode],
                            setup=setup, records=recs, seed=args.seed, label=mode,
-                           timeout=args.request_timeout, warmup_passes=args.warmup)
+                           timeout=args.request_timeout, warmup_passes=args.warmup,
+                           precompile_context=precompile_context)
         except RuntimeError as e:  # ChildCrashed included: record it, go on with the next mode
             log(f"bench {mode}: FAILED: {e}")
             results["modes"][mode] = {"error": str(e)}
@@ -1117,6 +1134,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         results["modes"][mode] = mode_metrics(recs, run, slo, window, job["compiles"])
         results["modes"][mode]["engine"] = run["describe"]
         results["modes"][mode]["weights"] = run["weights"]
+        results["modes"][mode]["precompile"] = run.get("precompile")
         if run["warmup"]:
             results["modes"][mode]["warmup"] = [
                 {k: v for k, v in w.items() if k != "t0"} for w in run["warmup"]]
@@ -1167,6 +1185,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=0, metavar="N",
                    help="replay the trace N times, unmeasured, on each mode's engine before the measured "
                         "replay (compiles most step programs first; default 0: a cold server)")
+    p.add_argument("--precompile", choices=("auto", "on", "off"), default="auto",
+                   help="compile every one-lane step program of the shape grid (up to the trace's "
+                        "longest request) before each mode serves, in threads, unmeasured "
+                        "(PooledEngine.precompile); auto: on for GPU platforms")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX persistent compilation cache shared by the modes' processes (default: "
                         "OUT/jax-compile-cache; 'none': off). On GPU the cache key ignores which device a "

@@ -207,6 +207,26 @@ class PooledEngine(ReferenceEngine):
             raise
         return info
 
+    def precompile(self, max_context: int, max_slots: int | None = None, threads: int = 8,
+                   log: Callable[[str], None] | None = None) -> int:
+        """Compiles every one-lane step program of each group's shape-bucket grid ahead of time
+        (`GroupRunner.bucket_specs` / `precompile`: requests up to `max_context` tokens, up to
+        `max_slots` (default `max_live_requests`) per KV device), so requests inside it never wait
+        for a compile; programs that mix model classes still compile when first met. Groups of
+        identical devices and models compile the same programs: with JAX's persistent compilation
+        cache on, every group after the first loads them. Returns the programs compiled."""
+        slots = max_slots or self.max_live_requests
+        total = 0
+        with self._group_lock:
+            for gi, group in enumerate(self.groups):
+                specs = [sp for sp in group.bucket_specs(max_context, slots) if sp not in group._programs]
+                wall = group.precompile(specs, threads=threads, log=log)
+                total += len(specs)
+                self._programs_compiled += len(specs)
+                if log is not None:
+                    log(f"group {gi}: {len(specs)} step programs precompiled in {wall:.1f} s")
+        return total
+
     def _pick_group(self, config: ModelConfig, weights: ModelWeights) -> GroupRunner:
         if len(self.groups) == 1:
             return self.groups[0]

@@ -41,7 +41,7 @@ from crosspool_jax.planner import (
     RequestSpec,
     RequestStatus,
 )
-from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry
+from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
 from crosspool_jax.sampling import SamplingParams, seed_words
 from crosspool_jax.topology import PoolTopology, Role
 from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
@@ -217,6 +217,82 @@ class GroupRunner:
         self.store.remove_model(name)
         self.kv.unregister_model(name)
         del self.geoms[name]
+
+    # -- ahead-of-time compilation --
+    def lane_keys(self) -> list[tuple[Any, list[str]]]:
+        """(model class, the models one lane of it holds) per lane the runner can build: one per
+        GQA class (its placed models under `ShapeBuckets(groups="placed")`, else every placed
+        model of the class), one per MLA model."""
+        by_cls: dict[Any, list[str]] = {}
+        out = []
+        for name in sorted(self.store.models):
+            cls = self.store.models[name].cls
+            if cls.config.attention == AttentionKind.MLA:
+                out.append((cls, [name]))
+            else:
+                by_cls.setdefault(cls, []).append(name)
+        return [(cls, names) for cls, names in by_cls.items()] + out
+
+    def bucket_specs(self, max_context: int, max_slots: int) -> list[StepSpec]:
+        """Every one-lane program shape (decode and prefill) of the bucket grid up to `max_context`
+        tokens per request and `max_slots` requests per KV device: what `precompile` compiles.
+        Programs mixing lanes of several classes are not in it (they compile when first met)."""
+        bk = self.buckets
+
+        def ladder(hi: int, floor: int) -> list[int]:
+            out = [bk.round(1, floor)]
+            while out[-1] < hi:
+                out.append(out[-1] * bk.growth)
+            return out
+
+        specs = []
+        steps = [self.steps_per_call] if bk.fixed_steps else ladder(self.steps_per_call, 1)
+        for cls, names in self.lane_keys():
+            g = _pow2(len(names)) if bk.groups == "placed" or len(names) == 1 else None
+            groups = [g] if g else ladder(len(names), 1)
+            tpp = self.geoms[names[0]].tokens_per_page
+            pages = ladder(-(-max_context // tpp), bk.pages_floor)
+            slots = ladder(max_slots, bk.slots_floor)
+            for gg in groups:
+                for p in pages:
+                    for b in slots:
+                        for k in steps:
+                            specs.append(StepSpec((LaneShape(cls, gg, b, b, p),), True, k, self.backend))
+                    for t in ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor):
+                        for b in slots:
+                            if b <= t:
+                                specs.append(StepSpec((LaneShape(cls, gg, b, t, p),), False, 1,
+                                                      self.backend))
+        return specs
+
+    def precompile(self, specs: Sequence[StepSpec], threads: int = 4,
+                   log: Callable[[str], None] | None = None) -> float:
+        """Compiles `specs` ahead of time, `threads` at once (XLA compiles outside the GIL), and
+        keeps them as this runner's programs; returns the wall seconds. Call while idle."""
+        import concurrent.futures
+
+        specs = [sp for sp in specs if sp not in self._programs]
+        self.max_programs = max(self.max_programs, len(self._programs) + len(specs))
+        arena = jax.ShapeDtypeStruct(self.store.arena.shape, self.store.arena.dtype,
+                                     sharding=self.store.sharding)
+
+        def one(sp: StepSpec) -> tuple[StepSpec, Any, float]:
+            t0 = time.perf_counter()
+            prog = build_step(sp, self.store, self.platform)
+            compiled = prog.lower(arena, input_shapes(sp, self.store)).compile()
+            return sp, compiled, time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+            for i, (sp, compiled, dt) in enumerate(pool.map(one, specs)):
+                self._programs[sp] = compiled
+                self.programs_built += 1
+                if log is not None:
+                    lane = sp.lanes[0]
+                    log(f"precompiled {i + 1}/{len(specs)}: {'decode' if sp.decode else 'prefill'} "
+                        f"{lane.cls.config.family.value} G={lane.groups} slots={lane.slots} "
+                        f"tokens={lane.tokens} pages={lane.max_pages} ({dt:.1f} s)")
+        return time.perf_counter() - t0
 
     def set_limits(self, limits: dict[str, ModelLimits]) -> None:
         """Per-model page floors/caps (the `static` mode's fixed reservations)."""

@@ -659,6 +659,33 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
     return jax.jit(f, donate_argnums=(0,))
 
 
+def input_shapes(spec: StepSpec, store: ArenaStore) -> tuple[dict[str, jax.ShapeDtypeStruct], ...]:
+    """The global input arrays `build_step(spec, store)` takes, as sharded ShapeDtypeStructs (one
+    dict per lane; per-device shapes as in the module docstring, stacked over the pool axis): what
+    ahead-of-time compilation lowers against."""
+    n = store.num_devices
+    i32, f32, u32 = jnp.int32, jnp.float32, jnp.uint32
+    out = []
+    for ln in spec.lanes:
+        b, t, p, g, L = ln.slots, ln.tokens, ln.max_pages, ln.groups, ln.cls.config.num_layers
+        shapes: dict[str, tuple[tuple[int, ...], Any]] = {
+            "tokens": ((t,), i32), "positions": ((t,), i32), "tok_slot": ((t,), i32),
+            "tail_pages": ((b, L, p), i32), "tail_start": ((b,), i32), "tail_len": ((b,), i32),
+            "sample_row": ((b,), i32), "temperature": ((b,), f32), "top_k": ((b,), i32),
+            "top_p": ((b,), f32), "seed": ((b, 2), u32), "remaining": ((b,), i32),
+            "stop_ids": ((b, ln.stop_width), i32), "a_base": ((g,), i32), "f_base": ((g,), i32),
+            "grp_rows": ((g,), i32), "grp_slots": ((g,), i32), "tok_grp": ((t,), i32),
+            "slot_grp": ((b,), i32)}
+        if not spec.decode:
+            shapes["cu_q"] = ((b + 1,), i32)
+        if ln.extras:
+            shapes |= {"x_rows": ((ln.extras, ln.extra_rows), i32),
+                       "x_pages": ((ln.extras, L, p), i32), "x_len": ((ln.extras,), i32)}
+        out.append({k: jax.ShapeDtypeStruct((n * sh[0], *sh[1:]), dt, sharding=store.sharding)
+                    for k, (sh, dt) in shapes.items()})
+    return tuple(out)
+
+
 def one_model_group_inputs(store: ArenaStore, model: str, slots_per_device: list[int], tokens: int,
                            slots: int) -> dict[str, np.ndarray]:
     """The model-group inputs (a_base ... slot_grp, shapes [N, ...]) of a lane holding only

@@ -144,3 +144,23 @@ def test_placed_groups_and_coarse_buckets_match_reference(refs) -> None:
     assert {ln.groups for ln in lanes if ln.cls.config.family == Family.QWEN3_MOE} == {4}
     assert all(ln.slots >= 8 and ln.max_pages >= 16 for ln in lanes)
     assert runner.kv.pool_stats().pages_used == 0
+
+
+def test_precompiled_programs_serve_a_run_without_compiling(refs) -> None:
+    """`GroupRunner.precompile(bucket_specs(...))` compiles the one-lane grid ahead of time (in
+    threads); a run inside the grid then compiles nothing and still equals the reference."""
+    models = {m: MODELS[m] for m in ("q3-a", "q3-b")}
+    buckets = ShapeBuckets(slots_floor=2, tokens_floor=16, pages_floor=2, growth=4, groups="placed",
+                           fixed_steps=True)
+    runner = build_runner(models, split="1+1", kv_pages=24, prefill_chunk=16, max_prefill_tokens=16,
+                          buckets=buckets)
+    specs = runner.bucket_specs(max_context=16 * 4, max_slots=4)
+    assert len(specs) == len(set(specs)) and all(len(sp.lanes) == 1 for sp in specs)
+    runner.precompile(specs, threads=2)
+    built = runner.programs_built
+    assert built == len(specs)
+    reqs = _requests("-aot", ["q3-a", "q3-b"])
+    log = drive(runner, reqs)
+    _check(refs, reqs, log)
+    assert runner.programs_built == built  # every shape of the run was precompiled
+    assert runner.kv.pool_stats().pages_used == 0

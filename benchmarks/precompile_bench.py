@@ -1,0 +1,46 @@
+"""How long `PooledEngine.precompile` takes on this machine: OLMoE-1B-7B-shaped models (random
+weights), one mode, the one-lane shape grid up to --max-context tokens and --max-slots requests per
+KV device, compiled with --threads at once. Prints one line per program and the total.
+
+    PYTHONPATH=. python -m benchmarks.precompile_bench [--mode shared] [--models 3] [--threads 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+
+from benchmarks.step import olmoe_config
+from crosspool_jax.engine import EngineConfig, PooledEngine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", default="shared")
+    ap.add_argument("--models", type=int, default=3)
+    ap.add_argument("--max-context", type=int, default=8192)
+    ap.add_argument("--max-slots", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=8)
+    args = ap.parse_args()
+    devs = jax.devices()
+    n = 1 if args.mode != "crosspool" else 2
+    engine = PooledEngine(mode=args.mode, pools=None if args.mode == "crosspool" else "1",
+                          config=EngineConfig(weights_fraction=0.6), devices=devs[:n])
+    t0 = time.perf_counter()
+    for i in range(args.models):
+        engine.add_random_model(f"olmoe-{i:02d}", olmoe_config(), seed=i)
+    print(f"{devs[0].device_kind}: {args.models} models placed in {time.perf_counter() - t0:.1f} s; "
+          f"{engine.describe()}", flush=True)
+    t0 = time.perf_counter()
+    count = engine.precompile(args.max_context, args.max_slots, threads=args.threads,
+                              log=lambda m: print(m, flush=True))
+    wall = time.perf_counter() - t0
+    print(f"precompiled {count} programs in {wall:.1f} s with {args.threads} threads "
+          f"({wall / max(count, 1):.2f} s per program)", flush=True)
+    engine.shutdown(timeout=0)
+
+
+if __name__ == "__main__":
+    main()

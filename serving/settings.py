@@ -67,6 +67,9 @@ class ServeSettings:
     # defaults); pooled modes only
     engine: dict[str, Any] = dataclasses.field(default_factory=dict)
     warmup: bool | None = None  # compile the common step programs before serving (None: pooled modes)
+    # > 0: before serving, also compile every one-lane step program for requests up to this many
+    # tokens (PooledEngine.precompile; pooled modes); 0: off
+    precompile_context: int = 0
 
     @property
     def load_demo(self) -> bool:
@@ -188,6 +191,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "mode": _mode,
     "pools": _pools,
     "warmup": _bool,
+    "precompile_context": _int(0),
 }
 # the [engine] table / engine flags: crosspool_jax.engine.EngineConfig fields
 ENGINE_CHECKS: dict[str, Callable[[Any], Any]] = {

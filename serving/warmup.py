@@ -1,8 +1,8 @@
 """Start-up warm-up of the pooled engine: compile the step programs a first short request needs
 before the server opens its port.
 
-The pooled engine compiles one XLA program per step shape (model lanes, slots, tokens and KV pages
-bucketed to powers of two, K decode steps), on its worker thread, the first time the shape occurs;
+The pooled engine compiles one XLA program per step shape (lanes of model classes, slots, tokens and
+KV pages bucketed, K decode steps), on its worker thread, the first time the shape occurs;
 every live request waits meanwhile (2-4 s per program on a CPU, docs/benchmarks.md). Without a
 warm-up the first request of each model pays for its prefill program and one decode program per
 KV-page bucket it grows through. `warm_up` sends, one model at a time, one greedy request of
@@ -11,6 +11,8 @@ compiles the single-request programs for any prompt of up to `prompt_tokens` tok
 bucket) generating up to `total_tokens` positions: e.g. `crosspool generate --server ... --prompt
 hi` (32 new tokens by default). Programs that mix several models in one step (crosspool mode under
 concurrent load) or larger shapes are still compiled when they first occur; the engine logs each.
+`crosspool serve --precompile-context N` additionally compiles the whole one-lane shape grid for
+requests up to N tokens (`PooledEngine.precompile`).
 """
 
 from __future__ import annotations

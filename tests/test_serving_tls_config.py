@@ -350,6 +350,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         mode = "crosspool"
         pools = "1+1"
         warmup = false
+        precompile_context = 4096
         [engine]
         arena_bytes = "8MiB"
         page_bytes = 4096
@@ -363,6 +364,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         """,
     )
     s = build_settings(load_config(path))
+    assert s.precompile_context == 4096
     assert s.warmup is False and s.engine == dict(
         arena_bytes=8 << 20, page_bytes=4096, weights_fraction=0.25, steps_per_call=2, prefill_chunk=32,
         max_prefill_tokens=128, micro_batches=2, dtype="float32", attention_backend="reference")
@@ -374,6 +376,8 @@ def test_engine_settings_from_file_and_flags(tmp_path):
     s = serve_settings(args)
     assert s.engine["arena_bytes"] == 16 << 20 and s.engine["steps_per_call"] == 8
     assert s.engine["page_bytes"] == 4096 and s.warmup is False
+    args = build_parser().parse_args(["serve", "--config", path, "--precompile-context", "512"])
+    assert serve_settings(args).precompile_context == 512
     assert serve_settings(build_parser().parse_args(["serve"])).engine == {}
 
 
@@ -390,6 +394,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         ('[engine]\nattention_backend = "cuda"', "key 'engine.attention_backend': must be one of gpu"),
         ("engine = 3", "key 'engine': must be a table"),
         ('warmup = "yes"', "key 'warmup': must be true or false"),
+        ("precompile_context = -1", "key 'precompile_context': must be >= 0"),
     ],
 )
 def test_engine_config_errors_name_the_key(tmp_path, body, needle):

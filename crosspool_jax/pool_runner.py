@@ -139,6 +139,10 @@ class GroupRunner:
     max_programs: compiled step programs kept (least recently used evicted). Programs are per
     model CLASS and shape bucket (`pooled_step.LaneShape`), not per model. buckets: how sizes
     round to program shapes (default: `ShapeBuckets.coarse()` on GPU, `.fine()` elsewhere).
+    mixed_lanes: a step whose mix of lanes (model classes, micro-batches) has no compiled program
+    yet: "merged" compiles it on the spot (every request waits); "split" runs the lanes one by one
+    with one-lane programs while the merged program compiles in a background thread (default: split
+    on GPU, merged elsewhere).
     """
 
     def __init__(
@@ -159,6 +163,7 @@ class GroupRunner:
         host_swap_pages: int = 0,
         max_programs: int = 64,
         buckets: ShapeBuckets | None = None,
+        mixed_lanes: str | None = None,
     ):
         self.store = ArenaStore(topology, layout, attn_pages, colocated=colocated)
         self.platform = platform or ("gpu" if jax.default_backend() in ("gpu", "cuda") else "cpu")
@@ -182,6 +187,11 @@ class GroupRunner:
         # process died past ~110 programs at the default vm.max_map_count of 65,530)
         self._programs: dict[StepSpec, Callable] = {}
         self.max_programs = max_programs
+        if mixed_lanes not in (None, "merged", "split"):
+            raise ValueError(f"mixed_lanes must be 'merged' or 'split', got {mixed_lanes!r}")
+        self.mixed_lanes = mixed_lanes or ("split" if self.platform == "gpu" else "merged")
+        self._background: dict[StepSpec, Any] = {}  # spec -> Future of its compiled program
+        self._executor: Any = None
         self.buckets = buckets or (ShapeBuckets.coarse() if self.platform == "gpu" else ShapeBuckets.fine())
         self.programs_built = 0
         self.preemptions = 0
@@ -217,6 +227,49 @@ class GroupRunner:
         self.store.remove_model(name)
         self.kv.unregister_model(name)
         del self.geoms[name]
+
+    # -- compiled programs --
+    def _lookup(self, spec: StepSpec) -> Callable | None:
+        """The compiled program of `spec` (a finished background compile included), marked most
+        recently used; None if there is none yet."""
+        fut = self._background.get(spec)
+        if fut is not None and fut.done():
+            del self._background[spec]
+            if fut.exception() is None:
+                self._insert(spec, fut.result())
+                self.programs_built += 1
+        prog = self._programs.pop(spec, None)
+        if prog is not None:
+            self._programs[spec] = prog
+        return prog
+
+    def _insert(self, spec: StepSpec, prog: Callable) -> None:
+        while len(self._programs) >= self.max_programs:  # least recently used goes
+            self._programs.pop(next(iter(self._programs)))
+        self._programs[spec] = prog
+
+    def _compile(self, spec: StepSpec) -> Callable:
+        """Builds `spec`'s program on this thread (it compiles on its first call)."""
+        prog = build_step(spec, self.store, self.platform)
+        self.programs_built += 1
+        self._compiled_last_call = True
+        self._insert(spec, prog)
+        return prog
+
+    def _compile_aot(self, spec: StepSpec) -> Any:
+        arena = jax.ShapeDtypeStruct(self.store.arena.shape, self.store.arena.dtype,
+                                     sharding=self.store.sharding)
+        return build_step(spec, self.store, self.platform).lower(
+            arena, input_shapes(spec, self.store)).compile()
+
+    def _compile_in_background(self, spec: StepSpec) -> None:
+        if spec in self._background:
+            return
+        if self._executor is None:
+            import concurrent.futures
+
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="step-compile")
+        self._background[spec] = self._executor.submit(self._compile_aot, spec)
 
     # -- ahead-of-time compilation --
     def lane_keys(self) -> list[tuple[Any, list[str]]]:
@@ -273,14 +326,10 @@ class GroupRunner:
 
         specs = [sp for sp in specs if sp not in self._programs]
         self.max_programs = max(self.max_programs, len(self._programs) + len(specs))
-        arena = jax.ShapeDtypeStruct(self.store.arena.shape, self.store.arena.dtype,
-                                     sharding=self.store.sharding)
 
         def one(sp: StepSpec) -> tuple[StepSpec, Any, float]:
             t0 = time.perf_counter()
-            prog = build_step(sp, self.store, self.platform)
-            compiled = prog.lower(arena, input_shapes(sp, self.store)).compile()
-            return sp, compiled, time.perf_counter() - t0
+            return sp, self._compile_aot(sp), time.perf_counter() - t0
 
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
@@ -589,18 +638,25 @@ class GroupRunner:
             placements.append(place)
         steps = (self.steps_per_call if self.buckets.fixed_steps else _pow2(k_steps)) if decode else 1
         spec = StepSpec(tuple(lanes), decode, steps, self.backend)
-        prog = self._programs.pop(spec, None)
-        self._compiled_last_call = prog is None
-        if prog is None:
-            prog = build_step(spec, store, self.platform)
-            self.programs_built += 1
-            while len(self._programs) >= self.max_programs:  # least recently used goes
-                self._programs.pop(next(iter(self._programs)))
-        self._programs[spec] = prog  # most recently used last
         sharding = store.sharding
         dev_inputs = tuple({key: jax.device_put(v.reshape(-1, *v.shape[2:]), sharding)
                             for key, v in arr.items()} for arr in host_inputs)
-        store.arena, outs = prog(store.arena, dev_inputs)
+        prog = self._lookup(spec)
+        self._compiled_last_call = False
+        if prog is None and len(lanes) > 1 and self.mixed_lanes == "split":
+            # a new mix of lanes: run them one by one with one-lane programs (shared by every mix
+            # they occur in; the lanes of a step are independent) while the merged program
+            # compiles in the background, instead of stalling every request on its compile
+            self._compile_in_background(spec)
+            outs = []
+            for lane, inp in zip(lanes, dev_inputs, strict=True):
+                one = StepSpec((lane,), decode, steps, self.backend)
+                p1 = self._lookup(one) or self._compile(one)
+                store.arena, o = p1(store.arena, (inp,))
+                outs.append(o[0])
+        else:
+            prog = prog or self._compile(spec)
+            store.arena, outs = prog(store.arena, dev_inputs)
         for lane, place, out in zip(lanes, placements, outs, strict=True):
             got = np.asarray(out).reshape(out.shape[0], n, lane.slots)
             for rid, d, bi, count, samples in place:

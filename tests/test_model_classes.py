@@ -164,3 +164,30 @@ def test_precompiled_programs_serve_a_run_without_compiling(refs) -> None:
     _check(refs, reqs, log)
     assert runner.programs_built == built  # every shape of the run was precompiled
     assert runner.kv.pool_stats().pages_used == 0
+
+
+def test_split_lanes_until_the_merged_program_compiles(refs) -> None:
+    """mixed_lanes="split" (the GPU default): a step mixing model classes whose merged program is
+    not compiled yet runs its lanes one by one with one-lane programs while the merged program
+    compiles in a background thread; outputs equal the reference either way, and the merged
+    program is used once it is ready."""
+    models = {m: MODELS[m] for m in ("q3-a", "q2-a", "mix")}
+    runner = build_runner(models, split="1+1", kv_pages=24, prefill_chunk=16, mixed_lanes="split")
+    started: list = []
+    start = runner._compile_in_background
+
+    def record(spec):
+        started.append(spec)
+        start(spec)
+
+    runner._compile_in_background = record
+    reqs = _requests("-split", list(models))
+    log = drive(runner, reqs)
+    _check(refs, reqs, log)
+    assert started and all(len(sp.lanes) > 1 for sp in started)  # merged compiles were started
+    for sp in set(started):
+        fut = runner._background.get(sp)
+        if fut is not None:
+            fut.result()
+        assert runner._lookup(sp) is not None  # and land as programs
+    assert runner.kv.pool_stats().pages_used == 0

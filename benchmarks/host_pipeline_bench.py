@@ -51,8 +51,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.kernels import copy_bandwidth  # noqa: E402
-from benchmarks.step import MODELS, roofline_bytes  # noqa: E402
-from crosspool_jax.config import ModelConfig, from_hf_config  # noqa: E402
+from benchmarks.step import MODELS, olmoe_config, roofline_bytes  # noqa: E402
+from crosspool_jax.config import ModelConfig  # noqa: E402
 from crosspool_jax.host_pipeline import (  # noqa: E402
     HostPipeline,
     PipelineConfig,
@@ -66,13 +66,9 @@ from crosspool_jax.topology import EXPERT_AXIS, KV_AXIS  # noqa: E402
 
 def tiny_config() -> ModelConfig:
     """OLMoE-shaped, small enough for a CPU smoke run (4 layers, D 128, 16 experts top-4)."""
-    return from_hf_config({
-        "model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "vocab_size": 512,
-        "hidden_size": 128, "intermediate_size": 64, "num_hidden_layers": 4,
-        "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "num_experts": 16, "num_experts_per_tok": 4,
-        "norm_topk_prob": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    })
+    return olmoe_config(vocab_size=512, hidden_size=128, intermediate_size=64, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=8, num_experts=16,
+                        num_experts_per_tok=4)
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:

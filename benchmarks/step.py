@@ -40,14 +40,16 @@ from crosspool_jax.topology import PoolTopology, Role
 from pallas_kernels.page_layout import PoolLayout
 
 
-def olmoe_config() -> ModelConfig:
-    """OLMoE-1B-7B shapes: 16 layers, D 2048, 16 heads x 128, 64 experts top-8, I 1024."""
+def olmoe_config(**hf_overrides: Any) -> ModelConfig:
+    """OLMoE-1B-7B shapes: 16 layers, D 2048, 16 heads x 128, 64 experts top-8, I 1024
+    (`hf_overrides`: config.json keys to change, e.g. a smaller OLMoE for CPU runs)."""
     return from_hf_config({
         "model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "vocab_size": 50304,
         "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
         "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "num_experts": 64, "num_experts_per_tok": 8,
         "norm_topk_prob": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        **hf_overrides,
     })
 
 

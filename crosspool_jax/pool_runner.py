@@ -272,19 +272,19 @@ class GroupRunner:
         self._background[spec] = self._executor.submit(self._compile_aot, spec)
 
     # -- ahead-of-time compilation --
+    def _lane_key(self, model: str) -> tuple[Any, str | None]:
+        """The lane a model's slots go to: its class (GQA: shared by the class's models), or
+        (class, model) for MLA (one model per lane)."""
+        cls = self.store.models[model].cls
+        return cls, (model if cls.config.attention == AttentionKind.MLA else None)
+
     def lane_keys(self) -> list[tuple[Any, list[str]]]:
-        """(model class, the models one lane of it holds) per lane the runner can build: one per
-        GQA class (its placed models under `ShapeBuckets(groups="placed")`, else every placed
-        model of the class), one per MLA model."""
-        by_cls: dict[Any, list[str]] = {}
-        out = []
+        """(model class, the placed models one lane of it holds) per lane the runner can build:
+        one per GQA class, one per MLA model."""
+        lanes: dict[tuple[Any, str | None], list[str]] = {}
         for name in sorted(self.store.models):
-            cls = self.store.models[name].cls
-            if cls.config.attention == AttentionKind.MLA:
-                out.append((cls, [name]))
-            else:
-                by_cls.setdefault(cls, []).append(name)
-        return [(cls, names) for cls, names in by_cls.items()] + out
+            lanes.setdefault(self._lane_key(name), []).append(name)
+        return [(key[0], names) for key, names in lanes.items()]
 
     def bucket_specs(self, max_context: int, max_slots: int) -> list[StepSpec]:
         """Every one-lane program shape (decode and prefill) of the bucket grid up to `max_context`
@@ -319,9 +319,10 @@ class GroupRunner:
         return specs
 
     def precompile(self, specs: Sequence[StepSpec], threads: int = 4,
-                   log: Callable[[str], None] | None = None) -> float:
-        """Compiles `specs` ahead of time, `threads` at once (XLA compiles outside the GIL), and
-        keeps them as this runner's programs; returns the wall seconds. Call while idle."""
+                   log: Callable[[str], None] | None = None) -> int:
+        """Compiles the `specs` it does not hold yet ahead of time, `threads` at once (XLA compiles
+        outside the GIL), and keeps them as this runner's programs; returns how many it compiled.
+        Call while idle."""
         import concurrent.futures
 
         specs = [sp for sp in specs if sp not in self._programs]
@@ -331,7 +332,6 @@ class GroupRunner:
             t0 = time.perf_counter()
             return sp, self._compile_aot(sp), time.perf_counter() - t0
 
-        t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
             for i, (sp, compiled, dt) in enumerate(pool.map(one, specs)):
                 self._programs[sp] = compiled
@@ -341,7 +341,7 @@ class GroupRunner:
                     log(f"precompiled {i + 1}/{len(specs)}: {'decode' if sp.decode else 'prefill'} "
                         f"{lane.cls.config.family.value} G={lane.groups} slots={lane.slots} "
                         f"tokens={lane.tokens} pages={lane.max_pages} ({dt:.1f} s)")
-        return time.perf_counter() - t0
+        return len(specs)
 
     def set_limits(self, limits: dict[str, ModelLimits]) -> None:
         """Per-model page floors/caps (the `static` mode's fixed reservations)."""
@@ -515,15 +515,14 @@ class GroupRunner:
         # one lane per model class (MLA: per model): its models are groups of one program
         by_class: dict[Any, tuple[list[str], list]] = {}
         for model, rows in sorted(by_model.items()):
-            cls = store.models[model].cls
-            key = (cls, model) if cls.config.attention == AttentionKind.MLA else (cls, None)
-            names, all_rows = by_class.setdefault(key, ([], []))
+            names, all_rows = by_class.setdefault(self._lane_key(model), ([], []))
             names.append(model)
             all_rows.extend(rows)
+        placed = ({self._lane_key(names[0]): names for _, names in self.lane_keys()}
+                  if self.buckets.groups == "placed" else {})
         groups = []
         for (cls, one), (names, rows) in by_class.items():
-            if self.buckets.groups == "placed" and one is None:
-                names = sorted(m for m, ma in store.models.items() if ma.cls == cls)
+            names = placed.get((cls, one), names)
             mb = self.micro_batches
             if decode and mb > 1 and len(rows) >= mb and not any(r[4] for r in rows):
                 groups += [(cls, names, rows[i::mb]) for i in range(mb)]  # ping-pong lanes

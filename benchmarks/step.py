@@ -1,5 +1,7 @@
-"""Decode-step benchmark of the one-program pooled step (issue 5): crosspool (KV pool + weights pool
-on two GPUs) vs the same model colocated on one GPU, against the roofline of ../shared/DESIGN.md.
+"""Decode-step benchmark of the pooled step (issue 5): crosspool (KV pool + weights pool on two GPUs)
+as the lowered one-program step and as the engine's host-scheduled step (`crosspool_jax/host_step.py`;
+group sizes > 1 of the standalone pipeline: `benchmarks/host_pipeline_bench.py`) vs the same model
+colocated on one GPU, against the roofline of ../shared/DESIGN.md.
 
     PYTHONPATH=. python -m benchmarks.step [--model olmoe] [--batch 32] [--context 2048]
         [--steps-per-call 4] [--iters 10] [--json OUT]
@@ -34,6 +36,7 @@ import numpy as np
 from benchmarks.kernels import copy_bandwidth
 from crosspool_jax.arena import ArenaStore, model_rows
 from crosspool_jax.config import ModelConfig, from_hf_config
+from crosspool_jax.host_step import HostScheduledStep
 from crosspool_jax.params import weight_specs
 from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry, one_model_group_inputs
 from crosspool_jax.topology import PoolTopology, Role
@@ -163,7 +166,10 @@ def decode_inputs(store: ArenaStore, cfg: ModelConfig, tpp: int, batch: int, con
 
 
 def time_variant(store: ArenaStore, cfg: ModelConfig, platform: str, batch: int, context: int,
-                 k: int, iters: int, micro_batches: int, matmul_backend: str | None) -> dict[str, Any]:
+                 k: int, iters: int, micro_batches: int, matmul_backend: str | None,
+                 strategy: str = "lowered") -> dict[str, Any]:
+    """ms per decode step of one variant; strategy "lowered" (`build_step`) or "host" (the
+    engine's host-scheduled step, `HostScheduledStep`, same spec and inputs)."""
     geom = model_geometry(cfg, store.layout, platform)
     rng = np.random.default_rng(0)
     arr = decode_inputs(store, cfg, geom.tokens_per_page, batch, context, k, rng)
@@ -183,8 +189,11 @@ def time_variant(store: ArenaStore, cfg: ModelConfig, platform: str, batch: int,
         lanes.append(LaneShape(store.models["m"].cls, 1, b, b, P))
         inputs.append({key: jax.device_put(v.reshape(-1, *v.shape[2:]), store.sharding)
                        for key, v in p.items()})
-    spec = StepSpec(tuple(lanes), True, k, None, matmul_backend=matmul_backend)
-    prog = build_step(spec, store, platform)
+    cpu = platform == "cpu"  # a smoke run: plain-XLA attention and matmuls (no GPU kernels)
+    spec = StepSpec(tuple(lanes), True, k, "reference" if cpu else None,
+                    matmul_backend="reference" if cpu else matmul_backend)
+    prog = (build_step(spec, store, platform) if strategy == "lowered"
+            else HostScheduledStep(spec, store, platform))
     t0 = time.perf_counter()
     store.arena, out = prog(store.arena, tuple(inputs))
     jax.block_until_ready(out)
@@ -199,8 +208,9 @@ def time_variant(store: ArenaStore, cfg: ModelConfig, platform: str, batch: int,
         jax.block_until_ready(out)
         ts.append(time.perf_counter() - t0)
     toks = np.asarray(out[0])
+    calls = 1.0 / k if strategy == "lowered" else prog.calls_per_step
     return {"ms_per_step": float(np.median(ts)) / k * 1e3, "compile_s": compile_s,
-            "host_calls_per_token": 1.0 / k, "valid_tokens": int((toks >= 0).sum()),
+            "host_calls_per_token": calls, "valid_tokens": int((toks >= 0).sum()),
             "kv_bytes_per_token_layer": geom.bytes_per_token_used}
 
 
@@ -217,6 +227,8 @@ def check_correctness(devs: list[jax.Device]) -> dict[str, Any]:
     out = {}
     for label, runner in (
         ("crosspool 1+1", GroupRunner(PoolTopology.split("1+1", devs), layout, 1024, platform="gpu")),
+        ("crosspool 1+1 host-scheduled", GroupRunner(PoolTopology.split("1+1", devs), layout, 1024,
+                                                     platform="gpu", execution="host")),
         ("colocated", GroupRunner(None, layout, 1024, colocated=devs[0], platform="gpu")),
     ):
         ok = True
@@ -269,13 +281,15 @@ def main() -> None:
     res["roofline_ms"] = roof_ms
     rows = []
     k = args.steps_per_call
-    variants = [
-        ("crosspool 1+1", "pool", 1, "gpu", k),
-        ("crosspool 1+1 ping-pong", "pool", 2, "gpu", k),
-        ("crosspool 1+1 K=1", "pool", 1, "gpu", 1),
-        ("crosspool 1+1 XLA matmul", "pool", 1, "reference", k),
-        ("colocated 1 GPU", "coloc", 1, "gpu", k),
-        ("colocated 1 GPU XLA matmul", "coloc", 1, "reference", k),
+    variants = [  # label, devices, micro-batches, matmul backend, K, strategy
+        ("crosspool 1+1", "pool", 1, "gpu", k, "lowered"),
+        ("crosspool 1+1 ping-pong", "pool", 2, "gpu", k, "lowered"),
+        ("crosspool 1+1 K=1", "pool", 1, "gpu", 1, "lowered"),
+        ("crosspool 1+1 XLA matmul", "pool", 1, "reference", k, "lowered"),
+        ("crosspool 1+1 host-scheduled", "pool", 1, "gpu", k, "host"),
+        ("crosspool 1+1 host-scheduled ping-pong", "pool", 2, "gpu", k, "host"),
+        ("colocated 1 GPU", "coloc", 1, "gpu", k, "lowered"),
+        ("colocated 1 GPU XLA matmul", "coloc", 1, "reference", k, "lowered"),
     ]
     if args.variants:
         keep = [v.strip() for v in args.variants.split(",")]
@@ -283,13 +297,14 @@ def main() -> None:
     if len(devs) < 2:
         variants = [v for v in variants if v[1] == "coloc"]
     stores: dict[str, ArenaStore] = {}
-    for label, kind, mb, mm, kk in variants:
+    for label, kind, mb, mm, kk, strategy in variants:
         if kind not in stores:
             stores.clear()
             topo = PoolTopology.split("1+1", devs) if kind == "pool" else None
             stores[kind], _ = build_store(cfg, topo, devs[0] if kind == "coloc" else None, layout, kv_pages)
         try:
-            r = time_variant(stores[kind], cfg, platform, args.batch, args.context, kk, args.iters, mb, mm)
+            r = time_variant(stores[kind], cfg, platform, args.batch, args.context, kk, args.iters, mb, mm,
+                             strategy)
         except Exception as e:  # report and go on: one failing variant must not hide the others
             r = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
         r["label"] = label
@@ -300,12 +315,12 @@ def main() -> None:
                  math.nan)  # nan when the colocated variant was not run
     print(f"\n{res['device']} x{len(devs)}; {args.model} batch {args.batch} x {args.context} ctx; "
           f"copy BW {bw / 1e9:.0f} GB/s; roofline {roof_ms:.3f} ms/step ({roof['total'] / 1e9:.2f} GB)")
-    print(f"{'variant':32s} {'ms/step':>9s} {'/coloc':>7s} {'/roof':>7s} {'calls/tok':>9s}")
+    print(f"{'variant':40s} {'ms/step':>9s} {'/coloc':>7s} {'/roof':>7s} {'calls/tok':>9s}")
     for r in rows:
         if "ms_per_step" not in r:
-            print(f"{r['label']:32s} ERROR {r['error'][:80]}")
+            print(f"{r['label']:40s} ERROR {r['error'][:80]}")
             continue
-        print(f"{r['label']:32s} {r['ms_per_step']:9.3f} {r['ms_per_step'] / coloc:7.2f} "
+        print(f"{r['label']:40s} {r['ms_per_step']:9.3f} {r['ms_per_step'] / coloc:7.2f} "
               f"{r['ms_per_step'] / roof_ms:7.2f} {r['host_calls_per_token']:9.2f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -300,11 +300,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--attention-backend", default=None, metavar="B",
                    help="gpu, tpu, interpret, tpu_interpret or reference (default: the platform's; "
                    "reference on CPU)")
+    g.add_argument("--execution", default=None, choices=("lowered", "host", "auto"),
+                   help="crosspool step strategy: lowered (one program over both pools; default), host "
+                   "(host-scheduled per-layer calls on each pool's mesh) or auto (per step shape, "
+                   "the faster of the two, measured)")
     p.set_defaults(func=cmd_serve)
 
 
 ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call", "prefill_chunk",
-                "max_prefill_tokens", "micro_batches", "dtype", "attention_backend")
+                "max_prefill_tokens", "micro_batches", "dtype", "attention_backend", "execution")
 
 
 def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettings

@@ -50,6 +50,7 @@ from crosspool_jax.engine_api import (
     _Live,
 )
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
+from crosspool_jax.host_step import EXECUTIONS
 from crosspool_jax.params import ModelWeights, tree_bytes
 from crosspool_jax.planner import ModelLimits, RequestRejected
 from crosspool_jax.pool_runner import GroupRunner
@@ -72,6 +73,11 @@ class EngineConfig:
     steps_per_call: decode tokens per host call (K). prefill_chunk: most prompt tokens of one
       request per program call. dtype: the arena's (weights and KV) dtype, default the platform's
       ("float32" on CPU, "bfloat16" elsewhere). micro_batches: 2 = ping-pong decode lanes.
+    execution (crosspool mode): "lowered" = each step is one XLA program over both pools (default;
+      measured faster on 2 x H200, docs/benchmarks.md), "host" = the host-scheduled step (per-layer
+      calls on each pool's own mesh, device-to-device transfers between them), "auto" = each step
+      shape runs both for its first calls and keeps the faster (`host_step.MeasuredChoice`).
+      shared / static run one device per group: always "lowered"; "host" there is an error.
     """
 
     arena_bytes: int | None = None
@@ -83,6 +89,7 @@ class EngineConfig:
     dtype: str | None = None
     attention_backend: str | None = None
     micro_batches: int = 1
+    execution: str = "lowered"
 
 
 @dataclasses.dataclass
@@ -103,6 +110,11 @@ class PooledEngine(ReferenceEngine):
             raise InvalidRequestError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         cfg = config or EngineConfig()
+        if cfg.execution not in EXECUTIONS:
+            raise InvalidRequestError(f"execution must be one of {EXECUTIONS}, got {cfg.execution!r}")
+        if cfg.execution == "host" and mode != "crosspool":
+            raise InvalidRequestError(f"execution 'host' schedules layers between the two pools of "
+                                      f"mode crosspool; mode {mode} has one device per group")
         devs = list(devices or jax.devices())
         platform = "gpu" if devs[0].platform in ("gpu", "cuda") else "cpu"
         gpu = platform == "gpu"
@@ -131,7 +143,8 @@ class PooledEngine(ReferenceEngine):
                         "mode crosspool needs at least 2 devices (a KV and a weights pool)")
                 pools = f"{len(devs) // 2}+{len(devs) - len(devs) // 2}"
             self.pools = pools
-            self.groups.append(GroupRunner(PoolTopology.split(pools, devs), layout, wpages, **kw))
+            self.groups.append(GroupRunner(PoolTopology.split(pools, devs), layout, wpages,
+                                           execution=cfg.execution, **kw))
         else:
             n = len(devs) if pools is None else int(pools)
             if not 1 <= n <= len(devs):
@@ -303,8 +316,19 @@ class PooledEngine(ReferenceEngine):
         g = self.groups[0]
         topo = g.store.topology
         where = topo.describe() if topo is not None else f"{len(self.groups)} colocated devices"
-        return (f"mode {self.mode}: {where}, one-program step, "
+        return (f"mode {self.mode}: {where}, {self.execution()}, "
                 f"K={self.config.steps_per_call} tokens per host call")
+
+    def execution(self) -> str:
+        """Which execution strategy runs the steps, in words (auto: per held step program)."""
+        g = self.groups[0]
+        if g.execution == "lowered":
+            return "one-program step (lowered)"
+        if g.execution == "host":
+            return "host-scheduled step (per-layer calls on each pool's mesh)"
+        n = g.execution_summary()
+        return (f"auto step strategy ({n['lowered']} shapes lowered, {n['host']} host-scheduled, "
+                f"{n['measuring']} measuring)")
 
     # ---- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:  # replaces ReferenceEngine's per-request loop

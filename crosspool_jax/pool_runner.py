@@ -30,6 +30,7 @@ import numpy as np
 
 from crosspool_jax.arena import ArenaStore
 from crosspool_jax.config import AttentionKind, ModelConfig
+from crosspool_jax.host_step import EXECUTIONS, HostScheduledStep, MeasuredChoice, StrategyTrial, trial_key
 from crosspool_jax.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
 from crosspool_jax.params import ModelWeights
 from crosspool_jax.planner import (
@@ -143,6 +144,11 @@ class GroupRunner:
     yet: "merged" compiles it on the spot (every request waits); "split" runs the lanes one by one
     with one-lane programs while the merged program compiles in a background thread (default: split
     on GPU, merged elsewhere).
+    execution: how a step program runs on a crosspool topology: "lowered" (one XLA program over
+    both pools, `pooled_step.build_step`), "host" (host-scheduled per-layer calls on each pool's
+    mesh with device-to-device transfers, `host_step.HostScheduledStep`), or "auto" (each program
+    structure runs both for its first calls, timed, then keeps the faster: `MeasuredChoice`).
+    Colocated stores always run "lowered" (there is one device: nothing to schedule between).
     """
 
     def __init__(
@@ -164,8 +170,13 @@ class GroupRunner:
         max_programs: int = 64,
         buckets: ShapeBuckets | None = None,
         mixed_lanes: str | None = None,
+        execution: str = "lowered",
     ):
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         self.store = ArenaStore(topology, layout, attn_pages, colocated=colocated)
+        self.execution = "lowered" if self.store.colocated else execution
+        self._trials: dict[tuple[Any, ...], StrategyTrial] = {}  # auto: verdict per lane structure
         self.platform = platform or ("gpu" if jax.default_backend() in ("gpu", "cuda") else "cpu")
         self.backend = backend
         self.steps_per_call = steps_per_call
@@ -248,19 +259,46 @@ class GroupRunner:
             self._programs.pop(next(iter(self._programs)))
         self._programs[spec] = prog
 
+    def _strategy(self, spec: StepSpec, lowered: Callable) -> Callable:
+        """`spec`'s step under this runner's execution strategy, given its lowered program."""
+        if self.execution == "lowered":
+            return lowered
+        if self.execution == "host":
+            return HostScheduledStep(spec, self.store, self.platform)
+        trial = self._trials.setdefault(trial_key(spec), StrategyTrial())
+        if trial.choice == "lowered":
+            return lowered
+        host = HostScheduledStep(spec, self.store, self.platform)
+        return host if trial.choice == "host" else MeasuredChoice(lowered, host, trial)
+
     def _compile(self, spec: StepSpec) -> Callable:
         """Builds `spec`'s program on this thread (it compiles on its first call)."""
-        prog = build_step(spec, self.store, self.platform)
+        prog = self._strategy(spec, build_step(spec, self.store, self.platform))
         self.programs_built += 1
         self._compiled_last_call = True
         self._insert(spec, prog)
         return prog
 
     def _compile_aot(self, spec: StepSpec) -> Any:
+        """`spec`'s program compiled ahead of time (the host-scheduled strategy's small per-layer
+        programs still compile on their first call)."""
+        if self.execution == "host":
+            return HostScheduledStep(spec, self.store, self.platform)
         arena = jax.ShapeDtypeStruct(self.store.arena.shape, self.store.arena.dtype,
                                      sharding=self.store.sharding)
-        return build_step(spec, self.store, self.platform).lower(
-            arena, input_shapes(spec, self.store)).compile()
+        return self._strategy(spec, build_step(spec, self.store, self.platform).lower(
+            arena, input_shapes(spec, self.store)).compile())
+
+    def execution_summary(self) -> dict[str, int]:
+        """Held step programs by the strategy they run: {"lowered": n, "host": n, "measuring": n}
+        ("measuring": `auto` programs still timing both)."""
+        out = {"lowered": 0, "host": 0, "measuring": 0}
+        for prog in self._programs.values():
+            if isinstance(prog, MeasuredChoice):
+                out[prog.choice or "measuring"] += 1
+            else:
+                out["host" if isinstance(prog, HostScheduledStep) else "lowered"] += 1
+        return out
 
     def _compile_in_background(self, spec: StepSpec) -> None:
         if spec in self._background:

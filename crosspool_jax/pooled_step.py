@@ -211,7 +211,7 @@ def _norm_rows(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 @dataclasses.dataclass
-class _LaneState:
+class LaneState:
     """Per-lane values carried through the layers of one step (device shard shapes)."""
 
     x: jax.Array  # [T, D] residual stream
@@ -262,7 +262,7 @@ def _combine_split(o: jax.Array, lse: jax.Array, ox: jax.Array, lsex: jax.Array,
     return jnp.where(den_o[..., None] > 0, num_o / jnp.where(den_o > 0, den_o, 1.0)[..., None], 0.0)
 
 
-class _Lane:
+class Lane:
     """One lane's computation inside the program (closes over static shapes)."""
 
     def __init__(self, shape: LaneShape, geom: PageGeometry, spec: StepSpec, num_devices: int,
@@ -285,7 +285,8 @@ class _Lane:
     # layer: every read of the arena's previous version then feeds (through the hidden states) into
     # that write, so XLA can update the arena in place. A read no later write depends on (e.g. one
     # lane's attention while another lane appends) makes XLA copy the whole arena instead.
-    def attention_pre(self, rd: _Reader, st: _LaneState, layer: int, is_kv: jax.Array) -> dict:
+    def attention_pre(self, rd: _Reader, st: LaneState, layer: int | jax.Array, is_kv: jax.Array
+                      ) -> dict:
         """Input norm, projections, norms, rotary: the new K/V (or MLA latent) and the queries."""
         cfg, sh, inp = self.cfg, self.shape, st.inp
         t = sh.tokens
@@ -347,14 +348,16 @@ class _Lane:
             return kv_append(arena, ctx["slots"], ctx["k"], ctx["v"], self.geom, backend=be)
         return mla_kv_append(arena, ctx["slots"], ctx["latent"], ctx["k_rope"], self.geom, backend=be)
 
-    def attention_post(self, rd: _Reader, arena: jax.Array, st: _LaneState, layer: int,
-                       dev: jax.Array, is_kv: jax.Array, ctx: dict) -> jax.Array:
+    def attention_post(self, rd: _Reader, arena: jax.Array, st: LaneState, layer: int | jax.Array,
+                       dev: jax.Array, is_kv: jax.Array, ctx: dict, window: int | None) -> jax.Array:
         """Paged attention (+ split-KV combine), output projection, residual; returns the FFN input
-        (post-attention-normed hidden states [T, D]). Reads `arena` after the layer's KV writes."""
+        (post-attention-normed hidden states [T, D]). Reads `arena` after the layer's KV writes.
+        `layer` may be traced (the host-scheduled step's programs serve every layer); `window` is
+        the layer's sliding window (static; None: full attention)."""
         cfg, t, dt, sizes = self.cfg, self.shape.tokens, ctx["dt"], ctx["sizes"]
         grp = st.inp["tok_grp"]
         self.state_inp = st.inp
-        kw = dict(backend=self.spec.backend, window=cfg.sliding_windows[layer] or None)
+        kw = dict(backend=self.spec.backend, window=window)
         split = self.shape.extras > 0
         tail_pages = ctx["tail_pages"]
         if cfg.attention == AttentionKind.GQA:
@@ -381,7 +384,7 @@ class _Lane:
         st.x = x
         return _norm_rows(x, rd.per_row("attn/layers/post_attn_norm", layer, grp), cfg.rms_norm_eps)
 
-    def _attend(self, arena, q, q_rope, st: _LaneState, tail_pages, kw, split: bool):
+    def _attend(self, arena, q, q_rope, st: LaneState, tail_pages, kw, split: bool):
         """Tail-segment attention of this device's rows: (o [T, H, W], lse [T, H] or None)."""
         cfg, inp = self.cfg, st.inp
         sched = self.spec.attention_schedule
@@ -425,15 +428,15 @@ class _Lane:
         return _combine_split(o, lse, ox, lsex, x_rows, dev, self.n * sh.tokens)
 
     # -- F-side --
-    def ffn(self, rd: _Reader, f_rows: jax.Array, f_grp: jax.Array, f_ok: jax.Array, layer: int,
-            dev: jax.Array, is_w: jax.Array) -> jax.Array:
+    def ffn(self, rd: _Reader, f_rows: jax.Array, f_grp: jax.Array, f_ok: jax.Array, kind: FFNKind,
+            idx: int | jax.Array, dev: jax.Array, is_w: jax.Array) -> jax.Array:
         """This device's partial FFN output [M, D] f32 for the KV devices' rows f_rows [M, D] of
-        models f_grp [M] (f_ok [M]: a real token; other rows come back 0)."""
+        models f_grp [M] (f_ok [M]: a real token; other rows come back 0). kind / idx: the layer's
+        FFN kind (static) and its index into that kind's stacked tensors (may be traced)."""
         cfg, g = self.cfg, self.g
         m_rows = f_rows.shape[0]
-        idx = cfg.ffn_stack_index[layer]
         dt = f_rows.dtype
-        if cfg.ffn_kinds[layer] == FFNKind.DENSE:
+        if kind == FFNKind.DENSE:
             return self._tensor_parallel(rd, f_rows, f_grp, f_ok, "ffn/dense/w_gate_up",
                                          "ffn/dense/w_down", idx, is_w, self.cls.dense_local)
         # each row routed by its own model's router: one grouped matmul over the models (f32,
@@ -509,7 +512,7 @@ class _Lane:
 # ---- the program ---------------------------------------------------------------------------------------
 
 
-def _lane_specs(lane: LaneShape, decode: bool) -> dict[str, P]:
+def lane_specs(lane: LaneShape, decode: bool) -> dict[str, P]:
     keys = ["tokens", "positions", "tok_slot", "tail_pages", "tail_start", "tail_len", "sample_row",
             "temperature", "top_k", "top_p", "seed", "remaining", "stop_ids", "a_base", "f_base",
             "grp_rows", "grp_slots", "tok_grp", "slot_grp"]
@@ -529,7 +532,7 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
     """
     n, n_kv = store.num_devices, store.num_kv
     w_base = store.weights_index_base
-    lanes = [_Lane(sh, model_geometry(sh.cls.config, store.layout, platform), spec, n, n_kv, w_base)
+    lanes = [Lane(sh, model_geometry(sh.cls.config, store.layout, platform), spec, n, n_kv, w_base)
              for sh in spec.lanes]
     ksteps = spec.steps if spec.decode else 1
     # the Pallas arena matmul on GPU (measured faster, docs/benchmarks.md); elsewhere XLA's
@@ -545,7 +548,7 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
 
         def one_step(arena, carry):
             toks, poss, lens, rems, dones = carry
-            states: list[_LaneState] = []
+            states: list[LaneState] = []
             for ln, inp, tok, pos, ln_len, done in zip(lanes, inputs, toks, poss, lens, dones,
                                                        strict=True):
                 rd = ln.reader(arena, inp, mm_backend)
@@ -556,7 +559,7 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                     row_ok = is_kv & (inp["tok_slot"] >= 0)
                     tail_len = jnp.where(is_kv, ln_len, 0)
                 x = rd.embed(jnp.where(row_ok, tok, 0), inp["tok_grp"])
-                states.append(_LaneState(x, pos, row_ok, tail_len, inp))
+                states.append(LaneState(x, pos, row_ok, tail_len, inp))
             # Per layer: every lane's projections (reads of the arena's current version), then
             # every lane's KV write at one point (in place: all earlier reads feed it), then each
             # lane's attention + output projection, emitted next to the FFN of the lane before it
@@ -572,8 +575,8 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
 
             def run_ffn(i: int, layer: int, f_rows: jax.Array) -> None:
                 ln, st = lanes[i], states[i]
-                part = ln.ffn(ln.reader(arena, st.inp, mm_backend), f_rows, *f_meta[i], layer, dev,
-                              is_w)
+                part = ln.ffn(ln.reader(arena, st.inp, mm_backend), f_rows, *f_meta[i],
+                              ln.cfg.ffn_kinds[layer], ln.cfg.ffn_stack_index[layer], dev, is_w)
                 total = lax.psum(jnp.where(is_w, part, 0.0), POOL_AXIS)
                 t = ln.shape.tokens
                 mine = lax.dynamic_slice_in_dim(total, jnp.minimum(dev, n_kv - 1) * t, t, axis=0)
@@ -600,7 +603,7 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                 for i in live:
                     ln, st = lanes[i], states[i]
                     f_in = ln.attention_post(ln.reader(arena, st.inp, mm_backend), arena, st, layer,
-                                             dev, is_kv, ctxs[i])
+                                             dev, is_kv, ctxs[i], ln.cfg.sliding_windows[layer] or None)
                     f_rows = lax.all_gather(jnp.where(st.row_ok[:, None], f_in, 0), POOL_AXIS,
                                             tiled=True)[: n_kv * ln.shape.tokens]
                     pending.append((i, layer, f_rows))
@@ -652,7 +655,7 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                                      length=ksteps)
         return arena, outs
 
-    in_specs = (P(POOL_AXIS), tuple(_lane_specs(sh, spec.decode) for sh in spec.lanes))
+    in_specs = (P(POOL_AXIS), tuple(lane_specs(sh, spec.decode) for sh in spec.lanes))
     out_specs = (P(POOL_AXIS), tuple(P(None, POOL_AXIS) for _ in spec.lanes))
     f = shard_map(body, store.mesh, in_specs=in_specs, out_specs=out_specs)
     # donates: the arena (KV appends write it in place)

@@ -13,6 +13,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     arena_bytes = "64MiB"       page_bytes = 16384      weights_fraction = 0.5
     steps_per_call = 4          prefill_chunk = 64      max_prefill_tokens = 512
     micro_batches = 1           dtype = "float32"       attention_backend = "reference"
+    execution = "lowered"
     [tls]
     cert = "server.pem"
     key = "server.key"
@@ -178,6 +179,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
 
 ATTENTION_BACKENDS = ("gpu", "tpu", "interpret", "tpu_interpret", "reference")  # pallas_kernels BACKENDS
 DTYPES = ("float32", "bfloat16", "float16")
+EXECUTIONS = ("lowered", "host", "auto")  # crosspool_jax.host_step.EXECUTIONS (kept import-light)
 
 
 CHECKS: dict[str, Callable[[Any], Any]] = {
@@ -204,6 +206,7 @@ ENGINE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "micro_batches": _int(1),
     "dtype": _choice(DTYPES),
     "attention_backend": _choice(ATTENTION_BACKENDS),
+    "execution": _choice(EXECUTIONS),
 }
 TABLES = ("models", "engine", "tls")
 TLS_KEYS = {"cert": "tls_cert", "key": "tls_key"}

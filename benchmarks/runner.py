@@ -19,6 +19,10 @@ compiled programs do not pile up in one process. `--precompile` (default on GPU)
 one-lane step program of the shape grid before a mode serves (`PooledEngine.precompile`, in
 threads, unmeasured). `--warmup N` replays the trace N times, unmeasured,
 on the same engine first (the cold default measures a freshly started server, compiles included).
+Each finished mode is saved as `OUT/mode_<mode>.json`; `--resume` keeps the modes an earlier run
+in OUT finished with the same trace, setup and SLO (`OUT/resume.json`) and runs only the others,
+so a comparison too long for one call (a device call is limited to 10 minutes) runs one mode per
+call and the last call, with all modes and `--resume`, writes the one report and plots.
 
 Outcomes: every request ends `finished` (a final message with a finish reason), `rejected` (gRPC
 RESOURCE_EXHAUSTED: the engine's live-request limit; or ABORTED "rejected: ...": the KV planner
@@ -64,6 +68,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import hashlib
 import json
 import math
 import os
@@ -1090,13 +1095,35 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
     out_dir = args.out
     os.makedirs(out_dir, exist_ok=True)
     save_jsonl(trace, os.path.join(out_dir, "trace.jsonl"))
+    pre_on = args.precompile == "on" or (args.precompile == "auto" and plat == "gpu")
+    precompile_context = (max(r.prompt_len + r.output_len for r in trace.requests) if pre_on else None)
+    results["precompile_context"] = precompile_context
+    with open(os.path.join(out_dir, "trace.jsonl"), "rb") as f:
+        trace_sha = hashlib.sha256(f.read()).hexdigest()
+    # what an earlier run's modes must share with this one to be kept by --resume
+    resume_key = json.loads(json.dumps(
+        {"trace_sha256": trace_sha, "setup": results["setup"], "time_scale": args.time_scale,
+         "precompile_context": precompile_context, "warmup_passes": args.warmup,
+         "slo_flags": [args.slo_ttft_s, args.slo_tpot_s, args.slo_scale, args.reference_requests],
+         "device_kind": probe["device_kind"]}, default=_json_default))
+    resume_path = os.path.join(out_dir, "resume.json")
+    earlier = None
+    if getattr(args, "resume", False) and os.path.isfile(resume_path):
+        with open(resume_path, encoding="utf-8") as f:
+            earlier = json.load(f)
+        if earlier.get("key") != resume_key:
+            diff = sorted(k for k in resume_key if earlier.get("key", {}).get(k) != resume_key[k])
+            log(f"bench: --resume: the run in {out_dir} differs in {', '.join(diff)}; starting afresh")
+            earlier = None
     for m, p in plans.items():
         kvf = p.get("kv_fraction", p.get("kv_fraction_kv_device"))
         log(f"bench plan {m}: arena {arena / MIB:.2f} MiB per device, {p['weights_pages']} weights pages, "
             f"KV {kvf:.1%} of each KV-holding device, {p['kv_pages_total']} KV pages in all"
             + (f"; never-fit requests (predicted) {p['never_fit_predicted']}"
                if p["never_fit_predicted"] else ""))
-    if args.slo_ttft_s is not None or args.slo_tpot_s is not None:
+    if earlier is not None:
+        slo, rule = earlier["slo"]["per_shape"], earlier["slo"]["rule"]
+    elif args.slo_ttft_s is not None or args.slo_tpot_s is not None:
         if args.slo_ttft_s is None or args.slo_tpot_s is None:
             raise ValueError("--slo-ttft-s and --slo-tpot-s go together")
         per = {"ttft_s": args.slo_ttft_s, "tpot_s": args.slo_tpot_s}
@@ -1112,12 +1139,21 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
                 f"the trace (up to {args.reference_requests}), one at a time, each twice, the second "
                 "measured; a bucket without a finished isolated request has no SLO (its requests miss)")
     results["slo"] = {"rule": rule, "scale": args.slo_scale, "per_shape": slo}
+    if earlier is None:
+        with open(resume_path, "w", encoding="utf-8") as f:
+            json.dump({"key": resume_key, "slo": results["slo"]}, f, indent=1, default=_json_default)
     records: dict[str, list[Record]] = {}
     runs: dict[str, dict[str, Any]] = {}
-    pre_on = args.precompile == "on" or (args.precompile == "auto" and plat == "gpu")
-    precompile_context = (max(r.prompt_len + r.output_len for r in trace.requests) if pre_on else None)
-    results["precompile_context"] = precompile_context
     for mode in modes:
+        done_path = os.path.join(out_dir, f"mode_{mode}.json")
+        if earlier is not None and os.path.isfile(done_path):
+            with open(done_path, encoding="utf-8") as f:
+                done = json.load(f)
+            results["modes"][mode] = done["metrics"]
+            records[mode] = [Record(**r) for r in done["records"]]
+            runs[mode] = done["run"]
+            log(f"bench {mode}: kept from the earlier run in {out_dir} (--resume; ran {done['date']})")
+            continue
         recs = [Record(i, r.request_id, r.model, r.prompt_len, r.output_len, r.arrival_s * args.time_scale)
                 for i, r in enumerate(trace.requests)]
         log(f"bench {mode}: replaying {len(recs)} requests over {window:.0f} s")
@@ -1146,6 +1182,10 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         with open(os.path.join(out_dir, f"requests_{mode}.jsonl"), "w", encoding="utf-8") as f:
             for r in recs:
                 f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+        with open(done_path, "w", encoding="utf-8") as f:  # what --resume keeps
+            json.dump({"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                       "metrics": results["modes"][mode], "records": [dataclasses.asdict(r) for r in recs],
+                       "run": run}, f, default=_json_default)
         v = results["modes"][mode]
         log(f"bench {mode}: done in {run['t_end']:.1f} s: TTFT P99 {_fmt_ms(v['ttft_s']['p99'])} ms, "
             f"TBT P99 {_fmt_ms(v['tbt_s']['p99'])} ms, goodput {v['goodput_rps']:.3f} req/s, "
@@ -1176,6 +1216,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None, metavar="FILE.jsonl", help="replay this trace instead of "
                    "generating the preset's (the preset still picks devices and memory)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated (default: all three)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the modes that an earlier run in --out finished with the same trace, setup "
+                        "and SLO (its mode_<mode>.json) and run only the others, so a comparison split "
+                        "over several calls (e.g. one mode per call) still ends in one report")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default bench-<preset>)")
     p.add_argument("--seed", type=int, default=0, help="trace, prompt and random-weights seed (default 0)")
     p.add_argument("--time-scale", type=float, default=1.0, metavar="X",

@@ -30,10 +30,24 @@ def test_bench_cpu_tiny_short_all_modes(tmp_path: pathlib.Path) -> None:
     cmd = [sys.executable, "-m", "benchmarks.runner", "--preset", "cpu-tiny", "--max-duration-s", "3.6",
            "--time-scale", "0.25", "--reference-requests", "1", "--max-live-requests", "2",
            "--out", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    # two invocations: crosspool and shared, then --resume with all three keeps those two (same
+    # trace, setup, SLO) and runs only static: one report over modes run in separate calls
+    p = subprocess.run([*cmd, "--modes", "crosspool,shared"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "bench crosspool: replaying 3 requests" in p.stderr  # progress is shown
+    first = json.loads((out / "results.json").read_text())
+    assert set(first["modes"]) == {"crosspool", "shared"}
+    p = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-4000:]
+    for mode in ("crosspool", "shared"):
+        assert f"bench {mode}: kept from the earlier run" in p.stderr, p.stderr[-2000:]
+    assert "bench static: replaying 3 requests" in p.stderr and "bench reference" not in p.stderr
     res = json.loads((out / "results.json").read_text())
+    assert res["slo"] == first["slo"]
+    for mode in ("crosspool", "shared"):
+        kept, before = (json.dumps(r["modes"][mode], sort_keys=True) for r in (res, first))
+        assert kept == before, mode
     assert set(res["modes"]) == {"crosspool", "shared", "static"}
     assert res["slo"]["rule"] and res["slo"]["per_shape"]["demo-mixtral"]["<8K"]["ttft_s"] > 0
     assert {"arena_bytes", "devices", "crosspool_pools"} <= set(res["setup"])

@@ -1051,6 +1051,11 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         arena = setup.arena_bytes
         if arena is None:
             arena = int(((probe["bytes_limit"] or 16 << 30) - probe["bytes_in_use"]) * GPU_ARENA_SHARE)
+            kept = _earlier_arena(args, probe["device_kind"])
+            if kept is not None and kept <= arena:  # the free memory of another lease may differ
+                log(f"bench: --resume: keeping the earlier run's arena ({kept / MIB:.0f} MiB; "
+                    f"{arena / MIB:.0f} MiB free now)")
+                arena = kept
     arena -= arena % setup.page_bytes
     order = add_order(models)
     plans = {m: memory_plan(m, order, setup, arena, plat) for m in modes}
@@ -1201,6 +1206,18 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, default=_json_default)
     return results
+
+
+def _earlier_arena(args: argparse.Namespace, device_kind: str | None) -> int | None:
+    """With --resume: the arena bytes of the earlier run in --out on the same kind of device (a
+    measured arena differs by a few MiB between machines, which would not let the modes be kept)."""
+    path = os.path.join(args.out or ".", "resume.json")
+    if not getattr(args, "resume", False) or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        key = json.load(f).get("key", {})
+    same = key.get("device_kind") == device_kind
+    return int(key["setup"]["arena_bytes"]) if same and "setup" in key else None
 
 
 def _json_default(x: Any) -> Any:

@@ -294,11 +294,6 @@ class HostScheduledStep:
             result.append(got)
         return arena, tuple(result)
 
-    def programs(self) -> int:
-        """Programs built so far (each compiles on its first call)."""
-        return len(self._programs)
-
-
 
 class StrategyTrial:
     """Timings of the two strategies for one lane structure (`trial_key`): the step shapes that

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from crosspool_jax.config import ModelConfig
+from crosspool_jax.detokenize import IncrementalDetokenizer
 from crosspool_jax.engine_api import (
     FINISH_ERROR,
     EngineStats,
@@ -96,8 +97,7 @@ class EngineConfig:
 class _Pending:
     live: _Live
     tokens: list[int] = dataclasses.field(default_factory=list)
-    text: str = ""
-    held: int = 0
+    detok: IncrementalDetokenizer | None = None  # None: the model has no tokenizer
 
 
 class PooledEngine(ReferenceEngine):
@@ -403,7 +403,9 @@ class PooledEngine(ReferenceEngine):
             self._finish(lv, FINISH_ERROR, error=f"rejected: {e}")
             return
         lv.running = True
-        self._pending_by_id[r.request_id] = _Pending(lv)
+        tok = lv.model.tokenizer
+        detok = None if tok is None else IncrementalDetokenizer(tok)
+        self._pending_by_id[r.request_id] = _Pending(lv, detok=detok)
 
     def _step_groups(self) -> bool:
         busy = False
@@ -447,13 +449,10 @@ class PooledEngine(ReferenceEngine):
             return
         p.tokens.append(t)
         piece = ""
-        tok_model = lv.model.tokenizer
-        if tok_model is not None:
-            full = tok_model.decode(p.tokens)
-            if full.endswith("\ufffd") and p.held < 3 and reason is None:
-                p.held += 1
-            else:
-                piece, p.text, p.held = full[len(p.text):], full, 0
+        if p.detok is not None:
+            piece = p.detok.push(t)
+            if reason is not None:
+                piece += p.detok.flush()  # a held-back tail
         with self._lock:
             self._counts["tokens"] += 1
         if reason is not None:

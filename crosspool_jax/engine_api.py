@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from crosspool_jax.config import ModelConfig
+from crosspool_jax.detokenize import IncrementalDetokenizer
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
 from crosspool_jax.params import ModelWeights
 from crosspool_jax.reference import ReferenceGenerator, validate_request
@@ -383,25 +384,18 @@ class ReferenceEngine:
         req, gen, tok_model = lv.request, lv.model.generator, lv.model.tokenizer
         stops = {int(x) for x in req.stop_token_ids}
         out: list[int] = []
-        text_so_far = ""
-        held = 0
+        detok = IncrementalDetokenizer(tok_model) if tok_model is not None else None
         for t in gen.stream_tokens(req.prompt_ids, req.max_new_tokens, req.sampling):
             if lv.done:  # cancelled or failed by another thread: stop before emitting more
                 return
             out.append(t)
-            piece = ""
-            if tok_model is not None:
-                full = tok_model.decode(out)
-                if full.endswith("\ufffd") and held < 3:  # maybe an incomplete UTF-8 sequence: hold it
-                    held += 1
-                else:
-                    piece, text_so_far, held = full[len(text_so_far) :], full, 0
+            piece = detok.push(t) if detok is not None else ""
             with self._lock:
                 self._counts["tokens"] += 1
             reason = FINISH_STOP if t in stops else FINISH_LENGTH if len(out) >= req.max_new_tokens else None
             if reason is not None:
-                if tok_model is not None and piece == "" and len(tok_model.decode(out)) > len(text_so_far):
-                    piece = tok_model.decode(out)[len(text_so_far) :]  # flush a held-back tail
+                if detok is not None:
+                    piece += detok.flush()  # a held-back tail
                 self._finish(lv, reason, last=(len(out) - 1, t, piece), completion_tokens=len(out))
                 return
             lv.handle._put(Event(req.request_id, len(out) - 1, t, piece, time.time()))

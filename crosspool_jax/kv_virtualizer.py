@@ -217,7 +217,9 @@ class KVSegment:
     device: int
     token_start: int
     token_end: int
-    layer_pages: tuple[tuple[int, ...], ...]
+    # [layers, pages_per_layer] int32, read-only: a view of the virtualizer's table as of the call
+    # (rows added later are not in it), so building a step's page tables copies no Python lists
+    layer_pages: np.ndarray = dataclasses.field(compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -225,7 +227,7 @@ class KVSegment:
 
     @property
     def pages_per_layer(self) -> int:
-        return len(self.layer_pages[0]) if self.layer_pages else 0
+        return int(self.layer_pages.shape[1]) if self.layer_pages.ndim == 2 else 0
 
 
 class Residency(enum.StrEnum):
@@ -370,15 +372,30 @@ class ModelPageTable:
 # ---- internal state -----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
 class _Segment:
-    device: int
-    token_start: int
-    layer_pages: list[list[int]]  # [layer] -> page indices, token order
+    """One segment's pages: a [layers, capacity] int32 table grown by doubling; `rows` used."""
+
+    def __init__(self, device: int, token_start: int, num_layers: int):
+        self.device = device
+        self.token_start = token_start
+        self.rows = 0
+        self._table = np.empty((num_layers, 8), np.int32)
 
     @property
-    def rows(self) -> int:
-        return len(self.layer_pages[0])
+    def layer_pages(self) -> np.ndarray:
+        """[layer, row] page indices in token order (a read-only view)."""
+        view = self._table[:, : self.rows]
+        view.flags.writeable = False
+        return view
+
+    def append_row(self, pages: list[int]) -> None:
+        """Adds one row: `pages[layer]` for every layer."""
+        if self.rows == self._table.shape[1]:
+            grown = np.empty((self._table.shape[0], 2 * self.rows), np.int32)
+            grown[:, : self.rows] = self._table
+            self._table = grown
+        self._table[:, self.rows] = pages
+        self.rows += 1
 
 
 @dataclasses.dataclass
@@ -593,7 +610,7 @@ class KVVirtualizer:
         for layer in range(req.layout.num_layers):
             ordinal = 0
             for seg in req.segments:
-                for page in seg.layer_pages[layer]:
+                for page in seg.layer_pages[layer].tolist():
                     slot = self._host_free.pop()
                     host_slots[layer].append(slot)
                     copies.append(PageCopy(layer, ordinal, seg.device, page, slot))
@@ -635,7 +652,7 @@ class KVVirtualizer:
         self._allocate_rows(req, placement)
         copies: list[PageCopy] = []
         for layer in range(req.layout.num_layers):
-            device_pages = [(seg.device, p) for seg in req.segments for p in seg.layer_pages[layer]]
+            device_pages = [(seg.device, p) for seg in req.segments for p in seg.layer_pages[layer].tolist()]
             for ordinal, ((device, page), slot) in enumerate(
                 zip(device_pages, req.host_slots[layer], strict=True)
             ):
@@ -660,7 +677,7 @@ class KVVirtualizer:
         tpp = req.layout.tokens_per_page
         for seg in req.segments:
             end = min(req.num_tokens, seg.token_start + seg.rows * tpp)
-            out.append(KVSegment(seg.device, seg.token_start, end, tuple(tuple(p) for p in seg.layer_pages)))
+            out.append(KVSegment(seg.device, seg.token_start, end, seg.layer_pages))
         return tuple(out)
 
     def layer_pages(self, request_id: RequestId, layer: int) -> tuple[PhysicalPage, ...]:
@@ -668,7 +685,7 @@ class KVVirtualizer:
         req = self._resident(request_id)
         if not 0 <= layer < req.layout.num_layers:
             raise KVRequestStateError(f"layer {layer} out of range for model {req.layout.model!r}")
-        return tuple(PhysicalPage(s.device, p) for s in req.segments for p in s.layer_pages[layer])
+        return tuple(PhysicalPage(s.device, int(p)) for s in req.segments for p in s.layer_pages[layer])
 
     def device_pages_held(self, request_id: RequestId) -> int:
         """Device pages the request holds (0 when swapped)."""
@@ -685,7 +702,7 @@ class KVVirtualizer:
         """
         self._check_device(device)
         layout = self.layout(model)
-        rows: list[tuple[RequestId, int, int, int, list[list[int]]]] = []
+        rows: list[tuple[RequestId, int, int, int, np.ndarray]] = []
         for req in self._requests.values():
             if req.layout.model != model or req.residency != Residency.RESIDENT:
                 continue
@@ -703,8 +720,7 @@ class KVVirtualizer:
             )
         pages = np.full((len(rows), layout.num_layers, max(width, 1)), PAGE_SENTINEL, dtype=np.int32)
         for r, (_, _, _, _, layer_pages) in enumerate(rows):
-            for layer, plist in enumerate(layer_pages):
-                pages[r, layer, : len(plist)] = plist
+            pages[r, :, : layer_pages.shape[1]] = layer_pages
         return ModelPageTable(
             device=device,
             model=model,
@@ -883,7 +899,7 @@ class KVVirtualizer:
 
     def _pages_of(self, req: _RequestKV) -> tuple[PhysicalPage, ...]:
         return tuple(
-            PhysicalPage(s.device, p) for s in req.segments for plist in s.layer_pages for p in plist
+            PhysicalPage(s.device, p) for s in req.segments for plist in s.layer_pages.tolist() for p in plist
         )
 
     def _place_rows(self, req: _RequestKV, rows: int, allow_split: bool) -> list[tuple[int, int]] | None:
@@ -930,16 +946,16 @@ class KVVirtualizer:
             if req.segments and req.segments[-1].device == device:
                 seg = req.segments[-1]
             else:
-                seg = _Segment(device, req.rows * tpp, [[] for _ in range(layers)])
+                seg = _Segment(device, req.rows * tpp, layers)
                 req.segments.append(seg)
             free = self._free[device]
             owner = self._owner[device]
             for _ in range(rows):
-                for layer in range(layers):
-                    page = free.pop()
+                row = [free.pop() for _ in range(layers)]
+                for page in row:
                     owner[page] = req.request_id
-                    seg.layer_pages[layer].append(page)
                     new_pages.append(PhysicalPage(device, page))
+                seg.append_row(row)
         self._model_pages[req.layout.model] += len(new_pages)
         return new_pages
 
@@ -948,8 +964,9 @@ class KVVirtualizer:
         for seg in reversed(req.segments):
             free = self._free[seg.device]
             owner = self._owner[seg.device]
+            table = seg.layer_pages.tolist()
             for row in reversed(range(seg.rows)):
-                for plist in reversed(seg.layer_pages):
+                for plist in reversed(table):
                     page = plist[row]
                     owner[page] = None
                     free.append(page)

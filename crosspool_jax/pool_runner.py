@@ -623,7 +623,7 @@ class GroupRunner:
                 row_ptr = 0
                 for bi, (w, s0, e0, seg, older, _) in enumerate(per_dev[d]):
                     r = w.req
-                    known = list(r.prompt) + r.generated + tokens.get(r.request_id, [])
+                    new_toks = tokens.get(r.request_id, [])
                     q = e0 - s0
                     rows_idx = (np.arange(q) + row_ptr) if not decode else np.array([bi])
                     gi = gidx[r.model]
@@ -632,14 +632,14 @@ class GroupRunner:
                     arr["tok_grp"][d, rows_idx] = gi
                     arr["slot_grp"][d, bi] = gi
                     if decode:
-                        arr["tokens"][d, bi] = known[s0]
+                        arr["tokens"][d, bi] = _tokens_at(r, new_toks, s0, s0 + 1)[0]
                         arr["positions"][d, bi] = s0
                         arr["tok_slot"][d, bi] = bi
                         arr["sample_row"][d, bi] = bi
                         arr["tail_len"][d, bi] = s0 - seg.token_start + 1
                         arr["remaining"][d, bi] = e0 - s0
                     else:
-                        arr["tokens"][d, rows_idx] = known[s0:e0]
+                        arr["tokens"][d, rows_idx] = _tokens_at(r, new_toks, s0, e0)
                         arr["positions"][d, rows_idx] = np.arange(s0, e0)
                         arr["tok_slot"][d, rows_idx] = bi
                         arr["cu_q"][d, bi + 1:] = row_ptr + q
@@ -648,9 +648,8 @@ class GroupRunner:
                             arr["sample_row"][d, bi] = row_ptr + q - 1
                         arr["remaining"][d, bi] = 1
                         row_ptr += q
-                    for layer in range(L):
-                        pl = seg.layer_pages[layer]
-                        arr["tail_pages"][d, bi, layer, : len(pl)] = np.asarray(pl) + base
+                    lp = seg.layer_pages  # [L, pages]
+                    arr["tail_pages"][d, bi, :, : lp.shape[1]] = lp + base
                     arr["tail_start"][d, bi] = seg.token_start
                     sp = r.sampling
                     arr["temperature"][d, bi] = sp.temperature
@@ -663,9 +662,8 @@ class GroupRunner:
                         xi = x_fill[xd]
                         x_fill[xd] += 1
                         arr["x_rows"][xd, xi, : len(rows_idx)] = d * t + rows_idx
-                        for layer in range(L):
-                            pl = s.layer_pages[layer]
-                            arr["x_pages"][xd, xi, layer, : len(pl)] = np.asarray(pl) + base
+                        lp = s.layer_pages
+                        arr["x_pages"][xd, xi, :, : lp.shape[1]] = lp + base
                         arr["x_len"][xd, xi] = s.num_tokens
                     place.append((r.request_id, d, bi, e0 - s0, decode or (w.samples and e0 == w.end)))
                 if not decode:
@@ -706,6 +704,22 @@ class GroupRunner:
         # a decode range cut at a segment end continues in the next call unless it stopped
         return [w for w in rest
                 if not (w.decode and any(t in w.req.stop_ids for t in tokens.get(w.req.request_id, [])))]
+
+
+def _tokens_at(r: _Req, new: list[int], start: int, end: int) -> list[int]:
+    """The request's tokens at positions [start, end) of prompt + generated + `new` (this step's),
+    without building the whole sequence (a long prompt would be copied every step)."""
+    p, g = len(r.prompt), len(r.generated)
+    out = list(r.prompt[start:min(end, p)]) if start < p else []
+    if end > p:
+        a, b = max(start, p) - p, end - p
+        out += r.generated[a:min(b, g)]
+        if b > g:
+            out += new[max(a - g, 0):b - g]
+    if len(out) != end - start:
+        raise RuntimeError(f"request {r.request_id}: positions [{start}, {end}) past its "
+                           f"{p + g + len(new)} known tokens")
+    return out
 
 
 @functools.partial(jax.jit)

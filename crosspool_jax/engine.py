@@ -299,12 +299,12 @@ class PooledEngine(ReferenceEngine):
         running = min(live, sum(self._planner_running.values()))
         base = dataclasses.replace(base, queue_depth=live - running, running=running)
         pages = []
-        for gi, g in enumerate(self.groups):
+        for gi, g in enumerate(self.groups):  # read while the worker steps: no request iteration
+            total = g.kv.config.pages_per_device
             for d in range(g.kv.config.num_devices):
-                st = g.kv.device_stats(d)
                 dev = g.store.kv_devices[d]
                 pages.append((f"{dev.platform}:{dev.id}" if len(self.groups) == 1 else
-                              f"group{gi}/{dev.platform}:{dev.id}", st.pages_used, st.pages_total))
+                              f"group{gi}/{dev.platform}:{dev.id}", total - g.kv.pages_free(d), total))
         return dataclasses.replace(base, kv_pages=tuple(pages), preemptions=self._preemptions)
 
     @property

@@ -759,6 +759,12 @@ class KVVirtualizer:
             if any(s.device == device for s in req.segments):
                 yield req.request_id
 
+    def pages_free(self, device: int) -> int:
+        """Free pages on `device`: one length read, safe to call from another thread while the
+        owner of the pool mutates it (device_stats iterates the requests and is not)."""
+        self._check_device(device)
+        return len(self._free[device])
+
     def device_stats(self, device: int) -> DeviceKVStats:
         self._check_device(device)
         total = self._config.pages_per_device

@@ -459,7 +459,7 @@ class PooledEngine(ReferenceEngine):
             self._pending_by_id.pop(lv.request.request_id, None)
             self._finish(lv, reason, last=(len(p.tokens) - 1, t, piece), completion_tokens=len(p.tokens))
         else:
-            lv.handle._put(Event(lv.request.request_id, len(p.tokens) - 1, t, piece, time.time()))
+            self._put_token(lv, Event(lv.request.request_id, len(p.tokens) - 1, t, piece, time.time()))
 
     def _fail_all(self, message: str) -> None:
         for rid, p in list(self._pending_by_id.items()):

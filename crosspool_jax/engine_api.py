@@ -332,6 +332,16 @@ class ReferenceEngine:
         self._worker.join(timeout=5)
 
     # ---- internals ----------------------------------------------------------------------------
+    def _put_token(self, lv: _Live, event: Event) -> bool:
+        """Streams a token event unless `lv` has ended. Checked and put under the lock `_finish`
+        sets `done` under, so a token can never follow the final event (a cancel from another
+        thread finishes the request while the worker is emitting)."""
+        with self._lock:
+            if lv.done:
+                return False
+            lv.handle._put(event)
+            return True
+
     def _finish(
         self,
         lv: _Live,
@@ -398,7 +408,7 @@ class ReferenceEngine:
                     piece += detok.flush()  # a held-back tail
                 self._finish(lv, reason, last=(len(out) - 1, t, piece), completion_tokens=len(out))
                 return
-            lv.handle._put(Event(req.request_id, len(out) - 1, t, piece, time.time()))
+            self._put_token(lv, Event(req.request_id, len(out) - 1, t, piece, time.time()))
 
 
 def make_request(

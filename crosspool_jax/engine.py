@@ -74,10 +74,12 @@ class EngineConfig:
     steps_per_call: decode tokens per host call (K). prefill_chunk: most prompt tokens of one
       request per program call. dtype: the arena's (weights and KV) dtype, default the platform's
       ("float32" on CPU, "bfloat16" elsewhere). micro_batches: 2 = ping-pong decode lanes.
-    execution (crosspool mode): "lowered" = each step is one XLA program over both pools (default;
-      measured faster on 2 x H200, docs/benchmarks.md), "host" = the host-scheduled step (per-layer
-      calls on each pool's own mesh, device-to-device transfers between them), "auto" = each step
-      shape runs both for its first calls and keeps the faster (`host_step.MeasuredChoice`).
+    execution (crosspool mode): "lowered" = each step is one XLA program over both pools (default:
+      1.12x the colocated step on 2 x H200; the host-scheduled step is not timed on GPUs yet, and
+      DESIGN.md measured a host loop of toy layers ~3x slower than one program), "host" = the
+      host-scheduled step (per-layer calls on each pool's own mesh, device-to-device transfers
+      between them), "auto" = each lane structure runs both for its first calls and keeps the
+      faster (`host_step.MeasuredChoice`).
       shared / static run one device per group: always "lowered"; "host" there is an error.
     """
 

@@ -442,7 +442,9 @@ class PooledEngine(ReferenceEngine):
             for rid, (reason, _) in res.finished.items():
                 p = self._pending_by_id.pop(rid, None)
                 if p is not None and not p.live.done:  # finished without a token this step
-                    self._finish(p.live, reason, completion_tokens=len(p.tokens))
+                    tail = p.detok.flush() if p.detok is not None else ""  # held-back text
+                    self._finish(p.live, reason, last=(-1, None, tail) if tail else None,
+                                 completion_tokens=len(p.tokens))
         return busy
 
     def _emit(self, p: _Pending, t: int, reason: str | None) -> None:

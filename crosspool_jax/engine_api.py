@@ -347,7 +347,7 @@ class ReferenceEngine:
         lv: _Live,
         reason: str,
         error: str | None = None,
-        last: tuple[int, int, str] | None = None,
+        last: tuple[int, int | None, str] | None = None,
         completion_tokens: int = 0,
     ) -> bool:
         """Sends the one final event of `lv` and forgets it. Idempotent: False when already done."""

@@ -361,13 +361,15 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         micro_batches = 2
         dtype = "float32"
         attention_backend = "reference"
+        execution = "auto"
         """,
     )
     s = build_settings(load_config(path))
     assert s.precompile_context == 4096
     assert s.warmup is False and s.engine == dict(
         arena_bytes=8 << 20, page_bytes=4096, weights_fraction=0.25, steps_per_call=2, prefill_chunk=32,
-        max_prefill_tokens=128, micro_batches=2, dtype="float32", attention_backend="reference")
+        max_prefill_tokens=128, micro_batches=2, dtype="float32", attention_backend="reference",
+        execution="auto")
     assert s.engine_config() == EngineConfig(**s.engine)
     # flags win over the file, field by field; sizes take units
     args = build_parser().parse_args(
@@ -376,6 +378,8 @@ def test_engine_settings_from_file_and_flags(tmp_path):
     s = serve_settings(args)
     assert s.engine["arena_bytes"] == 16 << 20 and s.engine["steps_per_call"] == 8
     assert s.engine["page_bytes"] == 4096 and s.warmup is False
+    args = build_parser().parse_args(["serve", "--config", path, "--execution", "host"])
+    assert serve_settings(args).engine["execution"] == "host"
     args = build_parser().parse_args(["serve", "--config", path, "--precompile-context", "512"])
     assert serve_settings(args).precompile_context == 512
     assert serve_settings(build_parser().parse_args(["serve"])).engine == {}
@@ -392,6 +396,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         ("[engine]\nmicro_batches = 1.5", "key 'engine.micro_batches': must be an integer"),
         ('[engine]\ndtype = "int8"', "key 'engine.dtype': must be one of float32, bfloat16, float16"),
         ('[engine]\nattention_backend = "cuda"', "key 'engine.attention_backend': must be one of gpu"),
+        ('[engine]\nexecution = "fast"', "key 'engine.execution': must be one of lowered, host, auto"),
         ("engine = 3", "key 'engine': must be a table"),
         ('warmup = "yes"', "key 'warmup': must be true or false"),
         ("precompile_context = -1", "key 'precompile_context': must be >= 0"),

@@ -16,7 +16,8 @@ A text that ends in U+FFFD may end in an incomplete UTF-8 sequence (byte-level t
 multi-byte characters over tokens): those trailing characters wait for the next token; the
 complete characters before them are emitted at once. A window longer than `max_window` tokens
 that still ends in U+FFFD (a model producing invalid bytes) is emitted as it is, so the window
-stays bounded. Tokens that decode to nothing (special tokens, skipped) never become the context.
+stays bounded. Tokens that decode to nothing (special tokens, skipped) never become the context
+alone: the earlier context is kept, and the window spans them too.
 """
 
 from __future__ import annotations

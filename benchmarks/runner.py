@@ -1031,6 +1031,8 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
     models = trace.models
     for n in models:
         model_config(n)  # unknown names fail before anything is built
+    resume_path = os.path.join(args.out or ".", "resume.json")
+    earlier = _load_json(resume_path) if getattr(args, "resume", False) else None
     if args.plan_only:
         probe: dict[str, Any] = {"devices": [], "device_kind": None, "visible": None, "jax": None}
         plat = "gpu" if args.preset.startswith("gpu") else "cpu"
@@ -1051,8 +1053,11 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         arena = setup.arena_bytes
         if arena is None:
             arena = int(((probe["bytes_limit"] or 16 << 30) - probe["bytes_in_use"]) * GPU_ARENA_SHARE)
-            kept = _earlier_arena(args, probe["device_kind"])
-            if kept is not None and kept <= arena:  # the free memory of another lease may differ
+            # with --resume on the same kind of card, the earlier run's arena: free memory differs
+            # by a few MiB between leases, which would not let its modes be kept
+            same_card = earlier is not None and earlier["key"].get("device_kind") == probe["device_kind"]
+            kept = int(earlier["key"]["setup"]["arena_bytes"]) if same_card else None
+            if kept is not None and kept <= arena:
                 log(f"bench: --resume: keeping the earlier run's arena ({kept / MIB:.0f} MiB; "
                     f"{arena / MIB:.0f} MiB free now)")
                 arena = kept
@@ -1111,15 +1116,10 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
          "precompile_context": precompile_context, "warmup_passes": args.warmup,
          "slo_flags": [args.slo_ttft_s, args.slo_tpot_s, args.slo_scale, args.reference_requests],
          "device_kind": probe["device_kind"]}, default=_json_default))
-    resume_path = os.path.join(out_dir, "resume.json")
-    earlier = None
-    if getattr(args, "resume", False) and os.path.isfile(resume_path):
-        with open(resume_path, encoding="utf-8") as f:
-            earlier = json.load(f)
-        if earlier.get("key") != resume_key:
-            diff = sorted(k for k in resume_key if earlier.get("key", {}).get(k) != resume_key[k])
-            log(f"bench: --resume: the run in {out_dir} differs in {', '.join(diff)}; starting afresh")
-            earlier = None
+    if earlier is not None and earlier["key"] != resume_key:
+        diff = sorted(k for k in resume_key if earlier["key"].get(k) != resume_key[k])
+        log(f"bench: --resume: the run in {out_dir} differs in {', '.join(diff)}; starting afresh")
+        earlier = None
     for m, p in plans.items():
         kvf = p.get("kv_fraction", p.get("kv_fraction_kv_device"))
         log(f"bench plan {m}: arena {arena / MIB:.2f} MiB per device, {p['weights_pages']} weights pages, "
@@ -1208,16 +1208,12 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
     return results
 
 
-def _earlier_arena(args: argparse.Namespace, device_kind: str | None) -> int | None:
-    """With --resume: the arena bytes of the earlier run in --out on the same kind of device (a
-    measured arena differs by a few MiB between machines, which would not let the modes be kept)."""
-    path = os.path.join(args.out or ".", "resume.json")
-    if not getattr(args, "resume", False) or not os.path.isfile(path):
+def _load_json(path: str) -> Any:
+    """The JSON file at `path`, or None when there is none."""
+    if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
-        key = json.load(f).get("key", {})
-    same = key.get("device_kind") == device_kind
-    return int(key["setup"]["arena_bytes"]) if same and "setup" in key else None
+        return json.load(f)
 
 
 def _json_default(x: Any) -> Any:

@@ -348,8 +348,8 @@ def main() -> None:
         rows.append(r)
         print(json.dumps(r), flush=True)
     if len(devs) >= 2 and args.pipeline_configs:
+        stores.clear()  # free the last variant's arena before the pipeline places its own model
         rows += time_pipeline(cfg, devs, args.batch, args.context, k, args.iters, args.pipeline_configs)
-        stores.clear()
     res["rows"] = rows
     coloc = next((r["ms_per_step"] for r in rows if r["label"] == "colocated 1 GPU" and "ms_per_step" in r),
                  math.nan)  # nan when the colocated variant was not run

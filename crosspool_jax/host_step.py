@@ -54,8 +54,7 @@ from jax.sharding import PartitionSpec as P
 
 from crosspool_jax.arena import ArenaStore, shard_map
 from crosspool_jax.config import FFNKind
-from crosspool_jax.pooled_step import Lane, LaneState, StepSpec, lane_specs, model_geometry
-from crosspool_jax.sampling import sample_tokens
+from crosspool_jax.pooled_step import Lane, LaneState, StepSpec, lane_specs, model_geometry, next_carry
 from crosspool_jax.topology import POOL_AXIS
 
 REPLICATED = P()
@@ -122,16 +121,11 @@ class HostScheduledStep:
     def _begin(self, i: int) -> Callable:
         """(arena, inp, toks, lens, dones) -> (x, row_ok, tail_len, f_grp, f_ok): the lane's
         embedded tokens and which rows are live; f_grp / f_ok [n_kv * T] replicated."""
-        ln, decode, n_kv = self.kv_lanes[i], self.spec.decode, self.n_kv
+        ln, n_kv = self.kv_lanes[i], self.n_kv
         t = ln.shape.tokens
 
         def body(arena, inp, toks, lens, dones):
-            if decode:
-                row_ok = (inp["tok_slot"] >= 0) & jnp.logical_not(dones)
-                tail_len = jnp.where(dones, 0, lens)
-            else:
-                row_ok = inp["tok_slot"] >= 0
-                tail_len = lens
+            row_ok, tail_len = ln.live_rows(inp, lens, dones, jnp.bool_(True))
             rd = ln.reader(arena, inp, self.mm_backend)
             x = rd.embed(jnp.where(row_ok, toks, 0), inp["tok_grp"])
             f_grp = lax.all_gather(inp["tok_grp"], POOL_AXIS, tiled=True)[: n_kv * t]
@@ -200,18 +194,11 @@ class HostScheduledStep:
         def body(arena, x, ffn_last, positions, inp, toks, lens, rems, dones):
             dev = lax.axis_index(POOL_AXIS)
             x = x + lax.dynamic_slice_in_dim(ffn_last, dev * t, t, axis=0).astype(x.dtype)
-            logits = ln.head(ln.reader(arena, inp, self.mm_backend), x, inp, jnp.bool_(True))
-            row = jnp.maximum(inp["sample_row"], 0)
-            nxt = sample_tokens(logits, inp["temperature"], inp["top_k"], inp["top_p"], inp["seed"],
-                                jnp.take(positions, row) + 1)
-            valid = (inp["sample_row"] >= 0) & jnp.logical_not(dones)
-            nxt = jnp.where(valid, nxt, -1)
+            nxt, valid, fin = ln.sample(ln.reader(arena, inp, self.mm_backend), x, positions, inp, rems,
+                                        dones, jnp.bool_(True))
             if not decode:
                 return nxt, toks, positions, lens, rems, dones
-            stop = jnp.any((nxt[:, None] == inp["stop_ids"]) & (inp["stop_ids"] >= 0), axis=1)
-            live = jnp.logical_not(dones)
-            return (nxt, jnp.where(valid, nxt, toks), positions + live, lens + live, rems - live,
-                    dones | (valid & (stop | (rems <= 1))))
+            return (nxt, *next_carry(nxt, valid, fin, toks, positions, lens, rems, dones))
 
         sp = P(POOL_AXIS)
         f = shard_map(body, self.kv_mesh,

@@ -499,7 +499,30 @@ class Lane:
 
         return self._by_model(rd, x, grp, ok, is_w, swiglu)
 
-    # -- head --
+    # -- step start and end --
+    def live_rows(self, inp: dict[str, jax.Array], lens: jax.Array, done: jax.Array, is_kv: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+        """(row_ok [T], tail_len [B]): which query rows are real tokens this step and each slot's
+        tail length (0 on finished slots and off the KV devices)."""
+        if self.spec.decode:
+            live = is_kv & jnp.logical_not(done)
+            return live & (inp["tok_slot"] >= 0), jnp.where(live, lens, 0)
+        return is_kv & (inp["tok_slot"] >= 0), jnp.where(is_kv, lens, 0)
+
+    def sample(self, rd: _Reader, x: jax.Array, positions: jax.Array, inp: dict[str, jax.Array],
+               rem: jax.Array, done: jax.Array, is_kv: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """LM head, on-device sampling and stop checks of each slot's sample row: (next token [B]
+        (-1: none), valid [B], finished [B]: a stop id or its last allowed token)."""
+        logits = self.head(rd, x, inp, is_kv)
+        row = jnp.maximum(inp["sample_row"], 0)
+        nxt = sample_tokens(logits, inp["temperature"], inp["top_k"], inp["top_p"], inp["seed"],
+                            jnp.take(positions, row) + 1)
+        valid = is_kv & (inp["sample_row"] >= 0) & jnp.logical_not(done)
+        nxt = jnp.where(valid, nxt, -1)
+        stop = jnp.any((nxt[:, None] == inp["stop_ids"]) & (inp["stop_ids"] >= 0), axis=1)
+        return nxt, valid, stop | (rem <= 1)
+
     def head(self, rd: _Reader, x: jax.Array, inp: dict[str, jax.Array], is_kv: jax.Array
              ) -> jax.Array:
         """Logits [B, V] f32 of each slot's sample row (slots sorted by model)."""
@@ -507,6 +530,14 @@ class Lane:
         xs = jnp.take(x, jnp.maximum(inp["sample_row"], 0), axis=0)
         h = _norm_rows(xs, rd.per_row("attn/final_norm", 0, inp["slot_grp"]), cfg.rms_norm_eps)
         return rd.matmul(h, "attn/lm_head", 0, jnp.where(is_kv, inp["grp_slots"], 0))
+
+
+def next_carry(nxt: jax.Array, valid: jax.Array, fin: jax.Array, tok: jax.Array, pos: jax.Array,
+               lens: jax.Array, rem: jax.Array, done: jax.Array) -> tuple[jax.Array, ...]:
+    """A decode slot's carry (token, position, tail length, remaining, done) after one step that
+    sampled `nxt` (valid / fin as `Lane.sample` returns them)."""
+    live = jnp.logical_not(done)
+    return (jnp.where(valid, nxt, tok), pos + live, lens + live, rem - live, done | (valid & fin))
 
 
 # ---- the program ---------------------------------------------------------------------------------------
@@ -552,12 +583,7 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
             for ln, inp, tok, pos, ln_len, done in zip(lanes, inputs, toks, poss, lens, dones,
                                                        strict=True):
                 rd = ln.reader(arena, inp, mm_backend)
-                if spec.decode:
-                    row_ok = is_kv & (inp["tok_slot"] >= 0) & jnp.logical_not(done)
-                    tail_len = jnp.where(is_kv & jnp.logical_not(done), ln_len, 0)
-                else:
-                    row_ok = is_kv & (inp["tok_slot"] >= 0)
-                    tail_len = jnp.where(is_kv, ln_len, 0)
+                row_ok, tail_len = ln.live_rows(inp, ln_len, done, is_kv)
                 x = rd.embed(jnp.where(row_ok, tok, 0), inp["tok_grp"])
                 states.append(LaneState(x, pos, row_ok, tail_len, inp))
             # Per layer: every lane's projections (reads of the arena's current version), then
@@ -611,18 +637,9 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                         run_ffn(*pending.pop(0))
             while pending:
                 run_ffn(*pending.pop(0))
-            new = []
-            for ln, st, rem, done in zip(lanes, states, rems, dones, strict=True):
-                inp = st.inp
-                logits = ln.head(ln.reader(arena, inp, mm_backend), st.x, inp, is_kv)
-                row = jnp.maximum(inp["sample_row"], 0)
-                spos = jnp.take(st.positions, row) + 1
-                nxt = sample_tokens(logits, inp["temperature"], inp["top_k"], inp["top_p"],
-                                    inp["seed"], spos)
-                valid = is_kv & (inp["sample_row"] >= 0) & jnp.logical_not(done)
-                nxt = jnp.where(valid, nxt, -1)
-                stop = jnp.any((nxt[:, None] == inp["stop_ids"]) & (inp["stop_ids"] >= 0), axis=1)
-                new.append((nxt, valid, stop | (rem <= 1)))
+            new = [ln.sample(ln.reader(arena, st.inp, mm_backend), st.x, st.positions, st.inp, rem,
+                             done, is_kv)
+                   for ln, st, rem, done in zip(lanes, states, rems, dones, strict=True)]
             return arena, states, new
 
         toks0 = tuple(d["tokens"] for d in inputs)
@@ -638,18 +655,10 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
         def loop(carry, _):
             arena, toks, poss, lens, rems, dones = carry
             arena, _, new = one_step(arena, (toks, poss, lens, rems, dones))
-            toks2, poss2, lens2, rems2, dones2, outs = [], [], [], [], [], []
-            for (nxt, valid, fin), tok, pos, ln_len, rem, done in zip(new, toks, poss, lens, rems,
-                                                                      dones, strict=True):
-                live = jnp.logical_not(done)
-                toks2.append(jnp.where(valid, nxt, tok))
-                poss2.append(pos + live)
-                lens2.append(ln_len + live)
-                rems2.append(rem - live)
-                dones2.append(done | (valid & fin))
-                outs.append(nxt)
-            return (arena, tuple(toks2), tuple(poss2), tuple(lens2), tuple(rems2), tuple(dones2)), \
-                tuple(outs)
+            nexts = [next_carry(*sampled, *c) for sampled, *c in zip(new, toks, poss, lens, rems, dones,
+                                                                      strict=True)]
+            toks2, poss2, lens2, rems2, dones2 = (tuple(parts) for parts in zip(*nexts, strict=True))
+            return (arena, toks2, poss2, lens2, rems2, dones2), tuple(nxt for nxt, _, _ in new)
 
         (arena, *_), outs = lax.scan(loop, (arena, toks0, poss0, lens0, rems0, dones0), None,
                                      length=ksteps)

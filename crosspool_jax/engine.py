@@ -10,9 +10,9 @@ Modes (one switch, same devices, same kernels, batching, sampling and planner co
 * ``static``: the same placement as ``shared``, but each model gets a fixed KV reservation (an
   equal share of its device's KV pages, as planner floor = cap).
 
-The Engine interface (crosspool_jax.engine_api) is the reference engine's: submit / stream events /
-cancel / load / unload / stats. One worker thread runs the groups' steps; requests, cancels and
-unloads from other threads are handed to it, so every GroupRunner is touched by one thread only.
+The engine interface (crosspool_jax.engine_api.EngineInterface) is the reference engine's: submit /
+stream events / cancel / load / unload / stats. One worker thread runs the groups' steps; requests,
+cancels and unloads from other threads are handed to it, so every GroupRunner is touched by one thread only.
 A cancel's pages are free before the worker's next step.
 
 Example (docs/engine.md has a runnable version)::

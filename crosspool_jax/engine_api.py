@@ -1,6 +1,6 @@
 """The narrow engine interface the gRPC server depends on (JetStream-style), and `ReferenceEngine`.
 
-The server only sees `Engine` (a Protocol) and the plain dataclasses below, so the pooled engine can
+The server only sees `EngineInterface` (a Protocol) and the plain dataclasses below, so the pooled engine can
 replace `ReferenceEngine` without touching the server. `ReferenceEngine` runs the single-model
 reference path (`ReferenceGenerator`'s jitted prefill/decode) token by token on one worker thread:
 
@@ -128,7 +128,7 @@ class EngineStats:
 class RequestHandle:
     """A submitted request: iterate it (or `events()`) for its events; the last one is final."""
 
-    def __init__(self, request_id: str, engine: Engine):
+    def __init__(self, request_id: str, engine: EngineInterface):
         self.request_id = request_id
         self._engine = engine
         self._q: queue.Queue[Event] = queue.Queue()
@@ -154,11 +154,11 @@ class RequestHandle:
     __iter__ = events
 
     def cancel(self) -> bool:
-        """Cancels this request (see Engine.cancel)."""
+        """Cancels this request (see EngineInterface.cancel)."""
         return self._engine.cancel(self.request_id)
 
 
-class Engine(Protocol):
+class EngineInterface(Protocol):
     """What the server needs from an engine."""
 
     def list_models(self) -> list[ModelInfo]: ...
@@ -193,7 +193,7 @@ class _Live:
 
 
 class ReferenceEngine:
-    """`Engine` over one `ReferenceGenerator` per model; one worker thread runs requests in order."""
+    """`EngineInterface` over one `ReferenceGenerator` per model; one worker thread runs requests in order."""
 
     def __init__(self, max_live_requests: int = 64):
         if max_live_requests < 1:

@@ -1,4 +1,4 @@
-"""The crosspool.v1 gRPC server over an `Engine` (crosspool_jax.engine_api).
+"""The crosspool.v1 gRPC server over an `EngineInterface` (crosspool_jax.engine_api).
 
 Status codes: unknown model NOT_FOUND; bad sampling parameters, empty or too-long prompt
 INVALID_ARGUMENT; too many live requests RESOURCE_EXHAUSTED; a model unloaded under a live stream

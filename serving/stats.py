@@ -1,7 +1,7 @@
 """One snapshot of what an engine reports, shared by GetStats (serving/server.py) and the Prometheus
 metrics (serving/metrics.py), so the two always say the same thing.
 
-Works with any engine of the `crosspool_jax.engine_api.Engine` protocol; the optional reports are
+Works with any engine of the `crosspool_jax.engine_api.EngineInterface` protocol; the optional reports are
 read where the engine has them: `mode` and `describe()` (the mode and its devices),
 `weights_bytes_by_side(name)` or `weights_bytes(name)` (weights per model), `programs_compiled`
 (step programs compiled). `EngineStats.kv_pages` / `.preemptions` come with `stats()`.

@@ -68,7 +68,7 @@ from jax.sharding import PartitionSpec as P
 from crosspool_jax.arena import ArenaStore, ModelClass, TensorSlot, shard_map
 from crosspool_jax.config import AttentionKind, FFNKind, ModelConfig, QKNorm
 from crosspool_jax.models.layers import apply_rope, rms_norm, rope_cos_sin
-from crosspool_jax.models.moe import route_logits
+from crosspool_jax.models.moe import route_logits, unpermute_sum
 from crosspool_jax.sampling import sample_tokens
 from crosspool_jax.topology import POOL_AXIS, Role
 from pallas_kernels import (
@@ -434,7 +434,6 @@ class Lane:
         models f_grp [M] (f_ok [M]: a real token; other rows come back 0). kind / idx: the layer's
         FFN kind (static) and its index into that kind's stacked tensors (may be traced)."""
         cfg, g = self.cfg, self.g
-        m_rows = f_rows.shape[0]
         dt = f_rows.dtype
         if kind == FFNKind.DENSE:
             return self._tensor_parallel(rd, f_rows, f_grp, f_ok, "ffn/dense/w_gate_up",
@@ -461,7 +460,7 @@ class Lane:
         act = (jax.nn.silu(hgu[:, :inter]) * hgu[:, inter:2 * inter]).astype(dt)
         o = rd.grouped(act, "ffn/moe/w_down", idx, sizes)
         w_sorted = jnp.where(key[order] < n_groups, weights.reshape(-1)[order], 0.0)
-        out = jnp.zeros((m_rows, cfg.hidden_size), jnp.float32).at[tok].add(o * w_sorted[:, None])
+        out = unpermute_sum(o * w_sorted[:, None], order, k)  # [M, D] f32, deterministic on GPU
         if self.cls.shared_local:
             sh = self._tensor_parallel(rd, f_rows, f_grp, f_ok, "ffn/moe/shared_gate_up",
                                        "ffn/moe/shared_down", idx, is_w, self.cls.shared_local)

@@ -66,7 +66,7 @@ def routed_experts(
     dtype. Tokens are sorted by expert so each expert's rows are contiguous; `ragged_dot` skips
     nothing on CPU but touches each expert's weights once.
     """
-    n, k = experts.shape
+    k = experts.shape[1]
     num_experts, inter = w_gate_up.shape[0], w_down.shape[1]
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
@@ -77,8 +77,18 @@ def routed_experts(
     a = (jax.nn.silu(h[:, :inter]) * h[:, inter:]).astype(w_down.dtype)
     o = jax.lax.ragged_dot(a, w_down, group_sizes, preferred_element_type=jnp.float32)
     o = o * weights.reshape(-1)[order][:, None]
-    out = jnp.zeros((n, x.shape[-1]), jnp.float32).at[token_of].add(o)
-    return out.astype(x.dtype)
+    return unpermute_sum(o, order, k).astype(x.dtype)
+
+
+def unpermute_sum(rows: jax.Array, order: jax.Array, k: int) -> jax.Array:
+    """[N * k, D] rows in `order` (a permutation of the (token, choice) entries, token-major) -> [N, D]:
+    each token's k rows summed in choice order.
+
+    A gather plus a fixed-order sum rather than a scatter-add into the tokens: XLA's GPU scatter-add
+    uses atomics, so its sums (and greedy tokens after them) changed from run to run on the same
+    inputs (docs/benchmarks.md, 2026-11-29)."""
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return rows[inverse].reshape(-1, k, rows.shape[-1]).sum(axis=1)
 
 
 def moe_ffn(cfg: ModelConfig, moe: dict[str, Any], x: jax.Array) -> jax.Array:

@@ -9,8 +9,8 @@ Prints the median milliseconds of each part per call, as the engine does it now 
 2026-11-29 (Python tuples of page ids copied out of the virtualizer and converted layer by layer;
 the whole prompt + output list built per request to read one token), both timed in the same run
 on the same requests (the two must give equal tables and tokens). The host does this work once per
-call of K decode steps while the device waits (the engine does not overlap it), so it adds to the
-gap before every K-token group.
+call of K decode steps: with `EngineConfig.overlap` (default on) while the device computes the
+previous call, without it while the device waits (benchmarks/overlap.py measures the difference).
 """
 
 from __future__ import annotations

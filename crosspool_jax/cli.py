@@ -304,11 +304,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="crosspool step strategy: lowered (one program over both pools; default), host "
                    "(host-scheduled per-layer calls on each pool's mesh) or auto (per step shape, "
                    "the faster of the two, measured)")
+    g.add_argument("--overlap", default=None, action=argparse.BooleanOptionalAction,
+                   help="host work (planning, inputs, streaming) overlaps device work: each step reads "
+                   "the previous step's tokens (default on)")
     p.set_defaults(func=cmd_serve)
 
 
 ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call", "prefill_chunk",
-                "max_prefill_tokens", "micro_batches", "dtype", "attention_backend", "execution")
+                "max_prefill_tokens", "micro_batches", "dtype", "attention_backend", "execution",
+                "overlap")
 
 
 def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettings

@@ -81,6 +81,10 @@ class EngineConfig:
       between them), "auto" = each lane structure runs both for its first calls and keeps the
       faster (`host_step.MeasuredChoice`).
       shared / static run one device per group: always "lowered"; "host" there is an error.
+    overlap: host work overlaps device work (default): each step dispatches its calls, then reads
+      the previous step's tokens, so planning, input building, detokenizing and streaming happen
+      while the device computes, and every group's devices compute at the same time
+      (`pool_runner` module docstring). False: each call's tokens are read right after it.
     """
 
     arena_bytes: int | None = None
@@ -93,6 +97,7 @@ class EngineConfig:
     attention_backend: str | None = None
     micro_batches: int = 1
     execution: str = "lowered"
+    overlap: bool = True
 
 
 @dataclasses.dataclass
@@ -136,7 +141,7 @@ class PooledEngine(ReferenceEngine):
         wpages = max(1, int(num_pages * cfg.weights_fraction))
         kw = dict(steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk,
                   max_prefill_tokens=cfg.max_prefill_tokens, backend=cfg.attention_backend,
-                  platform=platform, micro_batches=cfg.micro_batches)
+                  platform=platform, micro_batches=cfg.micro_batches, overlap=cfg.overlap)
         self.groups: list[GroupRunner] = []
         if mode == "crosspool":
             if pools is None:
@@ -317,9 +322,11 @@ class PooledEngine(ReferenceEngine):
     def describe(self) -> str:
         g = self.groups[0]
         topo = g.store.topology
-        where = topo.describe() if topo is not None else f"{len(self.groups)} colocated devices"
+        where = topo.describe() if topo is not None else (f"{len(self.groups)} colocated device"
+                                                          f"{'s' if len(self.groups) > 1 else ''}")
         return (f"mode {self.mode}: {where}, {self.execution()}, "
-                f"K={self.config.steps_per_call} tokens per host call")
+                f"K={self.config.steps_per_call} tokens per host call, host work "
+                f"{'overlaps device work' if self.config.overlap else 'not overlapped'}")
 
     def execution(self) -> str:
         """Which execution strategy runs the steps, in words (auto: per held step program)."""
@@ -410,20 +417,27 @@ class PooledEngine(ReferenceEngine):
         self._pending_by_id[r.request_id] = _Pending(lv, detok=detok)
 
     def _step_groups(self) -> bool:
-        busy = False
-        for group in self.groups:
-            with self._group_lock:
+        """One step of every group with work: all groups launch (dispatch their calls), then each
+        group's result is read (with overlap: the previous step's calls) and streamed."""
+        launched = []
+        with self._group_lock:
+            for group in self.groups:
                 if not group.has_work:
                     self._planner_running[id(group)] = 0
                     continue
-                busy = True
                 before = _programs_built(group)
                 t0 = time.perf_counter()
-                res = group.step()
+                group.launch()
+                launched.append((group, before, t0))
+            results = []
+            for group, before, t0 in launched:
+                res = group.result()
                 new = _programs_built(group) - before
                 self._planner_running[id(group)] = len(group.planner.running())
                 models = sorted({self._pending_by_id[r].live.request.model
                                  for r in res.tokens if r in self._pending_by_id})
+                results.append((res, new, models, t0))
+        for res, new, models, t0 in results:
             if new > 0:
                 self._programs_compiled += new
                 if self.on_compile is not None:
@@ -445,7 +459,7 @@ class PooledEngine(ReferenceEngine):
                     tail = p.detok.flush() if p.detok is not None else ""  # held-back text
                     self._finish(p.live, reason, last=(-1, None, tail) if tail else None,
                                  completion_tokens=len(p.tokens))
-        return busy
+        return bool(launched)
 
     def _emit(self, p: _Pending, t: int, reason: str | None) -> None:
         lv = p.live

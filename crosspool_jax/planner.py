@@ -405,11 +405,25 @@ class KVPlanner:
         return req.info()
 
     def finish(self, request_id: RequestId, message: str = "finished") -> RequestInfo:
-        """End a running request normally (e.g. a stop token); frees its pages now."""
-        req = self._get(request_id)
-        if req.status != RequestStatus.RUNNING:
-            raise PlannerError(f"request {request_id!r} is {req.status}; only a running request finishes")
+        """End a live request normally (e.g. a stop token); frees its pages now. Usually the
+        request is running; an engine that plans ahead of its device (placeholder tokens, see
+        `revise_tokens`) may learn of a stop token after the request was preempted."""
+        req = self._live(request_id)
         self._end(req, RequestStatus.FINISHED, message)
+        return req.info()
+
+    def revise_tokens(self, request_id: RequestId, start: int, tokens: Sequence[int]) -> RequestInfo:
+        """Replace generated tokens [start, start + len(tokens)) with their real values.
+
+        An engine that plans the next step while the device still computes this one appends
+        placeholders for the tokens in flight (`append_tokens`: only their count matters to
+        planning) and revises them once they arrive. Any state but forgotten is allowed: tokens of a
+        request that ended at max_new_tokens on placeholders arrive after it ended."""
+        req = self._get(request_id)
+        if not 0 <= start <= start + len(tokens) <= len(req.generated):
+            raise PlannerError(f"request {request_id!r}: tokens [{start}, {start + len(tokens)}) "
+                               f"outside the {len(req.generated)} generated")
+        req.generated[start:start + len(tokens)] = [int(t) for t in tokens]
         return req.info()
 
     def cancel(self, request_id: RequestId, message: str = "cancelled") -> RequestInfo:

@@ -13,11 +13,23 @@ one `KVVirtualizer` over the KV devices' pages and one `KVPlanner`. `step()` is 
    another KV device) is cut at the boundary and the rest runs in a follow-up call;
 3. sampled tokens go back to the planner; stops, max_new_tokens, cancels free pages at once.
 
+Host work overlaps device work (``overlap=True``, the default): a step dispatches its calls and
+then reads the tokens of the PREVIOUS step's calls, not its own, so the host plans step N+1,
+builds its inputs, and streams step N's tokens while the device computes. Planning ahead needs
+the tokens in flight only by count: they enter the planner as placeholders (`PENDING`) and are
+revised when read; a decode call's input token that is still on the device is gathered there from
+the call that sampled it (`_feed_tokens`). In decode the only thing not known ahead is whether a
+request stops (a stop token; max_new_tokens is known): a request that stopped in call N also ran
+in call N+1, whose tokens for it are dropped, and its pages are freed when the stop is read (call
+N+1's KV writes to them are ordered before any later call's, since every call consumes the
+arena the previous one produced). ``overlap=False`` reads each call's tokens right after it.
+
 Shapes are bucketed (slots, tokens, pages to powers of two) so a handful of programs serve any mix.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
@@ -97,10 +109,31 @@ class _Req:
     max_new_tokens: int
     sampling: SamplingParams
     stop_ids: tuple[int, ...]
-    generated: list[int] = dataclasses.field(default_factory=list)
+    generated: list[int] = dataclasses.field(default_factory=list)  # PENDING: still on the device
     done: bool = False
     finish_reason: str | None = None
     message: str = ""
+    pending: int = 0  # PENDING entries in `generated` (tokens of calls not read yet)
+    # where generated[-1] is while it is PENDING: (its call's output [steps, N * slots], flat index)
+    feed: tuple[Any, int] | None = None
+
+
+PENDING = -1  # a generated token still on the device (a placeholder until its call is read)
+
+
+@dataclasses.dataclass
+class _Call:
+    """A dispatched program call whose sampled tokens the host has not read yet."""
+
+    outs: tuple[Any, ...]  # per lane: [steps, N * slots] int32 (numpy for the host-scheduled step)
+    lanes: tuple[LaneShape, ...]
+    # per lane: (request id, KV device, slot, tokens it samples, first index in `generated`)
+    places: list[list[tuple[str, int, int, int, int]]]
+    decode: bool
+    prefill_tokens: int  # prompt tokens the call computes (for the prefill-rate estimate)
+    models: frozenset[str]
+    dispatched: float  # time.perf_counter() at dispatch
+    compiled: bool  # the call compiled its program (its time is not a prefill rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +182,8 @@ class GroupRunner:
     mesh with device-to-device transfers, `host_step.HostScheduledStep`), or "auto" (each program
     structure runs both for its first calls, timed, then keeps the faster: `MeasuredChoice`).
     Colocated stores always run "lowered" (there is one device: nothing to schedule between).
+    overlap: a step reads the previous step's tokens instead of its own, so host work (planning,
+    inputs, streaming) overlaps the device's (module docstring); False: each call is read at once.
     """
 
     def __init__(
@@ -171,6 +206,7 @@ class GroupRunner:
         buckets: ShapeBuckets | None = None,
         mixed_lanes: str | None = None,
         execution: str = "lowered",
+        overlap: bool = True,
     ):
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
@@ -210,7 +246,19 @@ class GroupRunner:
         self.swapped_pages = 0
         self.link_rate: float | None = None  # measured host<->device bytes/s (swaps)
         self.prefill_rate: dict[str, float] = {}  # measured prefill tokens/s per model
-        self._compiled_last_call = False
+        self.overlap = overlap
+        self._inflight: collections.deque[_Call] = collections.deque()
+        self._read_tokens: dict[str, list[int]] = {}  # read since the last StepResult
+        self._read_finished: dict[str, tuple[str, str]] = {}
+        self._launched: tuple[int, tuple[str, ...]] | None = None  # (calls, preempted) of launch()
+        self._last_ready = 0.0  # perf_counter when the last read call was seen finished
+        # host-side accounting: seconds in launch() (planning, inputs, dispatch), seconds blocked
+        # reading calls' tokens, tokens sampled for requests that had ended when read (a stop read
+        # one call late with overlap, a cancel)
+        self.launch_seconds = 0.0
+        self.wait_seconds = 0.0
+        self.dropped_tokens = 0
+        self._feed = jax.jit(_feed_tokens, out_shardings=self.store.sharding, donate_argnums=(0,))
         hp = self.kv.config.host_swap_pages
         self._host_swap = (np.zeros((hp, layout.rows_per_page, layout.row_elems), _np_dtype(layout.dtype))
                            if hp else None)
@@ -275,7 +323,6 @@ class GroupRunner:
         """Builds `spec`'s program on this thread (it compiles on its first call)."""
         prog = self._strategy(spec, build_step(spec, self.store, self.platform))
         self.programs_built += 1
-        self._compiled_last_call = True
         self._insert(spec, prog)
         return prog
 
@@ -400,18 +447,21 @@ class GroupRunner:
                                      sampling, tuple(int(s) for s in stop_ids))
 
     def cancel(self, request_id: str) -> bool:
-        """Ends a live request; its pages are free when this returns."""
+        """Ends a live request; its pages are free when this returns (tokens of it still on the
+        device are dropped when their call is read)."""
         r = self.reqs.get(request_id)
         if r is None or r.done:
             return False
-        self.planner.cancel(request_id)
+        if not self.planner.info(request_id).status.is_terminal:  # else: ended on placeholders
+            self.planner.cancel(request_id)
         self._end(r, "cancelled", "cancelled")
         return True
 
     def fail(self, request_id: str, message: str) -> None:
         r = self.reqs.get(request_id)
         if r is not None and not r.done:
-            self.planner.fail(request_id, message)
+            if not self.planner.info(request_id).status.is_terminal:
+                self.planner.fail(request_id, message)
             self._end(r, "error", message)
 
     def _end(self, r: _Req, reason: str, message: str) -> None:
@@ -421,11 +471,22 @@ class GroupRunner:
 
     @property
     def has_work(self) -> bool:
-        return self.planner.has_live_requests
+        """Live requests: to plan, or with tokens still in flight (calls in flight that hold only
+        ended requests' tokens are not work: the next step reads and drops them)."""
+        return self.planner.has_live_requests or bool(self.reqs)
 
     # -- the step --
     def step(self) -> StepResult:
-        """One engine step (see module docstring)."""
+        """One engine step (see module docstring): `launch()`, then `result()`."""
+        self.launch()
+        return self.result()
+
+    def launch(self) -> None:
+        """Plans one step and dispatches its program calls without waiting for them. With
+        `overlap`, the planner sees the previous step's tokens as placeholders (module docstring)."""
+        if self._launched is not None:
+            raise RuntimeError("launch() twice without result()")
+        t_launch, waited = time.perf_counter(), self.wait_seconds
         k = self.steps_per_call
         decode_lengths = {}
         for rid in self.planner.running():
@@ -448,48 +509,102 @@ class GroupRunner:
             preempted.append(str(p.request_id))
         work = [_Work(self.reqs[str(s.request_id)], s.token_start, s.token_end,
                       s.phase == Phase.DECODE, s.samples_token) for s in plan.run]
-        tokens: dict[str, list[int]] = {}
-        finished: dict[str, tuple[str, str]] = {}
         calls = 0
         while work:
+            if any(w.req.pending for w in work if not w.decode):
+                # a prefill (a recomputed request's) reads tokens still on the device: read them
+                self._collect(keep=0)
+                work = [w for w in work if not w.req.done]
             pre = [w for w in work if not w.decode]
             dec = [w for w in work if w.decode]
             rest: list[_Work] = []
             if pre:
-                t0 = time.perf_counter()
-                rest += self._run(pre, False, tokens)
-                self._note_prefill(pre, time.perf_counter() - t0)
+                rest += self._run(pre, False)
                 calls += 1
             if dec:
-                rest += self._run(dec, True, tokens)
+                rest += self._run(dec, True)
                 calls += 1
-            work = rest
-        for rid, toks in tokens.items():
-            r = self.reqs.get(rid)
-            if r is None:
-                continue
-            stop_at = next((i for i, t in enumerate(toks) if t in r.stop_ids), None)
-            if stop_at is not None:
-                toks = toks[: stop_at + 1]
-                tokens[rid] = toks
-            r.generated.extend(toks)
-            info = self.planner.append_tokens(rid, toks)
-            if stop_at is not None and info.status == RequestStatus.RUNNING:
-                self.planner.finish(rid, "stop token")
-                info = self.planner.info(rid)
-            if info.status == RequestStatus.FINISHED:
-                reason = "stop" if stop_at is not None else "length"
-                finished[rid] = (reason, info.message)
-                self._end(r, reason, info.message)
+            if not self.overlap:
+                self._collect(keep=0)
+            # a decode range cut at a segment end continues in a follow-up call unless it ended
+            work = [w for w in rest if not w.req.done]
         self.calls += calls
-        return StepResult(tokens, finished, calls, tuple(preempted))
+        self._launched = (calls, tuple(preempted))
+        # reads inside launch (overlap off, or a prefill that needs tokens in flight) are waits
+        self.launch_seconds += time.perf_counter() - t_launch - (self.wait_seconds - waited)
 
-    def _note_prefill(self, items: list[_Work], seconds: float) -> None:
+    def result(self) -> StepResult:
+        """Reads the calls before the last `launch()`'s (all calls without `overlap`): their tokens,
+        and the requests that ended. Blocks until those calls' device work is done."""
+        if self._launched is None:
+            raise RuntimeError("result() without launch()")
+        calls, preempted = self._launched
+        self._launched = None
+        self._collect(keep=calls if self.overlap else 0)
+        tokens, finished = self._read_tokens, self._read_finished
+        self._read_tokens, self._read_finished = {}, {}
+        return StepResult(tokens, finished, calls, preempted)
+
+    def drain(self) -> StepResult:
+        """Reads every call in flight (nothing new is planned)."""
+        self._collect(keep=0)
+        tokens, finished = self._read_tokens, self._read_finished
+        self._read_tokens, self._read_finished = {}, {}
+        return StepResult(tokens, finished, 0, ())
+
+    def _collect(self, keep: int) -> None:
+        """Reads the oldest calls in flight until `keep` are left: revises placeholders to the
+        sampled tokens, ends requests at a stop token or (all tokens read) at max_new_tokens."""
+        n = self.store.num_devices
+        while len(self._inflight) > keep:
+            call = self._inflight.popleft()
+            t_wait = time.perf_counter()
+            got_lanes = [np.asarray(o) for o in call.outs]  # waits for the call's device work
+            ready = time.perf_counter()
+            self.wait_seconds += ready - t_wait
+            if not call.decode and not call.compiled:
+                # the device started this call when it was dispatched or when the previous call
+                # finished, whichever was later
+                self._note_prefill(call.prefill_tokens, call.models,
+                                   ready - max(call.dispatched, self._last_ready))
+            self._last_ready = ready
+            for lane, place, got in zip(call.lanes, call.places, got_lanes, strict=True):
+                got = got.reshape(got.shape[0], n, lane.slots)
+                for rid, d, bi, count, g0 in place:
+                    r = self.reqs.get(rid)
+                    if r is None or r.done:  # ended since (cancel, stop read earlier, unload)
+                        self.dropped_tokens += count
+                        continue
+                    seq = [int(v) for v in got[:, d, bi] if v >= 0][:count]
+                    self._deliver(r, g0, count, seq)
+
+    def _deliver(self, r: _Req, g0: int, count: int, seq: list[int]) -> None:
+        """The `seq` sampled for placeholders generated[g0 : g0 + count] of `r`."""
+        rid = r.request_id
+        stop_at = next((i for i, t in enumerate(seq) if t in r.stop_ids), None)
+        if stop_at is not None:
+            seq = seq[: stop_at + 1]
+        elif len(seq) != count:
+            raise RuntimeError(f"request {rid}: the device sampled {len(seq)} of {count} tokens "
+                               "without a stop token")
+        r.generated[g0:g0 + len(seq)] = seq
+        r.pending -= count
+        self.planner.revise_tokens(rid, g0, seq)
+        self._read_tokens.setdefault(rid, []).extend(seq)
+        info = self.planner.info(rid)
+        if stop_at is not None:
+            del r.generated[g0 + len(seq):]  # placeholders of later calls: dropped
+            if not info.status.is_terminal:
+                info = self.planner.finish(rid, "stop token")
+            self._read_finished[rid] = ("stop", info.message)
+            self._end(r, "stop", info.message)
+        elif r.pending == 0 and info.status == RequestStatus.FINISHED:
+            self._read_finished[rid] = ("length", info.message)
+            self._end(r, "length", info.message)
+
+    def _note_prefill(self, total: int, models: frozenset[str], seconds: float) -> None:
         """Measured prefill throughput per model (EMA over calls) -> the planner's recompute cost."""
-        if self._compiled_last_call:  # compile time is not prefill time
-            return
-        total = sum(min(w.end - w.start, self.prefill_chunk) for w in items)
-        for m in {w.req.model for w in items}:
+        for m in models:
             rate = total / max(seconds, 1e-9)  # tokens of all models per second of this call
             old = self.prefill_rate.get(m)
             self.prefill_rate[m] = rate if old is None else 0.8 * old + 0.2 * rate
@@ -528,8 +643,9 @@ class GroupRunner:
                 return i, s, list(segs[:i])
         raise RuntimeError(f"request {rid}: no KV segment holds position {pos}: {segs}")
 
-    def _run(self, items: list[_Work], decode: bool, tokens: dict[str, list[int]]) -> list[_Work]:
-        """Runs one program over `items`; returns the work left (ranges cut at segment ends)."""
+    def _run(self, items: list[_Work], decode: bool) -> list[_Work]:
+        """Dispatches one program over `items` (its tokens enter `generated` as placeholders, read
+        by `_collect`); returns the work left (ranges cut at segment ends)."""
         store = self.store
         n, n_kv = store.num_devices, store.num_kv
         base = store.kv_first_page
@@ -549,6 +665,7 @@ class GroupRunner:
         lanes: list[LaneShape] = []
         host_inputs: list[dict[str, np.ndarray]] = []
         placements: list[list[tuple[str, int, int, int, bool]]] = []
+        feeds: list[list[tuple[int, Any, int]]] = []  # per lane: (tokens row, source, flat index)
         k_steps = 1
         # one lane per model class (MLA: per model): its models are groups of one program
         by_class: dict[Any, tuple[list[str], list]] = {}
@@ -618,12 +735,12 @@ class GroupRunner:
                 arr["x_pages"] = np.full((n, x, L, pages), -1, np.int32)
                 arr["x_len"] = np.zeros((n, x), np.int32)
             place = []
+            feed = []
             x_fill = [0] * n
             for d in range(n_kv):
                 row_ptr = 0
                 for bi, (w, s0, e0, seg, older, _) in enumerate(per_dev[d]):
                     r = w.req
-                    new_toks = tokens.get(r.request_id, [])
                     q = e0 - s0
                     rows_idx = (np.arange(q) + row_ptr) if not decode else np.array([bi])
                     gi = gidx[r.model]
@@ -632,14 +749,24 @@ class GroupRunner:
                     arr["tok_grp"][d, rows_idx] = gi
                     arr["slot_grp"][d, bi] = gi
                     if decode:
-                        arr["tokens"][d, bi] = _tokens_at(r, new_toks, s0, s0 + 1)[0]
+                        tok = _tokens_at(r, [], s0, s0 + 1)[0]
+                        if tok == PENDING:  # sampled by a call still in flight: read on device
+                            if r.feed is None or s0 != len(r.prompt) + len(r.generated) - 1:
+                                raise RuntimeError(f"request {r.request_id}: input token at {s0} "
+                                                   "is on the device but not its last")
+                            feed.append((d * t + bi, *r.feed))
+                        arr["tokens"][d, bi] = tok
                         arr["positions"][d, bi] = s0
                         arr["tok_slot"][d, bi] = bi
                         arr["sample_row"][d, bi] = bi
                         arr["tail_len"][d, bi] = s0 - seg.token_start + 1
                         arr["remaining"][d, bi] = e0 - s0
                     else:
-                        arr["tokens"][d, rows_idx] = _tokens_at(r, new_toks, s0, e0)
+                        toks = _tokens_at(r, [], s0, e0)
+                        if PENDING in toks:
+                            raise RuntimeError(f"request {r.request_id}: prefill of positions "
+                                               f"[{s0}, {e0}) reads tokens still on the device")
+                        arr["tokens"][d, rows_idx] = toks
                         arr["positions"][d, rows_idx] = np.arange(s0, e0)
                         arr["tok_slot"][d, rows_idx] = bi
                         arr["cu_q"][d, bi + 1:] = row_ptr + q
@@ -671,13 +798,33 @@ class GroupRunner:
             lanes.append(LaneShape(cls, g_count, b, t, pages, x, c, s_w))
             host_inputs.append(arr)
             placements.append(place)
+            feeds.append(feed)
         steps = (self.steps_per_call if self.buckets.fixed_steps else _pow2(k_steps)) if decode else 1
         spec = StepSpec(tuple(lanes), decode, steps, self.backend)
         sharding = store.sharding
+        dev_feeds: list[dict[int, tuple[Any, list[int], list[int]]]] = []
+        for arr, feed in zip(host_inputs, feeds, strict=True):
+            by_src: dict[int, tuple[Any, list[int], list[int]]] = {}
+            for row, src, idx in feed:
+                if isinstance(src, np.ndarray):  # a host-scheduled call's tokens: already here
+                    arr["tokens"].reshape(-1)[row] = src.reshape(-1)[idx]
+                else:
+                    by_src.setdefault(id(src), (src, [], []))[1:] and (
+                        by_src[id(src)][1].append(row), by_src[id(src)][2].append(idx))
+            dev_feeds.append(by_src)
         dev_inputs = tuple({key: jax.device_put(v.reshape(-1, *v.shape[2:]), sharding)
                             for key, v in arr.items()} for arr in host_inputs)
+        for inp, by_src in zip(dev_inputs, dev_feeds, strict=True):
+            for src, rows, idx in by_src.values():
+                m = _pow2(len(rows), 8)  # padded: out-of-range rows are dropped
+                rows_a = np.full(m, inp["tokens"].shape[0], np.int32)
+                rows_a[: len(rows)] = rows
+                idx_a = np.zeros(m, np.int32)
+                idx_a[: len(idx)] = idx
+                inp["tokens"] = self._feed(inp["tokens"], rows_a, src, idx_a)
         prog = self._lookup(spec)
-        self._compiled_last_call = False
+        compiled_before = self.programs_built
+        dispatched = time.perf_counter()
         if prog is None and len(lanes) > 1 and self.mixed_lanes == "split":
             # a new mix of lanes: run them one by one with one-lane programs (shared by every mix
             # they occur in; the lanes of a step are independent) while the merged program
@@ -692,18 +839,28 @@ class GroupRunner:
         else:
             prog = prog or self._compile(spec)
             store.arena, outs = prog(store.arena, dev_inputs)
+        # the call's tokens, as placeholders until `_collect` reads them
+        places = []
         for lane, place, out in zip(lanes, placements, outs, strict=True):
-            got = np.asarray(out).reshape(out.shape[0], n, lane.slots)
-            for rid, d, bi, count, samples in place:
+            lane_places = []
+            for rid, d, bi, q, samples in place:
                 if not samples:
                     continue
-                seq = [int(v) for v in got[:, d, bi] if v >= 0]
-                if decode:
-                    seq = seq[:count]
-                tokens.setdefault(rid, []).extend(seq)
-        # a decode range cut at a segment end continues in the next call unless it stopped
-        return [w for w in rest
-                if not (w.decode and any(t in w.req.stop_ids for t in tokens.get(w.req.request_id, [])))]
+                count = q if decode else 1  # a prefill samples one token, after its last row
+                r = self.reqs[rid]
+                g0 = len(r.generated)
+                r.generated.extend([PENDING] * count)
+                r.pending += count
+                last_step = count - 1 if decode else 0
+                r.feed = (out, last_step * n * lane.slots + d * lane.slots + bi)
+                self.planner.append_tokens(rid, [PENDING] * count)
+                lane_places.append((rid, d, bi, count, g0))
+            places.append(lane_places)
+        prefill_tokens = 0 if decode else sum(q for place in placements for _, _, _, q, _ in place)
+        self._inflight.append(_Call(tuple(outs), tuple(lanes), places, decode, prefill_tokens,
+                                    frozenset(w.req.model for w in items), dispatched,
+                                    self.programs_built != compiled_before))
+        return rest
 
 
 def _tokens_at(r: _Req, new: list[int], start: int, end: int) -> list[int]:
@@ -720,6 +877,13 @@ def _tokens_at(r: _Req, new: list[int], start: int, end: int) -> list[int]:
         raise RuntimeError(f"request {r.request_id}: positions [{start}, {end}) past its "
                            f"{p + g + len(new)} known tokens")
     return out
+
+
+def _feed_tokens(tokens: jax.Array, rows: jax.Array, src: jax.Array, idx: jax.Array) -> jax.Array:
+    """tokens [N * T] with tokens[rows[i]] = src.flat[idx[i]]: decode input tokens taken from the
+    output [steps, N * B] of the call that sampled them, on the device (rows past the end: padding,
+    dropped). Jitted per runner with the step inputs' sharding; donates: tokens."""
+    return tokens.at[rows].set(src.reshape(-1)[idx], mode="drop")
 
 
 @functools.partial(jax.jit)

@@ -13,7 +13,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     arena_bytes = "64MiB"       page_bytes = 16384      weights_fraction = 0.5
     steps_per_call = 4          prefill_chunk = 64      max_prefill_tokens = 512
     micro_batches = 1           dtype = "float32"       attention_backend = "reference"
-    execution = "lowered"
+    execution = "lowered"       overlap = true
     [tls]
     cert = "server.pem"
     key = "server.key"
@@ -207,6 +207,7 @@ ENGINE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "dtype": _choice(DTYPES),
     "attention_backend": _choice(ATTENTION_BACKENDS),
     "execution": _choice(EXECUTIONS),
+    "overlap": _bool,
 }
 TABLES = ("models", "engine", "tls")
 TLS_KEYS = {"cert": "tls_cert", "key": "tls_key"}

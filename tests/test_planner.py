@@ -471,16 +471,35 @@ def test_cancel_fail_finish_and_messages() -> None:
     with pytest.raises(PlannerError, match="already ended"):
         planner.cancel("r2")
     planner.submit(spec("r3", "A", 4, 4))
-    with pytest.raises(PlannerError, match="only a running request finishes"):
-        planner.finish("r3")
     info = planner.fail("r3", "tokenizer error")
     assert info.status == RequestStatus.FAILED and info.message == "tokenizer error"
+    with pytest.raises(PlannerError, match="already ended"):
+        planner.finish("r3")
+    planner.submit(spec("r4", "A", 4, 4))  # waiting: a stop learned late (planning ahead) ends it
+    assert planner.finish("r4", "stop token").status == RequestStatus.FINISHED
+    planner.forget("r4")
     engine.end("r1", "fail")
     assert not planner.has_live_requests and kv.pool_stats().pages_used == 0
     planner.forget("r3")
     with pytest.raises(PlannerError, match="unknown request"):
         planner.info("r3")
     planner.check_invariants()
+
+
+def test_placeholder_tokens_are_revised() -> None:
+    """Planning ahead: tokens still on the device are appended as placeholders (their count is what
+    planning needs), then revised to their values; a request can end on placeholders."""
+    planner = make_planner(pages_per_device=8)
+    planner.submit(spec("r", "A", 5, 3))
+    planner.step()  # prefill: samples one token
+    planner.append_tokens("r", [-1])
+    planner.step(StepInput(decode_lengths={"r": 7}))
+    info = planner.append_tokens("r", [-1, -1])
+    assert info.status == RequestStatus.FINISHED and info.generated == (-1, -1, -1)
+    planner.revise_tokens("r", 0, [7])
+    assert planner.revise_tokens("r", 1, [8, 9]).generated == (7, 8, 9)
+    with pytest.raises(PlannerError, match="outside the 3 generated"):
+        planner.revise_tokens("r", 2, [1, 2])
 
 
 def test_max_new_tokens_finishes_and_frees() -> None:

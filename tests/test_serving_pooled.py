@@ -83,8 +83,14 @@ def _reference(name: str, prompt: list[int], n: int) -> list[int]:
     return list(ReferenceGenerator(m.config, w).generate(prompt, n).token_ids)
 
 
+# steps until a request's first token streams: the prefill's step dispatches it, the next step reads
+# it (the engine reads a step's tokens after dispatching the next: host work overlaps device work)
+FIRST_TOKEN_STEPS = 2
+
+
 def _held_after_first_token(engine, stream):
-    """Lets the engine run one step (admission + prefill: the first token), then holds it."""
+    """With `engine.budget = FIRST_TOKEN_STEPS`: the first token streams (a decode call is then in
+    flight), then the engine holds."""
     first = next(stream)
     assert _wait(lambda: engine.budget == 0)
     return first
@@ -181,7 +187,7 @@ def test_resource_exhausted_then_cancel(served):
 
 def test_cancel_frees_pages_at_once(served):
     _s, engine, client, _url = served
-    engine.budget = 1
+    engine.budget = FIRST_TOKEN_STEPS
     stream = client.generate_stream(A, prompt_ids=[1, 2, 3], max_new_tokens=200, ignore_eos=True)
     _held_after_first_token(engine, stream)
     st = client.stats()
@@ -196,7 +202,7 @@ def test_cancel_frees_pages_at_once(served):
 
 def test_deadline_stops_generation_and_frees_pages(served):
     _s, engine, client, _url = served
-    engine.budget = 1
+    engine.budget = FIRST_TOKEN_STEPS
     cancelled = client.stats().cancelled
     stream = client.generate_stream(A, prompt_ids=[1, 2, 3], max_new_tokens=200, ignore_eos=True, timeout=1.5)
     with pytest.raises(grpc.RpcError) as ei:
@@ -209,7 +215,7 @@ def test_deadline_stops_generation_and_frees_pages(served):
 
 def test_unload_with_a_live_request_aborts_it(served):
     _s, engine, client, _url = served
-    engine.budget = 1
+    engine.budget = FIRST_TOKEN_STEPS
     stream = client.generate_stream(B, prompt_ids=[6, 10, 33], max_new_tokens=200, ignore_eos=True)
     _held_after_first_token(engine, stream)
     assert _pages_used(client) > 0
@@ -230,7 +236,7 @@ def test_graceful_drain_finishes_the_live_stream(served):
     """Last: stops the server. A stream that is live when stop(grace) begins runs to its end; a new
     call during the drain is refused."""
     s, engine, client, _url = served
-    engine.budget = 1
+    engine.budget = FIRST_TOKEN_STEPS
     stream = client.generate_stream(A, prompt_ids=[5, 9, 33, 7], max_new_tokens=8, ignore_eos=True,
                                     timeout=120)
     got = [_held_after_first_token(engine, stream)]

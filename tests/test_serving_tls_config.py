@@ -362,6 +362,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         dtype = "float32"
         attention_backend = "reference"
         execution = "auto"
+        overlap = false
         """,
     )
     s = build_settings(load_config(path))
@@ -369,7 +370,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
     assert s.warmup is False and s.engine == dict(
         arena_bytes=8 << 20, page_bytes=4096, weights_fraction=0.25, steps_per_call=2, prefill_chunk=32,
         max_prefill_tokens=128, micro_batches=2, dtype="float32", attention_backend="reference",
-        execution="auto")
+        execution="auto", overlap=False)
     assert s.engine_config() == EngineConfig(**s.engine)
     # flags win over the file, field by field; sizes take units
     args = build_parser().parse_args(
@@ -380,6 +381,8 @@ def test_engine_settings_from_file_and_flags(tmp_path):
     assert s.engine["page_bytes"] == 4096 and s.warmup is False
     args = build_parser().parse_args(["serve", "--config", path, "--execution", "host"])
     assert serve_settings(args).engine["execution"] == "host"
+    args = build_parser().parse_args(["serve", "--config", path, "--overlap"])
+    assert serve_settings(args).engine["overlap"] is True
     args = build_parser().parse_args(["serve", "--config", path, "--precompile-context", "512"])
     assert serve_settings(args).precompile_context == 512
     assert serve_settings(build_parser().parse_args(["serve"])).engine == {}
@@ -397,6 +400,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         ('[engine]\ndtype = "int8"', "key 'engine.dtype': must be one of float32, bfloat16, float16"),
         ('[engine]\nattention_backend = "cuda"', "key 'engine.attention_backend': must be one of gpu"),
         ('[engine]\nexecution = "fast"', "key 'engine.execution': must be one of lowered, host, auto"),
+        ('[engine]\noverlap = "yes"', "key 'engine.overlap': must be"),
         ("engine = 3", "key 'engine': must be a table"),
         ('warmup = "yes"', "key 'warmup': must be true or false"),
         ("precompile_context = -1", "key 'precompile_context': must be >= 0"),

@@ -138,7 +138,8 @@ class _Call:
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """What one `GroupRunner.step()` produced: new tokens per request and the requests that ended."""
+    """What one `GroupRunner.step()` read: new tokens per request and the requests that ended (with
+    overlap, the tokens of the previous step's calls; `calls` and `preempted` are this step's)."""
 
     tokens: dict[str, list[int]]
     finished: dict[str, tuple[str, str]]  # request id -> (finish reason, message)
@@ -545,13 +546,6 @@ class GroupRunner:
         self._read_tokens, self._read_finished = {}, {}
         return StepResult(tokens, finished, calls, preempted)
 
-    def drain(self) -> StepResult:
-        """Reads every call in flight (nothing new is planned)."""
-        self._collect(keep=0)
-        tokens, finished = self._read_tokens, self._read_finished
-        self._read_tokens, self._read_finished = {}, {}
-        return StepResult(tokens, finished, 0, ())
-
     def _collect(self, keep: int) -> None:
         """Reads the oldest calls in flight until `keep` are left: revises placeholders to the
         sampled tokens, ends requests at a stop token or (all tokens read) at max_new_tokens."""
@@ -809,8 +803,9 @@ class GroupRunner:
                 if isinstance(src, np.ndarray):  # a host-scheduled call's tokens: already here
                     arr["tokens"].reshape(-1)[row] = src.reshape(-1)[idx]
                 else:
-                    by_src.setdefault(id(src), (src, [], []))[1:] and (
-                        by_src[id(src)][1].append(row), by_src[id(src)][2].append(idx))
+                    _, rows, idxs = by_src.setdefault(id(src), (src, [], []))
+                    rows.append(row)
+                    idxs.append(idx)
             dev_feeds.append(by_src)
         dev_inputs = tuple({key: jax.device_put(v.reshape(-1, *v.shape[2:]), sharding)
                             for key, v in arr.items()} for arr in host_inputs)

@@ -5,7 +5,8 @@ as placeholders, decode inputs still on the device are gathered there, a stop re
 drops the tokens of the call that ran past it. Checked here: the schedule (every decode call after
 the first is dispatched before its predecessor is read), equality with the reference and with
 `overlap=False` (greedy, seeded sampling, stop ids, split KV), dropped tokens, cancel with calls in
-flight, and the planner's placeholders being revised to the real tokens.
+flight, and the planner's placeholders being revised to the real tokens. Sampled requests (seeded;
+GQA and MLA) equal the reference in both settings, so on and off agree on them too.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _requests(refs: References, tag: str) -> list[Req]:
         Req("mx", MIX, _prompt(11, 9), 13),
         Req("mx-stop", MIX, _prompt(12, 6), 14),
         Req("qw-s", QWEN, _prompt(13, 5), 11, SAMPLED),
-        Req("ds", DSV3, _prompt(14, 7), 12),
+        Req("ds-s", DSV3, _prompt(14, 7), 12, dataclasses.replace(SAMPLED, seed=5)),
         Req("ds-long", DSV3, _prompt(15, 44), 9),  # 53 KV tokens: past one KV device's 3 rows of 16
     ]
     full, _ = refs(reqs[1])
@@ -119,18 +120,6 @@ def test_overlap_schedule_and_reference_equality(demo, overlap: bool) -> None:
     assert runner.kv.pool_stats().pages_used == 0 and not runner.reqs
     assert not runner.has_work
     runner.kv.check_invariants()
-
-
-def test_overlap_on_and_off_give_equal_sampled_tokens(demo) -> None:
-    refs, runner = demo
-    reqs = [Req(f"s{i}", m, _prompt(30 + i, 4 + 3 * i), 10, dataclasses.replace(SAMPLED, seed=i))
-            for i, m in enumerate([MIX, QWEN, DSV3])]
-    logs = []
-    for overlap in (False, True):
-        runner.overlap = overlap
-        logs.append(drive(runner, [dataclasses.replace(r, rid=f"{r.rid}-{overlap}") for r in reqs]))
-    for r in reqs:
-        assert logs[0].tokens[f"{r.rid}-False"] == logs[1].tokens[f"{r.rid}-True"] == refs(r)[0]
 
 
 def test_cancel_with_calls_in_flight_frees_pages_and_drops_tokens(demo) -> None:

@@ -472,8 +472,8 @@ class GroupRunner:
 
     @property
     def has_work(self) -> bool:
-        """Live requests: to plan, or with tokens still in flight (calls in flight that hold only
-        ended requests' tokens are not work: the next step reads and drops them)."""
+        """Live requests: to plan, or with tokens still in flight (a step that ends the last live
+        request lets go of the calls still in flight: they hold only ended requests' tokens)."""
         return self.planner.has_live_requests or bool(self.reqs)
 
     # -- the step --
@@ -542,6 +542,9 @@ class GroupRunner:
         calls, preempted = self._launched
         self._launched = None
         self._collect(keep=calls if self.overlap else 0)
+        if not self.reqs:  # the calls still in flight hold only ended requests' tokens: let go
+            self.dropped_tokens += sum(p[3] for call in self._inflight for lane in call.places for p in lane)
+            self._inflight.clear()
         tokens, finished = self._read_tokens, self._read_finished
         self._read_tokens, self._read_finished = {}, {}
         return StepResult(tokens, finished, calls, preempted)

@@ -118,7 +118,7 @@ def test_overlap_schedule_and_reference_equality(demo, overlap: bool) -> None:
     else:
         assert not late and trace.feeds == 0 and runner.dropped_tokens == dropped
     assert runner.kv.pool_stats().pages_used == 0 and not runner.reqs
-    assert not runner.has_work
+    assert not runner.has_work and not runner._inflight  # nothing left to read later
     runner.kv.check_invariants()
 
 

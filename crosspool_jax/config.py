@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -302,14 +303,39 @@ def family_of(hf: Mapping[str, Any], source: str = "config.json") -> Family:
 
 
 def from_hf_config(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
-    """Builds a ModelConfig from a parsed HF config.json. Raises ConfigError naming `source`."""
+    """Builds a ModelConfig from a parsed HF config.json. Raises ConfigError naming `source`.
+    eos ids outside the vocabulary are dropped with a warning (`without_unreachable_eos`)."""
     family = family_of(hf, source)
     try:
-        return _from_hf(hf, family)
+        cfg = _from_hf(hf, family)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{source}: bad or missing field for {family.value}: {e!r}") from None
+    return without_unreachable_eos(cfg, source)
+
+
+class UnreachableEosWarning(UserWarning):
+    """A model config names eos ids its vocabulary cannot produce (they were dropped)."""
+
+
+def without_unreachable_eos(cfg: ModelConfig, source: str = "model config") -> ModelConfig:
+    """`cfg` without the eos ids outside [0, vocab_size), with one warning naming them.
+
+    Such ids can never be generated (HF transformers generates from such a config and simply never
+    stops on them), so they are not an error; stop ids a user passes explicitly are still checked
+    (`reference.validate_request`)."""
+    bad = [t for t in cfg.eos_token_ids if not 0 <= t < cfg.vocab_size]
+    if not bad:
+        return cfg
+    warnings.warn(
+        f"{source}: eos id{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} outside the vocabulary "
+        f"[0, {cfg.vocab_size}) dropped (they can never be generated)",
+        UnreachableEosWarning,
+        stacklevel=2,
+    )
+    kept = tuple(t for t in cfg.eos_token_ids if 0 <= t < cfg.vocab_size)
+    return dataclasses.replace(cfg, eos_token_ids=kept)
 
 
 def _from_hf(hf: Mapping[str, Any], family: Family) -> ModelConfig:

@@ -55,7 +55,7 @@ from crosspool_jax.host_step import EXECUTIONS
 from crosspool_jax.params import ModelWeights, tree_bytes
 from crosspool_jax.planner import ModelLimits, RequestRejected
 from crosspool_jax.pool_runner import GroupRunner
-from crosspool_jax.topology import PoolTopology, Role
+from crosspool_jax.topology import PoolTopology, Role, devices_needed, ensure_cpu_devices
 from pallas_kernels.page_layout import PoolLayout
 
 MODES = ("crosspool", "shared", "static")
@@ -122,6 +122,8 @@ class PooledEngine(ReferenceEngine):
         if cfg.execution == "host" and mode != "crosspool":
             raise InvalidRequestError(f"execution 'host' schedules layers between the two pools of "
                                       f"mode crosspool; mode {mode} has one device per group")
+        if devices is None:  # a CPU-only machine gets the virtual devices the split needs
+            ensure_cpu_devices(devices_needed(mode, pools))
         devs = list(devices or jax.devices())
         platform = "gpu" if devs[0].platform in ("gpu", "cuda") else "cpu"
         gpu = platform == "gpu"
@@ -287,9 +289,6 @@ class PooledEngine(ReferenceEngine):
         rb = group.store.row_bytes()
         st = group.store
         return ma.rows(Role.KV) * st.num_kv * rb, ma.rows(Role.WEIGHTS) * st.num_weights * rb
-
-    def model_eos_ids(self, name: str) -> tuple[int, ...]:
-        return tuple(self._model(name).generator.cfg.eos_token_ids)
 
     # ---- requests -----------------------------------------------------------------------------
     def cancel(self, request_id: str) -> bool:

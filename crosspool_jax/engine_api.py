@@ -12,16 +12,18 @@ reference path (`ReferenceGenerator`'s jitted prefill/decode) token by token on 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from crosspool_jax.config import ModelConfig
+from crosspool_jax.config import ModelConfig, without_unreachable_eos
 from crosspool_jax.detokenize import IncrementalDetokenizer
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
 from crosspool_jax.params import ModelWeights
@@ -208,14 +210,17 @@ class ReferenceEngine:
         self._counts = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
         self._worker = threading.Thread(target=self._run, name="crosspool-reference-engine", daemon=True)
         self._worker.start()
+        _RUNNING_ENGINES.add(self)
 
     # ---- models -------------------------------------------------------------------------------
     def add_model(
         self, name: str, config: ModelConfig, weights: ModelWeights, tokenizer: Any = None, source: str = ""
     ) -> ModelInfo:
-        """Registers an in-memory model (demo models, tests). Replacing a live name is refused."""
+        """Registers an in-memory model (demo models, tests). Replacing a live name is refused. eos
+        ids of `config` outside its vocabulary are dropped with a warning."""
         if not name:
             raise InvalidRequestError("a model name must not be empty")
+        config = without_unreachable_eos(config, f"model {name!r}")
         info = ModelInfo(
             name=name,
             family=str(config.family.value),
@@ -256,6 +261,10 @@ class ReferenceEngine:
     def list_models(self) -> list[ModelInfo]:
         with self._lock:
             return [m.info for m in self._models.values()]
+
+    def model_eos_ids(self, name: str) -> tuple[int, ...]:
+        """The model's eos ids (its config's, those inside the vocabulary): a request's default stops."""
+        return tuple(self._model(name).generator.cfg.eos_token_ids)
 
     def tokenizer(self, name: str) -> Any:
         """The model's tokenizer (None when it has none)."""
@@ -329,7 +338,12 @@ class ReferenceEngine:
         for lv in left:
             self._finish(lv, FINISH_ERROR, error="the engine shut down before the request finished")
         self._pending.put(None)
-        self._worker.join(timeout=5)
+        # Wait for the worker's current step, however long (an XLA compile can take minutes): a
+        # daemon thread still inside XLA when the interpreter finalizes aborts the whole process
+        # ("terminate called after throwing an instance of ''" / SIGSEGV).
+        if self._worker is not threading.current_thread():
+            self._worker.join()
+        _RUNNING_ENGINES.discard(self)
 
     # ---- internals ----------------------------------------------------------------------------
     def _put_token(self, lv: _Live, event: Event) -> bool:
@@ -409,6 +423,18 @@ class ReferenceEngine:
                 self._finish(lv, reason, last=(len(out) - 1, t, piece), completion_tokens=len(out))
                 return
             self._put_token(lv, Event(req.request_id, len(out) - 1, t, piece, time.time()))
+
+
+# Engines whose worker may still run. At interpreter exit (after non-daemon threads are joined,
+# before daemon threads are frozen) each is shut down, so no worker is inside XLA when the process
+# finalizes, even when the user never called shutdown().
+_RUNNING_ENGINES: weakref.WeakSet[ReferenceEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_running_engines() -> None:
+    for engine in list(_RUNNING_ENGINES):
+        engine.shutdown(timeout=0)
 
 
 def make_request(

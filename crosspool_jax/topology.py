@@ -112,3 +112,41 @@ def experts_per_device(num_experts: int, num_devices: int) -> int:
     if num_experts < 1 or num_devices < 1:
         raise TopologyError(f"need >= 1 expert and device, got {num_experts} and {num_devices}")
     return -(-num_experts // num_devices)
+
+
+def devices_needed(mode: str, pools: str | None) -> int:
+    """Devices a pooled engine of `mode` with device split `pools` uses (0: no more than exist).
+
+    crosspool "KV+W" -> KV + W (default split: at least 2); shared / static "N" -> N. A malformed
+    `pools` counts as 0 here: the engine refuses it with its own message."""
+    try:
+        if pools is None:
+            return 2 if mode == "crosspool" else 0
+        if "+" in pools:
+            return sum(int(p) for p in pools.split("+"))
+        return int(pools)
+    except ValueError:
+        return 0
+
+
+def ensure_cpu_devices(n: int) -> bool:
+    """Gives JAX's CPU backend at least `n` devices (virtual ones) if JAX has not started yet.
+
+    Only the CPU backend changes (`jax_num_cpu_devices`), so this is harmless where GPUs or TPUs
+    serve: they stay the default devices. Returns True when the CPU device count was raised; False
+    when enough were asked for already (XLA_FLAGS' --xla_force_host_platform_device_count or an
+    earlier call) or JAX's backends are already initialized (then the count cannot change: start
+    with XLA_FLAGS=--xla_force_host_platform_device_count=N instead)."""
+    import os
+    import re
+
+    from jax._src import xla_bridge
+
+    if n <= 1 or xla_bridge.backends_are_initialized():
+        return False
+    m = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    have = max(int(m.group(1)) if m else 1, int(jax.config.jax_num_cpu_devices))
+    if have >= n:
+        return False
+    jax.config.update("jax_num_cpu_devices", n)
+    return True

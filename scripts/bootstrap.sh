@@ -14,6 +14,15 @@ find_python() {  # $1 = minor version, e.g. 3.12
   echo "no Python $v found (looked on PATH and under pyenv)" >&2; return 1
 }
 
+pip_quiet() {  # $1 venv, rest: pip install arguments. pip's output goes to $1/pip.log, shown on failure
+  local venv="$1"; shift
+  if ! "$venv/bin/python" -m pip install -q "$@" >>"$venv/pip.log" 2>&1; then
+    tail -n 40 "$venv/pip.log" >&2
+    echo "[bootstrap] pip install $* failed (full log: $venv/pip.log)" >&2
+    return 1
+  fi
+}
+
 stamp_ok() {  # $1 venv, $2 content that defines it
   [ -f "$1/.stamp" ] && [ "$(cat "$1/.stamp")" = "$2" ]
 }
@@ -25,8 +34,8 @@ if ! stamp_ok .venv "$want_main"; then
   echo "[bootstrap] creating .venv with $py" >&2
   rm -rf .venv
   "$py" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  pip_quiet .venv --upgrade pip
+  pip_quiet .venv -e '.[dev]'
   .venv/bin/python -c 'import jax, flax, orbax.checkpoint, safetensors, tokenizers, grpc, pytest, hypothesis' \
     || { echo "[bootstrap] .venv is incomplete" >&2; exit 1; }
   printf '%s' "$want_main" > .venv/.stamp
@@ -40,7 +49,7 @@ if [ "${1:-}" = "--ref" ]; then
     rm -rf .venv-ref
     "$py" -m venv .venv-ref
     # shellcheck disable=SC2086
-    .venv-ref/bin/python -m pip install -q $want_ref 2>&1 | grep -v '^WARNING: Location' >&2 || true
+    pip_quiet .venv-ref $want_ref
     .venv-ref/bin/python -c 'import torch, transformers, safetensors' \
       || { echo "[bootstrap] .venv-ref is incomplete" >&2; exit 1; }
     printf '%s' "$want_ref" > .venv-ref/.stamp

@@ -54,6 +54,10 @@ MAX_ATTEMPTS = 40
 MIN_GREEDY_MARGIN = 3e-3
 MIN_ROUTER_MARGIN_LOGITS = 2e-3
 MIN_ROUTER_MARGIN_SIGMOID = 5e-4
+# Reloading the saved directory must reproduce the logits within this worst per-position relative L2
+# error: 10x tighter than the parity tests' 1e-4, far below what could move a greedy token (margins
+# >= MIN_GREEDY_MARGIN on logits of std ~1-4).
+RELOAD_TOLERANCE = 1e-5
 # Each prompt's greedy continuation must hold at least this many distinct tokens (no one-token loops).
 MIN_DISTINCT_GREEDY = 6
 
@@ -77,7 +81,8 @@ REFERENCE_NOTE = (
     "a token that never occurs in any greedy output, so greedy is the same whether or not an engine "
     "suppresses eos. Low-precision cases: the weights are rounded to the checkpoint dtype and the reference "
     "is those rounded weights evaluated in float32. Every saved directory is reloaded with from_pretrained "
-    "and must reproduce the logits bit for bit."
+    "and must reproduce the logits within thresholds.reload_max_relative_error (worst per-position "
+    "relative L2 error; torch may reduce in another order after a reload or on another CPU)."
 )
 
 
@@ -1065,7 +1070,9 @@ def save_model(model: torch.nn.Module, case: Case, case_dir: str) -> None:
 def check_saved(
     case: Case, case_dir: str, model_cls: type, ref_logits: np.ndarray, prompts: list[list[int]]
 ) -> list[str]:
-    """Reloads the saved directory with transformers (float32) and checks the logits are bit-identical.
+    """Reloads the saved directory with transformers (float32) and checks its logits equal the saved
+    model's within RELOAD_TOLERANCE (not bit for bit: torch's float32 kernels may reduce in another
+    order after a reload, or on another CPU; 4.3e-6 absolute was seen on one machine).
 
     Also checks the on-disk key layout (per-expert names, or fused names for 'fused') and the shard
     count; returns the sorted safetensors key names.
@@ -1100,11 +1107,21 @@ def check_saved(
     if bad:
         raise RuntimeError(f"reloading {case_dir}: {bad}")
     got = prompt_logits(reloaded.eval(), prompts, ref_logits.shape[-1])
-    if not np.array_equal(got, ref_logits):
+    err = reload_error(got, ref_logits)
+    if not err <= RELOAD_TOLERANCE:
         raise RuntimeError(
-            f"reloaded {case_dir} gives different logits (max diff {np.abs(got - ref_logits).max()})"
+            f"reloaded {case_dir} gives different logits: worst per-position relative error {err:.3g} "
+            f"> {RELOAD_TOLERANCE:g} (max abs diff {np.abs(got - ref_logits).max():.3g})"
         )
     return keys
+
+
+def reload_error(got: np.ndarray, ref: np.ndarray) -> float:
+    """Worst per-position relative L2 error of `got` vs `ref` (both Float['P T V'], padded positions
+    zero in both): the measure the parity tests use, per position."""
+    num = np.linalg.norm(got - ref, axis=-1)
+    den = np.maximum(np.linalg.norm(ref, axis=-1), np.finfo(np.float32).tiny)
+    return float((num / den).max())
 
 
 # ---- driver --------------------------------------------------------------------------------------
@@ -1277,6 +1294,7 @@ def main(argv: list[str] | None = None) -> int:
             "min_router_margin_logits": MIN_ROUTER_MARGIN_LOGITS,
             "min_router_margin_sigmoid": MIN_ROUTER_MARGIN_SIGMOID,
             "min_distinct_greedy_tokens": MIN_DISTINCT_GREEDY,
+            "reload_max_relative_error": RELOAD_TOLERANCE,
         },
         "cases": entries,
     }

@@ -129,6 +129,7 @@ def _generate_pooled(args: argparse.Namespace) -> int:
     from checkpoints import load_model
     from crosspool_jax.engine import PooledEngine
     from crosspool_jax.engine_api import ReferenceEngine, make_request
+    from crosspool_jax.reference import validate_request
     from crosspool_jax.sampling import SamplingParams
 
     engine = ReferenceEngine() if args.mode == "reference" else PooledEngine(mode=args.mode, pools=args.pools)
@@ -139,20 +140,27 @@ def _generate_pooled(args: argparse.Namespace) -> int:
             import jax
 
             host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        for i, path in enumerate(args.model):
+        loaded = []  # every model is placed before any request runs (static mode sizes its
+        for i, path in enumerate(args.model):  # reservations by the models placed)
             m = load_model(path, shardings=host)
             name = f"{i}:{path}"
             engine.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
+            loaded.append((name, path, m))
+        sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        requests = []  # all validated before the first is submitted
+        for name, path, m in loaded:
             if args.prompt is not None:
                 if m.tokenizer is None:
                     raise InvalidRequestError(f"{path}: --prompt needs a tokenizer.json; use --prompt-ids")
                 ids = m.tokenizer.encode(args.prompt)
             else:
                 ids = list(args.prompt_ids)
-            stops = list(m.config.eos_token_ids if args.stop_ids is None else args.stop_ids)
-            sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                seed=args.seed)
-            handles.append((path, m, engine.submit(make_request(name, ids, args.max_new_tokens, sp, stops))))
+            stops = list(engine.model_eos_ids(name) if args.stop_ids is None else args.stop_ids)
+            req = make_request(name, ids, args.max_new_tokens, sp, stops)
+            validate_request(m.config, req.prompt_ids, req.max_new_tokens, req.stop_token_ids)
+            requests.append((path, m, req))
+        for path, m, req in requests:
+            handles.append((path, m, engine.submit(req)))
         for path, m, h in handles:
             toks, reason, err = [], None, None
             for ev in h.events():
@@ -178,7 +186,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     import grpc
 
-    from serving.client import CrossPoolClient
+    from serving.client import CrossPoolClient, server_unavailable
 
     kw: dict = dict(
         max_new_tokens=args.max_new_tokens,
@@ -199,7 +207,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
             out = c.generate(args.model, **kw)
     except grpc.RpcError as e:
         hint = ""
-        if e.code() == grpc.StatusCode.UNAVAILABLE:
+        # a connection failure gets the hint; not the server's own "starting" / "shutting down"
+        if e.code() == grpc.StatusCode.UNAVAILABLE and not server_unavailable(e):
             hint = (
                 " (is the server up, does it speak TLS, and does --tls-ca trust its certificate?)"
                 if tls
@@ -351,7 +360,10 @@ def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettin
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Starts the server from the settings (serving.settings) and blocks until Ctrl-C / SIGTERM."""
+    """Starts the server from the settings (serving.settings): binds the port first (health
+    NOT_SERVING, calls answer UNAVAILABLE "the server is starting"), then builds the engine, loads and
+    warms up the models and flips health to SERVING; blocks until SIGINT / SIGTERM, then drains live
+    requests for --grace s (a second signal exits at once)."""
     from serving.settings import make_engine
 
     settings = serve_settings(args)
@@ -359,50 +371,78 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from serving.tls import server_credentials
 
         server_credentials(settings.tls_cert, settings.tls_key)
-    from serving.server import serve_forever, start_server
+    from serving.server import ServeInterrupted, ShutdownSignals, listen_error, serve_forever, start_server
 
     t0 = time.perf_counter()
-    engine = make_engine(settings, log=_log)
-    mode = str(getattr(engine, "mode", settings.mode))
+    if settings.metrics_port:  # a metrics port in use: say so now, not after the models are loaded
+        why = listen_error("127.0.0.1", settings.metrics_port)
+        if why:
+            raise OSError(f"--metrics-port: cannot listen on 127.0.0.1:{settings.metrics_port}: {why}")
+    # the port first: a port in use is refused before any model is loaded
+    running = start_server(
+        None,
+        settings.host,
+        settings.port,
+        auth_token=settings.auth_token,
+        max_workers=max(32, settings.max_live_requests + 16),
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+    )
+    listening = [f"serve: listening on {running.address}; health NOT_SERVING until the models are loaded"]
+
+    def start_log(msg: str) -> None:  # says the port is open with the first start-up line (if any)
+        while listening:
+            _log(listening.pop())
+        _log(msg)
+
+    signals = ShutdownSignals(log=_log).install()
+    signals.interrupt = True  # the first signal while starting stops the start-up
+    engine = None
     try:
+        engine = make_engine(settings, log=start_log)
+        mode = str(getattr(engine, "mode", settings.mode))
         if settings.warmup if settings.warmup is not None else mode != "reference":
             from serving.warmup import warm_up
 
-            warm_up(engine, log=_log)
+            warm_up(engine, log=start_log)
         if settings.precompile_context and hasattr(engine, "precompile"):
-            n = engine.precompile(settings.precompile_context, log=lambda m: _log(f"precompile: {m}"))
-            _log(f"precompile: {n} step programs for requests up to {settings.precompile_context} tokens")
-    except BaseException:
-        engine.shutdown(timeout=0)
-        raise
-    if hasattr(engine, "on_compile"):  # a compile while serving stalls the engine: say so
-        engine.on_compile = lambda note: _log(f"engine: {note}")
-    _log(f"serve: ready in {time.perf_counter() - t0:.1f} s")
-    metrics = None
-    if settings.metrics_port is not None:
-        from serving.metrics import ServerMetrics, start_metrics_http
+            ctx = settings.precompile_context
+            n = engine.precompile(ctx, log=lambda m: start_log(f"precompile: {m}"))
+            start_log(f"precompile: {n} step programs for requests up to {ctx} tokens")
+        if hasattr(engine, "on_compile"):  # a compile while serving stalls the engine: say so
+            engine.on_compile = lambda note: _log(f"engine: {note}")
+        metrics = None
+        if settings.metrics_port is not None:
+            from serving.metrics import ServerMetrics, start_metrics_http
 
-        metrics = ServerMetrics(engine)
-    try:
-        running = start_server(
-            engine,
-            settings.host,
-            settings.port,
-            auth_token=settings.auth_token,
-            metrics=metrics,
-            tls_cert=settings.tls_cert,
-            tls_key=settings.tls_key,
-        )
+            metrics = ServerMetrics(engine)
+            _httpd, maddr = start_metrics_http(metrics, settings.metrics_port)
+            print(f"crosspool: metrics on http://{maddr}/metrics", flush=True)
+        running.set_ready(engine, metrics)
+        signals.interrupt = False  # from here a signal drains (serve_forever)
+    except ServeInterrupted as e:
+        _log(f"serve: shutting down (signal {e}) while starting")
+        if engine is not None:
+            engine.shutdown(timeout=0)  # make_engine shuts its own down when interrupted inside it
+        running.stop(0)
+        signals.restore()
+        _log("serve: stopped")
+        return 0
     except BaseException:
-        engine.shutdown(timeout=0)
+        signals.interrupt = False
+        if engine is not None:
+            engine.shutdown(timeout=0)
+        running.stop(0)
+        signals.restore()
         raise
-    if metrics is not None:
-        _httpd, maddr = start_metrics_http(metrics, settings.metrics_port)
-        print(f"crosspool: metrics on http://{maddr}/metrics", flush=True)
+    _log(f"serve: ready in {time.perf_counter() - t0:.1f} s")
     names = ", ".join(m.name for m in engine.list_models()) or "none"
     tls = ", TLS" if running.tls else ""
     print(f"crosspool: serving on {running.address} (mode {mode}{tls}; models: {names})", flush=True)
-    serve_forever(running, grace=settings.grace)
+    try:
+        serve_forever(running, grace=settings.grace, log=_log, signals=signals)
+    finally:
+        signals.restore()
     return 0
 
 
@@ -452,6 +492,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CrossPoolError(str(e)) from None
 
 
+# ---- demo ------------------------------------------------------------------------------------------
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the built-in demo models: export one as an HF model directory")
+    dsub = p.add_subparsers(dest="demo_command", required=True, metavar="DEMO_COMMAND")
+    e = dsub.add_parser(
+        "export",
+        help="write a demo model (config, safetensors, tokenizer) as an HF directory, no downloads",
+        description="Writes a built-in demo model as an HF transformers directory (config.json, "
+        "model.safetensors, tokenizer.json): a checkpoint for `crosspool generate --model DIR`, "
+        "`crosspool convert --hf DIR`, `crosspool serve --model NAME=DIR` on a fresh machine.",
+    )
+    e.add_argument("out", metavar="DIR", help="output directory (new, empty, or an earlier export)")
+    e.add_argument("--model", default="demo-mixtral", metavar="NAME",
+                   help="demo-mixtral (default), demo-qwen3-moe or demo-deepseek-v3")
+    e.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32)")
+    e.set_defaults(func=cmd_demo_export)
+
+
+def cmd_demo_export(args: argparse.Namespace) -> int:
+    """`crosspool demo export DIR [--model NAME]`: crosspool_jax.demo.export_demo."""
+    from crosspool_jax.demo import export_demo
+
+    out = export_demo(args.out, args.model, dtype=args.dtype)
+    _log(f"demo export: wrote {args.model} to {out}")
+    return 0
+
+
 # ---- main ------------------------------------------------------------------------------------------
 
 
@@ -462,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_serve(sub)
     _add_bench(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -105,3 +105,51 @@ def demo_models(seed: int = 0) -> dict[str, LoadedModel]:
         name: LoadedModel(cfg, init_random_weights(cfg, seed=seed + i, scale=0.5), ByteTokenizer())
         for i, (name, cfg) in enumerate(demo_configs().items())
     }
+
+
+EXPORT_MARKER = "crosspool_export.json"
+
+
+def export_demo(out_dir: Any, name: str = "demo-mixtral", dtype: Any = None) -> str:
+    """Writes the demo model `name` as an HF model directory and returns the directory.
+
+    The directory (config.json, generation_config.json, model.safetensors, tokenizer.json and
+    tokenizer_config.json for the byte-level tokenizer, see checkpoints.hf_export) is a real HF
+    checkpoint, so it works wherever one is expected, with no downloads:
+
+        crosspool demo export /tmp/demo --model demo-deepseek-v3
+        crosspool generate --model /tmp/demo --prompt "Hello"
+        crosspool convert --hf /tmp/demo --out /tmp/demo-orbax
+        crosspool serve --model a=/tmp/demo
+
+    `load_model(dir)` gives back the demo model's config and bit-identical weights (dtype None keeps
+    float32; bfloat16 / float16 round them). A `crosspool_export.json` marker names the model, so a
+    later export may overwrite the directory; any other non-empty directory is refused.
+    Raises checkpoints.hf_export.ExportError (a ValueError) for an unknown name (the message lists the
+    valid ones) or a non-empty directory that is not a previous export.
+    """
+    import json
+    import os
+
+    from checkpoints.hf_export import ExportError, byte_tokenizer_json, save_hf
+
+    configs = demo_configs()
+    if name not in configs:
+        raise ExportError(f"unknown demo model {name!r}; choose one of: {', '.join(configs)}")
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise ExportError(f"{out_dir}: exists and is not a directory")
+        if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, EXPORT_MARKER)):
+            raise ExportError(
+                f"{out_dir}: directory is not empty and is not a previous `crosspool demo export` "
+                f"(no {EXPORT_MARKER}); choose a new or empty directory"
+            )
+    os.makedirs(out_dir, exist_ok=True)
+    # the marker first: an export that fails half way leaves a directory a retry may overwrite
+    with open(os.path.join(out_dir, EXPORT_MARKER), "w") as f:
+        json.dump({"written_by": "crosspool_jax.demo.export_demo", "model": name}, f, indent=2)
+        f.write("\n")
+    model = demo_models()[name]
+    save_hf(out_dir, model.config, model.weights, tokenizer_json=byte_tokenizer_json(), dtype=dtype)
+    return out_dir

@@ -11,6 +11,20 @@ from serving.crosspool.v1 import crosspool_pb2 as pb
 from serving.crosspool.v1 import crosspool_pb2_grpc as pb_grpc
 
 FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+DEFAULT_MAX_NEW_TOKENS = 32  # the server's default when a request leaves max_new_tokens out
+# How the server's UNAVAILABLE details begin when it answered (rather than could not be reached):
+# while it starts (no engine yet) and while it shuts down (new requests refused, live ones cut off).
+SERVER_STARTING = "the server is starting"
+SERVER_SHUTTING_DOWN = "the server is shutting down"
+
+
+def server_unavailable(err: grpc.RpcError) -> bool:
+    """True for an UNAVAILABLE the server itself sent because it is starting or shutting down (as
+    opposed to a connection failure: no server, wrong address, TLS/plaintext mismatch)."""
+    details = (err.details() or "") if hasattr(err, "details") else ""
+    return err.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(
+        (SERVER_STARTING, SERVER_SHUTTING_DOWN)
+    )
 
 
 class CrossPoolClient:
@@ -53,7 +67,7 @@ class CrossPoolClient:
         model: str,
         prompt: str | None = None,
         prompt_ids: Sequence[int] | None = None,
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS,
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -63,7 +77,9 @@ class CrossPoolClient:
         request_id: str = "",
         timeout: float | None = None,
     ) -> Any:
-        """The streaming call: an iterator of GenerateResponse that is also a grpc.Call (`.cancel()`)."""
+        """The streaming call: an iterator of GenerateResponse that is also a grpc.Call (`.cancel()`).
+        `max_new_tokens` None leaves it out of the request (the server's default, 32); any int is sent
+        as is (the server refuses < 1 with INVALID_ARGUMENT, as the local path does)."""
         sampling = pb.SamplingParams()
         for field, value in (
             ("temperature", temperature),
@@ -78,11 +94,12 @@ class CrossPoolClient:
             request_id=request_id,
             prompt=prompt or "",
             prompt_ids=list(prompt_ids or ()),
-            max_new_tokens=max_new_tokens,
             sampling=sampling,
             stop_token_ids=list(stop_token_ids),
             ignore_eos=ignore_eos,
         )
+        if max_new_tokens is not None:
+            req.max_new_tokens = max_new_tokens
         return self.stub.Generate(req, timeout=timeout, metadata=self._md)
 
     def generate(self, model: str, **kw: Any) -> dict[str, Any]:

@@ -1,17 +1,34 @@
 """The crosspool.v1 gRPC server over an `EngineInterface` (crosspool_jax.engine_api).
 
 Status codes: unknown model NOT_FOUND; bad sampling parameters, empty or too-long prompt
-INVALID_ARGUMENT; too many live requests RESOURCE_EXHAUSTED; a model unloaded under a live stream
-ABORTED; missing/wrong bearer token (when a token is configured) UNAUTHENTICATED. A client cancel or
-deadline cancels the engine request at once. `stop(grace)` drains live streams for `grace` seconds.
-The standard grpc.health.v1 and reflection services are registered. With a certificate and key the
-port speaks TLS only (serving/tls.py).
+INVALID_ARGUMENT (max_new_tokens < 1 included: the engine's own check, as in the local path); too many
+live requests RESOURCE_EXHAUSTED; a model unloaded under a live stream ABORTED; missing/wrong bearer
+token (when a token is configured) UNAUTHENTICATED; the server starting (no engine yet) or shutting
+down UNAVAILABLE, with a message that says so. A client cancel or deadline cancels the engine request
+at once. The standard grpc.health.v1 and reflection services are registered. With a certificate and
+key the port speaks TLS only (serving/tls.py).
+
+Life cycle: `start_server(None, ...)` binds the port first (a port in use is an OSError "cannot
+listen on HOST:PORT: address already in use"; SO_REUSEPORT is off, so a second server can never
+share the port) with health NOT_SERVING, while the engine is built and warmed up;
+`RunningServer.set_ready(engine)` then flips health to SERVING. `RunningServer.stop(grace)` marks
+NOT_SERVING, refuses new calls (health checks still answer), lets live streams finish for `grace`
+seconds and ends those left with UNAVAILABLE ("the server is shutting down; the request was not
+finished"). `serve_forever` blocks until SIGINT/SIGTERM, logs the drain, and exits at once on a
+second signal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hmac
+import os
+import signal
+import socket
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,13 +53,21 @@ from crosspool_jax.engine_api import (
 )
 from crosspool_jax.errors import CrossPoolError, InvalidRequestError
 from crosspool_jax.sampling import SamplingParams
+from serving.client import DEFAULT_MAX_NEW_TOKENS, SERVER_SHUTTING_DOWN, SERVER_STARTING
 from serving.crosspool.v1 import crosspool_pb2 as pb
 from serving.crosspool.v1 import crosspool_pb2_grpc as pb_grpc
 from serving.stats import snapshot
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CrossPool"].full_name
-DEFAULT_MAX_NEW_TOKENS = 32
 _FINISH = {FINISH_STOP: pb.FINISH_REASON_STOP, FINISH_LENGTH: pb.FINISH_REASON_LENGTH}
+# what the client is told (UNAVAILABLE) while the server starts, and when it shuts down
+STARTING_MESSAGE = f"{SERVER_STARTING} (loading models); retry when its health check says SERVING"
+REFUSED_MESSAGE = f"{SERVER_SHUTTING_DOWN}; it takes no new requests"
+CUT_OFF_MESSAGE = f"{SERVER_SHUTTING_DOWN}; the request was not finished"
+# the error ReferenceEngine.shutdown (and so PooledEngine's) gives the requests it fails
+_ENGINE_SHUTDOWN_ERROR = "the engine shut down before the request finished"
+# after the drain, what the streams the engine failed get to send their status before gRPC cancels them
+_ABORT_GRACE = 1.0
 
 
 def _info_pb(m: ModelInfo) -> pb.ModelInfo:
@@ -50,11 +75,24 @@ def _info_pb(m: ModelInfo) -> pb.ModelInfo:
 
 
 class CrossPoolServicer(pb_grpc.CrossPoolServicer):
-    """Maps crosspool.v1 calls onto the engine."""
+    """Maps crosspool.v1 calls onto the engine. `engine` None: the server is starting; every call
+    answers UNAVAILABLE (STARTING_MESSAGE) until `engine` is set. `draining`: the server is shutting
+    down; every new call answers UNAVAILABLE (REFUSED_MESSAGE) while live streams finish (the health
+    service, separate, still answers: NOT_SERVING)."""
 
     def __init__(self, engine: Any, metrics: Any = None):
         self.engine = engine
         self.metrics = metrics  # serving.metrics.ServerMetrics or None
+        self.draining = False
+
+    def _engine(self, context: grpc.ServicerContext) -> Any:
+        """The engine, or the call aborted with UNAVAILABLE while the server starts or drains."""
+        engine = self.engine
+        if self.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED_MESSAGE)
+        if engine is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, STARTING_MESSAGE)
+        return engine
 
     def _abort(self, context: grpc.ServicerContext, e: Exception) -> None:
         code = grpc.StatusCode.INTERNAL
@@ -65,7 +103,7 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
         elif isinstance(e, QueueFullError):
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
         elif isinstance(e, EngineClosedError):
-            code = grpc.StatusCode.UNAVAILABLE
+            context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED_MESSAGE)
         elif isinstance(e, CrossPoolError | OSError):
             code = grpc.StatusCode.FAILED_PRECONDITION
         context.abort(code, " ".join(str(e).split()) or type(e).__name__)
@@ -74,9 +112,10 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
         t0 = time.monotonic()
+        engine = self._engine(context)
         try:
-            engine_req = self._to_engine_request(request)
-            handle = self.engine.submit(engine_req)
+            engine_req = self._to_engine_request(engine, request)
+            handle = engine.submit(engine_req)
         except CrossPoolError as e:
             self._abort(context, e)
             return
@@ -84,13 +123,13 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
         last_sent: float | None = None  # when the previous token was handed to gRPC
         ended = False  # finished (stop/length/error) rather than cancelled
         # a client cancel or deadline ends the RPC; the engine request goes with it, at once
-        context.add_callback(lambda: self.engine.cancel(handle.request_id))
+        context.add_callback(lambda: engine.cancel(handle.request_id))
         try:
             while True:
                 ev = handle.next_event(timeout=0.1)
                 if ev is None:
                     if not context.is_active():
-                        self.engine.cancel(handle.request_id)
+                        engine.cancel(handle.request_id)
                         return
                     continue
                 if ev.finish_reason == FINISH_ERROR:
@@ -98,6 +137,8 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
                     if m is not None:
                         m.finish(model, FINISH_ERROR)
                     err = ev.error or "the request failed"
+                    if err == _ENGINE_SHUTDOWN_ERROR:  # the drain's grace ran out (or the engine stopped)
+                        context.abort(grpc.StatusCode.UNAVAILABLE, CUT_OFF_MESSAGE)
                     # the pooled engine's planner refuses a request whose KV could never fit its pool
                     code = grpc.StatusCode.RESOURCE_EXHAUSTED if err.startswith("rejected:") else (
                         grpc.StatusCode.ABORTED)
@@ -139,8 +180,8 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
             if m is not None and not ended:
                 m.cancel(model)
 
-    def _to_engine_request(self, r: pb.GenerateRequest) -> Any:
-        models = {m.name: m for m in self.engine.list_models()}
+    def _to_engine_request(self, engine: Any, r: pb.GenerateRequest) -> Any:
+        models = {m.name: m for m in engine.list_models()}
         if r.model not in models:
             raise ModelNotFoundError(
                 f"model {r.model!r} is not loaded (loaded: {', '.join(models) or 'none'})"
@@ -148,7 +189,7 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
         if r.prompt and r.prompt_ids:
             raise InvalidRequestError("give prompt or prompt_ids, not both")
         if r.prompt:
-            tok = self.engine.tokenizer(r.model)
+            tok = engine.tokenizer(r.model)
             if tok is None:
                 raise InvalidRequestError(f"model {r.model!r} has no tokenizer; send prompt_ids")
             prompt_ids = tok.encode(r.prompt)
@@ -166,21 +207,24 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
         elif r.stop_token_ids:
             stops = list(r.stop_token_ids)
         else:
-            stops = list(self.engine.model_eos_ids(r.model))
-        return make_request(
-            r.model, prompt_ids, r.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, sampling, stops, r.request_id
-        )
+            stops = list(engine.model_eos_ids(r.model))
+        # absent: the default; present (0 and negatives included): as sent, so the engine's own check
+        # refuses a bad value with the message the local path gives
+        max_new = r.max_new_tokens if r.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
+        return make_request(r.model, prompt_ids, max_new, sampling, stops, r.request_id)
 
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[_info_pb(m) for m in self.engine.list_models()])
+        engine = self._engine(context)
+        return pb.ListModelsResponse(models=[_info_pb(m) for m in engine.list_models()])
 
     def LoadModel(self, request: pb.LoadModelRequest, context: grpc.ServicerContext) -> pb.LoadModelResponse:
+        engine = self._engine(context)
         try:
             if not request.name or not request.path:
                 raise InvalidRequestError("LoadModel needs a name and a path")
-            return pb.LoadModelResponse(model=_info_pb(self.engine.load_model(request.name, request.path)))
+            return pb.LoadModelResponse(model=_info_pb(engine.load_model(request.name, request.path)))
         except (CrossPoolError, OSError) as e:
             self._abort(context, e)
             raise AssertionError("unreachable") from None
@@ -188,14 +232,15 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
     def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.ServicerContext
     ) -> pb.UnloadModelResponse:
+        engine = self._engine(context)
         try:
-            return pb.UnloadModelResponse(failed_requests=self.engine.unload_model(request.name))
+            return pb.UnloadModelResponse(failed_requests=engine.unload_model(request.name))
         except CrossPoolError as e:
             self._abort(context, e)
             raise AssertionError("unreachable") from None
 
     def GetStats(self, request: pb.GetStatsRequest, context: grpc.ServicerContext) -> pb.GetStatsResponse:
-        snap = snapshot(self.engine)  # the metrics read the same snapshot (serving/stats.py)
+        snap = snapshot(self._engine(context))  # the metrics read the same snapshot (serving/stats.py)
         st = snap.stats
         return pb.GetStatsResponse(
             queue_depth=st.queue_depth,
@@ -276,7 +321,8 @@ class ServingEngine(ReferenceEngine):
 
 @dataclasses.dataclass
 class RunningServer:
-    """A started server: its address, engine and a `stop(grace)` that drains streams first."""
+    """A started server: its address, engine (None while starting) and a `stop(grace)` that drains
+    streams first."""
 
     server: grpc.Server
     engine: Any
@@ -285,12 +331,59 @@ class RunningServer:
     health: health.HealthServicer
     metrics: Any = None  # serving.metrics.ServerMetrics
     tls: bool = False  # serving TLS only
+    servicer: CrossPoolServicer | None = None
+
+    def set_ready(self, engine: Any, metrics: Any = None) -> None:
+        """Hands a server started without an engine its engine (and metrics): calls reach it from now
+        on and health says SERVING (unless the server is already shutting down)."""
+        self.engine, self.metrics = engine, metrics
+        if self.servicer is not None:
+            self.servicer.metrics = metrics
+            self.servicer.engine = engine
+        for svc in ("", SERVICE_NAME):
+            self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+
+    def live_requests(self) -> int:
+        """Live requests in the engine (0 while starting)."""
+        return 0 if self.engine is None else len(self.engine.stats().live_request_ids)
 
     def stop(self, grace: float = 5.0) -> None:
-        """Marks NOT_SERVING, refuses new calls, lets live streams finish for `grace` s, stops the engine."""
+        """Marks NOT_SERVING and refuses new calls (UNAVAILABLE, REFUSED_MESSAGE; health checks still
+        answer, NOT_SERVING); lets live streams finish for `grace` s; the engine then fails those left,
+        which end with UNAVAILABLE (CUT_OFF_MESSAGE); then the server stops."""
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-        self.engine.shutdown(timeout=0)
+        if self.servicer is not None:
+            self.servicer.draining = True
+        grace = max(0.0, float(grace))
+        deadline = time.monotonic() + grace
+        if self.engine is not None:
+            self.engine.shutdown(timeout=grace)
+        done = self.server.stop(max(0.0, deadline - time.monotonic()) + _ABORT_GRACE)
+        while not done.wait(0.1):  # in short waits: a signal handler runs between them
+            pass
+
+
+def listen_error(host: str, port: int, in_use_only: bool = True) -> str | None:
+    """Why nothing can listen on host:port ("address already in use", ...), from a plain socket bound
+    the way gRPC binds (SO_REUSEADDR, no SO_REUSEPORT); None when it can, or when `host` does not
+    resolve (gRPC then refuses it). `in_use_only`: report EADDRINUSE only (other errors on one of
+    several addresses of a name need not stop gRPC, which listens on those it can)."""
+    if port == 0:
+        return None
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        infos = socket.getaddrinfo(name or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return None
+    for family, socktype, proto, _name, addr in infos:
+        try:
+            with socket.socket(family, socktype, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE or not in_use_only:
+                return (e.strerror or str(e)).lower()
+    return None
 
 
 def start_server(
@@ -306,7 +399,12 @@ def start_server(
     """Starts a server on host:port (port 0: a free port) and returns at once. Metrics (a
     serving.metrics.ServerMetrics) are recorded only when given. With `tls_cert` and `tls_key` (PEM
     files: certificate chain, private key) it serves TLS only; raises serving.tls.TLSError for a bad
-    file or pair.
+    file or pair. A port something else listens on is refused (SO_REUSEPORT is off): OSError
+    "cannot listen on HOST:PORT: address already in use".
+
+    `engine` None: the server starts without one (what `crosspool serve` does before it loads any
+    model): health says NOT_SERVING and calls answer UNAVAILABLE ("the server is starting") until
+    `RunningServer.set_ready(engine, metrics)`.
 
     `max_workers`: gRPC handler threads (default: the engine's max_live_requests + 16, at least 32).
     A stream holds one for its whole life, so fewer threads than live requests would leave streams
@@ -326,25 +424,38 @@ def start_server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=interceptors,
         maximum_concurrent_rpcs=max_workers,
+        # gRPC's default SO_REUSEPORT lets a second server listen on the same port, and the calls are
+        # then split silently between the two processes
+        options=[("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_CrossPoolServicer_to_server(CrossPoolServicer(engine, metrics), server)
+    servicer = CrossPoolServicer(engine, metrics)
+    pb_grpc.add_CrossPoolServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    try:
-        if creds is None:
-            bound = server.add_insecure_port(f"{host}:{port}")
-        else:
-            bound = server.add_secure_port(f"{host}:{port}", creds)
-    except RuntimeError:  # grpc raises instead of returning 0 for some bind failures
-        bound = 0
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
-    server.start()
+    bound = 0
+    why = listen_error(host, port)  # before gRPC tries: its C core would log a line of its own
+    if why is None:
+        try:
+            if creds is None:
+                bound = server.add_insecure_port(f"{host}:{port}")
+            else:
+                bound = server.add_secure_port(f"{host}:{port}", creds)
+        except RuntimeError:  # grpc raises instead of returning 0 for some bind failures
+            bound = 0
+        if bound == 0:
+            why = listen_error(host, port, in_use_only=False) or "gRPC could not bind it"
+    if why is not None:
+        server.stop(None)
+        raise OSError(f"cannot listen on {host}:{port}: {why}")
+    status = health_pb2.HealthCheckResponse.NOT_SERVING if engine is None else (
+        health_pb2.HealthCheckResponse.SERVING)
     for svc in ("", SERVICE_NAME):
-        health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(svc, status)
+    server.start()
     return RunningServer(
-        server, engine, f"{host}:{bound}", bound, health_servicer, metrics, tls=creds is not None
+        server, engine, f"{host}:{bound}", bound, health_servicer, metrics, tls=creds is not None,
+        servicer=servicer,
     )
 
 
@@ -359,22 +470,93 @@ def demo_engine(max_live_requests: int = 64, names: list[str] | None = None) -> 
     return engine
 
 
-def serve_forever(running: RunningServer, grace: float = 5.0) -> None:
-    """Blocks until Ctrl-C / SIGTERM, then stops gracefully."""
-    import signal
+def _stderr_log(msg: str) -> None:
+    print(f"crosspool: {msg}", file=sys.stderr, flush=True)
 
-    stop = {"now": False}
 
-    def on_signal(signum: int, frame: Any) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
+def signal_name(signum: int) -> str:
     try:
-        while not stop["now"]:
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
-    running.stop(grace)
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class ServeInterrupted(BaseException):
+    """Raised in the main thread by the first SIGINT / SIGTERM while `ShutdownSignals.interrupt` is on
+    (the server is starting: building the engine, loading models, warming up)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+class ShutdownSignals:
+    """SIGINT and SIGTERM handlers (install from the main thread). The first signal sets `event` (and,
+    while `interrupt` is on, raises ServeInterrupted in the main thread); a second one logs one line
+    and ends the process at once with os._exit(128 + signum): no drain, no traceback."""
+
+    def __init__(self, log: Callable[[str], None] | None = None):
+        self.log = log or _stderr_log
+        self.event = threading.Event()
+        self.signum: int | None = None
+        self.interrupt = False
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal_name(self.signum) if self.signum is not None else "none"
+
+    def install(self) -> ShutdownSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            # no engine call here: the main thread may hold the engine's lock at this point
+            self.log(f"serve: second signal ({signal_name(signum)}) during the shutdown: exiting now, "
+                     "without finishing the drain")
+            for f in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    f.flush()
+            os._exit(128 + signum)
+        self.signum = signum
+        self.event.set()
+        if self.interrupt:
+            self.interrupt = False
+            raise ServeInterrupted(signum)
+
+
+def serve_forever(
+    running: RunningServer,
+    grace: float = 5.0,
+    log: Callable[[str], None] | None = None,
+    signals: ShutdownSignals | None = None,
+) -> None:
+    """Blocks (in the main thread) until SIGINT / SIGTERM, then logs `serve: shutting down (signal
+    SIGTERM), draining N live requests for up to G s`, stops gracefully (`running.stop(grace)`) and
+    logs `serve: stopped`. A second signal during the drain exits the process at once
+    (ShutdownSignals). `signals`: handlers already installed (by `crosspool serve`, at start-up)."""
+    log = log or _stderr_log
+    own = signals is None
+    if signals is None:
+        signals = ShutdownSignals(log).install()
+    signals.interrupt = False
+    try:
+        while not signals.event.wait(0.2):
+            pass
+        n = running.live_requests()
+        log(f"serve: shutting down (signal {signals.name}), draining {n} live requests for up to {grace:g} s")
+        running.stop(grace)
+        log("serve: stopped")
+    finally:
+        if own:
+            signals.restore()
 
 
 def new_request_id() -> str:

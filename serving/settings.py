@@ -431,6 +431,11 @@ def make_engine(
         if devices is None:
             import jax
 
+            from crosspool_jax.topology import devices_needed, ensure_cpu_devices
+
+            # CPU only: the virtual devices --pools asks for (auto counts as crosspool)
+            ensure_cpu_devices(devices_needed("crosspool" if settings.mode == "auto" else settings.mode,
+                                              settings.pools) if settings.pools else 0)
             devices = jax.devices()
         devices = list(devices)
         mode, why = resolve_mode(settings, devices)

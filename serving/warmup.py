@@ -1,5 +1,5 @@
 """Start-up warm-up of the pooled engine: compile the step programs a first short request needs
-before the server opens its port.
+before the server says SERVING (`crosspool serve` has its port open by then, health NOT_SERVING).
 
 The pooled engine compiles one XLA program per step shape (lanes of model classes, slots, tokens and
 KV pages bucketed, K decode steps), on its worker thread, the first time the shape occurs;

@@ -294,13 +294,10 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
 
 
 class ServingEngine(ReferenceEngine):
-    """ReferenceEngine plus the look-ups the server needs for text prompts and default stops, and the
-    reports GetStats and the metrics read (mode, devices, weights bytes)."""
+    """ReferenceEngine plus the reports GetStats and the metrics read (mode, devices, weights
+    bytes)."""
 
     mode = "reference"
-
-    def model_eos_ids(self, name: str) -> tuple[int, ...]:
-        return tuple(self._model(name).generator.cfg.eos_token_ids)
 
     def weights_bytes(self, name: str) -> int:
         """Bytes of the model's weights (what the metrics export as crosspool_weights_bytes)."""
@@ -347,13 +344,18 @@ class RunningServer:
         """Live requests in the engine (0 while starting)."""
         return 0 if self.engine is None else len(self.engine.stats().live_request_ids)
 
+    def refuse_new_calls(self) -> None:
+        """Health NOT_SERVING and new calls refused (UNAVAILABLE, REFUSED_MESSAGE); live streams go on.
+        The first half of `stop`; idempotent."""
+        self.health.enter_graceful_shutdown()
+        if self.servicer is not None:
+            self.servicer.draining = True
+
     def stop(self, grace: float = 5.0) -> None:
         """Marks NOT_SERVING and refuses new calls (UNAVAILABLE, REFUSED_MESSAGE; health checks still
         answer, NOT_SERVING); lets live streams finish for `grace` s; the engine then fails those left,
         which end with UNAVAILABLE (CUT_OFF_MESSAGE); then the server stops."""
-        self.health.enter_graceful_shutdown()
-        if self.servicer is not None:
-            self.servicer.draining = True
+        self.refuse_new_calls()
         grace = max(0.0, float(grace))
         deadline = time.monotonic() + grace
         if self.engine is not None:
@@ -550,6 +552,7 @@ def serve_forever(
     try:
         while not signals.event.wait(0.2):
             pass
+        running.refuse_new_calls()  # before the log line: whoever reads it sees NOT_SERVING
         n = running.live_requests()
         log(f"serve: shutting down (signal {signals.name}), draining {n} live requests for up to {grace:g} s")
         running.stop(grace)

@@ -1,8 +1,12 @@
-"""The narrow engine interface the gRPC server depends on (JetStream-style), and `ReferenceEngine`.
+"""The narrow engine interface the gRPC server depends on (JetStream-style), `EngineCore` and
+`ReferenceEngine`.
 
 The server only sees `EngineInterface` (a Protocol) and the plain dataclasses below, so the pooled engine can
-replace `ReferenceEngine` without touching the server. `ReferenceEngine` runs the single-model
-reference path (`ReferenceGenerator`'s jitted prefill/decode) token by token on one worker thread:
+replace `ReferenceEngine` without touching the server. `EngineCore` is what both engines share: model
+records without weights, request bookkeeping, the one final event, stats and shutdown of the worker
+threads (the pooled engine, `crosspool_jax.engine.PooledEngine`, subclasses it and keeps weights only
+in its arenas). `ReferenceEngine` runs the single-model reference path (`ReferenceGenerator`'s jitted
+prefill/decode) token by token on one worker thread:
 
 - a bounded number of live requests (queued + running); one more raises `QueueFullError`;
 - `cancel(request_id)` removes the request at once and the worker stops it before its next token;
@@ -179,45 +183,77 @@ class EngineInterface(Protocol):
 
 
 @dataclasses.dataclass
-class _Model:
+class ModelRecord:
+    """What an engine keeps of a loaded model besides its weights (those live where the engine puts
+    them: a `ReferenceGenerator`, an arena)."""
+
     info: ModelInfo
-    generator: ReferenceGenerator
+    config: ModelConfig  # eos ids outside the vocabulary dropped
     tokenizer: Any  # encode/decode or None
+
+
+@dataclasses.dataclass
+class _Model(ModelRecord):
+    """A `ReferenceEngine` model: the record plus its generator (which holds the weights)."""
+
+    generator: ReferenceGenerator | None = None
 
 
 @dataclasses.dataclass
 class _Live:
     request: Request
     handle: RequestHandle
-    model: _Model
+    model: ModelRecord
     running: bool = False
     done: bool = False
 
 
-class ReferenceEngine:
-    """`EngineInterface` over one `ReferenceGenerator` per model; one worker thread runs requests in order."""
+class EngineCore:
+    """What every engine shares: model records (config, info, tokenizer; no weights), request
+    bookkeeping (live requests, handles, submit validation, cancel, the one final event, counters,
+    stats) and shutdown of its worker threads. A subclass places weights, hands submitted requests
+    to its workers (`_enqueue`) and starts them (`_start_workers`)."""
 
     def __init__(self, max_live_requests: int = 64):
         if max_live_requests < 1:
             raise ValueError(f"max_live_requests must be >= 1, got {max_live_requests}")
         self.max_live_requests = max_live_requests
         self._lock = threading.Lock()
-        self._models: dict[str, _Model] = {}
+        self._models: dict[str, ModelRecord] = {}
+        self._adding: set[str] = set()  # names being added (placed, not registered yet)
         self._live: dict[str, _Live] = {}
-        self._pending: queue.Queue[str | None] = queue.Queue()
         self._ids = itertools.count()
         self._closed = False
         self._counts = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
-        self._worker = threading.Thread(target=self._run, name="crosspool-reference-engine", daemon=True)
-        self._worker.start()
+        self._workers: list[threading.Thread] = []
+
+    def _start_workers(self, workers: Sequence[threading.Thread]) -> None:
+        """Starts the engine's worker threads; from now on shutdown() (or interpreter exit) joins them."""
+        self._workers = list(workers)
+        for t in self._workers:
+            t.start()
         _RUNNING_ENGINES.add(self)
 
+    # ---- subclass hooks -------------------------------------------------------------------------
+    def _enqueue(self, lv: _Live) -> None:
+        """Hands a submitted (live) request to the worker that runs it."""
+        raise NotImplementedError
+
+    def _on_cancel(self, lv: _Live) -> None:
+        """A live request was cancelled (its final event is sent): let the workers free it."""
+
+    def _on_unload(self, name: str) -> None:
+        """A model was removed from the records (its live requests failed): free its weights."""
+
+    def _stop_workers(self) -> None:
+        """Asks every worker to return after its current step (shutdown joins them)."""
+        raise NotImplementedError
+
     # ---- models -------------------------------------------------------------------------------
-    def add_model(
-        self, name: str, config: ModelConfig, weights: ModelWeights, tokenizer: Any = None, source: str = ""
-    ) -> ModelInfo:
-        """Registers an in-memory model (demo models, tests). Replacing a live name is refused. eos
-        ids of `config` outside its vocabulary are dropped with a warning."""
+    def _begin_add(self, name: str, config: ModelConfig, source: str) -> tuple[ModelConfig, ModelInfo]:
+        """Reserves `name` for a model being added (refused if loaded or being added) and returns
+        its config (eos ids outside the vocabulary dropped, with a warning) and ModelInfo; finish with
+        `_end_add` (or `_abort_add`)."""
         if not name:
             raise InvalidRequestError("a model name must not be empty")
         config = without_unreachable_eos(config, f"model {name!r}")
@@ -232,20 +268,24 @@ class ReferenceEngine:
             source=source,
         )
         with self._lock:
-            if name in self._models:
-                raise InvalidRequestError(f"a model named {name!r} is already loaded; unload it first")
-            self._models[name] = _Model(info, ReferenceGenerator(config, weights), tokenizer)
-        return info
+            self._check_free_name(name)
+            self._adding.add(name)
+        return config, info
 
-    def load_model(self, name: str, path: str) -> ModelInfo:
-        """Loads an HF directory or crosspool checkpoint from `path` under `name`."""
-        from checkpoints import load_model  # local import: checkpoints pulls in orbax
-
+    def _end_add(self, record: ModelRecord) -> ModelInfo:
         with self._lock:
-            if name in self._models:
-                raise InvalidRequestError(f"a model named {name!r} is already loaded; unload it first")
-        m = load_model(path)
-        return self.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
+            self._adding.discard(record.info.name)
+            self._models[record.info.name] = record
+        return record.info
+
+    def _abort_add(self, name: str) -> None:
+        with self._lock:
+            self._adding.discard(name)
+
+    def _check_free_name(self, name: str) -> None:
+        """Raises InvalidRequestError if `name` is loaded or being added (call under the lock)."""
+        if name in self._models or name in self._adding:
+            raise InvalidRequestError(f"a model named {name!r} is already loaded; unload it first")
 
     def unload_model(self, name: str) -> int:
         """Removes a model; its live requests end with an "error" event. Returns how many were failed."""
@@ -256,6 +296,7 @@ class ReferenceEngine:
             victims = [lv for lv in self._live.values() if lv.request.model == name]
         for lv in victims:
             self._finish(lv, FINISH_ERROR, error=f"model {name!r} was unloaded while the request was live")
+        self._on_unload(name)
         return len(victims)
 
     def list_models(self) -> list[ModelInfo]:
@@ -264,13 +305,14 @@ class ReferenceEngine:
 
     def model_eos_ids(self, name: str) -> tuple[int, ...]:
         """The model's eos ids (its config's, those inside the vocabulary): a request's default stops."""
-        return tuple(self._model(name).generator.cfg.eos_token_ids)
+        return tuple(self._model(name).config.eos_token_ids)
 
     def tokenizer(self, name: str) -> Any:
         """The model's tokenizer (None when it has none)."""
         return self._model(name).tokenizer
 
-    def _model(self, name: str) -> _Model:
+    def _model(self, name: str) -> Any:
+        """The model's record (`ModelRecord`, or the engine's subclass of it)."""
         with self._lock:
             m = self._models.get(name)
         if m is None:
@@ -283,7 +325,7 @@ class ReferenceEngine:
         QueueFullError or EngineClosedError."""
         model = self._model(request.model)
         r = request
-        validate_request(model.generator.cfg, r.prompt_ids, r.max_new_tokens, r.stop_token_ids)
+        validate_request(model.config, r.prompt_ids, r.max_new_tokens, r.stop_token_ids)
         rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         request = dataclasses.replace(request, request_id=rid)
         handle = RequestHandle(rid, self)
@@ -296,17 +338,18 @@ class ReferenceEngine:
                 raise QueueFullError(
                     f"the engine holds its maximum of {self.max_live_requests} live requests; retry later"
                 )
-            self._live[rid] = _Live(request, handle, model)
-        self._pending.put(rid)
+            lv = self._live[rid] = _Live(request, handle, model)
+        self._enqueue(lv)
         return handle
 
     def cancel(self, request_id: str) -> bool:
         """Ends a live request with a "cancelled" event; False when it is not live (done or unknown)."""
         with self._lock:
             lv = self._live.get(request_id)
-        if lv is None:
+        if lv is None or not self._finish(lv, FINISH_CANCELLED):
             return False
-        return self._finish(lv, FINISH_CANCELLED)
+        self._on_cancel(lv)
+        return True
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -325,7 +368,7 @@ class ReferenceEngine:
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stops taking requests, lets live ones finish for up to `timeout` seconds (None: wait), then
-        fails what is left and stops the worker."""
+        fails what is left and stops the workers."""
         with self._lock:
             self._closed = True
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -337,15 +380,20 @@ class ReferenceEngine:
             time.sleep(0.01)
         for lv in left:
             self._finish(lv, FINISH_ERROR, error="the engine shut down before the request finished")
-        self._pending.put(None)
-        # Wait for the worker's current step, however long (an XLA compile can take minutes): a
+        self._stop_workers()
+        # Wait for each worker's current step, however long (an XLA compile can take minutes): a
         # daemon thread still inside XLA when the interpreter finalizes aborts the whole process
         # ("terminate called after throwing an instance of ''" / SIGSEGV).
-        if self._worker is not threading.current_thread():
-            self._worker.join()
+        for worker in self._workers:
+            if worker is not threading.current_thread():
+                worker.join()
         _RUNNING_ENGINES.discard(self)
 
     # ---- internals ----------------------------------------------------------------------------
+    def _count_tokens(self, n: int = 1) -> None:
+        with self._lock:
+            self._counts["tokens"] += n
+
     def _put_token(self, lv: _Live, event: Event) -> bool:
         """Streams a token event unless `lv` has ended. Checked and put under the lock `_finish`
         sets `done` under, so a token can never follow the final event (a cancel from another
@@ -387,6 +435,50 @@ class ReferenceEngine:
         )
         return True
 
+
+class ReferenceEngine(EngineCore):
+    """`EngineInterface` over one `ReferenceGenerator` per model; one worker thread runs requests in order."""
+
+    def __init__(self, max_live_requests: int = 64):
+        super().__init__(max_live_requests)
+        self._pending: queue.Queue[str | None] = queue.Queue()
+        self._start_workers([threading.Thread(target=self._run, name="crosspool-reference-engine",
+                                              daemon=True)])
+
+    @property
+    def _worker(self) -> threading.Thread:
+        return self._workers[0]
+
+    # ---- models -------------------------------------------------------------------------------
+    def add_model(
+        self, name: str, config: ModelConfig, weights: ModelWeights, tokenizer: Any = None, source: str = ""
+    ) -> ModelInfo:
+        """Registers an in-memory model (demo models, tests). Replacing a live name is refused. eos
+        ids of `config` outside its vocabulary are dropped with a warning."""
+        config, info = self._begin_add(name, config, source)
+        try:
+            record = _Model(info, config, tokenizer, ReferenceGenerator(config, weights))
+        except BaseException:
+            self._abort_add(name)
+            raise
+        return self._end_add(record)
+
+    def load_model(self, name: str, path: str) -> ModelInfo:
+        """Loads an HF directory or crosspool checkpoint from `path` under `name`."""
+        from checkpoints import load_model  # local import: checkpoints pulls in orbax
+
+        with self._lock:
+            self._check_free_name(name)
+        m = load_model(path)
+        return self.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
+
+    # ---- the worker ---------------------------------------------------------------------------
+    def _enqueue(self, lv: _Live) -> None:
+        self._pending.put(lv.request.request_id)
+
+    def _stop_workers(self) -> None:
+        self._pending.put(None)
+
     def _run(self) -> None:
         while True:
             rid = self._pending.get()
@@ -414,8 +506,7 @@ class ReferenceEngine:
                 return
             out.append(t)
             piece = detok.push(t) if detok is not None else ""
-            with self._lock:
-                self._counts["tokens"] += 1
+            self._count_tokens()
             reason = FINISH_STOP if t in stops else FINISH_LENGTH if len(out) >= req.max_new_tokens else None
             if reason is not None:
                 if detok is not None:
@@ -428,7 +519,7 @@ class ReferenceEngine:
 # Engines whose worker may still run. At interpreter exit (after non-daemon threads are joined,
 # before daemon threads are frozen) each is shut down, so no worker is inside XLA when the process
 # finalizes, even when the user never called shutdown().
-_RUNNING_ENGINES: weakref.WeakSet[ReferenceEngine] = weakref.WeakSet()
+_RUNNING_ENGINES: weakref.WeakSet[EngineCore] = weakref.WeakSet()
 
 
 @atexit.register

@@ -15,6 +15,12 @@ no clocks, no threads. The policy and its reasons are in docs/planner.md; in sho
 - Floors and caps: `ModelLimits.floor_pages` are reserved for a model while it has live requests
   (other models can neither be admitted into nor grow into them, nor preempt its requests below
   them); `cap_pages` bounds the device pages a model may hold.
+- Limits change while requests run (`set_model_limits`, the static mode adding or removing a model):
+  nothing is preempted by the change. A request live at the change keeps the larger of its old and
+  its new cap, so a model whose new cap is below what it holds keeps its pages and its running
+  requests keep growing (out of free pages, as before); requests submitted after the change are held
+  to the new cap, so the model admits none of them until it is back under it. New floors reserve
+  pages as they free up.
 - Growth: running requests grow in precedence order. When one does not fit, the lowest-precedence
   running request that can help loses its pages; if none is left, the growing request itself does.
 - Preemption mode: swap to host if host slots allow and (in AUTO) the swap round trip is estimated
@@ -198,6 +204,9 @@ class _Request:
     kv_len: int = 0  # KV positions held (device, or host when swapped)
     prefill_target: int = 0  # KV positions to reach by prefill before decoding
     promised_len: int = 0  # KV positions the admission forecast counted on (pending until held)
+    # the model's cap this request is held to: the cap at submission, raised (never lowered) by
+    # limit changes while it is live (`KVPlanner.set_model_limits`); None: no cap
+    cap_pages: int | None = None
     num_preemptions: int = 0
     message: str = ""
 
@@ -341,6 +350,41 @@ class KVPlanner:
         self._live_per_model: dict[ModelId, int] = {}
         self._arrivals = 0
 
+    def set_model_limits(self, limits: Mapping[ModelId, ModelLimits]) -> None:
+        """Replaces every model's floor and cap (models not named: none), also while requests are live.
+
+        The rule (module docstring): nothing is preempted by the change. A live request keeps the
+        larger of its old and new cap (None, no cap, is the largest), so requests live at the change
+        run to their end as they would have; requests submitted later are held to the new cap (a
+        model holding more than it admits none of them until it is under it). Floors apply from the
+        next step. Raises ValueError (nothing changed) if the floors exceed the pool."""
+        cfg = dataclasses.replace(self._config, model_limits=dict(limits))
+        total_floor = sum(lim.floor_pages for lim in cfg.model_limits.values())
+        if total_floor > self._kv.config.total_pages:
+            raise ValueError(
+                f"floors add up to {total_floor} pages, more than the pool's {self._kv.config.total_pages}"
+            )
+        for req in self._requests.values():
+            if not req.status.is_terminal:
+                new = cfg.limits(req.spec.model).cap_pages
+                req.cap_pages = None if new is None or req.cap_pages is None else max(req.cap_pages, new)
+        self._config = cfg
+        self._drop_idle_models()
+
+    def _drop_idle_models(self) -> None:
+        """Forgets the round-robin entries of models gone from the pool with no live requests."""
+        gone = [m for m in self._model_order
+                if m not in self._kv.models and not self._live_per_model.get(m) and not self._queues[m]]
+        if not gone:
+            return
+        nxt = self._model_order[self._rr_next] if self._rr_next < len(self._model_order) else None
+        for m in gone:
+            self._model_order.remove(m)
+            del self._queues[m]
+            self._live_per_model.pop(m, None)
+        keep = self._model_order
+        self._rr_next = keep.index(nxt) if nxt in keep else (self._rr_next % len(keep) if keep else 0)
+
     @property
     def config(self) -> PlannerConfig:
         return self._config
@@ -368,7 +412,7 @@ class KVPlanner:
         """Queue a request. Raises RequestRejected (and records it REJECTED) if it could never fit."""
         if spec.request_id in self._requests:
             raise PlannerError(f"request id {spec.request_id!r} was already submitted")
-        req = _Request(spec, self._arrivals)
+        req = _Request(spec, self._arrivals, cap_pages=self._config.limits(spec.model).cap_pages)
         self._arrivals += 1
         self._requests[spec.request_id] = req
         reason = self._rejection_reason(spec)
@@ -563,7 +607,7 @@ class KVPlanner:
         if need == 0:
             return None
         model = req.spec.model
-        cap = self._config.limits(model).cap_pages
+        cap = req.cap_pages
         held = self._kv.model_pages(model)
         if cap is not None and held + need > cap:
             return _Shortfall(True, f"model {model!r} holds {held} of its {cap}-page cap, needs {need} more")
@@ -714,7 +758,7 @@ class KVPlanner:
             step_len = resume_len + 1
         headroom = self._config.admission_headroom_tokens
         forecast_len = max(step_len, min(max(prefill_target, resume_len) + headroom, req.spec.max_kv_tokens))
-        if not self._forecast_fits(model, forecast_len, ignore_floors):
+        if not self._forecast_fits(model, forecast_len, ignore_floors, req.cap_pages):
             return None, 0
         # the forecast checked that the pool can place forecast_len >= step_len tokens for a new
         # request of this model now, so the swap-in (placed like a new request) and the growth fit
@@ -733,12 +777,12 @@ class KVPlanner:
         self._kv.grow(rid, step_len, allow_split=self._config.allow_split_kv)
         return Admission(rid, model, resumed, swap_in), chunk
 
-    def _forecast_fits(self, model: ModelId, tokens: int, ignore_floors: bool) -> bool:
-        """Whether a new request of `model` holding `tokens` tokens fits the admission forecast."""
+    def _forecast_fits(self, model: ModelId, tokens: int, ignore_floors: bool, cap: int | None) -> bool:
+        """Whether a new request of `model` holding `tokens` tokens fits the admission forecast
+        (`cap`: the model's cap the request is held to)."""
         layout = self._kv.layout(model)
         pages = layout.pages_for(tokens)
         pending = self._pending_pages()
-        cap = self._config.limits(model).cap_pages
         if cap is not None and self._kv.model_pages(model) + pending.get(model, 0) + pages > cap:
             return False
         available = (
@@ -836,5 +880,8 @@ class KVPlanner:
                 raise PlannerError(f"request {rid!r} is {req.status} but holds KV")
         for model in self._kv.models:
             cap = self._config.limits(model).cap_pages
+            for req in self._requests.values():  # requests live at a limit change keep a larger cap
+                if req.spec.model == model and not req.status.is_terminal and cap is not None:
+                    cap = None if req.cap_pages is None else max(cap, req.cap_pages)
             if cap is not None and self._kv.model_pages(model) > cap:
                 raise PlannerError(f"model {model!r} holds {self._kv.model_pages(model)} pages > cap {cap}")

@@ -54,7 +54,11 @@ P50/P90/P99/P99.9; per-request mean TPOT P99; goodput; peak and mean KV pages in
 rejections; failures. The same TTFT/TBT from the server's per-token timestamps (when the engine
 emitted the token) are under `engine_clock`. With K decode tokens per host call the engine emits
 tokens in groups of K, so most gaps inside a group are ~0 and P50 TBT is small; the tail is what
-the comparison is about.
+the comparison is about. Compiles: `compiles.step_programs` / `step_program_seconds` count every
+step-program compile of the measured pass (JAX's compile events, the engine's background thread
+included); `compiles.serving_blocked_s` is the part a step waited for (`GroupRunner.
+blocked_compile_seconds` summed over `engine.groups`, read before and after the measured pass), and
+`fallback_calls` the calls that ran in a larger compiled program while theirs compiled.
 
 Outputs in --out: results.json, trace.jsonl (the trace replayed), requests_<mode>.jsonl (every
 request's times and outcome), tbt_cdf.csv and kv_pages.csv (the plot data), and tbt_cdf.png /
@@ -609,15 +613,22 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
         for k in range(warmup_passes):
             recs = [dataclasses.replace(r, request_id=f"{r.request_id}-warmup{k}", token_s=[], engine_s=[])
                     for r in records]
+            before = serving_stalls(engine)["blocked_s"]
             w = replay(engine, running.address, recs, vocab, seed, f"{label} warm-up {k + 1}", timeout, log,
                        progress, sequential)
             c = Counter(r.outcome for r in recs)
             warm.append({"replay_s": round(w["t_end"], 3), "finished": c["finished"],
                          "rejected": c["rejected"], "failed": c["failed"], "pages_after": w["pages_after"],
+                         "serving_blocked_s": round(serving_stalls(engine)["blocked_s"] - before, 3),
                          "t0": w["t0"]})
         base_preempt = engine.stats().preemptions
+        base_stalls = serving_stalls(engine)
         out = replay(engine, running.address, records, vocab, seed, label, timeout, log, progress, sequential)
         out["preemptions"] -= base_preempt
+        stalls = serving_stalls(engine)
+        out["serving_blocked_s"] = stalls["blocked_s"] - base_stalls["blocked_s"]
+        out["serving_blocked_compiles"] = stalls["blocked_compiles"] - base_stalls["blocked_compiles"]
+        out["fallback_calls"] = stalls["fallback_calls"] - base_stalls["fallback_calls"]
         out.update(build_s=t_build, weights=how, describe=engine.describe(), warmup=warm, precompile=pre)
         return out
     finally:
@@ -627,6 +638,16 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
             engine.shutdown(timeout=0)
         del engine, running
         gc.collect()
+
+
+def serving_stalls(engine: Any) -> dict[str, Any]:
+    """The engine's compile stalls so far, summed over its device groups (`engine.groups`,
+    `GroupRunner`): seconds steps spent compiling a program (or waiting for one) on the serving
+    path, how many such compiles, and calls run in a larger compiled program than their shape's."""
+    groups = getattr(engine, "groups", None) or []
+    return {"blocked_s": float(sum(getattr(g, "blocked_compile_seconds", 0.0) for g in groups)),
+            "blocked_compiles": int(sum(getattr(g, "blocked_compiles", 0) for g in groups)),
+            "fallback_calls": int(sum(getattr(g, "fallback_calls", 0) for g in groups))}
 
 
 # ---- child processes ----------------------------------------------------------------------------
@@ -803,7 +824,11 @@ def mode_metrics(records: list[Record], run: dict[str, Any], slo: dict[str, Any]
         "build_s": round(run["build_s"], 3),
         "compiles": {"count": len(compiles), "seconds": round(sum(compiles), 3),
                      "step_programs": sum(1 for d in compiles if d >= BIG_COMPILE_S),
-                     "step_program_seconds": round(sum(d for d in compiles if d >= BIG_COMPILE_S), 3)},
+                     "step_program_seconds": round(sum(d for d in compiles if d >= BIG_COMPILE_S), 3),
+                     # seconds steps waited for a compile (the rest compiled in the background)
+                     "serving_blocked_s": round(run.get("serving_blocked_s", 0.0), 3),
+                     "serving_blocked_compiles": run.get("serving_blocked_compiles", 0),
+                     "fallback_calls": run.get("fallback_calls", 0)},
         "per_model": by_model,
     }
 
@@ -976,6 +1001,9 @@ def format_table(results: dict[str, Any]) -> str:
     row("preemptions", lambda v: str(v["preemptions"]))
     row("step-program compiles (s)", lambda v: f"{v['compiles']['step_programs']} "
                                                f"({v['compiles']['step_program_seconds']:.0f})")
+    row("serving-path compile stalls (s)",
+        lambda v: f"{v['compiles'].get('serving_blocked_compiles', 0)} "
+                  f"({v['compiles'].get('serving_blocked_s', 0.0):.1f})")
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
 
@@ -1044,6 +1072,8 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         if cache != "none":
             os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(cache))
             os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+        else:  # no cache at all: not the engine's default one either (crosspool_jax.compile_cache)
+            os.environ.setdefault("CROSSPOOL_COMPILATION_CACHE", "off")
         probe = in_child("_probe", n_devices=setup.devices)
         if len(probe["devices"]) < setup.devices:
             raise RuntimeError(
@@ -1195,7 +1225,9 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         log(f"bench {mode}: done in {run['t_end']:.1f} s: TTFT P99 {_fmt_ms(v['ttft_s']['p99'])} ms, "
             f"TBT P99 {_fmt_ms(v['tbt_s']['p99'])} ms, goodput {v['goodput_rps']:.3f} req/s, "
             f"{v['rejected']} rejected, {v['failed']} failed, {v['preemptions']} preemptions, "
-            f"pages after {sum(u for _, u, _ in v['pages_after'])}")
+            f"pages after {sum(u for _, u, _ in v['pages_after'])}, serving-path compile stalls "
+            f"{v['compiles']['serving_blocked_s']:.1f} s ({v['compiles']['fallback_calls']} calls in "
+            "a larger program)")
     files = write_plot_data(out_dir, records, runs)
     pngs = write_plots(out_dir, records, runs, args.preset)
     results["files"] = ["results.json", "trace.jsonl", *(f"requests_{m}.jsonl" for m in records), *files,

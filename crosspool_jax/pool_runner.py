@@ -32,7 +32,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crosspool_jax.arena import ArenaStore
+from crosspool_jax.compile_cache import enable_compilation_cache
 from crosspool_jax.config import AttentionKind, ModelConfig
 from crosspool_jax.host_step import EXECUTIONS, HostScheduledStep, MeasuredChoice, StrategyTrial, trial_key
 from crosspool_jax.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
@@ -62,6 +65,71 @@ from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
 
 def _pow2(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+# A lane's stop-id width S is at least this (-1 padded): requests with up to 4 stop ids share
+# programs, so S is not a program dimension in practice (the check is a [B, S] compare per token)
+STOP_WIDTH_FLOOR = 4
+
+
+def lane_dominates(have: LaneShape, want: LaneShape) -> bool:
+    """A program compiled for lane shape `have` can run a lane of shape `want` (same class, every
+    size >=), its inputs padded to `have` as bucket padding already pads them. Split-KV extras
+    must be present in both or in neither (a program with extras merges partial attentions by
+    log-sum-exp: another reduction than the plain one)."""
+    return (have.cls == want.cls and have.groups >= want.groups and have.slots >= want.slots
+            and have.tokens >= want.tokens and have.max_pages >= want.max_pages
+            and (have.extras == 0) == (want.extras == 0) and have.extras >= want.extras
+            and have.extra_rows >= want.extra_rows and have.stop_width >= want.stop_width)
+
+
+def spec_dominates(have: StepSpec, want: StepSpec) -> bool:
+    """`have`'s program can run a call that wants `want`: same decode flag, backends, attention
+    schedule and lane structure, decode steps K >= (slots past their `remaining` idle), and each
+    lane dominating (`lane_dominates`)."""
+    if (have.decode, have.backend, have.attention_schedule, have.matmul_backend, have.unroll_layers,
+            len(have.lanes)) != (want.decode, want.backend, want.attention_schedule,
+                                 want.matmul_backend, want.unroll_layers, len(want.lanes)):
+        return False
+    if have.steps < want.steps or (not want.decode and have.steps != want.steps):
+        return False
+    return all(lane_dominates(h, w) for h, w in zip(have.lanes, want.lanes, strict=True))
+
+
+def program_cost(spec: StepSpec) -> int:
+    """A rough size of `spec`'s work per call (rows x (1 + pages) per lane, x steps): picks the
+    smallest of several programs that could run a call."""
+    return spec.steps * sum(ln.groups + ln.tokens * (1 + ln.max_pages) * (1 + ln.extras)
+                            for ln in spec.lanes)
+
+
+_EXITING = threading.Event()  # the interpreter is shutting down: queued background compiles skip
+_EXIT_HOOKED = False
+
+
+def _hook_exit() -> None:
+    """Marks `_EXITING` when the interpreter starts shutting down, before it joins the compile
+    threads (which would otherwise run every queued compile first). Registered after
+    concurrent.futures has registered its own join, so it runs before it (last in, first out)."""
+    global _EXIT_HOOKED
+    if _EXIT_HOOKED:
+        return
+    _EXIT_HOOKED = True
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is not None:
+            register(_EXITING.set)
+    except RuntimeError:  # already shutting down
+        _EXITING.set()
+
+
+def _compile_for(ref: weakref.ref, spec: StepSpec) -> Any:
+    """(background thread) `spec`'s program for the runner behind `ref`, compiled ahead of time;
+    None when the runner is gone or the interpreter is exiting (queued work is then skipped)."""
+    runner = ref()
+    if runner is None or _EXITING.is_set():
+        return None
+    return runner._compile_aot(spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +201,8 @@ class _Call:
     prefill_tokens: int  # prompt tokens the call computes (for the prefill-rate estimate)
     models: frozenset[str]
     dispatched: float  # time.perf_counter() at dispatch
-    compiled: bool  # the call compiled its program (its time is not a prefill rate)
+    # the call compiled its program or ran in a larger one (its time is not a prefill rate)
+    compiled: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +232,9 @@ class GroupRunner:
     both (the `shared` / `static` baselines). layout: the arena pages (num_pages per device).
     attn_pages: pages per KV device for attention-side weights (colocated: for all weights).
     steps_per_call: K decode tokens per host call. prefill_chunk: most prefill tokens per request
-    per step (chunked prefill interleaved with decode). backend: the kernels' backend.
+    per step (chunked prefill interleaved with decode). max_prefill_tokens: most prompt tokens of
+    all requests per step; while requests decode, the step's budget is what one decode call's time
+    prefills at the measured rate (`prefill_budget`). backend: the kernels' backend.
     kv_pages_per_device: KV pages the virtualizer hands out per KV device (default: all the arena's
     KV pages; fewer leaves the rest unused, e.g. to give two modes the same KV budget).
     micro_batches: decode lanes per model (2: ping-pong, each model's slots split in two lanes whose
@@ -174,10 +245,9 @@ class GroupRunner:
     max_programs: compiled step programs kept (least recently used evicted). Programs are per
     model CLASS and shape bucket (`pooled_step.LaneShape`), not per model. buckets: how sizes
     round to program shapes (default: `ShapeBuckets.coarse()` on GPU, `.fine()` elsewhere).
-    mixed_lanes: a step whose mix of lanes (model classes, micro-batches) has no compiled program
-    yet: "merged" compiles it on the spot (every request waits); "split" runs the lanes one by one
-    with one-lane programs while the merged program compiles in a background thread (default: split
-    on GPU, merged elsewhere).
+    A step runs one program per lane group: a model class's lane (MLA: one model's), or its two
+    ping-pong lanes, never a mix of classes, so the programs a runner can need depend only on each
+    class and the shape buckets, not on which other models have work in a step.
     execution: how a step program runs on a crosspool topology: "lowered" (one XLA program over
     both pools, `pooled_step.build_step`), "host" (host-scheduled per-layer calls on each pool's
     mesh with device-to-device transfers, `host_step.HostScheduledStep`), or "auto" (each program
@@ -185,6 +255,17 @@ class GroupRunner:
     Colocated stores always run "lowered" (there is one device: nothing to schedule between).
     overlap: a step reads the previous step's tokens instead of its own, so host work (planning,
     inputs, streaming) overlaps the device's (module docstring); False: each call is read at once.
+
+    Stall-free compiles (docs/engine.md, "Compiles off the serving path"): programs compile in a
+    background thread and a call never waits for one it can do without. warm_programs: when a
+    model's lane (its class, or a new group count G) is new to the runner, up to this many of its
+    programs are queued for the background thread at load (`warm_specs`; None: 4 on CPU, 8 on
+    GPU; 0: none); warm_slots / warm_context bound them (slots per KV device, tokens per request;
+    None: 8 / 512 on CPU, 32 / 8192 on GPU). fallback: a call whose exact program is not compiled
+    runs in the smallest compiled program that dominates its shape (`spec_dominates`: inputs padded
+    to it) while the exact one compiles in the background; only when none does, the call compiles
+    on the serving path (counted in `blocked_compile_seconds`). False: every new shape compiles on
+    the serving path. JAX's persistent compilation cache is turned on (`compile_cache`).
     """
 
     def __init__(
@@ -205,10 +286,14 @@ class GroupRunner:
         host_swap_pages: int = 0,
         max_programs: int = 64,
         buckets: ShapeBuckets | None = None,
-        mixed_lanes: str | None = None,
         execution: str = "lowered",
         overlap: bool = True,
+        warm_programs: int | None = None,
+        warm_slots: int | None = None,
+        warm_context: int | None = None,
+        fallback: bool = True,
     ):
+        enable_compilation_cache()  # before anything compiles; keeps a directory set elsewhere
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         self.store = ArenaStore(topology, layout, attn_pages, colocated=colocated)
@@ -235,18 +320,30 @@ class GroupRunner:
         # process died past ~110 programs at the default vm.max_map_count of 65,530)
         self._programs: dict[StepSpec, Callable] = {}
         self.max_programs = max_programs
-        if mixed_lanes not in (None, "merged", "split"):
-            raise ValueError(f"mixed_lanes must be 'merged' or 'split', got {mixed_lanes!r}")
-        self.mixed_lanes = mixed_lanes or ("split" if self.platform == "gpu" else "merged")
         self._background: dict[StepSpec, Any] = {}  # spec -> Future of its compiled program
+        # compiled in the background, not used by a call yet (`_lookup` puts them in service)
+        self._ready: dict[StepSpec, Callable] = {}
+        self._warm_sets: dict[Any, set[StepSpec]] = {}  # lane key -> its warm programs (`warm_up`)
         self._executor: Any = None
         self.buckets = buckets or (ShapeBuckets.coarse() if self.platform == "gpu" else ShapeBuckets.fine())
+        gpu = self.platform == "gpu"
+        self.warm_programs = (8 if gpu else 4) if warm_programs is None else max(0, warm_programs)
+        self.warm_slots = warm_slots or (32 if gpu else 8)
+        self.warm_context = warm_context or (8192 if gpu else 512)
+        self.fallback = fallback
+        # programs compiled on the serving path (a call waited) or by `precompile`; the background
+        # thread's are counted apart (`background_built`) when a step picks them up
         self.programs_built = 0
+        self.background_built = 0
+        self.blocked_compiles = 0  # calls that compiled (or waited for) their program
+        self.blocked_compile_seconds = 0.0  # seconds `_run` spent on those compiles / waits
+        self.fallback_calls = 0  # program calls run in a larger program than their shape's
         self.preemptions = 0
         self.calls = 0
         self.swapped_pages = 0
         self.link_rate: float | None = None  # measured host<->device bytes/s (swaps)
         self.prefill_rate: dict[str, float] = {}  # measured prefill tokens/s per model
+        self.decode_call_seconds: float | None = None  # measured device time of a decode call (EMA)
         self.overlap = overlap
         self._inflight: collections.deque[_Call] = collections.deque()
         self._read_tokens: dict[str, list[int]] = {}  # read since the last StepResult
@@ -271,6 +368,7 @@ class GroupRunner:
         self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
                                                 tokens_per_page_override=geom.tokens_per_page))
         self.geoms[name] = geom
+        self.warm_up(name)
 
     def add_random_model(self, name: str, cfg: ModelConfig, seed: int = 0) -> None:
         """A model with random weights generated on the devices (benchmarks at real sizes)."""
@@ -279,6 +377,7 @@ class GroupRunner:
         self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
                                                 tokens_per_page_override=geom.tokens_per_page))
         self.geoms[name] = geom
+        self.warm_up(name)
 
     def remove_model(self, name: str) -> None:
         live = [r for r in self.reqs.values() if r.model == name and not r.done]
@@ -290,23 +389,74 @@ class GroupRunner:
 
     # -- compiled programs --
     def _lookup(self, spec: StepSpec) -> Callable | None:
-        """The compiled program of `spec` (a finished background compile included), marked most
-        recently used; None if there is none yet."""
-        fut = self._background.get(spec)
-        if fut is not None and fut.done():
-            del self._background[spec]
-            if fut.exception() is None:
-                self._insert(spec, fut.result())
-                self.programs_built += 1
+        """The compiled program of `spec`, marked most recently used (a finished background
+        compile enters service here); None if there is none yet."""
+        self._poll_background()
         prog = self._programs.pop(spec, None)
-        if prog is not None:
-            self._programs[spec] = prog
+        if prog is None:
+            prog = self._ready.pop(spec, None)
+            if prog is None:
+                return None
+            self.background_built += 1
+            self._insert(spec, prog)
+            return prog
+        self._programs[spec] = prog
         return prog
 
+    def _poll_background(self) -> None:
+        """Moves the background thread's finished programs to `_ready` (held, not in service until
+        a call uses one). A failed background compile is dropped: the call that needs the program
+        compiles it on the serving path, where the error is raised."""
+        for spec, fut in list(self._background.items()):
+            if not fut.done():
+                continue
+            del self._background[spec]
+            if fut.cancelled() or fut.exception() is not None or fut.result() is None:
+                continue
+            if spec not in self._programs:
+                self._ready[spec] = fut.result()
+                self._evict()
+
+    def _program_for(self, want: StepSpec) -> tuple[StepSpec, Callable]:
+        """The program a call wanting `want` runs, and its spec: `want`'s own when compiled; else
+        (`fallback`) the smallest compiled program that dominates it, while `want`'s compiles in
+        the background; else, when the background thread is compiling a program that dominates it
+        (and not `want`'s own), that one, waited for (it is done sooner than a fresh compile); else
+        `want`'s, compiled on this thread (`_compile`). The waits count as blocked."""
+        prog = self._lookup(want)
+        if prog is not None:
+            return want, prog
+        if self.fallback:
+            bigger = [sp for sp in (*self._programs, *self._ready) if spec_dominates(sp, want)]
+            if not bigger and not (want in self._background and self._background[want].running()):
+                bigger = [sp for sp, fut in self._background.items()
+                          if fut.running() and spec_dominates(sp, want)]
+                if bigger:
+                    t0 = time.perf_counter()
+                    self._background[bigger[0]].exception()  # waits; a failure: compiled below
+                    self.blocked_compile_seconds += time.perf_counter() - t0
+                    self.blocked_compiles += 1
+                    self._poll_background()
+                    bigger = [sp for sp in bigger if sp in self._ready]
+            if bigger:
+                have = min(bigger, key=program_cost)
+                self._compile_in_background(want)
+                self.fallback_calls += 1
+                return have, self._lookup(have)
+        return want, self._compile(want)
+
     def _insert(self, spec: StepSpec, prog: Callable) -> None:
-        while len(self._programs) >= self.max_programs:  # least recently used goes
-            self._programs.pop(next(iter(self._programs)))
+        self._ready.pop(spec, None)
         self._programs[spec] = prog
+        self._evict()
+
+    def _evict(self) -> None:
+        """Keeps at most `max_programs` programs, in service and ready together: the oldest ready
+        one goes first, then the least recently used one in service."""
+        while len(self._programs) + len(self._ready) > self.max_programs and (
+                self._ready or len(self._programs) > 1):
+            held = self._ready if self._ready else self._programs
+            held.pop(next(iter(held)))
 
     def _strategy(self, spec: StepSpec, lowered: Callable) -> Callable:
         """`spec`'s step under this runner's execution strategy, given its lowered program."""
@@ -321,8 +471,21 @@ class GroupRunner:
         return host if trial.choice == "host" else MeasuredChoice(lowered, host, trial)
 
     def _compile(self, spec: StepSpec) -> Callable:
-        """Builds `spec`'s program on this thread (it compiles on its first call)."""
-        prog = self._strategy(spec, build_step(spec, self.store, self.platform))
+        """`spec`'s program, compiled on this thread now (ahead of time, so the time is the
+        compile's), or the background thread's compile of it waited for if already running; the
+        seconds count in `blocked_compile_seconds`."""
+        t0 = time.perf_counter()
+        prog = None
+        fut = self._background.pop(spec, None)
+        if fut is not None and not fut.cancel():  # running: its result comes sooner than a new one
+            try:
+                prog = fut.result()
+            except Exception:  # compiled again below, where the error is raised
+                prog = None
+        if prog is None:
+            prog = self._compile_aot(spec)
+        self.blocked_compile_seconds += time.perf_counter() - t0
+        self.blocked_compiles += 1
         self.programs_built += 1
         self._insert(spec, prog)
         return prog
@@ -349,13 +512,103 @@ class GroupRunner:
         return out
 
     def _compile_in_background(self, spec: StepSpec) -> None:
-        if spec in self._background:
+        """Queues `spec`'s compile for the runner's one background thread (nothing if it is held
+        or queued already); `_lookup` picks the program up once it is done."""
+        if spec in self._background or spec in self._programs or spec in self._ready:
             return
         if self._executor is None:
             import concurrent.futures
 
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="step-compile")
-        self._background[spec] = self._executor.submit(self._compile_aot, spec)
+            _hook_exit()
+            # a runner dropped with compiles queued: they skip (`_compile_for`), the thread ends
+            weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+        self._background[spec] = self._executor.submit(_compile_for, weakref.ref(self), spec)
+
+    def warm_specs(self, model: str) -> list[StepSpec]:
+        """The programs `model`'s lane is given at load, first needed first, at most
+        `warm_programs` (the rule, docs/engine.md "Compiles off the serving path"):
+
+        1. the smallest prefill program and the smallest decode program (K = steps_per_call) of
+           the bucket grid, one model per lane (G = 1; "placed" buckets: G = the class's placed
+           models): what a first request runs;
+        2. the box's largest prefill and decode programs (G = the lane's placed models rounded to
+           a power of two, `warm_slots` slots per KV device, pages of `warm_context` tokens,
+           prefill tokens up to `max_prefill_tokens`): they dominate every shape inside the box,
+           so with `fallback` no call inside it compiles on the serving path;
+        3. the rest of the box's grid (G as in 1), smallest first.
+
+        With micro_batches = 2 each decode program also comes as its ping-pong pair (two equal
+        lanes), and on GPU a GQA lane's box decode also with the persistent attention schedule.
+        Stop width: `STOP_WIDTH_FLOOR`; no split-KV extras (those compile when first met)."""
+        if self.warm_programs <= 0:
+            return []
+        key = self._lane_key(model)
+        names = [n for n in sorted(self.store.models) if self._lane_key(n) == key]
+        cls, bk, k = key[0], self.buckets, self.steps_per_call
+        g_top = _pow2(len(names))
+        g_small = g_top if bk.groups == "placed" else 1
+        tpp = self.geoms[names[0]].tokens_per_page
+
+        def ladder(hi: int, floor: int) -> list[int]:
+            out = [bk.round(1, floor)]
+            while out[-1] < hi:
+                out.append(out[-1] * bk.growth)
+            return out
+
+        slots = ladder(self.warm_slots, bk.slots_floor)
+        pages = ladder(-(-self.warm_context // tpp), bk.pages_floor)
+        tokens = ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor)
+        pair = self.micro_batches == 2
+        persistent = self.platform == "gpu" and cls.config.attention == AttentionKind.GQA
+
+        def dec(g: int, b: int, p: int, sched: str = "split") -> list[StepSpec]:
+            ln = LaneShape(cls, g, b, b, p, stop_width=STOP_WIDTH_FLOOR)
+            out = [StepSpec((ln,), True, k, self.backend, attention_schedule=sched)]
+            if pair:
+                out.append(StepSpec((ln, ln), True, k, self.backend, attention_schedule=sched))
+            return out
+
+        def pre(g: int, b: int, t: int, p: int) -> StepSpec:
+            return StepSpec((LaneShape(cls, g, b, t, p, stop_width=STOP_WIDTH_FLOOR),), False, 1,
+                            self.backend)
+
+        first = [pre(g_small, slots[0], tokens[0], pages[0]), *dec(g_small, slots[0], pages[0])]
+        top = [pre(g_top, min(slots[-1], tokens[-1]), tokens[-1], pages[-1]),
+               *dec(g_top, slots[-1], pages[-1])]
+        if persistent:
+            top += dec(g_top, slots[-1], pages[-1], "persistent")
+        rest = [sp for b in slots for p in pages for sp in dec(g_small, b, p)]
+        rest += [pre(g_small, b, t, p) for t in tokens for b in slots if b <= t for p in pages]
+        rest.sort(key=program_cost)
+        return list(dict.fromkeys(first + top + rest))[: self.warm_programs]
+
+    def warm_up(self, model: str) -> int:
+        """Queues `warm_specs(model)` for the background thread (those not held or queued yet);
+        returns how many it queued. Called by `add_model` / `add_random_model`. The lane's earlier
+        warm programs that left its set (a model added changed G) are dropped if not started."""
+        specs = self.warm_specs(model)
+        key = self._lane_key(model)
+        for old in self._warm_sets.get(key, set()) - set(specs):
+            fut = self._background.get(old)
+            if fut is not None and fut.cancel():
+                del self._background[old]
+        self._warm_sets[key] = set(specs)
+        queued = 0
+        for spec in specs:
+            if spec not in self._background and spec not in self._programs and spec not in self._ready:
+                self._compile_in_background(spec)
+                queued += 1
+        return queued
+
+    def wait_background(self, timeout: float | None = None) -> bool:
+        """Waits until the background thread has finished every queued compile (tests, and a
+        caller that wants the warm programs before serving); True if it did within `timeout`."""
+        import concurrent.futures
+
+        futs = list(self._background.values())
+        _, pending = concurrent.futures.wait(futs, timeout=timeout)
+        return not pending
 
     # -- ahead-of-time compilation --
     def _lane_key(self, model: str) -> tuple[Any, str | None]:
@@ -396,23 +649,30 @@ class GroupRunner:
                 for p in pages:
                     for b in slots:
                         for k in steps:
-                            specs.append(StepSpec((LaneShape(cls, gg, b, b, p),), True, k, self.backend))
+                            lane = LaneShape(cls, gg, b, b, p, stop_width=STOP_WIDTH_FLOOR)
+                            specs.append(StepSpec((lane,), True, k, self.backend))
                     for t in ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor):
                         for b in slots:
                             if b <= t:
-                                specs.append(StepSpec((LaneShape(cls, gg, b, t, p),), False, 1,
-                                                      self.backend))
+                                lane = LaneShape(cls, gg, b, t, p, stop_width=STOP_WIDTH_FLOOR)
+                                specs.append(StepSpec((lane,), False, 1, self.backend))
         return specs
 
     def precompile(self, specs: Sequence[StepSpec], threads: int = 4,
                    log: Callable[[str], None] | None = None) -> int:
         """Compiles the `specs` it does not hold yet ahead of time, `threads` at once (XLA compiles
         outside the GIL), and keeps them as this runner's programs; returns how many it compiled.
-        Call while idle."""
+        Call while idle. Background compiles of these specs not started yet are dropped (compiled
+        here instead); the others stay queued."""
         import concurrent.futures
 
         specs = [sp for sp in specs if sp not in self._programs]
-        self.max_programs = max(self.max_programs, len(self._programs) + len(specs))
+        for sp in specs:
+            fut = self._background.get(sp)
+            if fut is not None and fut.cancel():
+                del self._background[sp]
+            self._ready.pop(sp, None)  # compiled again here (from the persistent cache, mostly)
+        self.max_programs = max(self.max_programs, len(self._programs) + len(specs) + len(self._background))
 
         def one(sp: StepSpec) -> tuple[StepSpec, Any, float]:
             t0 = time.perf_counter()
@@ -430,12 +690,12 @@ class GroupRunner:
         return len(specs)
 
     def set_limits(self, limits: dict[str, ModelLimits]) -> None:
-        """Per-model page floors/caps (the `static` mode's fixed reservations)."""
-        if self.planner.has_live_requests:
-            raise RuntimeError("limits change only while idle")
-        cfg = dataclasses.replace(self._planner_config, model_limits=dict(limits))
-        self._planner_config = cfg
-        self.planner = KVPlanner(self.kv, cfg)
+        """Per-model page floors/caps (the `static` mode's fixed reservations). May change while
+        requests run (a model added or removed next to live requests): nothing is preempted, a
+        request live at the change keeps the larger of its old and new cap, later ones are held to
+        the new cap (`KVPlanner.set_model_limits`). The planner keeps its requests and measured costs."""
+        self.planner.set_model_limits(limits)
+        self._planner_config = dataclasses.replace(self._planner_config, model_limits=dict(limits))
 
     # -- requests --
     def submit(self, request_id: str, model: str, prompt: Sequence[int], max_new_tokens: int,
@@ -498,7 +758,8 @@ class GroupRunner:
                 decode_lengths[rid] = min(info.kv_len + k, cap)
         from crosspool_jax.planner import StepInput
 
-        plan = self.planner.step(StepInput(decode_lengths, prefill_token_budget=self.max_prefill_tokens))
+        plan = self.planner.step(StepInput(decode_lengths,
+                                           prefill_token_budget=self.prefill_budget(bool(decode_lengths))))
         # swap-outs before anything writes KV, swap-ins before anything reads it (planner contract)
         for sp in plan.swap_outs:
             self._swap(sp, to_host=True)
@@ -534,6 +795,18 @@ class GroupRunner:
         # reads inside launch (overlap off, or a prefill that needs tokens in flight) are waits
         self.launch_seconds += time.perf_counter() - t_launch - (self.wait_seconds - waited)
 
+    def prefill_budget(self, decoding: bool) -> int:
+        """Most prompt tokens this step may prefill. With requests decoding, as many as the
+        measured prefill rate runs in one measured decode call (EMAs of uncompiled calls), so a step
+        that mixes prefill with decode costs about 2x a pure decode step; at least one prefill
+        chunk (prefill never starves) and at most `max_prefill_tokens`. With nothing decoding, or
+        before both are measured: `max_prefill_tokens`."""
+        rate = sum(self.prefill_rate.values()) / len(self.prefill_rate) if self.prefill_rate else None
+        if not decoding or rate is None or self.decode_call_seconds is None:
+            return self.max_prefill_tokens
+        floor = min(self.prefill_chunk, self.max_prefill_tokens)
+        return int(min(self.max_prefill_tokens, max(floor, rate * self.decode_call_seconds)))
+
     def result(self) -> StepResult:
         """Reads the calls before the last `launch()`'s (all calls without `overlap`): their tokens,
         and the requests that ended. Blocks until those calls' device work is done."""
@@ -559,11 +832,15 @@ class GroupRunner:
             got_lanes = [np.asarray(o) for o in call.outs]  # waits for the call's device work
             ready = time.perf_counter()
             self.wait_seconds += ready - t_wait
-            if not call.decode and not call.compiled:
+            if not call.compiled:
                 # the device started this call when it was dispatched or when the previous call
                 # finished, whichever was later
-                self._note_prefill(call.prefill_tokens, call.models,
-                                   ready - max(call.dispatched, self._last_ready))
+                busy = ready - max(call.dispatched, self._last_ready)
+                if call.decode:
+                    old = self.decode_call_seconds
+                    self.decode_call_seconds = busy if old is None else 0.8 * old + 0.2 * busy
+                else:
+                    self._note_prefill(call.prefill_tokens, call.models, busy)
             self._last_ready = ready
             for lane, place, got in zip(call.lanes, call.places, got_lanes, strict=True):
                 got = got.reshape(got.shape[0], n, lane.slots)
@@ -673,18 +950,21 @@ class GroupRunner:
         placed = ({self._lane_key(names[0]): names for _, names in self.lane_keys()}
                   if self.buckets.groups == "placed" else {})
         groups = []
-        for (cls, one), (names, rows) in by_class.items():
+        lane_group: list[int] = []  # per lane: its program (a class's lane or its ping-pong lanes)
+        for gi, ((cls, one), (names, rows)) in enumerate(by_class.items()):
             names = placed.get((cls, one), names)
             mb = self.micro_batches
             if decode and mb > 1 and len(rows) >= mb and not any(r[4] for r in rows):
                 groups += [(cls, names, rows[i::mb]) for i in range(mb)]  # ping-pong lanes
+                lane_group += [gi] * mb
             else:
                 groups.append((cls, names, rows))
+                lane_group.append(gi)
+        # each lane's shape: the smallest bucket holding its rows
+        wanted: list[LaneShape] = []
+        sorted_rows: list[tuple[list[list], dict[str, int]]] = []  # per lane: per-device rows, groups
+        tail_lens: list[np.ndarray] = []  # per lane: its slots' tail lengths (the attention schedule)
         for cls, names, rows in groups:
-            cfg = cls.config
-            geom = self.geoms[names[0]]
-            tpp = geom.tokens_per_page
-            g_count = _pow2(len(names))
             gidx = {m: i for i, m in enumerate(names)}
             per_dev: list[list] = [[] for _ in range(n_kv)]
             for row in sorted(rows, key=lambda r: gidx[r[0].req.model]):  # slots sorted by model
@@ -705,7 +985,30 @@ class GroupRunner:
                     n_extra_dev[s.device] += 1
             x = _pow2(max(n_extra_dev)) if any(n_extra_dev) else 0
             c = 1 if decode or not x else _pow2(max(r[2] - r[1] for r in rows))  # only read with extras
-            s_w = _pow2(max((len(r[0].req.stop_ids) for r in rows), default=1))
+            s_w = _pow2(max((len(r[0].req.stop_ids) for r in rows), default=1), STOP_WIDTH_FLOOR)
+            wanted.append(LaneShape(cls, _pow2(len(names)), b, t, pages, x, c, s_w))
+            sorted_rows.append((per_dev, gidx))
+            tail_lens.append(np.array([(r[1] + 1 if decode else r[2]) - r[3].token_start for r in rows]))
+        steps = (self.steps_per_call if self.buckets.fixed_steps else _pow2(k_steps)) if decode else 1
+        # each lane group's program: its shape's, or a compiled larger one (`_program_for`); the
+        # inputs are then built at the shapes of the program that runs them
+        blocked_before, fallbacks_before = self.blocked_compiles, self.fallback_calls
+        programs: list[tuple[list[int], Callable]] = []
+        shapes = list(wanted)
+        for gi in dict.fromkeys(lane_group):  # one program per lane group, in order
+            idxs = [i for i, g in enumerate(lane_group) if g == gi]
+            sched = attention_schedule(
+                [tail_lens[i] for i in idxs], wanted[idxs[0]].cls.config,
+                decode and self.platform == "gpu" and not any(wanted[i].extras for i in idxs))
+            spec, prog = self._program_for(StepSpec(tuple(wanted[i] for i in idxs), decode, steps,
+                                                    self.backend, attention_schedule=sched))
+            for i, shape in zip(idxs, spec.lanes, strict=True):
+                shapes[i] = shape
+            programs.append((idxs, prog))
+        for (cls, names, _), shape, (per_dev, gidx) in zip(groups, shapes, sorted_rows, strict=True):
+            cfg = cls.config
+            g_count, b, t, pages = shape.groups, shape.slots, shape.tokens, shape.max_pages
+            x, c, s_w = shape.extras, shape.extra_rows, shape.stop_width
             L = cfg.num_layers
             arr = {
                 "tokens": np.zeros((n, t), np.int32), "positions": np.zeros((n, t), np.int32),
@@ -792,12 +1095,10 @@ class GroupRunner:
                     place.append((r.request_id, d, bi, e0 - s0, decode or (w.samples and e0 == w.end)))
                 if not decode:
                     arr["cu_q"][d, len(per_dev[d]) + 1:] = row_ptr
-            lanes.append(LaneShape(cls, g_count, b, t, pages, x, c, s_w))
+            lanes.append(shape)
             host_inputs.append(arr)
             placements.append(place)
             feeds.append(feed)
-        steps = (self.steps_per_call if self.buckets.fixed_steps else _pow2(k_steps)) if decode else 1
-        spec = StepSpec(tuple(lanes), decode, steps, self.backend)
         sharding = store.sharding
         dev_feeds: list[dict[int, tuple[Any, list[int], list[int]]]] = []
         for arr, feed in zip(host_inputs, feeds, strict=True):
@@ -820,23 +1121,12 @@ class GroupRunner:
                 idx_a = np.zeros(m, np.int32)
                 idx_a[: len(idx)] = idx
                 inp["tokens"] = self._feed(inp["tokens"], rows_a, src, idx_a)
-        prog = self._lookup(spec)
-        compiled_before = self.programs_built
         dispatched = time.perf_counter()
-        if prog is None and len(lanes) > 1 and self.mixed_lanes == "split":
-            # a new mix of lanes: run them one by one with one-lane programs (shared by every mix
-            # they occur in; the lanes of a step are independent) while the merged program
-            # compiles in the background, instead of stalling every request on its compile
-            self._compile_in_background(spec)
-            outs = []
-            for lane, inp in zip(lanes, dev_inputs, strict=True):
-                one = StepSpec((lane,), decode, steps, self.backend)
-                p1 = self._lookup(one) or self._compile(one)
-                store.arena, o = p1(store.arena, (inp,))
-                outs.append(o[0])
-        else:
-            prog = prog or self._compile(spec)
-            store.arena, outs = prog(store.arena, dev_inputs)
+        outs: list[Any] = [None] * len(lanes)
+        for idxs, prog in programs:
+            store.arena, group_outs = prog(store.arena, tuple(dev_inputs[i] for i in idxs))
+            for i, o in zip(idxs, group_outs, strict=True):
+                outs[i] = o
         # the call's tokens, as placeholders until `_collect` reads them
         places = []
         for lane, place, out in zip(lanes, placements, outs, strict=True):
@@ -857,8 +1147,30 @@ class GroupRunner:
         prefill_tokens = 0 if decode else sum(q for place in placements for _, _, _, q, _ in place)
         self._inflight.append(_Call(tuple(outs), tuple(lanes), places, decode, prefill_tokens,
                                     frozenset(w.req.model for w in items), dispatched,
-                                    self.programs_built != compiled_before))
+                                    (self.blocked_compiles, self.fallback_calls)
+                                    != (blocked_before, fallbacks_before)))
         return rest
+
+
+# Decode attention switches from the split grid to the persistent work list at this raggedness
+# (longest tail / mean tail of the call's live slots). Measured on one H200 (benchmarks/
+# schedule_rule.py, docs/kernels.md): at >= 8 persistent won all 8 batches measured (1.05-2.6x);
+# from 1 to 4 either won (0.67-1.48x; 3.0x once), so split, the better on uniform long batches, stays.
+PERSISTENT_RAGGEDNESS = 8.0
+
+
+def attention_schedule(tail_lens: Sequence[np.ndarray], cfg: ModelConfig, eligible: bool) -> str:
+    """"persistent" or "split" for a decode call of slots with these tail lengths (0: empty
+    slot): persistent when the batch is ragged (`PERSISTENT_RAGGEDNESS`), for GQA models on GPU
+    (`eligible`: a GPU decode call without split-KV extras). MLA stays split (its persistent
+    kernel was slower even on uniform batches: docs/benchmarks.md case (d))."""
+    if not eligible or cfg.attention != AttentionKind.GQA:
+        return "split"
+    lens = np.concatenate([np.asarray(t).reshape(-1) for t in tail_lens])
+    lens = lens[lens > 0]
+    if lens.size < 2:
+        return "split"
+    return "persistent" if lens.max() >= PERSISTENT_RAGGEDNESS * lens.mean() else "split"
 
 
 def _tokens_at(r: _Req, new: list[int], start: int, end: int) -> list[int]:

@@ -128,6 +128,7 @@ class StepSpec:
     attention_schedule: str = "split"
     matmul_backend: str | None = None  # arena matmul backend (None: the Pallas kernel on GPU,
     # "reference" = XLA's ragged_dot over sliced weights elsewhere)
+    unroll_layers: bool = False  # True: every layer emitted straight (no loop; benchmarks compare)
 
 
 # ---- reading the arena ------------------------------------------------------------------------------
@@ -539,6 +540,71 @@ def next_carry(nxt: jax.Array, valid: jax.Array, fin: jax.Array, tok: jax.Array,
     return (jnp.where(valid, nxt, tok), pos + live, lens + live, rem - live, done | (valid & fin))
 
 
+# ---- the layer loop ------------------------------------------------------------------------------------
+
+# What a layer's program text depends on, per lane: (FFN kind, sliding window (0: none)), or None
+# for a lane with fewer layers. Layers of equal signature compile to the same loop body.
+LayerSignature = tuple[tuple[FFNKind, int] | None, ...]
+
+
+def layer_signatures(cfgs: list[ModelConfig]) -> list[LayerSignature]:
+    """Each layer's signature over the lanes' configs (as deep as the deepest lane)."""
+    depth = max(c.num_layers for c in cfgs)
+    return [tuple((c.ffn_kinds[li], c.sliding_windows[li]) if li < c.num_layers else None for c in cfgs)
+            for li in range(depth)]
+
+
+def layer_segments(sigs: list[LayerSignature], max_period: int = 4) -> list[tuple[int, int, int]]:
+    """Splits the layers into loops: (first layer, period, repeats) per segment, covering every
+    layer in order; a segment is `repeats` copies of the `period` signatures starting at its first
+    layer. Greedy: at each layer the run of equal signatures (period 1), unless a longer period
+    (<= max_period) repeats at least twice and covers more layers (ties: the shorter period).
+    Uniform models give one segment (period 1); a DeepSeek model with dense first layers two;
+    Qwen2-MoE with every other layer dense one of period 2."""
+    out, i, n = [], 0, len(sigs)
+    while i < n:
+        best_p, best_r = 1, 0
+        for p in range(1, min(max_period, n - i) + 1):
+            r = 1
+            while i + (r + 1) * p <= n and sigs[i + r * p: i + (r + 1) * p] == sigs[i: i + p]:
+                r += 1
+            if (p == 1 or r >= 2) and r * p > best_p * best_r:
+                best_p, best_r = p, r
+        out.append((i, best_p, best_r))
+        i += best_p * best_r
+    return out
+
+
+def run_layers(arena: jax.Array, states: list[LaneState], cfgs: list[ModelConfig],
+               layer_fn: Callable[[jax.Array, Any, LayerSignature], jax.Array], unroll: bool = False
+               ) -> jax.Array:
+    """Runs `layer_fn(arena, layer, signature)` over every layer as loops (`lax.scan` per segment of
+    `layer_segments`, the layer index traced), so the program's size and compile time stop
+    growing with depth; a segment of one repeat is emitted straight (static layer index). The
+    lanes' residual streams (`states[i].x`) are carried through the loops with the arena.
+    `unroll`: every layer emitted straight instead (what the step was before the loop)."""
+    sigs = layer_signatures(cfgs)
+    for start, period, repeats in layer_segments(sigs):
+        if repeats == 1 or unroll:
+            for j in range(period * repeats):
+                arena = layer_fn(arena, start + j, sigs[start + j])
+            continue
+
+        def segment(carry, i, start=start, period=period):
+            arena, xs = carry
+            for st, x in zip(states, xs, strict=True):
+                st.x = x
+            for j in range(period):
+                arena = layer_fn(arena, start + i * period + j, sigs[start + j])
+            return (arena, tuple(st.x for st in states)), None
+
+        (arena, xs), _ = lax.scan(segment, (arena, tuple(st.x for st in states)),
+                                  jnp.arange(repeats, dtype=jnp.int32))
+        for st, x in zip(states, xs, strict=True):
+            st.x = x
+    return arena
+
+
 # ---- the program ---------------------------------------------------------------------------------------
 
 
@@ -585,12 +651,6 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                 row_ok, tail_len = ln.live_rows(inp, ln_len, done, is_kv)
                 x = rd.embed(jnp.where(row_ok, tok, 0), inp["tok_grp"])
                 states.append(LaneState(x, pos, row_ok, tail_len, inp))
-            # Per layer: every lane's projections (reads of the arena's current version), then
-            # every lane's KV write at one point (in place: all earlier reads feed it), then each
-            # lane's attention + output projection, emitted next to the FFN of the lane before it
-            # (software pipelining), so with 2+ lanes (micro-batches) the KV devices' attention and
-            # the weights devices' experts can run at the same time.
-            pending: list[tuple[int, int, jax.Array]] = []
             # every KV device's rows, as the weights devices see them: model of each row, real or not
             f_meta = []
             for ln, st in zip(lanes, states, strict=True):
@@ -598,20 +658,15 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                 f_meta.append((lax.all_gather(st.inp["tok_grp"], POOL_AXIS, tiled=True)[:m],
                                lax.all_gather(st.row_ok, POOL_AXIS, tiled=True)[:m]))
 
-            def run_ffn(i: int, layer: int, f_rows: jax.Array) -> None:
-                ln, st = lanes[i], states[i]
-                part = ln.ffn(ln.reader(arena, st.inp, mm_backend), f_rows, *f_meta[i],
-                              ln.cfg.ffn_kinds[layer], ln.cfg.ffn_stack_index[layer], dev, is_w)
-                total = lax.psum(jnp.where(is_w, part, 0.0), POOL_AXIS)
-                t = ln.shape.tokens
-                mine = lax.dynamic_slice_in_dim(total, jnp.minimum(dev, n_kv - 1) * t, t, axis=0)
-                st.x = st.x + mine.astype(st.x.dtype)
-
-            max_layers = max(ln.cfg.num_layers for ln in lanes)
-            for layer in range(max_layers):
-                while pending:  # the previous layer's FFNs feed this layer's projections
-                    run_ffn(*pending.pop(0))
-                live = [i for i, ln in enumerate(lanes) if layer < ln.cfg.num_layers]
+            def layer_fn(arena: jax.Array, layer: jax.Array, sig: LayerSignature) -> jax.Array:
+                """One layer of every lane live in it (`sig`: each lane's FFN kind and window, or
+                None past its depth); `layer` may be traced (inside a scan over layers). Every live
+                lane's projections read the arena's current version, then every lane's KV write
+                happens at one point (in place: all earlier reads feed it), then each lane's
+                attention + output projection, emitted next to the FFN of the lane before it, so
+                with 2+ lanes (micro-batches) the KV devices' attention and the weights devices'
+                experts can run at the same time."""
+                live = [i for i, one in enumerate(sig) if one is not None]
                 ctxs = {i: lanes[i].attention_pre(lanes[i].reader(arena, states[i].inp, mm_backend),
                                                   states[i], layer, is_kv) for i in live}
                 # every lane's reads of this version happen before the first write (barrier)
@@ -625,17 +680,32 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                     st.x = x
                 for i in live:
                     arena = lanes[i].kv_write(arena, ctxs[i])
+                pending: list[tuple[int, jax.Array]] = []
                 for i in live:
                     ln, st = lanes[i], states[i]
                     f_in = ln.attention_post(ln.reader(arena, st.inp, mm_backend), arena, st, layer,
-                                             dev, is_kv, ctxs[i], ln.cfg.sliding_windows[layer] or None)
+                                             dev, is_kv, ctxs[i], sig[i][1] or None)
                     f_rows = lax.all_gather(jnp.where(st.row_ok[:, None], f_in, 0), POOL_AXIS,
                                             tiled=True)[: n_kv * ln.shape.tokens]
-                    pending.append((i, layer, f_rows))
+                    pending.append((i, f_rows))
                     if len(pending) > 1:
-                        run_ffn(*pending.pop(0))
-            while pending:
-                run_ffn(*pending.pop(0))
+                        run_ffn(arena, *pending.pop(0), layer, sig)
+                while pending:
+                    run_ffn(arena, *pending.pop(0), layer, sig)
+                return arena
+
+            def run_ffn(arena: jax.Array, i: int, f_rows: jax.Array, layer: jax.Array,
+                        sig: LayerSignature) -> None:
+                ln, st = lanes[i], states[i]
+                idx = jnp.asarray(ln.cfg.ffn_stack_index, jnp.int32)[layer]
+                part = ln.ffn(ln.reader(arena, st.inp, mm_backend), f_rows, *f_meta[i], sig[i][0], idx,
+                              dev, is_w)
+                total = lax.psum(jnp.where(is_w, part, 0.0), POOL_AXIS)
+                t = ln.shape.tokens
+                mine = lax.dynamic_slice_in_dim(total, jnp.minimum(dev, n_kv - 1) * t, t, axis=0)
+                st.x = st.x + mine.astype(st.x.dtype)
+
+            arena = run_layers(arena, states, [ln.cfg for ln in lanes], layer_fn, spec.unroll_layers)
             new = [ln.sample(ln.reader(arena, st.inp, mm_backend), st.x, st.positions, st.inp, rem,
                              done, is_kv)
                    for ln, st, rem, done in zip(lanes, states, rems, dones, strict=True)]

@@ -10,4 +10,7 @@ bash scripts/fixtures.sh .cache/hf_fixtures
 export CROSSPOOL_REQUIRE_FIXTURES=1
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
+# one compilation cache for the run (and later runs of this checkout): tests that build the same
+# step program compile it once; subprocesses the tests start inherit it
+export CROSSPOOL_COMPILATION_CACHE="${CROSSPOOL_COMPILATION_CACHE:-$PWD/.cache/jax-tests}"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

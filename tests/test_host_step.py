@@ -56,14 +56,17 @@ def test_host_step_ping_pong_lanes_and_calls_per_step(demo) -> None:
     reqs += [Req(f"q{i}", QWEN, _prompt(50 + i, 4 + i), 7) for i in range(4)]
     log = drive(runner, reqs)
     assert_matches_reference(refs, reqs, log)
-    # the decode program of the two-class, two-micro-batch step: 4 lanes of 2-layer models, one
-    # begin + 2 calls per layer + one end per lane per token; 2 transfers at the begin and 2 per layer
-    decode = [p for s, p in runner._programs.items() if s.decode and len(s.lanes) == 4]
-    assert decode, [(s.decode, len(s.lanes)) for s in runner._programs]
-    prog = decode[0]
-    layers = [sh.cls.config.num_layers for sh in prog.spec.lanes]
-    assert prog.calls_per_step == sum(2 + 2 * n for n in layers)
-    assert prog.transfers_per_step == sum(2 + 2 * n for n in layers)
+    # one class per program: each decode program holds one class's ping-pong pair (2 lanes of a
+    # 2-layer model): one begin + 2 calls per layer + one end per lane per token; 2 transfers at the
+    # begin and 2 per layer
+    decode = [p for s, p in runner._programs.items() if s.decode]
+    assert {len(p.spec.lanes) for p in decode} == {2}, [(s.decode, len(s.lanes)) for s in runner._programs]
+    assert {len({sh.cls for sh in p.spec.lanes}) for p in decode} == {1}
+    assert len({p.spec.lanes[0].cls for p in decode}) == 2  # both classes ran, in programs of their own
+    for prog in decode:
+        layers = [sh.cls.config.num_layers for sh in prog.spec.lanes]
+        assert prog.calls_per_step == sum(2 + 2 * n for n in layers)
+        assert prog.transfers_per_step == sum(2 + 2 * n for n in layers)
 
 
 def test_host_step_keeps_the_arena_in_place(demo) -> None:

@@ -166,28 +166,24 @@ def test_precompiled_programs_serve_a_run_without_compiling(refs) -> None:
     assert runner.kv.pool_stats().pages_used == 0
 
 
-def test_split_lanes_until_the_merged_program_compiles(refs) -> None:
-    """mixed_lanes="split" (the GPU default): a step mixing model classes whose merged program is
-    not compiled yet runs its lanes one by one with one-lane programs while the merged program
-    compiles in a background thread; outputs equal the reference either way, and the merged
-    program is used once it is ready."""
-    models = {m: MODELS[m] for m in ("q3-a", "q2-a", "mix")}
-    runner = build_runner(models, split="1+1", kv_pages=24, prefill_chunk=16, mixed_lanes="split")
-    started: list = []
-    start = runner._compile_in_background
-
-    def record(spec):
-        started.append(spec)
-        start(spec)
-
-    runner._compile_in_background = record
-    reqs = _requests("-split", list(models))
-    log = drive(runner, reqs)
-    _check(refs, reqs, log)
-    assert started and all(len(sp.lanes) > 1 for sp in started)  # merged compiles were started
-    for sp in set(started):
-        fut = runner._background.get(sp)
-        if fut is not None:
-            fut.result()
-        assert runner._lookup(sp) is not None  # and land as programs
+def test_programs_hold_one_class_whatever_the_mix_of_models(refs) -> None:
+    """A step runs one program per model class (never a mix), so the programs compiled for a
+    class's shapes do not depend on which other models have work: many mixes of three classes
+    compile exactly the programs the classes need alone, and outputs equal the reference."""
+    models = {m: MODELS[m] for m in ("q3-a", "q3-b", "q2-a", "mix")}
+    buckets = ShapeBuckets(slots_floor=4, tokens_floor=32, pages_floor=4, growth=4, groups="placed",
+                           fixed_steps=True)
+    runner = build_runner(models, split="1+1", kv_pages=48, prefill_chunk=16, max_prefill_tokens=32,
+                          buckets=buckets)
+    mixes = [["q3-a"], ["q2-a"], ["mix"], ["q3-a", "q2-a"], ["q3-b", "mix"], ["q2-a", "mix"],
+             ["q3-a", "q3-b", "q2-a", "mix"]]
+    for i, mix in enumerate(mixes):
+        reqs = [r for r in _requests(f"-mix{i}", list(models)) if r.model in mix]
+        log = drive(runner, reqs)
+        _check(refs, reqs, log)
+        if i == 2:  # every class has run alone
+            alone = set(runner._programs)
+    assert all(len({ln.cls for ln in sp.lanes}) == 1 for sp in runner._programs)
+    assert set(runner._programs) == alone  # the mixes compiled nothing new
+    assert runner.programs_built == len(alone)
     assert runner.kv.pool_stats().pages_used == 0

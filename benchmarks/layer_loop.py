@@ -1,0 +1,199 @@
+"""The layer loop (issue 15 item 1): compile time and step time of the one-program step with the
+layers as `lax.scan` loops (`pooled_step.run_layers`) vs every layer emitted straight (the step
+before the loop), same spec and inputs, in one run, on one device (colocated group).
+
+    PYTHONPATH=. python -m benchmarks.layer_loop [--models olmoe,olmoe@32] [--batch 32]
+        [--context 2048] [--steps-per-call 4] [--prefill-tokens 512] [--iters 10] [--json OUT]
+
+Default models: OLMoE-1B-7B shapes (16 layers) and the same with 32 layers (compile time vs depth).
+Per model and variant: seconds to trace + lower + compile the decode program (K steps per call)
+and a prefill program (one chunk of `--prefill-tokens` tokens of one request), then the decode
+program's ms per decode step (median of `--iters` calls / K) and its ratio to the roofline of
+benchmarks/step.py (bytes one decode step must read / copy bandwidth measured in this run).
+
+Correctness first: the decode call's tokens of the two variants must be equal (same random
+weights and KV), and on a tiny model (demo-deepseek-v3: dense first layer, then MoE: two loop
+segments) both equal the reference path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks.kernels import copy_bandwidth
+from benchmarks.step import MODELS, build_store, decode_inputs, olmoe_config, roofline_bytes
+from crosspool_jax.pooled_step import (
+    LaneShape,
+    StepSpec,
+    build_step,
+    input_shapes,
+    layer_segments,
+    layer_signatures,
+    model_geometry,
+    one_model_group_inputs,
+)
+from pallas_kernels.page_layout import PoolLayout
+
+
+def prefill_inputs(store: Any, cfg: Any, tpp: int, tokens: int, rng: np.random.Generator
+                   ) -> tuple[dict[str, np.ndarray], int]:
+    """One request's first prefill chunk of `tokens` tokens on device 0: (lane inputs, pages P)."""
+    n, L = store.num_devices, cfg.num_layers
+    pages = -(-tokens // tpp)
+    P = 1 << (pages - 1).bit_length()
+    base = store.kv_first_page
+    arr = {
+        "tokens": np.zeros((n, tokens), np.int32), "positions": np.zeros((n, tokens), np.int32),
+        "tok_slot": np.full((n, tokens), -1, np.int32), "cu_q": np.zeros((n, 2), np.int32),
+        "tail_pages": np.full((n, 1, L, P), -1, np.int32), "tail_start": np.zeros((n, 1), np.int32),
+        "tail_len": np.zeros((n, 1), np.int32), "sample_row": np.full((n, 1), -1, np.int32),
+        "temperature": np.zeros((n, 1), np.float32), "top_k": np.zeros((n, 1), np.int32),
+        "top_p": np.ones((n, 1), np.float32), "seed": np.zeros((n, 1, 2), np.uint32),
+        "remaining": np.ones((n, 1), np.int32), "stop_ids": np.full((n, 1, 1), -1, np.int32),
+    }
+    arr["tokens"][0] = rng.integers(0, cfg.vocab_size, tokens)
+    arr["positions"][0] = np.arange(tokens)
+    arr["tok_slot"][0] = 0
+    arr["cu_q"][0, 1] = tokens
+    ids = rng.permutation(store.kv_pages)[: L * pages] + base
+    arr["tail_pages"][0, 0, :, :pages] = ids.reshape(L, pages)
+    arr["tail_len"][0] = tokens
+    arr["sample_row"][0] = tokens - 1
+    arr.update(one_model_group_inputs(store, "m", [tokens], tokens, 1))
+    arr["grp_slots"][0, 0] = 1
+    return arr, P
+
+
+def compile_seconds(spec: StepSpec, store: Any, platform: str) -> tuple[Any, float]:
+    """`spec`'s program traced, lowered and compiled ahead of time, and the seconds that took."""
+    arena = jax.ShapeDtypeStruct(store.arena.shape, store.arena.dtype, sharding=store.sharding)
+    t0 = time.perf_counter()
+    prog = build_step(spec, store, platform).lower(arena, input_shapes(spec, store)).compile()
+    return prog, time.perf_counter() - t0
+
+
+def run_model(name: str, args: argparse.Namespace, dev: jax.Device, bw: float) -> list[dict[str, Any]]:
+    base, _, depth = name.partition("@")  # "olmoe@32": OLMoE shapes with 32 layers
+    cfg = olmoe_config(num_hidden_layers=int(depth)) if depth and base == "olmoe" else MODELS[base]()
+    platform = "gpu" if dev.platform in ("gpu", "cuda") else "cpu"
+    be = None if platform == "gpu" else "reference"  # CPU: a smoke run on plain-XLA kernels
+    layout = PoolLayout(262144, "bfloat16", 128, 1) if be is None else PoolLayout(16384, "bfloat16", 64, 1)
+    geom = model_geometry(cfg, layout, platform)
+    tpp = geom.tokens_per_page
+    k = args.steps_per_call
+    need = args.batch * -(-(args.context + k) // tpp) * cfg.num_layers + 1
+    need = max(need, -(-args.prefill_tokens // tpp) * cfg.num_layers + 1)
+    store, _ = build_store(cfg, None, dev, layout, need)
+    rng = np.random.default_rng(0)
+    arr = decode_inputs(store, cfg, tpp, args.batch, args.context, k, rng)
+    arr.update(one_model_group_inputs(store, "m", [args.batch], args.batch, args.batch))
+    P = arr["tail_pages"].shape[-1]
+    dec_in = ({key: jax.device_put(v.reshape(-1, *v.shape[2:]), store.sharding) for key, v in arr.items()},)
+    _, pp = prefill_inputs(store, cfg, tpp, args.prefill_tokens, rng)
+    cls = store.models["m"].cls
+    roof = roofline_bytes(cfg, args.batch, args.context, geom.bytes_per_token_used)
+    segs = layer_segments(layer_signatures([cfg]))
+    rows, tokens = [], {}
+    for unroll in (True, False):
+        label = "unrolled" if unroll else f"loop ({len(segs)} segment{'s' if len(segs) > 1 else ''})"
+        dspec = StepSpec((LaneShape(cls, 1, args.batch, args.batch, P),), True, k, be,
+                         matmul_backend=be, unroll_layers=unroll)
+        pspec = StepSpec((LaneShape(cls, 1, 1, args.prefill_tokens, pp),), False, 1, be,
+                         matmul_backend=be, unroll_layers=unroll)
+        dprog, dsec = compile_seconds(dspec, store, platform)
+        _, psec = compile_seconds(pspec, store, platform)
+        store.arena, out = dprog(store.arena, dec_in)
+        tokens[unroll] = np.asarray(out[0])
+        for _ in range(2):
+            store.arena, out = dprog(store.arena, dec_in)
+        jax.block_until_ready(out)
+        ts = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            store.arena, out = dprog(store.arena, dec_in)
+            jax.block_until_ready(out)
+            ts.append(time.perf_counter() - t0)
+        ms = float(np.median(ts)) / k * 1e3
+        floor_ms = roof["total"] / bw * 1e3
+        row = {"model": name, "variant": label, "layers": cfg.num_layers,
+               "decode_compile_s": round(dsec, 2), "prefill_compile_s": round(psec, 2),
+               "ms_per_step": round(ms, 3), "x_roofline": round(ms / floor_ms, 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del dprog
+    # each call reads only the random KV below the context and what it appends itself, so both
+    # variants' first calls see the same values
+    rows.append({"model": name, "variant": "tokens equal (first decode call)",
+                 "equal": bool(np.array_equal(tokens[True], tokens[False]))})
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def check_tiny(dev: jax.Device) -> dict[str, bool]:
+    """demo models (float32) through a colocated runner (loop) vs the reference path."""
+    import jax.numpy as jnp
+
+    from crosspool_jax.demo import demo_models
+    from crosspool_jax.pool_runner import GroupRunner
+    from crosspool_jax.reference import ReferenceGenerator
+    from crosspool_jax.sampling import SamplingParams
+
+    out = {}
+    gpu = dev.platform in ("gpu", "cuda")
+    runner = GroupRunner(None, PoolLayout(16384, "float32", 64, 2048), 1024, colocated=dev,
+                         platform="gpu" if gpu else "cpu", backend=None if gpu else "reference")
+    for nm, m in demo_models().items():
+        w = jax.tree.map(lambda a: a.astype(jnp.float32), m.weights)
+        runner.add_model(nm, m.config, w)
+        prompt = [3, 17, 42, 99, 5, 250, 7]
+        ref = list(ReferenceGenerator(m.config, w).generate(prompt, 16).token_ids)
+        runner.submit(nm, nm, prompt, 16, SamplingParams())
+        got: list[int] = []
+        while runner.has_work:
+            got += runner.step().tokens.get(nm, [])
+        out[nm] = got == ref
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="olmoe,olmoe@32",
+                    help="benchmarks/step.py's MODELS; olmoe@N: OLMoE shapes with N layers")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--steps-per-call", type=int, default=4)
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = jax.devices()[0]
+    check = check_tiny(dev)
+    print(json.dumps({"correctness vs reference": check}), flush=True)
+    bw = copy_bandwidth(1 << 30 if dev.platform in ("gpu", "cuda") else 1 << 24)
+    rows = []
+    for name in args.models.split(","):
+        rows += run_model(name, args, dev, bw)
+        jax.clear_caches()
+    print(f"\n{dev.device_kind}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"{'model':16s} {'variant':28s} {'dec compile s':>13s} {'pre compile s':>13s} {'ms/step':>8s} "
+          f"{'x roof':>7s}")
+    for r in rows:
+        if "ms_per_step" in r:
+            print(f"{r['model']:16s} {r['variant']:28s} {r['decode_compile_s']:13.2f} "
+                  f"{r['prefill_compile_s']:13.2f} {r['ms_per_step']:8.3f} {r['x_roofline']:7.3f}")
+        else:
+            print(f"{r['model']:16s} {r['variant']:28s} equal={r['equal']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev.device_kind, "copy_bandwidth": bw, "args": vars(args),
+                       "correctness": check, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Which decode attention schedule to use for a batch (issue 15 item 5): the split grid vs the
+persistent work list over batches from uniform to one long sequence among short ones, on a GPU.
+
+    PYTHONPATH=. python -m benchmarks.schedule_rule [--json OUT] [--smoke]
+
+Batches: B sequences, one of `long` tokens and B - 1 of `long * frac` tokens (frac 1 = uniform),
+GQA 32 query / 8 KV heads, d 128, bf16, 16 tokens per page, pages shuffled; the page table is as
+wide as the longest sequence (as the engine's bucketed tables are). Raggedness = max length /
+mean length. Each variant is jitted once and timed (benchmarks/kernels.py `bench`: median of 5
+trials of 10 calls). The table gives both times, their ratio and the raggedness, so the rule in
+`crosspool_jax.pool_runner.attention_schedule` can be read off it. Correctness: both schedules
+against the plain-jnp reference on every batch (relative error printed).
+`--smoke` runs tiny sizes in interpret mode on CPU (the numbers then mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.kernels import bench, copy_bandwidth, gqa_pool, make_tables, rel_err
+from pallas_kernels.decode import paged_decode_attention, paged_decode_attention_reference
+
+
+def run(batch: int, long: int, frac: float, backend: str, bw: float) -> dict:
+    rng = np.random.default_rng(batch * 7 + long)
+    t_pp = 16
+    pool, geom = gqa_pool(128)
+    short = max(1, int(long * frac))
+    lens = [long] + [short] * (batch - 1)
+    max_pages = -(-long // t_pp)
+    table, n_pages = make_tables(rng, lens, t_pp, max_pages)
+    arena = jax.random.normal(jax.random.key(0), pool.arena_shape(n_pages), jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(1), (batch, 32, 128), jnp.bfloat16)
+    tb, ln = jnp.asarray(table), jnp.asarray(lens, jnp.int32)
+    ref = paged_decode_attention_reference(q.astype(jnp.float32), arena.astype(jnp.float32), tb, ln, geom)
+    row = {"batch": batch, "long": long, "short": short, "raggedness": long / (sum(lens) / batch)}
+    kv_bytes = sum(lens) * geom.bytes_per_token_used
+    for sched in ("split", "persistent"):
+        f = jax.jit(functools.partial(paged_decode_attention, geom=geom, backend=backend, schedule=sched))
+        row[f"{sched}_err"] = rel_err(f(q, arena, tb, ln), ref)
+        t = bench(f, q, arena, tb, ln)
+        row[f"{sched}_us"] = t * 1e6
+        row[f"{sched}_of_copy"] = kv_bytes / t / bw
+    row["persistent_speedup"] = row["split_us"] / row["persistent_us"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    backend = "interpret" if args.smoke else "gpu"
+    bw = copy_bandwidth(1 << 24 if args.smoke else 1 << 31)
+    batches = (4,) if args.smoke else (16, 64)
+    longs = (256,) if args.smoke else (4096, 32768)
+    fracs = (1.0, 0.0625) if args.smoke else (1.0, 0.5, 0.25, 0.0625, 1 / 128)
+    rows = [run(b, n, f, backend, bw) for b in batches for n in longs for f in fracs]
+    print(f"\n{jax.devices()[0].device_kind}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"{'B':>3s} {'long':>6s} {'short':>6s} {'ragged':>7s} {'split us':>9s} {'pers us':>9s} "
+          f"{'pers x':>7s} {'split err':>9s} {'pers err':>9s}")
+    for r in rows:
+        print(f"{r['batch']:3d} {r['long']:6d} {r['short']:6d} {r['raggedness']:7.2f} {r['split_us']:9.1f} "
+              f"{r['persistent_us']:9.1f} {r['persistent_speedup']:7.2f} {r['split_err']:9.1e} "
+              f"{r['persistent_err']:9.1e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "copy_bandwidth": bw, "rows": rows}, f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()

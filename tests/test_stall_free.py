@@ -1,0 +1,144 @@
+"""Step programs compile off the serving path (`GroupRunner`, docs/engine.md "Compiles off the serving
+path"): a model's first programs compile in a background thread at load, a call whose exact program
+is not compiled runs in a compiled larger one (inputs padded to it) while its own compiles in the
+background, and JAX's persistent compilation cache is on (`crosspool_jax.compile_cache`).
+
+The runners here write the compilation cache to a temporary directory (`CROSSPOOL_COMPILATION_CACHE`),
+unless an earlier test of the same process already set one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from pooled_helpers import References, Req, build_runner, drive, f32
+
+from crosspool_jax import compile_cache
+from crosspool_jax.demo import demo_models
+from crosspool_jax.pool_runner import STOP_WIDTH_FLOOR, LaneShape, StepSpec, spec_dominates
+
+QWEN, DSV3 = "demo-qwen3-moe", "demo-deepseek-v3"
+
+
+def _prompt(seed: int, n: int) -> tuple[int, ...]:
+    return tuple(int(t) for t in np.random.default_rng(seed).integers(3, 250, n))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv(compile_cache.ENV, str(tmp_path_factory.mktemp("jax-cache")))
+    dm = demo_models()
+    models = {n: (dm[n].config, f32(dm[n].weights)) for n in (QWEN, DSV3)}
+    yield models, References(models)
+    mp.undo()
+
+
+def _check(refs: References, reqs: list[Req], log) -> None:
+    for r in reqs:
+        want, reason = refs(r)
+        assert log.tokens[r.rid] == want, f"{r.rid}: reference {want}, pooled {log.tokens[r.rid]}"
+        assert log.finished[r.rid][0] == reason
+
+
+def test_compilation_cache_dir_from_env_default_and_off(monkeypatch, tmp_path) -> None:
+    saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv(compile_cache.ENV, "off")
+        assert compile_cache.enable_compilation_cache() is None
+        assert not jax.config.jax_compilation_cache_dir
+        path = str(tmp_path / "cache")
+        monkeypatch.setenv(compile_cache.ENV, path)
+        assert compile_cache.enable_compilation_cache() == path
+        assert jax.config.jax_compilation_cache_dir == path and (tmp_path / "cache").is_dir()
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == compile_cache.MIN_COMPILE_SECS
+        # idempotent: a directory already set (by us or anyone) is kept, even by "off"
+        for other in (str(tmp_path / "other"), "off"):
+            monkeypatch.setenv(compile_cache.ENV, other)
+            assert compile_cache.enable_compilation_cache() == path
+        # default: $XDG_CACHE_HOME/crosspool/jax
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.delenv(compile_cache.ENV)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert compile_cache.enable_compilation_cache() == str(tmp_path / "xdg" / "crosspool" / "jax")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+
+
+def test_dominance_rule(demo) -> None:
+    models, _ = demo
+    runner = build_runner({QWEN: models[QWEN]}, split="1+1", kv_pages=4, warm_programs=0)
+    cls = runner.store.models[QWEN].cls
+    lane = LaneShape(cls, 1, 2, 2, 4, stop_width=STOP_WIDTH_FLOOR)
+    want = StepSpec((lane,), True, 2)
+    assert spec_dominates(want, want)
+    bigger = dataclasses.replace(lane, groups=2, slots=4, tokens=4, max_pages=8, stop_width=8)
+    assert spec_dominates(StepSpec((bigger,), True, 4), want)
+    assert not spec_dominates(StepSpec((dataclasses.replace(lane, slots=1, tokens=1),), True, 4), want)
+    assert not spec_dominates(StepSpec((lane,), True, 1), want)  # fewer decode steps
+    assert not spec_dominates(StepSpec((lane,), False, 2), want)  # prefill for decode
+    assert not spec_dominates(StepSpec((lane, lane), True, 2), want)  # another lane structure
+    assert not spec_dominates(StepSpec((lane,), True, 2, attention_schedule="persistent"), want)
+    # split-KV extras: present in both or in neither
+    assert not spec_dominates(StepSpec((dataclasses.replace(lane, extras=1),), True, 2), want)
+    with_x = StepSpec((dataclasses.replace(lane, extras=1),), True, 2)
+    assert spec_dominates(StepSpec((dataclasses.replace(lane, extras=2, max_pages=8),), True, 2), with_x)
+
+
+def test_warm_programs_serve_a_first_request_without_compiling(demo) -> None:
+    """Adding a model queues its first programs for the background thread; once they are done, a
+    first request compiles nothing on the serving path and still equals the reference."""
+    models, refs = demo
+    # warm_programs=None: the GroupRunner default, whatever build_runner passes by default
+    runner = build_runner({QWEN: models[QWEN]}, split="1+1", kv_pages=16, prefill_chunk=32,
+                          warm_programs=None, fallback=True)
+    specs = runner.warm_specs(QWEN)
+    assert len(specs) == runner.warm_programs == 4  # the CPU default
+    assert set(runner._background) == set(specs)  # queued at load
+    small = [sp for sp in specs if sp.lanes[0].slots == 1]
+    assert {sp.decode for sp in small} == {True, False}  # the smallest decode and prefill first
+    assert specs[:2] == small
+    assert runner.wait_background(timeout=300)
+    reqs = [Req("a", QWEN, _prompt(1, 5), 9), Req("b", QWEN, _prompt(2, 11), 6, stop_ids=(7, 9))]
+    log = drive(runner, reqs)
+    _check(refs, reqs, log)
+    assert runner.blocked_compiles == 0 and runner.blocked_compile_seconds == 0.0
+    assert runner.programs_built == 0  # nothing compiled on the serving path
+    assert runner.background_built >= 2  # its prefill and decode programs came from the background
+    assert runner.kv.pool_stats().pages_used == 0
+
+
+def test_a_shape_not_compiled_runs_in_a_larger_program(demo, monkeypatch) -> None:
+    """Without warm programs the first calls compile on the serving path; a later call of a
+    smaller shape runs in one of those (padded), equals the reference, and its own program is
+    queued for the background thread (GQA and MLA lanes)."""
+    models, refs = demo
+    runner = build_runner(models, split="1+1", kv_pages=32, prefill_chunk=32, warm_programs=0,
+                          fallback=True)
+    assert not runner._background
+    big = [Req(f"{m[:7]}-big{i}", m, _prompt(10 + i, 20), 5) for m in models for i in range(3)]
+    log = drive(runner, big)
+    _check(refs, big, log)
+    assert runner.blocked_compiles == runner.programs_built > 0
+    assert runner.blocked_compile_seconds > 0
+    blocked, fallbacks = runner.blocked_compiles, runner.fallback_calls
+    held = set(runner._programs) | set(runner._ready)
+    queued: list[StepSpec] = []
+    bg = runner._compile_in_background
+    monkeypatch.setattr(runner, "_compile_in_background", lambda sp: (queued.append(sp), bg(sp)))
+    small = [Req(f"{m[:7]}-small", m, _prompt(30, 5), 4) for m in models]
+    log = drive(runner, small)
+    _check(refs, small, log)
+    assert runner.blocked_compiles == blocked  # nothing compiled on the serving path
+    assert runner.fallback_calls > fallbacks
+    prefills = [sp for sp in queued if not sp.decode]
+    assert {sp.lanes[0].cls for sp in prefills} == {runner.store.models[m].cls for m in models}
+    assert all(sp.lanes[0].slots == 1 and sp.lanes[0].tokens == 8 for sp in prefills)
+    assert not held & set(queued)
+    assert all(sp in runner._background or sp in runner._ready or sp in runner._programs for sp in queued)
+    assert runner.kv.pool_stats().pages_used == 0

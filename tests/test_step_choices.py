@@ -1,0 +1,53 @@
+"""Host-side choices of the step programs, checked by hand: the layer loops' segments
+(`pooled_step.layer_segments`) and the decode attention schedule (`pool_runner.attention_schedule`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from crosspool_jax.config import FFNKind
+from crosspool_jax.demo import demo_configs
+from crosspool_jax.pool_runner import attention_schedule
+from crosspool_jax.pooled_step import layer_segments, layer_signatures
+
+D, M = FFNKind.DENSE, FFNKind.MOE
+MIX = demo_configs()["demo-mixtral"]
+DSV3 = demo_configs()["demo-deepseek-v3"]
+
+
+def _cfg(kinds, windows=None):
+    return dataclasses.replace(MIX, num_layers=len(kinds), ffn_kinds=tuple(kinds),
+                               sliding_windows=tuple(windows or (0,) * len(kinds)))
+
+
+def test_layer_segments() -> None:
+    def seg(*cfgs):
+        return layer_segments(layer_signatures(list(cfgs)))
+
+    assert seg(_cfg([M] * 16)) == [(0, 1, 16)]  # uniform: one loop
+    assert seg(_cfg([D, D, D] + [M] * 24)) == [(0, 1, 3), (3, 1, 24)]  # DeepSeek: dense first
+    assert seg(_cfg([D, M] * 12)) == [(0, 2, 12)]  # every other layer dense: one loop of period 2
+    assert seg(_cfg([M] * 6, [4096, 0] * 3)) == [(0, 2, 3)]  # alternating sliding windows
+    assert seg(_cfg([D] + [M] * 5 + [D])) == [(0, 1, 1), (1, 1, 5), (6, 1, 1)]
+    # lanes of different depth: the deeper lane's tail is its own segment
+    assert seg(_cfg([M] * 4), _cfg([M] * 6)) == [(0, 1, 4), (4, 1, 2)]
+    # every layer is covered exactly once, in order
+    for kinds in ([D, M, M, D, M, M, D, M, M, M], [M, D] * 5 + [M] * 7):
+        out = seg(_cfg(kinds))
+        covered = [s + i for s, p, r in out for i in range(p * r)]
+        assert covered == list(range(len(kinds)))
+
+
+def test_attention_schedule_rule() -> None:
+    ragged = [np.array([[32768] + [256] * 15 + [0, 0]])]  # max / mean = 14.3 over the live slots
+    uniform = [np.array([[4096, 4096, 3000, 0]])]
+    assert attention_schedule(ragged, MIX, eligible=True) == "persistent"
+    assert attention_schedule(uniform, MIX, eligible=True) == "split"
+    assert attention_schedule(ragged, MIX, eligible=False) == "split"  # CPU, prefill or extras
+    assert attention_schedule(ragged, DSV3, eligible=True) == "split"  # MLA
+    assert attention_schedule([np.array([[5000, 0]])], MIX, eligible=True) == "split"  # one slot
+    # the threshold: 8x the mean of live slots
+    assert attention_schedule([np.array([[8 * 9, 9, 9, 9, 9, 9, 9, 9, 9]])], MIX, True) == "split"
+    assert attention_schedule([np.array([[800, 1, 1, 1, 1, 1, 1, 1, 1]])], MIX, True) == "persistent"

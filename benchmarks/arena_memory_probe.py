@@ -19,10 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.step import decode_inputs, olmoe_config
-from crosspool_jax.arena import ArenaStore, model_rows
-from crosspool_jax.params import weight_specs
-from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry, one_model_group_inputs
-from crosspool_jax.topology import Role
+from crosspool_jax.execution.pooled_step import (
+    LaneShape,
+    StepSpec,
+    build_step,
+    model_geometry,
+    one_model_group_inputs,
+)
+from crosspool_jax.memory.arena import ArenaStore, model_rows
+from crosspool_jax.memory.topology import Role
+from crosspool_jax.models.params import weight_specs
 from pallas_kernels.page_layout import PoolLayout
 
 

@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 
-from crosspool_jax.kv_virtualizer import KVGeometry, KVPoolConfig, KVVirtualizer
-from crosspool_jax.pool_runner import _Req, _tokens_at
-from crosspool_jax.sampling import SamplingParams
+from crosspool_jax.execution.pool_runner import _Req, _tokens_at
+from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVVirtualizer
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from benchmarks.kernels import copy_bandwidth
 from benchmarks.step import MODELS, build_store, decode_inputs, olmoe_config, roofline_bytes
-from crosspool_jax.pooled_step import (
+from crosspool_jax.execution.pooled_step import (
     LaneShape,
     StepSpec,
     build_step,
@@ -140,9 +140,9 @@ def check_tiny(dev: jax.Device) -> dict[str, bool]:
     import jax.numpy as jnp
 
     from crosspool_jax.demo import demo_models
-    from crosspool_jax.pool_runner import GroupRunner
-    from crosspool_jax.reference import ReferenceGenerator
-    from crosspool_jax.sampling import SamplingParams
+    from crosspool_jax.execution.pool_runner import GroupRunner
+    from crosspool_jax.execution.sampling import SamplingParams
+    from crosspool_jax.models.reference import ReferenceGenerator
 
     out = {}
     gpu = dev.platform in ("gpu", "cuda")

@@ -9,7 +9,7 @@ checks every stream:
   off and retries); any other status, a deadline or a stream without a final message is an error;
 - not duplicated or corrupted: indices 0..n-1 in order, one final message, one request id per stream
   and never the same id in two streams, usage matches, and the token ids equal
-  `crosspool_jax.reference.ReferenceGenerator` on the same demo weights (in the engine's arena
+  `crosspool_jax.models.reference.ReferenceGenerator` on the same demo weights (in the engine's arena
   dtype, float32 on CPU) for that (prompt, max_new_tokens) (precomputed once per distinct pair);
 - afterwards GetStats shows 0 live requests and 0 KV pages in use on every KV device.
 A sampler reads GetStats every 0.5 s (peak KV pages in use, peak live requests).
@@ -35,7 +35,7 @@ import grpc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from crosspool_jax.demo import demo_models
-from crosspool_jax.reference import ReferenceGenerator
+from crosspool_jax.models.reference import ReferenceGenerator
 from serving.client import CrossPoolClient
 
 MAX_NEW = (4, 8, 16)

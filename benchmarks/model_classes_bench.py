@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.step import decode_inputs, fill_random, olmoe_config
-from crosspool_jax.arena import ArenaStore, model_rows
-from crosspool_jax.params import weight_specs
-from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry
-from crosspool_jax.topology import PoolTopology, Role
+from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, model_geometry
+from crosspool_jax.memory.arena import ArenaStore, model_rows
+from crosspool_jax.memory.topology import PoolTopology, Role
+from crosspool_jax.models.params import weight_specs
 from pallas_kernels.page_layout import PoolLayout
 
 

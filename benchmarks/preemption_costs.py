@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.step import MODELS
-from crosspool_jax.arena import model_rows
-from crosspool_jax.params import weight_specs
-from crosspool_jax.pool_runner import GroupRunner, _gather_pages, _scatter_pages
-from crosspool_jax.pooled_step import model_geometry
-from crosspool_jax.sampling import SamplingParams
-from crosspool_jax.topology import PoolTopology, Role
+from crosspool_jax.execution.pool_runner import GroupRunner, _gather_pages, _scatter_pages
+from crosspool_jax.execution.pooled_step import model_geometry
+from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.memory.arena import model_rows
+from crosspool_jax.memory.topology import PoolTopology, Role
+from crosspool_jax.models.params import weight_specs
 from pallas_kernels.page_layout import PoolLayout
 
 

@@ -167,7 +167,7 @@ def setup_for(preset: str) -> BenchSetup:
 def _deepseek_v2_lite_config() -> Any:
     """DeepSeek-V2-Lite shapes (its HF config.json): 27 layers, D 2048, MLA (kv_lora 512, no q_lora),
     64 routed experts top-6 + 2 shared, first layer dense (I 10944), vocab 102400."""
-    from crosspool_jax.config import from_hf_config
+    from crosspool_jax.models.config import from_hf_config
 
     return from_hf_config({
         "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "vocab_size": 102400,
@@ -233,7 +233,7 @@ def add_model(engine: Any, name: str, seed: int) -> str:
         return f"random on device (seed {seed})"
     import jax.numpy as jnp
 
-    from crosspool_jax.params import init_random_weights, tree_bytes, weight_specs
+    from crosspool_jax.models.params import init_random_weights, tree_bytes, weight_specs
 
     dtype = jnp.dtype(engine.groups[0].store.layout.dtype)
     nbytes = tree_bytes(weight_specs(cfg, dtype))
@@ -248,7 +248,7 @@ def add_model(engine: Any, name: str, seed: int) -> str:
 def add_order(models: Sequence[str]) -> list[str]:
     """The order models are added in every mode: heaviest first (ties: trace order), so that the
     engine's least-loaded placement of shared/static packs like longest-processing-time-first."""
-    from crosspool_jax.params import tree_bytes, weight_specs
+    from crosspool_jax.models.params import tree_bytes, weight_specs
 
     size = {n: tree_bytes(weight_specs(model_config(n))) for n in models}
     return sorted(models, key=lambda n: -size[n])
@@ -288,9 +288,9 @@ def memory_plan(mode: str, models: Sequence[str], setup: BenchSetup, arena_bytes
     `why` when the weights do not fit)."""
     import jax.numpy as jnp
 
-    from crosspool_jax.arena import model_rows
-    from crosspool_jax.params import tree_bytes, weight_specs
-    from crosspool_jax.topology import Role
+    from crosspool_jax.memory.arena import model_rows
+    from crosspool_jax.memory.topology import Role
+    from crosspool_jax.models.params import tree_bytes, weight_specs
 
     layout = _layout(setup, arena_bytes, platform)
     pages, rpp, pb = layout.num_pages, layout.rows_per_page, setup.page_bytes
@@ -347,7 +347,7 @@ def memory_plan(mode: str, models: Sequence[str], setup: BenchSetup, arena_bytes
 
 def request_pages(name: str, tokens: int, layout: Any, platform: str) -> int:
     """KV pages one request of `tokens` tokens takes (every layer, whole pages)."""
-    from crosspool_jax.pooled_step import model_geometry
+    from crosspool_jax.execution.pooled_step import model_geometry
 
     cfg = model_config(name)
     tpp = model_geometry(cfg, layout, platform).tokens_per_page
@@ -1072,7 +1072,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         if cache != "none":
             os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(cache))
             os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-        else:  # no cache at all: not the engine's default one either (crosspool_jax.compile_cache)
+        else:  # no cache at all: not the engine's default one either (crosspool_jax.execution.compile_cache)
             os.environ.setdefault("CROSSPOOL_COMPILATION_CACHE", "off")
         probe = in_child("_probe", n_devices=setup.devices)
         if len(probe["devices"]) < setup.devices:

@@ -1,9 +1,8 @@
 """Decode-step benchmark of the pooled step (issue 5): crosspool (KV pool + weights pool on two GPUs)
-as the lowered one-program step, as the engine's host-scheduled step (`crosspool_jax/host_step.py`)
-and as the standalone host-scheduled pipeline at several group sizes (`crosspool_jax/host_pipeline.py`,
-`--pipeline-configs`; its own checks: `benchmarks/host_pipeline_bench.py`) vs the same model
-colocated on one GPU, against the roofline of ../shared/DESIGN.md. "calls/tok" in the table: host
-calls per decode step (one token per sequence).
+as the lowered one-program step and as the engine's host-scheduled step
+(`crosspool_jax/execution/host_step.py`) vs the same model colocated on one GPU, against the
+roofline of ../shared/DESIGN.md. "calls/tok" in the table: host calls per decode step (one token
+per sequence).
 
     PYTHONPATH=. python -m benchmarks.step [--model olmoe] [--batch 32] [--context 2048]
         [--steps-per-call 4] [--iters 10] [--json OUT]
@@ -36,12 +35,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.kernels import copy_bandwidth
-from crosspool_jax.arena import ArenaStore, model_rows
-from crosspool_jax.config import ModelConfig, from_hf_config
-from crosspool_jax.host_step import HostScheduledStep
-from crosspool_jax.params import weight_specs
-from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry, one_model_group_inputs
-from crosspool_jax.topology import PoolTopology, Role
+from crosspool_jax.execution.host_step import HostScheduledStep
+from crosspool_jax.execution.pooled_step import (
+    LaneShape,
+    StepSpec,
+    build_step,
+    model_geometry,
+    one_model_group_inputs,
+)
+from crosspool_jax.memory.arena import ArenaStore, model_rows
+from crosspool_jax.memory.topology import PoolTopology, Role
+from crosspool_jax.models.config import ModelConfig, from_hf_config
+from crosspool_jax.models.params import weight_specs
 from pallas_kernels.page_layout import PoolLayout
 
 
@@ -216,43 +221,12 @@ def time_variant(store: ArenaStore, cfg: ModelConfig, platform: str, batch: int,
             "kv_bytes_per_token_layer": geom.bytes_per_token_used}
 
 
-def time_pipeline(cfg: ModelConfig, devs: list[jax.Device], batch: int, context: int, k: int, iters: int,
-                  configs: str) -> list[dict[str, Any]]:
-    """The standalone host-scheduled pipeline (KV mesh = device 0, weights mesh = device 1) at each
-    MxG config, through `benchmarks/host_pipeline_bench.py`'s timing (K-step decode calls on random
-    KV); rows labelled "host pipeline MxG" (group size G: layers per host call, as a diagonal)."""
-    import gc
-
-    from benchmarks.host_pipeline_bench import parse_configs, run_config, split_meshes
-    from crosspool_jax.host_pipeline import PipelineConfig, place_random_model
-
-    gc.collect()
-    placed = place_random_model(cfg, *split_meshes(devs), seed=0)
-    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, batch).astype(np.int32)
-    rows = []
-    for mb, g in parse_configs(configs):
-        label = f"host pipeline {mb}x{g}"
-        try:
-            row, _ = run_config(placed, PipelineConfig(g, mb), batch, context, k, iters, tokens)
-            r = {"label": label, "ms_per_step": row["ms_per_step"], "compile_s": row["first_call_s"],
-                 "host_calls_per_token": row["host_calls_per_step"],
-                 "dispatch_ms_per_step": row["dispatch_ms_per_step"],
-                 "transfers_per_step": row["transfers_per_step"]}
-        except Exception as e:  # report and go on
-            r = {"label": label, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-    del placed
-    gc.collect()
-    return rows
-
-
 def check_correctness(devs: list[jax.Device]) -> dict[str, Any]:
     """demo-mixtral + demo-deepseek-v3 (float32 arena) through crosspool 1+1 and colocated vs reference."""
     from crosspool_jax.demo import demo_models
-    from crosspool_jax.pool_runner import GroupRunner
-    from crosspool_jax.reference import ReferenceGenerator
-    from crosspool_jax.sampling import SamplingParams
+    from crosspool_jax.execution.pool_runner import GroupRunner
+    from crosspool_jax.execution.sampling import SamplingParams
+    from crosspool_jax.models.reference import ReferenceGenerator
 
     models = demo_models()
     names = ["demo-mixtral", "demo-deepseek-v3"]
@@ -292,10 +266,6 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--variants", default=None,
                     help="comma-separated substrings: run only variants whose label contains one")
-    ap.add_argument("--pipeline-configs", default="1x1,2x1,2x2,4x2", metavar="MxG,...",
-                    help="after the variants (2+ devices): the standalone host-scheduled pipeline "
-                         "(crosspool_jax/host_pipeline.py) at M micro-batches x group size G, same "
-                         "model, batch and context; '' skips")
     args = ap.parse_args()
     devs = jax.devices()
     if len(devs) < 2:
@@ -347,9 +317,6 @@ def main() -> None:
         r["label"] = label
         rows.append(r)
         print(json.dumps(r), flush=True)
-    if len(devs) >= 2 and args.pipeline_configs:
-        stores.clear()  # free the last variant's arena before the pipeline places its own model
-        rows += time_pipeline(cfg, devs, args.batch, args.context, k, args.iters, args.pipeline_configs)
     res["rows"] = rows
     coloc = next((r["ms_per_step"] for r in rows if r["label"] == "colocated 1 GPU" and "ms_per_step" in r),
                  math.nan)  # nan when the colocated variant was not run

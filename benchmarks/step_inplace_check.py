@@ -15,8 +15,14 @@ import jax
 import numpy as np
 
 from benchmarks.step import MODELS, build_store, decode_inputs
-from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, model_geometry, one_model_group_inputs
-from crosspool_jax.topology import PoolTopology
+from crosspool_jax.execution.pooled_step import (
+    LaneShape,
+    StepSpec,
+    build_step,
+    model_geometry,
+    one_model_group_inputs,
+)
+from crosspool_jax.memory.topology import PoolTopology
 from pallas_kernels.page_layout import PoolLayout
 
 

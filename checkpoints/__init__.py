@@ -12,9 +12,9 @@ from typing import Any, NamedTuple
 from checkpoints.hf_import import load_hf
 from checkpoints.orbax_format import is_crosspool_checkpoint, restore, save
 from checkpoints.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-from crosspool_jax.config import ModelConfig
 from crosspool_jax.errors import CheckpointError
-from crosspool_jax.params import ModelWeights
+from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.params import ModelWeights
 
 __all__ = [
     "ByteTokenizer",

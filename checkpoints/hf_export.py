@@ -1,4 +1,4 @@
-"""Export a model in the engine's layout (crosspool_jax.params) as an HF transformers model directory.
+"""Export a model in the engine's layout (crosspool_jax.models.params) as an HF transformers model directory.
 
 The exact inverse of checkpoints/hf_import.py: `load_hf(dir)` of what `save_hf` writes gives back the
 same `ModelConfig` (every field; `dtype` is the dtype written) and bit-identical weights (when no
@@ -57,7 +57,8 @@ import numpy as np
 
 from checkpoints.hf_import import _GQA_NAMES, _MLA_NAMES, SUPPORTED_DTYPES
 from checkpoints.tokenizer import TOKENIZER_FILE
-from crosspool_jax.config import (
+from crosspool_jax.errors import CrossPoolError
+from crosspool_jax.models.config import (
     AttentionKind,
     ConfigError,
     Family,
@@ -67,8 +68,7 @@ from crosspool_jax.config import (
     RouterKind,
     from_hf_config,
 )
-from crosspool_jax.errors import CrossPoolError
-from crosspool_jax.params import ModelWeights, flatten, weight_specs
+from crosspool_jax.models.params import ModelWeights, flatten, weight_specs
 
 __all__ = [
     "ARCHITECTURES",
@@ -242,7 +242,7 @@ def hf_config_dict(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]
     """The HF config.json of `cfg` (dtype: the `dtype` field; default cfg.dtype).
 
     Raises ExportError when the family's config.json cannot express `cfg`: the dict is read back with
-    the importer's reader (crosspool_jax.config.from_hf_config) and must give `cfg` again.
+    the importer's reader (crosspool_jax.models.config.from_hf_config) and must give `cfg` again.
     """
     dtype = dtype or cfg.dtype
     arch = ARCHITECTURES.get(cfg.family)

@@ -1,4 +1,4 @@
-"""Import an HF safetensors model directory into the engine's parameter layout (crosspool_jax.params).
+"""Import an HF safetensors model directory into the engine's parameter layout (crosspool_jax.models.params).
 
 Reads `config.json` (via `load_hf_config`) and `model.safetensors` or the shards listed in
 `model.safetensors.index.json`. Tensors are memory-mapped (the safetensors header is parsed here, so
@@ -26,9 +26,9 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from crosspool_jax.config import AttentionKind, Family, ModelConfig, load_hf_config
 from crosspool_jax.errors import CheckpointError
-from crosspool_jax.params import ModelWeights, flatten, param_dtype, unflatten, weight_specs
+from crosspool_jax.models.config import AttentionKind, Family, ModelConfig, load_hf_config
+from crosspool_jax.models.params import ModelWeights, flatten, param_dtype, unflatten, weight_specs
 
 Index = tuple[slice, ...]
 
@@ -376,7 +376,7 @@ def load_hf(
     shardings: Any = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[ModelConfig, ModelWeights]:
-    """Loads an HF MoE model directory as `(config, weights)` in the layout of crosspool_jax.params.
+    """Loads an HF MoE model directory as `(config, weights)` in the layout of crosspool_jax.models.params.
 
     dtype: the weights' dtype (bfloat16 | float16 | float32); None keeps the checkpoint's (cfg.dtype).
         The returned config's `dtype` is the dtype used. `router_bias` stays float32.

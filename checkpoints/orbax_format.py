@@ -2,7 +2,7 @@
 
 Layout of a checkpoint directory:
     crosspool_config.json   ModelConfig.to_json() (its `dtype` is the stored weights' dtype)
-    weights/                orbax PyTree checkpoint of {"attn": ..., "ffn": ...} (crosspool_jax.params)
+    weights/                orbax PyTree checkpoint of {"attn": ..., "ffn": ...} (crosspool_jax.models.params)
     tokenizer.json          optional, copied from the HF directory
 
 `restore` reads each array straight onto the requested target sharding, which may be on a different
@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from crosspool_jax.config import ConfigError, ModelConfig
 from crosspool_jax.errors import CheckpointError
-from crosspool_jax.params import ModelWeights, flatten, weight_specs
+from crosspool_jax.models.config import ConfigError, ModelConfig
+from crosspool_jax.models.params import ModelWeights, flatten, weight_specs
 
 CONFIG_FILE = "crosspool_config.json"
 WEIGHTS_DIR = "weights"

@@ -11,7 +11,7 @@ The public API, for research code that embeds the engine (docs/engine.md has a r
 `Engine` is the pooled engine (`crosspool_jax.engine.PooledEngine`: modes crosspool / shared /
 static); `ReferenceEngine` runs each model alone, one request at a time (the correctness
 reference). Names are imported on first use, so `import crosspool_jax` stays cheap for tools that
-only need a submodule (e.g. `crosspool_jax.config`).
+only need a submodule (e.g. `crosspool_jax.models.config`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Engine": ("crosspool_jax.engine", "PooledEngine"),
     "EngineConfig": ("crosspool_jax.engine", "EngineConfig"),
     "MODES": ("crosspool_jax.engine", "MODES"),
-    "EXECUTIONS": ("crosspool_jax.host_step", "EXECUTIONS"),
+    "EXECUTIONS": ("crosspool_jax.execution.host_step", "EXECUTIONS"),
     "ReferenceEngine": ("crosspool_jax.engine_api", "ReferenceEngine"),
     "EngineInterface": ("crosspool_jax.engine_api", "EngineInterface"),
     "Request": ("crosspool_jax.engine_api", "Request"),
@@ -37,12 +37,12 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ModelNotFoundError": ("crosspool_jax.engine_api", "ModelNotFoundError"),
     "QueueFullError": ("crosspool_jax.engine_api", "QueueFullError"),
     "EngineClosedError": ("crosspool_jax.engine_api", "EngineClosedError"),
-    "SamplingParams": ("crosspool_jax.sampling", "SamplingParams"),
-    "ModelConfig": ("crosspool_jax.config", "ModelConfig"),
-    "Family": ("crosspool_jax.config", "Family"),
-    "load_hf_config": ("crosspool_jax.config", "load_hf_config"),
-    "ModelWeights": ("crosspool_jax.params", "ModelWeights"),
-    "init_random_weights": ("crosspool_jax.params", "init_random_weights"),
+    "SamplingParams": ("crosspool_jax.execution.sampling", "SamplingParams"),
+    "ModelConfig": ("crosspool_jax.models.config", "ModelConfig"),
+    "Family": ("crosspool_jax.models.config", "Family"),
+    "load_hf_config": ("crosspool_jax.models.config", "load_hf_config"),
+    "ModelWeights": ("crosspool_jax.models.params", "ModelWeights"),
+    "init_random_weights": ("crosspool_jax.models.params", "init_random_weights"),
     "demo_models": ("crosspool_jax.demo", "demo_models"),
     "CrossPoolError": ("crosspool_jax.errors", "CrossPoolError"),
     "CapacityError": ("crosspool_jax.errors", "CapacityError"),
@@ -94,7 +94,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from crosspool_jax.config import Family, ModelConfig, load_hf_config
     from crosspool_jax.demo import demo_models
     from crosspool_jax.engine import MODES, EngineConfig
     from crosspool_jax.engine import PooledEngine as Engine
@@ -113,5 +112,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         make_request,
     )
     from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
-    from crosspool_jax.host_step import EXECUTIONS
-    from crosspool_jax.params import ModelWeights, init_random_weights
+    from crosspool_jax.execution.host_step import EXECUTIONS
+    from crosspool_jax.models.config import Family, ModelConfig, load_hf_config
+    from crosspool_jax.models.params import ModelWeights, init_random_weights

@@ -12,7 +12,7 @@ from typing import Any
 
 from checkpoints import LoadedModel
 from checkpoints.tokenizer import ByteTokenizer
-from crosspool_jax.config import (
+from crosspool_jax.models.config import (
     AttentionKind,
     Family,
     FFNKind,
@@ -22,7 +22,7 @@ from crosspool_jax.config import (
     RopeStyle,
     RouterKind,
 )
-from crosspool_jax.params import init_random_weights
+from crosspool_jax.models.params import init_random_weights
 
 VOCAB = ByteTokenizer.vocab_size  # 258: bytes + bos 256 + eos 257
 MAX_POSITIONS = 512

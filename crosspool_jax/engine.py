@@ -42,7 +42,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.config import ModelConfig
 from crosspool_jax.detokenize import IncrementalDetokenizer
 from crosspool_jax.engine_api import (
     FINISH_ERROR,
@@ -56,11 +55,12 @@ from crosspool_jax.engine_api import (
     _Live,
 )
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
-from crosspool_jax.host_step import EXECUTIONS
-from crosspool_jax.params import ModelWeights
-from crosspool_jax.planner import ModelLimits, RequestRejected
-from crosspool_jax.pool_runner import GroupRunner, StepResult
-from crosspool_jax.topology import PoolTopology, Role, devices_needed, ensure_cpu_devices
+from crosspool_jax.execution.host_step import EXECUTIONS
+from crosspool_jax.execution.pool_runner import GroupRunner, StepResult
+from crosspool_jax.memory.planner import ModelLimits, RequestRejected
+from crosspool_jax.memory.topology import PoolTopology, Role, devices_needed, ensure_cpu_devices
+from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.params import ModelWeights
 from pallas_kernels.page_layout import PoolLayout
 
 MODES = ("crosspool", "shared", "static")

@@ -27,12 +27,12 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from crosspool_jax.config import ModelConfig, without_unreachable_eos
 from crosspool_jax.detokenize import IncrementalDetokenizer
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
-from crosspool_jax.params import ModelWeights
-from crosspool_jax.reference import ReferenceGenerator, validate_request
-from crosspool_jax.sampling import SamplingParams
+from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.models.config import ModelConfig, without_unreachable_eos
+from crosspool_jax.models.params import ModelWeights
+from crosspool_jax.models.reference import ReferenceGenerator, validate_request
 
 FINISH_STOP = "stop"  # a stop token was generated
 FINISH_LENGTH = "length"  # max_new_tokens reached

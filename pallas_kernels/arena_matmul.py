@@ -1,6 +1,6 @@
 """Grouped matmul whose weights live in a device's arena: ``y = x @ W_g`` for row groups ``g``.
 
-The one-program step (crosspool_jax/pooled_step.py) keeps every weight a device holds inside the
+The one-program step (crosspool_jax/execution/pooled_step.py) keeps every weight a device holds inside the
 same per-device arena as the KV pages (docs/design.md, "The unified arena"), so weights are read in
 place through a table of row offsets, exactly like KV pages through a page table. This is the
 matmul that reads them. It also serves a plain projection (one group) and the routed experts of a

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the HF transformers reference fixtures when they are missing or stale.
 #   bash scripts/fixtures.sh [OUTDIR]      (default: .cache/hf_fixtures under the repo root)
-# Creates/refreshes .venv-ref (scripts/bootstrap.sh --ref), then runs checkpoints/tools/hf_fixtures.py
+# Creates/refreshes .venv-ref (scripts/bootstrap.sh --ref), then runs tests/fixtures/hf_fixtures.py
 # only if OUTDIR/manifest.json is missing or records a different generator_sha256 than the current
 # generator's sha256. Prints one line saying which; exits non-zero on any failure.
 set -euo pipefail
@@ -15,7 +15,7 @@ out="${out:-$PWD/.cache/hf_fixtures}"
 
 bash scripts/bootstrap.sh --ref
 
-gen=checkpoints/tools/hf_fixtures.py
+gen=tests/fixtures/hf_fixtures.py
 want="$(sha256sum "$gen" | cut -d' ' -f1)"
 have=""
 if [ -f "$out/manifest.json" ]; then

@@ -52,7 +52,7 @@ from crosspool_jax.engine_api import (
     make_request,
 )
 from crosspool_jax.errors import CrossPoolError, InvalidRequestError
-from crosspool_jax.sampling import SamplingParams
+from crosspool_jax.execution.sampling import SamplingParams
 from serving.client import DEFAULT_MAX_NEW_TOKENS, SERVER_SHUTTING_DOWN, SERVER_STARTING
 from serving.crosspool.v1 import crosspool_pb2 as pb
 from serving.crosspool.v1 import crosspool_pb2_grpc as pb_grpc
@@ -305,7 +305,7 @@ class ServingEngine(ReferenceEngine):
 
     def weights_bytes_by_side(self, name: str) -> tuple[int, int]:
         """(attention-side bytes, FFN-side bytes) of the model's weights."""
-        from crosspool_jax.params import tree_bytes
+        from crosspool_jax.models.params import tree_bytes
 
         w = self._model(name).generator.weights
         return tree_bytes(w.attn), tree_bytes(w.ffn)

@@ -179,7 +179,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
 
 ATTENTION_BACKENDS = ("gpu", "tpu", "interpret", "tpu_interpret", "reference")  # pallas_kernels BACKENDS
 DTYPES = ("float32", "bfloat16", "float16")
-EXECUTIONS = ("lowered", "host", "auto")  # crosspool_jax.host_step.EXECUTIONS (kept import-light)
+EXECUTIONS = ("lowered", "host", "auto")  # crosspool_jax.execution.host_step.EXECUTIONS (kept import-light)
 
 
 CHECKS: dict[str, Callable[[Any], Any]] = {
@@ -431,7 +431,7 @@ def make_engine(
         if devices is None:
             import jax
 
-            from crosspool_jax.topology import devices_needed, ensure_cpu_devices
+            from crosspool_jax.memory.topology import devices_needed, ensure_cpu_devices
 
             # CPU only: the virtual devices --pools asks for (auto counts as crosspool)
             ensure_cpu_devices(devices_needed("crosspool" if settings.mode == "auto" else settings.mode,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from crosspool_jax.engine_api import FINISH_ERROR, make_request
-from crosspool_jax.sampling import SamplingParams
+from crosspool_jax.execution.sampling import SamplingParams
 
 PROMPT_TOKENS = 8
 TOTAL_TOKENS = 64

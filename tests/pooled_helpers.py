@@ -16,13 +16,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.arena import model_rows
-from crosspool_jax.config import ModelConfig
-from crosspool_jax.params import ModelWeights
-from crosspool_jax.pool_runner import GroupRunner
-from crosspool_jax.reference import ReferenceGenerator
-from crosspool_jax.sampling import SamplingParams
-from crosspool_jax.topology import PoolTopology, Role
+from crosspool_jax.execution.pool_runner import GroupRunner
+from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.memory.arena import model_rows
+from crosspool_jax.memory.topology import PoolTopology, Role
+from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.params import ModelWeights
+from crosspool_jax.models.reference import ReferenceGenerator
 from pallas_kernels.page_layout import PoolLayout
 
 PAGE_BYTES = 4096

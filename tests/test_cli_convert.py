@@ -13,8 +13,8 @@ import pytest
 
 from checkpoints.hf_import import load_hf
 from checkpoints.orbax_format import restore
-from crosspool_jax.cli import main
-from crosspool_jax.params import flatten
+from crosspool_jax.models.params import flatten
+from serving.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / ".cache" / "hf_fixtures"
@@ -90,7 +90,7 @@ def test_subprocess_error_exit_code(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "crosspool_jax.cli",
+            "serving.cli",
             "convert",
             "--hf",
             str(bad),

@@ -17,8 +17,8 @@ from crosspool_jax.engine_api import (
     make_request,
 )
 from crosspool_jax.errors import InvalidRequestError
-from crosspool_jax.reference import ReferenceGenerator
-from crosspool_jax.sampling import SamplingParams
+from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.models.reference import ReferenceGenerator
 
 NAME = "demo-mixtral"
 

@@ -16,7 +16,7 @@ import pytest
 from crosspool_jax.demo import demo_models
 from crosspool_jax.engine import EngineConfig, PooledEngine
 from crosspool_jax.engine_api import FINISH_CANCELLED, FINISH_ERROR, make_request
-from crosspool_jax.reference import ReferenceGenerator
+from crosspool_jax.models.reference import ReferenceGenerator
 
 MODELS = demo_models()
 A, B = "demo-mixtral", "demo-qwen3-moe"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import HF_FIXTURES, ROOT
 
-from crosspool_jax.config import UnreachableEosWarning, from_hf_config
+from crosspool_jax.models.config import UnreachableEosWarning, from_hf_config
 
 CASE_A = "mixtral_gqa4x2_top2"  # vocab 97, 2 layers
 CASE_B = "qwen3moe_gqa4x2_top2_fp16"  # vocab 151, 2 layers
@@ -40,7 +40,7 @@ def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[s
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "-m", "crosspool_jax.cli", *args])
+    return _run([sys.executable, "-m", "serving.cli", *args])
 
 
 def _assert_no_abort(p: subprocess.CompletedProcess[str]) -> None:
@@ -142,7 +142,7 @@ def test_engine_asks_for_the_cpu_devices_a_split_needs() -> None:
 def test_ensure_cpu_devices_after_jax_started_changes_nothing() -> None:
     import jax
 
-    from crosspool_jax.topology import devices_needed, ensure_cpu_devices
+    from crosspool_jax.memory.topology import devices_needed, ensure_cpu_devices
 
     jax.devices()
     assert not ensure_cpu_devices(64)
@@ -160,7 +160,7 @@ def test_fixture_reload_check_uses_a_stated_tolerance() -> None:
     script = (
         "import importlib.util, json, sys\n"
         "import numpy as np\n"
-        f"path = {str(ROOT / 'checkpoints/tools/hf_fixtures.py')!r}\n"
+        f"path = {str(ROOT / 'tests/fixtures/hf_fixtures.py')!r}\n"
         "spec = importlib.util.spec_from_file_location('g', path)\n"
         "g = importlib.util.module_from_spec(spec); sys.modules['g'] = g; spec.loader.exec_module(g)\n"
         "rng = np.random.default_rng(0)\n"

@@ -19,7 +19,8 @@ from checkpoints import load_model
 from checkpoints.hf_export import ExportError, byte_tokenizer_json, hf_config_dict, save_hf
 from checkpoints.hf_import import _open_files
 from checkpoints.tokenizer import ByteTokenizer, HFTokenizer
-from crosspool_jax.config import (
+from crosspool_jax.demo import EXPORT_MARKER, demo_configs, demo_models, export_demo
+from crosspool_jax.models.config import (
     AttentionKind,
     Family,
     FFNKind,
@@ -29,9 +30,8 @@ from crosspool_jax.config import (
     RopeStyle,
     RouterKind,
 )
-from crosspool_jax.demo import EXPORT_MARKER, demo_configs, demo_models, export_demo
-from crosspool_jax.params import flatten, init_random_weights
-from crosspool_jax.reference import ReferenceGenerator
+from crosspool_jax.models.params import flatten, init_random_weights
+from crosspool_jax.models.reference import ReferenceGenerator
 
 DEMOS = list(demo_configs())
 REF_PYTHON = pathlib.Path(os.environ.get("CROSSPOOL_REF_PYTHON", ROOT / ".venv-ref" / "bin" / "python"))

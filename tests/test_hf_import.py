@@ -18,9 +18,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from checkpoints.hf_import import load_hf
-from crosspool_jax.config import ConfigError
 from crosspool_jax.errors import CheckpointError
-from crosspool_jax.params import flatten, weight_specs
+from crosspool_jax.models.config import ConfigError
+from crosspool_jax.models.params import flatten, weight_specs
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".cache" / "hf_fixtures"
 CASES = (

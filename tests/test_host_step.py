@@ -1,4 +1,4 @@
-"""The engine's host-scheduled step (`crosspool_jax.host_step`) and the `auto` strategy choice.
+"""The engine's host-scheduled step (`crosspool_jax.execution.host_step`) and the `auto` strategy choice.
 
 The host-scheduled step runs the same StepSpec, arena and inputs as the lowered one-program step,
 as per-layer calls on the KV mesh and the weights mesh with transfers between them; it must give
@@ -20,8 +20,8 @@ from crosspool_jax.demo import demo_models
 from crosspool_jax.engine import EngineConfig, PooledEngine
 from crosspool_jax.engine_api import make_request
 from crosspool_jax.errors import InvalidRequestError
-from crosspool_jax.host_step import EXECUTIONS, HostScheduledStep, MeasuredChoice, StrategyTrial
-from crosspool_jax.reference import ReferenceGenerator
+from crosspool_jax.execution.host_step import EXECUTIONS, HostScheduledStep, MeasuredChoice, StrategyTrial
+from crosspool_jax.models.reference import ReferenceGenerator
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from crosspool_jax.kv_virtualizer import (
+from crosspool_jax.memory.kv_virtualizer import (
     PAGE_SENTINEL,
     KVConfigError,
     KVGeometry,

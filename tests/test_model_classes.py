@@ -1,4 +1,4 @@
-"""Models of one class share step programs and lanes (crosspool_jax/pooled_step.py, "Lanes and model
+"""Models of one class share step programs and lanes (crosspool_jax/execution/pooled_step.py, "Lanes and model
 classes"): several models with equal configs but different weights run as groups of ONE lane, each
 row reading its own model's weights, norms and biases, and the outputs equal each model's reference
 token for token. A model added later reuses the compiled programs of its class.
@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from pooled_helpers import References, Req, build_runner, drive, f32
 
-from crosspool_jax import pool_runner
-from crosspool_jax.config import Family, FFNKind, QKNorm
 from crosspool_jax.demo import demo_configs
-from crosspool_jax.params import init_random_weights
-from crosspool_jax.pool_runner import ShapeBuckets
-from crosspool_jax.sampling import SamplingParams
+from crosspool_jax.execution import pool_runner
+from crosspool_jax.execution.pool_runner import ShapeBuckets
+from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.models.config import Family, FFNKind, QKNorm
+from crosspool_jax.models.params import init_random_weights
 
 QWEN3 = demo_configs()["demo-qwen3-moe"]  # per-head q/k norms
 MIX = demo_configs()["demo-mixtral"]

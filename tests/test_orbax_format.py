@@ -15,9 +15,9 @@ from jax.sharding import PartitionSpec as P
 from checkpoints import ByteTokenizer, is_crosspool_checkpoint, load_model
 from checkpoints.hf_import import load_hf
 from checkpoints.orbax_format import restore, save
-from crosspool_jax.config import ModelConfig
 from crosspool_jax.errors import CheckpointError
-from crosspool_jax.params import ModelWeights, flatten, weight_specs
+from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.params import ModelWeights, flatten, weight_specs
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".cache" / "hf_fixtures"
 CASE = "qwen2moe_gqa6x2_top2_shared40"  # 8 experts, shared expert, tokenizer.json

@@ -18,8 +18,8 @@ import pytest
 from pooled_helpers import References, Req, build_runner, drive, f32
 
 from crosspool_jax.demo import demo_models
-from crosspool_jax.pool_runner import PENDING
-from crosspool_jax.sampling import SamplingParams
+from crosspool_jax.execution.pool_runner import PENDING
+from crosspool_jax.execution.sampling import SamplingParams
 
 MIX, QWEN, DSV3 = "demo-mixtral", "demo-qwen3-moe", "demo-deepseek-v3"
 SAMPLED = SamplingParams(temperature=0.9, top_k=30, top_p=0.95, seed=77)

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from crosspool_jax.kv_virtualizer import KVGeometry, KVPoolConfig, KVVirtualizer, PhysicalPage
-from crosspool_jax.planner import (
+from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVVirtualizer, PhysicalPage
+from crosspool_jax.memory.planner import (
     KVPlanner,
     ModelLimits,
     Phase,

@@ -12,7 +12,7 @@ import pytest
 from crosspool_jax.demo import demo_models
 from crosspool_jax.engine import EngineConfig, PooledEngine
 from crosspool_jax.engine_api import FINISH_CANCELLED, make_request
-from crosspool_jax.reference import ReferenceGenerator
+from crosspool_jax.models.reference import ReferenceGenerator
 
 MODELS = demo_models()
 PROMPTS = {"demo-mixtral": [5, 9, 33, 7], "demo-qwen3-moe": [6, 10, 33, 7, 2, 100],
@@ -72,11 +72,11 @@ def test_preemption_keeps_tokens(preemption: str) -> None:
 
     import numpy as np
 
-    from crosspool_jax.arena import model_rows
-    from crosspool_jax.planner import PlannerConfig, PreemptionChoice
-    from crosspool_jax.pool_runner import GroupRunner
-    from crosspool_jax.sampling import SamplingParams
-    from crosspool_jax.topology import PoolTopology, Role
+    from crosspool_jax.execution.pool_runner import GroupRunner
+    from crosspool_jax.execution.sampling import SamplingParams
+    from crosspool_jax.memory.arena import model_rows
+    from crosspool_jax.memory.planner import PlannerConfig, PreemptionChoice
+    from crosspool_jax.memory.topology import PoolTopology, Role
     from pallas_kernels.page_layout import PoolLayout
 
     layout = PoolLayout(4096, "float32", 16, 1)
@@ -138,7 +138,7 @@ def test_cli_generate_sends_the_prompt_to_every_model(capsys: pytest.CaptureFixt
     import json
 
     from checkpoints import load_model
-    from crosspool_jax.cli import main
+    from serving.cli import main
     from tests.conftest import HF_FIXTURES
 
     paths = [HF_FIXTURES / "olmoe_mha4_top2_clip", HF_FIXTURES / "qwen2moe_gqa6x2_top2_shared40"]

@@ -25,12 +25,12 @@ import pytest
 from conftest import HF_FIXTURES, fixture_cases
 from pooled_helpers import LAYOUT, ROW_ELEMS, References, Req, build_runner, drive, f32
 
-from crosspool_jax.arena import ArenaStore
-from crosspool_jax.config import AttentionKind, ModelConfig, QKNorm
 from crosspool_jax.demo import demo_models
 from crosspool_jax.errors import CapacityError
-from crosspool_jax.sampling import SamplingParams
-from crosspool_jax.topology import PoolTopology, Role
+from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.memory.arena import ArenaStore
+from crosspool_jax.memory.topology import PoolTopology, Role
+from crosspool_jax.models.config import AttentionKind, ModelConfig, QKNorm
 
 MIX, QWEN, DSV3 = "demo-mixtral", "demo-qwen3-moe", "demo-deepseek-v3"
 SAMPLED = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1234)

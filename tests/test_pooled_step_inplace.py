@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crosspool_jax.arena import ArenaStore, model_rows
 from crosspool_jax.demo import demo_configs
-from crosspool_jax.params import weight_specs
-from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, one_model_group_inputs
-from crosspool_jax.topology import PoolTopology, Role
+from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, one_model_group_inputs
+from crosspool_jax.memory.arena import ArenaStore, model_rows
+from crosspool_jax.memory.topology import PoolTopology, Role
+from crosspool_jax.models.params import weight_specs
 from pallas_kernels.page_layout import PoolLayout
 
 CFGS = demo_configs()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pooled_helpers import References, Req, build_runner, drive, f32
 
 from crosspool_jax.demo import demo_models
-from crosspool_jax.planner import KVPlanner
+from crosspool_jax.memory.planner import KVPlanner
 
 MIX = demo_models()["demo-mixtral"]
 MODELS = {"mix": (MIX.config, f32(MIX.weights))}

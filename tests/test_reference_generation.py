@@ -12,11 +12,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from checkpoints import load_model
 from checkpoints.orbax_format import restore, save
-from crosspool_jax.cli import main
 from crosspool_jax.errors import InvalidRequestError
-from crosspool_jax.params import weight_specs
-from crosspool_jax.reference import ReferenceGenerator
-from crosspool_jax.sampling import SamplingParams
+from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.models.params import weight_specs
+from crosspool_jax.models.reference import ReferenceGenerator
+from serving.cli import main
 
 pytestmark = pytest.mark.skipif(not fixture_cases(), reason="run `bash scripts/fixtures.sh`")
 GQA_CASE = "qwen3moe_gqa8x2_hd16_top8_e16"

@@ -1,7 +1,7 @@
 """Our model math and reference generation vs HF transformers, on every fixture case.
 
 The fixtures (tiny random models of all six families, several configs each, in several checkpoint
-formats) and their expected logits / greedy tokens are produced by checkpoints/tools/hf_fixtures.py
+formats) and their expected logits / greedy tokens are produced by tests/fixtures/hf_fixtures.py
 running transformers; see scripts/fixtures.sh.
 """
 
@@ -12,7 +12,7 @@ import pytest
 from conftest import HF_FIXTURES, fixture_cases
 
 from checkpoints import load_model
-from crosspool_jax.reference import ReferenceGenerator
+from crosspool_jax.models.reference import ReferenceGenerator
 
 CASES = fixture_cases()
 pytestmark = pytest.mark.skipif(not CASES, reason="run `bash scripts/fixtures.sh` to build the HF fixtures")

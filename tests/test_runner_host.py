@@ -8,9 +8,9 @@ import random
 import numpy as np
 import pytest
 
-from crosspool_jax.kv_virtualizer import KVGeometry, KVPoolConfig, KVVirtualizer
-from crosspool_jax.pool_runner import _Req, _tokens_at
-from crosspool_jax.sampling import SamplingParams
+from crosspool_jax.execution.pool_runner import _Req, _tokens_at
+from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVVirtualizer
 
 
 def test_tokens_at_equals_slicing_the_whole_sequence() -> None:

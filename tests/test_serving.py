@@ -231,7 +231,7 @@ def test_generated_code_is_fresh(tmp_path):
 def test_cli_generate_via_server(server, capsys):
     import json
 
-    from crosspool_jax.cli import main
+    from serving.cli import main
 
     assert (
         main(

@@ -50,7 +50,7 @@ class ServeProc:
 
     def __init__(self, *args: str):
         env = dict(os.environ, JAX_PLATFORMS="cpu")
-        cmd = [sys.executable, "-m", "crosspool_jax.cli", "serve", *args]
+        cmd = [sys.executable, "-m", "serving.cli", "serve", *args]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -166,7 +166,7 @@ def _rpc_error(call) -> grpc.RpcError:
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:
-    from crosspool_jax.cli import main
+    from serving.cli import main
 
     capsys.readouterr()
     rc = main(list(argv))
@@ -189,7 +189,7 @@ def test_port_in_use_is_refused_before_any_model_loads(procs):
     line = a.wait_line("err", "serve: listening on ")
     port = int(line.split("listening on ")[1].split(";")[0].rsplit(":", 1)[1])
     t0 = time.monotonic()
-    cmd = [sys.executable, "-m", "crosspool_jax.cli", "serve", "--port", str(port), "--mode", "reference",
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--mode", "reference",
            "--no-warmup"]
     p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
                        text=True, timeout=120)
@@ -336,7 +336,7 @@ def test_drain_health_refusal_and_cut_off():
 
 
 def test_max_new_tokens_same_check_locally_and_through_the_server(capsys):
-    from crosspool_jax.reference import validate_request
+    from crosspool_jax.models.reference import validate_request
 
     def local_message(n: int) -> str:
         with pytest.raises(InvalidRequestError) as ei:

@@ -155,7 +155,7 @@ def test_engine_stats_new_fields_default():
 
 
 def test_serve_cli_metrics_flag():
-    from crosspool_jax.cli import build_parser
+    from serving.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--metrics-port", "0"])
     assert args.metrics_port == 0

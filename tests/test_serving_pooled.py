@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from crosspool_jax.demo import demo_models
 from crosspool_jax.engine import EngineConfig, PooledEngine
-from crosspool_jax.reference import ReferenceGenerator
+from crosspool_jax.models.reference import ReferenceGenerator
 from serving.client import CrossPoolClient
 from serving.metrics import ServerMetrics, start_metrics_http
 from serving.server import start_server

@@ -13,9 +13,9 @@ import grpc
 import jax
 import pytest
 
-from crosspool_jax.cli import build_parser, main, serve_settings
 from crosspool_jax.engine import EngineConfig
 from serving import settings as settings_mod
+from serving.cli import build_parser, main, serve_settings
 from serving.client import CrossPoolClient
 from serving.crosspool.v1 import crosspool_pb2 as pb
 from serving.crosspool.v1 import crosspool_pb2_grpc as pb_grpc
@@ -505,7 +505,7 @@ def test_serve_cli_from_config_with_tls(certs, tmp_path):
         """,
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "crosspool_jax.cli", "serve", "--config", path, "--port", "0"]
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--config", path, "--port", "0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -1,7 +1,7 @@
 """Step programs compile off the serving path (`GroupRunner`, docs/engine.md "Compiles off the serving
 path"): a model's first programs compile in a background thread at load, a call whose exact program
 is not compiled runs in a compiled larger one (inputs padded to it) while its own compiles in the
-background, and JAX's persistent compilation cache is on (`crosspool_jax.compile_cache`).
+background, and JAX's persistent compilation cache is on (`crosspool_jax.execution.compile_cache`).
 
 The runners here write the compilation cache to a temporary directory (`CROSSPOOL_COMPILATION_CACHE`),
 unless an earlier test of the same process already set one.
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from pooled_helpers import References, Req, build_runner, drive, f32
 
-from crosspool_jax import compile_cache
 from crosspool_jax.demo import demo_models
-from crosspool_jax.pool_runner import STOP_WIDTH_FLOOR, LaneShape, StepSpec, spec_dominates
+from crosspool_jax.execution import compile_cache
+from crosspool_jax.execution.pool_runner import STOP_WIDTH_FLOOR, LaneShape, StepSpec, spec_dominates
 
 QWEN, DSV3 = "demo-qwen3-moe", "demo-deepseek-v3"
 

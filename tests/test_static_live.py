@@ -14,8 +14,8 @@ import pytest
 from crosspool_jax.demo import demo_models
 from crosspool_jax.engine import EngineConfig, PooledEngine
 from crosspool_jax.engine_api import FINISH_ERROR, make_request
-from crosspool_jax.planner import ModelLimits, PlannerConfig, RequestRejected, RequestStatus
-from crosspool_jax.reference import ReferenceGenerator
+from crosspool_jax.memory.planner import ModelLimits, PlannerConfig, RequestRejected, RequestStatus
+from crosspool_jax.models.reference import ReferenceGenerator
 from tests.test_planner import SimEngine, make_planner, spec
 
 # ---- the planner ---------------------------------------------------------------------------------

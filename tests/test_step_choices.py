@@ -7,10 +7,10 @@ import dataclasses
 
 import numpy as np
 
-from crosspool_jax.config import FFNKind
 from crosspool_jax.demo import demo_configs
-from crosspool_jax.pool_runner import attention_schedule
-from crosspool_jax.pooled_step import layer_segments, layer_signatures
+from crosspool_jax.execution.pool_runner import attention_schedule
+from crosspool_jax.execution.pooled_step import layer_segments, layer_signatures
+from crosspool_jax.models.config import FFNKind
 
 D, M = FFNKind.DENSE, FFNKind.MOE
 MIX = demo_configs()["demo-mixtral"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from crosspool_jax.topology import (
+from crosspool_jax.memory.topology import (
     EXPERT_AXIS,
     KV_AXIS,
     POOL_AXIS,

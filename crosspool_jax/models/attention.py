@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.config import AttentionKind, ModelConfig, QKNorm
+from crosspool_jax.models.config import AttentionKind, ModelConfig, QKNorm
 from crosspool_jax.models.layers import apply_rope, linear, rms_norm, rope_cos_sin
 
 Cache = dict[str, jax.Array]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.config import ModelConfig, RopeStyle
+from crosspool_jax.models.config import ModelConfig, RopeStyle
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

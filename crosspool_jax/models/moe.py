@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.config import FFNKind, ModelConfig, RouterKind
+from crosspool_jax.models.config import FFNKind, ModelConfig, RouterKind
 from crosspool_jax.models.layers import gated_mlp, linear
 
 

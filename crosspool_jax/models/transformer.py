@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.config import ModelConfig
 from crosspool_jax.models.attention import Cache, attention_layer
+from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.layers import rms_norm
 from crosspool_jax.models.moe import ffn_layer
-from crosspool_jax.params import ModelWeights
+from crosspool_jax.models.params import ModelWeights
 
 
 def embed(attn: dict, tokens: jax.Array) -> jax.Array:

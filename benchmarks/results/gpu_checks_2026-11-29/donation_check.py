@@ -1,5 +1,5 @@
 """Does donating an array built with make_array_from_single_device_arrays over another array's
-device buffer (what crosspool_jax/host_step.py does with the arena's KV buffers) update it in place
+device buffer (what crosspool_jax/execution/host_step.py does with the arena's KV buffers) update it in place
 on this platform? Prints the buffer pointers, donation warnings and peak memory."""
 import warnings
 

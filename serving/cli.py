@@ -42,7 +42,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from checkpoints.hf_import import load_hf
     from checkpoints.orbax_format import save
     from checkpoints.tokenizer import TOKENIZER_FILE, load_tokenizer
-    from crosspool_jax.params import tree_bytes
+    from crosspool_jax.models.params import tree_bytes
 
     t0 = time.perf_counter()
     _log(f"convert: reading {args.hf}")
@@ -61,7 +61,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- generate (wired by crosspool_jax/reference.py) ------------------------------------------------
+# ---- generate (wired by crosspool_jax/models/reference.py) ------------------------------------------------
 
 
 def _prompt_ids(text: str) -> list[int]:
@@ -106,7 +106,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generates with the reference path (crosspool_jax.reference.generate_cli), or with --server
+    """Generates with the reference path (crosspool_jax.models.reference.generate_cli), or with --server
     through the gRPC client."""
     if getattr(args, "server", None):
         if len(args.model) != 1:
@@ -114,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.model = args.model[0]
         return _generate_remote(args)
     if args.mode == "reference" and len(args.model) == 1:
-        from crosspool_jax.reference import generate_cli  # local import: keeps `crosspool --help` fast
+        from crosspool_jax.models.reference import generate_cli  # local import: keeps `crosspool --help` fast
 
         args.model = args.model[0]
         return int(generate_cli(args))
@@ -129,8 +129,8 @@ def _generate_pooled(args: argparse.Namespace) -> int:
     from checkpoints import load_model
     from crosspool_jax.engine import PooledEngine
     from crosspool_jax.engine_api import ReferenceEngine, make_request
-    from crosspool_jax.reference import validate_request
-    from crosspool_jax.sampling import SamplingParams
+    from crosspool_jax.execution.sampling import SamplingParams
+    from crosspool_jax.models.reference import validate_request
 
     engine = ReferenceEngine() if args.mode == "reference" else PooledEngine(mode=args.mode, pools=args.pools)
     try:

@@ -1,6 +1,6 @@
 """The unified arena: one same-shaped buffer per device whose meaning depends on the device's role.
 
-The one-program step (crosspool_jax/pooled_step.py) runs SPMD over the global mesh, so every
+The one-program step (crosspool_jax/execution/pooled_step.py) runs SPMD over the global mesh, so every
 global array gives every device a same-shaped shard. Devices of the two pools hold different
 things, so each device owns ONE arena `[num_pages, rows_per_page, R]` (pallas_kernels.page_layout)
 and the roles give it meaning (docs/design.md, "The unified arena"):
@@ -41,10 +41,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from crosspool_jax.config import AttentionKind, FFNKind, ModelConfig
 from crosspool_jax.errors import CapacityError, CrossPoolError
-from crosspool_jax.params import ModelWeights
-from crosspool_jax.topology import POOL_AXIS, PoolTopology, Role, experts_per_device
+from crosspool_jax.memory.topology import POOL_AXIS, PoolTopology, Role, experts_per_device
+from crosspool_jax.models.config import AttentionKind, FFNKind, ModelConfig
+from crosspool_jax.models.params import ModelWeights
 from pallas_kernels.page_layout import PoolLayout, _np_dtype
 
 try:  # jax >= 0.6
@@ -501,7 +501,7 @@ class ArenaStore:
         """Plans a model from its shapes and fills its rows on the devices with random values
         (norms 1, router biases 0, everything else N(0, scale^2)): realistic-size models for
         benchmarks without building weights on the host. Each tensor is generated in place."""
-        from crosspool_jax.params import weight_specs
+        from crosspool_jax.models.params import weight_specs
 
         specs = weight_specs(cfg, jnp.dtype(_np_dtype(self.layout.dtype)))
         ma = self.plan_model(name, cfg, specs)

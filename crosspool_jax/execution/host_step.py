@@ -2,7 +2,7 @@
 
 `HostScheduledStep(spec, store, platform)` has the contract of `pooled_step.build_step`'s program,
 ``step(arena, inputs) -> (arena, outputs)`` for the same `StepSpec`, arena and inputs, so the
-engine's runner (`crosspool_jax/pool_runner.py`) can run either. No program spans both pools here:
+engine's runner (`crosspool_jax/execution/pool_runner.py`) can run either. No program spans both pools here:
 
     per decode step, per lane (one model class' slots; the lanes of a step are its micro-batches):
       KV mesh       begin: embed the lane's tokens; rows' models / liveness, replicated
@@ -29,8 +29,8 @@ KV devices run one lane's attention while the weights devices run another lane's
 
 Group size: one layer per call on each pool. Layer l + 1's attention needs layer l's FFN output
 from the other pool, so a call on one pool can never hold two layers of one lane; grouping g
-layers means a diagonal over g micro-batches, which the standalone `crosspool_jax.host_pipeline`
-implements and measures (`benchmarks/host_pipeline_bench.py`); here the step's lanes overlap.
+layers means a diagonal over g micro-batches (a standalone pipeline that did so was removed
+unmeasured on GPUs, which it needed two of); here the step's lanes overlap.
 
 The arena is one global array over both pools' devices; the step views it as a KV-mesh array and
 a weights-mesh array built from the same per-device buffers (no copy), donates the KV view to each
@@ -52,10 +52,17 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from crosspool_jax.arena import ArenaStore, shard_map
-from crosspool_jax.config import FFNKind
-from crosspool_jax.pooled_step import Lane, LaneState, StepSpec, lane_specs, model_geometry, next_carry
-from crosspool_jax.topology import POOL_AXIS
+from crosspool_jax.execution.pooled_step import (
+    Lane,
+    LaneState,
+    StepSpec,
+    lane_specs,
+    model_geometry,
+    next_carry,
+)
+from crosspool_jax.memory.arena import ArenaStore, shard_map
+from crosspool_jax.memory.topology import POOL_AXIS
+from crosspool_jax.models.config import FFNKind
 
 REPLICATED = P()
 EXECUTIONS = ("lowered", "host", "auto")

@@ -109,7 +109,7 @@ class KVPoolConfig:
 
 
 class _HasKVShape(Protocol):
-    """What `KVGeometry.from_model_config` reads from a `crosspool_jax.config.ModelConfig`."""
+    """What `KVGeometry.from_model_config` reads from a `crosspool_jax.models.config.ModelConfig`."""
 
     @property
     def num_layers(self) -> int: ...

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.config import ModelConfig
 from crosspool_jax.errors import InvalidRequestError
+from crosspool_jax.execution.sampling import SamplingParams, sample_tokens, seed_words
 from crosspool_jax.models.attention import Cache, init_cache
+from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.params import ModelWeights
 from crosspool_jax.models.transformer import forward
-from crosspool_jax.params import ModelWeights
-from crosspool_jax.sampling import SamplingParams, sample_tokens, seed_words
 
 GREEDY = SamplingParams()
 

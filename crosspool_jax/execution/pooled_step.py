@@ -2,7 +2,7 @@
 
 `build_step(spec, store)` returns a jitted function ``step(arena, inputs) -> (arena, tokens)`` that
 runs SPMD (shard_map) over the global mesh (KV devices first, then weights devices). Every device
-runs the same program on its own arena shard (crosspool_jax/arena.py), and the role decides what
+runs the same program on its own arena shard (crosspool_jax/memory/arena.py), and the role decides what
 is real work and what is empty:
 
 per layer, per model ("lane"):
@@ -17,7 +17,7 @@ per layer, per model ("lane"):
     the arena (empty groups skipped; size 0 on KV devices), shared experts / dense FFN as
     tensor-parallel partial sums.
   combine: `psum` of the partial FFN outputs; each KV device takes its rows and adds the residual.
-then the LM head on the sampled rows, on-device sampling (`crosspool_jax.sampling`) and stop
+then the LM head on the sampled rows, on-device sampling (`crosspool_jax.execution.sampling`) and stop
 checks; a decode program runs ``spec.steps`` tokens per call (control lowering: one host call per
 K tokens).
 
@@ -65,12 +65,12 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from crosspool_jax.arena import ArenaStore, ModelClass, TensorSlot, shard_map
-from crosspool_jax.config import AttentionKind, FFNKind, ModelConfig, QKNorm
+from crosspool_jax.execution.sampling import sample_tokens
+from crosspool_jax.memory.arena import ArenaStore, ModelClass, TensorSlot, shard_map
+from crosspool_jax.memory.topology import POOL_AXIS, Role
+from crosspool_jax.models.config import AttentionKind, FFNKind, ModelConfig, QKNorm
 from crosspool_jax.models.layers import apply_rope, rms_norm, rope_cos_sin
 from crosspool_jax.models.moe import route_logits, unpermute_sum
-from crosspool_jax.sampling import sample_tokens
-from crosspool_jax.topology import POOL_AXIS, Role
 from pallas_kernels import (
     kv_append,
     mla_kv_append,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.config import AttentionKind, ModelConfig, QKNorm
+from crosspool_jax.models.config import AttentionKind, ModelConfig, QKNorm
 
 Tree = dict[str, Any]
 

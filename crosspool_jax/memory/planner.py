@@ -38,7 +38,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from crosspool_jax.kv_virtualizer import (
+from crosspool_jax.memory.kv_virtualizer import (
     KVVirtualizer,
     ModelId,
     PhysicalPage,

@@ -1,6 +1,6 @@
 """Host side of the pooled engine for one device group: models in an arena, requests in the planner,
 and the one-program steps built from them (plain Python bookkeeping; the device work is in
-`crosspool_jax.pooled_step`).
+`crosspool_jax.execution.pooled_step`).
 
 A `GroupRunner` owns one `ArenaStore` (its devices: a KV+weights split, or one colocated device),
 one `KVVirtualizer` over the KV devices' pages and one `KVPlanner`. `step()` is one engine step:
@@ -42,13 +42,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.arena import ArenaStore
-from crosspool_jax.compile_cache import enable_compilation_cache
-from crosspool_jax.config import AttentionKind, ModelConfig
-from crosspool_jax.host_step import EXECUTIONS, HostScheduledStep, MeasuredChoice, StrategyTrial, trial_key
-from crosspool_jax.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
-from crosspool_jax.params import ModelWeights
-from crosspool_jax.planner import (
+from crosspool_jax.execution.compile_cache import enable_compilation_cache
+from crosspool_jax.execution.host_step import (
+    EXECUTIONS,
+    HostScheduledStep,
+    MeasuredChoice,
+    StrategyTrial,
+    trial_key,
+)
+from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
+from crosspool_jax.execution.sampling import SamplingParams, seed_words
+from crosspool_jax.memory.arena import ArenaStore
+from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
+from crosspool_jax.memory.planner import (
     KVPlanner,
     ModelLimits,
     Phase,
@@ -57,9 +63,9 @@ from crosspool_jax.planner import (
     RequestSpec,
     RequestStatus,
 )
-from crosspool_jax.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
-from crosspool_jax.sampling import SamplingParams, seed_words
-from crosspool_jax.topology import PoolTopology, Role
+from crosspool_jax.memory.topology import PoolTopology, Role
+from crosspool_jax.models.config import AttentionKind, ModelConfig
+from crosspool_jax.models.params import ModelWeights
 from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
 
 
@@ -756,7 +762,7 @@ class GroupRunner:
                 r = self.reqs[rid]
                 cap = len(r.prompt) + r.max_new_tokens - 1
                 decode_lengths[rid] = min(info.kv_len + k, cap)
-        from crosspool_jax.planner import StepInput
+        from crosspool_jax.memory.planner import StepInput
 
         plan = self.planner.step(StepInput(decode_lengths,
                                            prefill_token_budget=self.prefill_budget(bool(decode_lengths))))

@@ -1,0 +1,8 @@
+"""Execution: the step programs and what runs them.
+
+`pooled_step` (one jitted step program over both pools: lanes of model classes, layers as loops,
+KV written in place), `host_step` (the same step scheduled layer by layer from the host, one call
+per pool), `pool_runner` (`GroupRunner`: planner -> inputs -> program calls -> tokens; program
+buckets, background compiles), `sampling` (on-device token sampling), `compile_cache` (JAX's
+persistent compilation cache).
+"""

@@ -1,0 +1,7 @@
+"""Memory: where things live and who may use it.
+
+`arena` (one paged arena per device: model weights as page runs, KV pages, the model classes'
+row layouts), `kv_virtualizer` (KV pages of every model's requests over the KV devices, split-KV
+segments, host swap slots), `planner` (admission, growth, preemption: the KV planner, plain Python),
+`topology` (the device split into a KV pool and a weights pool).
+"""

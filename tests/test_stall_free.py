@@ -10,6 +10,7 @@ unless an earlier test of the same process already set one.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax
 import numpy as np
@@ -130,7 +131,7 @@ def test_a_shape_not_compiled_runs_in_a_larger_program(demo, monkeypatch) -> Non
     held = set(runner._programs) | set(runner._ready)
     queued: list[StepSpec] = []
     bg = runner._compile_in_background
-    monkeypatch.setattr(runner, "_compile_in_background", lambda sp: (queued.append(sp), bg(sp)))
+    monkeypatch.setattr(runner, "_compile_in_background", lambda sp, *a: (queued.append(sp), bg(sp, *a)))
     small = [Req(f"{m[:7]}-small", m, _prompt(30, 5), 4) for m in models]
     log = drive(runner, small)
     _check(refs, small, log)
@@ -141,4 +142,42 @@ def test_a_shape_not_compiled_runs_in_a_larger_program(demo, monkeypatch) -> Non
     assert all(sp.lanes[0].slots == 1 and sp.lanes[0].tokens == 8 for sp in prefills)
     assert not held & set(queued)
     assert all(sp in runner._background or sp in runner._ready or sp in runner._programs for sp in queued)
+    assert runner.kv.pool_stats().pages_used == 0
+
+
+def test_a_new_models_requests_are_held_while_its_programs_compile(demo) -> None:
+    """While a request of one model runs, a model added with warm programs queued has its waiting
+    requests held (not admitted) until its gate programs are compiled, so its first call does not
+    compile on the serving path; once they are, it is admitted and both equal the reference."""
+    from crosspool_jax.execution.compile_queue import URGENT, CompileQueue
+
+    models, refs = demo
+    runner = build_runner(models, split="1+1", kv_pages=32, prefill_chunk=32, fallback=True)
+    first = Req("a", QWEN, _prompt(3, 6), 12)
+    runner.submit(first.rid, first.model, first.prompt, first.max_new, first.sampling, first.stop_ids)
+    tokens = {first.rid: [], "b": []}
+    for t in runner.step().tokens.get(first.rid, []):
+        tokens[first.rid].append(t)
+    assert runner.planner.running() == (first.rid,)
+    gate = threading.Event()
+    runner._executor = CompileQueue()  # its thread is held, so the new model's compiles stay queued
+    runner._executor.submit(lambda: gate.wait(60), URGENT)
+    runner.warm_programs = 4
+    runner.warm_up(DSV3)  # what add_model does for a model loaded while requests run
+    second = Req("b", DSV3, _prompt(4, 5), 4)
+    runner.submit(second.rid, second.model, second.prompt, second.max_new, second.sampling, second.stop_ids)
+    assert runner.held_models() == {DSV3}
+    res = runner.step()
+    assert "b" not in res.tokens and runner.held_steps >= 1
+    assert runner.planner.info("b").status.name == "WAITING"
+    gate.set()
+    assert runner.wait_background(timeout=300)
+    assert runner.held_models() == frozenset()
+    for rid, toks in res.tokens.items():
+        tokens[rid].extend(toks)
+    while runner.has_work:
+        for rid, toks in runner.step().tokens.items():
+            tokens[rid].extend(toks)
+    for r in (first, second):
+        assert tokens[r.rid] == refs(r)[0]
     assert runner.kv.pool_stats().pages_used == 0

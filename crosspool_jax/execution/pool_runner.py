@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.compile_cache import enable_compilation_cache
 from crosspool_jax.execution.host_step import (
     EXECUTIONS,
@@ -109,31 +109,11 @@ def program_cost(spec: StepSpec) -> int:
                             for ln in spec.lanes)
 
 
-_EXITING = threading.Event()  # the interpreter is shutting down: queued background compiles skip
-_EXIT_HOOKED = False
-
-
-def _hook_exit() -> None:
-    """Marks `_EXITING` when the interpreter starts shutting down, before it joins the compile
-    threads (which would otherwise run every queued compile first). Registered after
-    concurrent.futures has registered its own join, so it runs before it (last in, first out)."""
-    global _EXIT_HOOKED
-    if _EXIT_HOOKED:
-        return
-    _EXIT_HOOKED = True
-    register = getattr(threading, "_register_atexit", None)
-    try:
-        if register is not None:
-            register(_EXITING.set)
-    except RuntimeError:  # already shutting down
-        _EXITING.set()
-
-
 def _compile_for(ref: weakref.ref, spec: StepSpec) -> Any:
     """(background thread) `spec`'s program for the runner behind `ref`, compiled ahead of time;
     None when the runner is gone or the interpreter is exiting (queued work is then skipped)."""
     runner = ref()
-    if runner is None or _EXITING.is_set():
+    if runner is None or compile_queue.exiting():
         return None
     return runner._compile_aot(spec)
 
@@ -330,6 +310,8 @@ class GroupRunner:
         # compiled in the background, not used by a call yet (`_lookup` puts them in service)
         self._ready: dict[StepSpec, Callable] = {}
         self._warm_sets: dict[Any, set[StepSpec]] = {}  # lane key -> its warm programs (`warm_up`)
+        # lane key -> the warm programs its waiting requests are held for (`held_models`)
+        self._warm_gates: dict[Any, set[StepSpec]] = {}
         self._executor: Any = None
         self.buckets = buckets or (ShapeBuckets.coarse() if self.platform == "gpu" else ShapeBuckets.fine())
         gpu = self.platform == "gpu"
@@ -344,6 +326,7 @@ class GroupRunner:
         self.blocked_compiles = 0  # calls that compiled (or waited for) their program
         self.blocked_compile_seconds = 0.0  # seconds `_run` spent on those compiles / waits
         self.fallback_calls = 0  # program calls run in a larger program than their shape's
+        self.held_steps = 0  # steps that held some model's admissions for its warm programs
         self.preemptions = 0
         self.calls = 0
         self.swapped_pages = 0
@@ -429,6 +412,8 @@ class GroupRunner:
         the background; else, when the background thread is compiling a program that dominates it
         (and not `want`'s own), that one, waited for (it is done sooner than a fresh compile); else
         `want`'s, compiled on this thread (`_compile`). The waits count as blocked."""
+        if want.decode and self.fallback:
+            self._anticipate(want)
         prog = self._lookup(want)
         if prog is not None:
             return want, prog
@@ -450,6 +435,24 @@ class GroupRunner:
                 self.fallback_calls += 1
                 return have, self._lookup(have)
         return want, self._compile(want)
+
+    def _anticipate(self, want: StepSpec) -> None:
+        """Queues for the background thread the decode program its requests grow into next: the
+        same lanes with page tables one bucket wider (a decode's context only grows), unless it is
+        compiled, queued or past the model's context (`max_position_embeddings`); it runs before
+        queued warm-ups (`compile_queue.URGENT`). A request crossing a page bucket then finds its
+        program compiled (or a dominating one) instead of compiling on the serving path."""
+        lanes = []
+        for ln in want.lanes:
+            model = next(n for n, ma in self.store.models.items() if ma.cls == ln.cls)
+            context = ln.cls.config.max_position_embeddings
+            pages = -(-context // self.geoms[model].tokens_per_page)
+            most = self.buckets.round(pages, self.buckets.pages_floor)
+            if ln.max_pages >= most:
+                return
+            lanes.append(dataclasses.replace(ln, max_pages=min(most, ln.max_pages * self.buckets.growth)))
+        nxt = dataclasses.replace(want, lanes=tuple(lanes))
+        self._compile_in_background(nxt, compile_queue.URGENT)
 
     def _insert(self, spec: StepSpec, prog: Callable) -> None:
         self._ready.pop(spec, None)
@@ -517,19 +520,18 @@ class GroupRunner:
                 out["host" if isinstance(prog, HostScheduledStep) else "lowered"] += 1
         return out
 
-    def _compile_in_background(self, spec: StepSpec) -> None:
+    def _compile_in_background(self, spec: StepSpec, priority: int = compile_queue.WARM) -> None:
         """Queues `spec`'s compile for the runner's one background thread (nothing if it is held
-        or queued already); `_lookup` picks the program up once it is done."""
+        or queued already; `priority`: `compile_queue.URGENT` runs before the warm-ups); `_lookup`
+        picks the program up once it is done."""
         if spec in self._background or spec in self._programs or spec in self._ready:
             return
         if self._executor is None:
-            import concurrent.futures
-
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="step-compile")
-            _hook_exit()
-            # a runner dropped with compiles queued: they skip (`_compile_for`), the thread ends
-            weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
-        self._background[spec] = self._executor.submit(_compile_for, weakref.ref(self), spec)
+            self._executor = compile_queue.CompileQueue()
+            # a runner dropped with compiles queued: they are cancelled, the thread ends
+            weakref.finalize(self, self._executor.shutdown)
+        job = functools.partial(_compile_for, weakref.ref(self), spec)
+        self._background[spec] = self._executor.submit(job, priority)
 
     def warm_specs(self, model: str) -> list[StepSpec]:
         """The programs `model`'s lane is given at load, first needed first, at most
@@ -547,8 +549,13 @@ class GroupRunner:
         With micro_batches = 2 each decode program also comes as its ping-pong pair (two equal
         lanes), and on GPU a GQA lane's box decode also with the persistent attention schedule.
         Stop width: `STOP_WIDTH_FLOOR`; no split-KV extras (those compile when first met)."""
+        return self._warm_plan(model)[0]
+
+    def _warm_plan(self, model: str) -> tuple[list[StepSpec], int]:
+        """(`warm_specs(model)`, how many of them are the gate: items 1 and 2 of its rule, those
+        the lane's waiting requests are held for while other requests run, `held_models`)."""
         if self.warm_programs <= 0:
-            return []
+            return [], 0
         key = self._lane_key(model)
         names = [n for n in sorted(self.store.models) if self._lane_key(n) == key]
         cls, bk, k = key[0], self.buckets, self.steps_per_call
@@ -587,25 +594,43 @@ class GroupRunner:
         rest = [sp for b in slots for p in pages for sp in dec(g_small, b, p)]
         rest += [pre(g_small, b, t, p) for t in tokens for b in slots if b <= t for p in pages]
         rest.sort(key=program_cost)
-        return list(dict.fromkeys(first + top + rest))[: self.warm_programs]
+        gate = len(dict.fromkeys(first + top))
+        specs = list(dict.fromkeys(first + top + rest))[: self.warm_programs]
+        return specs, min(gate, len(specs))
 
     def warm_up(self, model: str) -> int:
         """Queues `warm_specs(model)` for the background thread (those not held or queued yet);
         returns how many it queued. Called by `add_model` / `add_random_model`. The lane's earlier
         warm programs that left its set (a model added changed G) are dropped if not started."""
-        specs = self.warm_specs(model)
+        specs, gate = self._warm_plan(model)
         key = self._lane_key(model)
         for old in self._warm_sets.get(key, set()) - set(specs):
             fut = self._background.get(old)
             if fut is not None and fut.cancel():
                 del self._background[old]
         self._warm_sets[key] = set(specs)
+        self._warm_gates[key] = set(specs[:gate])
         queued = 0
         for spec in specs:
             if spec not in self._background and spec not in self._programs and spec not in self._ready:
                 self._compile_in_background(spec)
                 queued += 1
         return queued
+
+    def held_models(self) -> frozenset[str]:
+        """Models whose waiting requests are not admitted now: while other requests run, a lane
+        whose gate programs (`_warm_plan`: the first and the box's largest) are still compiling in
+        the background is held, so its first call does not compile on the serving path and stall
+        every other request of the group. With nothing running, nothing is held (no one to stall:
+        the call then waits for its compile)."""
+        if not self.planner.running() or not self._warm_gates:
+            return frozenset()
+        self._poll_background()
+        waiting = {key for key, gate in self._warm_gates.items()
+                   if any(sp in self._background for sp in gate)}
+        if not waiting:
+            return frozenset()
+        return frozenset(n for n in self.store.models if self._lane_key(n) in waiting)
 
     def wait_background(self, timeout: float | None = None) -> bool:
         """Waits until the background thread has finished every queued compile (tests, and a
@@ -764,8 +789,11 @@ class GroupRunner:
                 decode_lengths[rid] = min(info.kv_len + k, cap)
         from crosspool_jax.memory.planner import StepInput
 
+        held = self.held_models()
+        self.held_steps += bool(held)
         plan = self.planner.step(StepInput(decode_lengths,
-                                           prefill_token_budget=self.prefill_budget(bool(decode_lengths))))
+                                           prefill_token_budget=self.prefill_budget(bool(decode_lengths)),
+                                           held_models=held))
         # swap-outs before anything writes KV, swap-ins before anything reads it (planner contract)
         for sp in plan.swap_outs:
             self._swap(sp, to_host=True)

@@ -1,7 +1,9 @@
 """The crosspool.v1 gRPC server over an `EngineInterface` (crosspool_jax.engine_api).
 
 Status codes: unknown model NOT_FOUND; bad sampling parameters, empty or too-long prompt
-INVALID_ARGUMENT (max_new_tokens < 1 included: the engine's own check, as in the local path); too many
+INVALID_ARGUMENT (max_new_tokens < 1 included: the engine's own check, as in the local path), and so
+is a request past one of the request limits (serving/limits.py, checked before anything is queued; the
+message names the limit) or request bytes that do not parse (`add_servicer`); too many
 live requests RESOURCE_EXHAUSTED; a model unloaded under a live stream ABORTED; missing/wrong bearer
 token (when a token is configured) UNAUTHENTICATED; the server starting (no engine yet) or shutting
 down UNAVAILABLE, with a message that says so. A client cancel or deadline cancels the engine request

@@ -422,9 +422,9 @@ class GroupRunner:
             live = [r for r in self.reqs.values() if r.model == name and not r.done]
             if live:
                 raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
+            self.store.remove_model(name)
             self.kv.unregister_model(name)
             del self.geoms[name]
-        self.store.remove_model(name)
 
     # -- compiled programs --
     def _lookup(self, spec: StepSpec) -> Callable | None:

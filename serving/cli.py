@@ -316,7 +316,29 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--overlap", default=None, action=argparse.BooleanOptionalAction,
                    help="host work (planning, inputs, streaming) overlaps device work: each step reads "
                    "the previous step's tokens (default on)")
+    lim = p.add_argument_group(
+        "limits (what one request may cost; serving.limits.RequestLimits, or the [limits] table of "
+        "--config; a request past one is INVALID_ARGUMENT naming it)"
+    )
+    for name, metavar, default, what in LIMIT_FLAGS:
+        lim.add_argument("--" + name.replace("_", "-"), default=None, metavar=metavar,
+                         help=f"{what} (default {default})")
     p.set_defaults(func=cmd_serve)
+
+
+# (RequestLimits field, metavar, default shown, what it bounds)
+LIMIT_FLAGS = (
+    ("max_request_id_bytes", "SIZE", "128", "bytes of a request id"),
+    ("max_model_name_bytes", "SIZE", "256", "bytes of a model name"),
+    ("max_path_bytes", "SIZE", "4096", "bytes of LoadModel's path"),
+    ("max_prompt_bytes", "SIZE", "1MiB", "bytes of a prompt text"),
+    ("max_prompt_tokens", "N", "131072", "tokens of a prompt"),
+    ("max_new_tokens", "N", "131072", "max_new_tokens of a request"),
+    ("max_stop_token_ids", "N", "16", "stop token ids of a request (also the engine's step programs' "
+     "stop width, rounded up to a power of two)"),
+    ("max_stop_strings", "N", "16", "stop strings of a request"),
+    ("max_stop_string_bytes", "SIZE", "256", "bytes of one stop string"),
+)
 
 
 ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call", "prefill_chunk",
@@ -327,8 +349,10 @@ ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call
 def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettings
     """The serve settings from --config (if any) overridden by the flags that were given."""
     from serving.settings import (
+        SettingsError,
         build_settings,
         check_engine_value,
+        check_limit_value,
         check_value,
         load_config,
         parse_model_spec,
@@ -353,6 +377,19 @@ def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettin
               for k in ENGINE_FLAGS if getattr(args, k, None) is not None}
     if engine:
         overrides["engine"] = engine
+    limits = {}
+    for name, *_ in LIMIT_FLAGS:
+        v = getattr(args, name, None)
+        if v is not None:
+            flag = "--" + name.replace("_", "-")
+            if not name.endswith("_bytes"):  # a count: an integer (sizes take "1MiB" as well)
+                try:
+                    v = int(v)
+                except ValueError:
+                    raise SettingsError(f"{flag}: must be an integer, got {v!r}") from None
+            limits[name] = check_limit_value(name, v, flag)
+    if limits:
+        overrides["limits"] = limits
     if args.model:
         overrides["models"] = dict(parse_model_spec(spec) for spec in args.model)
     overrides["tls_cert"], overrides["tls_key"] = args.tls_cert, args.tls_key
@@ -387,6 +424,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_workers=max(32, settings.max_live_requests + 16),
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,
+        limits=settings.request_limits(),
     )
     listening = [f"serve: listening on {running.address}; health NOT_SERVING until the models are loaded"]
 

@@ -19,7 +19,7 @@ from pooled_helpers import References, Req, build_runner, drive, f32
 
 from crosspool_jax.demo import demo_models
 from crosspool_jax.execution import compile_cache
-from crosspool_jax.execution.pool_runner import STOP_WIDTH_FLOOR, LaneShape, StepSpec, spec_dominates
+from crosspool_jax.execution.pool_runner import LaneShape, StepSpec, spec_dominates
 
 QWEN, DSV3 = "demo-qwen3-moe", "demo-deepseek-v3"
 
@@ -75,10 +75,11 @@ def test_dominance_rule(demo) -> None:
     models, _ = demo
     runner = build_runner({QWEN: models[QWEN]}, split="1+1", kv_pages=4, warm_programs=0)
     cls = runner.store.models[QWEN].cls
-    lane = LaneShape(cls, 1, 2, 2, 4, stop_width=STOP_WIDTH_FLOOR)
+    lane = LaneShape(cls, 1, 2, 2, 4, stop_width=runner.stop_width)
     want = StepSpec((lane,), True, 2)
     assert spec_dominates(want, want)
-    bigger = dataclasses.replace(lane, groups=2, slots=4, tokens=4, max_pages=8, stop_width=8)
+    bigger = dataclasses.replace(lane, groups=2, slots=4, tokens=4, max_pages=8,
+                                 stop_width=2 * runner.stop_width)
     assert spec_dominates(StepSpec((bigger,), True, 4), want)
     assert not spec_dominates(StepSpec((dataclasses.replace(lane, slots=1, tokens=1),), True, 4), want)
     assert not spec_dominates(StepSpec((lane,), True, 1), want)  # fewer decode steps

@@ -30,8 +30,10 @@ Shapes are bucketed (slots, tokens, pages to powers of two) so a handful of prog
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -41,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crosspool_jax.errors import InvalidRequestError
 from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.compile_cache import enable_compilation_cache
 from crosspool_jax.execution.host_step import (
@@ -73,9 +76,17 @@ def _pow2(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
 
 
-# A lane's stop-id width S is at least this (-1 padded): requests with up to 4 stop ids share
-# programs, so S is not a program dimension in practice (the check is a [B, S] compare per token)
-STOP_WIDTH_FLOOR = 4
+# Stop ids a request may carry by default (`GroupRunner(max_stop_ids=)`, `EngineConfig.max_stop_ids`).
+# Every lane of a runner has ONE stop-id width S = this rounded up to a power of two (ids -1
+# padded), so a request's number of stop ids never selects or compiles a program (the check is a
+# [B, S] compare per token); a request with more is refused at submit (InvalidRequestError).
+DEFAULT_MAX_STOP_IDS = 16
+
+
+def stop_width(max_stop_ids: int) -> int:
+    """The stop-id width S of every lane of a runner that takes up to `max_stop_ids` stop ids per
+    request: the power of two >= it (ids, not bytes)."""
+    return _pow2(max_stop_ids)
 
 
 def lane_dominates(have: LaneShape, want: LaneShape) -> bool:
@@ -252,6 +263,17 @@ class GroupRunner:
     to it) while the exact one compiles in the background; only when none does, the call compiles
     on the serving path (counted in `blocked_compile_seconds`). False: every new shape compiles on
     the serving path. JAX's persistent compilation cache is turned on (`compile_cache`).
+    max_stop_ids: most stop ids of one request (`submit` refuses more, InvalidRequestError); every
+    lane's stop-id width is `stop_width(max_stop_ids)` (a power of two), one width for all programs.
+
+    Threads: one thread steps the runner (`launch` / `result` / `submit`); `cancel` and `fail` may
+    come from any thread and free the request's pages at once. The planner, the virtualizer and the
+    requests are guarded by one lock, which the stepping thread holds except while it compiles (or
+    waits for a compile) and while it waits for the device (`_unlocked`): a cancel during a compile
+    or a running call frees the pages then. What a call in flight holds of an ended request (its
+    inputs, page numbers, tokens) is harmless: pages freed are handed out again only by a later
+    `launch` on the stepping thread, whose calls consume the arena this call produces, and an ended
+    request's tokens are dropped when read.
     """
 
     def __init__(
@@ -278,6 +300,7 @@ class GroupRunner:
         warm_slots: int | None = None,
         warm_context: int | None = None,
         fallback: bool = True,
+        max_stop_ids: int = DEFAULT_MAX_STOP_IDS,
     ):
         enable_compilation_cache()  # before anything compiles; keeps a directory set elsewhere
         if execution not in EXECUTIONS:
@@ -291,6 +314,13 @@ class GroupRunner:
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.micro_batches = micro_batches
+        if max_stop_ids < 1:
+            raise ValueError(f"max_stop_ids must be >= 1, got {max_stop_ids}")
+        self.max_stop_ids = max_stop_ids
+        self.stop_width = stop_width(max_stop_ids)  # every lane's S (one program dimension value)
+        # the planner, the virtualizer and `reqs` (see "Threads" above); plain, not re-entrant:
+        # `_unlocked` must release it entirely
+        self._state_lock = threading.Lock()
         self.prefill_chunk = prefill_chunk
         self.max_prefill_tokens = max_prefill_tokens
         pages = self.store.kv_pages if kv_pages_per_device is None else kv_pages_per_device
@@ -329,6 +359,7 @@ class GroupRunner:
         self.held_steps = 0  # steps that held some model's admissions for its warm programs
         self.preemptions = 0
         self.calls = 0
+        self._dispatches = 0  # calls `_run` dispatched (launch counts its step's)
         self.swapped_pages = 0
         self.link_rate: float | None = None  # measured host<->device bytes/s (swaps)
         self.prefill_rate: dict[str, float] = {}  # measured prefill tokens/s per model
@@ -354,27 +385,30 @@ class GroupRunner:
     def add_model(self, name: str, cfg: ModelConfig, weights: ModelWeights) -> None:
         geom = model_geometry(cfg, self.store.layout, self.platform)
         self.store.place_model(name, cfg, weights)
-        self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
-                                                tokens_per_page_override=geom.tokens_per_page))
-        self.geoms[name] = geom
+        with self._state_lock:
+            self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
+                                                    tokens_per_page_override=geom.tokens_per_page))
+            self.geoms[name] = geom
         self.warm_up(name)
 
     def add_random_model(self, name: str, cfg: ModelConfig, seed: int = 0) -> None:
         """A model with random weights generated on the devices (benchmarks at real sizes)."""
         geom = model_geometry(cfg, self.store.layout, self.platform)
         self.store.place_model_random(name, cfg, seed)
-        self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
-                                                tokens_per_page_override=geom.tokens_per_page))
-        self.geoms[name] = geom
+        with self._state_lock:
+            self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
+                                                    tokens_per_page_override=geom.tokens_per_page))
+            self.geoms[name] = geom
         self.warm_up(name)
 
     def remove_model(self, name: str) -> None:
-        live = [r for r in self.reqs.values() if r.model == name and not r.done]
-        if live:
-            raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
-        self.store.remove_model(name)
-        self.kv.unregister_model(name)
-        del self.geoms[name]
+        with self._state_lock:
+            live = [r for r in self.reqs.values() if r.model == name and not r.done]
+            if live:
+                raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
+            self.store.remove_model(name)
+            self.kv.unregister_model(name)
+            del self.geoms[name]
 
     # -- compiled programs --
     def _lookup(self, spec: StepSpec) -> Callable | None:
@@ -424,7 +458,8 @@ class GroupRunner:
                           if fut.running() and spec_dominates(sp, want)]
                 if bigger:
                     t0 = time.perf_counter()
-                    self._background[bigger[0]].exception()  # waits; a failure: compiled below
+                    with self._unlocked():  # cancels from other threads free pages meanwhile
+                        self._background[bigger[0]].exception()  # waits; a failure: compiled below
                     self.blocked_compile_seconds += time.perf_counter() - t0
                     self.blocked_compiles += 1
                     self._poll_background()
@@ -486,13 +521,14 @@ class GroupRunner:
         t0 = time.perf_counter()
         prog = None
         fut = self._background.pop(spec, None)
-        if fut is not None and not fut.cancel():  # running: its result comes sooner than a new one
-            try:
-                prog = fut.result()
-            except Exception:  # compiled again below, where the error is raised
-                prog = None
-        if prog is None:
-            prog = self._compile_aot(spec)
+        with self._unlocked():  # cancels from other threads free pages meanwhile
+            if fut is not None and not fut.cancel():  # running: sooner than a new compile
+                try:
+                    prog = fut.result()
+                except Exception:  # compiled again below, where the error is raised
+                    prog = None
+            if prog is None:
+                prog = self._compile_aot(spec)
         self.blocked_compile_seconds += time.perf_counter() - t0
         self.blocked_compiles += 1
         self.programs_built += 1
@@ -548,7 +584,7 @@ class GroupRunner:
 
         With micro_batches = 2 each decode program also comes as its ping-pong pair (two equal
         lanes), and on GPU a GQA lane's box decode also with the persistent attention schedule.
-        Stop width: `STOP_WIDTH_FLOOR`; no split-KV extras (those compile when first met)."""
+        Stop width: the runner's one `stop_width`; no split-KV extras (those compile when first met)."""
         return self._warm_plan(model)[0]
 
     def _warm_plan(self, model: str) -> tuple[list[StepSpec], int]:
@@ -576,14 +612,14 @@ class GroupRunner:
         persistent = self.platform == "gpu" and cls.config.attention == AttentionKind.GQA
 
         def dec(g: int, b: int, p: int, sched: str = "split") -> list[StepSpec]:
-            ln = LaneShape(cls, g, b, b, p, stop_width=STOP_WIDTH_FLOOR)
+            ln = LaneShape(cls, g, b, b, p, stop_width=self.stop_width)
             out = [StepSpec((ln,), True, k, self.backend, attention_schedule=sched)]
             if pair:
                 out.append(StepSpec((ln, ln), True, k, self.backend, attention_schedule=sched))
             return out
 
         def pre(g: int, b: int, t: int, p: int) -> StepSpec:
-            return StepSpec((LaneShape(cls, g, b, t, p, stop_width=STOP_WIDTH_FLOOR),), False, 1,
+            return StepSpec((LaneShape(cls, g, b, t, p, stop_width=self.stop_width),), False, 1,
                             self.backend)
 
         first = [pre(g_small, slots[0], tokens[0], pages[0]), *dec(g_small, slots[0], pages[0])]
@@ -680,12 +716,12 @@ class GroupRunner:
                 for p in pages:
                     for b in slots:
                         for k in steps:
-                            lane = LaneShape(cls, gg, b, b, p, stop_width=STOP_WIDTH_FLOOR)
+                            lane = LaneShape(cls, gg, b, b, p, stop_width=self.stop_width)
                             specs.append(StepSpec((lane,), True, k, self.backend))
                     for t in ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor):
                         for b in slots:
                             if b <= t:
-                                lane = LaneShape(cls, gg, b, t, p, stop_width=STOP_WIDTH_FLOOR)
+                                lane = LaneShape(cls, gg, b, t, p, stop_width=self.stop_width)
                                 specs.append(StepSpec((lane,), False, 1, self.backend))
         return specs
 
@@ -725,36 +761,77 @@ class GroupRunner:
         requests run (a model added or removed next to live requests): nothing is preempted, a
         request live at the change keeps the larger of its old and new cap, later ones are held to
         the new cap (`KVPlanner.set_model_limits`). The planner keeps its requests and measured costs."""
-        self.planner.set_model_limits(limits)
+        with self._state_lock:
+            self.planner.set_model_limits(limits)
         self._planner_config = dataclasses.replace(self._planner_config, model_limits=dict(limits))
 
     # -- requests --
     def submit(self, request_id: str, model: str, prompt: Sequence[int], max_new_tokens: int,
                sampling: SamplingParams, stop_ids: Sequence[int] = ()) -> None:
-        """Queue a request (raises planner.RequestRejected if it could never fit)."""
+        """Queue a request (raises planner.RequestRejected if it could never fit, InvalidRequestError
+        if it has more than `max_stop_ids` stop ids)."""
         if model not in self.geoms:
             raise KeyError(f"model {model!r} is not in this group")
-        self.planner.submit(RequestSpec(request_id, model, tuple(int(t) for t in prompt), max_new_tokens))
-        self.reqs[request_id] = _Req(request_id, model, tuple(int(t) for t in prompt), max_new_tokens,
-                                     sampling, tuple(int(s) for s in stop_ids))
+        stops = tuple(int(s) for s in stop_ids)
+        if len(stops) > self.max_stop_ids:
+            raise InvalidRequestError(
+                f"{len(stops)} stop token ids; the step programs take at most {self.max_stop_ids} "
+                "(max_stop_ids)")
+        with self._state_lock:
+            self.planner.submit(RequestSpec(request_id, model, tuple(int(t) for t in prompt),
+                                            max_new_tokens))
+            self.reqs[request_id] = _Req(request_id, model, tuple(int(t) for t in prompt),
+                                         max_new_tokens, sampling, stops)
 
     def cancel(self, request_id: str) -> bool:
         """Ends a live request; its pages are free when this returns (tokens of it still on the
-        device are dropped when their call is read)."""
-        r = self.reqs.get(request_id)
-        if r is None or r.done:
-            return False
-        if not self.planner.info(request_id).status.is_terminal:  # else: ended on placeholders
-            self.planner.cancel(request_id)
-        self._end(r, "cancelled", "cancelled")
-        return True
+        device are dropped when their call is read). Any thread; it waits for the stepping thread's
+        host work at most, never for a compile or the device (class docstring, "Threads")."""
+        with self._state_lock:
+            r = self.reqs.get(request_id)
+            if r is None or r.done:
+                return False
+            if not self.planner.info(request_id).status.is_terminal:  # else: ended on placeholders
+                self.planner.cancel(request_id)
+            self._end(r, "cancelled", "cancelled")
+            return True
 
     def fail(self, request_id: str, message: str) -> None:
+        """Ends a live request with an error; its pages are free when this returns (any thread)."""
+        with self._state_lock:
+            self._fail_locked(request_id, message)
+
+    def fail_model(self, model: str, message: str) -> list[str]:
+        """Ends every live request of `model` with an error (an unload), freeing their pages at once
+        (any thread); returns their ids."""
+        with self._state_lock:
+            ids = [rid for rid, r in self.reqs.items() if r.model == model and not r.done]
+            for rid in ids:
+                self._fail_locked(rid, message)
+            return ids
+
+    def _fail_locked(self, request_id: str, message: str) -> None:
         r = self.reqs.get(request_id)
         if r is not None and not r.done:
             if not self.planner.info(request_id).status.is_terminal:
                 self.planner.fail(request_id, message)
             self._end(r, "error", message)
+
+    def running_count(self) -> int:
+        """Requests the planner runs now (admitted, not ended)."""
+        with self._state_lock:
+            return len(self.planner.running())
+
+    @contextlib.contextmanager
+    def _unlocked(self) -> Any:
+        """(the stepping thread, holding `_state_lock`) Lets other threads' cancels and fails in for
+        a long wait: a compile or the device. Whoever holds the lock after it must recheck
+        `_Req.done` for the requests it works on."""
+        self._state_lock.release()
+        try:
+            yield
+        finally:
+            self._state_lock.acquire()
 
     def _end(self, r: _Req, reason: str, message: str) -> None:
         r.done, r.finish_reason, r.message = True, reason, message
@@ -765,7 +842,8 @@ class GroupRunner:
     def has_work(self) -> bool:
         """Live requests: to plan, or with tokens still in flight (a step that ends the last live
         request lets go of the calls still in flight: they hold only ended requests' tokens)."""
-        return self.planner.has_live_requests or bool(self.reqs)
+        with self._state_lock:
+            return self.planner.has_live_requests or bool(self.reqs)
 
     # -- the step --
     def step(self) -> StepResult:
@@ -776,6 +854,10 @@ class GroupRunner:
     def launch(self) -> None:
         """Plans one step and dispatches its program calls without waiting for them. With
         `overlap`, the planner sees the previous step's tokens as placeholders (module docstring)."""
+        with self._state_lock:
+            self._launch_locked()
+
+    def _launch_locked(self) -> None:
         if self._launched is not None:
             raise RuntimeError("launch() twice without result()")
         t_launch, waited = time.perf_counter(), self.wait_seconds
@@ -805,7 +887,7 @@ class GroupRunner:
             preempted.append(str(p.request_id))
         work = [_Work(self.reqs[str(s.request_id)], s.token_start, s.token_end,
                       s.phase == Phase.DECODE, s.samples_token) for s in plan.run]
-        calls = 0
+        dispatches = self._dispatches
         while work:
             if any(w.req.pending for w in work if not w.decode):
                 # a prefill (a recomputed request's) reads tokens still on the device: read them
@@ -816,14 +898,13 @@ class GroupRunner:
             rest: list[_Work] = []
             if pre:
                 rest += self._run(pre, False)
-                calls += 1
-            if dec:
-                rest += self._run(dec, True)
-                calls += 1
+            if dec:  # (a cancel during the prefill's compile may have ended some)
+                rest += self._run([w for w in dec if not w.req.done], True)
             if not self.overlap:
                 self._collect(keep=0)
             # a decode range cut at a segment end continues in a follow-up call unless it ended
             work = [w for w in rest if not w.req.done]
+        calls = self._dispatches - dispatches
         self.calls += calls
         self._launched = (calls, tuple(preempted))
         # reads inside launch (overlap off, or a prefill that needs tokens in flight) are waits
@@ -844,6 +925,10 @@ class GroupRunner:
     def result(self) -> StepResult:
         """Reads the calls before the last `launch()`'s (all calls without `overlap`): their tokens,
         and the requests that ended. Blocks until those calls' device work is done."""
+        with self._state_lock:
+            return self._result_locked()
+
+    def _result_locked(self) -> StepResult:
         if self._launched is None:
             raise RuntimeError("result() without launch()")
         calls, preempted = self._launched
@@ -863,7 +948,8 @@ class GroupRunner:
         while len(self._inflight) > keep:
             call = self._inflight.popleft()
             t_wait = time.perf_counter()
-            got_lanes = [np.asarray(o) for o in call.outs]  # waits for the call's device work
+            with self._unlocked():  # cancels from other threads free pages meanwhile
+                got_lanes = [np.asarray(o) for o in call.outs]  # waits for the call's device work
             ready = time.perf_counter()
             self.wait_seconds += ready - t_wait
             if not call.compiled:
@@ -953,7 +1039,13 @@ class GroupRunner:
 
     def _run(self, items: list[_Work], decode: bool) -> list[_Work]:
         """Dispatches one program over `items` (its tokens enter `generated` as placeholders, read
-        by `_collect`); returns the work left (ranges cut at segment ends)."""
+        by `_collect`); returns the work left (ranges cut at segment ends). Dispatches nothing when
+        every item's request has ended. Its compile (if any) lets other threads' cancels in
+        (`_unlocked`): a request ended meanwhile still fills its rows (the page numbers read before,
+        freed now, taken again only by a later launch), and its tokens are dropped."""
+        items = [w for w in items if not w.req.done]
+        if not items:
+            return []
         store = self.store
         n, n_kv = store.num_devices, store.num_kv
         base = store.kv_first_page
@@ -1019,7 +1111,7 @@ class GroupRunner:
                     n_extra_dev[s.device] += 1
             x = _pow2(max(n_extra_dev)) if any(n_extra_dev) else 0
             c = 1 if decode or not x else _pow2(max(r[2] - r[1] for r in rows))  # only read with extras
-            s_w = _pow2(max((len(r[0].req.stop_ids) for r in rows), default=1), STOP_WIDTH_FLOOR)
+            s_w = self.stop_width  # one width: stop-id counts never select a program
             wanted.append(LaneShape(cls, _pow2(len(names)), b, t, pages, x, c, s_w))
             sorted_rows.append((per_dev, gidx))
             tail_lens.append(np.array([(r[1] + 1 if decode else r[2]) - r[3].token_start for r in rows]))
@@ -1169,7 +1261,10 @@ class GroupRunner:
                 if not samples:
                     continue
                 count = q if decode else 1  # a prefill samples one token, after its last row
-                r = self.reqs[rid]
+                r = self.reqs.get(rid)
+                if r is None or r.done:  # ended while the program compiled: tokens dropped
+                    self.dropped_tokens += count
+                    continue
                 g0 = len(r.generated)
                 r.generated.extend([PENDING] * count)
                 r.pending += count
@@ -1179,6 +1274,7 @@ class GroupRunner:
                 lane_places.append((rid, d, bi, count, g0))
             places.append(lane_places)
         prefill_tokens = 0 if decode else sum(q for place in placements for _, _, _, q, _ in place)
+        self._dispatches += 1
         self._inflight.append(_Call(tuple(outs), tuple(lanes), places, decode, prefill_tokens,
                                     frozenset(w.req.model for w in items), dispatched,
                                     (self.blocked_compiles, self.fallback_calls)

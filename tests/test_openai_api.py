@@ -222,3 +222,17 @@ def test_http_port_in_use_is_refused_before_loading():
             start_server(None, port=0, http_port=s.http.port)
     finally:
         s.stop(0)
+
+
+def test_bench_replay_over_http(served):
+    """`crosspool bench --api openai`'s replay path: the same records over the HTTP API finish with
+    every token, as over gRPC."""
+    from benchmarks.runner import Record, replay
+
+    s, engine, _client, _g = served
+    recs = {api: [Record(i, f"{api}-{i}", MODEL, 4, 3, 0.0) for i in range(2)] for api in ("grpc", "openai")}
+    for api, rs in recs.items():
+        out = replay(engine, s.address, rs, {MODEL: 258}, 0, api, 60, print, progress=False,
+                     http_url=s.http.url if api == "openai" else None)
+        assert out["live_after"] == 0
+        assert [(r.outcome, len(r.token_s)) for r in rs] == [("finished", 3)] * 2, rs

@@ -335,6 +335,7 @@ ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call
 def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettings
     """The serve settings from --config (if any) overridden by the flags that were given."""
     from serving.settings import (
+        SettingsError,
         build_settings,
         check_engine_value,
         check_value,
@@ -350,7 +351,6 @@ def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettin
         "max_live_requests": args.max_live_requests,
         "auth_token": args.auth_token,
         "metrics_port": args.metrics_port,
-        "http_port": args.http_port,
         "grace": args.grace,
         "mode": args.mode,
         "pools": args.pools,
@@ -362,6 +362,13 @@ def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettin
               for k in ENGINE_FLAGS if getattr(args, k, None) is not None}
     if engine:
         overrides["engine"] = engine
+    if args.http_port is not None:  # the [http] table's port
+        from serving.settings import HTTP_KEYS
+
+        try:
+            overrides["http_port"] = HTTP_KEYS["port"][1](args.http_port)
+        except ValueError as e:
+            raise SettingsError(f"--http-port: {e}") from None
     if args.model:
         overrides["models"] = dict(parse_model_spec(spec) for spec in args.model)
     overrides["tls_cert"], overrides["tls_key"] = args.tls_cert, args.tls_key

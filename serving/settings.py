@@ -194,7 +194,6 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_live_requests": _int(1),
     "auth_token": _str,
     "metrics_port": _int(0, 65535),
-    "http_port": _int(0, 65535),
     "grace": _seconds,
     "mode": _mode,
     "pools": _pools,

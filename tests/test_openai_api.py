@@ -163,18 +163,20 @@ def test_disconnect_mid_stream_frees_pages_and_429(served):
     for _ in range(4):
         next(it)
     engine.budget = 0  # hold the engine: from here only the disconnect can free the pages
-    assert _wait(lambda: _pages_used(engine) > 0)
-    assert len(engine.stats().live_request_ids) == 1
-    # the engine takes 2 live requests: a second is accepted, a third is 429
-    second = client.completions.create(model=MODEL, prompt="x", max_tokens=300, stream=True)
-    with pytest.raises(openai.RateLimitError) as e:
-        client.completions.create(model=MODEL, prompt="y", max_tokens=2)
-    assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_exceeded"
-    stream.close()  # the client goes away mid-stream
-    second.close()
-    assert _wait(lambda: not engine.stats().live_request_ids), engine.stats()
-    assert _pages_used(engine) == 0  # freed while the engine is still held
-    engine.budget = None
+    try:
+        assert _wait(lambda: _pages_used(engine) > 0)
+        assert len(engine.stats().live_request_ids) == 1
+        # the engine takes 2 live requests: a second is accepted, a third is 429
+        second = client.completions.create(model=MODEL, prompt="x", max_tokens=300, stream=True)
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model=MODEL, prompt="y", max_tokens=2)
+        assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_exceeded"
+        stream.close()  # the client goes away mid-stream
+        second.close()
+        assert _wait(lambda: not engine.stats().live_request_ids), engine.stats()
+        assert _wait(lambda: _pages_used(engine) == 0), engine.stats()  # freed while the engine is held
+    finally:
+        engine.budget = None
     metrics = s.metrics.registry
     assert metrics.get_sample_value("crosspool_requests_cancelled_total", {"model": MODEL}) >= 2
     assert metrics.get_sample_value("crosspool_http_requests_total",
@@ -236,3 +238,15 @@ def test_bench_replay_over_http(served):
                      http_url=s.http.url if api == "openai" else None)
         assert out["live_after"] == 0
         assert [(r.outcome, len(r.token_s)) for r in rs] == [("finished", 3)] * 2, rs
+
+
+def test_http_config_table(tmp_path):
+    from serving.settings import SettingsError, build_settings, load_config
+
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text('[http]\nport = 8000\nhost = "0.0.0.0"\n')
+    s = build_settings(load_config(str(cfg)))
+    assert (s.http_port, s.http_host) == (8000, "0.0.0.0")
+    cfg.write_text("[http]\nprot = 1\n")
+    with pytest.raises(SettingsError, match=r"unknown key 'http\.prot'"):
+        load_config(str(cfg))

@@ -255,6 +255,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="serve Prometheus metrics on 127.0.0.1:N/metrics (0: a free port; default: off)",
     )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health) on HOST:N, same engine, token and TLS (0: a free port; default: off)",
+    )
     p.add_argument("--tls-cert", default=None, metavar="FILE", help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default=None, metavar="FILE", help="PEM private key of --tls-cert")
     p.add_argument(
@@ -390,6 +398,13 @@ def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettin
             limits[name] = check_limit_value(name, v, flag)
     if limits:
         overrides["limits"] = limits
+    if args.http_port is not None:  # the [http] table's port
+        from serving.settings import HTTP_KEYS
+
+        try:
+            overrides["http_port"] = HTTP_KEYS["port"][1](args.http_port)
+        except ValueError as e:
+            raise SettingsError(f"--http-port: {e}") from None
     if args.model:
         overrides["models"] = dict(parse_model_spec(spec) for spec in args.model)
     overrides["tls_cert"], overrides["tls_key"] = args.tls_cert, args.tls_key
@@ -425,8 +440,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,
         limits=settings.request_limits(),
+        http_port=settings.http_port,
+        http_host=settings.http_host,
     )
-    listening = [f"serve: listening on {running.address}; health NOT_SERVING until the models are loaded"]
+    http_note = f" (and HTTP on {running.http_address}: 503 until then)" if running.http else ""
+    listening = [f"serve: listening on {running.address}{http_note}; health NOT_SERVING until the models "
+                 "are loaded"]
 
     def start_log(msg: str) -> None:  # says the port is open with the first start-up line (if any)
         while listening:
@@ -477,6 +496,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = ", ".join(m.name for m in engine.list_models()) or "none"
     tls = ", TLS" if running.tls else ""
     print(f"crosspool: serving on {running.address} (mode {mode}{tls}; models: {names})", flush=True)
+    if running.http is not None:
+        print(f"crosspool: OpenAI-compatible HTTP API on {running.http.url}/v1", flush=True)
     try:
         serve_forever(running, grace=settings.grace, log=_log, signals=signals)
     finally:

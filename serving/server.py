@@ -392,6 +392,12 @@ class RunningServer:
     metrics: Any = None  # serving.metrics.ServerMetrics
     tls: bool = False  # serving TLS only
     servicer: CrossPoolServicer | None = None
+    http: Any = None  # serving.openai_api.HTTPServer: the OpenAI-compatible API, when started
+
+    @property
+    def http_address(self) -> str | None:
+        """HOST:PORT of the OpenAI-compatible HTTP API (None: not served)."""
+        return None if self.http is None else self.http.address
 
     def set_ready(self, engine: Any, metrics: Any = None) -> None:
         """Hands a server started without an engine its engine (and metrics): calls reach it from now
@@ -424,6 +430,8 @@ class RunningServer:
         if self.engine is not None:
             self.engine.shutdown(timeout=grace)
         done = self.server.stop(max(0.0, deadline - time.monotonic()) + _ABORT_GRACE)
+        if self.http is not None:  # its streams ended with the engine's requests (an error event if cut)
+            self.http.stop(timeout=_ABORT_GRACE + 2.0)
         while not done.wait(0.1):  # in short waits: a signal handler runs between them
             pass
 
@@ -461,6 +469,8 @@ def start_server(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     limits: RequestLimits | None = None,
+    http_port: int | None = None,
+    http_host: str | None = None,
 ) -> RunningServer:
     """Starts a server on host:port (port 0: a free port) and returns at once. Metrics (a
     serving.metrics.ServerMetrics) are recorded only when given. With `tls_cert` and `tls_key` (PEM
@@ -475,6 +485,10 @@ def start_server(
     `limits`: what one request may cost (serving/limits.py; default `RequestLimits()`), checked
     before anything is queued; a request past one is INVALID_ARGUMENT naming the limit. Malformed
     request bytes are INVALID_ARGUMENT too, on every crosspool.v1 method.
+    `http_port` (None: off; 0: a free port): also serve the OpenAI-compatible HTTP API
+    (serving/openai_api.py) on `http_host` (default `host`), on the same engine, with the same bearer
+    token, TLS pair and life cycle (503 while starting or draining; stopped with the gRPC server). Its
+    port is bound here too, before any model is loaded; `RunningServer.http_address` is where.
 
     `max_workers`: gRPC handler threads (default: the engine's max_live_requests + 16, at least 32).
     A stream holds one for its whole life, so fewer threads than live requests would leave streams
@@ -518,14 +532,26 @@ def start_server(
     if why is not None:
         server.stop(None)
         raise OSError(f"cannot listen on {host}:{port}: {why}")
+    http = None
+    if http_port is not None:
+        from serving.openai_api import HTTPServer, create_app
+
+        try:
+            http = HTTPServer(create_app(servicer, auth_token), http_host or host, http_port,
+                              tls_cert=tls_cert, tls_key=tls_key)
+        except OSError as e:
+            server.stop(None)
+            raise OSError(f"--http-port: {e}") from None
     status = health_pb2.HealthCheckResponse.NOT_SERVING if engine is None else (
         health_pb2.HealthCheckResponse.SERVING)
     for svc in ("", SERVICE_NAME):
         health_servicer.set(svc, status)
     server.start()
+    if http is not None:
+        http.wait_started()
     return RunningServer(
         server, engine, f"{host}:{bound}", bound, health_servicer, metrics, tls=creds is not None,
-        servicer=servicer,
+        servicer=servicer, http=http,
     )
 
 

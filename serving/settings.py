@@ -19,6 +19,9 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     [tls]
     cert = "server.pem"
     key = "server.key"
+    [http]                      # the OpenAI-compatible HTTP API (serving/openai_api.py); absent: off
+    port = 8000                 # 0: a free port
+    host = "127.0.0.1"          # default: the gRPC host
 
 Relative paths in the file (models, tls.cert, tls.key) are taken relative to the file's directory.
 An unknown key or a bad value is a `SettingsError` naming the file and the key.
@@ -64,6 +67,8 @@ class ServeSettings:
     grace: float = 10.0
     tls_cert: str | None = None
     tls_key: str | None = None
+    http_port: int | None = None  # the OpenAI-compatible HTTP API's port (None: off; 0: a free port)
+    http_host: str | None = None  # its listen address (None: `host`)
     mode: str = "auto"
     pools: str | None = None
     # EngineConfig fields set by the file's [engine] table or the flags (the rest keep the engine's
@@ -231,8 +236,9 @@ LIMIT_CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_stop_strings": _int(1),
     "max_stop_string_bytes": _bytes,
 }
-TABLES = ("models", "engine", "limits", "tls")
+TABLES = ("models", "engine", "limits", "tls", "http")
 TLS_KEYS = {"cert": "tls_cert", "key": "tls_key"}
+HTTP_KEYS = {"port": ("http_port", _int(0, 65535)), "host": ("http_host", _str)}
 CONFIG_KEYS = (*CHECKS, *TABLES)
 
 
@@ -334,6 +340,19 @@ def load_config(path: str) -> dict[str, Any]:
                 if not isinstance(p, str) or not p.strip():
                     raise SettingsError(f"config {path}: key 'tls.{sub}': must be a file path, got {p!r}")
                 out[TLS_KEYS[sub]] = resolve(p)
+        elif key == "http":
+            if not isinstance(value, dict):
+                raise SettingsError(f"{where}: must be a table with port (and host) (e.g. [http])")
+            for sub, v in value.items():
+                if sub not in HTTP_KEYS:
+                    raise SettingsError(
+                        f"config {path}: unknown key 'http.{sub}' (known: {', '.join(HTTP_KEYS)})"
+                    )
+                field, check = HTTP_KEYS[sub]
+                try:
+                    out[field] = check(v)
+                except ValueError as e:
+                    raise SettingsError(f"config {path}: key 'http.{sub}': {e}") from None
         else:
             raise SettingsError(f"config {path}: unknown key {key!r} (known: {', '.join(CONFIG_KEYS)})")
     return out

@@ -15,7 +15,7 @@ import threading
 import jax
 import numpy as np
 import pytest
-from pooled_helpers import References, Req, build_runner, drive, f32
+from pooled_helpers import GREEDY, References, Req, build_runner, drive, f32
 
 from crosspool_jax.demo import demo_models
 from crosspool_jax.execution import compile_cache
@@ -182,3 +182,30 @@ def test_a_new_models_requests_are_held_while_its_programs_compile(demo) -> None
     for r in (first, second):
         assert tokens[r.rid] == refs(r)[0]
     assert runner.kv.pool_stats().pages_used == 0
+
+
+def test_hold_counts_other_models_waiting_requests_and_lifts_when_alone(demo) -> None:
+    """Between one request's end and the next one's admission nothing runs: a model whose gate
+    programs compile stays held while another model's requests wait; alone, it is not held."""
+    from crosspool_jax.execution.compile_queue import URGENT, CompileQueue
+
+    models, _refs = demo
+    runner = build_runner(models, split="1+1", kv_pages=32, prefill_chunk=32, fallback=True)
+    gate = threading.Event()
+    runner._executor = CompileQueue()
+    runner._executor.submit(lambda: gate.wait(60), URGENT)
+    runner.warm_programs = 4
+    runner.warm_up(DSV3)
+    try:
+        assert runner.held_models() == frozenset()  # no requests at all
+        runner.submit("d", DSV3, _prompt(5, 5), 2, GREEDY, ())
+        assert runner.held_models() == frozenset()  # only the held model has work: admit it
+        runner.submit("q", QWEN, _prompt(6, 5), 2, GREEDY, ())
+        assert not runner.planner.running()
+        assert runner.held_models() == {DSV3}  # QWEN's request waits: it would be stalled
+    finally:
+        gate.set()
+        runner.cancel("d")
+        runner.cancel("q")
+    assert runner.wait_background(timeout=300)
+    assert runner.held_models() == frozenset()

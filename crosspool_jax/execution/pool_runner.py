@@ -654,19 +654,27 @@ class GroupRunner:
         return queued
 
     def held_models(self) -> frozenset[str]:
-        """Models whose waiting requests are not admitted now: while other requests run, a lane
-        whose gate programs (`_warm_plan`: the first and the box's largest) are still compiling in
-        the background is held, so its first call does not compile on the serving path and stall
-        every other request of the group. With nothing running, nothing is held (no one to stall:
-        the call then waits for its compile)."""
-        if not self.planner.running() or not self._warm_gates:
+        """Models whose waiting requests are not admitted now: while other requests run or wait, a
+        new lane (no program of its class in service yet) whose gate programs (`_warm_plan`: the
+        first and the box's largest) are still compiling in the background is held, so its first
+        call does not compile on the serving path and stall every other request of the group.
+        When only held models have requests, nothing is held (no one to stall: the call then waits
+        for its compile). Waiting requests of other models count: between one request's end and
+        the next one's admission nothing runs, and a held model admitted then would stall the next
+        one."""
+        if not self._warm_gates:
             return frozenset()
         self._poll_background()
-        waiting = {key for key, gate in self._warm_gates.items()
-                   if any(sp in self._background for sp in gate)}
-        if not waiting:
+        # a lane that has run calls (programs in service) is not new: its gate does not hold it
+        serving = {ln.cls for sp in self._programs for ln in sp.lanes}
+        compiling = {key for key, gate in self._warm_gates.items()
+                     if key[0] not in serving and any(sp in self._background for sp in gate)}
+        if not compiling:
             return frozenset()
-        return frozenset(n for n in self.store.models if self._lane_key(n) in waiting)
+        held = frozenset(n for n in self.store.models if self._lane_key(n) in compiling)
+        others = bool(self.planner.running()) or any(
+            self.planner.waiting(n) for n in self.store.models if n not in held)
+        return held if others else frozenset()
 
     def wait_background(self, timeout: float | None = None) -> bool:
         """Waits until the background thread has finished every queued compile (tests, and a

@@ -145,6 +145,8 @@ class _GroupWorker:
                 msg = " ".join(str(e).split()) or type(e).__name__
                 self.fail_all(f"internal error: {type(e).__name__}: {msg}")
                 busy = False
+        with self.lock:  # stopped: queued warm-up compiles would only take CPU from what remains
+            self.group.stop_background()
 
     def drain(self, wait: float) -> None:
         """Handles what the inbox holds (waiting up to `wait` seconds for the first message)."""

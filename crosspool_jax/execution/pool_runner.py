@@ -685,6 +685,15 @@ class GroupRunner:
         _, pending = concurrent.futures.wait(futs, timeout=timeout)
         return not pending
 
+    def stop_background(self) -> None:
+        """Cancels the queued background compiles and lets the compile thread end after the one it
+        is running (an engine shutting down: its warm-ups would only burn CPU). The runner still
+        works afterwards: a later background compile starts a new thread."""
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+        self._poll_background()
+
     # -- ahead-of-time compilation --
     def _lane_key(self, model: str) -> tuple[Any, str | None]:
         """The lane a model's slots go to: its class (GQA: shared by the class's models), or

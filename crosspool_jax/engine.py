@@ -346,7 +346,7 @@ class PooledEngine(EngineCore):
             cast = jax.tree_util.tree_map_with_path(  # router biases stay f32 (stored bit for bit)
                 lambda path, a: a if str(getattr(path[-1], "key", "")) == "router_bias" else a.astype(dtype),
                 weights)
-            gw = self._place(name, config, lambda g: g.add_model(name, config, cast))
+            gw = self._place(name, config, lambda g, lock: g.add_model(name, config, cast, guard=lock))
         except BaseException:
             self._abort_add(name)
             raise
@@ -377,29 +377,31 @@ class PooledEngine(EngineCore):
         self._check_eos(name, config)
         config, info = self._begin_add(name, config, f"random(seed={seed})")
         try:
-            gw = self._place(name, config, lambda g: g.add_random_model(name, config, seed))
+            gw = self._place(name, config, lambda g, lock: g.add_random_model(name, config, seed, guard=lock))
         except BaseException:
             self._abort_add(name)
             raise
         return self._register(gw, ModelRecord(info, config, tokenizer))
 
-    def _place(self, name: str, config: ModelConfig, place: Callable[[GroupRunner], None]) -> _GroupWorker:
-        """Places a model into the least loaded group (weight bytes) it fits, under that group's
-        lock (the group's steps wait; the other groups' do not)."""
+    def _place(self, name: str, config: ModelConfig,
+               place: Callable[[GroupRunner, threading.Lock], None]) -> _GroupWorker:
+        """Places a model into the least loaded group (weight bytes) it fits. `place` takes the
+        group's lock as the guard of its arena updates (`GroupRunner.add_model`): the group's steps
+        wait only for those dispatches, not for the copy; the other groups' never wait."""
         self._wait_unloaded(name)
         with self._lock:
             load = {id(gw): sum(b for n, b in self._model_bytes.items() if self._model_group[n] is gw)
                     for gw in self._gws}
         order = sorted(self._gws, key=lambda gw: load[id(gw)])
         for gw in order:
-            with gw.lock:
-                try:
-                    place(gw.group)
-                except CapacityError:
-                    if len(order) == 1:
-                        raise
-                    continue
-                if self.mode == "static":
+            try:
+                place(gw.group, gw.lock)
+            except CapacityError:
+                if len(order) == 1:
+                    raise
+                continue
+            if self.mode == "static":
+                with gw.lock:
                     self._set_static_limits(gw.group)
             return gw
         raise CapacityError(f"model {config.family} does not fit any device of mode {self.mode}")

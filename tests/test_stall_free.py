@@ -209,3 +209,46 @@ def test_hold_counts_other_models_waiting_requests_and_lifts_when_alone(demo) ->
         runner.cancel("q")
     assert runner.wait_background(timeout=300)
     assert runner.held_models() == frozenset()
+
+
+class _Guard:
+    """A guard that records whether it is held (a stand-in for a group's step lock)."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.entries = 0
+
+    def __enter__(self) -> None:
+        assert not self.held
+        self.held, self.entries = True, self.entries + 1
+
+    def __exit__(self, *exc: object) -> bool:
+        self.held = False
+        return False
+
+
+def test_placement_holds_the_step_lock_only_around_arena_updates(demo, monkeypatch) -> None:
+    """Adding a model encodes, copies and compiles its writers outside the stepping thread's lock;
+    only allocation, each in-place write and the registration take it. The model then serves
+    requests equal to the reference."""
+    from crosspool_jax.memory.arena import ArenaStore
+
+    models, refs = demo
+    runner = build_runner({DSV3: models[DSV3]}, split="1+1", kv_pages=8, prefill_chunk=32)
+    runner.remove_model(DSV3)
+    guard, outside = _Guard(), []
+    for meth in ("_encode", "_compiled"):
+        orig = getattr(ArenaStore, meth)
+
+        def wrapped(self, *a, _orig=orig, **k):
+            outside.append(not guard.held)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(ArenaStore, meth, wrapped)
+    runner.add_model(DSV3, *models[DSV3], guard=guard)
+    tensors = len(runner.store.models[DSV3].slots)
+    assert len(outside) >= 2 * tensors and all(outside)  # every encode and writer compile
+    assert guard.entries >= tensors + 2  # allocation, one write per tensor, registration
+    reqs = [Req("d", DSV3, _prompt(3, 7), 4)]
+    _check(refs, reqs, drive(runner, reqs))
+    assert runner.kv.pool_stats().pages_used == 0

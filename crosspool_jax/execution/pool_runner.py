@@ -55,7 +55,7 @@ from crosspool_jax.execution.host_step import (
 )
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
 from crosspool_jax.execution.sampling import SamplingParams, seed_words
-from crosspool_jax.memory.arena import ArenaStore
+from crosspool_jax.memory.arena import NO_GUARD, ArenaStore
 from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
 from crosspool_jax.memory.planner import (
     KVPlanner,
@@ -382,24 +382,32 @@ class GroupRunner:
                            if hp else None)
 
     # -- models --
-    def add_model(self, name: str, cfg: ModelConfig, weights: ModelWeights) -> None:
+    def add_model(self, name: str, cfg: ModelConfig, weights: ModelWeights,
+                  guard: contextlib.AbstractContextManager = NO_GUARD) -> None:
+        """Places a model's weights (`ArenaStore.write_model`) and registers it with the store, the
+        KV planner and the background compiler at one moment. `guard`: the lock the stepping
+        thread holds around its steps; held only around the arena updates and the registration,
+        so the weights' encoding, host-to-device copy and writer compiles do not pause the steps."""
         geom = model_geometry(cfg, self.store.layout, self.platform)
-        self.store.place_model(name, cfg, weights)
-        with self._state_lock:
-            self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
-                                                    tokens_per_page_override=geom.tokens_per_page))
-            self.geoms[name] = geom
-        self.warm_up(name)
+        ma = self.store.write_model(name, cfg, weights, guard)
+        self._register_model(name, cfg, geom, ma, guard)
 
-    def add_random_model(self, name: str, cfg: ModelConfig, seed: int = 0) -> None:
+    def add_random_model(self, name: str, cfg: ModelConfig, seed: int = 0,
+                         guard: contextlib.AbstractContextManager = NO_GUARD) -> None:
         """A model with random weights generated on the devices (benchmarks at real sizes)."""
         geom = model_geometry(cfg, self.store.layout, self.platform)
-        self.store.place_model_random(name, cfg, seed)
-        with self._state_lock:
+        ma = self.store.write_model_random(name, cfg, seed, guard=guard)
+        self._register_model(name, cfg, geom, ma, guard)
+
+    def _register_model(self, name: str, cfg: ModelConfig, geom: Any, ma: Any,
+                        guard: contextlib.AbstractContextManager) -> None:
+        with guard, self._state_lock:
+            self.store.models[name] = ma
             self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
                                                     tokens_per_page_override=geom.tokens_per_page))
             self.geoms[name] = geom
-        self.warm_up(name)
+        with guard:
+            self.warm_up(name)
 
     def remove_model(self, name: str) -> None:
         with self._state_lock:

@@ -383,6 +383,21 @@ class PooledEngine(EngineCore):
             raise
         return self._register(gw, ModelRecord(info, config, tokenizer))
 
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        """Waits until the gate programs of every placed model (its first programs, queued for the
+        background compiler at load: docs/engine.md "Compiles off the serving path") are
+        compiled, so a first request of any model compiles nothing on the serving path; True if
+        they were within `timeout` seconds. `crosspool bench` starts a replay after it (the
+        wait is its `ready_s`)."""
+        import concurrent.futures
+
+        futs = []
+        for gw in self._gws:
+            with gw.lock:
+                futs += gw.group.gate_compiles()
+        _, pending = concurrent.futures.wait(futs, timeout=timeout)
+        return not pending
+
     def _place(self, name: str, config: ModelConfig,
                place: Callable[[GroupRunner, threading.Lock], None]) -> _GroupWorker:
         """Places a model into the least loaded group (weight bytes) it fits. `place` takes the

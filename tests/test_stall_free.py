@@ -105,7 +105,9 @@ def test_warm_programs_serve_a_first_request_without_compiling(demo) -> None:
     small = [sp for sp in specs if sp.lanes[0].slots == 1]
     assert {sp.decode for sp in small} == {True, False}  # the smallest decode and prefill first
     assert specs[:2] == small
+    assert runner.gate_compiles()  # the gate (first and largest programs) is still compiling
     assert runner.wait_background(timeout=300)
+    assert runner.gate_compiles() == []
     reqs = [Req("a", QWEN, _prompt(1, 5), 9), Req("b", QWEN, _prompt(2, 11), 6, stop_ids=(7, 9))]
     log = drive(runner, reqs)
     _check(refs, reqs, log)

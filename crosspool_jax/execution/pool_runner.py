@@ -693,6 +693,13 @@ class GroupRunner:
         _, pending = concurrent.futures.wait(futs, timeout=timeout)
         return not pending
 
+    def gate_compiles(self) -> list[Any]:
+        """Futures of the gate programs (`_warm_plan`) still compiling in the background: once
+        they are done, every placed model's first request runs without a serving-path compile.
+        Call it on the stepping thread or under its lock."""
+        return [self._background[sp] for gate in self._warm_gates.values() for sp in gate
+                if sp in self._background and not self._background[sp].done()]
+
     def stop_background(self) -> None:
         """Cancels the queued background compiles and lets the compile thread end after the one it
         is running (an engine shutting down: its warm-ups would only burn CPU). The runner still

@@ -143,6 +143,11 @@ SETUPS: dict[str, BenchSetup] = {
     "gpu-8": BenchSetup(devices=8, crosspool_pools="4+4", arena_bytes=None, page_bytes=262144,
                         prefill_chunk=512, max_prefill_tokens=2048,
                         note="8 GPUs; arena = 92% of GPU 0's free memory (95% pool)"),
+    # 100 models: crosspool's FFN weights (1,945 GiB) need 16 weights GPUs of a ~122 GiB arena: 48+16 is
+    # the split with the most KV devices that holds it (`--plan-only`); 32 live requests per GPU
+    "gpu-64": BenchSetup(devices=64, crosspool_pools="48+16", arena_bytes=None, page_bytes=262144,
+                         prefill_chunk=512, max_prefill_tokens=2048, max_live_requests=2048,
+                         note="64 GPUs; arena = 92% of GPU 0's free memory (95% pool)"),
 }
 # GPU: the memory pool JAX may take (the bench sets XLA_PYTHON_CLIENT_MEM_FRACTION to this unless it
 # is set) and the share of the pool's free bytes the arena gets (the rest: step temporaries, which

@@ -288,6 +288,8 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
     cost = fit(cal)
     platform = cal.get("platform", "gpu")
     setup = bench.resolve_setup(args)
+    if getattr(args, "max_prefill_tokens", None):
+        setup = dataclasses.replace(setup, max_prefill_tokens=args.max_prefill_tokens)
     trace = bench.load_trace(args)
     models = trace.models
     for n in models:
@@ -338,7 +340,11 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
     unfit = {m: p["why"] for m, p in plans.items() if not p["fits"]}
     for m, why in unfit.items():
         results["modes"][m] = {"error": f"the preset's models do not fit: {why}"}
-    if args.slo_ttft_s is not None or args.slo_tpot_s is not None:
+    if getattr(args, "slo_from", None):
+        with open(args.slo_from, encoding="utf-8") as f:
+            measured_slo = json.load(f)["slo"]
+        slo, rule = measured_slo["per_shape"], f"from {args.slo_from}: {measured_slo['rule']}"
+    elif args.slo_ttft_s is not None or args.slo_tpot_s is not None:
         if args.slo_ttft_s is None or args.slo_tpot_s is None:
             raise ValueError("--slo-ttft-s and --slo-tpot-s go together")
         per = {"ttft_s": args.slo_ttft_s, "tpot_s": args.slo_tpot_s}
@@ -376,6 +382,11 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
             f"ms, goodput {m['goodput_rps']:.3f} req/s, {m['rejected']} rejected, {m['preemptions']} "
             "preemptions")
     results["simulator"] = {"wall_s": round(time.time() - t_start, 2)}
+    if getattr(args, "compare", None):
+        from benchmarks.sim.validate import compare
+
+        with open(args.compare, encoding="utf-8") as f:
+            results["comparison"] = {"measured": args.compare, "modes": compare(results, json.load(f))}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         files = bench.write_plot_data(args.out, records, runs)
@@ -445,6 +456,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-scale", type=float, default=5.0, help="SLO = this x the isolated P99 (default 5)")
     p.add_argument("--reference-requests", type=int, default=3, metavar="N",
                    help="isolated requests per (shape, prompt bucket) for the SLO (1-3, default 3)")
+    p.add_argument("--slo-from", default=None, metavar="RESULTS.json",
+                   help="take the SLO of this results.json (a measured bench run of the same trace)")
+    p.add_argument("--compare", default=None, metavar="RESULTS.json",
+                   help="compare the prediction with this measured bench results.json of the same trace "
+                        "(per mode and metric; benchmarks/sim/validate.py)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
+                   help="what-if: the engine's prefill tokens per step per group (default: the preset's)")
     p.add_argument("--slo-ttft-s", type=float, default=None, help="fixed TTFT SLO (skips the isolated runs)")
     p.add_argument("--slo-tpot-s", type=float, default=None, help="fixed TPOT SLO (with --slo-ttft-s)")
     g = p.add_argument_group("setup overrides (default: the preset's)")
@@ -465,6 +483,11 @@ def main_args(args: argparse.Namespace) -> int:
         raise ValueError("--time-scale must be > 0")
     res = run_simulation(args, lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(res))
+    if "comparison" in res:
+        from benchmarks.sim.validate import format_comparison
+
+        print(f"\npredicted vs measured ({res['comparison']['measured']}):")
+        print(format_comparison(res["comparison"]["modes"]))
     for path in (args.json, args.out and os.path.join(args.out, "results.json")):
         if path:
             print(f"results: {path}")

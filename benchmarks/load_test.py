@@ -1,4 +1,4 @@
-"""Bounded loopback load test of the crosspool.v1 server.
+"""Bounded loopback load test of the crosspool.v1 server (gRPC, or its OpenAI-compatible HTTP API).
 
 Starts a server with the demo models in this process (default: the pooled engine in mode crosspool,
 built by `serving.settings.make_engine` exactly as `crosspool serve` does, warmed up the same way),
@@ -14,6 +14,9 @@ checks every stream:
 - afterwards GetStats shows 0 live requests and 0 KV pages in use on every KV device.
 A sampler reads GetStats every 0.5 s (peak KV pages in use, peak live requests).
 Prints a summary table; --json PATH writes the numbers. Exit code 1 when any check failed.
+`--api openai`: the same over HTTP with the `openai` client (streamed /v1/completions, one SSE chunk
+per token; 429 backs off and retries; checked: one final chunk, one id per stream, usage =
+chunks = reference tokens, text = the reference tokens decoded).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \
       .venv/bin/python benchmarks/load_test.py --streams 200 --duration 60 --json /tmp/load.json
@@ -85,8 +88,41 @@ def start_local_server(args: argparse.Namespace) -> tuple[object, str]:
         warm_up(engine, log=log)
     if hasattr(engine, "on_compile"):
         engine.on_compile = lambda note: log(f"engine: {note}")
-    running = start_server(engine, port=0)  # gRPC threads as `crosspool serve` sizes them
+    # gRPC threads as `crosspool serve` sizes them; with --api openai the HTTP API too
+    running = start_server(engine, port=0, http_port=0 if args.api == "openai" else None)
     return running, running.address
+
+
+def _openai_stream(client: object, case: dict, timeout: float) -> tuple[list[float], list, object]:
+    """One greedy streamed /v1/completions call: (chunk receive times, token chunks, usage). Each
+    token is one SSE chunk (serving/openai_api.py), so chunk times are token times."""
+    times, chunks, usage = [], [], None
+    for c in client.completions.create(model=case["model"], prompt=case["prompt"], max_tokens=case["max_new"],
+                                       temperature=0, stream=True, stream_options={"include_usage": True},
+                                       timeout=timeout):
+        if c.usage is not None:
+            usage = c.usage
+        if c.choices:
+            times.append(time.monotonic())
+            chunks.append(c)
+    return times, chunks, usage
+
+
+def _check_openai(chunks: list, usage: object, case: dict) -> str | None:
+    """Why an HTTP stream is bad (None: good): lost/duplicated final, ids, usage, text vs reference."""
+    tok = demo_models()[case["model"]].tokenizer
+    fins = [c.choices[0].finish_reason for c in chunks]
+    if not chunks or fins[-1] is None:
+        return "lost: no final chunk"
+    if any(f is not None for f in fins[:-1]):
+        return "duplicated final chunk"
+    if len({c.id for c in chunks}) != 1:
+        return "several ids in one stream"
+    if usage is None or usage.completion_tokens != len(chunks) or len(chunks) != len(case["ref"]):
+        return f"usage/token count mismatch ({len(chunks)} chunks, ref {len(case['ref'])})"
+    if "".join(c.choices[0].text for c in chunks) != tok.decode(case["ref"]):
+        return "text differs from the reference"
+    return None
 
 
 def run_pass(index: int, addr: str, args: argparse.Namespace, cases: list[dict]) -> dict:
@@ -117,7 +153,45 @@ def run_pass(index: int, addr: str, args: argparse.Namespace, cases: list[dict])
                     peak["live"] = max(peak["live"], len(st.live_request_ids))
                     peak["samples"] += 1
 
+    def http_worker(i: int) -> None:
+        import openai
+
+        rng = random.Random((args.seed + 7919 * index) * 100003 + i)
+        client = openai.OpenAI(base_url=args.http_url + "/v1", api_key="unused", max_retries=0)
+        while time.time() < deadline:
+            case = rng.choice(cases)
+            t0 = time.monotonic()
+            try:
+                times, chunks, usage = _openai_stream(client, case, args.stream_timeout)
+            except openai.RateLimitError:
+                with lock:
+                    tot["exhausted"] += 1
+                time.sleep(rng.uniform(0.05, 0.3))
+                continue
+            except openai.OpenAIError as e:
+                with lock:
+                    tot["errors"] += 1
+                    errors.append(f"{type(e).__name__}: {e}")
+                continue
+            bad = _check_openai(chunks, usage, case)
+            rid = chunks[0].id if chunks else ""
+            with lock:
+                if bad is None and rid in seen_ids:
+                    bad = f"request id {rid} streamed twice"
+                seen_ids.add(rid)
+                if bad:
+                    tot["mismatch"] += 1
+                    errors.append(f"{case['model']} {case['prompt']!r} k={case['max_new']}: {bad}")
+                else:
+                    tot["ok"] += 1
+                    tot["tokens"] += len(chunks)
+                    ttft.append(times[0] - t0)
+                    tbt.extend(b - a for a, b in itertools.pairwise(times))
+        client.close()
+
     def worker(i: int) -> None:
+        if args.api == "openai":
+            return http_worker(i)
         rng = random.Random((args.seed + 7919 * index) * 100003 + i)
         with CrossPoolClient(addr) as c:
             while time.time() < deadline:
@@ -195,6 +269,7 @@ def run_pass(index: int, addr: str, args: argparse.Namespace, cases: list[dict])
     pages_after = sum(k.pages_used for k in st.kv_pages)
     res = {
         "pass": index + 1,
+        "api": args.api,
         "mode": st.mode,
         "topology": st.topology,
         "streams": args.streams,
@@ -246,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-timeout", type=float, default=300.0, help="gRPC deadline of one stream")
     ap.add_argument("--passes", type=int, default=1,
                     help="load phases in a row against the same server (pass 2 on: its programs compiled)")
+    ap.add_argument("--api", choices=("grpc", "openai"), default="grpc",
+                    help="openai: the streams go over the OpenAI-compatible HTTP API (/v1/completions, "
+                    "SSE, the openai client) of the same server; GetStats still over gRPC")
+    ap.add_argument("--http-url", default=None,
+                    help="with --server and --api openai: the server's HTTP API, e.g. http://127.0.0.1:8000")
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
 
@@ -257,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     t_up = time.time()
     if addr is None:
         running, addr = start_local_server(args)
+        if running.http is not None:
+            args.http_url = running.http.url
+    if args.api == "openai" and not args.http_url:
+        ap.error("--api openai with --server needs --http-url")
     t_up = time.time() - t_up
     with CrossPoolClient(addr) as c:
         st0 = c.stats()

@@ -473,6 +473,57 @@ def _run_one(client: Any, rec: Record, ids: list[int], t0: float, timeout: float
     rec.end_s = time.time() - t0
 
 
+def _run_one_openai(client: Any, rec: Record, ids: list[int], t0: float, timeout: float) -> None:
+    """`_run_one` over the OpenAI-compatible HTTP API (`--api openai`): a streamed /v1/completions
+    call with the prompt as token ids, greedy, eos ignored (the extension field `ignore_eos`). One SSE
+    chunk per token; HTTP chunks carry no engine timestamp, so `engine_s` stays empty (the engine-clock
+    latencies are not reported for this API)."""
+    import openai
+
+    rec.sent_s = time.time() - t0
+    final = None
+    try:
+        for c in client.completions.create(model=rec.model, prompt=ids, max_tokens=rec.output_len,
+                                           temperature=0, stream=True, timeout=timeout,
+                                           extra_body={"ignore_eos": True}):
+            if not c.choices:
+                continue
+            rec.token_s.append(time.time() - t0)
+            if c.choices[0].finish_reason:
+                final = c.choices[0].finish_reason
+        if final is None:
+            rec.outcome, rec.reason = "failed", "stream ended without a final chunk"
+        else:
+            rec.outcome, rec.reason = "finished", final.upper()
+            if len(rec.token_s) != rec.output_len:
+                rec.reason += f" ({len(rec.token_s)} of {rec.output_len} tokens)"
+    except openai.RateLimitError as e:
+        rec.outcome, rec.reason = "rejected", f"HTTP 429: {e}"
+    except openai.APIStatusError as e:
+        kind = "rejected" if e.status_code == 400 and "rejected" in str(e) else "failed"
+        rec.outcome, rec.reason = kind, f"HTTP {e.status_code}: {e}"
+    except Exception as e:  # a client bug must not lose the request
+        rec.outcome, rec.reason = "failed", f"client error: {type(e).__name__}: {e}"
+    rec.end_s = time.time() - t0
+
+
+class _HTTPClients:
+    """A few `openai` clients to one server's HTTP API, shared round-robin by the request threads."""
+
+    def __init__(self, url: str, n: int):
+        import openai
+
+        self.clients = [openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+                        for _ in range(n)]
+
+    def __getitem__(self, i: int) -> Any:
+        return self.clients[i % len(self.clients)]
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+
+
 class _Clients:
     """A few gRPC channels to one server, shared round-robin by the request threads."""
 
@@ -517,11 +568,13 @@ def _compile_log() -> _CompileLog:
 
 def replay(engine: Any, address: str, records: list[Record], vocab: dict[str, int], seed: int,
            label: str, timeout: float, log: Callable[[str], None], progress: bool = True,
-           sequential: bool = False) -> dict[str, Any]:
+           sequential: bool = False, http_url: str | None = None) -> dict[str, Any]:
     """Sends every record's request at its arrival time (or one after another with `sequential`),
     polls engine.stats() every 0.2 s while they run, and fills the records. Returns the stats
-    samples and timing."""
-    clients = _Clients(address, min(8, max(1, len(records))))
+    samples and timing. `http_url`: over the server's OpenAI-compatible HTTP API instead of gRPC."""
+    n_clients = min(8, max(1, len(records)))
+    clients = _HTTPClients(http_url, n_clients) if http_url else _Clients(address, n_clients)
+    run_one = _run_one_openai if http_url else _run_one
     samples: list[dict[str, Any]] = []
     done = threading.Event()
     t0 = time.time()
@@ -554,12 +607,12 @@ def replay(engine: Any, address: str, records: list[Record], vocab: dict[str, in
         for rec in records:
             ids = prompt_ids(seed, rec.index, rec.prompt_len, vocab[rec.model])
             if sequential:
-                _run_one(clients[rec.index], rec, ids, t0, timeout)
+                run_one(clients[rec.index], rec, ids, t0, timeout)
                 continue
             wait = t0 + rec.arrival_s - time.time()
             if wait > 0:
                 time.sleep(wait)
-            th = threading.Thread(target=_run_one, args=(clients[rec.index], rec, ids, t0, timeout),
+            th = threading.Thread(target=run_one, args=(clients[rec.index], rec, ids, t0, timeout),
                                   name=f"bench-{rec.request_id}", daemon=True)
             th.start()
             threads.append(th)
@@ -590,7 +643,7 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
                      setup: BenchSetup, devices: Sequence[Any], records: list[Record], seed: int,
                      label: str, timeout: float, log: Callable[[str], None], progress: bool = True,
                      sequential: bool = False, warmup_passes: int = 0,
-                     precompile_context: int | None = None) -> dict[str, Any]:
+                     precompile_context: int | None = None, api: str = "grpc") -> dict[str, Any]:
     """Builds mode's engine with `models`, serves it on 127.0.0.1 (free port), replays (after
     `PooledEngine.precompile(precompile_context)` when given, then `warmup_passes` unmeasured
     replays of the same requests on the same engine), stops."""
@@ -605,6 +658,13 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
         t_build = time.time() - t_build
         if progress:
             log(f"bench {label}: {engine.describe()}; {len(models)} models in {t_build:.1f} s")
+        # the models' gate programs, queued at load, compile before the replay as before a
+        # served model's first request: a replay starting at load measures the load, not serving
+        t_ready = time.time()
+        engine.wait_warm()
+        t_ready = time.time() - t_ready
+        if progress:
+            log(f"bench {label}: first programs of every model compiled in {t_ready:.1f} s")
         pre = None
         if precompile_context:
             t_pre = time.time()
@@ -612,7 +672,9 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
                                       log=(lambda m: log(f"bench {label}: {m}")) if progress else None)
             pre = {"programs": n_pre, "seconds": round(time.time() - t_pre, 2),
                    "max_context": precompile_context}
-        running = start_server(engine, "127.0.0.1", 0, max_workers=setup.max_live_requests + 32)
+        running = start_server(engine, "127.0.0.1", 0, max_workers=setup.max_live_requests + 32,
+                               http_port=0 if api == "openai" else None)
+        http_url = running.http.url if running.http is not None else None
         vocab = {n: model_config(n).vocab_size for n in models}
         warm = []
         for k in range(warmup_passes):
@@ -620,7 +682,7 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
                     for r in records]
             before = serving_stalls(engine)["blocked_s"]
             w = replay(engine, running.address, recs, vocab, seed, f"{label} warm-up {k + 1}", timeout, log,
-                       progress, sequential)
+                       progress, sequential, http_url)
             c = Counter(r.outcome for r in recs)
             warm.append({"replay_s": round(w["t_end"], 3), "finished": c["finished"],
                          "rejected": c["rejected"], "failed": c["failed"], "pages_after": w["pages_after"],
@@ -628,13 +690,16 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
                          "t0": w["t0"]})
         base_preempt = engine.stats().preemptions
         base_stalls = serving_stalls(engine)
-        out = replay(engine, running.address, records, vocab, seed, label, timeout, log, progress, sequential)
+        out = replay(engine, running.address, records, vocab, seed, label, timeout, log, progress, sequential,
+                     http_url)
+        out["api"] = api
         out["preemptions"] -= base_preempt
         stalls = serving_stalls(engine)
         out["serving_blocked_s"] = stalls["blocked_s"] - base_stalls["blocked_s"]
         out["serving_blocked_compiles"] = stalls["blocked_compiles"] - base_stalls["blocked_compiles"]
         out["fallback_calls"] = stalls["fallback_calls"] - base_stalls["fallback_calls"]
-        out.update(build_s=t_build, weights=how, describe=engine.describe(), warmup=warm, precompile=pre)
+        out.update(build_s=t_build, ready_s=round(t_ready, 3), weights=how, describe=engine.describe(),
+                   warmup=warm, precompile=pre)
         return out
     finally:
         if running is not None:
@@ -718,14 +783,14 @@ def _probe(n_devices: int) -> dict[str, Any]:
 def _mode_job(mode: str, models: Sequence[str], trace_models: Sequence[str], plan: dict[str, Any],
               setup: BenchSetup, records: list[Record], seed: int, label: str, timeout: float,
               warmup_passes: int = 0, progress: bool = True, sequential: bool = False,
-              precompile_context: int | None = None) -> dict[str, Any]:
+              precompile_context: int | None = None, api: str = "grpc") -> dict[str, Any]:
     """(child) serve_and_replay on the setup's devices; the filled records, the run and its compiles."""
     import jax
 
     comp = _compile_log()
     run = serve_and_replay(mode, models, trace_models, plan, setup, jax.devices()[: setup.devices], records,
                            seed, label, timeout, _log, progress, sequential, warmup_passes,
-                           precompile_context)
+                           precompile_context, api)
     warm = comp.between(run["warmup"][0]["t0"], run["t0"]) if run["warmup"] else None
     return {"records": records, "run": run, "compiles": comp.between(run["t0"], run["t0"] + run["t_end"]),
             "warmup_compiles": warm}
@@ -827,6 +892,7 @@ def mode_metrics(records: list[Record], run: dict[str, Any], slo: dict[str, Any]
         "dispatch_lag_s": {"max": max(lags) if lags else None, **pct(lags, (99,))},
         "replay_s": round(run["t_end"], 3),
         "build_s": round(run["build_s"], 3),
+        "ready_s": run.get("ready_s"),
         "compiles": {"count": len(compiles), "seconds": round(sum(compiles), 3),
                      "step_programs": sum(1 for d in compiles if d >= BIG_COMPILE_S),
                      "step_program_seconds": round(sum(d for d in compiles if d >= BIG_COMPILE_S), 3),
@@ -1220,7 +1286,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
             job = in_child("_mode_job", mode=mode, models=order, trace_models=models, plan=plans[mode],
                            setup=setup, records=recs, seed=args.seed, label=mode,
                            timeout=args.request_timeout, warmup_passes=args.warmup,
-                           precompile_context=precompile_context)
+                           precompile_context=precompile_context, api=args.api)
         except RuntimeError as e:  # ChildCrashed included: record it, go on with the next mode
             log(f"bench {mode}: FAILED: {e}")
             results["modes"][mode] = {"error": str(e)}
@@ -1306,6 +1372,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="JAX persistent compilation cache shared by the modes' processes (default: "
                         "OUT/jax-compile-cache; 'none': off). On GPU the cache key ignores which device a "
                         "program runs on, so shared's second GPU and static reuse shared's programs")
+    p.add_argument("--api", choices=("grpc", "openai"), default="grpc",
+                   help="replay the measured passes over gRPC (default) or over the server's "
+                   "OpenAI-compatible HTTP API (streamed /v1/completions; client-clock latencies only)")
     p.add_argument("--slo-scale", type=float, default=5.0, help="SLO = this x the isolated P99 (default 5)")
     p.add_argument("--reference-requests", type=int, default=3, metavar="N",
                    help="isolated requests per (shape, prompt bucket) for the SLO (1-3, default 3)")

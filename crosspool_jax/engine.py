@@ -17,7 +17,8 @@ thread (`_GroupWorker`; shared / static: one per device, crosspool: one), so the
 independently: a long step of one (a big prefill, a compile) does not delay another's tokens.
 Requests, cancels and unloads from other threads are handed to the right group's worker, so every
 GroupRunner is stepped by one thread only (placing or removing a model holds the group's lock). A
-cancel's pages are free before its group's next step.
+cancel's (or an unload's) pages are free when the call returns, even during a compile or a running
+call of the group (`GroupRunner`'s state lock, "Threads" in its docstring).
 
 Example (docs/engine.md has a runnable version)::
 
@@ -51,12 +52,14 @@ from crosspool_jax.engine_api import (
     ModelInfo,
     ModelNotFoundError,
     ModelRecord,
+    Request,
+    RequestHandle,
     Usage,
     _Live,
 )
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
 from crosspool_jax.execution.host_step import EXECUTIONS
-from crosspool_jax.execution.pool_runner import GroupRunner, StepResult
+from crosspool_jax.execution.pool_runner import DEFAULT_MAX_STOP_IDS, GroupRunner, StepResult
 from crosspool_jax.memory.planner import ModelLimits, RequestRejected
 from crosspool_jax.memory.topology import PoolTopology, Role, devices_needed, ensure_cpu_devices
 from crosspool_jax.models.config import ModelConfig
@@ -90,6 +93,9 @@ class EngineConfig:
       the previous step's tokens, so planning, input building, detokenizing and streaming happen
       while the device computes, and every group's devices compute at the same time
       (`pool_runner` module docstring). False: each call's tokens are read right after it.
+    max_stop_ids: most stop token ids of one request (default 16; `submit` refuses more with
+      InvalidRequestError, and so does `add_model` a model with more eos ids). Every step program's
+      stop-id width is this rounded up to a power of two, so no stop-id count compiles a program.
     """
 
     arena_bytes: int | None = None
@@ -103,6 +109,7 @@ class EngineConfig:
     micro_batches: int = 1
     execution: str = "lowered"
     overlap: bool = True
+    max_stop_ids: int = DEFAULT_MAX_STOP_IDS
 
 
 @dataclasses.dataclass
@@ -138,6 +145,8 @@ class _GroupWorker:
                 msg = " ".join(str(e).split()) or type(e).__name__
                 self.fail_all(f"internal error: {type(e).__name__}: {msg}")
                 busy = False
+        with self.lock:  # stopped: queued warm-up compiles would only take CPU from what remains
+            self.group.stop_background()
 
     def drain(self, wait: float) -> None:
         """Handles what the inbox holds (waiting up to `wait` seconds for the first message)."""
@@ -204,7 +213,7 @@ class _GroupWorker:
             group.launch()
             res = group.result()
             new = _programs_built(group) - before
-            self.running = len(group.planner.running())
+            self.running = group.running_count()
         if new > 0:
             models = sorted({self.pending[r].live.request.model for r in res.tokens if r in self.pending})
             self.engine._note_compiles(new, models, t0)
@@ -313,17 +322,25 @@ class PooledEngine(EngineCore):
         """Places a model (cast to the arena dtype) into its group; refused (CapacityError) if it
         does not fit, with nothing already placed disturbed. The engine keeps no copy of `weights`:
         once placed, the arena is the only one."""
+        self._check_eos(name, config)
         config, info = self._begin_add(name, config, source)
         try:
             dtype = jnp.dtype(self.groups[0].store.layout.dtype)
             cast = jax.tree_util.tree_map_with_path(  # router biases stay f32 (stored bit for bit)
                 lambda path, a: a if str(getattr(path[-1], "key", "")) == "router_bias" else a.astype(dtype),
                 weights)
-            gw = self._place(name, config, lambda g: g.add_model(name, config, cast))
+            gw = self._place(name, config, lambda g, lock: g.add_model(name, config, cast, guard=lock))
         except BaseException:
             self._abort_add(name)
             raise
         return self._register(gw, ModelRecord(info, config, tokenizer))
+
+    def _check_eos(self, name: str, config: ModelConfig) -> None:
+        """A model's eos ids are the default stop ids of its requests: at most `max_stop_ids`."""
+        n, limit = len(config.eos_token_ids), self.config.max_stop_ids
+        if n > limit:
+            raise InvalidRequestError(f"model {name!r} has {n} eos token ids; the step programs take at "
+                                      f"most {limit} stop ids per request (max_stop_ids)")
 
     def load_model(self, name: str, path: str) -> ModelInfo:
         """Loads an HF directory or crosspool checkpoint into host memory (never onto one
@@ -340,31 +357,49 @@ class PooledEngine(EngineCore):
                          ) -> ModelInfo:
         """A model with random weights generated on its devices (benchmarks at real sizes: no host
         copy of the weights is ever built)."""
+        self._check_eos(name, config)
         config, info = self._begin_add(name, config, f"random(seed={seed})")
         try:
-            gw = self._place(name, config, lambda g: g.add_random_model(name, config, seed))
+            gw = self._place(name, config, lambda g, lock: g.add_random_model(name, config, seed, guard=lock))
         except BaseException:
             self._abort_add(name)
             raise
         return self._register(gw, ModelRecord(info, config, tokenizer))
 
-    def _place(self, name: str, config: ModelConfig, place: Callable[[GroupRunner], None]) -> _GroupWorker:
-        """Places a model into the least loaded group (weight bytes) it fits, under that group's
-        lock (the group's steps wait; the other groups' do not)."""
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        """Waits until the gate programs of every placed model (its first programs, queued for the
+        background compiler at load: docs/engine.md "Compiles off the serving path") are
+        compiled, so a first request of any model compiles nothing on the serving path; True if
+        they were within `timeout` seconds. `crosspool bench` starts a replay after it (the
+        wait is its `ready_s`)."""
+        import concurrent.futures
+
+        futs = []
+        for gw in self._gws:
+            with gw.lock:
+                futs += gw.group.gate_compiles()
+        _, pending = concurrent.futures.wait(futs, timeout=timeout)
+        return not pending
+
+    def _place(self, name: str, config: ModelConfig,
+               place: Callable[[GroupRunner, threading.Lock], None]) -> _GroupWorker:
+        """Places a model into the least loaded group (weight bytes) it fits. `place` takes the
+        group's lock as the guard of its arena updates (`GroupRunner.add_model`): the group's steps
+        wait only for those dispatches, not for the copy; the other groups' never wait."""
         self._wait_unloaded(name)
         with self._lock:
             load = {id(gw): sum(b for n, b in self._model_bytes.items() if self._model_group[n] is gw)
                     for gw in self._gws}
         order = [self._gws[i] for i in placement_order([load[id(gw)] for gw in self._gws])]
         for gw in order:
-            with gw.lock:
-                try:
-                    place(gw.group)
-                except CapacityError:
-                    if len(order) == 1:
-                        raise
-                    continue
-                if self.mode == "static":
+            try:
+                place(gw.group, gw.lock)
+            except CapacityError:
+                if len(order) == 1:
+                    raise
+                continue
+            if self.mode == "static":
+                with gw.lock:
                     self._set_static_limits(gw.group)
             return gw
         raise CapacityError(f"model {config.family} does not fit any device of mode {self.mode}")
@@ -426,6 +461,8 @@ class PooledEngine(EngineCore):
             if gw is not None:
                 self._unloading[name] = (gw, threading.Event())
         if gw is not None:
+            # its requests' pages are free now (as a cancel's); the worker removes the weights
+            gw.group.fail_model(name, "model unloaded")
             gw.inbox.put(("unload", name))
 
     def weights_bytes(self, name: str) -> int:
@@ -455,10 +492,23 @@ class PooledEngine(EngineCore):
             return
         gw.inbox.put(("admit", lv))
 
+    def submit(self, request: Request) -> RequestHandle:
+        """As `EngineCore.submit`; also refuses more stop ids than the step programs take
+        (`EngineConfig.max_stop_ids`) before anything is queued."""
+        n, limit = len(request.stop_token_ids), self.config.max_stop_ids
+        if n > limit:
+            raise InvalidRequestError(f"{n} stop token ids; the step programs take at most {limit} "
+                                      "(max_stop_ids)")
+        return super().submit(request)
+
     def _on_cancel(self, lv: _Live) -> None:
         gw = self._worker_of(lv)
         if gw is not None:  # else unloaded: the unload ends it in its group
-            gw.inbox.put(("cancel", lv.request.request_id))
+            rid = lv.request.request_id
+            # its pages are free now, even while the worker compiles or waits for the device (the
+            # runner's state lock, not the step's); the worker then forgets it (inbox)
+            gw.group.cancel(rid)
+            gw.inbox.put(("cancel", rid))
 
     def _stop_workers(self) -> None:
         for gw in self._gws:
@@ -552,10 +602,14 @@ def arena_layout(cfg: EngineConfig, platform: str, arena_bytes: int) -> tuple[Po
 
 
 def runner_kwargs(cfg: EngineConfig, platform: str) -> dict[str, Any]:
-    """The `GroupRunner` keyword arguments of every group of an engine with the resolved `cfg`."""
+    """The `GroupRunner` keyword arguments of every group of an engine with the resolved `cfg`;
+    raises InvalidRequestError for a `max_stop_ids` below 1."""
+    if cfg.max_stop_ids < 1:
+        raise InvalidRequestError(f"max_stop_ids must be >= 1, got {cfg.max_stop_ids}")
     return dict(steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk,
                 max_prefill_tokens=cfg.max_prefill_tokens, backend=cfg.attention_backend,
-                platform=platform, micro_batches=cfg.micro_batches, overlap=cfg.overlap)
+                platform=platform, micro_batches=cfg.micro_batches, overlap=cfg.overlap,
+                max_stop_ids=cfg.max_stop_ids)
 
 
 def placement_order(loads: list[int]) -> list[int]:

@@ -256,6 +256,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="serve Prometheus metrics on 127.0.0.1:N/metrics (0: a free port; default: off)",
     )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health) on HOST:N, same engine, token and TLS (0: a free port; default: off)",
+    )
     p.add_argument("--tls-cert", default=None, metavar="FILE", help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default=None, metavar="FILE", help="PEM private key of --tls-cert")
     p.add_argument(
@@ -317,7 +325,29 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--overlap", default=None, action=argparse.BooleanOptionalAction,
                    help="host work (planning, inputs, streaming) overlaps device work: each step reads "
                    "the previous step's tokens (default on)")
+    lim = p.add_argument_group(
+        "limits (what one request may cost; serving.limits.RequestLimits, or the [limits] table of "
+        "--config; a request past one is INVALID_ARGUMENT naming it)"
+    )
+    for name, metavar, default, what in LIMIT_FLAGS:
+        lim.add_argument("--" + name.replace("_", "-"), default=None, metavar=metavar,
+                         help=f"{what} (default {default})")
     p.set_defaults(func=cmd_serve)
+
+
+# (RequestLimits field, metavar, default shown, what it bounds)
+LIMIT_FLAGS = (
+    ("max_request_id_bytes", "SIZE", "128", "bytes of a request id"),
+    ("max_model_name_bytes", "SIZE", "256", "bytes of a model name"),
+    ("max_path_bytes", "SIZE", "4096", "bytes of LoadModel's path"),
+    ("max_prompt_bytes", "SIZE", "1MiB", "bytes of a prompt text"),
+    ("max_prompt_tokens", "N", "131072", "tokens of a prompt"),
+    ("max_new_tokens", "N", "131072", "max_new_tokens of a request"),
+    ("max_stop_token_ids", "N", "16", "stop token ids of a request (also the engine's step programs' "
+     "stop width, rounded up to a power of two)"),
+    ("max_stop_strings", "N", "16", "stop strings of a request"),
+    ("max_stop_string_bytes", "SIZE", "256", "bytes of one stop string"),
+)
 
 
 ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call", "prefill_chunk",
@@ -328,8 +358,10 @@ ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call
 def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettings
     """The serve settings from --config (if any) overridden by the flags that were given."""
     from serving.settings import (
+        SettingsError,
         build_settings,
         check_engine_value,
+        check_limit_value,
         check_value,
         load_config,
         parse_model_spec,
@@ -354,6 +386,26 @@ def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettin
               for k in ENGINE_FLAGS if getattr(args, k, None) is not None}
     if engine:
         overrides["engine"] = engine
+    limits = {}
+    for name, *_ in LIMIT_FLAGS:
+        v = getattr(args, name, None)
+        if v is not None:
+            flag = "--" + name.replace("_", "-")
+            if not name.endswith("_bytes"):  # a count: an integer (sizes take "1MiB" as well)
+                try:
+                    v = int(v)
+                except ValueError:
+                    raise SettingsError(f"{flag}: must be an integer, got {v!r}") from None
+            limits[name] = check_limit_value(name, v, flag)
+    if limits:
+        overrides["limits"] = limits
+    if args.http_port is not None:  # the [http] table's port
+        from serving.settings import HTTP_KEYS
+
+        try:
+            overrides["http_port"] = HTTP_KEYS["port"][1](args.http_port)
+        except ValueError as e:
+            raise SettingsError(f"--http-port: {e}") from None
     if args.model:
         overrides["models"] = dict(parse_model_spec(spec) for spec in args.model)
     overrides["tls_cert"], overrides["tls_key"] = args.tls_cert, args.tls_key
@@ -388,8 +440,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_workers=max(32, settings.max_live_requests + 16),
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,
+        limits=settings.request_limits(),
+        http_port=settings.http_port,
+        http_host=settings.http_host,
     )
-    listening = [f"serve: listening on {running.address}; health NOT_SERVING until the models are loaded"]
+    http_note = f" (and HTTP on {running.http_address}: 503 until then)" if running.http else ""
+    listening = [f"serve: listening on {running.address}{http_note}; health NOT_SERVING until the models "
+                 "are loaded"]
 
     def start_log(msg: str) -> None:  # says the port is open with the first start-up line (if any)
         while listening:
@@ -440,6 +497,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = ", ".join(m.name for m in engine.list_models()) or "none"
     tls = ", TLS" if running.tls else ""
     print(f"crosspool: serving on {running.address} (mode {mode}{tls}; models: {names})", flush=True)
+    if running.http is not None:
+        print(f"crosspool: OpenAI-compatible HTTP API on {running.http.url}/v1", flush=True)
     try:
         serve_forever(running, grace=settings.grace, log=_log, signals=signals)
     finally:

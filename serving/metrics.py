@@ -5,6 +5,10 @@ Recorded by the server's Generate path (`serving.server.CrossPoolServicer`):
 - `crosspool_tbt_seconds{model}`: histogram, gap between consecutive tokens sent (n-1 per stream).
 - `crosspool_requests_finished_total{model,reason}`: stop / length / error.
 - `crosspool_requests_cancelled_total{model}`: client cancel or deadline.
+  These four count the OpenAI-compatible HTTP API's requests (serving/openai_api.py) the same way
+  (request received -> first token handed to the HTTP layer; a client disconnect is a cancel).
+- `crosspool_http_requests_total{path,status}`: HTTP API requests by path and HTTP status (the
+  status of the response's start: a stream that fails later still counts 200).
 Read from the engine at scrape time, from the same snapshot GetStats sends (serving/stats.py):
 - `crosspool_queue_depth`: live requests (waiting + running); `crosspool_requests_waiting`
   (= GetStats.queue_depth), `crosspool_requests_running` (= GetStats.running).
@@ -122,7 +126,16 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.http_requests = Counter(
+            "crosspool_http_requests",
+            "OpenAI-compatible HTTP API requests, by path and HTTP status",
+            ["path", "status"],
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engine))
+
+    def http_request(self, path: str, status: int) -> None:
+        self.http_requests.labels(path, str(status)).inc()
 
     def first_token(self, model: str, seconds: float) -> None:
         self.ttft.labels(model).observe(seconds)

@@ -1,7 +1,9 @@
 """The crosspool.v1 gRPC server over an `EngineInterface` (crosspool_jax.engine_api).
 
 Status codes: unknown model NOT_FOUND; bad sampling parameters, empty or too-long prompt
-INVALID_ARGUMENT (max_new_tokens < 1 included: the engine's own check, as in the local path); too many
+INVALID_ARGUMENT (max_new_tokens < 1 included: the engine's own check, as in the local path), and so
+is a request past one of the request limits (serving/limits.py, checked before anything is queued; the
+message names the limit) or request bytes that do not parse (`add_servicer`); too many
 live requests RESOURCE_EXHAUSTED; a model unloaded under a live stream ABORTED; missing/wrong bearer
 token (when a token is configured) UNAUTHENTICATED; the server starting (no engine yet) or shutting
 down UNAVAILABLE, with a message that says so. A client cancel or deadline cancels the engine request
@@ -56,6 +58,7 @@ from crosspool_jax.execution.sampling import SamplingParams
 from serving.client import DEFAULT_MAX_NEW_TOKENS, SERVER_SHUTTING_DOWN, SERVER_STARTING
 from serving.crosspool.v1 import crosspool_pb2 as pb
 from serving.crosspool.v1 import crosspool_pb2_grpc as pb_grpc
+from serving.limits import RequestLimits, check_generate, check_model_call, check_request, check_text
 from serving.stats import snapshot
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CrossPool"].full_name
@@ -80,9 +83,10 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
     down; every new call answers UNAVAILABLE (REFUSED_MESSAGE) while live streams finish (the health
     service, separate, still answers: NOT_SERVING)."""
 
-    def __init__(self, engine: Any, metrics: Any = None):
+    def __init__(self, engine: Any, metrics: Any = None, limits: RequestLimits | None = None):
         self.engine = engine
         self.metrics = metrics  # serving.metrics.ServerMetrics or None
+        self.limits = limits or RequestLimits()  # checked before anything is queued
         self.draining = False
 
     def _engine(self, context: grpc.ServicerContext) -> Any:
@@ -181,6 +185,7 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
                 m.cancel(model)
 
     def _to_engine_request(self, engine: Any, r: pb.GenerateRequest) -> Any:
+        check_text(r.model, "the model name", self.limits.max_model_name_bytes, "max_model_name_bytes")
         models = {m.name: m for m in engine.list_models()}
         if r.model not in models:
             raise ModelNotFoundError(
@@ -188,6 +193,11 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
             )
         if r.prompt and r.prompt_ids:
             raise InvalidRequestError("give prompt or prompt_ids, not both")
+        # the fields as sent, before any work (tokenizing) is spent on them
+        check_generate(self.limits, model=r.model, request_id=r.request_id, prompt=r.prompt,
+                       prompt_ids=r.prompt_ids,
+                       max_new_tokens=r.max_new_tokens if r.HasField("max_new_tokens") else None,
+                       stop_token_ids=r.stop_token_ids)
         if r.prompt:
             tok = engine.tokenizer(r.model)
             if tok is None:
@@ -211,7 +221,9 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
         # absent: the default; present (0 and negatives included): as sent, so the engine's own check
         # refuses a bad value with the message the local path gives
         max_new = r.max_new_tokens if r.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
-        return make_request(r.model, prompt_ids, max_new, sampling, stops, r.request_id)
+        request = make_request(r.model, prompt_ids, max_new, sampling, stops, r.request_id)
+        check_request(self.limits, request)  # the tokenized prompt, the model's eos ids as stops
+        return request
 
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
@@ -224,6 +236,7 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
         try:
             if not request.name or not request.path:
                 raise InvalidRequestError("LoadModel needs a name and a path")
+            check_model_call(self.limits, request.name, request.path)
             return pb.LoadModelResponse(model=_info_pb(engine.load_model(request.name, request.path)))
         except (CrossPoolError, OSError) as e:
             self._abort(context, e)
@@ -234,6 +247,7 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
     ) -> pb.UnloadModelResponse:
         engine = self._engine(context)
         try:
+            check_model_call(self.limits, request.name)
             return pb.UnloadModelResponse(failed_requests=engine.unload_model(request.name))
         except CrossPoolError as e:
             self._abort(context, e)
@@ -267,6 +281,55 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
             ],
             programs_compiled=snap.programs_compiled,
         )
+
+
+# crosspool.v1's methods: (request type, response type, server-streaming)
+_RPCS: dict[str, tuple[Any, Any, bool]] = {
+    "Generate": (pb.GenerateRequest, pb.GenerateResponse, True),
+    "ListModels": (pb.ListModelsRequest, pb.ListModelsResponse, False),
+    "LoadModel": (pb.LoadModelRequest, pb.LoadModelResponse, False),
+    "UnloadModel": (pb.UnloadModelRequest, pb.UnloadModelResponse, False),
+    "GetStats": (pb.GetStatsRequest, pb.GetStatsResponse, False),
+}
+
+
+def _parse(request_type: Any, raw: bytes, context: grpc.ServicerContext) -> Any:
+    """`raw` parsed as `request_type`, or the call aborted with INVALID_ARGUMENT (gRPC's own
+    deserializer would answer INTERNAL "Exception deserializing request!")."""
+    try:
+        return request_type.FromString(raw)
+    except Exception as e:  # google.protobuf.message.DecodeError (and whatever else a parser raises)
+        why = " ".join(str(e).split()) or type(e).__name__
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"malformed {request_type.DESCRIPTOR.full_name}: {len(raw)} bytes that do not "
+                      f"parse ({why})")
+
+
+def _handler(method: Callable[..., Any], request_type: Any, response_type: Any, streaming: bool) -> Any:
+    """A gRPC method handler that takes the request's raw bytes and parses them itself (`_parse`)."""
+    if streaming:
+        def stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
+            yield from method(_parse(request_type, raw, context), context)
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=None, response_serializer=response_type.SerializeToString)
+
+    def unary(raw: bytes, context: grpc.ServicerContext) -> Any:
+        return method(_parse(request_type, raw, context), context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        unary, request_deserializer=None, response_serializer=response_type.SerializeToString)
+
+
+def add_servicer(servicer: CrossPoolServicer, server: grpc.Server) -> None:
+    """Registers crosspool.v1 as the generated `add_CrossPoolServicer_to_server` does, except that
+    each method parses its request itself, so malformed bytes are INVALID_ARGUMENT, not INTERNAL."""
+    handlers = {name: _handler(getattr(servicer, name), req, resp, streaming)
+                for name, (req, resp, streaming) in _RPCS.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    register = getattr(server, "add_registered_method_handlers", None)  # grpcio >= 1.63
+    if register is not None:
+        register(SERVICE_NAME, handlers)
 
 
 class BearerAuthInterceptor(grpc.ServerInterceptor):
@@ -329,6 +392,12 @@ class RunningServer:
     metrics: Any = None  # serving.metrics.ServerMetrics
     tls: bool = False  # serving TLS only
     servicer: CrossPoolServicer | None = None
+    http: Any = None  # serving.openai_api.HTTPServer: the OpenAI-compatible API, when started
+
+    @property
+    def http_address(self) -> str | None:
+        """HOST:PORT of the OpenAI-compatible HTTP API (None: not served)."""
+        return None if self.http is None else self.http.address
 
     def set_ready(self, engine: Any, metrics: Any = None) -> None:
         """Hands a server started without an engine its engine (and metrics): calls reach it from now
@@ -361,6 +430,8 @@ class RunningServer:
         if self.engine is not None:
             self.engine.shutdown(timeout=grace)
         done = self.server.stop(max(0.0, deadline - time.monotonic()) + _ABORT_GRACE)
+        if self.http is not None:  # its streams ended with the engine's requests (an error event if cut)
+            self.http.stop(timeout=_ABORT_GRACE + 2.0)
         while not done.wait(0.1):  # in short waits: a signal handler runs between them
             pass
 
@@ -397,6 +468,9 @@ def start_server(
     metrics: Any = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    limits: RequestLimits | None = None,
+    http_port: int | None = None,
+    http_host: str | None = None,
 ) -> RunningServer:
     """Starts a server on host:port (port 0: a free port) and returns at once. Metrics (a
     serving.metrics.ServerMetrics) are recorded only when given. With `tls_cert` and `tls_key` (PEM
@@ -407,6 +481,14 @@ def start_server(
     `engine` None: the server starts without one (what `crosspool serve` does before it loads any
     model): health says NOT_SERVING and calls answer UNAVAILABLE ("the server is starting") until
     `RunningServer.set_ready(engine, metrics)`.
+
+    `limits`: what one request may cost (serving/limits.py; default `RequestLimits()`), checked
+    before anything is queued; a request past one is INVALID_ARGUMENT naming the limit. Malformed
+    request bytes are INVALID_ARGUMENT too, on every crosspool.v1 method.
+    `http_port` (None: off; 0: a free port): also serve the OpenAI-compatible HTTP API
+    (serving/openai_api.py) on `http_host` (default `host`), on the same engine, with the same bearer
+    token, TLS pair and life cycle (503 while starting or draining; stopped with the gRPC server). Its
+    port is bound here too, before any model is loaded; `RunningServer.http_address` is where.
 
     `max_workers`: gRPC handler threads (default: the engine's max_live_requests + 16, at least 32).
     A stream holds one for its whole life, so fewer threads than live requests would leave streams
@@ -430,8 +512,8 @@ def start_server(
         # then split silently between the two processes
         options=[("grpc.so_reuseport", 0)],
     )
-    servicer = CrossPoolServicer(engine, metrics)
-    pb_grpc.add_CrossPoolServicer_to_server(servicer, server)
+    servicer = CrossPoolServicer(engine, metrics, limits)
+    add_servicer(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -450,14 +532,26 @@ def start_server(
     if why is not None:
         server.stop(None)
         raise OSError(f"cannot listen on {host}:{port}: {why}")
+    http = None
+    if http_port is not None:
+        from serving.openai_api import HTTPServer, create_app
+
+        try:
+            http = HTTPServer(create_app(servicer, auth_token), http_host or host, http_port,
+                              tls_cert=tls_cert, tls_key=tls_key)
+        except OSError as e:
+            server.stop(None)
+            raise OSError(f"--http-port: {e}") from None
     status = health_pb2.HealthCheckResponse.NOT_SERVING if engine is None else (
         health_pb2.HealthCheckResponse.SERVING)
     for svc in ("", SERVICE_NAME):
         health_servicer.set(svc, status)
     server.start()
+    if http is not None:
+        http.wait_started()
     return RunningServer(
         server, engine, f"{host}:{bound}", bound, health_servicer, metrics, tls=creds is not None,
-        servicer=servicer,
+        servicer=servicer, http=http,
     )
 
 

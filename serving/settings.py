@@ -14,9 +14,14 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     steps_per_call = 4          prefill_chunk = 64      max_prefill_tokens = 512
     micro_batches = 1           dtype = "float32"       attention_backend = "reference"
     execution = "lowered"       overlap = true
+    [limits]                    # serving.limits.RequestLimits fields: what one request may cost
+    max_request_id_bytes = 128  max_prompt_bytes = "1MiB"   max_stop_token_ids = 16  ...
     [tls]
     cert = "server.pem"
     key = "server.key"
+    [http]                      # the OpenAI-compatible HTTP API (serving/openai_api.py); absent: off
+    port = 8000                 # 0: a free port
+    host = "127.0.0.1"          # default: the gRPC host
 
 Relative paths in the file (models, tls.cert, tls.key) are taken relative to the file's directory.
 An unknown key or a bad value is a `SettingsError` naming the file and the key.
@@ -62,6 +67,8 @@ class ServeSettings:
     grace: float = 10.0
     tls_cert: str | None = None
     tls_key: str | None = None
+    http_port: int | None = None  # the OpenAI-compatible HTTP API's port (None: off; 0: a free port)
+    http_host: str | None = None  # its listen address (None: `host`)
     mode: str = "auto"
     pools: str | None = None
     # EngineConfig fields set by the file's [engine] table or the flags (the rest keep the engine's
@@ -71,6 +78,14 @@ class ServeSettings:
     # > 0: before serving, also compile every one-lane step program for requests up to this many
     # tokens (PooledEngine.precompile; pooled modes); 0: off
     precompile_context: int = 0
+    # serving.limits.RequestLimits fields set by the file's [limits] table or the flags
+    limits: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def request_limits(self) -> Any:
+        """`serving.limits.RequestLimits`: the defaults with the fields this settings object sets."""
+        from serving.limits import RequestLimits
+
+        return RequestLimits(**self.limits)
 
     @property
     def load_demo(self) -> bool:
@@ -209,8 +224,21 @@ ENGINE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "execution": _choice(EXECUTIONS),
     "overlap": _bool,
 }
-TABLES = ("models", "engine", "tls")
+# the [limits] table / limit flags: serving.limits.RequestLimits fields (counts, or byte sizes)
+LIMIT_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "max_request_id_bytes": _bytes,
+    "max_model_name_bytes": _bytes,
+    "max_path_bytes": _bytes,
+    "max_prompt_bytes": _bytes,
+    "max_prompt_tokens": _int(1),
+    "max_new_tokens": _int(1),
+    "max_stop_token_ids": _int(1, 1024),
+    "max_stop_strings": _int(1),
+    "max_stop_string_bytes": _bytes,
+}
+TABLES = ("models", "engine", "limits", "tls", "http")
 TLS_KEYS = {"cert": "tls_cert", "key": "tls_key"}
+HTTP_KEYS = {"port": ("http_port", _int(0, 65535)), "host": ("http_host", _str)}
 CONFIG_KEYS = (*CHECKS, *TABLES)
 
 
@@ -227,6 +255,14 @@ def check_engine_value(key: str, value: Any, where: str) -> Any:
     """`value` checked/normalized for the EngineConfig field `key` (an [engine] key or its flag)."""
     try:
         return ENGINE_CHECKS[key](value)
+    except ValueError as e:
+        raise SettingsError(f"{where}: {e}") from None
+
+
+def check_limit_value(key: str, value: Any, where: str) -> Any:
+    """`value` checked/normalized for the RequestLimits field `key` (a [limits] key or its flag)."""
+    try:
+        return LIMIT_CHECKS[key](value)
     except ValueError as e:
         raise SettingsError(f"{where}: {e}") from None
 
@@ -282,6 +318,17 @@ def load_config(path: str) -> dict[str, Any]:
                     )
                 engine[sub] = check_engine_value(sub, v, f"config {path}: key 'engine.{sub}'")
             out["engine"] = engine
+        elif key == "limits":
+            if not isinstance(value, dict):
+                raise SettingsError(f"{where}: must be a table of RequestLimits fields (e.g. [limits])")
+            limits = {}
+            for sub, v in value.items():
+                if sub not in LIMIT_CHECKS:
+                    raise SettingsError(
+                        f"config {path}: unknown key 'limits.{sub}' (known: {', '.join(LIMIT_CHECKS)})"
+                    )
+                limits[sub] = check_limit_value(sub, v, f"config {path}: key 'limits.{sub}'")
+            out["limits"] = limits
         elif key == "tls":
             if not isinstance(value, dict):
                 raise SettingsError(f"{where}: must be a table with cert and key (e.g. [tls])")
@@ -293,6 +340,19 @@ def load_config(path: str) -> dict[str, Any]:
                 if not isinstance(p, str) or not p.strip():
                     raise SettingsError(f"config {path}: key 'tls.{sub}': must be a file path, got {p!r}")
                 out[TLS_KEYS[sub]] = resolve(p)
+        elif key == "http":
+            if not isinstance(value, dict):
+                raise SettingsError(f"{where}: must be a table with port (and host) (e.g. [http])")
+            for sub, v in value.items():
+                if sub not in HTTP_KEYS:
+                    raise SettingsError(
+                        f"config {path}: unknown key 'http.{sub}' (known: {', '.join(HTTP_KEYS)})"
+                    )
+                field, check = HTTP_KEYS[sub]
+                try:
+                    out[field] = check(v)
+                except ValueError as e:
+                    raise SettingsError(f"config {path}: key 'http.{sub}': {e}") from None
         else:
             raise SettingsError(f"config {path}: unknown key {key!r} (known: {', '.join(CONFIG_KEYS)})")
     return out
@@ -312,8 +372,14 @@ def build_settings(
                 s.models = {**s.models, **value}
             elif key == "engine":
                 s.engine = {**s.engine, **value}
+            elif key == "limits":
+                s.limits = {**s.limits, **value}
             else:
                 setattr(s, key, value)
+    try:
+        s.request_limits().check_stats_size(s.max_live_requests)
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
     if bool(s.tls_cert) != bool(s.tls_key):
         raise SettingsError(
             "TLS needs both a certificate (--tls-cert / tls.cert) and a key (--tls-key / tls.key)"
@@ -442,6 +508,8 @@ def make_engine(
         if why:
             log(f"serve: {why}")
         config = settings.engine_config(engine_config)
+        # the step programs take as many stop ids as the server lets a request send
+        config = dataclasses.replace(config, max_stop_ids=settings.request_limits().max_stop_token_ids)
         if config.attention_backend is None and devices and devices[0].platform == "cpu":
             config = dataclasses.replace(config, attention_backend="reference")
             log("serve: attention_backend reference on CPU (set engine.attention_backend to override)")

@@ -20,6 +20,7 @@ MODE_KEYS = {
     "requests", "finished", "rejected", "failed", "lost", "short_streams", "ttft_s", "tbt_s", "tpot_p99_s",
     "slo_met", "goodput_rps", "goodput_fraction", "kv_pages", "pages_after", "live_after", "preemptions",
     "rejection_reasons", "failure_reasons", "engine_clock", "compiles", "per_model", "replay_s", "engine",
+    "ready_s",
 }
 
 

@@ -685,3 +685,17 @@ def test_random_workloads_keep_the_books_and_lose_nothing(scenario: Scenario, da
                 token(rid, len(request.prompt) + i) for i in range(len(info.generated))
             )
             assert rid in engine.stopped or len(info.generated) == request.max_new_tokens
+
+
+def test_held_models_wait_in_place_while_others_are_admitted() -> None:
+    """A held model's waiting requests are not admitted (its programs are compiling); the others'
+    are, and the held ones are admitted first once the hold ends (they kept their place)."""
+    planner = make_planner(pages_per_device=16)
+    for rid, model in (("a1", "A"), ("b1", "B"), ("a2", "A")):
+        planner.submit(spec(rid, model, 4, 2))
+    plan = planner.step(StepInput(held_models=frozenset({"A"})))
+    assert [a.request_id for a in plan.admitted] == ["b1"]
+    assert planner.info("a1").status == RequestStatus.WAITING
+    planner.cancel("b1")
+    plan = planner.step(StepInput())
+    assert [a.request_id for a in plan.admitted] == ["a1", "a2"]

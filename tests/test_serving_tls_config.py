@@ -23,6 +23,7 @@ from serving.server import demo_engine, start_server
 from serving.settings import (
     CONFIG_KEYS,
     ENGINE_CHECKS,
+    LIMIT_CHECKS,
     ServeSettings,
     SettingsError,
     build_settings,
@@ -167,7 +168,7 @@ def test_example_config_loads_and_names_every_key():
     text = EXAMPLE.read_text()
     for key in CONFIG_KEYS:  # every key is shown (set or commented out)
         assert f"{key} =" in text or f"[{key}]" in text, key
-    for key in ("cert", "key", *ENGINE_CHECKS):
+    for key in ("cert", "key", *ENGINE_CHECKS, *LIMIT_CHECKS):
         assert f"{key} =" in text, key
 
 

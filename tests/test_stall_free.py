@@ -10,15 +10,16 @@ unless an earlier test of the same process already set one.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax
 import numpy as np
 import pytest
-from pooled_helpers import References, Req, build_runner, drive, f32
+from pooled_helpers import GREEDY, References, Req, build_runner, drive, f32
 
 from crosspool_jax.demo import demo_models
 from crosspool_jax.execution import compile_cache
-from crosspool_jax.execution.pool_runner import STOP_WIDTH_FLOOR, LaneShape, StepSpec, spec_dominates
+from crosspool_jax.execution.pool_runner import LaneShape, StepSpec, spec_dominates
 
 QWEN, DSV3 = "demo-qwen3-moe", "demo-deepseek-v3"
 
@@ -74,10 +75,11 @@ def test_dominance_rule(demo) -> None:
     models, _ = demo
     runner = build_runner({QWEN: models[QWEN]}, split="1+1", kv_pages=4, warm_programs=0)
     cls = runner.store.models[QWEN].cls
-    lane = LaneShape(cls, 1, 2, 2, 4, stop_width=STOP_WIDTH_FLOOR)
+    lane = LaneShape(cls, 1, 2, 2, 4, stop_width=runner.stop_width)
     want = StepSpec((lane,), True, 2)
     assert spec_dominates(want, want)
-    bigger = dataclasses.replace(lane, groups=2, slots=4, tokens=4, max_pages=8, stop_width=8)
+    bigger = dataclasses.replace(lane, groups=2, slots=4, tokens=4, max_pages=8,
+                                 stop_width=2 * runner.stop_width)
     assert spec_dominates(StepSpec((bigger,), True, 4), want)
     assert not spec_dominates(StepSpec((dataclasses.replace(lane, slots=1, tokens=1),), True, 4), want)
     assert not spec_dominates(StepSpec((lane,), True, 1), want)  # fewer decode steps
@@ -103,7 +105,9 @@ def test_warm_programs_serve_a_first_request_without_compiling(demo) -> None:
     small = [sp for sp in specs if sp.lanes[0].slots == 1]
     assert {sp.decode for sp in small} == {True, False}  # the smallest decode and prefill first
     assert specs[:2] == small
+    assert runner.gate_compiles()  # the gate (first and largest programs) is still compiling
     assert runner.wait_background(timeout=300)
+    assert runner.gate_compiles() == []
     reqs = [Req("a", QWEN, _prompt(1, 5), 9), Req("b", QWEN, _prompt(2, 11), 6, stop_ids=(7, 9))]
     log = drive(runner, reqs)
     _check(refs, reqs, log)
@@ -130,7 +134,7 @@ def test_a_shape_not_compiled_runs_in_a_larger_program(demo, monkeypatch) -> Non
     held = set(runner._programs) | set(runner._ready)
     queued: list[StepSpec] = []
     bg = runner._compile_in_background
-    monkeypatch.setattr(runner, "_compile_in_background", lambda sp: (queued.append(sp), bg(sp)))
+    monkeypatch.setattr(runner, "_compile_in_background", lambda sp, *a: (queued.append(sp), bg(sp, *a)))
     small = [Req(f"{m[:7]}-small", m, _prompt(30, 5), 4) for m in models]
     log = drive(runner, small)
     _check(refs, small, log)
@@ -141,4 +145,112 @@ def test_a_shape_not_compiled_runs_in_a_larger_program(demo, monkeypatch) -> Non
     assert all(sp.lanes[0].slots == 1 and sp.lanes[0].tokens == 8 for sp in prefills)
     assert not held & set(queued)
     assert all(sp in runner._background or sp in runner._ready or sp in runner._programs for sp in queued)
+    assert runner.kv.pool_stats().pages_used == 0
+
+
+def test_a_new_models_requests_are_held_while_its_programs_compile(demo) -> None:
+    """While a request of one model runs, a model added with warm programs queued has its waiting
+    requests held (not admitted) until its gate programs are compiled, so its first call does not
+    compile on the serving path; once they are, it is admitted and both equal the reference."""
+    from crosspool_jax.execution.compile_queue import URGENT, CompileQueue
+
+    models, refs = demo
+    runner = build_runner(models, split="1+1", kv_pages=32, prefill_chunk=32, fallback=True)
+    first = Req("a", QWEN, _prompt(3, 6), 12)
+    runner.submit(first.rid, first.model, first.prompt, first.max_new, first.sampling, first.stop_ids)
+    tokens = {first.rid: [], "b": []}
+    for t in runner.step().tokens.get(first.rid, []):
+        tokens[first.rid].append(t)
+    assert runner.planner.running() == (first.rid,)
+    gate = threading.Event()
+    runner._executor = CompileQueue()  # its thread is held, so the new model's compiles stay queued
+    runner._executor.submit(lambda: gate.wait(60), URGENT)
+    runner.warm_programs = 4
+    runner.warm_up(DSV3)  # what add_model does for a model loaded while requests run
+    second = Req("b", DSV3, _prompt(4, 5), 4)
+    runner.submit(second.rid, second.model, second.prompt, second.max_new, second.sampling, second.stop_ids)
+    assert runner.held_models() == {DSV3}
+    res = runner.step()
+    assert "b" not in res.tokens and runner.held_steps >= 1
+    assert runner.planner.info("b").status.name == "WAITING"
+    gate.set()
+    assert runner.wait_background(timeout=300)
+    assert runner.held_models() == frozenset()
+    for rid, toks in res.tokens.items():
+        tokens[rid].extend(toks)
+    while runner.has_work:
+        for rid, toks in runner.step().tokens.items():
+            tokens[rid].extend(toks)
+    for r in (first, second):
+        assert tokens[r.rid] == refs(r)[0]
+    assert runner.kv.pool_stats().pages_used == 0
+
+
+def test_hold_counts_other_models_waiting_requests_and_lifts_when_alone(demo) -> None:
+    """Between one request's end and the next one's admission nothing runs: a model whose gate
+    programs compile stays held while another model's requests wait; alone, it is not held."""
+    from crosspool_jax.execution.compile_queue import URGENT, CompileQueue
+
+    models, _refs = demo
+    runner = build_runner(models, split="1+1", kv_pages=32, prefill_chunk=32, fallback=True)
+    gate = threading.Event()
+    runner._executor = CompileQueue()
+    runner._executor.submit(lambda: gate.wait(60), URGENT)
+    runner.warm_programs = 4
+    runner.warm_up(DSV3)
+    try:
+        assert runner.held_models() == frozenset()  # no requests at all
+        runner.submit("d", DSV3, _prompt(5, 5), 2, GREEDY, ())
+        assert runner.held_models() == frozenset()  # only the held model has work: admit it
+        runner.submit("q", QWEN, _prompt(6, 5), 2, GREEDY, ())
+        assert not runner.planner.running()
+        assert runner.held_models() == {DSV3}  # QWEN's request waits: it would be stalled
+    finally:
+        gate.set()
+        runner.cancel("d")
+        runner.cancel("q")
+    assert runner.wait_background(timeout=300)
+    assert runner.held_models() == frozenset()
+
+
+class _Guard:
+    """A guard that records whether it is held (a stand-in for a group's step lock)."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.entries = 0
+
+    def __enter__(self) -> None:
+        assert not self.held
+        self.held, self.entries = True, self.entries + 1
+
+    def __exit__(self, *exc: object) -> bool:
+        self.held = False
+        return False
+
+
+def test_placement_holds_the_step_lock_only_around_arena_updates(demo, monkeypatch) -> None:
+    """Adding a model encodes, copies and compiles its writers outside the stepping thread's lock;
+    only allocation, each in-place write and the registration take it. The model then serves
+    requests equal to the reference."""
+    from crosspool_jax.memory.arena import ArenaStore
+
+    models, refs = demo
+    runner = build_runner({DSV3: models[DSV3]}, split="1+1", kv_pages=8, prefill_chunk=32)
+    runner.remove_model(DSV3)
+    guard, outside = _Guard(), []
+    for meth in ("_encode", "_compiled"):
+        orig = getattr(ArenaStore, meth)
+
+        def wrapped(self, *a, _orig=orig, **k):
+            outside.append(not guard.held)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(ArenaStore, meth, wrapped)
+    runner.add_model(DSV3, *models[DSV3], guard=guard)
+    tensors = len(runner.store.models[DSV3].slots)
+    assert len(outside) >= 2 * tensors and all(outside)  # every encode and writer compile
+    assert guard.entries >= tensors + 2  # allocation, one write per tensor, registration
+    reqs = [Req("d", DSV3, _prompt(3, 7), 4)]
+    _check(refs, reqs, drive(runner, reqs))
     assert runner.kv.pool_stats().pages_used == 0

@@ -5,6 +5,7 @@ unloading a model while another model's request streams on the same device."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import jax
@@ -141,10 +142,17 @@ def test_static_loads_and_unloads_a_model_next_to_a_live_request() -> None:
         set_limits = group.set_limits
         group.set_limits = lambda lim: (held_at_change.append(group.kv.model_pages("a")), set_limits(lim))
         long_prompt = [int(t) for t in jnp.arange(200) * 7 % 240 + 3]
+        # the worker's steps are gated while "b" is placed (placement no longer holds the worker,
+        # so "a"'s request could otherwise finish before the limits change)
+        gate, step = threading.Event(), eng._step_groups
+        gate.set()
+        eng._step_groups = lambda: (gate.wait(), step())[1]
         ha = eng.submit(make_request("a", long_prompt, 16))
         first = ha.next_event(timeout=300)
         assert first is not None and first.token_id is not None and not first.final
+        gate.clear()
         eng.add_model("b", MODELS[B].config, MODELS[B].weights)  # "a" is generating on this device
+        gate.set()
         assert held_at_change[0] > total // 2  # "a" held more than its new cap
         limits = group.planner.config.model_limits
         assert limits == {n: ModelLimits(total // 2, total // 2) for n in ("a", "b")}

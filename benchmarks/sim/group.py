@@ -13,7 +13,9 @@ engine. It replaces only what touches a device, through the runner's seams:
 - `_read` (read a call's tokens) waits until the call's device work ends in virtual time;
 - `_now` is the group's virtual clock (seconds); `_compile_aot` (a compile on the serving path)
   advances it by the calibrated compile seconds; `_compile_in_background` queues a virtual compile
-  on the group's one background compile thread (`SimFuture`).
+  on the group's one background compile thread (`SimFuture`, `SimCompileQueue`: the engine's
+  `compile_queue.CompileQueue` in virtual time, lowest priority first, so a live request's next
+  program (`_anticipate`, URGENT) runs before queued warm-ups); no XLA compile happens.
 
 Time: the group's worker thread is the clock (`clock`): host work and waits advance it; the device
 runs calls back to back (`device_free_at`): a call starts when dispatched or when the previous one
@@ -23,12 +25,15 @@ ends, whichever is later, so with overlap host work hides under device work as i
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from benchmarks.sim.costmodel import CostModel, ModelCosts, SlotWork, lane_work, model_costs
+from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.pool_runner import GroupRunner, _Call, lane_placements
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec
 from crosspool_jax.memory.arena import ArenaBook
@@ -46,23 +51,33 @@ class SimProgram:
 
 
 class SimFuture:
-    """A background compile on the group's one compile thread, in the group's virtual time: it runs
-    over [start, done) seconds; the future API the runner uses (`done`, `running`, `cancel`,
+    """A background compile on the group's one compile thread, in the group's virtual time: queued
+    at `submitted`, it runs over [start, done_at) once the queue (`SimCompileQueue`) starts it
+    (start None: not started yet); the future API the runner uses (`done`, `running`, `cancel`,
     `cancelled`, `exception`, `result`), where waiting advances the group's clock."""
 
-    def __init__(self, group: SimulatedGroup, start: float, done: float, program: SimProgram):
-        self.group, self.start, self.done_at, self.program = group, start, done, program
+    def __init__(self, queue: SimCompileQueue, submitted: float, seconds: float, program: SimProgram):
+        self.queue, self.submitted, self.seconds, self.program = queue, submitted, seconds, program
+        self.start: float | None = None
+        self.done_at: float | None = None
         self._cancelled = False
 
     def done(self) -> bool:
-        return self._cancelled or self.group.clock >= self.done_at
+        self.queue.advance(self.queue.group.clock)
+        return self._cancelled or (self.done_at is not None and self.queue.group.clock >= self.done_at)
 
     def running(self) -> bool:
-        return not self._cancelled and self.start <= self.group.clock < self.done_at
+        self.queue.advance(self.queue.group.clock)
+        return (not self._cancelled and self.start is not None
+                and self.start <= self.queue.group.clock < self.done_at)
 
     def cancel(self) -> bool:
-        if self._cancelled or self.group.clock >= self.start:
-            return self._cancelled
+        """Cancels a compile not started yet (True); a started or finished one runs on (False)."""
+        self.queue.advance(self.queue.group.clock)
+        if self._cancelled:
+            return True
+        if self.start is not None:
+            return False
         self._cancelled = True
         return True
 
@@ -70,7 +85,11 @@ class SimFuture:
         return self._cancelled
 
     def _wait(self) -> None:
-        self.group.clock = max(self.group.clock, self.done_at)
+        if self._cancelled:
+            return
+        self.queue.advance(float("inf"), until_started=self)
+        group = self.queue.group
+        group.clock = max(group.clock, self.done_at)
 
     def exception(self) -> None:
         self._wait()
@@ -79,6 +98,52 @@ class SimFuture:
     def result(self) -> SimProgram:
         self._wait()
         return self.program
+
+
+class SimCompileQueue:
+    """`compile_queue.CompileQueue` in a group's virtual time: one thread, the lowest priority
+    first among the compiles queued when it frees up (ties: first queued first). Start times are
+    assigned lazily (`advance`), when the group's clock passes them, so a compile queued later
+    with a lower priority still overtakes those not started."""
+
+    def __init__(self, group: SimulatedGroup):
+        self.group = group
+        self.free_at = 0.0  # when the thread ends its last started compile
+        self._heap: list[tuple[int, int, SimFuture]] = []
+        self._seq = itertools.count()
+
+    def submit(self, fut: SimFuture, priority: int) -> None:
+        heapq.heappush(self._heap, (priority, next(self._seq), fut))
+
+    def advance(self, until: float, until_started: SimFuture | None = None) -> None:
+        """Starts the queued compiles the thread reaches by `until` (or, with `until_started`,
+        until that one has started)."""
+        while self._heap:
+            if until_started is not None and until_started.start is not None:
+                return
+            live = [(p, q, f) for p, q, f in self._heap if not f.cancelled()]
+            if len(live) != len(self._heap):
+                self._heap = live
+                heapq.heapify(self._heap)
+                continue
+            # the thread picks, when free, among the compiles queued by then; idle until the next
+            t = max(self.free_at, min(f.submitted for _, _, f in self._heap))
+            if t > until:
+                return
+            ready = [(p, q, f) for p, q, f in self._heap if f.submitted <= t]
+            pick = min(ready, key=lambda e: (e[0], e[1]))
+            self._heap.remove(pick)
+            heapq.heapify(self._heap)
+            fut = pick[2]
+            fut.start, fut.done_at = t, t + fut.seconds
+            self.free_at = fut.done_at
+
+    def shutdown(self) -> None:
+        """Cancels every compile not started (`GroupRunner.stop_background`)."""
+        self.advance(self.group.clock)
+        for _, _, fut in self._heap:
+            fut._cancelled = True
+        self._heap.clear()
 
 
 class SimulatedGroup(GroupRunner):
@@ -93,7 +158,7 @@ class SimulatedGroup(GroupRunner):
         self.cost = cost
         self.clock = 0.0  # the group's worker thread, seconds
         self.device_free_at = 0.0  # when the device has run every dispatched call
-        self._bg_free_at = 0.0  # when the background compile thread is free
+        self.compile_queue = SimCompileQueue(self)  # the background compile thread
         self.compile_log: list[tuple[float, float]] = []  # (end time, seconds) of serving-path compiles
         self.background_futures: list[SimFuture] = []  # every background compile queued
         self.busy_seconds = 0.0  # device seconds of calls
@@ -109,15 +174,23 @@ class SimulatedGroup(GroupRunner):
     def _now(self) -> float:
         return self.clock
 
-    def _compile_in_background(self, spec: StepSpec) -> None:
+    def _compile_in_background(self, spec: StepSpec, priority: int = compile_queue.WARM) -> None:
         if spec in self._background or spec in self._programs or spec in self._ready:
             return
-        seconds = self._compile_seconds(spec)
-        start = max(self.clock, self._bg_free_at)
-        self._bg_free_at = start + seconds
-        fut = SimFuture(self, start, start + seconds, SimProgram(spec))
+        fut = SimFuture(self.compile_queue, self.clock, self._compile_seconds(spec), SimProgram(spec))
+        self.compile_queue.submit(fut, priority)
         self._background[spec] = fut
         self.background_futures.append(fut)
+
+    def stop_background(self) -> None:
+        self.compile_queue.shutdown()
+        self._poll_background()
+
+    def wait_background(self, timeout: float | None = None) -> bool:
+        """Advances the clock until every queued virtual compile is done (`timeout` ignored)."""
+        for fut in list(self._background.values()):
+            fut.exception()
+        return True
 
     def _compile_aot(self, spec: StepSpec) -> SimProgram:
         seconds = self._compile_seconds(spec)

@@ -214,9 +214,11 @@ def replay(engine: SimEngine, records: list[bench.Record], max_live: int,
     used_after = [g.kv.config.pages_per_device - g.kv.pages_free(d)
                   for g in groups for d in range(g.kv.config.num_devices)]
     blocked = [(e, s) for g in groups for e, s in g.compile_log]
-    background = [(f.done_at, f.done_at - f.start) for g in groups for f in g.background_futures
-                  if not f.cancelled()]
     t_end = max([t_end, *(r.end_s or 0.0 for r in records)])
+    for g in groups:  # the virtual compile thread's starts up to the end (assigned lazily)
+        g.compile_queue.advance(t_end)
+    background = [(f.done_at, f.seconds) for g in groups for f in g.background_futures
+                  if not f.cancelled() and f.start is not None]
     return {"t0": 0.0, "t_end": t_end, "samples": samples,
             "pages_after": [[d, u, tot] for d, u, tot in zip(devices, used_after, totals, strict=True)],
             "preemptions": sum(g.preemptions for g in groups), "devices": devices, "pages_total": totals,

@@ -30,6 +30,7 @@ Shapes are bucketed (slots, tokens, pages to powers of two) so a handful of prog
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import threading
@@ -42,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crosspool_jax.errors import InvalidRequestError
+from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.compile_cache import enable_compilation_cache
 from crosspool_jax.execution.host_step import (
     EXECUTIONS,
@@ -52,7 +55,7 @@ from crosspool_jax.execution.host_step import (
 )
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
 from crosspool_jax.execution.sampling import SamplingParams, seed_words
-from crosspool_jax.memory.arena import ArenaBook, ArenaStore
+from crosspool_jax.memory.arena import NO_GUARD, ArenaBook, ArenaStore
 from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
 from crosspool_jax.memory.planner import (
     KVPlanner,
@@ -73,9 +76,17 @@ def _pow2(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
 
 
-# A lane's stop-id width S is at least this (-1 padded): requests with up to 4 stop ids share
-# programs, so S is not a program dimension in practice (the check is a [B, S] compare per token)
-STOP_WIDTH_FLOOR = 4
+# Stop ids a request may carry by default (`GroupRunner(max_stop_ids=)`, `EngineConfig.max_stop_ids`).
+# Every lane of a runner has ONE stop-id width S = this rounded up to a power of two (ids -1
+# padded), so a request's number of stop ids never selects or compiles a program (the check is a
+# [B, S] compare per token); a request with more is refused at submit (InvalidRequestError).
+DEFAULT_MAX_STOP_IDS = 16
+
+
+def stop_width(max_stop_ids: int) -> int:
+    """The stop-id width S of every lane of a runner that takes up to `max_stop_ids` stop ids per
+    request: the power of two >= it (ids, not bytes)."""
+    return _pow2(max_stop_ids)
 
 
 def lane_dominates(have: LaneShape, want: LaneShape) -> bool:
@@ -109,31 +120,11 @@ def program_cost(spec: StepSpec) -> int:
                             for ln in spec.lanes)
 
 
-_EXITING = threading.Event()  # the interpreter is shutting down: queued background compiles skip
-_EXIT_HOOKED = False
-
-
-def _hook_exit() -> None:
-    """Marks `_EXITING` when the interpreter starts shutting down, before it joins the compile
-    threads (which would otherwise run every queued compile first). Registered after
-    concurrent.futures has registered its own join, so it runs before it (last in, first out)."""
-    global _EXIT_HOOKED
-    if _EXIT_HOOKED:
-        return
-    _EXIT_HOOKED = True
-    register = getattr(threading, "_register_atexit", None)
-    try:
-        if register is not None:
-            register(_EXITING.set)
-    except RuntimeError:  # already shutting down
-        _EXITING.set()
-
-
 def _compile_for(ref: weakref.ref, spec: StepSpec) -> Any:
     """(background thread) `spec`'s program for the runner behind `ref`, compiled ahead of time;
     None when the runner is gone or the interpreter is exiting (queued work is then skipped)."""
     runner = ref()
-    if runner is None or _EXITING.is_set():
+    if runner is None or compile_queue.exiting():
         return None
     return runner._compile_aot(spec)
 
@@ -275,6 +266,17 @@ class GroupRunner:
     to it) while the exact one compiles in the background; only when none does, the call compiles
     on the serving path (counted in `blocked_compile_seconds`). False: every new shape compiles on
     the serving path. JAX's persistent compilation cache is turned on (`compile_cache`).
+    max_stop_ids: most stop ids of one request (`submit` refuses more, InvalidRequestError); every
+    lane's stop-id width is `stop_width(max_stop_ids)` (a power of two), one width for all programs.
+
+    Threads: one thread steps the runner (`launch` / `result` / `submit`); `cancel` and `fail` may
+    come from any thread and free the request's pages at once. The planner, the virtualizer and the
+    requests are guarded by one lock, which the stepping thread holds except while it compiles (or
+    waits for a compile) and while it waits for the device (`_unlocked`): a cancel during a compile
+    or a running call frees the pages then. What a call in flight holds of an ended request (its
+    inputs, page numbers, tokens) is harmless: pages freed are handed out again only by a later
+    `launch` on the stepping thread, whose calls consume the arena this call produces, and an ended
+    request's tokens are dropped when read.
     """
 
     def __init__(
@@ -301,6 +303,7 @@ class GroupRunner:
         warm_slots: int | None = None,
         warm_context: int | None = None,
         fallback: bool = True,
+        max_stop_ids: int = DEFAULT_MAX_STOP_IDS,
         store: ArenaBook | None = None,
     ):
         if execution not in EXECUTIONS:
@@ -317,6 +320,13 @@ class GroupRunner:
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.micro_batches = micro_batches
+        if max_stop_ids < 1:
+            raise ValueError(f"max_stop_ids must be >= 1, got {max_stop_ids}")
+        self.max_stop_ids = max_stop_ids
+        self.stop_width = stop_width(max_stop_ids)  # every lane's S (one program dimension value)
+        # the planner, the virtualizer and `reqs` (see "Threads" above); plain, not re-entrant:
+        # `_unlocked` must release it entirely
+        self._state_lock = threading.Lock()
         self.prefill_chunk = prefill_chunk
         self.max_prefill_tokens = max_prefill_tokens
         pages = self.store.kv_pages if kv_pages_per_device is None else kv_pages_per_device
@@ -336,6 +346,8 @@ class GroupRunner:
         # compiled in the background, not used by a call yet (`_lookup` puts them in service)
         self._ready: dict[StepSpec, Callable] = {}
         self._warm_sets: dict[Any, set[StepSpec]] = {}  # lane key -> its warm programs (`warm_up`)
+        # lane key -> the warm programs its waiting requests are held for (`held_models`)
+        self._warm_gates: dict[Any, set[StepSpec]] = {}
         self._executor: Any = None
         self.buckets = buckets or (ShapeBuckets.coarse() if self.platform == "gpu" else ShapeBuckets.fine())
         gpu = self.platform == "gpu"
@@ -350,8 +362,10 @@ class GroupRunner:
         self.blocked_compiles = 0  # calls that compiled (or waited for) their program
         self.blocked_compile_seconds = 0.0  # seconds `_run` spent on those compiles / waits
         self.fallback_calls = 0  # program calls run in a larger program than their shape's
+        self.held_steps = 0  # steps that held some model's admissions for its warm programs
         self.preemptions = 0
         self.calls = 0
+        self._dispatches = 0  # calls `_run` dispatched (launch counts its step's)
         self.swapped_pages = 0
         self.link_rate: float | None = None  # measured host<->device bytes/s (swaps)
         self.prefill_rate: dict[str, float] = {}  # measured prefill tokens/s per model
@@ -373,30 +387,41 @@ class GroupRunner:
                            if hp else None)
 
     # -- models --
-    def add_model(self, name: str, cfg: ModelConfig, weights: ModelWeights) -> None:
+    def add_model(self, name: str, cfg: ModelConfig, weights: ModelWeights,
+                  guard: contextlib.AbstractContextManager = NO_GUARD) -> None:
+        """Places a model's weights (`ArenaStore.write_model`) and registers it with the store, the
+        KV planner and the background compiler at one moment. `guard`: the lock the stepping
+        thread holds around its steps; held only around the arena updates and the registration,
+        so the weights' encoding, host-to-device copy and writer compiles do not pause the steps."""
         geom = model_geometry(cfg, self.store.layout, self.platform)
-        self.store.place_model(name, cfg, weights)
-        self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
-                                                tokens_per_page_override=geom.tokens_per_page))
-        self.geoms[name] = geom
-        self.warm_up(name)
+        ma = self.store.write_model(name, cfg, weights, guard)
+        self._register_model(name, cfg, geom, ma, guard)
 
-    def add_random_model(self, name: str, cfg: ModelConfig, seed: int = 0) -> None:
+    def add_random_model(self, name: str, cfg: ModelConfig, seed: int = 0,
+                         guard: contextlib.AbstractContextManager = NO_GUARD) -> None:
         """A model with random weights generated on the devices (benchmarks at real sizes)."""
         geom = model_geometry(cfg, self.store.layout, self.platform)
-        self.store.place_model_random(name, cfg, seed)
-        self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
-                                                tokens_per_page_override=geom.tokens_per_page))
-        self.geoms[name] = geom
-        self.warm_up(name)
+        ma = self.store.write_model_random(name, cfg, seed, guard=guard)
+        self._register_model(name, cfg, geom, ma, guard)
+
+    def _register_model(self, name: str, cfg: ModelConfig, geom: Any, ma: Any,
+                        guard: contextlib.AbstractContextManager) -> None:
+        with guard, self._state_lock:
+            self.store.models[name] = ma
+            self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
+                                                    tokens_per_page_override=geom.tokens_per_page))
+            self.geoms[name] = geom
+        with guard:
+            self.warm_up(name)
 
     def remove_model(self, name: str) -> None:
-        live = [r for r in self.reqs.values() if r.model == name and not r.done]
-        if live:
-            raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
-        self.store.remove_model(name)
-        self.kv.unregister_model(name)
-        del self.geoms[name]
+        with self._state_lock:
+            live = [r for r in self.reqs.values() if r.model == name and not r.done]
+            if live:
+                raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
+            self.store.remove_model(name)
+            self.kv.unregister_model(name)
+            del self.geoms[name]
 
     # -- compiled programs --
     def _lookup(self, spec: StepSpec) -> Callable | None:
@@ -434,6 +459,8 @@ class GroupRunner:
         the background; else, when the background thread is compiling a program that dominates it
         (and not `want`'s own), that one, waited for (it is done sooner than a fresh compile); else
         `want`'s, compiled on this thread (`_compile`). The waits count as blocked."""
+        if want.decode and self.fallback:
+            self._anticipate(want)
         prog = self._lookup(want)
         if prog is not None:
             return want, prog
@@ -444,7 +471,8 @@ class GroupRunner:
                           if fut.running() and spec_dominates(sp, want)]
                 if bigger:
                     t0 = self._now()
-                    self._background[bigger[0]].exception()  # waits; a failure: compiled below
+                    with self._unlocked():  # cancels from other threads free pages meanwhile
+                        self._background[bigger[0]].exception()  # waits; a failure: compiled below
                     self.blocked_compile_seconds += self._now() - t0
                     self.blocked_compiles += 1
                     self._poll_background()
@@ -455,6 +483,24 @@ class GroupRunner:
                 self.fallback_calls += 1
                 return have, self._lookup(have)
         return want, self._compile(want)
+
+    def _anticipate(self, want: StepSpec) -> None:
+        """Queues for the background thread the decode program its requests grow into next: the
+        same lanes with page tables one bucket wider (a decode's context only grows), unless it is
+        compiled, queued or past the model's context (`max_position_embeddings`); it runs before
+        queued warm-ups (`compile_queue.URGENT`). A request crossing a page bucket then finds its
+        program compiled (or a dominating one) instead of compiling on the serving path."""
+        lanes = []
+        for ln in want.lanes:
+            model = next(n for n, ma in self.store.models.items() if ma.cls == ln.cls)
+            context = ln.cls.config.max_position_embeddings
+            pages = -(-context // self.geoms[model].tokens_per_page)
+            most = self.buckets.round(pages, self.buckets.pages_floor)
+            if ln.max_pages >= most:
+                return
+            lanes.append(dataclasses.replace(ln, max_pages=min(most, ln.max_pages * self.buckets.growth)))
+        nxt = dataclasses.replace(want, lanes=tuple(lanes))
+        self._compile_in_background(nxt, compile_queue.URGENT)
 
     def _insert(self, spec: StepSpec, prog: Callable) -> None:
         self._ready.pop(spec, None)
@@ -488,13 +534,14 @@ class GroupRunner:
         t0 = self._now()
         prog = None
         fut = self._background.pop(spec, None)
-        if fut is not None and not fut.cancel():  # running: its result comes sooner than a new one
-            try:
-                prog = fut.result()
-            except Exception:  # compiled again below, where the error is raised
-                prog = None
-        if prog is None:
-            prog = self._compile_aot(spec)
+        with self._unlocked():  # cancels from other threads free pages meanwhile
+            if fut is not None and not fut.cancel():  # running: sooner than a new compile
+                try:
+                    prog = fut.result()
+                except Exception:  # compiled again below, where the error is raised
+                    prog = None
+            if prog is None:
+                prog = self._compile_aot(spec)
         self.blocked_compile_seconds += self._now() - t0
         self.blocked_compiles += 1
         self.programs_built += 1
@@ -522,19 +569,18 @@ class GroupRunner:
                 out["host" if isinstance(prog, HostScheduledStep) else "lowered"] += 1
         return out
 
-    def _compile_in_background(self, spec: StepSpec) -> None:
+    def _compile_in_background(self, spec: StepSpec, priority: int = compile_queue.WARM) -> None:
         """Queues `spec`'s compile for the runner's one background thread (nothing if it is held
-        or queued already); `_lookup` picks the program up once it is done."""
+        or queued already; `priority`: `compile_queue.URGENT` runs before the warm-ups); `_lookup`
+        picks the program up once it is done."""
         if spec in self._background or spec in self._programs or spec in self._ready:
             return
         if self._executor is None:
-            import concurrent.futures
-
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="step-compile")
-            _hook_exit()
-            # a runner dropped with compiles queued: they skip (`_compile_for`), the thread ends
-            weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
-        self._background[spec] = self._executor.submit(_compile_for, weakref.ref(self), spec)
+            self._executor = compile_queue.CompileQueue()
+            # a runner dropped with compiles queued: they are cancelled, the thread ends
+            weakref.finalize(self, self._executor.shutdown)
+        job = functools.partial(_compile_for, weakref.ref(self), spec)
+        self._background[spec] = self._executor.submit(job, priority)
 
     def warm_specs(self, model: str) -> list[StepSpec]:
         """The programs `model`'s lane is given at load, first needed first, at most
@@ -551,9 +597,14 @@ class GroupRunner:
 
         With micro_batches = 2 each decode program also comes as its ping-pong pair (two equal
         lanes), and on GPU a GQA lane's box decode also with the persistent attention schedule.
-        Stop width: `STOP_WIDTH_FLOOR`; no split-KV extras (those compile when first met)."""
+        Stop width: the runner's one `stop_width`; no split-KV extras (those compile when first met)."""
+        return self._warm_plan(model)[0]
+
+    def _warm_plan(self, model: str) -> tuple[list[StepSpec], int]:
+        """(`warm_specs(model)`, how many of them are the gate: items 1 and 2 of its rule, those
+        the lane's waiting requests are held for while other requests run, `held_models`)."""
         if self.warm_programs <= 0:
-            return []
+            return [], 0
         key = self._lane_key(model)
         names = [n for n in sorted(self.store.models) if self._lane_key(n) == key]
         cls, bk, k = key[0], self.buckets, self.steps_per_call
@@ -574,14 +625,14 @@ class GroupRunner:
         persistent = self.platform == "gpu" and cls.config.attention == AttentionKind.GQA
 
         def dec(g: int, b: int, p: int, sched: str = "split") -> list[StepSpec]:
-            ln = LaneShape(cls, g, b, b, p, stop_width=STOP_WIDTH_FLOOR)
+            ln = LaneShape(cls, g, b, b, p, stop_width=self.stop_width)
             out = [StepSpec((ln,), True, k, self.backend, attention_schedule=sched)]
             if pair:
                 out.append(StepSpec((ln, ln), True, k, self.backend, attention_schedule=sched))
             return out
 
         def pre(g: int, b: int, t: int, p: int) -> StepSpec:
-            return StepSpec((LaneShape(cls, g, b, t, p, stop_width=STOP_WIDTH_FLOOR),), False, 1,
+            return StepSpec((LaneShape(cls, g, b, t, p, stop_width=self.stop_width),), False, 1,
                             self.backend)
 
         first = [pre(g_small, slots[0], tokens[0], pages[0]), *dec(g_small, slots[0], pages[0])]
@@ -592,25 +643,51 @@ class GroupRunner:
         rest = [sp for b in slots for p in pages for sp in dec(g_small, b, p)]
         rest += [pre(g_small, b, t, p) for t in tokens for b in slots if b <= t for p in pages]
         rest.sort(key=program_cost)
-        return list(dict.fromkeys(first + top + rest))[: self.warm_programs]
+        gate = len(dict.fromkeys(first + top))
+        specs = list(dict.fromkeys(first + top + rest))[: self.warm_programs]
+        return specs, min(gate, len(specs))
 
     def warm_up(self, model: str) -> int:
         """Queues `warm_specs(model)` for the background thread (those not held or queued yet);
         returns how many it queued. Called by `add_model` / `add_random_model`. The lane's earlier
         warm programs that left its set (a model added changed G) are dropped if not started."""
-        specs = self.warm_specs(model)
+        specs, gate = self._warm_plan(model)
         key = self._lane_key(model)
         for old in self._warm_sets.get(key, set()) - set(specs):
             fut = self._background.get(old)
             if fut is not None and fut.cancel():
                 del self._background[old]
         self._warm_sets[key] = set(specs)
+        self._warm_gates[key] = set(specs[:gate])
         queued = 0
         for spec in specs:
             if spec not in self._background and spec not in self._programs and spec not in self._ready:
                 self._compile_in_background(spec)
                 queued += 1
         return queued
+
+    def held_models(self) -> frozenset[str]:
+        """Models whose waiting requests are not admitted now: while other requests run or wait, a
+        new lane (no program of its class in service yet) whose gate programs (`_warm_plan`: the
+        first and the box's largest) are still compiling in the background is held, so its first
+        call does not compile on the serving path and stall every other request of the group.
+        When only held models have requests, nothing is held (no one to stall: the call then waits
+        for its compile). Waiting requests of other models count: between one request's end and
+        the next one's admission nothing runs, and a held model admitted then would stall the next
+        one."""
+        if not self._warm_gates:
+            return frozenset()
+        self._poll_background()
+        # a lane that has run calls (programs in service) is not new: its gate does not hold it
+        serving = {ln.cls for sp in self._programs for ln in sp.lanes}
+        compiling = {key for key, gate in self._warm_gates.items()
+                     if key[0] not in serving and any(sp in self._background for sp in gate)}
+        if not compiling:
+            return frozenset()
+        held = frozenset(n for n in self.store.models if self._lane_key(n) in compiling)
+        others = bool(self.planner.running()) or any(
+            self.planner.waiting(n) for n in self.store.models if n not in held)
+        return held if others else frozenset()
 
     def wait_background(self, timeout: float | None = None) -> bool:
         """Waits until the background thread has finished every queued compile (tests, and a
@@ -620,6 +697,22 @@ class GroupRunner:
         futs = list(self._background.values())
         _, pending = concurrent.futures.wait(futs, timeout=timeout)
         return not pending
+
+    def gate_compiles(self) -> list[Any]:
+        """Futures of the gate programs (`_warm_plan`) still compiling in the background: once
+        they are done, every placed model's first request runs without a serving-path compile.
+        Call it on the stepping thread or under its lock."""
+        return [self._background[sp] for gate in self._warm_gates.values() for sp in gate
+                if sp in self._background and not self._background[sp].done()]
+
+    def stop_background(self) -> None:
+        """Cancels the queued background compiles and lets the compile thread end after the one it
+        is running (an engine shutting down: its warm-ups would only burn CPU). The runner still
+        works afterwards: a later background compile starts a new thread."""
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+        self._poll_background()
 
     # -- ahead-of-time compilation --
     def _lane_key(self, model: str) -> tuple[Any, str | None]:
@@ -660,12 +753,12 @@ class GroupRunner:
                 for p in pages:
                     for b in slots:
                         for k in steps:
-                            lane = LaneShape(cls, gg, b, b, p, stop_width=STOP_WIDTH_FLOOR)
+                            lane = LaneShape(cls, gg, b, b, p, stop_width=self.stop_width)
                             specs.append(StepSpec((lane,), True, k, self.backend))
                     for t in ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor):
                         for b in slots:
                             if b <= t:
-                                lane = LaneShape(cls, gg, b, t, p, stop_width=STOP_WIDTH_FLOOR)
+                                lane = LaneShape(cls, gg, b, t, p, stop_width=self.stop_width)
                                 specs.append(StepSpec((lane,), False, 1, self.backend))
         return specs
 
@@ -705,36 +798,77 @@ class GroupRunner:
         requests run (a model added or removed next to live requests): nothing is preempted, a
         request live at the change keeps the larger of its old and new cap, later ones are held to
         the new cap (`KVPlanner.set_model_limits`). The planner keeps its requests and measured costs."""
-        self.planner.set_model_limits(limits)
+        with self._state_lock:
+            self.planner.set_model_limits(limits)
         self._planner_config = dataclasses.replace(self._planner_config, model_limits=dict(limits))
 
     # -- requests --
     def submit(self, request_id: str, model: str, prompt: Sequence[int], max_new_tokens: int,
                sampling: SamplingParams, stop_ids: Sequence[int] = ()) -> None:
-        """Queue a request (raises planner.RequestRejected if it could never fit)."""
+        """Queue a request (raises planner.RequestRejected if it could never fit, InvalidRequestError
+        if it has more than `max_stop_ids` stop ids)."""
         if model not in self.geoms:
             raise KeyError(f"model {model!r} is not in this group")
-        self.planner.submit(RequestSpec(request_id, model, tuple(int(t) for t in prompt), max_new_tokens))
-        self.reqs[request_id] = _Req(request_id, model, tuple(int(t) for t in prompt), max_new_tokens,
-                                     sampling, tuple(int(s) for s in stop_ids))
+        stops = tuple(int(s) for s in stop_ids)
+        if len(stops) > self.max_stop_ids:
+            raise InvalidRequestError(
+                f"{len(stops)} stop token ids; the step programs take at most {self.max_stop_ids} "
+                "(max_stop_ids)")
+        with self._state_lock:
+            self.planner.submit(RequestSpec(request_id, model, tuple(int(t) for t in prompt),
+                                            max_new_tokens))
+            self.reqs[request_id] = _Req(request_id, model, tuple(int(t) for t in prompt),
+                                         max_new_tokens, sampling, stops)
 
     def cancel(self, request_id: str) -> bool:
         """Ends a live request; its pages are free when this returns (tokens of it still on the
-        device are dropped when their call is read)."""
-        r = self.reqs.get(request_id)
-        if r is None or r.done:
-            return False
-        if not self.planner.info(request_id).status.is_terminal:  # else: ended on placeholders
-            self.planner.cancel(request_id)
-        self._end(r, "cancelled", "cancelled")
-        return True
+        device are dropped when their call is read). Any thread; it waits for the stepping thread's
+        host work at most, never for a compile or the device (class docstring, "Threads")."""
+        with self._state_lock:
+            r = self.reqs.get(request_id)
+            if r is None or r.done:
+                return False
+            if not self.planner.info(request_id).status.is_terminal:  # else: ended on placeholders
+                self.planner.cancel(request_id)
+            self._end(r, "cancelled", "cancelled")
+            return True
 
     def fail(self, request_id: str, message: str) -> None:
+        """Ends a live request with an error; its pages are free when this returns (any thread)."""
+        with self._state_lock:
+            self._fail_locked(request_id, message)
+
+    def fail_model(self, model: str, message: str) -> list[str]:
+        """Ends every live request of `model` with an error (an unload), freeing their pages at once
+        (any thread); returns their ids."""
+        with self._state_lock:
+            ids = [rid for rid, r in self.reqs.items() if r.model == model and not r.done]
+            for rid in ids:
+                self._fail_locked(rid, message)
+            return ids
+
+    def _fail_locked(self, request_id: str, message: str) -> None:
         r = self.reqs.get(request_id)
         if r is not None and not r.done:
             if not self.planner.info(request_id).status.is_terminal:
                 self.planner.fail(request_id, message)
             self._end(r, "error", message)
+
+    def running_count(self) -> int:
+        """Requests the planner runs now (admitted, not ended)."""
+        with self._state_lock:
+            return len(self.planner.running())
+
+    @contextlib.contextmanager
+    def _unlocked(self) -> Any:
+        """(the stepping thread, holding `_state_lock`) Lets other threads' cancels and fails in for
+        a long wait: a compile or the device. Whoever holds the lock after it must recheck
+        `_Req.done` for the requests it works on."""
+        self._state_lock.release()
+        try:
+            yield
+        finally:
+            self._state_lock.acquire()
 
     def _end(self, r: _Req, reason: str, message: str) -> None:
         r.done, r.finish_reason, r.message = True, reason, message
@@ -745,7 +879,8 @@ class GroupRunner:
     def has_work(self) -> bool:
         """Live requests: to plan, or with tokens still in flight (a step that ends the last live
         request lets go of the calls still in flight: they hold only ended requests' tokens)."""
-        return self.planner.has_live_requests or bool(self.reqs)
+        with self._state_lock:
+            return self.planner.has_live_requests or bool(self.reqs)
 
     # -- the step --
     def step(self) -> StepResult:
@@ -756,6 +891,10 @@ class GroupRunner:
     def launch(self) -> None:
         """Plans one step and dispatches its program calls without waiting for them. With
         `overlap`, the planner sees the previous step's tokens as placeholders (module docstring)."""
+        with self._state_lock:
+            self._launch_locked()
+
+    def _launch_locked(self) -> None:
         if self._launched is not None:
             raise RuntimeError("launch() twice without result()")
         t_launch, waited = self._now(), self.wait_seconds
@@ -769,8 +908,11 @@ class GroupRunner:
                 decode_lengths[rid] = min(info.kv_len + k, cap)
         from crosspool_jax.memory.planner import StepInput
 
+        held = self.held_models()
+        self.held_steps += bool(held)
         plan = self.planner.step(StepInput(decode_lengths,
-                                           prefill_token_budget=self.prefill_budget(bool(decode_lengths))))
+                                           prefill_token_budget=self.prefill_budget(bool(decode_lengths)),
+                                           held_models=held))
         # swap-outs before anything writes KV, swap-ins before anything reads it (planner contract)
         for sp in plan.swap_outs:
             self._swap(sp, to_host=True)
@@ -782,7 +924,7 @@ class GroupRunner:
             preempted.append(str(p.request_id))
         work = [_Work(self.reqs[str(s.request_id)], s.token_start, s.token_end,
                       s.phase == Phase.DECODE, s.samples_token) for s in plan.run]
-        calls = 0
+        dispatches = self._dispatches
         while work:
             if any(w.req.pending for w in work if not w.decode):
                 # a prefill (a recomputed request's) reads tokens still on the device: read them
@@ -793,14 +935,13 @@ class GroupRunner:
             rest: list[_Work] = []
             if pre:
                 rest += self._run(pre, False)
-                calls += 1
-            if dec:
-                rest += self._run(dec, True)
-                calls += 1
+            if dec:  # (a cancel during the prefill's compile may have ended some)
+                rest += self._run([w for w in dec if not w.req.done], True)
             if not self.overlap:
                 self._collect(keep=0)
             # a decode range cut at a segment end continues in a follow-up call unless it ended
             work = [w for w in rest if not w.req.done]
+        calls = self._dispatches - dispatches
         self.calls += calls
         self._launched = (calls, tuple(preempted))
         # reads inside launch (overlap off, or a prefill that needs tokens in flight) are waits
@@ -821,6 +962,10 @@ class GroupRunner:
     def result(self) -> StepResult:
         """Reads the calls before the last `launch()`'s (all calls without `overlap`): their tokens,
         and the requests that ended. Blocks until those calls' device work is done."""
+        with self._state_lock:
+            return self._result_locked()
+
+    def _result_locked(self) -> StepResult:
         if self._launched is None:
             raise RuntimeError("result() without launch()")
         calls, preempted = self._launched
@@ -853,7 +998,8 @@ class GroupRunner:
         while len(self._inflight) > keep:
             call = self._inflight.popleft()
             t_wait = self._now()
-            got_lanes = self._read(call)  # waits for the call's device work
+            with self._unlocked():  # cancels from other threads free pages meanwhile
+                got_lanes = self._read(call)  # waits for the call's device work
             ready = self._now()
             self.wait_seconds += ready - t_wait
             if not call.compiled:
@@ -943,7 +1089,13 @@ class GroupRunner:
 
     def _run(self, items: list[_Work], decode: bool) -> list[_Work]:
         """Dispatches one program over `items` (its tokens enter `generated` as placeholders, read
-        by `_collect`); returns the work left (ranges cut at segment ends)."""
+        by `_collect`); returns the work left (ranges cut at segment ends). Dispatches nothing when
+        every item's request has ended. Its compile (if any) lets other threads' cancels in
+        (`_unlocked`): a request ended meanwhile still fills its rows (the page numbers read before,
+        freed now, taken again only by a later launch), and its tokens are dropped."""
+        items = [w for w in items if not w.req.done]
+        if not items:
+            return []
         n, n_kv = self.store.num_devices, self.store.num_kv
         by_model: dict[str, list[tuple[_Work, int, int, KVSegment, list[KVSegment], int]]] = {}
         rest: list[_Work] = []
@@ -1003,7 +1155,7 @@ class GroupRunner:
                     n_extra_dev[s.device] += 1
             x = _pow2(max(n_extra_dev)) if any(n_extra_dev) else 0
             c = 1 if decode or not x else _pow2(max(r[2] - r[1] for r in rows))  # only read with extras
-            s_w = _pow2(max((len(r[0].req.stop_ids) for r in rows), default=1), STOP_WIDTH_FLOOR)
+            s_w = self.stop_width  # one width: stop-id counts never select a program
             wanted.append(LaneShape(cls, _pow2(len(names)), b, t, pages, x, c, s_w))
             sorted_rows.append((per_dev, gidx))
             tail_lens.append(np.array([(r[1] + 1 if decode else r[2]) - r[3].token_start for r in rows]))
@@ -1033,7 +1185,10 @@ class GroupRunner:
                 if not samples:
                     continue
                 count = q if decode else 1  # a prefill samples one token, after its last row
-                r = self.reqs[rid]
+                r = self.reqs.get(rid)
+                if r is None or r.done:  # ended while the program compiled: tokens dropped
+                    self.dropped_tokens += count
+                    continue
                 g0 = len(r.generated)
                 r.generated.extend([PENDING] * count)
                 r.pending += count
@@ -1043,6 +1198,7 @@ class GroupRunner:
                 lane_places.append((rid, d, bi, count, g0))
             places.append(lane_places)
         prefill_tokens = 0 if decode else sum(q for place in placements for _, _, _, q, _ in place)
+        self._dispatches += 1
         self._inflight.append(_Call(tuple(outs), tuple(lanes), places, decode, prefill_tokens,
                                     frozenset(w.req.model for w in items), dispatched,
                                     (self.blocked_compiles, self.fallback_calls)

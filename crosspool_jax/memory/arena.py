@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import jax
@@ -130,15 +131,6 @@ class ModelClass:
     @functools.cached_property
     def _by_name(self) -> dict[str, TensorSlot]:
         return dict(self.slots)
-
-    def __hash__(self) -> int:
-        # computed once: a class is hashed for every lane of every call (program and lane lookups),
-        # and hashing its config and slot table each time cost ~0.2 ms of host time per call
-        h = self.__dict__.get("_hash")
-        if h is None:
-            h = hash((self.config, self.slots, self.experts_local, self.shared_local, self.dense_local))
-            object.__setattr__(self, "_hash", h)
-        return h
 
     def slot(self, name: str) -> TensorSlot:
         return self._by_name[name]
@@ -375,6 +367,9 @@ class ArenaDeviceReport:
     arena_bytes: int
 
 
+NO_GUARD = nullcontext()  # `place_model` without a stepping thread to keep out
+
+
 class ArenaBook:
     """The books of a group's arenas without the arenas: which rows each placed model's tensors take
     per role, and where the KV pages start. Plain Python, no devices, no array: what the host-side
@@ -482,20 +477,38 @@ class ArenaBook:
         e, s, d = local_sizes(cfg, self.num_weights)
         return ModelArena(name, ModelClass(cfg, tuple(rel), e, s, d), base)
 
-    def place_model(self, name: str, cfg: ModelConfig, weights: ModelWeights) -> ModelArena:
-        """Plans a model's rows and records it (a book holds no values: nothing is written)."""
-        ma = self.plan_model(name, cfg, weights)
-        self.models[name] = ma
+    def place_model(self, name: str, cfg: ModelConfig, weights: ModelWeights,
+                    guard: AbstractContextManager = NO_GUARD) -> ModelArena:
+        """`write_model`, then registers the model (under `guard`): plans and, in an `ArenaStore`,
+        writes its tensors (a book holds no values: nothing is written)."""
+        ma = self.write_model(name, cfg, weights, guard)
+        with guard:
+            self.models[name] = ma
         return ma
 
-    def place_model_random(self, name: str, cfg: ModelConfig, seed: int = 0, scale: float = 0.02
-                           ) -> ModelArena:
-        """Plans a model from its shapes (`params.weight_specs`) and records it; a book holds no
+    def write_model(self, name: str, cfg: ModelConfig, weights: ModelWeights,
+                    guard: AbstractContextManager = NO_GUARD) -> ModelArena:
+        """`place_model` without the registration: the rows are allocated (a book writes nothing)
+        and `models` does not hold the model yet (the caller registers it under `guard`)."""
+        with guard:
+            return self.plan_model(name, cfg, weights)
+
+    def place_model_random(self, name: str, cfg: ModelConfig, seed: int = 0, scale: float = 0.02,
+                           guard: AbstractContextManager = NO_GUARD) -> ModelArena:
+        """`write_model_random`, then registers the model (under `guard`)."""
+        ma = self.write_model_random(name, cfg, seed, scale, guard)
+        with guard:
+            self.models[name] = ma
+        return ma
+
+    def write_model_random(self, name: str, cfg: ModelConfig, seed: int = 0, scale: float = 0.02,
+                           guard: AbstractContextManager = NO_GUARD) -> ModelArena:
+        """Plans a model from its shapes (`params.weight_specs`), not registered; a book holds no
         values, so `seed` and `scale` only matter to `ArenaStore`, which fills the rows."""
         from crosspool_jax.models.params import weight_specs
 
         specs = weight_specs(cfg, jnp.dtype(_np_dtype(self.layout.dtype)))
-        return ArenaBook.place_model(self, name, cfg, specs)
+        return ArenaBook.write_model(self, name, cfg, specs, guard)
 
     def remove_model(self, name: str) -> None:
         """Frees a model's rows (the bytes stay until overwritten; nothing reads them)."""
@@ -536,47 +549,72 @@ class ArenaStore(ArenaBook):
         n = len(self.devices)
         shape = (n * layout.num_pages, layout.rows_per_page, layout.row_elems)
         dtype = jnp.dtype(_np_dtype(layout.dtype))
+        self.arena_shape, self.arena_dtype = shape, dtype
         self.arena: jax.Array = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.sharding)()
+        # placement programs (tensor writers, random fills) compiled ahead of time, by row count
+        self._update_programs: dict[tuple, Any] = {}
 
-    def place_model(self, name: str, cfg: ModelConfig, weights: ModelWeights) -> ModelArena:
-        """Plans and writes a model's tensors into the arenas of their devices.
+    def write_model(self, name: str, cfg: ModelConfig, weights: ModelWeights,
+                    guard: AbstractContextManager = NO_GUARD) -> ModelArena:
+        """Plans and writes a model's tensors into the arenas of their devices, not registered
+        (`place_model` registers it; a caller registering it with whatever else must appear at the
+        same moment does so under `guard`); on error the rows are released.
 
         Each device receives only its own piece (its experts / tensor-parallel columns); the arena
         is updated in place (donated) one tensor at a time, so the transient memory is one tensor.
-        Requests of other models are not touched (their rows and pages are disjoint).
-        """
-        ma = self.plan_model(name, cfg, weights)
+        Requests of other models are not touched (their rows and pages are disjoint). `guard` (the
+        lock a stepping thread holds around its steps) is held only around what touches the
+        arena array or the books: row allocation and each tensor's in-place write; encoding, the
+        host-to-device copy and compiling the writer run outside it, so a placement pauses other
+        models' steps for a few dispatches, not for its copy."""
+        with guard:
+            ma = self.plan_model(name, cfg, weights)
         try:
             for tname, _, _, _, _, _, pieces in model_tensors(cfg, weights, self.num_weights):
-                self._write(ma.slots[tname], pieces)
+                self._write(ma.slots[tname], pieces, guard)
         except BaseException:
-            self._release(ma)
+            with guard:
+                self._release(ma)
             raise
-        self.models[name] = ma
         return ma
 
-    def place_model_random(self, name: str, cfg: ModelConfig, seed: int = 0, scale: float = 0.02
-                           ) -> ModelArena:
+    def write_model_random(self, name: str, cfg: ModelConfig, seed: int = 0, scale: float = 0.02,
+                           guard: AbstractContextManager = NO_GUARD) -> ModelArena:
         """Plans a model from its shapes and fills its rows on the devices with random values
         (norms 1, router biases 0, everything else N(0, scale^2)): realistic-size models for
-        benchmarks without building weights on the host. Each tensor is generated in place."""
+        benchmarks without building weights on the host. Each tensor is generated in place; the
+        fill programs compile outside `guard`. Not registered (`write_model`)."""
         from crosspool_jax.models.params import weight_specs
 
         specs = weight_specs(cfg, jnp.dtype(_np_dtype(self.layout.dtype)))
-        ma = self.plan_model(name, cfg, specs)
+        with guard:
+            ma = self.plan_model(name, cfg, specs)
         try:
             for i, (tname, slot) in enumerate(sorted(ma.slots.items())):
                 kind = 1 if "norm" in tname.rsplit("/", 1)[-1] else 0 if "router_bias" in tname else 2
                 mask = np.array([d in self._pool_devices(slot.role) for d in self.devices])
                 flags = jax.device_put(mask, self.sharding)
                 key = jax.random.fold_in(jax.random.key(seed), i)
-                fill = _filler(self.mesh, slot.rows, kind, scale)
-                self.arena = fill(self.arena, flags, jnp.int32(slot.row), key)
+                row = jnp.int32(slot.row)
+                fill = self._compiled(("fill", slot.rows, kind, scale),
+                                      _filler(self.mesh, slot.rows, kind, scale), flags, row, key)
+                with guard:
+                    self.arena = fill(self.arena, flags, row, key)
         except BaseException:
-            self._release(ma)
+            with guard:
+                self._release(ma)
             raise
-        self.models[name] = ma
         return ma
+
+    def _compiled(self, key: tuple, jitted: Any, *args: Any) -> Callable:
+        """The arena-updating program `jitted` compiled ahead of time for this arena and `args`
+        (kept per `key`): compiled on the calling thread, outside any guard."""
+        prog = self._update_programs.get(key)
+        if prog is None:
+            arena = jax.ShapeDtypeStruct(self.arena_shape, self.arena_dtype, sharding=self.sharding)
+            prog = jitted.lower(arena, *args).compile()
+            self._update_programs[key] = prog
+        return prog
 
     def _pool_devices(self, role: Role) -> tuple[jax.Device, ...]:
         return self.kv_devices if role == Role.KV else self.weights_devices
@@ -598,7 +636,10 @@ class ArenaStore(ArenaBook):
         flat = _pad_axis(flat, 2, slot.last_padded)
         return np.ascontiguousarray(flat.reshape(slot.rows, self.layout.row_elems))
 
-    def _write(self, slot: TensorSlot, pieces: TensorPieces) -> None:
+    def _write(self, slot: TensorSlot, pieces: TensorPieces,
+               guard: AbstractContextManager = NO_GUARD) -> None:
+        """Copies one tensor's pieces to their devices, then (under `guard`) writes them at the
+        slot's rows of the arena (donated)."""
         devices = self.devices
         role_devs = self._pool_devices(slot.role)
         rows = slot.rows
@@ -613,8 +654,10 @@ class ArenaStore(ArenaBook):
         mask = np.array([d in role_devs for d in devices])
         data = jax.make_array_from_single_device_arrays((len(devices) * rows, r), self.sharding, shards)
         flags = jax.device_put(mask, self.sharding)
-        self.arena = _writer(self.mesh, rows)(self.arena, data, flags,
-                                                              jnp.int32(slot.row))
+        row = jnp.int32(slot.row)
+        write = self._compiled(("write", rows), _writer(self.mesh, rows), data, flags, row)
+        with guard:
+            self.arena = write(self.arena, data, flags, row)
 
     # -- reports --
     def memory_report(self) -> list[ArenaDeviceReport]:

@@ -251,10 +251,14 @@ class StepInput:
     decode_lengths: for running decode requests, the KV length each will hold after the step
         (kv_len + K for K decode steps); a running decode request not named decodes one token.
     prefill_token_budget: most prefill tokens to schedule over all requests (None: no limit).
+    held_models: models whose waiting requests are not admitted this step (they keep their place
+        and precedence; running requests of these models go on). The engine holds a model whose
+        step programs are still compiling, so its first requests do not stall the others'.
     """
 
     decode_lengths: Mapping[RequestId, int] = dataclasses.field(default_factory=dict)
     prefill_token_budget: int | None = None
+    held_models: frozenset[ModelId] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -534,7 +538,7 @@ class KVPlanner:
             run.append(self._scheduled(req, target))
         admitted: list[Admission] = []
         if not preempted:
-            budget = self._admit(run, admitted, budget)
+            budget = self._admit(run, admitted, budget, step_input.held_models)
         return StepPlan(tuple(run), tuple(preempted), tuple(admitted))
 
     # -- step internals --
@@ -704,10 +708,12 @@ class KVPlanner:
         return Preemption(rid, req.spec.model, mode, kv_len, pages, swap_out, f"{reason}; {why}")
 
     def _admit(
-        self, run: list[ScheduledRequest], admitted: list[Admission], budget: int | None
+        self, run: list[ScheduledRequest], admitted: list[Admission], budget: int | None,
+        held: frozenset[ModelId] = frozenset(),
     ) -> int | None:
-        """Round-robin over models with waiting requests; returns the prefill budget left."""
-        blocked: set[ModelId] = set()
+        """Round-robin over models with waiting requests (not `held`); returns the prefill budget
+        left."""
+        blocked: set[ModelId] = set(held)
         n = len(self._model_order)
         while True:
             progressed = False

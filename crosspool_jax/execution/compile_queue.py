@@ -1,0 +1,96 @@
+"""A one-thread compile queue with priorities, for step programs compiled off the serving path.
+
+`GroupRunner` queues two kinds of background compiles: the programs a new model's lane will need
+(warm-up at load) and the program a live request grows into next (a wider page table). The second
+is urgent (a request will reach it within seconds) and must not wait behind a new model's warm-up,
+so the queue runs the lowest `priority` first, then in submission order. One thread: compiles are
+CPU-heavy and the serving thread needs the rest of the machine.
+
+The thread is not a daemon (an interpreter exiting while a daemon thread is inside XLA aborts the
+process); at interpreter exit it skips what is still queued and ends after its current compile.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_EXITING = threading.Event()  # the interpreter is shutting down: queued compiles are skipped
+_EXIT_HOOKED = False
+
+URGENT = 0  # a live request's next program
+WARM = 1  # a newly loaded model's programs
+
+
+def exiting() -> bool:
+    """True once the interpreter has started shutting down."""
+    return _EXITING.is_set()
+
+
+def _hook_exit() -> None:
+    """Sets `_EXITING` at interpreter shutdown, before non-daemon threads are joined."""
+    global _EXIT_HOOKED
+    if _EXIT_HOOKED:
+        return
+    _EXIT_HOOKED = True
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is not None:
+            register(_EXITING.set)
+    except RuntimeError:  # already shutting down
+        _EXITING.set()
+
+
+class CompileQueue:
+    """Runs submitted calls on one thread, lowest priority first (ties: first submitted first).
+    `submit` returns a `concurrent.futures.Future`; a future cancelled before its call starts is
+    skipped. `shutdown` cancels what is queued and lets the thread end."""
+
+    def __init__(self, name: str = "step-compile"):
+        _hook_exit()
+        self._heap: list[tuple[int, int, concurrent.futures.Future, Callable[[], Any]]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=False)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any], priority: int = WARM) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("compile queue is shut down")
+            heapq.heappush(self._heap, (priority, next(self._seq), fut, fn))
+            self._cv.notify()
+        return fut
+
+    def shutdown(self) -> None:
+        """Cancels every queued call; the thread ends after the one it is running (not joined)."""
+        with self._cv:
+            self._closed = True
+            for _, _, fut, _ in self._heap:
+                fut.cancel()
+            self._heap.clear()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed and not _EXITING.is_set():
+                    self._cv.wait(0.5)
+                if self._closed or _EXITING.is_set():
+                    for _, _, fut, _ in self._heap:
+                        fut.cancel()
+                    self._heap.clear()
+                    return
+                _, _, fut, fn = heapq.heappop(self._heap)
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to whoever waits on the future
+                fut.set_exception(e)

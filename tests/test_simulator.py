@@ -26,7 +26,7 @@ from benchmarks.sim.costmodel import (
     lane_work,
     load_calibration,
 )
-from benchmarks.sim.group import SimulatedGroup
+from benchmarks.sim.group import SimCompileQueue, SimFuture, SimulatedGroup
 from benchmarks.sim.shapes import costs_for
 from benchmarks.sim.validate import compare, format_comparison
 from benchmarks.step import roofline_bytes
@@ -34,6 +34,7 @@ from benchmarks.workload.presets import get_preset
 from benchmarks.workload.public import detect_format, read_trace_file
 from benchmarks.workload.trace import TraceFormatError, save_jsonl
 from crosspool_jax.demo import demo_models
+from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.pool_runner import GroupRunner
 from crosspool_jax.execution.sampling import SamplingParams
 from crosspool_jax.memory.arena import ArenaBook
@@ -258,3 +259,30 @@ def test_calibrate_on_cpu_writes_a_calibration_the_simulator_fits(tmp_path) -> N
     cm = fit(cal)
     assert cm.params["colocated"].flops_per_s > 0 and cm.params["split"].borrowed  # no split measured
     assert np.isfinite(cm.compile_s["decode"]) and cm.compile_s["decode"] > 0
+
+
+def test_virtual_compile_queue_runs_urgent_before_queued_warmups() -> None:
+    """The simulator's background compiles follow compile_queue.CompileQueue in virtual time: one
+    thread; when it frees up, the lowest priority among the compiles queued by then starts (an
+    URGENT next-bucket program overtakes queued warm-ups); a started compile cannot be cancelled."""
+
+    class Clock:
+        clock = 0.0
+
+    g = Clock()
+    q = SimCompileQueue(g)  # type: ignore[arg-type]
+    a, b = SimFuture(q, 0.0, 2.0, None), SimFuture(q, 0.0, 3.0, None)  # type: ignore[arg-type]
+    q.submit(a, compile_queue.WARM)
+    q.submit(b, compile_queue.WARM)
+    assert a.running() and not b.running() and not a.cancel()
+    g.clock = 1.0
+    c = SimFuture(q, 1.0, 1.0, None)  # type: ignore[arg-type]
+    q.submit(c, compile_queue.URGENT)
+    g.clock = 2.5
+    assert a.done() and c.running() and (c.start, c.done_at) == (2.0, 3.0)
+    assert not b.done() and b.cancel() and b.done()  # never started: cancelled
+    d = SimFuture(q, 2.5, 4.0, None)  # type: ignore[arg-type]
+    q.submit(d, compile_queue.WARM)
+    d.exception()  # waiting advances the clock to its end
+    assert (d.start, d.done_at, g.clock) == (3.0, 7.0, 7.0)
+

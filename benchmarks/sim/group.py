@@ -121,6 +121,8 @@ class SimCompileQueue:
         while self._heap:
             if until_started is not None and until_started.start is not None:
                 return
+            if self.free_at > until:  # busy past `until`: nothing starts (the common case)
+                return
             live = [(p, q, f) for p, q, f in self._heap if not f.cancelled()]
             if len(live) != len(self._heap):
                 self._heap = live

@@ -143,6 +143,11 @@ SETUPS: dict[str, BenchSetup] = {
     "gpu-8": BenchSetup(devices=8, crosspool_pools="4+4", arena_bytes=None, page_bytes=262144,
                         prefill_chunk=512, max_prefill_tokens=2048,
                         note="8 GPUs; arena = 92% of GPU 0's free memory (95% pool)"),
+    # 100 models: crosspool's FFN weights (1,945 GiB) need 16 weights GPUs of a ~122 GiB arena: 48+16 is
+    # the split with the most KV devices that holds it (`--plan-only`); 32 live requests per GPU
+    "gpu-64": BenchSetup(devices=64, crosspool_pools="48+16", arena_bytes=None, page_bytes=262144,
+                         prefill_chunk=512, max_prefill_tokens=2048, max_live_requests=2048,
+                         note="64 GPUs; arena = 92% of GPU 0's free memory (95% pool)"),
 }
 # GPU: the memory pool JAX may take (the bench sets XLA_PYTHON_CLIENT_MEM_FRACTION to this unless it
 # is set) and the share of the pool's free bytes the arena gets (the rest: step temporaries, which
@@ -928,39 +933,53 @@ def measure_slo(trace: Trace, setup: BenchSetup, arena_bytes: int, platform: str
         plan = memory_plan("crosspool", [name], setup, arena_bytes, platform)
         if not plan["fits"]:
             raise RuntimeError(f"isolated reference of {name}: {plan['why']}")
-        recs = []
-        for rs in buckets.values():
-            for r in rs:
-                for rep in range(2):  # the first compiles; only the second is measured
-                    recs.append(Record(index=trace.requests.index(r), request_id=f"ref-{r.request_id}-{rep}",
-                                       model=name, prompt_len=r.prompt_len, output_len=r.output_len,
-                                       arrival_s=0.0))
+        recs = reference_records(trace, buckets, name)  # the first of each pair compiles
         t = time.time()
         recs = in_child("_mode_job", mode="crosspool", models=[name], trace_models=trace_models, plan=plan,
                         setup=setup, records=recs, seed=seed, label=f"reference {shape}", timeout=timeout,
                         progress=False, sequential=True)["records"]
-        slo[shape] = {}
-        for b in buckets:
-            measured = [r for r in recs[1::2] if bucket_of(r.prompt_len) == b]
-            ok = [r for r in measured if r.outcome == "finished"]
-            if not ok:
-                slo[shape][b] = None
-                continue
-            ttft = nearest_rank_p99([r.ttft for r in ok])
-            tpots = [r.tpot for r in ok if r.tpot is not None]
-            tpot = nearest_rank_p99(tpots) if tpots else None
-            slo[shape][b] = {
-                "ttft_s": scale * ttft, "tpot_s": scale * tpot if tpot is not None else None,
-                "isolated_ttft_p99_s": ttft, "isolated_tpot_p99_s": tpot,
-                "requests": [{"prompt_len": r.prompt_len, "output_len": r.output_len, "ttft_s": r.ttft,
-                              "tpot_s": r.tpot, "outcome": r.outcome, "reason": r.reason} for r in measured],
-            }
+        slo[shape] = slo_of_isolated(buckets, recs, scale)
         log(f"bench reference {shape}: " + ", ".join(
             f"{b}: isolated TTFT P99 {v['isolated_ttft_p99_s'] * 1e3:.1f} ms, TPOT P99 "
             f"{(v['isolated_tpot_p99_s'] or 0) * 1e3:.1f} ms" if v else f"{b}: no finished request"
             for b, v in slo[shape].items()) + f" ({time.time() - t:.0f} s)")
     return slo
 
+
+
+def reference_records(trace: Trace, picks: dict[str, list[Any]], name: str) -> list[Record]:
+    """The isolated runs of one shape's picks (`reference_requests`): each request twice, in order
+    (the first compiles and is not measured)."""
+    recs = []
+    for rs in picks.values():
+        for r in rs:
+            for rep in range(2):
+                recs.append(Record(index=trace.requests.index(r), request_id=f"ref-{r.request_id}-{rep}",
+                                   model=name, prompt_len=r.prompt_len, output_len=r.output_len,
+                                   arrival_s=0.0))
+    return recs
+
+
+def slo_of_isolated(buckets: dict[str, list[Any]], recs: list[Record], scale: float) -> dict[str, Any]:
+    """{bucket: SLO} from one shape's isolated runs (`reference_records`, filled): `scale` x the
+    nearest-rank P99 of the measured (second) runs' TTFT and mean TPOT; None without a finished run."""
+    out: dict[str, Any] = {}
+    for b in buckets:
+        measured = [r for r in recs[1::2] if bucket_of(r.prompt_len) == b]
+        ok = [r for r in measured if r.outcome == "finished"]
+        if not ok:
+            out[b] = None
+            continue
+        ttft = nearest_rank_p99([r.ttft for r in ok])
+        tpots = [r.tpot for r in ok if r.tpot is not None]
+        tpot = nearest_rank_p99(tpots) if tpots else None
+        out[b] = {
+            "ttft_s": scale * ttft, "tpot_s": scale * tpot if tpot is not None else None,
+            "isolated_ttft_p99_s": ttft, "isolated_tpot_p99_s": tpot,
+            "requests": [{"prompt_len": r.prompt_len, "output_len": r.output_len, "ttft_s": r.ttft,
+                          "tpot_s": r.tpot, "outcome": r.outcome, "reason": r.reason} for r in measured],
+        }
+    return out
 
 
 # ---- outputs ------------------------------------------------------------------------------------
@@ -1078,9 +1097,14 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def load_trace(args: argparse.Namespace) -> Trace:
-    """The trace: --trace FILE, or the preset generated with --seed; cut to --max-duration-s."""
+    """The trace: --trace FILE (the project's JSONL, or a raw Mooncake JSONL / Azure CSV whose
+    requests get the preset's models by its popularity rule: `workload.public`), or the preset
+    generated with --seed; cut to --max-duration-s."""
     if args.trace:
-        trace = load_jsonl(args.trace)
+        from benchmarks.workload.public import read_trace_file
+
+        spec = get_preset(args.preset) if args.preset in PRESETS else None
+        trace = read_trace_file(args.trace, spec, args.seed) if spec is not None else load_jsonl(args.trace)
     else:
         trace = generate(get_preset(args.preset), args.seed)
     if args.max_duration_s is not None:

@@ -283,27 +283,10 @@ class PooledEngine(EngineCore):
             ensure_cpu_devices(devices_needed(mode, pools))
         devs = list(devices or jax.devices())
         platform = "gpu" if devs[0].platform in ("gpu", "cuda") else "cpu"
-        gpu = platform == "gpu"
-        self.config = cfg = dataclasses.replace(  # platform defaults resolved
-            cfg, page_bytes=cfg.page_bytes or (262144 if gpu else 16384),
-            prefill_chunk=cfg.prefill_chunk or (512 if gpu else 64),
-            max_prefill_tokens=cfg.max_prefill_tokens or (2048 if gpu else 512))
-        dtype = cfg.dtype or ("float32" if platform == "cpu" else "bfloat16")
-        itemsize = jnp.dtype(dtype).itemsize
-        row_elems = 128 if platform != "cpu" else 64
-        if cfg.page_bytes % (row_elems * itemsize):
-            raise InvalidRequestError(
-                f"page_bytes {cfg.page_bytes} must be a multiple of {row_elems * itemsize}")
         arena = cfg.arena_bytes or (64 << 20 if platform == "cpu" else _gpu_arena_bytes(devs[0]))
-        num_pages = arena // cfg.page_bytes
-        layout = PoolLayout(cfg.page_bytes, dtype, row_elems, num_pages)
-        wpages = max(1, int(num_pages * cfg.weights_fraction))
-        if cfg.max_stop_ids < 1:
-            raise InvalidRequestError(f"max_stop_ids must be >= 1, got {cfg.max_stop_ids}")
-        kw = dict(steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk,
-                  max_prefill_tokens=cfg.max_prefill_tokens, backend=cfg.attention_backend,
-                  platform=platform, micro_batches=cfg.micro_batches, overlap=cfg.overlap,
-                  max_stop_ids=cfg.max_stop_ids)
+        self.config = cfg = resolve_config(cfg, platform)
+        layout, wpages = arena_layout(cfg, platform, arena)
+        kw = runner_kwargs(cfg, platform)
         self.groups: list[GroupRunner] = []
         if mode == "crosspool":
             if pools is None:
@@ -407,7 +390,7 @@ class PooledEngine(EngineCore):
         with self._lock:
             load = {id(gw): sum(b for n, b in self._model_bytes.items() if self._model_group[n] is gw)
                     for gw in self._gws}
-        order = sorted(self._gws, key=lambda gw: load[id(gw)])
+        order = [self._gws[i] for i in placement_order([load[id(gw)] for gw in self._gws])]
         for gw in order:
             try:
                 place(gw.group, gw.lock)
@@ -423,8 +406,7 @@ class PooledEngine(EngineCore):
 
     def _register(self, gw: _GroupWorker, record: ModelRecord) -> ModelInfo:
         name = record.info.name
-        ma, st = gw.group.store.models[name], gw.group.store
-        nbytes = (ma.rows(Role.KV) * st.num_kv + ma.rows(Role.WEIGHTS) * st.num_weights) * st.row_bytes()
+        nbytes = placed_weight_bytes(gw.group.store, name)
         with self._lock:
             self._model_group[name] = gw
             self._model_bytes[name] = nbytes
@@ -470,9 +452,7 @@ class PooledEngine(EngineCore):
     def _set_static_limits(self, group: GroupRunner) -> None:
         """Mode static: every model of the group gets an equal share of its KV pages as floor and cap
         (also while requests run: `GroupRunner.set_limits` says what happens to them)."""
-        names = list(group.geoms)
-        share = group.kv.config.total_pages // max(1, len(names))
-        group.set_limits({n: ModelLimits(floor_pages=share, cap_pages=share) for n in names})
+        group.set_limits(static_limits(list(group.geoms), group.kv.config.total_pages))
 
     def _on_unload(self, name: str) -> None:
         with self._lock:
@@ -596,6 +576,59 @@ class PooledEngine(EngineCore):
         if n:
             with self._lock:
                 self._preemptions += n
+
+
+def resolve_config(cfg: EngineConfig, platform: str) -> EngineConfig:
+    """`cfg` with the platform's defaults filled in (page_bytes, prefill_chunk, max_prefill_tokens;
+    "gpu" or "cpu")."""
+    gpu = platform == "gpu"
+    return dataclasses.replace(cfg, page_bytes=cfg.page_bytes or (262144 if gpu else 16384),
+                               prefill_chunk=cfg.prefill_chunk or (512 if gpu else 64),
+                               max_prefill_tokens=cfg.max_prefill_tokens or (2048 if gpu else 512))
+
+
+def arena_layout(cfg: EngineConfig, platform: str, arena_bytes: int) -> tuple[PoolLayout, int]:
+    """Each device's arena of `arena_bytes` bytes as pages of the resolved `cfg`, and the pages of
+    it reserved for weights (`weights_fraction`); raises InvalidRequestError for a page size the
+    rows cannot tile."""
+    dtype = cfg.dtype or ("float32" if platform == "cpu" else "bfloat16")
+    itemsize = jnp.dtype(dtype).itemsize
+    row_elems = 128 if platform != "cpu" else 64
+    if cfg.page_bytes % (row_elems * itemsize):
+        raise InvalidRequestError(f"page_bytes {cfg.page_bytes} must be a multiple of {row_elems * itemsize}")
+    num_pages = arena_bytes // cfg.page_bytes
+    layout = PoolLayout(cfg.page_bytes, dtype, row_elems, num_pages)
+    return layout, max(1, int(num_pages * cfg.weights_fraction))
+
+
+def runner_kwargs(cfg: EngineConfig, platform: str) -> dict[str, Any]:
+    """The `GroupRunner` keyword arguments of every group of an engine with the resolved `cfg`;
+    raises InvalidRequestError for a `max_stop_ids` below 1."""
+    if cfg.max_stop_ids < 1:
+        raise InvalidRequestError(f"max_stop_ids must be >= 1, got {cfg.max_stop_ids}")
+    return dict(steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk,
+                max_prefill_tokens=cfg.max_prefill_tokens, backend=cfg.attention_backend,
+                platform=platform, micro_batches=cfg.micro_batches, overlap=cfg.overlap,
+                max_stop_ids=cfg.max_stop_ids)
+
+
+def placement_order(loads: list[int]) -> list[int]:
+    """Groups in the order a new model tries them: least loaded (weight bytes placed) first, ties
+    in group order."""
+    return sorted(range(len(loads)), key=lambda i: loads[i])
+
+
+def placed_weight_bytes(store: Any, name: str) -> int:
+    """Arena bytes of a placed model's weights over all the group's devices (its load)."""
+    ma = store.models[name]
+    return (ma.rows(Role.KV) * store.num_kv + ma.rows(Role.WEIGHTS) * store.num_weights) * store.row_bytes()
+
+
+def static_limits(models: list[str], total_pages: int) -> dict[str, ModelLimits]:
+    """Mode static's KV reservations in one group: each model an equal share of the group's KV
+    pages (`total_pages`) as floor and cap."""
+    share = total_pages // max(1, len(models))
+    return {n: ModelLimits(floor_pages=share, cap_pages=share) for n in models}
 
 
 def _programs_built(group: GroupRunner) -> int:

@@ -1,6 +1,7 @@
 """The `crosspool` command line: `crosspool convert` (HF -> crosspool checkpoint), `crosspool generate`
 (local, or `--server ADDR` through the gRPC client), `crosspool serve` (the gRPC server) and
-`crosspool bench` (benchmarks/runner.py: one trace against crosspool, shared and static).
+`crosspool bench` (benchmarks/runner.py: one trace against crosspool, shared and static);
+`crosspool simulate` (benchmarks/sim/replay.py: the same, predicted in simulated time).
 
 Every error the engine raises on purpose (CrossPoolError, ConfigError included) is printed as one
 line `crosspool: error: <message>` on stderr, exit code 2, without a traceback.
@@ -551,6 +552,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CrossPoolError(str(e)) from None
 
 
+# ---- simulate (benchmarks/sim/replay.py) ------------------------------------------------------------
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="predict `crosspool bench` for crosspool, shared and static in simulated time (no devices)",
+        description="Replays a trace through the engine's own planner, virtualizer and batching with device "
+        "calls priced by a calibrated cost model; writes the bench's results.json keys. A prediction, not a "
+        "measurement. See benchmarks/sim/replay.py and docs/simulator.md.",
+    )
+    try:
+        _bench_runner()
+        import benchmarks.sim.replay as sim
+    except ImportError as e:  # an install without the repo's benchmarks/
+        err = f"crosspool simulate needs the repository's benchmarks/ package: {e}"
+        p.set_defaults(func=lambda args: (_ for _ in ()).throw(CrossPoolError(err)))
+        return
+    sim.add_arguments(p)
+    p.set_defaults(func=cmd_simulate)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Runs benchmarks.sim.replay with the parsed flags; its errors become one-line CLI errors."""
+    _bench_runner()
+    import benchmarks.sim.replay as sim
+    from benchmarks.workload.trace import TraceFormatError
+
+    args.command_line = " ".join(["crosspool", *sys.argv[1:]])
+    try:
+        return int(sim.main_args(args))
+    except (ValueError, RuntimeError, TraceFormatError) as e:
+        raise CrossPoolError(str(e)) from None
+
+
 # ---- demo ------------------------------------------------------------------------------------------
 
 
@@ -590,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_serve(sub)
     _add_bench(sub)
+    _add_simulate(sub)
     _add_demo(sub)
     return parser
 

@@ -1,4 +1,4 @@
-"""Named workload specs: ``cpu-tiny``, ``gpu-2``, ``gpu-8``, each in several arms.
+"""Named workload specs: ``cpu-tiny``, ``gpu-2``, ``gpu-8``, ``gpu-64``, each in several arms.
 
 ``NAME`` is the bursty-long (headline) arm; ``NAME-uniform`` the Poisson/Azure control at the same
 mean total rate and models; ``NAME-replay`` the Mooncake trace's own timestamps, time-compressed to
@@ -68,6 +68,8 @@ def model_shape(name: str) -> str:
 # gpu-8: `crosspool bench --preset NAME --plan-only` prints the plan per mode)
 GPU_2_MODELS = interleave({"olmoe-1b-7b": 9})
 GPU_8_MODELS = interleave({"olmoe-1b-7b": 16, "deepseek-v2-lite": 8})
+# 100 models on 64 GPUs (the simulator's large setup, issue 19): gpu-8's 2:1 mix of shapes
+GPU_64_MODELS = interleave({"olmoe-1b-7b": 67, "deepseek-v2-lite": 33})
 
 
 def cpu_tiny() -> WorkloadSpec:
@@ -250,6 +252,30 @@ def gpu_8_replay() -> WorkloadSpec:
     )
 
 
+def gpu_64() -> WorkloadSpec:
+    """Bursty long-context preset for 64 GPUs and 100 cold models: 4 req/s, 900 s (~3,600 requests).
+
+    Models (``GPU_64_MODELS``): 67 OLMoE-1B-7B-shaped and 33 DeepSeek-V2-Lite-shaped (gpu-8's 2:1
+    mix), ~2 TB of weights on 64 x 141 GB. Same law as ``gpu-2`` (alpha 1.3, Gamma CV 4, 50% off,
+    groups of 2-3, Mooncake lengths clipped at 126,976 / 4,096 tokens) with the protocol's own
+    on/off cycles (60-300 s) over 900 s. The rate: at alpha 1.3 the most popular of 100 models gets
+    32% of the requests, and no mode replicates a model, so one GPU (shared / static) serves it:
+    4 req/s gives it ~1.3 req/s of ~12K-token Mooncake prompts, about half of one H200's measured
+    prefill rate (35.8K tokens/s), twice that while its group bursts. At gpu-2's 1 req/s per GPU
+    (64 req/s) that one GPU would be 6x overloaded in every mode. Built for ``crosspool simulate``
+    (no 64-GPU machine is lent to run the bench).
+    """
+    return dataclasses.replace(
+        gpu_2(), num_models=len(GPU_64_MODELS), model_names=GPU_64_MODELS, total_rate=4.0,
+        duration_s=900.0, cycle_min_s=60.0, cycle_max_s=300.0,
+    )
+
+
+def gpu_64_uniform() -> WorkloadSpec:
+    """``gpu-64``'s control: Poisson at the same 4 req/s over the same 100 models, Azure lengths."""
+    return dataclasses.replace(gpu_64(), arm="uniform", cv=1.0, off_fraction=0.0, length_source="azure")
+
+
 PRESETS: dict[str, Callable[[], WorkloadSpec]] = {
     "cpu-tiny": cpu_tiny,
     "cpu-tiny-uniform": cpu_tiny_uniform,
@@ -262,6 +288,8 @@ PRESETS: dict[str, Callable[[], WorkloadSpec]] = {
     "gpu-8": gpu_8,
     "gpu-8-uniform": gpu_8_uniform,
     "gpu-8-replay": gpu_8_replay,
+    "gpu-64": gpu_64,
+    "gpu-64-uniform": gpu_64_uniform,
 }
 
 

@@ -55,7 +55,7 @@ from crosspool_jax.execution.host_step import (
 )
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
 from crosspool_jax.execution.sampling import SamplingParams, seed_words
-from crosspool_jax.memory.arena import NO_GUARD, ArenaStore
+from crosspool_jax.memory.arena import NO_GUARD, ArenaBook, ArenaStore
 from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
 from crosspool_jax.memory.planner import (
     KVPlanner,
@@ -197,9 +197,12 @@ class _Call:
     decode: bool
     prefill_tokens: int  # prompt tokens the call computes (for the prefill-rate estimate)
     models: frozenset[str]
-    dispatched: float  # time.perf_counter() at dispatch
+    dispatched: float  # `GroupRunner._now()` at dispatch
     # the call compiled its program or ran in a larger one (its time is not a prefill rate)
     compiled: bool
+    # a simulated executor's (benchmarks/sim): the virtual time its device work ends; None: a real
+    # call, whose end is known by reading its outputs
+    done_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,11 +304,14 @@ class GroupRunner:
         warm_context: int | None = None,
         fallback: bool = True,
         max_stop_ids: int = DEFAULT_MAX_STOP_IDS,
+        store: ArenaBook | None = None,
     ):
-        enable_compilation_cache()  # before anything compiles; keeps a directory set elsewhere
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        self.store = ArenaStore(topology, layout, attn_pages, colocated=colocated)
+        if store is None:
+            enable_compilation_cache()  # before anything compiles; keeps a directory set elsewhere
+            store = ArenaStore(topology, layout, attn_pages, colocated=colocated)
+        self.store = store
         self.execution = "lowered" if self.store.colocated else execution
         self._trials: dict[tuple[Any, ...], StrategyTrial] = {}  # auto: verdict per lane structure
         self.platform = platform or ("gpu" if jax.default_backend() in ("gpu", "cuda") else "cpu")
@@ -369,14 +375,13 @@ class GroupRunner:
         self._read_tokens: dict[str, list[int]] = {}  # read since the last StepResult
         self._read_finished: dict[str, tuple[str, str]] = {}
         self._launched: tuple[int, tuple[str, ...]] | None = None  # (calls, preempted) of launch()
-        self._last_ready = 0.0  # perf_counter when the last read call was seen finished
+        self._last_ready = 0.0  # `_now()` when the last read call was seen finished
         # host-side accounting: seconds in launch() (planning, inputs, dispatch), seconds blocked
         # reading calls' tokens, tokens sampled for requests that had ended when read (a stop read
         # one call late with overlap, a cancel)
         self.launch_seconds = 0.0
         self.wait_seconds = 0.0
         self.dropped_tokens = 0
-        self._feed = jax.jit(_feed_tokens, out_shardings=self.store.sharding, donate_argnums=(0,))
         hp = self.kv.config.host_swap_pages
         self._host_swap = (np.zeros((hp, layout.rows_per_page, layout.row_elems), _np_dtype(layout.dtype))
                            if hp else None)
@@ -465,10 +470,10 @@ class GroupRunner:
                 bigger = [sp for sp, fut in self._background.items()
                           if fut.running() and spec_dominates(sp, want)]
                 if bigger:
-                    t0 = time.perf_counter()
+                    t0 = self._now()
                     with self._unlocked():  # cancels from other threads free pages meanwhile
                         self._background[bigger[0]].exception()  # waits; a failure: compiled below
-                    self.blocked_compile_seconds += time.perf_counter() - t0
+                    self.blocked_compile_seconds += self._now() - t0
                     self.blocked_compiles += 1
                     self._poll_background()
                     bigger = [sp for sp in bigger if sp in self._ready]
@@ -526,7 +531,7 @@ class GroupRunner:
         """`spec`'s program, compiled on this thread now (ahead of time, so the time is the
         compile's), or the background thread's compile of it waited for if already running; the
         seconds count in `blocked_compile_seconds`."""
-        t0 = time.perf_counter()
+        t0 = self._now()
         prog = None
         fut = self._background.pop(spec, None)
         with self._unlocked():  # cancels from other threads free pages meanwhile
@@ -537,7 +542,7 @@ class GroupRunner:
                     prog = None
             if prog is None:
                 prog = self._compile_aot(spec)
-        self.blocked_compile_seconds += time.perf_counter() - t0
+        self.blocked_compile_seconds += self._now() - t0
         self.blocked_compiles += 1
         self.programs_built += 1
         self._insert(spec, prog)
@@ -892,7 +897,7 @@ class GroupRunner:
     def _launch_locked(self) -> None:
         if self._launched is not None:
             raise RuntimeError("launch() twice without result()")
-        t_launch, waited = time.perf_counter(), self.wait_seconds
+        t_launch, waited = self._now(), self.wait_seconds
         k = self.steps_per_call
         decode_lengths = {}
         for rid in self.planner.running():
@@ -940,7 +945,7 @@ class GroupRunner:
         self.calls += calls
         self._launched = (calls, tuple(preempted))
         # reads inside launch (overlap off, or a prefill that needs tokens in flight) are waits
-        self.launch_seconds += time.perf_counter() - t_launch - (self.wait_seconds - waited)
+        self.launch_seconds += self._now() - t_launch - (self.wait_seconds - waited)
 
     def prefill_budget(self, decoding: bool) -> int:
         """Most prompt tokens this step may prefill. With requests decoding, as many as the
@@ -973,16 +978,29 @@ class GroupRunner:
         self._read_tokens, self._read_finished = {}, {}
         return StepResult(tokens, finished, calls, preempted)
 
+    def _now(self) -> float:
+        """The runner's clock in seconds (`time.perf_counter`; a simulated runner's virtual clock)."""
+        return time.perf_counter()
+
+    def _read(self, call: _Call) -> list[np.ndarray]:
+        """A call's sampled tokens per lane ([steps, N * slots] int32), waiting for its device work."""
+        return [np.asarray(o) for o in call.outs]
+
+    @functools.cached_property
+    def _feed(self) -> Callable:
+        """`_feed_tokens` jitted with the step inputs' sharding (built on first use)."""
+        return jax.jit(_feed_tokens, out_shardings=self.store.sharding, donate_argnums=(0,))
+
     def _collect(self, keep: int) -> None:
         """Reads the oldest calls in flight until `keep` are left: revises placeholders to the
         sampled tokens, ends requests at a stop token or (all tokens read) at max_new_tokens."""
         n = self.store.num_devices
         while len(self._inflight) > keep:
             call = self._inflight.popleft()
-            t_wait = time.perf_counter()
+            t_wait = self._now()
             with self._unlocked():  # cancels from other threads free pages meanwhile
-                got_lanes = [np.asarray(o) for o in call.outs]  # waits for the call's device work
-            ready = time.perf_counter()
+                got_lanes = self._read(call)  # waits for the call's device work
+            ready = self._now()
             self.wait_seconds += ready - t_wait
             if not call.compiled:
                 # the device started this call when it was dispatched or when the previous call
@@ -1078,9 +1096,7 @@ class GroupRunner:
         items = [w for w in items if not w.req.done]
         if not items:
             return []
-        store = self.store
-        n, n_kv = store.num_devices, store.num_kv
-        base = store.kv_first_page
+        n, n_kv = self.store.num_devices, self.store.num_kv
         by_model: dict[str, list[tuple[_Work, int, int, KVSegment, list[KVSegment], int]]] = {}
         rest: list[_Work] = []
         for w in items:
@@ -1094,10 +1110,6 @@ class GroupRunner:
             if end < w.end:
                 rest.append(_Work(w.req, end, w.end, w.decode, w.samples))
             by_model.setdefault(w.req.model, []).append((w, w.start, end, seg, older, si))
-        lanes: list[LaneShape] = []
-        host_inputs: list[dict[str, np.ndarray]] = []
-        placements: list[list[tuple[str, int, int, int, bool]]] = []
-        feeds: list[list[tuple[int, Any, int]]] = []  # per lane: (tokens row, source, flat index)
         k_steps = 1
         # one lane per model class (MLA: per model): its models are groups of one program
         by_class: dict[Any, tuple[list[str], list]] = {}
@@ -1163,6 +1175,51 @@ class GroupRunner:
             for i, shape in zip(idxs, spec.lanes, strict=True):
                 shapes[i] = shape
             programs.append((idxs, prog))
+        lanes = shapes
+        outs, placements, dispatched, done_at = self._execute(programs, groups, shapes, sorted_rows, decode)
+        # the call's tokens, as placeholders until `_collect` reads them
+        places = []
+        for lane, place, out in zip(lanes, placements, outs, strict=True):
+            lane_places = []
+            for rid, d, bi, q, samples in place:
+                if not samples:
+                    continue
+                count = q if decode else 1  # a prefill samples one token, after its last row
+                r = self.reqs.get(rid)
+                if r is None or r.done:  # ended while the program compiled: tokens dropped
+                    self.dropped_tokens += count
+                    continue
+                g0 = len(r.generated)
+                r.generated.extend([PENDING] * count)
+                r.pending += count
+                last_step = count - 1 if decode else 0
+                r.feed = (out, last_step * n * lane.slots + d * lane.slots + bi)
+                self.planner.append_tokens(rid, [PENDING] * count)
+                lane_places.append((rid, d, bi, count, g0))
+            places.append(lane_places)
+        prefill_tokens = 0 if decode else sum(q for place in placements for _, _, _, q, _ in place)
+        self._dispatches += 1
+        self._inflight.append(_Call(tuple(outs), tuple(lanes), places, decode, prefill_tokens,
+                                    frozenset(w.req.model for w in items), dispatched,
+                                    (self.blocked_compiles, self.fallback_calls)
+                                    != (blocked_before, fallbacks_before), done_at))
+        return rest
+
+    def _execute(self, programs: list[tuple[list[int], Callable]], groups: list[tuple[Any, list[str], list]],
+                 shapes: list[LaneShape], sorted_rows: list[tuple[list[list], dict[str, int]]], decode: bool
+                 ) -> tuple[list[Any], list[list[tuple[str, int, int, int, bool]]], float, float | None]:
+        """Builds the lanes' inputs (at `shapes`, the shapes of the programs that run them) and calls
+        each lane group's program on the arena. Returns per lane its output ([steps, N * slots]
+        sampled tokens, on the device) and its placements (request id, KV device, slot, tokens
+        computed, samples), the `_now()` at dispatch, and None (the calls' end is known by reading
+        them; a simulated executor returns its virtual end time there instead)."""
+        store = self.store
+        n, n_kv = store.num_devices, store.num_kv
+        base = store.kv_first_page
+        lanes: list[LaneShape] = []
+        host_inputs: list[dict[str, np.ndarray]] = []
+        placements: list[list[tuple[str, int, int, int, bool]]] = []
+        feeds: list[list[tuple[int, Any, int]]] = []  # per lane: (tokens row, source, flat index)
         for (cls, names, _), shape, (per_dev, gidx) in zip(groups, shapes, sorted_rows, strict=True):
             cfg = cls.config
             g_count, b, t, pages = shape.groups, shape.slots, shape.tokens, shape.max_pages
@@ -1192,7 +1249,6 @@ class GroupRunner:
                 arr["x_rows"] = np.full((n, x, c), -1, np.int32)
                 arr["x_pages"] = np.full((n, x, L, pages), -1, np.int32)
                 arr["x_len"] = np.zeros((n, x), np.int32)
-            place = []
             feed = []
             x_fill = [0] * n
             for d in range(n_kv):
@@ -1250,12 +1306,11 @@ class GroupRunner:
                         lp = s.layer_pages
                         arr["x_pages"][xd, xi, :, : lp.shape[1]] = lp + base
                         arr["x_len"][xd, xi] = s.num_tokens
-                    place.append((r.request_id, d, bi, e0 - s0, decode or (w.samples and e0 == w.end)))
                 if not decode:
                     arr["cu_q"][d, len(per_dev[d]) + 1:] = row_ptr
             lanes.append(shape)
             host_inputs.append(arr)
-            placements.append(place)
+            placements.append(lane_placements(per_dev, decode))
             feeds.append(feed)
         sharding = store.sharding
         dev_feeds: list[dict[int, tuple[Any, list[int], list[int]]]] = []
@@ -1279,39 +1334,13 @@ class GroupRunner:
                 idx_a = np.zeros(m, np.int32)
                 idx_a[: len(idx)] = idx
                 inp["tokens"] = self._feed(inp["tokens"], rows_a, src, idx_a)
-        dispatched = time.perf_counter()
+        dispatched = self._now()
         outs: list[Any] = [None] * len(lanes)
         for idxs, prog in programs:
             store.arena, group_outs = prog(store.arena, tuple(dev_inputs[i] for i in idxs))
             for i, o in zip(idxs, group_outs, strict=True):
                 outs[i] = o
-        # the call's tokens, as placeholders until `_collect` reads them
-        places = []
-        for lane, place, out in zip(lanes, placements, outs, strict=True):
-            lane_places = []
-            for rid, d, bi, q, samples in place:
-                if not samples:
-                    continue
-                count = q if decode else 1  # a prefill samples one token, after its last row
-                r = self.reqs.get(rid)
-                if r is None or r.done:  # ended while the program compiled: tokens dropped
-                    self.dropped_tokens += count
-                    continue
-                g0 = len(r.generated)
-                r.generated.extend([PENDING] * count)
-                r.pending += count
-                last_step = count - 1 if decode else 0
-                r.feed = (out, last_step * n * lane.slots + d * lane.slots + bi)
-                self.planner.append_tokens(rid, [PENDING] * count)
-                lane_places.append((rid, d, bi, count, g0))
-            places.append(lane_places)
-        prefill_tokens = 0 if decode else sum(q for place in placements for _, _, _, q, _ in place)
-        self._dispatches += 1
-        self._inflight.append(_Call(tuple(outs), tuple(lanes), places, decode, prefill_tokens,
-                                    frozenset(w.req.model for w in items), dispatched,
-                                    (self.blocked_compiles, self.fallback_calls)
-                                    != (blocked_before, fallbacks_before)))
-        return rest
+        return outs, placements, dispatched, None
 
 
 # Decode attention switches from the split grid to the persistent work list at this raggedness
@@ -1333,6 +1362,16 @@ def attention_schedule(tail_lens: Sequence[np.ndarray], cfg: ModelConfig, eligib
     if lens.size < 2:
         return "split"
     return "persistent" if lens.max() >= PERSISTENT_RAGGEDNESS * lens.mean() else "split"
+
+
+def lane_placements(per_dev: Sequence[Sequence[tuple]], decode: bool
+                    ) -> list[tuple[str, int, int, int, bool]]:
+    """Where a lane's rows run: per row of `per_dev` (per KV device, its rows in slot order, each
+    (work, start, end, segment, older segments, segment index)), (request id, KV device, slot,
+    tokens computed, whether the row samples a token: every decode row, and a prefill row that
+    ends its work's range with `samples`)."""
+    return [(w.req.request_id, d, bi, e0 - s0, decode or (w.samples and e0 == w.end))
+            for d, rows in enumerate(per_dev) for bi, (w, s0, e0, *_) in enumerate(rows)]
 
 
 def _tokens_at(r: _Req, new: list[int], start: int, end: int) -> list[int]:

@@ -24,7 +24,8 @@ a multiple of R and laid out row-major, so a `[K, N]` matrix is `K * N_pad / R` 
 (DeepSeek-V3's float32 router bias in a bf16 arena) is stored bit-for-bit (bitcast), everything
 else is cast to the arena dtype (the pool's weights dtype).
 
-This module is host-side: the plan (`ArenaPlan`, plain Python) and the writer (`ArenaStore`), which
+This module is host-side: the books (`ArenaBook`, plain Python: rows per model and role, no
+devices) and the writer (`ArenaStore`, an `ArenaBook` with the devices and the jax array), which
 places a model's tensors with one jitted, donated in-place update per tensor.
 """
 
@@ -369,37 +370,35 @@ class ArenaDeviceReport:
 NO_GUARD = nullcontext()  # `place_model` without a stepping thread to keep out
 
 
-class ArenaStore:
-    """The global arena array and what is placed in it.
+class ArenaBook:
+    """The books of a group's arenas without the arenas: which rows each placed model's tensors take
+    per role, and where the KV pages start. Plain Python, no devices, no array: what the host-side
+    scheduling needs (`ArenaStore` adds the devices and the jax array; the simulator in
+    benchmarks/sim runs `GroupRunner` over a book alone).
 
     layout: page size / dtype / R of the arena (the KV pool's `PoolLayout`), num_pages = pages per
     device. attn_pages: pages at the start of each KV device's arena reserved for attention-side
     weights; the rest are KV pages (`kv_first_page`, `kv_pages`). Weights devices use their whole
-    arena for FFN-side weights.
-
-    `arena` is a jax.Array [N * num_pages, rows_per_page, R] sharded over the global mesh's `pool`
-    axis (device i's shard is its arena). Every update donates it: use `store.arena` afresh.
+    arena for FFN-side weights. num_kv / num_weights: devices of each role; colocated: one device
+    holding both roles (then num_kv = num_weights = 1).
     """
 
-    def __init__(self, topology: PoolTopology | None, layout: PoolLayout, attn_pages: int, *,
-                 colocated: jax.Device | None = None):
+    topology: PoolTopology | None = None
+    kv_devices: tuple[Any, ...] = ()  # a book has no devices (ArenaStore: the jax devices)
+
+    def __init__(self, layout: PoolLayout, attn_pages: int, num_kv: int, num_weights: int,
+                 colocated: bool = False):
         if layout.num_pages < 1:
             raise ArenaError("the arena needs num_pages >= 1")
         if not 0 <= attn_pages < layout.num_pages:
             raise ArenaError(f"attn_pages={attn_pages} must leave KV pages in an arena of "
                              f"{layout.num_pages} pages")
-        if (topology is None) == (colocated is None):
-            raise ArenaError("give either a pool topology or one colocated device")
-        self.topology = topology
-        self.colocated = colocated is not None
-        if colocated is not None:  # one device holding both roles (the shared/static baselines)
-            self.devices: tuple[jax.Device, ...] = (colocated,)
-            self.kv_devices = self.weights_devices = (colocated,)
-            self.mesh = Mesh(np.array([colocated]), (POOL_AXIS,))
-        else:
-            self.devices = topology.devices
-            self.kv_devices, self.weights_devices = topology.kv_devices, topology.weights_devices
-            self.mesh = topology.global_mesh
+        if colocated and (num_kv, num_weights) != (1, 1):
+            raise ArenaError("a colocated arena is one device holding both roles")
+        if num_kv < 1 or num_weights < 1:
+            raise ArenaError(f"an arena group needs KV and weights devices, got {num_kv}+{num_weights}")
+        self.colocated = colocated
+        self._counts = (num_kv, num_weights)
         self.layout = layout
         self.attn_pages = attn_pages
         self.models: dict[str, ModelArena] = {}
@@ -407,27 +406,19 @@ class ArenaStore:
         kv_alloc = RowAllocator(attn_pages * rpp)
         self._alloc = {Role.KV: kv_alloc,
                        Role.WEIGHTS: kv_alloc if self.colocated else RowAllocator(layout.num_pages * rpp)}
-        self.sharding = NamedSharding(self.mesh, P(POOL_AXIS))
-        n = len(self.devices)
-        shape = (n * layout.num_pages, rpp, layout.row_elems)
-        dtype = jnp.dtype(_np_dtype(layout.dtype))
-        self.arena_shape, self.arena_dtype = shape, dtype
-        self.arena: jax.Array = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.sharding)()
-        # placement programs (tensor writers, random fills) compiled ahead of time, by row count
-        self._update_programs: dict[tuple, Any] = {}
 
     # -- geometry --
     @property
     def num_devices(self) -> int:
-        return len(self.devices)
+        return 1 if self.colocated else self._counts[0] + self._counts[1]
 
     @property
     def num_kv(self) -> int:
-        return len(self.kv_devices)
+        return self._counts[0]
 
     @property
     def num_weights(self) -> int:
-        return len(self.weights_devices)
+        return self._counts[1]
 
     @property
     def weights_index_base(self) -> int:
@@ -488,16 +479,8 @@ class ArenaStore:
 
     def place_model(self, name: str, cfg: ModelConfig, weights: ModelWeights,
                     guard: AbstractContextManager = NO_GUARD) -> ModelArena:
-        """Plans and writes a model's tensors into the arenas of their devices, then registers it.
-
-        Each device receives only its own piece (its experts / tensor-parallel columns); the arena
-        is updated in place (donated) one tensor at a time, so the transient memory is one tensor.
-        Requests of other models are not touched (their rows and pages are disjoint). `guard` (the
-        lock a stepping thread holds around its steps) is held only around what touches the
-        arena array or the books: row allocation, each tensor's in-place write and the
-        registration; encoding, the host-to-device copy and compiling the writer run outside it,
-        so a placement pauses other models' steps for a few dispatches, not for its copy.
-        """
+        """`write_model`, then registers the model (under `guard`): plans and, in an `ArenaStore`,
+        writes its tensors (a book holds no values: nothing is written)."""
         ma = self.write_model(name, cfg, weights, guard)
         with guard:
             self.models[name] = ma
@@ -505,9 +488,85 @@ class ArenaStore:
 
     def write_model(self, name: str, cfg: ModelConfig, weights: ModelWeights,
                     guard: AbstractContextManager = NO_GUARD) -> ModelArena:
-        """`place_model` without the registration: the rows are allocated and written, and
-        `models` does not hold the model yet (the caller registers it, with whatever else must
-        appear at the same moment, under `guard`); on error the rows are released."""
+        """`place_model` without the registration: the rows are allocated (a book writes nothing)
+        and `models` does not hold the model yet (the caller registers it under `guard`)."""
+        with guard:
+            return self.plan_model(name, cfg, weights)
+
+    def place_model_random(self, name: str, cfg: ModelConfig, seed: int = 0, scale: float = 0.02,
+                           guard: AbstractContextManager = NO_GUARD) -> ModelArena:
+        """`write_model_random`, then registers the model (under `guard`)."""
+        ma = self.write_model_random(name, cfg, seed, scale, guard)
+        with guard:
+            self.models[name] = ma
+        return ma
+
+    def write_model_random(self, name: str, cfg: ModelConfig, seed: int = 0, scale: float = 0.02,
+                           guard: AbstractContextManager = NO_GUARD) -> ModelArena:
+        """Plans a model from its shapes (`params.weight_specs`), not registered; a book holds no
+        values, so `seed` and `scale` only matter to `ArenaStore`, which fills the rows."""
+        from crosspool_jax.models.params import weight_specs
+
+        specs = weight_specs(cfg, jnp.dtype(_np_dtype(self.layout.dtype)))
+        return ArenaBook.write_model(self, name, cfg, specs, guard)
+
+    def remove_model(self, name: str) -> None:
+        """Frees a model's rows (the bytes stay until overwritten; nothing reads them)."""
+        ma = self.models.pop(name, None)
+        if ma is None:
+            raise ArenaError(f"model {name!r} is not placed")
+        self._release(ma)
+
+    def _release(self, ma: ModelArena) -> None:
+        for role in Role:
+            if ma.rows(role):
+                self._alloc[role].release(ma.base[role], ma.rows(role))
+
+
+class ArenaStore(ArenaBook):
+    """The global arena array and what is placed in it (the books are `ArenaBook`'s).
+
+    `arena` is a jax.Array [N * num_pages, rows_per_page, R] sharded over the global mesh's `pool`
+    axis (device i's shard is its arena). Every update donates it: use `store.arena` afresh.
+    """
+
+    def __init__(self, topology: PoolTopology | None, layout: PoolLayout, attn_pages: int, *,
+                 colocated: jax.Device | None = None):
+        if (topology is None) == (colocated is None):
+            raise ArenaError("give either a pool topology or one colocated device")
+        self.topology = topology
+        if colocated is not None:  # one device holding both roles (the shared/static baselines)
+            self.devices: tuple[jax.Device, ...] = (colocated,)
+            self.kv_devices = self.weights_devices = (colocated,)
+            self.mesh = Mesh(np.array([colocated]), (POOL_AXIS,))
+        else:
+            self.devices = topology.devices
+            self.kv_devices, self.weights_devices = topology.kv_devices, topology.weights_devices
+            self.mesh = topology.global_mesh
+        super().__init__(layout, attn_pages, len(self.kv_devices), len(self.weights_devices),
+                         colocated=colocated is not None)
+        self.sharding = NamedSharding(self.mesh, P(POOL_AXIS))
+        n = len(self.devices)
+        shape = (n * layout.num_pages, layout.rows_per_page, layout.row_elems)
+        dtype = jnp.dtype(_np_dtype(layout.dtype))
+        self.arena_shape, self.arena_dtype = shape, dtype
+        self.arena: jax.Array = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.sharding)()
+        # placement programs (tensor writers, random fills) compiled ahead of time, by row count
+        self._update_programs: dict[tuple, Any] = {}
+
+    def write_model(self, name: str, cfg: ModelConfig, weights: ModelWeights,
+                    guard: AbstractContextManager = NO_GUARD) -> ModelArena:
+        """Plans and writes a model's tensors into the arenas of their devices, not registered
+        (`place_model` registers it; a caller registering it with whatever else must appear at the
+        same moment does so under `guard`); on error the rows are released.
+
+        Each device receives only its own piece (its experts / tensor-parallel columns); the arena
+        is updated in place (donated) one tensor at a time, so the transient memory is one tensor.
+        Requests of other models are not touched (their rows and pages are disjoint). `guard` (the
+        lock a stepping thread holds around its steps) is held only around what touches the
+        arena array or the books: row allocation and each tensor's in-place write; encoding, the
+        host-to-device copy and compiling the writer run outside it, so a placement pauses other
+        models' steps for a few dispatches, not for its copy."""
         with guard:
             ma = self.plan_model(name, cfg, weights)
         try:
@@ -517,14 +576,6 @@ class ArenaStore:
             with guard:
                 self._release(ma)
             raise
-        return ma
-
-    def place_model_random(self, name: str, cfg: ModelConfig, seed: int = 0, scale: float = 0.02,
-                           guard: AbstractContextManager = NO_GUARD) -> ModelArena:
-        """`write_model_random`, then registers the model (under `guard`)."""
-        ma = self.write_model_random(name, cfg, seed, scale, guard)
-        with guard:
-            self.models[name] = ma
         return ma
 
     def write_model_random(self, name: str, cfg: ModelConfig, seed: int = 0, scale: float = 0.02,
@@ -564,18 +615,6 @@ class ArenaStore:
             prog = jitted.lower(arena, *args).compile()
             self._update_programs[key] = prog
         return prog
-
-    def remove_model(self, name: str) -> None:
-        """Frees a model's rows (the bytes stay until overwritten; nothing reads them)."""
-        ma = self.models.pop(name, None)
-        if ma is None:
-            raise ArenaError(f"model {name!r} is not placed")
-        self._release(ma)
-
-    def _release(self, ma: ModelArena) -> None:
-        for role in Role:
-            if ma.rows(role):
-                self._alloc[role].release(ma.base[role], ma.rows(role))
 
     def _pool_devices(self, role: Role) -> tuple[jax.Device, ...]:
         return self.kv_devices if role == Role.KV else self.weights_devices

@@ -212,7 +212,7 @@ class CalibrationError(ValueError):
 
 def load_calibration(path: str | None = None) -> dict[str, Any]:
     """The calibration JSON at `path` (default: `DEFAULT_CALIBRATION`); a file that names a `base`
-    calibration (relative to its own directory) gets the base's points for what it does not measure
+    calibration (next to it, else among the checked-in calibrations) gets the base's points for what it does not measure
     (per kind of point and topology), each point keeping its own source."""
     path = path or DEFAULT_CALIBRATION
     with open(path, encoding="utf-8") as f:
@@ -222,7 +222,10 @@ def load_calibration(path: str | None = None) -> dict[str, Any]:
     cal["path"] = os.path.relpath(path)
     base = cal.get("base")
     if base:
-        b = load_calibration(os.path.join(os.path.dirname(path), base))
+        base_path = os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(base_path):  # a fresh file written elsewhere ($OUT): the checked-in one
+            base_path = os.path.join(os.path.dirname(DEFAULT_CALIBRATION), base)
+        b = load_calibration(base_path)
         for key in ("decode_points", "prefill_points"):
             have = {p["topology"] for p in cal.get(key, [])}
             cal[key] = cal.get(key, []) + [p for p in b.get(key, []) if p["topology"] not in have]

@@ -212,8 +212,8 @@ class CalibrationError(ValueError):
 
 def load_calibration(path: str | None = None) -> dict[str, Any]:
     """The calibration JSON at `path` (default: `DEFAULT_CALIBRATION`); a file that names a `base`
-    calibration (next to it, else among the checked-in calibrations) gets the base's points for what it does not measure
-    (per kind of point and topology), each point keeping its own source."""
+    calibration (next to it, else among the checked-in calibrations) gets the base's points for
+    what it does not measure (per kind of point and topology), each point keeping its own source."""
     path = path or DEFAULT_CALIBRATION
     with open(path, encoding="utf-8") as f:
         cal = json.load(f)

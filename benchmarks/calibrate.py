@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.kernels import copy_bandwidth
+from benchmarks.layer_loop import prefill_inputs
 from benchmarks.step import decode_inputs
 from crosspool_jax.execution.pooled_step import (
     LaneShape,
@@ -89,35 +90,6 @@ def build(model: str, topology: PoolTopology | None, colocated: Any, layout: Poo
                        a_pages, colocated=colocated)
     store.place_model_random("m", cfg, seed=0)
     return store, cfg
-
-
-def prefill_inputs(store: ArenaStore, cfg: Any, tpp: int, tokens: int, context: int,
-                   rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int]:
-    """One request's prefill chunk of `tokens` tokens after `context` tokens of KV, on KV device 0:
-    (lane inputs, pages per layer row P)."""
-    n, L = store.num_devices, cfg.num_layers
-    pages = -(-(context + tokens) // tpp)
-    P = _pow2(pages)
-    arr = {
-        "tokens": np.zeros((n, tokens), np.int32), "positions": np.zeros((n, tokens), np.int32),
-        "tok_slot": np.full((n, tokens), -1, np.int32), "cu_q": np.zeros((n, 2), np.int32),
-        "tail_pages": np.full((n, 1, L, P), -1, np.int32), "tail_start": np.zeros((n, 1), np.int32),
-        "tail_len": np.zeros((n, 1), np.int32), "sample_row": np.full((n, 1), -1, np.int32),
-        "temperature": np.zeros((n, 1), np.float32), "top_k": np.zeros((n, 1), np.int32),
-        "top_p": np.ones((n, 1), np.float32), "seed": np.zeros((n, 1, 2), np.uint32),
-        "remaining": np.ones((n, 1), np.int32), "stop_ids": np.full((n, 1, 1), -1, np.int32),
-    }
-    arr["tokens"][0] = rng.integers(0, cfg.vocab_size, tokens)
-    arr["positions"][0] = np.arange(context, context + tokens)
-    arr["tok_slot"][0] = 0
-    arr["cu_q"][0, 1] = tokens
-    ids = rng.permutation(store.kv_pages)[: L * pages] + store.kv_first_page
-    arr["tail_pages"][0, 0, :, :pages] = ids.reshape(L, pages)
-    arr["tail_len"][0] = context + tokens
-    arr["sample_row"][0] = tokens - 1
-    arr.update(one_model_group_inputs(store, "m", [tokens], tokens, 1))
-    arr["grp_slots"][0, 0] = 1
-    return arr, P
 
 
 def time_call(store: ArenaStore, spec: StepSpec, arr: dict[str, np.ndarray], platform: str,
@@ -170,7 +142,7 @@ def measure_topology(topology: str, devs: list[Any], model: str, layout: PoolLay
         log(f"calibrate {topology} decode B={b} context={c}: {call / K * 1e3:.3f} ms/step, "
             f"compile {cs:.1f} s")
     for t, c in prefill_grid:
-        arr, P = prefill_inputs(store, cfg, tpp, t, c, rng)
+        arr, P = prefill_inputs(store, cfg, tpp, t, rng, context=c)
         spec = StepSpec((LaneShape(cls, 1, 1, t, P),), False, 1, be, matmul_backend=be)
         cs, call = time_call(store, spec, arr, platform, iters)
         pre.append({**common, "tokens": t, "context": c, "seconds": call, "compile_s": cs})

@@ -41,13 +41,13 @@ from crosspool_jax.execution.pooled_step import (
 from pallas_kernels.page_layout import PoolLayout
 
 
-def prefill_inputs(store: Any, cfg: Any, tpp: int, tokens: int, rng: np.random.Generator
-                   ) -> tuple[dict[str, np.ndarray], int]:
-    """One request's first prefill chunk of `tokens` tokens on device 0: (lane inputs, pages P)."""
+def prefill_inputs(store: Any, cfg: Any, tpp: int, tokens: int, rng: np.random.Generator,
+                   context: int = 0) -> tuple[dict[str, np.ndarray], int]:
+    """One request's prefill chunk of `tokens` tokens after `context` tokens of KV, on KV device 0:
+    (lane inputs, pages per layer row P)."""
     n, L = store.num_devices, cfg.num_layers
-    pages = -(-tokens // tpp)
-    P = 1 << (pages - 1).bit_length()
-    base = store.kv_first_page
+    pages = -(-(context + tokens) // tpp)
+    P = 1 << (max(pages, 1) - 1).bit_length()
     arr = {
         "tokens": np.zeros((n, tokens), np.int32), "positions": np.zeros((n, tokens), np.int32),
         "tok_slot": np.full((n, tokens), -1, np.int32), "cu_q": np.zeros((n, 2), np.int32),
@@ -58,12 +58,12 @@ def prefill_inputs(store: Any, cfg: Any, tpp: int, tokens: int, rng: np.random.G
         "remaining": np.ones((n, 1), np.int32), "stop_ids": np.full((n, 1, 1), -1, np.int32),
     }
     arr["tokens"][0] = rng.integers(0, cfg.vocab_size, tokens)
-    arr["positions"][0] = np.arange(tokens)
+    arr["positions"][0] = np.arange(context, context + tokens)
     arr["tok_slot"][0] = 0
     arr["cu_q"][0, 1] = tokens
-    ids = rng.permutation(store.kv_pages)[: L * pages] + base
+    ids = rng.permutation(store.kv_pages)[: L * pages] + store.kv_first_page
     arr["tail_pages"][0, 0, :, :pages] = ids.reshape(L, pages)
-    arr["tail_len"][0] = tokens
+    arr["tail_len"][0] = context + tokens
     arr["sample_row"][0] = tokens - 1
     arr.update(one_model_group_inputs(store, "m", [tokens], tokens, 1))
     arr["grp_slots"][0, 0] = 1

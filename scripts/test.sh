@@ -13,4 +13,6 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 # one compilation cache for the run (and later runs of this checkout): tests that build the same
 # step program compile it once; subprocesses the tests start inherit it
 export CROSSPOOL_COMPILATION_CACHE="${CROSSPOOL_COMPILATION_CACHE:-$PWD/.cache/jax-tests}"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# two worker processes (one per core on CI's 2-core machine; CROSSPOOL_TEST_WORKERS overrides, 0 runs
+# in this process): test files are the unit of distribution, so a module's fixtures build once
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${CROSSPOOL_TEST_WORKERS:-2}" --dist loadfile "$@"

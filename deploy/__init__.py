@@ -1,0 +1,1 @@
+"""Launchers for multi-host CrossPool (TPU pod slices, SLURM and Kubernetes GPU clusters)."""

@@ -268,6 +268,9 @@ class PooledEngine(EngineCore):
     """The pooled engine (see module docstring). `mode`: "crosspool" | "shared" | "static";
     `pools`: the crosspool device split ("KV+WEIGHTS"; shared/static: "N" devices to use)."""
 
+    # the crosspool group's runner (a multi-host leader's subclass: crosspool_jax/distributed)
+    runner_class: type[GroupRunner] = GroupRunner
+
     def __init__(self, mode: str = "crosspool", pools: str | None = None, max_live_requests: int = 64,
                  config: EngineConfig | None = None, devices: list[jax.Device] | None = None):
         if mode not in MODES:
@@ -295,8 +298,8 @@ class PooledEngine(EngineCore):
                         "mode crosspool needs at least 2 devices (a KV and a weights pool)")
                 pools = f"{len(devs) // 2}+{len(devs) - len(devs) // 2}"
             self.pools = pools
-            self.groups.append(GroupRunner(PoolTopology.split(pools, devs), layout, wpages,
-                                           execution=cfg.execution, **kw))
+            self.groups.append(self.runner_class(PoolTopology.split(pools, devs), layout, wpages,
+                                                 execution=cfg.execution, **kw))
         else:
             n = len(devs) if pools is None else int(pools)
             if not 1 <= n <= len(devs):
@@ -349,7 +352,8 @@ class PooledEngine(EngineCore):
 
         with self._lock:
             self._check_free_name(name)
-        host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        # this process's CPU (in a multi-host group the CPU devices of every process are listed)
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         m = load_model(path, shardings=host)
         return self.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
 

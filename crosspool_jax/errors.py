@@ -15,3 +15,8 @@ class InvalidRequestError(CrossPoolError, ValueError):
 
 class CapacityError(CrossPoolError):
     """A load or request that does not fit the memory it was given."""
+
+
+class UnavailableError(CrossPoolError):
+    """The engine cannot serve now (e.g. a multi-host group lost a process); the server answers
+    UNAVAILABLE with the message."""

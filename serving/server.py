@@ -53,7 +53,7 @@ from crosspool_jax.engine_api import (
     ReferenceEngine,
     make_request,
 )
-from crosspool_jax.errors import CrossPoolError, InvalidRequestError
+from crosspool_jax.errors import CrossPoolError, InvalidRequestError, UnavailableError
 from crosspool_jax.execution.sampling import SamplingParams
 from serving.client import DEFAULT_MAX_NEW_TOKENS, SERVER_SHUTTING_DOWN, SERVER_STARTING
 from serving.crosspool.v1 import crosspool_pb2 as pb
@@ -108,6 +108,8 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
         elif isinstance(e, EngineClosedError):
             context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED_MESSAGE)
+        elif isinstance(e, UnavailableError):
+            code = grpc.StatusCode.UNAVAILABLE
         elif isinstance(e, CrossPoolError | OSError):
             code = grpc.StatusCode.FAILED_PRECONDITION
         context.abort(code, " ".join(str(e).split()) or type(e).__name__)
@@ -408,6 +410,12 @@ class RunningServer:
             self.servicer.engine = engine
         for svc in ("", SERVICE_NAME):
             self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+
+    def set_not_serving(self) -> None:
+        """Health NOT_SERVING while calls still reach the engine (which refuses them itself: a
+        multi-host group that lost a process answers UNAVAILABLE with the reason)."""
+        for svc in ("", SERVICE_NAME):
+            self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def live_requests(self) -> int:
         """Live requests in the engine (0 while starting)."""

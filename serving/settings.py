@@ -460,6 +460,7 @@ def make_engine(
     *,
     engine_config: Any = None,
     devices: list[Any] | None = None,
+    engine_class: Any = None,
 ) -> Any:
     """The engine `settings` ask for, with its models added: the demo models (unless turned off or
     `models` are given; a configured model wins over a demo of the same name), then each
@@ -483,7 +484,7 @@ def make_engine(
             log(f"serve: engine settings ({', '.join(settings.engine)}) are ignored in mode reference")
         engine = ServingEngine(max_live_requests=settings.max_live_requests)
     else:
-        cls = pooled_engine_class()
+        cls = engine_class or pooled_engine_class()  # engine_class: a multi-host group's engine
         if cls is None:
             shown = settings.mode if settings.mode != "auto" else "auto (the pooled engine)"
             raise SettingsError(f"mode {shown} needs the pooled engine (not available yet)")

@@ -1312,6 +1312,17 @@ class GroupRunner:
             host_inputs.append(arr)
             placements.append(lane_placements(per_dev, decode))
             feeds.append(feed)
+        outs, dispatched = self._dispatch(programs, host_inputs, feeds)
+        return outs, placements, dispatched, None
+
+    def _dispatch(self, programs: list[tuple[list[int], Callable]], host_inputs: list[dict[str, np.ndarray]],
+                  feeds: list[list[tuple[int, Any, int]]]) -> tuple[list[Any], float]:
+        """The device side of `_execute`: copies each lane's host inputs ([N, ...] per key) to the
+        devices, feeds tokens still on the device (`feeds`: per lane, (flat tokens row, source
+        call output, flat index into it)) and calls each lane group's program on the arena.
+        Returns per lane its output and the `_now()` at dispatch. (A multi-process leader
+        overrides it to send the same step to its followers first: crosspool_jax/distributed.)"""
+        store = self.store
         sharding = store.sharding
         dev_feeds: list[dict[int, tuple[Any, list[int], list[int]]]] = []
         for arr, feed in zip(host_inputs, feeds, strict=True):
@@ -1335,12 +1346,12 @@ class GroupRunner:
                 idx_a[: len(idx)] = idx
                 inp["tokens"] = self._feed(inp["tokens"], rows_a, src, idx_a)
         dispatched = self._now()
-        outs: list[Any] = [None] * len(lanes)
+        outs: list[Any] = [None] * len(host_inputs)
         for idxs, prog in programs:
             store.arena, group_outs = prog(store.arena, tuple(dev_inputs[i] for i in idxs))
             for i, o in zip(idxs, group_outs, strict=True):
                 outs[i] = o
-        return outs, placements, dispatched, None
+        return outs, dispatched
 
 
 # Decode attention switches from the split grid to the persistent work list at this raggedness

@@ -647,6 +647,8 @@ class ArenaStore(ArenaBook):
         adt = jnp.dtype(_np_dtype(self.layout.dtype))
         shards = []
         for dev in devices:
+            if dev.process_index != jax.process_index():
+                continue  # another process's device: that process writes its own piece (multi-host)
             if dev in role_devs:
                 shards.append(jax.device_put(self._encode(slot, pieces(role_devs.index(dev))), dev))
             else:  # every shard must have the same shape; these rows are not written (flag off)

@@ -10,10 +10,12 @@ line `crosspool: error: <message>` on stderr, exit code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from crosspool_jax.errors import CrossPoolError, InvalidRequestError
 
@@ -297,6 +299,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "(coarse shape buckets: 56 programs per model class at 8K tokens, 84 at 128K, 64 requests); "
         "on CPU the fine buckets make it hundreds",
     )
+    mh = p.add_argument_group(
+        "multi-host (one process per host; process 0 leads and alone listens for clients; docs/deploy.md)")
+    mh.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help="jax.distributed's coordinator: process 0's address (default: "
+                    "$JAX_COORDINATOR_ADDRESS; auto: JAX's cluster detection on Cloud TPU, SLURM, Open MPI, "
+                    "Kubernetes)")
+    mh.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the group")
+    mh.add_argument("--process-id", type=int, default=None, metavar="I", help="this process (0: the leader)")
+    mh.add_argument("--step-port", type=int, default=None, metavar="PORT",
+                    help="the leader's step channel to its followers (default: the coordinator's port + 1)")
+    mh.add_argument("--step-timeout", type=float, default=10.0, metavar="S",
+                    help="a follower silent this long is lost: the leader fails live requests and "
+                    "reports NOT_SERVING (default 10)")
+    mh.add_argument("--warm-programs", type=int, default=None, metavar="N",
+                    help="step programs each model lane compiles in the background at load, on every "
+                    "process (default: 4 on CPU, 8 on GPU; 0: none)")
     g = p.add_argument_group(
         "engine (pooled modes; crosspool_jax.engine.EngineConfig, or the [engine] table of --config)"
     )
@@ -420,6 +438,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.settings import make_engine
 
     settings = serve_settings(args)
+    cluster = _join_cluster(args, settings)  # before anything else uses JAX
+    if cluster is not None and not cluster.is_leader:
+        return _serve_follower(cluster, settings, args.warm_programs)
     if settings.tls:  # check the files before any model is loaded
         from serving.tls import server_credentials
 
@@ -455,9 +476,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signals = ShutdownSignals(log=_log).install()
     signals.interrupt = True  # the first signal while starting stops the start-up
-    engine = None
+    engine = channel = None
     try:
-        engine = make_engine(settings, log=start_log)
+        engine_class = None
+        if cluster is not None:  # the leader: its followers connect, then every process builds the engine
+            from crosspool_jax.distributed.channel import LeaderChannel
+            from crosspool_jax.distributed.engine import DistributedEngine
+
+            _host, port = cluster.step_address()
+            start_log(f"serve: waiting for {cluster.num_processes - 1} followers on the step channel "
+                      f"(port {port})")
+            channel = LeaderChannel.open("", port, cluster.num_processes - 1, timeout=args.step_timeout)
+            engine_class = functools.partial(DistributedEngine, channel=channel,
+                                             warm_programs=args.warm_programs)
+        engine = make_engine(settings, log=start_log, engine_class=engine_class)
+        if cluster is not None:
+            engine.freeze_models()  # the followers placed these models; LoadModel would diverge
         mode = str(getattr(engine, "mode", settings.mode))
         if settings.warmup if settings.warmup is not None else mode != "reference":
             from serving.warmup import warm_up
@@ -477,6 +511,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _httpd, maddr = start_metrics_http(metrics, settings.metrics_port)
             print(f"crosspool: metrics on http://{maddr}/metrics", flush=True)
         running.set_ready(engine, metrics)
+        if cluster is not None:
+            def group_lost(msg: str) -> None:
+                _log(f"serve: {msg}; health NOT_SERVING")
+                running.set_not_serving()
+
+            engine.on_group_lost = group_lost
+            if engine.lost_reason is not None:  # lost before the hook was set
+                group_lost(engine.lost_reason)
         signals.interrupt = False  # from here a signal drains (serve_forever)
     except ServeInterrupted as e:
         _log(f"serve: shutting down (signal {e}) while starting")
@@ -490,6 +532,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signals.interrupt = False
         if engine is not None:
             engine.shutdown(timeout=0)
+        elif channel is not None:
+            channel.close()
         running.stop(0)
         signals.restore()
         raise
@@ -503,7 +547,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve_forever(running, grace=settings.grace, log=_log, signals=signals)
     finally:
         signals.restore()
+    if cluster is not None and engine.lost_reason is not None:
+        _log("serve: exit status 1: the group lost a process (its collectives in flight never finish)")
+        _hard_exit(1)
     return 0
+
+
+def _join_cluster(args: argparse.Namespace, settings: Any) -> Any:
+    """With --coordinator / --num-processes (or JAX_COORDINATOR_ADDRESS): joins the multi-host
+    group (jax.distributed.initialize; on CPU each process gets its share of the --pools devices)
+    and returns its ClusterSpec; None for a single process."""
+    from crosspool_jax.distributed.cluster import cluster_spec, initialize
+    from crosspool_jax.memory.topology import devices_needed
+    from serving.settings import SettingsError
+
+    spec = cluster_spec(args.coordinator, args.num_processes, args.process_id, args.step_port)
+    if spec is None:
+        return None
+    if settings.mode not in ("auto", "crosspool"):
+        raise SettingsError(f"a multi-host group runs mode crosspool, not {settings.mode}")
+    per_process = -(-devices_needed("crosspool", settings.pools) // (spec.num_processes or 1))
+    spec = initialize(spec, cpu_devices=per_process)
+    import jax
+
+    devs = jax.devices()
+    _log(f"serve: process {spec.process_id} of {spec.num_processes} (coordinator {spec.coordinator}): "
+         f"{len(jax.local_devices())} of the group's {len(devs)} {devs[0].platform} devices")
+    return spec
+
+
+def _serve_follower(cluster: Any, settings: Any, warm_programs: int | None) -> int:
+    """A follower: builds the same engine as the leader (no port of its own), then replays the
+    leader's steps until the leader stops the group (crosspool_jax.distributed.engine)."""
+    from crosspool_jax.distributed.channel import FollowerChannel
+    from crosspool_jax.distributed.engine import DistributedEngine, run_follower
+    from serving.settings import make_engine
+
+    host, port = cluster.step_address()
+    channel = FollowerChannel.connect(host, port, cluster.process_id)
+    _log(f"serve: follower {cluster.process_id}: connected to the leader's step channel {host}:{port}")
+    engine = None
+    try:
+        engine = make_engine(settings, log=_log,
+                             engine_class=functools.partial(DistributedEngine, warm_programs=warm_programs))
+        code = run_follower(channel, engine, _log)
+    finally:
+        channel.close()
+    if code != 0:  # the leader is gone: a collective may never finish, so exit past the runtime
+        _hard_exit(code)
+    engine.shutdown(timeout=0)
+    return code
+
+
+def _hard_exit(code: int) -> None:
+    """Exits at once (os._exit), output flushed: in a group that lost a process a collective in
+    flight never finishes, and the device runtime's teardown at interpreter exit would wait on it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---- bench (benchmarks/runner.py) ------------------------------------------------------------------

@@ -284,6 +284,8 @@ def test_cluster_flags() -> None:
     assert cluster_spec("h:1", 2, 0, step_port=9000).step_address() == ("h", 9000)
     auto = cluster_spec("auto", None, None)
     assert auto is not None and auto.coordinator is None
-    for bad in [("h:1", 2, 2), ("h:1", None, 0), ("nohost", 2, 0), (None, 2, 0), (None, None, 1)]:
+    detected = cluster_spec("h:1", None, None)  # count and id left to JAX's cluster detection
+    assert detected is not None and detected.num_processes is None and detected.process_id is None
+    for bad in [("h:1", 2, 2), ("h:1", 0, None), ("nohost", 2, 0), (None, 2, 0), (None, None, 1)]:
         with pytest.raises(ClusterError):
             cluster_spec(*bad)

@@ -62,9 +62,11 @@ def cluster_spec(coordinator: str | None, num_processes: int | None, process_id:
     host, sep, port = coordinator.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ClusterError(f"--coordinator must be HOST:PORT or auto, got {coordinator!r}")
-    if num_processes is None or process_id is None:
-        raise ClusterError("--coordinator needs --num-processes and --process-id")
-    if num_processes < 1 or not 0 <= process_id < num_processes:
+    # a count or id not given is left to JAX's cluster detection (SLURM, Open MPI, ...), which
+    # refuses in `initialize` when it finds none
+    if num_processes is not None and num_processes < 1:
+        raise ClusterError(f"--num-processes must be >= 1, got {num_processes}")
+    if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
         raise ClusterError(f"--process-id {process_id} must be in [0, --num-processes {num_processes})")
     return ClusterSpec(coordinator, num_processes, process_id, step_port)
 
@@ -85,8 +87,11 @@ def initialize(spec: ClusterSpec, cpu_devices: int = 0, heartbeat_s: int = JAX_H
     jax.config.update("jax_enable_recoverability", True)
     if cpu_devices > 1:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
-    jax.distributed.initialize(spec.coordinator, spec.num_processes, spec.process_id,
-                               heartbeat_timeout_seconds=heartbeat_s)
+    try:
+        jax.distributed.initialize(spec.coordinator, spec.num_processes, spec.process_id,
+                                   heartbeat_timeout_seconds=heartbeat_s)
+    except ValueError as e:  # JAX's cluster detection found no count / id
+        raise ClusterError(f"jax.distributed.initialize: {' '.join(str(e).split())}") from None
     coordinator = spec.coordinator or jax_distributed.global_state.coordinator_address
     return dataclasses.replace(spec, coordinator=coordinator, num_processes=jax.process_count(),
                                process_id=jax.process_index())

@@ -586,14 +586,18 @@ def _serve_follower(cluster: Any, settings: Any, warm_programs: int | None) -> i
     host, port = cluster.step_address()
     channel = FollowerChannel.connect(host, port, cluster.process_id)
     _log(f"serve: follower {cluster.process_id}: connected to the leader's step channel {host}:{port}")
-    engine = None
+    engine = make_engine(settings, log=_log,
+                         engine_class=functools.partial(DistributedEngine, warm_programs=warm_programs))
     try:
-        engine = make_engine(settings, log=_log,
-                             engine_class=functools.partial(DistributedEngine, warm_programs=warm_programs))
         code = run_follower(channel, engine, _log)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:  # a failed replay (the leader was told): the error, then out
+        _log(f"follower: {type(e).__name__}: {' '.join(str(e).split())}")
+        code = 1
     finally:
         channel.close()
-    if code != 0:  # the leader is gone: a collective may never finish, so exit past the runtime
+    if code != 0:  # the group is broken: a collective may never finish, so exit past the runtime
         _hard_exit(code)
     engine.shutdown(timeout=0)
     return code

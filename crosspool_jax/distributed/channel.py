@@ -161,6 +161,8 @@ class LeaderChannel:
             if self.lost is not None or self._closing:
                 return
             self.lost = (pid, reason)
+        with contextlib.suppress(OSError):  # a send blocked on the lost follower's full buffer fails
+            self._socks[pid].shutdown(socket.SHUT_RDWR)
         if self.on_lost is not None:
             self.on_lost(pid, reason)
 

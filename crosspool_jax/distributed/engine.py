@@ -59,6 +59,8 @@ class DistributedEngine(PooledEngine):
         self.runner.attach(channel, on_lost=self._group_failed)
         if channel is not None:
             channel.on_lost = self._group_lost
+            if channel.lost is not None:  # lost while the engine was being built
+                self._group_lost(*channel.lost)
 
     @property
     def runner(self) -> LeaderRunner:

@@ -595,11 +595,14 @@ def _serve_follower(cluster: Any, settings: Any, warm_programs: int | None) -> i
     except Exception as e:  # a failed replay (the leader was told): the error, then out
         _log(f"follower: {type(e).__name__}: {' '.join(str(e).split())}")
         code = 1
-    finally:
-        channel.close()
     if code != 0:  # the group is broken: a collective may never finish, so exit past the runtime
+        channel.close()
         _hard_exit(code)
     engine.shutdown(timeout=0)
+    import jax
+
+    jax.distributed.shutdown()  # while the leader's coordination service still runs
+    channel.close()  # tells the leader this process is done
     return code
 
 

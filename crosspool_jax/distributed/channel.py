@@ -118,9 +118,10 @@ class LeaderChannel:
         self.lost: tuple[int, str] | None = None  # (process id, reason) of the first follower lost
         self.on_lost: Callable[[int, str], None] | None = None
         self._closing = False
-        for pid, s in socks.items():
-            threading.Thread(target=self._watch, args=(pid, s), name=f"step-channel-watch{pid}",
-                             daemon=True).start()
+        self._watchers = [threading.Thread(target=self._watch, args=(pid, s), name=f"step-channel-watch{pid}",
+                                           daemon=True) for pid, s in socks.items()]
+        for t in self._watchers:
+            t.start()
 
     @classmethod
     def open(cls, host: str, port: int, followers: int, timeout: float = 10.0,
@@ -193,13 +194,18 @@ class LeaderChannel:
                     self._report(pid, f"process {pid}: sending the step failed ({e})")
                     raise ChannelError(f"process {pid}: sending the step failed ({e})") from None
 
-    def close(self, stop_followers: bool = True) -> None:
-        """Tells the followers to stop (when still connected) and closes the connections."""
+    def close(self, stop_followers: bool = True, wait_s: float = 30.0) -> None:
+        """Tells the followers to stop (when still connected) and waits up to `wait_s` for each
+        to close its end (a follower leaves jax.distributed first: the leader's process hosts its
+        coordination service, which must outlive them), then closes the connections."""
         with self._lost_lock:
             self._closing = True
         if stop_followers and self.lost is None:
             with contextlib.suppress(ChannelError):
                 self.send({"op": "stop"})
+                deadline = time.monotonic() + wait_s
+                for t in self._watchers:
+                    t.join(max(0.0, deadline - time.monotonic()))
         for s in self._socks.values():
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)

@@ -139,7 +139,7 @@ def run_follower(channel: Any, engine: DistributedEngine, log: Callable[[str], N
     from crosspool_jax.distributed.channel import ChannelError
 
     try:
-        n = follow(channel, engine.runner)
+        stats = follow(channel, engine.runner)
     except ChannelError as e:
         log(f"follower: {e}; stopping")
         return 1
@@ -148,5 +148,6 @@ def run_follower(channel: Any, engine: DistributedEngine, log: Callable[[str], N
         with contextlib.suppress(OSError):
             channel.send({"op": "error", "message": f"{type(e).__name__}: {msg}"})
         raise
-    log(f"follower: the leader stopped the group after {n} calls")
+    log(f"follower: the leader stopped the group after {stats.calls} calls ({stats.prepared} programs "
+        "queued ahead at its request)")
     return 0

@@ -16,6 +16,7 @@ token source by (call number, lane) of the call that sampled it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from crosspool_jax.errors import CrossPoolError, UnavailableError
+from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.pool_runner import GroupRunner, _feed_tokens, _pow2
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec
 
@@ -182,6 +184,15 @@ class LeaderRunner(GroupRunner):
                 self.mark_lost(reason)
         return GroupLostError(self.lost_reason)
 
+    def _compile_in_background(self, spec: StepSpec, priority: int = compile_queue.WARM) -> None:
+        """Queues `spec` here and asks the followers to queue it too (warm-ups, the next page
+        bucket, a fallback's exact program), so a step seldom waits for a follower's compile."""
+        super()._compile_in_background(spec, priority)
+        if self.channel is not None and not self.lost.is_set():
+            with contextlib.suppress(CrossPoolError):  # a lost follower: the channel reported it
+                self.channel.send({"op": "prepare", "spec": spec_to_wire(spec, self.store),
+                                   "priority": priority})
+
     def _program_for(self, want: StepSpec) -> tuple[StepSpec, Callable]:
         spec, prog = super()._program_for(want)
         self._specs[id(prog)] = spec
@@ -237,18 +248,31 @@ class LeaderRunner(GroupRunner):
 # ---- a follower ---------------------------------------------------------------------------------
 
 
-def follow(channel: Any, runner: GroupRunner, on_step: Callable[[int], None] | None = None) -> int:
-    """Replays the leader's calls on `runner`'s arena until the leader says stop (returns the
-    number of calls replayed) or goes away (ChannelError). A program not compiled here yet is
-    compiled on the spot (the warm-ups queued at load usually have it ready)."""
+@dataclasses.dataclass
+class FollowStats:
+    """What a follower did: calls replayed, programs the leader asked it to compile ahead."""
+
+    calls: int = 0
+    prepared: int = 0
+
+
+def follow(channel: Any, runner: GroupRunner, on_step: Callable[[int], None] | None = None) -> FollowStats:
+    """Replays the leader's calls on `runner`'s arena until the leader says stop (returns what it
+    did) or goes away (ChannelError). "prepare" messages queue a program for the runner's
+    background compiler; a program a call needs that is not compiled yet is compiled on the spot."""
     store = runner.store
     feeder, replicate = _feeder(store), _replicator(store)
     outs: dict[Ref, jax.Array] = {}
-    replayed = 0
+    stats = FollowStats()
     while True:
         msg = channel.recv()
         if msg["op"] == "stop":
-            return replayed
+            return stats
+        if msg["op"] == "prepare":
+            with runner._state_lock:
+                runner._compile_in_background(spec_from_wire(msg["spec"], store), int(msg["priority"]))
+            stats.prepared += 1
+            continue
         if msg["op"] != "step":
             continue
         seq = int(msg["seq"])
@@ -269,6 +293,6 @@ def follow(channel: Any, runner: GroupRunner, on_step: Callable[[int], None] | N
             outs[(seq, lane)] = o
         for ref in [r for r in outs if r[0] <= seq - KEEP_CALLS]:
             del outs[ref]
-        replayed += 1
+        stats.calls += 1
         if on_step is not None:
             on_step(seq)

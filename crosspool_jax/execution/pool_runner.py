@@ -55,7 +55,7 @@ from crosspool_jax.execution.host_step import (
 )
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
 from crosspool_jax.execution.sampling import SamplingParams, seed_words
-from crosspool_jax.memory.arena import ArenaStore
+from crosspool_jax.memory.arena import ArenaStore, HostModel
 from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
 from crosspool_jax.memory.planner import (
     KVPlanner,
@@ -400,6 +400,31 @@ class GroupRunner:
                                                     tokens_per_page_override=geom.tokens_per_page))
             self.geoms[name] = geom
         self.warm_up(name)
+
+    def sleep_model(self, name: str) -> HostModel:
+        """Copies a model with no live request to host memory and frees its arena rows and its KV
+        registration (its pages are free already: no request holds any). Its class's programs stay
+        compiled. Raises RuntimeError while it has live requests."""
+        with self._state_lock:
+            live = [r for r in self.reqs.values() if r.model == name and not r.done]
+            if live:
+                raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
+            host = self.store.copy_out(name)
+            self.kv.unregister_model(name)
+            del self.geoms[name]
+        return host
+
+    def wake_model(self, name: str, cfg: ModelConfig, host: HostModel,
+                   hold: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+        """Places a model slept by `sleep_model` back (`ArenaStore.copy_in`, `hold` around each
+        tensor) and registers its KV; compiles nothing (no warm-up: its class's programs are held).
+        CapacityError (nothing changed) when its rows do not fit."""
+        geom = model_geometry(cfg, self.store.layout, self.platform)
+        self.store.copy_in(name, host, hold)
+        with hold(), self._state_lock:
+            self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
+                                                    tokens_per_page_override=geom.tokens_per_page))
+            self.geoms[name] = geom
 
     def remove_model(self, name: str) -> None:
         with self._state_lock:

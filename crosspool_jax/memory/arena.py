@@ -30,6 +30,7 @@ places a model's tensors with one jitted, donated in-place update per tensor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
@@ -519,6 +520,67 @@ class ArenaStore:
         self.models[name] = ma
         return ma
 
+    def copy_out(self, name: str) -> HostModel:
+        """Copies a placed model's rows to host memory, tensor by tensor and device by device (on
+        GPUs into pinned host memory where the backend has it, else numpy arrays), and frees its
+        rows. `copy_in` places it back, possibly at other rows."""
+        ma = self.models[name]
+        pieces: dict[str, tuple[Any, ...]] = {}
+        shards = {s.device: s.data for s in self.arena.addressable_shards}
+        r = self.layout.row_elems
+        for tname, slot in ma.slots.items():
+            pieces[tname] = tuple(
+                _to_host(shards[dev].reshape(-1, r)[slot.row:slot.row + slot.rows], dev)
+                for dev in self._pool_devices(slot.role))
+        self.remove_model(name)
+        return HostModel(ma.cls, pieces)
+
+    def copy_in(self, name: str, host: HostModel,
+                hold: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                ) -> ModelArena:
+        """Places a model copied out by `copy_out` back (new rows, same class: the step programs of
+        its class serve it unchanged). Raises CapacityError (nothing allocated) if it does not fit.
+        Each tensor is one host-to-device copy per device plus the row writer `place_model` compiled
+        for that tensor's row count. `hold()` is entered around the allocation and around each
+        tensor's write (the engine passes its group lock: other models' steps run between tensors)."""
+        with hold():
+            if name in self.models:
+                raise ArenaError(f"model {name!r} is already placed")
+            base = self._alloc_block(name, host.cls)
+        ma = ModelArena(name, host.cls, base)
+        try:
+            for tname, slot in ma.slots.items():
+                devs = self._pool_devices(slot.role)
+                src = host.pieces[tname]
+                with hold():  # one tensor at a time: the steps of other models run in between
+                    self._write_rows(slot, lambda dev, src=src, devs=devs: jax.device_put(
+                        src[devs.index(dev)], dev))
+        except BaseException:
+            with hold():
+                self._release(ma)
+            raise
+        with hold():
+            self.models[name] = ma
+        return ma
+
+    def _alloc_block(self, name: str, cls: ModelClass) -> dict[Role, int]:
+        """Allocates one contiguous block of rows per role for a model of class `cls`."""
+        need = {role: cls.rows(role) for role in Role}
+        base: dict[Role, int] = {}
+        try:
+            for role in Role:
+                start = self._alloc[role].alloc(need[role]) if need[role] else 0
+                if start is None:
+                    raise CapacityError(f"model {name!r} does not fit the arena: its {role.value} block "
+                                        f"needs {need[role] * self.row_bytes()} bytes")
+                base[role] = start
+        except BaseException:
+            for role, start in base.items():
+                if need[role]:
+                    self._alloc[role].release(start, need[role])
+            raise
+        return base
+
     def remove_model(self, name: str) -> None:
         """Frees a model's rows (the bytes stay until overwritten; nothing reads them)."""
         ma = self.models.pop(name, None)
@@ -552,6 +614,13 @@ class ArenaStore:
         return np.ascontiguousarray(flat.reshape(slot.rows, self.layout.row_elems))
 
     def _write(self, slot: TensorSlot, pieces: TensorPieces) -> None:
+        role_devs = self._pool_devices(slot.role)
+        self._write_rows(slot, lambda dev: jax.device_put(
+            self._encode(slot, pieces(role_devs.index(dev))), dev))
+
+    def _write_rows(self, slot: TensorSlot, rows_on: Callable[[jax.Device], jax.Array]) -> None:
+        """Writes `rows_on(device)` ([slot.rows, R] on that device) at the slot's rows of every
+        device of its role."""
         devices = self.devices
         role_devs = self._pool_devices(slot.role)
         rows = slot.rows
@@ -560,7 +629,7 @@ class ArenaStore:
         shards = []
         for dev in devices:
             if dev in role_devs:
-                shards.append(jax.device_put(self._encode(slot, pieces(role_devs.index(dev))), dev))
+                shards.append(rows_on(dev))
             else:  # every shard must have the same shape; these rows are not written (flag off)
                 shards.append(jax.device_put(np.zeros((rows, r), adt), dev))
         mask = np.array([d in role_devs for d in devices])
@@ -581,6 +650,31 @@ class ArenaStore:
             out.append(ArenaDeviceReport(dev.id, role, wb, self.kv_pages if role == Role.KV else 0,
                                          self.layout.num_pages * self.layout.page_bytes))
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class HostModel:
+    """A sleeping model's weights in host memory: its class (tensor slots, relative rows) and, per
+    tensor, one [rows, R] array per device of the tensor's role (in `_pool_devices` order)."""
+
+    cls: ModelClass
+    pieces: Mapping[str, tuple[Any, ...]]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in host memory."""
+        return sum(int(p.nbytes) for ps in self.pieces.values() for p in ps)
+
+
+def _to_host(x: jax.Array, dev: jax.Device) -> Any:
+    """`x` (on `dev`) copied to host memory: pinned host memory of `dev` where the backend has a
+    "pinned_host" memory space (GPUs), else a numpy array (CPU)."""
+    if dev.platform != "cpu":
+        try:
+            return jax.device_put(x, jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host"))
+        except (ValueError, RuntimeError, NotImplementedError):
+            pass
+    return np.asarray(x)
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,0 +1,144 @@
+"""Sleeping models (issue 20): more models registered than the arena's weight space holds.
+
+One engine (mode shared, one device) whose weight space holds two demo-mixtral-shaped models;
+three are registered, so the third's add puts the least recently used idle one to sleep.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from crosspool_jax.demo import demo_models
+from crosspool_jax.engine import EngineConfig, PooledEngine
+from crosspool_jax.engine_api import FINISH_CANCELLED, make_request
+from crosspool_jax.errors import InvalidRequestError
+from crosspool_jax.memory.topology import Role
+from crosspool_jax.model_states import ModelState, ModelStates
+from crosspool_jax.models.reference import ReferenceGenerator
+
+MIX = demo_models()["demo-mixtral"]
+PROMPT = [5, 9, 33, 7]
+
+
+def _weights(scale: float):  # distinct models of one class: their outputs differ
+    return jax.tree.map(lambda a: a.astype(jnp.float32) * scale, MIX.weights)
+
+
+WEIGHTS = {"a": _weights(1.0), "b": _weights(1.3), "c": _weights(0.8)}
+
+
+def _reference(name: str, n: int) -> list[int]:
+    return list(ReferenceGenerator(MIX.config, WEIGHTS[name]).generate(PROMPT, n).token_ids)
+
+
+def _tokens(eng: PooledEngine, name: str, n: int) -> list[int]:
+    return [ev.token_id for ev in eng.submit(make_request(name, PROMPT, n)).events()
+            if ev.token_id is not None]
+
+
+def _free_rows(eng: PooledEngine) -> int:
+    return eng.groups[0].store._alloc[Role.KV].free_rows
+
+
+def _kv_used(eng: PooledEngine) -> int:
+    return sum(used for _, used, _ in eng.stats().kv_pages)
+
+
+def _states(eng: PooledEngine) -> dict[str, str]:
+    return dict(eng.stats().model_states)
+
+
+def test_registry_lru_order() -> None:
+    now = [0.0]
+    st = ModelStates(clock=lambda: now[0])
+    for i, n in enumerate("abc"):
+        now[0] = float(i)
+        st.add(n)
+    st.request_started("a")
+    assert st.lru_idle() == "b"  # a has a live request
+    now[0] = 5.0
+    st.request_ended("a")
+    now[0] = 10.0
+    st.request_started("b")
+    st.request_ended("b")
+    assert st.lru_idle() == "c" and st.lru_idle(frozenset({"c"})) == "a"
+    st.set_state("c", ModelState.SLEEPING)
+    assert st.lru_idle() == "a" and st.idle_longer_than(4.0) == ["a"]
+    now[0] = 20.0
+    assert st.idle_longer_than(4.0) == ["a", "b"]
+
+
+@pytest.fixture(scope="module")
+def eng():
+    e = PooledEngine(mode="shared", pools="1",
+                     config=EngineConfig(arena_bytes=8 << 20, weights_fraction=0.3,
+                                         attention_backend="reference", steps_per_call=2))
+    yield e
+    e.shutdown(timeout=0)
+
+
+def test_sleep_wake_cycle(eng: PooledEngine) -> None:
+    """Eviction order, wake under load, outputs equal before/after, no compile on wake, sleep with
+    live requests refused, pages and rows back after every transition."""
+    free0 = _free_rows(eng)
+    ref = {n: _reference(n, 6) for n in WEIGHTS}
+    eng.add_model("a", MIX.config, WEIGHTS["a"])
+    eng.add_model("b", MIX.config, WEIGHTS["b"])
+    rows = (free0 - _free_rows(eng)) // 2
+    before = {n: _tokens(eng, n, 6) for n in ("b", "a")}  # a used last: b is the LRU idle model
+    assert before == {n: ref[n] for n in ("a", "b")}
+    eng.add_model("c", MIX.config, WEIGHTS["c"])  # does not fit: b goes to sleep
+    assert _states(eng) == {"a": "resident", "b": "sleeping", "c": "resident"}
+    assert _free_rows(eng) == free0 - 2 * rows and _kv_used(eng) == 0
+    group = eng.groups[0]
+    built, blocked = group.programs_built, group.blocked_compiles
+    # wake under load: c streams a long request while b's request wakes b (a, idle, goes to sleep)
+    hc = eng.submit(make_request("c", PROMPT, 40))
+    first = hc.next_event(timeout=120)
+    assert first is not None and first.token_id is not None
+    assert _tokens(eng, "b", 6) == before["b"]  # b woke: the same tokens as before its sleep
+    assert _states(eng) == {"a": "sleeping", "b": "resident", "c": "resident"}
+    with pytest.raises(InvalidRequestError, match="live requests"):  # refused, not drained
+        eng.sleep("c")
+    got_c = [first.token_id] + [ev.token_id for ev in hc.events() if ev.token_id is not None]
+    assert got_c == _reference("c", 40)
+    assert group.programs_built == built and group.blocked_compiles == blocked  # no compile on wake
+    assert _free_rows(eng) == free0 - 2 * rows and _kv_used(eng) == 0
+    # explicit sleep / wake; nothing lost
+    eng.sleep("b")
+    assert _free_rows(eng) == free0 - rows and _states(eng)["b"] == "sleeping"
+    eng.wake("a")
+    assert _states(eng) == {"a": "resident", "b": "sleeping", "c": "resident"}
+    assert _tokens(eng, "a", 6) == before["a"]
+    eng.sleep("a")
+    eng.sleep("c")
+    assert _free_rows(eng) == free0 and _kv_used(eng) == 0
+    # a request to a sleeping model cancelled while it waits for the wake
+    h = eng.submit(make_request("a", PROMPT, 200))
+    assert h.cancel()
+    assert [ev for ev in h.events()][-1].finish_reason == FINISH_CANCELLED
+    deadline = time.monotonic() + 60
+    while _states(eng)["a"] == "waking" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert eng.unload_model("b") == 0 and "b" not in _states(eng)
+    st = eng.stats()
+    assert st.failed == 0 and _kv_used(eng) == 0
+
+
+def test_idle_sleep() -> None:
+    e = PooledEngine(mode="shared", pools="1",
+                     config=EngineConfig(arena_bytes=8 << 20, attention_backend="reference",
+                                         steps_per_call=2, idle_sleep_s=0.2))
+    try:
+        e.add_model("a", MIX.config, WEIGHTS["a"])
+        deadline = time.monotonic() + 30
+        while _states(e)["a"] != "sleeping" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _states(e)["a"] == "sleeping"
+        assert _tokens(e, "a", 4) == _reference("a", 4)
+    finally:
+        e.shutdown(timeout=0)

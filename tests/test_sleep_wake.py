@@ -22,6 +22,7 @@ from crosspool_jax.models.reference import ReferenceGenerator
 
 MIX = demo_models()["demo-mixtral"]
 PROMPT = [5, 9, 33, 7]
+LONG = 16  # tokens of the request that streams while another model wakes
 
 
 def _weights(scale: float):  # distinct models of one class: their outputs differ
@@ -89,23 +90,27 @@ def test_sleep_wake_cycle(eng: PooledEngine) -> None:
     eng.add_model("a", MIX.config, WEIGHTS["a"])
     eng.add_model("b", MIX.config, WEIGHTS["b"])
     rows = (free0 - _free_rows(eng)) // 2
-    before = {n: _tokens(eng, n, 6) for n in ("b", "a")}  # a used last: b is the LRU idle model
-    assert before == {n: ref[n] for n in ("a", "b")}
+    # both at once (the mix the wake below runs: its programs are compiled here, not on the wake)
+    hs = {n: eng.submit(make_request(n, PROMPT, k)) for n, k in (("a", LONG), ("b", 6))}
+    before = {n: [ev.token_id for ev in h.events() if ev.token_id is not None] for n, h in hs.items()}
+    assert before == {"a": _reference("a", LONG), "b": ref["b"]}
+    before["a"] = _tokens(eng, "a", 6)  # a used last: b is the LRU idle model
+    assert before["a"] == ref["a"]
     eng.add_model("c", MIX.config, WEIGHTS["c"])  # does not fit: b goes to sleep
     assert _states(eng) == {"a": "resident", "b": "sleeping", "c": "resident"}
     assert _free_rows(eng) == free0 - 2 * rows and _kv_used(eng) == 0
     group = eng.groups[0]
     built, blocked = group.programs_built, group.blocked_compiles
     # wake under load: c streams a long request while b's request wakes b (a, idle, goes to sleep)
-    hc = eng.submit(make_request("c", PROMPT, 40))
+    hc = eng.submit(make_request("c", PROMPT, LONG))
     first = hc.next_event(timeout=120)
     assert first is not None and first.token_id is not None
-    assert _tokens(eng, "b", 6) == before["b"]  # b woke: the same tokens as before its sleep
-    assert _states(eng) == {"a": "sleeping", "b": "resident", "c": "resident"}
     with pytest.raises(InvalidRequestError, match="live requests"):  # refused, not drained
         eng.sleep("c")
+    assert _tokens(eng, "b", 6) == before["b"]  # b woke: the same tokens as before its sleep
+    assert _states(eng) == {"a": "sleeping", "b": "resident", "c": "resident"}
     got_c = [first.token_id] + [ev.token_id for ev in hc.events() if ev.token_id is not None]
-    assert got_c == _reference("c", 40)
+    assert got_c == _reference("c", LONG)
     assert group.programs_built == built and group.blocked_compiles == blocked  # no compile on wake
     assert _free_rows(eng) == free0 - 2 * rows and _kv_used(eng) == 0
     # explicit sleep / wake; nothing lost

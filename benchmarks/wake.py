@@ -39,15 +39,12 @@ def _tiny() -> dict[str, Any]:
             "vocab_size": 1024, "num_hidden_layers": 2}
 
 
-def _weights_bytes(cfg: Any, dtype: str, platform: str, page_bytes: int) -> int:
-    """Arena bytes of one model's weights on one colocated device (row-padded)."""
-    from crosspool_jax.memory.arena import model_rows
+def _weights_bytes(cfg: Any, itemsize: int) -> int:
+    """About the arena bytes of one model's weights on one colocated device: its parameters in the
+    arena dtype plus 5% for row padding (the replay reports the placed bytes)."""
     from crosspool_jax.models.params import weight_specs
-    from pallas_kernels.page_layout import PoolLayout
 
-    layout = PoolLayout(page_bytes, dtype, 128 if platform != "cpu" else 64, 1)
-    rows = model_rows(cfg, weight_specs(cfg), 1, layout)
-    return sum(rows.values()) * layout.row_elems * layout.itemsize
+    return int(sum(x.size for x in jax.tree.leaves(weight_specs(cfg))) * itemsize * 1.05)
 
 
 def _engine(cfg: Any, resident: int, kv_bytes: int, quick: bool) -> Any:
@@ -56,9 +53,8 @@ def _engine(cfg: Any, resident: int, kv_bytes: int, quick: bool) -> Any:
 
     dev = jax.devices()[0]
     platform = "cpu" if dev.platform == "cpu" else "gpu"
-    dtype = "float32" if platform == "cpu" else "bfloat16"
     page = 16384 if platform == "cpu" else 262144
-    wbytes = resident * _weights_bytes(cfg, dtype, platform, page) + 2 * page
+    wbytes = resident * _weights_bytes(cfg, 4 if platform == "cpu" else 2) + 2 * page
     arena = wbytes + kv_bytes
     ec = EngineConfig(arena_bytes=arena, weights_fraction=wbytes / arena,
                       attention_backend="reference" if quick else None)
@@ -148,6 +144,8 @@ def replay_part(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     try:
         for i, n in enumerate(names):
             engine.add_random_model(n, cfg, seed=i)  # beyond `resident`: the LRU idle one sleeps
+        model_bytes = engine.weights_bytes(names[-1])
+        held = sum(1 for s in engine.model_states() if s.state.value == "resident")
         threads, hot = [], names[:2]
         t_start = time.perf_counter()
         for i in range(args.requests):
@@ -170,7 +168,7 @@ def replay_part(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
     cold = sorted(r["ttft_s"] for r in ok if r["cold"])
     warm = sorted(r["ttft_s"] for r in ok if not r["cold"])
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None
-    return {"models": args.models, "resident": args.resident, "requests": args.requests,
+    return {"models": args.models, "resident": held, "model_bytes": model_bytes, "requests": args.requests,
             "completed_all_tokens": len(ok), "lost": args.requests - len(ok), "wall_s": wall,
             "cold_hits": len(cold), "cold_ttft_p50_s": pct(cold, 50), "cold_ttft_p99_s": pct(cold, 99),
             "cold_ttft_max_s": max(cold) if cold else None, "warm_ttft_p50_s": pct(warm, 50),

@@ -106,8 +106,11 @@ def wake_part(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
             if i < args.repeats - 1:
                 engine.sleep("m")
         after, _ = _generate(engine, "m", prompt, args.new)
-        out.update(bytes=host.nbytes, floor_s=min(floors), wake_s=min(wakes),
-                   floor_gbps=host.nbytes / min(floors) / 1e9, wake_over_floor=min(wakes) / min(floors),
+        # the first wake also compiles the arena's row writers (one small jit per tensor row count;
+        # a model placed from host weights compiled them at its add): reported apart
+        best = min(wakes[1:]) if len(wakes) > 1 else wakes[0]
+        out.update(bytes=host.nbytes, floor_s=min(floors), wake_first_s=wakes[0], wake_s=best,
+                   floor_gbps=host.nbytes / min(floors) / 1e9, wake_over_floor=best / min(floors),
                    programs_compiled_on_wake=group.programs_built - built, tokens_equal=before == after)
         engine.sleep("m")
         tmp = tempfile.mkdtemp(prefix="wake-bench-")
@@ -164,12 +167,15 @@ def replay_part(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
         states = engine.model_states()
     finally:
         engine.shutdown()
-    ok = [r for r in results if "error" not in r and r["tokens"] == args.new]
+    # lost = ended with an error or never ended (a random model may stop early at an eos id: not lost)
+    ok = [r for r in results if "error" not in r and r["tokens"] >= 1]
+    errors = sorted({r["error"] for r in results if "error" in r})[:3]
     cold = sorted(r["ttft_s"] for r in ok if r["cold"])
     warm = sorted(r["ttft_s"] for r in ok if not r["cold"])
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None
     return {"models": args.models, "resident": held, "model_bytes": model_bytes, "requests": args.requests,
-            "completed_all_tokens": len(ok), "lost": args.requests - len(ok), "wall_s": wall,
+            "completed": len(ok), "lost": args.requests - len(ok), "errors": errors, "wall_s": wall,
+            "tokens": sum(r["tokens"] for r in ok),
             "cold_hits": len(cold), "cold_ttft_p50_s": pct(cold, 50), "cold_ttft_p99_s": pct(cold, 99),
             "cold_ttft_max_s": max(cold) if cold else None, "warm_ttft_p50_s": pct(warm, 50),
             "warm_ttft_p99_s": pct(warm, 99), "wakes": sum(s.wakes for s in states),
@@ -181,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="a tiny OLMoE, few requests (CPU smoke run)")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; quick 8)")
     ap.add_argument("--new", type=int, default=None, help="tokens per request (default 16; quick 4)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed floor copies and wakes (min kept)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed floor copies and wakes (min kept; "
+                    "the first wake, which compiles the row writers, is reported apart)")
     ap.add_argument("--models", type=int, default=None, help="replay: models (default 3 x resident)")
     ap.add_argument("--resident", type=int, default=None, help="replay: models the weight space holds "
                     "(default 4 on GPU: 4 x 13.9 GB of OLMoE bf16; quick 2)")

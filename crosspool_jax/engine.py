@@ -696,7 +696,7 @@ class PooledEngine(EngineCore):
     def _wake_now(self, name: str) -> None:
         """Copies a sleeping model's weights back (one tensor at a time under its group's lock, so
         the group's other models step between tensors), sleeping LRU idle models while it does not
-        fit."""
+        fit; while every other resident model has live requests it waits for one to go idle."""
         while True:
             with self._transition:
                 with self._lock:
@@ -715,9 +715,14 @@ class PooledEngine(EngineCore):
                         with gw.lock:
                             self._set_static_limits(gw.group)
                     return
-            if not self._sleep_lru(exclude=frozenset({name})):
-                raise CapacityError(f"model {name!r} does not fit the arena and no idle resident "
-                                    "model can be put to sleep")
+            if self._sleep_lru(exclude=frozenset({name})):
+                continue
+            with self._lock:  # resident models with live requests: wait until one is idle
+                busy = any(i.state == ModelState.RESIDENT for i in self._states.snapshot() if i.name != name)
+            if not busy or self._closed:
+                raise CapacityError(f"model {name!r} does not fit the arena even with every other "
+                                    "model asleep")
+            time.sleep(0.005)
 
     def _idle_sleeper(self, idle_s: float) -> None:
         """Puts models idle for more than `idle_s` seconds to sleep until the engine closes."""

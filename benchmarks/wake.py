@@ -3,6 +3,7 @@ and a many-models replay (more models than the arena's weight space holds, burst
 
     PYTHONPATH=. python -m benchmarks.wake --json OUT            # one GPU, OLMoE-1B-7B shapes
     PYTHONPATH=. python -m benchmarks.wake --quick --json OUT    # CPU smoke run (a tiny OLMoE)
+    (--skip-replay / --skip-wake: one part only, e.g. to keep each run under a time limit)
 
 Part 1 (one model, mode shared on one device): a request's tokens; sleep (weights to host memory:
 pinned host memory on GPUs); (a) the floor: `jax.device_put` of the very host arrays the sleeping
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--kv-bytes", type=int, default=None, help="KV bytes of the arena "
                     "(default 16 GiB; quick 4 MiB)")
     ap.add_argument("--skip-replay", action="store_true")
+    ap.add_argument("--skip-wake", action="store_true", help="only the replay")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     q = args.quick
@@ -213,8 +215,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from benchmarks.step import olmoe_config
 
     cfg = olmoe_config(**(_tiny() if q else {}))
-    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "quick": q, "wake": wake_part(cfg, args)}
-    print(json.dumps({"wake": res["wake"]}), flush=True)
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "quick": q}
+    if not args.skip_wake:
+        res["wake"] = wake_part(cfg, args)
+        print(json.dumps({"wake": res["wake"]}), flush=True)
     if not args.skip_replay:
         res["replay"] = replay_part(cfg, args)
         print(json.dumps({"replay": res["replay"]}), flush=True)

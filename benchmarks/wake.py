@@ -33,6 +33,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from crosspool_jax.memory.arena import to_device
+
 
 def _tiny() -> dict[str, Any]:
     return {"hidden_size": 256, "intermediate_size": 128, "num_attention_heads": 4,
@@ -95,7 +97,7 @@ def wake_part(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
         floors = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            jax.block_until_ready([jax.device_put(p, dev) for ps in host.pieces.values() for p in ps])
+            jax.block_until_ready([to_device(p, dev) for ps in host.pieces.values() for p in ps])
             floors.append(time.perf_counter() - t0)
         group = engine.groups[0]
         built, wakes = group.programs_built, []

@@ -553,7 +553,7 @@ class ArenaStore:
                 devs = self._pool_devices(slot.role)
                 src = host.pieces[tname]
                 with hold():  # one tensor at a time: the steps of other models run in between
-                    self._write_rows(slot, lambda dev, src=src, devs=devs: jax.device_put(
+                    self._write_rows(slot, lambda dev, src=src, devs=devs: to_device(
                         src[devs.index(dev)], dev))
         except BaseException:
             with hold():
@@ -675,6 +675,16 @@ def _to_host(x: jax.Array, dev: jax.Device) -> Any:
         except (ValueError, RuntimeError, NotImplementedError):
             pass
     return np.asarray(x)
+
+
+def to_device(x: Any, dev: jax.Device) -> jax.Array:
+    """A host copy (`_to_host`: numpy, or a jax array in pinned host memory) put on `dev`'s device
+    memory. A pinned-host array must name the target memory kind: a plain `device_put(x, dev)`
+    keeps its memory kind and is refused as a mismatch."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None and getattr(sharding, "memory_kind", None) == "pinned_host":
+        return jax.device_put(x, jax.sharding.SingleDeviceSharding(dev, memory_kind="device"))
+    return jax.device_put(x, dev)
 
 
 @functools.lru_cache(maxsize=64)

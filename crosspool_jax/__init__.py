@@ -47,6 +47,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "CrossPoolError": ("crosspool_jax.errors", "CrossPoolError"),
     "CapacityError": ("crosspool_jax.errors", "CapacityError"),
     "InvalidRequestError": ("crosspool_jax.errors", "InvalidRequestError"),
+    "ModelState": ("crosspool_jax.memory.model_states", "ModelState"),
+    "ModelStateInfo": ("crosspool_jax.memory.model_states", "ModelStateInfo"),
 }
 
 __all__ = [  # the keys of _EXPORTS (a literal, so linters see the re-exports)
@@ -65,6 +67,8 @@ __all__ = [  # the keys of _EXPORTS (a literal, so linters see the re-exports)
     "ModelConfig",
     "ModelInfo",
     "ModelNotFoundError",
+    "ModelState",
+    "ModelStateInfo",
     "ModelWeights",
     "QueueFullError",
     "ReferenceEngine",
@@ -113,5 +117,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     )
     from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
     from crosspool_jax.execution.host_step import EXECUTIONS
+    from crosspool_jax.memory.model_states import ModelState, ModelStateInfo
     from crosspool_jax.models.config import Family, ModelConfig, load_hf_config
     from crosspool_jax.models.params import ModelWeights, init_random_weights

@@ -60,6 +60,8 @@ from crosspool_jax.engine_api import (
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
 from crosspool_jax.execution.host_step import EXECUTIONS
 from crosspool_jax.execution.pool_runner import DEFAULT_MAX_STOP_IDS, GroupRunner, StepResult
+from crosspool_jax.memory.arena import HostModel
+from crosspool_jax.memory.model_states import ModelState, ModelStateInfo, ModelStates
 from crosspool_jax.memory.planner import ModelLimits, RequestRejected
 from crosspool_jax.memory.topology import PoolTopology, Role, devices_needed, ensure_cpu_devices
 from crosspool_jax.models.config import ModelConfig
@@ -96,6 +98,8 @@ class EngineConfig:
     max_stop_ids: most stop token ids of one request (default 16; `submit` refuses more with
       InvalidRequestError, and so does `add_model` a model with more eos ids). Every step program's
       stop-id width is this rounded up to a power of two, so no stop-id count compiles a program.
+    idle_sleep_s: a resident model with no live request for this many seconds is put to sleep
+      (weights to host memory, arena rows and KV registration freed); None (default): never.
     """
 
     arena_bytes: int | None = None
@@ -110,6 +114,7 @@ class EngineConfig:
     execution: str = "lowered"
     overlap: bool = True
     max_stop_ids: int = DEFAULT_MAX_STOP_IDS
+    idle_sleep_s: float | None = None
 
 
 @dataclasses.dataclass
@@ -317,7 +322,15 @@ class PooledEngine(EngineCore):
         # called (on a group's worker thread) with a one-line note after each step that compiled
         # step programs: which models, how many, how long (the server logs it; compiles stall a step)
         self.on_compile: Callable[[str], None] | None = None
+        # sleeping models (issue 20): states under self._lock; one sleep or wake at a time
+        self._states = ModelStates()
+        self._host: dict[str, HostModel] = {}  # weights of sleeping models (host memory)
+        self._waiting: dict[str, list[_Live]] = {}  # requests of a waking model
+        self._transition = threading.Lock()
         self._start_workers([gw.thread for gw in self._gws])
+        if cfg.idle_sleep_s is not None:
+            threading.Thread(target=self._idle_sleeper, args=(cfg.idle_sleep_s,),
+                             name="crosspool-idle-sleep", daemon=True).start()
 
     # ---- models ------------------------------------------------------------------------------
     def add_model(self, name: str, config: ModelConfig, weights: ModelWeights, tokenizer: Any = None,
@@ -389,7 +402,18 @@ class PooledEngine(EngineCore):
                place: Callable[[GroupRunner, threading.Lock], None]) -> _GroupWorker:
         """Places a model into the least loaded group (weight bytes) it fits. `place` takes the
         group's lock as the guard of its arena updates (`GroupRunner.add_model`): the group's steps
-        wait only for those dispatches, not for the copy; the other groups' never wait."""
+        wait only for those dispatches, not for the copy; the other groups' never wait. When it
+        fits no group, the least recently used idle resident model is put to sleep and the
+        placement tried again."""
+        while True:
+            try:
+                return self._place_once(name, config, place)
+            except CapacityError:
+                if not self._sleep_lru(exclude=frozenset({name})):
+                    raise
+
+    def _place_once(self, name: str, config: ModelConfig,
+                    place: Callable[[GroupRunner, threading.Lock], None]) -> _GroupWorker:
         self._wait_unloaded(name)
         with self._lock:
             load = {id(gw): sum(b for n, b in self._model_bytes.items() if self._model_group[n] is gw)
@@ -414,6 +438,7 @@ class PooledEngine(EngineCore):
         with self._lock:
             self._model_group[name] = gw
             self._model_bytes[name] = nbytes
+            self._states.add(name)
         return self._end_add(record)
 
     def _wait_unloaded(self, name: str) -> None:
@@ -459,12 +484,19 @@ class PooledEngine(EngineCore):
         group.set_limits(static_limits(list(group.geoms), group.kv.config.total_pages))
 
     def _on_unload(self, name: str) -> None:
+        with self._transition:  # not while it is being put to sleep or woken
+            self._unload_now(name)
+
+    def _unload_now(self, name: str) -> None:
         with self._lock:
             gw = self._model_group.pop(name, None)
             self._model_bytes.pop(name, None)
-            if gw is not None:
+            self._states.remove(name)
+            self._waiting.pop(name, None)  # their final events are sent (unload_model)
+            asleep = self._host.pop(name, None) is not None  # else its weights are in the arena
+            if gw is not None and not asleep:
                 self._unloading[name] = (gw, threading.Event())
-        if gw is not None:
+        if gw is not None and not asleep:
             # its requests' pages are free now (as a cancel's); the worker removes the weights
             gw.group.fail_model(name, "model unloaded")
             gw.inbox.put(("unload", name))
@@ -490,11 +522,35 @@ class PooledEngine(EngineCore):
             return self._model_group.get(lv.request.model)
 
     def _enqueue(self, lv: _Live) -> None:
-        gw = self._worker_of(lv)
+        name = lv.request.model
+        wake = queued = False
+        with self._lock:
+            gw = self._model_group.get(name)
+            if gw is not None:
+                self._states.request_started(name)
+                state = self._states.state(name)
+                if state != ModelState.RESIDENT:  # its requests wait for the wake
+                    self._waiting.setdefault(name, []).append(lv)
+                    queued = True
+                    wake = state == ModelState.SLEEPING
+                    if wake:
+                        self._states.set_state(name, ModelState.WAKING)
         if gw is None:  # unloaded since submit() looked it up
-            self._finish(lv, FINISH_ERROR, error=f"model {lv.request.model!r} is not loaded")
+            self._finish(lv, FINISH_ERROR, error=f"model {name!r} is not loaded")
             return
-        gw.inbox.put(("admit", lv))
+        if wake:
+            threading.Thread(target=self._wake_and_admit, args=(name,), name=f"crosspool-wake-{name}",
+                             daemon=True).start()
+        elif not queued:
+            gw.inbox.put(("admit", lv))
+
+    def _finish(self, lv: _Live, reason: str, error: str | None = None,
+                last: tuple[int, int | None, str] | None = None, completion_tokens: int = 0) -> bool:
+        done = super()._finish(lv, reason, error, last, completion_tokens)
+        if done:
+            with self._lock:
+                self._states.request_ended(lv.request.model)
+        return done
 
     def submit(self, request: Request) -> RequestHandle:
         """As `EngineCore.submit`; also refuses more stop ids than the step programs take
@@ -534,7 +590,155 @@ class PooledEngine(EngineCore):
                               f"group{gi}/{dev.platform}:{dev.id}", total - g.kv.pages_free(d), total))
         with self._lock:
             preemptions = self._preemptions
-        return dataclasses.replace(base, kv_pages=tuple(pages), preemptions=preemptions)
+            states = tuple((i.name, i.state.value) for i in self._states.snapshot())
+        return dataclasses.replace(base, kv_pages=tuple(pages), preemptions=preemptions,
+                                   model_states=states)
+
+    # ---- sleeping models (issue 20) -------------------------------------------------------------
+    def sleep(self, name: str) -> None:
+        """Puts a resident model to sleep: its weights are copied to host memory (pinned on GPUs,
+        numpy on CPU), its arena rows and its KV registration are freed (its KV pages are free
+        already: it has no request). Refused (InvalidRequestError) while it has live requests;
+        a no-op when it sleeps already. Its next request wakes it (`wake`)."""
+        with self._transition:
+            with self._lock:
+                if name not in self._states:
+                    raise ModelNotFoundError(f"model {name!r} is not loaded")
+                state, live = self._states.state(name), self._states.live(name)
+            if state == ModelState.SLEEPING:
+                return
+            if live:
+                raise InvalidRequestError(f"model {name!r} has {live} live requests; sleep is refused "
+                                          "until they end (cancel them or wait)")
+            self._sleep_now(name)
+
+    def wake(self, name: str) -> None:
+        """Places a sleeping model back into the arena (no-op when resident), putting the least
+        recently used idle resident models to sleep while it does not fit. Compiles nothing."""
+        with self._lock:
+            if name not in self._states:
+                raise ModelNotFoundError(f"model {name!r} is not loaded")
+            if self._states.state(name) != ModelState.SLEEPING:
+                wait = self._states.state(name) == ModelState.WAKING
+            else:
+                wait = False
+                self._states.set_state(name, ModelState.WAKING)
+        if wait:  # a request's wake is under way: wait for it
+            while True:
+                with self._lock:
+                    if name not in self._states or self._states.state(name) != ModelState.WAKING:
+                        return
+                time.sleep(0.005)
+        self._wake_and_admit(name, raise_errors=True)
+
+    def model_states(self) -> tuple[ModelStateInfo, ...]:
+        """Each registered model's state (resident / sleeping / waking), live requests, idle time."""
+        with self._lock:
+            return self._states.snapshot()
+
+    def _sleep_now(self, name: str) -> bool:
+        """Sleeps `name` if it is resident with no live request (call under `_transition`)."""
+        with self._lock:
+            gw = self._model_group.get(name)
+            if (gw is None or self._states.state(name) != ModelState.RESIDENT
+                    or self._states.live(name)):
+                return False
+            self._states.set_state(name, ModelState.SLEEPING)  # new requests wait for a wake
+        try:
+            host = gw.group.sleep_model(name, guard=gw.lock)
+            if self.mode == "static":
+                with gw.lock:
+                    self._set_static_limits(gw.group)
+        except RuntimeError:  # the group still ends one of its requests: stays resident
+            with self._lock:
+                self._states.set_state(name, ModelState.RESIDENT)
+            return False
+        with self._lock:
+            self._host[name] = host
+        return True
+
+    def _sleep_lru(self, exclude: frozenset[str]) -> bool:
+        """Puts the least recently used idle resident model to sleep; False if there is none."""
+        with self._transition:
+            tried: set[str] = set(exclude)
+            while True:
+                with self._lock:
+                    victim = self._states.lru_idle(frozenset(tried))
+                if victim is None:
+                    return False
+                if self._sleep_now(victim):
+                    return True
+                tried.add(victim)
+
+    def _wake_and_admit(self, name: str, raise_errors: bool = False) -> None:
+        """Wakes `name` (state WAKING), then admits the requests that waited for it; if the wake
+        fails they end with an error and the model stays asleep."""
+        try:
+            self._wake_now(name)
+        except Exception as e:
+            with self._lock:
+                waiting = self._waiting.pop(name, [])
+                if name in self._states:
+                    self._states.set_state(name, ModelState.SLEEPING)
+            for lv in waiting:
+                self._finish(lv, FINISH_ERROR, error=f"waking model {name!r} failed: {e}")
+            if raise_errors:
+                raise
+            return
+        with self._lock:
+            waiting = self._waiting.pop(name, [])
+            gw = self._model_group.get(name)
+            if name in self._states:
+                self._states.set_state(name, ModelState.RESIDENT)
+        for lv in waiting:
+            if gw is not None:
+                gw.inbox.put(("admit", lv))
+
+    def _wake_now(self, name: str) -> None:
+        """Copies a sleeping model's weights back into its group (`GroupRunner.wake_model`: chunk by
+        chunk, the group's lock held only around each chunk's write, so the group's other models
+        step meanwhile), sleeping the group's LRU idle models while it does not fit; while every
+        other resident model of the group has live requests it waits for one to go idle."""
+        while True:
+            with self._transition:
+                with self._lock:
+                    gw, host = self._model_group.get(name), self._host.get(name)
+                if gw is None or host is None:
+                    raise ModelNotFoundError(f"model {name!r} is not loaded")
+                record = self._model(name)
+                try:
+                    gw.group.wake_model(name, record.config, host, guard=gw.lock)
+                except CapacityError:
+                    pass
+                else:
+                    with self._lock:
+                        self._host.pop(name, None)
+                    if self.mode == "static":
+                        with gw.lock:
+                            self._set_static_limits(gw.group)
+                    return
+            with self._lock:  # it wakes into its own group: only that group's models make room
+                others = frozenset(n for n, g in self._model_group.items() if g is not gw)
+            if self._sleep_lru(exclude=others | {name}):
+                continue
+            with self._lock:  # resident models with live requests: wait until one is idle
+                busy = any(i.state == ModelState.RESIDENT for i in self._states.snapshot()
+                           if i.name != name and i.name not in others)
+            if not busy or self._closed:
+                raise CapacityError(f"model {name!r} does not fit the arena even with every other "
+                                    "model asleep")
+            time.sleep(0.005)
+
+    def _idle_sleeper(self, idle_s: float) -> None:
+        """Puts models idle for more than `idle_s` seconds to sleep until the engine closes."""
+        period = min(1.0, max(0.01, idle_s / 4))
+        while not self._closed:
+            time.sleep(period)
+            with self._lock:
+                idle = self._states.idle_longer_than(idle_s)
+            for name in idle:
+                with self._transition:
+                    self._sleep_now(name)
 
     @property
     def programs_compiled(self) -> int:

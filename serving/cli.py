@@ -343,6 +343,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--overlap", default=None, action=argparse.BooleanOptionalAction,
                    help="host work (planning, inputs, streaming) overlaps device work: each step reads "
                    "the previous step's tokens (default on)")
+    g.add_argument("--idle-sleep-s", type=float, default=None,
+                   help="seconds without a request after which a model sleeps (weights to host memory; "
+                   "its next request wakes it); default: never")
     lim = p.add_argument_group(
         "limits (what one request may cost; serving.limits.RequestLimits, or the [limits] table of "
         "--config; a request past one is INVALID_ARGUMENT naming it)"
@@ -370,7 +373,7 @@ LIMIT_FLAGS = (
 
 ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call", "prefill_chunk",
                 "max_prefill_tokens", "micro_batches", "dtype", "attention_backend", "execution",
-                "overlap")
+                "overlap", "idle_sleep_s")
 
 
 def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettings

@@ -133,5 +133,13 @@ class CrossPoolClient:
     def unload_model(self, name: str) -> int:
         return self.stub.UnloadModel(pb.UnloadModelRequest(name=name), metadata=self._md).failed_requests
 
+    def sleep_model(self, name: str) -> str:
+        """Puts a model to sleep (weights to host memory); returns its state."""
+        return self.stub.SleepModel(pb.SleepModelRequest(name=name), metadata=self._md).state
+
+    def wake_model(self, name: str) -> str:
+        """Wakes a sleeping model (weights back into the arena); returns its state."""
+        return self.stub.WakeModel(pb.WakeModelRequest(name=name), metadata=self._md).state
+
     def stats(self) -> pb.GetStatsResponse:
         return self.stub.GetStats(pb.GetStatsRequest(), metadata=self._md)

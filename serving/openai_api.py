@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP API, served beside gRPC on the same engine (Starlette + uvicorn).
 
-Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming as
+Endpoints: `GET /v1/models`, `POST /v1/models/{name}/sleep` and `/wake` (the pooled engine's
+sleeping models: weights to host memory and back; sleep is refused with 400 while the model has
+live requests), `POST /v1/completions`, `POST /v1/chat/completions` (streaming as
 server-sent events ending in `data: [DONE]`, or one JSON body), `GET /health` (200 `{"status":
 "ok"}` when serving, 503 while starting or draining; no token needed, for probes).
 
@@ -452,6 +454,33 @@ def create_app(state: Any, auth_token: str | None = None) -> Starlette:
         finally:
             run.close()
 
+    async def transition(request: HTTPRequest, op: str) -> Response:
+        """POST /v1/models/{name}/sleep | /wake: engine.sleep / engine.wake (in a worker thread:
+        the weight copy blocks); 200 {"id", "object": "model", "state"}."""
+        from starlette.concurrency import run_in_threadpool
+
+        from serving.server import model_transition
+
+        try:
+            engine = ready_engine(request)
+            name = request.path_params["name"]
+            limits = getattr(state, "limits", None)
+            if limits is not None:
+                check_generate(limits, model=name, stop_strings=())
+            new_state = await run_in_threadpool(model_transition, engine, name, op)
+        except (APIError, CrossPoolError) as e:
+            err = openai_error(e)
+            count(request, err.status)
+            return error_response(err)
+        count(request, 200)
+        return JSONResponse({"id": name, "object": "model", "state": new_state})
+
+    async def sleep(request: HTTPRequest) -> Response:
+        return await transition(request, "sleep")
+
+    async def wake(request: HTTPRequest) -> Response:
+        return await transition(request, "wake")
+
     async def completions(request: HTTPRequest) -> Response:
         return await generate(request, chat=False)
 
@@ -461,6 +490,8 @@ def create_app(state: Any, auth_token: str | None = None) -> Starlette:
     return Starlette(routes=[
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name}/sleep", sleep, methods=["POST"]),
+        Route("/v1/models/{name}/wake", wake, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ])

@@ -255,6 +255,24 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
             self._abort(context, e)
             raise AssertionError("unreachable") from None
 
+    def SleepModel(
+        self, request: pb.SleepModelRequest, context: grpc.ServicerContext
+    ) -> pb.SleepModelResponse:
+        return pb.SleepModelResponse(state=self._transition(request.name, "sleep", context))
+
+    def WakeModel(self, request: pb.WakeModelRequest, context: grpc.ServicerContext) -> pb.WakeModelResponse:
+        return pb.WakeModelResponse(state=self._transition(request.name, "wake", context))
+
+    def _transition(self, name: str, op: str, context: grpc.ServicerContext) -> str:
+        """Runs engine.sleep / engine.wake on `name`; returns the model's state after it."""
+        engine = self._engine(context)
+        try:
+            check_model_call(self.limits, name)
+            return model_transition(engine, name, op)
+        except CrossPoolError as e:
+            self._abort(context, e)
+            raise AssertionError("unreachable") from None
+
     def GetStats(self, request: pb.GetStatsRequest, context: grpc.ServicerContext) -> pb.GetStatsResponse:
         snap = snapshot(self._engine(context))  # the metrics read the same snapshot (serving/stats.py)
         st = snap.stats
@@ -282,7 +300,18 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
                 for w in snap.weights
             ],
             programs_compiled=snap.programs_compiled,
+            model_states=[pb.ModelStateStats(model=m, state=state) for m, state in st.model_states],
         )
+
+
+def model_transition(engine: Any, name: str, op: str) -> str:
+    """engine.sleep(name) or engine.wake(name) (`op`), then the model's state; InvalidRequestError
+    for an engine without sleeping models (the reference engine)."""
+    fn = getattr(engine, op, None)
+    if fn is None:
+        raise InvalidRequestError(f"this engine has no sleeping models ({op} is not supported)")
+    fn(name)
+    return dict(engine.stats().model_states).get(name, "resident")
 
 
 # crosspool.v1's methods: (request type, response type, server-streaming)
@@ -292,6 +321,8 @@ _RPCS: dict[str, tuple[Any, Any, bool]] = {
     "LoadModel": (pb.LoadModelRequest, pb.LoadModelResponse, False),
     "UnloadModel": (pb.UnloadModelRequest, pb.UnloadModelResponse, False),
     "GetStats": (pb.GetStatsRequest, pb.GetStatsResponse, False),
+    "SleepModel": (pb.SleepModelRequest, pb.SleepModelResponse, False),
+    "WakeModel": (pb.WakeModelRequest, pb.WakeModelResponse, False),
 }
 
 

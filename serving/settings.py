@@ -13,7 +13,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     arena_bytes = "64MiB"       page_bytes = 16384      weights_fraction = 0.5
     steps_per_call = 4          prefill_chunk = 64      max_prefill_tokens = 512
     micro_batches = 1           dtype = "float32"       attention_backend = "reference"
-    execution = "lowered"       overlap = true
+    execution = "lowered"       overlap = true          idle_sleep_s = 600
     [limits]                    # serving.limits.RequestLimits fields: what one request may cost
     max_request_id_bytes = 128  max_prompt_bytes = "1MiB"   max_stop_token_ids = 16  ...
     [tls]
@@ -223,6 +223,7 @@ ENGINE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "attention_backend": _choice(ATTENTION_BACKENDS),
     "execution": _choice(EXECUTIONS),
     "overlap": _bool,
+    "idle_sleep_s": _seconds,
 }
 # the [limits] table / limit flags: serving.limits.RequestLimits fields (counts, or byte sizes)
 LIMIT_CHECKS: dict[str, Callable[[Any], Any]] = {

@@ -39,3 +39,17 @@ def _end_dropped_compile_queues():
 
     if any(t.name == "step-compile" for t in threading.enumerate()):
         gc.collect()
+
+
+# Files with the longest total time in CI (`--durations` of the CI log), slowest first. They run
+# first, so the two xdist workers (scripts/test.sh: `--dist loadfile`) take them in turn and end
+# together instead of one worker starting a long file when the other is nearly done.
+SLOW_FILES = ("test_pooled_engine.py", "test_model_classes.py", "test_bench_runner.py",
+              "test_stall_free.py", "test_host_step.py", "test_pooled_step.py", "test_readme.py",
+              "test_public_api.py", "test_static_live.py", "test_sleep_wake.py", "test_error_exits.py",
+              "test_overlap.py", "test_simulator.py", "test_prefill_budget.py", "test_pooled_step_inplace.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(SLOW_FILES)))  # stable: order within a file

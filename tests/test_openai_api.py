@@ -195,6 +195,19 @@ def _status(url: str, token: str | None = None) -> tuple[int, dict]:
         return e.code, json.load(e)
 
 
+def test_sleep_and_wake_endpoints(served):
+    s, engine, _client, _g = served
+    for op, state in (("sleep", "sleeping"), ("wake", "resident")):
+        req = urllib.request.Request(f"{s.http.url}/v1/models/{MODEL}/{op}", data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and json.load(r) == {"id": MODEL, "object": "model", "state": state}
+        assert dict(engine.stats().model_states)[MODEL] == state
+    req = urllib.request.Request(f"{s.http.url}/v1/models/nope/sleep", data=b"", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req, timeout=10)
+    assert ei.value.code == 404
+
+
 def test_401_and_503_while_starting_and_draining():
     s = start_server(None, port=0, auth_token="secret", http_port=0)
     try:

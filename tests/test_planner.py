@@ -699,3 +699,27 @@ def test_held_models_wait_in_place_while_others_are_admitted() -> None:
     planner.cancel("b1")
     plan = planner.step(StepInput())
     assert [a.request_id for a in plan.admitted] == ["a1", "a2"]
+
+
+def test_held_prefills_make_no_progress_and_the_rest_go_on() -> None:
+    """A held running prefill gets no chunk (it keeps its pages); a held waiting request is passed
+    over for the next request of its model; `prefill_span` says where each prefill stands; once
+    the hold ends both go on from where they were."""
+    planner = make_planner(pages_per_device=16)
+    planner.submit(spec("long", "A", 40, 2))
+    plan = planner.step(StepInput(prefill_token_budget=16))
+    assert [(s.request_id, s.token_start, s.token_end) for s in plan.run] == [("long", 0, 16)]
+    assert planner.prefill_span("long") == (16, 40)
+    for rid in ("a1", "a2"):
+        planner.submit(spec(rid, "A", 4, 2))
+    assert planner.prefill_span("a1") == (0, 4)
+    pages = planner.virtualizer.pool_stats().pages_used
+    plan = planner.step(StepInput(prefill_token_budget=16, held_prefills=frozenset({"long", "a1"})))
+    assert [s.request_id for s in plan.run] == ["a2"]  # a1 passed over, long paused
+    assert planner.prefill_span("long") == (16, 40) and planner.info("a1").status == RequestStatus.WAITING
+    assert planner.virtualizer.pool_stats().pages_used > pages  # long kept its pages, a2 took some
+    planner.append_tokens("a2", [token("a2", 4)])
+    plan = planner.step(StepInput(prefill_token_budget=64))
+    assert {(s.request_id, s.token_start, s.token_end) for s in plan.run if s.phase == Phase.PREFILL} == {
+        ("long", 16, 40), ("a1", 0, 4)}
+    assert planner.prefill_span("a2") is None  # decoding

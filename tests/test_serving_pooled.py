@@ -213,6 +213,29 @@ def test_deadline_stops_generation_and_frees_pages(served):
     engine.budget = None
 
 
+def test_sleep_and_wake_over_grpc(served):
+    """SleepModel / WakeModel; GetStats and the metrics show the state; sleep is refused while the
+    model has a live request; after the wake the model's tokens equal the reference."""
+    _s, engine, client, url = served
+    engine.budget = None
+    assert client.sleep_model(A) == "sleeping"
+    assert {m.model: m.state for m in client.stats().model_states} == {A: "sleeping", B: "resident"}
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert f'crosspool_model_state{{model="{A}",state="sleeping"}} 1.0' in body
+    assert client.wake_model(A) == "resident"
+    engine.budget = FIRST_TOKEN_STEPS
+    stream = client.generate_stream(A, prompt_ids=[5, 9, 33, 7], max_new_tokens=200, ignore_eos=True)
+    _held_after_first_token(engine, stream)
+    with pytest.raises(grpc.RpcError) as ei:
+        client.sleep_model(A)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "live requests" in ei.value.details()
+    stream.cancel()
+    engine.budget = None
+    assert _wait(lambda: _pages_used(client) == 0 and client.stats().live_request_ids == [], 10.0)
+    out = client.generate(A, prompt_ids=[5, 9, 33, 7], max_new_tokens=8, ignore_eos=True, timeout=120)
+    assert out["token_ids"] == _reference(A, [5, 9, 33, 7], 8)
+
+
 def test_unload_with_a_live_request_aborts_it(served):
     _s, engine, client, _url = served
     engine.budget = FIRST_TOKEN_STEPS

@@ -9,6 +9,7 @@ unless an earlier test of the same process already set one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import threading
 
@@ -211,6 +212,55 @@ def test_hold_counts_other_models_waiting_requests_and_lifts_when_alone(demo) ->
         runner.cancel("q")
     assert runner.wait_background(timeout=300)
     assert runner.held_models() == frozenset()
+
+
+def test_a_prompt_past_the_warm_box_is_held_while_its_programs_compile(demo) -> None:
+    """A prompt longer than the warm box's context: its lane's top programs at its page width are
+    queued at once; its prefill goes on inside the compiled width, then is held (no progress, its
+    pages kept) while another request decodes, and resumes once they are compiled: no
+    serving-path compile, both equal the reference."""
+    from crosspool_jax.execution.compile_queue import URGENT, CompileQueue
+
+    models, refs = demo
+    runner = build_runner({QWEN: models[QWEN]}, split="1+1", kv_pages=64, prefill_chunk=16,
+                          max_prefill_tokens=16, warm_programs=4, warm_slots=2, warm_context=32,
+                          fallback=True)
+    assert runner.wait_background(timeout=300)
+    runner._poll_background()
+    box = max(ln.max_pages for sp in (*runner._programs, *runner._ready) for ln in sp.lanes)
+    short, long = Req("short", QWEN, _prompt(7, 6), 40), Req("long", QWEN, _prompt(8, 100), 5)
+    tokens: dict[str, list[int]] = {short.rid: [], long.rid: []}
+
+    def step() -> None:
+        for rid, toks in runner.step().tokens.items():
+            tokens[rid].extend(toks)
+
+    runner.submit(short.rid, short.model, short.prompt, short.max_new, short.sampling, short.stop_ids)
+    step()
+    gate = threading.Event()
+    runner._executor = CompileQueue()  # its thread is held: the long prompt's programs stay queued
+    runner._executor.submit(lambda: gate.wait(60), URGENT)
+    runner.submit(long.rid, long.model, long.prompt, long.max_new, long.sampling, long.stop_ids)
+    try:
+        for _ in range(4):
+            step()
+        assert runner.held_prefills() == {long.rid} and runner.held_prefill_steps >= 1
+        span = runner.planner.prefill_span(long.rid)
+        assert span is not None and 0 < span[0] <= 32 < span[1] == 100  # progress up to the box only
+        assert len(tokens[short.rid]) > 1  # the other request kept decoding
+    finally:
+        gate.set()
+    # its lane's top programs past the box (queued urgent) cover both requests from here on
+    wider = [f for sp, f in runner._background.items() if sp.lanes[0].max_pages > box]
+    assert wider and concurrent.futures.wait(wider, timeout=300).not_done == set()
+    assert runner.held_prefills() == frozenset()
+    while runner.has_work:
+        step()
+    runner.stop_background()  # the exact programs the fallback calls queued: not needed here
+    for r in (short, long):
+        assert tokens[r.rid] == refs(r)[0]
+    assert runner.blocked_compiles == 0 and runner.programs_built == 0  # none on the serving path
+    assert runner.kv.pool_stats().pages_used == 0
 
 
 class _Guard:

@@ -26,6 +26,10 @@ from crosspool_jax.engine import EngineConfig, PooledEngine
 from crosspool_jax.engine_api import FINISH_ERROR, Request, RequestHandle
 from crosspool_jax.errors import InvalidRequestError
 
+# a sleep copies a model's arena rows to this host and a wake writes them back: every process of a
+# group would have to do the same at the same step (not built)
+_NO_SLEEP = "sleeping models (sleep, wake, idle_sleep_s) are not supported in a multi-host group"
+
 
 def process_major(devices: Sequence[jax.Device]) -> list[jax.Device]:
     """Devices ordered by process, then id: a "KV+W" split then puts the KV pool on the first
@@ -49,6 +53,8 @@ class DistributedEngine(PooledEngine):
         if mode != "crosspool":
             raise InvalidRequestError(f"a multi-host group runs mode crosspool, not {mode}")
         cfg = dataclasses.replace(config or EngineConfig(), execution="lowered")
+        if getattr(cfg, "idle_sleep_s", None) is not None:
+            raise InvalidRequestError(_NO_SLEEP)
         super().__init__(mode, pools, max_live_requests, cfg, process_major(devices or jax.devices()))
         self.channel = channel
         self.lost_reason: str | None = None
@@ -120,6 +126,12 @@ class DistributedEngine(PooledEngine):
     def unload_model(self, name: str) -> int:
         self._check_models_open()
         return super().unload_model(name)
+
+    def sleep(self, name: str) -> None:
+        raise InvalidRequestError(_NO_SLEEP)
+
+    def wake(self, name: str) -> None:
+        raise InvalidRequestError(_NO_SLEEP)
 
     def submit(self, request: Request) -> RequestHandle:
         if self.lost_reason is not None:

@@ -55,7 +55,7 @@ from crosspool_jax.execution.host_step import (
 )
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
 from crosspool_jax.execution.sampling import SamplingParams, seed_words
-from crosspool_jax.memory.arena import NO_GUARD, ArenaBook, ArenaStore
+from crosspool_jax.memory.arena import NO_GUARD, ArenaBook, ArenaStore, HostModel
 from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
 from crosspool_jax.memory.planner import (
     KVPlanner,
@@ -363,6 +363,7 @@ class GroupRunner:
         self.blocked_compile_seconds = 0.0  # seconds `_run` spent on those compiles / waits
         self.fallback_calls = 0  # program calls run in a larger program than their shape's
         self.held_steps = 0  # steps that held some model's admissions for its warm programs
+        self.held_prefill_steps = 0  # steps that held some request's prefill for its programs
         self.preemptions = 0
         self.calls = 0
         self._dispatches = 0  # calls `_run` dispatched (launch counts its step's)
@@ -413,6 +414,37 @@ class GroupRunner:
             self.geoms[name] = geom
         with guard:
             self.warm_up(name)
+
+    def sleep_model(self, name: str, guard: contextlib.AbstractContextManager = NO_GUARD) -> HostModel:
+        """Copies a model with no live request to host memory (`ArenaStore.copy_out`) and frees its
+        arena rows and its KV registration (its pages are free already: no request holds any). Its
+        class's programs stay compiled. `guard` (the stepping thread's lock) is held around the
+        reads' dispatch and the release, not during the copy. RuntimeError while it has live
+        requests (nothing changed)."""
+        with guard, self._state_lock:
+            live = [r for r in self.reqs.values() if r.model == name and not r.done]
+            if live:
+                raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
+        host = self.store.copy_out(name, guard)
+        with guard, self._state_lock:
+            self.store.remove_model(name)
+            self.kv.unregister_model(name)
+            del self.geoms[name]
+        return host
+
+    def wake_model(self, name: str, cfg: ModelConfig, host: HostModel,
+                   guard: contextlib.AbstractContextManager = NO_GUARD) -> None:
+        """Places a model slept by `sleep_model` back (`ArenaStore.copy_in`: `guard` held around the
+        allocation and each chunk's write, not the copies) and registers it; compiles nothing (its
+        class's programs and the chunk writers are compiled already). CapacityError (nothing
+        changed) when its rows do not fit."""
+        geom = model_geometry(cfg, self.store.layout, self.platform)
+        ma = self.store.copy_in(name, host, guard)
+        with guard, self._state_lock:
+            self.store.models[name] = ma
+            self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
+                                                    tokens_per_page_override=geom.tokens_per_page))
+            self.geoms[name] = geom
 
     def remove_model(self, name: str) -> None:
         with self._state_lock:
@@ -622,7 +654,6 @@ class GroupRunner:
         pages = ladder(-(-self.warm_context // tpp), bk.pages_floor)
         tokens = ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor)
         pair = self.micro_batches == 2
-        persistent = self.platform == "gpu" and cls.config.attention == AttentionKind.GQA
 
         def dec(g: int, b: int, p: int, sched: str = "split") -> list[StepSpec]:
             ln = LaneShape(cls, g, b, b, p, stop_width=self.stop_width)
@@ -636,16 +667,81 @@ class GroupRunner:
                             self.backend)
 
         first = [pre(g_small, slots[0], tokens[0], pages[0]), *dec(g_small, slots[0], pages[0])]
-        top = [pre(g_top, min(slots[-1], tokens[-1]), tokens[-1], pages[-1]),
-               *dec(g_top, slots[-1], pages[-1])]
-        if persistent:
-            top += dec(g_top, slots[-1], pages[-1], "persistent")
+        top = self._top_specs(key, pages[-1])
         rest = [sp for b in slots for p in pages for sp in dec(g_small, b, p)]
         rest += [pre(g_small, b, t, p) for t in tokens for b in slots if b <= t for p in pages]
         rest.sort(key=program_cost)
         gate = len(dict.fromkeys(first + top))
         specs = list(dict.fromkeys(first + top + rest))[: self.warm_programs]
         return specs, min(gate, len(specs))
+
+    def _top_specs(self, key: tuple[Any, str | None], pages: int) -> list[StepSpec]:
+        """The box's largest prefill and decode programs of lane `key` (`warm_specs` item 2) with
+        page tables of `pages` pages: G = the lane's models rounded to a power of two, `warm_slots`
+        slots, `max_prefill_tokens` prefill tokens; the decode with its ping-pong pair
+        (micro_batches = 2) and, for a GQA lane on GPU, its persistent-schedule twin. They
+        dominate every call of the lane whose page tables fit `pages`."""
+        cls, bk, k = key[0], self.buckets, self.steps_per_call
+        g = _pow2(sum(1 for n in self.store.models if self._lane_key(n) == key))
+
+        def top(floor: int, hi: int) -> int:
+            out = bk.round(1, floor)
+            while out < hi:
+                out *= bk.growth
+            return out
+
+        b, t = top(bk.slots_floor, self.warm_slots), top(bk.tokens_floor, _pow2(self.max_prefill_tokens))
+        specs = [StepSpec((LaneShape(cls, g, min(b, t), t, pages, stop_width=self.stop_width),), False, 1,
+                          self.backend)]
+        scheds = ["split"]
+        if self.platform == "gpu" and cls.config.attention == AttentionKind.GQA:
+            scheds.append("persistent")
+        ln = LaneShape(cls, g, b, b, pages, stop_width=self.stop_width)
+        for sched in scheds:
+            specs.append(StepSpec((ln,), True, k, self.backend, attention_schedule=sched))
+            if self.micro_batches == 2:
+                specs.append(StepSpec((ln, ln), True, k, self.backend, attention_schedule=sched))
+        return specs
+
+    def held_prefills(self) -> frozenset[str]:
+        """Requests whose prefill (running, or waiting to start one) reaches page tables wider than
+        every prefill program of their lane compiled so far (a prompt past the warm box's
+        `warm_context`): their lane's top programs at the page bucket of the whole prompt
+        (`_top_specs`: prefill and decode, so the decode that follows is covered too) are queued
+        urgently in the background as soon as the request is seen; the request makes no prefill
+        progress past the compiled width until they are ready, while other requests run. A new
+        lane (nothing of it compiled yet) is `held_models`' case, not this. When only held
+        requests have work, nothing is held (the call then waits for its compile)."""
+        if not self.fallback or not self.reqs:
+            return frozenset()
+        self._poll_background()
+        compiled = (*self._programs, *self._ready)
+        widest: dict[Any, int] = {}
+        for sp in compiled:
+            if not sp.decode:
+                for ln in sp.lanes:
+                    widest[ln.cls] = max(widest.get(ln.cls, 0), ln.max_pages)
+        held: set[str] = set()
+        live = (*self.planner.running(), *self.planner.waiting())
+        for rid in live:
+            span = self.planner.prefill_span(rid) if rid in self.reqs else None
+            if span is None:
+                continue
+            model = self.reqs[rid].model
+            cls, tpp = self.store.models[model].cls, self.geoms[model].tokens_per_page
+            if cls not in widest:
+                continue
+            bucket = lambda tokens: self.buckets.round(-(-tokens // tpp), self.buckets.pages_floor)  # noqa: B023
+            whole = bucket(span[1])
+            if whole <= widest[cls]:
+                continue
+            need = [sp for sp in self._top_specs(self._lane_key(model), whole) if sp not in compiled]
+            for sp in need:
+                self._compile_in_background(sp, compile_queue.URGENT)
+            if need and bucket(min(span[1], span[0] + self.max_prefill_tokens)) > widest[cls]:
+                held.add(rid)
+        others = any(rid not in held for rid in live)
+        return frozenset(held) if held and others else frozenset()
 
     def warm_up(self, model: str) -> int:
         """Queues `warm_specs(model)` for the background thread (those not held or queued yet);
@@ -908,11 +1004,12 @@ class GroupRunner:
                 decode_lengths[rid] = min(info.kv_len + k, cap)
         from crosspool_jax.memory.planner import StepInput
 
-        held = self.held_models()
+        held, held_prefills = self.held_models(), self.held_prefills()
         self.held_steps += bool(held)
+        self.held_prefill_steps += bool(held_prefills)
         plan = self.planner.step(StepInput(decode_lengths,
                                            prefill_token_budget=self.prefill_budget(bool(decode_lengths)),
-                                           held_models=held))
+                                           held_models=held, held_prefills=held_prefills))
         # swap-outs before anything writes KV, swap-ins before anything reads it (planner contract)
         for sp in plan.swap_outs:
             self._swap(sp, to_host=True)

@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -368,6 +371,7 @@ class ArenaDeviceReport:
 
 
 NO_GUARD = nullcontext()  # `place_model` without a stepping thread to keep out
+COPY_CHUNK_BYTES = 256 << 20  # per device: a sleep's reads and a wake's writes go in chunks this large
 
 
 class ArenaBook:
@@ -461,19 +465,7 @@ class ArenaBook:
         for tname, slot in tensors:  # one contiguous block per role, in model_tensors' order
             rel.append((tname, dataclasses.replace(slot, row=offset[slot.role])))
             offset[slot.role] += slot.rows
-        base: dict[Role, int] = {}
-        try:
-            for role in Role:
-                start = self._alloc[role].alloc(need[role]) if need[role] else 0
-                if start is None:
-                    raise CapacityError(f"model {name!r}: the free weight rows are too fragmented "
-                                        f"for its {role.value} block ({need[role] * rb} bytes)")
-                base[role] = start
-        except BaseException:
-            for role, start in base.items():
-                if need[role]:
-                    self._alloc[role].release(start, need[role])
-            raise
+        base = self._alloc_block(name, need)
         e, s, d = local_sizes(cfg, self.num_weights)
         return ModelArena(name, ModelClass(cfg, tuple(rel), e, s, d), base)
 
@@ -509,6 +501,24 @@ class ArenaBook:
 
         specs = weight_specs(cfg, jnp.dtype(_np_dtype(self.layout.dtype)))
         return ArenaBook.write_model(self, name, cfg, specs, guard)
+
+    def _alloc_block(self, name: str, need: Mapping[Role, int]) -> dict[Role, int]:
+        """Allocates one contiguous block of `need[role]` rows per role; returns each block's first
+        row. CapacityError (nothing allocated) when a block does not fit."""
+        base: dict[Role, int] = {}
+        try:
+            for role in Role:
+                start = self._alloc[role].alloc(need[role]) if need[role] else 0
+                if start is None:
+                    raise CapacityError(f"model {name!r}: the free weight rows are too fragmented "
+                                        f"for its {role.value} block ({need[role] * self.row_bytes()} bytes)")
+                base[role] = start
+        except BaseException:
+            for role, start in base.items():
+                if need[role]:
+                    self._alloc[role].release(start, need[role])
+            raise
+        return base
 
     def remove_model(self, name: str) -> None:
         """Frees a model's rows (the bytes stay until overwritten; nothing reads them)."""
@@ -553,6 +563,8 @@ class ArenaStore(ArenaBook):
         self.arena: jax.Array = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.sharding)()
         # placement programs (tensor writers, random fills) compiled ahead of time, by row count
         self._update_programs: dict[tuple, Any] = {}
+        self.host_copier = HostCopier()  # sleeping models' host copies (pinned within a budget)
+        self._scratch: dict[tuple, jax.Array] = {}  # the writers' zero shards, role flags (not donated)
 
     def write_model(self, name: str, cfg: ModelConfig, weights: ModelWeights,
                     guard: AbstractContextManager = NO_GUARD) -> ModelArena:
@@ -640,26 +652,111 @@ class ArenaStore(ArenaBook):
                guard: AbstractContextManager = NO_GUARD) -> None:
         """Copies one tensor's pieces to their devices, then (under `guard`) writes them at the
         slot's rows of the arena (donated)."""
-        devices = self.devices
         role_devs = self._pool_devices(slot.role)
-        rows = slot.rows
-        r = self.layout.row_elems
-        adt = jnp.dtype(_np_dtype(self.layout.dtype))
+        self._write_rows(slot.role, slot.row, slot.rows, lambda dev: jax.device_put(
+            self._encode(slot, pieces(role_devs.index(dev))), dev), guard)
+
+    def _write_rows(self, role: Role, row: int, rows: int, rows_on: Callable[[jax.Device], jax.Array],
+                    guard: AbstractContextManager) -> None:
+        """Writes `rows_on(device)` ([rows, R] on that device) at `row` of the arena of every device
+        of `role` (one dispatch of the AOT-compiled writer, under `guard`; the arena is donated)."""
+        data = self._rows_array(role, rows, rows_on)
+        flags = self._role_flags(role)
+        row_arg = jnp.int32(row)
+        write = self._compiled(("write", rows), _writer(self.mesh, rows), data, flags, row_arg)
+        with guard:
+            self.arena = write(self.arena, data, flags, row_arg)
+
+    def _rows_array(self, role: Role, rows: int, rows_on: Callable[[jax.Device], jax.Array]) -> jax.Array:
+        """[N * rows, R] over the pool axis: `rows_on(device)` on the devices of `role`, zeros on
+        the others (every shard must have the same shape; the writer leaves those rows alone)."""
         shards = []
-        for dev in devices:
+        for dev in self.devices:
             if dev.process_index != jax.process_index():
                 continue  # another process's device: that process writes its own piece (multi-host)
-            if dev in role_devs:
-                shards.append(jax.device_put(self._encode(slot, pieces(role_devs.index(dev))), dev))
-            else:  # every shard must have the same shape; these rows are not written (flag off)
-                shards.append(jax.device_put(np.zeros((rows, r), adt), dev))
-        mask = np.array([d in role_devs for d in devices])
-        data = jax.make_array_from_single_device_arrays((len(devices) * rows, r), self.sharding, shards)
-        flags = jax.device_put(mask, self.sharding)
-        row = jnp.int32(slot.row)
-        write = self._compiled(("write", rows), _writer(self.mesh, rows), data, flags, row)
+            if dev in self._pool_devices(role):
+                shards.append(rows_on(dev))
+            else:
+                key = ("zeros", rows, dev.id)
+                if key not in self._scratch:  # never donated: one per shape and device
+                    self._scratch[key] = jax.device_put(
+                        np.zeros((rows, self.layout.row_elems), _np_dtype(self.layout.dtype)), dev)
+                shards.append(self._scratch[key])
+        return jax.make_array_from_single_device_arrays(
+            (len(self.devices) * rows, self.layout.row_elems), self.sharding, shards)
+
+    def _role_flags(self, role: Role) -> jax.Array:
+        """[N] bool over the pool axis: which devices hold `role`."""
+        key = ("flags", role)
+        if key not in self._scratch:
+            mask = np.array([d in self._pool_devices(role) for d in self.devices])
+            self._scratch[key] = jax.device_put(mask, self.sharding)
+        return self._scratch[key]
+
+    # -- sleeping models --
+    def copy_chunks(self, rows: int) -> list[tuple[int, int]]:
+        """(start, rows) pieces of a block of `rows` rows, each at most `COPY_CHUNK_BYTES` per device:
+        the unit of a sleep's reads and a wake's writes (bounded scratch memory next to the arena;
+        a chunk's host-to-device copy overlaps the previous chunk's write)."""
+        step = max(1, COPY_CHUNK_BYTES // self.row_bytes())
+        return [(s, min(step, rows - s)) for s in range(0, rows, step)]
+
+    def copy_out(self, name: str, guard: AbstractContextManager = NO_GUARD) -> HostModel:
+        """Copies a placed model's rows to host memory, one role block in chunks per device (on GPUs
+        into pinned host memory within `host_copier`'s budget, else numpy arrays), waited for, and
+        compiles the writers `copy_in` will use, so a wake compiles nothing. `guard` is held around
+        each read's dispatch only. The model stays placed: the caller removes it
+        (`remove_model`)."""
+        ma = self.models[name]
+        blocks: dict[Role, list[tuple[Any, ...]]] = {}
+        for role in Role:
+            devs = self._pool_devices(role)
+            blocks[role] = []
+            for start, rows in self.copy_chunks(ma.rows(role)):
+                row_arg = jnp.int32(ma.base[role] + start)
+                read = self._compiled(("read", rows), _reader(self.mesh, rows), row_arg)
+                with guard:
+                    out = read(self.arena, row_arg)
+                shards = {sh.device: sh.data for sh in out.addressable_shards}
+                blocks[role].append(tuple(self._host_copy(shards[d], d) for d in devs))
+                data = self._rows_array(role, rows, lambda dev, x=shards: x[dev])
+                self._compiled(("write", rows), _writer(self.mesh, rows), data, self._role_flags(role),
+                               row_arg)
+        return HostModel(ma.cls, blocks)
+
+    def _host_copy(self, x: jax.Array, dev: jax.Device) -> Any:
+        """`x` in host memory (`HostCopier`), waited for; a pinned copy that fails (the pool is
+        full: XLA allocates it on the way) is made again as a numpy array."""
+        out = self.host_copier.copy(x, dev)
+        try:
+            jax.block_until_ready(out)
+        except RuntimeError:
+            out = np.asarray(x)
+        return out
+
+    def copy_in(self, name: str, host: HostModel, guard: AbstractContextManager = NO_GUARD) -> ModelArena:
+        """Places a model copied out by `copy_out` back, not registered (new rows, same class: the
+        step programs of its class serve it unchanged). Per chunk: one host-to-device copy per
+        device, then the writer `copy_out` compiled, dispatched under `guard` (other models' steps
+        run between chunks). CapacityError (nothing allocated) when it does not fit."""
+        need = {role: host.cls.rows(role) for role in Role}
         with guard:
-            self.arena = write(self.arena, data, flags, row)
+            if name in self.models:
+                raise ArenaError(f"model {name!r} is already placed")
+            base = self._alloc_block(name, need)
+        ma = ModelArena(name, host.cls, base)
+        try:
+            for role in Role:
+                devs = self._pool_devices(role)
+                chunks = zip(self.copy_chunks(need[role]), host.blocks[role], strict=True)
+                for (start, rows), pieces in chunks:
+                    self._write_rows(role, base[role] + start, rows,
+                                     lambda dev, p=pieces, d=devs: to_device(p[d.index(dev)], dev), guard)
+        except BaseException:
+            with guard:
+                self._release(ma)
+            raise
+        return ma
 
     # -- reports --
     def memory_report(self) -> list[ArenaDeviceReport]:
@@ -673,6 +770,83 @@ class ArenaStore(ArenaBook):
             out.append(ArenaDeviceReport(dev.id, role, wb, self.kv_pages if role == Role.KV else 0,
                                          self.layout.num_pages * self.layout.page_bytes))
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class HostModel:
+    """A sleeping model's weights in host memory: its class (tensor slots, relative rows) and, per
+    role, its block's chunks (`ArenaStore.copy_chunks`), each one [rows, R] array per device of
+    the role (in `_pool_devices` order)."""
+
+    cls: ModelClass
+    blocks: Mapping[Role, list[tuple[Any, ...]]]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in host memory."""
+        return sum(int(p.nbytes) for chunks in self.blocks.values() for ps in chunks for p in ps)
+
+
+def pinned_host_budget() -> int:
+    """Bytes of pinned host memory sleeping models may take per process: 90% of XLA's pinned host
+    pool on GPUs (`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`, default 64 GiB; set it before JAX starts to
+    keep more sleeping models pinned), the rest left for XLA's own transfer staging."""
+    return int(float(os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "64")) * (1 << 30) * 0.9)
+
+
+class HostCopier:
+    """Copies device arrays to host memory: into pinned host memory of their device (a fast,
+    asynchronous host-to-device copy back) while the pinned bytes it holds stay within `budget`,
+    else (CPU backends, a full pinned pool, a backend without one) into numpy arrays (pageable: a
+    slower copy back). Pinned bytes are counted until the array is collected."""
+
+    def __init__(self, budget: int | None = None):
+        self.budget = pinned_host_budget() if budget is None else budget
+        self.pinned_bytes = 0
+        self._lock = threading.Lock()
+
+    def _unpin(self, nbytes: int) -> None:
+        with self._lock:
+            self.pinned_bytes -= nbytes
+
+    def copy(self, x: jax.Array, dev: jax.Device) -> Any:
+        """`x` (on `dev`) copied to host memory (not waited for: block on the result)."""
+        nbytes = int(x.nbytes)
+        if dev.platform != "cpu":
+            with self._lock:
+                fits = self.pinned_bytes + nbytes <= self.budget
+                self.pinned_bytes += nbytes if fits else 0
+            if fits:
+                try:
+                    out = jax.device_put(x, jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host"))
+                except (ValueError, RuntimeError, NotImplementedError):
+                    self._unpin(nbytes)
+                else:
+                    weakref.finalize(out, self._unpin, nbytes)
+                    return out
+        return np.asarray(x)
+
+
+def to_device(x: Any, dev: jax.Device) -> jax.Array:
+    """A host copy (`HostCopier.copy`: numpy, or a jax array in pinned host memory) put on `dev`'s device
+    memory. A pinned-host array must name the target memory kind: a plain `device_put(x, dev)`
+    keeps its memory kind and is refused as a mismatch."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None and getattr(sharding, "memory_kind", None) == "pinned_host":
+        return jax.device_put(x, jax.sharding.SingleDeviceSharding(dev, memory_kind="device"))
+    return jax.device_put(x, dev)
+
+
+@functools.lru_cache(maxsize=64)
+def _reader(mesh: Any, rows: int) -> Callable:
+    """jit(shard_map): every device's [rows, R] at `row` of its arena, as [N * rows, R] over the
+    pool axis (a copy: later writes to those rows do not change it). Donates nothing."""
+
+    def body(arena: jax.Array, row: jax.Array) -> jax.Array:
+        n, rpp, r = arena.shape
+        return jax.lax.dynamic_slice_in_dim(arena.reshape(n * rpp, r), row, rows, axis=0)
+
+    return jax.jit(shard_map(body, mesh, in_specs=(P(POOL_AXIS), P()), out_specs=P(POOL_AXIS)))
 
 
 @functools.lru_cache(maxsize=64)

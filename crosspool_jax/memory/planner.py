@@ -224,6 +224,14 @@ class _Request:
     def in_prefill(self) -> bool:
         return self.kv_len < self.prefill_target
 
+    @property
+    def resumes_in_prefill(self) -> bool:
+        """A waiting request's first step after admission is a prefill chunk (a swapped one
+        resuming its decode is not)."""
+        if self.status == RequestStatus.SWAPPED:
+            return self.kv_len < self.prefill_target
+        return True
+
     def info(self) -> RequestInfo:
         phase = None
         if self.status == RequestStatus.RUNNING:
@@ -254,11 +262,16 @@ class StepInput:
     held_models: models whose waiting requests are not admitted this step (they keep their place
         and precedence; running requests of these models go on). The engine holds a model whose
         step programs are still compiling, so its first requests do not stall the others'.
+    held_prefills: requests whose prefill makes no progress this step: running ones in prefill get
+        no chunk (they keep their pages), waiting ones are not admitted (later requests of their
+        model may be). The engine holds a request whose next prefill needs a program still
+        compiling in the background (a prompt past the compiled shapes).
     """
 
     decode_lengths: Mapping[RequestId, int] = dataclasses.field(default_factory=dict)
     prefill_token_budget: int | None = None
     held_models: frozenset[ModelId] = frozenset()
+    held_prefills: frozenset[RequestId] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,6 +504,19 @@ class KVPlanner:
     def info(self, request_id: RequestId) -> RequestInfo:
         return self._get(request_id).info()
 
+    def prefill_span(self, request_id: RequestId) -> tuple[int, int] | None:
+        """(KV positions held, KV positions its prefill reaches) of a request running a prefill or
+        waiting to start or resume one (tokens); None when it decodes, resumes a decode or ended.
+        Cheap (no snapshot): the runner asks it of every such request each step."""
+        req = self._get(request_id)
+        if req.status == RequestStatus.RUNNING:
+            return (req.kv_len, req.prefill_target) if req.in_prefill else None
+        if req.status == RequestStatus.SWAPPED:
+            return (req.kv_len, req.prefill_target) if req.in_prefill else None
+        if req.status == RequestStatus.WAITING:
+            return 0, req.num_tokens
+        return None
+
     def forget(self, request_id: RequestId) -> None:
         """Drop the record of a request in a terminal state."""
         req = self._get(request_id)
@@ -527,6 +553,8 @@ class KVPlanner:
         for req in order:
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
+            if req.in_prefill and req.spec.request_id in step_input.held_prefills:
+                continue
             target, chunk_tokens = self._next_length(req, targets, budget)
             if target == req.kv_len:
                 continue  # a prefill with no budget left this step
@@ -538,7 +566,7 @@ class KVPlanner:
             run.append(self._scheduled(req, target))
         admitted: list[Admission] = []
         if not preempted:
-            budget = self._admit(run, admitted, budget, step_input.held_models)
+            budget = self._admit(run, admitted, budget, step_input.held_models, step_input.held_prefills)
         return StepPlan(tuple(run), tuple(preempted), tuple(admitted))
 
     # -- step internals --
@@ -709,10 +737,11 @@ class KVPlanner:
 
     def _admit(
         self, run: list[ScheduledRequest], admitted: list[Admission], budget: int | None,
-        held: frozenset[ModelId] = frozenset(),
+        held: frozenset[ModelId] = frozenset(), held_prefills: frozenset[RequestId] = frozenset(),
     ) -> int | None:
-        """Round-robin over models with waiting requests (not `held`); returns the prefill budget
-        left."""
+        """Round-robin over models with waiting requests (not `held`), each model's first waiting
+        request not in `held_prefills` (a swapped request resuming its decode is never held);
+        returns the prefill budget left."""
         blocked: set[ModelId] = set(held)
         n = len(self._model_order)
         while True:
@@ -721,16 +750,18 @@ class KVPlanner:
                 index = (self._rr_next + i) % n
                 model = self._model_order[index]
                 queue = self._queues[model]
-                if model in blocked or not queue:
+                pick = next((j for j, (_, rid) in enumerate(queue) if rid not in held_prefills
+                             or not self._requests[rid].resumes_in_prefill), None)
+                if model in blocked or pick is None:
                     continue
-                req = self._requests[queue[0][1]]
+                req = self._requests[queue[pick][1]]
                 # with nothing running, floors reserve pages for requests that cannot start
                 # either: the first admission into an idle pool ignores them (no deadlock)
                 admission, budget_used = self._try_admit(req, budget, ignore_floors=not self._running)
                 if admission is None:
                     blocked.add(model)
                     continue
-                queue.pop(0)
+                queue.pop(pick)
                 admitted.append(admission)
                 if budget is not None:
                     budget -= budget_used

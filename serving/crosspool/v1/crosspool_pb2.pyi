@@ -132,6 +132,38 @@ class UnloadModelResponse(_message.Message):
     failed_requests: int
     def __init__(self, failed_requests: _Optional[int] = ...) -> None: ...
 
+class SleepModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SleepModelResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    def __init__(self, state: _Optional[str] = ...) -> None: ...
+
+class WakeModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WakeModelResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    def __init__(self, state: _Optional[str] = ...) -> None: ...
+
+class ModelStateStats(_message.Message):
+    __slots__ = ("model", "state")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    state: str
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
 class KVDeviceStats(_message.Message):
     __slots__ = ("device", "pages_used", "pages_free", "pages_total")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -161,7 +193,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("queue_depth", "running", "max_live_requests", "live_request_ids", "completed", "cancelled", "failed", "tokens_generated", "models", "mode", "topology", "kv_pages", "preemptions", "weights", "programs_compiled")
+    __slots__ = ("queue_depth", "running", "max_live_requests", "live_request_ids", "completed", "cancelled", "failed", "tokens_generated", "models", "mode", "topology", "kv_pages", "preemptions", "weights", "programs_compiled", "model_states")
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     MAX_LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +209,7 @@ class GetStatsResponse(_message.Message):
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PROGRAMS_COMPILED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STATES_FIELD_NUMBER: _ClassVar[int]
     queue_depth: int
     running: int
     max_live_requests: int
@@ -192,4 +225,5 @@ class GetStatsResponse(_message.Message):
     preemptions: int
     weights: _containers.RepeatedCompositeFieldContainer[ModelWeightsStats]
     programs_compiled: int
-    def __init__(self, queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., max_live_requests: _Optional[int] = ..., live_request_ids: _Optional[_Iterable[str]] = ..., completed: _Optional[int] = ..., cancelled: _Optional[int] = ..., failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., topology: _Optional[str] = ..., kv_pages: _Optional[_Iterable[_Union[KVDeviceStats, _Mapping]]] = ..., preemptions: _Optional[int] = ..., weights: _Optional[_Iterable[_Union[ModelWeightsStats, _Mapping]]] = ..., programs_compiled: _Optional[int] = ...) -> None: ...
+    model_states: _containers.RepeatedCompositeFieldContainer[ModelStateStats]
+    def __init__(self, queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., max_live_requests: _Optional[int] = ..., live_request_ids: _Optional[_Iterable[str]] = ..., completed: _Optional[int] = ..., cancelled: _Optional[int] = ..., failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., topology: _Optional[str] = ..., kv_pages: _Optional[_Iterable[_Union[KVDeviceStats, _Mapping]]] = ..., preemptions: _Optional[int] = ..., weights: _Optional[_Iterable[_Union[ModelWeightsStats, _Mapping]]] = ..., programs_compiled: _Optional[int] = ..., model_states: _Optional[_Iterable[_Union[ModelStateStats, _Mapping]]] = ...) -> None: ...

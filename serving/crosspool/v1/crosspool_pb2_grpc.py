@@ -41,6 +41,16 @@ class CrossPoolStub:
                 request_serializer=crosspool_dot_v1_dot_crosspool__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=crosspool_dot_v1_dot_crosspool__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.SleepModel = channel.unary_unary(
+                '/crosspool.v1.CrossPool/SleepModel',
+                request_serializer=crosspool_dot_v1_dot_crosspool__pb2.SleepModelRequest.SerializeToString,
+                response_deserializer=crosspool_dot_v1_dot_crosspool__pb2.SleepModelResponse.FromString,
+                _registered_method=True)
+        self.WakeModel = channel.unary_unary(
+                '/crosspool.v1.CrossPool/WakeModel',
+                request_serializer=crosspool_dot_v1_dot_crosspool__pb2.WakeModelRequest.SerializeToString,
+                response_deserializer=crosspool_dot_v1_dot_crosspool__pb2.WakeModelResponse.FromString,
+                _registered_method=True)
 
 
 class CrossPoolServicer:
@@ -77,6 +87,19 @@ class CrossPoolServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SleepModel(self, request, context):
+        """Sleeping models (pooled engine): weights to host memory / back into the arena.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WakeModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CrossPoolServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -104,6 +127,16 @@ def add_CrossPoolServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=crosspool_dot_v1_dot_crosspool__pb2.GetStatsRequest.FromString,
                     response_serializer=crosspool_dot_v1_dot_crosspool__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'SleepModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SleepModel,
+                    request_deserializer=crosspool_dot_v1_dot_crosspool__pb2.SleepModelRequest.FromString,
+                    response_serializer=crosspool_dot_v1_dot_crosspool__pb2.SleepModelResponse.SerializeToString,
+            ),
+            'WakeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.WakeModel,
+                    request_deserializer=crosspool_dot_v1_dot_crosspool__pb2.WakeModelRequest.FromString,
+                    response_serializer=crosspool_dot_v1_dot_crosspool__pb2.WakeModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -241,6 +274,60 @@ class CrossPool:
             '/crosspool.v1.CrossPool/GetStats',
             crosspool_dot_v1_dot_crosspool__pb2.GetStatsRequest.SerializeToString,
             crosspool_dot_v1_dot_crosspool__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SleepModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crosspool.v1.CrossPool/SleepModel',
+            crosspool_dot_v1_dot_crosspool__pb2.SleepModelRequest.SerializeToString,
+            crosspool_dot_v1_dot_crosspool__pb2.SleepModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WakeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crosspool.v1.CrossPool/WakeModel',
+            crosspool_dot_v1_dot_crosspool__pb2.WakeModelRequest.SerializeToString,
+            crosspool_dot_v1_dot_crosspool__pb2.WakeModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

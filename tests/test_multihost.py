@@ -187,6 +187,9 @@ def test_group_serves_reference_tokens_and_fails_cleanly_when_the_follower_dies(
             with pytest.raises(grpc.RpcError) as e:
                 client.unload_model("demo-mixtral")
             assert "loads its models at start-up" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                client.sleep_model("demo-mixtral")
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "multi-host" in e.value.details()
         g.procs[0].send_signal(signal.SIGINT)
         assert g.wait_exit(0) == 1, g.log(0)  # a group that lost a process exits 1
         assert "health NOT_SERVING" in g.log(0)

@@ -160,6 +160,9 @@ def run_follower(channel: Any, engine: DistributedEngine, log: Callable[[str], N
         with contextlib.suppress(OSError):
             channel.send({"op": "error", "message": f"{type(e).__name__}: {msg}"})
         raise
+    r = engine.runner
     log(f"follower: the leader stopped the group after {stats.calls} calls ({stats.prepared} programs "
-        "queued ahead at its request)")
+        f"queued ahead at its request; {r.background_built} ready when their call came, "
+        f"{r.programs_built} still compiling or not queued, {r.blocked_compile_seconds:.1f} s waited "
+        "for those)")
     return 0

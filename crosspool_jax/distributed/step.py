@@ -184,14 +184,24 @@ class LeaderRunner(GroupRunner):
                 self.mark_lost(reason)
         return GroupLostError(self.lost_reason)
 
-    def _compile_in_background(self, spec: StepSpec, priority: int = compile_queue.WARM) -> None:
-        """Queues `spec` here and asks the followers to queue it too (warm-ups, the next page
-        bucket, a fallback's exact program), so a step seldom waits for a follower's compile."""
-        super()._compile_in_background(spec, priority)
+    def _prepare_followers(self, spec: StepSpec, priority: int) -> None:
+        """Asks the followers to queue `spec` for their background compilers."""
         if self.channel is not None and not self.lost.is_set():
             with contextlib.suppress(CrossPoolError):  # a lost follower: the channel reported it
                 self.channel.send({"op": "prepare", "spec": spec_to_wire(spec, self.store),
                                    "priority": priority})
+
+    def _compile_in_background(self, spec: StepSpec, priority: int = compile_queue.WARM) -> None:
+        """Queues `spec` here and on the followers (warm-ups, the next page bucket, a fallback's
+        exact program), so a step seldom waits for a follower's compile."""
+        super()._compile_in_background(spec, priority)
+        self._prepare_followers(spec, priority)
+
+    def _compile(self, spec: StepSpec) -> Callable:
+        """A compile on the serving path: the followers start theirs first, so the two run side
+        by side instead of one after the other (the follower's would start when the call came)."""
+        self._prepare_followers(spec, compile_queue.URGENT)
+        return super()._compile(spec)
 
     def _program_for(self, want: StepSpec) -> tuple[StepSpec, Callable]:
         spec, prog = super()._program_for(want)
@@ -259,7 +269,8 @@ class FollowStats:
 def follow(channel: Any, runner: GroupRunner, on_step: Callable[[int], None] | None = None) -> FollowStats:
     """Replays the leader's calls on `runner`'s arena until the leader says stop (returns what it
     did) or goes away (ChannelError). "prepare" messages queue a program for the runner's
-    background compiler; a program a call needs that is not compiled yet is compiled on the spot."""
+    background compiler; a program a call needs that is not compiled yet is waited for (its
+    background compile running) or compiled on the spot."""
     store = runner.store
     feeder, replicate = _feeder(store), _replicator(store)
     outs: dict[Ref, jax.Array] = {}
@@ -280,10 +291,8 @@ def follow(channel: Any, runner: GroupRunner, on_step: Callable[[int], None] | N
         with runner._state_lock:
             for idxs, wire in msg["programs"]:
                 spec = spec_from_wire(wire, store)
-                prog = runner._lookup(spec)
-                if prog is None:
-                    prog = runner._compile_aot(spec)
-                    runner._insert(spec, prog)
+                # not compiled yet: waits for its background compile if one is running, else compiles
+                prog = runner._lookup(spec) or runner._compile(spec)
                 programs.append((list(idxs), prog))
             feeds = [[(int(row), (int(ref[0]), int(ref[1])), int(idx)) for row, ref, idx in f]
                      for f in msg["feeds"]]

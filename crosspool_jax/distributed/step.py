@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -202,6 +202,13 @@ class LeaderRunner(GroupRunner):
         by side instead of one after the other (the follower's would start when the call came)."""
         self._prepare_followers(spec, compile_queue.URGENT)
         return super()._compile(spec)
+
+    def precompile(self, specs: Sequence[StepSpec], threads: int = 4,
+                   log: Callable[[str], None] | None = None) -> int:
+        """`GroupRunner.precompile`, with the same programs queued on the followers first."""
+        for spec in specs:
+            self._prepare_followers(spec, compile_queue.WARM)
+        return super().precompile(specs, threads, log)
 
     def _program_for(self, want: StepSpec) -> tuple[StepSpec, Callable]:
         spec, prog = super()._program_for(want)

@@ -296,3 +296,19 @@ def test_cluster_flags() -> None:
     for bad in [("h:1", 2, 2), ("h:1", 0, None), ("nohost", 2, 0), (None, 2, 0), (None, None, 1)]:
         with pytest.raises(ClusterError):
             cluster_spec(*bad)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--num-processes", "2"], "--num-processes > 1 needs --coordinator HOST:PORT"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "must be in [0, "),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0", "--mode", "shared"],
+     "a multi-host group runs mode crosspool, not shared"),
+])
+def test_serve_refuses_bad_group_flags(argv: list[str], message: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused in one line (exit 2) before jax.distributed is joined or a port is bound."""
+    from serving.cli import main
+
+    assert main(["serve", "--no-warmup", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("crosspool: error: ")

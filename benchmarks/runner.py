@@ -698,6 +698,8 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
         out["serving_blocked_s"] = stalls["blocked_s"] - base_stalls["blocked_s"]
         out["serving_blocked_compiles"] = stalls["blocked_compiles"] - base_stalls["blocked_compiles"]
         out["fallback_calls"] = stalls["fallback_calls"] - base_stalls["fallback_calls"]
+        out["held_prefill_steps"] = stalls["held_prefill_steps"] - base_stalls["held_prefill_steps"]
+        out["decode_call_s"] = stalls["decode_call_s"]
         out.update(build_s=t_build, ready_s=round(t_ready, 3), weights=how, describe=engine.describe(),
                    warmup=warm, precompile=pre)
         return out
@@ -715,9 +717,13 @@ def serving_stalls(engine: Any) -> dict[str, Any]:
     `GroupRunner`): seconds steps spent compiling a program (or waiting for one) on the serving
     path, how many such compiles, and calls run in a larger compiled program than their shape's."""
     groups = getattr(engine, "groups", None) or []
+    calls = [g.decode_call_seconds for g in groups if getattr(g, "decode_call_seconds", None)]
     return {"blocked_s": float(sum(getattr(g, "blocked_compile_seconds", 0.0) for g in groups)),
             "blocked_compiles": int(sum(getattr(g, "blocked_compiles", 0) for g in groups)),
-            "fallback_calls": int(sum(getattr(g, "fallback_calls", 0) for g in groups))}
+            "fallback_calls": int(sum(getattr(g, "fallback_calls", 0) for g in groups)),
+            "held_prefill_steps": int(sum(getattr(g, "held_prefill_steps", 0) for g in groups)),
+            # the groups' measured device time of a decode call (EMA), for TBT / decode call
+            "decode_call_s": sum(calls) / len(calls) if calls else None}
 
 
 # ---- child processes ----------------------------------------------------------------------------
@@ -899,7 +905,10 @@ def mode_metrics(records: list[Record], run: dict[str, Any], slo: dict[str, Any]
                      # seconds steps waited for a compile (the rest compiled in the background)
                      "serving_blocked_s": round(run.get("serving_blocked_s", 0.0), 3),
                      "serving_blocked_compiles": run.get("serving_blocked_compiles", 0),
-                     "fallback_calls": run.get("fallback_calls", 0)},
+                     "fallback_calls": run.get("fallback_calls", 0),
+                     "held_prefill_steps": run.get("held_prefill_steps", 0)},
+        # EMA of the engine's measured decode call (device time, K steps) at the replay's end
+        "decode_call_s": run.get("decode_call_s"),
         "per_model": by_model,
     }
 

@@ -57,11 +57,12 @@ from crosspool_jax.engine_api import (
     Usage,
     _Live,
 )
+from crosspool_jax.engine_sleep import SleepingModels
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
 from crosspool_jax.execution.host_step import EXECUTIONS
 from crosspool_jax.execution.pool_runner import DEFAULT_MAX_STOP_IDS, GroupRunner, StepResult
 from crosspool_jax.memory.arena import HostModel
-from crosspool_jax.memory.model_states import ModelState, ModelStateInfo, ModelStates
+from crosspool_jax.memory.model_states import ModelState, ModelStates
 from crosspool_jax.memory.planner import ModelLimits, RequestRejected
 from crosspool_jax.memory.topology import PoolTopology, Role, devices_needed, ensure_cpu_devices
 from crosspool_jax.models.config import ModelConfig
@@ -269,7 +270,7 @@ class _GroupWorker:
         self.pending.clear()
 
 
-class PooledEngine(EngineCore):
+class PooledEngine(SleepingModels, EngineCore):
     """The pooled engine (see module docstring). `mode`: "crosspool" | "shared" | "static";
     `pools`: the crosspool device split ("KV+WEIGHTS"; shared/static: "N" devices to use)."""
 
@@ -593,152 +594,6 @@ class PooledEngine(EngineCore):
             states = tuple((i.name, i.state.value) for i in self._states.snapshot())
         return dataclasses.replace(base, kv_pages=tuple(pages), preemptions=preemptions,
                                    model_states=states)
-
-    # ---- sleeping models (issue 20) -------------------------------------------------------------
-    def sleep(self, name: str) -> None:
-        """Puts a resident model to sleep: its weights are copied to host memory (pinned on GPUs,
-        numpy on CPU), its arena rows and its KV registration are freed (its KV pages are free
-        already: it has no request). Refused (InvalidRequestError) while it has live requests;
-        a no-op when it sleeps already. Its next request wakes it (`wake`)."""
-        with self._transition:
-            with self._lock:
-                if name not in self._states:
-                    raise ModelNotFoundError(f"model {name!r} is not loaded")
-                state, live = self._states.state(name), self._states.live(name)
-            if state == ModelState.SLEEPING:
-                return
-            if live:
-                raise InvalidRequestError(f"model {name!r} has {live} live requests; sleep is refused "
-                                          "until they end (cancel them or wait)")
-            self._sleep_now(name)
-
-    def wake(self, name: str) -> None:
-        """Places a sleeping model back into the arena (no-op when resident), putting the least
-        recently used idle resident models to sleep while it does not fit. Compiles nothing."""
-        with self._lock:
-            if name not in self._states:
-                raise ModelNotFoundError(f"model {name!r} is not loaded")
-            if self._states.state(name) != ModelState.SLEEPING:
-                wait = self._states.state(name) == ModelState.WAKING
-            else:
-                wait = False
-                self._states.set_state(name, ModelState.WAKING)
-        if wait:  # a request's wake is under way: wait for it
-            while True:
-                with self._lock:
-                    if name not in self._states or self._states.state(name) != ModelState.WAKING:
-                        return
-                time.sleep(0.005)
-        self._wake_and_admit(name, raise_errors=True)
-
-    def model_states(self) -> tuple[ModelStateInfo, ...]:
-        """Each registered model's state (resident / sleeping / waking), live requests, idle time."""
-        with self._lock:
-            return self._states.snapshot()
-
-    def _sleep_now(self, name: str) -> bool:
-        """Sleeps `name` if it is resident with no live request (call under `_transition`)."""
-        with self._lock:
-            gw = self._model_group.get(name)
-            if (gw is None or self._states.state(name) != ModelState.RESIDENT
-                    or self._states.live(name)):
-                return False
-            self._states.set_state(name, ModelState.SLEEPING)  # new requests wait for a wake
-        try:
-            host = gw.group.sleep_model(name, guard=gw.lock)
-            if self.mode == "static":
-                with gw.lock:
-                    self._set_static_limits(gw.group)
-        except RuntimeError:  # the group still ends one of its requests: stays resident
-            with self._lock:
-                self._states.set_state(name, ModelState.RESIDENT)
-            return False
-        with self._lock:
-            self._host[name] = host
-        return True
-
-    def _sleep_lru(self, exclude: frozenset[str]) -> bool:
-        """Puts the least recently used idle resident model to sleep; False if there is none."""
-        with self._transition:
-            tried: set[str] = set(exclude)
-            while True:
-                with self._lock:
-                    victim = self._states.lru_idle(frozenset(tried))
-                if victim is None:
-                    return False
-                if self._sleep_now(victim):
-                    return True
-                tried.add(victim)
-
-    def _wake_and_admit(self, name: str, raise_errors: bool = False) -> None:
-        """Wakes `name` (state WAKING), then admits the requests that waited for it; if the wake
-        fails they end with an error and the model stays asleep."""
-        try:
-            self._wake_now(name)
-        except Exception as e:
-            with self._lock:
-                waiting = self._waiting.pop(name, [])
-                if name in self._states:
-                    self._states.set_state(name, ModelState.SLEEPING)
-            for lv in waiting:
-                self._finish(lv, FINISH_ERROR, error=f"waking model {name!r} failed: {e}")
-            if raise_errors:
-                raise
-            return
-        with self._lock:
-            waiting = self._waiting.pop(name, [])
-            gw = self._model_group.get(name)
-            if name in self._states:
-                self._states.set_state(name, ModelState.RESIDENT)
-        for lv in waiting:
-            if gw is not None:
-                gw.inbox.put(("admit", lv))
-
-    def _wake_now(self, name: str) -> None:
-        """Copies a sleeping model's weights back into its group (`GroupRunner.wake_model`: chunk by
-        chunk, the group's lock held only around each chunk's write, so the group's other models
-        step meanwhile), sleeping the group's LRU idle models while it does not fit; while every
-        other resident model of the group has live requests it waits for one to go idle."""
-        while True:
-            with self._transition:
-                with self._lock:
-                    gw, host = self._model_group.get(name), self._host.get(name)
-                if gw is None or host is None:
-                    raise ModelNotFoundError(f"model {name!r} is not loaded")
-                record = self._model(name)
-                try:
-                    gw.group.wake_model(name, record.config, host, guard=gw.lock)
-                except CapacityError:
-                    pass
-                else:
-                    with self._lock:
-                        self._host.pop(name, None)
-                    if self.mode == "static":
-                        with gw.lock:
-                            self._set_static_limits(gw.group)
-                    return
-            with self._lock:  # it wakes into its own group: only that group's models make room
-                others = frozenset(n for n, g in self._model_group.items() if g is not gw)
-            if self._sleep_lru(exclude=others | {name}):
-                continue
-            with self._lock:  # resident models with live requests: wait until one is idle
-                busy = any(i.state == ModelState.RESIDENT for i in self._states.snapshot()
-                           if i.name != name and i.name not in others)
-            if not busy or self._closed:
-                raise CapacityError(f"model {name!r} does not fit the arena even with every other "
-                                    "model asleep")
-            time.sleep(0.005)
-
-    def _idle_sleeper(self, idle_s: float) -> None:
-        """Puts models idle for more than `idle_s` seconds to sleep until the engine closes."""
-        period = min(1.0, max(0.01, idle_s / 4))
-        while not self._closed:
-            time.sleep(period)
-            with self._lock:
-                idle = self._states.idle_longer_than(idle_s)
-            for name in idle:
-                with self._transition:
-                    self._sleep_now(name)
 
     @property
     def programs_compiled(self) -> int:

@@ -133,6 +133,11 @@ class DistributedEngine(PooledEngine):
     def wake(self, name: str) -> None:
         raise InvalidRequestError(_NO_SLEEP)
 
+    def _sleep_now(self, name: str) -> bool:
+        """No model sleeps in a group: a model that does not fit is refused (CapacityError), not
+        placed by putting another to sleep."""
+        return False
+
     def submit(self, request: Request) -> RequestHandle:
         if self.lost_reason is not None:
             raise GroupLostError(self.lost_reason)

@@ -511,7 +511,8 @@ class GroupRunner:
                     bigger = [sp for sp in bigger if sp in self._ready]
             if bigger:
                 have = min(bigger, key=program_cost)
-                self._compile_in_background(want)
+                # urgent (before queued warm-ups): until it is ready, every such call runs padded
+                self._compile_in_background(want, compile_queue.URGENT)
                 self.fallback_calls += 1
                 return have, self._lookup(have)
         return want, self._compile(want)
@@ -703,6 +704,17 @@ class GroupRunner:
                 specs.append(StepSpec((ln, ln), True, k, self.backend, attention_schedule=sched))
         return specs
 
+    def _chunk_spec(self, key: tuple[Any, str | None], tokens: int, pages: int) -> StepSpec:
+        """The prefill program of one request's chunk of `tokens` tokens in lane `key` with page
+        tables of `pages` pages (G as `warm_specs` item 1, the smallest slot bucket)."""
+        bk = self.buckets
+        g = 1
+        if bk.groups == "placed":
+            g = _pow2(sum(1 for n in self.store.models if self._lane_key(n) == key))
+        lane = LaneShape(key[0], g, bk.round(1, bk.slots_floor), bk.round(tokens, bk.tokens_floor), pages,
+                         stop_width=self.stop_width)
+        return StepSpec((lane,), False, 1, self.backend)
+
     def held_prefills(self) -> frozenset[str]:
         """Requests whose prefill (running, or waiting to start one) reaches page tables wider than
         every prefill program of their lane compiled so far (a prompt past the warm box's
@@ -735,7 +747,12 @@ class GroupRunner:
             whole = bucket(span[1])
             if whole <= widest[cls]:
                 continue
-            need = [sp for sp in self._top_specs(self._lane_key(model), whole) if sp not in compiled]
+            key = self._lane_key(model)
+            # its own chunks' program first (a lone long prompt's calls then run unpadded), then
+            # the lane's top programs, which dominate every call at that width
+            specs = (self._chunk_spec(key, min(self.prefill_chunk, span[1]), whole),
+                     *self._top_specs(key, whole))
+            need = [sp for sp in specs if sp not in compiled]
             for sp in need:
                 self._compile_in_background(sp, compile_queue.URGENT)
             if need and bucket(min(span[1], span[0] + self.max_prefill_tokens)) > widest[cls]:

@@ -5,7 +5,8 @@ families; a cancel frees the request's pages; killing the follower fails the liv
 clear status, health NOT_SERVING and new calls UNAVAILABLE, never a hang; a restarted group
 serves again and stops its follower when the leader stops. Plus the step channel's own pieces.
 
-Measured on 2 shared cores: the two group tests take about 60 s together (compiles dominate)."""
+Measured on 2 shared cores: the two group tests take 76-96 s together at load average 2-3, up to
+130 s when other work loads the machine (the step programs' compiles dominate)."""
 
 from __future__ import annotations
 

@@ -46,7 +46,8 @@ def _end_dropped_compile_queues():
 # together instead of one worker starting a long file when the other is nearly done.
 SLOW_FILES = ("test_pooled_engine.py", "test_model_classes.py", "test_bench_runner.py",
               "test_stall_free.py", "test_host_step.py", "test_pooled_step.py", "test_readme.py",
-              "test_public_api.py", "test_static_live.py", "test_sleep_wake.py", "test_error_exits.py",
+              "test_public_api.py", "test_static_live.py", "test_multihost.py", "test_sleep_wake.py",
+              "test_error_exits.py",
               "test_overlap.py", "test_simulator.py", "test_prefill_budget.py", "test_pooled_step_inplace.py")
 
 

@@ -54,7 +54,7 @@ from crosspool_jax.engine_api import (
     QueueFullError,
     make_request,
 )
-from crosspool_jax.errors import CrossPoolError, InvalidRequestError
+from crosspool_jax.errors import CrossPoolError, InvalidRequestError, UnavailableError
 from crosspool_jax.execution.sampling import SamplingParams
 from serving.limits import check_generate, check_request
 
@@ -94,6 +94,8 @@ def openai_error(e: BaseException) -> APIError:
     if isinstance(e, EngineClosedError):
         return APIError(503, f"{_shutting_down()}; it takes no new requests", "service_unavailable",
                         "shutting_down")
+    if isinstance(e, UnavailableError):  # e.g. a multi-host group that lost a process
+        return APIError(503, msg, "service_unavailable", "unavailable")
     if isinstance(e, CrossPoolError):
         return APIError(400, msg, "invalid_request_error")
     return APIError(500, msg, "server_error")
@@ -414,6 +416,9 @@ def create_app(state: Any, auth_token: str | None = None) -> Starlette:
             return JSONResponse({"status": "draining", "message": REFUSED_MESSAGE}, status_code=503)
         if state.engine is None:
             return JSONResponse({"status": "starting", "message": STARTING_MESSAGE}, status_code=503)
+        lost = getattr(state.engine, "lost_reason", None)  # a multi-host group that lost a process
+        if lost is not None:
+            return JSONResponse({"status": "unavailable", "message": lost}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def models(request: HTTPRequest) -> Response:

@@ -130,6 +130,19 @@ def _health(address: str) -> int:
         return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
 
 
+def _http_health(url: str) -> tuple[int, str]:
+    """GET URL/health of the OpenAI-compatible API: (HTTP status, "status" of the body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
+            return r.status, json.loads(r.read())["status"]
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["status"]
+
+
 def _first_then_rest(stream: Iterator) -> tuple[object, threading.Thread, dict]:
     """Reads a stream's first response here and the rest in a thread; `out` gets "error" or "done"."""
     first = next(stream)
@@ -151,8 +164,11 @@ def _first_then_rest(stream: Iterator) -> tuple[object, threading.Thread, dict]:
 @pytest.mark.slow
 def test_group_serves_reference_tokens_and_fails_cleanly_when_the_follower_dies(
         tmp_path: pathlib.Path, cache: pathlib.Path) -> None:
-    g = Group(tmp_path, cache)
+    g = Group(tmp_path, cache, "--http-port", "0")
     try:
+        http = re.search(r"OpenAI-compatible HTTP API on (\S+)/v1", g.log(0))
+        assert http, g.log(0)
+        assert _http_health(http.group(1)) == (200, "ok")
         assert "process 0 of 2" in g.log(0) and "4 of the group's 8 cpu devices" in g.log(0)
         assert "4+4 (kv: 0,1,2,3; weights: " in g.log(0)
         assert "connected to the leader's step channel" in g.log(1)
@@ -181,6 +197,7 @@ def test_group_serves_reference_tokens_and_fails_cleanly_when_the_follower_dies(
             assert err.code() == grpc.StatusCode.ABORTED, err
             assert "lost a process" in err.details() and "process 1" in err.details()
             assert _health(g.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert _http_health(http.group(1)) == (503, "unavailable")
             with pytest.raises(grpc.RpcError) as e:
                 client.generate("demo-mixtral", prompt_ids=[1, 2], max_new_tokens=2)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "lost a process" in e.value.details()

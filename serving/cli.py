@@ -495,6 +495,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine = make_engine(settings, log=start_log, engine_class=engine_class)
         if cluster is not None:
             engine.freeze_models()  # the followers placed these models; LoadModel would diverge
+            engine.check_group()  # a follower started differently reports it and the group is lost
         mode = str(getattr(engine, "mode", settings.mode))
         if settings.warmup if settings.warmup is not None else mode != "reference":
             from serving.warmup import warm_up

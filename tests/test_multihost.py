@@ -330,3 +330,31 @@ def test_serve_refuses_bad_group_flags(argv: list[str], message: str,
     assert main(["serve", "--no-warmup", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("crosspool: error: ")
+
+
+def test_group_fingerprint_names_what_differs() -> None:
+    """Processes started alike agree; one with another model set is refused, naming the models."""
+    from crosspool_jax.distributed.engine import (
+        DistributedEngine,
+        GroupMismatchError,
+        check_fingerprint,
+        group_fingerprint,
+    )
+    from crosspool_jax.engine import EngineConfig
+
+    models = demo_models()
+    cfg = EngineConfig(arena_bytes=8 << 20, attention_backend="reference")
+
+    def fingerprint(names: list[str]) -> str:
+        eng = DistributedEngine(pools="1+1", config=cfg, warm_programs=0)
+        try:
+            for n in names:
+                eng.add_model(n, models[n].config, models[n].weights)
+            return group_fingerprint(eng)
+        finally:
+            eng.shutdown(timeout=0)
+
+    a = fingerprint(["demo-mixtral", "demo-deepseek-v3"])
+    check_fingerprint(a, fingerprint(["demo-mixtral", "demo-deepseek-v3"]))
+    with pytest.raises(GroupMismatchError, match=r"models \(demo-deepseek-v3, demo-qwen3-moe\)"):
+        check_fingerprint(a, fingerprint(["demo-mixtral", "demo-qwen3-moe"]))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,11 +26,15 @@ import jax
 from crosspool_jax.distributed.step import GroupLostError, LeaderRunner, follow
 from crosspool_jax.engine import EngineConfig, PooledEngine
 from crosspool_jax.engine_api import FINISH_ERROR, Request, RequestHandle
-from crosspool_jax.errors import InvalidRequestError
+from crosspool_jax.errors import CrossPoolError, InvalidRequestError
 
 # a sleep copies a model's arena rows to this host and a wake writes them back: every process of a
 # group would have to do the same at the same step (not built)
 _NO_SLEEP = "sleeping models (sleep, wake, idle_sleep_s) are not supported in a multi-host group"
+
+
+class GroupMismatchError(CrossPoolError):
+    """The processes of a group were not started alike (devices, settings or models)."""
 
 
 def process_major(devices: Sequence[jax.Device]) -> list[jax.Device]:
@@ -106,6 +112,12 @@ class DistributedEngine(PooledEngine):
         different (the server calls this once the models are loaded)."""
         self._frozen = True
 
+    def check_group(self) -> None:
+        """Sends the followers this process's `group_fingerprint`; one that differs reports its
+        error over the channel, and the group is lost (its requests fail, health NOT_SERVING)."""
+        if self.channel is not None:
+            self.channel.send({"op": "check", "fingerprint": group_fingerprint(self)})
+
     def _check_models_open(self) -> None:
         if getattr(self, "_frozen", False):
             raise InvalidRequestError("a multi-host group loads its models at start-up (the same --model "
@@ -149,6 +161,36 @@ class DistributedEngine(PooledEngine):
             self.channel.close(stop_followers=True)
 
 
+def group_fingerprint(engine: DistributedEngine) -> str:
+    """What every process of a group must agree on, as one string: the pools' devices, the engine
+    settings that shape programs, and each placed model's config, weight dtypes and arena rows
+    (not the weights' values: two checkpoints of one architecture look the same here)."""
+    runner = engine.runner
+    store = runner.store
+    models = {name: {"config": hashlib.sha256(repr(ma.cls).encode()).hexdigest()[:16],
+                     "base": {str(role): int(row) for role, row in sorted(ma.base.items())}}
+              for name, ma in sorted(store.models.items())}
+    doc = {"pools": PooledEngine.describe(engine), "layout": repr(store.layout),
+           "config": repr(engine.config), "models": models}
+    return json.dumps(doc, sort_keys=True)
+
+
+def check_fingerprint(mine: str, leaders: str) -> None:
+    """Raises GroupMismatchError naming the first difference between this process's fingerprint
+    and the leader's."""
+    if mine == leaders:
+        return
+    a, b = json.loads(mine), json.loads(leaders)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    detail = diff[0]
+    if detail == "models":
+        am, bm = a.get("models", {}), b.get("models", {})
+        names = sorted(n for n in set(am) | set(bm) if am.get(n) != bm.get(n))
+        detail = f"models ({', '.join(names)}): here {sorted(am)}, on the leader {sorted(bm)}"
+    raise GroupMismatchError(f"this process and the leader were started differently: {detail} differ "
+                             "(give every process the same flags and models)")
+
+
 def run_follower(channel: Any, engine: DistributedEngine, log: Callable[[str], None]) -> int:
     """A follower's life after its engine is built: replays the leader's calls until the leader
     says stop (exit status 0) or goes away (1); a failed replay is reported to the leader (which
@@ -156,7 +198,8 @@ def run_follower(channel: Any, engine: DistributedEngine, log: Callable[[str], N
     from crosspool_jax.distributed.channel import ChannelError
 
     try:
-        stats = follow(channel, engine.runner)
+        mine = group_fingerprint(engine)
+        stats = follow(channel, engine.runner, check=lambda leaders: check_fingerprint(mine, leaders))
     except ChannelError as e:
         log(f"follower: {e}; stopping")
         return 1

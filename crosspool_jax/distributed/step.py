@@ -273,9 +273,11 @@ class FollowStats:
     prepared: int = 0
 
 
-def follow(channel: Any, runner: GroupRunner, on_step: Callable[[int], None] | None = None) -> FollowStats:
+def follow(channel: Any, runner: GroupRunner, on_step: Callable[[int], None] | None = None,
+           check: Callable[[str], None] | None = None) -> FollowStats:
     """Replays the leader's calls on `runner`'s arena until the leader says stop (returns what it
-    did) or goes away (ChannelError). "prepare" messages queue a program for the runner's
+    did) or goes away (ChannelError). A "check" message is passed to `check` (which raises when
+    this process differs from the leader); "prepare" messages queue a program for the runner's
     background compiler; a program a call needs that is not compiled yet is waited for (its
     background compile running) or compiled on the spot."""
     store = runner.store
@@ -286,6 +288,10 @@ def follow(channel: Any, runner: GroupRunner, on_step: Callable[[int], None] | N
         msg = channel.recv()
         if msg["op"] == "stop":
             return stats
+        if msg["op"] == "check":  # the leader's fingerprint of the group (engine.group_fingerprint)
+            if check is not None:
+                check(msg["fingerprint"])
+            continue
         if msg["op"] == "prepare":
             with runner._state_lock:
                 runner._compile_in_background(spec_from_wire(msg["spec"], store), int(msg["priority"]))

@@ -69,7 +69,11 @@ def spec_from_wire(data: dict[str, Any], store: Any) -> StepSpec:
     lanes = []
     for ln in data["lanes"]:
         ln = dict(ln)
-        cls = store.models[ln.pop("model")].cls
+        name = ln.pop("model")
+        if name not in store.models:
+            raise CrossPoolError(f"the leader runs model {name!r}, which this process has not placed "
+                                 "(give every process the same flags and models)")
+        cls = store.models[name].cls
         lanes.append(LaneShape(cls=cls, **ln))
     rest = {k: v for k, v in data.items() if k != "lanes"}
     return StepSpec(lanes=tuple(lanes), **rest)

@@ -172,6 +172,7 @@ def test_group_serves_reference_tokens_and_fails_cleanly_when_the_follower_dies(
         assert "process 0 of 2" in g.log(0) and "4 of the group's 8 cpu devices" in g.log(0)
         assert "4+4 (kv: 0,1,2,3; weights: " in g.log(0)
         assert "connected to the leader's step channel" in g.log(1)
+        assert "listening on" not in g.log(1) and "serving on" not in g.log(1)  # the leader alone listens
         with CrossPoolClient(g.address) as client:
             for name, prompt in PROMPTS.items():
                 got = client.generate(name, prompt_ids=prompt, max_new_tokens=8)["token_ids"]

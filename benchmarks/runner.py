@@ -700,6 +700,8 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
         out["fallback_calls"] = stalls["fallback_calls"] - base_stalls["fallback_calls"]
         out["held_prefill_steps"] = stalls["held_prefill_steps"] - base_stalls["held_prefill_steps"]
         out["decode_call_s"] = stalls["decode_call_s"]
+        new = out["serving_blocked_compiles"]  # the log keeps the last 32 per group
+        out["blocked_log"] = stalls["blocked_log"][-new:] if new else []
         out.update(build_s=t_build, ready_s=round(t_ready, 3), weights=how, describe=engine.describe(),
                    warmup=warm, precompile=pre)
         return out
@@ -722,6 +724,8 @@ def serving_stalls(engine: Any) -> dict[str, Any]:
             "blocked_compiles": int(sum(getattr(g, "blocked_compiles", 0) for g in groups)),
             "fallback_calls": int(sum(getattr(g, "fallback_calls", 0) for g in groups)),
             "held_prefill_steps": int(sum(getattr(g, "held_prefill_steps", 0) for g in groups)),
+            "blocked_log": [(round(sec, 3), why, what) for g in groups
+                            for sec, why, what in getattr(g, "blocked_log", ())],
             # the groups' measured device time of a decode call (EMA), for TBT / decode call
             "decode_call_s": sum(calls) / len(calls) if calls else None}
 
@@ -906,7 +910,9 @@ def mode_metrics(records: list[Record], run: dict[str, Any], slo: dict[str, Any]
                      "serving_blocked_s": round(run.get("serving_blocked_s", 0.0), 3),
                      "serving_blocked_compiles": run.get("serving_blocked_compiles", 0),
                      "fallback_calls": run.get("fallback_calls", 0),
-                     "held_prefill_steps": run.get("held_prefill_steps", 0)},
+                     "held_prefill_steps": run.get("held_prefill_steps", 0),
+                     # the measured pass's blocked waits: (seconds, waited for, wanted shape)
+                     "serving_blocked_log": run.get("blocked_log", [])},
         # EMA of the engine's measured decode call (device time, K steps) at the replay's end
         "decode_call_s": run.get("decode_call_s"),
         "per_model": by_model,

@@ -88,7 +88,8 @@ def test_preemption_keeps_tokens(preemption: str) -> None:
     runner = GroupRunner(topo, dataclasses.replace(layout, num_pages=max(f_pages, a_pages + 6)), a_pages,
                          backend="reference", kv_pages_per_device=6, prefill_chunk=16,
                          host_swap_pages=64 if preemption == "prefer_swap" else 0,
-                         planner_config=PlannerConfig(preemption=PreemptionChoice(preemption)))
+                         planner_config=PlannerConfig(preemption=PreemptionChoice(preemption)),
+                         warm_programs=0)  # no background warm-ups: this test is about preemption
     for n, m in MODELS.items():
         runner.add_model(n, m.config, w32[n])
     rng = np.random.default_rng(0)

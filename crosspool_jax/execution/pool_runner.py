@@ -113,6 +113,15 @@ def spec_dominates(have: StepSpec, want: StepSpec) -> bool:
     return all(lane_dominates(h, w) for h, w in zip(have.lanes, want.lanes, strict=True))
 
 
+def describe_spec(spec: StepSpec) -> str:
+    """A step program's shape in one line, e.g. "decode K=4 [G1 B8 T8 P16]" (per lane: models,
+    slots, tokens, pages per layer; +X split-KV extras)."""
+    lanes = " ".join(f"[G{ln.groups} B{ln.slots} T{ln.tokens} P{ln.max_pages}"
+                     + (f" +X{ln.extras}" if ln.extras else "") + "]" for ln in spec.lanes)
+    kind = f"decode K={spec.steps}" if spec.decode else "prefill"
+    return f"{kind} {spec.attention_schedule} {lanes}"
+
+
 def program_cost(spec: StepSpec) -> int:
     """A rough size of `spec`'s work per call (rows x (1 + pages) per lane, x steps): picks the
     smallest of several programs that could run a call."""
@@ -361,6 +370,8 @@ class GroupRunner:
         self.background_built = 0
         self.blocked_compiles = 0  # calls that compiled (or waited for) their program
         self.blocked_compile_seconds = 0.0  # seconds `_run` spent on those compiles / waits
+        # the last blocked waits: (seconds, what it waited for, the wanted shape; `describe_spec`)
+        self.blocked_log: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=32)
         self.fallback_calls = 0  # program calls run in a larger program than their shape's
         self.held_steps = 0  # steps that held some model's admissions for its warm programs
         self.held_prefill_steps = 0  # steps that held some request's prefill for its programs
@@ -507,6 +518,8 @@ class GroupRunner:
                         self._background[bigger[0]].exception()  # waits; a failure: compiled below
                     self.blocked_compile_seconds += self._now() - t0
                     self.blocked_compiles += 1
+                    self.blocked_log.append((self._now() - t0, "a running larger compile",
+                                             describe_spec(want)))
                     self._poll_background()
                     bigger = [sp for sp in bigger if sp in self._ready]
             if bigger:
@@ -577,6 +590,7 @@ class GroupRunner:
                 prog = self._compile_aot(spec)
         self.blocked_compile_seconds += self._now() - t0
         self.blocked_compiles += 1
+        self.blocked_log.append((self._now() - t0, "its own compile", describe_spec(spec)))
         self.programs_built += 1
         self._insert(spec, prog)
         return prog
@@ -717,22 +731,19 @@ class GroupRunner:
 
     def held_prefills(self) -> frozenset[str]:
         """Requests whose prefill (running, or waiting to start one) reaches page tables wider than
-        every prefill program of their lane compiled so far (a prompt past the warm box's
-        `warm_context`): their lane's top programs at the page bucket of the whole prompt
-        (`_top_specs`: prefill and decode, so the decode that follows is covered too) are queued
-        urgently in the background as soon as the request is seen; the request makes no prefill
-        progress past the compiled width until they are ready, while other requests run. A new
-        lane (nothing of it compiled yet) is `held_models`' case, not this. When only held
-        requests have work, nothing is held (the call then waits for its compile)."""
+        the lane's covered width (`_covered_width`: its top programs compiled; the warm box's
+        `warm_context` at first): the prompt's own chunk program and the lane's top programs at
+        the page bucket of the whole prompt (`_top_specs`: prefill and decode, so the decode that
+        follows is covered too) are queued urgently in the background as soon as the request is
+        seen; the request makes no prefill progress past the covered width until the top programs
+        are ready, while other requests run. A new lane (nothing covered yet) is `held_models`'
+        case, not this. When only held requests have work, nothing is held (the call then waits
+        for its compile)."""
         if not self.fallback or not self.reqs:
             return frozenset()
         self._poll_background()
-        compiled = (*self._programs, *self._ready)
-        widest: dict[Any, int] = {}
-        for sp in compiled:
-            if not sp.decode:
-                for ln in sp.lanes:
-                    widest[ln.cls] = max(widest.get(ln.cls, 0), ln.max_pages)
+        compiled = {*self._programs, *self._ready}
+        covered: dict[Any, int] = {}
         held: set[str] = set()
         live = (*self.planner.running(), *self.planner.waiting())
         for rid in live:
@@ -740,25 +751,34 @@ class GroupRunner:
             if span is None:
                 continue
             model = self.reqs[rid].model
-            cls, tpp = self.store.models[model].cls, self.geoms[model].tokens_per_page
-            if cls not in widest:
+            key, tpp = self._lane_key(model), self.geoms[model].tokens_per_page
+            if key not in covered:
+                covered[key] = self._covered_width(key, compiled)
+            if not covered[key]:  # a new lane: `held_models`' case
                 continue
             bucket = lambda tokens: self.buckets.round(-(-tokens // tpp), self.buckets.pages_floor)  # noqa: B023
             whole = bucket(span[1])
-            if whole <= widest[cls]:
+            if whole <= covered[key]:
                 continue
-            key = self._lane_key(model)
             # its own chunks' program first (a lone long prompt's calls then run unpadded), then
             # the lane's top programs, which dominate every call at that width
-            specs = (self._chunk_spec(key, min(self.prefill_chunk, span[1]), whole),
-                     *self._top_specs(key, whole))
-            need = [sp for sp in specs if sp not in compiled]
-            for sp in need:
-                self._compile_in_background(sp, compile_queue.URGENT)
-            if need and bucket(min(span[1], span[0] + self.max_prefill_tokens)) > widest[cls]:
+            for sp in (self._chunk_spec(key, min(self.prefill_chunk, span[1]), whole),
+                       *self._top_specs(key, whole)):
+                if sp not in compiled:
+                    self._compile_in_background(sp, compile_queue.URGENT)
+            if bucket(min(span[1], span[0] + self.max_prefill_tokens)) > covered[key]:
                 held.add(rid)
         others = any(rid not in held for rid in live)
         return frozenset(held) if held and others else frozenset()
+
+    def _covered_width(self, key: tuple[Any, str | None], compiled: set[StepSpec]) -> int:
+        """The widest page tables (pages per layer) at which lane `key`'s top programs
+        (`_top_specs`) are all compiled: every call of the lane up to it has a program (0: none)."""
+        widths = {ln.max_pages for sp in compiled if not sp.decode for ln in sp.lanes if ln.cls == key[0]}
+        for w in sorted(widths, reverse=True):
+            if all(sp in compiled for sp in self._top_specs(key, w)):
+                return w
+        return 0
 
     def warm_up(self, model: str) -> int:
         """Queues `warm_specs(model)` for the background thread (those not held or queued yet);

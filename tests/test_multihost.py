@@ -66,7 +66,9 @@ def _free_port_pair() -> int:
 class Group:
     """A 2-process serve group; logs in `tmp`. The processes get no XLA_FLAGS device count (the
     group gives each process its 4 devices) and compile no warm-up programs in the background
-    (on 2 cores they would double the compile time: the requests compile what they use)."""
+    (on 2 cores they would double the compile time: the requests compile what they use). The
+    step channel's silence limit is 10 s: CI's 2 cores, shared with another test worker, can
+    starve a heartbeat thread for seconds (a killed follower is seen at once: its socket closes)."""
 
     def __init__(self, tmp: pathlib.Path, cache: pathlib.Path, *extra: str):
         port = _free_port_pair()
@@ -78,7 +80,7 @@ class Group:
         for i in range(2):
             argv = [sys.executable, "-m", "serving.cli", "serve", "--coordinator", f"127.0.0.1:{port}",
                     "--num-processes", "2", "--process-id", str(i), "--pools", "4+4", "--port", "0",
-                    "--no-warmup", "--warm-programs", "0", "--step-timeout", "3", *extra]
+                    "--no-warmup", "--warm-programs", "0", "--step-timeout", "10", *extra]
             with open(self.logs[i], "w") as log:
                 self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                    cwd=ROOT))

@@ -427,9 +427,7 @@ class PooledEngine(SleepingModels, EngineCore):
                 if len(order) == 1:
                     raise
                 continue
-            if self.mode == "static":
-                with gw.lock:
-                    self._set_static_limits(gw.group)
+            self._refresh_static_limits(gw)
             return gw
         raise CapacityError(f"model {config.family} does not fit any device of mode {self.mode}")
 
@@ -478,6 +476,13 @@ class PooledEngine(SleepingModels, EngineCore):
             if log is not None:
                 log(f"group {gw.index}: {n} step programs precompiled in {time.perf_counter() - t0:.1f} s")
         return total
+
+    def _refresh_static_limits(self, gw: _GroupWorker) -> None:
+        """Mode static: `_set_static_limits` of `gw`'s group under its lock, after its set of models
+        changed (a placement, a sleep, a wake); other modes: nothing."""
+        if self.mode == "static":
+            with gw.lock:
+                self._set_static_limits(gw.group)
 
     def _set_static_limits(self, group: GroupRunner) -> None:
         """Mode static: every model of the group gets an equal share of its KV pages as floor and cap

@@ -5,7 +5,7 @@ request, explicitly, or to make room) and sleeps idle ones.
 `SleepingModels` is a mixin of `PooledEngine`; it uses the engine's `_lock` (books), `_transition`
 (one sleep or wake at a time), `_states` (`ModelStates`), `_host` (host copies of sleeping
 models), `_waiting` (requests waiting for a wake), `_model_group` (model -> its group's worker),
-`_model`, `_finish`, `_set_static_limits`, `mode` and `_closed`.
+`_model`, `_finish`, `_refresh_static_limits` and `_closed`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class SleepingModels:
     _waiting: dict[str, list[Any]]
     _model_group: dict[str, Any]
     _closed: bool
-    mode: str
 
     def sleep(self, name: str) -> None:
         """Puts a resident model to sleep: its weights are copied to host memory (pinned on GPUs,
@@ -87,9 +86,7 @@ class SleepingModels:
             self._states.set_state(name, ModelState.SLEEPING)  # new requests wait for a wake
         try:
             host = gw.group.sleep_model(name, guard=gw.lock)
-            if self.mode == "static":
-                with gw.lock:
-                    self._set_static_limits(gw.group)
+            self._refresh_static_limits(gw)
         except RuntimeError:  # the group still ends one of its requests: stays resident
             with self._lock:
                 self._states.set_state(name, ModelState.RESIDENT)
@@ -154,9 +151,7 @@ class SleepingModels:
                 else:
                     with self._lock:
                         self._host.pop(name, None)
-                    if self.mode == "static":
-                        with gw.lock:
-                            self._set_static_limits(gw.group)
+                    self._refresh_static_limits(gw)
                     return
             with self._lock:  # it wakes into its own group: only that group's models make room
                 others = frozenset(n for n, g in self._model_group.items() if g is not gw)

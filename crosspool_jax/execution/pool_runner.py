@@ -165,6 +165,13 @@ class ShapeBuckets:
             size *= self.growth
         return size
 
+    def ladder(self, n: int, floor: int) -> list[int]:
+        """Every bucket from the smallest up to `round(n, floor)`, ascending."""
+        out = [max(1, floor)]
+        while out[-1] < n:
+            out.append(out[-1] * self.growth)
+        return out
+
     @classmethod
     def fine(cls) -> ShapeBuckets:
         return cls()
@@ -417,14 +424,17 @@ class GroupRunner:
         self._register_model(name, cfg, geom, ma, guard)
 
     def _register_model(self, name: str, cfg: ModelConfig, geom: Any, ma: Any,
-                        guard: contextlib.AbstractContextManager) -> None:
+                        guard: contextlib.AbstractContextManager, warm: bool = True) -> None:
+        """Registers a placed model with the store, the KV planner and (`warm`: queues its lane's
+        warm programs) the background compiler, under `guard`."""
         with guard, self._state_lock:
             self.store.models[name] = ma
             self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
                                                     tokens_per_page_override=geom.tokens_per_page))
             self.geoms[name] = geom
-        with guard:
-            self.warm_up(name)
+        if warm:
+            with guard:
+                self.warm_up(name)
 
     def sleep_model(self, name: str, guard: contextlib.AbstractContextManager = NO_GUARD) -> HostModel:
         """Copies a model with no live request to host memory (`ArenaStore.copy_out`) and frees its
@@ -433,9 +443,7 @@ class GroupRunner:
         reads' dispatch and the release, not during the copy. RuntimeError while it has live
         requests (nothing changed)."""
         with guard, self._state_lock:
-            live = [r for r in self.reqs.values() if r.model == name and not r.done]
-            if live:
-                raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
+            self._check_no_live(name)
         host = self.store.copy_out(name, guard)
         with guard, self._state_lock:
             self.store.remove_model(name)
@@ -451,20 +459,20 @@ class GroupRunner:
         changed) when its rows do not fit."""
         geom = model_geometry(cfg, self.store.layout, self.platform)
         ma = self.store.copy_in(name, host, guard)
-        with guard, self._state_lock:
-            self.store.models[name] = ma
-            self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
-                                                    tokens_per_page_override=geom.tokens_per_page))
-            self.geoms[name] = geom
+        self._register_model(name, cfg, geom, ma, guard, warm=False)
 
     def remove_model(self, name: str) -> None:
         with self._state_lock:
-            live = [r for r in self.reqs.values() if r.model == name and not r.done]
-            if live:
-                raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
+            self._check_no_live(name)
             self.store.remove_model(name)
             self.kv.unregister_model(name)
             del self.geoms[name]
+
+    def _check_no_live(self, name: str) -> None:
+        """RuntimeError if `name` has live requests (before its weights leave the arena)."""
+        live = [r for r in self.reqs.values() if r.model == name and not r.done]
+        if live:
+            raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
 
     # -- compiled programs --
     def _lookup(self, spec: StepSpec) -> Callable | None:
@@ -539,9 +547,7 @@ class GroupRunner:
         lanes = []
         for ln in want.lanes:
             model = next(n for n, ma in self.store.models.items() if ma.cls == ln.cls)
-            context = ln.cls.config.max_position_embeddings
-            pages = -(-context // self.geoms[model].tokens_per_page)
-            most = self.buckets.round(pages, self.buckets.pages_floor)
+            most = self._pages_bucket(model, ln.cls.config.max_position_embeddings)
             if ln.max_pages >= most:
                 return
             lanes.append(dataclasses.replace(ln, max_pages=min(most, ln.max_pages * self.buckets.growth)))
@@ -653,21 +659,12 @@ class GroupRunner:
         if self.warm_programs <= 0:
             return [], 0
         key = self._lane_key(model)
-        names = [n for n in sorted(self.store.models) if self._lane_key(n) == key]
         cls, bk, k = key[0], self.buckets, self.steps_per_call
-        g_top = _pow2(len(names))
-        g_small = g_top if bk.groups == "placed" else 1
-        tpp = self.geoms[names[0]].tokens_per_page
-
-        def ladder(hi: int, floor: int) -> list[int]:
-            out = [bk.round(1, floor)]
-            while out[-1] < hi:
-                out.append(out[-1] * bk.growth)
-            return out
-
-        slots = ladder(self.warm_slots, bk.slots_floor)
-        pages = ladder(-(-self.warm_context // tpp), bk.pages_floor)
-        tokens = ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor)
+        g_small = self._lane_groups(key)[0]
+        tpp = self.geoms[model].tokens_per_page
+        slots = bk.ladder(self.warm_slots, bk.slots_floor)
+        pages = bk.ladder(-(-self.warm_context // tpp), bk.pages_floor)
+        tokens = bk.ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor)
         pair = self.micro_batches == 2
 
         def dec(g: int, b: int, p: int, sched: str = "split") -> list[StepSpec]:
@@ -697,15 +694,9 @@ class GroupRunner:
         (micro_batches = 2) and, for a GQA lane on GPU, its persistent-schedule twin. They
         dominate every call of the lane whose page tables fit `pages`."""
         cls, bk, k = key[0], self.buckets, self.steps_per_call
-        g = _pow2(sum(1 for n in self.store.models if self._lane_key(n) == key))
-
-        def top(floor: int, hi: int) -> int:
-            out = bk.round(1, floor)
-            while out < hi:
-                out *= bk.growth
-            return out
-
-        b, t = top(bk.slots_floor, self.warm_slots), top(bk.tokens_floor, _pow2(self.max_prefill_tokens))
+        g = self._lane_groups(key)[1]
+        b = bk.round(self.warm_slots, bk.slots_floor)
+        t = bk.round(_pow2(self.max_prefill_tokens), bk.tokens_floor)
         specs = [StepSpec((LaneShape(cls, g, min(b, t), t, pages, stop_width=self.stop_width),), False, 1,
                           self.backend)]
         scheds = ["split"]
@@ -722,11 +713,8 @@ class GroupRunner:
         """The prefill program of one request's chunk of `tokens` tokens in lane `key` with page
         tables of `pages` pages (G as `warm_specs` item 1, the smallest slot bucket)."""
         bk = self.buckets
-        g = 1
-        if bk.groups == "placed":
-            g = _pow2(sum(1 for n in self.store.models if self._lane_key(n) == key))
-        lane = LaneShape(key[0], g, bk.round(1, bk.slots_floor), bk.round(tokens, bk.tokens_floor), pages,
-                         stop_width=self.stop_width)
+        lane = LaneShape(key[0], self._lane_groups(key)[0], bk.round(1, bk.slots_floor),
+                         bk.round(tokens, bk.tokens_floor), pages, stop_width=self.stop_width)
         return StepSpec((lane,), False, 1, self.backend)
 
     def held_prefills(self) -> frozenset[str]:
@@ -751,13 +739,12 @@ class GroupRunner:
             if span is None:
                 continue
             model = self.reqs[rid].model
-            key, tpp = self._lane_key(model), self.geoms[model].tokens_per_page
+            key = self._lane_key(model)
             if key not in covered:
                 covered[key] = self._covered_width(key, compiled)
             if not covered[key]:  # a new lane: `held_models`' case
                 continue
-            bucket = lambda tokens: self.buckets.round(-(-tokens // tpp), self.buckets.pages_floor)  # noqa: B023
-            whole = bucket(span[1])
+            whole = self._pages_bucket(model, span[1])
             if whole <= covered[key]:
                 continue
             # its own chunks' program first (a lone long prompt's calls then run unpadded), then
@@ -766,10 +753,20 @@ class GroupRunner:
                        *self._top_specs(key, whole)):
                 if sp not in compiled:
                     self._compile_in_background(sp, compile_queue.URGENT)
-            if bucket(min(span[1], span[0] + self.max_prefill_tokens)) > covered[key]:
+            if self._pages_bucket(model, min(span[1], span[0] + self.max_prefill_tokens)) > covered[key]:
                 held.add(rid)
         others = any(rid not in held for rid in live)
         return frozenset(held) if held and others else frozenset()
+
+    def _lane_groups(self, key: tuple[Any, str | None]) -> tuple[int, int]:
+        """(G of the lane's smallest programs, G of its largest): the lane's placed models rounded
+        to a power of two for the largest; 1 for the smallest unless buckets are "placed"."""
+        g_top = _pow2(sum(1 for n in self.store.models if self._lane_key(n) == key))
+        return (g_top if self.buckets.groups == "placed" else 1), g_top
+
+    def _pages_bucket(self, model: str, tokens: int) -> int:
+        """The page-table bucket (pages per layer) of `tokens` tokens of `model`."""
+        return self.buckets.round(-(-tokens // self.geoms[model].tokens_per_page), self.buckets.pages_floor)
 
     def _covered_width(self, key: tuple[Any, str | None], compiled: set[StepSpec]) -> int:
         """The widest page tables (pages per layer) at which lane `key`'s top programs

@@ -224,14 +224,6 @@ class _Request:
     def in_prefill(self) -> bool:
         return self.kv_len < self.prefill_target
 
-    @property
-    def resumes_in_prefill(self) -> bool:
-        """A waiting request's first step after admission is a prefill chunk (a swapped one
-        resuming its decode is not)."""
-        if self.status == RequestStatus.SWAPPED:
-            return self.kv_len < self.prefill_target
-        return True
-
     def info(self) -> RequestInfo:
         phase = None
         if self.status == RequestStatus.RUNNING:
@@ -509,9 +501,7 @@ class KVPlanner:
         waiting to start or resume one (tokens); None when it decodes, resumes a decode or ended.
         Cheap (no snapshot): the runner asks it of every such request each step."""
         req = self._get(request_id)
-        if req.status == RequestStatus.RUNNING:
-            return (req.kv_len, req.prefill_target) if req.in_prefill else None
-        if req.status == RequestStatus.SWAPPED:
+        if req.status in (RequestStatus.RUNNING, RequestStatus.SWAPPED):
             return (req.kv_len, req.prefill_target) if req.in_prefill else None
         if req.status == RequestStatus.WAITING:
             return 0, req.num_tokens
@@ -750,9 +740,11 @@ class KVPlanner:
                 index = (self._rr_next + i) % n
                 model = self._model_order[index]
                 queue = self._queues[model]
-                pick = next((j for j, (_, rid) in enumerate(queue) if rid not in held_prefills
-                             or not self._requests[rid].resumes_in_prefill), None)
-                if model in blocked or pick is None:
+                if model in blocked:
+                    continue
+                pick = next((j for j, (_, rid) in enumerate(queue)
+                             if rid not in held_prefills or self.prefill_span(rid) is None), None)
+                if pick is None:
                     continue
                 req = self._requests[queue[pick][1]]
                 # with nothing running, floors reserve pages for requests that cannot start

@@ -10,7 +10,7 @@ import os
 from typing import Any, NamedTuple
 
 from checkpoints.hf_import import load_hf
-from checkpoints.orbax_format import is_crosspool_checkpoint, restore, save
+from checkpoints.orbax_format import is_crosspool_checkpoint, load_config, restore, save
 from checkpoints.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from crosspool_jax.errors import CheckpointError
 from crosspool_jax.models.config import ModelConfig
@@ -26,6 +26,7 @@ __all__ = [
     "load_hf",
     "load_model",
     "load_tokenizer",
+    "read_config",
     "restore",
     "save",
 ]
@@ -42,6 +43,25 @@ class LoadedModel(NamedTuple):
 def is_hf_checkpoint(path: str | os.PathLike[str]) -> bool:
     """True when `path` looks like an HF model directory (config.json present)."""
     return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def read_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """The ModelConfig of an HF directory or a crosspool checkpoint, without reading its weights."""
+    from crosspool_jax.models.config import load_hf_config
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"{path}: not a directory (expected an HF model directory or a crosspool checkpoint)"
+        )
+    if is_crosspool_checkpoint(path):
+        return load_config(path)
+    if is_hf_checkpoint(path):
+        return load_hf_config(path)
+    raise CheckpointError(
+        f"{path}: neither an HF model directory (config.json) "
+        "nor a crosspool checkpoint (crosspool_config.json)"
+    )
 
 
 def load_model(path: str | os.PathLike[str], *, dtype: Any = None, shardings: Any = None) -> LoadedModel:

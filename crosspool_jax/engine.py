@@ -42,6 +42,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from crosspool_jax.detokenize import IncrementalDetokenizer
 from crosspool_jax.engine_api import (
@@ -61,7 +62,7 @@ from crosspool_jax.engine_sleep import SleepingModels
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
 from crosspool_jax.execution.host_step import EXECUTIONS
 from crosspool_jax.execution.pool_runner import DEFAULT_MAX_STOP_IDS, GroupRunner, StepResult
-from crosspool_jax.memory.arena import HostModel
+from crosspool_jax.memory.arena import HostModel, pinned_host_budget, placed_weight_bytes
 from crosspool_jax.memory.model_states import ModelState, ModelStates
 from crosspool_jax.memory.planner import ModelLimits, RequestRejected
 from crosspool_jax.memory.topology import PoolTopology, Role, devices_needed, ensure_cpu_devices
@@ -101,6 +102,10 @@ class EngineConfig:
       stop-id width is this rounded up to a power of two, so no stop-id count compiles a program.
     idle_sleep_s: a resident model with no live request for this many seconds is put to sleep
       (weights to host memory, arena rows and KV registration freed); None (default): never.
+    host_weights_bytes: bytes of sleeping models' weights kept in host memory; past it the least
+      recently used sleeping model loaded from a checkpoint (`load_model`) is dropped to disk (its
+      next request re-reads the checkpoint). Models added from memory have nothing to re-read and
+      stay in host memory. None (default): `arena.pinned_host_budget()` (90% of XLA's pinned pool).
     """
 
     arena_bytes: int | None = None
@@ -116,6 +121,7 @@ class EngineConfig:
     overlap: bool = True
     max_stop_ids: int = DEFAULT_MAX_STOP_IDS
     idle_sleep_s: float | None = None
+    host_weights_bytes: int | None = None
 
 
 @dataclasses.dataclass
@@ -326,6 +332,9 @@ class PooledEngine(SleepingModels, EngineCore):
         # sleeping models (issue 20): states under self._lock; one sleep or wake at a time
         self._states = ModelStates()
         self._host: dict[str, HostModel] = {}  # weights of sleeping models (host memory)
+        self._checkpoints: dict[str, str] = {}  # model -> the checkpoint a wake from disk re-reads
+        self._host_budget = (pinned_host_budget() if cfg.host_weights_bytes is None
+                             else cfg.host_weights_bytes)
         self._waiting: dict[str, list[_Live]] = {}  # requests of a waking model
         self._transition = threading.Lock()
         self._start_workers([gw.thread for gw in self._gws])
@@ -342,15 +351,19 @@ class PooledEngine(SleepingModels, EngineCore):
         self._check_eos(name, config)
         config, info = self._begin_add(name, config, source)
         try:
-            dtype = jnp.dtype(self.groups[0].store.layout.dtype)
-            cast = jax.tree_util.tree_map_with_path(  # router biases stay f32 (stored bit for bit)
-                lambda path, a: a if str(getattr(path[-1], "key", "")) == "router_bias" else a.astype(dtype),
-                weights)
+            cast = self._arena_cast(weights)
             gw = self._place(name, config, lambda g, lock: g.add_model(name, config, cast, guard=lock))
         except BaseException:
             self._abort_add(name)
             raise
         return self._register(gw, ModelRecord(info, config, tokenizer))
+
+    def _arena_cast(self, weights: ModelWeights) -> ModelWeights:
+        """`weights` in the arena dtype (router biases stay f32: stored bit for bit)."""
+        dtype = jnp.dtype(self.groups[0].store.layout.dtype)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, a: a if str(getattr(path[-1], "key", "")) == "router_bias" else a.astype(dtype),
+            weights)
 
     def _check_eos(self, name: str, config: ModelConfig) -> None:
         """A model's eos ids are the default stop ids of its requests: at most `max_stop_ids`."""
@@ -359,17 +372,55 @@ class PooledEngine(SleepingModels, EngineCore):
             raise InvalidRequestError(f"model {name!r} has {n} eos token ids; the step programs take at "
                                       f"most {limit} stop ids per request (max_stop_ids)")
 
-    def load_model(self, name: str, path: str) -> ModelInfo:
+    def load_model(self, name: str, path: str, on_disk: bool = False) -> ModelInfo:
         """Loads an HF directory or crosspool checkpoint into host memory (never onto one
-        accelerator), then places each device's piece into the arenas (`add_model`)."""
-        from checkpoints import load_model  # local import: checkpoints pulls in orbax
-
+        accelerator), then places each device's piece into the arenas (`add_model`). The path is
+        kept: asleep, the model may be dropped to disk (`host_weights_bytes`) and re-read from it.
+        `on_disk`: registers the model without reading its weights (its config and tokenizer are
+        read, its state is on_disk): its first request (or `wake`) loads it."""
         with self._lock:
             self._check_free_name(name)
-        # this process's CPU (in a multi-host group the CPU devices of every process are listed)
-        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        m = load_model(path, shardings=host)
-        return self.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
+        if on_disk:
+            return self._register_on_disk(name, str(path))
+        m = self._read_checkpoint(str(path))
+        info = self.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
+        with self._lock:
+            if name in self._states:
+                self._checkpoints[name] = str(path)
+        return info
+
+    @staticmethod
+    def _read_checkpoint(path: str) -> Any:
+        """`checkpoints.load_model` into this process's host memory (in a multi-host group the CPU
+        devices of every process are listed: the first local one)."""
+        from checkpoints import load_model  # local import: checkpoints pulls in orbax
+
+        return load_model(path, shardings=jax.sharding.SingleDeviceSharding(
+            jax.local_devices(backend="cpu")[0]))
+
+    def _register_on_disk(self, name: str, path: str) -> ModelInfo:
+        """`load_model(on_disk=True)`: registers `name` in state on_disk with the least loaded group
+        (weight bytes; it wakes into that group) and its checkpoint's config and tokenizer."""
+        from checkpoints import load_tokenizer, read_config
+
+        config = read_config(path)
+        self._check_eos(name, config)
+        config, info = self._begin_add(name, config, path)
+        try:
+            tokenizer = load_tokenizer(path)
+        except BaseException:
+            self._abort_add(name)
+            raise
+        nbytes = estimated_weight_bytes(config, self.groups[0].store.layout.dtype)
+        with self._lock:
+            load = [sum(b for n, b in self._model_bytes.items() if self._model_group[n] is gw)
+                    for gw in self._gws]
+            gw = self._gws[placement_order(load)[0]]
+            self._model_group[name] = gw
+            self._model_bytes[name] = nbytes
+            self._checkpoints[name] = path
+            self._states.add(name, ModelState.ON_DISK)
+        return self._end_add(ModelRecord(info, config, tokenizer))
 
     def add_random_model(self, name: str, config: ModelConfig, seed: int = 0, tokenizer: Any = None
                          ) -> ModelInfo:
@@ -499,10 +550,13 @@ class PooledEngine(SleepingModels, EngineCore):
             self._model_bytes.pop(name, None)
             self._states.remove(name)
             self._waiting.pop(name, None)  # their final events are sent (unload_model)
-            asleep = self._host.pop(name, None) is not None  # else its weights are in the arena
-            if gw is not None and not asleep:
+            self._host.pop(name, None)
+            self._checkpoints.pop(name, None)
+            # under `_transition`: a sleep or wake has either placed the model or not
+            in_arena = gw is not None and name in gw.group.store.models
+            if in_arena:
                 self._unloading[name] = (gw, threading.Event())
-        if gw is not None and not asleep:
+        if in_arena:
             # its requests' pages are free now (as a cancel's); the worker removes the weights
             gw.group.fail_model(name, "model unloaded")
             gw.inbox.put(("unload", name))
@@ -538,7 +592,7 @@ class PooledEngine(SleepingModels, EngineCore):
                 if state != ModelState.RESIDENT:  # its requests wait for the wake
                     self._waiting.setdefault(name, []).append(lv)
                     queued = True
-                    wake = state == ModelState.SLEEPING
+                    wake = state in (ModelState.SLEEPING, ModelState.ON_DISK)
                     if wake:
                         self._states.set_state(name, ModelState.WAKING)
         if gw is None:  # unloaded since submit() looked it up
@@ -686,17 +740,21 @@ def placement_order(loads: list[int]) -> list[int]:
     return sorted(range(len(loads)), key=lambda i: loads[i])
 
 
-def placed_weight_bytes(store: Any, name: str) -> int:
-    """Arena bytes of a placed model's weights over all the group's devices (its load)."""
-    ma = store.models[name]
-    return (ma.rows(Role.KV) * store.num_kv + ma.rows(Role.WEIGHTS) * store.num_weights) * store.row_bytes()
-
-
 def static_limits(models: list[str], total_pages: int) -> dict[str, ModelLimits]:
     """Mode static's KV reservations in one group: each model an equal share of the group's KV
     pages (`total_pages`) as floor and cap."""
     share = total_pages // max(1, len(models))
     return {n: ModelLimits(floor_pages=share, cap_pages=share) for n in models}
+
+
+def estimated_weight_bytes(config: ModelConfig, dtype: str) -> int:
+    """Bytes of a model's weights in the arena dtype (router biases f32), before it is placed: the
+    group balancing weight of a model registered on disk."""
+    from crosspool_jax.models.params import weight_specs
+
+    item = jnp.dtype(dtype).itemsize
+    return sum(int(np.prod(x.shape)) * (4 if x.dtype == jnp.float32 else item)
+               for x in jax.tree.leaves(weight_specs(config)))
 
 
 def _programs_built(group: GroupRunner) -> int:

@@ -129,7 +129,7 @@ class EngineStats:
     # (device name, KV pages used, KV pages total) per KV device; empty when the engine has no KV pool
     kv_pages: tuple[tuple[str, int, int], ...] = ()
     preemptions: int = 0  # requests preempted (swapped out or recomputed) since the engine started
-    # (model, "resident" | "sleeping" | "waking") per registered model (engines with sleeping models)
+    # (model, "resident" | "sleeping" | "on_disk" | "waking") per registered model (pooled engine)
     model_states: tuple[tuple[str, str], ...] = ()
 
 

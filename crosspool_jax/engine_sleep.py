@@ -1,11 +1,15 @@
 """Sleeping models (docs/engine.md "Sleeping models"): the part of `PooledEngine` that puts
-models to sleep (weights to host memory, arena rows and KV registration freed), wakes them (on
-request, explicitly, or to make room) and sleeps idle ones.
+models to sleep (weights to host memory, arena rows and KV registration freed), drops sleeping
+models loaded from a checkpoint to disk when host memory is over its budget, wakes them (on
+request, explicitly, or to make room: from host memory, or by re-reading the checkpoint) and
+sleeps idle ones.
 
 `SleepingModels` is a mixin of `PooledEngine`; it uses the engine's `_lock` (books), `_transition`
-(one sleep or wake at a time), `_states` (`ModelStates`), `_host` (host copies of sleeping
-models), `_waiting` (requests waiting for a wake), `_model_group` (model -> its group's worker),
-`_model`, `_finish`, `_refresh_static_limits` and `_closed`.
+(one sleep or wake placement at a time), `_states` (`ModelStates`), `_host` (host copies of
+sleeping models), `_checkpoints` (model -> checkpoint path), `_host_budget` (bytes),
+`_waiting` (requests waiting for a wake), `_model_group` (model -> its group's worker),
+`_model_bytes`, `_model`, `_finish`, `_arena_cast`, `_read_checkpoint`, `_refresh_static_limits`
+and `_closed`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from crosspool_jax.engine_api import FINISH_ERROR, ModelNotFoundError
 from crosspool_jax.errors import CapacityError, InvalidRequestError
+from crosspool_jax.memory.arena import placed_weight_bytes
 from crosspool_jax.memory.model_states import ModelState, ModelStateInfo
 
 if TYPE_CHECKING:  # attributes the engine provides
@@ -31,34 +36,49 @@ class SleepingModels:
     _transition: threading.Lock
     _states: ModelStates
     _host: dict[str, HostModel]
+    _checkpoints: dict[str, str]
+    _host_budget: int
+    _model_bytes: dict[str, int]
     _waiting: dict[str, list[Any]]
     _model_group: dict[str, Any]
     _closed: bool
 
-    def sleep(self, name: str) -> None:
+    def sleep(self, name: str, to_disk: bool = False) -> None:
         """Puts a resident model to sleep: its weights are copied to host memory (pinned on GPUs,
         numpy on CPU), its arena rows and its KV registration are freed (its KV pages are free
         already: it has no request). Refused (InvalidRequestError) while it has live requests;
-        a no-op when it sleeps already. Its next request wakes it (`wake`)."""
+        a no-op when it sleeps already. Its next request wakes it (`wake`). `to_disk`: then drops
+        the host copy too (state on_disk; the next request re-reads its checkpoint); refused for a
+        model added from memory (nothing to re-read)."""
         with self._transition:
             with self._lock:
                 if name not in self._states:
                     raise ModelNotFoundError(f"model {name!r} is not loaded")
                 state, live = self._states.state(name), self._states.live(name)
-            if state == ModelState.SLEEPING:
+                if to_disk and name not in self._checkpoints:
+                    raise InvalidRequestError(f"model {name!r} was not loaded from a checkpoint: it "
+                                              "can sleep in host memory only (to_disk refused)")
+            if state == ModelState.ON_DISK or (state == ModelState.SLEEPING and not to_disk):
                 return
             if live:
                 raise InvalidRequestError(f"model {name!r} has {live} live requests; sleep is refused "
                                           "until they end (cancel them or wait)")
-            self._sleep_now(name)
+            if state == ModelState.RESIDENT and not self._sleep_now(name):
+                raise InvalidRequestError(f"model {name!r} is still ending a request; retry")
+            if to_disk:
+                with self._lock:
+                    if self._states.state(name) == ModelState.SLEEPING:
+                        self._to_disk(name)
 
     def wake(self, name: str) -> None:
         """Places a sleeping model back into the arena (no-op when resident), putting the least
-        recently used idle resident models to sleep while it does not fit. Compiles nothing."""
+        recently used idle resident models to sleep while it does not fit. From host memory it
+        compiles nothing; a model on disk is read from its checkpoint first (and placed as
+        `load_model` places it)."""
         with self._lock:
             if name not in self._states:
                 raise ModelNotFoundError(f"model {name!r} is not loaded")
-            if self._states.state(name) != ModelState.SLEEPING:
+            if self._states.state(name) not in (ModelState.SLEEPING, ModelState.ON_DISK):
                 wait = self._states.state(name) == ModelState.WAKING
             else:
                 wait = False
@@ -72,7 +92,8 @@ class SleepingModels:
         self._wake_and_admit(name, raise_errors=True)
 
     def model_states(self) -> tuple[ModelStateInfo, ...]:
-        """Each registered model's state (resident / sleeping / waking), live requests, idle time."""
+        """Each registered model's state (resident / sleeping / on_disk / waking), live requests,
+        idle time."""
         with self._lock:
             return self._states.snapshot()
 
@@ -93,7 +114,25 @@ class SleepingModels:
             return False
         with self._lock:
             self._host[name] = host
+        self._drop_to_disk()
         return True
+
+    def _to_disk(self, name: str) -> None:
+        """Drops a sleeping model's host copy (call under `_lock`; it has a checkpoint)."""
+        self._host.pop(name, None)
+        self._states.set_state(name, ModelState.ON_DISK)
+
+    def _drop_to_disk(self) -> None:
+        """While sleeping models hold more host memory than `_host_budget`, drops the least
+        recently used one that has a checkpoint to re-read to disk."""
+        with self._lock:
+            held = sum(h.nbytes for h in self._host.values())
+            while held > self._host_budget:
+                victim = self._states.lru_sleeping(self._checkpoints.keys() & self._host.keys())
+                if victim is None:
+                    return
+                held -= self._host[victim].nbytes
+                self._to_disk(victim)
 
     def _sleep_lru(self, exclude: frozenset[str]) -> bool:
         """Puts the least recently used idle resident model to sleep; False if there is none."""
@@ -117,7 +156,8 @@ class SleepingModels:
             with self._lock:
                 waiting = self._waiting.pop(name, [])
                 if name in self._states:
-                    self._states.set_state(name, ModelState.SLEEPING)
+                    self._states.set_state(name, ModelState.SLEEPING if name in self._host
+                                           else ModelState.ON_DISK)
             for lv in waiting:
                 self._finish(lv, FINISH_ERROR, error=f"waking model {name!r} failed: {e}")
             if raise_errors:
@@ -135,22 +175,35 @@ class SleepingModels:
     def _wake_now(self, name: str) -> None:
         """Copies a sleeping model's weights back into its group (`GroupRunner.wake_model`: chunk by
         chunk, the group's lock held only around each chunk's write, so the group's other models
-        step meanwhile), sleeping the group's LRU idle models while it does not fit; while every
-        other resident model of the group has live requests it waits for one to go idle."""
+        step meanwhile), or, on disk, reads its checkpoint (outside `_transition`: other sleeps and
+        wakes go on) and places it (`GroupRunner.add_model`); sleeps the group's LRU idle models
+        while it does not fit; while every other resident model of the group has live requests it
+        waits for one to go idle."""
+        with self._lock:
+            host, path = self._host.get(name), self._checkpoints.get(name)
+        weights = None
+        if host is None and path is not None:
+            weights = self._arena_cast(self._read_checkpoint(path).weights)
         while True:
             with self._transition:
                 with self._lock:
-                    gw, host = self._model_group.get(name), self._host.get(name)
-                if gw is None or host is None:
+                    gw = self._model_group.get(name)
+                    host = self._host.get(name)
+                if gw is None or (host is None and weights is None):
                     raise ModelNotFoundError(f"model {name!r} is not loaded")
                 record = self._model(name)
                 try:
-                    gw.group.wake_model(name, record.config, host, guard=gw.lock)
+                    if host is not None:
+                        gw.group.wake_model(name, record.config, host, guard=gw.lock)
+                    else:
+                        gw.group.add_model(name, record.config, weights, guard=gw.lock)
                 except CapacityError:
                     pass
                 else:
+                    nbytes = placed_weight_bytes(gw.group.store, name)
                     with self._lock:
                         self._host.pop(name, None)
+                        self._model_bytes[name] = nbytes
                     self._refresh_static_limits(gw)
                     return
             with self._lock:  # it wakes into its own group: only that group's models make room

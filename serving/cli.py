@@ -290,6 +290,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "pooled modes)",
     )
     p.add_argument(
+        "--load-on-request",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pooled modes: register the configured models on disk (config and tokenizer read) and "
+        "load each at its first request, instead of loading them all before serving (default: no)",
+    )
+    p.add_argument(
         "--precompile-context",
         type=int,
         default=None,
@@ -346,6 +353,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--idle-sleep-s", type=float, default=None,
                    help="seconds without a request after which a model sleeps (weights to host memory; "
                    "its next request wakes it); default: never")
+    g.add_argument("--host-weights-bytes", default=None, metavar="SIZE",
+                   help="host memory for sleeping models' weights; past it the least recently used "
+                   "sleeping model loaded from a checkpoint is dropped to disk (re-read on its next "
+                   "request); default: 90%% of XLA's pinned host pool")
     lim = p.add_argument_group(
         "limits (what one request may cost; serving.limits.RequestLimits, or the [limits] table of "
         "--config; a request past one is INVALID_ARGUMENT naming it)"
@@ -373,7 +384,7 @@ LIMIT_FLAGS = (
 
 ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call", "prefill_chunk",
                 "max_prefill_tokens", "micro_batches", "dtype", "attention_backend", "execution",
-                "overlap", "idle_sleep_s")
+                "overlap", "idle_sleep_s", "host_weights_bytes")
 
 
 def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettings
@@ -400,6 +411,7 @@ def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettin
         "mode": args.mode,
         "pools": args.pools,
         "warmup": args.warmup,
+        "load_on_request": args.load_on_request,
         "precompile_context": args.precompile_context,
     }
     overrides = {k: check_value(k, v, "--" + k.replace("_", "-")) for k, v in flags.items() if v is not None}

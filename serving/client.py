@@ -133,9 +133,11 @@ class CrossPoolClient:
     def unload_model(self, name: str) -> int:
         return self.stub.UnloadModel(pb.UnloadModelRequest(name=name), metadata=self._md).failed_requests
 
-    def sleep_model(self, name: str) -> str:
-        """Puts a model to sleep (weights to host memory); returns its state."""
-        return self.stub.SleepModel(pb.SleepModelRequest(name=name), metadata=self._md).state
+    def sleep_model(self, name: str, to_disk: bool = False) -> str:
+        """Puts a model to sleep (weights to host memory; `to_disk`: dropped to its checkpoint);
+        returns its state."""
+        return self.stub.SleepModel(pb.SleepModelRequest(name=name, to_disk=to_disk),
+                                    metadata=self._md).state
 
     def wake_model(self, name: str) -> str:
         """Wakes a sleeping model (weights back into the arena); returns its state."""

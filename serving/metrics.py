@@ -15,7 +15,7 @@ Read from the engine at scrape time, from the same snapshot GetStats sends (serv
 - `crosspool_engine_info{mode,topology}`: 1 (GetStats.mode / .topology).
 - `crosspool_weights_bytes{model}`: weights bytes per loaded model (= GetStats.weights[].bytes).
 - `crosspool_model_state{model,state}`: 1 for the model's state, 0 for the others (resident /
-  sleeping / waking; = GetStats.model_states; pooled engine only).
+  sleeping / on_disk / waking; = GetStats.model_states; pooled engine only).
 - `crosspool_kv_pages_used{device}` / `crosspool_kv_pages_free{device}`: from `EngineStats.kv_pages`
   ((device, used, total) per KV device; = GetStats.kv_pages), only when it is not empty. The
   reference engine has no KV pool, so none are exported for it (no invented numbers).
@@ -79,10 +79,10 @@ class _EngineCollector(Collector):
         if st.model_states:
             ms = GaugeMetricFamily(
                 "crosspool_model_state", "1 for each registered model's current state "
-                "(resident / sleeping / waking)", labels=["model", "state"]
+                "(resident / sleeping / on_disk / waking)", labels=["model", "state"]
             )
             for model, state in st.model_states:
-                for s in ("resident", "sleeping", "waking"):
+                for s in ("resident", "sleeping", "on_disk", "waking"):
                     ms.add_metric([model, s], 1.0 if s == state else 0.0)
             yield ms
         if st.kv_pages:

@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP API, served beside gRPC on the same engine (Starlette + uvicorn).
 
 Endpoints: `GET /v1/models`, `POST /v1/models/{name}/sleep` and `/wake` (the pooled engine's
-sleeping models: weights to host memory and back; sleep is refused with 400 while the model has
-live requests), `POST /v1/completions`, `POST /v1/chat/completions` (streaming as
-server-sent events ending in `data: [DONE]`, or one JSON body), `GET /health` (200 `{"status":
-"ok"}` when serving, 503 while starting or draining; no token needed, for probes).
+sleeping models: weights to host memory and back, `?to_disk=true` drops them to their checkpoint;
+sleep is refused with 400 while the model has live requests), `POST /v1/completions`,
+`POST /v1/chat/completions` (streaming as server-sent events ending in `data: [DONE]`, or one
+JSON body), `GET /health` (200 `{"status": "ok"}` when serving, 503 while starting or draining;
+no token needed, for probes).
 
 Request fields: `model`, `prompt` (completions: a string, a list of token ids, or a list of one
 string) or `messages` (chat: rendered with the checkpoint's jinja2 chat template, see
@@ -460,8 +461,8 @@ def create_app(state: Any, auth_token: str | None = None) -> Starlette:
             run.close()
 
     async def transition(request: HTTPRequest, op: str) -> Response:
-        """POST /v1/models/{name}/sleep | /wake: engine.sleep / engine.wake (in a worker thread:
-        the weight copy blocks); 200 {"id", "object": "model", "state"}."""
+        """POST /v1/models/{name}/sleep[?to_disk=true] | /wake: engine.sleep / engine.wake (in a
+        worker thread: the weight copy blocks); 200 {"id", "object": "model", "state"}."""
         from starlette.concurrency import run_in_threadpool
 
         from serving.server import model_transition
@@ -472,6 +473,8 @@ def create_app(state: Any, auth_token: str | None = None) -> Starlette:
             limits = getattr(state, "limits", None)
             if limits is not None:
                 check_generate(limits, model=name, stop_strings=())
+            if op == "sleep" and request.query_params.get("to_disk", "").lower() in ("1", "true", "yes"):
+                op = "sleep_to_disk"
             new_state = await run_in_threadpool(model_transition, engine, name, op)
         except (APIError, CrossPoolError) as e:
             err = openai_error(e)

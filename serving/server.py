@@ -258,7 +258,8 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
     def SleepModel(
         self, request: pb.SleepModelRequest, context: grpc.ServicerContext
     ) -> pb.SleepModelResponse:
-        return pb.SleepModelResponse(state=self._transition(request.name, "sleep", context))
+        op = "sleep_to_disk" if request.to_disk else "sleep"
+        return pb.SleepModelResponse(state=self._transition(request.name, op, context))
 
     def WakeModel(self, request: pb.WakeModelRequest, context: grpc.ServicerContext) -> pb.WakeModelResponse:
         return pb.WakeModelResponse(state=self._transition(request.name, "wake", context))
@@ -305,12 +306,16 @@ class CrossPoolServicer(pb_grpc.CrossPoolServicer):
 
 
 def model_transition(engine: Any, name: str, op: str) -> str:
-    """engine.sleep(name) or engine.wake(name) (`op`), then the model's state; InvalidRequestError
-    for an engine without sleeping models (the reference engine)."""
-    fn = getattr(engine, op, None)
+    """engine.sleep(name), engine.sleep(name, to_disk=True) or engine.wake(name) (`op`: "sleep",
+    "sleep_to_disk", "wake"), then the model's state; InvalidRequestError for an engine without
+    sleeping models (the reference engine)."""
+    fn = getattr(engine, "sleep" if op == "sleep_to_disk" else op, None)
     if fn is None:
         raise InvalidRequestError(f"this engine has no sleeping models ({op} is not supported)")
-    fn(name)
+    if op == "sleep_to_disk":
+        fn(name, to_disk=True)
+    else:
+        fn(name)
     return dict(engine.stats().model_states).get(name, "resident")
 
 

@@ -6,7 +6,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     host = "127.0.0.1"          port = 50051            max_live_requests = 64
     auth_token = "..."          metrics_port = 9100     grace = 10.0
     demo = false                mode = "auto"           pools = "4+4"
-    warmup = true
+    warmup = true               load_on_request = false
     [models]                    # name = path (an HF directory or a crosspool checkpoint)
     mine = "/ckpt/mine"
     [engine]                    # crosspool_jax.engine.EngineConfig fields (pooled modes)
@@ -14,6 +14,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     steps_per_call = 4          prefill_chunk = 64      max_prefill_tokens = 512
     micro_batches = 1           dtype = "float32"       attention_backend = "reference"
     execution = "lowered"       overlap = true          idle_sleep_s = 600
+    host_weights_bytes = "32GiB"
     [limits]                    # serving.limits.RequestLimits fields: what one request may cost
     max_request_id_bytes = 128  max_prompt_bytes = "1MiB"   max_stop_token_ids = 16  ...
     [tls]
@@ -75,6 +76,8 @@ class ServeSettings:
     # defaults); pooled modes only
     engine: dict[str, Any] = dataclasses.field(default_factory=dict)
     warmup: bool | None = None  # compile the common step programs before serving (None: pooled modes)
+    # pooled modes: register `models` on disk (config, tokenizer) and load each at its first request
+    load_on_request: bool = False
     # > 0: before serving, also compile every one-lane step program for requests up to this many
     # tokens (PooledEngine.precompile; pooled modes); 0: off
     precompile_context: int = 0
@@ -208,6 +211,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "mode": _mode,
     "pools": _pools,
     "warmup": _bool,
+    "load_on_request": _bool,
     "precompile_context": _int(0),
 }
 # the [engine] table / engine flags: crosspool_jax.engine.EngineConfig fields
@@ -224,6 +228,7 @@ ENGINE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "execution": _choice(EXECUTIONS),
     "overlap": _bool,
     "idle_sleep_s": _seconds,
+    "host_weights_bytes": _bytes,
 }
 # the [limits] table / limit flags: serving.limits.RequestLimits fields (counts, or byte sizes)
 LIMIT_CHECKS: dict[str, Callable[[Any], Any]] = {
@@ -542,11 +547,15 @@ def make_engine(
                 log(f"serve: loading {name} from {path}")
                 t0 = time.perf_counter()
                 if settings.mode != "reference":  # the pooled engine loads to host, then places
-                    engine.load_model(name, path)
+                    engine.load_model(name, path, on_disk=settings.load_on_request)
                 else:
                     m = load_model(path)
                     engine.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
-                log(f"serve: {verb} {name} in {time.perf_counter() - t0:.1f} s" + _weights_note(engine, name))
+                if settings.load_on_request and settings.mode != "reference":
+                    log(f"serve: registered {name} on disk (loaded at its first request)")
+                else:
+                    log(f"serve: {verb} {name} in {time.perf_counter() - t0:.1f} s"
+                        + _weights_note(engine, name))
     except BaseException:
         engine.shutdown(timeout=0)
         raise

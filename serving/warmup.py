@@ -11,6 +11,7 @@ compiles the single-request programs for any prompt of up to `prompt_tokens` tok
 bucket) generating up to `total_tokens` positions: e.g. `crosspool generate --server ... --prompt
 hi` (32 new tokens by default). Programs that mix several models in one step (crosspool mode under
 concurrent load) or larger shapes are still compiled when they first occur; the engine logs each.
+Models that are not resident (sleeping, or registered on disk by `--load-on-request`) are skipped.
 `crosspool serve --precompile-context N` additionally compiles the whole one-lane shape grid for
 requests up to N tokens (`PooledEngine.precompile`).
 """
@@ -54,7 +55,13 @@ def warm_up(
     engine.on_compile = lambda note: log(f"warm-up: {note}")
     out = []
     try:
-        models = [m.name for m in engine.list_models()]
+        # a sleeping or on-disk model is not woken for it (its programs compile when it is loaded)
+        states = dict(engine.stats().model_states)
+        models = [m.name for m in engine.list_models() if states.get(m.name, "resident") == "resident"]
+        skipped = [m.name for m in engine.list_models() if m.name not in models]
+        if skipped:
+            log(f"warm-up: skipped {len(skipped)} models not resident (loaded at their first request): "
+                + ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
         t_all = time.perf_counter()
         for i, name in enumerate(models):
             info = next(m for m in engine.list_models() if m.name == name)

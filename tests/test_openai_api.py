@@ -202,6 +202,11 @@ def test_sleep_and_wake_endpoints(served):
         with urllib.request.urlopen(req, timeout=60) as r:
             assert r.status == 200 and json.load(r) == {"id": MODEL, "object": "model", "state": state}
         assert dict(engine.stats().model_states)[MODEL] == state
+    req = urllib.request.Request(f"{s.http.url}/v1/models/{MODEL}/sleep?to_disk=true", data=b"",
+                                 method="POST")
+    with pytest.raises(urllib.error.HTTPError) as ei:  # added from memory: no checkpoint to re-read
+        urllib.request.urlopen(req, timeout=10)
+    assert ei.value.code == 400 and "checkpoint" in json.load(ei.value)["error"]["message"]
     req = urllib.request.Request(f"{s.http.url}/v1/models/nope/sleep", data=b"", method="POST")
     with pytest.raises(urllib.error.HTTPError) as ei:
         urllib.request.urlopen(req, timeout=10)

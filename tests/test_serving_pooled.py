@@ -223,6 +223,9 @@ def test_sleep_and_wake_over_grpc(served):
     body = urllib.request.urlopen(url, timeout=10).read().decode()
     assert f'crosspool_model_state{{model="{A}",state="sleeping"}} 1.0' in body
     assert client.wake_model(A) == "resident"
+    with pytest.raises(grpc.RpcError) as ei:  # added from memory: nothing to re-read from disk
+        client.sleep_model(A, to_disk=True)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checkpoint" in ei.value.details()
     engine.budget = FIRST_TOKEN_STEPS
     stream = client.generate_stream(A, prompt_ids=[5, 9, 33, 7], max_new_tokens=200, ignore_eos=True)
     _held_after_first_token(engine, stream)

@@ -352,6 +352,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         pools = "1+1"
         warmup = false
         precompile_context = 4096
+        load_on_request = true
         [engine]
         arena_bytes = "8MiB"
         page_bytes = 4096
@@ -364,14 +365,16 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         attention_backend = "reference"
         execution = "auto"
         overlap = false
+        idle_sleep_s = 60
+        host_weights_bytes = "2GiB"
         """,
     )
     s = build_settings(load_config(path))
-    assert s.precompile_context == 4096
+    assert s.precompile_context == 4096 and s.load_on_request is True
     assert s.warmup is False and s.engine == dict(
         arena_bytes=8 << 20, page_bytes=4096, weights_fraction=0.25, steps_per_call=2, prefill_chunk=32,
         max_prefill_tokens=128, micro_batches=2, dtype="float32", attention_backend="reference",
-        execution="auto", overlap=False)
+        execution="auto", overlap=False, idle_sleep_s=60.0, host_weights_bytes=2 << 30)
     assert s.engine_config() == EngineConfig(**s.engine)
     # flags win over the file, field by field; sizes take units
     args = build_parser().parse_args(
@@ -386,6 +389,10 @@ def test_engine_settings_from_file_and_flags(tmp_path):
     assert serve_settings(args).engine["overlap"] is True
     args = build_parser().parse_args(["serve", "--config", path, "--precompile-context", "512"])
     assert serve_settings(args).precompile_context == 512
+    args = build_parser().parse_args(["serve", "--config", path, "--no-load-on-request",
+                                      "--host-weights-bytes", "1g"])
+    assert serve_settings(args).load_on_request is False
+    assert serve_settings(args).engine["host_weights_bytes"] == 1 << 30
     assert serve_settings(build_parser().parse_args(["serve"])).engine == {}
 
 
@@ -467,6 +474,33 @@ def test_make_engine_builds_the_pooled_engine():
         assert [w.model for w in snap.weights] == list(snap.stats.models)
         for w in snap.weights:  # attention side on the KV device, FFN side on the weights device
             assert w.attention_bytes > 0 and w.ffn_bytes > 0 and w.bytes == engine.weights_bytes(w.model)
+    finally:
+        engine.shutdown(timeout=0)
+
+
+def test_load_on_request_registers_models_on_disk(tmp_path):
+    """`load_on_request`: configured checkpoints are registered on disk (not read, not warmed up)
+    and the first request loads one; its tokens equal the reference's."""
+    from checkpoints import save
+    from crosspool_jax.demo import demo_models
+    from crosspool_jax.engine_api import make_request
+    from crosspool_jax.models.reference import ReferenceGenerator
+    from serving.warmup import warm_up
+
+    m = demo_models()["demo-mixtral"]
+    save(tmp_path / "ckpt", m.config, m.weights)
+    s = ServeSettings(mode="shared", pools="1", demo=False, models={"mix": str(tmp_path / "ckpt")},
+                      load_on_request=True, engine={"arena_bytes": 8 << 20})
+    logs: list[str] = []
+    engine = make_engine(s, log=logs.append, devices=jax.devices()[:1])
+    try:
+        assert "serve: registered mix on disk (loaded at its first request)" in logs
+        assert dict(engine.stats().model_states) == {"mix": "on_disk"}
+        assert warm_up(engine, log=logs.append) == [] and "not resident" in logs[-1]
+        h = engine.submit(make_request("mix", [5, 9, 33, 7], 5))
+        got = [ev.token_id for ev in h.events() if ev.token_id is not None]
+        assert got == list(ReferenceGenerator(m.config, m.weights).generate([5, 9, 33, 7], 5).token_ids)
+        assert dict(engine.stats().model_states) == {"mix": "resident"}
     finally:
         engine.shutdown(timeout=0)
 

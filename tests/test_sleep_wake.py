@@ -203,3 +203,68 @@ def test_copy_out_in_restores_every_row_in_chunks(split: str, monkeypatch) -> No
     assert x1.keys() == x0.keys() and all(np.array_equal(x0[k], x1[k]) for k in x0)
     assert all(np.array_equal(y0[k], v) for k, v in rows_of("y").items())
     assert host.nbytes == sum(v.nbytes for v in x0.values())
+
+
+def test_registry_disk_tier_order() -> None:
+    now = [0.0]
+    st = ModelStates(clock=lambda: now[0])
+    st.add("a")
+    st.add("d", ModelState.ON_DISK)
+    for i, n in enumerate("bc"):
+        now[0] = 1.0 + i
+        st.add(n)
+        st.set_state(n, ModelState.SLEEPING)
+    assert st.lru_sleeping({"a", "b", "c", "d"}) == "b"  # a resident, d on disk already
+    assert st.lru_sleeping({"c"}) == "c" and st.lru_sleeping(set()) is None
+    assert st.lru_idle() == "a"  # an on-disk model is never put to sleep
+    assert [i.sleeps for i in st.snapshot()] == [0, 1, 1, 0]
+
+
+def test_disk_tier(tmp_path) -> None:
+    """Models loaded from checkpoints: registered on disk (read at their first request), dropped
+    from host memory to disk past `host_weights_bytes` (least recently used first), re-read on
+    wake with the same tokens; a model added from memory stays in host memory; sleep(to_disk);
+    rows and pages back; unload in every state."""
+    from checkpoints import save
+    from crosspool_jax.errors import CheckpointError
+
+    for n in "abc":
+        save(tmp_path / n, MIX.config, WEIGHTS[n])
+    e = PooledEngine(mode="shared", pools="1",
+                     config=EngineConfig(arena_bytes=8 << 20, weights_fraction=0.3,
+                                         attention_backend="reference", steps_per_call=2))
+    try:
+        free0 = _free_rows(e)
+        e.load_model("a", str(tmp_path / "a"))
+        host_bytes = (free0 - _free_rows(e)) * e.groups[0].store.row_bytes()
+        e._host_budget = int(1.5 * host_bytes)  # host memory holds one sleeping model
+        for n in "bc":
+            e.load_model(n, str(tmp_path / n), on_disk=True)
+        assert _states(e) == {"a": "resident", "b": "on_disk", "c": "on_disk"}
+        assert _free_rows(e) == free0 - host_bytes // e.groups[0].store.row_bytes()
+        with pytest.raises(CheckpointError):
+            e.load_model("x", str(tmp_path / "missing"), on_disk=True)
+        assert "x" not in _states(e)
+        assert _tokens(e, "b", 6) == _reference("b", 6)  # read from disk at its first request
+        assert _tokens(e, "c", 6) == _reference("c", 6)  # a (LRU) goes to sleep for it
+        assert _states(e) == {"a": "sleeping", "b": "resident", "c": "resident"}
+        e.add_model("mem", MIX.config, _weights(1.1))  # b sleeps: host over budget, a to disk
+        assert _states(e) == {"a": "on_disk", "b": "sleeping", "c": "resident", "mem": "resident"}
+        assert _tokens(e, "a", 6) == _reference("a", 6)  # c sleeps for it, then b (LRU) to disk
+        assert _states(e) == {"a": "resident", "b": "on_disk", "c": "sleeping", "mem": "resident"}
+        with pytest.raises(InvalidRequestError, match="checkpoint"):
+            e.sleep("mem", to_disk=True)
+        e._host_budget = host_bytes // 2
+        e.sleep("mem")  # c to disk; mem has no checkpoint: it stays in host memory, over budget
+        assert _states(e) == {"a": "resident", "b": "on_disk", "c": "on_disk", "mem": "sleeping"}
+        e.sleep("a", to_disk=True)
+        assert _states(e) == {"a": "on_disk", "b": "on_disk", "c": "on_disk", "mem": "sleeping"}
+        assert set(e._host) == {"mem"} and _free_rows(e) == free0 and _kv_used(e) == 0
+        e.wake("b")  # explicit wake from disk
+        assert _states(e)["b"] == "resident" and _tokens(e, "b", 6) == _reference("b", 6)
+        assert [e.unload_model(n) for n in ("a", "b", "c")] == [0, 0, 0]
+        e._wait_unloaded("b")  # the group's worker frees a resident model's rows
+        assert _states(e) == {"mem": "sleeping"} and _free_rows(e) == free0
+        assert e.stats().failed == 0 and _kv_used(e) == 0
+    finally:
+        e.shutdown(timeout=0)

@@ -787,6 +787,12 @@ class HostModel:
         return sum(int(p.nbytes) for chunks in self.blocks.values() for ps in chunks for p in ps)
 
 
+def placed_weight_bytes(store: ArenaBook, name: str) -> int:
+    """Arena bytes of a placed model's weights over all the group's devices (its load)."""
+    ma = store.models[name]
+    return (ma.rows(Role.KV) * store.num_kv + ma.rows(Role.WEIGHTS) * store.num_weights) * store.row_bytes()
+
+
 def pinned_host_budget() -> int:
     """Bytes of pinned host memory sleeping models may take per process: 90% of XLA's pinned host
     pool on GPUs (`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`, default 64 GiB; set it before JAX starts to

@@ -1,9 +1,11 @@
-"""Which models are resident in the arena and which sleep in host memory (issue 20).
+"""Which models are resident in the arena, which sleep in host memory and which are on disk
+(issue 20).
 
 Plain host bookkeeping, no JAX: the engine asks it which resident model to put to sleep when a
-model being added or woken does not fit (the least recently used one with no live request), and
-which resident models have been idle longer than `idle_sleep_s`. Times are seconds of
-`time.monotonic()` unless the caller passes its own clock.
+model being added or woken does not fit (the least recently used one with no live request), which
+sleeping model to drop to disk when host memory is over its budget (the least recently used one
+the caller can re-read), and which resident models have been idle longer than `idle_sleep_s`.
+Times are seconds of `time.monotonic()` unless the caller passes its own clock.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from collections.abc import Callable
 
 class ModelState(enum.Enum):
     """RESIDENT: weights in the arena, requests run. SLEEPING: weights in host memory (pinned on
-    GPUs), no arena rows, no KV registration; a request wakes it. WAKING: being copied back."""
+    GPUs), no arena rows, no KV registration; a request wakes it. ON_DISK: no copy of its weights
+    in memory at all; a request re-reads its checkpoint. WAKING: being copied back (or read)."""
 
     RESIDENT = "resident"
     SLEEPING = "sleeping"
+    ON_DISK = "on_disk"
     WAKING = "waking"
 
 
@@ -53,9 +57,9 @@ class ModelStates:
         self._clock = clock
         self._e: dict[str, _Entry] = {}
 
-    def add(self, name: str) -> None:
-        """A model placed in the arena (resident, just used)."""
-        self._e[name] = _Entry(ModelState.RESIDENT, self._clock())
+    def add(self, name: str, state: ModelState = ModelState.RESIDENT) -> None:
+        """A model registered (placed in the arena, or `ON_DISK`: not read yet), just used."""
+        self._e[name] = _Entry(state, self._clock())
 
     def remove(self, name: str) -> None:
         self._e.pop(name, None)
@@ -68,7 +72,7 @@ class ModelStates:
 
     def set_state(self, name: str, state: ModelState) -> None:
         e = self._e[name]
-        if state == ModelState.SLEEPING and e.state != ModelState.SLEEPING:
+        if state == ModelState.SLEEPING and e.state == ModelState.RESIDENT:
             e.sleeps += 1
         if state == ModelState.RESIDENT and e.state == ModelState.WAKING:
             e.wakes += 1
@@ -94,6 +98,13 @@ class ModelStates:
         idle = [(e.last_used, n) for n, e in self._e.items()
                 if e.state == ModelState.RESIDENT and e.live == 0 and n not in exclude]
         return min(idle)[1] if idle else None
+
+    def lru_sleeping(self, among: frozenset[str] | set[str]) -> str | None:
+        """The sleeping model of `among` used longest ago (None if there is none): the one to drop
+        from host memory to disk first."""
+        asleep = [(e.last_used, n) for n, e in self._e.items()
+                  if e.state == ModelState.SLEEPING and n in among]
+        return min(asleep)[1] if asleep else None
 
     def idle_longer_than(self, seconds: float) -> list[str]:
         """Resident models with no live request, unused for more than `seconds`, oldest first."""

@@ -15,15 +15,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rosspool/v1/crosspool.proto\x12\x0c\x63rosspool.v1\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xe4\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\x05\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.crosspool.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xca\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x1c\n\x14timestamp_unix_nanos\x18\x05 \x01(\x03\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.crosspool.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.crosspool.v1.Usage\"\xac\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x0e\n\x06source\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.crosspool.v1.ModelInfo\".\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\";\n\x11LoadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.crosspool.v1.ModelInfo\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x13UnloadModelResponse\x12\x17\n\x0f\x66\x61iled_requests\x18\x01 \x01(\r\"!\n\x11SleepModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x12SleepModelResponse\x12\r\n\x05state\x18\x01 \x01(\t\" \n\x10WakeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x11WakeModelResponse\x12\r\n\x05state\x18\x01 \x01(\t\"/\n\x0fModelStateStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"\\\n\rKVDeviceStats\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x12\n\npages_used\x18\x02 \x01(\r\x12\x12\n\npages_free\x18\x03 \x01(\r\x12\x13\n\x0bpages_total\x18\x04 \x01(\r\"]\n\x11ModelWeightsStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x17\n\x0f\x61ttention_bytes\x18\x03 \x01(\x04\x12\x11\n\tffn_bytes\x18\x04 \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xb3\x03\n\x10GetStatsResponse\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x19\n\x11max_live_requests\x18\x03 \x01(\r\x12\x18\n\x10live_request_ids\x18\x04 \x03(\t\x12\x11\n\tcompleted\x18\x05 \x01(\x04\x12\x11\n\tcancelled\x18\x06 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x08 \x01(\x04\x12\x0e\n\x06models\x18\t \x03(\t\x12\x0c\n\x04mode\x18\n \x01(\t\x12\x10\n\x08topology\x18\x0b \x01(\t\x12-\n\x08kv_pages\x18\x0c \x03(\x0b\x32\x1b.crosspool.v1.KVDeviceStats\x12\x13\n\x0bpreemptions\x18\r \x01(\x04\x12\x30\n\x07weights\x18\x0e \x03(\x0b\x32\x1f.crosspool.v1.ModelWeightsStats\x12\x19\n\x11programs_compiled\x18\x0f \x01(\x04\x12\x33\n\x0cmodel_states\x18\x10 \x03(\x0b\x32\x1d.crosspool.v1.ModelStateStats*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb5\x04\n\tCrossPool\x12K\n\x08Generate\x12\x1d.crosspool.v1.GenerateRequest\x1a\x1e.crosspool.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.crosspool.v1.ListModelsRequest\x1a .crosspool.v1.ListModelsResponse\x12L\n\tLoadModel\x12\x1e.crosspool.v1.LoadModelRequest\x1a\x1f.crosspool.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .crosspool.v1.UnloadModelRequest\x1a!.crosspool.v1.UnloadModelResponse\x12I\n\x08GetStats\x12\x1d.crosspool.v1.GetStatsRequest\x1a\x1e.crosspool.v1.GetStatsResponse\x12O\n\nSleepModel\x12\x1f.crosspool.v1.SleepModelRequest\x1a .crosspool.v1.SleepModelResponse\x12L\n\tWakeModel\x12\x1e.crosspool.v1.WakeModelRequest\x1a\x1f.crosspool.v1.WakeModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63rosspool/v1/crosspool.proto\x12\x0c\x63rosspool.v1\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xe4\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\x05\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.crosspool.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xca\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x1c\n\x14timestamp_unix_nanos\x18\x05 \x01(\x03\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.crosspool.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.crosspool.v1.Usage\"\xac\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x0e\n\x06source\x18\x08 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.crosspool.v1.ModelInfo\".\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\";\n\x11LoadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.crosspool.v1.ModelInfo\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x13UnloadModelResponse\x12\x17\n\x0f\x66\x61iled_requests\x18\x01 \x01(\r\"2\n\x11SleepModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07to_disk\x18\x02 \x01(\x08\"#\n\x12SleepModelResponse\x12\r\n\x05state\x18\x01 \x01(\t\" \n\x10WakeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x11WakeModelResponse\x12\r\n\x05state\x18\x01 \x01(\t\"/\n\x0fModelStateStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"\\\n\rKVDeviceStats\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x12\n\npages_used\x18\x02 \x01(\r\x12\x12\n\npages_free\x18\x03 \x01(\r\x12\x13\n\x0bpages_total\x18\x04 \x01(\r\"]\n\x11ModelWeightsStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x17\n\x0f\x61ttention_bytes\x18\x03 \x01(\x04\x12\x11\n\tffn_bytes\x18\x04 \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xb3\x03\n\x10GetStatsResponse\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x19\n\x11max_live_requests\x18\x03 \x01(\r\x12\x18\n\x10live_request_ids\x18\x04 \x03(\t\x12\x11\n\tcompleted\x18\x05 \x01(\x04\x12\x11\n\tcancelled\x18\x06 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x08 \x01(\x04\x12\x0e\n\x06models\x18\t \x03(\t\x12\x0c\n\x04mode\x18\n \x01(\t\x12\x10\n\x08topology\x18\x0b \x01(\t\x12-\n\x08kv_pages\x18\x0c \x03(\x0b\x32\x1b.crosspool.v1.KVDeviceStats\x12\x13\n\x0bpreemptions\x18\r \x01(\x04\x12\x30\n\x07weights\x18\x0e \x03(\x0b\x32\x1f.crosspool.v1.ModelWeightsStats\x12\x19\n\x11programs_compiled\x18\x0f \x01(\x04\x12\x33\n\x0cmodel_states\x18\x10 \x03(\x0b\x32\x1d.crosspool.v1.ModelStateStats*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb5\x04\n\tCrossPool\x12K\n\x08Generate\x12\x1d.crosspool.v1.GenerateRequest\x1a\x1e.crosspool.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.crosspool.v1.ListModelsRequest\x1a .crosspool.v1.ListModelsResponse\x12L\n\tLoadModel\x12\x1e.crosspool.v1.LoadModelRequest\x1a\x1f.crosspool.v1.LoadModelResponse\x12R\n\x0bUnloadModel\x12 .crosspool.v1.UnloadModelRequest\x1a!.crosspool.v1.UnloadModelResponse\x12I\n\x08GetStats\x12\x1d.crosspool.v1.GetStatsRequest\x1a\x1e.crosspool.v1.GetStatsResponse\x12O\n\nSleepModel\x12\x1f.crosspool.v1.SleepModelRequest\x1a .crosspool.v1.SleepModelResponse\x12L\n\tWakeModel\x12\x1e.crosspool.v1.WakeModelRequest\x1a\x1f.crosspool.v1.WakeModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'crosspool.v1.crosspool_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2001
-  _globals['_FINISHREASON']._serialized_end=2096
+  _globals['_FINISHREASON']._serialized_start=2018
+  _globals['_FINISHREASON']._serialized_end=2113
   _globals['_SAMPLINGPARAMS']._serialized_start=47
   _globals['_SAMPLINGPARAMS']._serialized_end=193
   _globals['_GENERATEREQUEST']._serialized_start=196
@@ -47,23 +47,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADMODELRESPONSE']._serialized_start=1116
   _globals['_UNLOADMODELRESPONSE']._serialized_end=1162
   _globals['_SLEEPMODELREQUEST']._serialized_start=1164
-  _globals['_SLEEPMODELREQUEST']._serialized_end=1197
-  _globals['_SLEEPMODELRESPONSE']._serialized_start=1199
-  _globals['_SLEEPMODELRESPONSE']._serialized_end=1234
-  _globals['_WAKEMODELREQUEST']._serialized_start=1236
-  _globals['_WAKEMODELREQUEST']._serialized_end=1268
-  _globals['_WAKEMODELRESPONSE']._serialized_start=1270
-  _globals['_WAKEMODELRESPONSE']._serialized_end=1304
-  _globals['_MODELSTATESTATS']._serialized_start=1306
-  _globals['_MODELSTATESTATS']._serialized_end=1353
-  _globals['_KVDEVICESTATS']._serialized_start=1355
-  _globals['_KVDEVICESTATS']._serialized_end=1447
-  _globals['_MODELWEIGHTSSTATS']._serialized_start=1449
-  _globals['_MODELWEIGHTSSTATS']._serialized_end=1542
-  _globals['_GETSTATSREQUEST']._serialized_start=1544
-  _globals['_GETSTATSREQUEST']._serialized_end=1561
-  _globals['_GETSTATSRESPONSE']._serialized_start=1564
-  _globals['_GETSTATSRESPONSE']._serialized_end=1999
-  _globals['_CROSSPOOL']._serialized_start=2099
-  _globals['_CROSSPOOL']._serialized_end=2664
+  _globals['_SLEEPMODELREQUEST']._serialized_end=1214
+  _globals['_SLEEPMODELRESPONSE']._serialized_start=1216
+  _globals['_SLEEPMODELRESPONSE']._serialized_end=1251
+  _globals['_WAKEMODELREQUEST']._serialized_start=1253
+  _globals['_WAKEMODELREQUEST']._serialized_end=1285
+  _globals['_WAKEMODELRESPONSE']._serialized_start=1287
+  _globals['_WAKEMODELRESPONSE']._serialized_end=1321
+  _globals['_MODELSTATESTATS']._serialized_start=1323
+  _globals['_MODELSTATESTATS']._serialized_end=1370
+  _globals['_KVDEVICESTATS']._serialized_start=1372
+  _globals['_KVDEVICESTATS']._serialized_end=1464
+  _globals['_MODELWEIGHTSSTATS']._serialized_start=1466
+  _globals['_MODELWEIGHTSSTATS']._serialized_end=1559
+  _globals['_GETSTATSREQUEST']._serialized_start=1561
+  _globals['_GETSTATSREQUEST']._serialized_end=1578
+  _globals['_GETSTATSRESPONSE']._serialized_start=1581
+  _globals['_GETSTATSRESPONSE']._serialized_end=2016
+  _globals['_CROSSPOOL']._serialized_start=2116
+  _globals['_CROSSPOOL']._serialized_end=2681
 # @@protoc_insertion_point(module_scope)

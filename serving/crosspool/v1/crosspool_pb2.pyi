@@ -133,10 +133,12 @@ class UnloadModelResponse(_message.Message):
     def __init__(self, failed_requests: _Optional[int] = ...) -> None: ...
 
 class SleepModelRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "to_disk")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    TO_DISK_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    to_disk: bool
+    def __init__(self, name: _Optional[str] = ..., to_disk: _Optional[bool] = ...) -> None: ...
 
 class SleepModelResponse(_message.Message):
     __slots__ = ("state",)

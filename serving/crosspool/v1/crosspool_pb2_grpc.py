@@ -88,7 +88,7 @@ class CrossPoolServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SleepModel(self, request, context):
-        """Sleeping models (pooled engine): weights to host memory / back into the arena.
+        """Sleeping models (pooled engine): weights to host memory (or disk) / back into the arena.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

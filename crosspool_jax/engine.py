@@ -32,6 +32,7 @@ Example (docs/engine.md has a runnable version)::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import queue
@@ -58,7 +59,7 @@ from crosspool_jax.engine_api import (
     Usage,
     _Live,
 )
-from crosspool_jax.engine_sleep import SleepingModels
+from crosspool_jax.engine_sleep import SleepingModels, WakeRecord
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
 from crosspool_jax.execution.host_step import EXECUTIONS
 from crosspool_jax.execution.pool_runner import DEFAULT_MAX_STOP_IDS, GroupRunner, StepResult
@@ -335,6 +336,8 @@ class PooledEngine(SleepingModels, EngineCore):
         self._checkpoints: dict[str, str] = {}  # model -> the checkpoint a wake from disk re-reads
         self._host_budget = (pinned_host_budget() if cfg.host_weights_bytes is None
                              else cfg.host_weights_bytes)
+        self._disk_reads = threading.Semaphore(1)
+        self.wake_log: collections.deque[WakeRecord] = collections.deque(maxlen=1024)
         self._waiting: dict[str, list[_Live]] = {}  # requests of a waking model
         self._transition = threading.Lock()
         self._start_workers([gw.thread for gw in self._gws])

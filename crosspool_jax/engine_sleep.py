@@ -8,12 +8,15 @@ sleeps idle ones.
 (one sleep or wake placement at a time), `_states` (`ModelStates`), `_host` (host copies of
 sleeping models), `_checkpoints` (model -> checkpoint path), `_host_budget` (bytes),
 `_waiting` (requests waiting for a wake), `_model_group` (model -> its group's worker),
-`_model_bytes`, `_model`, `_finish`, `_arena_cast`, `_read_checkpoint`, `_refresh_static_limits`
+`_model_bytes`, `_disk_reads` (one checkpoint read at a time: bounds the host memory of wakes
+from disk), `_model`, `_finish`, `_arena_cast`, `_read_checkpoint`, `_refresh_static_limits`
 and `_closed`.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,19 @@ if TYPE_CHECKING:  # attributes the engine provides
     from crosspool_jax.memory.model_states import ModelStates
 
 
+@dataclasses.dataclass(frozen=True)
+class WakeRecord:
+    """One finished wake: from "host" memory or "disk" (its checkpoint re-read); read_s: seconds
+    reading the checkpoint into host memory (0 from host); place_s: seconds from then until it was
+    placed, waits for room included; nbytes: arena bytes of its weights."""
+
+    model: str
+    source: str
+    read_s: float
+    place_s: float
+    nbytes: int
+
+
 class SleepingModels:
     """`sleep` / `wake` / `model_states` and the wake-on-request and idle-sleep machinery."""
 
@@ -39,7 +55,9 @@ class SleepingModels:
     _checkpoints: dict[str, str]
     _host_budget: int
     _model_bytes: dict[str, int]
+    _disk_reads: threading.Semaphore
     _waiting: dict[str, list[Any]]
+    wake_log: collections.deque[WakeRecord]  # the last wakes, oldest first
     _model_group: dict[str, Any]
     _closed: bool
 
@@ -181,9 +199,12 @@ class SleepingModels:
         waits for one to go idle."""
         with self._lock:
             host, path = self._host.get(name), self._checkpoints.get(name)
-        weights = None
+        weights, t0 = None, time.perf_counter()
         if host is None and path is not None:
-            weights = self._arena_cast(self._read_checkpoint(path).weights)
+            with self._disk_reads:  # one checkpoint in host memory at a time
+                t0 = time.perf_counter()
+                weights = self._arena_cast(self._read_checkpoint(path).weights)
+        read_s, t1 = time.perf_counter() - t0, time.perf_counter()
         while True:
             with self._transition:
                 with self._lock:
@@ -204,6 +225,9 @@ class SleepingModels:
                     with self._lock:
                         self._host.pop(name, None)
                         self._model_bytes[name] = nbytes
+                        self.wake_log.append(WakeRecord(name, "host" if weights is None else "disk",
+                                                        read_s if weights is not None else 0.0,
+                                                        time.perf_counter() - t1, nbytes))
                     self._refresh_static_limits(gw)
                     return
             with self._lock:  # it wakes into its own group: only that group's models make room

@@ -151,15 +151,17 @@ def test_idle_sleep() -> None:
 
 def test_wake_benchmark_quick(tmp_path) -> None:
     """benchmarks/wake.py --quick runs (so it cannot rot): wake compiles nothing, tokens equal, and
-    the replay (3 models, 1 resident) loses nothing."""
+    the replay (3 models registered on disk from one checkpoint, 1 resident) loses nothing."""
     from benchmarks.wake import main
 
     res = main(["--quick", "--repeats", "1", "--models", "3", "--resident", "1", "--requests", "4",
-                "--new", "2", "--json", str(tmp_path / "wake.json")])
+                "--new", "2", "--disk-checkpoints", "1", "--ckpt-dir", str(tmp_path),
+                "--json", str(tmp_path / "wake.json")])
     w, r = res["wake"], res["replay"]
     assert w["programs_compiled_on_wake"] == 0 and w["tokens_equal"] and w["wake_s"] > 0
-    assert w["floor_s"] > 0 and w["disk_load_s"] > 0
-    assert r["lost"] == 0 and r["completed"] == 4 and r["resident"] == 1, r["errors"]
+    assert w["floor_s"] > 0 and w["disk_load_s"] > 0 and w["disk_read_s"] > 0
+    assert r["lost"] == 0 and r["completed"] == 4 and r["weight_space_holds"] == 1, r["errors"]
+    assert r["ttft_cold_disk"]["n"] >= 1 and r["peak_resident"] == 1
 
 
 @pytest.mark.parametrize("split", ["colocated", "2+1"])

@@ -162,14 +162,15 @@ def wake_part(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _checkpoints(cfg: Any, k: int, root: str) -> list[str]:
-    """`k` crosspool checkpoints of random OLMoE-shaped weights (seeds 0..k-1) under `root`."""
+    """`k` crosspool checkpoints of random OLMoE-shaped weights (seeds 0..k-1) under `root`,
+    uncompressed (zstd gains little on random weights and costs most of the write)."""
     from checkpoints.orbax_format import save
     from crosspool_jax.models.params import init_random_weights
 
     paths = []
     for i in range(k):
         t0 = time.perf_counter()
-        save(f"{root}/ckpt{i}", cfg, init_random_weights(cfg, seed=i, dtype=cfg.dtype))
+        save(f"{root}/ckpt{i}", cfg, init_random_weights(cfg, seed=i, dtype=cfg.dtype), compress=False)
         print(f"replay: checkpoint {i + 1}/{k} written in {time.perf_counter() - t0:.1f} s", flush=True)
         paths.append(f"{root}/ckpt{i}")
     return paths

@@ -41,8 +41,13 @@ def save(
     cfg: ModelConfig,
     weights: ModelWeights,
     tokenizer_json_path: str | os.PathLike[str] | None = None,
+    *,
+    compress: bool = True,
 ) -> None:
     """Writes `weights` (arrays on any sharding) and `cfg` to `out_dir`; copies the tokenizer if given.
+
+    compress: zstd-compress the arrays (orbax's default); False writes them raw: larger on disk,
+    faster to write and to read back (a checkpoint the disk tier of sleeping models re-reads).
 
     `out_dir` may exist but must not already hold a `weights/` checkpoint. The arrays must match
     `weight_specs(cfg)` in shape (CheckpointError otherwise).
@@ -64,9 +69,10 @@ def save(
     if os.path.exists(weights_dir):
         raise CheckpointError(f"{weights_dir}: already exists; refusing to overwrite")
     os.makedirs(out_dir, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = ocp.StandardCheckpointer() if compress else ocp.PyTreeCheckpointer(use_compression=False)
     ckptr.save(weights_dir, _as_tree(weights))
-    ckptr.wait_until_finished()
+    if isinstance(ckptr, ocp.AsyncCheckpointer):  # PyTreeCheckpointer saves synchronously
+        ckptr.wait_until_finished()
     ckptr.close()
     if tokenizer_json_path is not None:
         shutil.copyfile(tokenizer_json_path, os.path.join(out_dir, "tokenizer.json"))

@@ -234,9 +234,10 @@ class SleepingModels:
                 others = frozenset(n for n, g in self._model_group.items() if g is not gw)
             if self._sleep_lru(exclude=others | {name}):
                 continue
-            with self._lock:  # resident models with live requests: wait until one is idle
-                busy = any(i.state == ModelState.RESIDENT for i in self._states.snapshot()
-                           if i.name != name and i.name not in others)
+            # what holds the group's rows now: models with live requests, or one just placed by
+            # another wake (still "waking" until its requests are admitted); wait until one is idle
+            with gw.lock:
+                busy = any(n != name for n in gw.group.store.models)
             if not busy or self._closed:
                 raise CapacityError(f"model {name!r} does not fit the arena even with every other "
                                     "model asleep")

@@ -13,6 +13,7 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 # one compilation cache for the run (and later runs of this checkout): tests that build the same
 # step program compile it once; subprocesses the tests start inherit it
 export CROSSPOOL_COMPILATION_CACHE="${CROSSPOOL_COMPILATION_CACHE:-$PWD/.cache/jax-tests}"
-# two worker processes (one per core on CI's 2-core machine; CROSSPOOL_TEST_WORKERS overrides, 0 runs
-# in this process): test files are the unit of distribution, so a module's fixtures build once
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${CROSSPOOL_TEST_WORKERS:-2}" --dist loadfile "$@"
+# three worker processes on CI's 2-core machine (two left a core idle ~20% of the time: subprocess
+# start-ups, servers waiting for ports, polls); CROSSPOOL_TEST_WORKERS overrides, 0 runs in this
+# process. Test files are the unit of distribution, so a module's fixtures build once.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${CROSSPOOL_TEST_WORKERS:-3}" --dist loadfile "$@"

@@ -42,13 +42,15 @@ def _end_dropped_compile_queues():
 
 
 # Files with the longest total time in CI (`--durations` of the CI log), slowest first. They run
-# first, so the two xdist workers (scripts/test.sh: `--dist loadfile`) take them in turn and end
-# together instead of one worker starting a long file when the other is nearly done.
-SLOW_FILES = ("test_pooled_engine.py", "test_model_classes.py", "test_bench_runner.py",
-              "test_stall_free.py", "test_host_step.py", "test_pooled_step.py", "test_readme.py",
-              "test_public_api.py", "test_static_live.py", "test_multihost.py", "test_sleep_wake.py",
-              "test_error_exits.py",
-              "test_overlap.py", "test_simulator.py", "test_prefill_budget.py", "test_pooled_step_inplace.py")
+# first, so the xdist workers (scripts/test.sh: `--dist loadfile`) take them in turn and end
+# together instead of one worker starting a long file when the others are nearly done.
+SLOW_FILES = ("test_reference_parity.py", "test_pooled_step.py", "test_pooled_engine.py",
+              "test_model_classes.py", "test_error_exits.py", "test_stall_free.py",
+              "test_pooled_step_inplace.py", "test_readme.py", "test_lse.py", "test_sleep_wake.py",
+              "test_host_step.py", "test_bench_runner.py", "test_simulator.py", "test_multihost.py",
+              "test_decode.py", "test_prefill.py", "test_overlap.py", "test_reference_generation.py",
+              "test_static_live.py", "test_engine_groups.py", "test_public_api.py",
+              "test_serving_pooled.py", "test_hf_export.py", "test_prefill_budget.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

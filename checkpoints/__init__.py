@@ -64,11 +64,14 @@ def read_config(path: str | os.PathLike[str]) -> ModelConfig:
     )
 
 
-def load_model(path: str | os.PathLike[str], *, dtype: Any = None, shardings: Any = None) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike[str], *, dtype: Any = None, shardings: Any = None, numpy: bool = False
+) -> LoadedModel:
     """Loads an HF directory or a crosspool checkpoint (detected by its files).
 
     dtype: weights dtype (bfloat16 | float16 | float32); None keeps the stored one.
     shardings: `ModelWeights`-shaped pytree of Shardings (or one Sharding); None: default device.
+    numpy: numpy arrays in host memory instead of JAX arrays (`shardings` ignored).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -76,9 +79,9 @@ def load_model(path: str | os.PathLike[str], *, dtype: Any = None, shardings: An
             f"{path}: not a directory (expected an HF model directory or a crosspool checkpoint)"
         )
     if is_crosspool_checkpoint(path):
-        cfg, weights = restore(path, shardings, dtype=dtype)
+        cfg, weights = restore(path, shardings, dtype=dtype, numpy=numpy)
     elif is_hf_checkpoint(path):
-        cfg, weights = load_hf(path, dtype=dtype, shardings=shardings)
+        cfg, weights = load_hf(path, dtype=dtype, shardings=shardings, numpy=numpy)
     else:
         raise CheckpointError(
             f"{path}: neither an HF model directory (config.json) "

@@ -375,6 +375,7 @@ def load_hf(
     dtype: Any = None,
     shardings: Any = None,
     progress: Callable[[str], None] | None = None,
+    numpy: bool = False,
 ) -> tuple[ModelConfig, ModelWeights]:
     """Loads an HF MoE model directory as `(config, weights)` in the layout of crosspool_jax.models.params.
 
@@ -384,6 +385,8 @@ def load_hf(
         `weight_specs(cfg)`), or one Sharding for every leaf; each device then reads only its slice.
         None: every leaf on the default device.
     progress: optional callback given one line per leaf loaded.
+    numpy: numpy arrays in host memory instead (`shardings` ignored): no copy into a JAX device's
+        buffers, for a caller that slices and places the pieces itself (the engine's loads).
     Raises ConfigError (config.json) or CheckpointError (files, tensors), each one line.
     """
     model_dir = os.fspath(model_dir)
@@ -420,7 +423,9 @@ def load_hf(
             return src.read(_normalize(idx, shape)).astype(dt, copy=False)
 
         sharding = shard_flat.get(key)
-        if sharding is None:
+        if numpy:
+            out[key] = np.ascontiguousarray(read(_full(shape)))
+        elif sharding is None:
             out[key] = jnp.asarray(read(_full(shape)))
         else:
             out[key] = jax.make_array_from_callback(shape, sharding, read)

@@ -17,6 +17,7 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from crosspool_jax.errors import CheckpointError
@@ -98,17 +99,43 @@ def load_config(path: str | os.PathLike[str]) -> ModelConfig:
         raise CheckpointError(f"{cfg_path}: not a valid crosspool config ({e!r})") from None
 
 
+def _restore_numpy(path: str, cfg: ModelConfig, dtype: Any) -> ModelWeights:
+    """`restore(numpy=True)`'s weights: each leaf read by tensorstore straight into a numpy array."""
+    if dtype is not None:
+        cfg = cfg.replace(dtype=jax.numpy.dtype(dtype).name)
+    specs = _as_tree(weight_specs(cfg))
+    args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), specs)
+    weights_dir = os.path.join(path, WEIGHTS_DIR)
+    if not os.path.isdir(weights_dir):
+        raise CheckpointError(f"{weights_dir}: missing (broken crosspool checkpoint)")
+    ckptr = ocp.PyTreeCheckpointer()
+    try:
+        tree = ckptr.restore(weights_dir, args=ocp.args.PyTreeRestore(restore_args=args))
+    except Exception as e:  # orbax/tensorstore raise many types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{weights_dir}: cannot restore weights ({type(e).__name__}: {msg[:300]})"
+        ) from None
+    finally:
+        ckptr.close()
+    return ModelWeights(tree["attn"], tree["ffn"])
+
+
 def restore(
-    path: str | os.PathLike[str], shardings: Any = None, *, dtype: Any = None
+    path: str | os.PathLike[str], shardings: Any = None, *, dtype: Any = None, numpy: bool = False
 ) -> tuple[ModelConfig, ModelWeights]:
     """Reads a checkpoint written by `save` as `(config, weights)`.
 
     shardings: `ModelWeights`-shaped pytree of `jax.sharding.Sharding` (structure of
         `weight_specs(cfg)`), or one Sharding for all leaves; None: the first local device.
     dtype: cast the weights on restore (router_bias stays float32); None keeps the stored dtype.
+    numpy: numpy arrays in host memory instead (`shardings` ignored): no copy into a JAX device's
+        buffers, for a caller that slices and places the pieces itself (the engine's loads).
     """
     path = os.path.abspath(os.fspath(path))
     cfg = load_config(path)
+    if numpy:
+        return cfg, _restore_numpy(path, cfg, dtype)
     if dtype is not None:
         cfg = cfg.replace(dtype=jax.numpy.dtype(dtype).name)
     specs = _as_tree(weight_specs(cfg))

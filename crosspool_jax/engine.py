@@ -337,6 +337,7 @@ class PooledEngine(SleepingModels, EngineCore):
         self._host_budget = (pinned_host_budget() if cfg.host_weights_bytes is None
                              else cfg.host_weights_bytes)
         self._disk_reads = threading.Semaphore(1)
+        self._wakes: dict[str, threading.Event] = {}  # set when the model's wake under way ends
         self.wake_log: collections.deque[WakeRecord] = collections.deque(maxlen=1024)
         self._waiting: dict[str, list[_Live]] = {}  # requests of a waking model
         self._transition = threading.Lock()
@@ -364,9 +365,13 @@ class PooledEngine(SleepingModels, EngineCore):
     def _arena_cast(self, weights: ModelWeights) -> ModelWeights:
         """`weights` in the arena dtype (router biases stay f32: stored bit for bit)."""
         dtype = jnp.dtype(self.groups[0].store.layout.dtype)
-        return jax.tree_util.tree_map_with_path(
-            lambda path, a: a if str(getattr(path[-1], "key", "")) == "router_bias" else a.astype(dtype),
-            weights)
+
+        def cast(path: Any, a: Any) -> Any:
+            if str(getattr(path[-1], "key", "")) == "router_bias":
+                return a
+            return a.astype(dtype, copy=False) if isinstance(a, np.ndarray) else a.astype(dtype)
+
+        return jax.tree_util.tree_map_with_path(cast, weights)
 
     def _check_eos(self, name: str, config: ModelConfig) -> None:
         """A model's eos ids are the default stop ids of its requests: at most `max_stop_ids`."""
@@ -394,12 +399,11 @@ class PooledEngine(SleepingModels, EngineCore):
 
     @staticmethod
     def _read_checkpoint(path: str) -> Any:
-        """`checkpoints.load_model` into this process's host memory (in a multi-host group the CPU
-        devices of every process are listed: the first local one)."""
+        """`checkpoints.load_model` into this process's host memory as numpy arrays (no copy into
+        a CPU device's buffers: `add_model` slices each device's piece from them)."""
         from checkpoints import load_model  # local import: checkpoints pulls in orbax
 
-        return load_model(path, shardings=jax.sharding.SingleDeviceSharding(
-            jax.local_devices(backend="cpu")[0]))
+        return load_model(path, numpy=True)
 
     def _register_on_disk(self, name: str, path: str) -> ModelInfo:
         """`load_model(on_disk=True)`: registers `name` in state on_disk with the least loaded group
@@ -597,7 +601,7 @@ class PooledEngine(SleepingModels, EngineCore):
                     queued = True
                     wake = state in (ModelState.SLEEPING, ModelState.ON_DISK)
                     if wake:
-                        self._states.set_state(name, ModelState.WAKING)
+                        self._start_waking(name)
         if gw is None:  # unloaded since submit() looked it up
             self._finish(lv, FINISH_ERROR, error=f"model {name!r} is not loaded")
             return

@@ -9,14 +9,15 @@ sleeps idle ones.
 sleeping models), `_checkpoints` (model -> checkpoint path), `_host_budget` (bytes),
 `_waiting` (requests waiting for a wake), `_model_group` (model -> its group's worker),
 `_model_bytes`, `_disk_reads` (one checkpoint read at a time: bounds the host memory of wakes
-from disk), `_model`, `_finish`, `_arena_cast`, `_read_checkpoint`, `_refresh_static_limits`
-and `_closed`.
+from disk), `_wakes` (model -> event set when its wake ends), `_model`, `_finish`, `_arena_cast`,
+`_read_checkpoint`, `_refresh_static_limits` and `_closed`; it appends to the engine's `wake_log`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,6 @@ from crosspool_jax.memory.arena import placed_weight_bytes
 from crosspool_jax.memory.model_states import ModelState, ModelStateInfo
 
 if TYPE_CHECKING:  # attributes the engine provides
-    import threading
 
     from crosspool_jax.memory.arena import HostModel
     from crosspool_jax.memory.model_states import ModelStates
@@ -56,6 +56,7 @@ class SleepingModels:
     _host_budget: int
     _model_bytes: dict[str, int]
     _disk_reads: threading.Semaphore
+    _wakes: dict[str, threading.Event]
     _waiting: dict[str, list[Any]]
     wake_log: collections.deque[WakeRecord]  # the last wakes, oldest first
     _model_group: dict[str, Any]
@@ -96,18 +97,16 @@ class SleepingModels:
         with self._lock:
             if name not in self._states:
                 raise ModelNotFoundError(f"model {name!r} is not loaded")
-            if self._states.state(name) not in (ModelState.SLEEPING, ModelState.ON_DISK):
-                wait = self._states.state(name) == ModelState.WAKING
+            state = self._states.state(name)
+            if state in (ModelState.SLEEPING, ModelState.ON_DISK):
+                self._start_waking(name)
+                under_way = None
             else:
-                wait = False
-                self._states.set_state(name, ModelState.WAKING)
-        if wait:  # a request's wake is under way: wait for it
-            while True:
-                with self._lock:
-                    if name not in self._states or self._states.state(name) != ModelState.WAKING:
-                        return
-                time.sleep(0.005)
-        self._wake_and_admit(name, raise_errors=True)
+                under_way = self._wakes.get(name)  # set while a request's wake is under way
+        if under_way is not None:
+            under_way.wait()
+        elif state in (ModelState.SLEEPING, ModelState.ON_DISK):
+            self._wake_and_admit(name, raise_errors=True)
 
     def model_states(self) -> tuple[ModelStateInfo, ...]:
         """Each registered model's state (resident / sleeping / on_disk / waking), live requests,
@@ -165,9 +164,23 @@ class SleepingModels:
                     return True
                 tried.add(victim)
 
+    def _start_waking(self, name: str) -> None:
+        """Marks `name` WAKING, with the event `wake` callers wait on (call under `_lock`)."""
+        self._states.set_state(name, ModelState.WAKING)
+        self._wakes[name] = threading.Event()
+
     def _wake_and_admit(self, name: str, raise_errors: bool = False) -> None:
         """Wakes `name` (state WAKING), then admits the requests that waited for it; if the wake
-        fails they end with an error and the model stays asleep."""
+        fails they end with an error and the model stays asleep. Either way its event is set."""
+        try:
+            self._wake_and_admit_once(name, raise_errors)
+        finally:
+            with self._lock:
+                done = self._wakes.pop(name, None)
+            if done is not None:
+                done.set()
+
+    def _wake_and_admit_once(self, name: str, raise_errors: bool) -> None:
         try:
             self._wake_now(name)
         except Exception as e:

@@ -95,16 +95,26 @@ def test_default_restore_is_single_device_and_load_model_detects_format(tmp_path
 
 
 def test_uncompressed_round_trip(tmp_path: Path) -> None:
-    """`save(compress=False)`: raw arrays (larger on disk), restored bit for bit by the same reader."""
+    """`save(compress=False)`: raw arrays (larger on disk), restored bit for bit by the same reader,
+    as JAX arrays or (`numpy=True`) as numpy arrays."""
     cfg, w = load_hf(FIXTURES / CASE)
     save(tmp_path / "raw", cfg, w, compress=False)
     save(tmp_path / "zstd", cfg, w)
-    got_cfg, got = restore(tmp_path / "raw")
-    assert got_cfg == cfg
-    want, have = flatten({"attn": w.attn, "ffn": w.ffn}), flatten({"attn": got.attn, "ffn": got.ffn})
-    assert want.keys() == have.keys()
-    for k, a in want.items():
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(have[k]), err_msg=k)
+    assert restore(tmp_path / "raw")[0] == cfg
+    want = flatten({"attn": w.attn, "ffn": w.ffn})
+    for path in ("raw", "zstd"):  # numpy=True: host numpy arrays, the same values (HF import too)
+        for numpy in (False, True):
+            got = restore(tmp_path / path, numpy=numpy)[1]
+            have = flatten({"attn": got.attn, "ffn": got.ffn})
+            assert want.keys() == have.keys()
+            for k, a in want.items():
+                assert isinstance(have[k], np.ndarray) == numpy, k
+                assert have[k].dtype == a.dtype, k
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(have[k]), err_msg=k)
+    hf = load_model(FIXTURES / CASE, numpy=True).weights
+    for k, a in flatten({"attn": hf.attn, "ffn": hf.ffn}).items():
+        assert isinstance(a, np.ndarray) and a.dtype == want[k].dtype, k
+        np.testing.assert_array_equal(np.asarray(want[k]), a, err_msg=k)
 
     def size(d: Path) -> int:
         return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())

@@ -127,8 +127,10 @@ class DistributedEngine(PooledEngine):
         self._check_models_open()
         return super().add_model(*args, **kw)
 
-    def load_model(self, name: str, path: str) -> Any:
+    def load_model(self, name: str, path: str, on_disk: bool = False) -> Any:
         self._check_models_open()
+        if on_disk:  # a model on disk is loaded by a wake: no wake in a group
+            raise InvalidRequestError(_NO_SLEEP + " (nor models registered on disk: load_on_request)")
         return super().load_model(name, path)
 
     def add_random_model(self, *args: Any, **kw: Any) -> Any:
@@ -139,7 +141,7 @@ class DistributedEngine(PooledEngine):
         self._check_models_open()
         return super().unload_model(name)
 
-    def sleep(self, name: str) -> None:
+    def sleep(self, name: str, to_disk: bool = False) -> None:
         raise InvalidRequestError(_NO_SLEEP)
 
     def wake(self, name: str) -> None:

@@ -659,29 +659,17 @@ class GroupRunner:
         if self.warm_programs <= 0:
             return [], 0
         key = self._lane_key(model)
-        cls, bk, k = key[0], self.buckets, self.steps_per_call
+        cls, bk = key[0], self.buckets
         g_small = self._lane_groups(key)[0]
         tpp = self.geoms[model].tokens_per_page
         slots = bk.ladder(self.warm_slots, bk.slots_floor)
         pages = bk.ladder(-(-self.warm_context // tpp), bk.pages_floor)
         tokens = bk.ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor)
-        pair = self.micro_batches == 2
-
-        def dec(g: int, b: int, p: int, sched: str = "split") -> list[StepSpec]:
-            ln = LaneShape(cls, g, b, b, p, stop_width=self.stop_width)
-            out = [StepSpec((ln,), True, k, self.backend, attention_schedule=sched)]
-            if pair:
-                out.append(StepSpec((ln, ln), True, k, self.backend, attention_schedule=sched))
-            return out
-
-        def pre(g: int, b: int, t: int, p: int) -> StepSpec:
-            return StepSpec((LaneShape(cls, g, b, t, p, stop_width=self.stop_width),), False, 1,
-                            self.backend)
-
-        first = [pre(g_small, slots[0], tokens[0], pages[0]), *dec(g_small, slots[0], pages[0])]
+        dec, pre = self._decode_specs, self._prefill_spec
+        first = [pre(cls, g_small, slots[0], tokens[0], pages[0]), *dec(cls, g_small, slots[0], pages[0])]
         top = self._top_specs(key, pages[-1])
-        rest = [sp for b in slots for p in pages for sp in dec(g_small, b, p)]
-        rest += [pre(g_small, b, t, p) for t in tokens for b in slots if b <= t for p in pages]
+        rest = [sp for b in slots for p in pages for sp in dec(cls, g_small, b, p)]
+        rest += [pre(cls, g_small, b, t, p) for t in tokens for b in slots if b <= t for p in pages]
         rest.sort(key=program_cost)
         gate = len(dict.fromkeys(first + top))
         specs = list(dict.fromkeys(first + top + rest))[: self.warm_programs]
@@ -693,29 +681,39 @@ class GroupRunner:
         slots, `max_prefill_tokens` prefill tokens; the decode with its ping-pong pair
         (micro_batches = 2) and, for a GQA lane on GPU, its persistent-schedule twin. They
         dominate every call of the lane whose page tables fit `pages`."""
-        cls, bk, k = key[0], self.buckets, self.steps_per_call
+        cls, bk = key[0], self.buckets
         g = self._lane_groups(key)[1]
         b = bk.round(self.warm_slots, bk.slots_floor)
         t = bk.round(_pow2(self.max_prefill_tokens), bk.tokens_floor)
-        specs = [StepSpec((LaneShape(cls, g, min(b, t), t, pages, stop_width=self.stop_width),), False, 1,
-                          self.backend)]
-        scheds = ["split"]
+        specs = [self._prefill_spec(cls, g, min(b, t), t, pages)]
+        specs += self._decode_specs(cls, g, b, pages)
         if self.platform == "gpu" and cls.config.attention == AttentionKind.GQA:
-            scheds.append("persistent")
-        ln = LaneShape(cls, g, b, b, pages, stop_width=self.stop_width)
-        for sched in scheds:
-            specs.append(StepSpec((ln,), True, k, self.backend, attention_schedule=sched))
-            if self.micro_batches == 2:
-                specs.append(StepSpec((ln, ln), True, k, self.backend, attention_schedule=sched))
+            specs += self._decode_specs(cls, g, b, pages, "persistent")
         return specs
+
+    def _prefill_spec(self, cls: Any, g: int, slots: int, tokens: int, pages: int) -> StepSpec:
+        """The one-lane prefill program of class `cls`: G = `g`, `slots` slots, `tokens` prompt
+        tokens, page tables of `pages` pages."""
+        return StepSpec((LaneShape(cls, g, slots, tokens, pages, stop_width=self.stop_width),), False, 1,
+                        self.backend)
+
+    def _decode_specs(self, cls: Any, g: int, slots: int, pages: int,
+                      schedule: str = "split") -> list[StepSpec]:
+        """The one-lane decode program of class `cls` (K = steps_per_call, attention `schedule`)
+        and, with micro_batches = 2, its ping-pong pair (two equal lanes)."""
+        ln = LaneShape(cls, g, slots, slots, pages, stop_width=self.stop_width)
+        out = [StepSpec((ln,), True, self.steps_per_call, self.backend, attention_schedule=schedule)]
+        if self.micro_batches == 2:
+            out.append(StepSpec((ln, ln), True, self.steps_per_call, self.backend,
+                                attention_schedule=schedule))
+        return out
 
     def _chunk_spec(self, key: tuple[Any, str | None], tokens: int, pages: int) -> StepSpec:
         """The prefill program of one request's chunk of `tokens` tokens in lane `key` with page
         tables of `pages` pages (G as `warm_specs` item 1, the smallest slot bucket)."""
         bk = self.buckets
-        lane = LaneShape(key[0], self._lane_groups(key)[0], bk.round(1, bk.slots_floor),
-                         bk.round(tokens, bk.tokens_floor), pages, stop_width=self.stop_width)
-        return StepSpec((lane,), False, 1, self.backend)
+        return self._prefill_spec(key[0], self._lane_groups(key)[0], bk.round(1, bk.slots_floor),
+                                  bk.round(tokens, bk.tokens_floor), pages)
 
     def held_prefills(self) -> frozenset[str]:
         """Requests whose prefill (running, or waiting to start one) reaches page tables wider than

@@ -719,7 +719,8 @@ class ArenaStore(ArenaBook):
                     out = read(self.arena, row_arg)
                 shards = {sh.device: sh.data for sh in out.addressable_shards}
                 blocks[role].append(tuple(self._host_copy(shards[d], d) for d in devs))
-                data = self._rows_array(role, rows, lambda dev, x=shards: x[dev])
+                data = jax.ShapeDtypeStruct((len(self.devices) * rows, self.layout.row_elems),
+                                            self.arena_dtype, sharding=self.sharding)
                 self._compiled(("write", rows), _writer(self.mesh, rows), data, self._role_flags(role),
                                row_arg)
         return HostModel(ma.cls, blocks)

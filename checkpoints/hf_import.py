@@ -424,7 +424,7 @@ def load_hf(
 
         sharding = shard_flat.get(key)
         if numpy:
-            out[key] = np.ascontiguousarray(read(_full(shape)))
+            out[key] = np.array(read(_full(shape)))  # a copy: the file may be closed later
         elif sharding is None:
             out[key] = jnp.asarray(read(_full(shape)))
         else:

@@ -52,12 +52,13 @@ def _tiny() -> dict[str, Any]:
             "vocab_size": 1024, "num_hidden_layers": 2}
 
 
-def _weights_bytes(cfg: Any, itemsize: int) -> int:
+def _weights_bytes(cfg: Any, dtype: str) -> int:
     """About the arena bytes of one model's weights on one colocated device: its parameters in the
-    arena dtype plus 5% for row padding (the replay reports the placed bytes)."""
-    from crosspool_jax.models.params import weight_specs
+    arena dtype (`engine.estimated_weight_bytes`) plus 5% for row padding (the replay reports the
+    placed bytes)."""
+    from crosspool_jax.engine import estimated_weight_bytes
 
-    return int(sum(x.size for x in jax.tree.leaves(weight_specs(cfg))) * itemsize * 1.05)
+    return int(estimated_weight_bytes(cfg, dtype) * 1.05)
 
 
 def _engine(cfg: Any, resident: int, kv_bytes: int, quick: bool, host_bytes: int | None = None) -> Any:
@@ -69,7 +70,7 @@ def _engine(cfg: Any, resident: int, kv_bytes: int, quick: bool, host_bytes: int
     platform = "cpu" if dev.platform == "cpu" else "gpu"
     page = 16384 if platform == "cpu" else 262144
     if resident:
-        wbytes = resident * _weights_bytes(cfg, 4 if platform == "cpu" else 2) + 2 * page
+        wbytes = resident * _weights_bytes(cfg, "float32" if platform == "cpu" else "bfloat16") + 2 * page
         arena = wbytes + kv_bytes
     else:
         arena = _gpu_arena_bytes(dev) if platform == "gpu" else 64 << 20

@@ -99,28 +99,6 @@ def load_config(path: str | os.PathLike[str]) -> ModelConfig:
         raise CheckpointError(f"{cfg_path}: not a valid crosspool config ({e!r})") from None
 
 
-def _restore_numpy(path: str, cfg: ModelConfig, dtype: Any) -> ModelWeights:
-    """`restore(numpy=True)`'s weights: each leaf read by tensorstore straight into a numpy array."""
-    if dtype is not None:
-        cfg = cfg.replace(dtype=jax.numpy.dtype(dtype).name)
-    specs = _as_tree(weight_specs(cfg))
-    args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), specs)
-    weights_dir = os.path.join(path, WEIGHTS_DIR)
-    if not os.path.isdir(weights_dir):
-        raise CheckpointError(f"{weights_dir}: missing (broken crosspool checkpoint)")
-    ckptr = ocp.PyTreeCheckpointer()
-    try:
-        tree = ckptr.restore(weights_dir, args=ocp.args.PyTreeRestore(restore_args=args))
-    except Exception as e:  # orbax/tensorstore raise many types
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"{weights_dir}: cannot restore weights ({type(e).__name__}: {msg[:300]})"
-        ) from None
-    finally:
-        ckptr.close()
-    return ModelWeights(tree["attn"], tree["ffn"])
-
-
 def restore(
     path: str | os.PathLike[str], shardings: Any = None, *, dtype: Any = None, numpy: bool = False
 ) -> tuple[ModelConfig, ModelWeights]:
@@ -134,29 +112,32 @@ def restore(
     """
     path = os.path.abspath(os.fspath(path))
     cfg = load_config(path)
-    if numpy:
-        return cfg, _restore_numpy(path, cfg, dtype)
     if dtype is not None:
         cfg = cfg.replace(dtype=jax.numpy.dtype(dtype).name)
     specs = _as_tree(weight_specs(cfg))
-    if shardings is None:
-        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    if isinstance(shardings, jax.sharding.Sharding):
-        shard_tree = jax.tree.map(lambda _: shardings, specs)
-    else:
-        shard_tree = _as_tree(shardings) if isinstance(shardings, ModelWeights) else dict(shardings)
-    try:
-        target = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), specs, shard_tree
-        )
-    except ValueError as e:
-        raise CheckpointError(f"{path}: shardings do not match the weight tree ({e})") from None
     weights_dir = os.path.join(path, WEIGHTS_DIR)
+    if numpy:  # tensorstore reads each leaf straight into a numpy array
+        args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), specs)
+        make, kwargs = ocp.PyTreeCheckpointer, {"args": ocp.args.PyTreeRestore(restore_args=args)}
+    else:
+        if shardings is None:
+            shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        if isinstance(shardings, jax.sharding.Sharding):
+            shard_tree = jax.tree.map(lambda _: shardings, specs)
+        else:
+            shard_tree = _as_tree(shardings) if isinstance(shardings, ModelWeights) else dict(shardings)
+        try:
+            target = jax.tree.map(
+                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), specs, shard_tree
+            )
+        except ValueError as e:
+            raise CheckpointError(f"{path}: shardings do not match the weight tree ({e})") from None
+        make, kwargs = ocp.StandardCheckpointer, {"target": target}
     if not os.path.isdir(weights_dir):
         raise CheckpointError(f"{weights_dir}: missing (broken crosspool checkpoint)")
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = make()
     try:
-        tree = ckptr.restore(weights_dir, target)
+        tree = ckptr.restore(weights_dir, **kwargs)
     except Exception as e:  # orbax/tensorstore raise many types (ValueError, FileNotFoundError, ...)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(

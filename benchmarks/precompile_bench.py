@@ -3,17 +3,37 @@ weights), one mode, the one-lane shape grid up to --max-context tokens and --max
 KV device, compiled with --threads at once. Prints one line per program and the total.
 
     PYTHONPATH=. python -m benchmarks.precompile_bench [--mode shared] [--models 3] [--threads 8]
+        [--xla-option xla_gpu_autotune_level=0 ...]
+
+--xla-option KEY=VALUE (repeatable): an XLA option every step program compiles with
+(`GroupRunner.compiler_options`); VALUE is read as an int, a float, true / false, or kept a string.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import jax
 
 from benchmarks.step import olmoe_config
 from crosspool_jax.engine import EngineConfig, PooledEngine
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """"KEY=VALUE" -> (KEY, VALUE as int, float or bool where it reads as one, else the string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--xla-option wants KEY=VALUE, got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def main() -> None:
@@ -23,7 +43,9 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=8192)
     ap.add_argument("--max-slots", type=int, default=32)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
+    options = dict(parse_option(o) for o in args.xla_option)
     devs = jax.devices()
     n = 1 if args.mode != "crosspool" else 2
     engine = PooledEngine(mode=args.mode, pools=None if args.mode == "crosspool" else "1",
@@ -33,11 +55,13 @@ def main() -> None:
         engine.add_random_model(f"olmoe-{i:02d}", olmoe_config(), seed=i)
     print(f"{devs[0].device_kind}: {args.models} models placed in {time.perf_counter() - t0:.1f} s; "
           f"{engine.describe()}", flush=True)
+    for g in engine.groups:
+        g.compiler_options = options
     t0 = time.perf_counter()
     count = engine.precompile(args.max_context, args.max_slots, threads=args.threads,
                               log=lambda m: print(m, flush=True))
     wall = time.perf_counter() - t0
-    print(f"precompiled {count} programs in {wall:.1f} s with {args.threads} threads "
+    print(f"precompiled {count} programs in {wall:.1f} s with {args.threads} threads, options {options} "
           f"({wall / max(count, 1):.2f} s per program)", flush=True)
     engine.shutdown(timeout=0)
 

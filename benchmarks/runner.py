@@ -73,6 +73,7 @@ import datetime
 import functools
 import gc
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -80,7 +81,7 @@ import platform as _platform
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -125,6 +126,7 @@ class BenchSetup:
     steps_per_call: int = 4
     prefill_chunk: int = 64  # most prompt tokens of one request per step call
     max_prefill_tokens: int = 512  # most prompt tokens of all requests per step
+    prefill_share: float | None = None  # EngineConfig.prefill_share (None: the engine's default)
     note: str = ""
 
 
@@ -396,7 +398,8 @@ def _engine_config(setup: BenchSetup, plan: dict[str, Any]) -> Any:
     return EngineConfig(arena_bytes=plan["arena_bytes"], page_bytes=setup.page_bytes,
                         weights_fraction=plan["weights_fraction"], steps_per_call=setup.steps_per_call,
                         attention_backend=setup.attention_backend, prefill_chunk=setup.prefill_chunk,
-                        max_prefill_tokens=setup.max_prefill_tokens)
+                        max_prefill_tokens=setup.max_prefill_tokens,
+                        **({} if setup.prefill_share is None else {"prefill_share": setup.prefill_share}))
 
 
 # ---- replay -------------------------------------------------------------------------------------
@@ -690,8 +693,11 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
                          "t0": w["t0"]})
         base_preempt = engine.stats().preemptions
         base_stalls = serving_stalls(engine)
+        for g in getattr(engine, "groups", None) or []:  # the measured pass's calls (`CallRecord`)
+            g.call_log = deque(maxlen=CALL_LOG)
         out = replay(engine, running.address, records, vocab, seed, label, timeout, log, progress, sequential,
                      http_url)
+        out["calls"] = call_records(engine, out["t0"])
         out["api"] = api
         out["preemptions"] -= base_preempt
         stalls = serving_stalls(engine)
@@ -712,6 +718,23 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
             engine.shutdown(timeout=0)
         del engine, running
         gc.collect()
+
+
+CALL_LOG = 200_000  # most program calls kept per group for calls_<mode>.jsonl
+
+
+def call_records(engine: Any, t0: float) -> list[dict[str, Any]]:
+    """Every group's logged calls (`GroupRunner.call_log`) as dicts, times in seconds since the
+    replay's start `t0` (wall clock), ordered by dispatch."""
+    shift = time.time() - time.perf_counter() - t0  # the runners' clock is time.perf_counter
+    out = []
+    for gi, g in enumerate(getattr(engine, "groups", None) or []):
+        for c in getattr(g, "call_log", ()):
+            d = dataclasses.asdict(c)
+            d.update(group=gi, dispatched=round(c.dispatched + shift, 6), ready=round(c.ready + shift, 6),
+                     busy=None if c.busy is None else round(c.busy, 6))
+            out.append(d)
+    return sorted(out, key=lambda d: d["dispatched"])
 
 
 def serving_stalls(engine: Any) -> dict[str, Any]:
@@ -813,6 +836,30 @@ def pct(xs: Sequence[float] | np.ndarray, qs: Sequence[float]) -> dict[str, floa
     """Percentiles (numpy's linear interpolation) keyed p50, p90, p99, p99_9; None when empty."""
     a = np.asarray(xs, dtype=np.float64)
     return {f"p{q:g}".replace(".", "_"): (float(np.percentile(a, q)) if a.size else None) for q in qs}
+
+
+def call_summary(calls: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What results.json keeps of calls_<mode>.jsonl: call counts, device seconds of decode and
+    prefill calls (calls whose end the host saw: `GroupRunner._collect`), the gaps between one
+    group's consecutive decode calls as the host saw them end (what a stream's tokens see), and
+    prompt tokens per prefill call."""
+    qs = (50, 90, 99)
+    dec = [c for c in calls if c["decode"]]
+    pre = [c for c in calls if not c["decode"]]
+
+    def busy(cs: list[dict[str, Any]]) -> dict[str, float | None]:
+        return pct([c["busy"] for c in cs if c["busy"] is not None and not c["compiled"]], qs)
+
+    gaps: list[float] = []
+    for gi in {c["group"] for c in dec}:
+        ends = sorted(c["ready"] for c in dec if c["group"] == gi)
+        gaps += [b - a for a, b in itertools.pairwise(ends)]
+    return {"decode_calls": len(dec), "prefill_calls": len(pre),
+            "unmeasured": sum(1 for c in calls if c["busy"] is None),
+            "decode_busy_s": busy(dec), "prefill_busy_s": busy(pre),
+            "decode_end_gap_s": {**pct(gaps, qs), "max": max(gaps) if gaps else None},
+            "prefill_tokens": {**pct([c["prefill_tokens"] for c in pre], (50,)),
+                               "max": max((c["prefill_tokens"] for c in pre), default=None)}}
 
 
 def nearest_rank_p99(xs: Sequence[float]) -> float:
@@ -1145,6 +1192,8 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
         over["max_live_requests"] = args.max_live_requests
     if args.steps_per_call is not None:
         over["steps_per_call"] = args.steps_per_call
+    if getattr(args, "prefill_share", None) is not None:
+        over["prefill_share"] = args.prefill_share
     s = dataclasses.replace(s, **over)
     kv, w = (int(x) for x in s.crosspool_pools.split("+"))
     crosspool_runs = "crosspool" in (getattr(args, "modes", None) or ",".join(MODES)).split(",")
@@ -1307,6 +1356,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
             results["modes"][mode] = {"error": str(e)}
             continue
         recs, run = job["records"], job["run"]
+        calls = run.pop("calls", [])
         results["modes"][mode] = mode_metrics(recs, run, slo, window, job["compiles"])
         results["modes"][mode]["engine"] = run["describe"]
         results["modes"][mode]["weights"] = run["weights"]
@@ -1322,6 +1372,11 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         with open(os.path.join(out_dir, f"requests_{mode}.jsonl"), "w", encoding="utf-8") as f:
             for r in recs:
                 f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+        if calls:
+            with open(os.path.join(out_dir, f"calls_{mode}.jsonl"), "w", encoding="utf-8") as f:
+                for c in calls:
+                    f.write(json.dumps(c) + "\n")
+            results["modes"][mode]["calls"] = call_summary(calls)
         with open(done_path, "w", encoding="utf-8") as f:  # what --resume keeps
             json.dump({"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                        "metrics": results["modes"][mode], "records": [dataclasses.asdict(r) for r in recs],
@@ -1335,7 +1390,9 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
             "a larger program)")
     files = write_plot_data(out_dir, records, runs)
     pngs = write_plots(out_dir, records, runs, args.preset)
-    results["files"] = ["results.json", "trace.jsonl", *(f"requests_{m}.jsonl" for m in records), *files,
+    results["files"] = ["results.json", "trace.jsonl", *(f"requests_{m}.jsonl" for m in records),
+                        *(f"calls_{m}.jsonl" for m in records
+                          if "calls" in results["modes"].get(m, {})), *files,
                         *pngs]
     if not pngs:
         results["notes"].append("matplotlib is not installed: the plot data is in tbt_cdf.csv and "
@@ -1403,6 +1460,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arena-mib", type=float, default=None, help="arena per device (MiB), every mode")
     g.add_argument("--max-live-requests", type=int, default=None, metavar="N")
     g.add_argument("--steps-per-call", type=int, default=None, metavar="K")
+    g.add_argument("--prefill-share", type=float, default=None, metavar="F",
+                   help="the engine's prefill_share (default: the engine's, 1.0)")
     p.add_argument("--plan-only", action="store_true",
                    help="print the per-mode memory plan as JSON and exit (no engine; without GPUs the "
                         f"GPU presets assume a {ASSUMED_GPU_ARENA_BYTES / 2**30:.0f} GiB arena)")

@@ -62,7 +62,12 @@ from crosspool_jax.engine_api import (
 from crosspool_jax.engine_sleep import SleepingModels, WakeRecord
 from crosspool_jax.errors import CapacityError, CrossPoolError, InvalidRequestError
 from crosspool_jax.execution.host_step import EXECUTIONS
-from crosspool_jax.execution.pool_runner import DEFAULT_MAX_STOP_IDS, GroupRunner, StepResult
+from crosspool_jax.execution.pool_runner import (
+    DEFAULT_MAX_STOP_IDS,
+    DEFAULT_PREFILL_SHARE,
+    GroupRunner,
+    StepResult,
+)
 from crosspool_jax.memory.arena import HostModel, pinned_host_budget, placed_weight_bytes
 from crosspool_jax.memory.model_states import ModelState, ModelStates
 from crosspool_jax.memory.planner import ModelLimits, RequestRejected
@@ -85,8 +90,13 @@ class EngineConfig:
       on GPU; prefill_chunk defaults to 64 / 512). weights_fraction: share of a KV device's
       arena (crosspool) or of a colocated device's arena (shared/static) reserved for weights.
     steps_per_call: decode tokens per host call (K). prefill_chunk: most prompt tokens of one
-      request per program call. dtype: the arena's (weights and KV) dtype, default the platform's
-      ("float32" on CPU, "bfloat16" elsewhere). micro_batches: 2 = ping-pong decode lanes.
+      request per program call. prefill_share: while requests decode, a step prefills the prompt
+      tokens whose predicted seconds fit this share of a measured decode call, at least one chunk
+      (default 1.0; the prediction is fitted on the group's own prefill calls,
+      `execution.prefill_cost`), so a step that mixes prefill with decode costs ~2 decode steps;
+      larger: faster first tokens, slower tokens between. dtype: the arena's (weights and KV)
+      dtype, default the platform's ("float32" on CPU, "bfloat16" elsewhere). micro_batches:
+      2 = ping-pong decode lanes.
     execution (crosspool mode): "lowered" = each step is one XLA program over both pools (default:
       1.12x the colocated step on 2 x H200; the host-scheduled step is not timed on GPUs yet, and
       DESIGN.md measured a host loop of toy layers ~3x slower than one program), "host" = the
@@ -115,6 +125,7 @@ class EngineConfig:
     steps_per_call: int = 4
     prefill_chunk: int | None = None  # None: 64 on CPU, 512 on GPU
     max_prefill_tokens: int | None = None  # None: 512 on CPU, 2048 on GPU
+    prefill_share: float = DEFAULT_PREFILL_SHARE
     dtype: str | None = None
     attention_backend: str | None = None
     micro_batches: int = 1
@@ -732,13 +743,15 @@ def arena_layout(cfg: EngineConfig, platform: str, arena_bytes: int) -> tuple[Po
 
 def runner_kwargs(cfg: EngineConfig, platform: str) -> dict[str, Any]:
     """The `GroupRunner` keyword arguments of every group of an engine with the resolved `cfg`;
-    raises InvalidRequestError for a `max_stop_ids` below 1."""
+    raises InvalidRequestError for a `max_stop_ids` below 1 or a `prefill_share` not above 0."""
     if cfg.max_stop_ids < 1:
         raise InvalidRequestError(f"max_stop_ids must be >= 1, got {cfg.max_stop_ids}")
+    if not cfg.prefill_share > 0:
+        raise InvalidRequestError(f"prefill_share must be > 0, got {cfg.prefill_share}")
     return dict(steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk,
                 max_prefill_tokens=cfg.max_prefill_tokens, backend=cfg.attention_backend,
                 platform=platform, micro_batches=cfg.micro_batches, overlap=cfg.overlap,
-                max_stop_ids=cfg.max_stop_ids)
+                max_stop_ids=cfg.max_stop_ids, prefill_share=cfg.prefill_share)
 
 
 def placement_order(loads: list[int]) -> list[int]:

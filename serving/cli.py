@@ -334,6 +334,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="decode tokens per host call (default 4)")
     g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="most prompt tokens of one request per step (default 64)")
+    g.add_argument("--prefill-share", type=float, default=None, metavar="F",
+                   help="while requests decode, a step's prefill takes at most this share of a "
+                        "measured decode call, at least one chunk (default 1.0)")
     g.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
                    help="most prompt tokens of all requests per step (default 512)")
     g.add_argument("--micro-batches", type=int, default=None, metavar="N",
@@ -383,8 +386,8 @@ LIMIT_FLAGS = (
 
 
 ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call", "prefill_chunk",
-                "max_prefill_tokens", "micro_batches", "dtype", "attention_backend", "execution",
-                "overlap", "idle_sleep_s", "host_weights_bytes")
+                "prefill_share", "max_prefill_tokens", "micro_batches", "dtype", "attention_backend",
+                "execution", "overlap", "idle_sleep_s", "host_weights_bytes")
 
 
 def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettings

@@ -12,6 +12,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     [engine]                    # crosspool_jax.engine.EngineConfig fields (pooled modes)
     arena_bytes = "64MiB"       page_bytes = 16384      weights_fraction = 0.5
     steps_per_call = 4          prefill_chunk = 64      max_prefill_tokens = 512
+    prefill_share = 1.0
     micro_batches = 1           dtype = "float32"       attention_backend = "reference"
     execution = "lowered"       overlap = true          idle_sleep_s = 600
     host_weights_bytes = "32GiB"
@@ -180,6 +181,12 @@ def _bytes(v: Any) -> int:
     return n
 
 
+def _positive(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+        raise ValueError(f"must be a number > 0, got {v!r}")
+    return float(v)
+
+
 def _fraction(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
         raise ValueError(f"must be a number between 0 and 1 (exclusive), got {v!r}")
@@ -222,6 +229,7 @@ ENGINE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "steps_per_call": _int(1),
     "prefill_chunk": _int(1),
     "max_prefill_tokens": _int(1),
+    "prefill_share": _positive,
     "micro_batches": _int(1),
     "dtype": _choice(DTYPES),
     "attention_backend": _choice(ATTENTION_BACKENDS),

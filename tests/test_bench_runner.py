@@ -69,6 +69,12 @@ def test_bench_cpu_tiny_short_all_modes(tmp_path: pathlib.Path) -> None:
         assert m["goodput_rps"] is not None and m["kv_pages"]["peak"] > 0
         recs = [json.loads(line) for line in (out / f"requests_{mode}.jsonl").read_text().splitlines()]
         assert len(recs) == 3
+        # the measured pass's program calls: every finished request's prompt was prefilled in them
+        calls = [json.loads(line) for line in (out / f"calls_{mode}.jsonl").read_text().splitlines()]
+        assert m["calls"]["decode_calls"] + m["calls"]["prefill_calls"] == len(calls) > 0
+        assert sum(c["prefill_tokens"] for c in calls) >= sum(
+            r["prompt_len"] for r in recs if r["outcome"] == "finished")
+        assert all(c["ready"] >= c["dispatched"] and c["lanes"].startswith("[G") for c in calls)
         for r in recs:
             assert r["outcome"] in ("finished", "rejected", "failed") and r["reason"], r
             if r["outcome"] == "finished":

@@ -1,17 +1,68 @@
 """The step's prefill budget (`GroupRunner.prefill_budget`): while requests decode, a step prefills
-what one measured decode call's time prefills at the measured rate (so a mixed step costs ~2x a
-decode step), never less than one chunk (prefill is not starved), never more than the ceiling; the
-budget reaches the planner, and a run under a small budget still equals the reference."""
+the prompt tokens whose predicted seconds fit `prefill_share` x the measured decode call (before the
+prefill fit has points: what the measured rate runs in that time), never less than one chunk
+(prefill is not starved), never more than the ceiling; the fit of prefill seconds
+(`prefill_cost.PrefillCostFit`) prices a long context's attention; the budget reaches the planner,
+and a run under a small budget still equals the reference."""
 
 from __future__ import annotations
 
+import pytest
 from pooled_helpers import References, Req, build_runner, drive, f32
 
 from crosspool_jax.demo import demo_models
-from crosspool_jax.memory.planner import KVPlanner
+from crosspool_jax.execution.prefill_cost import PrefillCostFit, PrefillWork, chunk_work
+from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.memory.planner import KVPlanner, Phase
+from crosspool_jax.models.costs import ModelCosts
 
 MIX = demo_models()["demo-mixtral"]
 MODELS = {"mix": (MIX.config, f32(MIX.weights))}
+
+# a model whose token costs 1e9 FLOPs in its matmuls and 1e5 FLOPs per (query, context) pair
+COSTS = ModelCosts(layers=1, attn_bytes=0, embed_row_bytes=0, lm_head_bytes=0, router_bytes=0,
+                   expert_bytes=0, num_experts=0, top_k=0, moe_layers=0, shared_dense_bytes=0,
+                   kv_bytes_per_token=0, kv_flops_per_token=4e8, w_flops_per_token=6e8,
+                   attn_flops_per_pair=1e5, lm_head_flops=0.0)
+
+
+def test_chunk_work_counts_the_context() -> None:
+    # 4 tokens from position 10: token i sees 10 + i + 1 positions -> 11 + 12 + 13 + 14 = 50 pairs
+    w = chunk_work(COSTS, 10, 14)
+    assert (w.tokens, w.dense_flops, w.attention_flops) == (4, 4e9, 50 * 1e5)
+    assert chunk_work(COSTS, 5, 5).tokens == 0
+
+
+def test_fit_recovers_the_costs_and_prices_long_contexts() -> None:
+    fit = PrefillCostFit()
+    # true costs: 2 ms per call, 1 s per 1e14 dense FLOPs, 1 s per 2e13 attention FLOPs
+    for start, n in [(0, 512), (0, 256), (4096, 512), (20000, 128), (60000, 64), (1000, 1024)]:
+        w = chunk_work(COSTS, start, start + n)
+        fit.observe(w, 0.002 + w.dense_flops / 1e14 + w.attention_flops / 2e13)
+    c0, c1, c2 = fit.coefficients
+    assert c0 == pytest.approx(0.002, rel=1e-6)
+    assert c1 == pytest.approx(1e-14, rel=1e-6)
+    assert c2 == pytest.approx(5e-14, rel=1e-6)
+    # 20 ms: at position 0 the matmuls bind; at 60,000 attention does
+    at0 = fit.tokens_within(0.020, COSTS, 0, chunk=512, most=4096)
+    at60k = fit.tokens_within(0.020, COSTS, 60000, chunk=512, most=4096)
+    # 3 calls of <= 512: 0.006 + 1098e9 / 1e14 + (1098 * 1099 / 2) * 1e5 / 2e13 = 0.019997 s
+    assert at0 == 1098
+    assert fit.predict(chunk_work(COSTS, 0, 1099), 3) > 0.020
+    # 0.002 + 58e9 / 1e14 + (58 * 60000 + 58 * 59 / 2) * 1e5 / 2e13 = 0.019989 s (59: 0.0203 s)
+    assert at60k == 58
+    assert fit.tokens_within(0.001, COSTS, 0, chunk=512, most=4096) == 0  # the call cost alone is 2 ms
+
+
+def test_fit_never_prices_attention_below_the_matmuls() -> None:
+    fit = PrefillCostFit()
+    assert fit.coefficients is None and fit.tokens_within(1.0, COSTS, 0, 64, 512) is None
+    for n in (64, 128, 256, 512):  # short prompts only: attention seconds not visible
+        fit.observe(PrefillWork(n, n * 1e9, 0.0), n * 1e-5)
+    _, c1, c2 = fit.coefficients
+    assert c2 >= c1 == pytest.approx(1e-14)
+    fit.observe(PrefillWork(0, 0.0, 0.0), 1.0)  # nothing computed: ignored
+    assert fit.points == 4
 
 
 def test_budget_rule() -> None:
@@ -19,7 +70,10 @@ def test_budget_rule() -> None:
     assert runner.prefill_budget(decoding=True) == 256  # nothing measured yet
     runner.prefill_rate = {"mix": 10_000.0}  # tokens/s
     runner.decode_call_seconds = 0.005
-    assert runner.prefill_budget(decoding=True) == 50  # 5 ms of prefill
+    assert runner.prefill_budget(decoding=True) == 50  # 5 ms of prefill at the rate (share 1.0)
+    runner.prefill_share = 0.5
+    assert runner.prefill_budget(decoding=True) == 25
+    runner.prefill_share = 1.0
     assert runner.prefill_budget(decoding=False) == 256  # nothing to protect
     runner.decode_call_seconds = 0.0001
     assert runner.prefill_budget(decoding=True) == 16  # at least one chunk
@@ -41,6 +95,7 @@ def test_small_budget_reaches_the_planner_and_outputs_equal_reference(monkeypatc
     monkeypatch.setattr(KVPlanner, "step", spy)
     # the measured prefill rate would move with the run: keep it fixed for the check
     monkeypatch.setattr(type(runner), "_note_prefill", lambda self, *a: None)
+    monkeypatch.setattr(PrefillCostFit, "observe", lambda self, *a: None)
     reqs = [Req("a", "mix", tuple(range(3, 9)), 12), Req("b", "mix", tuple(range(20, 60)), 4)]
     log = drive(runner, reqs)
     refs = References(MODELS)
@@ -49,3 +104,35 @@ def test_small_budget_reaches_the_planner_and_outputs_equal_reference(monkeypatc
     budgets = {b for decoding, b in seen if decoding}
     assert budgets == {8}  # prefill of "b" (40 tokens) went on 8 at a time beside "a"'s decode
     assert runner.kv.pool_stats().pages_used == 0
+
+
+def test_budget_prices_the_longest_running_prefill(monkeypatch) -> None:
+    """With the fit ready, the budget is what fits the share of the decode call at the context of
+    the running prefill furthest into its prompt (never under one chunk)."""
+    runner = build_runner(MODELS, split="1+1", kv_pages=64, prefill_chunk=8, max_prefill_tokens=64)
+    costs = runner._model_costs("mix")
+    fit = PrefillCostFit()  # 0.1 ms per call; dense / attention FLOPs at 1 GFLOP/s / 0.1 GFLOP/s
+    for s0, n in [(0, 8), (8, 8), (40, 16), (0, 64), (100, 4)]:
+        w = chunk_work(costs, s0, s0 + n)
+        fit.observe(w, 1e-4 + w.dense_flops / 1e9 + w.attention_flops / 1e8)
+    runner.prefill_fit = fit
+    monkeypatch.setattr(PrefillCostFit, "observe", lambda self, *a: None)  # the run's calls: ignored
+    runner.submit("a", "mix", tuple(range(3, 9)), 40, _greedy())
+    runner.submit("b", "mix", tuple(range(20, 80)), 2, _greedy())
+    runner.decode_call_seconds = 1e-9  # while "a" decodes: one chunk of "b" per step
+    seen = {}
+    while "b" in runner.reqs and not seen:
+        runner.step()
+        info = runner.planner.info("b") if "b" in runner.reqs else None
+        if info is not None and info.phase == Phase.PREFILL and info.kv_len > 0:
+            seen["ctx"] = info.kv_len
+    assert seen, "b never ran part of its prefill"
+    allowance = 0.01  # 10 ms: 29 tokens from position 0, 17 from position 48
+    runner.decode_call_seconds = allowance  # share 1.0
+    want = fit.tokens_within(allowance, costs, seen["ctx"], 8, 64)
+    assert runner.prefill_budget(decoding=True) == max(8, want)
+    assert 8 < want < fit.tokens_within(allowance, costs, 0, 8, 64) < 64  # a longer context buys fewer
+
+
+def _greedy() -> SamplingParams:
+    return SamplingParams()

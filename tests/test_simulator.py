@@ -289,3 +289,17 @@ def test_virtual_compile_queue_runs_urgent_before_queued_warmups() -> None:
     d.exception()  # waiting advances the clock to its end
     assert (d.start, d.done_at, g.clock) == (3.0, 7.0, 7.0)
 
+
+
+def test_simulated_worker_waits_for_compiles_when_every_request_is_held(tmp_path, capsys) -> None:
+    """One H200, static, the one-GPU smoke trace: at ~35 s every live request is a held prefill
+    (its wider programs compiling) and steps dispatch nothing; the simulated worker then waits for
+    the compile thread (`SimulatedGroup.idle`) instead of stepping at a frozen clock forever."""
+    out = tmp_path / "static.json"
+    rc = cli_main(["simulate", "--preset", "gpu-2", "--devices", "1", "--modes", "static",
+                   "--trace", "benchmarks/traces/gpu1_smoke_4olmoe_40s.jsonl", "--precompile", "off",
+                   "--calibration", "benchmarks/calibrations/h200_calibrate_2026-12-04.json",
+                   "--slo-ttft-s", "10", "--slo-tpot-s", "0.2", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads(out.read_text())["modes"]["static"]
+    assert m["finished"] == 50 and m["lost"] == 0 and m["live_after"] == 0

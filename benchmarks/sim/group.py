@@ -32,12 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.sim.costmodel import CostModel, ModelCosts, SlotWork, lane_work, model_costs
+from benchmarks.sim.costmodel import CostModel, SlotWork, lane_work
 from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.pool_runner import GroupRunner, _Call, lane_placements
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec
 from crosspool_jax.memory.arena import ArenaBook
-from crosspool_jax.models.config import ModelConfig
 from pallas_kernels.page_layout import PoolLayout
 
 SIM_TOKEN = 0  # the token every simulated call samples (requests are submitted without stop ids)
@@ -166,7 +165,6 @@ class SimulatedGroup(GroupRunner):
         self.busy_seconds = 0.0  # device seconds of calls
         self.outside: dict[str, int] = {}  # calls outside the calibrated ranges, by range
         self.calls_priced = 0
-        self._costs: dict[str, ModelCosts] = {}
         self.topology_kind = "colocated" if book.colocated else "split"
         if runner_kwargs.get("host_swap_pages"):
             raise ValueError("the simulator has no host swap path (the engine's default is none)")
@@ -187,6 +185,24 @@ class SimulatedGroup(GroupRunner):
     def stop_background(self) -> None:
         self.compile_queue.shutdown()
         self._poll_background()
+
+    def idle(self) -> None:
+        """A step that dispatched nothing while requests live (each one held for a program still
+        compiling): the engine's worker steps again and again meanwhile, with nothing to run until
+        the compile thread finishes its current compile; the clock moves there (or, with no
+        compile queued, by one host launch)."""
+        self.compile_queue.advance(self.clock)
+        pending = [f for f in self._background.values() if not f.cancelled()
+                   and (f.done_at is None or f.done_at > self.clock)]
+        started = [f for f in pending if f.start is not None]
+        nxt = min(started, key=lambda f: f.done_at) if started else (
+            min(pending, key=lambda f: f.submitted) if pending else None)
+        if nxt is None:
+            self.clock += self.cost.host_launch_s
+            return
+        if nxt.start is None:  # the thread is free: it starts the next queued compile(s)
+            self.compile_queue.advance(float("inf"), until_started=nxt)
+        self.clock = max(self.clock, min(f.done_at for f in pending if f.done_at is not None))
 
     def wait_background(self, timeout: float | None = None) -> bool:
         """Advances the clock until every queued virtual compile is done (`timeout` ignored)."""
@@ -220,14 +236,6 @@ class SimulatedGroup(GroupRunner):
         return len(specs)
 
     # -- calls --
-    def _model_costs(self, model: str) -> ModelCosts:
-        c = self._costs.get(model)
-        if c is None:
-            cfg: ModelConfig = self.store.models[model].config
-            c = model_costs(cfg, self.store.layout.dtype, self.geoms[model].bytes_per_token_used)
-            self._costs[model] = c
-        return c
-
     def _execute(self, programs: list[tuple[list[int], Any]], groups: list[tuple[Any, list[str], list]],
                  shapes: list[LaneShape], sorted_rows: list[tuple[list[list], dict[str, int]]], decode: bool
                  ) -> tuple[list[Any], list[list[tuple[str, int, int, int, bool]]], float, float | None]:

@@ -183,6 +183,8 @@ def replay(engine: SimEngine, records: list[bench.Record], max_live: int,
             g.launch()
             res = g.result()
             steps += 1
+            if not res.calls and g.has_work:  # all held for compiles: the worker waits for one
+                g.idle()
             now = g.clock
             for rid, toks in res.tokens.items():
                 by_id[rid].token_s.extend([now] * len(toks))

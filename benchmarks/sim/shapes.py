@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from benchmarks.sim.costmodel import ModelCosts, model_costs
+from crosspool_jax.models.costs import ModelCosts, model_costs
 
 
 @functools.lru_cache(maxsize=64)

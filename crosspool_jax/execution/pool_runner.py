@@ -45,6 +45,7 @@ import numpy as np
 
 from crosspool_jax.errors import InvalidRequestError
 from crosspool_jax.execution import compile_queue
+from crosspool_jax.execution.call_clock import CallClock, CallEnd
 from crosspool_jax.execution.compile_cache import enable_compilation_cache
 from crosspool_jax.execution.host_step import (
     EXECUTIONS,
@@ -54,6 +55,7 @@ from crosspool_jax.execution.host_step import (
     trial_key,
 )
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
+from crosspool_jax.execution.prefill_cost import NO_WORK, PrefillCostFit, PrefillWork, chunk_work
 from crosspool_jax.execution.sampling import SamplingParams, seed_words
 from crosspool_jax.memory.arena import NO_GUARD, ArenaBook, ArenaStore, HostModel
 from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
@@ -68,6 +70,7 @@ from crosspool_jax.memory.planner import (
 )
 from crosspool_jax.memory.topology import PoolTopology, Role
 from crosspool_jax.models.config import AttentionKind, ModelConfig
+from crosspool_jax.models.costs import ModelCosts, model_costs
 from crosspool_jax.models.params import ModelWeights
 from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
 
@@ -81,6 +84,12 @@ def _pow2(n: int, floor: int = 1) -> int:
 # padded), so a request's number of stop ids never selects or compiles a program (the check is a
 # [B, S] compare per token); a request with more is refused at submit (InvalidRequestError).
 DEFAULT_MAX_STOP_IDS = 16
+# While requests decode, a step's prefill gets this share of a measured decode call's seconds
+# (`GroupRunner.prefill_budget`), at least one chunk: a step that mixes prefill with decode then
+# costs ~2x a pure decode step. Measured on one H200 (docs/benchmarks.md, 2026-12-04): 0.75 with
+# a floor of the smallest bucket made prefill calls of ~170 tokens, each paying a whole read of
+# the experts, and doubled TTFT without lowering TBT P99.
+DEFAULT_PREFILL_SHARE = 1.0
 
 
 def stop_width(max_stop_ids: int) -> int:
@@ -116,10 +125,15 @@ def spec_dominates(have: StepSpec, want: StepSpec) -> bool:
 def describe_spec(spec: StepSpec) -> str:
     """A step program's shape in one line, e.g. "decode K=4 [G1 B8 T8 P16]" (per lane: models,
     slots, tokens, pages per layer; +X split-KV extras)."""
-    lanes = " ".join(f"[G{ln.groups} B{ln.slots} T{ln.tokens} P{ln.max_pages}"
-                     + (f" +X{ln.extras}" if ln.extras else "") + "]" for ln in spec.lanes)
+    lanes = " ".join(describe_lane(ln) for ln in spec.lanes)
     kind = f"decode K={spec.steps}" if spec.decode else "prefill"
     return f"{kind} {spec.attention_schedule} {lanes}"
+
+
+def describe_lane(ln: LaneShape) -> str:
+    """A lane's shape, e.g. "[G1 B8 T8 P16]" (`describe_spec`)."""
+    extras = f" +X{ln.extras}" if ln.extras else ""
+    return f"[G{ln.groups} B{ln.slots} T{ln.tokens} P{ln.max_pages}{extras}]"
 
 
 def program_cost(spec: StepSpec) -> int:
@@ -212,13 +226,34 @@ class _Call:
     places: list[list[tuple[str, int, int, int, int]]]
     decode: bool
     prefill_tokens: int  # prompt tokens the call computes (for the prefill-rate estimate)
+    prefill_work: PrefillWork  # its FLOPs (`prefill_cost`; NO_WORK for a decode call)
     models: frozenset[str]
     dispatched: float  # `GroupRunner._now()` at dispatch
     # the call compiled its program or ran in a larger one (its time is not a prefill rate)
     compiled: bool
     # a simulated executor's (benchmarks/sim): the virtual time its device work ends; None: a real
-    # call, whose end is known by reading its outputs
+    # call, whose end `end` stamps
     done_at: float | None = None
+    end: CallEnd | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CallRecord:
+    """One program call as `_collect` read it (`GroupRunner.call_log`): `_now()` at dispatch and
+    when its outputs were seen ready, its device seconds (from the later of its dispatch and the
+    previous call's end), decode or prefill, the programs' shapes (`describe_spec` of its lanes),
+    prompt tokens and FLOPs of a prefill (`PrefillWork`), and whether it compiled its program or
+    ran in a larger one."""
+
+    dispatched: float
+    ready: float
+    busy: float
+    decode: bool
+    lanes: str
+    prefill_tokens: int
+    dense_flops: float
+    attention_flops: float
+    compiled: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +284,10 @@ class GroupRunner:
     attn_pages: pages per KV device for attention-side weights (colocated: for all weights).
     steps_per_call: K decode tokens per host call. prefill_chunk: most prefill tokens per request
     per step (chunked prefill interleaved with decode). max_prefill_tokens: most prompt tokens of
-    all requests per step; while requests decode, the step's budget is what one decode call's time
-    prefills at the measured rate (`prefill_budget`). backend: the kernels' backend.
+    all requests per step; while requests decode, the step's budget is the prompt tokens whose
+    predicted seconds fit `prefill_share` x the measured decode call (`prefill_budget`).
+    backend: the kernels' backend. call_log: the last this many calls read are kept in
+    `call_log` (`CallRecord`; 0: none), for benchmarks.
     kv_pages_per_device: KV pages the virtualizer hands out per KV device (default: all the arena's
     KV pages; fewer leaves the rest unused, e.g. to give two modes the same KV budget).
     micro_batches: decode lanes per model (2: ping-pong, each model's slots split in two lanes whose
@@ -282,6 +319,8 @@ class GroupRunner:
     to it) while the exact one compiles in the background; only when none does, the call compiles
     on the serving path (counted in `blocked_compile_seconds`). False: every new shape compiles on
     the serving path. JAX's persistent compilation cache is turned on (`compile_cache`).
+    compiler_options: XLA options every step program compiles with (`Lowered.compile`; e.g.
+    {"xla_gpu_autotune_level": 0}); part of the persistent cache's key. Default: XLA's.
     max_stop_ids: most stop ids of one request (`submit` refuses more, InvalidRequestError); every
     lane's stop-id width is `stop_width(max_stop_ids)` (a power of two), one width for all programs.
 
@@ -320,8 +359,13 @@ class GroupRunner:
         warm_context: int | None = None,
         fallback: bool = True,
         max_stop_ids: int = DEFAULT_MAX_STOP_IDS,
+        prefill_share: float = DEFAULT_PREFILL_SHARE,
+        call_log: int = 0,
+        compiler_options: dict[str, Any] | None = None,
         store: ArenaBook | None = None,
     ):
+        if not prefill_share > 0:
+            raise ValueError(f"prefill_share must be > 0, got {prefill_share}")
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if store is None:
@@ -371,6 +415,7 @@ class GroupRunner:
         self.warm_slots = warm_slots or (32 if gpu else 8)
         self.warm_context = warm_context or (8192 if gpu else 512)
         self.fallback = fallback
+        self.compiler_options = dict(compiler_options or {})
         # programs compiled on the serving path (a call waited) or by `precompile`; the background
         # thread's are counted apart (`background_built`) when a step picks them up
         self.programs_built = 0
@@ -388,13 +433,21 @@ class GroupRunner:
         self.swapped_pages = 0
         self.link_rate: float | None = None  # measured host<->device bytes/s (swaps)
         self.prefill_rate: dict[str, float] = {}  # measured prefill tokens/s per model
+        # measured prefill calls -> seconds of a prefill from its FLOPs (`prefill_budget`)
+        self.prefill_fit = PrefillCostFit()
+        self.prefill_share = prefill_share
+        self._costs: dict[str, ModelCosts] = {}  # per model, from its shapes (`_model_costs`)
+        # the last calls read (`CallRecord`): what the benchmarks report of a run's calls
+        self.call_log: collections.deque[CallRecord] = collections.deque(maxlen=call_log)
         self.decode_call_seconds: float | None = None  # measured device time of a decode call (EMA)
         self.overlap = overlap
         self._inflight: collections.deque[_Call] = collections.deque()
         self._read_tokens: dict[str, list[int]] = {}  # read since the last StepResult
         self._read_finished: dict[str, tuple[str, str]] = {}
         self._launched: tuple[int, tuple[str, ...]] | None = None  # (calls, preempted) of launch()
-        self._last_ready = 0.0  # `_now()` when the last read call was seen finished
+        self._last_end = 0.0  # when the last read call's device work ended
+        self._call_clock = CallClock()  # stamps each real call's end (`call_clock`)
+        weakref.finalize(self, self._call_clock.close)
         # host-side accounting: seconds in launch() (planning, inputs, dispatch), seconds blocked
         # reading calls' tokens, tokens sampled for requests that had ended when read (a stop read
         # one call late with overlap, a cancel)
@@ -609,7 +662,7 @@ class GroupRunner:
         arena = jax.ShapeDtypeStruct(self.store.arena.shape, self.store.arena.dtype,
                                      sharding=self.store.sharding)
         return self._strategy(spec, build_step(spec, self.store, self.platform).lower(
-            arena, input_shapes(spec, self.store)).compile())
+            arena, input_shapes(spec, self.store)).compile(compiler_options=self.compiler_options or None))
 
     def execution_summary(self) -> dict[str, int]:
         """Held step programs by the strategy they run: {"lowered": n, "host": n, "measuring": n}
@@ -1077,16 +1130,45 @@ class GroupRunner:
         self.launch_seconds += self._now() - t_launch - (self.wait_seconds - waited)
 
     def prefill_budget(self, decoding: bool) -> int:
-        """Most prompt tokens this step may prefill. With requests decoding, as many as the
-        measured prefill rate runs in one measured decode call (EMAs of uncompiled calls), so a step
-        that mixes prefill with decode costs about 2x a pure decode step; at least one prefill
-        chunk (prefill never starves) and at most `max_prefill_tokens`. With nothing decoding, or
-        before both are measured: `max_prefill_tokens`."""
-        rate = sum(self.prefill_rate.values()) / len(self.prefill_rate) if self.prefill_rate else None
-        if not decoding or rate is None or self.decode_call_seconds is None:
-            return self.max_prefill_tokens
-        floor = min(self.prefill_chunk, self.max_prefill_tokens)
-        return int(min(self.max_prefill_tokens, max(floor, rate * self.decode_call_seconds)))
+        """Most prompt tokens this step may prefill. With requests decoding: the tokens whose
+        predicted seconds (`prefill_fit`, fitted on this group's measured prefill calls; priced at
+        the longest context a running prefill continues from) fit `prefill_share` x the measured
+        decode call (EMA), so a step that mixes prefill with decode costs about 1 + prefill_share
+        decode steps; before the fit has points, what the measured prefill rate (tokens/s, EMA)
+        runs in that time. At least one chunk (`prefill_chunk`: prefill always progresses, in
+        calls large enough to be worth their fixed cost), at most `max_prefill_tokens`. With
+        nothing decoding, or before a decode call is measured: `max_prefill_tokens`."""
+        most = self.max_prefill_tokens
+        if not decoding or self.decode_call_seconds is None:
+            return most
+        seconds = self.prefill_share * self.decode_call_seconds
+        floor = min(self.prefill_chunk, most)
+        context, model = 0, None
+        for rid in self.planner.running():
+            info = self.planner.info(rid)
+            if info.phase == Phase.PREFILL and (model is None or info.kv_len > context):
+                context, model = info.kv_len, self.reqs[rid].model
+        if model is None:  # a step that admits: its prompts start at 0 (priced as the first waiting)
+            model = next((self.reqs[rid].model for rid in self.planner.waiting() if rid in self.reqs), None)
+        n = None
+        if model is not None:
+            n = self.prefill_fit.tokens_within(seconds, self._model_costs(model), context,
+                                               self.prefill_chunk, most)
+        if n is None:  # not fitted yet: the measured rate
+            rate = sum(self.prefill_rate.values()) / len(self.prefill_rate) if self.prefill_rate else None
+            if rate is None:
+                return most
+            n = int(rate * seconds)
+        return int(min(most, max(floor, n)))
+
+    def _model_costs(self, model: str) -> ModelCosts:
+        """`model`'s per-token costs from its shapes (`models.costs`), kept per model."""
+        c = self._costs.get(model)
+        if c is None:
+            cfg = self.store.models[model].config
+            c = model_costs(cfg, self.store.layout.dtype, self.geoms[model].bytes_per_token_used)
+            self._costs[model] = c
+        return c
 
     def result(self) -> StepResult:
         """Reads the calls before the last `launch()`'s (all calls without `overlap`): their tokens,
@@ -1131,16 +1213,24 @@ class GroupRunner:
                 got_lanes = self._read(call)  # waits for the call's device work
             ready = self._now()
             self.wait_seconds += ready - t_wait
-            if not call.compiled:
-                # the device started this call when it was dispatched or when the previous call
-                # finished, whichever was later
-                busy = ready - max(call.dispatched, self._last_ready)
+            # the device started this call when it was dispatched or when the previous call ended,
+            # whichever was later, and ended when the call clock saw its outputs ready
+            end = call.done_at if call.done_at is not None else (
+                call.end.get(timeout=5.0) if call.end is not None else ready)
+            busy = None if end is None else end - max(call.dispatched, self._last_end)
+            self._last_end = ready if end is None else end
+            if busy is not None and not call.compiled:
                 if call.decode:
                     old = self.decode_call_seconds
                     self.decode_call_seconds = busy if old is None else 0.8 * old + 0.2 * busy
                 else:
                     self._note_prefill(call.prefill_tokens, call.models, busy)
-            self._last_ready = ready
+                    self.prefill_fit.observe(call.prefill_work, busy)
+            if self.call_log.maxlen:
+                self.call_log.append(CallRecord(
+                    call.dispatched, ready, busy, call.decode,
+                    " + ".join(describe_lane(ln) for ln in call.lanes), call.prefill_tokens,
+                    call.prefill_work.dense_flops, call.prefill_work.attention_flops, call.compiled))
             for lane, place, got in zip(call.lanes, call.places, got_lanes, strict=True):
                 got = got.reshape(got.shape[0], n, lane.slots)
                 for rid, d, bi, count, g0 in place:
@@ -1327,11 +1417,17 @@ class GroupRunner:
                 lane_places.append((rid, d, bi, count, g0))
             places.append(lane_places)
         prefill_tokens = 0 if decode else sum(q for place in placements for _, _, _, q, _ in place)
+        work = NO_WORK
+        if not decode:
+            for _, _, rows in groups:
+                for w, s0, e0, *_ in rows:
+                    work = work + chunk_work(self._model_costs(w.req.model), s0, e0)
         self._dispatches += 1
-        self._inflight.append(_Call(tuple(outs), tuple(lanes), places, decode, prefill_tokens,
+        self._inflight.append(_Call(tuple(outs), tuple(lanes), places, decode, prefill_tokens, work,
                                     frozenset(w.req.model for w in items), dispatched,
                                     (self.blocked_compiles, self.fallback_calls)
-                                    != (blocked_before, fallbacks_before), done_at))
+                                    != (blocked_before, fallbacks_before), done_at,
+                                    None if done_at is not None else self._call_clock.watch(outs)))
         return rest
 
     def _execute(self, programs: list[tuple[list[int], Callable]], groups: list[tuple[Any, list[str], list]],

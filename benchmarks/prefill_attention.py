@@ -1,0 +1,161 @@
+"""Chunked-prefill attention (`paged_prefill_attention`) on a GPU: correctness, then launch
+configurations timed at the engine's page layout, as TFLOP/s and share of the card's bf16 peak.
+
+    PYTHONPATH=. python -m benchmarks.prefill_attention [--json OUT] [--smoke] [--configs 0,1]
+
+Geometries (bf16 KV, head_dim 128, 256-KiB pages of 128-element rows, as the engine's GPU arena):
+OLMoE-1B-7B (16 query heads, 16 KV heads: 32 tokens per page) and Qwen3-30B-A3B (32 query heads,
+4 KV heads: 128 tokens per page). Cases: one request's chunk of 512 tokens after 0, 8K and 32K
+tokens of KV, and a ragged batch of four 512-token chunks after 0, 4K, 16K and 32K tokens.
+FLOPs = 4 x head_dim x query heads x (query, key) pairs, each query token seeing the keys up to
+and including its own position (causal). The peak is DESIGN.md's measured 790 TFLOP/s (bf16, H200).
+
+Correctness first: every configuration's output against the float32 reference
+(`paged_prefill_attention_reference`) on the case it is timed on (relative L2 error printed).
+`--smoke` runs toy sizes in interpret mode on a CPU (the numbers then mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import traceback
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.kernels import bench, make_tables, rel_err
+from pallas_kernels.page_layout import KVSpec, PoolLayout, page_geometry
+from pallas_kernels.prefill import paged_prefill_attention, paged_prefill_attention_reference
+
+PEAK_BF16 = 790e12  # DESIGN.md: measured bf16 matmul peak of one H200
+GEOMETRIES = {"olmoe": (16, 16), "qwen3-30b-a3b": (32, 4)}  # (query heads, KV heads), head_dim 128
+CASES = {  # name -> (chunk tokens, [context before the chunk] per request)
+    "1x512@0": (512, [0]),
+    "1x512@8K": (512, [8192]),
+    "1x512@32K": (512, [32768]),
+    "4x512@0/4K/16K/32K": (512, [0, 4096, 16384, 32768]),
+}
+# launch configurations: None = the kernel's defaults; "rows" = query rows per program (block_q =
+# rows / the padded GQA group: 64 rows is the default)
+CONFIGS: list[dict[str, Any] | None] = [
+    None,
+    # the kernel's defaults before 2026-12-04 (GPU_PREFILL_DEFAULTS came from this table)
+    {"rows": 64, "block_t": 64, "num_warps": 4, "num_stages": 2, "num_splits": 1},
+    {"num_splits": 4},
+    {"num_splits": 8},
+    {"block_t": 128, "num_stages": 3},
+    {"block_t": 128, "num_stages": 3, "num_splits": 4},
+    {"rows": 128, "num_warps": 8},
+    {"rows": 128, "num_warps": 8, "num_splits": 4},
+    {"rows": 128, "block_t": 128, "num_warps": 8, "num_stages": 3, "num_splits": 4},
+    {"rows": 32, "num_splits": 4},
+]
+
+
+def kernel_args(cfg: dict[str, Any] | None, q_heads: int, kv_heads: int) -> dict[str, Any]:
+    """`paged_prefill_attention` keywords of a CONFIGS entry ("rows" -> block_q)."""
+    out = dict(cfg or {})
+    rows = out.pop("rows", None)
+    if rows is not None:
+        group = 1 << (q_heads // kv_heads - 1).bit_length()
+        out["block_q"] = max(1, rows // group)
+    return out
+
+
+def causal_pairs(chunk: int, contexts: list[int]) -> int:
+    """(query, key) pairs of chunks of `chunk` tokens after each of `contexts` tokens."""
+    return sum(chunk * c + chunk * (chunk + 1) // 2 for c in contexts)
+
+
+def build_case(q_heads: int, kv_heads: int, chunk: int, contexts: list[int], smoke: bool,
+               seed: int = 0) -> tuple[Any, ...]:
+    """(q, arena, page_table, kv_lens, cu_q_lens, geom) of one case: random bf16 KV and queries,
+    random non-ordered page tables."""
+    rng = np.random.default_rng(seed)
+    pool = PoolLayout(16384 if smoke else 262144, "bfloat16", 64 if smoke else 128)
+    geom = page_geometry(KVSpec.gqa(kv_heads, 128), pool)
+    lens = [c + chunk for c in contexts]
+    max_pages = -(-max(lens) // geom.tokens_per_page)
+    table, n_pages = make_tables(rng, lens, geom.tokens_per_page, max_pages)
+    arena = jax.random.normal(jax.random.key(seed), pool.arena_shape(n_pages), jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(seed + 1), (chunk * len(contexts), q_heads, 128), jnp.bfloat16)
+    cu = np.arange(len(contexts) + 1, dtype=np.int32) * chunk
+    return q, arena, jnp.asarray(table), jnp.asarray(lens, jnp.int32), jnp.asarray(cu), geom
+
+
+def reference_in_pieces(q: jax.Array, arena: jax.Array, table: jax.Array, chunk: int,
+                        contexts: list[int], geom: Any, piece: int = 16) -> jax.Array:
+    """The float32 reference of a case, `piece` query tokens of one request at a time (the
+    reference gathers K and V per query token: a whole 512-token chunk at 32K tokens of context
+    would need ~130 GB)."""
+    out = []
+    arena32 = arena.astype(jnp.float32)
+    for b, ctx in enumerate(contexts):
+        for p0 in range(0, chunk, piece):
+            n = min(piece, chunk - p0)
+            rows = q[b * chunk + p0: b * chunk + p0 + n].astype(jnp.float32)
+            out.append(paged_prefill_attention_reference(
+                rows, arena32, table[b:b + 1], jnp.asarray([ctx + p0 + n], jnp.int32),
+                jnp.asarray([0, n], jnp.int32), geom))
+    return jnp.concatenate(out)
+
+
+def run(smoke: bool, configs: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    backend = "interpret" if smoke else "gpu"
+    rows = []
+    for gname, (hq, kvh) in GEOMETRIES.items():
+        if smoke:
+            hq, kvh = hq // 4, max(1, kvh // 4)
+        for cname, (chunk, contexts) in CASES.items():
+            if smoke:
+                chunk, contexts = 16, [c // 256 for c in contexts]
+            q, arena, table, lens, cu, geom = build_case(hq, kvh, chunk, contexts, smoke)
+            ref = reference_in_pieces(q, arena, table, chunk, contexts, geom)
+            flops = 4 * 128 * hq * causal_pairs(chunk, contexts)
+            for cfg in configs:
+                label = "default" if cfg is None else ",".join(f"{k}={v}" for k, v in cfg.items())
+                f = jax.jit(functools.partial(paged_prefill_attention, geom=geom, backend=backend,
+                                              **kernel_args(cfg, hq, kvh)))
+                try:
+                    err = rel_err(f(q, arena, table, lens, cu).astype(jnp.float32), ref)
+                    t = bench(f, q, arena, table, lens, cu, iters=2 if smoke else 10,
+                              trials=2 if smoke else 5)
+                except Exception as e:  # one failing configuration must not hide the rest
+                    print(f"{gname} {cname} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    traceback.print_exc(limit=2, file=sys.stdout)
+                    continue
+                row = {"geometry": gname, "case": cname, "config": label, "us": round(t * 1e6, 1),
+                       "tflops": round(flops / t / 1e12, 2), "of_peak": round(flops / t / PEAK_BF16, 4),
+                       "rel_err": err}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="toy sizes, interpret mode (CPU)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--configs", default=None, metavar="I,J",
+                    help="indexes into CONFIGS to run (default: all; 0 = the kernel's defaults)")
+    args = ap.parse_args()
+    picks = CONFIGS if args.configs is None else [CONFIGS[int(i)] for i in args.configs.split(",")]
+    rows = run(args.smoke, picks)
+    dev = jax.devices()[0]
+    print(f"\n{dev.device_kind}; TFLOP/s and share of {PEAK_BF16 / 1e12:.0f} TFLOP/s")
+    print(f"{'geometry':14s} {'case':20s} {'config':62s} {'us':>9s} {'TFLOP/s':>8s} {'peak':>6s} {'err':>8s}")
+    for r in rows:
+        print(f"{r['geometry']:14s} {r['case']:20s} {r['config']:62s} {r['us']:9.1f} {r['tflops']:8.2f} "
+              f"{r['of_peak']:6.1%} {r['rel_err']:8.1e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev.device_kind, "peak": PEAK_BF16, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

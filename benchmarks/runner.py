@@ -61,8 +61,10 @@ blocked_compile_seconds` summed over `engine.groups`, read before and after the 
 `fallback_calls` the calls that ran in a larger compiled program while theirs compiled.
 
 Outputs in --out: results.json, trace.jsonl (the trace replayed), requests_<mode>.jsonl (every
-request's times and outcome), tbt_cdf.csv and kv_pages.csv (the plot data), and tbt_cdf.png /
-kv_pages.png when matplotlib is importable.
+request's times and outcome), calls_<mode>.jsonl (every program call of the measured pass:
+`GroupRunner.call_log`, times in seconds since the replay's start; summarised in results.json's
+`calls`), tbt_cdf.csv and kv_pages.csv (the plot data), and tbt_cdf.png / kv_pages.png when
+matplotlib is importable.
 """
 
 from __future__ import annotations

@@ -247,7 +247,7 @@ class CallRecord:
 
     dispatched: float
     ready: float
-    busy: float
+    busy: float | None  # None: its end was not seen (its outputs failed)
     decode: bool
     lanes: str
     prefill_tokens: int

@@ -1,0 +1,49 @@
+"""`execution.call_clock.CallClock`: a call's end is stamped when its outputs are ready, in dispatch
+order, whatever the reading thread does; host outputs end at once; a failed call ends with None."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crosspool_jax.execution.call_clock import CallClock, CallEnd
+
+
+def test_ends_are_stamped_when_outputs_are_ready() -> None:
+    clock = CallClock()
+    f = jax.jit(lambda x: (x @ x).sum())
+    x = jnp.ones((256, 256), jnp.float32)
+    t0 = time.perf_counter()
+    ends = [clock.watch((f(x + i),)) for i in range(3)]
+    got = [e.get(timeout=30.0) for e in ends]
+    assert all(g is not None and g >= t0 for g in got)
+    assert got == sorted(got)  # stamped in dispatch order
+    time.sleep(0.05)  # read late: the stamps do not move
+    assert [e.get(timeout=0) for e in ends] == got
+    host = clock.watch((np.zeros(3),))  # already on the host: ends now
+    assert host.get(timeout=0) is not None and host.get(timeout=0) >= got[-1]
+    clock.close()
+    clock._thread.join(timeout=5.0)
+    assert not clock._thread.is_alive()
+
+
+def test_a_failed_call_ends_with_none() -> None:
+    clock = CallClock()
+
+    class Broken:  # an output whose wait raises, as a failed device computation's would
+        def block_until_ready(self) -> None:
+            raise RuntimeError("device error")
+
+    arr = jnp.ones(2)
+    end = clock.watch((arr,))
+    assert end.get(timeout=30.0) is not None
+    # a failing wait (fed the way `watch` queues a call): None, and the watcher goes on
+    failing = CallEnd()
+    clock._queue.put(([Broken()], failing))  # type: ignore[list-item]
+    assert failing.get(timeout=30.0) is None
+    after = clock.watch((jnp.ones(2) * 2,))
+    assert after.get(timeout=30.0) is not None
+    clock.close()

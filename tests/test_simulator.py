@@ -303,3 +303,33 @@ def test_simulated_worker_waits_for_compiles_when_every_request_is_held(tmp_path
     assert rc == 0, capsys.readouterr().err
     m = json.loads(out.read_text())["modes"]["static"]
     assert m["finished"] == 50 and m["lost"] == 0 and m["live_after"] == 0
+
+
+def test_calibration_from_a_runs_call_log(tmp_path) -> None:
+    """`benchmarks.sim.from_calls`: each measured uncompiled prefill call of a bench's call log
+    becomes a colocated prefill point at the context that gives its attention FLOPs; the rest of the
+    base calibration is kept, and the result fits."""
+    from benchmarks.sim.from_calls import call_points
+    from benchmarks.sim.from_calls import main as from_calls_main
+
+    c = costs_for("olmoe-1b-7b-00", "bfloat16", 262144, "gpu")
+    # 512 tokens after 8,000: pairs = 512 x 8,000 + 512 x 513 / 2
+    pairs = 512 * 8000 + 512 * 513 / 2
+    rec = {"decode": False, "compiled": False, "busy": 0.02, "prefill_tokens": 512, "dense_flops": 1.0,
+           "attention_flops": pairs * c.attn_flops_per_pair, "dispatched": 0.0, "ready": 0.02,
+           "lanes": "[G4 B8 T512 P1024]", "group": 0}
+    skipped = [dict(rec, compiled=True), dict(rec, busy=None), dict(rec, decode=True, prefill_tokens=0)]
+    pts = call_points([rec, *skipped], "olmoe-1b-7b-00", 262144, "calls.jsonl", "NVIDIA H200", "2026-12-04")
+    got = [(p["tokens"], p["context"], p["seconds"], p["topology"]) for p in pts]
+    assert got == [(512, 8000, 0.02, "colocated")]
+    calls = tmp_path / "calls_shared.jsonl"
+    calls.write_text("\n".join(json.dumps(dict(rec, busy=0.02 + 0.001 * i)) for i in range(5)) + "\n")
+    out = tmp_path / "cal.json"
+    base = "benchmarks/calibrations/h200_calibrate_2026-12-04.json"
+    assert from_calls_main(["--calls", str(calls), "--model", "olmoe-1b-7b-00", "--base", base,
+                            "--date", "2026-12-04", "--json", str(out)]) == 0
+    cal = load_calibration(str(out))
+    colocated = [p for p in cal["prefill_points"] if p["topology"] == "colocated"]
+    assert len(colocated) == 5 and all(p["source"] == str(calls) for p in colocated)
+    assert cal["decode_points"] == load_calibration(base)["decode_points"]
+    assert fit(cal).params["colocated"].prefill_points == 5

@@ -842,9 +842,9 @@ def pct(xs: Sequence[float] | np.ndarray, qs: Sequence[float]) -> dict[str, floa
 
 def call_summary(calls: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """What results.json keeps of calls_<mode>.jsonl: call counts, device seconds of decode and
-    prefill calls (calls whose end the host saw: `GroupRunner._collect`), the gaps between one
-    group's consecutive decode calls as the host saw them end (what a stream's tokens see), and
-    prompt tokens per prefill call."""
+    prefill calls (those whose end the call clock saw and that ran their own program), the gaps
+    between one group's consecutive decode calls as the host read them (what a stream's tokens
+    see), and prompt tokens per prefill call."""
     qs = (50, 90, 99)
     dec = [c for c in calls if c["decode"]]
     pre = [c for c in calls if not c["decode"]]

@@ -240,10 +240,10 @@ class _Call:
 @dataclasses.dataclass(frozen=True)
 class CallRecord:
     """One program call as `_collect` read it (`GroupRunner.call_log`): `_now()` at dispatch and
-    when its outputs were seen ready, its device seconds (from the later of its dispatch and the
-    previous call's end), decode or prefill, the programs' shapes (`describe_spec` of its lanes),
-    prompt tokens and FLOPs of a prefill (`PrefillWork`), and whether it compiled its program or
-    ran in a larger one."""
+    when the host's read of it returned, its device seconds (from the later of its dispatch and the
+    previous call's end to its own end, `call_clock`), decode or prefill, the programs' shapes
+    (`describe_spec` of its lanes), prompt tokens and FLOPs of a prefill (`PrefillWork`), and
+    whether it compiled its program or ran in a larger one."""
 
     dispatched: float
     ready: float

@@ -197,7 +197,8 @@ def _run_prefill(qp, arena, page_table, kv_lens, cu_q_lens, geom, *, group_block
 # H200 (benchmarks/prefill_attention.py, docs/kernels.md, 2026-12-04): the fastest of 9
 # configurations at 8K and 32K tokens of context for OLMoE (16/16 heads: 1.22x and 1.44x the
 # previous 64 rows / 64-token blocks / 4 warps / 2 stages / 1 split) and Qwen3-30B-A3B (32/4 heads:
-# 1.02x, 1.08x), and faster than those defaults in all 8 cases.
+# 1.02x, 1.08x), and faster than those in all 8 cases of that sweep (a second run: 1.24-1.45x at
+# 8K-32K; one case slower, OLMoE with no context, 313 vs 131 us, the process's first timed kernel).
 GPU_PREFILL_DEFAULTS = {"rows": 128, "block_t": 128, "num_warps": 8, "num_stages": 3, "num_splits": 4}
 
 

@@ -359,6 +359,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         weights_fraction = 0.25
         steps_per_call = 2
         prefill_chunk = 32
+        prefill_share = 0.5
         max_prefill_tokens = 128
         micro_batches = 2
         dtype = "float32"
@@ -373,8 +374,9 @@ def test_engine_settings_from_file_and_flags(tmp_path):
     assert s.precompile_context == 4096 and s.load_on_request is True
     assert s.warmup is False and s.engine == dict(
         arena_bytes=8 << 20, page_bytes=4096, weights_fraction=0.25, steps_per_call=2, prefill_chunk=32,
-        max_prefill_tokens=128, micro_batches=2, dtype="float32", attention_backend="reference",
-        execution="auto", overlap=False, idle_sleep_s=60.0, host_weights_bytes=2 << 30)
+        prefill_share=0.5, max_prefill_tokens=128, micro_batches=2, dtype="float32",
+        attention_backend="reference", execution="auto", overlap=False, idle_sleep_s=60.0,
+        host_weights_bytes=2 << 30)
     assert s.engine_config() == EngineConfig(**s.engine)
     # flags win over the file, field by field; sizes take units
     args = build_parser().parse_args(
@@ -387,6 +389,8 @@ def test_engine_settings_from_file_and_flags(tmp_path):
     assert serve_settings(args).engine["execution"] == "host"
     args = build_parser().parse_args(["serve", "--config", path, "--overlap"])
     assert serve_settings(args).engine["overlap"] is True
+    args = build_parser().parse_args(["serve", "--config", path, "--prefill-share", "2"])
+    assert serve_settings(args).engine["prefill_share"] == 2.0
     args = build_parser().parse_args(["serve", "--config", path, "--precompile-context", "512"])
     assert serve_settings(args).precompile_context == 512
     args = build_parser().parse_args(["serve", "--config", path, "--no-load-on-request",
@@ -404,6 +408,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         ("[engine]\npage_bytes = 0", "key 'engine.page_bytes': must be >= 1 byte"),
         ("[engine]\nweights_fraction = 1.0", "key 'engine.weights_fraction': must be a number between"),
         ("[engine]\nsteps_per_call = 0", "key 'engine.steps_per_call': must be >= 1"),
+        ("[engine]\nprefill_share = 0", "key 'engine.prefill_share': must be a number > 0"),
         ("[engine]\nmicro_batches = 1.5", "key 'engine.micro_batches': must be an integer"),
         ('[engine]\ndtype = "int8"', "key 'engine.dtype': must be one of float32, bfloat16, float16"),
         ('[engine]\nattention_backend = "cuda"', "key 'engine.attention_backend': must be one of gpu"),
@@ -427,6 +432,7 @@ def test_engine_config_errors_name_the_key(tmp_path, body, needle):
         (["--arena-bytes", "12 parsecs"], "--arena-bytes: must be a byte count"),
         (["--weights-fraction", "0"], "--weights-fraction: must be a number between 0 and 1"),
         (["--prefill-chunk", "0"], "--prefill-chunk: must be >= 1"),
+        (["--prefill-share", "-1"], "--prefill-share: must be a number > 0"),
         (["--dtype", "int4"], "--dtype: must be one of float32, bfloat16, float16"),
         (["--mode", "crosspool", "--pools", "4"], "mode crosspool: pools must be KV+WEIGHTS"),
         (["--mode", "shared", "--pools", "4+4"], "mode shared: pools is the number of devices to use"),

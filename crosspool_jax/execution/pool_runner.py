@@ -781,7 +781,6 @@ class GroupRunner:
         if not self.fallback or not self.reqs:
             return frozenset()
         self._poll_background()
-        compiled = {*self._programs, *self._ready}
         covered: dict[Any, int] = {}
         held: set[str] = set()
         live = (*self.planner.running(), *self.planner.waiting())
@@ -792,7 +791,7 @@ class GroupRunner:
             model = self.reqs[rid].model
             key = self._lane_key(model)
             if key not in covered:
-                covered[key] = self._covered_width(key, compiled)
+                covered[key] = self._covered_width(key)
             if not covered[key]:  # a new lane: `held_models`' case
                 continue
             whole = self._pages_bucket(model, span[1])
@@ -802,7 +801,7 @@ class GroupRunner:
             # the lane's top programs, which dominate every call at that width
             for sp in (self._chunk_spec(key, min(self.prefill_chunk, span[1]), whole),
                        *self._top_specs(key, whole)):
-                if sp not in compiled:
+                if sp not in self._programs and sp not in self._ready:
                     self._compile_in_background(sp, compile_queue.URGENT)
             if self._pages_bucket(model, min(span[1], span[0] + self.max_prefill_tokens)) > covered[key]:
                 held.add(rid)
@@ -819,12 +818,15 @@ class GroupRunner:
         """The page-table bucket (pages per layer) of `tokens` tokens of `model`."""
         return self.buckets.round(-(-tokens // self.geoms[model].tokens_per_page), self.buckets.pages_floor)
 
-    def _covered_width(self, key: tuple[Any, str | None], compiled: set[StepSpec]) -> int:
+    def _covered_width(self, key: tuple[Any, str | None]) -> int:
         """The widest page tables (pages per layer) at which lane `key`'s top programs
         (`_top_specs`) are all compiled: every call of the lane up to it has a program (0: none)."""
-        widths = {ln.max_pages for sp in compiled if not sp.decode for ln in sp.lanes if ln.cls == key[0]}
+        # the held programs are walked, not put in a set: a step spec's hash is deep (once per step
+        # per held program was most of the simulator's host time)
+        held = (*self._programs, *self._ready)
+        widths = {ln.max_pages for sp in held if not sp.decode for ln in sp.lanes if ln.cls == key[0]}
         for w in sorted(widths, reverse=True):
-            if all(sp in compiled for sp in self._top_specs(key, w)):
+            if all(sp in self._programs or sp in self._ready for sp in self._top_specs(key, w)):
                 return w
         return 0
 

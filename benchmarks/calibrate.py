@@ -100,16 +100,9 @@ def time_call(store: ArenaStore, spec: StepSpec, arr: dict[str, np.ndarray], pla
     prog = build_step(spec, store, platform).lower(sds, input_shapes(spec, store)).compile()
     compile_s = time.perf_counter() - t0
     inputs = ({k: jax.device_put(v.reshape(-1, *v.shape[2:]), store.sharding) for k, v in arr.items()},)
-    for _ in range(2):
-        store.arena, out = prog(store.arena, inputs)
-    jax.block_until_ready(out)
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        store.arena, out = prog(store.arena, inputs)
-        jax.block_until_ready(out)
-        ts.append(time.perf_counter() - t0)
-    return compile_s, float(np.median(ts))
+    from benchmarks.layer_loop import median_call_seconds
+
+    return compile_s, median_call_seconds(prog, store, inputs, iters)
 
 
 def measure_topology(topology: str, devs: list[Any], model: str, layout: PoolLayout, platform: str,

@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -206,16 +205,13 @@ def test_simulated_group_schedules_exactly_as_the_real_runner(monkeypatch) -> No
 # ---- crosspool simulate ----------------------------------------------------------------------------
 
 
-def test_simulate_gpu2_runs_in_smoke_time_with_the_bench_keys(tmp_path, capsys) -> None:
+def test_simulate_gpu2_smoke_reports_the_bench_keys(tmp_path, capsys) -> None:
     out = tmp_path / "sim.json"
-    t0 = time.time()
     # the preset's first 60 s (of 180) and one isolated request per bucket for the SLO keep this
-    # CI smoke at 18-23 s on 2 shared cores (the whole preset: 45 s there, docs/simulator.md)
+    # smoke short; how long the simulator takes is measured in docs/simulator.md, not asserted here
     rc = cli_main(["simulate", "--preset", "gpu-2", "--max-duration-s", "60", "--reference-requests", "1",
                    "--json", str(out)])
-    wall = time.time() - t0
     assert rc == 0, capsys.readouterr().err
-    assert wall < 40, wall
     res = json.loads(out.read_text())
     assert "PREDICTED" in capsys.readouterr().out
     assert set(res["modes"]) == {"crosspool", "shared", "static"}

@@ -135,6 +135,14 @@ class ModelClass:
     def _by_name(self) -> dict[str, TensorSlot]:
         return dict(self.slots)
 
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.config, self.slots, self.experts_local, self.shared_local, self.dense_local))
+
+    def __hash__(self) -> int:
+        # computed once: every step looks its programs up by spec, and a spec's hash reaches this
+        return self._hash
+
     def slot(self, name: str) -> TensorSlot:
         return self._by_name[name]
 

@@ -63,7 +63,8 @@ blocked_compile_seconds` summed over `engine.groups`, read before and after the 
 Outputs in --out: results.json, trace.jsonl (the trace replayed), requests_<mode>.jsonl (every
 request's times and outcome), calls_<mode>.jsonl (every program call of the measured pass:
 `GroupRunner.call_log`, times in seconds since the replay's start; summarised in results.json's
-`calls`), tbt_cdf.csv and kv_pages.csv (the plot data), and tbt_cdf.png / kv_pages.png when
+`calls`, with the background compiles' [group, start, end, decode] as `calls.compile_spans`),
+tbt_cdf.csv and kv_pages.csv (the plot data), and tbt_cdf.png / kv_pages.png when
 matplotlib is importable.
 """
 
@@ -700,6 +701,7 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
         out = replay(engine, running.address, records, vocab, seed, label, timeout, log, progress, sequential,
                      http_url)
         out["calls"] = call_records(engine, out["t0"])
+        out["compile_spans"] = compile_spans(engine, out["t0"])
         out["api"] = api
         out["preemptions"] -= base_preempt
         stalls = serving_stalls(engine)
@@ -723,6 +725,15 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
 
 
 CALL_LOG = 200_000  # most program calls kept per group for calls_<mode>.jsonl
+
+
+def compile_spans(engine: Any, t0: float) -> list[list[Any]]:
+    """Every group's background compiles that ended after the replay's start `t0` (wall clock), as
+    [group, start, end, decode] with times in seconds since `t0` (`GroupRunner.compile_spans`)."""
+    shift = time.time() - time.perf_counter() - t0
+    return [[gi, round(s + shift, 6), round(e + shift, 6), d]
+            for gi, g in enumerate(getattr(engine, "groups", None) or [])
+            for s, e, d in getattr(g, "compile_spans", ()) if e + shift >= 0]
 
 
 def call_records(engine: Any, t0: float) -> list[dict[str, Any]]:
@@ -1359,6 +1370,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
             continue
         recs, run = job["records"], job["run"]
         calls = run.pop("calls", [])
+        spans = run.pop("compile_spans", [])
         results["modes"][mode] = mode_metrics(recs, run, slo, window, job["compiles"])
         results["modes"][mode]["engine"] = run["describe"]
         results["modes"][mode]["weights"] = run["weights"]
@@ -1378,7 +1390,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
             with open(os.path.join(out_dir, f"calls_{mode}.jsonl"), "w", encoding="utf-8") as f:
                 for c in calls:
                     f.write(json.dumps(c) + "\n")
-            results["modes"][mode]["calls"] = call_summary(calls)
+            results["modes"][mode]["calls"] = call_summary(calls) | {"compile_spans": spans}
         with open(done_path, "w", encoding="utf-8") as f:  # what --resume keeps
             json.dump({"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                        "metrics": results["modes"][mode], "records": [dataclasses.asdict(r) for r in recs],

@@ -75,6 +75,10 @@ def test_bench_cpu_tiny_short_all_modes(tmp_path: pathlib.Path) -> None:
         assert sum(c["prefill_tokens"] for c in calls) >= sum(
             r["prompt_len"] for r in recs if r["outcome"] == "finished")
         assert all(c["ready"] >= c["dispatched"] and c["lanes"].startswith("[G") for c in calls)
+        # every call carried a request; a decode call's requests had their prompts' KV at least
+        assert all(c["requests"] >= 1 for c in calls)
+        assert all(c["kv_tokens"] >= c["requests"] for c in calls if c["decode"])
+        assert all(0 <= start <= end for _, start, end, _ in m["calls"]["compile_spans"])
         for r in recs:
             assert r["outcome"] in ("finished", "rejected", "failed") and r["reason"], r
             if r["outcome"] == "finished":

@@ -149,7 +149,10 @@ def _compile_for(ref: weakref.ref, spec: StepSpec) -> Any:
     runner = ref()
     if runner is None or compile_queue.exiting():
         return None
-    return runner._compile_aot(spec)
+    start = runner._now()
+    prog = runner._compile_aot(spec)
+    runner.compile_spans.append((start, runner._now(), spec.decode))
+    return prog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +238,8 @@ class _Call:
     # call, whose end `end` stamps
     done_at: float | None = None
     end: CallEnd | None = None
+    requests: int = 0  # requests with rows in the call
+    kv_tokens: int = 0  # their KV tokens before the call (what its attention reads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +248,8 @@ class CallRecord:
     when the host's read of it returned, its device seconds (from the later of its dispatch and the
     previous call's end to its own end, `call_clock`), decode or prefill, the programs' shapes
     (`describe_spec` of its lanes), prompt tokens and FLOPs of a prefill (`PrefillWork`), and
-    whether it compiled its program or ran in a larger one."""
+    whether it compiled its program or ran in a larger one, how many requests it carried and
+    their KV tokens before it."""
 
     dispatched: float
     ready: float
@@ -254,6 +260,9 @@ class CallRecord:
     dense_flops: float
     attention_flops: float
     compiled: bool
+    requests: int = 0  # requests with rows in the call (decode: slots with a token)
+    kv_tokens: int = 0  # their KV tokens before the call (tokens)
+    models: int = 0  # models with requests in the call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,6 +448,8 @@ class GroupRunner:
         self._costs: dict[str, ModelCosts] = {}  # per model, from its shapes (`_model_costs`)
         # the last calls read (`CallRecord`): what the benchmarks report of a run's calls
         self.call_log: collections.deque[CallRecord] = collections.deque(maxlen=call_log)
+        # (start, end, decode) of the background compiles, `_now()` seconds (the last 1,024)
+        self.compile_spans: collections.deque[tuple[float, float, bool]] = collections.deque(maxlen=1024)
         self.decode_call_seconds: float | None = None  # measured device time of a decode call (EMA)
         self.overlap = overlap
         self._inflight: collections.deque[_Call] = collections.deque()
@@ -1232,7 +1243,8 @@ class GroupRunner:
                 self.call_log.append(CallRecord(
                     call.dispatched, ready, busy, call.decode,
                     " + ".join(describe_lane(ln) for ln in call.lanes), call.prefill_tokens,
-                    call.prefill_work.dense_flops, call.prefill_work.attention_flops, call.compiled))
+                    call.prefill_work.dense_flops, call.prefill_work.attention_flops, call.compiled,
+                    call.requests, call.kv_tokens, len(call.models)))
             for lane, place, got in zip(call.lanes, call.places, got_lanes, strict=True):
                 got = got.reshape(got.shape[0], n, lane.slots)
                 for rid, d, bi, count, g0 in place:
@@ -1429,7 +1441,9 @@ class GroupRunner:
                                     frozenset(w.req.model for w in items), dispatched,
                                     (self.blocked_compiles, self.fallback_calls)
                                     != (blocked_before, fallbacks_before), done_at,
-                                    None if done_at is not None else self._call_clock.watch(outs)))
+                                    None if done_at is not None else self._call_clock.watch(outs),
+                                    sum(len(rows) for _, _, rows in groups),
+                                    sum(s0 for _, _, rows in groups for _, s0, *_ in rows)))
         return rest
 
     def _execute(self, programs: list[tuple[list[int], Callable]], groups: list[tuple[Any, list[str], list]],

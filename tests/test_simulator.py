@@ -223,6 +223,7 @@ def test_simulate_gpu2_smoke_reports_the_bench_keys(tmp_path, capsys) -> None:
         assert m["kv_pages"]["total"] == res["memory"][mode]["kv_pages_total"]
         assert sum(u for _, u, _ in m["pages_after"]) == 0
         assert m["tbt_s"]["p99"] > 0 and m["ttft_s"]["p50"] > 0 and m["goodput_rps"] >= 0
+        assert m["ready_s"] > 0  # as the bench, the replay starts once the gate programs compiled
         assert keys is None or set(m) == keys
         keys = set(m)
     # the bench's metric keys, plus the simulation's own
@@ -329,3 +330,56 @@ def test_calibration_from_a_runs_call_log(tmp_path) -> None:
     assert len(colocated) == 5 and all(p["source"] == str(calls) for p in colocated)
     assert cal["decode_points"] == load_calibration(base)["decode_points"]
     assert fit(cal).params["colocated"].prefill_points == 5
+
+
+def test_calibration_from_calls_takes_decode_compile_and_padding(tmp_path) -> None:
+    """Decode calls with `requests` / `kv_tokens` become decode points (seconds per step = device
+    seconds / K; models from the record, else at most --decode-models); the run's compile spans the
+    compile points; calls in a larger program price the padded rows: a prefill call in a T2048
+    program costing its own price + 1,536 x 10 us gives back 10 us per row."""
+    from benchmarks.sim.costmodel import _point_work
+    from benchmarks.sim.from_calls import _lane_rows, decode_points
+    from benchmarks.sim.from_calls import main as from_calls_main
+
+    assert _lane_rows("[G4 B32 T32 P1024] + [G4 B8 T8 P64]", True) == 40
+    assert _lane_rows("[G4 B8 T2048 P256]", False) == 2048
+    dec = {"decode": True, "compiled": False, "busy": 0.024, "prefill_tokens": 0, "dense_flops": 0.0,
+           "attention_flops": 0.0, "dispatched": 0.0, "ready": 0.03, "lanes": "[G4 B8 T8 P1024]",
+           "group": 0, "requests": 6, "kv_tokens": 6 * 9000}
+    pts = decode_points([dec, dict(dec, models=2), dict(dec, compiled=True), {**dec, "busy": None},
+                         {k: v for k, v in dec.items() if k != "kv_tokens"}],
+                        "olmoe-1b-7b-00", 262144, "c.jsonl", "NVIDIA H200", "2026-12-04", 4, 3)
+    assert [(p["batch"], p["context"], p["groups"], p["s_per_step"]) for p in pts] == [
+        (6, 9000, 3, 0.006), (6, 9000, 2, 0.006)]
+    base = "benchmarks/calibrations/h200_calibrate_2026-12-04.json"
+    c = costs_for("olmoe-1b-7b-00", "bfloat16", 262144, "gpu")
+    pre = {"decode": False, "compiled": False, "busy": 0.02, "prefill_tokens": 512, "dense_flops": 1.0,
+           "attention_flops": (512 * 8000 + 512 * 513 / 2) * c.attn_flops_per_pair, "dispatched": 0.0,
+           "ready": 0.02, "lanes": "[G4 B8 T512 P1024]", "group": 0, "requests": 1, "kv_tokens": 8000}
+    recs = [dict(pre, busy=0.02 + 0.001 * i) for i in range(5)] + [
+        dict(dec, busy=0.02 + 0.002 * i, requests=1 + i, kv_tokens=(1 + i) * 4000) for i in range(6)]
+    calls = tmp_path / "calls_static.jsonl"
+    calls.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"modes": {"static": {"calls": {"compile_spans": [
+        [0, 1.0, 5.0, True], [0, 5.0, 8.0, False], [0, 8.0, 10.0, False]]}}}}))
+    out = tmp_path / "cal.json"
+    args = ["--calls", str(calls), "--results", str(results), "--model", "olmoe-1b-7b-00", "--base", base,
+            "--decode-models", "3", "--date", "2026-12-04", "--json", str(out)]
+    assert from_calls_main(args) == 0
+    cal = load_calibration(str(out))
+    assert len([p for p in cal["decode_points"] if p["topology"] == "colocated"]) == 6
+    cost = fit(cal)
+    assert cost.compile_s == {"decode": 4.0, "prefill": 2.5}  # medians of the spans
+    assert cost.padding.decode_s_per_slot_step == cost.padding.prefill_s_per_token == 0.0  # none padded
+    # the padding of a prefill call in a T2048 program: its own price + 1,536 rows x 10 us
+    own = sum(cost.prefill_s("colocated", w) for w in _point_work(
+        {"model": "olmoe-1b-7b-00", "page_bytes": 262144, "tokens": 512, "context": 8000}, False))
+    padded = dict(pre, compiled=True, lanes="[G4 B8 T2048 P1024]", busy=own + 1536 * 1e-5)
+    calls.write_text("\n".join(json.dumps(r) for r in [*recs, padded]) + "\n")
+    assert from_calls_main(args) == 0
+    pad = fit(load_calibration(str(out))).padding
+    assert abs(pad.prefill_s_per_token - 1e-5) < 1e-9 and pad.decode_s_per_slot_step == 0.0
+    assert pad.prefill_s_per_token * 1536 == fit(load_calibration(str(out))).padded_prefill_s(1536)
+    w = _point_work({"model": "olmoe-1b-7b-00", "page_bytes": 262144, "batch": 4, "context": 100}, True)[0]
+    assert cost.decode_s("colocated", w, 4, padded_slots=28) == cost.decode_s("colocated", w, 4)  # no price

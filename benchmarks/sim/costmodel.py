@@ -177,6 +177,25 @@ class Ranges:
 
 
 @dataclasses.dataclass(frozen=True)
+class Padding:
+    """What a call run in a larger compiled program (the engine's fallback while its own compiles)
+    costs beyond its own work: seconds per padded decode slot per step and per padded prefill
+    query row, fitted by `benchmarks/sim/from_calls.py` on a replay's fallback calls (0: the
+    calibration has none; such calls are then priced by their own work alone)."""
+
+    decode_s_per_slot_step: float
+    prefill_s_per_token: float
+    source: str
+
+
+def padding_of(cal: dict[str, Any]) -> Padding:
+    """The calibration's `padding` entry (zeros when it has none)."""
+    p = cal.get("padding") or {}
+    return Padding(float(p.get("decode_s_per_slot_step", 0.0)), float(p.get("prefill_s_per_token", 0.0)),
+                   str(p.get("source", "")))
+
+
+@dataclasses.dataclass(frozen=True)
 class CostModel:
     """Seconds of step-program calls (module docstring). `params` per topology kind."""
 
@@ -189,10 +208,19 @@ class CostModel:
     ranges: Ranges
     notes: tuple[str, ...]
     sources: tuple[str, ...]
+    # seconds per padded row of a call run in a larger program than its own (`Padding`)
+    padding: Padding = dataclasses.field(default_factory=lambda: Padding(0.0, 0.0, ""))
 
-    def decode_s(self, topology: str, work: Work, steps: int) -> float:
+    def decode_s(self, topology: str, work: Work, steps: int, padded_slots: int = 0) -> float:
+        """A decode call of `steps` steps; `padded_slots`: slots of its program beyond its own
+        requests (per KV device), each priced at `padding.decode_s_per_slot_step` per step."""
         p = self.params[topology]
-        return steps * (work.layers * p.a + p.f * work.bytes / self.bandwidth)
+        return steps * (work.layers * p.a + p.f * work.bytes / self.bandwidth
+                        + padded_slots * self.padding.decode_s_per_slot_step)
+
+    def padded_prefill_s(self, padded_tokens: int) -> float:
+        """What `padded_tokens` query rows of a prefill program beyond the call's own tokens add."""
+        return padded_tokens * self.padding.prefill_s_per_token
 
     def prefill_s(self, topology: str, work: Work) -> float:
         p = self.params[topology]
@@ -315,7 +343,7 @@ def fit(cal: dict[str, Any]) -> CostModel:
                      | {str(host.get("source", "")), str(cal["copy_bandwidth"].get("source", ""))} - {""})
     return CostModel(cal.get("name", cal.get("path", "?")), bw, params, comp,
                      float(host["launch_s_per_call"]), dict(cal.get("transfers") or {}), ranges,
-                     tuple(notes), tuple(sources))
+                     tuple(notes), tuple(sources), padding_of(cal))
 
 
 def _shape_of(model: str) -> str:

@@ -257,8 +257,12 @@ class SimulatedGroup(GroupRunner):
             costs = {s.model: self._model_costs(s.model) for s in slots}
             work = lane_work(slots, costs, self.store.num_kv, self.store.num_weights, decode)
             steps = prog.spec.steps
-            seconds += (self.cost.decode_s(self.topology_kind, work, steps) if decode
-                        else self.cost.prefill_s(self.topology_kind, work))
+            # rows of the program beyond the call's own (a larger program while its own compiles)
+            padded = sum(ln.slots if decode else ln.tokens for ln in prog.spec.lanes) - (
+                work.slots_per_device if decode else _busiest_tokens(sorted_rows, idxs))
+            seconds += (self.cost.decode_s(self.topology_kind, work, steps, max(0, padded)) if decode
+                        else self.cost.prefill_s(self.topology_kind, work)
+                        + self.cost.padded_prefill_s(max(0, padded)))
             for why in self.cost.outside(work, decode, [_shape(m) for m in costs]):
                 self.outside[why] = self.outside.get(why, 0) + 1
             self.calls_priced += 1
@@ -275,6 +279,15 @@ class SimulatedGroup(GroupRunner):
 
     def _swap(self, plan: Any, to_host: bool) -> None:
         raise RuntimeError("the simulator has no host swap path")
+
+
+def _busiest_tokens(sorted_rows: list[tuple[list[list], dict[str, int]]], idxs: list[int]) -> int:
+    """Prefill query tokens of the lanes `idxs` on their busiest KV device."""
+    per_dev: dict[int, int] = {}
+    for i in idxs:
+        for d, rows in enumerate(sorted_rows[i][0]):
+            per_dev[d] = per_dev.get(d, 0) + sum(e0 - s0 for _, s0, e0, *_ in rows)
+    return max(per_dev.values(), default=0)
 
 
 def _shape(model: str) -> str:

@@ -34,6 +34,7 @@ measurement: the numbers are only as good as the calibration named in them.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import heapq
@@ -125,8 +126,17 @@ def _prompt(n: int) -> tuple[int, ...]:
 def replay(engine: SimEngine, records: list[bench.Record], max_live: int,
            period: float = bench.STATS_PERIOD_S) -> dict[str, Any]:
     """Replays `records` (arrival_s = when sent) through the engine's groups in simulated time
-    (module docstring) and fills them; returns the bench's run dict (samples, preemptions, ...)."""
+    (module docstring) and fills them; returns the bench's run dict (samples, preemptions, ...).
+    As the bench, the replay starts once every placed model's gate programs are compiled
+    (`PooledEngine.wait_warm`; the other warm-ups go on compiling during the replay): every time
+    in the records and the run dict counts from then (`t0`, in the groups' clocks)."""
     groups = engine.groups
+    for g in groups:
+        for fut in g.gate_compiles():
+            fut.exception()  # waits: the group's clock moves to the compile's end
+    t0 = max(g.clock for g in groups)
+    for g in groups:
+        g.clock = t0
     events: list[tuple[float, int, str, Any]] = []
     seq = 0
 
@@ -136,8 +146,8 @@ def replay(engine: SimEngine, records: list[bench.Record], max_live: int,
         seq += 1
 
     for rec in records:
-        push(rec.arrival_s, "arrive", rec)
-    push(0.0, "sample", None)
+        push(t0 + rec.arrival_s, "arrive", rec)
+    push(t0, "sample", None)
     by_id = {r.request_id: r for r in records}
     inbox: list[list[bench.Record]] = [[] for _ in groups]
     scheduled = [False] * len(groups)
@@ -151,12 +161,12 @@ def replay(engine: SimEngine, records: list[bench.Record], max_live: int,
         if kind == "arrive":
             rec = payload
             pending_arrivals -= 1
-            rec.sent_s = t
+            rec.sent_s = t - t0
             if live >= max_live:
                 rec.outcome = "rejected"
                 rec.reason = (f"RESOURCE_EXHAUSTED: the engine holds its maximum of {max_live} live "
                               "requests; retry later")
-                rec.end_s = t
+                rec.end_s = t - t0
                 continue
             live += 1
             gi = engine.model_group[rec.model]
@@ -175,7 +185,7 @@ def replay(engine: SimEngine, records: list[bench.Record], max_live: int,
                     g.submit(rec.request_id, rec.model, _prompt(rec.prompt_len), rec.output_len,
                              SamplingParams())
                 except RequestRejected as e:
-                    rec.outcome, rec.reason, rec.end_s = "rejected", f"ABORTED: rejected: {e}", g.clock
+                    rec.outcome, rec.reason, rec.end_s = "rejected", f"ABORTED: rejected: {e}", g.clock - t0
                     live -= 1
             inbox[gi].clear()
             if not g.has_work:
@@ -185,7 +195,7 @@ def replay(engine: SimEngine, records: list[bench.Record], max_live: int,
             steps += 1
             if not res.calls and g.has_work:  # all held for compiles: the worker waits for one
                 g.idle()
-            now = g.clock
+            now = g.clock - t0
             for rid, toks in res.tokens.items():
                 by_id[rid].token_s.extend([now] * len(toks))
             for rid, (reason, _) in res.finished.items():
@@ -199,7 +209,7 @@ def replay(engine: SimEngine, records: list[bench.Record], max_live: int,
         elif kind == "free":
             live -= 1
         else:  # a KV sample of every device
-            samples.append({"t": t, "used": [g.kv.config.pages_per_device - g.kv.pages_free(d)
+            samples.append({"t": t - t0, "used": [g.kv.config.pages_per_device - g.kv.pages_free(d)
                                              for g in groups for d in range(g.kv.config.num_devices)],
                             "preemptions": sum(g.preemptions for g in groups),
                             "running": sum(len(g.planner.running()) for g in groups),
@@ -218,17 +228,17 @@ def replay(engine: SimEngine, records: list[bench.Record], max_live: int,
     blocked = [(e, s) for g in groups for e, s in g.compile_log]
     t_end = max([t_end, *(r.end_s or 0.0 for r in records)])
     for g in groups:  # the virtual compile thread's starts up to the end (assigned lazily)
-        g.compile_queue.advance(t_end)
+        g.compile_queue.advance(t0 + t_end)
     background = [(f.done_at, f.seconds) for g in groups for f in g.background_futures
                   if not f.cancelled() and f.start is not None]
-    return {"t0": 0.0, "t_end": t_end, "samples": samples,
+    return {"t0": 0.0, "t_end": t_end, "samples": samples, "ready_s": round(t0, 3), "clock_t0": t0,
             "pages_after": [[d, u, tot] for d, u, tot in zip(devices, used_after, totals, strict=True)],
             "preemptions": sum(g.preemptions for g in groups), "devices": devices, "pages_total": totals,
             "live_after": live, "build_s": 0.0,
             "serving_blocked_s": sum(g.blocked_compile_seconds for g in groups),
             "serving_blocked_compiles": sum(g.blocked_compiles for g in groups),
             "fallback_calls": sum(g.fallback_calls for g in groups),
-            "compiles": [s for e, s in blocked + background if e <= t_end],
+            "compiles": [s for e, s in blocked + background if t0 < e <= t0 + t_end],
             "steps": steps, "calls": sum(g.calls for g in groups),
             "device_busy_s": round(sum(g.busy_seconds for g in groups), 3),
             "outside_calibration": _merge_counts([g.outside for g in groups]),
@@ -366,6 +376,9 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
             continue
         t0 = time.time()
         eng = build_engine(mode, order, setup, plans[mode], platform, cost, precompile_context)
+        if args.out:  # calls_<mode>.jsonl as the bench writes it (virtual seconds)
+            for g in eng.groups:
+                g.call_log = collections.deque(maxlen=bench.CALL_LOG)
         recs = [bench.Record(i, r.request_id, r.model, r.prompt_len, r.output_len,
                              r.arrival_s * args.time_scale) for i, r in enumerate(trace.requests)]
         run = replay(eng, recs, setup.max_live_requests)
@@ -379,6 +392,18 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
                            "device_busy_s": run["device_busy_s"], "calls_priced": run["calls_priced"],
                            "calls_outside_calibration": run["outside_calibration"],
                            "placement": {n: eng.model_group[n] for n in order}, "wall_s": round(wall, 2)}
+        if args.out:
+            t0 = run["clock_t0"]  # the replay's start in the groups' clocks
+            calls = sorted(({**dataclasses.asdict(c), "group": gi, "dispatched": c.dispatched - t0,
+                             "ready": c.ready - t0} for gi, g in enumerate(eng.groups)
+                            for c in g.call_log), key=lambda d: d["dispatched"])
+            m["calls"] = bench.call_summary(calls) | {"compile_spans": [
+                [gi, round(f.start - t0, 6), round(f.done_at - t0, 6), f.program.spec.decode]
+                for gi, g in enumerate(eng.groups) for f in g.background_futures
+                if f.start is not None and not f.cancelled() and t0 <= f.done_at <= t0 + run["t_end"]]}
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"calls_{mode}.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(c) + "\n" for c in calls)
         results["modes"][mode] = m
         records[mode], runs[mode] = recs, run
         log(f"simulate {mode}: {len(recs)} requests in {wall:.1f} s of wall time ({run['steps']} steps): "
@@ -399,7 +424,8 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
             with open(os.path.join(args.out, f"requests_{mode}.jsonl"), "w", encoding="utf-8") as f:
                 for r in recs:
                     f.write(json.dumps(dataclasses.asdict(r)) + "\n")
-        results["files"] = ["results.json", *(f"requests_{m}.jsonl" for m in records), *files, *pngs]
+        results["files"] = ["results.json", *(f"requests_{m}.jsonl" for m in records),
+                            *(f"calls_{m}.jsonl" for m in records), *files, *pngs]
         with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1, default=bench._json_default)
     if args.json:

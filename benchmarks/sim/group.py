@@ -233,6 +233,7 @@ class SimulatedGroup(GroupRunner):
         for sp in specs:
             self._programs[sp] = SimProgram(sp)
             self.programs_built += 1
+            self.held_generation += 1
         return len(specs)
 
     # -- calls --

@@ -414,6 +414,9 @@ class GroupRunner:
         self._background: dict[StepSpec, Any] = {}  # spec -> Future of its compiled program
         # compiled in the background, not used by a call yet (`_lookup` puts them in service)
         self._ready: dict[StepSpec, Callable] = {}
+        self.held_generation = 0  # bumped whenever a program enters or leaves `_programs` / `_ready`
+        # lane key -> ((held_generation, lane groups) it was found at, `_covered_width`)
+        self._covered: dict[Any, tuple[tuple[int, tuple[int, int]], int]] = {}
         self._warm_sets: dict[Any, set[StepSpec]] = {}  # lane key -> its warm programs (`warm_up`)
         # lane key -> the warm programs its waiting requests are held for (`held_models`)
         self._warm_gates: dict[Any, set[StepSpec]] = {}
@@ -566,6 +569,7 @@ class GroupRunner:
                 continue
             if spec not in self._programs:
                 self._ready[spec] = fut.result()
+                self.held_generation += 1
                 self._evict()
 
     def _program_for(self, want: StepSpec) -> tuple[StepSpec, Callable]:
@@ -621,6 +625,7 @@ class GroupRunner:
     def _insert(self, spec: StepSpec, prog: Callable) -> None:
         self._ready.pop(spec, None)
         self._programs[spec] = prog
+        self.held_generation += 1
         self._evict()
 
     def _evict(self) -> None:
@@ -630,6 +635,7 @@ class GroupRunner:
                 self._ready or len(self._programs) > 1):
             held = self._ready if self._ready else self._programs
             held.pop(next(iter(held)))
+            self.held_generation += 1
 
     def _strategy(self, spec: StepSpec, lowered: Callable) -> Callable:
         """`spec`'s step under this runner's execution strategy, given its lowered program."""
@@ -831,7 +837,17 @@ class GroupRunner:
 
     def _covered_width(self, key: tuple[Any, str | None]) -> int:
         """The widest page tables (pages per layer) at which lane `key`'s top programs
-        (`_top_specs`) are all compiled: every call of the lane up to it has a program (0: none)."""
+        (`_top_specs`) are all compiled: every call of the lane up to it has a program (0: none).
+        Kept per lane until the held programs (`held_generation`) or the lane's models change."""
+        stamp = (self.held_generation, self._lane_groups(key))
+        got = self._covered.get(key)
+        if got is not None and got[0] == stamp:
+            return got[1]
+        width = self._find_covered_width(key)
+        self._covered[key] = (stamp, width)
+        return width
+
+    def _find_covered_width(self, key: tuple[Any, str | None]) -> int:
         # the held programs are walked, not put in a set: a step spec's hash is deep (once per step
         # per held program was most of the simulator's host time)
         held = (*self._programs, *self._ready)
@@ -980,6 +996,7 @@ class GroupRunner:
             for i, (sp, compiled, dt) in enumerate(pool.map(one, specs)):
                 self._programs[sp] = compiled
                 self.programs_built += 1
+                self.held_generation += 1
                 if log is not None:
                     lane = sp.lanes[0]
                     log(f"precompiled {i + 1}/{len(specs)}: {'decode' if sp.decode else 'prefill'} "
@@ -1008,11 +1025,10 @@ class GroupRunner:
             raise InvalidRequestError(
                 f"{len(stops)} stop token ids; the step programs take at most {self.max_stop_ids} "
                 "(max_stop_ids)")
+        tokens = tuple(int(t) for t in prompt)
         with self._state_lock:
-            self.planner.submit(RequestSpec(request_id, model, tuple(int(t) for t in prompt),
-                                            max_new_tokens))
-            self.reqs[request_id] = _Req(request_id, model, tuple(int(t) for t in prompt),
-                                         max_new_tokens, sampling, stops)
+            self.planner.submit(RequestSpec(request_id, model, tokens, max_new_tokens))
+            self.reqs[request_id] = _Req(request_id, model, tokens, max_new_tokens, sampling, stops)
 
     def cancel(self, request_id: str) -> bool:
         """Ends a live request; its pages are free when this returns (tokens of it still on the

@@ -143,6 +143,16 @@ class ModelClass:
         # computed once: every step looks its programs up by spec, and a spec's hash reaches this
         return self._hash
 
+    def __eq__(self, other: object) -> bool:
+        # equal classes are often distinct objects (one per model): the hashes settle most
+        # comparisons before the configs and slot tables are compared field by field
+        if self is other:
+            return True
+        if not isinstance(other, ModelClass) or self._hash != other._hash:
+            return False
+        return (self.config, self.slots, self.experts_local, self.shared_local, self.dense_local) == (
+            other.config, other.slots, other.experts_local, other.shared_local, other.dense_local)
+
     def slot(self, name: str) -> TensorSlot:
         return self._by_name[name]
 
@@ -414,6 +424,8 @@ class ArenaBook:
         self.layout = layout
         self.attn_pages = attn_pages
         self.models: dict[str, ModelArena] = {}
+        # one object per distinct class: lane keys then compare by identity, not field by field
+        self._classes: dict[ModelClass, ModelClass] = {}
         rpp = layout.rows_per_page
         kv_alloc = RowAllocator(attn_pages * rpp)
         self._alloc = {Role.KV: kv_alloc,
@@ -475,7 +487,8 @@ class ArenaBook:
             offset[slot.role] += slot.rows
         base = self._alloc_block(name, need)
         e, s, d = local_sizes(cfg, self.num_weights)
-        return ModelArena(name, ModelClass(cfg, tuple(rel), e, s, d), base)
+        cls = ModelClass(cfg, tuple(rel), e, s, d)
+        return ModelArena(name, self._classes.setdefault(cls, cls), base)
 
     def place_model(self, name: str, cfg: ModelConfig, weights: ModelWeights,
                     guard: AbstractContextManager = NO_GUARD) -> ModelArena:
@@ -753,7 +766,7 @@ class ArenaStore(ArenaBook):
             if name in self.models:
                 raise ArenaError(f"model {name!r} is already placed")
             base = self._alloc_block(name, need)
-        ma = ModelArena(name, host.cls, base)
+        ma = ModelArena(name, self._classes.setdefault(host.cls, host.cls), base)
         try:
             for role in Role:
                 devs = self._pool_devices(role)

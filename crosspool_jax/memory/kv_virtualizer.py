@@ -956,11 +956,13 @@ class KVVirtualizer:
                 req.segments.append(seg)
             free = self._free[device]
             owner = self._owner[device]
+            rid = req.request_id
             for _ in range(rows):
-                row = [free.pop() for _ in range(layers)]
+                row = free[-layers:][::-1]  # the pages `layers` pops would hand out, in that order
+                del free[-layers:]
                 for page in row:
-                    owner[page] = req.request_id
-                    new_pages.append(PhysicalPage(device, page))
+                    owner[page] = rid
+                new_pages.extend([PhysicalPage(device, page) for page in row])
                 seg.append_row(row)
         self._model_pages[req.layout.model] += len(new_pages)
         return new_pages

@@ -202,6 +202,34 @@ def test_simulated_group_schedules_exactly_as_the_real_runner(monkeypatch) -> No
     assert sim.busy_seconds > 0 and sim.clock >= sim.busy_seconds
 
 
+def test_models_of_a_class_share_its_object_and_the_covered_width_follows_the_programs() -> None:
+    """Two models of one config in a book get the same `ModelClass` object (lane keys then compare
+    by identity); `_covered_width` is kept per lane and recomputed when a program enters or leaves
+    the held set, or when a model joins the lane."""
+    mix = demo_models()["demo-mixtral"]
+    cfg, w = mix.config, f32(mix.weights)
+    attn, _ = arena_pages({"a": (cfg, w), "b": (cfg, w), "c": (cfg, w)}, 1, LAYOUT, True)
+    book = ArenaBook(dataclasses.replace(LAYOUT, num_pages=attn + 8), attn, 1, 1, colocated=True)
+    sim = SimulatedGroup(book, book.layout, fit(load_calibration()), platform="cpu", backend="reference",
+                         kv_pages_per_device=8, warm_programs=0)
+    sim.add_model("a", cfg, w)
+    sim.add_model("b", cfg, w)
+    assert book.models["a"].cls is book.models["b"].cls
+    key = sim._lane_key("a")
+    assert sim._covered_width(key) == 0  # nothing compiled
+    top = sim._top_specs(key, 4)
+    sim.precompile(top)
+    assert sim._covered_width(key) == sim._find_covered_width(key) == 4
+    gen = sim.held_generation
+    sim._programs.pop(top[0])  # a program leaves the held set (as `_evict` does) ...
+    sim.held_generation += 1  # ... which bumps the generation
+    assert sim._covered_width(key) == sim._find_covered_width(key) == 0 and sim.held_generation == gen + 1
+    sim.precompile(top)
+    assert sim._covered_width(key) == 4
+    sim.add_model("c", cfg, w)  # a third model: the lane's top programs now hold 4 models
+    assert sim._covered_width(key) == sim._find_covered_width(key) == 0
+
+
 # ---- crosspool simulate ----------------------------------------------------------------------------
 
 

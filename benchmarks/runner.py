@@ -130,6 +130,7 @@ class BenchSetup:
     prefill_chunk: int = 64  # most prompt tokens of one request per step call
     max_prefill_tokens: int = 512  # most prompt tokens of all requests per step
     prefill_share: float | None = None  # EngineConfig.prefill_share (None: the engine's default)
+    mixed_steps: bool = False  # EngineConfig.mixed_steps
     note: str = ""
 
 
@@ -402,6 +403,7 @@ def _engine_config(setup: BenchSetup, plan: dict[str, Any]) -> Any:
                         weights_fraction=plan["weights_fraction"], steps_per_call=setup.steps_per_call,
                         attention_backend=setup.attention_backend, prefill_chunk=setup.prefill_chunk,
                         max_prefill_tokens=setup.max_prefill_tokens,
+                        mixed_steps=setup.mixed_steps,
                         **({} if setup.prefill_share is None else {"prefill_share": setup.prefill_share}))
 
 
@@ -1207,6 +1209,8 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
         over["steps_per_call"] = args.steps_per_call
     if getattr(args, "prefill_share", None) is not None:
         over["prefill_share"] = args.prefill_share
+    if getattr(args, "mixed_steps", False):
+        over["mixed_steps"] = True
     s = dataclasses.replace(s, **over)
     kv, w = (int(x) for x in s.crosspool_pools.split("+"))
     crosspool_runs = "crosspool" in (getattr(args, "modes", None) or ",".join(MODES)).split(",")
@@ -1476,6 +1480,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps-per-call", type=int, default=None, metavar="K")
     g.add_argument("--prefill-share", type=float, default=None, metavar="F",
                    help="the engine's prefill_share (default: the engine's, 1.0)")
+    g.add_argument("--mixed-steps", action="store_true",
+                   help="the engine's mixed_steps: decoding requests take one token each as rows of "
+                        "their lane's prefill call in steps that prefill")
     p.add_argument("--plan-only", action="store_true",
                    help="print the per-mode memory plan as JSON and exit (no engine; without GPUs the "
                         f"GPU presets assume a {ASSUMED_GPU_ARENA_BYTES / 2**30:.0f} GiB arena)")

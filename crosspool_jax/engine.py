@@ -94,7 +94,10 @@ class EngineConfig:
       tokens whose predicted seconds fit this share of a measured decode call, at least one chunk
       (default 1.0; the prediction is fitted on the group's own prefill calls,
       `execution.prefill_cost`), so a step that mixes prefill with decode costs ~2 decode steps;
-      larger: faster first tokens, slower tokens between. dtype: the arena's (weights and KV)
+      larger: faster first tokens, slower tokens between. mixed_steps: in a step that prefills a
+      lane's prompts, its decoding requests take one token each as rows of the prefill call (one
+      read of the experts for both; `GroupRunner`), default False (not yet measured on a GPU:
+      docs/engine.md "Mixed steps"). dtype: the arena's (weights and KV)
       dtype, default the platform's ("float32" on CPU, "bfloat16" elsewhere). micro_batches:
       2 = ping-pong decode lanes.
     execution (crosspool mode): "lowered" = each step is one XLA program over both pools (default:
@@ -126,6 +129,7 @@ class EngineConfig:
     prefill_chunk: int | None = None  # None: 64 on CPU, 512 on GPU
     max_prefill_tokens: int | None = None  # None: 512 on CPU, 2048 on GPU
     prefill_share: float = DEFAULT_PREFILL_SHARE
+    mixed_steps: bool = False
     dtype: str | None = None
     attention_backend: str | None = None
     micro_batches: int = 1
@@ -751,7 +755,8 @@ def runner_kwargs(cfg: EngineConfig, platform: str) -> dict[str, Any]:
     return dict(steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk,
                 max_prefill_tokens=cfg.max_prefill_tokens, backend=cfg.attention_backend,
                 platform=platform, micro_batches=cfg.micro_batches, overlap=cfg.overlap,
-                max_stop_ids=cfg.max_stop_ids, prefill_share=cfg.prefill_share)
+                max_stop_ids=cfg.max_stop_ids, prefill_share=cfg.prefill_share,
+                mixed_steps=cfg.mixed_steps)
 
 
 def placement_order(loads: list[int]) -> list[int]:

@@ -360,6 +360,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         steps_per_call = 2
         prefill_chunk = 32
         prefill_share = 0.5
+        mixed_steps = true
         max_prefill_tokens = 128
         micro_batches = 2
         dtype = "float32"
@@ -374,7 +375,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
     assert s.precompile_context == 4096 and s.load_on_request is True
     assert s.warmup is False and s.engine == dict(
         arena_bytes=8 << 20, page_bytes=4096, weights_fraction=0.25, steps_per_call=2, prefill_chunk=32,
-        prefill_share=0.5, max_prefill_tokens=128, micro_batches=2, dtype="float32",
+        prefill_share=0.5, mixed_steps=True, max_prefill_tokens=128, micro_batches=2, dtype="float32",
         attention_backend="reference", execution="auto", overlap=False, idle_sleep_s=60.0,
         host_weights_bytes=2 << 30)
     assert s.engine_config() == EngineConfig(**s.engine)
@@ -391,6 +392,8 @@ def test_engine_settings_from_file_and_flags(tmp_path):
     assert serve_settings(args).engine["overlap"] is True
     args = build_parser().parse_args(["serve", "--config", path, "--prefill-share", "2"])
     assert serve_settings(args).engine["prefill_share"] == 2.0
+    args = build_parser().parse_args(["serve", "--config", path, "--no-mixed-steps"])
+    assert serve_settings(args).engine["mixed_steps"] is False
     args = build_parser().parse_args(["serve", "--config", path, "--precompile-context", "512"])
     assert serve_settings(args).precompile_context == 512
     args = build_parser().parse_args(["serve", "--config", path, "--no-load-on-request",
@@ -409,6 +412,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         ("[engine]\nweights_fraction = 1.0", "key 'engine.weights_fraction': must be a number between"),
         ("[engine]\nsteps_per_call = 0", "key 'engine.steps_per_call': must be >= 1"),
         ("[engine]\nprefill_share = 0", "key 'engine.prefill_share': must be a number > 0"),
+        ('[engine]\nmixed_steps = "yes"', "key 'engine.mixed_steps': must be"),
         ("[engine]\nmicro_batches = 1.5", "key 'engine.micro_batches': must be an integer"),
         ('[engine]\ndtype = "int8"', "key 'engine.dtype': must be one of float32, bfloat16, float16"),
         ('[engine]\nattention_backend = "cuda"', "key 'engine.attention_backend': must be one of gpu"),

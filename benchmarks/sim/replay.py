@@ -501,6 +501,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arena-mib", type=float, default=None, help="arena per device (MiB), every mode")
     g.add_argument("--max-live-requests", type=int, default=None, metavar="N")
     g.add_argument("--steps-per-call", type=int, default=None, metavar="K")
+    g.add_argument("--mixed-steps", action="store_true",
+                   help="what-if: the engine's mixed_steps (decode rows inside their lane's prefill call)")
 
 
 def main_args(args: argparse.Namespace) -> int:

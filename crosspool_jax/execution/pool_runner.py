@@ -295,6 +295,10 @@ class GroupRunner:
     per step (chunked prefill interleaved with decode). max_prefill_tokens: most prompt tokens of
     all requests per step; while requests decode, the step's budget is the prompt tokens whose
     predicted seconds fit `prefill_share` x the measured decode call (`prefill_budget`).
+    mixed_steps: in a step that prefills a lane's prompts, that lane's decoding requests take one
+    token each as rows of the same prefill call (one read of the experts, instead of a decode
+    call of K tokens and a prefill call), their budget share taken from the prompt tokens; lanes
+    with nothing to prefill decode K tokens per call as before (`_mixed_lanes`).
     backend: the kernels' backend. call_log: the last this many calls read are kept in
     `call_log` (`CallRecord`; 0: none), for benchmarks.
     kv_pages_per_device: KV pages the virtualizer hands out per KV device (default: all the arena's
@@ -369,6 +373,7 @@ class GroupRunner:
         fallback: bool = True,
         max_stop_ids: int = DEFAULT_MAX_STOP_IDS,
         prefill_share: float = DEFAULT_PREFILL_SHARE,
+        mixed_steps: bool = False,
         call_log: int = 0,
         compiler_options: dict[str, Any] | None = None,
         store: ArenaBook | None = None,
@@ -448,6 +453,8 @@ class GroupRunner:
         # measured prefill calls -> seconds of a prefill from its FLOPs (`prefill_budget`)
         self.prefill_fit = PrefillCostFit()
         self.prefill_share = prefill_share
+        self.mixed_steps = mixed_steps
+        self.mixed_rows = 0  # decode tokens computed as rows of a prefill call (`mixed_steps`)
         self._costs: dict[str, ModelCosts] = {}  # per model, from its shapes (`_model_costs`)
         # the last calls read (`CallRecord`): what the benchmarks report of a run's calls
         self.call_log: collections.deque[CallRecord] = collections.deque(maxlen=call_log)
@@ -1109,20 +1116,24 @@ class GroupRunner:
             raise RuntimeError("launch() twice without result()")
         t_launch, waited = self._now(), self.wait_seconds
         k = self.steps_per_call
+        held, held_prefills = self.held_models(), self.held_prefills()
+        mixed = self._mixed_lanes(held, held_prefills) if self.mixed_steps else set()
         decode_lengths = {}
+        folded = 0  # decode requests that take their token in a prefill call
         for rid in self.planner.running():
             info = self.planner.info(rid)
             if info.phase == Phase.DECODE:
                 r = self.reqs[rid]
                 cap = len(r.prompt) + r.max_new_tokens - 1
-                decode_lengths[rid] = min(info.kv_len + k, cap)
+                one = self._lane_key(r.model) in mixed
+                folded += one
+                decode_lengths[rid] = min(info.kv_len + (1 if one else k), cap)
         from crosspool_jax.memory.planner import StepInput
 
-        held, held_prefills = self.held_models(), self.held_prefills()
         self.held_steps += bool(held)
         self.held_prefill_steps += bool(held_prefills)
-        plan = self.planner.step(StepInput(decode_lengths,
-                                           prefill_token_budget=self.prefill_budget(bool(decode_lengths)),
+        budget = self.prefill_budget(bool(decode_lengths))
+        plan = self.planner.step(StepInput(decode_lengths, prefill_token_budget=max(1, budget - folded),
                                            held_models=held, held_prefills=held_prefills))
         # swap-outs before anything writes KV, swap-ins before anything reads it (planner contract)
         for sp in plan.swap_outs:
@@ -1143,6 +1154,13 @@ class GroupRunner:
                 work = [w for w in work if not w.req.done]
             pre = [w for w in work if not w.decode]
             dec = [w for w in work if w.decode]
+            if mixed and pre:  # a mixed lane's decode tokens: rows of its prefill call
+                lanes = {self._lane_key(w.req.model) for w in pre}
+                fold = [w for w in dec if w.end - w.start == 1 and self._lane_key(w.req.model) in lanes]
+                if fold:
+                    dec = [w for w in dec if id(w) not in {id(f) for f in fold}]
+                    pre += [_Work(w.req, w.start, w.end, False, True) for w in fold]
+                    self.mixed_rows += len(fold)
             rest: list[_Work] = []
             if pre:
                 rest += self._run(pre, False)
@@ -1157,6 +1175,17 @@ class GroupRunner:
         self._launched = (calls, tuple(preempted))
         # reads inside launch (overlap off, or a prefill that needs tokens in flight) are waits
         self.launch_seconds += self._now() - t_launch - (self.wait_seconds - waited)
+
+    def _mixed_lanes(self, held: frozenset[str], held_prefills: frozenset[str]) -> set[Any]:
+        """(`mixed_steps`) Lanes that have prompt tokens to prefill this step: a running or waiting
+        request with prompt left that is not held (`held_models`, `held_prefills`)."""
+        out = set()
+        for rid in (*self.planner.running(), *self.planner.waiting()):
+            r = self.reqs.get(rid)
+            if r is None or r.model in held or rid in held_prefills or self.planner.prefill_span(rid) is None:
+                continue
+            out.add(self._lane_key(r.model))
+        return out
 
     def prefill_budget(self, decoding: bool) -> int:
         """Most prompt tokens this step may prefill. With requests decoding: the tokens whose
@@ -1535,8 +1564,13 @@ class GroupRunner:
                     else:
                         toks = _tokens_at(r, [], s0, e0)
                         if PENDING in toks:
-                            raise RuntimeError(f"request {r.request_id}: prefill of positions "
-                                               f"[{s0}, {e0}) reads tokens still on the device")
+                            # a mixed step's decode row (`mixed_steps`): its one input token, the
+                            # last one sampled, is read on the device as a decode call's is
+                            if q != 1 or r.feed is None or s0 != len(r.prompt) + len(r.generated) - 1:
+                                raise RuntimeError(f"request {r.request_id}: prefill of positions "
+                                                   f"[{s0}, {e0}) reads tokens still on the device")
+                            feed.append((d * t + row_ptr, *r.feed))
+                            toks = [0]
                         arr["tokens"][d, rows_idx] = toks
                         arr["positions"][d, rows_idx] = np.arange(s0, e0)
                         arr["tok_slot"][d, rows_idx] = bi

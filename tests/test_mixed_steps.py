@@ -75,3 +75,17 @@ def test_mixed_lanes_take_one_token_and_their_rows_from_the_budget(monkeypatch) 
     after = [lengths for lengths, _, b_prefills in seen if not b_prefills and "a" in lengths]
     assert after and all(n == 4 or n < 4 for n in (x["a"] for x in after))
     assert max(x["a"] for x in after) == 4  # back to K tokens per call once "b" is prefilled
+
+
+def test_the_warm_box_holds_a_mixed_call_with_mixed_steps() -> None:
+    """With mixed_steps the lane's top programs add the prefill program of one chunk in the box's
+    slots (a chunk beside decode rows runs there, not padded to max_prefill_tokens)."""
+    got = {}
+    for mixed in (False, True):
+        r = build_runner(MODELS, split=None, colocated=jax.devices()[0], kv_pages=64, prefill_chunk=16,
+                         max_prefill_tokens=64, warm_slots=8, mixed_steps=mixed)
+        got[mixed] = {(ln.slots, ln.tokens) for sp in r._top_specs(r._lane_key("mix"), 4) if not sp.decode
+                      for ln in sp.lanes}
+    bk = r.buckets
+    chunk = (bk.round(8, bk.slots_floor), bk.round(16, bk.tokens_floor))
+    assert chunk in got[True] and chunk not in got[False] and got[False] < got[True]

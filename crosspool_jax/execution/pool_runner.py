@@ -757,12 +757,17 @@ class GroupRunner:
         page tables of `pages` pages: G = the lane's models rounded to a power of two, `warm_slots`
         slots, `max_prefill_tokens` prefill tokens; the decode with its ping-pong pair
         (micro_batches = 2) and, for a GQA lane on GPU, its persistent-schedule twin. They
-        dominate every call of the lane whose page tables fit `pages`."""
+        dominate every call of the lane whose page tables fit `pages`. With `mixed_steps`, also
+        the prefill program of one chunk's tokens in `warm_slots` slots: what a mixed step's call
+        (a chunk beside the lane's decode rows) runs without padding to `max_prefill_tokens`."""
         cls, bk = key[0], self.buckets
         g = self._lane_groups(key)[1]
         b = bk.round(self.warm_slots, bk.slots_floor)
         t = bk.round(_pow2(self.max_prefill_tokens), bk.tokens_floor)
         specs = [self._prefill_spec(cls, g, min(b, t), t, pages)]
+        tc = bk.round(min(self.prefill_chunk, t), bk.tokens_floor)
+        if self.mixed_steps and tc < t:  # a mixed step's call: a chunk beside up to b decode rows
+            specs.append(self._prefill_spec(cls, g, min(b, tc), tc, pages))
         specs += self._decode_specs(cls, g, b, pages)
         if self.platform == "gpu" and cls.config.attention == AttentionKind.GQA:
             specs += self._decode_specs(cls, g, b, pages, "persistent")

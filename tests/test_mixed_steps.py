@@ -21,11 +21,11 @@ SAMPLED = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=77)
 
 # short prompts decode while the long ones prefill 8 tokens a step: most steps mix both
 REQS = [
-    Req("a", "mix", tuple(range(3, 9)), 14),
-    Req("b", "mix", tuple(range(20, 61)), 5),
-    Req("c", "mix", tuple(range(5, 12)), 12, SAMPLED),
-    Req("d", "qwen", tuple(range(7, 12)), 10),  # another class: its lane has nothing to prefill
-    Req("e", "mix", tuple(range(30, 57)), 6, SAMPLED),
+    Req("a", "mix", tuple(range(3, 9)), 9),
+    Req("b", "mix", tuple(range(20, 53)), 4),
+    Req("c", "mix", tuple(range(5, 12)), 8, SAMPLED),
+    Req("d", "qwen", tuple(range(7, 12)), 9),  # another class: its lane has nothing to prefill
+    Req("e", "mix", tuple(range(30, 51)), 4, SAMPLED),
 ]
 
 
@@ -62,7 +62,8 @@ def test_mixed_lanes_take_one_token_and_their_rows_from_the_budget(monkeypatch) 
         return step(self, inp)
 
     monkeypatch.setattr(KVPlanner, "step", spy)
-    reqs = [REQS[0], REQS[1], REQS[3]]
+    reqs = [Req("a", "mix", tuple(range(3, 9)), 14), Req("b", "mix", tuple(range(20, 61)), 5),
+            Req("d", "qwen", tuple(range(7, 12)), 10)]
     log = drive(runner, reqs)
     refs = References(MODELS)
     for r in reqs:

@@ -1163,7 +1163,8 @@ class GroupRunner:
                 lanes = {self._lane_key(w.req.model) for w in pre}
                 fold = [w for w in dec if w.end - w.start == 1 and self._lane_key(w.req.model) in lanes]
                 if fold:
-                    dec = [w for w in dec if id(w) not in {id(f) for f in fold}]
+                    folded_ids = {id(w) for w in fold}
+                    dec = [w for w in dec if id(w) not in folded_ids]
                     pre += [_Work(w.req, w.start, w.end, False, True) for w in fold]
                     self.mixed_rows += len(fold)
             rest: list[_Work] = []

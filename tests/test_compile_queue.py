@@ -1,11 +1,16 @@
-"""Tests of the background compile queue: priority order, cancellation, shutdown, errors."""
+"""Tests of the background compile queue: priority order, cancellation, shutdown, errors, the
+interpreter's switch interval (and the benchmark that measured why)."""
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 
+import jax
 import pytest
 
+from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.compile_queue import URGENT, WARM, CompileQueue
 
 
@@ -54,3 +59,37 @@ def test_shutdown_cancels_queued_jobs_and_refuses_new_ones() -> None:
         queue.submit(lambda: None)
     queue._thread.join(timeout=10)
     assert not queue._thread.is_alive()
+
+
+def test_a_queue_lowers_the_switch_interval_and_never_raises_it() -> None:
+    """Tracing and lowering on the compile thread hold the GIL; a queue lowers the interpreter's
+    switch interval so the stepping thread gets it back within about COMPILE_SWITCH_INTERVAL_S
+    (benchmarks/compile_gil.py); a lower interval set by the user stays."""
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        q = compile_queue.CompileQueue()
+        assert sys.getswitchinterval() == pytest.approx(compile_queue.COMPILE_SWITCH_INTERVAL_S)
+        q.shutdown()
+        sys.setswitchinterval(0.0001)
+        q = compile_queue.CompileQueue()
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+        q.shutdown()
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_compile_gil_benchmark_runs_on_cpu(tmp_path) -> None:
+    """benchmarks/compile_gil.py: both switch intervals, both phases, the interval restored."""
+    from benchmarks import compile_gil
+
+    before, cache_before = sys.getswitchinterval(), jax.config.jax_enable_compilation_cache
+    out = tmp_path / "gil.json"
+    assert compile_gil.main(["--programs", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["switch_interval_s"], r["phase"]) for r in rows} == {
+        (i, p) for i in (compile_gil.DEFAULT_SWITCH_S, compile_queue.COMPILE_SWITCH_INTERVAL_S)
+        for p in ("trace+lower", "compile")}
+    assert all(r["wakeups"] > 0 and r["seconds"] > 0 and r["max_ms"] >= r["p99_ms"] >= 0 for r in rows)
+    assert sys.getswitchinterval() == before
+    assert jax.config.jax_enable_compilation_cache == cache_before

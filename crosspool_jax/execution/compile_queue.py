@@ -6,6 +6,13 @@ is urgent (a request will reach it within seconds) and must not wait behind a ne
 so the queue runs the lowest `priority` first, then in submission order. One thread: compiles are
 CPU-heavy and the serving thread needs the rest of the machine.
 
+XLA's compile releases the GIL; tracing and lowering a step program do not, and with CPython's
+5 ms switch interval they kept the serving thread off the interpreter for most of that phase
+(benchmarks/compile_gil.py, docs/benchmarks.md). The first queue lowers the process's switch
+interval to `COMPILE_SWITCH_INTERVAL_S` (never raises it), so the stepping thread gets the GIL back
+within about that while a program is being lowered. Process-wide: a library user who set a lower
+interval keeps theirs.
+
 The thread is not a daemon (an interpreter exiting while a daemon thread is inside XLA aborts the
 process); at interpreter exit it skips what is still queued and ends after its current compile.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import heapq
 import itertools
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +32,7 @@ _EXIT_HOOKED = False
 
 URGENT = 0  # a live request's next program
 WARM = 1  # a newly loaded model's programs
+COMPILE_SWITCH_INTERVAL_S = 0.0005  # the interpreter's switch interval once a queue exists
 
 
 def exiting() -> bool:
@@ -52,6 +61,8 @@ class CompileQueue:
 
     def __init__(self, name: str = "step-compile"):
         _hook_exit()
+        if sys.getswitchinterval() > COMPILE_SWITCH_INTERVAL_S:
+            sys.setswitchinterval(COMPILE_SWITCH_INTERVAL_S)
         self._heap: list[tuple[int, int, concurrent.futures.Future, Callable[[], Any]]] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()

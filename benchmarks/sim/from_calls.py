@@ -39,6 +39,23 @@ def read_calls(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _prefill_context(c: dict[str, Any], costs: Any) -> int:
+    """The context (tokens of KV before it) at which a prefill call of `prefill_tokens` tokens has
+    the record's attention FLOPs: pairs = t x context + t x (t + 1) / 2."""
+    t = int(c["prefill_tokens"])
+    pairs = float(c["attention_flops"]) / costs.attn_flops_per_pair
+    return max(0, round(pairs / t - (t + 1) / 2))
+
+
+def _decode_shape(c: dict[str, Any], max_models: int) -> tuple[int, int, int] | None:
+    """(requests, mean context, models) of a decode call record; None when it lacks `requests` /
+    `kv_tokens` (records from before 2026-12-04). Models: the record's, else at most `max_models`."""
+    n = int(c.get("requests") or 0)
+    if n <= 0 or "kv_tokens" not in c:
+        return None
+    return n, max(1, round(int(c["kv_tokens"]) / n)), int(c.get("models") or min(n, max_models))
+
+
 def call_points(calls: list[dict[str, Any]], model: str, page_bytes: int, source: str,
                 card: str, date: str) -> list[dict[str, Any]]:
     """Colocated prefill points (module docstring) from call records; decode calls, calls that
@@ -49,8 +66,7 @@ def call_points(calls: list[dict[str, Any]], model: str, page_bytes: int, source
         t = int(c["prefill_tokens"])
         if c["decode"] or c["compiled"] or c["busy"] is None or t <= 0:
             continue
-        pairs = float(c["attention_flops"]) / costs.attn_flops_per_pair
-        context = max(0, round(pairs / t - (t + 1) / 2))
+        context = _prefill_context(c, costs)
         out.append({"topology": "colocated", "model": model, "dtype": "bfloat16", "page_bytes": page_bytes,
                     "platform": "gpu", "card": card, "date": date, "source": source,
                     "tokens": t, "context": context, "seconds": float(c["busy"])})
@@ -64,13 +80,13 @@ def decode_points(calls: list[dict[str, Any]], model: str, page_bytes: int, sour
     a measured time are left out."""
     out = []
     for c in calls:
-        n = int(c.get("requests") or 0)
-        if not c["decode"] or c["compiled"] or c["busy"] is None or n <= 0 or "kv_tokens" not in c:
+        shape = _decode_shape(c, max_models) if c["decode"] else None
+        if shape is None or c["compiled"] or c["busy"] is None:
             continue
-        models = int(c.get("models") or min(n, max_models))
+        n, context, models = shape
         out.append({"topology": "colocated", "model": model, "dtype": "bfloat16", "page_bytes": page_bytes,
                     "platform": "gpu", "card": card, "date": date, "source": source, "batch": n,
-                    "context": max(1, round(int(c["kv_tokens"]) / n)), "groups": models,
+                    "context": context, "groups": models,
                     "steps_per_call": steps_per_call, "s_per_step": float(c["busy"]) / steps_per_call})
     return out
 
@@ -91,30 +107,27 @@ def padding_fit(calls: list[dict[str, Any]], cal: dict[str, Any], model: str, pa
     from benchmarks.sim.costmodel import _point_work, fit
 
     cost = fit(cal)
-    p = cost.params["colocated"]
     costs = costs_for(model, "bfloat16", page_bytes, "gpu")
     sums = {True: [0.0, 0.0, 0], False: [0.0, 0.0, 0]}  # decode?: [sum res x pad, sum pad^2, calls]
     for c in calls:
         if not c["compiled"] or c["busy"] is None:
             continue
         if c["decode"]:
-            n = int(c.get("requests") or 0)
-            if n <= 0 or "kv_tokens" not in c:
+            shape = _decode_shape(c, max_models)
+            if shape is None:
                 continue
-            pt = {"model": model, "page_bytes": page_bytes, "batch": n,
-                  "context": max(1, round(int(c["kv_tokens"]) / n)),
-                  "groups": int(c.get("models") or min(n, max_models))}
-            (w,) = _point_work(pt, True)
-            own = steps_per_call * (w.layers * p.a + p.f * w.bytes / cost.bandwidth)
+            n, context, models = shape
+            (w,) = _point_work({"model": model, "page_bytes": page_bytes, "batch": n, "context": context,
+                                "groups": models}, True)
+            own = cost.decode_s("colocated", w, steps_per_call)
             pad = (_lane_rows(c["lanes"], True) - n) * steps_per_call
         else:
             t = int(c["prefill_tokens"])
             if t <= 0:
                 continue
-            pairs = float(c["attention_flops"]) / costs.attn_flops_per_pair
-            ctx = max(0, round(pairs / t - (t + 1) / 2))
-            own = sum(cost.prefill_s("colocated", w) for w in _point_work(
-                {"model": model, "page_bytes": page_bytes, "tokens": t, "context": ctx}, False))
+            point = {"model": model, "page_bytes": page_bytes, "tokens": t,
+                     "context": _prefill_context(c, costs)}
+            own = sum(cost.prefill_s("colocated", w) for w in _point_work(point, False))
             pad = _lane_rows(c["lanes"], False) - t
         if pad > 0:
             acc = sums[bool(c["decode"])]

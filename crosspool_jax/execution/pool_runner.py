@@ -1557,10 +1557,7 @@ class GroupRunner:
                     if decode:
                         tok = _tokens_at(r, [], s0, s0 + 1)[0]
                         if tok == PENDING:  # sampled by a call still in flight: read on device
-                            if r.feed is None or s0 != len(r.prompt) + len(r.generated) - 1:
-                                raise RuntimeError(f"request {r.request_id}: input token at {s0} "
-                                                   "is on the device but not its last")
-                            feed.append((d * t + bi, *r.feed))
+                            feed.append(_device_feed(r, s0, d * t + bi))
                         arr["tokens"][d, bi] = tok
                         arr["positions"][d, bi] = s0
                         arr["tok_slot"][d, bi] = bi
@@ -1572,10 +1569,10 @@ class GroupRunner:
                         if PENDING in toks:
                             # a mixed step's decode row (`mixed_steps`): its one input token, the
                             # last one sampled, is read on the device as a decode call's is
-                            if q != 1 or r.feed is None or s0 != len(r.prompt) + len(r.generated) - 1:
+                            if q != 1:
                                 raise RuntimeError(f"request {r.request_id}: prefill of positions "
                                                    f"[{s0}, {e0}) reads tokens still on the device")
-                            feed.append((d * t + row_ptr, *r.feed))
+                            feed.append(_device_feed(r, s0, d * t + row_ptr))
                             toks = [0]
                         arr["tokens"][d, rows_idx] = toks
                         arr["positions"][d, rows_idx] = np.arange(s0, e0)
@@ -1680,6 +1677,14 @@ def lane_placements(per_dev: Sequence[Sequence[tuple]], decode: bool
     ends its work's range with `samples`)."""
     return [(w.req.request_id, d, bi, e0 - s0, decode or (w.samples and e0 == w.end))
             for d, rows in enumerate(per_dev) for bi, (w, s0, e0, *_) in enumerate(rows)]
+
+
+def _device_feed(r: _Req, pos: int, row: int) -> tuple[int, Any, int]:
+    """(flat tokens row, source call output, flat index) feeding `r`'s input token at `pos` from the
+    call still in flight that sampled it (`r.feed`); RuntimeError unless it is the request's last."""
+    if r.feed is None or pos != len(r.prompt) + len(r.generated) - 1:
+        raise RuntimeError(f"request {r.request_id}: input token at {pos} is on the device but not its last")
+    return (row, *r.feed)
 
 
 def _tokens_at(r: _Req, new: list[int], start: int, end: int) -> list[int]:

@@ -77,12 +77,16 @@ def default_config(m: int, k: int, n: int, g: int, r: int, itemsize: int,
     given: fields fixed by the caller (None: choose); the others are derived from them, in the
     order bm, bn, bk, split_k, programs, so e.g. a given bn changes the default split_k.
 
-    bm: the next power of two of the mean rows per group, within [16, 64] (decode MoE: 16; a
-    plain projection of 32 rows: one item of 32, so its weight is read once).
+    bm: the next power of two of the mean rows per group, within [16, 128] (decode MoE: 16; a
+    plain projection of 32 rows: one item of 32, so its weight is read once; a prefill chunk of
+    2,048 tokens over 64 experts: 128).
     bn: 128 (or R if R > 128). bk: 128 for 2-byte weights, 64 for fp32 (~32 KiB weight tile a
-    stage either way). split_k: only when even the upper bound of live items times N / bn
-    leaves SMs idle (the few-groups case, e.g. a dense projection): enough splits for about 2
-    programs per SM, each split at least 4 k-blocks.
+    stage either way) and for bm 128. On one H200 (docs/benchmarks.md, "Prefill expert
+    matmuls"), 16,384-32,768 prefill rows over 64 / 128 experts ran 1.10-1.35x faster (two
+    runs) at bm 128 / bk 64 than at bm 64 / bk 128.
+    split_k: only when even the upper bound of live items times N / bn leaves SMs idle (the
+    few-groups case, e.g. a dense projection): enough splits for about 2 programs per SM, each
+    split at least 4 k-blocks.
     programs: item programs P per (column block, split), about 2 programs per SM in all, at most
     the item bound ``cdiv(M, bm) + G`` (then one item each). A smaller P makes each program walk
     several items instead of launching programs that find no item (the bound counts G items
@@ -92,9 +96,10 @@ def default_config(m: int, k: int, n: int, g: int, r: int, itemsize: int,
     if unknown:
         raise TypeError(f"unknown tiling fields {sorted(unknown)}")
     sms = num_sms or _num_sms()
-    bm = given.get("bm") or min(64, max(16, next_pow2(-(-m // max(1, min(g, m))))))
+    bm = given.get("bm") or min(128, max(16, next_pow2(-(-m // max(1, min(g, m))))))
     bn = given.get("bn") or (max(r, 128) if n % max(r, 128) == 0 else r)
-    bk = given.get("bk") or min(128 if itemsize <= 2 else 64, max(16, next_pow2(k)))
+    # a [128, 128] x [128, 128] bf16 stage pair would be 64 KiB; bk 64 keeps 3 stages in SMEM
+    bk = given.get("bk") or min(128 if itemsize <= 2 and bm < 128 else 64, max(16, next_pow2(k)))
     split_k = given.get("split_k")
     if not split_k:
         # Upper bound of live group items (tail items load nothing, so they are not counted).

@@ -131,6 +131,9 @@ def test_default_config():
     dense = default_config(32, 4096, 6144, 1, 64, 2, num_sms=132)
     assert dense.bm == 32 and dense.split_k > 1 and 4096 // dense.bk // dense.split_k >= 4
     assert dense.programs == 1
+    # prefill: a 2,048-token chunk, top-8 over 64 experts -> 256 rows a group: 128-row items
+    pre = default_config(16384, 2048, 2048, 64, 128, 2, num_sms=132)
+    assert (pre.bm, pre.bn, pre.bk, pre.split_k) == (128, 128, 64, 1)
 
 
 def _consumers(jaxpr, var):

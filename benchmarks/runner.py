@@ -131,6 +131,7 @@ class BenchSetup:
     max_prefill_tokens: int = 512  # most prompt tokens of all requests per step
     prefill_share: float | None = None  # EngineConfig.prefill_share (None: the engine's default)
     mixed_steps: bool = False  # EngineConfig.mixed_steps
+    compile_process: bool = False  # EngineConfig.compile_process
     note: str = ""
 
 
@@ -403,7 +404,7 @@ def _engine_config(setup: BenchSetup, plan: dict[str, Any]) -> Any:
                         weights_fraction=plan["weights_fraction"], steps_per_call=setup.steps_per_call,
                         attention_backend=setup.attention_backend, prefill_chunk=setup.prefill_chunk,
                         max_prefill_tokens=setup.max_prefill_tokens,
-                        mixed_steps=setup.mixed_steps,
+                        mixed_steps=setup.mixed_steps, compile_process=setup.compile_process,
                         **({} if setup.prefill_share is None else {"prefill_share": setup.prefill_share}))
 
 
@@ -711,6 +712,8 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
         out["serving_blocked_compiles"] = stalls["blocked_compiles"] - base_stalls["blocked_compiles"]
         out["fallback_calls"] = stalls["fallback_calls"] - base_stalls["fallback_calls"]
         out["held_prefill_steps"] = stalls["held_prefill_steps"] - base_stalls["held_prefill_steps"]
+        for key in ("process_compiles", "process_compile_failures"):
+            out[key] = stalls[key] - base_stalls[key]
         out["decode_call_s"] = stalls["decode_call_s"]
         new = out["serving_blocked_compiles"]  # the log keeps the last 32 per group
         out["blocked_log"] = stalls["blocked_log"][-new:] if new else []
@@ -762,6 +765,11 @@ def serving_stalls(engine: Any) -> dict[str, Any]:
             "blocked_compiles": int(sum(getattr(g, "blocked_compiles", 0) for g in groups)),
             "fallback_calls": int(sum(getattr(g, "fallback_calls", 0) for g in groups)),
             "held_prefill_steps": int(sum(getattr(g, "held_prefill_steps", 0) for g in groups)),
+            # programs the worker process built (`compile_process`; their compiles are not this
+            # process's JAX compile events) and worker failures that compiled here instead
+            "process_compiles": int(sum(getattr(g, "process_compiles", 0) for g in groups)),
+            "process_compile_failures": int(sum(getattr(g, "process_compile_failures", 0)
+                                                for g in groups)),
             "blocked_log": [(round(sec, 3), why, what) for g in groups
                             for sec, why, what in getattr(g, "blocked_log", ())],
             # the groups' measured device time of a decode call (EMA), for TBT / decode call
@@ -973,6 +981,8 @@ def mode_metrics(records: list[Record], run: dict[str, Any], slo: dict[str, Any]
                      "serving_blocked_compiles": run.get("serving_blocked_compiles", 0),
                      "fallback_calls": run.get("fallback_calls", 0),
                      "held_prefill_steps": run.get("held_prefill_steps", 0),
+                     "process_compiles": run.get("process_compiles", 0),
+                     "process_compile_failures": run.get("process_compile_failures", 0),
                      # the measured pass's blocked waits: (seconds, waited for, wanted shape)
                      "serving_blocked_log": run.get("blocked_log", [])},
         # EMA of the engine's measured decode call (device time, K steps) at the replay's end
@@ -1211,6 +1221,8 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
         over["prefill_share"] = args.prefill_share
     if getattr(args, "mixed_steps", False):
         over["mixed_steps"] = True
+    if getattr(args, "compile_process", False):
+        over["compile_process"] = True
     s = dataclasses.replace(s, **over)
     kv, w = (int(x) for x in s.crosspool_pools.split("+"))
     crosspool_runs = "crosspool" in (getattr(args, "modes", None) or ",".join(MODES)).split(",")
@@ -1483,6 +1495,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-steps", action="store_true",
                    help="the engine's mixed_steps: decoding requests take one token each as rows of "
                         "their lane's prefill call in steps that prefill")
+    g.add_argument("--compile-process", action="store_true",
+                   help="the engine's compile_process: step programs are traced, lowered and compiled "
+                        "in a worker process")
     p.add_argument("--plan-only", action="store_true",
                    help="print the per-mode memory plan as JSON and exit (no engine; without GPUs the "
                         f"GPU presets assume a {ASSUMED_GPU_ARENA_BYTES / 2**30:.0f} GiB arena)")

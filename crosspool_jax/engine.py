@@ -97,7 +97,10 @@ class EngineConfig:
       larger: faster first tokens, slower tokens between. mixed_steps: in a step that prefills a
       lane's prompts, its decoding requests take one token each as rows of the prefill call (one
       read of the experts for both; `GroupRunner`), default False (not yet measured on a GPU:
-      docs/engine.md "Mixed steps"). dtype: the arena's (weights and KV)
+      docs/engine.md "Mixed steps"; on one H200 it raised TBT P99, docs/benchmarks.md).
+      compile_process: step programs are traced, lowered and compiled in a worker process and
+      loaded here from their serialized executables, so that work never holds the serving
+      process's GIL (`execution.compile_process`); default False. dtype: the arena's (weights and KV)
       dtype, default the platform's ("float32" on CPU, "bfloat16" elsewhere). micro_batches:
       2 = ping-pong decode lanes.
     execution (crosspool mode): "lowered" = each step is one XLA program over both pools (default:
@@ -130,6 +133,7 @@ class EngineConfig:
     max_prefill_tokens: int | None = None  # None: 512 on CPU, 2048 on GPU
     prefill_share: float = DEFAULT_PREFILL_SHARE
     mixed_steps: bool = False
+    compile_process: bool = False
     dtype: str | None = None
     attention_backend: str | None = None
     micro_batches: int = 1
@@ -756,7 +760,7 @@ def runner_kwargs(cfg: EngineConfig, platform: str) -> dict[str, Any]:
                 max_prefill_tokens=cfg.max_prefill_tokens, backend=cfg.attention_backend,
                 platform=platform, micro_batches=cfg.micro_batches, overlap=cfg.overlap,
                 max_stop_ids=cfg.max_stop_ids, prefill_share=cfg.prefill_share,
-                mixed_steps=cfg.mixed_steps)
+                mixed_steps=cfg.mixed_steps, compile_process=cfg.compile_process)
 
 
 def placement_order(loads: list[int]) -> list[int]:

@@ -33,6 +33,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import logging
 import threading
 import time
 import weakref
@@ -47,6 +48,7 @@ from crosspool_jax.errors import InvalidRequestError
 from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.call_clock import CallClock, CallEnd
 from crosspool_jax.execution.compile_cache import enable_compilation_cache
+from crosspool_jax.execution.compile_process import CompileProcessError, ProcessCompiler, StoreShape
 from crosspool_jax.execution.host_step import (
     EXECUTIONS,
     HostScheduledStep,
@@ -74,6 +76,7 @@ from crosspool_jax.models.costs import ModelCosts, model_costs
 from crosspool_jax.models.params import ModelWeights
 from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
 
+_log = logging.getLogger(__name__)
 
 def _pow2(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
@@ -334,6 +337,11 @@ class GroupRunner:
     the serving path. JAX's persistent compilation cache is turned on (`compile_cache`).
     compiler_options: XLA options every step program compiles with (`Lowered.compile`; e.g.
     {"xla_gpu_autotune_level": 0}); part of the persistent cache's key. Default: XLA's.
+    compile_process: lower and compile step programs in a worker process and load the serialized
+    executables here (`compile_process.ProcessCompiler`), so tracing and lowering never hold this
+    process's GIL; a worker failure falls back to compiling here (counted in
+    `process_compile_failures`). Lowered execution only (the host-scheduled strategy's per-layer
+    programs compile on their first call).
     max_stop_ids: most stop ids of one request (`submit` refuses more, InvalidRequestError); every
     lane's stop-id width is `stop_width(max_stop_ids)` (a power of two), one width for all programs.
 
@@ -376,6 +384,7 @@ class GroupRunner:
         mixed_steps: bool = False,
         call_log: int = 0,
         compiler_options: dict[str, Any] | None = None,
+        compile_process: bool = False,
         store: ArenaBook | None = None,
     ):
         if not prefill_share > 0:
@@ -433,6 +442,11 @@ class GroupRunner:
         self.warm_context = warm_context or (8192 if gpu else 512)
         self.fallback = fallback
         self.compiler_options = dict(compiler_options or {})
+        self._process_compiler = ProcessCompiler() if compile_process else None
+        if self._process_compiler is not None:
+            weakref.finalize(self, self._process_compiler.close)
+        self.process_compiles = 0  # programs built by the worker process (`compile_process`)
+        self.process_compile_failures = 0  # worker failures that fell back to compiling here
         # programs compiled on the serving path (a call waited) or by `precompile`; the background
         # thread's are counted apart (`background_built`) when a step picks them up
         self.programs_built = 0
@@ -683,6 +697,15 @@ class GroupRunner:
         programs still compile on their first call)."""
         if self.execution == "host":
             return HostScheduledStep(spec, self.store, self.platform)
+        if self._process_compiler is not None and self.execution == "lowered":
+            try:
+                prog = self._process_compiler.compile(spec, StoreShape.of(self.store), self.platform,
+                                                      self.compiler_options)
+                self.process_compiles += 1
+                return prog
+            except CompileProcessError as e:
+                self.process_compile_failures += 1
+                _log.warning("compiling %s in this process: %s", describe_spec(spec), e)
         arena = jax.ShapeDtypeStruct(self.store.arena.shape, self.store.arena.dtype,
                                      sharding=self.store.sharding)
         return self._strategy(spec, build_step(spec, self.store, self.platform).lower(

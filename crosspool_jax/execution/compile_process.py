@@ -1,0 +1,219 @@
+"""Step programs lowered and compiled in a separate process, handed back as serialized executables.
+
+Why: tracing and lowering a step program is Python work that holds the GIL; in the serving
+process it kept the stepping thread waiting (docs/benchmarks.md, "The compile thread and the
+GIL": ~90% of that phase at CPython's 5 ms switch interval, ~12% at 0.5 ms, single holds of 60-85
+ms at either). A worker process does the whole build (trace, lower, XLA compile) and sends back
+``jax.experimental.serialize_executable.serialize(compiled)``; the serving process only loads it
+(`deserialize_and_load`), so the background compile thread mostly waits on a pipe.
+
+What the worker needs of the arena: its shape, dtype, layout and the devices of its mesh
+(`StoreShape`, built from an `ArenaStore` by `StoreShape.of`): the program takes the arena as an
+argument, so no weights or KV cross the pipe, only the `StepSpec` (plain frozen dataclasses) and
+the serialized executable.
+
+The worker is started on first use (``python -m crosspool_jax.execution.compile_process``: a
+fresh interpreter, never a fork of a process that holds accelerator state, and no re-import of the
+caller's main module) over a socket pair, with the parent's environment, its JAX platform and
+persistent compilation cache directory (not on CPU: `CPU_SERIALIZABLE`), and on GPU ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (the
+serving process owns the memory pool; the worker needs the device only to compile for it). One
+worker per `ProcessCompiler`; jobs run one at a time in submission order (the compile queue
+already serialises them). A worker that dies or fails a job raises `CompileProcessError` in the
+caller, which falls back to compiling in process (`GroupRunner`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import jax
+import numpy as np
+
+from pallas_kernels.page_layout import PoolLayout
+
+START_TIMEOUT_S = 300.0  # the worker's first import of JAX (and CUDA init) on a loaded machine
+# XLA:CPU splits a program's code into several LLVM modules compiled in parallel; a step program
+# so split deserializes without some of its functions ("Function ..._fusion not found" on the
+# first call, jax 0.11.2). One module serializes whole.
+CPU_SERIALIZABLE = {"xla_cpu_parallel_codegen_split_count": 1}
+
+
+class CompileProcessError(RuntimeError):
+    """The compile worker failed a job or is gone (the message says which and why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreShape:
+    """What `pooled_step.build_step` / `input_shapes` read of an `ArenaStore`, without its arrays.
+
+    device_ids: the mesh's devices in mesh order (`jax.Device.id`); arena_shape / arena_dtype: the
+    global arena array's (all devices' pages stacked). Picklable; `mesh` / `sharding` are rebuilt
+    from the ids in whichever process reads them."""
+
+    device_ids: tuple[int, ...]
+    num_kv: int
+    weights_index_base: int
+    layout: PoolLayout
+    arena_shape: tuple[int, ...]
+    arena_dtype: str
+
+    @classmethod
+    def of(cls, store: Any) -> StoreShape:
+        return cls(tuple(int(d.id) for d in store.mesh.devices.flat), int(store.num_kv),
+                   int(store.weights_index_base), store.layout, tuple(store.arena.shape),
+                   str(store.arena.dtype))
+
+    def __getstate__(self) -> dict[str, Any]:  # the fields only: devices do not pickle
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.device_ids)
+
+    @functools.cached_property
+    def mesh(self) -> jax.sharding.Mesh:
+        from crosspool_jax.memory.arena import POOL_AXIS
+
+        by_id = {d.id: d for d in jax.devices()}
+        return jax.sharding.Mesh(np.array([by_id[i] for i in self.device_ids]), (POOL_AXIS,))
+
+    @functools.cached_property
+    def sharding(self) -> jax.sharding.NamedSharding:
+        from crosspool_jax.memory.arena import POOL_AXIS
+
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(POOL_AXIS))
+
+
+def compile_spec(spec: Any, shape: StoreShape, platform: str,
+                 compiler_options: dict[str, Any] | None) -> Any:
+    """`spec`'s step program over an arena of `shape`, lowered and compiled here (jax.stages.Compiled)."""
+    from crosspool_jax.execution.pooled_step import build_step, input_shapes
+
+    arena = jax.ShapeDtypeStruct(shape.arena_shape, shape.arena_dtype, sharding=shape.sharding)
+    return build_step(spec, shape, platform).lower(arena, input_shapes(spec, shape)).compile(
+        compiler_options=compiler_options or None)
+
+
+def _worker_main(conn: Any, cache_dir: str | None) -> None:
+    """The worker's loop: (spec, shape, platform, options) in, ("ok", payload, in_tree, out_tree)
+    or ("error", text) out, until the pipe closes or None arrives."""
+    if cache_dir and jax.default_backend() != "cpu":
+        # (CPU: a cached entry may be a split program compiled by the serving process, whose key
+        # does not see `CPU_SERIALIZABLE`; the worker compiles afresh there)
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+    from jax.experimental.serialize_executable import serialize
+
+    conn.send(("ready", jax.default_backend()))
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        spec, shape, platform, options = job
+        if jax.default_backend() == "cpu":
+            options = CPU_SERIALIZABLE | dict(options)
+        try:
+            payload, in_tree, out_tree = serialize(compile_spec(spec, shape, platform, options))
+            conn.send(("ok", payload, in_tree, out_tree))
+        except Exception:  # every failure goes back to the caller as text
+            conn.send(("error", traceback.format_exc(limit=8)))
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment overrides for the worker (on top of this process's environment)."""
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": jax.default_backend()}
+    if jax.default_backend() in ("gpu", "cuda", "rocm"):
+        env["XLA_PYTHON_CLIENT_ALLOCATOR"] = "platform"  # no BFC pool beside the server's
+    return env
+
+
+class ProcessCompiler:
+    """A compile worker process (module doc). `compile(spec, shape, platform, options)` blocks
+    the calling thread (waiting on a pipe, GIL released) and returns a loaded executable on the
+    devices of `shape`'s mesh. Thread-safe; `close()` ends the worker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: Any = None
+        self.jobs = 0
+
+    def _start(self) -> None:
+        from crosspool_jax.execution.compile_cache import compilation_cache_dir
+
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ) | _worker_env()
+        cmd = [sys.executable, "-m", __name__, str(child_sock.fileno()), compilation_cache_dir() or ""]
+        proc = subprocess.Popen(cmd, env=env, pass_fds=(child_sock.fileno(),),
+                                stdin=subprocess.DEVNULL, cwd=os.getcwd())
+        child_sock.close()
+        conn = Connection(parent_sock.detach())
+        if not conn.poll(START_TIMEOUT_S):
+            proc.kill()
+            raise CompileProcessError(f"compile worker did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            msg = conn.recv()
+        except EOFError as e:
+            raise CompileProcessError(f"compile worker exited at start (code {proc.poll()})") from e
+        if msg[0] != "ready":
+            raise CompileProcessError(f"compile worker: unexpected first message {msg[0]!r}")
+        self._proc, self._conn = proc, conn
+
+    def compile(self, spec: Any, shape: StoreShape, platform: str,
+                compiler_options: dict[str, Any] | None = None) -> Any:
+        from jax.experimental.serialize_executable import deserialize_and_load
+
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = None
+                self._start()
+            try:
+                self._conn.send((spec, shape, platform, dict(compiler_options or {})))
+                msg = self._conn.recv()
+            except (EOFError, OSError, BrokenPipeError) as e:
+                code = self._proc.poll() if self._proc is not None else None
+                self._proc = None
+                raise CompileProcessError(f"compile worker gone (exit code {code})") from e
+            self.jobs += 1
+        if msg[0] == "error":
+            raise CompileProcessError(f"compile worker failed:\n{msg[1]}")
+        _, payload, in_tree, out_tree = msg
+        return deserialize_and_load(payload, in_tree, out_tree,
+                                    execution_devices=list(shape.mesh.devices.flat))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    self._conn.send(None)
+                try:
+                    self._proc.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+            self._proc = None
+
+
+def _main(argv: list[str]) -> None:
+    """The worker's entry point: ``python -m crosspool_jax.execution.compile_process FD CACHE_DIR``."""
+    _worker_main(Connection(int(argv[0])), argv[1] if len(argv) > 1 and argv[1] else None)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
+
+__all__ = ["CompileProcessError", "ProcessCompiler", "StoreShape", "compile_spec"]

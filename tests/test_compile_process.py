@@ -1,0 +1,97 @@
+"""Step programs compiled in a worker process (`execution.compile_process`, `GroupRunner(compile_process=)`)."""
+
+from __future__ import annotations
+
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crosspool_jax.demo import demo_models
+from crosspool_jax.execution.compile_process import CompileProcessError, ProcessCompiler, StoreShape, compile_spec
+from crosspool_jax.execution.pool_runner import GroupRunner
+from crosspool_jax.execution.pooled_step import input_shapes
+from crosspool_jax.execution.sampling import SamplingParams
+from pallas_kernels.page_layout import PoolLayout
+
+PROMPT = [3 + (7 * i) % 200 for i in range(37)]
+
+
+def _runner(compile_process: bool) -> GroupRunner:
+    m = demo_models()["demo-mixtral"]
+    r = GroupRunner(None, PoolLayout(16384, "float32", 64, 256), 128, colocated=jax.devices()[0],
+                    platform="cpu", backend="reference", prefill_chunk=16, max_prefill_tokens=16,
+                    warm_programs=2, compile_process=compile_process)
+    r.add_model("a", m.config, m.weights)
+    return r
+
+
+def _generate(r: GroupRunner, rid: str, params: SamplingParams) -> list[int]:
+    r.submit(rid, "a", PROMPT, 6, params)
+    toks: list[int] = []
+    while r.has_work:
+        toks += r.step().tokens.get(rid, [])
+    return toks
+
+
+def test_store_shape_pickles_and_rebuilds_the_mesh():
+    r = _runner(False)
+    shape = StoreShape.of(r.store)
+    back = pickle.loads(pickle.dumps(shape))
+    assert back == shape
+    assert back.num_devices == 1 and back.arena_shape == tuple(r.store.arena.shape)
+    assert list(back.mesh.devices.flat) == list(r.store.mesh.devices.flat)
+    for spec in r.warm_specs("a"):  # the program's inputs as the store's
+        assert input_shapes(spec, back) == input_shapes(spec, r.store)
+
+
+def test_worker_process_programs_generate_the_same_tokens():
+    greedy, sampled = SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=5)
+    local = _runner(False)
+    want = [_generate(local, "g", greedy), _generate(local, "s", sampled)]
+    r = _runner(True)
+    got = [_generate(r, "g", greedy), _generate(r, "s", sampled)]
+    assert got == want and len(want[0]) == 6
+    assert r.process_compiles >= 2 and r.process_compile_failures == 0
+    r._process_compiler.close()
+
+
+def test_worker_restarts_after_dying_and_matches_a_local_compile():
+    r = _runner(False)
+    spec = r.warm_specs("a")[0]
+    shape = StoreShape.of(r.store)
+    pc = ProcessCompiler()
+    try:
+        first = pc.compile(spec, shape, "cpu")
+        pc._proc.kill()
+        pc._proc.wait()
+        again = pc.compile(spec, shape, "cpu")  # a new worker
+        assert pc.jobs == 2
+    finally:
+        pc.close()
+    local = compile_spec(spec, shape, "cpu", None)
+    ins = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype, device=s.sharding), input_shapes(spec, r.store))
+    outs = [prog(jnp.copy(r.store.arena), ins)[1] for prog in (local, first, again)]
+    for o in outs[1:]:
+        for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(o), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_worker_failure_is_reported_and_the_runner_compiles_locally(monkeypatch):
+    pc = ProcessCompiler()
+    try:
+        with pytest.raises(CompileProcessError, match="compile worker failed"):
+            pc.compile("not a spec", StoreShape((0,), 1, 0, PoolLayout(16384, "float32", 64, 4),
+                                                (4, 256, 64), "float32"), "cpu")
+    finally:
+        pc.close()
+
+    def broken(*args, **kwargs):
+        raise CompileProcessError("worker gone (test)")
+
+    r = _runner(True)
+    monkeypatch.setattr(r._process_compiler, "compile", broken)
+    assert len(_generate(r, "g", SamplingParams())) == 6
+    assert r.process_compiles == 0 and r.process_compile_failures >= 2

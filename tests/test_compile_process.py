@@ -1,4 +1,5 @@
-"""Step programs compiled in a worker process (`execution.compile_process`, `GroupRunner(compile_process=)`)."""
+"""Step programs compiled in a worker process (`execution.compile_process`,
+`GroupRunner(compile_process=)`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import numpy as np
 import pytest
 
 from crosspool_jax.demo import demo_models
-from crosspool_jax.execution.compile_process import CompileProcessError, ProcessCompiler, StoreShape, compile_spec
+from crosspool_jax.execution.compile_process import (
+    CompileProcessError,
+    ProcessCompiler,
+    StoreShape,
+    compile_spec,
+    worker_environment,
+)
 from crosspool_jax.execution.pool_runner import GroupRunner
 from crosspool_jax.execution.pooled_step import input_shapes
 from crosspool_jax.execution.sampling import SamplingParams
@@ -95,3 +102,14 @@ def test_worker_failure_is_reported_and_the_runner_compiles_locally(monkeypatch)
     monkeypatch.setattr(r._process_compiler, "compile", broken)
     assert len(_generate(r, "g", SamplingParams())) == 6
     assert r.process_compiles == 0 and r.process_compile_failures >= 2
+
+
+def test_worker_environment():
+    base = {"PATH": "/bin", "JAX_COMPILATION_CACHE_DIR": "/c", "XLA_FLAGS": "--x"}
+    cpu = worker_environment(base, "cpu")
+    # a CPU program the serving process cached may be split (not serializable): no cache there
+    assert "JAX_COMPILATION_CACHE_DIR" not in cpu and cpu["XLA_FLAGS"] == "--x"
+    assert cpu["JAX_PLATFORMS"] == "cpu" and cpu["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    gpu = worker_environment(base, "gpu")
+    assert gpu["JAX_COMPILATION_CACHE_DIR"] == "/c" and gpu["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
+    assert base["JAX_COMPILATION_CACHE_DIR"] == "/c"  # the caller's mapping is left alone

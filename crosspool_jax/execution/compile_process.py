@@ -15,8 +15,9 @@ the serialized executable.
 The worker is started on first use (``python -m crosspool_jax.execution.compile_process``: a
 fresh interpreter, never a fork of a process that holds accelerator state, and no re-import of the
 caller's main module) over a socket pair, with the parent's environment, its JAX platform and
-persistent compilation cache directory (not on CPU: `CPU_SERIALIZABLE`), and on GPU ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (the
-serving process owns the memory pool; the worker needs the device only to compile for it). One
+persistent compilation cache directory (not on CPU: `CPU_SERIALIZABLE`) and no preallocated
+memory pool (`worker_environment`: the serving process owns the memory; the worker needs the
+device only to compile for it). One
 worker per `ProcessCompiler`; jobs run one at a time in submission order (the compile queue
 already serialises them). A worker that dies or fails a job raises `CompileProcessError` in the
 caller, which falls back to compiling in process (`GroupRunner`).
@@ -134,11 +135,15 @@ def _worker_main(conn: Any, cache_dir: str | None) -> None:
             conn.send(("error", traceback.format_exc(limit=8)))
 
 
-def _worker_env() -> dict[str, str]:
-    """Environment overrides for the worker (on top of this process's environment)."""
-    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": jax.default_backend()}
-    if jax.default_backend() in ("gpu", "cuda", "rocm"):
-        env["XLA_PYTHON_CLIENT_ALLOCATOR"] = "platform"  # no BFC pool beside the server's
+def worker_environment(base: dict[str, str], backend: str) -> dict[str, str]:
+    """The worker's environment: `base` (this process's) with its JAX platform `backend`, no
+    preallocated memory pool (GPU: the platform allocator, no BFC pool beside the server's) and,
+    on CPU, no persistent cache (`_worker_main`)."""
+    env = dict(base) | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": backend}
+    if backend in ("gpu", "cuda", "rocm"):
+        env["XLA_PYTHON_CLIENT_ALLOCATOR"] = "platform"
+    if backend == "cpu":
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return env
 
 
@@ -157,7 +162,7 @@ class ProcessCompiler:
         from crosspool_jax.execution.compile_cache import compilation_cache_dir
 
         parent_sock, child_sock = socket.socketpair()
-        env = dict(os.environ) | _worker_env()
+        env = worker_environment(dict(os.environ), jax.default_backend())
         cmd = [sys.executable, "-m", __name__, str(child_sock.fileno()), compilation_cache_dir() or ""]
         proc = subprocess.Popen(cmd, env=env, pass_fds=(child_sock.fileno(),),
                                 stdin=subprocess.DEVNULL, cwd=os.getcwd())
@@ -216,4 +221,4 @@ def _main(argv: list[str]) -> None:
 if __name__ == "__main__":
     _main(sys.argv[1:])
 
-__all__ = ["CompileProcessError", "ProcessCompiler", "StoreShape", "compile_spec"]
+__all__ = ["CompileProcessError", "ProcessCompiler", "StoreShape", "compile_spec", "worker_environment"]

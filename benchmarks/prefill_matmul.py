@@ -1,0 +1,219 @@
+"""Expert matmuls at prefill shapes on one GPU (issue 16): our kernels against XLA and jax's own.
+
+    PYTHONPATH=. python -m benchmarks.prefill_matmul [--json OUT.json]          # one GPU
+    JAX_PLATFORMS=cpu PYTHONPATH=. python -m benchmarks.prefill_matmul --smoke  # CPU, interpreters
+
+A 2,048-token prefill chunk routed top-8 makes 16,384 expert rows (a 4,096-token chunk 32,768):
+cases (rows M, experts G, K, N) for OLMoE-1B-7B (64 experts; gate/up 2048 x 2048, down 1024 x
+2048) and Qwen3-30B-A3B (128 experts; 2048 x 1536, 768 x 2048), bf16, group sizes multinomial over
+a Dirichlet(2) split, f32 output. Implementations:
+
+- `triton ...`: `arena_grouped_matmul_gpu` (weights row-major in the arena) at its default tiling
+  and the tilings given;
+- `mgpu ...`: `arena_grouped_matmul_mgpu` (Mosaic GPU, one warpgroup, wgmma, TMA; weights as column
+  panels) and, when present, `mgpu-ws ...`: `arena_grouped_matmul_mgpu_ws` (warp-specialized);
+- `jax ragged_dot_mgpu` (jax's Mosaic GPU example kernel, bf16 out) and `xla ragged_dot`, both over
+  pre-sliced [G, K, N] weights (the weights already materialised, which the engine cannot afford);
+- `dense`: one XLA [M, K] x [K, N] matmul of the same FLOPs (what a matmul of this size reaches).
+
+Correctness first: each of our kernels against a float64 numpy product of its own weight layout on
+ragged groups (empty groups, a tail of rows past sum(sizes) that must be exactly 0). Timing: 3
+input sets back to back in one program (`benchmarks.kernels.bench_in_jit`), TFLOP/s = 2 M K N /
+seconds, and its share of a dense bf16 8192^3 matmul peak measured in the same run the same way.
+The table prints last. `--smoke` runs the same code at toy sizes under the Pallas interpreters on
+CPU: it checks the script, its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib.util
+import json
+import sys
+import traceback
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from benchmarks.kernels import bench_in_jit
+from pallas_kernels.arena_matmul_gpu import arena_grouped_matmul_gpu
+from pallas_kernels.arena_matmul_mgpu import arena_grouped_matmul_mgpu
+
+R = 128  # the GPU arena's row width
+CASES = (("olmoe gate/up", 16384, 64, 2048, 2048), ("olmoe down", 16384, 64, 1024, 2048),
+         ("qwen3 gate/up", 16384, 128, 2048, 1536), ("qwen3 down", 16384, 128, 768, 2048),
+         ("olmoe gate/up 4K", 32768, 64, 2048, 2048), ("qwen3 gate/up 4K", 32768, 128, 2048, 1536))
+SMOKE_CASES = (("toy", 256, 4, 128, 256),)
+TRITON_TILINGS: tuple[dict[str, int], ...] = ({}, {"bm": 64, "bk": 128},
+                                              {"bm": 128, "bk": 64, "num_warps": 8})
+MGPU_CONFIGS: tuple[dict[str, int], ...] = ({}, {"grid_block_n": 4},
+                                            {"block_k": 128, "max_concurrent_steps": 3})
+
+
+def has_ws_kernel() -> bool:
+    return importlib.util.find_spec("pallas_kernels.arena_matmul_mgpu_ws") is not None
+
+
+def panels_to_kn(block: np.ndarray, k: int, n: int, r: int) -> np.ndarray:
+    """A weight stored as N / R column panels ([K * N / R, R] rows) -> [K, N]."""
+    return block.reshape(n // r, k, r).transpose(1, 0, 2).reshape(k, n)
+
+
+def arena_of(g: int, k: int, n: int, r: int, seed: int = 1) -> tuple[jax.Array, np.ndarray]:
+    """[rows, r] bf16 arena holding g weights of [K, N] at offsets 8-row aligned with 8-row gaps."""
+    rows = k * n // r
+    offs = np.array([8 + i * (rows + 8) for i in range(g)], np.int32)
+    total = -(-(int(offs[-1]) + rows + 8) // 8) * 8
+    return jax.random.normal(jax.random.key(seed), (total, r), jnp.bfloat16), offs
+
+
+def numpy_product(x: jax.Array, arena: jax.Array, offs: np.ndarray, sizes: np.ndarray, k: int,
+                  n: int, panels: bool) -> np.ndarray:
+    """The expected [M, N] output (float64 products of the bf16 values), 0 past sum(sizes)."""
+    a = np.asarray(arena.astype(jnp.float32), np.float64)
+    xs = np.asarray(x.astype(jnp.float32), np.float64)
+    r = a.shape[1]
+    rows = k * n // r
+    y = np.zeros((x.shape[0], n))
+    at = 0
+    for i, s in enumerate(sizes):
+        blk = a[offs[i]:offs[i] + rows]
+        w = panels_to_kn(blk, k, n, r) if panels else blk.reshape(k, n)
+        y[at:at + s] = xs[at:at + s] @ w
+        at += int(s)
+    return y
+
+
+def implementations(backend: str) -> list[tuple[str, bool, Callable[..., jax.Array]]]:
+    """(label, weights as panels, f(x, arena, offsets, sizes, n)) of our kernels."""
+    out: list[tuple[str, bool, Callable[..., jax.Array]]] = []
+    for t in TRITON_TILINGS:
+        label = "triton " + (" ".join(f"{a}={b}" for a, b in t.items()) or "default")
+        out.append((label, False, functools.partial(arena_grouped_matmul_gpu, backend=backend, **t)))
+    kernels = [("mgpu", arena_grouped_matmul_mgpu)]
+    if has_ws_kernel():
+        from pallas_kernels.arena_matmul_mgpu_ws import arena_grouped_matmul_mgpu_ws
+
+        kernels.append(("mgpu-ws", arena_grouped_matmul_mgpu_ws))
+    for name, fn in kernels:
+        for c in MGPU_CONFIGS:
+            label = f"{name} " + (" ".join(f"{a}={b}" for a, b in c.items()) or "default")
+            out.append((label, True, functools.partial(fn, backend=backend, **c)))
+    return out
+
+
+def check_correctness(backend: str, smoke: bool) -> list[dict[str, Any]]:
+    """Our kernels on ragged cases against `numpy_product` (rel. error, tail exactly 0)."""
+    rng = np.random.default_rng(7)
+    cases = [(200, 3, 128, 256, [70, 0, 100]), (333, 5, 128, 384, [0, 0, 300, 0, 0])]
+    if not smoke:
+        cases.append((4096, 64, 2048, 1024, list(rng.multinomial(4000, np.ones(64) / 64))))
+    rows = []
+    for m, g, k, n, sizes in cases:
+        arena, offs = arena_of(g, k, n, R)
+        x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
+        sz = np.asarray(sizes, np.int32)
+        want = {p: numpy_product(x, arena, offs, sz, k, n, p) for p in (False, True)}
+        for label, panels, f in implementations(backend):
+            if smoke and not label.endswith("default"):
+                continue
+            try:
+                got = np.asarray(f(x, arena, jnp.asarray(offs), jnp.asarray(sz), n=n), np.float64)
+                err = float(np.linalg.norm(got - want[panels]) / np.linalg.norm(want[panels]))
+                tail = float(np.abs(got[int(sz.sum()):]).max()) if sz.sum() < m else 0.0
+                ok = err < 1e-2 and tail == 0.0
+            except Exception as e:  # a kernel that fails to build is reported, not fatal
+                err, tail, ok = float("nan"), float("nan"), False
+                print(f"  {label}: {type(e).__name__}: {str(e)[:600]}", flush=True)
+            rows.append({"case": f"M={m} G={g} K={k} N={n}", "impl": label, "rel_err": err,
+                         "tail_max": tail, "ok": ok})
+            print(f"check {rows[-1]['case']:28s} {label:36s} rel {err:.1e} tail {tail} "
+                  f"{'ok' if ok else 'FAIL'}", flush=True)
+    return rows
+
+
+def dense_peak(smoke: bool) -> float:
+    n = 256 if smoke else 8192
+    a = jnp.ones((n, n), jnp.bfloat16)
+    return 2 * n ** 3 / bench_in_jit(lambda x: x @ x, [(a,), (a + 1,)])
+
+
+def time_case(case: tuple, backend: str, peak: float, smoke: bool) -> list[dict[str, Any]]:
+    name, m, g, k, n = case
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    arena, offs = arena_of(g, k, n, R)
+    sets = [(jax.random.normal(jax.random.key(10 + j), (m, k), jnp.bfloat16), arena, jnp.asarray(offs),
+             jnp.asarray(rng.multinomial(m, rng.dirichlet(np.ones(g) * 2)).astype(np.int32)))
+            for j in range(2 if smoke else 3)]
+    flops = 2 * m * k * n
+    rows: list[dict[str, Any]] = []
+
+    def record(label: str, f: Callable[..., jax.Array], ss: list) -> None:
+        try:
+            t = bench_in_jit(f, ss)
+        except Exception as e:
+            print(f"  {name} {label}: {type(e).__name__}: {str(e)[:600]}", flush=True)
+            return
+        rows.append({"case": name, "impl": label, "M": m, "G": g, "K": k, "N": n, "us": t * 1e6,
+                     "tflops": flops / t / 1e12, "of_peak": flops / t / peak})
+        print(f"  {name:18s} {label:36s} {t * 1e6:9.1f} us {flops / t / 1e12:7.1f} TFLOP/s "
+              f"{flops / t / peak:6.1%}", flush=True)
+
+    for label, _, f in implementations(backend):
+        record(label, functools.partial(f, n=n), sets)
+    rows_w = k * n // R
+    w3 = jnp.stack([lax.dynamic_slice_in_dim(arena, int(o), rows_w).reshape(k, n) for o in offs])
+    pre = [(s[0], w3, s[3]) for s in sets]
+    record("xla ragged_dot (pre-sliced)",
+           lambda x, w, s: lax.ragged_dot(x, w, s, preferred_element_type=jnp.float32), pre)
+    if not smoke:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+        record("jax ragged_dot_mgpu (pre-sliced)", lambda x, w, s: ragged_dot_mgpu.ragged_dot(
+            x, w, group_sizes=s, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
+            grid_block_n=1), pre)
+    record("dense (same FLOPs)", lambda x, w, s: jnp.dot(x, w[0], preferred_element_type=jnp.float32), pre)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="toy sizes under the interpreters (CPU)")
+    ap.add_argument("--json", default=None, metavar="OUT.json")
+    args = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    backend = "interpret" if args.smoke else "gpu"
+    if not args.smoke and dev.platform != "gpu":
+        print(f"needs a GPU (found {dev.platform}); use --smoke on CPU", file=sys.stderr)
+        return 2
+    checks = check_correctness(backend, args.smoke)
+    peak = dense_peak(args.smoke)
+    rows = []
+    for case in SMOKE_CASES if args.smoke else CASES:
+        try:
+            rows += time_case(case, backend, peak, args.smoke)
+        except Exception:
+            print(f"case {case[0]} failed:\n{traceback.format_exc()[-1500:]}", flush=True)
+    out = {"benchmark": "benchmarks/prefill_matmul.py", "date": datetime.datetime.now(datetime.UTC).isoformat(
+        timespec="seconds"), "command": " ".join(sys.argv), "device": dev.device_kind, "jax": jax.__version__,
+        "peak_flops": peak, "correctness": checks, "rows": rows}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    print(f"\n{dev.device_kind}; dense bf16 peak {peak / 1e12:.1f} TFLOP/s; correctness "
+          f"{'ok' if all(c['ok'] for c in checks) else 'FAILED'}")
+    print(f"{'case':18s} {'implementation':36s} {'us':>9s} {'TFLOP/s':>8s} {'of peak':>8s}")
+    for r in rows:
+        print(f"{r['case']:18s} {r['impl']:36s} {r['us']:9.1f} {r['tflops']:8.1f} {r['of_peak']:8.1%}")
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

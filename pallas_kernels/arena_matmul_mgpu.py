@@ -1,9 +1,10 @@
 """Hopper tensor-core (Mosaic GPU, wgmma) kernel of `pallas_kernels.arena_matmul` for many rows.
 
-Contract: `pallas_kernels.arena_matmul` (weights read in place from the arena's flat rows). This
-kernel serves the calls with many rows per group (prefill: a 2,048-token chunk routes 16,384 rows
-over 64-128 experts); decode calls (a few rows per group, bandwidth-bound) stay on the Triton kernel
-of `pallas_kernels.arena_matmul_gpu`.
+Contract: `pallas_kernels.arena_matmul` (weights read in place from the arena's flat rows), except
+for the weight layout (below). Written for the calls with many rows per group (prefill: a
+2,048-token chunk routes 16,384 rows over 64-128 experts). NOT used by the engine: on one H200 it
+ran 0.6-1.0x the Triton kernel (`pallas_kernels.arena_matmul_gpu`) at those shapes
+(docs/benchmarks.md, "Prefill expert matmuls"); `benchmarks/prefill_matmul.py` measures it.
 
 Tiling. Work items are (group, row block) pairs: a group whose rows ``[start_g, end_g)`` touch row
 blocks ``b0 .. b1`` of ``block_m`` rows gets one item per block, and the rows past ``sum(sizes)``
@@ -17,14 +18,18 @@ TMA (``max_concurrent_steps`` in flight), accumulates with wgmma in f32 register
 item's own rows of the ``[block_m, block_n]`` result with TMA stores of power-of-two row counts
 (a TMA box has a static size; any count up to block_m is a sum of distinct powers of two).
 
-Weight tiles. The arena is ``[num_rows, R]``; weight ``g`` is row-major ``[K, N]`` from row
-``offsets[g]``, so the ``[block_k, R]`` tile at ``(k0, column block j)`` is every ``N / R``-th row
-from ``offsets[g] + k0 * N / R + j``. The kernel views the weight's rows as ``[K, N / R, R]`` (a
-reshape of a contiguous slice, free) and reads column block ``j``: a strided TMA box. Hence
-``block_n == R``.
+Weight tiles ("panels" layout). The arena is ``[num_rows, R]``; weight ``g`` of ``[K, N]`` is
+stored from row ``offsets[g]`` as ``N / R`` column panels, each a contiguous row-major ``[K, R]``
+block (element ``(k, n)`` at row ``offsets[g] + (n // R) * K + k``, column ``n % R``), so the
+``[block_k, R]`` tile at ``(k0, column block j)`` is one contiguous TMA box. Hence ``block_n == R``.
+(A row-major weight would need a strided box of every ``N / R``-th row: Mosaic GPU lowers that only
+through a reshape of the slice, which its interpreter cannot run.) The engine's arena stores
+weights row-major today; this layout is what the kernel would need it to write.
 
-Requirements (checked): bf16 or f16 operands (wgmma), ``K % block_k == 0``, ``M % block_m == 0``
-(the wrapper pads x otherwise), ``R in (64, 128, 256)``.
+Requirements (checked): bf16 or f16 operands (wgmma), ``K % block_k == 0``, ``R in (64, 128,
+256)``; x is padded to a multiple of ``block_m`` rows. Not checked: ``offsets`` multiples of 8 and
+the arena's row count a multiple of 8 (Mosaic's layout inference needs them proven, which the
+kernel asserts with ``pl.multiple_of``).
 
 Backends: "gpu" (Mosaic GPU) and "interpret" (Mosaic GPU's interpreter on CPU, which simulates
 TMA, barriers and shared memory: tests/kernels/test_arena_matmul_mgpu.py).

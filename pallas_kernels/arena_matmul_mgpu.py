@@ -86,7 +86,7 @@ def _store_rows(o_smem, o_gmem, row0, first, rows, col0, block_m: int, block_n: 
         bit = size
 
         @pl.when((rows & bit) != 0)
-        def _():
+        def _(at=at, bit=bit):  # run at once by pl.when; the defaults just bind this iteration's
             plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(at, bit)],
                                     o_gmem.at[pl.ds(row0 + at, bit), pl.ds(col0, block_n)])
 
@@ -98,7 +98,6 @@ def _kernel(items_ref, x_gmem, w_gmem, o_gmem, *, m: int, k: int, n: int, block_
             block_k: int, steps: int, grid_block_n: int, n_items: int):
     block_n = w_gmem.shape[1]
     grid_n = n // block_n
-    per_k = n // block_n  # arena rows per weight row
 
     @plgpu.nd_loop((n_items * grid_n,), collective_axes="sm")
     def _(info):

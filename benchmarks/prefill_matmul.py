@@ -11,7 +11,9 @@ a Dirichlet(2) split, f32 output. Implementations:
 - `triton ...`: `arena_grouped_matmul_gpu` (weights row-major in the arena) at its default tiling
   and the tilings given;
 - `mgpu ...`: `arena_grouped_matmul_mgpu` (Mosaic GPU, one warpgroup, wgmma, TMA; weights as column
-  panels) and, when present, `mgpu-ws ...`: `arena_grouped_matmul_mgpu_ws` (warp-specialized);
+  panels) and, with `--with-ws` (always in `--smoke`), `mgpu-ws ...`: `arena_grouped_matmul_mgpu_ws`
+  (warp-specialized; opt-in because its first GPU run hit a misaligned TMA store, which leaves the
+  CUDA context unusable for every later measurement of the run: see its module docstring);
 - `jax ragged_dot_mgpu` (jax's Mosaic GPU example kernel, bf16 out) and `xla ragged_dot`, both over
   pre-sliced [G, K, N] weights (the weights already materialised, which the engine cannot afford);
 - `dense`: one XLA [M, K] x [K, N] matmul of the same FLOPs (what a matmul of this size reaches).
@@ -29,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import importlib.util
 import json
 import sys
 import traceback
@@ -55,10 +56,8 @@ TRITON_TILINGS: tuple[dict[str, int], ...] = ({}, {"bm": 64, "bk": 128},
                                               {"bm": 128, "bk": 64, "num_warps": 8})
 MGPU_CONFIGS: tuple[dict[str, int], ...] = ({}, {"grid_block_n": 4},
                                             {"block_k": 128, "max_concurrent_steps": 3})
-
-
-def has_ws_kernel() -> bool:
-    return importlib.util.find_spec("pallas_kernels.arena_matmul_mgpu_ws") is not None
+WS_CONFIGS: tuple[dict[str, int], ...] = ({}, {"grid_block_n": 4}, {"max_concurrent_steps": 3},
+                                          {"wgmma_in_flight": 1}, {"block_m": 64})
 
 
 def panels_to_kn(block: np.ndarray, k: int, n: int, r: int) -> np.ndarray:
@@ -91,25 +90,25 @@ def numpy_product(x: jax.Array, arena: jax.Array, offs: np.ndarray, sizes: np.nd
     return y
 
 
-def implementations(backend: str) -> list[tuple[str, bool, Callable[..., jax.Array]]]:
+def implementations(backend: str, with_ws: bool) -> list[tuple[str, bool, Callable[..., jax.Array]]]:
     """(label, weights as panels, f(x, arena, offsets, sizes, n)) of our kernels."""
     out: list[tuple[str, bool, Callable[..., jax.Array]]] = []
     for t in TRITON_TILINGS:
         label = "triton " + (" ".join(f"{a}={b}" for a, b in t.items()) or "default")
         out.append((label, False, functools.partial(arena_grouped_matmul_gpu, backend=backend, **t)))
-    kernels = [("mgpu", arena_grouped_matmul_mgpu)]
-    if has_ws_kernel():
+    kernels = [("mgpu", arena_grouped_matmul_mgpu, MGPU_CONFIGS)]
+    if with_ws:
         from pallas_kernels.arena_matmul_mgpu_ws import arena_grouped_matmul_mgpu_ws
 
-        kernels.append(("mgpu-ws", arena_grouped_matmul_mgpu_ws))
-    for name, fn in kernels:
-        for c in MGPU_CONFIGS:
+        kernels.append(("mgpu-ws", arena_grouped_matmul_mgpu_ws, WS_CONFIGS))
+    for name, fn, configs in kernels:
+        for c in configs:
             label = f"{name} " + (" ".join(f"{a}={b}" for a, b in c.items()) or "default")
             out.append((label, True, functools.partial(fn, backend=backend, **c)))
     return out
 
 
-def check_correctness(backend: str, smoke: bool) -> list[dict[str, Any]]:
+def check_correctness(backend: str, smoke: bool, with_ws: bool) -> list[dict[str, Any]]:
     """Our kernels on ragged cases against `numpy_product` (rel. error, tail exactly 0)."""
     rng = np.random.default_rng(7)
     cases = [(200, 3, 128, 256, [70, 0, 100]), (333, 5, 128, 384, [0, 0, 300, 0, 0])]
@@ -121,7 +120,7 @@ def check_correctness(backend: str, smoke: bool) -> list[dict[str, Any]]:
         x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
         sz = np.asarray(sizes, np.int32)
         want = {p: numpy_product(x, arena, offs, sz, k, n, p) for p in (False, True)}
-        for label, panels, f in implementations(backend):
+        for label, panels, f in implementations(backend, with_ws):
             if smoke and not label.endswith("default"):
                 continue
             try:
@@ -145,7 +144,7 @@ def dense_peak(smoke: bool) -> float:
     return 2 * n ** 3 / bench_in_jit(lambda x: x @ x, [(a,), (a + 1,)])
 
 
-def time_case(case: tuple, backend: str, peak: float, smoke: bool) -> list[dict[str, Any]]:
+def time_case(case: tuple, backend: str, peak: float, smoke: bool, with_ws: bool) -> list[dict[str, Any]]:
     name, m, g, k, n = case
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     arena, offs = arena_of(g, k, n, R)
@@ -166,7 +165,9 @@ def time_case(case: tuple, backend: str, peak: float, smoke: bool) -> list[dict[
         print(f"  {name:18s} {label:36s} {t * 1e6:9.1f} us {flops / t / 1e12:7.1f} TFLOP/s "
               f"{flops / t / peak:6.1%}", flush=True)
 
-    for label, _, f in implementations(backend):
+    for label, _, f in implementations(backend, with_ws):
+        if smoke and not label.endswith("default"):  # the interpreters are slow: one tiling each
+            continue
         record(label, functools.partial(f, n=n), sets)
     rows_w = k * n // R
     w3 = jnp.stack([lax.dynamic_slice_in_dim(arena, int(o), rows_w).reshape(k, n) for o in offs])
@@ -187,18 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes under the interpreters (CPU)")
     ap.add_argument("--json", default=None, metavar="OUT.json")
+    ap.add_argument("--with-ws", action="store_true", help="also the warp-specialized Mosaic kernel")
     args = ap.parse_args(argv)
+    with_ws = args.with_ws or args.smoke
     dev = jax.devices()[0]
     backend = "interpret" if args.smoke else "gpu"
     if not args.smoke and dev.platform != "gpu":
         print(f"needs a GPU (found {dev.platform}); use --smoke on CPU", file=sys.stderr)
         return 2
-    checks = check_correctness(backend, args.smoke)
+    checks = check_correctness(backend, args.smoke, with_ws)
     peak = dense_peak(args.smoke)
     rows = []
     for case in SMOKE_CASES if args.smoke else CASES:
         try:
-            rows += time_case(case, backend, peak, args.smoke)
+            rows += time_case(case, backend, peak, args.smoke, with_ws)
         except Exception:
             print(f"case {case[0]} failed:\n{traceback.format_exc()[-1500:]}", flush=True)
     out = {"benchmark": "benchmarks/prefill_matmul.py", "date": datetime.datetime.now(datetime.UTC).isoformat(

@@ -14,5 +14,6 @@ def test_prefill_matmul_smoke(tmp_path) -> None:
     res = json.loads(out.read_text())
     assert res["correctness"] and all(c["ok"] for c in res["correctness"])
     impls = {r["impl"] for r in res["rows"]}
-    assert {"triton default", "mgpu default", "xla ragged_dot (pre-sliced)", "dense (same FLOPs)"} <= impls
+    assert {"triton default", "mgpu default", "mgpu-ws default", "xla ragged_dot (pre-sliced)",
+            "dense (same FLOPs)"} <= impls
     assert all(r["us"] > 0 and r["tflops"] > 0 for r in res["rows"])

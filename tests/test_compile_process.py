@@ -112,4 +112,5 @@ def test_worker_environment():
     assert cpu["JAX_PLATFORMS"] == "cpu" and cpu["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     gpu = worker_environment(base, "gpu")
     assert gpu["JAX_COMPILATION_CACHE_DIR"] == "/c" and gpu["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
+    assert "JAX_PLATFORMS" not in gpu  # inherited: "gpu" would also ask for rocm (failed on the H200)
     assert base["JAX_COMPILATION_CACHE_DIR"] == "/c"  # the caller's mapping is left alone

@@ -139,10 +139,12 @@ def worker_environment(base: dict[str, str], backend: str) -> dict[str, str]:
     """The worker's environment: `base` (this process's) with its JAX platform `backend`, no
     preallocated memory pool (GPU: the platform allocator, no BFC pool beside the server's) and,
     on CPU, no persistent cache (`_worker_main`)."""
-    env = dict(base) | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_PLATFORMS": backend}
+    env = dict(base) | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     if backend in ("gpu", "cuda", "rocm"):
+        # the platform itself is inherited: JAX_PLATFORMS=gpu would also ask for rocm and fail
         env["XLA_PYTHON_CLIENT_ALLOCATOR"] = "platform"
     if backend == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return env
 
@@ -174,7 +176,12 @@ class ProcessCompiler:
         try:
             msg = conn.recv()
         except EOFError as e:
-            raise CompileProcessError(f"compile worker exited at start (code {proc.poll()})") from e
+            try:
+                code = proc.wait(10.0)
+            except subprocess.TimeoutExpired:
+                code = None
+            raise CompileProcessError(f"compile worker exited at start (exit code {code}; its "
+                                      "traceback is on stderr)") from e
         if msg[0] != "ready":
             raise CompileProcessError(f"compile worker: unexpected first message {msg[0]!r}")
         self._proc, self._conn = proc, conn

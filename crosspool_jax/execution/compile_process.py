@@ -114,7 +114,9 @@ def _worker_main(conn: Any, cache_dir: str | None) -> None:
     if cache_dir and jax.default_backend() != "cpu":
         # (CPU: a cached entry may be a split program compiled by the serving process, whose key
         # does not see `CPU_SERIALIZABLE`; the worker compiles afresh there)
-        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        from crosspool_jax.execution.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache(cache_dir)  # the serving process's directory and thresholds
     from jax.experimental.serialize_executable import serialize
 
     conn.send(("ready", jax.default_backend()))
@@ -136,9 +138,9 @@ def _worker_main(conn: Any, cache_dir: str | None) -> None:
 
 
 def worker_environment(base: dict[str, str], backend: str) -> dict[str, str]:
-    """The worker's environment: `base` (this process's) with its JAX platform `backend`, no
-    preallocated memory pool (GPU: the platform allocator, no BFC pool beside the server's) and,
-    on CPU, no persistent cache (`_worker_main`)."""
+    """The worker's environment: `base` (this process's, so the same platform is picked; only CPU
+    is named, as "gpu" would also ask for rocm) with no preallocated memory pool (GPU: the platform
+    allocator, no BFC pool beside the server's) and, on CPU, no persistent cache (`_worker_main`)."""
     env = dict(base) | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     if backend in ("gpu", "cuda", "rocm"):
         # the platform itself is inherited: JAX_PLATFORMS=gpu would also ask for rocm and fail

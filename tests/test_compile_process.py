@@ -26,20 +26,23 @@ from pallas_kernels.page_layout import PoolLayout
 PROMPT = [3 + (7 * i) % 200 for i in range(37)]
 
 
-def _runner(compile_process: bool) -> GroupRunner:
+def _runner(compile_process: bool, warm_programs: int = 2) -> GroupRunner:
     m = demo_models()["demo-mixtral"]
     r = GroupRunner(None, PoolLayout(16384, "float32", 64, 256), 128, colocated=jax.devices()[0],
                     platform="cpu", backend="reference", prefill_chunk=16, max_prefill_tokens=16,
-                    warm_programs=2, compile_process=compile_process)
+                    warm_programs=warm_programs, compile_process=compile_process)
     r.add_model("a", m.config, m.weights)
     return r
 
 
-def _generate(r: GroupRunner, rid: str, params: SamplingParams) -> list[int]:
-    r.submit(rid, "a", PROMPT, 6, params)
-    toks: list[int] = []
+def _generate(r: GroupRunner, params: dict[str, SamplingParams]) -> dict[str, list[int]]:
+    """Submits one request per entry of `params` at once and steps until all are done."""
+    for rid, p in params.items():
+        r.submit(rid, "a", PROMPT, 6, p)
+    toks: dict[str, list[int]] = {rid: [] for rid in params}
     while r.has_work:
-        toks += r.step().tokens.get(rid, [])
+        for rid, got in r.step().tokens.items():
+            toks[rid] += got
     return toks
 
 
@@ -55,12 +58,11 @@ def test_store_shape_pickles_and_rebuilds_the_mesh():
 
 
 def test_worker_process_programs_generate_the_same_tokens():
-    greedy, sampled = SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=5)
-    local = _runner(False)
-    want = [_generate(local, "g", greedy), _generate(local, "s", sampled)]
-    r = _runner(True)
-    got = [_generate(r, "g", greedy), _generate(r, "s", sampled)]
-    assert got == want and len(want[0]) == 6
+    params = {"g": SamplingParams(), "s": SamplingParams(temperature=0.8, top_k=20, seed=5)}
+    want = _generate(_runner(False, 0), params)
+    r = _runner(True, 0)
+    got = _generate(r, params)
+    assert got == want and len(want["g"]) == 6 == len(want["s"])
     assert r.process_compiles >= 2 and r.process_compile_failures == 0
     r._process_compiler.close()
 
@@ -98,9 +100,9 @@ def test_worker_failure_is_reported_and_the_runner_compiles_locally(monkeypatch)
     def broken(*args, **kwargs):
         raise CompileProcessError("worker gone (test)")
 
-    r = _runner(True)
+    r = _runner(True, 0)
     monkeypatch.setattr(r._process_compiler, "compile", broken)
-    assert len(_generate(r, "g", SamplingParams())) == 6
+    assert len(_generate(r, {"g": SamplingParams()})["g"]) == 6
     assert r.process_compiles == 0 and r.process_compile_failures >= 2
 
 

@@ -38,11 +38,14 @@ TMA, barriers and shared memory: tests/kernels/test_arena_matmul_mgpu.py).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import attention_core
 
 ITEM_FIELDS = 4  # block, first row within the block, rows, weight row (-1: the tail, zeros)
 
@@ -94,8 +97,8 @@ def _store_rows(o_smem, o_gmem, row0, first, rows, col0, block_m: int, block_n: 
         size //= 2
 
 
-def _kernel(items_ref, x_gmem, w_gmem, o_gmem, *, m: int, k: int, n: int, block_m: int,
-            block_k: int, steps: int, grid_block_n: int, n_items: int):
+def _kernel(items_ref, x_gmem, w_gmem, o_gmem, *, k: int, n: int, block_m: int, block_k: int,
+            steps: int, grid_block_n: int, n_items: int):
     block_n = w_gmem.shape[1]
     grid_n = n // block_n
 
@@ -139,12 +142,6 @@ def _kernel(items_ref, x_gmem, w_gmem, o_gmem, *, m: int, k: int, n: int, block_
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _num_sms() -> int:
-    from pallas_kernels.attention_core import num_sms
-
-    return num_sms()
-
-
 @functools.partial(jax.jit, static_argnames=("n", "backend", "block_m", "block_k",
                                              "max_concurrent_steps", "grid_block_n", "out_dtype"))
 def arena_grouped_matmul_mgpu(
@@ -167,6 +164,17 @@ def arena_grouped_matmul_mgpu(
     [G] int32; n: N (static, a multiple of R). backend: "gpu" or "interpret".
     Returns [M, N] `out_dtype` (f32 accumulation); rows past ``sum(sizes)`` are 0.
     """
+    check_wgmma_args(x, arena_rows, offsets, sizes, n, backend, block_m, block_k)
+    kernel = functools.partial(_kernel, k=x.shape[1], n=n, block_m=block_m, block_k=block_k,
+                               steps=max_concurrent_steps, grid_block_n=grid_block_n)
+    return launch_over_items(kernel, x, arena_rows, offsets, sizes, n, backend=backend,
+                             block_m=block_m, out_dtype=out_dtype)
+
+
+def check_wgmma_args(x: jax.Array, arena_rows: jax.Array, offsets: jax.Array, sizes: jax.Array,
+                     n: int, backend: str, block_m: int, block_k: int) -> None:
+    """The checks every Mosaic kernel of this contract makes (`arena_matmul.check_args`, then
+    what wgmma and TMA need); raises ValueError."""
     from pallas_kernels.arena_matmul import check_args
 
     check_args(x, arena_rows, offsets, sizes, n)
@@ -175,42 +183,46 @@ def arena_grouped_matmul_mgpu(
     dt = jnp.dtype(arena_rows.dtype)
     if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"wgmma needs bf16/f16 weights, got {dt}")
-    m, k = x.shape
     r = arena_rows.shape[1]
     if r not in (64, 128, 256):
         raise ValueError(f"arena row width R={r}: expected 64, 128 or 256 (one wgmma N tile)")
-    if k % block_k:
-        raise ValueError(f"K={k} must be a multiple of block_k={block_k}")
+    if x.shape[1] % block_k:
+        raise ValueError(f"K={x.shape[1]} must be a multiple of block_k={block_k}")
     if block_m % 64 or block_m > 256:
         raise ValueError(f"block_m={block_m}: a multiple of 64 up to 256 (one warpgroup's wgmma)")
-    g = offsets.shape[0]
-    if m == 0 or g == 0:
+
+
+def launch_over_items(kernel: Any, x: jax.Array, arena_rows: jax.Array, offsets: jax.Array,
+                      sizes: jax.Array, n: int, *, backend: str, block_m: int, out_dtype: str,
+                      **kernel_kwargs: Any) -> jax.Array:
+    """Runs ``kernel(items_ref, x_gmem, w_gmem, o_gmem, n_items=...)`` persistently (one CTA per
+    SM; 2 in the interpreter) over the work items of `item_table`, with x cast to the arena's dtype
+    and padded to a multiple of `block_m` rows; `kernel_kwargs` go to `plgpu.kernel` (e.g. the
+    warpgroups of a warp-specialized kernel). Returns [M, N] `out_dtype` (M = x's rows)."""
+    m = x.shape[0]
+    if m == 0 or offsets.shape[0] == 0:
         return jnp.zeros((m, n), out_dtype)
     mp = -(-m // block_m) * block_m
-    xp = x.astype(dt)
+    xp = x.astype(arena_rows.dtype)
     if mp != m:
         xp = jnp.pad(xp, ((0, mp - m), (0, 0)))
     items = item_table(sizes, offsets, m, block_m)
-    n_items = items.shape[1]
-    kernel = functools.partial(_kernel, m=mp, k=k, n=n, block_m=block_m, block_k=block_k,
-                               steps=max_concurrent_steps, grid_block_n=grid_block_n,
-                               n_items=n_items)
-    sms = 2 if backend == "interpret" else _num_sms()
     interpret = None
     if backend == "interpret":
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
         interpret = InterpretGPUParams()
     out = plgpu.kernel(
-        kernel,
+        functools.partial(kernel, n_items=items.shape[1]),
         out_type=jax.ShapeDtypeStruct((mp, n), jnp.dtype(out_dtype)),
-        grid=(sms,),
+        grid=(2 if backend == "interpret" else attention_core.num_sms(),),
         grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret,
+        **kernel_kwargs,
     )(items, xp, arena_rows)
     return out[:m] if mp != m else out
 
 
-__all__ = ["arena_grouped_matmul_mgpu", "item_table"]
+__all__ = ["arena_grouped_matmul_mgpu", "check_wgmma_args", "item_table", "launch_over_items"]

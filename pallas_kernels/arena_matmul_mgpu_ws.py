@@ -64,7 +64,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.arena_matmul_mgpu import _num_sms, _store_rows, item_table
+from pallas_kernels.arena_matmul_mgpu import _store_rows, check_wgmma_args, launch_over_items
 
 COMPUTE_WGS = 2  # compute warpgroups per CTA (each owns one R-column panel); + 1 memory warpgroup
 MEMORY_REGISTERS = 40  # registers per thread of the memory warpgroup (jax's Hopper matmul's value)
@@ -254,63 +254,29 @@ def arena_grouped_matmul_mgpu_ws(
     released one step late through manual consumed barriers). Returns [M, N] `out_dtype` (f32
     accumulation); rows past ``sum(sizes)`` are 0.
     """
-    from pallas_kernels.arena_matmul import check_args
-
-    check_args(x, arena_rows, offsets, sizes, n)
-    if backend not in ("gpu", "interpret"):
-        raise ValueError(f"backend {backend!r}: expected 'gpu' or 'interpret'")
-    dt = jnp.dtype(arena_rows.dtype)
-    if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(f"wgmma needs bf16/f16 weights, got {dt}")
-    m, k = x.shape
-    r = arena_rows.shape[1]
-    if r not in (64, 128, 256):
-        raise ValueError(f"arena row width R={r}: expected 64, 128 or 256 (one wgmma N tile)")
-    if block_k % 64 or k % block_k:
+    check_wgmma_args(x, arena_rows, offsets, sizes, n, backend, block_m, block_k)
+    k = x.shape[1]
+    if block_k % 64:
         raise ValueError(f"K={k} must be a multiple of block_k={block_k}, a multiple of 64")
-    if block_m % 64 or block_m > 256:
-        raise ValueError(f"block_m={block_m}: a multiple of 64 up to 256 (one warpgroup's wgmma)")
     if max_concurrent_steps < 1 or grid_block_n < 1:
         raise ValueError(f"max_concurrent_steps={max_concurrent_steps} and "
                          f"grid_block_n={grid_block_n} must be >= 1")
     if wgmma_in_flight not in (0, 1):
         raise ValueError(f"wgmma_in_flight={wgmma_in_flight}: expected 0 or 1")
     stages = min(max_concurrent_steps, k // block_k)
-    pipe, epi_n, epi_slots = smem_plan(block_m, block_k, r, stages, dt.itemsize,
+    pipe, epi_n, epi_slots = smem_plan(block_m, block_k, arena_rows.shape[1], stages,
+                                       jnp.dtype(arena_rows.dtype).itemsize,
                                        jnp.dtype(out_dtype).itemsize)
     if not epi_n:
         raise ValueError(f"block_m={block_m}, block_k={block_k}, {stages} stages: {pipe} bytes of "
                          f"pipeline buffers leave no room for the epilogue in {SMEM_BYTES} bytes of "
                          "shared memory")
-    g = offsets.shape[0]
-    if m == 0 or g == 0:
-        return jnp.zeros((m, n), out_dtype)
-    mp = -(-m // block_m) * block_m
-    xp = x.astype(dt)
-    if mp != m:
-        xp = jnp.pad(xp, ((0, mp - m), (0, 0)))
-    items = item_table(sizes, offsets, m, block_m)
     kernel = functools.partial(_kernel, k=k, n=n, block_m=block_m, block_k=block_k, stages=stages,
-                               grid_block_n=grid_block_n, n_items=items.shape[1], epi_n=epi_n,
-                               epi_slots=epi_slots, wgmma_in_flight=wgmma_in_flight)
-    sms = 2 if backend == "interpret" else _num_sms()
-    interpret = None
-    if backend == "interpret":
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        interpret = InterpretGPUParams()
-    out = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((mp, n), jnp.dtype(out_dtype)),
-        grid=(sms,),
-        grid_names=("sm",),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret,
-    )(items, xp, arena_rows)
-    return out[:m] if mp != m else out
+                               grid_block_n=grid_block_n, epi_n=epi_n, epi_slots=epi_slots,
+                               wgmma_in_flight=wgmma_in_flight)
+    return launch_over_items(kernel, x, arena_rows, offsets, sizes, n, backend=backend,
+                             block_m=block_m, out_dtype=out_dtype, num_threads=COMPUTE_WGS + 1,
+                             thread_name="wg")
 
 
 __all__ = ["arena_grouped_matmul_mgpu_ws", "epilogue_tiling", "smem_plan"]

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call, params
 
-import pallas_kernels.arena_matmul_mgpu_ws as ws
 from benchmarks.prefill_matmul import arena_of, numpy_product
+from pallas_kernels import attention_core
 from pallas_kernels.arena_matmul_mgpu_ws import arena_grouped_matmul_mgpu_ws, epilogue_tiling, smem_plan
 
 S = jax.ShapeDtypeStruct
@@ -89,7 +89,7 @@ LOWERED = [
 
 @pytest.mark.parametrize(("k", "n", "kw"), LOWERED)
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, k, n, kw):
-    monkeypatch.setattr(ws, "_num_sms", lambda: 132)
+    monkeypatch.setattr(attention_core, "num_sms", lambda: 132)
     g = 64
     args = (S((16384, k), jnp.bfloat16), S((g * (k * n // 128) + 64, 128), jnp.bfloat16),
             S((g,), jnp.int32), S((g,), jnp.int32))

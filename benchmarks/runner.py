@@ -710,9 +710,7 @@ def serve_and_replay(mode: str, models: Sequence[str], trace_models: Sequence[st
         stalls = serving_stalls(engine)
         out["serving_blocked_s"] = stalls["blocked_s"] - base_stalls["blocked_s"]
         out["serving_blocked_compiles"] = stalls["blocked_compiles"] - base_stalls["blocked_compiles"]
-        out["fallback_calls"] = stalls["fallback_calls"] - base_stalls["fallback_calls"]
-        out["held_prefill_steps"] = stalls["held_prefill_steps"] - base_stalls["held_prefill_steps"]
-        for key in ("process_compiles", "process_compile_failures"):
+        for key in STALL_COUNTS:  # the measured pass's share of each count
             out[key] = stalls[key] - base_stalls[key]
         out["decode_call_s"] = stalls["decode_call_s"]
         new = out["serving_blocked_compiles"]  # the log keeps the last 32 per group
@@ -755,6 +753,12 @@ def call_records(engine: Any, t0: float) -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: d["dispatched"])
 
 
+# `GroupRunner` counters reported per mode, summed over the groups: calls run in a larger compiled
+# program, steps that held a prefill for its programs, programs the compile worker process built
+# (`compile_process`; not this process's JAX compile events) and worker failures compiled here
+STALL_COUNTS = ("fallback_calls", "held_prefill_steps", "process_compiles", "process_compile_failures")
+
+
 def serving_stalls(engine: Any) -> dict[str, Any]:
     """The engine's compile stalls so far, summed over its device groups (`engine.groups`,
     `GroupRunner`): seconds steps spent compiling a program (or waiting for one) on the serving
@@ -763,13 +767,7 @@ def serving_stalls(engine: Any) -> dict[str, Any]:
     calls = [g.decode_call_seconds for g in groups if getattr(g, "decode_call_seconds", None)]
     return {"blocked_s": float(sum(getattr(g, "blocked_compile_seconds", 0.0) for g in groups)),
             "blocked_compiles": int(sum(getattr(g, "blocked_compiles", 0) for g in groups)),
-            "fallback_calls": int(sum(getattr(g, "fallback_calls", 0) for g in groups)),
-            "held_prefill_steps": int(sum(getattr(g, "held_prefill_steps", 0) for g in groups)),
-            # programs the worker process built (`compile_process`; their compiles are not this
-            # process's JAX compile events) and worker failures that compiled here instead
-            "process_compiles": int(sum(getattr(g, "process_compiles", 0) for g in groups)),
-            "process_compile_failures": int(sum(getattr(g, "process_compile_failures", 0)
-                                                for g in groups)),
+            **{key: int(sum(getattr(g, key, 0) for g in groups)) for key in STALL_COUNTS},
             "blocked_log": [(round(sec, 3), why, what) for g in groups
                             for sec, why, what in getattr(g, "blocked_log", ())],
             # the groups' measured device time of a decode call (EMA), for TBT / decode call
@@ -979,10 +977,7 @@ def mode_metrics(records: list[Record], run: dict[str, Any], slo: dict[str, Any]
                      # seconds steps waited for a compile (the rest compiled in the background)
                      "serving_blocked_s": round(run.get("serving_blocked_s", 0.0), 3),
                      "serving_blocked_compiles": run.get("serving_blocked_compiles", 0),
-                     "fallback_calls": run.get("fallback_calls", 0),
-                     "held_prefill_steps": run.get("held_prefill_steps", 0),
-                     "process_compiles": run.get("process_compiles", 0),
-                     "process_compile_failures": run.get("process_compile_failures", 0),
+                     **{key: run.get(key, 0) for key in STALL_COUNTS},
                      # the measured pass's blocked waits: (seconds, waited for, wanted shape)
                      "serving_blocked_log": run.get("blocked_log", [])},
         # EMA of the engine's measured decode call (device time, K steps) at the replay's end

@@ -78,6 +78,7 @@ from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
 
 _log = logging.getLogger(__name__)
 
+
 def _pow2(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
 

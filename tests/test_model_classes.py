@@ -17,7 +17,7 @@ import pytest
 from pooled_helpers import References, Req, build_runner, drive, f32
 
 from crosspool_jax.demo import demo_configs
-from crosspool_jax.execution import pool_runner
+from crosspool_jax.execution import pooled_step
 from crosspool_jax.execution.pool_runner import ShapeBuckets
 from crosspool_jax.execution.sampling import SamplingParams
 from crosspool_jax.models.config import Family, FFNKind, QKNorm
@@ -102,13 +102,13 @@ def test_one_class_runs_as_one_lane_and_matches_reference(refs, monkeypatch) -> 
     # new model's different tokens can end a request at another step)
     before = set(runner._programs)
     built: list = []
-    build = pool_runner.build_step
+    build = pooled_step.build_step  # what every step program is built by (`compile_spec`)
 
     def spy(spec, store, platform):
         built.append(spec)
         return build(spec, store, platform)
 
-    monkeypatch.setattr(pool_runner, "build_step", spy)
+    monkeypatch.setattr(pooled_step, "build_step", spy)
     runner.add_model("q3-d", *LATE["q3-d"])
     again = [dataclasses.replace(r, rid=r.rid.replace("q3-a", "q3-d") + "-2",
                                  model="q3-d" if r.model == "q3-a" else r.model)

@@ -98,9 +98,11 @@ class StoreShape:
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(POOL_AXIS))
 
 
-def compile_spec(spec: Any, shape: StoreShape, platform: str,
+def compile_spec(spec: Any, shape: Any, platform: str,
                  compiler_options: dict[str, Any] | None) -> Any:
-    """`spec`'s step program over an arena of `shape`, lowered and compiled here (jax.stages.Compiled)."""
+    """`spec`'s step program over an arena of `shape` (a `StoreShape`, or the `ArenaStore` itself:
+    the same attributes), lowered and compiled here (jax.stages.Compiled). The one build of a step
+    program, in the worker and in the serving process alike."""
     from crosspool_jax.execution.pooled_step import build_step, input_shapes
 
     arena = jax.ShapeDtypeStruct(shape.arena_shape, shape.arena_dtype, sharding=shape.sharding)

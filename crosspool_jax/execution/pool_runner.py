@@ -48,7 +48,12 @@ from crosspool_jax.errors import InvalidRequestError
 from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.call_clock import CallClock, CallEnd
 from crosspool_jax.execution.compile_cache import enable_compilation_cache
-from crosspool_jax.execution.compile_process import CompileProcessError, ProcessCompiler, StoreShape
+from crosspool_jax.execution.compile_process import (
+    CompileProcessError,
+    ProcessCompiler,
+    StoreShape,
+    compile_spec,
+)
 from crosspool_jax.execution.host_step import (
     EXECUTIONS,
     HostScheduledStep,
@@ -56,7 +61,7 @@ from crosspool_jax.execution.host_step import (
     StrategyTrial,
     trial_key,
 )
-from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
+from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, model_geometry
 from crosspool_jax.execution.prefill_cost import NO_WORK, PrefillCostFit, PrefillWork, chunk_work
 from crosspool_jax.execution.sampling import SamplingParams, seed_words
 from crosspool_jax.memory.arena import NO_GUARD, ArenaBook, ArenaStore, HostModel
@@ -707,10 +712,7 @@ class GroupRunner:
             except CompileProcessError as e:
                 self.process_compile_failures += 1
                 _log.warning("compiling %s in this process: %s", describe_spec(spec), e)
-        arena = jax.ShapeDtypeStruct(self.store.arena.shape, self.store.arena.dtype,
-                                     sharding=self.store.sharding)
-        return self._strategy(spec, build_step(spec, self.store, self.platform).lower(
-            arena, input_shapes(spec, self.store)).compile(compiler_options=self.compiler_options or None))
+        return self._strategy(spec, compile_spec(spec, self.store, self.platform, self.compiler_options))
 
     def execution_summary(self) -> dict[str, int]:
         """Held step programs by the strategy they run: {"lowered": n, "host": n, "measuring": n}

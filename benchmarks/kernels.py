@@ -86,6 +86,23 @@ def bench_in_jit(f, sets: list, trials: int = 5) -> float:
     return float(np.median(times))
 
 
+def matmul_peak(n: int, dtype: str, iters: int = 10, trials: int = 5) -> float:
+    """FLOP/s of an [n, n] x [n, n] matmul in `dtype` on the default device: median over `trials`
+    of `iters` calls issued back to back and synced once (a sync per call would add the host's
+    round trip to every ~1-ms call and understate the peak, overstating MFU)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    ts = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = f(a)
+        out.block_until_ready()
+        ts.append((time.perf_counter() - t0) / iters)
+    return 2 * n ** 3 / float(np.median(ts))
+
+
 def copy_bandwidth(nbytes: int) -> float:
     """Device copy bandwidth in bytes/s, counting bytes read + bytes written."""
     x = jnp.arange(nbytes // 4, dtype=jnp.float32)

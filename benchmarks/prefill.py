@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.calibrate import build
+from benchmarks.kernels import matmul_peak
 from benchmarks.layer_loop import median_call_seconds, prefill_inputs
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
 from crosspool_jax.execution.prefill_cost import chunk_work
@@ -52,23 +53,6 @@ VARIANTS = ("engine", "xla")
 MAX_TIMED_CHUNKS = 8
 GPU_SHAPES = ("olmoe-1b-7b", "qwen3-30b-a3b")
 GPU_PROMPTS = (512, 4096, 32768)
-
-
-def matmul_peak(n: int, dtype: str, iters: int = 10, trials: int = 5) -> float:
-    """FLOP/s of an [n, n] x [n, n] matmul in `dtype` on the default device: median over `trials`
-    of `iters` calls issued back to back and synced once (a sync per call would add the host's
-    round trip to every ~1-ms call and understate the peak, overstating MFU)."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    ts = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = f(a)
-        out.block_until_ready()
-        ts.append((time.perf_counter() - t0) / iters)
-    return 2 * n ** 3 / float(np.median(ts))
 
 
 def timed_chunks(n_chunks: int) -> list[int]:

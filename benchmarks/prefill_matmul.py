@@ -21,7 +21,8 @@ a Dirichlet(2) split, f32 output. Implementations:
 Correctness first: each of our kernels against a float64 numpy product of its own weight layout on
 ragged groups (empty groups, a tail of rows past sum(sizes) that must be exactly 0). Timing: 3
 input sets back to back in one program (`benchmarks.kernels.bench_in_jit`), TFLOP/s = 2 M K N /
-seconds, and its share of a dense bf16 8192^3 matmul peak measured in the same run the same way.
+seconds, and its share of a dense bf16 8192^3 matmul peak measured in the same run
+(`benchmarks.kernels.matmul_peak`: calls back to back, as `benchmarks/prefill.py` measures it).
 The table prints last. `--smoke` runs the same code at toy sizes under the Pallas interpreters on
 CPU: it checks the script, its numbers mean nothing.
 """
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks.kernels import bench_in_jit
+from benchmarks.kernels import bench_in_jit, matmul_peak
 from pallas_kernels.arena_matmul_gpu import arena_grouped_matmul_gpu
 from pallas_kernels.arena_matmul_mgpu import arena_grouped_matmul_mgpu
 
@@ -138,12 +139,6 @@ def check_correctness(backend: str, smoke: bool, with_ws: bool) -> list[dict[str
     return rows
 
 
-def dense_peak(smoke: bool) -> float:
-    n = 256 if smoke else 8192
-    a = jnp.ones((n, n), jnp.bfloat16)
-    return 2 * n ** 3 / bench_in_jit(lambda x: x @ x, [(a,), (a + 1,)])
-
-
 def time_case(case: tuple, backend: str, peak: float, smoke: bool, with_ws: bool) -> list[dict[str, Any]]:
     name, m, g, k, n = case
     rng = np.random.default_rng(zlib.crc32(name.encode()))
@@ -197,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"needs a GPU (found {dev.platform}); use --smoke on CPU", file=sys.stderr)
         return 2
     checks = check_correctness(backend, args.smoke, with_ws)
-    peak = dense_peak(args.smoke)
+    peak = matmul_peak(256 if args.smoke else 8192, "bfloat16")
     rows = []
     for case in SMOKE_CASES if args.smoke else CASES:
         try:

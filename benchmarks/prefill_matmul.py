@@ -18,6 +18,14 @@ a Dirichlet(2) split, f32 output. Implementations:
   pre-sliced [G, K, N] weights (the weights already materialised, which the engine cannot afford);
 - `dense`: one XLA [M, K] x [K, N] matmul of the same FLOPs (what a matmul of this size reaches).
 
+A second table times a whole routed-expert layer as the engine runs it (`MOE_CASES`: a 2,048- or
+4,096-token chunk, top-8): `fused` (the engine's path: the gate/up matmul reads each row's token
+through `x_rows` and applies SwiGLU in its epilogue, bf16 out; the down matmul scales rows by their
+routing weights and stores them token-major; then a [T, k, D] sum) against `unfused` (what the
+engine ran before: a gathered copy of the tokens, an f32 [rows, 2I] product, SwiGLU, an f32 [rows,
+D] product, the routing scale and `moe.unpermute_sum`), both on the Triton kernel at its default
+tiling; the two outputs must agree (relative error < 1e-2) before either is timed.
+
 Correctness first: each of our kernels against a float64 numpy product of its own weight layout on
 ragged groups (empty groups, a tail of rows past sum(sizes) that must be exactly 0). Timing: 3
 input sets back to back in one program (`benchmarks.kernels.bench_in_jit`), TFLOP/s = 2 M K N /
@@ -45,6 +53,7 @@ import numpy as np
 from jax import lax
 
 from benchmarks.kernels import bench_in_jit, matmul_peak
+from crosspool_jax.models.moe import unpermute_sum
 from pallas_kernels.arena_matmul_gpu import arena_grouped_matmul_gpu
 from pallas_kernels.arena_matmul_mgpu import arena_grouped_matmul_mgpu
 
@@ -53,6 +62,10 @@ CASES = (("olmoe gate/up", 16384, 64, 2048, 2048), ("olmoe down", 16384, 64, 102
          ("qwen3 gate/up", 16384, 128, 2048, 1536), ("qwen3 down", 16384, 128, 768, 2048),
          ("olmoe gate/up 4K", 32768, 64, 2048, 2048), ("qwen3 gate/up 4K", 32768, 128, 2048, 1536))
 SMOKE_CASES = (("toy", 256, 4, 128, 256),)
+# routed-expert layers: (name, tokens T, top-k, experts E, hidden D, expert intermediate I)
+MOE_CASES = (("olmoe layer", 2048, 8, 64, 2048, 1024), ("qwen3 layer", 2048, 8, 128, 2048, 768),
+             ("olmoe layer 4K", 4096, 8, 64, 2048, 1024))
+SMOKE_MOE_CASES = (("toy layer", 24, 2, 4, 128, 128),)
 TRITON_TILINGS: tuple[dict[str, int], ...] = ({}, {"bm": 64, "bk": 128},
                                               {"bm": 128, "bk": 64, "num_warps": 8})
 MGPU_CONFIGS: tuple[dict[str, int], ...] = ({}, {"grid_block_n": 4},
@@ -179,6 +192,57 @@ def time_case(case: tuple, backend: str, peak: float, smoke: bool, with_ws: bool
     return rows
 
 
+def moe_layer(fused: bool, backend: str, k: int, inter: int, d: int) -> Callable[..., jax.Array]:
+    """f(x [T, D], arena, gate/up offsets [E], down offsets [E], order [T k], sizes [E],
+    weights [T k] f32) -> [T, D] f32: one routed-expert layer, fused or as before (module doc)."""
+    mm = functools.partial(arena_grouped_matmul_gpu, backend=backend)
+
+    def run(x, arena, off_gu, off_dn, order, sizes, weights):
+        if fused:
+            act = mm(x, arena, off_gu, sizes, 2 * inter, x_rows=order // k, swiglu=inter,
+                     out_dtype=x.dtype)
+            o = mm(act, arena, off_dn, sizes, d, row_scale=weights, out_rows=order)
+            return o.reshape(-1, k, d).sum(axis=1)
+        h = mm(x[order // k], arena, off_gu, sizes, 2 * inter)
+        act = (jax.nn.silu(h[:, :inter]) * h[:, inter:]).astype(x.dtype)
+        o = mm(act, arena, off_dn, sizes, d)
+        return unpermute_sum(o * weights[:, None], order, k)
+
+    return run
+
+
+def time_moe_layer(case: tuple, backend: str, smoke: bool) -> list[dict[str, Any]]:
+    """`fused` vs `unfused` on one `MOE_CASES` layer: outputs compared, then each timed."""
+    name, t, k, e, d, inter = case
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    gu, off_gu = arena_of(e, d, 2 * inter, R, seed=3)
+    dn, off_dn = arena_of(e, inter, d, R, seed=4)
+    arena = jnp.concatenate([gu, dn])
+    offs = (jnp.asarray(off_gu), jnp.asarray(off_dn + gu.shape[0]))
+    sets = []
+    for j in range(2 if smoke else 3):
+        experts = np.stack([rng.choice(e, k, replace=False, p=rng.dirichlet(np.ones(e) * 2))
+                            for _ in range(t)]).reshape(-1)
+        order = np.argsort(experts, kind="stable").astype(np.int32)
+        sizes = np.bincount(experts, minlength=e).astype(np.int32)
+        x = jax.random.normal(jax.random.key(20 + j), (t, d), jnp.bfloat16)
+        w = jnp.asarray(rng.uniform(0.0, 0.3, t * k), jnp.float32)
+        sets.append((x, arena, *offs, jnp.asarray(order), jnp.asarray(sizes), w))
+    fns = {v: moe_layer(v == "fused", backend, k, inter, d) for v in ("unfused", "fused")}
+    outs = {v: np.asarray(jax.jit(f)(*sets[0]), np.float64) for v, f in fns.items()}
+    err = float(np.linalg.norm(outs["fused"] - outs["unfused"]) / np.linalg.norm(outs["unfused"]))
+    print(f"  {name}: fused vs unfused rel err {err:.1e}", flush=True)
+    if not err < 1e-2:
+        return [{"case": name, "impl": "fused", "rel_err": err, "ok": False}]
+    rows = []
+    for v, f in fns.items():
+        us = bench_in_jit(f, sets) * 1e6
+        rows.append({"case": name, "impl": v, "T": t, "k": k, "E": e, "D": d, "I": inter,
+                     "us": us, "rel_err": err, "ok": True})
+        print(f"  {name:18s} {v:10s} {us:9.1f} us", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes under the interpreters (CPU)")
@@ -199,9 +263,15 @@ def main(argv: list[str] | None = None) -> int:
             rows += time_case(case, backend, peak, args.smoke, with_ws)
         except Exception:
             print(f"case {case[0]} failed:\n{traceback.format_exc()[-1500:]}", flush=True)
+    layers: list[dict[str, Any]] = []
+    for case in SMOKE_MOE_CASES if args.smoke else MOE_CASES:
+        try:
+            layers += time_moe_layer(case, backend, args.smoke)
+        except Exception:
+            print(f"case {case[0]} failed:\n{traceback.format_exc()[-1500:]}", flush=True)
     out = {"benchmark": "benchmarks/prefill_matmul.py", "date": datetime.datetime.now(datetime.UTC).isoformat(
         timespec="seconds"), "command": " ".join(sys.argv), "device": dev.device_kind, "jax": jax.__version__,
-        "peak_flops": peak, "correctness": checks, "rows": rows}
+        "peak_flops": peak, "correctness": checks, "rows": rows, "moe_layers": layers}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)
@@ -210,7 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':18s} {'implementation':36s} {'us':>9s} {'TFLOP/s':>8s} {'of peak':>8s}")
     for r in rows:
         print(f"{r['case']:18s} {r['impl']:36s} {r['us']:9.1f} {r['tflops']:8.1f} {r['of_peak']:8.1%}")
-    return 0 if all(c["ok"] for c in checks) else 1
+    print(f"\n{'MoE layer':18s} {'unfused us':>11s} {'fused us':>9s} {'speed-up':>9s} {'rel err':>8s}")
+    by = {(r["case"], r["impl"]): r for r in layers if r["ok"]}
+    for case in {r["case"]: None for r in layers}:
+        if (case, "fused") in by:
+            u, f = by[case, "unfused"]["us"], by[case, "fused"]["us"]
+            print(f"{case:18s} {u:11.1f} {f:9.1f} {u / f:8.2f}x {by[case, 'fused']['rel_err']:8.1e}")
+        else:
+            print(f"{case:18s} FAILED (fused and unfused outputs differ)")
+    ok = all(c["ok"] for c in checks) and all(r["ok"] for r in layers)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

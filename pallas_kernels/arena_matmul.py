@@ -18,6 +18,10 @@ Contract (every backend):
 * ``sizes``/``offsets``: [G] int32. A group of size 0 reads nothing (kernels skip it): that is how
   a device that holds no part of a phase (a KV device in the FFN phase) does no work in it.
 * Returns [M, N] float32 (``preferred_element_type``), accumulation in f32.
+* Optional fusions around the product (`arena_grouped_matmul`'s arguments): rows of x read through
+  an index table, a SwiGLU epilogue, per-row scales and a scattered store. The MoE layer uses all
+  four, so neither its permuted copy of the tokens nor its [rows, 2 * inter] and [rows, D] f32
+  intermediates are written to memory and read back.
 
 Backends: "reference" (plain jnp: each group's weight sliced out, then ``lax.ragged_dot``);
 "gpu"/"interpret": a Pallas kernel (see `arena_grouped_matmul`).
@@ -43,15 +47,34 @@ def _group_weights(arena_rows: jax.Array, offsets: jax.Array, k: int, n: int) ->
     return jax.vmap(one)(offsets.astype(jnp.int32))
 
 
+def apply_fusions(y: jax.Array, *, swiglu: int = 0, row_scale: jax.Array | None = None,
+                  out_rows: jax.Array | None = None, out_dtype: str = "float32") -> jax.Array:
+    """The epilogue of a fused call in plain jnp, on the f32 product y [M, N] (see `Fusion`)."""
+    if swiglu:
+        y = jax.nn.silu(y[:, :swiglu]) * y[:, swiglu:2 * swiglu]
+    if row_scale is not None:
+        y = y * row_scale.astype(jnp.float32)[:, None]
+    y = y.astype(out_dtype)
+    if out_rows is not None:
+        y = jnp.zeros_like(y).at[out_rows].set(y)
+    return y
+
+
 def arena_grouped_matmul_reference(
-    x: jax.Array, arena_rows: jax.Array, offsets: jax.Array, sizes: jax.Array, n: int
+    x: jax.Array, arena_rows: jax.Array, offsets: jax.Array, sizes: jax.Array, n: int, *,
+    x_rows: jax.Array | None = None, swiglu: int = 0, row_scale: jax.Array | None = None,
+    out_rows: jax.Array | None = None, out_dtype: str = "float32",
 ) -> jax.Array:
-    """Plain-jnp `arena_grouped_matmul` (slices the weights, then one `lax.ragged_dot`)."""
+    """Plain-jnp `arena_grouped_matmul` (slices the weights, then one `lax.ragged_dot`; the
+    fusions as separate jnp ops)."""
     k = x.shape[1]
     w = _group_weights(arena_rows, offsets, k, n)
     prec = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
-    return lax.ragged_dot(x.astype(w.dtype), w, sizes.astype(jnp.int32),
-                          preferred_element_type=jnp.float32, precision=prec)
+    xs = x if x_rows is None else jnp.take(x, x_rows, axis=0)
+    y = lax.ragged_dot(xs.astype(w.dtype), w, sizes.astype(jnp.int32),
+                       preferred_element_type=jnp.float32, precision=prec)
+    return apply_fusions(y, swiglu=swiglu, row_scale=row_scale, out_rows=out_rows,
+                         out_dtype=out_dtype)
 
 
 def check_args(x: jax.Array, arena_rows: jax.Array, offsets: jax.Array, sizes: jax.Array,
@@ -73,21 +96,39 @@ def arena_grouped_matmul(
     n: int,
     *,
     backend: str | None = None,
+    x_rows: jax.Array | None = None,
+    swiglu: int = 0,
+    row_scale: jax.Array | None = None,
+    out_rows: jax.Array | None = None,
+    out_dtype: str = "float32",
 ) -> jax.Array:
     """``y[rows of g] = x[rows of g] @ W_g`` with W_g read in place from the arena (see module doc).
 
-    x: [M, K]; arena_rows: [num_rows, R]; offsets, sizes: [G] int32; n: N (static).
-    backend: None (from the platform), "reference", "gpu", "interpret".
-    Returns [M, N] float32.
+    x: [M, K] (or [T, K] read through x_rows); arena_rows: [num_rows, R]; offsets, sizes: [G]
+    int32; n: N (static). backend: None (from the platform), "reference", "gpu", "interpret".
+    Fusions (each optional, `arena_matmul_gpu.Fusion`; the reference applies them as jnp ops):
+      x_rows [M] int32: product row i reads ``x[x_rows[i]]``;
+      swiglu (static inter): ``silu(y[:, :inter]) * y[:, inter:2 * inter]``, [M, inter];
+      row_scale [M] f32: row i times row_scale[i];
+      out_rows [M] int32, a permutation of [0, M): row i is stored at out_rows[i].
+    The GPU kernel fuses them when ``swiglu`` is a multiple of R (else its SwiGLU, scale and
+    scatter run as jnp ops after an unfused product).
+    Returns [M, N] (or [M, swiglu]) in out_dtype, accumulated in f32.
     """
     check_args(x, arena_rows, offsets, sizes, n)
     be = resolve_backend(backend)
+    fused = dict(x_rows=x_rows, swiglu=swiglu, row_scale=row_scale, out_rows=out_rows,
+                 out_dtype=out_dtype)
     if be in ("reference", "tpu", "tpu_interpret"):
         # TPU: no Mosaic kernel yet; XLA's ragged_dot over sliced weights is the fallback.
-        return arena_grouped_matmul_reference(x, arena_rows, offsets, sizes, n)
+        return arena_grouped_matmul_reference(x, arena_rows, offsets, sizes, n, **fused)
     from pallas_kernels.arena_matmul_gpu import arena_grouped_matmul_gpu
 
-    return arena_grouped_matmul_gpu(x, arena_rows, offsets, sizes, n, backend=be)
+    if swiglu % arena_rows.shape[1]:  # the up columns do not start on an arena row
+        y = arena_grouped_matmul_gpu(x, arena_rows, offsets, sizes, n, backend=be, x_rows=x_rows)
+        return apply_fusions(y, swiglu=swiglu, row_scale=row_scale, out_rows=out_rows,
+                             out_dtype=out_dtype)
+    return arena_grouped_matmul_gpu(x, arena_rows, offsets, sizes, n, backend=be, **fused)
 
 
-__all__ = ["arena_grouped_matmul", "arena_grouped_matmul_reference"]
+__all__ = ["apply_fusions", "arena_grouped_matmul", "arena_grouped_matmul_reference"]

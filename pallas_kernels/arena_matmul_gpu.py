@@ -113,19 +113,32 @@ def default_config(m: int, k: int, n: int, g: int, r: int, itemsize: int,
                   num_stages=given.get("num_stages") or 3, programs=programs)
 
 
-def _kernel(sizes_ref, offsets_ref, x_ref, w_ref, o_ref, *, g: int, gp: int, m: int, k: int,
-            n: int, cfg: Config, nks: int, num_rows: int):
-    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
-    r = w_ref.shape[1]
-    nk = -(-k // bk)
-    jn = pl.program_id(0)  # column block (fastest: all column blocks of an item run together)
-    s = pl.program_id(1)  # K split
-    p = pl.program_id(2)  # item program: items p, p + P, ... (live items come first)
-    n_prog = pl.num_programs(2)
-    w_dtype = w_ref.dtype
-    prec = dot_precision(w_dtype)
+class Fusion(NamedTuple):
+    """What a call fuses around the matmul (static; the defaults fuse nothing).
 
-    # --- item map: vector ops on the [gp] sizes/offsets (lanes >= g are 0), once per program.
+    gather_x: row i of the product reads ``x[x_rows[i]]`` (x_rows [M] int32), so a permuted copy
+      of x is never written (MoE: the tokens' rows in expert order).
+    swiglu: ``inter > 0``: the weight's columns are ``[gate (inter) | up (inter) | padding]`` and
+      the output is ``silu(x W_gate) * (x W_up)``, [M, inter], computed from the f32 accumulators
+      (no [M, 2 * inter] f32 intermediate in memory); 0: the plain product.
+    scale_rows: output row i times ``row_scale[i]`` (f32 [M]; MoE: the routing weight).
+    scatter: output row i is stored at row ``out_rows[i]`` (int32 [M], a permutation of [0, M)),
+      so the result comes out in the caller's order instead of the groups' (MoE: token-major).
+    """
+
+    gather_x: bool = False
+    swiglu: int = 0
+    scale_rows: bool = False
+    scatter: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.gather_x or self.swiglu > 0 or self.scale_rows or self.scatter
+
+
+def _item_map(sizes_ref, offsets_ref, *, g: int, gp: int, m: int, bm: int):
+    """Per-group vectors of the item map (lanes >= g are 0): (start, end, offset, first item,
+    items' end) [gp] each, and the scalars (group items, live items, rows in groups)."""
     gi = lax.broadcasted_iota(jnp.int32, (gp,), 0)
     gmask = gi < g
     gidx = jnp.minimum(gi, g - 1)
@@ -141,13 +154,48 @@ def _kernel(sizes_ref, offsets_ref, x_ref, w_ref, o_ref, *, g: int, gp: int, m: 
     n_grp = jnp.sum(tiles)
     total = jnp.sum(size)
     n_live = n_grp + (m - total + bm - 1) // bm  # group items, then tail items (zeros)
+    return (gi, start, end, off_v, first, t_end), (n_grp, n_live, total)
+
+
+def _epilogue(accs: tuple, fusion: Fusion, chunks: int, scale) -> list:
+    """The [bm, R] f32 output tiles of an item from its accumulators (gate tiles, then up tiles
+    under SwiGLU); scale: [bm] row factors or None."""
+    outs = list(accs)
+    if fusion.swiglu:
+        outs = [jax.nn.silu(a) * b for a, b in zip(accs[:chunks], accs[chunks:], strict=True)]
+    if scale is not None:
+        outs = [o * scale[:, None] for o in outs]
+    return outs
+
+
+def _kernel(*refs, g: int, gp: int, m: int, k: int, n: int, cfg: Config, nks: int, num_rows: int,
+            fusion: Fusion):
+    sizes_ref, offsets_ref, x_ref, w_ref, *aux, o_ref = refs
+    x_rows_ref = aux.pop(0) if fusion.gather_x else None
+    scale_ref = aux.pop(0) if fusion.scale_rows else None
+    dest_ref = aux.pop(0) if fusion.scatter else None
+    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
+    r = w_ref.shape[1]
+    nk = -(-k // bk)
+    jn = pl.program_id(0)  # column block (fastest: all column blocks of an item run together)
+    s = pl.program_id(1)  # K split
+    p = pl.program_id(2)  # item program: items p, p + P, ... (live items come first)
+    n_prog = pl.num_programs(2)
+    w_dtype = w_ref.dtype
+    prec = dot_precision(w_dtype)
+    (gi, start, end, off_v, first, t_end), (n_grp, n_live, total) = _item_map(
+        sizes_ref, offsets_ref, g=g, gp=gp, m=m, bm=bm)
     n_mine = jnp.maximum(n_live - p + n_prog - 1, 0) // n_prog
 
     chunks = bn // r
     stride = n // r  # arena rows per weight row (k)
-    col_row = jn * chunks  # arena-row offset of this program's first column chunk
+    # arena-row offsets (within a weight row) of this program's column chunks: gate, then up
+    col_rows = [jn * chunks + c for c in range(chunks)]
+    if fusion.swiglu:
+        col_rows += [fusion.swiglu // r + jn * chunks + c for c in range(chunks)]
     k_tail = k % bk != 0
     k_lo = s * nks
+    cols = lax.broadcasted_iota(jnp.int32, (1, r), 1)
 
     def item(t, carry):
         i = p + t * n_prog
@@ -164,6 +212,9 @@ def _kernel(sizes_ref, offsets_ref, x_ref, w_ref, o_ref, *, g: int, gp: int, m: 
         n_steps = jnp.where(in_grp, jnp.clip(nk - k_lo, 0, nks), 0)  # tail items: no weights
         rows = row0 + lax.broadcasted_iota(jnp.int32, (bm,), 0)
         rmask = rows < row_end
+        src = None
+        if x_rows_ref is not None:
+            src = pltriton.load(x_rows_ref.at[pl.ds(row0, bm)], mask=rmask, other=0)
 
         def body(kb, accs):
             k0 = (k_lo + kb) * bk
@@ -171,13 +222,16 @@ def _kernel(sizes_ref, offsets_ref, x_ref, w_ref, o_ref, *, g: int, gp: int, m: 
             xm = jnp.broadcast_to(rmask[:, None], (bm, bk))
             if k_tail:
                 xm = xm & (kk < k)[None, :]
-            xt = pltriton.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=xm, other=0)
+            if src is None:
+                xt = pltriton.load(x_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=xm, other=0)
+            else:
+                xt = pltriton.load(x_ref.at[src[:, None], kk[None, :]], mask=xm, other=0)
             xt = xt.astype(w_dtype)
-            wrow = w_off + jnp.minimum(kk, k - 1) * stride + col_row
+            wrow = w_off + jnp.minimum(kk, k - 1) * stride
             wm = jnp.broadcast_to((kk < k)[:, None], (bk, r)) if k_tail else None
             out = []
-            for c, acc in enumerate(accs):
-                rows_c = jnp.clip(wrow + c, 0, num_rows - 1)  # in bounds even for a bad offset
+            for cr, acc in zip(col_rows, accs, strict=True):
+                rows_c = jnp.clip(wrow + cr, 0, num_rows - 1)  # in bounds even for a bad offset
                 wt = pltriton.load(gather_rows(w_ref, rows_c, r), mask=wm,
                                    other=0 if k_tail else None)
                 out.append(acc + lax.dot_general(
@@ -185,21 +239,46 @@ def _kernel(sizes_ref, offsets_ref, x_ref, w_ref, o_ref, *, g: int, gp: int, m: 
                     preferred_element_type=jnp.float32, precision=prec))
             return tuple(out)
 
-        init = tuple(jnp.zeros((bm, r), jnp.float32) for _ in range(chunks))
+        init = tuple(jnp.zeros((bm, r), jnp.float32) for _ in col_rows)
         accs = lax.fori_loop(0, n_steps, body, init)
+        scale = (None if scale_ref is None
+                 else pltriton.load(scale_ref.at[pl.ds(row0, bm)], mask=rmask, other=0.0))
+        outs = _epilogue(accs, fusion, chunks, scale)
         smask = jnp.broadcast_to(rmask[:, None], (bm, r))
-        for c, acc in enumerate(accs):
-            pltriton.store(o_ref.at[s, pl.ds(row0, bm), pl.ds(jn * bn + c * r, r)], acc,
-                           mask=smask)
+        if not fusion.any:
+            for c, o in enumerate(outs):
+                pltriton.store(o_ref.at[s, pl.ds(row0, bm), pl.ds(jn * bn + c * r, r)], o,
+                               mask=smask)
+            return carry
+        # masked-off rows point past the output: the interpreter writes masked lanes back (a
+        # store to row 0 would race the real one); on GPU a masked lane touches no memory
+        dst = (None if dest_ref is None
+               else pltriton.load(dest_ref.at[pl.ds(row0, bm)], mask=rmask, other=m))
+        for c, o in enumerate(outs):
+            col0 = jn * bn + c * r
+            at = (o_ref.at[pl.ds(row0, bm), pl.ds(col0, r)] if dst is None
+                  else o_ref.at[dst[:, None], col0 + cols])  # a scattered store of whole rows
+            pltriton.store(at, o.astype(o_ref.dtype), mask=smask)
         return carry
 
     lax.fori_loop(0, n_mine, item, jnp.int32(0))
 
 
+def _check_fusion(fusion: Fusion, m: int, n: int, r: int, x_rows, row_scale, out_rows) -> None:
+    for flag, arr, name in ((fusion.gather_x, x_rows, "x_rows"),
+                            (fusion.scale_rows, row_scale, "row_scale"),
+                            (fusion.scatter, out_rows, "out_rows")):
+        if flag and arr.shape != (m,):
+            raise ValueError(f"{name} {arr.shape} must be [M={m}]")
+    if fusion.swiglu and (fusion.swiglu % r or 2 * fusion.swiglu > n):
+        raise ValueError(f"swiglu inter={fusion.swiglu} must be a multiple of R={r} with "
+                         f"2 * inter <= N={n}")
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("n", "backend", "bm", "bn", "bk", "split_k", "num_warps", "num_stages",
-                     "programs"),
+                     "programs", "swiglu", "out_dtype"),
 )
 def arena_grouped_matmul_gpu(
     x: jax.Array,
@@ -216,33 +295,53 @@ def arena_grouped_matmul_gpu(
     num_warps: int | None = None,
     num_stages: int | None = None,
     programs: int | None = None,
+    x_rows: jax.Array | None = None,
+    swiglu: int = 0,
+    row_scale: jax.Array | None = None,
+    out_rows: jax.Array | None = None,
+    out_dtype: str = "float32",
 ) -> jax.Array:
     """`pallas_kernels.arena_matmul.arena_grouped_matmul` on the Pallas GPU kernel.
 
-    x: [M, K]; arena_rows: [num_rows, R]; offsets, sizes: [G] int32; n: N (static, N % R == 0).
-    backend: "gpu" (Triton) or "interpret" (CPU). Tiling arguments default to `default_config`
-    (bm >= 16 and bn, bk powers of two; bn a multiple of R dividing N).
-    Returns [M, N] float32; rows past ``sum(sizes)`` are 0.
+    x: [M, K], or [T, K] read through x_rows [M] int32; arena_rows: [num_rows, R]; offsets,
+    sizes: [G] int32; n: N (static, N % R == 0). backend: "gpu" (Triton) or "interpret" (CPU).
+    Tiling arguments default to `default_config` (bm >= 16 and bn, bk powers of two; bn a
+    multiple of R dividing N, or dividing ``swiglu``).
+    Fusions (`Fusion`): x_rows (gather), swiglu (static inter: [M, inter] output), row_scale
+    [M] f32, out_rows [M] int32 (a permutation of [0, M): where each row is stored); any of them
+    runs without a K split.
+    Returns [M, N] (or [M, swiglu]) `out_dtype` (f32 accumulation); rows past ``sum(sizes)``
+    are 0.
     """
     from pallas_kernels.arena_matmul import check_args
 
+    m = x_rows.shape[0] if x_rows is not None else x.shape[0]
     check_args(x, arena_rows, offsets, sizes, n)
     if backend not in ("gpu", "interpret"):
         raise ValueError(f"backend {backend!r}: expected 'gpu' or 'interpret'")
-    m, k = x.shape
+    k = x.shape[1]
     num_rows, r = arena_rows.shape
     g = offsets.shape[0]
+    fusion = Fusion(x_rows is not None, swiglu, row_scale is not None, out_rows is not None)
+    _check_fusion(fusion, m, n, r, x_rows, row_scale, out_rows)
+    n_out = swiglu or n
     if m == 0 or g == 0:
-        return jnp.zeros((m, n), jnp.float32)
-    cfg = default_config(m, k, n, g, r, jnp.dtype(arena_rows.dtype).itemsize, bm=bm, bn=bn,
+        return jnp.zeros((m, n_out), out_dtype)
+    if fusion.any:
+        split_k = 1
+        if swiglu and bn is None:
+            bn = r  # two accumulator sets (gate, up): one R-wide chunk each
+    cfg = default_config(m, k, n_out, g, r, jnp.dtype(arena_rows.dtype).itemsize, bm=bm, bn=bn,
                          bk=bk, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
                          programs=programs)
+    if swiglu and num_warps is None and cfg.bm * cfg.bn >= 128 * 128:
+        cfg = cfg._replace(num_warps=8)  # 2 [bm, bn] f32 accumulators: 128 registers a thread
     for name in ("bm", "bn", "bk"):
         v = getattr(cfg, name)
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton dots)")
-    if cfg.bn % r or n % cfg.bn:
-        raise ValueError(f"bn={cfg.bn} must be a multiple of R={r} and divide N={n}")
+    if cfg.bn % r or n_out % cfg.bn:
+        raise ValueError(f"bn={cfg.bn} must be a multiple of R={r} and divide N={n_out}")
     nk = -(-k // cfg.bk)
     split = max(1, min(cfg.split_k, nk))
     nks = -(-nk // split)
@@ -251,17 +350,23 @@ def arena_grouped_matmul_gpu(
     # More than the item bound would find no item; the grid's third axis holds at most 65535.
     n_prog = max(1, min(cfg.programs, -(-m // cfg.bm) + g, 65535))
     kernel = functools.partial(_kernel, g=g, gp=gp, m=m, k=k, n=n, cfg=cfg, nks=nks,
-                               num_rows=num_rows)
+                               num_rows=num_rows, fusion=fusion)
+    aux = [a for a in (x_rows, row_scale, out_rows) if a is not None]
+    aux = [a.astype(jnp.float32 if a is row_scale else jnp.int32) for a in aux]
+    shape = (m, n_out) if fusion.any else (split, m, n_out)
     out = pl.pallas_call(
         kernel,
-        grid=(n // cfg.bn, split, n_prog),
-        out_shape=jax.ShapeDtypeStruct((split, m, n), jnp.float32),
+        grid=(n_out // cfg.bn, split, n_prog),
+        out_shape=jax.ShapeDtypeStruct(shape, jnp.dtype(out_dtype) if fusion.any else jnp.float32),
         interpret=interpret_flag(backend),
         compiler_params=(gpu_compiler_params(cfg.num_warps, cfg.num_stages)
                          if backend == "gpu" else None),
         name="arena_grouped_matmul",
-    )(sizes.astype(jnp.int32), offsets.astype(jnp.int32), x, arena_rows)
-    return out.reshape(m, n) if split == 1 else jnp.sum(out, axis=0)
+    )(sizes.astype(jnp.int32), offsets.astype(jnp.int32), x, arena_rows, *aux)
+    if fusion.any:
+        return out
+    out = out.reshape(m, n) if split == 1 else jnp.sum(out, axis=0)
+    return out.astype(out_dtype)
 
 
-__all__ = ["Config", "arena_grouped_matmul_gpu", "default_config"]
+__all__ = ["Config", "Fusion", "arena_grouped_matmul_gpu", "default_config"]

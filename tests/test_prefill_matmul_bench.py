@@ -17,3 +17,6 @@ def test_prefill_matmul_smoke(tmp_path) -> None:
     assert {"triton default", "mgpu default", "mgpu-ws default", "xla ragged_dot (pre-sliced)",
             "dense (same FLOPs)"} <= impls
     assert all(r["us"] > 0 and r["tflops"] > 0 for r in res["rows"])
+    layers = res["moe_layers"]
+    assert {r["impl"] for r in layers} == {"fused", "unfused"}
+    assert all(r["ok"] and r["rel_err"] < 1e-2 and r["us"] > 0 for r in layers)

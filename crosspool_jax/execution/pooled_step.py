@@ -70,7 +70,7 @@ from crosspool_jax.memory.arena import ArenaStore, ModelClass, TensorSlot, shard
 from crosspool_jax.memory.topology import POOL_AXIS, Role
 from crosspool_jax.models.config import AttentionKind, FFNKind, ModelConfig, QKNorm
 from crosspool_jax.models.layers import apply_rope, rms_norm, rope_cos_sin
-from crosspool_jax.models.moe import route_logits, unpermute_sum
+from crosspool_jax.models.moe import route_logits
 from pallas_kernels import (
     kv_append,
     mla_kv_append,
@@ -182,14 +182,17 @@ class _Reader:
                                  backend=self.backend)
         return y[:, : s.shape[-1]]
 
-    def grouped(self, x: jax.Array, name: str, item: int, sizes: jax.Array) -> jax.Array:
-        """Local experts of every model: x rows sorted by (model, expert); sizes [G * E_loc]."""
+    def grouped(self, x: jax.Array, name: str, item: int, sizes: jax.Array, **fusions: Any
+                ) -> jax.Array:
+        """Local experts of every model: product rows sorted by (model, expert); sizes
+        [G * E_loc]. fusions: `arena_grouped_matmul`'s (x_rows, swiglu, row_scale, out_rows,
+        out_dtype); with swiglu the result is [M, swiglu]."""
         s, starts = self._start(name, item)
         per_expert = s.item_rows // s.shape[0]
         offs = starts[:, None] + per_expert * jnp.arange(s.shape[0], dtype=jnp.int32)[None]
         y = arena_grouped_matmul(x, self.rows, offs.reshape(-1), sizes, s.last_padded,
-                                 backend=self.backend)
-        return y[:, : s.shape[-1]]
+                                 backend=self.backend, **fusions)
+        return y if fusions.get("swiglu") else y[:, : s.shape[-1]]
 
     def embed(self, tokens: jax.Array, grp: jax.Array) -> jax.Array:
         """tokens [T] of models grp [T] -> [T, D] (gathers the tokens' rows only)."""
@@ -454,14 +457,16 @@ class Lane:
         key = jnp.where(is_local, f_grp[:, None] * e_loc + local, n_groups).reshape(-1)
         order = jnp.argsort(key, stable=True)
         sizes = jnp.bincount(key, length=n_groups + 1)[:n_groups].astype(jnp.int32)
-        tok = order // k
-        xs = f_rows[tok]
-        inter = cfg.moe_intermediate_size
-        hgu = rd.grouped(xs, "ffn/moe/w_gate_up", idx, sizes)
-        act = (jax.nn.silu(hgu[:, :inter]) * hgu[:, inter:2 * inter]).astype(dt)
-        o = rd.grouped(act, "ffn/moe/w_down", idx, sizes)
+        # permute -> grouped matmul -> unpermute with the permutations fused into the matmuls:
+        # the gate/up product reads each row's token through `x_rows` and applies SwiGLU; the down
+        # product scales each row by its routing weight and stores it token-major (`out_rows`),
+        # so a token's k rows are summed in choice order (deterministic on GPU, as
+        # `moe.unpermute_sum`) without a scatter-add
+        act = rd.grouped(f_rows, "ffn/moe/w_gate_up", idx, sizes, x_rows=order // k,
+                         swiglu=cfg.moe_intermediate_size, out_dtype=dt)
         w_sorted = jnp.where(key[order] < n_groups, weights.reshape(-1)[order], 0.0)
-        out = unpermute_sum(o * w_sorted[:, None], order, k)  # [M, D] f32, deterministic on GPU
+        o = rd.grouped(act, "ffn/moe/w_down", idx, sizes, row_scale=w_sorted, out_rows=order)
+        out = o.reshape(-1, k, o.shape[-1]).sum(axis=1)  # [M, D] f32
         if self.cls.shared_local:
             sh = self._tensor_parallel(rd, f_rows, f_grp, f_ok, "ffn/moe/shared_gate_up",
                                        "ffn/moe/shared_down", idx, is_w, self.cls.shared_local)

@@ -163,3 +163,108 @@ def test_triton_lowering_and_arena_in_place(dtype, arena_rows):
     assert "xla.gpu.triton" in text
     closed = jax.make_jaxpr(fn)(*args)
     assert _consumers(closed.jaxpr, closed.jaxpr.invars[1]) == ["pallas_call"]
+
+
+FUSED_CASES = {  # name: (sizes, M, T, K, inter, N (>= 2 inter), R, dtype, kernel kwargs)
+    # MoE gate/up: rows gathered from T tokens, SwiGLU, bf16 out; a tail; 2 column blocks
+    "gate_up_bf16": ([0, 9, 20, 0, 3], 40, 11, 64, 128, 256, 64, "bfloat16", {"bm": 16}),
+    # N padded past 2 * inter (the arena slot's padding); fp32
+    "gate_up_pad_f32": ([6, 0, 13], 24, 9, 48, 64, 192, 64, "float32", {}),
+    # R = 128, one item program walking every item
+    "gate_up_r128_bf16": ([5, 17, 0, 2], 30, 8, 32, 128, 256, 128, "bfloat16", {"programs": 1}),
+}
+
+
+def _fusion_inputs(seed: int, m: int, t: int):
+    rng = np.random.default_rng(seed)
+    x_rows = jnp.asarray(rng.integers(0, t, size=m), jnp.int32)
+    scale = jnp.asarray(rng.uniform(0.1, 1.0, size=m), jnp.float32)
+    dest = jnp.asarray(rng.permutation(m), jnp.int32)
+    return x_rows, scale, dest
+
+
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_fused_gate_up_and_down_match_reference(name):
+    """The MoE pair as the engine calls it: gather + SwiGLU (bf16/f32 out), then the down
+    product with routing-weight scales and a scattered store; each against the reference's jnp
+    ops. Tail rows read real token rows (as in the engine) and must still come out 0."""
+    sizes, m, t, k, inter, n, r, dtype, kw = FUSED_CASES[name]
+    seed = 10 + list(FUSED_CASES).index(name)
+    c = make_case(seed, sizes, t, k, n, r, dtype)
+    tokens = c["x_clean"] + 0.5  # no NaN rows: every row may be gathered
+    x_rows, scale, dest = _fusion_inputs(seed, m, t)
+    gate_up = dict(x_rows=x_rows, swiglu=inter, out_dtype=dtype)
+    act = arena_grouped_matmul_gpu(tokens, c["arena"], c["offsets"], c["sizes"], n,
+                                   backend="interpret", **kw, **gate_up)
+    act_ref = arena_grouped_matmul_reference(tokens, c["arena"], c["offsets"], c["sizes"], n,
+                                             **gate_up)
+    assert act.shape == (m, inter) and act.dtype == jnp.dtype(dtype)
+    assert rel_err(act, act_ref) < TOL[dtype], rel_err(act, act_ref)
+    assert np.all(np.asarray(act, np.float32)[c["total"]:] == 0.0)
+    # down: [inter -> n2] weights of the same groups
+    d = make_case(seed + 1, sizes, m, inter, 2 * r, r, dtype)
+    down = dict(row_scale=scale, out_rows=dest)
+    out = arena_grouped_matmul_gpu(act_ref, d["arena"], d["offsets"], d["sizes"], 2 * r,
+                                   backend="interpret", **kw, **down)
+    ref = arena_grouped_matmul_reference(act_ref, d["arena"], d["offsets"], d["sizes"], 2 * r,
+                                         **down)
+    assert out.shape == (m, 2 * r) and out.dtype == jnp.float32
+    assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+    tail_dest = np.asarray(dest)[c["total"]:]
+    assert np.all(np.asarray(out)[tail_dest] == 0.0)  # tail rows land as zeros, where sent
+
+
+def test_fused_reference_is_the_unfused_ops():
+    """The reference's fusions equal the ops the MoE layer ran before they were fused."""
+    sizes, m, t, k, inter, n, r, dtype, _ = FUSED_CASES["gate_up_pad_f32"]
+    c = make_case(5, sizes, t, k, n, r, dtype)
+    x_rows, scale, dest = _fusion_inputs(5, m, t)
+    args = (c["arena"], c["offsets"], c["sizes"], n)
+    plain = arena_grouped_matmul_reference(c["x_clean"][x_rows], *args)
+    want = (jax.nn.silu(plain[:, :inter]) * plain[:, inter:2 * inter]) * scale[:, None]
+    inverse = jnp.zeros_like(dest).at[dest].set(jnp.arange(m, dtype=dest.dtype))
+    got = arena_grouped_matmul_reference(c["x_clean"], *args, x_rows=x_rows, swiglu=inter,
+                                         row_scale=scale, out_rows=dest)
+    np.testing.assert_array_equal(np.asarray(got)[np.asarray(dest)], np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[np.asarray(inverse)])
+
+
+def test_fused_dispatch_falls_back_when_up_is_not_row_aligned():
+    """inter not a multiple of R: the kernel runs unfused and jnp applies the epilogue."""
+    sizes, m, t, k, r = [4, 0, 7], 16, 6, 32, 64
+    inter, n = 96, 192
+    c = make_case(7, sizes, t, k, n, r, "float32")
+    x_rows, scale, dest = _fusion_inputs(7, m, t)
+    kw = dict(x_rows=x_rows, swiglu=inter, row_scale=scale, out_rows=dest)
+    got = arena_grouped_matmul(c["x_clean"], c["arena"], c["offsets"], c["sizes"], n,
+                               backend="interpret", **kw)
+    ref = arena_grouped_matmul(c["x_clean"], c["arena"], c["offsets"], c["sizes"], n,
+                               backend="reference", **kw)
+    assert got.shape == (m, inter) and rel_err(got, ref) < 1e-5
+    with pytest.raises(ValueError, match="swiglu inter"):
+        arena_grouped_matmul_gpu(c["x_clean"], c["arena"], c["offsets"], c["sizes"], n,
+                                 backend="interpret", swiglu=inter)
+    with pytest.raises(ValueError, match="row_scale"):
+        arena_grouped_matmul_gpu(c["x_clean"], c["arena"], c["offsets"], c["sizes"], n,
+                                 backend="interpret", x_rows=x_rows, row_scale=scale[:3])
+
+
+def test_fused_triton_lowering():
+    """The fused MoE pair lowers to Triton for an abstract H200 at OLMoE's prefill shapes."""
+    s = jax.ShapeDtypeStruct
+    m, t = 16384, 2048
+    gate_up = lambda x, a, o, z, xr: arena_grouped_matmul_gpu(
+        x, a, o, z, 2048, backend="gpu", x_rows=xr, swiglu=1024, out_dtype="bfloat16")
+    down = lambda x, a, o, z, sc, d: arena_grouped_matmul_gpu(
+        x, a, o, z, 2048, backend="gpu", row_scale=sc, out_rows=d)
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H200", 132, "gpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        for fn, args in (
+            (gate_up, (s((t, 2048), jnp.bfloat16), s((1 << 20, 128), jnp.bfloat16),
+                       s((64,), jnp.int32), s((64,), jnp.int32), s((m,), jnp.int32))),
+            (down, (s((m, 1024), jnp.bfloat16), s((1 << 20, 128), jnp.bfloat16),
+                    s((64,), jnp.int32), s((64,), jnp.int32), s((m,), jnp.float32),
+                    s((m,), jnp.int32))),
+        ):
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert "xla.gpu.triton" in text

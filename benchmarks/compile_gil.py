@@ -10,8 +10,11 @@ records how late it woke) while the main thread traces + lowers, then compiles, 
 lane's top step programs (`GroupRunner._top_specs`), once per interpreter switch interval
 (`sys.setswitchinterval`: Python's 5 ms default, and the engine's `compile_queue.
 COMPILE_SWITCH_INTERVAL_S`), JAX's caches cleared between, so each variant traces, lowers and
-compiles the same programs. Per variant and phase: wake-ups, the longest and P99 lateness, and the
-seconds lost in wake-ups later than 5 ms. No persistent compilation cache is used.
+compiles the same programs; then a third variant, the engine's `compile_process` option: a worker
+process traces, lowers and compiles each program and this process only loads the executable it
+sends back (phase "worker + load", the whole `ProcessCompiler.compile` call; the worker is started
+before the ticker). Per variant and phase: wake-ups, the longest and P99 lateness, and the seconds
+lost in wake-ups later than 5 ms. No persistent compilation cache is used.
 """
 
 from __future__ import annotations
@@ -105,7 +108,32 @@ def run(programs: int) -> dict[str, Any]:
                              **summary(tick.late[phase])})
     finally:
         sys.setswitchinterval(before)
+    rows.append(process_variant(specs, r))
     return {"programs": len(specs), "rows": rows}
+
+
+def process_variant(specs: list, runner: Any) -> dict[str, Any]:
+    """The same programs compiled by a `ProcessCompiler` worker (the default switch interval)."""
+    from crosspool_jax.execution.compile_process import ProcessCompiler, StoreShape
+
+    shape = StoreShape.of(runner.store)
+    pc = ProcessCompiler()
+    try:
+        pc._start()  # the worker's start-up (imports, backend) stays out of the measured phase
+        seconds = 0.0
+        with Ticker() as tick:
+            time.sleep(0.2)
+            for sp in specs:
+                tick.phase = "worker + load"
+                t0 = time.perf_counter()
+                pc.compile(sp, shape, runner.platform)
+                seconds += time.perf_counter() - t0
+                tick.phase = "idle"
+            time.sleep(0.2)
+    finally:
+        pc.close()
+    return {"switch_interval_s": sys.getswitchinterval(), "phase": "worker + load",
+            "seconds": seconds, **summary(tick.late["worker + load"])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,8 @@ def test_a_queue_lowers_the_switch_interval_and_never_raises_it() -> None:
 
 
 def test_compile_gil_benchmark_runs_on_cpu(tmp_path) -> None:
-    """benchmarks/compile_gil.py: both switch intervals, both phases, the interval restored."""
+    """benchmarks/compile_gil.py: both switch intervals, both phases, the compile-process variant,
+    the interval restored."""
     from benchmarks import compile_gil
 
     before, cache_before = sys.getswitchinterval(), jax.config.jax_enable_compilation_cache
@@ -89,7 +90,7 @@ def test_compile_gil_benchmark_runs_on_cpu(tmp_path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert {(r["switch_interval_s"], r["phase"]) for r in rows} == {
         (i, p) for i in (compile_gil.DEFAULT_SWITCH_S, compile_queue.COMPILE_SWITCH_INTERVAL_S)
-        for p in ("trace+lower", "compile")}
+        for p in ("trace+lower", "compile")} | {(before, "worker + load")}
     assert all(r["wakeups"] > 0 and r["seconds"] > 0 and r["max_ms"] >= r["p99_ms"] >= 0 for r in rows)
     assert sys.getswitchinterval() == before
     assert jax.config.jax_enable_compilation_cache == cache_before

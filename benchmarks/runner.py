@@ -132,6 +132,7 @@ class BenchSetup:
     prefill_share: float | None = None  # EngineConfig.prefill_share (None: the engine's default)
     mixed_steps: bool = False  # EngineConfig.mixed_steps
     compile_process: bool = False  # EngineConfig.compile_process
+    compile_workers: int = 1  # EngineConfig.compile_workers
     note: str = ""
 
 
@@ -405,6 +406,7 @@ def _engine_config(setup: BenchSetup, plan: dict[str, Any]) -> Any:
                         attention_backend=setup.attention_backend, prefill_chunk=setup.prefill_chunk,
                         max_prefill_tokens=setup.max_prefill_tokens,
                         mixed_steps=setup.mixed_steps, compile_process=setup.compile_process,
+                        compile_workers=setup.compile_workers,
                         **({} if setup.prefill_share is None else {"prefill_share": setup.prefill_share}))
 
 
@@ -1218,6 +1220,10 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
         over["mixed_steps"] = True
     if getattr(args, "compile_process", False):
         over["compile_process"] = True
+    if getattr(args, "compile_workers", None) is not None:
+        if args.compile_workers < 1:
+            raise SystemExit(f"--compile-workers must be >= 1, got {args.compile_workers}")
+        over["compile_workers"] = args.compile_workers
     s = dataclasses.replace(s, **over)
     kv, w = (int(x) for x in s.crosspool_pools.split("+"))
     crosspool_runs = "crosspool" in (getattr(args, "modes", None) or ",".join(MODES)).split(",")
@@ -1493,6 +1499,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-process", action="store_true",
                    help="the engine's compile_process: step programs are traced, lowered and compiled "
                         "in a worker process")
+    g.add_argument("--compile-workers", type=int, default=None, metavar="N",
+                   help="the engine's compile_workers: background compiles at once (with "
+                        "--compile-process: worker processes; default 1)")
     p.add_argument("--plan-only", action="store_true",
                    help="print the per-mode memory plan as JSON and exit (no engine; without GPUs the "
                         f"GPU presets assume a {ASSUMED_GPU_ARENA_BYTES / 2**30:.0f} GiB arena)")

@@ -100,7 +100,9 @@ class EngineConfig:
       docs/engine.md "Mixed steps"; on one H200 it raised TBT P99, docs/benchmarks.md).
       compile_process: step programs are traced, lowered and compiled in a worker process and
       loaded here from their serialized executables, so that work never holds the serving
-      process's GIL (`execution.compile_process`); default False. dtype: the arena's (weights and KV)
+      process's GIL (`execution.compile_process`); default False. compile_workers: background
+      compiles at once (with compile_process: worker processes), default 1. dtype: the arena's
+      (weights and KV)
       dtype, default the platform's ("float32" on CPU, "bfloat16" elsewhere). micro_batches:
       2 = ping-pong decode lanes.
     execution (crosspool mode): "lowered" = each step is one XLA program over both pools (default:
@@ -134,6 +136,7 @@ class EngineConfig:
     prefill_share: float = DEFAULT_PREFILL_SHARE
     mixed_steps: bool = False
     compile_process: bool = False
+    compile_workers: int = 1
     dtype: str | None = None
     attention_backend: str | None = None
     micro_batches: int = 1
@@ -751,16 +754,20 @@ def arena_layout(cfg: EngineConfig, platform: str, arena_bytes: int) -> tuple[Po
 
 def runner_kwargs(cfg: EngineConfig, platform: str) -> dict[str, Any]:
     """The `GroupRunner` keyword arguments of every group of an engine with the resolved `cfg`;
-    raises InvalidRequestError for a `max_stop_ids` below 1 or a `prefill_share` not above 0."""
+    raises InvalidRequestError for a `max_stop_ids` or `compile_workers` below 1 or a
+    `prefill_share` not above 0."""
     if cfg.max_stop_ids < 1:
         raise InvalidRequestError(f"max_stop_ids must be >= 1, got {cfg.max_stop_ids}")
     if not cfg.prefill_share > 0:
         raise InvalidRequestError(f"prefill_share must be > 0, got {cfg.prefill_share}")
+    if cfg.compile_workers < 1:
+        raise InvalidRequestError(f"compile_workers must be >= 1, got {cfg.compile_workers}")
     return dict(steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk,
                 max_prefill_tokens=cfg.max_prefill_tokens, backend=cfg.attention_backend,
                 platform=platform, micro_batches=cfg.micro_batches, overlap=cfg.overlap,
                 max_stop_ids=cfg.max_stop_ids, prefill_share=cfg.prefill_share,
-                mixed_steps=cfg.mixed_steps, compile_process=cfg.compile_process)
+                mixed_steps=cfg.mixed_steps, compile_process=cfg.compile_process,
+                compile_workers=cfg.compile_workers)
 
 
 def placement_order(loads: list[int]) -> list[int]:

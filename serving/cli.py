@@ -344,6 +344,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "each as rows of the same prefill call (default off)")
     g.add_argument("--compile-process", default=None, action=argparse.BooleanOptionalAction,
                    help="trace, lower and compile step programs in a worker process (default off)")
+    g.add_argument("--compile-workers", type=int, default=None, metavar="N",
+                   help="background compiles at once; with --compile-process, worker processes "
+                        "(default 1)")
     g.add_argument("--micro-batches", type=int, default=None, metavar="N",
                    help="decode lanes per model (2 = ping-pong; default 1)")
     g.add_argument("--dtype", default=None, metavar="DTYPE",
@@ -391,7 +394,8 @@ LIMIT_FLAGS = (
 
 
 ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call", "prefill_chunk",
-                "prefill_share", "mixed_steps", "compile_process", "max_prefill_tokens", "micro_batches",
+                "prefill_share", "mixed_steps", "compile_process", "compile_workers",
+                "max_prefill_tokens", "micro_batches",
                 "dtype", "attention_backend",
                 "execution", "overlap", "idle_sleep_s", "host_weights_bytes")
 

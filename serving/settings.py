@@ -13,6 +13,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     arena_bytes = "64MiB"       page_bytes = 16384      weights_fraction = 0.5
     steps_per_call = 4          prefill_chunk = 64      max_prefill_tokens = 512
     prefill_share = 1.0          mixed_steps = false     compile_process = false
+    compile_workers = 1
     micro_batches = 1           dtype = "float32"       attention_backend = "reference"
     execution = "lowered"       overlap = true          idle_sleep_s = 600
     host_weights_bytes = "32GiB"
@@ -232,6 +233,7 @@ ENGINE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "prefill_share": _positive,
     "mixed_steps": _bool,
     "compile_process": _bool,
+    "compile_workers": _int(1),
     "micro_batches": _int(1),
     "dtype": _choice(DTYPES),
     "attention_backend": _choice(ATTENTION_BACKENDS),

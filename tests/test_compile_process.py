@@ -26,11 +26,12 @@ from pallas_kernels.page_layout import PoolLayout
 PROMPT = [3 + (7 * i) % 200 for i in range(37)]
 
 
-def _runner(compile_process: bool, warm_programs: int = 2) -> GroupRunner:
+def _runner(compile_process: bool, warm_programs: int = 2, compile_workers: int = 1) -> GroupRunner:
     m = demo_models()["demo-mixtral"]
     r = GroupRunner(None, PoolLayout(16384, "float32", 64, 256), 128, colocated=jax.devices()[0],
                     platform="cpu", backend="reference", prefill_chunk=16, max_prefill_tokens=16,
-                    warm_programs=warm_programs, compile_process=compile_process)
+                    warm_programs=warm_programs, compile_process=compile_process,
+                    compile_workers=compile_workers)
     r.add_model("a", m.config, m.weights)
     return r
 
@@ -58,13 +59,19 @@ def test_store_shape_pickles_and_rebuilds_the_mesh():
 
 
 def test_worker_process_programs_generate_the_same_tokens():
+    """Two workers: the warm-up's two programs compile at once, one in each (the serving-path
+    compiles of the request's own shapes go to whichever worker is idle)."""
     params = {"g": SamplingParams(), "s": SamplingParams(temperature=0.8, top_k=20, seed=5)}
     want = _generate(_runner(False, 0), params)
-    r = _runner(True, 0)
+    r = _runner(True, 2, compile_workers=2)
     got = _generate(r, params)
     assert got == want and len(want["g"]) == 6 == len(want["s"])
     assert r.process_compiles >= 2 and r.process_compile_failures == 0
+    pids = {w.proc.pid for w in r._process_compiler._all if w.alive}
+    assert len(pids) == 2  # both workers were used
     r._process_compiler.close()
+    with pytest.raises(ValueError, match="compile_workers"):
+        _runner(False, 0, compile_workers=0)
 
 
 def test_worker_restarts_after_dying_and_matches_a_local_compile():
@@ -74,8 +81,8 @@ def test_worker_restarts_after_dying_and_matches_a_local_compile():
     pc = ProcessCompiler()
     try:
         first = pc.compile(spec, shape, "cpu")
-        pc._proc.kill()
-        pc._proc.wait()
+        pc._all[0].proc.kill()
+        pc._all[0].proc.wait()
         again = pc.compile(spec, shape, "cpu")  # a new worker
         assert pc.jobs == 2
     finally:

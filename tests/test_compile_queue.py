@@ -57,8 +57,28 @@ def test_shutdown_cancels_queued_jobs_and_refuses_new_ones() -> None:
     assert queued.cancelled()
     with pytest.raises(RuntimeError, match="shut down"):
         queue.submit(lambda: None)
-    queue._thread.join(timeout=10)
-    assert not queue._thread.is_alive()
+    for t in queue._threads:
+        t.join(timeout=10)
+        assert not t.is_alive()
+
+
+def test_threads_run_jobs_at_once_lowest_priority_first() -> None:
+    """Two threads: two blocking jobs run together; queued jobs then go urgent first."""
+    queue = CompileQueue(threads=2)
+    both = threading.Barrier(3)
+    gate = threading.Event()
+    order: list[str] = []
+    held = [queue.submit(lambda: (both.wait(10), gate.wait(10))) for _ in range(2)]
+    both.wait(10)  # only reached if the two jobs run at the same time
+    futs = [queue.submit(lambda n=n: order.append(n), p)
+            for n, p in (("w1", WARM), ("u1", URGENT), ("w2", WARM), ("u2", URGENT))]
+    gate.set()
+    for f in (*held, *futs):
+        f.result(timeout=10)
+    assert order[:2] == ["u1", "u2"] and sorted(order[2:]) == ["w1", "w2"]
+    queue.shutdown()
+    with pytest.raises(ValueError, match="threads"):
+        CompileQueue(threads=0)
 
 
 def test_a_queue_lowers_the_switch_interval_and_never_raises_it() -> None:

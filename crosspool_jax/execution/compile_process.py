@@ -17,10 +17,10 @@ fresh interpreter, never a fork of a process that holds accelerator state, and n
 caller's main module) over a socket pair, with the parent's environment, its JAX platform and
 persistent compilation cache directory (not on CPU: `CPU_SERIALIZABLE`) and no preallocated
 memory pool (`worker_environment`: the serving process owns the memory; the worker needs the
-device only to compile for it). One
-worker per `ProcessCompiler`; jobs run one at a time in submission order (the compile queue
-already serialises them). A worker that dies or fails a job raises `CompileProcessError` in the
-caller, which falls back to compiling in process (`GroupRunner`).
+device only to compile for it). A `ProcessCompiler` holds up to `workers` of them (the
+runner's `compile_workers`: its compile queue runs that many compiles at once, each waiting on
+its own worker). A worker that dies or fails a job raises `CompileProcessError` in the caller,
+which falls back to compiling in process (`GroupRunner`); the next job starts a new worker.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -153,18 +154,18 @@ def worker_environment(base: dict[str, str], backend: str) -> dict[str, str]:
     return env
 
 
-class ProcessCompiler:
-    """A compile worker process (module doc). `compile(spec, shape, platform, options)` blocks
-    the calling thread (waiting on a pipe, GIL released) and returns a loaded executable on the
-    devices of `shape`'s mesh. Thread-safe; `close()` ends the worker."""
+class _Worker:
+    """One worker process and its end of the socket pair (started by `start`)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._proc: Any = None
-        self._conn: Any = None
-        self.jobs = 0
+        self.proc: Any = None
+        self.conn: Any = None
 
-    def _start(self) -> None:
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
         from crosspool_jax.execution.compile_cache import compilation_cache_dir
 
         parent_sock, child_sock = socket.socketpair()
@@ -188,23 +189,66 @@ class ProcessCompiler:
                                       "traceback is on stderr)") from e
         if msg[0] != "ready":
             raise CompileProcessError(f"compile worker: unexpected first message {msg[0]!r}")
-        self._proc, self._conn = proc, conn
+        self.proc, self.conn = proc, conn
+
+    def run(self, job: tuple) -> tuple:
+        """Sends one job, returns the worker's answer; a dead worker raises CompileProcessError
+        (and is forgotten, so the next job starts a new one)."""
+        if not self.alive:
+            self.proc = None
+            self.start()
+        try:
+            self.conn.send(job)
+            return self.conn.recv()
+        except (EOFError, OSError, BrokenPipeError) as e:
+            code = self.proc.poll() if self.proc is not None else None
+            self.proc = None
+            raise CompileProcessError(f"compile worker gone (exit code {code})") from e
+
+    def close(self) -> None:
+        if self.alive:
+            with contextlib.suppress(OSError):
+                self.conn.send(None)
+            try:
+                self.proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+
+class ProcessCompiler:
+    """Up to `workers` compile worker processes (module doc). `compile(spec, shape, platform,
+    options)` takes an idle worker (waiting while all are busy), blocks the calling thread
+    (waiting on a pipe, GIL released) and returns a loaded executable on the devices of `shape`'s
+    mesh. Thread-safe: `workers` threads compile at once; `close()` ends the workers."""
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()  # the warmest worker first
+        self._all = [_Worker() for _ in range(workers)]
+        for w in reversed(self._all):
+            self._idle.put(w)
+        self._lock = threading.Lock()
+        self.jobs = 0
+
+    def start(self) -> None:
+        """Starts every worker now rather than on its first job (benchmarks keep the start-up
+        out of what they time)."""
+        for w in self._all:
+            if not w.alive:
+                w.start()
 
     def compile(self, spec: Any, shape: StoreShape, platform: str,
                 compiler_options: dict[str, Any] | None = None) -> Any:
         from jax.experimental.serialize_executable import deserialize_and_load
 
+        worker = self._idle.get()
+        try:
+            msg = worker.run((spec, shape, platform, dict(compiler_options or {})))
+        finally:
+            self._idle.put(worker)
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._proc = None
-                self._start()
-            try:
-                self._conn.send((spec, shape, platform, dict(compiler_options or {})))
-                msg = self._conn.recv()
-            except (EOFError, OSError, BrokenPipeError) as e:
-                code = self._proc.poll() if self._proc is not None else None
-                self._proc = None
-                raise CompileProcessError(f"compile worker gone (exit code {code})") from e
             self.jobs += 1
         if msg[0] == "error":
             raise CompileProcessError(f"compile worker failed:\n{msg[1]}")
@@ -213,15 +257,8 @@ class ProcessCompiler:
                                     execution_devices=list(shape.mesh.devices.flat))
 
     def close(self) -> None:
-        with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                with contextlib.suppress(OSError):
-                    self._conn.send(None)
-                try:
-                    self._proc.wait(5.0)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-            self._proc = None
+        for w in self._all:
+            w.close()
 
 
 def _main(argv: list[str]) -> None:

@@ -1,10 +1,12 @@
-"""A one-thread compile queue with priorities, for step programs compiled off the serving path.
+"""A compile queue with priorities, for step programs compiled off the serving path.
 
 `GroupRunner` queues two kinds of background compiles: the programs a new model's lane will need
 (warm-up at load) and the program a live request grows into next (a wider page table). The second
 is urgent (a request will reach it within seconds) and must not wait behind a new model's warm-up,
-so the queue runs the lowest `priority` first, then in submission order. One thread: compiles are
-CPU-heavy and the serving thread needs the rest of the machine.
+so the queue runs the lowest `priority` first, then in submission order. One thread by default:
+compiles are CPU-heavy and the serving thread needs the rest of the machine; a host with cores to
+spare runs `threads` compiles at once (the runner's `compile_workers`, meant with `compile_process`,
+where each thread only waits on its own worker process).
 
 XLA's compile releases the GIL; tracing and lowering a step program do not, and with CPython's
 5 ms switch interval they kept the serving thread off the interpreter for most of that phase
@@ -13,8 +15,9 @@ interval to `COMPILE_SWITCH_INTERVAL_S` (never raises it), so the stepping threa
 within about that while a program is being lowered. Process-wide: a library user who set a lower
 interval keeps theirs.
 
-The thread is not a daemon (an interpreter exiting while a daemon thread is inside XLA aborts the
-process); at interpreter exit it skips what is still queued and ends after its current compile.
+The threads are not daemons (an interpreter exiting while a daemon thread is inside XLA aborts
+the process); at interpreter exit they skip what is still queued and end after their current
+compiles.
 """
 
 from __future__ import annotations
@@ -55,11 +58,13 @@ def _hook_exit() -> None:
 
 
 class CompileQueue:
-    """Runs submitted calls on one thread, lowest priority first (ties: first submitted first).
-    `submit` returns a `concurrent.futures.Future`; a future cancelled before its call starts is
-    skipped. `shutdown` cancels what is queued and lets the thread end."""
+    """Runs submitted calls on `threads` threads, lowest priority first (ties: first submitted
+    first). `submit` returns a `concurrent.futures.Future`; a future cancelled before its call
+    starts is skipped. `shutdown` cancels what is queued and lets the threads end."""
 
-    def __init__(self, name: str = "step-compile"):
+    def __init__(self, name: str = "step-compile", threads: int = 1):
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         _hook_exit()
         if sys.getswitchinterval() > COMPILE_SWITCH_INTERVAL_S:
             sys.setswitchinterval(COMPILE_SWITCH_INTERVAL_S)
@@ -67,8 +72,10 @@ class CompileQueue:
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=False)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=False)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, fn: Callable[[], Any], priority: int = WARM) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -80,13 +87,13 @@ class CompileQueue:
         return fut
 
     def shutdown(self) -> None:
-        """Cancels every queued call; the thread ends after the one it is running (not joined)."""
+        """Cancels every queued call; each thread ends after the one it is running (not joined)."""
         with self._cv:
             self._closed = True
             for _, _, fut, _ in self._heap:
                 fut.cancel()
             self._heap.clear()
-            self._cv.notify()
+            self._cv.notify_all()
 
     def _run(self) -> None:
         while True:

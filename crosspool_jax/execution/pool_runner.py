@@ -348,6 +348,10 @@ class GroupRunner:
     process's GIL; a worker failure falls back to compiling here (counted in
     `process_compile_failures`). Lowered execution only (the host-scheduled strategy's per-layer
     programs compile on their first call).
+    compile_workers: background compiles that run at once (default 1). With compile_process each
+    has its own worker process (a host with cores to spare compiles a cold model's programs that
+    many times faster); without it XLA's compiles overlap, but tracing and lowering share this
+    process's GIL with the stepping thread.
     max_stop_ids: most stop ids of one request (`submit` refuses more, InvalidRequestError); every
     lane's stop-id width is `stop_width(max_stop_ids)` (a power of two), one width for all programs.
 
@@ -391,10 +395,13 @@ class GroupRunner:
         call_log: int = 0,
         compiler_options: dict[str, Any] | None = None,
         compile_process: bool = False,
+        compile_workers: int = 1,
         store: ArenaBook | None = None,
     ):
         if not prefill_share > 0:
             raise ValueError(f"prefill_share must be > 0, got {prefill_share}")
+        if compile_workers < 1:
+            raise ValueError(f"compile_workers must be >= 1, got {compile_workers}")
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if store is None:
@@ -448,7 +455,9 @@ class GroupRunner:
         self.warm_context = warm_context or (8192 if gpu else 512)
         self.fallback = fallback
         self.compiler_options = dict(compiler_options or {})
-        self._process_compiler = ProcessCompiler() if compile_process else None
+        self.compile_workers = compile_workers
+        self._process_compiler = ProcessCompiler(compile_workers) if compile_process else None
+        self._count_lock = threading.Lock()  # the compile threads' counters
         if self._process_compiler is not None:
             weakref.finalize(self, self._process_compiler.close)
         self.process_compiles = 0  # programs built by the worker process (`compile_process`)
@@ -707,10 +716,12 @@ class GroupRunner:
             try:
                 prog = self._process_compiler.compile(spec, StoreShape.of(self.store), self.platform,
                                                       self.compiler_options)
-                self.process_compiles += 1
+                with self._count_lock:
+                    self.process_compiles += 1
                 return prog
             except CompileProcessError as e:
-                self.process_compile_failures += 1
+                with self._count_lock:
+                    self.process_compile_failures += 1
                 _log.warning("compiling %s in this process: %s", describe_spec(spec), e)
         return self._strategy(spec, compile_spec(spec, self.store, self.platform, self.compiler_options))
 
@@ -726,13 +737,13 @@ class GroupRunner:
         return out
 
     def _compile_in_background(self, spec: StepSpec, priority: int = compile_queue.WARM) -> None:
-        """Queues `spec`'s compile for the runner's one background thread (nothing if it is held
+        """Queues `spec`'s compile for the runner's background threads (nothing if it is held
         or queued already; `priority`: `compile_queue.URGENT` runs before the warm-ups); `_lookup`
         picks the program up once it is done."""
         if spec in self._background or spec in self._programs or spec in self._ready:
             return
         if self._executor is None:
-            self._executor = compile_queue.CompileQueue()
+            self._executor = compile_queue.CompileQueue(threads=self.compile_workers)
             # a runner dropped with compiles queued: they are cancelled, the thread ends
             weakref.finalize(self, self._executor.shutdown)
         job = functools.partial(_compile_for, weakref.ref(self), spec)

@@ -238,12 +238,13 @@ def test_simulate_gpu2_smoke_reports_the_bench_keys(tmp_path, capsys) -> None:
     # the preset's first 60 s (of 180) and one isolated request per bucket for the SLO keep this
     # smoke short; how long the simulator takes is measured in docs/simulator.md, not asserted here
     rc = cli_main(["simulate", "--preset", "gpu-2", "--max-duration-s", "60", "--reference-requests", "1",
-                   "--json", str(out)])
+                   "--prefill-share", "0.75", "--json", str(out)])
     assert rc == 0, capsys.readouterr().err
     res = json.loads(out.read_text())
     assert "PREDICTED" in capsys.readouterr().out
     assert set(res["modes"]) == {"crosspool", "shared", "static"}
     assert res["calibration"]["name"] == "h200-docs-2026-12-03" and res["calibration"]["sources"]
+    assert res["setup"]["prefill_share"] == 0.75  # the what-if reaches the engine's config
     keys = None
     for mode, m in res["modes"].items():
         assert m["requests"] == res["trace"]["requests"] == m["finished"] + m["rejected"] + m["failed"]

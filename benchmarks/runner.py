@@ -127,7 +127,7 @@ class BenchSetup:
     attention_backend: str | None = None
     max_live_requests: int = 64
     steps_per_call: int = 4
-    prefill_chunk: int = 64  # most prompt tokens of one request per step call
+    prefill_chunk: int = 64  # least prompt tokens a step prefills while requests decode
     max_prefill_tokens: int = 512  # most prompt tokens of all requests per step
     prefill_share: float | None = None  # EngineConfig.prefill_share (None: the engine's default)
     mixed_steps: bool = False  # EngineConfig.mixed_steps

@@ -89,9 +89,11 @@ class EngineConfig:
       max_prefill_tokens: most prompt tokens of all requests per step (default 512 on CPU, 2048
       on GPU; prefill_chunk defaults to 64 / 512). weights_fraction: share of a KV device's
       arena (crosspool) or of a colocated device's arena (shared/static) reserved for weights.
-    steps_per_call: decode tokens per host call (K). prefill_chunk: most prompt tokens of one
-      request per program call. prefill_share: while requests decode, a step prefills the prompt
-      tokens whose predicted seconds fit this share of a measured decode call, at least one chunk
+    steps_per_call: decode tokens per host call (K). prefill_chunk: the least prompt tokens a
+      step prefills while requests decode (the budget's floor); a request's prompt tokens of one
+      step run in one program call (each MoE prefill call reads every expert). prefill_share:
+      while requests decode, a step prefills the prompt tokens whose predicted seconds fit this
+      share of a measured decode call, at least one chunk
       (default 1.0; the prediction is fitted on the group's own prefill calls,
       `execution.prefill_cost`), so a step that mixes prefill with decode costs ~2 decode steps;
       larger: faster first tokens, slower tokens between. mixed_steps: in a step that prefills a

@@ -333,7 +333,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps-per-call", type=int, default=None, metavar="K",
                    help="decode tokens per host call (default 4)")
     g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                   help="most prompt tokens of one request per step (default 64)")
+                   help="least prompt tokens a step prefills while requests decode (default 64; "
+                        "512 on GPU)")
     g.add_argument("--prefill-share", type=float, default=None, metavar="F",
                    help="while requests decode, a step's prefill takes at most this share of a "
                         "measured decode call, at least one chunk (default 1.0)")

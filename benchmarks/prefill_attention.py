@@ -2,6 +2,7 @@
 configurations timed at the engine's page layout, as TFLOP/s and share of the card's bf16 peak.
 
     PYTHONPATH=. python -m benchmarks.prefill_attention [--json OUT] [--smoke] [--configs 0,1]
+        [--with-mgpu [--mgpu-configs 0,1]]
 
 Geometries (bf16 KV, head_dim 128, 256-KiB pages of 128-element rows, as the engine's GPU arena):
 OLMoE-1B-7B (16 query heads, 16 KV heads: 32 tokens per page) and Qwen3-30B-A3B (32 query heads,
@@ -13,6 +14,11 @@ and including its own position (causal). The peak is DESIGN.md's measured 790 TF
 Correctness first: every configuration's output against the float32 reference
 (`paged_prefill_attention_reference`) on the case it is timed on (relative L2 error printed).
 `--smoke` runs toy sizes in interpret mode on a CPU (the numbers then mean nothing).
+
+`--with-mgpu` then also runs the Hopper Mosaic GPU kernel (`pallas_kernels.prefill_mgpu`) in the
+configurations of MGPU_CONFIGS on every case, each checked against the same reference first. It is
+opt-in and runs after every Triton configuration: a CUDA fault in a new kernel poisons the CUDA
+context for the rest of the process.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 from benchmarks.kernels import bench, make_tables, rel_err
 from pallas_kernels.page_layout import KVSpec, PoolLayout, page_geometry
 from pallas_kernels.prefill import paged_prefill_attention, paged_prefill_attention_reference
+from pallas_kernels.prefill_mgpu import paged_prefill_attention_mgpu
 
 PEAK_BF16 = 790e12  # DESIGN.md: measured bf16 matmul peak of one H200
 GEOMETRIES = {"olmoe": (16, 16), "qwen3-30b-a3b": (32, 4)}  # (query heads, KV heads), head_dim 128
@@ -55,6 +62,17 @@ CONFIGS: list[dict[str, Any] | None] = [
     {"rows": 128, "block_t": 128, "num_warps": 8, "num_stages": 3, "num_splits": 4},
     {"rows": 32, "num_splits": 4},
 ]
+# `paged_prefill_attention_mgpu` keywords (None = its defaults: 128-key steps, 2 stages, splits by
+# `prefill_mgpu.default_num_splits`)
+MGPU_CONFIGS: list[dict[str, Any] | None] = [
+    None,
+    {"num_splits": 1},
+    {"num_splits": 2},
+    {"num_splits": 4},
+    {"stages": 3},
+    {"block_t": 64, "stages": 3},
+]
+MAX_REL_ERR = 2e-2  # a Mosaic GPU configuration further than this from the reference is not timed
 
 
 def kernel_args(cfg: dict[str, Any] | None, q_heads: int, kv_heads: int) -> dict[str, Any]:
@@ -105,9 +123,36 @@ def reference_in_pieces(q: jax.Array, arena: jax.Array, table: jax.Array, chunk:
     return jnp.concatenate(out)
 
 
-def run(smoke: bool, configs: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+def time_config(rows: list[dict[str, Any]], gname: str, cname: str, label: str, f: Any,
+                args: tuple[Any, ...], ref: jax.Array, flops: int, smoke: bool,
+                max_err: float | None = None) -> None:
+    """Checks ``f(*args)`` against `ref`, times it and appends its row to `rows` (printed as JSON);
+    an exception, or an error over `max_err`, is printed instead of a row."""
+    try:
+        err = rel_err(f(*args).astype(jnp.float32), ref)
+        if max_err is not None and not err <= max_err:
+            print(f"{gname} {cname} {label}: WRONG rel_err={err:.3e} (over {max_err}), not timed",
+                  flush=True)
+            return
+        t = bench(f, *args, iters=2 if smoke else 10, trials=2 if smoke else 5)
+    except Exception as e:  # one failing configuration must not hide the rest
+        print(f"{gname} {cname} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        traceback.print_exc(limit=2, file=sys.stdout)
+        return
+    row = {"geometry": gname, "case": cname, "config": label, "us": round(t * 1e6, 1),
+           "tflops": round(flops / t / 1e12, 2), "of_peak": round(flops / t / PEAK_BF16, 4),
+           "rel_err": err}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def run(smoke: bool, configs: list[dict[str, Any] | None],
+        mgpu_configs: list[dict[str, Any] | None] | None = None) -> list[dict[str, Any]]:
+    """Every case with every Triton configuration in `configs`; then, if `mgpu_configs` is given,
+    every case again with the Mosaic GPU kernel in each of those (after all Triton runs)."""
     backend = "interpret" if smoke else "gpu"
-    rows = []
+    rows: list[dict[str, Any]] = []
+    kept = []  # the cases (and their references) for the Mosaic GPU pass
     for gname, (hq, kvh) in GEOMETRIES.items():
         if smoke:
             hq, kvh = hq // 4, max(1, kvh // 4)
@@ -117,23 +162,20 @@ def run(smoke: bool, configs: list[dict[str, Any] | None]) -> list[dict[str, Any
             q, arena, table, lens, cu, geom = build_case(hq, kvh, chunk, contexts, smoke)
             ref = reference_in_pieces(q, arena, table, chunk, contexts, geom)
             flops = 4 * 128 * hq * causal_pairs(chunk, contexts)
+            args = (q, arena, table, lens, cu)
             for cfg in configs:
                 label = "default" if cfg is None else ",".join(f"{k}={v}" for k, v in cfg.items())
                 f = jax.jit(functools.partial(paged_prefill_attention, geom=geom, backend=backend,
                                               **kernel_args(cfg, hq, kvh)))
-                try:
-                    err = rel_err(f(q, arena, table, lens, cu).astype(jnp.float32), ref)
-                    t = bench(f, q, arena, table, lens, cu, iters=2 if smoke else 10,
-                              trials=2 if smoke else 5)
-                except Exception as e:  # one failing configuration must not hide the rest
-                    print(f"{gname} {cname} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    traceback.print_exc(limit=2, file=sys.stdout)
-                    continue
-                row = {"geometry": gname, "case": cname, "config": label, "us": round(t * 1e6, 1),
-                       "tflops": round(flops / t / 1e12, 2), "of_peak": round(flops / t / PEAK_BF16, 4),
-                       "rel_err": err}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                time_config(rows, gname, cname, label, f, args, ref, flops, smoke)
+            if mgpu_configs:
+                kept.append((gname, cname, geom, args, ref, flops))
+    for gname, cname, geom, args, ref, flops in kept:
+        for cfg in mgpu_configs or []:
+            label = "mgpu" + ("" if cfg is None else ":" + ",".join(f"{k}={v}" for k, v in cfg.items()))
+            f = jax.jit(functools.partial(paged_prefill_attention_mgpu, geom=geom, backend=backend,
+                                          **(cfg or {})))
+            time_config(rows, gname, cname, label, f, args, ref, flops, smoke, max_err=MAX_REL_ERR)
     return rows
 
 
@@ -143,9 +185,18 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--configs", default=None, metavar="I,J",
                     help="indexes into CONFIGS to run (default: all; 0 = the kernel's defaults)")
+    ap.add_argument("--with-mgpu", action="store_true",
+                    help="then also the Mosaic GPU kernel (prefill_mgpu) in MGPU_CONFIGS, after all "
+                         "Triton configurations")
+    ap.add_argument("--mgpu-configs", default=None, metavar="I,J",
+                    help="with --with-mgpu: indexes into MGPU_CONFIGS to run (default: all)")
     args = ap.parse_args()
     picks = CONFIGS if args.configs is None else [CONFIGS[int(i)] for i in args.configs.split(",")]
-    rows = run(args.smoke, picks)
+    mgpu = None
+    if args.with_mgpu:
+        mgpu = (MGPU_CONFIGS if args.mgpu_configs is None
+                else [MGPU_CONFIGS[int(i)] for i in args.mgpu_configs.split(",")])
+    rows = run(args.smoke, picks, mgpu)
     dev = jax.devices()[0]
     print(f"\n{dev.device_kind}; TFLOP/s and share of {PEAK_BF16 / 1e12:.0f} TFLOP/s")
     print(f"{'geometry':14s} {'case':20s} {'config':62s} {'us':>9s} {'TFLOP/s':>8s} {'peak':>6s} {'err':>8s}")

@@ -1,0 +1,563 @@
+"""Hopper (Mosaic GPU: wgmma + TMA, warp-specialized) chunked-prefill flash attention over paged KV.
+
+What it computes: `pallas_kernels.prefill.paged_prefill_attention` for GQA / MQA / MHA models (the
+same contract and arguments: q [T_q, Hq, head_dim] the packed chunk queries of all sequences, the
+arena [num_pages, rows_per_page, R], page_table [B, max_pages], kv_lens [B] including the chunk,
+cu_q_lens [B + 1]; causal, optional sliding window and soft cap, optional lse; rows of q outside
+``[cu[0], cu[B])`` give 0 and lse -inf). `paged_prefill_attention_reference` is its oracle.
+
+Layout read (`pallas_kernels.page_layout`): a page holds T tokens of one layer of one sequence as
+``[kv_heads, 2 (K, V), head_chunks, T, R]``, so ``block_t`` consecutive tokens of one (head, K/V,
+chunk) inside a page are one contiguous ``[block_t, R]`` run of rows: one TMA box.
+
+Design (jax's dense FlashAttention-3 kernel, ``attention_mgpu.py``, adapted to pages and GQA):
+
+* Query rows packed per KV head. The G query heads of a KV head are padded to Gp = next_pow2(G)
+  (<= 64); a query block is ``128 / Gp`` tokens of ONE sequence x Gp heads = 128 rows, row
+  ``token * Gp + head`` (the blocks of `prefill.query_blocks`). One CTA per (query block, KV head,
+  KV split): grid ``(splits, kv_heads, blocks)``, blocks fastest (CUDA's x), so the CTAs that read
+  the same KV run together and share it through L2.
+* Three warpgroups. Compute warpgroup w (0, 1) owns rows ``[64 w, 64 w + 64)`` of the block (Q in
+  shared memory, loaded once by TMA), keeps the f32 accumulator ``[64, head_chunks * R]`` and the
+  running max / sum in registers (232 registers per thread); the memory warpgroup (40 registers)
+  streams K and V tiles ``[head_chunks, block_t, R]`` through ``stages`` shared-memory slots with
+  TMA, slot reuse gated by "consumed" barriers that both compute warpgroups arrive at.
+* Per KV step (``block_t`` keys) each compute warpgroup: S = Q K^T (wgmma, K transposed in shared
+  memory, f32 [64, block_t]); scale (and soft cap), mask (only on the steps that cross the causal
+  diagonal or the window edge; steps past all of its rows' positions are skipped), online softmax
+  in base 2; P in the KV dtype; O = O * alpha + P V (wgmma, P from registers). A schedule barrier
+  between the two compute warpgroups makes one run its softmax while the other's wgmma runs.
+* The KV range of a block is ``[lo, hi)`` (`attention_core.kv_range`), walked in steps aligned to
+  ``block_t`` in absolute positions from ``floor(lo / block_t) * block_t``; splits cut it into
+  ``ceil(steps / splits)`` steps each (later splits of a short block are empty).
+* Paged TMA. A step is ``block_t / P`` pieces of ``P = gcd(T, block_t)`` tokens (T = 32: 4 pieces
+  of 32 per 128-token step; T = 128: one piece), each piece one TMA box per (K/V, chunk) from the
+  page the table names, all arriving at the step's barrier. Unwritten slots may hold NaN, and
+  ``0 * NaN`` is NaN in P V, so no row at or past ``kv_len`` is ever copied from the arena: a piece
+  past ``kv_len`` is copied from a zero piece, and the one piece of each (sequence, head, K/V,
+  chunk) that straddles ``kv_len`` from a small side array built before the launch (its valid rows
+  gathered from the arena, the rest zeros: `tail_pieces`). Pages past a sequence's table are never
+  touched.
+* Epilogue: each compute warpgroup normalises its rows, writes them in the KV dtype through its Q
+  buffer and the natural-log lse (-inf for a row that saw no key) with TMA. jnp then combines the
+  splits (`_common.split_softmax_combine`) and scatters rows back to token order.
+
+Shared memory (bf16, head_dim = R = 128, block_t = 128): Q/O 2 x 64 x 128 x 2 B = 32 KiB, K + V
+64 KiB per stage: 160 KiB at 2 stages (the default), 224 KiB at 3 (`smem_bytes`; the limit is
+227 KiB).
+
+Requirements (ValueError otherwise, so a caller can fall back to the Triton kernel): a GQA
+geometry; bf16 or f16 arena (wgmma); R in (64, 128) (rows of whole 128-byte swizzle tiles); the
+GQA group <= 64; block_t in (64, 128) with ``gcd(T, block_t)`` a multiple of 8; rows_per_page a
+multiple of 8; stages >= 2; the shared memory within 227 KiB. The output goes through the KV
+dtype (the Triton kernel's is f32), so an f32 q gets bf16/f16-rounded results.
+
+Backends: "gpu" (Mosaic GPU) and "interpret" (Mosaic GPU's interpreter on CPU: warpgroups as
+threads, TMA / barriers / shared memory simulated; tests/kernels/test_prefill_mgpu.py).
+
+Status: tested in Mosaic GPU's interpreter and cross-lowered on CPU; not yet run or timed on a GPU.
+Not used by the engine; `benchmarks/prefill_attention.py --with-mgpu` checks and times it. Two
+limits of that testing: the interpreter's wgmma reads A only from shared memory and it runs neither
+`pl.run_state` over accumulators nor stores into them, so under ``backend="interpret"`` P goes
+through shared memory and P V into fresh accumulators (O = O * alpha + P V), while the GPU form
+(P from registers, O rescaled and accumulated in place, as jax's FA3 kernel) is only
+cross-lowered; and its race detector does not see wgmma's reads, so the ordering of a K/V slot's
+reuse after the wgmmas that read it rests on the consumed barriers (the interpreter does check that
+every barrier phase is waited on by every waiter and that nothing deadlocks).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import attention_core
+from pallas_kernels._common import next_pow2, pack_query_chunks, split_softmax_combine
+from pallas_kernels.page_layout import KVKind, PageGeometry
+from pallas_kernels.prefill import query_blocks
+
+COMPUTE_WGS = 2  # compute warpgroups per CTA; + 1 memory warpgroup
+ROWS_PER_WG = 64  # query rows of one compute warpgroup (one wgmma M tile)
+BLOCK_ROWS = COMPUTE_WGS * ROWS_PER_WG
+COMPUTE_REGISTERS = 232  # per thread: 2 x 232 + 40 (x 128 threads) fits the 64K register file
+MEMORY_REGISTERS = 40
+SMEM_BYTES = 227 * 1024  # an H100/H200 CTA's dynamic shared memory
+SMEM_SLACK = 1024  # barriers and alignment
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+DEFAULT_BLOCK_T = 128
+DEFAULT_STAGES = 2
+
+
+def smem_bytes(head_chunks: int, r: int, block_t: int, stages: int, itemsize: int) -> int:
+    """Shared memory the kernel allocates (bytes): Q/O tiles, K and V slots, lse rows."""
+    qo = COMPUTE_WGS * head_chunks * ROWS_PER_WG * r * itemsize
+    kv = 2 * stages * head_chunks * block_t * r * itemsize
+    return qo + kv + COMPUTE_WGS * ROWS_PER_WG * 4
+
+
+def default_num_splits(num_blocks: int, kv_heads: int, max_tokens: int, block_t: int) -> int:
+    """KV splits per query block from static shapes: enough CTAs to give every SM one (one CTA
+    per SM fits in shared memory), never a split under 4 steps of the longest KV walk the table
+    allows (``max_tokens``). A heuristic; not measured."""
+    want = -(-attention_core.num_sms() // max(1, num_blocks * kv_heads))
+    return int(max(1, min(want, max_tokens // (4 * block_t))))
+
+
+def tail_pieces(arena: jax.Array, page_table: jax.Array, kv_lens: jax.Array, geom: PageGeometry,
+                piece: int) -> jax.Array:
+    """The side array of pieces the kernel copies instead of arena rows it must not read.
+
+    For each (sequence b, kv head h, K/V kv, chunk c), piece ``((b * KVH + h) * 2 + kv) * HC + c``
+    is the ``piece`` token rows starting at ``floor(kv_lens[b] / piece) * piece``: those below
+    ``kv_lens[b]`` copied from the arena, the rest zeros; one more piece at the end is all zeros.
+    Returns ``[(B * KVH * 2 * HC + 1) * piece, R]`` in the arena's dtype.
+    """
+    b_n = kv_lens.shape[0]
+    kvh, hc, t_pp, r = geom.spec.kv_heads, geom.head_chunks, geom.tokens_per_page, geom.row_elems
+    rpp = geom.rows_per_page
+    start = (kv_lens // piece) * piece  # [B]
+    nv = kv_lens - start
+    col = jnp.clip(start // t_pp, 0, page_table.shape[1] - 1)
+    page = jnp.clip(page_table[jnp.arange(b_n), col], 0, arena.shape[0] - 1)
+    h = jnp.arange(kvh)[:, None, None, None]
+    kv = jnp.arange(2)[None, :, None, None]
+    c = jnp.arange(hc)[None, None, :, None]
+    i = jnp.arange(piece)[None, None, None, :]
+    rel = h * geom.head_stride_rows + (kv * hc + c) * t_pp + i  # [KVH, 2, HC, P]
+    rows = (page * rpp + start % t_pp)[:, None, None, None, None] + rel[None]
+    flat = arena.reshape(-1, r)
+    vals = jnp.take(flat, rows.reshape(-1), axis=0, mode="clip").reshape(*rows.shape, r)
+    keep = (i < nv[:, None, None, None, None])[..., None]
+    vals = jnp.where(keep, vals, jnp.zeros((), arena.dtype))
+    return jnp.concatenate([vals.reshape(-1, r), jnp.zeros((piece, r), arena.dtype)])
+
+
+def block_meta(blk_seq: jax.Array, pos0: jax.Array, nq: jax.Array, kv_lens: jax.Array,
+               block_t: int, window: int | None) -> jax.Array:
+    """[NB, 5] int32 per query block: (sequence, position of its first token, the sequence's
+    kv_len, first key of its KV walk (a multiple of block_t), KV steps; 0 steps for an unused
+    block)."""
+    live = blk_seq >= 0
+    b = jnp.maximum(blk_seq, 0)
+    kvl = kv_lens[b]
+    lo, hi = attention_core.kv_range(pos0, jnp.where(live, nq, 0), kvl, window)
+    base = (lo // block_t) * block_t
+    steps = jnp.where(hi > lo, (hi - base + block_t - 1) // block_t, 0)
+    return jnp.stack([b, pos0, kvl, base, steps], axis=1).astype(jnp.int32)
+
+
+def _kernel(meta_ref, tbl_ref, q_ref, arena_ref, tails_ref, o_ref, lse_ref, *, geom: PageGeometry,
+            group: int, block_t: int, piece: int, stages: int, num_splits: int, scale: float,
+            soft_cap: float | None, window: int | None, p_in_smem: bool) -> None:
+    """One CTA: rows [128] of query block ``blk`` for KV head ``head``, keys of split ``split``.
+
+    meta_ref [NB, 5] (`block_meta`), tbl_ref [B, max_pages] int32; q_ref [NB, KVH, 2, HC, 64, R];
+    arena_ref [num_pages * rows_per_page, R]; tails_ref (`tail_pieces`); o_ref [NB, KVH, splits,
+    2, HC, 64, R] (KV dtype, normalised); lse_ref [NB, KVH, splits, 2, 64] f32.
+    """
+    hc, r, t_pp = geom.head_chunks, geom.row_elems, geom.tokens_per_page
+    kvh = geom.spec.kv_heads
+    rpp = geom.rows_per_page
+    dt = arena_ref.dtype
+    tokens_per_wg = ROWS_PER_WG // group
+    group_shift = group.bit_length() - 1
+    n_pieces = block_t // piece
+    zero_piece = tbl_ref.shape[0] * kvh * 2 * hc
+    max_pages = tbl_ref.shape[1]
+    num_pages = arena_ref.shape[0] // rpp
+    tiling = plgpu.TilingTransform((8, 128 // jnp.dtype(dt).itemsize))
+    swizzle = plgpu.SwizzleTransform(128)
+
+    def body(q_smem, k_smem, v_smem, lse_smem, k_bar, v_bar, q_bar, k_free, v_free, sched,
+             p_smem=None):
+        blk = lax.axis_index("blk")
+        h = lax.axis_index("head")
+        split = lax.axis_index("split")
+        wg = lax.axis_index("wg")
+        b = meta_ref[blk, 0]
+        pos0 = meta_ref[blk, 1]
+        kv_len = meta_ref[blk, 2]
+        n_all = meta_ref[blk, 4]
+        per = lax.div(n_all + (num_splits - 1), num_splits)
+        s_lo = jnp.minimum(split * per, n_all)
+        n = jnp.minimum(n_all - s_lo, per)  # this CTA's steps
+        k_start = meta_ref[blk, 3] + s_lo * block_t  # its first key
+
+        def schedule_round():
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _compute():
+            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+            qo = q_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[blk, h, wg], qo, q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            q_first = pos0 + wg * tokens_per_wg  # position of this warpgroup's first token
+            q_last = q_first + tokens_per_wg - 1
+
+            def step(j, carry, *, masked: bool):
+                acc, m_i, l_i = carry
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+
+                def qk(acc_ref):
+                    for c in range(hc):
+                        plgpu.wgmma(acc_ref, qo.at[c], k_smem.at[slot, c].transpose((1, 0)))
+                    schedule_round()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((ROWS_PER_WG, block_t), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if soft_cap is None:
+                    s = s * (scale * LOG2E)
+                else:
+                    s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * LOG2E)
+                if masked:
+                    rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+                    cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                    # key k_start + j * block_t + col vs the row's position q_first + row // group
+                    diff = cols - lax.shift_right_logical(rows, group_shift)
+                    edge = q_first - (k_start + j * block_t)
+                    mask = diff <= edge
+                    if window is not None:
+                        mask = mask & (diff > edge - window)
+                    s = jnp.where(mask, s, -jnp.inf)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+                alpha = jnp.exp2(m_i - m_use)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                alpha_rows = lax.broadcast_in_dim(alpha, (ROWS_PER_WG, r), [0])
+                if p_smem is None:
+                    acc = tuple(a * alpha_rows for a in acc)  # rescaled in the softmax phase
+                l_i = l_i * alpha + p.sum(axis=1)
+                p16 = p.astype(dt)
+                if p_smem is None and hc * r <= 128:
+                    # jax's FA3 kernel pins this order for head_dim <= 128 (faster there)
+                    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                plgpu.barrier_arrive(sched)  # softmax done
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(sched)  # the tensor cores are ours
+
+                if p_smem is None:
+                    # jax's FA3 form: P from registers, accumulated into O in place
+                    def pv(acc_refs):
+                        for c in range(hc):
+                            plgpu.wgmma(acc_refs[c], p16, v_smem.at[slot, c])
+
+                    acc = pl.run_state(pv)(tuple(plgpu.ACC.init(a) for a in acc))
+                else:
+                    # interpreter: its wgmma takes A only from shared memory and it runs neither
+                    # pl.run_state nor stores to accumulators: P through shared memory, P V into
+                    # fresh accumulators, O = O * alpha + P V
+                    p_smem.at[wg][...] = p16
+                    plgpu.commit_smem()
+
+                    def pv_fresh(*acc_refs):
+                        for c in range(hc):
+                            plgpu.wgmma(acc_refs[c], p_smem.at[wg], v_smem.at[slot, c])
+                        return tuple(a[...] for a in acc_refs)
+
+                    pv_out = pl.run_scoped(pv_fresh,
+                                           *[plgpu.ACC((ROWS_PER_WG, r), jnp.float32)] * hc)
+                    acc = tuple(a * alpha_rows + o for a, o in zip(acc, pv_out, strict=True))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
+
+            def skip(j, carry):
+                # a step past every position of this warpgroup's rows: keep the barriers in step
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                schedule_round()
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(sched)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return carry
+
+            # steps [0, a): window edge (masked); [a, b): every key visible to every row; [b, c):
+            # the causal diagonal (masked); [c, n): past every row (skipped)
+            if window is None:
+                a = jnp.int32(0)
+            else:
+                a = jnp.minimum(lax.div(jnp.maximum(q_last - window + 1 - k_start, 0)
+                                        + block_t - 1, block_t), n)
+            b_ = jnp.clip(lax.div(jnp.maximum(q_first + 1 - k_start, 0), block_t), a, n)
+            c_ = jnp.clip(lax.div(jnp.maximum(q_last - k_start + block_t, 0), block_t), b_, n)
+            m_i = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32),
+                                    plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32),
+                                    plgpu.Layout.WGMMA.reduce(1))
+            acc = tuple(plgpu.layout_cast(jnp.full((ROWS_PER_WG, r), 0.0, jnp.float32),
+                                          plgpu.Layout.WGMMA) for _ in range(hc))
+            pl.when(wg == 1)(schedule_round)
+            carry = (acc, m_i, l_i)
+            carry = lax.fori_loop(0, a, functools.partial(step, masked=True), carry)
+            carry = lax.fori_loop(a, b_, functools.partial(step, masked=False), carry)
+            carry = lax.fori_loop(b_, c_, functools.partial(step, masked=True), carry)
+            lax.fori_loop(c_, n, skip, None)
+            pl.when(wg == 0)(schedule_round)
+            acc, m_i, l_i = carry
+
+            seen = l_i > 0.0
+            l_safe = jnp.where(seen, l_i, 1.0)
+            inv = 1.0 / l_safe
+            for c in range(hc):
+                qo.at[c][...] = (acc[c] * lax.broadcast_in_dim(inv, acc[c].shape, [0])).astype(dt)
+            lse_smem.at[wg][...] = jnp.where(seen, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo, o_ref.at[blk, h, split, wg])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[blk, h, split, wg])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WGS)
+        def _memory():
+            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+            head_rows = h * geom.head_stride_rows
+            tail0 = (b * kvh + h) * 2 * hc
+
+            def sources(j):
+                """Per piece of step j: (its rows below kv_len, arena row of its K chunk 0)."""
+                out = []
+                for i in range(n_pieces):
+                    tok = k_start + j * block_t + i * piece
+                    nv = jnp.clip(kv_len - tok, 0, piece)
+                    page = tbl_ref[b, jnp.minimum(lax.div(tok, t_pp), max_pages - 1)]
+                    page = jnp.clip(page, 0, num_pages - 1)
+                    out.append((nv, page * rpp + head_rows + lax.rem(tok, t_pp)))
+                return out
+
+            def issue(srcs, kv: int, smem, bar, slot):
+                for i, (nv, row0) in enumerate(srcs):
+                    for c in range(hc):
+                        dst = smem.at[slot, c, pl.ds(i * piece, piece)]
+                        row = row0 + (kv * hc + c) * t_pp
+
+                        @pl.when(nv == piece)
+                        def _(dst=dst, row=row):
+                            src = arena_ref.at[pl.ds(pl.multiple_of(row, 8), piece)]
+                            plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+
+                        @pl.when(nv < piece)
+                        def _(dst=dst, nv=nv, c=c):
+                            t = jnp.where(nv == 0, zero_piece, tail0 + kv * hc + c)
+                            src = tails_ref.at[pl.ds(pl.multiple_of(t * piece, 8), piece)]
+                            plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+
+            @pl.loop(0, n)
+            def _(j):
+                slot = lax.rem(j, stages)
+                srcs = sources(j)
+
+                @pl.when(j >= stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
+
+                issue(srcs, 0, k_smem, k_bar, slot)
+
+                @pl.when(j >= stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
+
+                issue(srcs, 1, v_smem, v_bar, slot)
+
+            # observe the last consumption of every slot (every phase of a barrier is waited on)
+            @pl.loop(jnp.maximum(n - stages, 0), n)
+            def _(j):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+
+    tile = dict(transforms=(tiling, swizzle))
+    copies = n_pieces * hc  # TMA copies arriving at a K (or V) barrier per step
+    pl.run_scoped(
+        body,
+        plgpu.SMEM((COMPUTE_WGS, hc, ROWS_PER_WG, r), dt, **tile),
+        plgpu.SMEM((stages, hc, block_t, r), dt, **tile),
+        plgpu.SMEM((stages, hc, block_t, r), dt, **tile),
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=COMPUTE_WGS),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        *([plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, block_t), dt, **tile)] if p_in_smem else []),
+        collective_axes="wg",
+    )
+
+
+_STATIC = ("geom", "scale", "soft_cap", "window", "backend", "block_t", "stages", "num_splits",
+           "return_lse")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _prefill_mgpu(q, arena, page_table, kv_lens, cu_q_lens, *, geom, scale, soft_cap, window,
+                  backend, block_t, stages, num_splits, return_lse):
+    """`paged_prefill_attention_mgpu` after its checks: pack the query blocks, launch, combine
+    the splits, scatter the rows back to token order."""
+    t, hq, d = q.shape
+    kvh, hc, r = geom.spec.kv_heads, geom.head_chunks, geom.row_elems
+    g = hq // kvh
+    gp = next_pow2(g)
+    bq = BLOCK_ROWS // gp  # tokens per query block
+    dt = arena.dtype
+    kv_lens = kv_lens.astype(jnp.int32)
+    cu_q_lens = cu_q_lens.astype(jnp.int32)
+    page_table = page_table.astype(jnp.int32)
+    piece = math.gcd(geom.tokens_per_page, block_t)
+
+    qg = jnp.pad(q.reshape(t, kvh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    qp = pack_query_chunks(qg, geom, (d,)).astype(dt)  # [T, KVH, Gp, HC * R]
+    blk_seq, pos0, nq, tok_idx = query_blocks(cu_q_lens, kv_lens, t, bq)
+    nb = blk_seq.shape[0]
+    qrows = jnp.take(qp, tok_idx.reshape(-1), axis=0, mode="fill", fill_value=0)
+    qb = qrows.reshape(nb, bq, kvh, gp, hc, r).transpose(0, 2, 4, 1, 3, 5)
+    qb = qb.reshape(nb, kvh, hc, COMPUTE_WGS, ROWS_PER_WG, r).transpose(0, 1, 3, 2, 4, 5)
+
+    interpret = None
+    if backend == "interpret":
+        from jax._src.pallas.mosaic_gpu.interpret import params
+
+        interpret = params.InterpretGPUParams()
+    kernel = functools.partial(
+        _kernel, geom=geom, group=gp, block_t=block_t, piece=piece, stages=stages,
+        num_splits=num_splits, scale=scale, soft_cap=soft_cap, window=window,
+        p_in_smem=backend == "interpret")
+    o, lse = plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((nb, kvh, num_splits, COMPUTE_WGS, hc, ROWS_PER_WG, r), dt),
+            jax.ShapeDtypeStruct((nb, kvh, num_splits, COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
+        ),
+        grid=(num_splits, kvh, nb),  # Mosaic GPU maps the last axis to CUDA's x: blocks fastest
+        grid_names=("split", "head", "blk"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        # row reductions of the WGMMA layout stay within a warp: no shared-memory scratch (its
+        # default 2 KiB would leave 3 stages of 128 keys 120 bytes short)
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+        interpret=interpret,
+    )(block_meta(blk_seq, pos0, nq, kv_lens, block_t, window), page_table, qb,
+      arena.reshape(-1, r), tail_pieces(arena, page_table, kv_lens, geom, piece))
+
+    w = hc * r
+    o = o.transpose(0, 1, 2, 3, 5, 4, 6).reshape(nb, kvh, num_splits, BLOCK_ROWS, w)
+    lse = lse.reshape(nb, kvh, num_splits, BLOCK_ROWS)
+    if num_splits == 1:
+        o, lse = o[:, :, 0].astype(jnp.float32), lse[:, :, 0]
+    else:
+        o, lse = split_softmax_combine(o.astype(jnp.float32), lse,
+                                       jnp.isfinite(lse).astype(jnp.float32), axis=2,
+                                       return_lse=True)
+    o = o.reshape(nb, kvh, bq, gp, w).transpose(0, 2, 1, 3, 4).reshape(nb * bq, kvh, gp, w)
+    idx = tok_idx.reshape(-1)
+    out = jnp.zeros((t, kvh, gp, w), jnp.float32).at[idx].set(o, mode="drop")
+    out = out[:, :, :g, :d].reshape(t, hq, d).astype(q.dtype)
+    if not return_lse:
+        return out
+    lse = lse.reshape(nb, kvh, bq, gp).transpose(0, 2, 1, 3).reshape(nb * bq, kvh, gp)
+    lse_out = jnp.full((t, kvh, gp), -jnp.inf, jnp.float32).at[idx].set(lse, mode="drop")
+    return out, lse_out[:, :, :g].reshape(t, hq)
+
+
+def paged_prefill_attention_mgpu(
+    q: jax.Array,
+    arena: jax.Array,
+    page_table: jax.Array,
+    kv_lens: jax.Array,
+    cu_q_lens: jax.Array,
+    geom: PageGeometry,
+    *,
+    scale: float | None = None,
+    soft_cap: float | None = None,
+    window: int | None = None,
+    backend: str = "gpu",
+    block_t: int | None = None,
+    stages: int | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Chunked-prefill attention (GQA/MQA/MHA) over paged KV on Hopper tensor cores (module doc).
+
+    q: [T, num_q_heads, head_dim] the chunk queries of all sequences, packed (cast to the arena's
+      dtype for the tensor cores).
+    arena: [num_pages, rows_per_page, R] bf16/f16; page_table: [B, max_pages] int32 (-1 past a
+      sequence's pages); kv_lens: [B] int32 tokens in each sequence's cache INCLUDING this chunk;
+      cu_q_lens: [B + 1] int32 prefix offsets of each sequence's queries in q.
+    scale: score scale (default head_dim ** -0.5); soft_cap: ``cap * tanh(s / cap)`` on the scaled
+      scores; window: sliding window (a query at position p sees keys in ``(p - window, p]``).
+    backend: "gpu" (Mosaic GPU) or "interpret" (its interpreter on CPU).
+    block_t: keys per KV step, 64 or 128 (default 128); stages: K/V shared-memory slots (default
+      2); num_splits: KV splits per query block (default `default_num_splits`).
+    Returns [T, num_q_heads, head_dim] in q's dtype (rows outside every sequence 0); with
+    ``return_lse`` the pair ``(out, lse)``, lse [T, num_q_heads] float32 the natural-log sum-exp
+    of each row's scaled (soft-capped) scores over the keys it sees (-inf where it sees none).
+    Raises ValueError for what the kernel cannot do (module doc, "Requirements").
+    """
+    block_t = block_t or DEFAULT_BLOCK_T
+    stages = stages or DEFAULT_STAGES
+    check_args(q, arena, kv_lens, cu_q_lens, geom, backend=backend, block_t=block_t, stages=stages)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if num_splits is None:
+        gp = next_pow2(q.shape[1] // geom.spec.kv_heads)
+        nb = -(-q.shape[0] * gp // BLOCK_ROWS) + kv_lens.shape[0]
+        max_tokens = page_table.shape[1] * geom.tokens_per_page
+        if window is not None:
+            max_tokens = min(max_tokens, window + BLOCK_ROWS // gp)
+        num_splits = default_num_splits(nb, geom.spec.kv_heads, max_tokens, block_t)
+    if num_splits < 1:
+        raise ValueError(f"num_splits={num_splits} must be >= 1")
+    return _prefill_mgpu(q, arena, page_table, kv_lens, cu_q_lens, geom=geom, scale=scale,
+                         soft_cap=None if soft_cap is None else float(soft_cap), window=window,
+                         backend=backend, block_t=block_t, stages=stages, num_splits=num_splits,
+                         return_lse=return_lse)
+
+
+def check_args(q: jax.Array, arena: jax.Array, kv_lens: jax.Array, cu_q_lens: jax.Array,
+               geom: PageGeometry, *, backend: str, block_t: int, stages: int) -> None:
+    """Raises ValueError for a call `paged_prefill_attention_mgpu` cannot run (module doc)."""
+    if backend not in ("gpu", "interpret"):
+        raise ValueError(f"backend {backend!r}: expected 'gpu' or 'interpret'")
+    if geom.spec.kind != KVKind.GQA:
+        raise ValueError("paged_prefill_attention_mgpu needs a GQA geometry")
+    if (q.ndim != 3 or q.shape[1] % geom.spec.kv_heads or q.shape[2] != geom.spec.head_dim):
+        raise ValueError(f"q {q.shape} does not fit {geom.spec}")
+    if cu_q_lens.shape != (kv_lens.shape[0] + 1,):
+        raise ValueError(f"cu_q_lens {cu_q_lens.shape} must be [B + 1] for kv_lens {kv_lens.shape}")
+    dt = jnp.dtype(arena.dtype)
+    if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"wgmma needs a bf16/f16 arena, got {dt}")
+    r = geom.row_elems
+    if r not in (64, 128) or arena.shape[-1] != r:
+        raise ValueError(f"arena row width R={r}: expected 64 or 128 (whole 128-byte swizzle tiles)")
+    group = q.shape[1] // geom.spec.kv_heads
+    if group > ROWS_PER_WG:
+        raise ValueError(f"GQA group {group} > {ROWS_PER_WG} query heads per KV head")
+    if block_t not in (64, 128):
+        raise ValueError(f"block_t={block_t}: expected 64 or 128")
+    piece = math.gcd(geom.tokens_per_page, block_t)
+    if piece % 8:
+        raise ValueError(f"tokens_per_page={geom.tokens_per_page}: gcd with block_t={block_t} is "
+                         f"{piece}, not a multiple of 8 rows (one TMA piece)")
+    if geom.rows_per_page % 8:
+        raise ValueError(f"rows_per_page={geom.rows_per_page}: not a multiple of 8 (the kernel "
+                         "asserts its TMA row offsets are)")
+    if stages < 2:
+        raise ValueError(f"stages={stages} must be >= 2")
+    need = smem_bytes(geom.head_chunks, r, block_t, stages, dt.itemsize)
+    if need > SMEM_BYTES - SMEM_SLACK:
+        raise ValueError(f"block_t={block_t}, {stages} stages, {geom.head_chunks} head chunks: "
+                         f"{need} bytes of shared memory, over {SMEM_BYTES - SMEM_SLACK}")
+
+
+__all__ = ["block_meta", "check_args", "default_num_splits", "paged_prefill_attention_mgpu",
+           "smem_bytes", "tail_pieces"]

@@ -11,6 +11,9 @@ Cases (bf16 KV, 8 KV heads, 32 query heads, head_dim 128, 16 tokens per page):
   (a) 16 sequences x 32K tokens; (b) 1 sequence of 100K tokens + 63 of 32 tokens;
   (c) 64 sequences x 2K tokens; and (d) MLA (DeepSeek-V3 geometry: 128 heads, latent 512,
   rope 64) 32 sequences x 8K tokens (ours and XLA only).
+``--with-mgpu`` adds the Hopper Mosaic GPU MLA kernel (`pallas_kernels.mla_decode_mgpu`): its
+correctness checks and its (d) variants run after everything else (a CUDA fault in it would
+poison the CUDA context for whatever ran after it).
 Achieved bandwidth = KV bytes the step must read (sum of lengths x bytes per token) / time, and
 its ratio to the card's copy bandwidth measured in the same run (bytes read + written / time).
 """
@@ -29,13 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.append import kv_append, kv_append_reference
+from pallas_kernels.append import kv_append, kv_append_reference, mla_kv_append_reference
 from pallas_kernels.decode import (
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_mla_decode_attention,
     paged_mla_decode_attention_reference,
 )
+from pallas_kernels.mla_decode_mgpu import paged_mla_decode_attention_mgpu
 from pallas_kernels.page_layout import KVSpec, PageGeometry, PoolLayout, page_geometry
 from pallas_kernels.paged_reference import read_features, slots_from_positions
 from pallas_kernels.prefill import paged_prefill_attention, paged_prefill_attention_reference
@@ -171,8 +175,12 @@ def xla_gather_mla(ql, qr, arena, table, lens, *, geom: PageGeometry, max_len: i
 # ---- correctness ----------------------------------------------------------------------------------
 
 
-def check_correctness(backend: str, smoke: bool) -> list[tuple[str, float, float]]:
-    """Fresh random inputs, NaN-poisoned arena; returns (name, rel err, limit) rows."""
+def check_correctness(backend: str, smoke: bool,
+                      with_mgpu: bool = False) -> list[tuple[str, float, float]]:
+    """Fresh random inputs, NaN-poisoned arena; returns (name, rel err, limit) rows.
+
+    with_mgpu: also the Mosaic GPU MLA kernel's rows (`check_mla_mgpu`), last.
+    """
     rng = np.random.default_rng(int(time.time()))
     rows = []
     t_pp = TOKENS_PER_PAGE
@@ -234,6 +242,67 @@ def check_correctness(backend: str, smoke: bool) -> list[tuple[str, float, float
     ref = paged_mla_decode_attention_reference(ql, qr, arena, tb, ln, geom, scale=0.04)
     out = paged_mla_decode_attention(ql, qr, arena, tb, ln, geom, scale=0.04, backend=backend)
     rows.append(("mla decode bfloat16", rel_err(out, ref), 1e-2))
+    if with_mgpu:
+        rows += check_mla_mgpu(backend, smoke)
+    return rows
+
+
+def check_mla_mgpu(backend: str, smoke: bool) -> list[tuple[str, float, float]]:
+    """The Mosaic GPU MLA decode kernel vs the reference: (name, rel err, limit) rows.
+
+    DeepSeek-V3 geometry (latent 512 + rope 64, R = 64, 64 tokens per page), NaN in every
+    arena row no token was written to, -1 past each sequence's pages, the lengths 0, 1, T-1, T,
+    T+1 and a long one; 128 heads (2 head blocks; 64 in smoke), 16 (one padded block); the
+    log-sum-exp (its max abs error, -inf exactly where the length is 0); window + soft cap;
+    several KV splits and block sizes. A kernel that raises gives a NaN row (so the other rows
+    are kept); `backend` "interpret" (smoke) runs Mosaic GPU's interpreter.
+    """
+    rng = np.random.default_rng(int(time.time()) + 1)
+    pool = PoolLayout(page_bytes=64 * 576 * 2, dtype="bfloat16", row_elems=64)
+    geom = page_geometry(KVSpec.mla(512, 64), pool)
+    t_pp = geom.tokens_per_page
+    lens = [0, 1, t_pp - 1, t_pp, t_pp + 1, 300 if smoke else 3000]
+    need = [-(-n // t_pp) for n in lens]
+    perm = rng.permutation(sum(need) + 2).astype(np.int32)
+    table = np.full((len(lens), max(need) + 1), -1, np.int32)
+    at = 0
+    for b, k in enumerate(need):
+        table[b, :k] = perm[at:at + k]
+        at += k
+    seq = np.concatenate([np.full(n, b) for b, n in enumerate(lens)]).astype(np.int32)
+    pos = np.concatenate([np.arange(n) for n in lens]).astype(np.int32)
+    tb, ln = jnp.asarray(table), jnp.asarray(lens, jnp.int32)
+    slots = slots_from_positions(jnp.maximum(tb, 0), jnp.asarray(seq), jnp.asarray(pos), t_pp)
+    arena = mla_kv_append_reference(
+        jnp.full(pool.arena_shape(len(perm)), jnp.nan, jnp.bfloat16), slots,
+        jnp.asarray(rng.standard_normal((len(seq), 512)), jnp.bfloat16),
+        jnp.asarray(rng.standard_normal((len(seq), 64)), jnp.bfloat16), geom)
+    cases = [(64 if smoke else 128, {}, {})]
+    if not smoke:
+        cases += [(128, {"block_t": 64}, {}), (128, {"num_splits": 3}, {}),
+                  (16, {}, {"window": 200, "soft_cap": 30.0})]
+    rows = []
+    for heads, cfg, masks in cases:
+        name = ("mla decode mgpu H=" + str(heads)
+                + "".join(f" {k}={v}" for k, v in {**cfg, **masks}.items()))
+        ql = jnp.asarray(rng.standard_normal((len(lens), heads, 512)), jnp.bfloat16)
+        qr = jnp.asarray(rng.standard_normal((len(lens), heads, 64)), jnp.bfloat16)
+        ref, ref_lse = paged_mla_decode_attention_reference(ql, qr, arena, tb, ln, geom,
+                                                            scale=0.04, return_lse=True,
+                                                            **masks)
+        try:
+            out, lse = paged_mla_decode_attention_mgpu(ql, qr, arena, tb, ln, geom, scale=0.04,
+                                                       backend=backend, return_lse=True,
+                                                       **cfg, **masks)
+            lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+            empty = np.asarray(lens) == 0
+            lse_ok = bool(np.all(np.isneginf(lse[empty])) and np.all(np.isfinite(lse[~empty])))
+            lse_err = float(np.max(np.abs(lse[~empty] - ref_lse[~empty]))) if lse_ok else np.nan
+            rows.append((name, rel_err(out, ref), 1e-2))
+            rows.append((name + " lse (max abs err)", lse_err, 1e-3))
+        except Exception as e:  # keep the rows checked so far
+            print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+            rows.append((name, float("nan"), 1e-2))
     return rows
 
 
@@ -330,7 +399,11 @@ def time_case(name: str, lens: list[int], backend: str, smoke: bool, bw: float,
 
 
 def time_mla(lens: list[int], backend: str, smoke: bool, bw: float,
-             configs: list[dict]) -> list[dict]:
+             configs: list[dict], mgpu_configs: list[dict] | None = None) -> list[dict]:
+    """Case (d), MLA decode: XLA and `configs` of the Triton kernel; with ``mgpu_configs``
+    (a list, even empty) instead the Mosaic GPU kernel's configurations and not the others
+    (XLA still gives the reference). TFLOP/s counts the scores and P @ V of every head:
+    ``2 * heads * tokens * (576 + 512)``."""
     heads = 16 if smoke else 128
     pool = PoolLayout(page_bytes=64 * 576 * 2, dtype="bfloat16", row_elems=64)
     geom = page_geometry(KVSpec.mla(512, 64), pool)
@@ -344,13 +417,20 @@ def time_mla(lens: list[int], backend: str, smoke: bool, bw: float,
     tb, ln = jnp.asarray(table), jnp.asarray(lens, jnp.int32)
     kv_bytes = sum(lens) * geom.bytes_per_token_used
     scale = 192**-0.5
+    flops = 2 * heads * sum(lens) * (576 + 512)
     rows = []
     ref = xla_gather_mla(ql, qr, arena, tb, ln, geom=geom, max_len=max_pages * t_pp, scale=scale)
-    impls = [("xla gather (plain XLA)", functools.partial(
-        xla_gather_mla, geom=geom, max_len=max_pages * t_pp, scale=scale))]
-    for cfg in configs:
-        impls.append(("ours " + ",".join(f"{k}={v}" for k, v in cfg.items()), jax.jit(
-            functools.partial(paged_mla_decode_attention, geom=geom, scale=scale,
+    impls = []
+    if mgpu_configs is None:
+        impls.append(("xla gather (plain XLA)", functools.partial(
+            xla_gather_mla, geom=geom, max_len=max_pages * t_pp, scale=scale)))
+        for cfg in configs:
+            impls.append(("ours " + ",".join(f"{k}={v}" for k, v in cfg.items()), jax.jit(
+                functools.partial(paged_mla_decode_attention, geom=geom, scale=scale,
+                                  backend=backend, **cfg))))
+    for cfg in mgpu_configs or ():
+        impls.append(("ours mgpu " + ",".join(f"{k}={v}" for k, v in cfg.items()), jax.jit(
+            functools.partial(paged_mla_decode_attention_mgpu, geom=geom, scale=scale,
                               backend=backend, **cfg))))
     for label, f in impls:
         try:
@@ -359,9 +439,10 @@ def time_mla(lens: list[int], backend: str, smoke: bool, bw: float,
             t = bench(f, ql, qr, arena, tb, ln, iters=3 if smoke else 10, trials=3 if smoke else 5)
             gbps = kv_bytes / t
             print(f"  (d) MLA {label:<40} {t * 1e6:10.1f} us  {gbps / 1e12:6.3f} TB/s  "
-                  f"{gbps / bw:6.1%} of copy  err {err:.1e}", flush=True)
+                  f"{gbps / bw:6.1%} of copy  {flops / t / 1e12:6.1f} TFLOP/s  err {err:.1e}",
+                  flush=True)
             rows.append({"case": "(d) mla", "impl": label, "us": t * 1e6, "TB/s": gbps / 1e12,
-                         "of_copy": gbps / bw, "rel_err": err})
+                         "of_copy": gbps / bw, "TFLOP/s": flops / t / 1e12, "rel_err": err})
         except Exception as e:
             print(f"  (d) MLA {label}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
     del arena
@@ -374,6 +455,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--correctness-only", action="store_true", help="check, print, exit (no timing)")
+    ap.add_argument("--with-mgpu", action="store_true",
+                    help="also check and time the Mosaic GPU MLA kernel, after everything else")
     args = ap.parse_args()
     smoke = args.smoke
     backend = "interpret" if smoke else "gpu"
@@ -384,12 +467,21 @@ def main() -> None:
     bw = copy_bandwidth(1 << (20 if smoke else 31))
     print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s", flush=True)
     failed = False
-    if not args.skip_correctness:
-        for name, err, limit in check_correctness(backend, smoke):
+
+    def report(checks: list[tuple[str, float, float]]) -> bool:
+        """Prints the check rows; True if any failed."""
+        bad = False
+        for name, err, limit in checks:
             ok = (err <= limit) if limit else err == 0.0
-            failed |= not ok
+            bad |= not ok
             print(f"  check {name:<40} rel err {err:.2e}  (limit {limit:.0e})  "
                   f"{'ok' if ok else 'FAIL'}", flush=True)
+        return bad
+
+    if not args.skip_correctness:
+        # With --correctness-only the Mosaic GPU rows come last here; else after the timing.
+        failed |= report(check_correctness(backend, smoke,
+                                           with_mgpu=args.with_mgpu and args.correctness_only))
         print(f"correctness done in {time.time() - t0:.0f}s", flush=True)
     if args.correctness_only:
         print(f"correctness {'FAILED' if failed else 'ok'}")
@@ -423,6 +515,14 @@ def main() -> None:
     mla_cfgs = [dict(), dict(schedule="persistent")] if smoke else [
         dict(), dict(group_block=64, num_warps=8, block_t=32), dict(schedule="persistent")]
     rows += time_mla(mla_lens, backend, smoke, bw, mla_cfgs)
+    if args.with_mgpu:  # last: a CUDA fault here cannot spoil the numbers above
+        if not args.skip_correctness:
+            print("Mosaic GPU MLA kernel: correctness", flush=True)
+            failed |= report(check_mla_mgpu(backend, smoke))
+        print("case (d): MLA decode, Mosaic GPU kernel", flush=True)
+        mgpu_cfgs = [dict()] if smoke else [dict(), dict(block_t=64), dict(stages=3),
+                                             dict(num_splits=1), dict(num_splits=4)]
+        rows += time_mla(mla_lens, backend, smoke, bw, [], mgpu_configs=mgpu_cfgs)
 
     print("\n| case | implementation | us | KV TB/s | of copy BW | rel err vs XLA | host-loop us |")
     print("|---|---|---|---|---|---|---|")
@@ -431,7 +531,8 @@ def main() -> None:
               f"{r['of_copy']:.1%} | {r['rel_err']:.1e} | {r.get('host_loop_us', r['us']):.1f} |")
     best = {}
     for r in rows:
-        kind = "ours" if r["impl"].startswith("ours") else r["impl"].split()[0]
+        kind = ("mgpu" if r["impl"].startswith("ours mgpu")
+                else "ours" if r["impl"].startswith("ours") else r["impl"].split()[0])
         k = (r["case"], kind)
         if k not in best or r["us"] < best[k]["us"]:
             best[k] = r
@@ -444,6 +545,10 @@ def main() -> None:
             line += f", bundled {bu['us']:.1f} us -> {bu['us'] / o['us']:.2f}x"
         if o and x:
             line += f", xla {x['us']:.1f} us -> {x['us'] / o['us']:.2f}x"
+        mg = best.get((case, "mgpu"))
+        if mg:
+            line += (f", mgpu {mg['us']:.1f} us ({mg['TFLOP/s']:.0f} TFLOP/s)"
+                     + (f" -> {o['us'] / mg['us']:.2f}x ours" if o else ""))
         print(line)
     print(f"total {time.time() - t0:.0f}s; correctness {'FAILED' if failed else 'ok'}")
     out_path = args.json or (os.path.join(os.environ["OUT"], "kernels.json")

@@ -1,0 +1,592 @@
+"""Hopper (Mosaic GPU: wgmma + TMA) MLA decode attention in absorbed form over the paged arena.
+
+What it computes: `pallas_kernels.decode.paged_mla_decode_attention` (same arguments, same
+result): for each sequence b and query head h, ``softmax(scale * [q_latent | q_rope] @
+[latent | rope]^T) @ latent`` over the sequence's first ``lengths[b]`` tokens (the last
+``window`` of them with a window; logits soft-capped with ``soft_cap``), as [B, H,
+kv_lora_rank] in q_latent's dtype, and with ``return_lse`` the log-sum-exp [B, H] f32 of the
+scaled (capped) logits (-inf for an empty sequence).
+
+Layout read. The arena is ``[num_pages, rows_per_page, R]``; an MLA page holds T tokens as
+``[latent_chunks + rope_chunks, T, R]`` (`pallas_kernels.page_layout`), so the ``block_t`` tokens
+of one block (``block_t`` divides T, so a block never straddles pages) are, per chunk, one
+contiguous ``[block_t, R]`` run of rows: one TMA box.
+
+Design. One CTA per (head block of 64 query heads, KV split, sequence), head blocks fastest in
+the grid, so the CTAs that read the same latents run side by side (L2). The query heads are the
+M = 64 rows of every wgmma (Triton's MLA kernel runs M = 16 mma). A CTA runs three warpgroups:
+
+* memory warpgroup (40 registers): loads the head block's query, ``[chunks, 64, R]``, into
+  shared memory once, then streams the split's KV blocks, all chunks of a block into one
+  pipeline stage ``[chunks, block_t, R]`` (TMA; up to ``stages`` blocks resident), waiting for
+  both compute warpgroups to release a stage before refilling it. A block's page id is read
+  from the page table one block ahead, so that scalar load's latency hides behind the previous
+  block's wait and copies.
+* warpgroup 0, scores (232 registers): for block i, ``S = sum_c Q_c @ K_c^T`` over every score
+  chunk (latent and rope) into one f32 ``[64, block_t]`` accumulator -- issued during block
+  i-1, so block i's score wgmmas run while block i-1's softmax does; then the online softmax of
+  block i in f32 (base-2 exponentials; scale, soft cap, mask of tokens ``>= length`` and, with a
+  window, ``< length - window``); it publishes P (``[64, block_t]`` in the KV dtype) and the
+  rescale factor ``alpha`` ([64] f32) in shared memory for warpgroup 1 and computes
+  ``O_0 = alpha * O_0 + P @ V_c`` over the first half of the latent chunks.
+* warpgroup 1, values (232 registers): ``O_1 = alpha * O_1 + P @ V_c`` over the second half.
+
+So S is computed once per block, the f32 output [64, kv_lora_rank] is split over two
+warpgroups (128 registers each at 512 columns) and the tensor cores see, per block, the score
+wgmmas of the next block during the softmax, then both P @ V halves. Each compute warpgroup
+releases a stage after its last wgmma on it (and warpgroup 1 releases P for the next block).
+
+Tokens past the length in a partial last block: their rows may hold anything, NaN included.
+They are masked to -inf in S (P = 0), and since NaN * 0 = NaN, each compute warpgroup also
+zeroes those rows of its own value chunks in shared memory before its P @ V (through the
+transposed [R, block_t] view, which fits the WGMMA register layout); warpgroup 1 does so only
+after P is published, when warpgroup 0's score wgmma on those rows has completed.
+
+Each CTA writes its unnormalised O [64, kv_lora_rank], running max m and sum l (f32,
+natural-log units) straight from registers to global memory; `split_softmax_combine` merges the
+splits in jnp. Default splits: about one wave of CTAs (`default_num_splits`).
+
+Swizzle. A wgmma takes one swizzle for both operands and its contraction must be a whole number
+of swizzle widths; P @ V contracts over ``block_t`` tokens, so every operand (Q, K/V chunks, P)
+is swizzled ``block_t`` elements wide: 64 B at block_t = 32 (128 B only at block_t = 64).
+
+Shared memory (bf16, DeepSeek R = 64, 9 chunks): Q 72 KiB + ``stages x 9 x block_t x 128`` B of
+pipeline + P + alpha + barriers (`smem_plan`, equal to what Mosaic GPU allocates): block_t = 32
+with 4 stages is 221 KiB of the 227 KiB; block_t = 64 fits 2 stages only, and then warpgroup 0
+waits for each next block it asks for (its stage is refilled only when the block before is
+released), so the default is 32 (`default_config`). One CTA per SM.
+
+Differences between the backends. Mosaic GPU's interpreter cannot run a wgmma whose left
+operand is in registers, nor one into an accumulator set from registers, so under
+``backend="interpret"`` warpgroup 0 reads P from shared memory like warpgroup 1 and each
+P @ V goes into a fresh accumulator added in registers afterwards; on the GPU warpgroup 0 takes
+P from registers and both accumulate in place (`_pv_accumulate`). Everything else (barriers,
+TMA indexing, the masks, the softmax, the zeroing) is the same code.
+
+Requirements (ValueError otherwise, so that a caller can fall back to the Triton kernel): an MLA
+geometry, a bf16 or f16 arena, R in (64, 128), T a multiple of 16, an even number of latent
+chunks, rows_per_page a multiple of 8, block_t in (16, 32, 64) dividing T, at least 2 stages and
+the shared-memory plan within 227 KiB. Queries are cast to the arena's dtype; H is padded to a
+multiple of 64 heads.
+
+Status: tested in Mosaic GPU's interpreter and cross-lowered on CPU
+(tests/kernels/test_mla_decode_mgpu.py); not yet run or timed on a GPU (the first run:
+``benchmarks/kernels.py --with-mgpu``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import attention_core
+from pallas_kernels._common import split_softmax_combine
+from pallas_kernels.page_layout import KVKind, PageGeometry
+
+HEADS_PER_CTA = 64  # wgmma M: the query heads of one CTA (a head block)
+SMEM_BYTES = 227 * 1024  # an H100/H200 CTA's dynamic shared memory
+SMEM_ALIGN = 1024  # Mosaic GPU aligns each shared-memory buffer to this many bytes
+BARRIER_BYTES = 8  # one mbarrier
+SCORE_REGISTERS = 232  # per thread of each compute warpgroup (setmaxnreg)
+MEMORY_REGISTERS = 40  # per thread of the memory warpgroup
+MIN_SPLIT_TOKENS = 512  # a split shorter than this would spend more on loading Q than on KV
+TOKENS_PER_SPLIT = 16384  # at least one KV split per this many tokens of the page table
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static tiling of one launch.
+
+    block_t: tokens per KV block (a divisor of T in 16/32/64; wgmma N of the scores, K of P @ V).
+    stages: KV blocks in shared memory at once (the memory warpgroup runs ``stages - 1`` ahead).
+    num_splits: KV splits per sequence (CTAs per (sequence, head block)).
+    """
+
+    block_t: int
+    stages: int
+    num_splits: int
+
+
+def smem_plan(geom: PageGeometry, block_t: int, stages: int, itemsize: int = 2) -> int:
+    """Bytes of shared memory a CTA allocates: Q, the KV stages, P and alpha (each buffer
+    aligned to `SMEM_ALIGN`) and the barriers (1 for Q, 2 per stage, 2 for P)."""
+    r = geom.row_elems
+    chunks = len(geom.score_chunk_rows)
+    buffers = (chunks * HEADS_PER_CTA * r * itemsize,  # Q
+               stages * chunks * block_t * r * itemsize,  # KV stages
+               HEADS_PER_CTA * block_t * itemsize,  # P
+               HEADS_PER_CTA * 4)  # alpha
+    aligned = sum(-(-x // SMEM_ALIGN) * SMEM_ALIGN for x in buffers)
+    return aligned + BARRIER_BYTES * (3 + 2 * stages)
+
+
+def max_stages(geom: PageGeometry, block_t: int, itemsize: int = 2) -> int:
+    """The most pipeline stages (2 to 4) whose shared memory fits; 0 if not even 2 do."""
+    for stages in (4, 3, 2):
+        if smem_plan(geom, block_t, stages, itemsize) <= SMEM_BYTES:
+            return stages
+    return 0
+
+
+def default_num_splits(batch: int, head_blocks: int, max_tokens: int, block_t: int) -> int:
+    """KV splits per sequence from static shapes: about one wave of CTAs (one CTA per SM: the
+    shared memory allows no more), at least one split per `TOKENS_PER_SPLIT` tokens the page
+    table can hold, at most one per `MIN_SPLIT_TOKENS` (and per block)."""
+    want = max(1, attention_core.num_sms() // max(1, batch * head_blocks))
+    want = max(want, -(-max_tokens // TOKENS_PER_SPLIT))
+    cap = max(1, max_tokens // MIN_SPLIT_TOKENS)
+    return int(max(1, min(want, cap, -(-max_tokens // block_t))))
+
+
+def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: int,
+                   itemsize: int = 2, block_t: int | None = None, stages: int | None = None,
+                   num_splits: int | None = None) -> Config:
+    """The launch's `Config` for ``batch`` sequences of ``num_heads`` query heads and at most
+    ``max_tokens`` attended tokens each; the arguments given override the defaults.
+
+    block_t: the first of 32, 64, 16 that divides T and leaves room for at least 3 stages, else
+    the first of 64, 32, 16 that divides T and leaves room for 2 (DeepSeek, R = 64: 32 with 4
+    stages; 64 would fit 2 stages, module doc). stages: as many as fit, at most 4.
+    num_splits: `default_num_splits`.
+    """
+    t = geom.tokens_per_page
+    if block_t is None:
+        fits = [bt for bt in (32, 64, 16) if t % bt == 0 and max_stages(geom, bt, itemsize) >= 3]
+        fits = fits or [bt for bt in (64, 32, 16)
+                        if t % bt == 0 and max_stages(geom, bt, itemsize) >= 2]
+        block_t = fits[0] if fits else 16
+    if stages is None:  # 2 when nothing fits: `check_supported` then reports the bytes
+        stages = max(2, max_stages(geom, block_t, itemsize))
+    head_blocks = -(-num_heads // HEADS_PER_CTA)
+    if num_splits is None:
+        num_splits = default_num_splits(batch, head_blocks, max_tokens, block_t)
+    return Config(block_t=block_t, stages=stages, num_splits=num_splits)
+
+
+def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
+    """Raises ValueError for what this kernel does not support (the caller falls back)."""
+    if geom.spec.kind != KVKind.MLA:
+        raise ValueError("paged_mla_decode_attention_mgpu needs an MLA geometry")
+    dt = jnp.dtype(arena.dtype)
+    if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"wgmma needs a bf16/f16 arena, got {dt}")
+    r, t = geom.row_elems, geom.tokens_per_page
+    if r not in (64, 128):
+        raise ValueError(f"arena row width R={r}: expected 64 or 128")
+    if t % 16:
+        raise ValueError(f"tokens per page T={t} must be a multiple of 16")
+    if geom.head_chunks % 2:
+        raise ValueError(f"{geom.head_chunks} latent chunks: the two value warpgroups need an "
+                         "even number")
+    if geom.rows_per_page % 8:
+        raise ValueError(f"rows_per_page={geom.rows_per_page} must be a multiple of 8")
+    if cfg.block_t not in (16, 32, 64) or t % cfg.block_t:
+        raise ValueError(f"block_t={cfg.block_t} must be 16, 32 or 64 and divide T={t}")
+    if cfg.stages < 2 or cfg.num_splits < 1:
+        # One stage would deadlock: the scores warpgroup waits for block i+1 before it
+        # releases block i.
+        raise ValueError(f"stages={cfg.stages} must be >= 2 and num_splits={cfg.num_splits} "
+                         ">= 1")
+    need = smem_plan(geom, cfg.block_t, cfg.stages, dt.itemsize)
+    if need > SMEM_BYTES:
+        raise ValueError(f"block_t={cfg.block_t} with {cfg.stages} stages needs {need} bytes of "
+                         f"shared memory; a CTA has {SMEM_BYTES}")
+
+
+def _swizzled(block_t: int, dtype) -> tuple:
+    """Tiling + swizzle transforms of every shared-memory operand (Q, K/V chunks, P).
+
+    A wgmma takes one swizzle for both operands, and its contraction must be a whole number of
+    swizzle widths; the P @ V contraction is ``block_t`` long, so the swizzle is ``block_t``
+    elements wide (bytes: 128 at block_t 64, 64 at 32, 32 at 16), and Q / K (contraction R, a
+    multiple of it) use the same."""
+    swizzle = plgpu.find_swizzle(block_t * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+
+def _pv_accumulate(o: tuple, p_regs: jax.Array | None, p_smem, v_refs: list,
+                   interpret: bool) -> tuple:
+    """``o[c] + P @ v_refs[c]`` for each value chunk c; returns once every wgmma issued by this
+    warpgroup is done (the P @ V ones and any score wgmma still in flight).
+
+    o: [64, R] f32 (WGMMA layout); P: [64, block_t] in registers (``p_regs``, GPU only; None:
+    use ``p_smem``) or the shared-memory ref ``p_smem``; v_refs: [block_t, R] shared refs.
+    GPU: accumulators set to ``o``, the wgmmas accumulate in place; interpret: each into a fresh
+    zero accumulator, added in registers (module doc, "Differences between the backends").
+    """
+    if interpret:
+        out = []
+        for oc, v in zip(o, v_refs, strict=True):
+            def one(acc_ref, v=v):
+                plgpu.wgmma(acc_ref, p_smem, v)
+                return acc_ref[...]
+
+            out.append(oc + pl.run_scoped(one, plgpu.ACC(oc.shape, jnp.float32)))
+        return tuple(out)
+    a = p_smem if p_regs is None else p_regs
+
+    def run(*acc_refs):
+        for acc_ref, oc in zip(acc_refs, o, strict=True):
+            acc_ref[...] = oc
+        for acc_ref, v in zip(acc_refs, v_refs, strict=True):
+            plgpu.wgmma(acc_ref, a, v)
+        return tuple(acc_ref[...] for acc_ref in acc_refs)
+
+    return pl.run_scoped(run, *(plgpu.ACC(oc.shape, jnp.float32) for oc in o))
+
+
+def _zero_tail_rows(v_refs: list, n_valid: jax.Array, block_t: int) -> None:
+    """Zeroes rows ``>= n_valid`` of each [block_t, R] shared ref when the block is partial
+    (``n_valid < block_t``), through the transposed view: [R, block_t] has a multiple of 64 rows,
+    the WGMMA register layout's unit, which [block_t, R] (block_t < 64) has not."""
+
+    @pl.when(n_valid < block_t)
+    def _():
+        for v in v_refs:
+            vt = v.T  # [R, block_t]: R (a multiple of 64) rows, the WGMMA layout fits
+            x = plgpu.load(vt, layout=plgpu.Layout.WGMMA)
+            tok = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=plgpu.Layout.WGMMA)
+            vt[...] = jnp.where(tok < n_valid, x, jnp.zeros_like(x))
+        plgpu.commit_smem()  # the generic-proxy stores before the wgmma (async proxy) reads
+
+
+def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *,
+            geom: PageGeometry, cfg: Config, scale: float, soft_cap: float | None,
+            window: int | None, num_pages: int, head_blocks: int, interpret: bool) -> None:
+    """One CTA: (head block, split, sequence) from the grid; module doc for the roles.
+
+    len_ref: [B] int32; split_ref: [1] int32 tokens per split (a multiple of block_t);
+    table_ref: [B, max_pages] int32; q_ref: [B, HB, chunks, 64, R]; kv_ref: flat arena rows
+    [num_pages * rows_per_page, R]. o_ref: [items, latent_chunks, 64, R] f32; m_ref / l_ref:
+    [items, 64] f32, item = (b * num_splits + split) * HB + head block.
+    """
+    bt, stages = cfg.block_t, cfg.stages
+    r, t_pp, rpp = geom.row_elems, geom.tokens_per_page, geom.rows_per_page
+    n_chunks = len(geom.score_chunk_rows)
+    n_lat = geom.head_chunks
+    half = n_lat // 2
+    max_pages = table_ref.shape[1]
+    dt = kv_ref.dtype
+    hb = lax.axis_index("hb")
+    s = lax.axis_index("split")
+    b = lax.axis_index("b")
+    item = (b * cfg.num_splits + s) * head_blocks + hb
+    length = len_ref[b]
+    lo_all = jnp.maximum(length - window, 0) if window is not None else jnp.int32(0)
+    lo = jnp.minimum(lo_all // bt * bt + s * split_ref[0], length)  # block-aligned
+    hi = jnp.minimum(lo + split_ref[0], length)
+    n_blocks = (hi - lo + bt - 1) // bt
+    m_rows = HEADS_PER_CTA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+    def zeros_wgmma(shape):
+        return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+    def store_out(o, first_chunk):
+        for c, oc in enumerate(o):
+            o_ref[item, first_chunk + c] = oc
+
+    def scoped(q_smem, kv_smem, p_smem, a_smem, q_bar, full, consumed, p_full, p_free):
+        wg = lax.axis_index("wg")
+
+        def chunk_refs(slot, chunks):
+            return [kv_smem.at[slot, c] for c in chunks]
+
+        def scores(slot, acc_ref):
+            """Issues S += Q_c @ K_c^T over every score chunk of the block in ``slot``."""
+            for c in range(n_chunks):
+                plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[slot, c].T)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+            for c in range(n_chunks):
+                plgpu.copy_gmem_to_smem(q_ref.at[b, hb, c], q_smem.at[c], q_bar)
+
+            def page_of(i):
+                """Page id of block i (table index and id clamped: never a fault)."""
+                t = lo + jnp.minimum(i, jnp.maximum(n_blocks - 1, 0)) * bt
+                page = table_ref[b, jnp.clip(t // t_pp, 0, max_pages - 1)]
+                return jnp.clip(page, 0, num_pages - 1)
+
+            def load(i, page):
+                page_next = page_of(i + 1)  # issued now, used next step: hides its latency
+                slot = lax.rem(i, stages)
+
+                @pl.when(i >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                row0 = page * rpp + lax.rem(lo + i * bt, t_pp)
+                for c in range(n_chunks):
+                    src = kv_ref.at[pl.ds(pl.multiple_of(row0 + c * t_pp, 8), bt)]
+                    plgpu.copy_gmem_to_smem(src, kv_smem.at[slot, c], full.at[slot])
+                return page_next
+
+            lax.fori_loop(0, n_blocks, load, page_of(0))
+
+            # Observe the last releases too (every phase of a barrier is waited for in order).
+            @pl.loop(jnp.maximum(n_blocks - stages, 0), n_blocks)
+            def _(i):
+                plgpu.barrier_wait(consumed.at[lax.rem(i, stages)])
+
+        @pl.when(wg == 0)
+        def _scores():
+            plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
+            plgpu.barrier_wait(q_bar)
+
+            @pl.when(n_blocks == 0)
+            def _():
+                store_out(tuple(zeros_wgmma((m_rows, r)) for _ in range(half)), 0)
+                m_ref[item] = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32),
+                                                row_layout)
+                l_ref[item] = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), row_layout)
+
+            @pl.when(n_blocks > 0)
+            def _():
+                plgpu.barrier_wait(full.at[0])
+
+                def first(acc_ref):
+                    scores(0, acc_ref)
+                    return acc_ref[...]
+
+                s_first = pl.run_scoped(first, plgpu.ACC((m_rows, bt), jnp.float32))
+                m0 = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32), row_layout)
+                l0 = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), row_layout)
+                o0 = tuple(zeros_wgmma((m_rows, r)) for _ in range(half))
+
+                def body(i, carry):
+                    """Block i's softmax and P @ V, with block i+1's scores in flight."""
+                    m_i, l_i, o, sc = carry
+                    slot = lax.rem(i, stages)
+                    t0 = lo + i * bt
+                    nslot = lax.rem(i + 1, stages)
+
+                    @pl.when(i + 1 < n_blocks)
+                    def _():
+                        plgpu.barrier_wait(full.at[nslot])
+
+                    def step(acc_next):
+                        @pl.when(i + 1 < n_blocks)
+                        def _():
+                            scores(nslot, acc_next)  # asynchronous: overlaps the softmax below
+                        x = sc * scale
+                        if soft_cap is not None:
+                            x = soft_cap * jnp.tanh(x / soft_cap)
+                        tok = t0 + plgpu.broadcasted_iota(jnp.int32, (m_rows, bt), 1,
+                                                          layout=plgpu.Layout.WGMMA)
+                        valid = tok < hi
+                        if window is not None:
+                            valid = valid & (tok >= lo_all)
+                        s2 = jnp.where(valid, x * LOG2E, -jnp.inf)  # base-2 logits
+                        m_new = jnp.maximum(m_i, s2.max(axis=1))
+                        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                        alpha = jnp.exp2(m_i - m_safe)
+                        p = jnp.exp2(s2 - lax.broadcast_in_dim(m_safe, s2.shape, [0]))
+                        l_new = l_i * alpha + p.sum(axis=1)
+                        p16 = p.astype(dt)
+
+                        @pl.when(i >= 1)
+                        def _():  # warpgroup 1 is done with the previous P and alpha
+                            plgpu.barrier_wait(p_free)
+
+                        p_smem[...] = p16
+                        a_smem[...] = alpha
+                        plgpu.commit_smem()
+                        plgpu.barrier_arrive(p_full)
+                        v_refs = chunk_refs(slot, range(half))
+                        _zero_tail_rows(v_refs, hi - t0, bt)
+                        o_new = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
+                        o_new = _pv_accumulate(o_new, None if interpret else p16, p_smem, v_refs,
+                                               interpret)
+                        return m_new, l_new, o_new, acc_next[...]
+
+                    out = pl.run_scoped(step, plgpu.ACC((m_rows, bt), jnp.float32))
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return out
+
+                m_f, l_f, o, _ = lax.fori_loop(0, n_blocks, body, (m0, l0, o0, s_first))
+                plgpu.barrier_wait(p_free)  # the last release of P: every phase is observed
+                store_out(o, 0)
+                m_ref[item] = m_f * LN2
+                l_ref[item] = l_f
+
+        @pl.when(wg == 1)
+        def _values():
+            plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
+
+            def body(i, o):
+                slot = lax.rem(i, stages)
+                plgpu.barrier_wait(full.at[slot])
+                plgpu.barrier_wait(p_full)
+                alpha = plgpu.layout_cast(a_smem[...], row_layout)
+                v_refs = chunk_refs(slot, range(half, n_lat))
+                _zero_tail_rows(v_refs, hi - (lo + i * bt), bt)
+                o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
+                o = _pv_accumulate(o, None, p_smem, v_refs, interpret)
+                plgpu.barrier_arrive(p_free)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return o
+
+            o0 = tuple(zeros_wgmma((m_rows, r)) for _ in range(n_lat - half))
+            store_out(lax.fori_loop(0, n_blocks, body, o0), half)
+
+    tf = _swizzled(bt, dt)  # one swizzle for both operands of every wgmma (module doc)
+    pl.run_scoped(
+        scoped,
+        plgpu.SMEM((n_chunks, m_rows, r), dt, transforms=tf),
+        plgpu.SMEM((stages, n_chunks, bt, r), dt, transforms=tf),
+        plgpu.SMEM((m_rows, bt), dt, transforms=tf),
+        plgpu.SMEM((m_rows,), jnp.float32),
+        plgpu.Barrier(num_arrivals=n_chunks),
+        plgpu.Barrier(num_arrivals=n_chunks, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1),
+        plgpu.Barrier(num_arrivals=1),
+        collective_axes="wg",
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("geom", "cfg", "scale", "soft_cap", "window",
+                                             "backend", "return_lse"))
+def _mla_decode_mgpu(q_latent, q_rope, arena, page_table, lengths, *, geom: PageGeometry,
+                     cfg: Config, scale: float, soft_cap: float | None, window: int | None,
+                     backend: str, return_lse: bool):
+    """`paged_mla_decode_attention_mgpu` after its checks: packs the query into [B, HB, chunks,
+    64, R] tiles (heads padded to HB * 64, each part padded to whole R chunks), computes the
+    split size (tokens per split, a multiple of block_t, from the longest attended range),
+    launches the kernel over the grid (HB, splits, B) and combines the splits."""
+    b, h, c = q_latent.shape
+    r = geom.row_elems
+    dt = arena.dtype
+    hb = -(-h // HEADS_PER_CTA)
+    hp = hb * HEADS_PER_CTA
+    n_chunks = len(geom.score_chunk_rows)
+    parts = [q_latent.astype(dt)]
+    if geom.spec.rope_dim:
+        parts.append(q_rope.astype(dt))
+    packed = []
+    for part in parts:  # each part padded to whole R chunks (as the arena pads its rows)
+        w = part.shape[-1]
+        packed.append(jnp.pad(part, ((0, 0), (0, hp - h), (0, -w % r))))
+    q = jnp.concatenate(packed, axis=-1).reshape(b, hb, HEADS_PER_CTA, n_chunks, r)
+    q = q.transpose(0, 1, 3, 2, 4)  # [B, HB, chunks, 64, R]: chunk c is one TMA box
+    lengths = lengths.astype(jnp.int32)
+    bt, ns = cfg.block_t, cfg.num_splits
+    if window is not None:
+        start = jnp.maximum(lengths - window, 0) // bt * bt
+    else:
+        start = jnp.zeros_like(lengths)
+    longest = jnp.max(lengths - start)
+    split = (longest + ns - 1) // ns
+    split = ((split + bt - 1) // bt * bt).astype(jnp.int32).reshape(1)
+    items = b * ns * hb
+    n_lat = geom.head_chunks
+    interpret = backend == "interpret"
+    params = None
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        params = InterpretGPUParams()
+    kernel = functools.partial(_kernel, geom=geom, cfg=cfg, scale=scale, soft_cap=soft_cap,
+                               window=window, num_pages=arena.shape[0], head_blocks=hb,
+                               interpret=interpret)
+    o, m, den = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((items, n_lat, HEADS_PER_CTA, r), jnp.float32),
+                  jax.ShapeDtypeStruct((items, HEADS_PER_CTA), jnp.float32),
+                  jax.ShapeDtypeStruct((items, HEADS_PER_CTA), jnp.float32)),
+        grid=(hb, ns, b),
+        grid_names=("hb", "split", "b"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+            reduction_scratch_bytes=0),  # row max / sum of WGMMA tiles: warp shuffles only
+        interpret=params,
+        kernel_name="mla_decode_mgpu",
+    )(lengths, split, page_table.astype(jnp.int32), q,
+      arena.reshape(arena.shape[0] * arena.shape[1], r))
+    o = o.reshape(b, ns, hb, n_lat, HEADS_PER_CTA, r).transpose(0, 1, 2, 4, 3, 5)
+    o = o.reshape(b, ns, hp, n_lat * r)
+    res = split_softmax_combine(o, m.reshape(b, ns, hp), den.reshape(b, ns, hp), axis=1,
+                                return_lse=return_lse)
+    out, lse = res if return_lse else (res, None)
+    out = out[:, :h, :c].astype(q_latent.dtype)
+    return (out, lse[:, :h]) if return_lse else out
+
+
+def paged_mla_decode_attention_mgpu(
+    q_latent: jax.Array,
+    q_rope: jax.Array,
+    arena: jax.Array,
+    page_table: jax.Array,
+    lengths: jax.Array,
+    geom: PageGeometry,
+    *,
+    scale: float,
+    soft_cap: float | None = None,
+    window: int | None = None,
+    backend: str = "gpu",
+    num_splits: int | None = None,
+    block_t: int | None = None,
+    stages: int | None = None,
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """DeepSeek MLA decode attention in absorbed form on Hopper tensor cores (module doc).
+
+    q_latent: [B, H, kv_lora_rank]; q_rope: [B, H, rope_dim] (cast to the arena's dtype).
+    arena: [num_pages, rows_per_page, R] bf16/f16; page_table: [B, max_pages] int32 (entries
+    past a sequence's pages: any value); lengths: [B] int32 (0: output 0, lse -inf).
+    geom: an MLA `PageGeometry`; scale: softmax scale; soft_cap: logits -> cap * tanh(logits /
+    cap) after scaling; window: attend only to the last ``window`` tokens.
+    backend: "gpu" (Mosaic GPU) or "interpret" (Mosaic GPU's interpreter on CPU).
+    num_splits / block_t / stages: tuning (`default_config`).
+    Returns [B, H, kv_lora_rank] in q_latent's dtype; with ``return_lse`` also lse [B, H] f32.
+    Raises ValueError for what the kernel does not support (`check_supported`).
+    """
+    if backend not in ("gpu", "interpret"):
+        raise ValueError(f"backend {backend!r}: expected 'gpu' or 'interpret'")
+    if geom.spec.kind != KVKind.MLA:
+        raise ValueError("paged_mla_decode_attention_mgpu needs an MLA geometry")
+    if arena.ndim != 3 or arena.shape[1:] != (geom.rows_per_page, geom.row_elems):
+        raise ValueError(f"arena {arena.shape} does not match geometry "
+                         f"[*, {geom.rows_per_page}, {geom.row_elems}]")
+    b, h = q_latent.shape[:2]
+    if (page_table.ndim != 2 or page_table.shape[0] != b or not page_table.shape[1]
+            or lengths.shape != (b,)):
+        raise ValueError(f"page_table {page_table.shape} / lengths {lengths.shape} do not fit "
+                         f"{b} sequences")
+    if (q_latent.shape != (b, h, geom.spec.kv_lora_rank)
+            or q_rope.shape != (b, h, geom.spec.rope_dim)):
+        raise ValueError(f"q_latent {q_latent.shape} / q_rope {q_rope.shape} do not fit "
+                         f"{geom.spec}")
+    if window is not None and window < 1:
+        raise ValueError(f"window={window} must be >= 1")
+    max_tokens = page_table.shape[1] * geom.tokens_per_page
+    if window is not None:
+        max_tokens = min(max_tokens, window + geom.tokens_per_page)
+    cfg = default_config(geom, b, h, max_tokens, jnp.dtype(arena.dtype).itemsize,
+                         block_t=block_t, stages=stages, num_splits=num_splits)
+    check_supported(geom, arena, cfg)
+    if b == 0:
+        out = jnp.zeros(q_latent.shape, q_latent.dtype)
+        return (out, jnp.zeros((0, h), jnp.float32)) if return_lse else out
+    return _mla_decode_mgpu(q_latent, q_rope, arena, page_table, lengths, geom=geom, cfg=cfg,
+                            scale=float(scale),
+                            soft_cap=None if soft_cap is None else float(soft_cap),
+                            window=window, backend=backend, return_lse=return_lse)
+
+
+__all__ = ["Config", "check_supported", "default_config", "default_num_splits", "max_stages",
+           "paged_mla_decode_attention_mgpu", "smem_plan"]

@@ -1,0 +1,186 @@
+"""`pallas_kernels.mla_decode_mgpu` (Mosaic GPU MLA decode) on this CPU-only machine.
+
+* Under Mosaic GPU's interpreter (its 3 warpgroups run as threads; TMA, barriers and shared
+  memory simulated; shared memory starts as NaN), one case with its race detector on, against
+  `paged_mla_decode_attention_reference`: NaN-poisoned arenas (every unwritten row), shuffled
+  page tables with -1 past each sequence, the lengths 0, 1, T-1, T, T+1 and several pages in one
+  call, 2 head blocks and a padded one, several KV splits, blocks that start inside a page,
+  window + soft cap, R = 128 with a padded rope chunk, bf16 and f16, and the log-sum-exp.
+* Cross-lowered to Mosaic GPU for an abstract H200 at DeepSeek-V3's decode shape (B = 32,
+  H = 128, latent 512 + rope 64, 64 tokens per page, 8192-token tables): the Pallas -> Mosaic
+  GPU lowering, layout inference and the shared-memory check run here; only ptxas needs the chip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call, params
+from kvcase import edge_lengths, make_case, page_bytes_for, rel_err, tol
+
+from pallas_kernels import attention_core
+from pallas_kernels import mla_decode_mgpu as mgpu
+from pallas_kernels.decode import paged_mla_decode_attention_reference
+from pallas_kernels.mla_decode_mgpu import paged_mla_decode_attention_mgpu
+from pallas_kernels.page_layout import KVSpec, PoolLayout, page_geometry
+
+S = jax.ShapeDtypeStruct
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _RaceCheckingParams(params.InterpretGPUParams):
+    detect_races: bool = True
+
+
+@pytest.fixture
+def race_detection(monkeypatch):
+    """The kernel's interpret backend with the race detector on (fresh traces)."""
+    monkeypatch.setattr(params, "InterpretGPUParams", _RaceCheckingParams)
+    mgpu._mla_decode_mgpu.clear_cache()
+    yield
+    mgpu._mla_decode_mgpu.clear_cache()
+
+
+def _run_case(seed: int, lat: int, rope: int, r: int, t_pp: int, heads: int, dtype: str,
+              **kw):
+    """Interpreted kernel vs the reference on one NaN-poisoned case of edge lengths."""
+    rng = np.random.default_rng(seed)
+    spec = KVSpec.mla(lat, rope)
+    case = make_case(rng, spec, edge_lengths(t_pp), dtype=dtype, row_elems=r,
+                     page_bytes=page_bytes_for(spec, r, dtype, t_pp))
+    assert case.geom.tokens_per_page == t_pp
+    b = len(edge_lengths(t_pp))
+    ql = jnp.asarray(rng.standard_normal((b, heads, lat)), jnp.dtype(dtype))
+    qr = jnp.asarray(rng.standard_normal((b, heads, rope)), jnp.dtype(dtype))
+    args = (ql, qr, case.arena, case.table, case.lens)
+    masks = {k: v for k, v in kw.items() if k in ("window", "soft_cap")}
+    ref, ref_lse = jax.jit(functools.partial(  # one compile, not one per op
+        paged_mla_decode_attention_reference, geom=case.geom, scale=0.1, return_lse=True,
+        **masks))(*args)
+    out, lse = paged_mla_decode_attention_mgpu(*args, case.geom, scale=0.1, backend="interpret",
+                                               return_lse=True, **kw)
+    assert out.shape == ql.shape and out.dtype == ql.dtype and lse.shape == (b, heads)
+    assert rel_err(out, ref) < tol(dtype), kw
+    assert float(jnp.abs(out[0].astype(jnp.float32)).max()) == 0.0  # length 0: exactly 0
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    assert np.all(np.isneginf(lse[0])) and np.all(np.isfinite(lse[1:]))
+    np.testing.assert_allclose(lse[1:], ref_lse[1:], rtol=1e-5, atol=1e-4)
+
+
+def test_interpreted_with_race_detector(race_detection):
+    # 2 head blocks (H = 128), 2 stages, 16-token blocks in 32-token pages (every other block
+    # starts mid-page); lengths 0, 1, 31, 32, 33, 131.
+    _run_case(0, 128, 64, 64, 32, 128, "bfloat16", block_t=16, stages=2, num_splits=1)
+    assert not interpret_pallas_call.get_races().races_found
+
+
+@pytest.mark.parametrize(("lat", "rope", "r", "t_pp", "heads", "dtype", "kw"), [
+    # 16 heads padded to a block of 64; a 20-token window (its first block partly masked) and
+    # a soft cap; 2 KV splits of the window's range (16-token blocks: the default)
+    (128, 64, 64, 16, 16, "bfloat16", {"window": 20, "soft_cap": 5.0, "num_splits": 2}),
+    # R = 128: 2 latent chunks + a rope chunk half padding; f16; 2 KV splits (the second one
+    # empty for the short sequences)
+    (256, 64, 128, 32, 64, "float16", {"num_splits": 2}),
+    # DeepSeek's latent 512 + rope 64 (9 chunks) in 64-token pages: the default 32-token blocks
+    # and 4 stages
+    (512, 64, 64, 64, 64, "bfloat16", {}),
+])
+def test_interpreted_matches_reference(lat, rope, r, t_pp, heads, dtype, kw):
+    _run_case(1, lat, rope, r, t_pp, heads, dtype, **kw)
+
+
+def _deepseek_geometry(r: int = 64):
+    width = (512 + 64) if r == 64 else (512 + 128)  # the rope key padded to whole rows
+    pool = PoolLayout(page_bytes=64 * width * 2, dtype="bfloat16", row_elems=r)
+    geom = page_geometry(KVSpec.mla(512, 64), pool)
+    assert geom.tokens_per_page == 64
+    return geom
+
+
+@pytest.mark.parametrize(("r", "kw"), [
+    (64, {}),  # the default: 32-token blocks, 4 stages, 2 splits
+    (64, {"block_t": 64}),  # 2 stages
+    (64, {"block_t": 32, "stages": 3, "window": 4096, "soft_cap": 30.0}),
+    (128, {}),  # 5 chunks of 128: 32-token blocks, 3 stages
+])
+def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):
+    monkeypatch.setattr(attention_core, "num_sms", lambda: 132)
+    geom = _deepseek_geometry(r)
+    b, h, pages = 32, 128, 8192 // 64
+    args = (S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
+            S((b * pages + 8, geom.rows_per_page, r), jnp.bfloat16), S((b, pages), jnp.int32),
+            S((b,), jnp.int32))
+    fn = functools.partial(paged_mla_decode_attention_mgpu, geom=geom, scale=192**-0.5,
+                           backend="gpu", **kw)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_configuration_and_shared_memory_plan(monkeypatch):
+    monkeypatch.setattr(attention_core, "num_sms", lambda: 132)
+    geom = _deepseek_geometry()
+    # 32 sequences x 2 head blocks: 2 splits make 128 CTAs, one wave on 132 SMs
+    assert mgpu.default_config(geom, 32, 128, 8192) == mgpu.Config(32, 4, 2)
+    assert mgpu.default_config(geom, 1, 128, 131072).num_splits == 66  # one long sequence
+    assert mgpu.default_config(geom, 64, 128, 2048).num_splits == 1  # 128 CTAs: one wave
+    assert mgpu.default_config(geom, 4, 16, 600).num_splits == 1  # < 2 x 512 tokens
+    # Q 72 KiB + 4 stages of 9 x [32, 64] bf16 + P 4 KiB + alpha (1 KiB aligned) + 11 barriers:
+    # what Mosaic GPU allocates (checked against its own count when this was written)
+    assert mgpu.smem_plan(geom, 32, 4) == 73728 + 4 * 36864 + 4096 + 1024 + 88
+    assert mgpu.max_stages(geom, 32) == 4 and mgpu.max_stages(geom, 64) == 2
+    assert mgpu.smem_plan(geom, 64, 3) > mgpu.SMEM_BYTES
+    assert mgpu.max_stages(_deepseek_geometry(128), 32) == 3
+    assert mgpu.default_config(_deepseek_geometry(128), 32, 128, 8192).block_t == 32
+
+
+def test_rejects_what_it_cannot_do():
+    """Clear ValueErrors (the caller falls back to the Triton kernel); an empty batch."""
+    rng = np.random.default_rng(2)
+    spec = KVSpec.mla(128, 64)
+    case = make_case(rng, spec, [3, 9], dtype="bfloat16", row_elems=64,
+                     page_bytes=page_bytes_for(spec, 64, "bfloat16", 16))
+    ql = jnp.ones((2, 4, 128), jnp.bfloat16)
+    qr = jnp.ones((2, 4, 64), jnp.bfloat16)
+    call = functools.partial(paged_mla_decode_attention_mgpu, ql, qr, case.arena, case.table,
+                             case.lens, case.geom, scale=0.1, backend="interpret")
+    with pytest.raises(ValueError, match="bf16/f16"):
+        paged_mla_decode_attention_mgpu(ql, qr, case.arena.astype(jnp.float32), case.table,
+                                        case.lens, case.geom, scale=0.1, backend="interpret")
+    with pytest.raises(ValueError, match="block_t"):
+        call(block_t=32)  # does not divide T = 16
+    with pytest.raises(ValueError, match="stages"):
+        call(stages=1)
+    with pytest.raises(ValueError, match="backend"):
+        call(backend="cuda")
+    with pytest.raises(ValueError, match="do not fit"):
+        paged_mla_decode_attention_mgpu(ql, ql, case.arena, case.table, case.lens, case.geom,
+                                        scale=0.1, backend="interpret")
+    out, lse = paged_mla_decode_attention_mgpu(ql[:0], qr[:0], case.arena, case.table[:0],
+                                               case.lens[:0], case.geom, scale=0.1,
+                                               backend="interpret", return_lse=True)
+    assert out.shape == (0, 4, 128) and lse.shape == (0, 4)  # no sequence: no launch
+    odd = KVSpec.mla(192, 64)  # 3 latent chunks of 64
+    odd_case = make_case(rng, odd, [3], dtype="bfloat16", row_elems=64,
+                         page_bytes=page_bytes_for(odd, 64, "bfloat16", 16))
+    with pytest.raises(ValueError, match="even"):
+        paged_mla_decode_attention_mgpu(jnp.ones((1, 4, 192), jnp.bfloat16), qr[:1],
+                                        odd_case.arena, odd_case.table, odd_case.lens,
+                                        odd_case.geom, scale=0.1, backend="interpret")
+    small = make_case(rng, spec, [3], dtype="bfloat16", row_elems=32,
+                      page_bytes=page_bytes_for(spec, 32, "bfloat16", 16))
+    with pytest.raises(ValueError, match="R=32"):
+        paged_mla_decode_attention_mgpu(ql[:1], qr[:1], small.arena, small.table, small.lens,
+                                        small.geom, scale=0.1, backend="interpret")
+    geom = _deepseek_geometry()
+    arena = jnp.zeros((2, geom.rows_per_page, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory"):
+        mgpu.check_supported(geom, arena, mgpu.Config(64, 3, 1))
+    gqa = page_geometry(KVSpec.gqa(1, 64), PoolLayout(page_bytes=4096, dtype="bfloat16",
+                                                      row_elems=64))
+    with pytest.raises(ValueError, match="MLA"):
+        mgpu.check_supported(gqa, arena, mgpu.Config(16, 2, 1))

@@ -195,7 +195,6 @@ def _kernel(*refs, g: int, gp: int, m: int, k: int, n: int, cfg: Config, nks: in
         col_rows += [fusion.swiglu // r + jn * chunks + c for c in range(chunks)]
     k_tail = k % bk != 0
     k_lo = s * nks
-    cols = lax.broadcasted_iota(jnp.int32, (1, r), 1)
 
     def item(t, carry):
         i = p + t * n_prog
@@ -243,25 +242,33 @@ def _kernel(*refs, g: int, gp: int, m: int, k: int, n: int, cfg: Config, nks: in
         accs = lax.fori_loop(0, n_steps, body, init)
         scale = (None if scale_ref is None
                  else pltriton.load(scale_ref.at[pl.ds(row0, bm)], mask=rmask, other=0.0))
-        outs = _epilogue(accs, fusion, chunks, scale)
-        smask = jnp.broadcast_to(rmask[:, None], (bm, r))
-        if not fusion.any:
-            for c, o in enumerate(outs):
-                pltriton.store(o_ref.at[s, pl.ds(row0, bm), pl.ds(jn * bn + c * r, r)], o,
-                               mask=smask)
-            return carry
-        # masked-off rows point past the output: the interpreter writes masked lanes back (a
-        # store to row 0 would race the real one); on GPU a masked lane touches no memory
-        dst = (None if dest_ref is None
-               else pltriton.load(dest_ref.at[pl.ds(row0, bm)], mask=rmask, other=m))
-        for c, o in enumerate(outs):
-            col0 = jn * bn + c * r
-            at = (o_ref.at[pl.ds(row0, bm), pl.ds(col0, r)] if dst is None
-                  else o_ref.at[dst[:, None], col0 + cols])  # a scattered store of whole rows
-            pltriton.store(at, o.astype(o_ref.dtype), mask=smask)
+        _store_item(o_ref, dest_ref, _epilogue(accs, fusion, chunks, scale), fusion=fusion,
+                    split=s, col0=jn * bn, row0=row0, rmask=rmask, m=m)
         return carry
 
     lax.fori_loop(0, n_mine, item, jnp.int32(0))
+
+
+def _store_item(o_ref, dest_ref, outs: list, *, fusion: Fusion, split, col0, row0, rmask, m: int
+                ) -> None:
+    """Stores an item's [bm, R] output tiles (columns ``col0 + c * R``): into the K split's
+    [split, M, N] partials when nothing is fused, else into [M, N_out] at its rows or, with
+    `out_rows`, at the rows `dest_ref` names."""
+    bm, r = outs[0].shape
+    smask = jnp.broadcast_to(rmask[:, None], (bm, r))
+    if not fusion.any:
+        for c, o in enumerate(outs):
+            pltriton.store(o_ref.at[split, pl.ds(row0, bm), pl.ds(col0 + c * r, r)], o, mask=smask)
+        return
+    # masked-off rows point past the output: the interpreter writes masked lanes back (a store
+    # to row 0 would race the real one); on GPU a masked lane touches no memory
+    dst = (None if dest_ref is None
+           else pltriton.load(dest_ref.at[pl.ds(row0, bm)], mask=rmask, other=m))
+    cols = lax.broadcasted_iota(jnp.int32, (1, r), 1)
+    for c, o in enumerate(outs):
+        at = (o_ref.at[pl.ds(row0, bm), pl.ds(col0 + c * r, r)] if dst is None
+              else o_ref.at[dst[:, None], col0 + c * r + cols])  # a scattered store of whole rows
+        pltriton.store(at, o.astype(o_ref.dtype), mask=smask)
 
 
 def _check_fusion(fusion: Fusion, m: int, n: int, r: int, x_rows, row_scale, out_rows) -> None:
@@ -273,6 +280,26 @@ def _check_fusion(fusion: Fusion, m: int, n: int, r: int, x_rows, row_scale, out
     if fusion.swiglu and (fusion.swiglu % r or 2 * fusion.swiglu > n):
         raise ValueError(f"swiglu inter={fusion.swiglu} must be a multiple of R={r} with "
                          f"2 * inter <= N={n}")
+
+
+def _call_config(m: int, k: int, n_out: int, g: int, r: int, itemsize: int, fusion: Fusion,
+                 **given: int | None) -> Config:
+    """`default_config` of one call with its fusions (no K split; SwiGLU: one R-wide chunk per
+    half and 8 warps at 128 x 128), checked against what the kernel can tile; ValueError."""
+    if fusion.any:
+        given["split_k"] = 1
+        if fusion.swiglu and given.get("bn") is None:
+            given["bn"] = r  # two accumulator sets (gate, up): one R-wide chunk each
+    cfg = default_config(m, k, n_out, g, r, itemsize, **given)
+    if fusion.swiglu and given.get("num_warps") is None and cfg.bm * cfg.bn >= 128 * 128:
+        cfg = cfg._replace(num_warps=8)  # 2 [bm, bn] f32 accumulators: 128 registers a thread
+    for name in ("bm", "bn", "bk"):
+        v = getattr(cfg, name)
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton dots)")
+    if cfg.bn % r or n_out % cfg.bn:
+        raise ValueError(f"bn={cfg.bn} must be a multiple of R={r} and divide N={n_out}")
+    return cfg
 
 
 @functools.partial(
@@ -327,21 +354,9 @@ def arena_grouped_matmul_gpu(
     n_out = swiglu or n
     if m == 0 or g == 0:
         return jnp.zeros((m, n_out), out_dtype)
-    if fusion.any:
-        split_k = 1
-        if swiglu and bn is None:
-            bn = r  # two accumulator sets (gate, up): one R-wide chunk each
-    cfg = default_config(m, k, n_out, g, r, jnp.dtype(arena_rows.dtype).itemsize, bm=bm, bn=bn,
-                         bk=bk, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
-                         programs=programs)
-    if swiglu and num_warps is None and cfg.bm * cfg.bn >= 128 * 128:
-        cfg = cfg._replace(num_warps=8)  # 2 [bm, bn] f32 accumulators: 128 registers a thread
-    for name in ("bm", "bn", "bk"):
-        v = getattr(cfg, name)
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton dots)")
-    if cfg.bn % r or n_out % cfg.bn:
-        raise ValueError(f"bn={cfg.bn} must be a multiple of R={r} and divide N={n_out}")
+    cfg = _call_config(m, k, n_out, g, r, jnp.dtype(arena_rows.dtype).itemsize, fusion,
+                       bm=bm, bn=bn, bk=bk, split_k=split_k, num_warps=num_warps,
+                       num_stages=num_stages, programs=programs)
     nk = -(-k // cfg.bk)
     split = max(1, min(cfg.split_k, nk))
     nks = -(-nk // split)

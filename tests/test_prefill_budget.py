@@ -108,7 +108,8 @@ def test_small_budget_reaches_the_planner_and_outputs_equal_reference(monkeypatc
 
 def test_budget_prices_the_longest_running_prefill(monkeypatch) -> None:
     """With the fit ready, the budget is what fits the share of the decode call at the context of
-    the running prefill furthest into its prompt (never under one chunk)."""
+    the running prefill furthest into its prompt (never under one chunk), priced as ONE call (a
+    request's tokens of a step run in one call)."""
     runner = build_runner(MODELS, split="1+1", kv_pages=64, prefill_chunk=8, max_prefill_tokens=64)
     costs = runner._model_costs("mix")
     fit = PrefillCostFit()  # 0.1 ms per call; dense / attention FLOPs at 1 GFLOP/s / 0.1 GFLOP/s
@@ -129,9 +130,10 @@ def test_budget_prices_the_longest_running_prefill(monkeypatch) -> None:
     assert seen, "b never ran part of its prefill"
     allowance = 0.01  # 10 ms: 29 tokens from position 0, 17 from position 48
     runner.decode_call_seconds = allowance  # share 1.0
-    want = fit.tokens_within(allowance, costs, seen["ctx"], 8, 64)
+    want = fit.tokens_within(allowance, costs, seen["ctx"], 64, 64)
     assert runner.prefill_budget(decoding=True) == max(8, want)
-    assert 8 < want < fit.tokens_within(allowance, costs, 0, 8, 64) < 64  # a longer context buys fewer
+    assert 8 < want < fit.tokens_within(allowance, costs, 0, 64, 64) < 64  # a longer context buys fewer
+    assert want >= fit.tokens_within(allowance, costs, seen["ctx"], 8, 64)  # no per-chunk call costs
 
 
 def _greedy() -> SamplingParams:

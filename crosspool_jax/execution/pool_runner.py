@@ -1257,8 +1257,9 @@ class GroupRunner:
             model = next((self.reqs[rid].model for rid in self.planner.waiting() if rid in self.reqs), None)
         n = None
         if model is not None:
+            # priced as one call: a request's tokens of a step run in one (`_run`)
             n = self.prefill_fit.tokens_within(seconds, self._model_costs(model), context,
-                                               self.prefill_chunk, most)
+                                               most, most)
         if n is None:  # not fitted yet: the measured rate
             rate = sum(self.prefill_rate.values()) / len(self.prefill_rate) if self.prefill_rate else None
             if rate is None:

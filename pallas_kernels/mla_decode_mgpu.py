@@ -260,6 +260,98 @@ def _zero_tail_rows(v_refs: list, n_valid: jax.Array, block_t: int) -> None:
         plgpu.commit_smem()  # the generic-proxy stores before the wgmma (async proxy) reads
 
 
+_ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)  # [64]: one value per row of a WGMMA tile (m, l, alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cta:
+    """What the warpgroups of one CTA share; built once by `_kernel` (module doc for the roles).
+
+    Static: block_t, stages (`Config`); row_elems (R), tokens_per_page (T), rows_per_page;
+    score_chunks: Q / K chunks of R per token (latent, then rope); latent_chunks: value chunks
+    (the output's); wg0_chunks: value chunks [0, wg0_chunks) of warpgroup 0, the first half
+    (warpgroup 1 has the rest); max_pages: page-table width; num_pages: arena pages; dtype: the
+    arena's (Q, K/V and P); scale, soft_cap, window, interpret: `_kernel`'s.
+    Traced int32 scalars: b (sequence), hb (head block), item (row of o_ref / m_ref / l_ref);
+    lo_all: the sequence's first attended token (0, or length - window); lo / hi: the split's
+    tokens [lo, hi), lo block-aligned; n_blocks: KV blocks of block_t tokens from lo to hi.
+    Global refs (`_kernel`'s arguments): table_ref, q_ref, kv_ref, read by the memory warpgroup;
+    o_ref, m_ref, l_ref, written by the epilogues (`_write_partial`, `_write_empty_partial`).
+    """
+
+    # static
+    block_t: int
+    stages: int
+    row_elems: int
+    tokens_per_page: int
+    rows_per_page: int
+    score_chunks: int
+    latent_chunks: int
+    wg0_chunks: int
+    max_pages: int
+    num_pages: int
+    dtype: jnp.dtype
+    scale: float
+    soft_cap: float | None
+    window: int | None
+    interpret: bool
+    # traced int32 scalars
+    b: jax.Array
+    hb: jax.Array
+    item: jax.Array
+    lo_all: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    n_blocks: jax.Array
+    # global refs
+    table_ref: object
+    q_ref: object
+    kv_ref: object
+    o_ref: object
+    m_ref: object
+    l_ref: object
+
+
+@dataclasses.dataclass(frozen=True)
+class _Smem:
+    """The CTA's shared-memory buffers and barriers, in `_kernel`'s allocation order.
+
+    q: [chunks, 64, R] the head block's query (chunks: score chunks); kv: [stages, chunks,
+    block_t, R] the pipeline, one KV block per stage; p: [64, block_t] P in the KV dtype;
+    alpha: [64] f32 the rescale factor of the block in P.
+    q_bar: Q landed (one arrival per chunk copy); kv_full[stages]: a stage's block landed (one
+    arrival per chunk copy); kv_consumed[stages]: a stage released by both compute warpgroups
+    (2 arrivals); p_full: P and alpha published by warpgroup 0; p_free: P and alpha released
+    by warpgroup 1.
+    """
+
+    q: object
+    kv: object
+    p: object
+    alpha: object
+    q_bar: object
+    kv_full: object
+    kv_consumed: object
+    p_full: object
+    p_free: object
+
+    def chunk_refs(self, slot, chunks) -> list:
+        """The [block_t, R] refs of ``chunks`` of the block in stage ``slot``."""
+        return [self.kv.at[slot, c] for c in chunks]
+
+
+def _zeros_wgmma(shape) -> jax.Array:
+    """f32 zeros of ``shape`` in the WGMMA register layout (an empty accumulator)."""
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _issue_scores(cta: _Cta, smem: _Smem, slot, acc_ref) -> None:
+    """Issues S += Q_c @ K_c^T over every score chunk of the block in ``slot`` (asynchronous
+    wgmmas into ``acc_ref``, [64, block_t] f32)."""
+    for c in range(cta.score_chunks):
+        plgpu.wgmma(acc_ref, smem.q.at[c], smem.kv.at[slot, c].T)
+
+
 def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *,
             geom: PageGeometry, cfg: Config, scale: float, soft_cap: float | None,
             window: int | None, num_pages: int, head_blocks: int, interpret: bool) -> None:
@@ -269,14 +361,10 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
     table_ref: [B, max_pages] int32; q_ref: [B, HB, chunks, 64, R]; kv_ref: flat arena rows
     [num_pages * rows_per_page, R]. o_ref: [items, latent_chunks, 64, R] f32; m_ref / l_ref:
     [items, 64] f32, item = (b * num_splits + split) * HB + head block.
+    Computes the split's token range into a `_Cta`, allocates the `_Smem` and runs, per
+    warpgroup, `_memory_warpgroup`, `_scores_warpgroup` or `_values_warpgroup`.
     """
-    bt, stages = cfg.block_t, cfg.stages
-    r, t_pp, rpp = geom.row_elems, geom.tokens_per_page, geom.rows_per_page
-    n_chunks = len(geom.score_chunk_rows)
-    n_lat = geom.head_chunks
-    half = n_lat // 2
-    max_pages = table_ref.shape[1]
-    dt = kv_ref.dtype
+    bt = cfg.block_t
     hb = lax.axis_index("hb")
     s = lax.axis_index("split")
     b = lax.axis_index("b")
@@ -286,175 +374,221 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
     lo = jnp.minimum(lo_all // bt * bt + s * split_ref[0], length)  # block-aligned
     hi = jnp.minimum(lo + split_ref[0], length)
     n_blocks = (hi - lo + bt - 1) // bt
-    m_rows = HEADS_PER_CTA
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    cta = _Cta(block_t=bt, stages=cfg.stages, row_elems=geom.row_elems,
+               tokens_per_page=geom.tokens_per_page, rows_per_page=geom.rows_per_page,
+               score_chunks=len(geom.score_chunk_rows), latent_chunks=geom.head_chunks,
+               wg0_chunks=geom.head_chunks // 2, max_pages=table_ref.shape[1],
+               num_pages=num_pages, dtype=kv_ref.dtype, scale=scale, soft_cap=soft_cap,
+               window=window, interpret=interpret, b=b, hb=hb, item=item, lo_all=lo_all, lo=lo,
+               hi=hi, n_blocks=n_blocks, table_ref=table_ref, q_ref=q_ref, kv_ref=kv_ref,
+               o_ref=o_ref, m_ref=m_ref, l_ref=l_ref)
 
-    def zeros_wgmma(shape):
-        return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
-
-    def store_out(o, first_chunk):
-        for c, oc in enumerate(o):
-            o_ref[item, first_chunk + c] = oc
-
-    def scoped(q_smem, kv_smem, p_smem, a_smem, q_bar, full, consumed, p_full, p_free):
+    def warpgroups(*refs):  # run by each of the 3 warpgroups (collective over "wg")
+        smem = _Smem(*refs)
         wg = lax.axis_index("wg")
+        pl.when(wg == 2)(functools.partial(_memory_warpgroup, cta, smem))
+        pl.when(wg == 0)(functools.partial(_scores_warpgroup, cta, smem))
+        pl.when(wg == 1)(functools.partial(_values_warpgroup, cta, smem))
 
-        def chunk_refs(slot, chunks):
-            return [kv_smem.at[slot, c] for c in chunks]
-
-        def scores(slot, acc_ref):
-            """Issues S += Q_c @ K_c^T over every score chunk of the block in ``slot``."""
-            for c in range(n_chunks):
-                plgpu.wgmma(acc_ref, q_smem.at[c], kv_smem.at[slot, c].T)
-
-        @pl.when(wg == 2)
-        def _memory():
-            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-            for c in range(n_chunks):
-                plgpu.copy_gmem_to_smem(q_ref.at[b, hb, c], q_smem.at[c], q_bar)
-
-            def page_of(i):
-                """Page id of block i (table index and id clamped: never a fault)."""
-                t = lo + jnp.minimum(i, jnp.maximum(n_blocks - 1, 0)) * bt
-                page = table_ref[b, jnp.clip(t // t_pp, 0, max_pages - 1)]
-                return jnp.clip(page, 0, num_pages - 1)
-
-            def load(i, page):
-                page_next = page_of(i + 1)  # issued now, used next step: hides its latency
-                slot = lax.rem(i, stages)
-
-                @pl.when(i >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-
-                row0 = page * rpp + lax.rem(lo + i * bt, t_pp)
-                for c in range(n_chunks):
-                    src = kv_ref.at[pl.ds(pl.multiple_of(row0 + c * t_pp, 8), bt)]
-                    plgpu.copy_gmem_to_smem(src, kv_smem.at[slot, c], full.at[slot])
-                return page_next
-
-            lax.fori_loop(0, n_blocks, load, page_of(0))
-
-            # Observe the last releases too (every phase of a barrier is waited for in order).
-            @pl.loop(jnp.maximum(n_blocks - stages, 0), n_blocks)
-            def _(i):
-                plgpu.barrier_wait(consumed.at[lax.rem(i, stages)])
-
-        @pl.when(wg == 0)
-        def _scores():
-            plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
-            plgpu.barrier_wait(q_bar)
-
-            @pl.when(n_blocks == 0)
-            def _():
-                store_out(tuple(zeros_wgmma((m_rows, r)) for _ in range(half)), 0)
-                m_ref[item] = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32),
-                                                row_layout)
-                l_ref[item] = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), row_layout)
-
-            @pl.when(n_blocks > 0)
-            def _():
-                plgpu.barrier_wait(full.at[0])
-
-                def first(acc_ref):
-                    scores(0, acc_ref)
-                    return acc_ref[...]
-
-                s_first = pl.run_scoped(first, plgpu.ACC((m_rows, bt), jnp.float32))
-                m0 = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32), row_layout)
-                l0 = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), row_layout)
-                o0 = tuple(zeros_wgmma((m_rows, r)) for _ in range(half))
-
-                def body(i, carry):
-                    """Block i's softmax and P @ V, with block i+1's scores in flight."""
-                    m_i, l_i, o, sc = carry
-                    slot = lax.rem(i, stages)
-                    t0 = lo + i * bt
-                    nslot = lax.rem(i + 1, stages)
-
-                    @pl.when(i + 1 < n_blocks)
-                    def _():
-                        plgpu.barrier_wait(full.at[nslot])
-
-                    def step(acc_next):
-                        @pl.when(i + 1 < n_blocks)
-                        def _():
-                            scores(nslot, acc_next)  # asynchronous: overlaps the softmax below
-                        x = sc * scale
-                        if soft_cap is not None:
-                            x = soft_cap * jnp.tanh(x / soft_cap)
-                        tok = t0 + plgpu.broadcasted_iota(jnp.int32, (m_rows, bt), 1,
-                                                          layout=plgpu.Layout.WGMMA)
-                        valid = tok < hi
-                        if window is not None:
-                            valid = valid & (tok >= lo_all)
-                        s2 = jnp.where(valid, x * LOG2E, -jnp.inf)  # base-2 logits
-                        m_new = jnp.maximum(m_i, s2.max(axis=1))
-                        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                        alpha = jnp.exp2(m_i - m_safe)
-                        p = jnp.exp2(s2 - lax.broadcast_in_dim(m_safe, s2.shape, [0]))
-                        l_new = l_i * alpha + p.sum(axis=1)
-                        p16 = p.astype(dt)
-
-                        @pl.when(i >= 1)
-                        def _():  # warpgroup 1 is done with the previous P and alpha
-                            plgpu.barrier_wait(p_free)
-
-                        p_smem[...] = p16
-                        a_smem[...] = alpha
-                        plgpu.commit_smem()
-                        plgpu.barrier_arrive(p_full)
-                        v_refs = chunk_refs(slot, range(half))
-                        _zero_tail_rows(v_refs, hi - t0, bt)
-                        o_new = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
-                        o_new = _pv_accumulate(o_new, None if interpret else p16, p_smem, v_refs,
-                                               interpret)
-                        return m_new, l_new, o_new, acc_next[...]
-
-                    out = pl.run_scoped(step, plgpu.ACC((m_rows, bt), jnp.float32))
-                    plgpu.barrier_arrive(consumed.at[slot])
-                    return out
-
-                m_f, l_f, o, _ = lax.fori_loop(0, n_blocks, body, (m0, l0, o0, s_first))
-                plgpu.barrier_wait(p_free)  # the last release of P: every phase is observed
-                store_out(o, 0)
-                m_ref[item] = m_f * LN2
-                l_ref[item] = l_f
-
-        @pl.when(wg == 1)
-        def _values():
-            plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
-
-            def body(i, o):
-                slot = lax.rem(i, stages)
-                plgpu.barrier_wait(full.at[slot])
-                plgpu.barrier_wait(p_full)
-                alpha = plgpu.layout_cast(a_smem[...], row_layout)
-                v_refs = chunk_refs(slot, range(half, n_lat))
-                _zero_tail_rows(v_refs, hi - (lo + i * bt), bt)
-                o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
-                o = _pv_accumulate(o, None, p_smem, v_refs, interpret)
-                plgpu.barrier_arrive(p_free)
-                plgpu.barrier_arrive(consumed.at[slot])
-                return o
-
-            o0 = tuple(zeros_wgmma((m_rows, r)) for _ in range(n_lat - half))
-            store_out(lax.fori_loop(0, n_blocks, body, o0), half)
-
+    n_chunks, m_rows, r, dt = cta.score_chunks, HEADS_PER_CTA, cta.row_elems, cta.dtype
     tf = _swizzled(bt, dt)  # one swizzle for both operands of every wgmma (module doc)
     pl.run_scoped(
-        scoped,
-        plgpu.SMEM((n_chunks, m_rows, r), dt, transforms=tf),
-        plgpu.SMEM((stages, n_chunks, bt, r), dt, transforms=tf),
-        plgpu.SMEM((m_rows, bt), dt, transforms=tf),
-        plgpu.SMEM((m_rows,), jnp.float32),
-        plgpu.Barrier(num_arrivals=n_chunks),
-        plgpu.Barrier(num_arrivals=n_chunks, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=1),
-        plgpu.Barrier(num_arrivals=1),
+        warpgroups,
+        plgpu.SMEM((n_chunks, m_rows, r), dt, transforms=tf),  # q
+        plgpu.SMEM((cfg.stages, n_chunks, bt, r), dt, transforms=tf),  # kv
+        plgpu.SMEM((m_rows, bt), dt, transforms=tf),  # p
+        plgpu.SMEM((m_rows,), jnp.float32),  # alpha
+        plgpu.Barrier(num_arrivals=n_chunks),  # q_bar
+        plgpu.Barrier(num_arrivals=n_chunks, num_barriers=cfg.stages),  # kv_full
+        plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages),  # kv_consumed
+        plgpu.Barrier(num_arrivals=1),  # p_full
+        plgpu.Barrier(num_arrivals=1),  # p_free
         collective_axes="wg",
     )
+
+
+def _memory_warpgroup(cta: _Cta, smem: _Smem) -> None:
+    """Warpgroup 2 (TMA): Q into ``smem.q`` once, then the split's KV blocks into the pipeline
+    stages, block i into stage i % stages once both compute warpgroups released block
+    i - stages; page ids read one block ahead (module doc)."""
+    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+    for c in range(cta.score_chunks):
+        plgpu.copy_gmem_to_smem(cta.q_ref.at[cta.b, cta.hb, c], smem.q.at[c], smem.q_bar)
+    bt, stages, t_pp = cta.block_t, cta.stages, cta.tokens_per_page
+    lo, n_blocks = cta.lo, cta.n_blocks
+
+    def page_of(i):
+        """Page id of block i (table index and id clamped: never a fault)."""
+        t = lo + jnp.minimum(i, jnp.maximum(n_blocks - 1, 0)) * bt
+        page = cta.table_ref[cta.b, jnp.clip(t // t_pp, 0, cta.max_pages - 1)]
+        return jnp.clip(page, 0, cta.num_pages - 1)
+
+    def load(i, page):
+        page_next = page_of(i + 1)  # issued now, used next step: hides its latency
+        slot = lax.rem(i, stages)
+
+        @pl.when(i >= stages)
+        def _():
+            plgpu.barrier_wait(smem.kv_consumed.at[slot])
+
+        row0 = page * cta.rows_per_page + lax.rem(lo + i * bt, t_pp)
+        for c in range(cta.score_chunks):
+            src = cta.kv_ref.at[pl.ds(pl.multiple_of(row0 + c * t_pp, 8), bt)]
+            plgpu.copy_gmem_to_smem(src, smem.kv.at[slot, c], smem.kv_full.at[slot])
+        return page_next
+
+    lax.fori_loop(0, n_blocks, load, page_of(0))
+
+    # Observe the last releases too (every phase of a barrier is waited for in order).
+    @pl.loop(jnp.maximum(n_blocks - stages, 0), n_blocks)
+    def _(i):
+        plgpu.barrier_wait(smem.kv_consumed.at[lax.rem(i, stages)])
+
+
+def _scores_warpgroup(cta: _Cta, smem: _Smem) -> None:
+    """Warpgroup 0: waits for Q, then writes the empty result of a split without tokens or runs
+    the score / softmax / first-half P @ V pipeline (`_scores_pipeline`)."""
+    plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
+    plgpu.barrier_wait(smem.q_bar)
+    pl.when(cta.n_blocks == 0)(functools.partial(_write_empty_partial, cta))
+    pl.when(cta.n_blocks > 0)(functools.partial(_scores_pipeline, cta, smem))
+
+
+def _scores_pipeline(cta: _Cta, smem: _Smem) -> None:
+    """Warpgroup 0 over n_blocks >= 1 blocks: block 0's scores, then `_scores_block` per block
+    (carry: m, l [64] f32 base 2; O_0, wg0_chunks x [64, R] f32; the block's S [64, block_t]
+    f32), then the epilogue of O_0, m and l."""
+    m_rows, bt = HEADS_PER_CTA, cta.block_t
+    plgpu.barrier_wait(smem.kv_full.at[0])
+
+    def first(acc_ref):
+        _issue_scores(cta, smem, 0, acc_ref)
+        return acc_ref[...]
+
+    s_first = pl.run_scoped(first, plgpu.ACC((m_rows, bt), jnp.float32))
+    m0 = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32), _ROW_LAYOUT)
+    l0 = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), _ROW_LAYOUT)
+    o0 = tuple(_zeros_wgmma((m_rows, cta.row_elems)) for _ in range(cta.wg0_chunks))
+    m_f, l_f, o, _ = lax.fori_loop(0, cta.n_blocks, functools.partial(_scores_block, cta, smem),
+                                   (m0, l0, o0, s_first))
+    plgpu.barrier_wait(smem.p_free)  # the last release of P: every phase is observed
+    _write_partial(cta, o, 0, m_f, l_f)
+
+
+def _scores_block(cta: _Cta, smem: _Smem, i, carry) -> tuple:
+    """Block i's softmax and P @ V, with block i+1's scores in flight.
+
+    carry: (m, l [64] f32 base 2, O_0 wg0_chunks x [64, R] f32, block i's S [64, block_t]
+    f32); returns it for block i + 1. Publishes P and alpha for warpgroup 1 and releases
+    block i's stage."""
+    m_i, l_i, o, sc = carry
+    bt, stages = cta.block_t, cta.stages
+    slot = lax.rem(i, stages)
+    t0 = cta.lo + i * bt
+    nslot = lax.rem(i + 1, stages)
+
+    @pl.when(i + 1 < cta.n_blocks)
+    def _():
+        plgpu.barrier_wait(smem.kv_full.at[nslot])
+
+    def step(acc_next):
+        @pl.when(i + 1 < cta.n_blocks)
+        def _():
+            _issue_scores(cta, smem, nslot, acc_next)  # asynchronous: overlaps the softmax
+        m_new, l_new, alpha, p16 = _online_softmax(cta, sc, t0, m_i, l_i)
+
+        @pl.when(i >= 1)
+        def _():  # warpgroup 1 is done with the previous P and alpha
+            plgpu.barrier_wait(smem.p_free)
+
+        smem.p[...] = p16
+        smem.alpha[...] = alpha
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(smem.p_full)
+        v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks))
+        _zero_tail_rows(v_refs, cta.hi - t0, bt)
+        o_new = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
+        o_new = _pv_accumulate(o_new, None if cta.interpret else p16, smem.p, v_refs,
+                               cta.interpret)
+        return m_new, l_new, o_new, acc_next[...]
+
+    out = pl.run_scoped(step, plgpu.ACC((HEADS_PER_CTA, bt), jnp.float32))
+    plgpu.barrier_arrive(smem.kv_consumed.at[slot])
+    return out
+
+
+def _online_softmax(cta: _Cta, sc: jax.Array, t0: jax.Array, m_i: jax.Array,
+                    l_i: jax.Array) -> tuple:
+    """One block's online-softmax step in base 2.
+
+    sc: [64, block_t] f32 raw scores of tokens t0.. (scaled, soft-capped and masked here:
+    tokens >= hi and, with a window, < lo_all get -inf); m_i / l_i: [64] f32 running max
+    (base-2 units) and sum. Returns (m_new, l_new, alpha [64] f32 = 2^(m_i - m_new), the
+    rescale of O and l, P [64, block_t] in the KV dtype)."""
+    x = sc * cta.scale
+    if cta.soft_cap is not None:
+        x = cta.soft_cap * jnp.tanh(x / cta.soft_cap)
+    tok = t0 + plgpu.broadcasted_iota(jnp.int32, (HEADS_PER_CTA, cta.block_t), 1,
+                                      layout=plgpu.Layout.WGMMA)
+    valid = tok < cta.hi
+    if cta.window is not None:
+        valid = valid & (tok >= cta.lo_all)
+    s2 = jnp.where(valid, x * LOG2E, -jnp.inf)  # base-2 logits
+    m_new = jnp.maximum(m_i, s2.max(axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m_i - m_safe)
+    p = jnp.exp2(s2 - lax.broadcast_in_dim(m_safe, s2.shape, [0]))
+    l_new = l_i * alpha + p.sum(axis=1)
+    return m_new, l_new, alpha, p.astype(cta.dtype)
+
+
+def _values_warpgroup(cta: _Cta, smem: _Smem) -> None:
+    """Warpgroup 1: per block, O_1 = alpha * O_1 + P @ V_c over the value chunks
+    [wg0_chunks, latent_chunks) (P and alpha from warpgroup 0), releasing P and the stage;
+    then the epilogue of O_1."""
+    plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
+    bt, stages = cta.block_t, cta.stages
+
+    def body(i, o):
+        slot = lax.rem(i, stages)
+        plgpu.barrier_wait(smem.kv_full.at[slot])
+        plgpu.barrier_wait(smem.p_full)
+        alpha = plgpu.layout_cast(smem.alpha[...], _ROW_LAYOUT)
+        v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks, cta.latent_chunks))
+        _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * bt), bt)
+        o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
+        o = _pv_accumulate(o, None, smem.p, v_refs, cta.interpret)
+        plgpu.barrier_arrive(smem.p_free)
+        plgpu.barrier_arrive(smem.kv_consumed.at[slot])
+        return o
+
+    o0 = tuple(_zeros_wgmma((HEADS_PER_CTA, cta.row_elems))
+               for _ in range(cta.latent_chunks - cta.wg0_chunks))
+    _write_partial(cta, lax.fori_loop(0, cta.n_blocks, body, o0), cta.wg0_chunks)
+
+
+def _write_partial(cta: _Cta, o: tuple, first_chunk: int, m_base2: jax.Array | None = None,
+                   l_sum: jax.Array | None = None) -> None:
+    """Epilogue: a compute warpgroup's unnormalised O chunks ([64, R] f32 each) into
+    ``o_ref[item, first_chunk + c]``; with the running max ``m_base2`` (base-2 units) and sum
+    ``l_sum`` ([64] f32, warpgroup 0), also ``m_ref[item]`` (natural-log units) and
+    ``l_ref[item]``."""
+    for c, oc in enumerate(o):
+        cta.o_ref[cta.item, first_chunk + c] = oc
+    if m_base2 is not None:
+        cta.m_ref[cta.item] = m_base2 * LN2
+        cta.l_ref[cta.item] = l_sum
+
+
+def _write_empty_partial(cta: _Cta) -> None:
+    """Epilogue of warpgroup 0 for a split without tokens: O_0 = 0, m = -inf, l = 0 (warpgroup 1
+    writes its zero O_1 after its empty loop)."""
+    m_rows = HEADS_PER_CTA
+    _write_partial(cta, tuple(_zeros_wgmma((m_rows, cta.row_elems))
+                              for _ in range(cta.wg0_chunks)), 0)
+    cta.m_ref[cta.item] = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32),
+                                            _ROW_LAYOUT)
+    cta.l_ref[cta.item] = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), _ROW_LAYOUT)
 
 
 @functools.partial(jax.jit, static_argnames=("geom", "cfg", "scale", "soft_cap", "window",

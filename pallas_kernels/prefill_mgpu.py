@@ -68,8 +68,10 @@ every barrier phase is waited on by every waiter and that nothing deadlocks).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +155,391 @@ def block_meta(blk_seq: jax.Array, pos0: jax.Array, nq: jax.Array, kv_lens: jax.
     return jnp.stack([b, pos0, kvl, base, steps], axis=1).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _KernelConfig:
+    """Static sizes and options of one launch (Python values, fixed at trace time).
+
+    Page layout (`PageGeometry`): head_chunks (HC) rows of row_elems (R) per head, tokens_per_page
+    (T), rows_per_page, kv_heads (KVH), head_stride_rows (rows from one KV head to the next in a
+    page). dtype: the arena's, the MMA operands' and the output's. group_shift: log2 of the padded
+    group Gp (a block row's token is ``row >> group_shift``); tokens_per_wg: tokens in a compute
+    warpgroup's 64 rows. A KV step is block_t keys in n_pieces TMA pieces of ``piece`` tokens,
+    through ``stages`` K/V slots; num_splits KV splits per block. zero_piece: the index of
+    tails_ref's all-zero piece; max_pages / num_pages: page-table columns and arena pages (indices
+    are clamped to them). scale, soft_cap, window: the attention options.
+    """
+
+    head_chunks: int
+    row_elems: int
+    tokens_per_page: int
+    rows_per_page: int
+    kv_heads: int
+    head_stride_rows: int
+    dtype: jnp.dtype
+    group_shift: int
+    tokens_per_wg: int
+    block_t: int
+    piece: int
+    n_pieces: int
+    stages: int
+    num_splits: int
+    zero_piece: int
+    max_pages: int
+    num_pages: int
+    scale: float
+    soft_cap: float | None
+    window: int | None
+
+
+_Ref = Any  # a Pallas ref inside the kernel (shared memory, barriers)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SharedMem:
+    """The CTA's shared memory and barriers, in `pl.run_scoped`'s order (`_kernel`).
+
+    q_smem [2, HC, 64, R]: each compute warpgroup's Q tile, later its normalised O; k_smem, v_smem
+    [stages, HC, block_t, R]: the K / V slots; lse_smem [2, 64] f32: each warpgroup's lse rows.
+    k_ready, v_ready [stages]: a slot's K / V landed (n_pieces * HC TMA arrivals each); q_ready [2]:
+    a warpgroup's Q landed; k_free, v_free [stages]: both compute warpgroups consumed a slot's K / V
+    (the memory warpgroup may refill it); sched: the compute warpgroups' schedule barrier (2
+    arrivals). p_smem [2, 64, block_t]: each warpgroup's P, only under the interpreter (else None).
+    """
+
+    q_smem: _Ref
+    k_smem: _Ref
+    v_smem: _Ref
+    lse_smem: _Ref
+    k_ready: _Ref
+    v_ready: _Ref
+    q_ready: _Ref
+    k_free: _Ref
+    v_free: _Ref
+    sched: _Ref
+    p_smem: _Ref | None = None
+
+
+class _CtaWork(NamedTuple):
+    """What this CTA (and warpgroup) does, as traced int32 scalars: grid indices blk (query block),
+    head (KV head), split (KV split), wg (warpgroup: 0, 1 compute, 2 memory); the block's sequence
+    seq, the position pos0 of its first token and the sequence's kv_len; n KV steps of block_t keys
+    from key k_start (a multiple of block_t)."""
+
+    blk: jax.Array
+    head: jax.Array
+    split: jax.Array
+    wg: jax.Array
+    seq: jax.Array
+    pos0: jax.Array
+    kv_len: jax.Array
+    k_start: jax.Array
+    n: jax.Array
+
+
+def _cta_work(meta_ref, cfg: _KernelConfig) -> _CtaWork:
+    """This CTA's indices and its split's share of the block's KV walk (meta_ref: `block_meta`)."""
+    blk = lax.axis_index("blk")
+    head = lax.axis_index("head")
+    split = lax.axis_index("split")
+    wg = lax.axis_index("wg")
+    seq = meta_ref[blk, 0]
+    pos0 = meta_ref[blk, 1]
+    kv_len = meta_ref[blk, 2]
+    n_all = meta_ref[blk, 4]
+    per = lax.div(n_all + (cfg.num_splits - 1), cfg.num_splits)
+    s_lo = jnp.minimum(split * per, n_all)
+    n = jnp.minimum(n_all - s_lo, per)  # this CTA's steps
+    k_start = meta_ref[blk, 3] + s_lo * cfg.block_t  # its first key
+    return _CtaWork(blk, head, split, wg, seq, pos0, kv_len, k_start, n)
+
+
+def _schedule_round(sched) -> None:
+    """One round of the compute warpgroups' schedule barrier: arrive, then wait for the other."""
+    plgpu.barrier_arrive(sched)
+    plgpu.barrier_wait(sched)
+
+
+def _step_ranges(q_first, q_last, k_start, n, cfg: _KernelConfig):
+    """(edge_end, full_end, diag_end) for a compute warpgroup whose rows hold positions
+    [q_first, q_last]: its steps [0, edge_end) cross the window edge (masked); [edge_end,
+    full_end) have every key visible to every row; [full_end, diag_end) cross the causal diagonal
+    (masked); [diag_end, n) are past every row (skipped)."""
+    block_t, window = cfg.block_t, cfg.window
+    if window is None:
+        edge_end = jnp.int32(0)
+    else:
+        edge_end = jnp.minimum(lax.div(jnp.maximum(q_last - window + 1 - k_start, 0)
+                                       + block_t - 1, block_t), n)
+    full_end = jnp.clip(lax.div(jnp.maximum(q_first + 1 - k_start, 0), block_t), edge_end, n)
+    diag_end = jnp.clip(lax.div(jnp.maximum(q_last - k_start + block_t, 0), block_t), full_end, n)
+    return edge_end, full_end, diag_end
+
+
+def _compute_warpgroup(q_ref, o_ref, lse_ref, cfg: _KernelConfig, smem: _SharedMem,
+                       cta: _CtaWork) -> None:
+    """Compute warpgroup ``cta.wg`` (0 or 1): rows [64 wg, 64 wg + 64) of the query block.
+
+    Loads its Q [HC, 64, R] (q_ref [NB, KVH, 2, HC, 64, R]) into ``smem.q_smem[wg]``, walks the
+    CTA's ``cta.n`` KV steps (`_step_ranges`: masked, full and masked steps by `_kv_step`, then
+    `_skip_step`s) with the f32 accumulator (HC x [64, R]), running max and sum [64] in registers,
+    and hands them to `_epilogue`. Warpgroup 1 takes one extra schedule round before its steps
+    and warpgroup 0 one after them: the offset that runs one's softmax during the other's wgmma.
+    """
+    plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+    wg = cta.wg
+    qo = smem.q_smem.at[wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[cta.blk, cta.head, wg], qo, smem.q_ready.at[wg])
+    plgpu.barrier_wait(smem.q_ready.at[wg])
+    q_first = cta.pos0 + wg * cfg.tokens_per_wg  # position of this warpgroup's first token
+    q_last = q_first + cfg.tokens_per_wg - 1
+    step = functools.partial(_kv_step, cfg=cfg, smem=smem, cta=cta, qo=qo, q_first=q_first)
+    skip = functools.partial(_skip_step, cfg=cfg, smem=smem)
+    schedule_round = functools.partial(_schedule_round, smem.sched)  # one function: one trace
+
+    edge_end, full_end, diag_end = _step_ranges(q_first, q_last, cta.k_start, cta.n, cfg)
+    m_i = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32),
+                            plgpu.Layout.WGMMA.reduce(1))
+    l_i = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32),
+                            plgpu.Layout.WGMMA.reduce(1))
+    acc = tuple(plgpu.layout_cast(jnp.full((ROWS_PER_WG, cfg.row_elems), 0.0, jnp.float32),
+                                  plgpu.Layout.WGMMA) for _ in range(cfg.head_chunks))
+    pl.when(wg == 1)(schedule_round)
+    carry = (acc, m_i, l_i)
+    carry = lax.fori_loop(0, edge_end, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(edge_end, full_end, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(full_end, diag_end, functools.partial(step, masked=True), carry)
+    lax.fori_loop(diag_end, cta.n, skip, None)
+    pl.when(wg == 0)(schedule_round)
+    acc, m_i, l_i = carry
+    _epilogue(o_ref, lse_ref, cfg, smem, cta, qo, acc, m_i, l_i)
+
+
+def _kv_step(j, carry, *, masked: bool, cfg: _KernelConfig, smem: _SharedMem, cta: _CtaWork, qo,
+             q_first):
+    """KV step j of a compute warpgroup: carry (acc HC x [64, R], m_i [64], l_i [64]) f32 in, out.
+
+    S = Q K^T (`_scores`, K slot ``j % stages``), the online softmax (`_online_softmax`), then
+    O += P V (`_pv`) once V has landed and the tensor cores are ours; releases the K and V slot.
+    qo: this warpgroup's Q [HC, 64, R] in shared memory; q_first: its first row's position.
+    """
+    acc, m_i, l_i = carry
+    slot = lax.rem(j, cfg.stages)
+    s = _scores(j, slot, masked=masked, cfg=cfg, smem=smem, qo=qo, q_first=q_first,
+                k_start=cta.k_start)
+    acc, m_new, l_i, p16, alpha_rows = _online_softmax(s, acc, m_i, l_i, masked=masked, cfg=cfg,
+                                                       p_in_regs=smem.p_smem is None)
+    plgpu.barrier_arrive(smem.sched)  # softmax done
+    plgpu.barrier_wait(smem.v_ready.at[slot])
+    plgpu.barrier_wait(smem.sched)  # the tensor cores are ours
+    acc = _pv(acc, p16, alpha_rows, slot, cfg=cfg, smem=smem, wg=cta.wg)
+    plgpu.barrier_arrive(smem.v_free.at[slot])
+    return acc, m_new, l_i
+
+
+def _scores(j, slot, *, masked: bool, cfg: _KernelConfig, smem: _SharedMem, qo, q_first,
+            k_start):
+    """Base-2 scaled (soft-capped) scores [64, block_t] f32 of step j against K slot ``slot``.
+
+    Waits for the slot's K, runs S = Q K^T (one wgmma per head chunk, with one schedule round),
+    releases the K slot; ``masked``: -inf where key ``k_start + j * block_t + col`` is after the
+    row's position ``q_first + row // Gp`` or outside its window.
+    """
+    block_t, soft_cap, scale, window = cfg.block_t, cfg.soft_cap, cfg.scale, cfg.window
+    plgpu.barrier_wait(smem.k_ready.at[slot])
+
+    def qk(acc_ref):
+        for c in range(cfg.head_chunks):
+            plgpu.wgmma(acc_ref, qo.at[c], smem.k_smem.at[slot, c].transpose((1, 0)))
+        _schedule_round(smem.sched)
+        return acc_ref[...]
+
+    s = pl.run_scoped(qk, plgpu.ACC((ROWS_PER_WG, block_t), jnp.float32))
+    plgpu.barrier_arrive(smem.k_free.at[slot])
+    if soft_cap is None:
+        s = s * (scale * LOG2E)
+    else:
+        s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * LOG2E)
+    if masked:
+        rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+        cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        # key k_start + j * block_t + col vs the row's position q_first + row // group
+        diff = cols - lax.shift_right_logical(rows, cfg.group_shift)
+        edge = q_first - (k_start + j * block_t)
+        mask = diff <= edge
+        if window is not None:
+            mask = mask & (diff > edge - window)
+        s = jnp.where(mask, s, -jnp.inf)
+    return s
+
+
+def _online_softmax(s, acc, m_i, l_i, *, masked: bool, cfg: _KernelConfig, p_in_regs: bool):
+    """One online-softmax update in base 2 from scores s [64, block_t] f32.
+
+    Returns (acc, m_new, l_i, p16, alpha_rows): acc (HC x [64, R]) already rescaled by alpha when
+    ``p_in_regs`` (the GPU form; else untouched), the new running max and sum [64], P [64,
+    block_t] in the KV dtype and alpha broadcast to [64, R]. ``masked``: a row that has seen no
+    key yet (max -inf) uses max 0, so its P is 0 rather than NaN.
+    """
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+    alpha = jnp.exp2(m_i - m_use)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+    alpha_rows = lax.broadcast_in_dim(alpha, (ROWS_PER_WG, cfg.row_elems), [0])
+    if p_in_regs:
+        acc = tuple(a * alpha_rows for a in acc)  # rescaled in the softmax phase
+    l_i = l_i * alpha + p.sum(axis=1)
+    p16 = p.astype(cfg.dtype)
+    if p_in_regs and cfg.head_chunks * cfg.row_elems <= 128:
+        # jax's FA3 kernel pins this order for head_dim <= 128 (faster there)
+        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+    return acc, m_new, l_i, p16, alpha_rows
+
+
+def _pv(acc, p16, alpha_rows, slot, *, cfg: _KernelConfig, smem: _SharedMem, wg):
+    """O = O * alpha + P V against V slot ``slot``: acc (HC x [64, R] f32), p16 [64, block_t].
+
+    GPU form (``smem.p_smem`` None): acc was rescaled by `_online_softmax`; P from registers,
+    accumulated into O in place. Interpreter form: P through ``smem.p_smem[wg]``, P V into fresh
+    accumulators, then O * alpha_rows + P V.
+    """
+    hc = cfg.head_chunks
+    v_smem, p_smem = smem.v_smem, smem.p_smem
+    if p_smem is None:
+        # jax's FA3 form: P from registers, accumulated into O in place
+        def pv(acc_refs):
+            for c in range(hc):
+                plgpu.wgmma(acc_refs[c], p16, v_smem.at[slot, c])
+
+        return pl.run_state(pv)(tuple(plgpu.ACC.init(a) for a in acc))
+    # interpreter: its wgmma takes A only from shared memory and it runs neither
+    # pl.run_state nor stores to accumulators: P through shared memory, P V into
+    # fresh accumulators, O = O * alpha + P V
+    p_smem.at[wg][...] = p16
+    plgpu.commit_smem()
+
+    def pv_fresh(*acc_refs):
+        for c in range(hc):
+            plgpu.wgmma(acc_refs[c], p_smem.at[wg], v_smem.at[slot, c])
+        return tuple(a[...] for a in acc_refs)
+
+    pv_out = pl.run_scoped(pv_fresh, *[plgpu.ACC((ROWS_PER_WG, cfg.row_elems), jnp.float32)] * hc)
+    return tuple(a * alpha_rows + o for a, o in zip(acc, pv_out, strict=True))
+
+
+def _skip_step(j, carry, *, cfg: _KernelConfig, smem: _SharedMem):
+    """A step past every position of this warpgroup's rows: no math, but the same barrier
+    arrivals and waits as `_kv_step` (K/V slot ``j % stages``, two schedule rounds), so the
+    barriers stay in step. carry passes through."""
+    slot = lax.rem(j, cfg.stages)
+    plgpu.barrier_wait(smem.k_ready.at[slot])
+    _schedule_round(smem.sched)
+    plgpu.barrier_arrive(smem.k_free.at[slot])
+    plgpu.barrier_arrive(smem.sched)
+    plgpu.barrier_wait(smem.v_ready.at[slot])
+    plgpu.barrier_wait(smem.sched)
+    plgpu.barrier_arrive(smem.v_free.at[slot])
+    return carry
+
+
+def _epilogue(o_ref, lse_ref, cfg: _KernelConfig, smem: _SharedMem, cta: _CtaWork, qo, acc, m_i,
+              l_i) -> None:
+    """A compute warpgroup's output: O = acc / l (acc HC x [64, R], m_i and l_i [64] f32) in the
+    KV dtype through its Q buffer qo [HC, 64, R] to o_ref [NB, KVH, splits, 2, HC, 64, R], and
+    the natural-log lse (-inf for a row that saw no key) through ``smem.lse_smem[wg]`` to lse_ref
+    [NB, KVH, splits, 2, 64], both by TMA."""
+    wg = cta.wg
+    seen = l_i > 0.0
+    l_safe = jnp.where(seen, l_i, 1.0)
+    inv = 1.0 / l_safe
+    for c in range(cfg.head_chunks):
+        qo.at[c][...] = (acc[c] * lax.broadcast_in_dim(inv, acc[c].shape, [0])).astype(cfg.dtype)
+    smem.lse_smem.at[wg][...] = jnp.where(seen, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qo, o_ref.at[cta.blk, cta.head, cta.split, wg])
+    plgpu.copy_smem_to_gmem(smem.lse_smem.at[wg], lse_ref.at[cta.blk, cta.head, cta.split, wg])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _memory_warpgroup(tbl_ref, arena_ref, tails_ref, cfg: _KernelConfig, smem: _SharedMem,
+                      cta: _CtaWork) -> None:
+    """The memory warpgroup: streams the CTA's ``cta.n`` KV steps into the K/V slots by TMA.
+
+    Step j fills slot ``j % stages`` (K, then V, each once both compute warpgroups freed it from
+    step ``j - stages``) with the pieces `_piece_sources` names, via `_issue_pieces`; then waits
+    on the last release of every slot, so that every phase of a barrier is waited on.
+    tbl_ref [B, max_pages] int32; arena_ref [num_pages * rows_per_page, R]; tails_ref
+    (`tail_pieces`).
+    """
+    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+    stages, n = cfg.stages, cta.n
+    head_rows = cta.head * cfg.head_stride_rows
+    tail0 = (cta.seq * cfg.kv_heads + cta.head) * 2 * cfg.head_chunks
+    issue = functools.partial(_issue_pieces, arena_ref, tails_ref, cfg, tail0)
+
+    @pl.loop(0, n)
+    def _(j):
+        slot = lax.rem(j, stages)
+        srcs = _piece_sources(tbl_ref, cfg, cta, head_rows, j)
+
+        @pl.when(j >= stages)
+        def _():
+            plgpu.barrier_wait(smem.k_free.at[slot])
+
+        issue(srcs, 0, smem.k_smem, smem.k_ready, slot)
+
+        @pl.when(j >= stages)
+        def _():
+            plgpu.barrier_wait(smem.v_free.at[slot])
+
+        issue(srcs, 1, smem.v_smem, smem.v_ready, slot)
+
+    # observe the last consumption of every slot (every phase of a barrier is waited on)
+    @pl.loop(jnp.maximum(n - stages, 0), n)
+    def _(j):
+        slot = lax.rem(j, stages)
+        plgpu.barrier_wait(smem.k_free.at[slot])
+        plgpu.barrier_wait(smem.v_free.at[slot])
+
+
+def _piece_sources(tbl_ref, cfg: _KernelConfig, cta: _CtaWork, head_rows, j):
+    """Per piece of step j: (its rows below kv_len, in [0, piece]; the arena row of its K chunk 0
+    for this KV head, head_rows = head * head_stride_rows, from the page the table names)."""
+    t_pp, piece = cfg.tokens_per_page, cfg.piece
+    out = []
+    for i in range(cfg.n_pieces):
+        tok = cta.k_start + j * cfg.block_t + i * piece
+        nv = jnp.clip(cta.kv_len - tok, 0, piece)
+        page = tbl_ref[cta.seq, jnp.minimum(lax.div(tok, t_pp), cfg.max_pages - 1)]
+        page = jnp.clip(page, 0, cfg.num_pages - 1)
+        out.append((nv, page * cfg.rows_per_page + head_rows + lax.rem(tok, t_pp)))
+    return out
+
+
+def _issue_pieces(arena_ref, tails_ref, cfg: _KernelConfig, tail0, srcs, kv: int, slots, ready,
+                  slot) -> None:
+    """TMA copies of one step's K (kv 0) or V (kv 1) into ``slots[slot]`` [HC, block_t, R], all
+    arriving at ``ready[slot]``: per piece of ``srcs`` (`_piece_sources`) and head chunk, from the
+    arena when the piece is all below kv_len, else from tails_ref (`tail_pieces`: the straddling
+    piece, whose index for this (sequence, head) starts at tail0, or the zero piece)."""
+    hc, piece, t_pp = cfg.head_chunks, cfg.piece, cfg.tokens_per_page
+    zero_piece = cfg.zero_piece
+    for i, (nv, row0) in enumerate(srcs):
+        for c in range(hc):
+            dst = slots.at[slot, c, pl.ds(i * piece, piece)]
+            row = row0 + (kv * hc + c) * t_pp
+
+            @pl.when(nv == piece)
+            def _(dst=dst, row=row):
+                src = arena_ref.at[pl.ds(pl.multiple_of(row, 8), piece)]
+                plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
+
+            @pl.when(nv < piece)
+            def _(dst=dst, nv=nv, c=c):
+                t = jnp.where(nv == 0, zero_piece, tail0 + kv * hc + c)
+                src = tails_ref.at[pl.ds(pl.multiple_of(t * piece, 8), piece)]
+                plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
+
+
 def _kernel(meta_ref, tbl_ref, q_ref, arena_ref, tails_ref, o_ref, lse_ref, *, geom: PageGeometry,
             group: int, block_t: int, piece: int, stages: int, num_splits: int, scale: float,
             soft_cap: float | None, window: int | None, p_in_smem: bool) -> None:
@@ -161,223 +548,32 @@ def _kernel(meta_ref, tbl_ref, q_ref, arena_ref, tails_ref, o_ref, lse_ref, *, g
     meta_ref [NB, 5] (`block_meta`), tbl_ref [B, max_pages] int32; q_ref [NB, KVH, 2, HC, 64, R];
     arena_ref [num_pages * rows_per_page, R]; tails_ref (`tail_pieces`); o_ref [NB, KVH, splits,
     2, HC, 64, R] (KV dtype, normalised); lse_ref [NB, KVH, splits, 2, 64] f32.
+    Allocates the shared memory and barriers (`_SharedMem`), then warpgroups 0 and 1 run
+    `_compute_warpgroup` and warpgroup 2 `_memory_warpgroup`.
     """
-    hc, r, t_pp = geom.head_chunks, geom.row_elems, geom.tokens_per_page
-    kvh = geom.spec.kv_heads
-    rpp = geom.rows_per_page
+    hc, r = geom.head_chunks, geom.row_elems
     dt = arena_ref.dtype
-    tokens_per_wg = ROWS_PER_WG // group
-    group_shift = group.bit_length() - 1
-    n_pieces = block_t // piece
-    zero_piece = tbl_ref.shape[0] * kvh * 2 * hc
-    max_pages = tbl_ref.shape[1]
-    num_pages = arena_ref.shape[0] // rpp
-    tiling = plgpu.TilingTransform((8, 128 // jnp.dtype(dt).itemsize))
-    swizzle = plgpu.SwizzleTransform(128)
+    cfg = _KernelConfig(
+        head_chunks=hc, row_elems=r, tokens_per_page=geom.tokens_per_page,
+        rows_per_page=geom.rows_per_page, kv_heads=geom.spec.kv_heads,
+        head_stride_rows=geom.head_stride_rows, dtype=dt, group_shift=group.bit_length() - 1,
+        tokens_per_wg=ROWS_PER_WG // group, block_t=block_t, piece=piece,
+        n_pieces=block_t // piece, stages=stages, num_splits=num_splits,
+        zero_piece=tbl_ref.shape[0] * geom.spec.kv_heads * 2 * hc, max_pages=tbl_ref.shape[1],
+        num_pages=arena_ref.shape[0] // geom.rows_per_page, scale=scale, soft_cap=soft_cap,
+        window=window)
 
-    def body(q_smem, k_smem, v_smem, lse_smem, k_bar, v_bar, q_bar, k_free, v_free, sched,
-             p_smem=None):
-        blk = lax.axis_index("blk")
-        h = lax.axis_index("head")
-        split = lax.axis_index("split")
-        wg = lax.axis_index("wg")
-        b = meta_ref[blk, 0]
-        pos0 = meta_ref[blk, 1]
-        kv_len = meta_ref[blk, 2]
-        n_all = meta_ref[blk, 4]
-        per = lax.div(n_all + (num_splits - 1), num_splits)
-        s_lo = jnp.minimum(split * per, n_all)
-        n = jnp.minimum(n_all - s_lo, per)  # this CTA's steps
-        k_start = meta_ref[blk, 3] + s_lo * block_t  # its first key
+    def body(*scratch):
+        smem = _SharedMem(*scratch)
+        cta = _cta_work(meta_ref, cfg)
+        pl.when(cta.wg < COMPUTE_WGS)(
+            functools.partial(_compute_warpgroup, q_ref, o_ref, lse_ref, cfg, smem, cta))
+        pl.when(cta.wg == COMPUTE_WGS)(
+            functools.partial(_memory_warpgroup, tbl_ref, arena_ref, tails_ref, cfg, smem, cta))
 
-        def schedule_round():
-            plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(sched)
-
-        @pl.when(wg < COMPUTE_WGS)
-        def _compute():
-            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-            qo = q_smem.at[wg]
-            plgpu.copy_gmem_to_smem(q_ref.at[blk, h, wg], qo, q_bar.at[wg])
-            plgpu.barrier_wait(q_bar.at[wg])
-            q_first = pos0 + wg * tokens_per_wg  # position of this warpgroup's first token
-            q_last = q_first + tokens_per_wg - 1
-
-            def step(j, carry, *, masked: bool):
-                acc, m_i, l_i = carry
-                slot = lax.rem(j, stages)
-                plgpu.barrier_wait(k_bar.at[slot])
-
-                def qk(acc_ref):
-                    for c in range(hc):
-                        plgpu.wgmma(acc_ref, qo.at[c], k_smem.at[slot, c].transpose((1, 0)))
-                    schedule_round()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((ROWS_PER_WG, block_t), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                if soft_cap is None:
-                    s = s * (scale * LOG2E)
-                else:
-                    s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * LOG2E)
-                if masked:
-                    rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-                    cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-                    # key k_start + j * block_t + col vs the row's position q_first + row // group
-                    diff = cols - lax.shift_right_logical(rows, group_shift)
-                    edge = q_first - (k_start + j * block_t)
-                    mask = diff <= edge
-                    if window is not None:
-                        mask = mask & (diff > edge - window)
-                    s = jnp.where(mask, s, -jnp.inf)
-                m_new = jnp.maximum(m_i, s.max(axis=1))
-                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-                alpha = jnp.exp2(m_i - m_use)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-                alpha_rows = lax.broadcast_in_dim(alpha, (ROWS_PER_WG, r), [0])
-                if p_smem is None:
-                    acc = tuple(a * alpha_rows for a in acc)  # rescaled in the softmax phase
-                l_i = l_i * alpha + p.sum(axis=1)
-                p16 = p.astype(dt)
-                if p_smem is None and hc * r <= 128:
-                    # jax's FA3 kernel pins this order for head_dim <= 128 (faster there)
-                    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                plgpu.barrier_arrive(sched)  # softmax done
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_wait(sched)  # the tensor cores are ours
-
-                if p_smem is None:
-                    # jax's FA3 form: P from registers, accumulated into O in place
-                    def pv(acc_refs):
-                        for c in range(hc):
-                            plgpu.wgmma(acc_refs[c], p16, v_smem.at[slot, c])
-
-                    acc = pl.run_state(pv)(tuple(plgpu.ACC.init(a) for a in acc))
-                else:
-                    # interpreter: its wgmma takes A only from shared memory and it runs neither
-                    # pl.run_state nor stores to accumulators: P through shared memory, P V into
-                    # fresh accumulators, O = O * alpha + P V
-                    p_smem.at[wg][...] = p16
-                    plgpu.commit_smem()
-
-                    def pv_fresh(*acc_refs):
-                        for c in range(hc):
-                            plgpu.wgmma(acc_refs[c], p_smem.at[wg], v_smem.at[slot, c])
-                        return tuple(a[...] for a in acc_refs)
-
-                    pv_out = pl.run_scoped(pv_fresh,
-                                           *[plgpu.ACC((ROWS_PER_WG, r), jnp.float32)] * hc)
-                    acc = tuple(a * alpha_rows + o for a, o in zip(acc, pv_out, strict=True))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l_i
-
-            def skip(j, carry):
-                # a step past every position of this warpgroup's rows: keep the barriers in step
-                slot = lax.rem(j, stages)
-                plgpu.barrier_wait(k_bar.at[slot])
-                schedule_round()
-                plgpu.barrier_arrive(k_free.at[slot])
-                plgpu.barrier_arrive(sched)
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_wait(sched)
-                plgpu.barrier_arrive(v_free.at[slot])
-                return carry
-
-            # steps [0, a): window edge (masked); [a, b): every key visible to every row; [b, c):
-            # the causal diagonal (masked); [c, n): past every row (skipped)
-            if window is None:
-                a = jnp.int32(0)
-            else:
-                a = jnp.minimum(lax.div(jnp.maximum(q_last - window + 1 - k_start, 0)
-                                        + block_t - 1, block_t), n)
-            b_ = jnp.clip(lax.div(jnp.maximum(q_first + 1 - k_start, 0), block_t), a, n)
-            c_ = jnp.clip(lax.div(jnp.maximum(q_last - k_start + block_t, 0), block_t), b_, n)
-            m_i = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32),
-                                    plgpu.Layout.WGMMA.reduce(1))
-            l_i = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32),
-                                    plgpu.Layout.WGMMA.reduce(1))
-            acc = tuple(plgpu.layout_cast(jnp.full((ROWS_PER_WG, r), 0.0, jnp.float32),
-                                          plgpu.Layout.WGMMA) for _ in range(hc))
-            pl.when(wg == 1)(schedule_round)
-            carry = (acc, m_i, l_i)
-            carry = lax.fori_loop(0, a, functools.partial(step, masked=True), carry)
-            carry = lax.fori_loop(a, b_, functools.partial(step, masked=False), carry)
-            carry = lax.fori_loop(b_, c_, functools.partial(step, masked=True), carry)
-            lax.fori_loop(c_, n, skip, None)
-            pl.when(wg == 0)(schedule_round)
-            acc, m_i, l_i = carry
-
-            seen = l_i > 0.0
-            l_safe = jnp.where(seen, l_i, 1.0)
-            inv = 1.0 / l_safe
-            for c in range(hc):
-                qo.at[c][...] = (acc[c] * lax.broadcast_in_dim(inv, acc[c].shape, [0])).astype(dt)
-            lse_smem.at[wg][...] = jnp.where(seen, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qo, o_ref.at[blk, h, split, wg])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[blk, h, split, wg])
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg == COMPUTE_WGS)
-        def _memory():
-            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-            head_rows = h * geom.head_stride_rows
-            tail0 = (b * kvh + h) * 2 * hc
-
-            def sources(j):
-                """Per piece of step j: (its rows below kv_len, arena row of its K chunk 0)."""
-                out = []
-                for i in range(n_pieces):
-                    tok = k_start + j * block_t + i * piece
-                    nv = jnp.clip(kv_len - tok, 0, piece)
-                    page = tbl_ref[b, jnp.minimum(lax.div(tok, t_pp), max_pages - 1)]
-                    page = jnp.clip(page, 0, num_pages - 1)
-                    out.append((nv, page * rpp + head_rows + lax.rem(tok, t_pp)))
-                return out
-
-            def issue(srcs, kv: int, smem, bar, slot):
-                for i, (nv, row0) in enumerate(srcs):
-                    for c in range(hc):
-                        dst = smem.at[slot, c, pl.ds(i * piece, piece)]
-                        row = row0 + (kv * hc + c) * t_pp
-
-                        @pl.when(nv == piece)
-                        def _(dst=dst, row=row):
-                            src = arena_ref.at[pl.ds(pl.multiple_of(row, 8), piece)]
-                            plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
-
-                        @pl.when(nv < piece)
-                        def _(dst=dst, nv=nv, c=c):
-                            t = jnp.where(nv == 0, zero_piece, tail0 + kv * hc + c)
-                            src = tails_ref.at[pl.ds(pl.multiple_of(t * piece, 8), piece)]
-                            plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
-
-            @pl.loop(0, n)
-            def _(j):
-                slot = lax.rem(j, stages)
-                srcs = sources(j)
-
-                @pl.when(j >= stages)
-                def _():
-                    plgpu.barrier_wait(k_free.at[slot])
-
-                issue(srcs, 0, k_smem, k_bar, slot)
-
-                @pl.when(j >= stages)
-                def _():
-                    plgpu.barrier_wait(v_free.at[slot])
-
-                issue(srcs, 1, v_smem, v_bar, slot)
-
-            # observe the last consumption of every slot (every phase of a barrier is waited on)
-            @pl.loop(jnp.maximum(n - stages, 0), n)
-            def _(j):
-                slot = lax.rem(j, stages)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-
-    tile = dict(transforms=(tiling, swizzle))
-    copies = n_pieces * hc  # TMA copies arriving at a K (or V) barrier per step
+    tile = dict(transforms=(plgpu.TilingTransform((8, 128 // jnp.dtype(dt).itemsize)),
+                            plgpu.SwizzleTransform(128)))
+    copies = cfg.n_pieces * hc  # TMA copies arriving at a K (or V) barrier per step
     pl.run_scoped(
         body,
         plgpu.SMEM((COMPUTE_WGS, hc, ROWS_PER_WG, r), dt, **tile),

@@ -82,7 +82,8 @@ def test_budget_rule() -> None:
 
 
 def test_small_budget_reaches_the_planner_and_outputs_equal_reference(monkeypatch) -> None:
-    runner = build_runner(MODELS, split="1+1", kv_pages=64, prefill_chunk=8, max_prefill_tokens=64)
+    runner = build_runner(MODELS, split="1+1", kv_pages=64, prefill_chunk=8, max_prefill_tokens=64,
+                          call_log=64)
     runner.prefill_rate = {"mix": 1.0}  # 1 token/s: while anything decodes, one chunk (8)
     runner.decode_call_seconds = 0.012
     seen: list[tuple[bool, int]] = []
@@ -102,8 +103,11 @@ def test_small_budget_reaches_the_planner_and_outputs_equal_reference(monkeypatc
     for r in reqs:
         assert log.tokens[r.rid] == refs(r)[0]
     budgets = {b for decoding, b in seen if decoding}
-    assert budgets == {8}  # prefill of "b" (40 tokens) went on 8 at a time beside "a"'s decode
+    assert budgets == {8}  # while "a" decodes, the budget is one chunk (8 tokens)
     assert runner.kv.pool_stats().pages_used == 0
+    # the first step (nothing decoding: budget 64) prefills both prompts, 6 + 40 tokens, in ONE
+    # call: a request's span of a step is not cut into prefill_chunk pieces (each its own call)
+    assert [c.prefill_tokens for c in runner.call_log if not c.decode] == [46]
 
 
 def test_budget_prices_the_longest_running_prefill(monkeypatch) -> None:

@@ -12,34 +12,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call, params
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+from mgpu_check import lowered_for_h200, races_detected
 
 from benchmarks.prefill_matmul import arena_of, numpy_product
-from pallas_kernels import attention_core
 from pallas_kernels.arena_matmul_mgpu_ws import arena_grouped_matmul_mgpu_ws, epilogue_tiling, smem_plan
 
 S = jax.ShapeDtypeStruct
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _RaceCheckingParams(params.InterpretGPUParams):
-    detect_races: bool = True
-
-
 @pytest.fixture
 def race_detection(monkeypatch):
     """The kernel's interpret backend with the race detector on (fresh traces)."""
-    monkeypatch.setattr(params, "InterpretGPUParams", _RaceCheckingParams)
-    arena_grouped_matmul_mgpu_ws.clear_cache()
-    yield
-    arena_grouped_matmul_mgpu_ws.clear_cache()
+    with races_detected(monkeypatch, arena_grouped_matmul_mgpu_ws):
+        yield
 
 
 @pytest.mark.parametrize(("m", "k", "n", "sizes", "kw"), [
@@ -89,12 +81,11 @@ LOWERED = [
 
 @pytest.mark.parametrize(("k", "n", "kw"), LOWERED)
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, k, n, kw):
-    monkeypatch.setattr(attention_core, "num_sms", lambda: 132)
     g = 64
     args = (S((16384, k), jnp.bfloat16), S((g * (k * n // 128) + 64, 128), jnp.bfloat16),
             S((g,), jnp.int32), S((g,), jnp.int32))
     fn = functools.partial(arena_grouped_matmul_mgpu_ws, n=n, backend="gpu", **kw)
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_h200(monkeypatch, fn, args)
     assert "mosaic_gpu" in text
 
 

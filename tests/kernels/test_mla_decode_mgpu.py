@@ -13,15 +13,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call, params
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 from kvcase import edge_lengths, make_case, page_bytes_for, rel_err, tol
+from mgpu_check import lowered_for_h200, races_detected
 
 from pallas_kernels import attention_core
 from pallas_kernels import mla_decode_mgpu as mgpu
@@ -32,18 +32,11 @@ from pallas_kernels.page_layout import KVSpec, PoolLayout, page_geometry
 S = jax.ShapeDtypeStruct
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _RaceCheckingParams(params.InterpretGPUParams):
-    detect_races: bool = True
-
-
 @pytest.fixture
 def race_detection(monkeypatch):
     """The kernel's interpret backend with the race detector on (fresh traces)."""
-    monkeypatch.setattr(params, "InterpretGPUParams", _RaceCheckingParams)
-    mgpu._mla_decode_mgpu.clear_cache()
-    yield
-    mgpu._mla_decode_mgpu.clear_cache()
+    with races_detected(monkeypatch, mgpu._mla_decode_mgpu):
+        yield
 
 
 def _run_case(seed: int, lat: int, rope: int, r: int, t_pp: int, heads: int, dtype: str,
@@ -109,7 +102,6 @@ def _deepseek_geometry(r: int = 64):
     (128, {}),  # 5 chunks of 128: 32-token blocks, 3 stages
 ])
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):
-    monkeypatch.setattr(attention_core, "num_sms", lambda: 132)
     geom = _deepseek_geometry(r)
     b, h, pages = 32, 128, 8192 // 64
     args = (S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
@@ -117,7 +109,7 @@ def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):
             S((b,), jnp.int32))
     fn = functools.partial(paged_mla_decode_attention_mgpu, geom=geom, scale=192**-0.5,
                            backend="gpu", **kw)
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_h200(monkeypatch, fn, args)
     assert "mosaic_gpu" in text
 
 

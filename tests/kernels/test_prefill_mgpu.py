@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call, params
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 from kvcase import make_case, page_bytes_for, rel_err, tol
+from mgpu_check import lowered_for_h200, races_detected
 
-from pallas_kernels import attention_core
 from pallas_kernels import prefill_mgpu as pm
 from pallas_kernels.page_layout import KVSpec, PoolLayout, page_geometry
 from pallas_kernels.prefill import paged_prefill_attention_reference
@@ -39,18 +39,11 @@ S = jax.ShapeDtypeStruct
 PAD_ROWS = 3  # rows of q past the last chunk: output 0, lse -inf
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _RaceCheckingParams(params.InterpretGPUParams):
-    detect_races: bool = True
-
-
 @pytest.fixture
 def race_detection(monkeypatch):
     """The kernel's interpret backend with the race detector on (fresh traces)."""
-    monkeypatch.setattr(params, "InterpretGPUParams", _RaceCheckingParams)
-    pm._prefill_mgpu.clear_cache()
-    yield
-    pm._prefill_mgpu.clear_cache()
+    with races_detected(monkeypatch, pm._prefill_mgpu):
+        yield
 
 
 def _case(seed: int, kv_heads: int, q_heads: int, head_dim: int, row_elems: int, t_pp: int,
@@ -192,7 +185,6 @@ ENGINE = {"olmoe": (16, 16), "qwen3-30b-a3b": (32, 4)}
 ])
 @pytest.mark.parametrize("model", sorted(ENGINE))
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, model, kw):
-    monkeypatch.setattr(attention_core, "num_sms", lambda: 132)
     hq, kvh = ENGINE[model]
     pool = PoolLayout(262144, "bfloat16", 128)
     geom = page_geometry(KVSpec.gqa(kvh, 128), pool)
@@ -203,5 +195,5 @@ def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, model, kw):
                                                  jnp.bfloat16),
             S((1, max_pages), jnp.int32), S((1,), jnp.int32), S((2,), jnp.int32))
     fn = functools.partial(pm.paged_prefill_attention_mgpu, geom=geom, backend="gpu", **kw)
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_h200(monkeypatch, fn, args)
     assert "mosaic_gpu" in text

@@ -238,6 +238,17 @@ def _paged_prefill(q, arena, page_table, kv_lens, cu_q_lens, *, geom, scale, sof
     return out[:, :, :g, :d].reshape(t, hq, d).astype(q.dtype), lse[:, :, :g].reshape(t, hq)
 
 
+def check_gqa_prefill_args(q: jax.Array, kv_lens: jax.Array, cu_q_lens: jax.Array,
+                           geom: PageGeometry, caller: str) -> None:
+    """The shape checks of a GQA chunked-prefill call (`caller` names it); raises ValueError."""
+    if geom.spec.kind != KVKind.GQA:
+        raise ValueError(f"{caller} needs a GQA geometry")
+    if q.ndim != 3 or q.shape[1] % geom.spec.kv_heads or q.shape[2] != geom.spec.head_dim:
+        raise ValueError(f"q {q.shape} does not fit {geom.spec}")
+    if cu_q_lens.shape != (kv_lens.shape[0] + 1,):
+        raise ValueError(f"cu_q_lens {cu_q_lens.shape} must be [B + 1] for kv_lens {kv_lens.shape}")
+
+
 def paged_prefill_attention(
     q: jax.Array,
     arena: jax.Array,
@@ -276,12 +287,7 @@ def paged_prefill_attention(
     lse [T, num_q_heads] float32 the log-sum-exp of each row's scores over the keys it sees
     (-inf for rows outside every sequence).
     """
-    if geom.spec.kind != KVKind.GQA:
-        raise ValueError("paged_prefill_attention needs a GQA geometry")
-    if q.shape[1] % geom.spec.kv_heads or q.shape[2] != geom.spec.head_dim:
-        raise ValueError(f"q {q.shape} does not fit {geom.spec}")
-    if cu_q_lens.shape != (kv_lens.shape[0] + 1,):
-        raise ValueError(f"cu_q_lens {cu_q_lens.shape} must be [B + 1] for kv_lens {kv_lens.shape}")
+    check_gqa_prefill_args(q, kv_lens, cu_q_lens, geom, "paged_prefill_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     be = resolve_backend(backend)
     if be == "reference":

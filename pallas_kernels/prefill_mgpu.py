@@ -81,8 +81,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import attention_core
 from pallas_kernels._common import next_pow2, pack_query_chunks, split_softmax_combine
-from pallas_kernels.page_layout import KVKind, PageGeometry
-from pallas_kernels.prefill import query_blocks
+from pallas_kernels.page_layout import PageGeometry
+from pallas_kernels.prefill import check_gqa_prefill_args, query_blocks
 
 COMPUTE_WGS = 2  # compute warpgroups per CTA; + 1 memory warpgroup
 ROWS_PER_WG = 64  # query rows of one compute warpgroup (one wgmma M tile)
@@ -723,12 +723,7 @@ def check_args(q: jax.Array, arena: jax.Array, kv_lens: jax.Array, cu_q_lens: ja
     """Raises ValueError for a call `paged_prefill_attention_mgpu` cannot run (module doc)."""
     if backend not in ("gpu", "interpret"):
         raise ValueError(f"backend {backend!r}: expected 'gpu' or 'interpret'")
-    if geom.spec.kind != KVKind.GQA:
-        raise ValueError("paged_prefill_attention_mgpu needs a GQA geometry")
-    if (q.ndim != 3 or q.shape[1] % geom.spec.kv_heads or q.shape[2] != geom.spec.head_dim):
-        raise ValueError(f"q {q.shape} does not fit {geom.spec}")
-    if cu_q_lens.shape != (kv_lens.shape[0] + 1,):
-        raise ValueError(f"cu_q_lens {cu_q_lens.shape} must be [B + 1] for kv_lens {kv_lens.shape}")
+    check_gqa_prefill_args(q, kv_lens, cu_q_lens, geom, "paged_prefill_attention_mgpu")
     dt = jnp.dtype(arena.dtype)
     if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"wgmma needs a bf16/f16 arena, got {dt}")

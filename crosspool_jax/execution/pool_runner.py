@@ -305,9 +305,8 @@ class GroupRunner:
     max_prefill_tokens: most prompt tokens of all requests per step; while requests decode, the
     step's budget is the prompt tokens whose predicted seconds fit `prefill_share` x the measured
     decode call (`prefill_budget`). A request's tokens of a step run in one program call (cut only
-    at a KV segment's end): on one H200 a prefill call cost 8.8 ms plus 8.6 us a token (least
-    squares over a cold replay's 918 own-program calls), so cutting a step's span into chunks paid
-    the fixed part once per chunk.
+    at a KV segment's end): a MoE prefill call has a large fixed part (it reads every expert), which
+    cutting a step's span into chunks paid once per chunk (measured: docs/planner.md).
     mixed_steps: in a step that prefills a lane's prompts, that lane's decoding requests take one
     token each as rows of the same prefill call (one read of the experts, instead of a decode
     call of K tokens and a prefill call), their budget share taken from the prompt tokens; lanes

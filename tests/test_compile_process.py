@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import pickle
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +95,31 @@ def test_worker_restarts_after_dying_and_matches_a_local_compile():
     for o in outs[1:]:
         for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(o), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_close_while_a_job_is_in_flight_ends_the_worker_and_fails_the_job():
+    """The runner may close its compiler while a background compile is running (CI saw the job's
+    thread and `close` race over the worker's process handle)."""
+    r = _runner(False)
+    spec, shape = r.warm_specs("a")[0], StoreShape.of(r.store)
+    pc = ProcessCompiler()
+    pc.start()
+    errors: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            pc.compile(spec, shape, "cpu")
+        except CompileProcessError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=job)
+    t.start()
+    time.sleep(0.5)  # the job is sent; the worker is compiling
+    pc.close()
+    t.join(60.0)
+    assert not t.is_alive()
+    assert not any(w.alive for w in pc._all)
+    assert pc.jobs + len(errors) == 1  # the job either finished before the close or failed
 
 
 def test_worker_failure_is_reported_and_the_runner_compiles_locally(monkeypatch):

@@ -201,19 +201,25 @@ class _Worker:
             self.conn.send(job)
             return self.conn.recv()
         except (EOFError, OSError, BrokenPipeError) as e:
-            code = self.proc.poll() if self.proc is not None else None
-            self.proc = None
+            proc, self.proc = self.proc, None
+            code = proc.poll() if proc is not None else None
             raise CompileProcessError(f"compile worker gone (exit code {code})") from e
 
     def close(self) -> None:
-        if self.alive:
-            with contextlib.suppress(OSError):
-                self.conn.send(None)
-            try:
-                self.proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        """Asks the worker to exit, killing it if it is still busy after 5 s. May run while
+        another thread's job is in flight on this worker (that job then fails), so it works on
+        its own reference to the process: the job's thread sets `self.proc` to None."""
+        proc, conn = self.proc, self.conn
         self.proc = None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(OSError):
+            conn.send(None)
+        try:
+            proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class ProcessCompiler:

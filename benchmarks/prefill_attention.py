@@ -2,7 +2,7 @@
 configurations timed at the engine's page layout, as TFLOP/s and share of the card's bf16 peak.
 
     PYTHONPATH=. python -m benchmarks.prefill_attention [--json OUT] [--smoke] [--configs 0,1]
-        [--with-mgpu [--mgpu-configs 0,1]]
+        [--with-mgpu [--mgpu-configs 0,1]] [--mla]
 
 Geometries (bf16 KV, head_dim 128, 256-KiB pages of 128-element rows, as the engine's GPU arena):
 OLMoE-1B-7B (16 query heads, 16 KV heads: 32 tokens per page) and Qwen3-30B-A3B (32 query heads,
@@ -19,6 +19,12 @@ Correctness first: every configuration's output against the float32 reference
 configurations of MGPU_CONFIGS on every case, each checked against the same reference first. It is
 opt-in and runs after every Triton configuration: a CUDA fault in a new kernel poisons the CUDA
 context for the rest of the process.
+
+`--mla` runs only DeepSeek-V3's MLA in absorbed form instead (128 heads, latent 512 + rope 64,
+bf16, 64 tokens per page of 64-element rows, as `benchmarks/kernels.py`'s MLA decode), same
+cases: the Triton kernel (`paged_mla_prefill_attention`, its defaults) and, with `--with-mgpu`, the
+tensor-core path (`pallas_kernels.mla_prefill_mgpu`: each query token a row of the Mosaic GPU MLA
+decode kernel). FLOPs = 2 x heads x (576 + 512) per causal (query, key) pair.
 """
 
 from __future__ import annotations
@@ -35,8 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.kernels import bench, make_tables, rel_err
+from pallas_kernels.mla_prefill_mgpu import paged_mla_prefill_attention_mgpu
 from pallas_kernels.page_layout import KVSpec, PoolLayout, page_geometry
-from pallas_kernels.prefill import paged_prefill_attention, paged_prefill_attention_reference
+from pallas_kernels.prefill import (
+    paged_mla_prefill_attention,
+    paged_mla_prefill_attention_reference,
+    paged_prefill_attention,
+    paged_prefill_attention_reference,
+)
 from pallas_kernels.prefill_mgpu import paged_prefill_attention_mgpu
 
 PEAK_BF16 = 790e12  # DESIGN.md: measured bf16 matmul peak of one H200
@@ -179,6 +191,72 @@ def run(smoke: bool, configs: list[dict[str, Any] | None],
     return rows
 
 
+MLA_HEADS, MLA_SCALE = 128, 192**-0.5  # DeepSeek-V3: 128 heads, softmax scale of d = 128 + 64
+
+
+def build_mla_case(heads: int, chunk: int, contexts: list[int], smoke: bool, seed: int = 0
+                   ) -> tuple[Any, ...]:
+    """(q_latent, q_rope, arena, page_table, kv_lens, cu_q_lens, geom) of one MLA case (random
+    bf16 arena, random non-ordered page tables)."""
+    rng = np.random.default_rng(seed)
+    lat, rope = (128, 64) if smoke else (512, 64)
+    t_pp = 16 if smoke else 64
+    pool = PoolLayout(page_bytes=t_pp * (lat + rope) * 2, dtype="bfloat16", row_elems=64)
+    geom = page_geometry(KVSpec.mla(lat, rope), pool)
+    lens = [c + chunk for c in contexts]
+    table, n_pages = make_tables(rng, lens, t_pp, -(-max(lens) // t_pp))
+    arena = jax.random.normal(jax.random.key(seed), pool.arena_shape(n_pages), jnp.bfloat16)
+    t = chunk * len(contexts)
+    ql = jax.random.normal(jax.random.key(seed + 1), (t, heads, lat), jnp.bfloat16)
+    qr = jax.random.normal(jax.random.key(seed + 2), (t, heads, rope), jnp.bfloat16)
+    cu = np.arange(len(contexts) + 1, dtype=np.int32) * chunk
+    return (ql, qr, arena, jnp.asarray(table), jnp.asarray(lens, jnp.int32), jnp.asarray(cu),
+            geom)
+
+
+def mla_reference_in_pieces(ql: jax.Array, qr: jax.Array, arena: jax.Array, table: jax.Array,
+                            chunk: int, contexts: list[int], geom: Any, piece: int = 16
+                            ) -> jax.Array:
+    """The float32 MLA reference of a case, `piece` query tokens at a time."""
+    out = []
+    arena32 = arena.astype(jnp.float32)
+    for b, ctx in enumerate(contexts):
+        for p0 in range(0, chunk, piece):
+            n = min(piece, chunk - p0)
+            sl = slice(b * chunk + p0, b * chunk + p0 + n)
+            out.append(paged_mla_prefill_attention_reference(
+                ql[sl].astype(jnp.float32), qr[sl].astype(jnp.float32), arena32, table[b:b + 1],
+                jnp.asarray([ctx + p0 + n], jnp.int32), jnp.asarray([0, n], jnp.int32), geom,
+                scale=MLA_SCALE))
+    return jnp.concatenate(out)
+
+
+def run_mla(smoke: bool, with_mgpu: bool) -> list[dict[str, Any]]:
+    """Every case with MLA: the Triton kernel, then (``with_mgpu``) the tensor-core path."""
+    backend = "interpret" if smoke else "gpu"
+    heads = 64 if smoke else MLA_HEADS
+    rows: list[dict[str, Any]] = []
+    kept = []
+    for cname, (chunk, contexts) in CASES.items():
+        if smoke:
+            chunk, contexts = 16, [c // 256 for c in contexts]
+        ql, qr, arena, table, lens, cu, geom = build_mla_case(heads, chunk, contexts, smoke)
+        ref = mla_reference_in_pieces(ql, qr, arena, table, chunk, contexts, geom)
+        flops = 2 * heads * (geom.spec.kv_lora_rank * 2 + geom.spec.rope_dim) * causal_pairs(
+            chunk, contexts)
+        args = (ql, qr, arena, table, lens, cu)
+        f = jax.jit(functools.partial(paged_mla_prefill_attention, geom=geom, scale=MLA_SCALE,
+                                      backend=backend))
+        time_config(rows, "deepseek-v3 mla", cname, "triton default", f, args, ref, flops, smoke)
+        kept.append((cname, geom, args, ref, flops))
+    for cname, geom, args, ref, flops in kept if with_mgpu else []:
+        f = jax.jit(functools.partial(paged_mla_prefill_attention_mgpu, geom=geom,
+                                      scale=MLA_SCALE, backend=backend))
+        time_config(rows, "deepseek-v3 mla", cname, "mgpu (rows of the decode kernel)", f, args,
+                    ref, flops, smoke, max_err=MAX_REL_ERR)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes, interpret mode (CPU)")
@@ -190,13 +268,15 @@ def main() -> None:
                          "Triton configurations")
     ap.add_argument("--mgpu-configs", default=None, metavar="I,J",
                     help="with --with-mgpu: indexes into MGPU_CONFIGS to run (default: all)")
+    ap.add_argument("--mla", action="store_true",
+                    help="only DeepSeek-V3 MLA (Triton; with --with-mgpu also the Mosaic GPU path)")
     args = ap.parse_args()
     picks = CONFIGS if args.configs is None else [CONFIGS[int(i)] for i in args.configs.split(",")]
     mgpu = None
     if args.with_mgpu:
         mgpu = (MGPU_CONFIGS if args.mgpu_configs is None
                 else [MGPU_CONFIGS[int(i)] for i in args.mgpu_configs.split(",")])
-    rows = run(args.smoke, picks, mgpu)
+    rows = run_mla(args.smoke, args.with_mgpu) if args.mla else run(args.smoke, picks, mgpu)
     dev = jax.devices()[0]
     print(f"\n{dev.device_kind}; TFLOP/s and share of {PEAK_BF16 / 1e12:.0f} TFLOP/s")
     print(f"{'geometry':14s} {'case':20s} {'config':62s} {'us':>9s} {'TFLOP/s':>8s} {'peak':>6s} {'err':>8s}")

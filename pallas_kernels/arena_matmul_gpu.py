@@ -293,6 +293,10 @@ def _call_config(m: int, k: int, n_out: int, g: int, r: int, itemsize: int, fusi
     cfg = default_config(m, k, n_out, g, r, itemsize, **given)
     if fusion.swiglu and given.get("num_warps") is None and cfg.bm * cfg.bn >= 128 * 128:
         cfg = cfg._replace(num_warps=8)  # 2 [bm, bn] f32 accumulators: 128 registers a thread
+    if fusion.swiglu and given.get("num_stages") is None:
+        # Two weight tiles a stage: at 3 stages the OLMoE prefill layer asked the H200 for
+        # 245,760 bytes of shared memory (232,448 available, 2026-12-05)
+        cfg = cfg._replace(num_stages=2)
     for name in ("bm", "bn", "bk"):
         v = getattr(cfg, name)
         if v < 16 or v & (v - 1):

@@ -298,7 +298,11 @@ def paged_prefill_attention(
         d = GPU_PREFILL_DEFAULTS
         group = next_pow2(q.shape[1] // geom.spec.kv_heads)
         block_q = block_q or max(1, d["rows"] // group)
-        block_t = block_t or d["block_t"]
+        # The defaults fill shared memory at bf16 and head_dim 128 (a KV tile is 32 KiB); wider
+        # elements or heads take shorter KV blocks (f32 at 128 keys asked 262,656 bytes of the
+        # H200's 232,448, 2026-12-05)
+        fit = max(16, d["block_t"] * 256 // (jnp.dtype(arena.dtype).itemsize * q.shape[-1]))
+        block_t = block_t or min(d["block_t"], 1 << (fit.bit_length() - 1))
         num_warps = num_warps or d["num_warps"]
         num_stages = num_stages or d["num_stages"]
         num_splits = num_splits or d["num_splits"]

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from pallas_kernels import attention_core
 from pallas_kernels.mla_decode_mgpu import HEADS_PER_CTA, paged_mla_decode_attention_mgpu
 from pallas_kernels.page_layout import KVKind, PageGeometry
+from pallas_kernels.prefill import row_seq_pos
 
 
 def prefill_rows(kv_lens: jax.Array, cu_q_lens: jax.Array, num_tokens: int):
@@ -37,17 +38,12 @@ def prefill_rows(kv_lens: jax.Array, cu_q_lens: jax.Array, num_tokens: int):
 
     kv_lens: [B] int32, each sequence's KV length with its chunk; cu_q_lens: [B + 1] int32, the
     chunk boundaries in the rows of q. Returns (seq [T] int32, length [T] int32) for the
-    ``num_tokens`` = T rows: a row past ``cu_q_lens[-1]`` (or of an empty chunk) gets length 0
-    (its seq is clamped to a valid index).
+    ``num_tokens`` = T rows: its position + 1 (`prefill.row_seq_pos`), 0 for a row outside
+    every chunk (its seq is clamped to a valid index).
     """
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    cu = cu_q_lens.astype(jnp.int32)
-    seq = jnp.searchsorted(cu[1:], t, side="right", method="compare_all").astype(jnp.int32)
-    live = t < cu[-1]
-    seq = jnp.minimum(seq, kv_lens.shape[0] - 1)
-    q_len = cu[seq + 1] - cu[seq]
-    length = kv_lens.astype(jnp.int32)[seq] - q_len + (t - cu[seq]) + 1
-    return seq, jnp.where(live, length, 0)
+    seq, pos, valid = row_seq_pos(cu_q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32),
+                                  num_tokens)
+    return seq, jnp.where(valid, pos + 1, 0)
 
 
 def paged_mla_prefill_attention_mgpu(

@@ -42,7 +42,7 @@ from pallas_kernels.page_layout import KVKind, PageGeometry
 from pallas_kernels.paged_reference import read_features
 
 
-def _row_seq_pos(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int):
+def row_seq_pos(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int):
     """(sequence [T], position [T], valid [T]) of each query row."""
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
     b = jnp.searchsorted(cu_q_lens[1:], rows, side="right").astype(jnp.int32)
@@ -59,7 +59,7 @@ def _prefill_dense(parts, values, cu_q_lens, kv_lens, max_len, scale, soft_cap, 
     Returns (out [T, K, G, W] f32, lse [T, K, G] f32; -inf for a row that sees no key).
     """
     t = parts[0][0].shape[0]
-    b, pos, valid = _row_seq_pos(cu_q_lens, kv_lens, t)
+    b, pos, valid = row_seq_pos(cu_q_lens, kv_lens, t)
     hp = lax.Precision.HIGHEST
     s = sum(
         jnp.einsum("tkgd,tkld->tkgl", qi.astype(jnp.float32), ki[b].astype(jnp.float32),

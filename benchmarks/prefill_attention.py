@@ -118,20 +118,23 @@ def build_case(q_heads: int, kv_heads: int, chunk: int, contexts: list[int], smo
     return q, arena, jnp.asarray(table), jnp.asarray(lens, jnp.int32), jnp.asarray(cu), geom
 
 
-def reference_in_pieces(q: jax.Array, arena: jax.Array, table: jax.Array, chunk: int,
-                        contexts: list[int], geom: Any, piece: int = 16) -> jax.Array:
+def reference_in_pieces(reference: Any, queries: tuple[jax.Array, ...], arena: jax.Array,
+                        table: jax.Array, chunk: int, contexts: list[int], piece: int = 16
+                        ) -> jax.Array:
     """The float32 reference of a case, `piece` query tokens of one request at a time (the
-    reference gathers K and V per query token: a whole 512-token chunk at 32K tokens of context
-    would need ~130 GB)."""
+    reference gathers the keys per query token: a whole 512-token chunk at 32K tokens of context
+    would need ~130 GB). ``reference(*queries, arena, page_table, kv_lens, cu_q_lens)`` is the
+    kernel's reference with its geometry and options bound; `queries` are the per-token query
+    arrays (q; or q_latent, q_rope)."""
     out = []
     arena32 = arena.astype(jnp.float32)
     for b, ctx in enumerate(contexts):
         for p0 in range(0, chunk, piece):
             n = min(piece, chunk - p0)
-            rows = q[b * chunk + p0: b * chunk + p0 + n].astype(jnp.float32)
-            out.append(paged_prefill_attention_reference(
-                rows, arena32, table[b:b + 1], jnp.asarray([ctx + p0 + n], jnp.int32),
-                jnp.asarray([0, n], jnp.int32), geom))
+            rows = slice(b * chunk + p0, b * chunk + p0 + n)
+            out.append(reference(*(q[rows].astype(jnp.float32) for q in queries), arena32,
+                                 table[b:b + 1], jnp.asarray([ctx + p0 + n], jnp.int32),
+                                 jnp.asarray([0, n], jnp.int32)))
     return jnp.concatenate(out)
 
 
@@ -172,7 +175,9 @@ def run(smoke: bool, configs: list[dict[str, Any] | None],
             if smoke:
                 chunk, contexts = 16, [c // 256 for c in contexts]
             q, arena, table, lens, cu, geom = build_case(hq, kvh, chunk, contexts, smoke)
-            ref = reference_in_pieces(q, arena, table, chunk, contexts, geom)
+            ref = reference_in_pieces(functools.partial(paged_prefill_attention_reference,
+                                                        geom=geom), (q,), arena, table, chunk,
+                                      contexts)
             flops = 4 * 128 * hq * causal_pairs(chunk, contexts)
             args = (q, arena, table, lens, cu)
             for cfg in configs:
@@ -214,23 +219,6 @@ def build_mla_case(heads: int, chunk: int, contexts: list[int], smoke: bool, see
             geom)
 
 
-def mla_reference_in_pieces(ql: jax.Array, qr: jax.Array, arena: jax.Array, table: jax.Array,
-                            chunk: int, contexts: list[int], geom: Any, piece: int = 16
-                            ) -> jax.Array:
-    """The float32 MLA reference of a case, `piece` query tokens at a time."""
-    out = []
-    arena32 = arena.astype(jnp.float32)
-    for b, ctx in enumerate(contexts):
-        for p0 in range(0, chunk, piece):
-            n = min(piece, chunk - p0)
-            sl = slice(b * chunk + p0, b * chunk + p0 + n)
-            out.append(paged_mla_prefill_attention_reference(
-                ql[sl].astype(jnp.float32), qr[sl].astype(jnp.float32), arena32, table[b:b + 1],
-                jnp.asarray([ctx + p0 + n], jnp.int32), jnp.asarray([0, n], jnp.int32), geom,
-                scale=MLA_SCALE))
-    return jnp.concatenate(out)
-
-
 def run_mla(smoke: bool, with_mgpu: bool) -> list[dict[str, Any]]:
     """Every case with MLA: the Triton kernel, then (``with_mgpu``) the tensor-core path."""
     backend = "interpret" if smoke else "gpu"
@@ -241,7 +229,9 @@ def run_mla(smoke: bool, with_mgpu: bool) -> list[dict[str, Any]]:
         if smoke:
             chunk, contexts = 16, [c // 256 for c in contexts]
         ql, qr, arena, table, lens, cu, geom = build_mla_case(heads, chunk, contexts, smoke)
-        ref = mla_reference_in_pieces(ql, qr, arena, table, chunk, contexts, geom)
+        ref = reference_in_pieces(functools.partial(paged_mla_prefill_attention_reference,
+                                                    geom=geom, scale=MLA_SCALE), (ql, qr), arena,
+                                  table, chunk, contexts)
         flops = 2 * heads * (geom.spec.kv_lora_rank * 2 + geom.spec.rope_dim) * causal_pairs(
             chunk, contexts)
         args = (ql, qr, arena, table, lens, cu)

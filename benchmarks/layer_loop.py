@@ -49,31 +49,33 @@ from pallas_kernels.page_layout import PoolLayout
 
 
 def prefill_inputs(store: Any, cfg: Any, tpp: int, tokens: int, rng: np.random.Generator,
-                   context: int = 0) -> tuple[dict[str, np.ndarray], int]:
-    """One request's prefill chunk of `tokens` tokens after `context` tokens of KV, on KV device 0:
-    (lane inputs, pages per layer row P)."""
-    n, L = store.num_devices, cfg.num_layers
+                   context: int = 0, requests: int = 1) -> tuple[dict[str, np.ndarray], int]:
+    """`requests` requests' prefill chunks of `tokens` tokens each (one call of requests x tokens
+    rows), every one after `context` tokens of its own KV, on KV device 0: (lane inputs, pages per
+    layer row P)."""
+    n, L, B = store.num_devices, cfg.num_layers, requests
+    T = B * tokens
     pages = -(-(context + tokens) // tpp)
     P = 1 << (max(pages, 1) - 1).bit_length()
     arr = {
-        "tokens": np.zeros((n, tokens), np.int32), "positions": np.zeros((n, tokens), np.int32),
-        "tok_slot": np.full((n, tokens), -1, np.int32), "cu_q": np.zeros((n, 2), np.int32),
-        "tail_pages": np.full((n, 1, L, P), -1, np.int32), "tail_start": np.zeros((n, 1), np.int32),
-        "tail_len": np.zeros((n, 1), np.int32), "sample_row": np.full((n, 1), -1, np.int32),
-        "temperature": np.zeros((n, 1), np.float32), "top_k": np.zeros((n, 1), np.int32),
-        "top_p": np.ones((n, 1), np.float32), "seed": np.zeros((n, 1, 2), np.uint32),
-        "remaining": np.ones((n, 1), np.int32), "stop_ids": np.full((n, 1, 1), -1, np.int32),
+        "tokens": np.zeros((n, T), np.int32), "positions": np.zeros((n, T), np.int32),
+        "tok_slot": np.full((n, T), -1, np.int32), "cu_q": np.zeros((n, B + 1), np.int32),
+        "tail_pages": np.full((n, B, L, P), -1, np.int32), "tail_start": np.zeros((n, B), np.int32),
+        "tail_len": np.zeros((n, B), np.int32), "sample_row": np.full((n, B), -1, np.int32),
+        "temperature": np.zeros((n, B), np.float32), "top_k": np.zeros((n, B), np.int32),
+        "top_p": np.ones((n, B), np.float32), "seed": np.zeros((n, B, 2), np.uint32),
+        "remaining": np.ones((n, B), np.int32), "stop_ids": np.full((n, B, 1), -1, np.int32),
     }
-    arr["tokens"][0] = rng.integers(0, cfg.vocab_size, tokens)
-    arr["positions"][0] = np.arange(context, context + tokens)
-    arr["tok_slot"][0] = 0
-    arr["cu_q"][0, 1] = tokens
-    ids = rng.permutation(store.kv_pages)[: L * pages] + store.kv_first_page
-    arr["tail_pages"][0, 0, :, :pages] = ids.reshape(L, pages)
+    arr["tokens"][0] = rng.integers(0, cfg.vocab_size, T)
+    arr["positions"][0] = np.tile(np.arange(context, context + tokens), B)
+    arr["tok_slot"][0] = np.repeat(np.arange(B), tokens)
+    arr["cu_q"][0] = np.arange(B + 1) * tokens
+    ids = rng.permutation(store.kv_pages)[: B * L * pages] + store.kv_first_page
+    arr["tail_pages"][0, :, :, :pages] = ids.reshape(B, L, pages)
     arr["tail_len"][0] = context + tokens
-    arr["sample_row"][0] = tokens - 1
-    arr.update(one_model_group_inputs(store, "m", [tokens], tokens, 1))
-    arr["grp_slots"][0, 0] = 1
+    arr["sample_row"][0] = (np.arange(B) + 1) * tokens - 1
+    arr.update(one_model_group_inputs(store, "m", [T], T, B))
+    arr["grp_slots"][0, 0] = B
     return arr, P
 
 

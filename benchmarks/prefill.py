@@ -3,7 +3,8 @@ utilisation for OLMoE-1B-7B and Qwen3-30B-A3B shapes at prompts of 512, 4K and 3
 an XLA-only version of the same math, in one run.
 
     PYTHONPATH=. python -m benchmarks.prefill [--shapes olmoe-1b-7b,qwen3-30b-a3b] \\
-        [--prompts 512,4096,32768] [--chunk 2048] [--iters 5] [--json OUT]       # one GPU
+        [--prompts 512,4096,32768] [--chunk 2048] [--batch 1,2] [--variants engine,xla] \\
+        [--iters 5] [--json OUT]                                                 # one GPU
     JAX_PLATFORMS=cpu PYTHONPATH=. python -m benchmarks.prefill --smoke            # CPU, tiny
 
 Variants (the same `pooled_step` program, one request, colocated on the first device):
@@ -14,11 +15,14 @@ Variants (the same `pooled_step` program, one request, colocated on the first de
 On CPU both variants are the XLA reference (the Pallas kernels run only interpreted there):
 `--smoke` checks the script, not the kernels. A prompt of P tokens is prefilled as the engine does
 it: calls of `--chunk` tokens (the GPU default `max_prefill_tokens`), each after the KV of the
-chunks before it. One program per (shape, prompt, variant) serves all of a prompt's chunks (page
-tables as wide as the whole prompt), each chunk timed at its own context (median of `--iters` calls
-after 2 untimed); a prompt's seconds are the sum over its chunks. Past 8 chunks, 8 evenly spaced
-chunks are timed and the others interpolated linearly in their start position (the output says
-which). Model FLOPs per chunk: `prefill_cost.chunk_work` (2 x the active parameters per token, the
+chunks before it. `--batch B[,B2...]` prefills B prompts side by side, as the engine's step does
+when several requests wait (its `max_prefill_tokens` is then the call's total): each call holds
+`--chunk` tokens of each of the B prompts (B x chunk rows), and tokens/s counts all B prompts.
+One program per (shape, prompt, batch, variant) serves all of a prompt's chunks (page tables as
+wide as the whole prompt), each chunk timed at its own context (median of `--iters` calls after 2
+untimed); a prompt's seconds are the sum over its chunks. Past 8 chunks, 8 evenly spaced chunks
+are timed and the others interpolated linearly in their start position (the output says which).
+Model FLOPs per chunk: `prefill_cost.chunk_work` (2 x the active parameters per token, the
 top-k experts only, plus the causal attention products), the same count the engine's prefill budget
 prices. MFU = model FLOPs / seconds / the bf16 matmul peak measured in the same run (a square
 matmul, median).
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import sys
 import time
@@ -71,16 +76,16 @@ def prompt_seconds(times: dict[int, float], n_chunks: int) -> float:
 
 
 def prompt_variant(store: Any, cfg: Any, platform: str, prompt: int, chunk: int, variant: str,
-                   iters: int, rng: np.random.Generator) -> dict[str, Any]:
-    """One prompt's prefill under one variant: compile seconds, per timed chunk its seconds, the
-    prompt's seconds, tokens/s and model FLOPs."""
+                   iters: int, rng: np.random.Generator, batch: int = 1) -> dict[str, Any]:
+    """`batch` prompts' prefill, side by side, under one variant: compile seconds, per timed chunk
+    its seconds, the prompts' seconds, tokens/s (all of them) and model FLOPs."""
     tpp = model_geometry(cfg, store.layout, platform).tokens_per_page
     t = min(chunk, prompt)
     n_chunks = -(-prompt // t)
     be = "reference" if variant == "xla" or platform == "cpu" else None
     cls = store.models["m"].cls
-    _, width = prefill_inputs(store, cfg, tpp, t, rng, context=(n_chunks - 1) * t)
-    spec = StepSpec((LaneShape(cls, 1, 1, t, width),), False, 1, be, matmul_backend=be)
+    _, width = prefill_inputs(store, cfg, tpp, t, rng, context=(n_chunks - 1) * t, requests=batch)
+    spec = StepSpec((LaneShape(cls, 1, batch, batch * t, width),), False, 1, be, matmul_backend=be)
     sds = jax.ShapeDtypeStruct(store.arena.shape, store.arena.dtype, sharding=store.sharding)
     t0 = time.perf_counter()
     prog = build_step(spec, store, platform).lower(sds, input_shapes(spec, store)).compile()
@@ -89,7 +94,7 @@ def prompt_variant(store: Any, cfg: Any, platform: str, prompt: int, chunk: int,
     costs = model_costs(cfg, store.layout.dtype, geom.bytes_per_token_used)
     times: dict[int, float] = {}
     for c in timed_chunks(n_chunks):
-        arr, p = prefill_inputs(store, cfg, tpp, t, rng, context=c * t)
+        arr, p = prefill_inputs(store, cfg, tpp, t, rng, context=c * t, requests=batch)
         if p < width:  # the program's page tables are the whole prompt's
             pad = np.full((*arr["tail_pages"].shape[:-1], width - p), -1, np.int32)
             arr["tail_pages"] = np.concatenate([arr["tail_pages"], pad], axis=-1)
@@ -97,12 +102,12 @@ def prompt_variant(store: Any, cfg: Any, platform: str, prompt: int, chunk: int,
         times[c] = median_call_seconds(prog, store, inputs, iters)
     seconds = prompt_seconds(times, n_chunks)
     work = [chunk_work(costs, c * t, min(prompt, (c + 1) * t)) for c in range(n_chunks)]
-    flops = sum(w.dense_flops + w.attention_flops for w in work)
-    return {"variant": variant, "prompt": prompt, "chunk": t, "chunks": n_chunks,
+    flops = batch * sum(w.dense_flops + w.attention_flops for w in work)
+    return {"variant": variant, "prompt": prompt, "batch": batch, "chunk": t, "chunks": n_chunks,
             "timed_chunks": sorted(times), "compile_s": round(compile_s, 2),
             "chunk_s": {str(c): round(s, 6) for c, s in sorted(times.items())}, "seconds": seconds,
-            "tokens_per_s": prompt / seconds, "model_flops": flops,
-            "attention_share": sum(w.attention_flops for w in work) / flops}
+            "tokens_per_s": batch * prompt / seconds, "model_flops": flops,
+            "attention_share": batch * sum(w.attention_flops for w in work) / flops}
 
 
 def check_correctness(platform: str, names: tuple[str, ...]) -> dict[str, bool]:
@@ -142,12 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(GPU_SHAPES))
     ap.add_argument("--prompts", default=",".join(str(p) for p in GPU_PROMPTS))
-    ap.add_argument("--chunk", type=int, default=2048, help="prompt tokens per call (default 2048)")
+    ap.add_argument("--chunk", type=int, default=2048,
+                    help="tokens of each prompt per call (default 2048)")
+    ap.add_argument("--batch", default="1",
+                    help="comma-separated counts of prompts prefilled side by side, each call "
+                         "holding --chunk tokens of each (default 1)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset of engine,xla (default both)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--smoke", action="store_true",
                     help="CPU: demo-mixtral, prompts 16,64, chunk 16, float32 16-KiB pages")
     ap.add_argument("--json", default=None, metavar="OUT.json")
     args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or set(variants) - set(VARIANTS):
+        ap.error(f"--variants {args.variants!r}: a subset of {','.join(VARIANTS)}")
+    batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    if not batches or min(batches) < 1:
+        ap.error(f"--batch {args.batch!r}: counts >= 1")
     platform = jax.devices()[0].platform
     platform = "gpu" if platform in ("gpu", "cuda", "rocm") else platform
     if args.smoke:
@@ -175,15 +192,15 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = model_config(f"{shape}-00" if not shape.startswith("demo-") else shape)
         tpp = model_geometry(cfg, layout, platform).tokens_per_page
-        need = -(-max(prompts) // tpp) * cfg.num_layers + 1
+        need = max(batches) * -(-max(prompts) // tpp) * cfg.num_layers + 1
         store, cfg = build(f"{shape}-00" if not shape.startswith("demo-") else shape, None,
                            jax.devices()[0], layout, need)
         for prompt in prompts:
-            for variant in VARIANTS:
-                r = prompt_variant(store, cfg, platform, prompt, chunk, variant, args.iters, rng)
+            for batch, variant in itertools.product(batches, variants):
+                r = prompt_variant(store, cfg, platform, prompt, chunk, variant, args.iters, rng, batch)
                 r.update(shape=shape, mfu=r["model_flops"] / r["seconds"] / peak)
                 rows.append(r)
-                print(f"prefill {shape} P={prompt} {variant}: {r['tokens_per_s']:,.0f} tokens/s, "
+                print(f"prefill {shape} P={prompt} x{batch} {variant}: {r['tokens_per_s']:,.0f} tokens/s, "
                       f"MFU {r['mfu']:.1%}, compile {r['compile_s']} s", flush=True)
         del store
     dev = jax.devices()[0]
@@ -195,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)
     print(f"\n{dev.device_kind}; measured {layout.dtype} matmul peak {peak / 1e12:.1f} TFLOP/s")
-    print(f"{'shape':16s} {'prompt':>7s} {'variant':8s} {'tokens/s':>12s} {'MFU':>7s} {'attn':>6s} "
+    print(f"{'shape':16s} {'prompt':>7s} {'batch':>5s} {'call tokens':>11s} "
+          f"{'variant':8s} {'tokens/s':>12s} {'MFU':>7s} {'attn':>6s} "
           f"{'engine/xla':>10s}")
-    by = {(r["shape"], r["prompt"], r["variant"]): r for r in rows}
+    by = {(r["shape"], r["prompt"], r["batch"], r["variant"]): r for r in rows}
     for r in rows:
-        x = by.get((r["shape"], r["prompt"], "xla"))
+        x = by.get((r["shape"], r["prompt"], r["batch"], "xla"))
         ratio = f"{r['tokens_per_s'] / x['tokens_per_s']:.2f}x" if r["variant"] == "engine" and x else ""
-        print(f"{r['shape']:16s} {r['prompt']:7d} {r['variant']:8s} {r['tokens_per_s']:12,.0f} "
+        print(f"{r['shape']:16s} {r['prompt']:7d} {r['batch']:5d} {r['batch'] * r['chunk']:11d} "
+              f"{r['variant']:8s} {r['tokens_per_s']:12,.0f} "
               f"{r['mfu']:7.1%} {r['attention_share']:6.1%} {ratio:>10s}")
     return 0
 

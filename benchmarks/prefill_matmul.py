@@ -3,7 +3,8 @@
     PYTHONPATH=. python -m benchmarks.prefill_matmul [--json OUT.json] [--layers-only]  # one GPU
     JAX_PLATFORMS=cpu PYTHONPATH=. python -m benchmarks.prefill_matmul --smoke  # CPU, interpreters
 
-A 2,048-token prefill chunk routed top-8 makes 16,384 expert rows (a 4,096-token chunk 32,768):
+A 2,048-token prefill chunk routed top-8 makes 16,384 expert rows (a 4,096-token chunk 32,768, an
+8,192-token call 65,536):
 cases (rows M, experts G, K, N) for OLMoE-1B-7B (64 experts; gate/up 2048 x 2048, down 1024 x
 2048) and Qwen3-30B-A3B (128 experts; 2048 x 1536, 768 x 2048), bf16, group sizes multinomial over
 a Dirichlet(2) split, f32 output. Implementations:
@@ -60,14 +61,19 @@ from pallas_kernels.arena_matmul_mgpu import arena_grouped_matmul_mgpu
 R = 128  # the GPU arena's row width
 CASES = (("olmoe gate/up", 16384, 64, 2048, 2048), ("olmoe down", 16384, 64, 1024, 2048),
          ("qwen3 gate/up", 16384, 128, 2048, 1536), ("qwen3 down", 16384, 128, 768, 2048),
-         ("olmoe gate/up 4K", 32768, 64, 2048, 2048), ("qwen3 gate/up 4K", 32768, 128, 2048, 1536))
+         ("olmoe gate/up 4K", 32768, 64, 2048, 2048), ("qwen3 gate/up 4K", 32768, 128, 2048, 1536),
+         ("olmoe down 4K", 32768, 64, 1024, 2048), ("qwen3 down 4K", 32768, 128, 768, 2048),
+         ("olmoe gate/up 8K", 65536, 64, 2048, 2048), ("qwen3 gate/up 8K", 65536, 128, 2048, 1536))
 SMOKE_CASES = (("toy", 256, 4, 128, 256),)
 # routed-expert layers: (name, tokens T, top-k, experts E, hidden D, expert intermediate I)
 MOE_CASES = (("olmoe layer", 2048, 8, 64, 2048, 1024), ("qwen3 layer", 2048, 8, 128, 2048, 768),
-             ("olmoe layer 4K", 4096, 8, 64, 2048, 1024))
+             ("olmoe layer 4K", 4096, 8, 64, 2048, 1024), ("qwen3 layer 4K", 4096, 8, 128, 2048, 768),
+             ("olmoe layer 8K", 8192, 8, 64, 2048, 1024))
 SMOKE_MOE_CASES = (("toy layer", 24, 2, 4, 128, 128),)
 TRITON_TILINGS: tuple[dict[str, int], ...] = ({}, {"bm": 64, "bk": 128},
-                                              {"bm": 128, "bk": 64, "num_warps": 8})
+                                              {"bm": 128, "bk": 64, "num_warps": 8},
+                                              {"bm": 128, "bn": 256, "bk": 64, "num_warps": 8,
+                                               "num_stages": 2})
 MGPU_CONFIGS: tuple[dict[str, int], ...] = ({}, {"grid_block_n": 4},
                                             {"block_k": 128, "max_concurrent_steps": 3})
 WS_CONFIGS: tuple[dict[str, int], ...] = ({}, {"grid_block_n": 4}, {"max_concurrent_steps": 3},
@@ -122,8 +128,10 @@ def implementations(backend: str, with_ws: bool) -> list[tuple[str, bool, Callab
     return out
 
 
-def check_correctness(backend: str, smoke: bool, with_ws: bool) -> list[dict[str, Any]]:
-    """Our kernels on ragged cases against `numpy_product` (rel. error, tail exactly 0)."""
+def check_correctness(backend: str, smoke: bool, with_ws: bool,
+                      impls: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Our kernels (those `impls` selects, as in `time_case`) on ragged cases against
+    `numpy_product` (rel. error, tail exactly 0)."""
     rng = np.random.default_rng(7)
     cases = [(200, 3, 128, 256, [70, 0, 100]), (333, 5, 128, 384, [0, 0, 300, 0, 0])]
     if not smoke:
@@ -135,7 +143,7 @@ def check_correctness(backend: str, smoke: bool, with_ws: bool) -> list[dict[str
         sz = np.asarray(sizes, np.int32)
         want = {p: numpy_product(x, arena, offs, sz, k, n, p) for p in (False, True)}
         for label, panels, f in implementations(backend, with_ws):
-            if smoke and not label.endswith("default"):
+            if (smoke and not label.endswith("default")) or (impls and not label.startswith(impls)):
                 continue
             try:
                 got = np.asarray(f(x, arena, jnp.asarray(offs), jnp.asarray(sz), n=n), np.float64)
@@ -152,7 +160,10 @@ def check_correctness(backend: str, smoke: bool, with_ws: bool) -> list[dict[str
     return rows
 
 
-def time_case(case: tuple, backend: str, peak: float, smoke: bool, with_ws: bool) -> list[dict[str, Any]]:
+def time_case(case: tuple, backend: str, peak: float, smoke: bool, with_ws: bool,
+              impls: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Times our implementations (those whose label starts with one of `impls`; None: all), then
+    the baselines, on one `CASES` row."""
     name, m, g, k, n = case
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     arena, offs = arena_of(g, k, n, R)
@@ -175,6 +186,8 @@ def time_case(case: tuple, backend: str, peak: float, smoke: bool, with_ws: bool
 
     for label, _, f in implementations(backend, with_ws):
         if smoke and not label.endswith("default"):  # the interpreters are slow: one tiling each
+            continue
+        if impls is not None and not label.startswith(impls):
             continue
         record(label, functools.partial(f, n=n), sets)
     rows_w = k * n // R
@@ -248,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="toy sizes under the interpreters (CPU)")
     ap.add_argument("--json", default=None, metavar="OUT.json")
     ap.add_argument("--with-ws", action="store_true", help="also the warp-specialized Mosaic kernel")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated case names to time (default all; e.g. 'olmoe gate/up 4K')")
+    ap.add_argument("--impls", default=None,
+                    help="comma-separated label prefixes of our implementations to time (e.g. "
+                         "'triton default,mgpu-ws'; default all)")
     ap.add_argument("--layers-only", action="store_true",
                     help="only the MoE layer table (fused vs unfused): the kernel sweep takes minutes")
     args = ap.parse_args(argv)
@@ -257,12 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and dev.platform != "gpu":
         print(f"needs a GPU (found {dev.platform}); use --smoke on CPU", file=sys.stderr)
         return 2
-    checks = [] if args.layers_only else check_correctness(backend, args.smoke, with_ws)
+    impls = tuple(i.strip() for i in args.impls.split(",")) if args.impls else None
+    checks = [] if args.layers_only else check_correctness(backend, args.smoke, with_ws, impls)
     peak = matmul_peak(256 if args.smoke else 8192, "bfloat16")
     rows = []
-    for case in [] if args.layers_only else SMOKE_CASES if args.smoke else CASES:
+    cases = SMOKE_CASES if args.smoke else CASES
+    if args.cases:
+        names = [c.strip() for c in args.cases.split(",")]
+        unknown = set(names) - {c[0] for c in cases}
+        if unknown:
+            ap.error(f"--cases: unknown {sorted(unknown)}; known: {[c[0] for c in cases]}")
+        cases = tuple(c for c in cases if c[0] in names)
+    for case in [] if args.layers_only else cases:
         try:
-            rows += time_case(case, backend, peak, args.smoke, with_ws)
+            rows += time_case(case, backend, peak, args.smoke, with_ws, impls)
         except Exception:
             print(f"case {case[0]} failed:\n{traceback.format_exc()[-1500:]}", flush=True)
     layers: list[dict[str, Any]] = []

@@ -457,6 +457,9 @@ def main() -> None:
     ap.add_argument("--correctness-only", action="store_true", help="check, print, exit (no timing)")
     ap.add_argument("--with-mgpu", action="store_true",
                     help="also check and time the Mosaic GPU MLA kernel, after everything else")
+    ap.add_argument("--mla-only", action="store_true",
+                    help="only case (d), MLA decode: the GQA cases and their checks are skipped "
+                         "(with --with-mgpu the Mosaic kernel's check still runs first)")
     args = ap.parse_args()
     smoke = args.smoke
     backend = "interpret" if smoke else "gpu"
@@ -478,7 +481,7 @@ def main() -> None:
                   f"{'ok' if ok else 'FAIL'}", flush=True)
         return bad
 
-    if not args.skip_correctness:
+    if not args.skip_correctness and not args.mla_only:
         # With --correctness-only the Mosaic GPU rows come last here; else after the timing.
         failed |= report(check_correctness(backend, smoke,
                                            with_mgpu=args.with_mgpu and args.correctness_only))
@@ -506,6 +509,8 @@ def main() -> None:
         bundled_cfgs = [dict(k_splits=k, pages_per_compute_block=p)
                         for k, p in ((16, 8), (32, 4), (4, 8))]
         mla_lens = [8192] * 32
+    if args.mla_only:
+        cases = {}
     rows = []
     for name, lens in cases.items():
         print(f"case {name}: {len(lens)} sequences, {sum(lens)} tokens", flush=True)

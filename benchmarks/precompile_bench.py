@@ -3,7 +3,11 @@ weights), one mode, the one-lane shape grid up to --max-context tokens and --max
 KV device, compiled with --threads at once. Prints one line per program and the total.
 
     PYTHONPATH=. python -m benchmarks.precompile_bench [--mode shared] [--models 3] [--threads 8]
-        [--xla-option xla_gpu_autotune_level=0 ...]
+        [--compile-process] [--xla-option xla_gpu_autotune_level=0 ...]
+
+--compile-process: each program is traced, lowered and compiled in one of --threads worker
+processes (`EngineConfig.compile_process`, `compile_workers` = --threads) instead of threads of
+this process.
 
 --xla-option KEY=VALUE (repeatable): an XLA option every step program compiles with
 (`GroupRunner.compiler_options`); VALUE is read as an int, a float, true / false, or kept a string.
@@ -43,13 +47,17 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=8192)
     ap.add_argument("--max-slots", type=int, default=32)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--compile-process", action="store_true",
+                    help="compile in --threads worker processes (EngineConfig.compile_process)")
     ap.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     options = dict(parse_option(o) for o in args.xla_option)
     devs = jax.devices()
     n = 1 if args.mode != "crosspool" else 2
     engine = PooledEngine(mode=args.mode, pools=None if args.mode == "crosspool" else "1",
-                          config=EngineConfig(weights_fraction=0.6), devices=devs[:n])
+                          config=EngineConfig(weights_fraction=0.6, compile_process=args.compile_process,
+                                              compile_workers=args.threads if args.compile_process else 1),
+                          devices=devs[:n])
     t0 = time.perf_counter()
     for i in range(args.models):
         engine.add_random_model(f"olmoe-{i:02d}", olmoe_config(), seed=i)
@@ -61,7 +69,8 @@ def main() -> None:
     count = engine.precompile(args.max_context, args.max_slots, threads=args.threads,
                               log=lambda m: print(m, flush=True))
     wall = time.perf_counter() - t0
-    print(f"precompiled {count} programs in {wall:.1f} s with {args.threads} threads, options {options} "
+    how = "worker processes" if args.compile_process else "threads"
+    print(f"precompiled {count} programs in {wall:.1f} s with {args.threads} {how}, options {options} "
           f"({wall / max(count, 1):.2f} s per program)", flush=True)
     engine.shutdown(timeout=0)
 

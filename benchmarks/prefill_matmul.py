@@ -201,8 +201,28 @@ def time_case(case: tuple, backend: str, peak: float, smoke: bool, with_ws: bool
         record("jax ragged_dot_mgpu (pre-sliced)", lambda x, w, s: ragged_dot_mgpu.ragged_dot(
             x, w, group_sizes=s, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
             grid_block_n=1), pre)
+    cap = max(int(np.asarray(s[3]).max()) for s in sets)
+    cap = -(-cap // 128) * 128
+    record(f"xla batched, groups padded to {cap} (pre-sliced)",
+           functools.partial(padded_batched_matmul, capacity=cap), pre)
     record("dense (same FLOPs)", lambda x, w, s: jnp.dot(x, w[0], preferred_element_type=jnp.float32), pre)
     return rows
+
+
+def padded_batched_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, capacity: int) -> jax.Array:
+    """x [M, K] rows in group order, w [G, K, N], sizes [G] -> [M, N] f32 (0 past sum(sizes)):
+    each group's rows gathered into a [G, capacity, K] block (every group <= capacity rows), one
+    batched XLA matmul, the rows gathered back. What a capacity-padded dense expert layer costs."""
+    g, m = w.shape[0], x.shape[0]
+    starts = jnp.cumsum(sizes) - sizes
+    c = jnp.arange(capacity)
+    rows = jnp.where(c[None, :] < sizes[:, None], starts[:, None] + c[None, :], m)  # [G, C]
+    xp = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[rows]
+    y = jnp.einsum("gck,gkn->gcn", xp, w, preferred_element_type=jnp.float32)
+    group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(m), side="right")  # [M]
+    valid = group < g
+    gi = jnp.minimum(group, g - 1)
+    return jnp.where(valid[:, None], y[gi, jnp.clip(jnp.arange(m) - starts[gi], 0, capacity - 1)], 0.0)
 
 
 def moe_layer(fused: bool, backend: str, k: int, inter: int, d: int) -> Callable[..., jax.Array]:

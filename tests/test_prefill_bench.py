@@ -29,3 +29,45 @@ def test_prefill_smoke_on_cpu(tmp_path) -> None:
         assert r["chunks"] == r["prompt"] // 16 and r["timed_chunks"] == list(range(r["chunks"]))
     # the longer prompt attends over more context: a larger share of its FLOPs is attention
     assert rows[(64, "engine")]["attention_share"] > rows[(16, "engine")]["attention_share"]
+
+
+def test_batched_prompts_count_every_prompt(tmp_path) -> None:
+    """`--batch 1,2 --variants engine`: one row per (prompt, batch); a batch of 2 holds twice the
+    model FLOPs of one prompt, and its tokens/s counts both prompts."""
+    out = tmp_path / "prefill_batch.json"
+    assert prefill.main(["--smoke", "--iters", "1", "--batch", "1,2", "--variants", "engine",
+                         "--json", str(out)]) == 0
+    rows = {(r["prompt"], r["batch"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(16, 1), (16, 2), (64, 1), (64, 2)}
+    assert {r["variant"] for r in rows.values()} == {"engine"}
+    for p in (16, 64):
+        one, two = rows[(p, 1)], rows[(p, 2)]
+        assert two["model_flops"] == 2 * one["model_flops"]
+        assert abs(two["tokens_per_s"] * two["seconds"] - 2 * p) < 1e-6 * p
+        assert two["attention_share"] == one["attention_share"]
+
+
+def test_several_requests_inputs() -> None:
+    """`layer_loop.prefill_inputs(requests=3)`: 3 chunks of 4 tokens side by side, each at its own
+    positions after the same context, on pages of its own."""
+    import jax
+    import numpy as np
+
+    from benchmarks.calibrate import build
+    from benchmarks.layer_loop import prefill_inputs
+    from crosspool_jax.execution.pooled_step import model_geometry
+    from pallas_kernels.page_layout import PoolLayout
+
+    layout = PoolLayout(16384, "float32", 64, 1)
+    store, cfg = build("demo-mixtral", None, jax.devices()[0], layout, 64)
+    tpp = model_geometry(cfg, layout, "cpu").tokens_per_page
+    arr, width = prefill_inputs(store, cfg, tpp, 4, np.random.default_rng(0), context=5, requests=3)
+    assert arr["tokens"].shape == (1, 12) and arr["tail_pages"].shape[1] == 3
+    assert arr["cu_q"][0].tolist() == [0, 4, 8, 12]
+    assert arr["tok_slot"][0].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert arr["positions"][0].tolist() == [5, 6, 7, 8] * 3
+    assert arr["sample_row"][0].tolist() == [3, 7, 11] and arr["tail_len"][0].tolist() == [9] * 3
+    assert arr["grp_rows"][0, 0] == 12 and arr["grp_slots"][0, 0] == 3
+    pages = arr["tail_pages"][0][arr["tail_pages"][0] >= 0]
+    assert len(set(pages.tolist())) == pages.size  # no page shared between requests or layers
+    assert width >= -(-9 // tpp)

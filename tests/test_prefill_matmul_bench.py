@@ -16,7 +16,43 @@ def test_prefill_matmul_smoke(tmp_path) -> None:
     impls = {r["impl"] for r in res["rows"]}
     assert {"triton default", "mgpu default", "mgpu-ws default", "xla ragged_dot (pre-sliced)",
             "dense (same FLOPs)"} <= impls
+    assert any(i.startswith("xla batched, groups padded to") for i in impls)
     assert all(r["us"] > 0 and r["tflops"] > 0 for r in res["rows"])
     layers = res["moe_layers"]
     assert {r["impl"] for r in layers} == {"fused", "unfused"}
     assert all(r["ok"] and r["rel_err"] < 1e-2 and r["us"] > 0 for r in layers)
+
+
+def test_padded_batched_matmul_matches_groups() -> None:
+    """The capacity-padded baseline: each group's rows times its own weight, 0 past sum(sizes),
+    empty groups included."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    sizes = np.array([3, 0, 5, 2], np.int32)
+    x = rng.standard_normal((12, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 8, 6)).astype(np.float32)
+    got = np.asarray(prefill_matmul.padded_batched_matmul(jnp.asarray(x), jnp.asarray(w),
+                                                          jnp.asarray(sizes), capacity=8))
+    want = np.zeros((12, 6), np.float32)
+    at = 0
+    for g, s in enumerate(sizes):
+        want[at:at + s] = x[at:at + s] @ w[g]
+        at += s
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_case_and_implementation_filters(tmp_path) -> None:
+    """--impls keeps only the implementations it names (baselines always run); an unknown --cases
+    name is an error."""
+    import pytest
+
+    out = tmp_path / "pm.json"
+    assert prefill_matmul.main(["--smoke", "--impls", "triton", "--cases", "toy", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {c["impl"] for c in res["correctness"]} == {"triton default"}
+    ours = {r["impl"] for r in res["rows"]} - {"xla ragged_dot (pre-sliced)", "dense (same FLOPs)"}
+    assert {i for i in ours if not i.startswith("xla batched")} == {"triton default"}
+    with pytest.raises(SystemExit):
+        prefill_matmul.main(["--smoke", "--cases", "no such case"])

@@ -9,7 +9,11 @@ an XLA-only version of the same math, in one run.
 
 Variants (the same `pooled_step` program, one request, colocated on the first device):
 - engine: the engine's kernels on the platform (GPU: the Pallas prefill attention over the paged KV
-  and the arena grouped matmul reading weights in place);
+  and the arena grouped matmul reading weights in place), its default attention kernels
+  (`pallas_kernels.dispatch.DEFAULT_ATTENTION_KERNELS`);
+- triton / mosaic / auto: the engine with `attention_kernels` "triton" / "mosaic" / "auto" (the
+  same program with each prefill chunk's attention on that kernel family; "mosaic" falls back to
+  Triton where the Mosaic kernel refuses the shapes; "auto" is `dispatch`'s Hopper rule);
 - xla: attention by the jnp reference over the same pages and the experts by XLA's `ragged_dot`
   over weights sliced from the arena (`backend` / `matmul_backend` "reference").
 On CPU both variants are the XLA reference (the Pallas kernels run only interpreted there):
@@ -52,9 +56,13 @@ from benchmarks.layer_loop import median_call_seconds, prefill_inputs
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
 from crosspool_jax.execution.prefill_cost import chunk_work
 from crosspool_jax.models.costs import model_costs
+from pallas_kernels.dispatch import DEFAULT_ATTENTION_KERNELS
 from pallas_kernels.page_layout import PoolLayout
 
-VARIANTS = ("engine", "xla")
+VARIANTS = ("engine", "triton", "mosaic", "auto", "xla")
+DEFAULT_VARIANTS = ("engine", "xla")
+KERNELS = {"engine": DEFAULT_ATTENTION_KERNELS, "triton": "triton", "mosaic": "mosaic", "auto": "auto",
+           "xla": "triton"}
 MAX_TIMED_CHUNKS = 8
 GPU_SHAPES = ("olmoe-1b-7b", "qwen3-30b-a3b")
 GPU_PROMPTS = (512, 4096, 32768)
@@ -85,7 +93,8 @@ def prompt_variant(store: Any, cfg: Any, platform: str, prompt: int, chunk: int,
     be = "reference" if variant == "xla" or platform == "cpu" else None
     cls = store.models["m"].cls
     _, width = prefill_inputs(store, cfg, tpp, t, rng, context=(n_chunks - 1) * t, requests=batch)
-    spec = StepSpec((LaneShape(cls, 1, batch, batch * t, width),), False, 1, be, matmul_backend=be)
+    spec = StepSpec((LaneShape(cls, 1, batch, batch * t, width),), False, 1, be, matmul_backend=be,
+                    attention_kernels=KERNELS[variant])
     sds = jax.ShapeDtypeStruct(store.arena.shape, store.arena.dtype, sharding=store.sharding)
     t0 = time.perf_counter()
     prog = build_step(spec, store, platform).lower(sds, input_shapes(spec, store)).compile()
@@ -126,7 +135,7 @@ def check_correctness(platform: str, names: tuple[str, ...]) -> dict[str, bool]:
         w = jax.tree.map(lambda a: a.astype(jnp.float32), m.weights)
         ref = ReferenceGenerator(m.config, w)
         want = [next(iter(ref.generate(prompt[:end], 1).token_ids)) for end in (16, 32, 40)]
-        for variant in VARIANTS:
+        for variant in DEFAULT_VARIANTS:
             be = "reference" if variant == "xla" or platform == "cpu" else None
             r = GroupRunner(None, PoolLayout(16384, "float32", 64, 512), 256, colocated=jax.devices()[0],
                             platform=platform, backend=be, prefill_chunk=16, max_prefill_tokens=16,
@@ -152,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", default="1",
                     help="comma-separated counts of prompts prefilled side by side, each call "
                          "holding --chunk tokens of each (default 1)")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help="comma-separated subset of engine,xla (default both)")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated subset of {','.join(VARIANTS)} (default "
+                         f"{','.join(DEFAULT_VARIANTS)})")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--smoke", action="store_true",
                     help="CPU: demo-mixtral, prompts 16,64, chunk 16, float32 16-KiB pages")
@@ -218,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["shape"], r["prompt"], r["batch"], r["variant"]): r for r in rows}
     for r in rows:
         x = by.get((r["shape"], r["prompt"], r["batch"], "xla"))
-        ratio = f"{r['tokens_per_s'] / x['tokens_per_s']:.2f}x" if r["variant"] == "engine" and x else ""
+        ratio = f"{r['tokens_per_s'] / x['tokens_per_s']:.2f}x" if r["variant"] != "xla" and x else ""
         print(f"{r['shape']:16s} {r['prompt']:7d} {r['batch']:5d} {r['batch'] * r['chunk']:11d} "
               f"{r['variant']:8s} {r['tokens_per_s']:12,.0f} "
               f"{r['mfu']:7.1%} {r['attention_share']:6.1%} {ratio:>10s}")

@@ -81,6 +81,7 @@ MGPU_CONFIGS: list[dict[str, Any] | None] = [
     {"num_splits": 1},
     {"num_splits": 2},
     {"num_splits": 4},
+    {"num_splits": 8},
     {"stages": 3},
     {"block_t": 64, "stages": 3},
 ]

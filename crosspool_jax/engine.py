@@ -74,6 +74,7 @@ from crosspool_jax.memory.planner import ModelLimits, RequestRejected
 from crosspool_jax.memory.topology import PoolTopology, Role, devices_needed, ensure_cpu_devices
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.params import ModelWeights
+from pallas_kernels.dispatch import ATTENTION_KERNELS, DEFAULT_ATTENTION_KERNELS
 from pallas_kernels.page_layout import PoolLayout
 
 MODES = ("crosspool", "shared", "static")
@@ -105,7 +106,10 @@ class EngineConfig:
       process's GIL (`execution.compile_process`); default False. compile_workers: background
       compiles at once (with compile_process: worker processes), default 1. dtype: the arena's
       (weights and KV)
-      dtype, default the platform's ("float32" on CPU, "bfloat16" elsewhere). micro_batches:
+      dtype, default the platform's ("float32" on CPU, "bfloat16" elsewhere). attention_kernels:
+      "triton" (default), "auto" (on Hopper GPUs the Mosaic GPU kernels where they were measured
+      faster alone; not yet timed inside the engine on a GPU) or "mosaic"
+      (`pallas_kernels.dispatch`). micro_batches:
       2 = ping-pong decode lanes.
     execution (crosspool mode): "lowered" = each step is one XLA program over both pools (default:
       1.12x the colocated step on 2 x H200; the host-scheduled step is not timed on GPUs yet, and
@@ -141,6 +145,7 @@ class EngineConfig:
     compile_workers: int = 1
     dtype: str | None = None
     attention_backend: str | None = None
+    attention_kernels: str = DEFAULT_ATTENTION_KERNELS
     micro_batches: int = 1
     execution: str = "lowered"
     overlap: bool = True
@@ -764,12 +769,15 @@ def runner_kwargs(cfg: EngineConfig, platform: str) -> dict[str, Any]:
         raise InvalidRequestError(f"prefill_share must be > 0, got {cfg.prefill_share}")
     if cfg.compile_workers < 1:
         raise InvalidRequestError(f"compile_workers must be >= 1, got {cfg.compile_workers}")
+    if cfg.attention_kernels not in ATTENTION_KERNELS:
+        raise InvalidRequestError(f"attention_kernels must be one of {ATTENTION_KERNELS}, got "
+                                  f"{cfg.attention_kernels!r}")
     return dict(steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk,
                 max_prefill_tokens=cfg.max_prefill_tokens, backend=cfg.attention_backend,
                 platform=platform, micro_batches=cfg.micro_batches, overlap=cfg.overlap,
                 max_stop_ids=cfg.max_stop_ids, prefill_share=cfg.prefill_share,
                 mixed_steps=cfg.mixed_steps, compile_process=cfg.compile_process,
-                compile_workers=cfg.compile_workers)
+                compile_workers=cfg.compile_workers, attention_kernels=cfg.attention_kernels)
 
 
 def placement_order(loads: list[int]) -> list[int]:

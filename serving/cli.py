@@ -355,6 +355,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--attention-backend", default=None, metavar="B",
                    help="gpu, tpu, interpret, tpu_interpret or reference (default: the platform's; "
                    "reference on CPU)")
+    g.add_argument("--attention-kernels", default=None, choices=("auto", "triton", "mosaic"),
+                   help="auto (default: on Hopper GPUs the Mosaic GPU attention kernels where "
+                   "measured faster, else Triton), triton or mosaic (pallas_kernels.dispatch)")
     g.add_argument("--execution", default=None, choices=("lowered", "host", "auto"),
                    help="crosspool step strategy: lowered (one program over both pools; default), host "
                    "(host-scheduled per-layer calls on each pool's mesh) or auto (per step shape, "
@@ -397,7 +400,7 @@ LIMIT_FLAGS = (
 ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call", "prefill_chunk",
                 "prefill_share", "mixed_steps", "compile_process", "compile_workers",
                 "max_prefill_tokens", "micro_batches",
-                "dtype", "attention_backend",
+                "dtype", "attention_backend", "attention_kernels",
                 "execution", "overlap", "idle_sleep_s", "host_weights_bytes")
 
 

@@ -15,6 +15,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     prefill_share = 1.0          mixed_steps = false     compile_process = false
     compile_workers = 1
     micro_batches = 1           dtype = "float32"       attention_backend = "reference"
+    attention_kernels = "auto"
     execution = "lowered"       overlap = true          idle_sleep_s = 600
     host_weights_bytes = "32GiB"
     [limits]                    # serving.limits.RequestLimits fields: what one request may cost
@@ -204,6 +205,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
 
 
 ATTENTION_BACKENDS = ("gpu", "tpu", "interpret", "tpu_interpret", "reference")  # pallas_kernels BACKENDS
+ATTENTION_KERNELS = ("auto", "triton", "mosaic")  # pallas_kernels.dispatch.ATTENTION_KERNELS
 DTYPES = ("float32", "bfloat16", "float16")
 EXECUTIONS = ("lowered", "host", "auto")  # crosspool_jax.execution.host_step.EXECUTIONS (kept import-light)
 
@@ -237,6 +239,7 @@ ENGINE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "micro_batches": _int(1),
     "dtype": _choice(DTYPES),
     "attention_backend": _choice(ATTENTION_BACKENDS),
+    "attention_kernels": _choice(ATTENTION_KERNELS),
     "execution": _choice(EXECUTIONS),
     "overlap": _bool,
     "idle_sleep_s": _seconds,

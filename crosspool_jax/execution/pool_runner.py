@@ -79,6 +79,7 @@ from crosspool_jax.memory.topology import PoolTopology, Role
 from crosspool_jax.models.config import AttentionKind, ModelConfig
 from crosspool_jax.models.costs import ModelCosts, model_costs
 from crosspool_jax.models.params import ModelWeights
+from pallas_kernels import dispatch
 from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
 
 _log = logging.getLogger(__name__)
@@ -311,8 +312,9 @@ class GroupRunner:
     token each as rows of the same prefill call (one read of the experts, instead of a decode
     call of K tokens and a prefill call), their budget share taken from the prompt tokens; lanes
     with nothing to prefill decode K tokens per call as before (`_mixed_lanes`).
-    backend: the kernels' backend. call_log: the last this many calls read are kept in
-    `call_log` (`CallRecord`; 0: none), for benchmarks.
+    backend: the kernels' backend. attention_kernels: which attention kernels the step programs
+    run (`pallas_kernels.dispatch`: "triton", the default, "auto" or "mosaic"). call_log: the
+    last this many calls read are kept in `call_log` (`CallRecord`; 0: none), for benchmarks.
     kv_pages_per_device: KV pages the virtualizer hands out per KV device (default: all the arena's
     KV pages; fewer leaves the rest unused, e.g. to give two modes the same KV budget).
     micro_batches: decode lanes per model (2: ping-pong, each model's slots split in two lanes whose
@@ -399,6 +401,7 @@ class GroupRunner:
         compiler_options: dict[str, Any] | None = None,
         compile_process: bool = False,
         compile_workers: int = 1,
+        attention_kernels: str = dispatch.DEFAULT_ATTENTION_KERNELS,
         store: ArenaBook | None = None,
     ):
         if not prefill_share > 0:
@@ -415,6 +418,7 @@ class GroupRunner:
         self._trials: dict[tuple[Any, ...], StrategyTrial] = {}  # auto: verdict per lane structure
         self.platform = platform or ("gpu" if jax.default_backend() in ("gpu", "cuda") else "cpu")
         self.backend = backend
+        self.attention_kernels = dispatch.check_kernels(attention_kernels)
         self.steps_per_call = steps_per_call
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -817,17 +821,18 @@ class GroupRunner:
         """The one-lane prefill program of class `cls`: G = `g`, `slots` slots, `tokens` prompt
         tokens, page tables of `pages` pages."""
         return StepSpec((LaneShape(cls, g, slots, tokens, pages, stop_width=self.stop_width),), False, 1,
-                        self.backend)
+                        self.backend, attention_kernels=self.attention_kernels)
 
     def _decode_specs(self, cls: Any, g: int, slots: int, pages: int,
                       schedule: str = "split") -> list[StepSpec]:
         """The one-lane decode program of class `cls` (K = steps_per_call, attention `schedule`)
         and, with micro_batches = 2, its ping-pong pair (two equal lanes)."""
         ln = LaneShape(cls, g, slots, slots, pages, stop_width=self.stop_width)
-        out = [StepSpec((ln,), True, self.steps_per_call, self.backend, attention_schedule=schedule)]
+        out = [StepSpec((ln,), True, self.steps_per_call, self.backend, attention_schedule=schedule,
+                        attention_kernels=self.attention_kernels)]
         if self.micro_batches == 2:
             out.append(StepSpec((ln, ln), True, self.steps_per_call, self.backend,
-                                attention_schedule=schedule))
+                                attention_schedule=schedule, attention_kernels=self.attention_kernels))
         return out
 
     def _chunk_spec(self, key: tuple[Any, str | None], tokens: int, pages: int) -> StepSpec:
@@ -1016,12 +1021,14 @@ class GroupRunner:
                     for b in slots:
                         for k in steps:
                             lane = LaneShape(cls, gg, b, b, p, stop_width=self.stop_width)
-                            specs.append(StepSpec((lane,), True, k, self.backend))
+                            specs.append(StepSpec((lane,), True, k, self.backend,
+                                                  attention_kernels=self.attention_kernels))
                     for t in ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor):
                         for b in slots:
                             if b <= t:
                                 lane = LaneShape(cls, gg, b, t, p, stop_width=self.stop_width)
-                                specs.append(StepSpec((lane,), False, 1, self.backend))
+                                specs.append(StepSpec((lane,), False, 1, self.backend,
+                                                      attention_kernels=self.attention_kernels))
         return specs
 
     def precompile(self, specs: Sequence[StepSpec], threads: int = 4,
@@ -1496,7 +1503,8 @@ class GroupRunner:
                 [tail_lens[i] for i in idxs], wanted[idxs[0]].cls.config,
                 decode and self.platform == "gpu" and not any(wanted[i].extras for i in idxs))
             spec, prog = self._program_for(StepSpec(tuple(wanted[i] for i in idxs), decode, steps,
-                                                    self.backend, attention_schedule=sched))
+                                                    self.backend, attention_schedule=sched,
+                                                    attention_kernels=self.attention_kernels))
             for i, shape in zip(idxs, spec.lanes, strict=True):
                 shapes[i] = shape
             programs.append((idxs, prog))

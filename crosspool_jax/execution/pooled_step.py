@@ -71,14 +71,7 @@ from crosspool_jax.memory.topology import POOL_AXIS, Role
 from crosspool_jax.models.config import AttentionKind, FFNKind, ModelConfig, QKNorm
 from crosspool_jax.models.layers import apply_rope, rms_norm, rope_cos_sin
 from crosspool_jax.models.moe import route_logits
-from pallas_kernels import (
-    kv_append,
-    mla_kv_append,
-    paged_decode_attention,
-    paged_mla_decode_attention,
-    paged_mla_prefill_attention,
-    paged_prefill_attention,
-)
+from pallas_kernels import dispatch, kv_append, mla_kv_append, paged_decode_attention
 from pallas_kernels.arena_matmul import arena_grouped_matmul
 from pallas_kernels.page_layout import KVSpec, PageGeometry, PoolLayout, page_geometry
 
@@ -126,6 +119,7 @@ class StepSpec:
     steps: int = 1
     backend: str | None = None  # attention kernels' backend (None: from the platform)
     attention_schedule: str = "split"
+    attention_kernels: str = dispatch.DEFAULT_ATTENTION_KERNELS  # `dispatch.ATTENTION_KERNELS`
     matmul_backend: str | None = None  # arena matmul backend (None: the Pallas kernel on GPU,
     # "reference" = XLA's ragged_dot over sliced weights elsewhere)
     unroll_layers: bool = False  # True: every layer emitted straight (no loop; benchmarks compare)
@@ -394,21 +388,23 @@ class Lane:
         sched = self.spec.attention_schedule
         mla = cfg.attention == AttentionKind.MLA
         extra = dict(kw, return_lse=True) if split else kw
+        kernels = self.spec.attention_kernels
         if self.spec.decode:
             if mla:
-                res = paged_mla_decode_attention(q, q_rope, arena, tail_pages, st.tail_len, self.geom,
-                                                 scale=cfg.softmax_scale, schedule=sched, **extra)
+                res = dispatch.mla_decode_attention(q, q_rope, arena, tail_pages, st.tail_len,
+                                                    self.geom, scale=cfg.softmax_scale,
+                                                    kernels=kernels, schedule=sched, **extra)
             else:
                 res = paged_decode_attention(q, arena, tail_pages, st.tail_len, self.geom,
                                              scale=cfg.softmax_scale, schedule=sched, **extra)
+        elif mla:
+            res = dispatch.mla_prefill_attention(q, q_rope, arena, tail_pages, st.tail_len,
+                                                 inp["cu_q"], self.geom, scale=cfg.softmax_scale,
+                                                 kernels=kernels, **extra)
         else:
-            if mla:
-                res = paged_mla_prefill_attention(q, q_rope, arena, tail_pages, st.tail_len,
-                                                  inp["cu_q"], self.geom, scale=cfg.softmax_scale,
-                                                  **extra)
-            else:
-                res = paged_prefill_attention(q, arena, tail_pages, st.tail_len, inp["cu_q"],
-                                              self.geom, scale=cfg.softmax_scale, **extra)
+            res = dispatch.prefill_attention(q, arena, tail_pages, st.tail_len, inp["cu_q"],
+                                             self.geom, scale=cfg.softmax_scale, kernels=kernels,
+                                             **extra)
         return res if split else (res, None)
 
     def _split(self, arena, q, q_rope, o, lse, layer, dev, is_kv, kw):
@@ -424,8 +420,9 @@ class Lane:
         if cfg.attention == AttentionKind.MLA:
             r_all = lax.all_gather(q_rope, POOL_AXIS, tiled=True)
             rx = jnp.take(r_all, jnp.maximum(x_rows, 0), axis=0)
-            ox, lsex = paged_mla_decode_attention(qx, rx, arena, pages, lens, self.geom,
-                                                  scale=cfg.softmax_scale, **kw)
+            ox, lsex = dispatch.mla_decode_attention(qx, rx, arena, pages, lens, self.geom,
+                                                     scale=cfg.softmax_scale,
+                                                     kernels=self.spec.attention_kernels, **kw)
         else:
             ox, lsex = paged_decode_attention(qx, arena, pages, lens, self.geom,
                                               scale=cfg.softmax_scale, **kw)

@@ -151,6 +151,20 @@ def test_shared_memory_plan():
     assert pm.smem_bytes(1, 128, 128, 4, 2) > pm.SMEM_BYTES - pm.SMEM_SLACK
 
 
+def test_default_splits(monkeypatch):
+    from pallas_kernels import attention_core
+
+    monkeypatch.setattr(attention_core, "num_sms", lambda: 132)
+    # the engine's 2,048-token OLMoE chunk of a 4K prompt: 17 blocks x 16 heads fill the SMs
+    assert pm.default_num_splits(17, 16, 4096, 128) == 1
+    # a ragged chunk whose table reaches 32K tokens: one split per 8K tokens (5)
+    assert pm.default_num_splits(20, 16, 33280, 128) == 5
+    # one 512-token OLMoE chunk after 8K: the SM rule (80 CTAs -> 2) and the token rule agree
+    assert pm.default_num_splits(5, 16, 8704, 128) == 2
+    # few CTAs: the SM rule, capped at 4 steps of the walk
+    assert pm.default_num_splits(1, 1, 2048, 128) == 4
+
+
 def test_rejects_what_it_cannot_do():
     case, q, cu = _case(6, 2, 4, 64, 64, 16, [20], [20])
     args = (q, case.arena, case.table, case.lens, cu, case.geom)

@@ -1,0 +1,183 @@
+"""Which kernel family runs an attention call: the Triton kernels, or on Hopper the Mosaic GPU
+(wgmma + TMA) kernels where they are measured faster.
+
+`ATTENTION_KERNELS` (the engine's ``attention_kernels``, `StepSpec.attention_kernels`; default
+`DEFAULT_ATTENTION_KERNELS`):
+
+* "auto": on a Hopper GPU (compute capability 9.x) under the "gpu" backend, the Mosaic
+  GPU kernel for the calls `auto_uses_mosaic` names (the rule measured on an H100, 2026-12-05,
+  docs/kernels.md "Mosaic GPU kernels in the engine"); the Triton kernels everywhere else (other
+  GPUs, other backends, CPU).
+* "triton" (the default): always the Triton kernels (off GPU: the same kernels interpreted, or
+  the jnp reference). "auto" is not the default yet: its rule comes from the kernels timed alone
+  (benchmarks/prefill_attention.py, benchmarks/kernels.py); the engine's step programs with the
+  Mosaic kernels inside have been run on CPU (Mosaic GPU's interpreter: the same greedy tokens
+  as with Triton, tests/test_attention_kernels_step.py) but not yet compiled or timed on a GPU
+  (`benchmarks/prefill.py --variants triton,mosaic` is the measurement that decides it).
+* "mosaic": the Mosaic GPU kernel wherever one exists for the call, on any backend the Mosaic
+  kernels have ("gpu", and "interpret": Mosaic GPU's interpreter on CPU, for tests).
+
+Under "auto" and "mosaic" a call the Mosaic kernel cannot take (an f32 arena, a row width other
+than 64 / 128, a GQA group over 64, ...: each kernel's ValueError, raised while tracing) runs the
+Triton kernel instead; nothing else changes. GQA / MQA decode has no Mosaic kernel: it always runs
+`decode.paged_decode_attention`.
+
+Each function takes and returns what the Triton kernel it stands for does (`prefill.
+paged_prefill_attention`, `prefill.paged_mla_prefill_attention`, `decode.paged_mla_decode_attention`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+
+from pallas_kernels._common import resolve_backend
+from pallas_kernels.decode import paged_mla_decode_attention
+from pallas_kernels.page_layout import PageGeometry
+from pallas_kernels.prefill import paged_mla_prefill_attention, paged_prefill_attention
+
+ATTENTION_KERNELS = ("auto", "triton", "mosaic")
+DEFAULT_ATTENTION_KERNELS = "triton"
+MOSAIC_BACKENDS = ("gpu", "interpret")
+CALLS = ("gqa_prefill", "mla_prefill", "mla_decode")
+# "auto": MLA prefill on the Mosaic decode kernel's rows. Off: not yet timed on a GPU beside the
+# Triton kernel (the 2026-12-05 call ran out of time in the references).
+MLA_PREFILL_MOSAIC = False
+
+
+def check_kernels(kernels: str) -> str:
+    """`kernels` if it is one of `ATTENTION_KERNELS`; ValueError otherwise."""
+    if kernels not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernels {kernels!r}: expected one of {ATTENTION_KERNELS}")
+    return kernels
+
+
+@functools.cache
+def is_hopper() -> bool:
+    """True when the default device is an NVIDIA GPU of compute capability 9.x (H100 / H200)."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover - no backend at all
+        return False
+    cc = str(getattr(dev, "compute_capability", "") or "")
+    return dev.platform in ("gpu", "cuda") and cc.split(".")[0] == "9"
+
+
+def auto_uses_mosaic(call: str, gqa_group: int = 1) -> bool:
+    """The "auto" rule on Hopper: does `call` (one of `CALLS`) run the Mosaic GPU kernel?
+
+    gqa_group: query heads per KV head (GQA prefill; the rule does not depend on it today).
+    Measured on one H100, 2026-12-05 (docs/kernels.md "Mosaic GPU kernels in the engine"): MLA
+    decode 1.81x the Triton kernel (DeepSeek-V3, batch 32 ragged); GQA prefill with a group of 8
+    (Qwen3-30B-A3B) 1.0-2.1x the Triton kernel on every case; with a group of 1 (OLMoE, MHA)
+    1.7-2.2x after 8K / 32K tokens and on a ragged 4-request chunk at 4-8 KV splits (the
+    split rule `prefill_mgpu.default_num_splits` now gives those). MLA prefill: see
+    `MLA_PREFILL_MOSAIC`.
+    """
+    if call == "mla_decode":
+        return True
+    if call == "mla_prefill":
+        return MLA_PREFILL_MOSAIC
+    if call == "gqa_prefill":
+        return gqa_group >= 1
+    raise ValueError(f"call {call!r}: expected one of {CALLS}")
+
+
+def wants_mosaic(kernels: str, backend: str, call: str, gqa_group: int = 1,
+                 hopper: bool | None = None) -> bool:
+    """Whether a call tries the Mosaic GPU kernel first (it may still refuse the shapes).
+
+    kernels: one of `ATTENTION_KERNELS`; backend: the resolved kernel backend ("gpu",
+    "interpret", "reference", "tpu"); hopper: whether the device is Hopper (default `is_hopper()`).
+    """
+    check_kernels(kernels)
+    if kernels == "triton" or backend not in MOSAIC_BACKENDS:
+        return False
+    if kernels == "mosaic":
+        return True
+    if backend != "gpu":
+        return False
+    return (is_hopper() if hopper is None else hopper) and auto_uses_mosaic(call, gqa_group)
+
+
+def _mosaic_or_none(fn, *args: Any, **kw: Any) -> Any:
+    """fn(*args, **kw), or None when the kernel refuses the call's shapes (its ValueError)."""
+    try:
+        return fn(*args, **kw)
+    except ValueError:
+        return None
+
+
+def prefill_attention(q: jax.Array, arena: jax.Array, page_table: jax.Array, kv_lens: jax.Array,
+                      cu_q_lens: jax.Array, geom: PageGeometry, *,
+                      kernels: str = DEFAULT_ATTENTION_KERNELS,
+                      scale: float | None = None, soft_cap: float | None = None,
+                      window: int | None = None, backend: str | None = None,
+                      return_lse: bool = False) -> Any:
+    """`prefill.paged_prefill_attention` (GQA / MQA / MHA chunked prefill) by the kernel
+    `kernels` picks; same arguments and result."""
+    be = resolve_backend(backend)
+    if wants_mosaic(kernels, be, "gqa_prefill", q.shape[1] // geom.spec.kv_heads):
+        from pallas_kernels.prefill_mgpu import paged_prefill_attention_mgpu
+
+        out = _mosaic_or_none(paged_prefill_attention_mgpu, q, arena, page_table, kv_lens,
+                              cu_q_lens, geom, scale=scale, soft_cap=soft_cap, window=window,
+                              backend=be, return_lse=return_lse)
+        if out is not None:
+            return out
+    return paged_prefill_attention(q, arena, page_table, kv_lens, cu_q_lens, geom, scale=scale,
+                                   soft_cap=soft_cap, window=window, backend=be,
+                                   return_lse=return_lse)
+
+
+def mla_prefill_attention(q_latent: jax.Array, q_rope: jax.Array, arena: jax.Array,
+                          page_table: jax.Array, kv_lens: jax.Array, cu_q_lens: jax.Array,
+                          geom: PageGeometry, *, scale: float,
+                          kernels: str = DEFAULT_ATTENTION_KERNELS,
+                          soft_cap: float | None = None, window: int | None = None,
+                          backend: str | None = None, return_lse: bool = False) -> Any:
+    """`prefill.paged_mla_prefill_attention` (MLA chunked prefill, absorbed form) by the kernel
+    `kernels` picks; same arguments and result."""
+    be = resolve_backend(backend)
+    if wants_mosaic(kernels, be, "mla_prefill"):
+        from pallas_kernels.mla_prefill_mgpu import paged_mla_prefill_attention_mgpu
+
+        out = _mosaic_or_none(paged_mla_prefill_attention_mgpu, q_latent, q_rope, arena,
+                              page_table, kv_lens, cu_q_lens, geom, scale=scale,
+                              soft_cap=soft_cap, window=window, backend=be,
+                              return_lse=return_lse)
+        if out is not None:
+            return out
+    return paged_mla_prefill_attention(q_latent, q_rope, arena, page_table, kv_lens, cu_q_lens,
+                                       geom, scale=scale, soft_cap=soft_cap, window=window,
+                                       backend=be, return_lse=return_lse)
+
+
+def mla_decode_attention(q_latent: jax.Array, q_rope: jax.Array, arena: jax.Array,
+                         page_table: jax.Array, lengths: jax.Array, geom: PageGeometry, *,
+                         scale: float, kernels: str = DEFAULT_ATTENTION_KERNELS,
+                         soft_cap: float | None = None,
+                         window: int | None = None, backend: str | None = None,
+                         schedule: str = "split", return_lse: bool = False) -> Any:
+    """`decode.paged_mla_decode_attention` by the kernel `kernels` picks; same arguments and
+    result (`schedule` applies to the Triton kernel; the Mosaic one splits each sequence's KV
+    by its own rule)."""
+    be = resolve_backend(backend)
+    if wants_mosaic(kernels, be, "mla_decode"):
+        from pallas_kernels.mla_decode_mgpu import paged_mla_decode_attention_mgpu
+
+        out = _mosaic_or_none(paged_mla_decode_attention_mgpu, q_latent, q_rope, arena,
+                              page_table, lengths, geom, scale=scale, soft_cap=soft_cap,
+                              window=window, backend=be, return_lse=return_lse)
+        if out is not None:
+            return out
+    return paged_mla_decode_attention(q_latent, q_rope, arena, page_table, lengths, geom,
+                                      scale=scale, soft_cap=soft_cap, window=window, backend=be,
+                                      schedule=schedule, return_lse=return_lse)
+
+
+__all__ = ["ATTENTION_KERNELS", "CALLS", "DEFAULT_ATTENTION_KERNELS", "auto_uses_mosaic",
+           "check_kernels", "is_hopper", "mla_decode_attention", "mla_prefill_attention",
+           "prefill_attention", "wants_mosaic"]

@@ -15,7 +15,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     prefill_share = 1.0          mixed_steps = false     compile_process = false
     compile_workers = 1
     micro_batches = 1           dtype = "float32"       attention_backend = "reference"
-    attention_kernels = "auto"
+    attention_kernels = "triton"
     execution = "lowered"       overlap = true          idle_sleep_s = 600
     host_weights_bytes = "32GiB"
     [limits]                    # serving.limits.RequestLimits fields: what one request may cost

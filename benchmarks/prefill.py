@@ -42,6 +42,7 @@ import argparse
 import datetime
 import itertools
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -53,6 +54,7 @@ import numpy as np
 from benchmarks.calibrate import build
 from benchmarks.kernels import matmul_peak
 from benchmarks.layer_loop import median_call_seconds, prefill_inputs
+from benchmarks.runner import GPU_MEM_FRACTION, model_config
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
 from crosspool_jax.execution.prefill_cost import chunk_work
 from crosspool_jax.models.costs import model_costs
@@ -169,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU: demo-mixtral, prompts 16,64, chunk 16, float32 16-KiB pages")
     ap.add_argument("--json", default=None, metavar="OUT.json")
     args = ap.parse_args(argv)
+    # before JAX starts its backend: JAX's default pool (75% of the card) is smaller than the arena
+    # of Qwen3-30B-A3B with KV for 32K-token prompts on an 80-GB card (its 59.87-GiB allocation
+    # failed there, 2026-12-05); the bench's pool share (`runner.GPU_MEM_FRACTION`) unless set
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or set(variants) - set(VARIANTS):
         ap.error(f"--variants {args.variants!r}: a subset of {','.join(VARIANTS)}")
@@ -198,8 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     rows = []
     for shape in shapes:
-        from benchmarks.runner import model_config
-
         cfg = model_config(f"{shape}-00" if not shape.startswith("demo-") else shape)
         tpp = model_geometry(cfg, layout, platform).tokens_per_page
         need = max(batches) * -(-max(prompts) // tpp) * cfg.num_layers + 1

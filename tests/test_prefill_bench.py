@@ -71,3 +71,20 @@ def test_several_requests_inputs() -> None:
     pages = arr["tail_pages"][0][arr["tail_pages"][0] >= 0]
     assert len(set(pages.tolist())) == pages.size  # no page shared between requests or layers
     assert width >= -(-9 // tpp)
+
+
+def test_kernel_variants_and_bad_variant(tmp_path, capsys) -> None:
+    """`--variants mosaic,auto`: one row each, each naming its variant (on CPU both run the XLA
+    reference: the Mosaic GPU kernels are timed on a GPU only); an unknown one is refused."""
+    import pytest
+
+    out = tmp_path / "prefill_kernels.json"
+    assert prefill.main(["--smoke", "--iters", "1", "--variants", "mosaic,auto",
+                         "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["prompt"], r["variant"]) for r in rows) == sorted(
+        (p, v) for p in (16, 64) for v in ("mosaic", "auto"))
+    assert prefill.KERNELS["engine"] == "triton"  # the engine's default attention kernels
+    with pytest.raises(SystemExit):
+        prefill.main(["--smoke", "--variants", "cutlass"])
+    assert "--variants" in capsys.readouterr().err

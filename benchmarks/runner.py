@@ -133,6 +133,7 @@ class BenchSetup:
     mixed_steps: bool = False  # EngineConfig.mixed_steps
     compile_process: bool = False  # EngineConfig.compile_process
     compile_workers: int = 1  # EngineConfig.compile_workers
+    attention_kernels: str = "triton"  # EngineConfig.attention_kernels
     note: str = ""
 
 
@@ -407,6 +408,7 @@ def _engine_config(setup: BenchSetup, plan: dict[str, Any]) -> Any:
                         max_prefill_tokens=setup.max_prefill_tokens,
                         mixed_steps=setup.mixed_steps, compile_process=setup.compile_process,
                         compile_workers=setup.compile_workers,
+                        attention_kernels=setup.attention_kernels,
                         **({} if setup.prefill_share is None else {"prefill_share": setup.prefill_share}))
 
 
@@ -1224,6 +1226,8 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
         if args.compile_workers < 1:
             raise SystemExit(f"--compile-workers must be >= 1, got {args.compile_workers}")
         over["compile_workers"] = args.compile_workers
+    if getattr(args, "attention_kernels", None) is not None:
+        over["attention_kernels"] = args.attention_kernels
     s = dataclasses.replace(s, **over)
     kv, w = (int(x) for x in s.crosspool_pools.split("+"))
     crosspool_runs = "crosspool" in (getattr(args, "modes", None) or ",".join(MODES)).split(",")
@@ -1502,6 +1506,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-workers", type=int, default=None, metavar="N",
                    help="the engine's compile_workers: background compiles at once (with "
                         "--compile-process: worker processes; default 1)")
+    g.add_argument("--attention-kernels", default=None, choices=("triton", "auto", "mosaic"),
+                   help="the engine's attention_kernels (default triton; auto: the Mosaic GPU "
+                        "kernels on Hopper where measured faster, docs/kernels.md)")
     p.add_argument("--plan-only", action="store_true",
                    help="print the per-mode memory plan as JSON and exit (no engine; without GPUs the "
                         f"GPU presets assume a {ASSUMED_GPU_ARENA_BYTES / 2**30:.0f} GiB arena)")

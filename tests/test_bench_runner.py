@@ -128,3 +128,20 @@ def test_metric_helpers() -> None:
     assert runner._classify(grpc.StatusCode.RESOURCE_EXHAUSTED, "full")[0] == "rejected"
     assert runner._classify(grpc.StatusCode.ABORTED, "rejected: never fits")[0] == "rejected"
     assert runner._classify(grpc.StatusCode.ABORTED, "model unloaded")[0] == "failed"
+
+
+def test_engine_flags_reach_the_engine_config() -> None:
+    """`--attention-kernels`, `--compile-workers`, `--compile-process` set the bench's setup and
+    the `EngineConfig` each mode's engine gets; the defaults are the engine's."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    runner.add_arguments(p)
+    plan = {"arena_bytes": 1 << 24, "weights_fraction": 0.5}
+    default = runner._engine_config(runner.resolve_setup(p.parse_args(["--preset", "cpu-tiny"])), plan)
+    assert (default.attention_kernels, default.compile_workers, default.compile_process) == (
+        "triton", 1, False)
+    args = p.parse_args(["--preset", "cpu-tiny", "--attention-kernels", "auto",
+                         "--compile-workers", "3", "--compile-process"])
+    cfg = runner._engine_config(runner.resolve_setup(args), plan)
+    assert (cfg.attention_kernels, cfg.compile_workers, cfg.compile_process) == ("auto", 3, True)

@@ -317,6 +317,50 @@ def test_virtual_compile_queue_runs_urgent_before_queued_warmups() -> None:
 
 
 
+def test_virtual_compile_queue_with_several_threads() -> None:
+    """`compile_workers` = 2: two compiles run at once; a third starts when the first thread frees
+    up (at the earlier of the two ends), the urgent one before a queued warm-up."""
+
+    class Clock:
+        clock = 0.0
+
+    g = Clock()
+    q = SimCompileQueue(g, threads=2)  # type: ignore[arg-type]
+    a, b = SimFuture(q, 0.0, 2.0, None), SimFuture(q, 0.0, 5.0, None)  # type: ignore[arg-type]
+    w, u = SimFuture(q, 0.0, 1.0, None), SimFuture(q, 0.5, 1.0, None)  # type: ignore[arg-type]
+    for f in (a, b, w):
+        q.submit(f, compile_queue.WARM)
+    assert a.running() and b.running() and not w.running()
+    g.clock = 0.5
+    q.submit(u, compile_queue.URGENT)
+    u.exception()
+    assert (u.start, u.done_at) == (2.0, 3.0) and g.clock == 3.0
+    w.exception()
+    assert (w.start, w.done_at) == (3.0, 4.0) and b.done_at == 5.0
+    with pytest.raises(ValueError, match="threads"):
+        SimCompileQueue(g, threads=0)  # type: ignore[arg-type]
+
+
+def test_prefill_what_ifs_price_attention_and_dense_flops_apart() -> None:
+    """`--prefill-attention-speedup X --prefill-dense-speedup Y`: a prefill call's attention FLOPs
+    (over its context) cost 1/X of the calibrated rate, the rest 1/Y; X = Y = 1 is the model as
+    fitted; decode calls are not touched."""
+    c = costs_for("olmoe-1b-7b-00", "bfloat16", 262144, "gpu")
+    w = lane_work([SlotWork("m", 0, 512, 30000)], {"m": c}, 1, 1, False)
+    assert 0 < w.attention_flops < w.flops
+    assert math.isclose(w.attention_flops, 512 * c.attn_flops_per_pair * (30000 + 513 / 2))
+    cm = fit(load_calibration())
+    f = cm.params["colocated"].flops_per_s
+    base = cm.prefill_s("colocated", w)
+    x2 = dataclasses.replace(cm, prefill_attention_speedup=2.0).prefill_s("colocated", w)
+    assert math.isclose(base - x2, w.attention_flops / 2 / f, rel_tol=1e-9)
+    y3 = dataclasses.replace(cm, prefill_dense_speedup=3.0).prefill_s("colocated", w)
+    assert math.isclose(base - y3, (w.flops - w.attention_flops) * 2 / 3 / f, rel_tol=1e-9)
+    d = lane_work([SlotWork("m", 0, 1, 4000)], {"m": c}, 1, 1, True)
+    fast = dataclasses.replace(cm, prefill_attention_speedup=9.0, prefill_dense_speedup=9.0)
+    assert fast.decode_s("colocated", d, 4) == cm.decode_s("colocated", d, 4)
+
+
 def test_simulated_worker_waits_for_compiles_when_every_request_is_held(tmp_path, capsys) -> None:
     """One H200, static, the one-GPU smoke trace: at ~35 s every live request is a held prefill
     (its wider programs compiling) and steps dispatch nothing; the simulated worker then waits for

@@ -80,6 +80,7 @@ class Work:
     slots_per_device: int  # most slots on one KV device (the calibrated "batch")
     max_context: int  # longest context of a slot (tokens)
     tokens: int  # query tokens of the call (prefill), or slots (decode)
+    attention_flops: float = 0.0  # of `flops`: attention over the context on the busiest KV device
 
 
 def lane_work(slots: Sequence[SlotWork], costs: dict[str, ModelCosts], num_kv: int, num_weights: int,
@@ -89,6 +90,7 @@ def lane_work(slots: Sequence[SlotWork], costs: dict[str, ModelCosts], num_kv: i
     by_model: dict[str, int] = {}
     kv_tokens = [0.0] * num_kv
     kv_flops = [0.0] * num_kv
+    attn_flops = [0.0] * num_kv  # the part of kv_flops that is attention over the context
     per_dev = [0] * num_kv
     for s in slots:
         c = costs[s.model]
@@ -97,11 +99,13 @@ def lane_work(slots: Sequence[SlotWork], costs: dict[str, ModelCosts], num_kv: i
         ctx = s.context + (0 if decode else (s.tokens + 1) / 2)  # mean context a query row sees
         kv_tokens[s.device] += s.context + (0 if decode else s.tokens)
         kv_flops[s.device] += q * (c.kv_flops_per_token + c.attn_flops_per_pair * ctx)
+        attn_flops[s.device] += q * c.attn_flops_per_pair * ctx
         kv_flops[s.device] += c.lm_head_flops if s.samples else 0.0
         per_dev[s.device] += 1
         for d, t in s.extra:  # older segments: attention reads them on their own device
             kv_tokens[d] += t
             kv_flops[d] += q * c.attn_flops_per_pair * t
+            attn_flops[d] += q * c.attn_flops_per_pair * t
     kvb = max(costs[m].kv_bytes_per_token for m in by_model)
     kv_side = sum(costs[m].attn_bytes + costs[m].lm_head_bytes + q * costs[m].embed_row_bytes
                   for m, q in by_model.items())
@@ -110,9 +114,10 @@ def lane_work(slots: Sequence[SlotWork], costs: dict[str, ModelCosts], num_kv: i
                  + costs[m].router_bytes for m, q in by_model.items())
     w_flops = sum(q * costs[m].w_flops_per_token for m, q in by_model.items()) / num_weights
     layers = max(costs[m].layers for m in by_model)
-    return Work(layers, kv_side + w_side, max(kv_flops) + w_flops, max(per_dev),
+    busiest = int(np.argmax(kv_flops))
+    return Work(layers, kv_side + w_side, kv_flops[busiest] + w_flops, max(per_dev),
                 max(s.context + (0 if decode else s.tokens) for s in slots),
-                sum(1 if decode else s.tokens for s in slots))
+                sum(1 if decode else s.tokens for s in slots), attn_flops[busiest])
 
 
 # ---- calibration ----------------------------------------------------------------------------------
@@ -210,6 +215,11 @@ class CostModel:
     sources: tuple[str, ...]
     # seconds per padded row of a call run in a larger program than its own (`Padding`)
     padding: Padding = dataclasses.field(default_factory=lambda: Padding(0.0, 0.0, ""))
+    # what-ifs (`crosspool simulate --prefill-attention-speedup X --prefill-dense-speedup Y`): a
+    # prefill call's attention FLOPs priced at X times the fitted rate, its other FLOPs at Y times
+    # (1: as calibrated)
+    prefill_attention_speedup: float = 1.0
+    prefill_dense_speedup: float = 1.0
 
     def decode_s(self, topology: str, work: Work, steps: int, padded_slots: int = 0) -> float:
         """A decode call of `steps` steps; `padded_slots`: slots of its program beyond its own
@@ -224,7 +234,9 @@ class CostModel:
 
     def prefill_s(self, topology: str, work: Work) -> float:
         p = self.params[topology]
-        return work.layers * p.a + p.f * work.bytes / self.bandwidth + work.flops / p.flops_per_s
+        flops = (work.attention_flops / self.prefill_attention_speedup
+                 + (work.flops - work.attention_flops) / self.prefill_dense_speedup)
+        return work.layers * p.a + p.f * work.bytes / self.bandwidth + flops / p.flops_per_s
 
     def outside(self, work: Work, decode: bool, model_shapes: Sequence[str]) -> list[str]:
         """Which calibrated ranges this call leaves ([]: inside all)."""

@@ -13,7 +13,7 @@ engine. It replaces only what touches a device, through the runner's seams:
 - `_read` (read a call's tokens) waits until the call's device work ends in virtual time;
 - `_now` is the group's virtual clock (seconds); `_compile_aot` (a compile on the serving path)
   advances it by the calibrated compile seconds; `_compile_in_background` queues a virtual compile
-  on the group's one background compile thread (`SimFuture`, `SimCompileQueue`: the engine's
+  on the group's background compile threads (`SimFuture`, `SimCompileQueue`: the engine's
   `compile_queue.CompileQueue` in virtual time, lowest priority first, so a live request's next
   program (`_anticipate`, URGENT) runs before queued warm-ups); no XLA compile happens.
 
@@ -100,14 +100,18 @@ class SimFuture:
 
 
 class SimCompileQueue:
-    """`compile_queue.CompileQueue` in a group's virtual time: one thread, the lowest priority
-    first among the compiles queued when it frees up (ties: first queued first). Start times are
-    assigned lazily (`advance`), when the group's clock passes them, so a compile queued later
-    with a lower priority still overtakes those not started."""
+    """`compile_queue.CompileQueue` in a group's virtual time: `threads` threads (the engine's
+    `compile_workers`), each taking, when it frees up, the lowest priority among the compiles
+    queued by then (ties: first queued first). Start times are assigned lazily (`advance`), when
+    the group's clock passes them, so a compile queued later with a lower priority still
+    overtakes those not started. A compile takes the calibrated seconds however many run at once
+    (the host's cores are not modelled)."""
 
-    def __init__(self, group: SimulatedGroup):
+    def __init__(self, group: SimulatedGroup, threads: int = 1):
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.group = group
-        self.free_at = 0.0  # when the thread ends its last started compile
+        self.free_at = [0.0] * threads  # when each thread ends its last started compile
         self._heap: list[tuple[int, int, SimFuture]] = []
         self._seq = itertools.count()
 
@@ -120,7 +124,8 @@ class SimCompileQueue:
         while self._heap:
             if until_started is not None and until_started.start is not None:
                 return
-            if self.free_at > until:  # busy past `until`: nothing starts (the common case)
+            thread = min(range(len(self.free_at)), key=self.free_at.__getitem__)
+            if self.free_at[thread] > until:  # all busy past `until`: nothing starts (common)
                 return
             live = [(p, q, f) for p, q, f in self._heap if not f.cancelled()]
             if len(live) != len(self._heap):
@@ -128,7 +133,7 @@ class SimCompileQueue:
                 heapq.heapify(self._heap)
                 continue
             # the thread picks, when free, among the compiles queued by then; idle until the next
-            t = max(self.free_at, min(f.submitted for _, _, f in self._heap))
+            t = max(self.free_at[thread], min(f.submitted for _, _, f in self._heap))
             if t > until:
                 return
             ready = [(p, q, f) for p, q, f in self._heap if f.submitted <= t]
@@ -137,7 +142,7 @@ class SimCompileQueue:
             heapq.heapify(self._heap)
             fut = pick[2]
             fut.start, fut.done_at = t, t + fut.seconds
-            self.free_at = fut.done_at
+            self.free_at[thread] = fut.done_at
 
     def shutdown(self) -> None:
         """Cancels every compile not started (`GroupRunner.stop_background`)."""
@@ -159,7 +164,8 @@ class SimulatedGroup(GroupRunner):
         self.cost = cost
         self.clock = 0.0  # the group's worker thread, seconds
         self.device_free_at = 0.0  # when the device has run every dispatched call
-        self.compile_queue = SimCompileQueue(self)  # the background compile thread
+        # the background compile threads (`compile_workers`)
+        self.compile_queue = SimCompileQueue(self, int(runner_kwargs.get("compile_workers", 1)))
         self.compile_log: list[tuple[float, float]] = []  # (end time, seconds) of serving-path compiles
         self.background_futures: list[SimFuture] = []  # every background compile queued
         self.busy_seconds = 0.0  # device seconds of calls

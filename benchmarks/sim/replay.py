@@ -300,6 +300,12 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
         raise ValueError(f"--modes: unknown {', '.join(bad) or '(none)'}; known: {', '.join(MODES)}")
     cal = load_calibration(args.calibration)
     cost = fit(cal)
+    for key in ("prefill_attention_speedup", "prefill_dense_speedup"):
+        speedup = getattr(args, key, None)
+        if speedup is not None:
+            if not speedup > 0:
+                raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {speedup}")
+            cost = dataclasses.replace(cost, **{key: float(speedup)})
     platform = cal.get("platform", "gpu")
     setup = bench.resolve_setup(args)
     if getattr(args, "max_prefill_tokens", None):
@@ -444,7 +450,9 @@ def calibration_summary(cal: dict[str, Any], cost: CostModel) -> dict[str, Any]:
             "params": {t: dataclasses.asdict(p) for t, p in cost.params.items()},
             "bandwidth_bytes_per_s": cost.bandwidth, "compile_s": cost.compile_s,
             "host_launch_s_per_call": cost.host_launch_s, "ranges": dataclasses.asdict(cost.ranges),
-            "notes": list(cost.notes), "sources": list(cost.sources)}
+            "notes": list(cost.notes), "sources": list(cost.sources),
+            "prefill_attention_speedup": cost.prefill_attention_speedup,
+            "prefill_dense_speedup": cost.prefill_dense_speedup}
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -505,6 +513,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps-per-call", type=int, default=None, metavar="K")
     g.add_argument("--mixed-steps", action="store_true",
                    help="what-if: the engine's mixed_steps (decode rows inside their lane's prefill call)")
+    g.add_argument("--compile-workers", type=int, default=None, metavar="N",
+                   help="what-if: the engine's compile_workers (background compiles at once; each "
+                        "takes the calibrated seconds)")
+    g.add_argument("--prefill-attention-speedup", type=float, default=None, metavar="X",
+                   help="what-if: prefill attention X times faster than calibrated (its FLOPs priced "
+                        "at X times the fitted rate), e.g. another attention kernel")
+    g.add_argument("--prefill-dense-speedup", type=float, default=None, metavar="Y",
+                   help="what-if: a prefill call's other FLOPs (projections, experts) Y times faster "
+                        "than calibrated, e.g. a higher model-FLOP utilisation")
 
 
 def main_args(args: argparse.Namespace) -> int:

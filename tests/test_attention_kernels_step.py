@@ -70,13 +70,15 @@ def test_engine_refuses_unknown_kernels():
 
 
 @pytest.mark.parametrize(("model", "entry"), [
-    ("demo-qwen3-moe", (pm, "paged_prefill_attention_mgpu")),
+    # (demo-qwen3-moe through the Mosaic GQA prefill gives the same tokens too, checked once on
+    # this machine, 2026-12-05; left out of CI: ~90 s on its 2 cores. The dispatched GQA kernel
+    # is checked against the reference in tests/kernels/test_dispatch.py.)
     ("demo-deepseek-v3", (mdm, "paged_mla_decode_attention_mgpu")),
 ])
 def test_engine_tokens_equal_across_kernels(monkeypatch, model, entry):
     """A bf16 demo model generates the same greedy tokens with the Mosaic GPU kernels (run by
-    Mosaic GPU's interpreter) as with the Triton kernels (interpreted Pallas): prefill chunks of
-    16 tokens over a 40-token prompt, then decode calls."""
+    Mosaic GPU's interpreter: MLA prefill and decode) as with the Triton kernels (interpreted
+    Pallas): prefill chunks of 16 tokens over a 40-token prompt, then decode calls."""
     import jax.numpy as jnp
 
     from crosspool_jax.demo import demo_models

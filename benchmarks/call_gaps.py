@@ -12,7 +12,10 @@ the `ready` stamps of calls that finish together can swap), and summarises them 
 call's requests (each request takes one gap token per call, so a per-token TBT P99 is about the
 weighted 96th percentile at K = 4): the gap, the gap over the call's own seconds, how many prefill
 calls the gaps hold (all gaps, and those at or above the weighted 96th percentile), and how many of
-those tail calls ran in a larger program (`compiled`). Plain Python, no JAX.
+those tail calls ran in a larger program (`compiled`). Call logs written since 2026-12-05 also
+carry each call's `step` (the launch that dispatched it) and `step_decoding` (requests decoding
+then): the steps that dispatched prefill calls and no decode call while requests decoded are
+counted. Plain Python, no JAX.
 """
 
 from __future__ import annotations
@@ -56,6 +59,18 @@ def decode_gaps(calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def prefill_only_steps(calls: Sequence[dict[str, Any]]) -> int | None:
+    """Steps (per group) that dispatched a prefill call and no decode call while the planner had
+    requests decoding; None for a log without `step` / `step_decoding` (before 2026-12-05)."""
+    if not calls or "step" not in calls[0]:
+        return None
+    steps: dict[tuple[int, int], list[dict[str, Any]]] = collections.defaultdict(list)
+    for c in calls:
+        steps[(int(c.get("group", 0)), int(c["step"]))].append(c)
+    return sum(1 for cs in steps.values()
+               if not any(c["decode"] for c in cs) and max(int(c["step_decoding"]) for c in cs) > 0)
+
+
 def weighted_quantile(values: Sequence[float], weights: Sequence[float], q: float) -> float:
     """The smallest value whose cumulative weight reaches q of the total."""
     v, w = np.asarray(values, float), np.asarray(weights, float)
@@ -91,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("calls", help="calls_<mode>.jsonl or .jsonl.gz of a bench or simulate run")
     ap.add_argument("--json", default=None, metavar="OUT.json")
     args = ap.parse_args(argv)
-    s = summary(decode_gaps(read_calls(args.calls)))
+    calls = read_calls(args.calls)
+    s = summary(decode_gaps(calls)) | {"prefill_only_steps": prefill_only_steps(calls)}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(s, f, indent=1)
@@ -104,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  gaps at or above q{TAIL}: {t['gaps']}; prefill calls between: {t['prefill_calls_between']}; "
           f"own decode call padded: {t['decode_call_padded']}; mean prompt tokens between: "
           f"{t['mean_prefill_tokens']:.0f}")
+    if s["prefill_only_steps"] is not None:
+        print(f"  steps with prefill calls and no decode call while requests decoded: "
+              f"{s['prefill_only_steps']}")
     return 0
 
 

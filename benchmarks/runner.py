@@ -62,7 +62,8 @@ blocked_compile_seconds` summed over `engine.groups`, read before and after the 
 
 Outputs in --out: results.json, trace.jsonl (the trace replayed), requests_<mode>.jsonl (every
 request's times and outcome), calls_<mode>.jsonl (every program call of the measured pass:
-`GroupRunner.call_log`, times in seconds since the replay's start; summarised in results.json's
+`GroupRunner.call_log`, times in seconds since the replay's start, each call's step and the
+requests decoding then: `benchmarks/call_gaps.py` reads it; summarised in results.json's
 `calls`, with the background compiles' [group, start, end, decode] as `calls.compile_spans`),
 tbt_cdf.csv and kv_pages.csv (the plot data), and tbt_cdf.png / kv_pages.png when
 matplotlib is importable.

@@ -46,3 +46,13 @@ def test_gaps_and_summary(tmp_path, capsys) -> None:
     assert call_gaps.main([str(path), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["tail"]["gaps"] == 1
     assert "3 gaps between decode calls" in capsys.readouterr().out
+    assert call_gaps.prefill_only_steps(calls) is None  # a log without steps
+
+
+def test_prefill_only_steps() -> None:
+    calls = [dict(_call(0.0, False), step=1, step_decoding=0),   # nothing decoding: not counted
+             dict(_call(0.1, True), step=2, step_decoding=1),
+             dict(_call(0.2, False), step=2, step_decoding=1),
+             dict(_call(0.3, False), step=3, step_decoding=2),   # prefill, no decode, 2 decoding
+             dict(_call(0.3, False, group=1), step=3, step_decoding=0)]
+    assert call_gaps.prefill_only_steps(calls) == 1

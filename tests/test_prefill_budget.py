@@ -108,6 +108,12 @@ def test_small_budget_reaches_the_planner_and_outputs_equal_reference(monkeypatc
     # the first step (nothing decoding: budget 64) prefills both prompts, 6 + 40 tokens, in ONE
     # call: a request's span of a step is not cut into prefill_chunk pieces (each its own call)
     assert [c.prefill_tokens for c in runner.call_log if not c.decode] == [46]
+    # each call names the launch (step) that dispatched it and how many requests decoded then
+    recs = list(runner.call_log)
+    assert (recs[0].step, recs[0].step_decoding, recs[0].decode) == (1, 0, False)
+    assert [c.step for c in recs] == sorted(c.step for c in recs)
+    assert {c.step for c in recs} <= set(range(1, runner.launches + 1))
+    assert all(c.step_decoding >= 1 for c in recs if c.decode)
 
 
 def test_budget_prices_the_longest_running_prefill(monkeypatch) -> None:

@@ -250,6 +250,8 @@ class _Call:
     end: CallEnd | None = None
     requests: int = 0  # requests with rows in the call
     kv_tokens: int = 0  # their KV tokens before the call (what its attention reads)
+    step: int = 0  # the `launch` that dispatched it (the runner's count of launches)
+    step_decoding: int = 0  # requests the planner had decoding at that launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +261,8 @@ class CallRecord:
     previous call's end to its own end, `call_clock`), decode or prefill, the programs' shapes
     (`describe_spec` of its lanes), prompt tokens and FLOPs of a prefill (`PrefillWork`), and
     whether it compiled its program or ran in a larger one, how many requests it carried and
-    their KV tokens before it."""
+    their KV tokens before it, the launch (step) that dispatched it and how many requests were
+    decoding then (a step with prefill calls and no decode call while requests decode shows)."""
 
     dispatched: float
     ready: float
@@ -273,6 +276,8 @@ class CallRecord:
     requests: int = 0  # requests with rows in the call (decode: slots with a token)
     kv_tokens: int = 0  # their KV tokens before the call (tokens)
     models: int = 0  # models with requests in the call
+    step: int = 0  # `GroupRunner.launches` when it was dispatched
+    step_decoding: int = 0  # requests in decode at that launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,6 +487,8 @@ class GroupRunner:
         self.held_prefill_steps = 0  # steps that held some request's prefill for its programs
         self.preemptions = 0
         self.calls = 0
+        self.launches = 0  # `launch` calls (steps planned); the call log's `step`
+        self._step_decoding = 0  # requests decoding at the last launch (the call log)
         self._dispatches = 0  # calls `_run` dispatched (launch counts its step's)
         self.swapped_pages = 0
         self.link_rate: float | None = None  # measured host<->device bytes/s (swaps)
@@ -1184,6 +1191,8 @@ class GroupRunner:
 
         self.held_steps += bool(held)
         self.held_prefill_steps += bool(held_prefills)
+        self.launches += 1
+        self._step_decoding = len(decode_lengths)
         budget = self.prefill_budget(bool(decode_lengths))
         plan = self.planner.step(StepInput(decode_lengths, prefill_token_budget=max(1, budget - folded),
                                            held_models=held, held_prefills=held_prefills))
@@ -1343,7 +1352,7 @@ class GroupRunner:
                     call.dispatched, ready, busy, call.decode,
                     " + ".join(describe_lane(ln) for ln in call.lanes), call.prefill_tokens,
                     call.prefill_work.dense_flops, call.prefill_work.attention_flops, call.compiled,
-                    call.requests, call.kv_tokens, len(call.models)))
+                    call.requests, call.kv_tokens, len(call.models), call.step, call.step_decoding))
             for lane, place, got in zip(call.lanes, call.places, got_lanes, strict=True):
                 got = got.reshape(got.shape[0], n, lane.slots)
                 for rid, d, bi, count, g0 in place:
@@ -1543,7 +1552,8 @@ class GroupRunner:
                                     != (blocked_before, fallbacks_before), done_at,
                                     None if done_at is not None else self._call_clock.watch(outs),
                                     sum(len(rows) for _, _, rows in groups),
-                                    sum(s0 for _, _, rows in groups for _, s0, *_ in rows)))
+                                    sum(s0 for _, _, rows in groups for _, s0, *_ in rows),
+                                    self.launches, self._step_decoding))
         return rest
 
     def _execute(self, programs: list[tuple[list[int], Callable]], groups: list[tuple[Any, list[str], list]],

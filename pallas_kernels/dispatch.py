@@ -14,8 +14,9 @@
   Mosaic kernels inside have been run on CPU (Mosaic GPU's interpreter: the same greedy tokens
   as with Triton, tests/test_attention_kernels_step.py) but not yet compiled or timed on a GPU
   (`benchmarks/prefill.py --variants triton,mosaic` is the measurement that decides it).
-* "mosaic": the Mosaic GPU kernel wherever one exists for the call, on any backend the Mosaic
-  kernels have ("gpu", and "interpret": Mosaic GPU's interpreter on CPU, for tests).
+* "mosaic": the Mosaic GPU kernel wherever one exists for the call, on the backends the Mosaic
+  kernels have: "gpu" on a Hopper GPU (wgmma and TMA are sm_90 instructions: another GPU runs the
+  Triton kernels) and "interpret" (Mosaic GPU's interpreter on CPU, for tests).
 
 Under "auto" and "mosaic" a call the Mosaic kernel cannot take (an f32 arena, a row width other
 than 64 / 128, a GQA group over 64, ...: each kernel's ValueError, raised while tracing) runs the
@@ -65,28 +66,27 @@ def is_hopper() -> bool:
     return dev.platform in ("gpu", "cuda") and cc.split(".")[0] == "9"
 
 
-def auto_uses_mosaic(call: str, gqa_group: int = 1) -> bool:
+def auto_uses_mosaic(call: str) -> bool:
     """The "auto" rule on Hopper: does `call` (one of `CALLS`) run the Mosaic GPU kernel?
 
-    gqa_group: query heads per KV head (GQA prefill; the rule does not depend on it today).
-    Measured on one H100, 2026-12-05 (docs/kernels.md "Mosaic GPU kernels in the engine"): MLA
-    decode 1.81x the Triton kernel (DeepSeek-V3, batch 32 ragged); GQA prefill with a group of 8
-    (Qwen3-30B-A3B) 1.0-2.1x the Triton kernel on every case; with a group of 1 (OLMoE, MHA)
-    1.7-2.2x after 8K / 32K tokens and on a ragged 4-request chunk at 4-8 KV splits (the
-    split rule `prefill_mgpu.default_num_splits` now gives those). MLA prefill: see
-    `MLA_PREFILL_MOSAIC`.
+    Measured on one H100, 2026-12-05, the kernels alone (docs/benchmarks.md "One H100,
+    2026-12-05 (morning)"): MLA decode 1.81x the Triton kernel (DeepSeek-V3, batch 32 ragged);
+    GQA prefill of a 512-token chunk after 8K-32K tokens 1.25-2.1x the Triton defaults (OLMoE's
+    MHA and Qwen3-30B-A3B's group of 8, two calls); on a ragged 4-request chunk 0.78x and 1.43x
+    at the default splits in the two calls, 1.7x at 4-8 splits (`prefill_mgpu.default_num_splits`
+    now gives 5 there); on a first chunk (no context, 0.06-0.34 ms, noisy between calls) 0.5-1.6x.
+    MLA prefill: see `MLA_PREFILL_MOSAIC`.
     """
     if call == "mla_decode":
         return True
     if call == "mla_prefill":
         return MLA_PREFILL_MOSAIC
     if call == "gqa_prefill":
-        return gqa_group >= 1
+        return True
     raise ValueError(f"call {call!r}: expected one of {CALLS}")
 
 
-def wants_mosaic(kernels: str, backend: str, call: str, gqa_group: int = 1,
-                 hopper: bool | None = None) -> bool:
+def wants_mosaic(kernels: str, backend: str, call: str, hopper: bool | None = None) -> bool:
     """Whether a call tries the Mosaic GPU kernel first (it may still refuse the shapes).
 
     kernels: one of `ATTENTION_KERNELS`; backend: the resolved kernel backend ("gpu",
@@ -95,11 +95,11 @@ def wants_mosaic(kernels: str, backend: str, call: str, gqa_group: int = 1,
     check_kernels(kernels)
     if kernels == "triton" or backend not in MOSAIC_BACKENDS:
         return False
-    if kernels == "mosaic":
-        return True
-    if backend != "gpu":
+    if backend == "interpret":
+        return kernels == "mosaic"
+    if not (is_hopper() if hopper is None else hopper):
         return False
-    return (is_hopper() if hopper is None else hopper) and auto_uses_mosaic(call, gqa_group)
+    return kernels == "mosaic" or auto_uses_mosaic(call)
 
 
 def _mosaic_or_none(fn, *args: Any, **kw: Any) -> Any:
@@ -119,7 +119,7 @@ def prefill_attention(q: jax.Array, arena: jax.Array, page_table: jax.Array, kv_
     """`prefill.paged_prefill_attention` (GQA / MQA / MHA chunked prefill) by the kernel
     `kernels` picks; same arguments and result."""
     be = resolve_backend(backend)
-    if wants_mosaic(kernels, be, "gqa_prefill", q.shape[1] // geom.spec.kv_heads):
+    if wants_mosaic(kernels, be, "gqa_prefill"):
         from pallas_kernels.prefill_mgpu import paged_prefill_attention_mgpu
 
         out = _mosaic_or_none(paged_prefill_attention_mgpu, q, arena, page_table, kv_lens,

@@ -25,24 +25,23 @@ from pallas_kernels.page_layout import KVSpec
 from pallas_kernels.prefill import paged_prefill_attention_reference
 
 
-@pytest.mark.parametrize(("kernels", "backend", "call", "group", "hopper", "want"), [
-    ("triton", "gpu", "mla_decode", 1, True, False),
-    ("triton", "interpret", "gqa_prefill", 8, True, False),
-    ("mosaic", "interpret", "gqa_prefill", 1, False, True),
-    ("mosaic", "gpu", "mla_prefill", 1, False, True),
-    ("mosaic", "reference", "mla_decode", 1, True, False),
-    ("mosaic", "tpu", "gqa_prefill", 8, True, False),
-    ("auto", "gpu", "mla_decode", 1, True, True),
-    ("auto", "gpu", "mla_decode", 1, False, False),
-    ("auto", "interpret", "mla_decode", 1, True, False),
-    ("auto", "gpu", "gqa_prefill", 8, True, True),
-    ("auto", "gpu", "gqa_prefill", 2, True, True),
-    ("auto", "gpu", "gqa_prefill", 1, True, True),
-    ("auto", "gpu", "gqa_prefill", 1, False, False),
-    ("auto", "gpu", "mla_prefill", 1, True, dispatch.MLA_PREFILL_MOSAIC),
+@pytest.mark.parametrize(("kernels", "backend", "call", "hopper", "want"), [
+    ("triton", "gpu", "mla_decode", True, False),
+    ("triton", "interpret", "gqa_prefill", True, False),
+    ("mosaic", "interpret", "gqa_prefill", False, True),
+    ("mosaic", "gpu", "mla_prefill", True, True),
+    ("mosaic", "gpu", "mla_prefill", False, False),  # not Hopper: no wgmma, Triton
+    ("mosaic", "reference", "mla_decode", True, False),
+    ("mosaic", "tpu", "gqa_prefill", True, False),
+    ("auto", "gpu", "mla_decode", True, True),
+    ("auto", "gpu", "mla_decode", False, False),
+    ("auto", "interpret", "mla_decode", True, False),
+    ("auto", "gpu", "gqa_prefill", True, True),
+    ("auto", "gpu", "gqa_prefill", False, False),
+    ("auto", "gpu", "mla_prefill", True, dispatch.MLA_PREFILL_MOSAIC),
 ])
-def test_rule(kernels, backend, call, group, hopper, want):
-    assert dispatch.wants_mosaic(kernels, backend, call, group, hopper=hopper) is want
+def test_rule(kernels, backend, call, hopper, want):
+    assert dispatch.wants_mosaic(kernels, backend, call, hopper=hopper) is want
 
 
 def test_unknown_values_are_refused():

@@ -111,7 +111,7 @@ def default_num_splits(num_blocks: int, kv_heads: int, max_tokens: int, block_t:
     can hold (``max_tokens``: a long sequence's blocks beside short ones are the critical path),
     never a split under 4 steps of that walk. On one H100 (2026-12-05, OLMoE geometry, fixed
     splits 1/2/4/8) 4-8 splits were the fastest after 8K-32K tokens and on a ragged 4-request
-    chunk (0 / 4K / 16K / 32K), 1.4-1.8x the one-or-two splits of the SM rule alone."""
+    chunk (0 / 4K / 16K / 32K), 1.2-1.4x the one or two splits the SM rule alone gives there."""
     want = -(-attention_core.num_sms() // max(1, num_blocks * kv_heads))
     want = max(want, -(-max_tokens // TOKENS_PER_SPLIT))
     return int(max(1, min(want, max_tokens // (4 * block_t))))

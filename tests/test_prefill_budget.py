@@ -67,12 +67,22 @@ def test_fit_never_prices_attention_below_the_matmuls() -> None:
 
 def test_budget_rule() -> None:
     runner = build_runner(MODELS, split="1+1", kv_pages=64, prefill_chunk=16, max_prefill_tokens=256)
-    assert runner.prefill_budget(decoding=True) == 256  # nothing measured yet
-    runner.prefill_rate = {"mix": 10_000.0}  # tokens/s
+    runner.submit("w", "mix", tuple(range(3, 300)), 4, _greedy())  # waiting: priced from position 0
     runner.decode_call_seconds = 0.005
-    assert runner.prefill_budget(decoding=True) == 50  # 5 ms of prefill at the rate (share 1.0)
+    assert runner.prefill_budget(decoding=True) == 256  # no prefill call measured yet
+    costs = runner._model_costs("mix")
+    per_token = chunk_work(costs, 0, 1).dense_flops  # FLOPs of one token's matmuls
+    # calls of 25-200 tokens from position 0: 1 ms per call + 0.1 ms per token's worth of FLOPs
+    # (their seconds vary with their FLOPs, so the fit tells the two apart)
+    rate = 1e-4 / per_token
+    for n in (25, 50, 100, 200):
+        w = chunk_work(costs, 0, n)
+        runner.prefill_fit.observe(w, 1e-3 + rate * (w.dense_flops + w.attention_flops))
+    assert runner.prefill_fit.coefficients == pytest.approx((1e-3, rate, rate), rel=1e-6)
+    # 5 ms (share 1.0): about 40 tokens (1 ms + 40 x 0.1 ms, attention a little more)
+    assert 36 <= runner.prefill_budget(decoding=True) <= 40
     runner.prefill_share = 0.5
-    assert runner.prefill_budget(decoding=True) == 25
+    assert runner.prefill_budget(decoding=True) == 16  # 2.5 ms: ~15 tokens, under the one-chunk floor
     runner.prefill_share = 1.0
     assert runner.prefill_budget(decoding=False) == 256  # nothing to protect
     runner.decode_call_seconds = 0.0001
@@ -81,33 +91,67 @@ def test_budget_rule() -> None:
     assert runner.prefill_budget(decoding=True) == 256  # at most the ceiling
 
 
+def test_calls_of_one_shape_still_price_a_long_context() -> None:
+    """Calls of one shape leave per-call and per-FLOP costs apart unknown; the least squares then
+    prices everything as one constant. The prior instead keeps half the call as fixed and scales
+    the rest with FLOPs, so a chunk deep into a long prompt costs more, and the budget there shrinks
+    (the 2026-12-05 H200 replay: 2,048-token chunks at 60K context ran 1.6-2x the decode call)."""
+    fit = PrefillCostFit()
+    w0 = chunk_work(COSTS, 0, 512)
+    fit.observe(w0, 0.030)
+    one = fit.coefficients  # the prior from one call: 15 ms per call + 15 ms over its FLOPs
+    assert one[0] == pytest.approx(0.015) and one[1] == one[2] == pytest.approx(
+        0.015 / (w0.dense_flops + w0.attention_flops))
+    for _ in range(7):
+        fit.observe(w0, 0.030)  # the least squares alone: 30 ms for any call
+    assert fit.coefficients == pytest.approx(one)
+    assert fit.predict(w0) == pytest.approx(0.030)
+    deep = chunk_work(COSTS, 60000, 60512)  # 512 tokens after 60,000: 6.85x the FLOPs of w0
+    flops = (deep.dense_flops + deep.attention_flops) / (w0.dense_flops + w0.attention_flops)
+    assert flops == pytest.approx(6.85, abs=0.01)
+    assert fit.predict(deep) == pytest.approx(0.015 + 0.015 * flops)  # 118 ms, not 30
+    # 30 ms buys w0's FLOPs (5.25e11): 512 tokens from 0, 74 after 60,000 (~7e9 FLOPs a token)
+    assert fit.tokens_within(0.030, COSTS, 0, 512, 512) == 512
+    assert fit.tokens_within(0.030, COSTS, 60000, 512, 512) == 74
+
+
 def test_small_budget_reaches_the_planner_and_outputs_equal_reference(monkeypatch) -> None:
     runner = build_runner(MODELS, split="1+1", kv_pages=64, prefill_chunk=8, max_prefill_tokens=64,
                           call_log=64)
-    runner.prefill_rate = {"mix": 1.0}  # 1 token/s: while anything decodes, one chunk (8)
-    runner.decode_call_seconds = 0.012
-    seen: list[tuple[bool, int]] = []
+    runner.prefill_fit.observe(PrefillWork(8, 1e12, 0.0), 10.0)  # 10 s for 8 tokens (the prior: 5 s
+    runner.decode_call_seconds = 0.012  # per call): while anything decodes, one chunk (8)
+    seen: list[tuple[bool, int]] = []  # (requests decoding, budget) of steps with prompt left
     step = KVPlanner.step
 
     def spy(self, inp):
-        seen.append((bool(inp.decode_lengths), inp.prefill_token_budget))
+        prompt_left = bool(self.waiting()) or any(
+            self.info(r).phase == Phase.PREFILL for r in self.running())
+        if prompt_left:
+            seen.append((bool(inp.decode_lengths), inp.prefill_token_budget))
         return step(self, inp)
 
     monkeypatch.setattr(KVPlanner, "step", spy)
-    # the measured prefill rate would move with the run: keep it fixed for the check
+    # the measured prefill costs would move with the run: keep them fixed for the check
     monkeypatch.setattr(type(runner), "_note_prefill", lambda self, *a: None)
     monkeypatch.setattr(PrefillCostFit, "observe", lambda self, *a: None)
-    reqs = [Req("a", "mix", tuple(range(3, 9)), 12), Req("b", "mix", tuple(range(20, 60)), 4)]
-    log = drive(runner, reqs)
+    reqs = [Req("a", "mix", tuple(range(3, 9)), 32), Req("b", "mix", tuple(range(20, 60)), 4)]
+    late = Req("c", "mix", tuple(range(70, 110)), 3)  # arrives while "a" decodes
+
+    def submit_late(runner, log):
+        if log.steps == 1:
+            runner.submit(late.rid, late.model, late.prompt, late.max_new, late.sampling)
+            log.tokens[late.rid] = []
+
+    log = drive(runner, reqs, on_step=submit_late)
     refs = References(MODELS)
-    for r in reqs:
+    for r in (*reqs, late):
         assert log.tokens[r.rid] == refs(r)[0]
-    budgets = {b for decoding, b in seen if decoding}
-    assert budgets == {8}  # while "a" decodes, the budget is one chunk (8 tokens)
+    # while "a" decodes, "c" is prefilled one chunk (8 tokens) per step: 40 tokens, 5 steps
+    assert [b for decoding, b in seen if decoding] == [8] * 5
     assert runner.kv.pool_stats().pages_used == 0
     # the first step (nothing decoding: budget 64) prefills both prompts, 6 + 40 tokens, in ONE
     # call: a request's span of a step is not cut into prefill_chunk pieces (each its own call)
-    assert [c.prefill_tokens for c in runner.call_log if not c.decode] == [46]
+    assert [c.prefill_tokens for c in runner.call_log if not c.decode] == [46] + [8] * 5
     # each call names the launch (step) that dispatched it and how many requests decoded then
     recs = list(runner.call_log)
     assert (recs[0].step, recs[0].step_decoding, recs[0].decode) == (1, 0, False)

@@ -1251,13 +1251,13 @@ class GroupRunner:
 
     def prefill_budget(self, decoding: bool) -> int:
         """Most prompt tokens this step may prefill. With requests decoding: the tokens whose
-        predicted seconds (`prefill_fit`, fitted on this group's measured prefill calls; priced at
+        predicted seconds (`prefill_fit`, fitted on this group's measured prefill calls, or its
+        prior while the fit cannot tell per-call from per-FLOP costs: `prefill_cost`; priced at
         the longest context a running prefill continues from) fit `prefill_share` x the measured
         decode call (EMA), so a step that mixes prefill with decode costs about 1 + prefill_share
-        decode steps; before the fit has points, what the measured prefill rate (tokens/s, EMA)
-        runs in that time. At least one chunk (`prefill_chunk`: prefill always progresses, in
-        calls large enough to be worth their fixed cost), at most `max_prefill_tokens`. With
-        nothing decoding, or before a decode call is measured: `max_prefill_tokens`."""
+        decode steps. At least one chunk (`prefill_chunk`: prefill always progresses, in calls
+        large enough to be worth their fixed cost), at most `max_prefill_tokens`. With nothing
+        decoding, or before a decode call and a prefill call are measured: `max_prefill_tokens`."""
         most = self.max_prefill_tokens
         if not decoding or self.decode_call_seconds is None:
             return most
@@ -1275,11 +1275,8 @@ class GroupRunner:
             # priced as one call: a request's tokens of a step run in one (`_run`)
             n = self.prefill_fit.tokens_within(seconds, self._model_costs(model), context,
                                                most, most)
-        if n is None:  # not fitted yet: the measured rate
-            rate = sum(self.prefill_rate.values()) / len(self.prefill_rate) if self.prefill_rate else None
-            if rate is None:
-                return most
-            n = int(rate * seconds)
+        if n is None:  # no prefill call measured yet
+            return most
         return int(min(most, max(floor, n)))
 
     def _model_costs(self, model: str) -> ModelCosts:

@@ -6,7 +6,13 @@ A prefill call's seconds are fitted as
 
 over the group's last `window` measured prefill calls (least squares with every coefficient >= 0,
 and c_attn >= c_dense: attention is never priced cheaper per FLOP than the dense matmuls, so a fit
-made on short prompts still charges a long context's attention). `dense_flops` are the projections
+made on short prompts still charges a long context's attention). Calls of one shape do not tell the
+per-call cost from the per-FLOP ones: such a fit comes out as a constant (c_dense = 0), which
+priced a 2,048-token chunk at 60K tokens of context like one at 0 and let it run 1.6-2x the decode
+call it was budgeted to match (one H200, 2026-12-05, docs/benchmarks.md). So until the fit has
+`MIN_POINTS` calls, and whenever its c_dense is 0, the calls are priced by a prior instead
+(`_prior`): `FIXED_SHARE` of the shortest call is the per-call cost and the rest of each call's
+seconds scales with its FLOPs (dense and attention alike). `dense_flops` are the projections
 and FFN (top-k experts) of the call's tokens, `attention_flops` its query-key and value products
 over the context each token sees (`models.costs.ModelCosts`). Counting the context is what tells a
 chunk of 512 tokens at position 60,000 (mostly attention) from the same chunk at position 0.
@@ -28,7 +34,12 @@ import numpy as np
 
 from crosspool_jax.models.costs import ModelCosts
 
-MIN_POINTS = 4  # measured calls before the fit prices anything
+MIN_POINTS = 4  # measured calls before the fit (not the prior) prices
+# The prior's per-call share of the shortest call. Measured: this fit over the calls of the cold
+# smoke replay on one H200 (2026-12-05) put 8.5-23 ms per call on OLMoE-1B-7B prefill calls of
+# 23-45 ms, about a third to a half; on one H100 a 512-token call took 9.2 ms against ~3.7 ms to
+# read the weights once (docs/benchmarks.md).
+FIXED_SHARE = 0.5
 REFIT_EVERY = 8  # calls observed between fits once fitted (a fit is ~7 small least squares)
 
 
@@ -89,9 +100,14 @@ class PrefillCostFit:
 
     @property
     def coefficients(self) -> tuple[float, float, float] | None:
-        """(c_call s, c_dense s/FLOP, c_attn s/FLOP), or None before `MIN_POINTS` calls; refitted
-        when `REFIT_EVERY` calls came since the last fit (at once while it has none)."""
-        if len(self._points) >= MIN_POINTS and (self._coef is None or self._new >= REFIT_EVERY):
+        """(c_call s, c_dense s/FLOP, c_attn s/FLOP): None before any call; the prior (`_prior`)
+        before `MIN_POINTS` calls; then the fit, refitted when `REFIT_EVERY` calls came since the
+        last one (at once while it has none)."""
+        if not self._points:
+            return None
+        if len(self._points) < MIN_POINTS:
+            return _prior(list(self._points))
+        if self._coef is None or self._new >= REFIT_EVERY:
             self._coef = _fit(list(self._points))
             self._new = 0
         return self._coef
@@ -148,10 +164,21 @@ def _fit(points: list[tuple[float, float, float]]) -> tuple[float, float, float]
         err = float(np.sum((b @ x - y) ** 2))
         if best is None or err < best[0]:
             best = (err, x)
-    if best is None:  # no non-negative fit: the mean seconds as a per-call cost
-        return float(y.mean()), 0.0, 0.0
+    if best is None:  # no non-negative fit
+        return _prior(points)
     x = best[1]
     c0 = x[0] / scale[0]
     c1 = x[1] / scale[1]
     c2 = c1 + x[2] / scale[2]
+    if c1 <= 0.0:  # the per-FLOP cost not told from the per-call one (module docstring)
+        return _prior(points)
     return float(c0), float(c1), float(c2)
+
+
+def _prior(points: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """Coefficients without an identified fit: `FIXED_SHARE` of the shortest call per call, the
+    rest of the calls' seconds per FLOP (dense and attention at one rate)."""
+    c0 = FIXED_SHARE * min(s for _, _, s in points)
+    flops = sum(d + a for d, a, _ in points)
+    rate = sum(s - c0 for _, _, s in points) / flops if flops > 0 else 0.0
+    return float(c0), float(rate), float(rate)

@@ -132,8 +132,8 @@ class BenchSetup:
     max_prefill_tokens: int = 512  # most prompt tokens of all requests per step
     prefill_share: float | None = None  # EngineConfig.prefill_share (None: the engine's default)
     mixed_steps: bool = False  # EngineConfig.mixed_steps
-    compile_process: bool = False  # EngineConfig.compile_process
-    compile_workers: int = 1  # EngineConfig.compile_workers
+    compile_process: bool | None = None  # EngineConfig.compile_process (None: the engine's)
+    compile_workers: int | None = None  # EngineConfig.compile_workers (None: the engine's)
     attention_kernels: str = "triton"  # EngineConfig.attention_kernels
     note: str = ""
 
@@ -1221,8 +1221,8 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
         over["prefill_share"] = args.prefill_share
     if getattr(args, "mixed_steps", False):
         over["mixed_steps"] = True
-    if getattr(args, "compile_process", False):
-        over["compile_process"] = True
+    if getattr(args, "compile_process", None) is not None:
+        over["compile_process"] = args.compile_process
     if getattr(args, "compile_workers", None) is not None:
         if args.compile_workers < 1:
             raise SystemExit(f"--compile-workers must be >= 1, got {args.compile_workers}")
@@ -1501,12 +1501,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-steps", action="store_true",
                    help="the engine's mixed_steps: decoding requests take one token each as rows of "
                         "their lane's prefill call in steps that prefill")
-    g.add_argument("--compile-process", action="store_true",
+    g.add_argument("--compile-process", default=None, action=argparse.BooleanOptionalAction,
                    help="the engine's compile_process: step programs are traced, lowered and compiled "
-                        "in a worker process")
+                        "in worker processes (default: the engine's, on for GPU, off on CPU)")
     g.add_argument("--compile-workers", type=int, default=None, metavar="N",
                    help="the engine's compile_workers: background compiles at once (with "
-                        "--compile-process: worker processes; default 1)")
+                        "--compile-process: worker processes; default: the engine's, 4 per engine "
+                        "on GPU shared out among its groups, else 1)")
     g.add_argument("--attention-kernels", default=None, choices=("triton", "auto", "mosaic"),
                    help="the engine's attention_kernels (default triton; auto: the Mosaic GPU "
                         "kernels on Hopper where measured faster, docs/kernels.md)")

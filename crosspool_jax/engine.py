@@ -80,6 +80,12 @@ from pallas_kernels.page_layout import PoolLayout
 MODES = ("crosspool", "shared", "static")
 
 
+# Compile worker processes an engine on GPUs starts by default (`EngineConfig.compile_workers`),
+# shared out among its device groups: 4 ran the cold one-GPU smoke replay's compiles without a
+# serving-path stall on one H200 (2026-12-05); a host with many groups gets one per group.
+GPU_COMPILE_WORKERS = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Sizes of the engine's arenas and its control knobs.
@@ -101,10 +107,15 @@ class EngineConfig:
       lane's prompts, its decoding requests take one token each as rows of the prefill call (one
       read of the experts for both; `GroupRunner`), default False (not yet measured on a GPU:
       docs/engine.md "Mixed steps"; on one H200 it raised TBT P99, docs/benchmarks.md).
-      compile_process: step programs are traced, lowered and compiled in a worker process and
+      compile_process: step programs are traced, lowered and compiled in worker processes and
       loaded here from their serialized executables, so that work never holds the serving
-      process's GIL (`execution.compile_process`); default False. compile_workers: background
-      compiles at once (with compile_process: worker processes), default 1. dtype: the arena's
+      process's GIL (`execution.compile_process`); None (default): on for GPU, off on CPU (where
+      each worker would take one of few cores). compile_workers: background compiles at once per
+      device group (with compile_process: worker processes); None (default): with
+      compile_process, `GPU_COMPILE_WORKERS` per engine shared out among its device groups (at
+      least one each), else 1. On one H200 the cold one-GPU smoke replay with 4 worker processes
+      had TTFT P99 2.4x lower than with one compile thread and no serving-path compile, TBT P99
+      within 3% (2026-12-05, docs/benchmarks.md). dtype: the arena's
       (weights and KV)
       dtype, default the platform's ("float32" on CPU, "bfloat16" elsewhere). attention_kernels:
       "triton" (default), "auto" (on Hopper GPUs the Mosaic GPU kernels where they were measured
@@ -141,8 +152,8 @@ class EngineConfig:
     max_prefill_tokens: int | None = None  # None: 512 on CPU, 2048 on GPU
     prefill_share: float = DEFAULT_PREFILL_SHARE
     mixed_steps: bool = False
-    compile_process: bool = False
-    compile_workers: int = 1
+    compile_process: bool | None = None  # None: GPU on, CPU off
+    compile_workers: int | None = None  # None: GPU_COMPILE_WORKERS among the groups, or 1
     dtype: str | None = None
     attention_backend: str | None = None
     attention_kernels: str = DEFAULT_ATTENTION_KERNELS
@@ -329,7 +340,9 @@ class PooledEngine(SleepingModels, EngineCore):
         devs = list(devices or jax.devices())
         platform = "gpu" if devs[0].platform in ("gpu", "cuda") else "cpu"
         arena = cfg.arena_bytes or (64 << 20 if platform == "cpu" else _gpu_arena_bytes(devs[0]))
-        self.config = cfg = resolve_config(cfg, platform)
+        groups = 1 if mode == "crosspool" else (
+            len(devs) if pools is None or not str(pools).isdigit() else int(pools))
+        self.config = cfg = resolve_config(cfg, platform, groups)
         layout, wpages = arena_layout(cfg, platform, arena)
         kw = runner_kwargs(cfg, platform)
         self.groups: list[GroupRunner] = []
@@ -736,13 +749,19 @@ class PooledEngine(SleepingModels, EngineCore):
                 self._preemptions += n
 
 
-def resolve_config(cfg: EngineConfig, platform: str) -> EngineConfig:
-    """`cfg` with the platform's defaults filled in (page_bytes, prefill_chunk, max_prefill_tokens;
-    "gpu" or "cpu")."""
+def resolve_config(cfg: EngineConfig, platform: str, groups: int = 1) -> EngineConfig:
+    """`cfg` with the defaults of the platform ("gpu" or "cpu") and of an engine of `groups`
+    device groups filled in (page_bytes, prefill_chunk, max_prefill_tokens, compile_process,
+    compile_workers)."""
     gpu = platform == "gpu"
+    process = gpu if cfg.compile_process is None else cfg.compile_process
+    workers = cfg.compile_workers
+    if workers is None:
+        workers = max(1, GPU_COMPILE_WORKERS // max(1, groups)) if process and gpu else 1
     return dataclasses.replace(cfg, page_bytes=cfg.page_bytes or (262144 if gpu else 16384),
                                prefill_chunk=cfg.prefill_chunk or (512 if gpu else 64),
-                               max_prefill_tokens=cfg.max_prefill_tokens or (2048 if gpu else 512))
+                               max_prefill_tokens=cfg.max_prefill_tokens or (2048 if gpu else 512),
+                               compile_process=process, compile_workers=workers)
 
 
 def arena_layout(cfg: EngineConfig, platform: str, arena_bytes: int) -> tuple[PoolLayout, int]:

@@ -344,10 +344,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="a step that prefills a lane's prompts gives its decoding requests one token "
                         "each as rows of the same prefill call (default off)")
     g.add_argument("--compile-process", default=None, action=argparse.BooleanOptionalAction,
-                   help="trace, lower and compile step programs in a worker process (default off)")
+                   help="trace, lower and compile step programs in worker processes (default: on for "
+                        "GPU, off on CPU)")
     g.add_argument("--compile-workers", type=int, default=None, metavar="N",
-                   help="background compiles at once; with --compile-process, worker processes "
-                        "(default 1)")
+                   help="background compiles at once per device group; with --compile-process, worker "
+                        "processes (default: 4 per engine on GPU shared among its groups, else 1)")
     g.add_argument("--micro-batches", type=int, default=None, metavar="N",
                    help="decode lanes per model (2 = ping-pong; default 1)")
     g.add_argument("--dtype", default=None, metavar="DTYPE",

@@ -150,3 +150,24 @@ def test_worker_environment():
     assert gpu["JAX_COMPILATION_CACHE_DIR"] == "/c" and gpu["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
     assert "JAX_PLATFORMS" not in gpu  # inherited: "gpu" would also ask for rocm (failed on the H200)
     assert base["JAX_COMPILATION_CACHE_DIR"] == "/c"  # the caller's mapping is left alone
+
+
+def test_engine_defaults_compile_in_worker_processes_on_gpu_only():
+    """`EngineConfig.compile_process` / `compile_workers` left None: on GPU, worker processes,
+    `GPU_COMPILE_WORKERS` per engine shared among its device groups (at least one each); on CPU one
+    compile thread; whatever is set is kept."""
+    from crosspool_jax.engine import GPU_COMPILE_WORKERS, EngineConfig, resolve_config
+
+    def pick(cfg: EngineConfig, platform: str, groups: int = 1) -> tuple[bool, int]:
+        r = resolve_config(cfg, platform, groups)
+        return r.compile_process, r.compile_workers
+
+    assert GPU_COMPILE_WORKERS == 4
+    assert pick(EngineConfig(), "gpu") == (True, 4)
+    assert pick(EngineConfig(), "gpu", 2) == (True, 2)
+    assert pick(EngineConfig(), "gpu", 8) == (True, 1)
+    assert pick(EngineConfig(), "cpu") == (False, 1)
+    assert pick(EngineConfig(), "cpu", 8) == (False, 1)
+    assert pick(EngineConfig(compile_process=False), "gpu") == (False, 1)
+    assert pick(EngineConfig(compile_process=True), "cpu") == (True, 1)
+    assert pick(EngineConfig(compile_workers=3), "gpu", 8) == (True, 3)

@@ -83,7 +83,8 @@ def build_engine(mode: str, models: Sequence[str], setup: bench.BenchSetup, plan
     """`mode`'s groups holding `models` (added in this order), as `PooledEngine` builds and places
     them for the bench's `EngineConfig`; with `precompile_context`, every group's one-lane bucket
     grid is compiled (`PooledEngine.precompile`'s specs, max_live_requests slots)."""
-    cfg = resolve_config(bench._engine_config(setup, plan), platform)
+    cfg = resolve_config(bench._engine_config(setup, plan), platform,
+                         1 if mode == "crosspool" else setup.devices)
     layout, wpages = arena_layout(cfg, platform, plan["arena_bytes"])
     kw = runner_kwargs(cfg, platform)
     if mode == "crosspool":

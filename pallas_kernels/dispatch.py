@@ -10,10 +10,11 @@
   GPUs, other backends, CPU).
 * "triton" (the default): always the Triton kernels (off GPU: the same kernels interpreted, or
   the jnp reference). "auto" is not the default yet: its rule comes from the kernels timed alone
-  (benchmarks/prefill_attention.py, benchmarks/kernels.py); the engine's step programs with the
-  Mosaic kernels inside have been run on CPU (Mosaic GPU's interpreter: the same greedy tokens
-  as with Triton, tests/test_attention_kernels_step.py) but not yet compiled or timed on a GPU
-  (`benchmarks/prefill.py --variants triton,mosaic` is the measurement that decides it).
+  (benchmarks/prefill_attention.py, benchmarks/kernels.py); inside the engine's step programs the
+  Mosaic GQA prefill ran whole prompts 1.06-1.47x faster than Triton on one H200
+  (`benchmarks/prefill.py --variants triton,mosaic`, 2026-12-05), but no replay has run with it
+  and the MLA kernels have run inside the engine only on CPU (Mosaic GPU's interpreter: the same
+  greedy tokens as with Triton, tests/test_attention_kernels_step.py).
 * "mosaic": the Mosaic GPU kernel wherever one exists for the call, on the backends the Mosaic
   kernels have: "gpu" on a Hopper GPU (wgmma and TMA are sm_90 instructions: another GPU runs the
   Triton kernels) and "interpret" (Mosaic GPU's interpreter on CPU, for tests).
@@ -43,9 +44,10 @@ ATTENTION_KERNELS = ("auto", "triton", "mosaic")
 DEFAULT_ATTENTION_KERNELS = "triton"
 MOSAIC_BACKENDS = ("gpu", "interpret")
 CALLS = ("gqa_prefill", "mla_prefill", "mla_decode")
-# "auto": MLA prefill on the Mosaic decode kernel's rows. Off: not yet timed on a GPU beside the
-# Triton kernel (the 2026-12-05 call ran out of time in the references).
-MLA_PREFILL_MOSAIC = False
+# "auto": MLA prefill on the Mosaic decode kernel's rows. On: 1.88-2.09x the Triton kernel on one
+# H200, 2026-12-05 (DeepSeek-V3, a 512-token chunk after 0 / 8K / 32K tokens and a ragged batch of
+# four; docs/benchmarks.md "One H200, 2026-12-05 (noon)").
+MLA_PREFILL_MOSAIC = True
 
 
 def check_kernels(kernels: str) -> str:

@@ -124,7 +124,7 @@ class PrefillCostFit:
                       most: int) -> int | None:
         """The most prompt tokens (<= `most`) of one request continuing at position `context` whose
         predicted seconds, in calls of at most `chunk` tokens, fit `seconds`; 0 if none fits;
-        None before the fit. A step's prefill of several requests is priced as one request at the
+        None before any call is measured. A step's prefill of several requests is priced as one request at the
         longest context among them (an upper bound: attention grows with the context)."""
         if self.coefficients is None:
             return None

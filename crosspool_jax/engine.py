@@ -780,9 +780,12 @@ def arena_layout(cfg: EngineConfig, platform: str, arena_bytes: int) -> tuple[Po
 
 
 def runner_kwargs(cfg: EngineConfig, platform: str) -> dict[str, Any]:
-    """The `GroupRunner` keyword arguments of every group of an engine with the resolved `cfg`;
+    """The `GroupRunner` keyword arguments of every group of an engine with the resolved `cfg` (a
+    cfg with compile defaults still None is resolved here for one group: `resolve_config`);
     raises InvalidRequestError for a `max_stop_ids` or `compile_workers` below 1 or a
     `prefill_share` not above 0."""
+    if cfg.compile_process is None or cfg.compile_workers is None:
+        cfg = resolve_config(cfg, platform)
     if cfg.max_stop_ids < 1:
         raise InvalidRequestError(f"max_stop_ids must be >= 1, got {cfg.max_stop_ids}")
     if not cfg.prefill_share > 0:

@@ -341,9 +341,12 @@ class PooledEngine(SleepingModels, EngineCore):
         devs = list(devices or jax.devices())
         platform = "gpu" if devs[0].platform in ("gpu", "cuda") else "cpu"
         arena = cfg.arena_bytes or (64 << 20 if platform == "cpu" else _gpu_arena_bytes(devs[0]))
-        groups = 1 if mode == "crosspool" else (
-            len(devs) if pools is None or not str(pools).isdigit() else int(pools))
-        self.config = cfg = resolve_config(cfg, platform, groups)
+        n = 1  # device groups: crosspool's one, or shared / static's one per device used
+        if mode != "crosspool":
+            n = len(devs) if pools is None else int(pools)
+            if not 1 <= n <= len(devs):
+                raise InvalidRequestError(f"mode {mode}: pools must be a device count in [1, {len(devs)}]")
+        self.config = cfg = resolve_config(cfg, platform, n)
         layout, wpages = arena_layout(cfg, platform, arena)
         kw = runner_kwargs(cfg, platform)
         self.groups: list[GroupRunner] = []
@@ -357,9 +360,6 @@ class PooledEngine(SleepingModels, EngineCore):
             self.groups.append(self.runner_class(PoolTopology.split(pools, devs), layout, wpages,
                                                  execution=cfg.execution, **kw))
         else:
-            n = len(devs) if pools is None else int(pools)
-            if not 1 <= n <= len(devs):
-                raise InvalidRequestError(f"mode {mode}: pools must be a device count in [1, {len(devs)}]")
             self.pools = str(n)
             self.groups = [GroupRunner(None, layout, wpages, colocated=d, **kw) for d in devs[:n]]
         super().__init__(max_live_requests=max_live_requests)
@@ -780,12 +780,9 @@ def arena_layout(cfg: EngineConfig, platform: str, arena_bytes: int) -> tuple[Po
 
 
 def runner_kwargs(cfg: EngineConfig, platform: str) -> dict[str, Any]:
-    """The `GroupRunner` keyword arguments of every group of an engine with the resolved `cfg` (a
-    cfg with compile defaults still None is resolved here for one group: `resolve_config`);
-    raises InvalidRequestError for a `max_stop_ids` or `compile_workers` below 1 or a
-    `prefill_share` not above 0."""
-    if cfg.compile_process is None or cfg.compile_workers is None:
-        cfg = resolve_config(cfg, platform)
+    """The `GroupRunner` keyword arguments of every group of an engine with the resolved `cfg`
+    (`resolve_config`); raises InvalidRequestError for a `max_stop_ids` or `compile_workers`
+    below 1 or a `prefill_share` not above 0."""
     if cfg.max_stop_ids < 1:
         raise InvalidRequestError(f"max_stop_ids must be >= 1, got {cfg.max_stop_ids}")
     if not cfg.prefill_share > 0:

@@ -4,8 +4,6 @@ CPU under the interpret backend), and the engine and the runner refuse an unknow
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import pytest
 from test_pooled_step_inplace import _inputs, _store
@@ -57,13 +55,14 @@ def test_step_programs_route_attention(monkeypatch, model, decode, asked):
 
 
 def test_engine_refuses_unknown_kernels():
-    from crosspool_jax.engine import EngineConfig, runner_kwargs
+    from crosspool_jax.engine import EngineConfig, resolve_config, runner_kwargs
     from crosspool_jax.execution.pool_runner import GroupRunner
     from pallas_kernels.page_layout import PoolLayout
 
     with pytest.raises(InvalidRequestError, match="attention_kernels"):
-        runner_kwargs(dataclasses.replace(EngineConfig(), attention_kernels="cuda"), "cpu")
-    assert runner_kwargs(EngineConfig(), "cpu")["attention_kernels"] == "triton"  # the default
+        runner_kwargs(resolve_config(EngineConfig(attention_kernels="cuda"), "cpu"), "cpu")
+    default = resolve_config(EngineConfig(), "cpu")
+    assert runner_kwargs(default, "cpu")["attention_kernels"] == "triton"  # the default
     with pytest.raises(ValueError, match="attention_kernels"):
         GroupRunner(None, PoolLayout(16384, "float32", 64, 64), 16, colocated=jax.devices()[0],
                     attention_kernels="cuda")

@@ -115,7 +115,7 @@ class EngineConfig:
       compile_process, `GPU_COMPILE_WORKERS` per engine shared out among its device groups (at
       least one each), else 1. On one H200 the cold one-GPU smoke replay with 4 worker processes
       had TTFT P99 2.4x lower than with one compile thread and no serving-path compile, TBT P99
-      within 3% (2026-12-05, docs/benchmarks.md). dtype: the arena's
+      3% higher (117.4 vs 113.6 ms; 2026-12-05, docs/benchmarks.md). dtype: the arena's
       (weights and KV)
       dtype, default the platform's ("float32" on CPU, "bfloat16" elsewhere). attention_kernels:
       "triton" (default), "auto" (on Hopper GPUs the Mosaic GPU kernels where they were measured

@@ -185,5 +185,7 @@ def test_programs_hold_one_class_whatever_the_mix_of_models(refs) -> None:
             alone = set(runner._programs)
     assert all(len({ln.cls for ln in sp.lanes}) == 1 for sp in runner._programs)
     assert set(runner._programs) == alone  # the mixes compiled nothing new
-    assert runner.programs_built == len(alone)
+    # each program entered service once: compiled on the serving path or, when a larger program
+    # covered its first calls, in the background (which of the two is a matter of timing)
+    assert runner.programs_built + runner.background_built == len(alone)
     assert runner.kv.pool_stats().pages_used == 0

@@ -12,10 +12,11 @@ the `ready` stamps of calls that finish together can swap), and summarises them 
 call's requests (each request takes one gap token per call, so a per-token TBT P99 is about the
 weighted 96th percentile at K = 4): the gap, the gap over the call's own seconds, how many prefill
 calls the gaps hold (all gaps, and those at or above the weighted 96th percentile), and how many of
-those tail calls ran in a larger program (`compiled`). Call logs written since 2026-12-05 also
-carry each call's `step` (the launch that dispatched it) and `step_decoding` (requests decoding
-then): the steps that dispatched prefill calls and no decode call while requests decoded are
-counted. Plain Python, no JAX.
+those tail calls (decode and prefill) ran in a larger program (`compiled`), and when the tail
+gaps fall (seconds after the log's first call: a cold start's padded calls cluster early). Call
+logs written since 2026-12-05 also carry each call's `step` (the launch that dispatched it) and
+`step_decoding` (requests decoding then): the steps that dispatched prefill calls and no decode
+call while requests decoded are counted. Plain Python, no JAX.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ TAIL = 0.96  # the weighted percentile of call gaps that a per-token TBT P99 mat
 
 def decode_gaps(calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per decode call after its group's first: gap (s, from the previous decode call's ready to
-    this one's), own device seconds (None if not measured), requests, compiled (ran in a larger
-    program), and the prefill calls dispatched between the two (count, prompt tokens, how many ran
-    in a larger program). Calls are taken in dispatch order per group."""
+    this one's), when it ended (`at_s`, s after the log's first dispatch), own device seconds (None
+    if not measured), requests, compiled (ran in a larger program), and the prefill calls
+    dispatched between the two (count, prompt tokens, how many ran in a larger program). Calls are
+    taken in dispatch order per group."""
     out = []
+    start = min((c["dispatched"] for c in calls), default=0.0)
     by_group: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
     for c in calls:
         by_group[int(c.get("group", 0))].append(c)
@@ -51,6 +54,7 @@ def decode_gaps(calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             if prev is not None:
                 out.append({"gap_s": c["ready"] - prev["ready"], "busy_s": c.get("busy"),
+                            "at_s": c["ready"] - start,
                             "requests": int(c.get("requests") or 1), "compiled": bool(c["compiled"]),
                             "prefill_calls": len(between),
                             "prefill_tokens": sum(int(p["prefill_tokens"]) for p in between),
@@ -96,6 +100,9 @@ def summary(gaps: Sequence[dict[str, Any]]) -> dict[str, Any]:
                    "prefill_calls_between": dict(sorted(collections.Counter(
                        g["prefill_calls"] for g in tail).items())),
                    "decode_call_padded": sum(g["compiled"] for g in tail),
+                   "prefill_calls_padded": sum(g["prefill_padded"] for g in tail),
+                   "at_s": ([round(min(g["at_s"] for g in tail), 3), round(max(g["at_s"] for g in tail), 3)]
+                            if tail else None),
                    "mean_prefill_tokens": (float(np.mean([g["prefill_tokens"] for g in tail]))
                                            if tail else 0.0)}
     return out
@@ -118,8 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  prefill calls between (all gaps): {s['prefill_calls_between']}")
     t = s["tail"]
     print(f"  gaps at or above q{TAIL}: {t['gaps']}; prefill calls between: {t['prefill_calls_between']}; "
-          f"own decode call padded: {t['decode_call_padded']}; mean prompt tokens between: "
-          f"{t['mean_prefill_tokens']:.0f}")
+          f"own decode call padded: {t['decode_call_padded']}; prefill calls between padded: "
+          f"{t['prefill_calls_padded']}; mean prompt tokens between: {t['mean_prefill_tokens']:.0f}")
+    if t["at_s"] is not None:
+        print(f"  those gaps end {t['at_s'][0]:.1f}-{t['at_s'][1]:.1f} s after the first call")
     if s["prefill_only_steps"] is not None:
         print(f"  steps with prefill calls and no decode call while requests decoded: "
               f"{s['prefill_only_steps']}")

@@ -38,7 +38,7 @@ def test_gaps_and_summary(tmp_path, capsys) -> None:
     top = s["quantiles"][str(call_gaps.TAIL)]
     assert round(top["gap_s"], 3) == 0.07 and round(top["gap_over_own_call"], 3) == 3.5
     assert s["tail"] == {"gaps": 1, "prefill_calls_between": {2: 1}, "decode_call_padded": 1,
-                         "mean_prefill_tokens": 551.0}
+                         "prefill_calls_padded": 1, "at_s": [0.14, 0.14], "mean_prefill_tokens": 551.0}
     path = tmp_path / "calls_shared.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.writelines(json.dumps(c) + "\n" for c in calls)

@@ -35,32 +35,54 @@ def test_chunk_work_counts_the_context() -> None:
 
 def test_fit_recovers_the_costs_and_prices_long_contexts() -> None:
     fit = PrefillCostFit()
-    # true costs: 2 ms per call, 1 s per 1e14 dense FLOPs, 1 s per 2e13 attention FLOPs
-    for start, n in [(0, 512), (0, 256), (4096, 512), (20000, 128), (60000, 64), (1000, 1024)]:
-        w = chunk_work(COSTS, start, start + n)
-        fit.observe(w, 0.002 + w.dense_flops / 1e14 + w.attention_flops / 2e13)
-    c0, c1, c2 = fit.coefficients
-    assert c0 == pytest.approx(0.002, rel=1e-6)
-    assert c1 == pytest.approx(1e-14, rel=1e-6)
-    assert c2 == pytest.approx(5e-14, rel=1e-6)
-    # 20 ms: at position 0 the matmuls bind; at 60,000 attention does
-    at0 = fit.tokens_within(0.020, COSTS, 0, chunk=512, most=4096)
-    at60k = fit.tokens_within(0.020, COSTS, 60000, chunk=512, most=4096)
-    # 3 calls of <= 512: 0.006 + 1098e9 / 1e14 + (1098 * 1099 / 2) * 1e5 / 2e13 = 0.019997 s
-    assert at0 == 1098
-    assert fit.predict(chunk_work(COSTS, 0, 1099), 3) > 0.020
+    # true costs: 2 ms per call, 1 s per 1e14 dense FLOPs, 1 s per 2e13 attention FLOPs, 1 s per
+    # 4e14 dense FLOPs of padded rows; calls of n tokens in programs of `rows` rows
+    for start, n, rows in [(0, 512, 512), (0, 256, 512), (4096, 512, 512), (20000, 128, 512),
+                           (60000, 64, 128), (1000, 1024, 2048), (0, 100, 128)]:
+        w = chunk_work(COSTS, start, start + n, rows)
+        assert w.padded_flops == (rows - n) * 1e9
+        fit.observe(w, 0.002 + w.dense_flops / 1e14 + w.attention_flops / 2e13 + w.padded_flops / 4e14)
+    assert fit.coefficients == pytest.approx((0.002, 1e-14, 5e-14, 2.5e-15), rel=1e-6)
+    # 20 ms in a program of exactly n rows: at position 0 the matmuls bind; at 60,000 attention does
+    # 0.002 + 1346e9 / 1e14 + (1346 * 1347 / 2) * 1e5 / 2e13 = 0.019992 s (1347: 0.020009 s)
+    assert fit.tokens_within(0.020, COSTS, 0, most=4096) == 1346
     # 0.002 + 58e9 / 1e14 + (58 * 60000 + 58 * 59 / 2) * 1e5 / 2e13 = 0.019989 s (59: 0.0203 s)
-    assert at60k == 58
-    assert fit.tokens_within(0.001, COSTS, 0, chunk=512, most=4096) == 0  # the call cost alone is 2 ms
+    assert fit.tokens_within(0.020, COSTS, 60000, most=4096) == 58
+    assert fit.tokens_within(0.001, COSTS, 0, most=4096) == 0  # the call cost alone is 2 ms
+    assert fit.tokens_within(0.020, COSTS, 0, most=1000) == 1000  # all of it fits
+
+
+def test_budget_prices_the_padded_rows_of_its_bucket() -> None:
+    """A call of n tokens runs in its token bucket's program: n just past a bucket's edge pays for
+    the larger program's empty rows, so the budget stays at the edge unless the larger program's
+    cost fits."""
+    fit = PrefillCostFit()
+    for start, n, rows in [(0, 512, 512), (0, 256, 512), (4096, 512, 512), (20000, 128, 512),
+                           (60000, 64, 128), (1000, 1024, 2048), (0, 100, 128)]:
+        w = chunk_work(COSTS, start, start + n, rows)
+        fit.observe(w, 0.002 + w.dense_flops / 1e14 + w.attention_flops / 2e13 + w.padded_flops / 4e14)
+
+    def bucket(n: int) -> int:  # buckets 32, 128, 512, 2048, 8192 (growth 4)
+        return next(b for b in (32, 128, 512, 2048, 8192) if n <= b)
+
+    # 10 ms: 683 tokens in a program of 683 rows (0.002 + 0.00683 + 683 * 684 / 2 * 5e-9 = 0.009998 s);
+    # in buckets, 513 tokens already cost 11.6 ms (1,535 empty rows at 2.5 us), so 512
+    assert fit.tokens_within(0.010, COSTS, 0, 4096) == 683
+    assert fit.predict(chunk_work(COSTS, 0, 513, 2048)) == pytest.approx(0.0116267, rel=1e-5)
+    assert fit.tokens_within(0.010, COSTS, 0, 4096, bucket) == 512
+    # 20 ms: inside the 2,048 bucket, 1,220 tokens (0.019994 s with 828 empty rows; 1,221: 0.020008 s)
+    assert fit.tokens_within(0.020, COSTS, 0, 4096, bucket) == 1220
+    # two KV devices: each holds a bucket of rows, the other's all padding
+    assert fit.tokens_within(0.020, COSTS, 0, 4096, bucket, devices=2) == 813
 
 
 def test_fit_never_prices_attention_below_the_matmuls() -> None:
     fit = PrefillCostFit()
-    assert fit.coefficients is None and fit.tokens_within(1.0, COSTS, 0, 64, 512) is None
+    assert fit.coefficients is None and fit.tokens_within(1.0, COSTS, 0, 512) is None
     for n in (64, 128, 256, 512):  # short prompts only: attention seconds not visible
         fit.observe(PrefillWork(n, n * 1e9, 0.0), n * 1e-5)
-    _, c1, c2 = fit.coefficients
-    assert c2 >= c1 == pytest.approx(1e-14)
+    _, c1, c2, c3 = fit.coefficients
+    assert c2 >= c1 == pytest.approx(1e-14) and c3 == 0.0  # no padded rows seen: not priced
     fit.observe(PrefillWork(0, 0.0, 0.0), 1.0)  # nothing computed: ignored
     assert fit.points == 4
 
@@ -78,7 +100,7 @@ def test_budget_rule() -> None:
     for n in (25, 50, 100, 200):
         w = chunk_work(costs, 0, n)
         runner.prefill_fit.observe(w, 1e-3 + rate * (w.dense_flops + w.attention_flops))
-    assert runner.prefill_fit.coefficients == pytest.approx((1e-3, rate, rate), rel=1e-6)
+    assert runner.prefill_fit.coefficients == pytest.approx((1e-3, rate, rate, 0.0), rel=1e-6)
     # 5 ms (share 1.0): about 40 tokens (1 ms + 40 x 0.1 ms, attention a little more)
     assert 36 <= runner.prefill_budget(decoding=True) <= 40
     runner.prefill_share = 0.5
@@ -100,7 +122,7 @@ def test_calls_of_one_shape_still_price_a_long_context() -> None:
     w0 = chunk_work(COSTS, 0, 512)
     fit.observe(w0, 0.030)
     one = fit.coefficients  # the prior from one call: 15 ms per call + 15 ms over its FLOPs
-    assert one[0] == pytest.approx(0.015) and one[1] == one[2] == pytest.approx(
+    assert one[0] == pytest.approx(0.015) and one[1] == one[2] == one[3] == pytest.approx(
         0.015 / (w0.dense_flops + w0.attention_flops))
     for _ in range(7):
         fit.observe(w0, 0.030)  # the least squares alone: 30 ms for any call
@@ -111,8 +133,8 @@ def test_calls_of_one_shape_still_price_a_long_context() -> None:
     assert flops == pytest.approx(6.85, abs=0.01)
     assert fit.predict(deep) == pytest.approx(0.015 + 0.015 * flops)  # 118 ms, not 30
     # 30 ms buys w0's FLOPs (5.25e11): 512 tokens from 0, 74 after 60,000 (~7e9 FLOPs a token)
-    assert fit.tokens_within(0.030, COSTS, 0, 512, 512) == 512
-    assert fit.tokens_within(0.030, COSTS, 60000, 512, 512) == 74
+    assert fit.tokens_within(0.030, COSTS, 0, 512) == 512
+    assert fit.tokens_within(0.030, COSTS, 60000, 512) == 74
 
 
 def test_small_budget_reaches_the_planner_and_outputs_equal_reference(monkeypatch) -> None:
@@ -184,10 +206,9 @@ def test_budget_prices_the_longest_running_prefill(monkeypatch) -> None:
     assert seen, "b never ran part of its prefill"
     allowance = 0.01  # 10 ms: 29 tokens from position 0, 17 from position 48
     runner.decode_call_seconds = allowance  # share 1.0
-    want = fit.tokens_within(allowance, costs, seen["ctx"], 64, 64)
+    want = fit.tokens_within(allowance, costs, seen["ctx"], 64)  # no padded row seen: none priced
     assert runner.prefill_budget(decoding=True) == max(8, want)
-    assert 8 < want < fit.tokens_within(allowance, costs, 0, 64, 64) < 64  # a longer context buys fewer
-    assert want >= fit.tokens_within(allowance, costs, seen["ctx"], 8, 64)  # no per-chunk call costs
+    assert 8 < want < fit.tokens_within(allowance, costs, 0, 64) < 64  # a longer context buys fewer
 
 
 def _greedy() -> SamplingParams:

@@ -62,7 +62,13 @@ from crosspool_jax.execution.host_step import (
     trial_key,
 )
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, model_geometry
-from crosspool_jax.execution.prefill_cost import NO_WORK, PrefillCostFit, PrefillWork, chunk_work
+from crosspool_jax.execution.prefill_cost import (
+    NO_WORK,
+    PrefillCostFit,
+    PrefillWork,
+    chunk_work,
+    dense_flops_per_token,
+)
 from crosspool_jax.execution.sampling import SamplingParams, seed_words
 from crosspool_jax.memory.arena import NO_GUARD, ArenaBook, ArenaStore, HostModel
 from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVSegment, KVVirtualizer
@@ -1272,9 +1278,12 @@ class GroupRunner:
             model = next((self.reqs[rid].model for rid in self.planner.waiting() if rid in self.reqs), None)
         n = None
         if model is not None:
-            # priced as one call: a request's tokens of a step run in one (`_run`)
-            n = self.prefill_fit.tokens_within(seconds, self._model_costs(model), context,
-                                               most, most)
+            # priced as one call (a request's tokens of a step run in one, `_run`) in the program
+            # of its token bucket: T rows on each KV device
+            bk = self.buckets
+            n = self.prefill_fit.tokens_within(seconds, self._model_costs(model), context, most,
+                                               lambda t: bk.round(t, bk.tokens_floor),
+                                               self.store.num_kv)
         if n is None:  # no prefill call measured yet
             return most
         return int(min(most, max(floor, n)))
@@ -1337,6 +1346,8 @@ class GroupRunner:
                 call.end.get(timeout=5.0) if call.end is not None else ready)
             busy = None if end is None else end - max(call.dispatched, self._last_end)
             self._last_end = ready if end is None else end
+            # a call that ran in a larger program than its shape's (or compiled its own) measures
+            # that program, not its work
             if busy is not None and not call.compiled:
                 if call.decode:
                     old = self.decode_call_seconds
@@ -1538,10 +1549,13 @@ class GroupRunner:
             places.append(lane_places)
         prefill_tokens = 0 if decode else sum(q for place in placements for _, _, _, q, _ in place)
         work = NO_WORK
-        if not decode:
-            for _, _, rows in groups:
-                for w, s0, e0, *_ in rows:
-                    work = work + chunk_work(self._model_costs(w.req.model), s0, e0)
+        if not decode:  # the lanes' tokens, and the rows their programs compute beyond them
+            for (_, _, rows), lane in zip(groups, lanes, strict=True):
+                costs = self._model_costs(rows[0][0].req.model)
+                for _, s0, e0, *_ in rows:
+                    work = work + chunk_work(costs, s0, e0)
+                padded = lane.tokens * n_kv - sum(e0 - s0 for _, s0, e0, *_ in rows)
+                work = work + PrefillWork(0, 0.0, 0.0, max(0, padded) * dense_flops_per_token(costs))
         self._dispatches += 1
         self._inflight.append(_Call(tuple(outs), tuple(lanes), places, decode, prefill_tokens, work,
                                     frozenset(w.req.model for w in items), dispatched,

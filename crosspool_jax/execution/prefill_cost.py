@@ -2,11 +2,12 @@
 
 A prefill call's seconds are fitted as
 
-    seconds = c_call + c_dense x dense_flops + c_attn x attention_flops
+    seconds = c_call + c_dense x dense_flops + c_attn x attention_flops + c_pad x padded_flops
 
 over the group's last `window` measured prefill calls (least squares with every coefficient >= 0,
 and c_attn >= c_dense: attention is never priced cheaper per FLOP than the dense matmuls, so a fit
-made on short prompts still charges a long context's attention). Calls of one shape do not tell the
+made on short prompts still charges a long context's attention; c_pad <= c_dense: a padded query
+row of the call's program, priced by a token's dense FLOPs, costs at most a real token). Calls of one shape do not tell the
 per-call cost from the per-FLOP ones: such a fit comes out as a constant (c_dense = 0), which
 priced a 2,048-token chunk at 60K tokens of context like one at 0 and let it run 1.6-2x the decode
 call it was budgeted to match (one H200, 2026-12-05, docs/benchmarks.md). So until the fit has
@@ -18,8 +19,8 @@ over the context each token sees (`models.costs.ModelCosts`). Counting the conte
 chunk of 512 tokens at position 60,000 (mostly attention) from the same chunk at position 0.
 
 The budget (`tokens_within`): the most prompt tokens whose predicted seconds, at the context where
-the step's prefill continues, fit a time allowance (the runner's: `prefill_share` x its measured
-decode call). Plain Python, no JAX.
+the step's prefill continues, in the program of their token bucket (padded rows priced), fit a
+time allowance (the runner's: `prefill_share` x its measured decode call). Plain Python, no JAX.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -50,24 +50,34 @@ class PrefillWork:
     tokens: int
     dense_flops: float  # attention projections, routers, experts (top-k) and dense FFN
     attention_flops: float  # query-key and value products over each token's context
+    # the dense FLOPs of the query rows its program computes beyond its tokens (bucket padding, or
+    # a larger program's rows when its own is not compiled yet)
+    padded_flops: float = 0.0
 
     def __add__(self, other: PrefillWork) -> PrefillWork:
         return PrefillWork(self.tokens + other.tokens, self.dense_flops + other.dense_flops,
-                           self.attention_flops + other.attention_flops)
+                           self.attention_flops + other.attention_flops,
+                           self.padded_flops + other.padded_flops)
 
 
 NO_WORK = PrefillWork(0, 0.0, 0.0)
 
 
-def chunk_work(costs: ModelCosts, start: int, end: int) -> PrefillWork:
+def dense_flops_per_token(costs: ModelCosts) -> float:
+    """Dense FLOPs of one query row (projections and FFN): what a padded row costs at most."""
+    return costs.kv_flops_per_token + costs.w_flops_per_token
+
+
+def chunk_work(costs: ModelCosts, start: int, end: int, rows: int = 0) -> PrefillWork:
     """`PrefillWork` of prompt positions [start, end) of one request (KV of [0, start) already
-    written): token i attends to start + i + 1 positions."""
+    written), run in a program of `rows` query rows (0: exactly its tokens): token i attends to
+    start + i + 1 positions."""
     q = end - start
     if q <= 0:
         return NO_WORK
     pairs = q * start + q * (q + 1) / 2
-    return PrefillWork(q, q * (costs.kv_flops_per_token + costs.w_flops_per_token),
-                       pairs * costs.attn_flops_per_pair)
+    per_row = dense_flops_per_token(costs)
+    return PrefillWork(q, q * per_row, pairs * costs.attn_flops_per_pair, max(0, rows - q) * per_row)
 
 
 def chunks_work(costs: ModelCosts, spans: Iterable[tuple[int, int]]) -> PrefillWork:
@@ -78,20 +88,25 @@ def chunks_work(costs: ModelCosts, spans: Iterable[tuple[int, int]]) -> PrefillW
     return total
 
 
+Coefficients = tuple[float, float, float, float]  # c_call s, c_dense, c_attn, c_pad s/FLOP
+
+
 class PrefillCostFit:
     """Seconds of a prefill call from its `PrefillWork` (module docstring), fitted over the last
     `window` calls `observe`d. Not thread-safe: the runner's stepping thread owns it."""
 
     def __init__(self, window: int = 64):
-        self._points: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=window)
-        self._coef: tuple[float, float, float] | None = None
+        self._points: collections.deque[tuple[float, float, float, float]] = collections.deque(
+            maxlen=window)
+        self._coef: Coefficients | None = None
         self._new = 0  # points observed since the last fit
 
     def observe(self, work: PrefillWork, seconds: float) -> None:
-        """One measured call: its work and its device seconds."""
+        """One measured call: its work (padded rows included) and its device seconds."""
         if work.tokens <= 0 or not seconds > 0:
             return
-        self._points.append((work.dense_flops, work.attention_flops, float(seconds)))
+        self._points.append((work.dense_flops, work.attention_flops, work.padded_flops,
+                             float(seconds)))
         self._new += 1
 
     @property
@@ -99,8 +114,8 @@ class PrefillCostFit:
         return len(self._points)
 
     @property
-    def coefficients(self) -> tuple[float, float, float] | None:
-        """(c_call s, c_dense s/FLOP, c_attn s/FLOP): None before any call; the prior (`_prior`)
+    def coefficients(self) -> Coefficients | None:
+        """(c_call s, c_dense, c_attn, c_pad s/FLOP): None before any call; the prior (`_prior`)
         before `MIN_POINTS` calls; then the fit, refitted when `REFIT_EVERY` calls came since the
         last one (at once while it has none)."""
         if not self._points:
@@ -117,49 +132,58 @@ class PrefillCostFit:
         coef = self.coefficients
         if coef is None:
             return None
-        c0, c1, c2 = coef
-        return calls * c0 + c1 * work.dense_flops + c2 * work.attention_flops
+        c0, c1, c2, c3 = coef
+        return calls * c0 + c1 * work.dense_flops + c2 * work.attention_flops + c3 * work.padded_flops
 
-    def tokens_within(self, seconds: float, costs: ModelCosts, context: int, chunk: int,
-                      most: int) -> int | None:
+    def tokens_within(self, seconds: float, costs: ModelCosts, context: int, most: int,
+                      bucket: Callable[[int], int] | None = None, devices: int = 1) -> int | None:
         """The most prompt tokens (<= `most`) of one request continuing at position `context` whose
-        predicted seconds, in calls of at most `chunk` tokens, fit `seconds`; 0 if none fits;
-        None before any call is measured. A step's prefill of several requests is priced as one request at the
-        longest context among them (an upper bound: attention grows with the context)."""
+        predicted call fits `seconds`, the call run in a program of `bucket(n)` query rows on each
+        of `devices` KV devices (the token bucket n rounds up to; None: exactly n rows); 0 if none
+        fits; None before any call is measured. A step's prefill of several requests is priced as
+        one request at the longest context among them (an upper bound: attention grows with the
+        context). Within one bucket the cost grows with n (a padded row costs at most a real one),
+        so each bucket's range is searched apart: n just past a bucket's edge pays for a mostly
+        empty larger program."""
         if self.coefficients is None:
             return None
 
         def cost(n: int) -> float:
-            return self.predict(chunk_work(costs, context, context + n), math.ceil(n / chunk)) or 0.0
+            rows = (bucket(n) if bucket else n) * devices
+            return self.predict(chunk_work(costs, context, context + n, rows)) or 0.0
 
-        if cost(most) <= seconds:
-            return most
-        lo, hi = 0, most  # cost(lo) <= seconds < cost(hi); cost grows with n
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if cost(mid) <= seconds else (lo, mid)
-        return lo
+        best, lo = 0, 1
+        while lo <= most:
+            hi = min(most, max(lo, bucket(lo))) if bucket else most  # [lo, hi]: one bucket
+            if cost(lo) <= seconds:
+                a, b = lo, hi + 1  # cost(a) <= seconds; b: past the range or over
+                while b - a > 1:
+                    mid = (a + b) // 2
+                    a, b = (mid, b) if cost(mid) <= seconds else (a, mid)
+                best = a
+            lo = hi + 1
+        return best
 
 
-def _fit(points: list[tuple[float, float, float]]) -> tuple[float, float, float]:
-    """Non-negative least squares of seconds ~ c0 + c1 x dense + c2 x attention with c2 >= c1,
-    by trying each set of free coefficients (three: few enough to enumerate). Columns are scaled
-    to unit norm first (FLOPs are ~1e12, the constant 1)."""
-    a = np.array([[1.0, d, at] for d, at, _ in points])
-    y = np.array([s for _, _, s in points])
+def _fit(points: list[tuple[float, float, float, float]]) -> Coefficients:
+    """Non-negative least squares of seconds ~ c0 + c1 x dense + c2 x attention + c3 x padded with
+    c2 >= c1 >= c3, by trying each set of free coefficients (four: few enough to enumerate).
+    Columns are scaled to unit norm first (FLOPs are ~1e12, the constant 1)."""
+    a = np.array([[1.0, d, at, pad] for d, at, pad, _ in points])
+    y = np.array([s for *_, s in points])
     scale = np.linalg.norm(a, axis=0)
     scale[scale == 0] = 1.0
     a = a / scale
     best: tuple[float, np.ndarray] | None = None
-    # c2 >= c1 is kept by fitting c2 = c1 + e (e >= 0): columns [1, dense + attention, attention]
+    # c2 >= c1 is kept by fitting c2 = c1 + e (e >= 0): columns [1, dense + attention, attention, pad]
     b = a.copy()
     b[:, 1] = a[:, 1] + a[:, 2] * scale[2] / scale[1]
-    for free in itertools.chain.from_iterable(itertools.combinations(range(3), k) for k in (1, 2, 3)):
+    for free in itertools.chain.from_iterable(itertools.combinations(range(4), k) for k in (1, 2, 3, 4)):
         cols = list(free)
         sol, *_ = np.linalg.lstsq(b[:, cols], y, rcond=None)
         if np.any(sol < 0):
             continue
-        x = np.zeros(3)
+        x = np.zeros(4)
         x[cols] = sol
         err = float(np.sum((b @ x - y) ** 2))
         if best is None or err < best[0]:
@@ -170,15 +194,16 @@ def _fit(points: list[tuple[float, float, float]]) -> tuple[float, float, float]
     c0 = x[0] / scale[0]
     c1 = x[1] / scale[1]
     c2 = c1 + x[2] / scale[2]
+    c3 = min(c1, x[3] / scale[3])  # a padded row never costs more than a real one
     if c1 <= 0.0:  # the per-FLOP cost not told from the per-call one (module docstring)
         return _prior(points)
-    return float(c0), float(c1), float(c2)
+    return float(c0), float(c1), float(c2), float(c3)
 
 
-def _prior(points: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+def _prior(points: list[tuple[float, float, float, float]]) -> Coefficients:
     """Coefficients without an identified fit: `FIXED_SHARE` of the shortest call per call, the
-    rest of the calls' seconds per FLOP (dense and attention at one rate)."""
-    c0 = FIXED_SHARE * min(s for _, _, s in points)
-    flops = sum(d + a for d, a, _ in points)
-    rate = sum(s - c0 for _, _, s in points) / flops if flops > 0 else 0.0
-    return float(c0), float(rate), float(rate)
+    rest of the calls' seconds per FLOP (dense, attention and padded rows at one rate)."""
+    c0 = FIXED_SHARE * min(s for *_, s in points)
+    flops = sum(d + a + pad for d, a, pad, _ in points)
+    rate = sum(s - c0 for *_, s in points) / flops if flops > 0 else 0.0
+    return float(c0), float(rate), float(rate), float(rate)

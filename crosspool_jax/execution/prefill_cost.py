@@ -7,10 +7,11 @@ A prefill call's seconds are fitted as
 over the group's last `window` measured prefill calls (least squares with every coefficient >= 0,
 and c_attn >= c_dense: attention is never priced cheaper per FLOP than the dense matmuls, so a fit
 made on short prompts still charges a long context's attention; c_pad <= c_dense: a padded query
-row of the call's program, priced by a token's dense FLOPs, costs at most a real token). Calls of one shape do not tell the
-per-call cost from the per-FLOP ones: such a fit comes out as a constant (c_dense = 0), which
-priced a 2,048-token chunk at 60K tokens of context like one at 0 and let it run 1.6-2x the decode
-call it was budgeted to match (one H200, 2026-12-05, docs/benchmarks.md). So until the fit has
+row of the call's program, priced by a token's dense FLOPs, costs at most a real token). Calls of
+one shape do not tell the per-call cost from the per-FLOP ones: such a fit comes out as a
+constant (c_dense = 0), which priced a 2,048-token chunk at 60K tokens of context like one at 0
+and let it run 1.6-2x the decode call it was budgeted to match (one H200, 2026-12-05,
+docs/benchmarks.md). So until the fit has
 `MIN_POINTS` calls, and whenever its c_dense is 0, the calls are priced by a prior instead
 (`_prior`): `FIXED_SHARE` of the shortest call is the per-call cost and the rest of each call's
 seconds scales with its FLOPs (dense and attention alike). `dense_flops` are the projections

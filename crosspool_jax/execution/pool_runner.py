@@ -1445,22 +1445,56 @@ class GroupRunner:
         items = [w for w in items if not w.req.done]
         if not items:
             return []
-        n, n_kv = self.store.num_devices, self.store.num_kv
+        by_model, rest = self._cut(items, decode)
+        groups, lane_group = self._lanes(by_model, decode)
+        # each lane's shape: the smallest bucket holding its rows
+        wanted, sorted_rows, tail_lens, k_steps = [], [], [], 1
+        for cls, names, rows in groups:
+            shape, placed_rows, tails, k = self._lane_shape(cls, names, rows, decode)
+            wanted.append(shape)
+            sorted_rows.append(placed_rows)
+            tail_lens.append(tails)
+            k_steps = max(k_steps, k)
+        steps = (self.steps_per_call if self.buckets.fixed_steps else _pow2(k_steps)) if decode else 1
+        blocked_before, fallbacks_before = self.blocked_compiles, self.fallback_calls
+        programs, lanes = self._lane_programs(wanted, lane_group, tail_lens, decode, steps)
+        outs, placements, dispatched, done_at = self._execute(programs, groups, lanes, sorted_rows, decode)
+        places = self._placeholders(lanes, placements, outs, decode)
+        prefill_tokens = 0 if decode else sum(q for place in placements for _, _, _, q, _ in place)
+        self._dispatches += 1
+        self._inflight.append(_Call(tuple(outs), tuple(lanes), places, decode, prefill_tokens,
+                                    NO_WORK if decode else self._call_work(groups, lanes),
+                                    frozenset(w.req.model for w in items), dispatched,
+                                    (self.blocked_compiles, self.fallback_calls)
+                                    != (blocked_before, fallbacks_before), done_at,
+                                    None if done_at is not None else self._call_clock.watch(outs),
+                                    sum(len(rows) for _, _, rows in groups),
+                                    sum(s0 for _, _, rows in groups for _, s0, *_ in rows),
+                                    self.launches, self._step_decoding))
+        return rest
+
+    def _cut(self, items: list[_Work], decode: bool) -> tuple[dict[str, list], list[_Work]]:
+        """`items`' rows of this call per model, (work, start, end, segment, older segments,
+        segment index), each cut at its KV segment's end (and a prefill at `max_prefill_tokens`:
+        a request's span of a step runs in one call); and the work cut off, left for later."""
         by_model: dict[str, list[tuple[_Work, int, int, KVSegment, list[KVSegment], int]]] = {}
         rest: list[_Work] = []
         for w in items:
-            rid = w.req.request_id
-            si, seg, older, = self._segment_at(rid, w.start)
+            si, seg, older, = self._segment_at(w.req.request_id, w.start)
             tpp = self.geoms[w.req.model].tokens_per_page
-            seg_cap_end = seg.token_start + seg.pages_per_layer * tpp
-            end = min(w.end, seg_cap_end)
-            if not decode:  # the request's whole span of this step in one call
+            end = min(w.end, seg.token_start + seg.pages_per_layer * tpp)
+            if not decode:
                 end = min(end, w.start + self.max_prefill_tokens)
             if end < w.end:
                 rest.append(_Work(w.req, end, w.end, w.decode, w.samples))
             by_model.setdefault(w.req.model, []).append((w, w.start, end, seg, older, si))
-        k_steps = 1
-        # one lane per model class (MLA: per model): its models are groups of one program
+        return by_model, rest
+
+    def _lanes(self, by_model: dict[str, list], decode: bool) -> tuple[list[tuple[Any, list[str], list]],
+                                                                        list[int]]:
+        """The call's lanes, (class, model names of its groups, rows), one per model class (MLA:
+        per model), or `micro_batches` ping-pong lanes of a decode class; and per lane the index
+        of its program (a class's lanes share one)."""
         by_class: dict[Any, tuple[list[str], list]] = {}
         for model, rows in sorted(by_model.items()):
             names, all_rows = by_class.setdefault(self._lane_key(model), ([], []))
@@ -1468,50 +1502,51 @@ class GroupRunner:
             all_rows.extend(rows)
         placed = ({self._lane_key(names[0]): names for _, names in self.lane_keys()}
                   if self.buckets.groups == "placed" else {})
-        groups = []
-        lane_group: list[int] = []  # per lane: its program (a class's lane or its ping-pong lanes)
+        groups: list[tuple[Any, list[str], list]] = []
+        lane_group: list[int] = []
+        mb = self.micro_batches
         for gi, ((cls, one), (names, rows)) in enumerate(by_class.items()):
             names = placed.get((cls, one), names)
-            mb = self.micro_batches
             if decode and mb > 1 and len(rows) >= mb and not any(r[4] for r in rows):
-                groups += [(cls, names, rows[i::mb]) for i in range(mb)]  # ping-pong lanes
+                groups += [(cls, names, rows[i::mb]) for i in range(mb)]
                 lane_group += [gi] * mb
             else:
                 groups.append((cls, names, rows))
                 lane_group.append(gi)
-        # each lane's shape: the smallest bucket holding its rows
-        wanted: list[LaneShape] = []
-        sorted_rows: list[tuple[list[list], dict[str, int]]] = []  # per lane: per-device rows, groups
-        tail_lens: list[np.ndarray] = []  # per lane: its slots' tail lengths (the attention schedule)
-        for cls, names, rows in groups:
-            gidx = {m: i for i, m in enumerate(names)}
-            per_dev: list[list] = [[] for _ in range(n_kv)]
-            for row in sorted(rows, key=lambda r: gidx[r[0].req.model]):  # slots sorted by model
-                per_dev[row[3].device].append(row)
-            bk = self.buckets
-            b = bk.round(max(len(d) for d in per_dev), bk.slots_floor)
-            if decode:
-                t = b
-                k_steps = max(k_steps, max(r[2] - r[1] for r in rows))
-            else:
-                t = bk.round(max(sum(r[2] - r[1] for r in d) for d in per_dev), bk.tokens_floor)
-            pages = bk.round(max(max(r[3].pages_per_layer for r in rows),
-                                 max((s.pages_per_layer for r in rows for s in r[4]), default=1)),
-                             bk.pages_floor)
-            n_extra_dev = [0] * n
-            for row in rows:
-                for s in row[4]:
-                    n_extra_dev[s.device] += 1
-            x = _pow2(max(n_extra_dev)) if any(n_extra_dev) else 0
-            c = 1 if decode or not x else _pow2(max(r[2] - r[1] for r in rows))  # only read with extras
-            s_w = self.stop_width  # one width: stop-id counts never select a program
-            wanted.append(LaneShape(cls, _pow2(len(names)), b, t, pages, x, c, s_w))
-            sorted_rows.append((per_dev, gidx))
-            tail_lens.append(np.array([(r[1] + 1 if decode else r[2]) - r[3].token_start for r in rows]))
-        steps = (self.steps_per_call if self.buckets.fixed_steps else _pow2(k_steps)) if decode else 1
-        # each lane group's program: its shape's, or a compiled larger one (`_program_for`); the
-        # inputs are then built at the shapes of the program that runs them
-        blocked_before, fallbacks_before = self.blocked_compiles, self.fallback_calls
+        return groups, lane_group
+
+    def _lane_shape(self, cls: Any, names: list[str], rows: list, decode: bool
+                    ) -> tuple[LaneShape, tuple[list[list], dict[str, int]], np.ndarray, int]:
+        """A lane's wanted shape (the smallest buckets holding its rows), its rows per KV device
+        (slots sorted by model) with each model's group index, its slots' tail lengths (the
+        attention schedule's input) and its decode steps (1 for a prefill)."""
+        n, n_kv, bk = self.store.num_devices, self.store.num_kv, self.buckets
+        gidx = {m: i for i, m in enumerate(names)}
+        per_dev: list[list] = [[] for _ in range(n_kv)]
+        for row in sorted(rows, key=lambda r: gidx[r[0].req.model]):
+            per_dev[row[3].device].append(row)
+        b = bk.round(max(len(d) for d in per_dev), bk.slots_floor)
+        k = max(r[2] - r[1] for r in rows) if decode else 1
+        t = b if decode else bk.round(max(sum(r[2] - r[1] for r in d) for d in per_dev), bk.tokens_floor)
+        pages = bk.round(max(max(r[3].pages_per_layer for r in rows),
+                             max((s.pages_per_layer for r in rows for s in r[4]), default=1)),
+                         bk.pages_floor)
+        n_extra_dev = [0] * n
+        for row in rows:
+            for s in row[4]:
+                n_extra_dev[s.device] += 1
+        x = _pow2(max(n_extra_dev)) if any(n_extra_dev) else 0
+        c = 1 if decode or not x else _pow2(max(r[2] - r[1] for r in rows))  # only read with extras
+        # one stop width: stop-id counts never select a program
+        shape = LaneShape(cls, _pow2(len(names)), b, t, pages, x, c, self.stop_width)
+        tails = np.array([(r[1] + 1 if decode else r[2]) - r[3].token_start for r in rows])
+        return shape, (per_dev, gidx), tails, k
+
+    def _lane_programs(self, wanted: list[LaneShape], lane_group: list[int], tail_lens: list[np.ndarray],
+                       decode: bool, steps: int) -> tuple[list[tuple[list[int], Callable]], list[LaneShape]]:
+        """Each lane group's program, its shape's or a compiled larger one (`_program_for`), with
+        the indices of its lanes; and every lane's shape in the program that runs it (the inputs
+        are built at those)."""
         programs: list[tuple[list[int], Callable]] = []
         shapes = list(wanted)
         for gi in dict.fromkeys(lane_group):  # one program per lane group, in order
@@ -1525,9 +1560,13 @@ class GroupRunner:
             for i, shape in zip(idxs, spec.lanes, strict=True):
                 shapes[i] = shape
             programs.append((idxs, prog))
-        lanes = shapes
-        outs, placements, dispatched, done_at = self._execute(programs, groups, shapes, sorted_rows, decode)
-        # the call's tokens, as placeholders until `_collect` reads them
+        return programs, shapes
+
+    def _placeholders(self, lanes: list[LaneShape], placements: list, outs: list, decode: bool
+                      ) -> list[list[tuple[str, int, int, int, int]]]:
+        """The call's tokens as placeholders in each request's `generated` (and the planner),
+        until `_collect` reads them; per lane (request, KV device, slot, tokens, first index)."""
+        n = self.store.num_devices
         places = []
         for lane, place, out in zip(lanes, placements, outs, strict=True):
             lane_places = []
@@ -1547,25 +1586,20 @@ class GroupRunner:
                 self.planner.append_tokens(rid, [PENDING] * count)
                 lane_places.append((rid, d, bi, count, g0))
             places.append(lane_places)
-        prefill_tokens = 0 if decode else sum(q for place in placements for _, _, _, q, _ in place)
+        return places
+
+    def _call_work(self, groups: list[tuple[Any, list[str], list]], lanes: list[LaneShape]) -> PrefillWork:
+        """A prefill call's `PrefillWork`: its lanes' tokens, and the rows their programs (the
+        shapes that ran) compute beyond them."""
+        n_kv = self.store.num_kv
         work = NO_WORK
-        if not decode:  # the lanes' tokens, and the rows their programs compute beyond them
-            for (_, _, rows), lane in zip(groups, lanes, strict=True):
-                costs = self._model_costs(rows[0][0].req.model)
-                for _, s0, e0, *_ in rows:
-                    work = work + chunk_work(costs, s0, e0)
-                padded = lane.tokens * n_kv - sum(e0 - s0 for _, s0, e0, *_ in rows)
-                work = work + PrefillWork(0, 0.0, 0.0, max(0, padded) * dense_flops_per_token(costs))
-        self._dispatches += 1
-        self._inflight.append(_Call(tuple(outs), tuple(lanes), places, decode, prefill_tokens, work,
-                                    frozenset(w.req.model for w in items), dispatched,
-                                    (self.blocked_compiles, self.fallback_calls)
-                                    != (blocked_before, fallbacks_before), done_at,
-                                    None if done_at is not None else self._call_clock.watch(outs),
-                                    sum(len(rows) for _, _, rows in groups),
-                                    sum(s0 for _, _, rows in groups for _, s0, *_ in rows),
-                                    self.launches, self._step_decoding))
-        return rest
+        for (_, _, rows), lane in zip(groups, lanes, strict=True):
+            costs = self._model_costs(rows[0][0].req.model)
+            for _, s0, e0, *_ in rows:
+                work = work + chunk_work(costs, s0, e0)
+            padded = lane.tokens * n_kv - sum(e0 - s0 for _, s0, e0, *_ in rows)
+            work = work + PrefillWork(0, 0.0, 0.0, max(0, padded) * dense_flops_per_token(costs))
+        return work
 
     def _execute(self, programs: list[tuple[list[int], Callable]], groups: list[tuple[Any, list[str], list]],
                  shapes: list[LaneShape], sorted_rows: list[tuple[list[list], dict[str, int]]], decode: bool

@@ -1609,109 +1609,125 @@ class GroupRunner:
         sampled tokens, on the device) and its placements (request id, KV device, slot, tokens
         computed, samples), the `_now()` at dispatch, and None (the calls' end is known by reading
         them; a simulated executor returns its virtual end time there instead)."""
-        store = self.store
-        n, n_kv = store.num_devices, store.num_kv
-        base = store.kv_first_page
-        lanes: list[LaneShape] = []
         host_inputs: list[dict[str, np.ndarray]] = []
         placements: list[list[tuple[str, int, int, int, bool]]] = []
         feeds: list[list[tuple[int, Any, int]]] = []  # per lane: (tokens row, source, flat index)
         for (cls, names, _), shape, (per_dev, gidx) in zip(groups, shapes, sorted_rows, strict=True):
-            cfg = cls.config
-            g_count, b, t, pages = shape.groups, shape.slots, shape.tokens, shape.max_pages
-            x, c, s_w = shape.extras, shape.extra_rows, shape.stop_width
-            L = cfg.num_layers
-            arr = {
-                "tokens": np.zeros((n, t), np.int32), "positions": np.zeros((n, t), np.int32),
-                "tok_slot": np.full((n, t), -1, np.int32),
-                "tail_pages": np.full((n, b, L, pages), -1, np.int32),
-                "tail_start": np.zeros((n, b), np.int32), "tail_len": np.zeros((n, b), np.int32),
-                "sample_row": np.full((n, b), -1, np.int32),
-                "temperature": np.zeros((n, b), np.float32), "top_k": np.zeros((n, b), np.int32),
-                "top_p": np.ones((n, b), np.float32), "seed": np.zeros((n, b, 2), np.uint32),
-                "remaining": np.zeros((n, b), np.int32), "stop_ids": np.full((n, b, s_w), -1, np.int32),
-            }
-            if not decode:
-                arr["cu_q"] = np.zeros((n, b + 1), np.int32)
-            a_base = [store.models[m].base[Role.KV] for m in names]
-            f_base = [store.models[m].base[Role.WEIGHTS] for m in names]
-            arr["a_base"] = np.tile(np.array(a_base + a_base[:1] * (g_count - len(names)), np.int32), (n, 1))
-            arr["f_base"] = np.tile(np.array(f_base + f_base[:1] * (g_count - len(names)), np.int32), (n, 1))
-            arr["grp_rows"] = np.zeros((n, g_count), np.int32)
-            arr["grp_slots"] = np.zeros((n, g_count), np.int32)
-            arr["tok_grp"] = np.zeros((n, t), np.int32)
-            arr["slot_grp"] = np.zeros((n, b), np.int32)
-            if x:
-                arr["x_rows"] = np.full((n, x, c), -1, np.int32)
-                arr["x_pages"] = np.full((n, x, L, pages), -1, np.int32)
-                arr["x_len"] = np.zeros((n, x), np.int32)
-            feed = []
-            x_fill = [0] * n
-            for d in range(n_kv):
-                row_ptr = 0
-                for bi, (w, s0, e0, seg, older, _) in enumerate(per_dev[d]):
-                    r = w.req
-                    q = e0 - s0
-                    rows_idx = (np.arange(q) + row_ptr) if not decode else np.array([bi])
-                    gi = gidx[r.model]
-                    arr["grp_rows"][d, gi] += len(rows_idx)
-                    arr["grp_slots"][d, gi] += 1
-                    arr["tok_grp"][d, rows_idx] = gi
-                    arr["slot_grp"][d, bi] = gi
-                    if decode:
-                        tok = _tokens_at(r, [], s0, s0 + 1)[0]
-                        if tok == PENDING:  # sampled by a call still in flight: read on device
-                            feed.append(_device_feed(r, s0, d * t + bi))
-                        arr["tokens"][d, bi] = tok
-                        arr["positions"][d, bi] = s0
-                        arr["tok_slot"][d, bi] = bi
-                        arr["sample_row"][d, bi] = bi
-                        arr["tail_len"][d, bi] = s0 - seg.token_start + 1
-                        arr["remaining"][d, bi] = e0 - s0
-                    else:
-                        toks = _tokens_at(r, [], s0, e0)
-                        if PENDING in toks:
-                            # a mixed step's decode row (`mixed_steps`): its one input token, the
-                            # last one sampled, is read on the device as a decode call's is
-                            if q != 1:
-                                raise RuntimeError(f"request {r.request_id}: prefill of positions "
-                                                   f"[{s0}, {e0}) reads tokens still on the device")
-                            feed.append(_device_feed(r, s0, d * t + row_ptr))
-                            toks = [0]
-                        arr["tokens"][d, rows_idx] = toks
-                        arr["positions"][d, rows_idx] = np.arange(s0, e0)
-                        arr["tok_slot"][d, rows_idx] = bi
-                        arr["cu_q"][d, bi + 1:] = row_ptr + q
-                        arr["tail_len"][d, bi] = e0 - seg.token_start
-                        if w.samples and e0 == w.end:
-                            arr["sample_row"][d, bi] = row_ptr + q - 1
-                        arr["remaining"][d, bi] = 1
-                        row_ptr += q
-                    lp = seg.layer_pages  # [L, pages]
-                    arr["tail_pages"][d, bi, :, : lp.shape[1]] = lp + base
-                    arr["tail_start"][d, bi] = seg.token_start
-                    sp = r.sampling
-                    arr["temperature"][d, bi] = sp.temperature
-                    arr["top_k"][d, bi] = sp.top_k
-                    arr["top_p"][d, bi] = sp.top_p
-                    arr["seed"][d, bi] = seed_words(sp.seed)
-                    arr["stop_ids"][d, bi, : len(r.stop_ids)] = r.stop_ids
-                    for s in older:
-                        xd = s.device
-                        xi = x_fill[xd]
-                        x_fill[xd] += 1
-                        arr["x_rows"][xd, xi, : len(rows_idx)] = d * t + rows_idx
-                        lp = s.layer_pages
-                        arr["x_pages"][xd, xi, :, : lp.shape[1]] = lp + base
-                        arr["x_len"][xd, xi] = s.num_tokens
-                if not decode:
-                    arr["cu_q"][d, len(per_dev[d]) + 1:] = row_ptr
-            lanes.append(shape)
+            arr, feed = self._lane_inputs(cls, names, shape, per_dev, gidx, decode)
             host_inputs.append(arr)
             placements.append(lane_placements(per_dev, decode))
             feeds.append(feed)
         outs, dispatched = self._dispatch(programs, host_inputs, feeds)
         return outs, placements, dispatched, None
+
+    def _lane_inputs(self, cls: Any, names: list[str], shape: LaneShape, per_dev: list[list],
+                     gidx: dict[str, int], decode: bool
+                     ) -> tuple[dict[str, np.ndarray], list[tuple[int, Any, int]]]:
+        """One lane's host inputs at `shape` ([N, ...] per key: `pooled_step.input_shapes`) from its
+        rows per KV device, and its feeds: tokens still on the device, (flat tokens row, source
+        call output, flat index into it)."""
+        store = self.store
+        n, n_kv = store.num_devices, store.num_kv
+        g_count, b, t, pages = shape.groups, shape.slots, shape.tokens, shape.max_pages
+        x, c, s_w = shape.extras, shape.extra_rows, shape.stop_width
+        L = cls.config.num_layers
+        arr = {
+            "tokens": np.zeros((n, t), np.int32), "positions": np.zeros((n, t), np.int32),
+            "tok_slot": np.full((n, t), -1, np.int32),
+            "tail_pages": np.full((n, b, L, pages), -1, np.int32),
+            "tail_start": np.zeros((n, b), np.int32), "tail_len": np.zeros((n, b), np.int32),
+            "sample_row": np.full((n, b), -1, np.int32),
+            "temperature": np.zeros((n, b), np.float32), "top_k": np.zeros((n, b), np.int32),
+            "top_p": np.ones((n, b), np.float32), "seed": np.zeros((n, b, 2), np.uint32),
+            "remaining": np.zeros((n, b), np.int32), "stop_ids": np.full((n, b, s_w), -1, np.int32),
+        }
+        if not decode:
+            arr["cu_q"] = np.zeros((n, b + 1), np.int32)
+        a_base = [store.models[m].base[Role.KV] for m in names]
+        f_base = [store.models[m].base[Role.WEIGHTS] for m in names]
+        arr["a_base"] = np.tile(np.array(a_base + a_base[:1] * (g_count - len(names)), np.int32), (n, 1))
+        arr["f_base"] = np.tile(np.array(f_base + f_base[:1] * (g_count - len(names)), np.int32), (n, 1))
+        arr["grp_rows"] = np.zeros((n, g_count), np.int32)
+        arr["grp_slots"] = np.zeros((n, g_count), np.int32)
+        arr["tok_grp"] = np.zeros((n, t), np.int32)
+        arr["slot_grp"] = np.zeros((n, b), np.int32)
+        if x:
+            arr["x_rows"] = np.full((n, x, c), -1, np.int32)
+            arr["x_pages"] = np.full((n, x, L, pages), -1, np.int32)
+            arr["x_len"] = np.zeros((n, x), np.int32)
+        feed: list[tuple[int, Any, int]] = []
+        x_fill = [0] * n
+        for d in range(n_kv):
+            row_ptr = 0
+            for bi, row in enumerate(per_dev[d]):
+                row_ptr = self._fill_slot(arr, feed, x_fill, d, bi, row_ptr, row, gidx, t, decode)
+            if not decode:
+                arr["cu_q"][d, len(per_dev[d]) + 1:] = row_ptr
+        return arr, feed
+
+    def _fill_slot(self, arr: dict[str, np.ndarray], feed: list[tuple[int, Any, int]], x_fill: list[int],
+                   d: int, bi: int, row_ptr: int, row: tuple, gidx: dict[str, int], t: int,
+                   decode: bool) -> int:
+        """Writes slot `bi` of KV device `d` into `arr` (its token rows from `row_ptr` for a
+        prefill, row `bi` for a decode; its pages, sampling and older segments as extras, counted
+        per device in `x_fill`); returns the next free token row."""
+        w, s0, e0, seg, older, _ = row
+        r = w.req
+        base = self.store.kv_first_page
+        q = e0 - s0
+        rows_idx = (np.arange(q) + row_ptr) if not decode else np.array([bi])
+        gi = gidx[r.model]
+        arr["grp_rows"][d, gi] += len(rows_idx)
+        arr["grp_slots"][d, gi] += 1
+        arr["tok_grp"][d, rows_idx] = gi
+        arr["slot_grp"][d, bi] = gi
+        if decode:
+            tok = _tokens_at(r, [], s0, s0 + 1)[0]
+            if tok == PENDING:  # sampled by a call still in flight: read on device
+                feed.append(_device_feed(r, s0, d * t + bi))
+            arr["tokens"][d, bi] = tok
+            arr["positions"][d, bi] = s0
+            arr["tok_slot"][d, bi] = bi
+            arr["sample_row"][d, bi] = bi
+            arr["tail_len"][d, bi] = s0 - seg.token_start + 1
+            arr["remaining"][d, bi] = e0 - s0
+        else:
+            toks = _tokens_at(r, [], s0, e0)
+            if PENDING in toks:
+                # a mixed step's decode row (`mixed_steps`): its one input token, the last one
+                # sampled, is read on the device as a decode call's is
+                if q != 1:
+                    raise RuntimeError(f"request {r.request_id}: prefill of positions "
+                                       f"[{s0}, {e0}) reads tokens still on the device")
+                feed.append(_device_feed(r, s0, d * t + row_ptr))
+                toks = [0]
+            arr["tokens"][d, rows_idx] = toks
+            arr["positions"][d, rows_idx] = np.arange(s0, e0)
+            arr["tok_slot"][d, rows_idx] = bi
+            arr["cu_q"][d, bi + 1:] = row_ptr + q
+            arr["tail_len"][d, bi] = e0 - seg.token_start
+            if w.samples and e0 == w.end:
+                arr["sample_row"][d, bi] = row_ptr + q - 1
+            arr["remaining"][d, bi] = 1
+            row_ptr += q
+        lp = seg.layer_pages  # [L, pages]
+        arr["tail_pages"][d, bi, :, : lp.shape[1]] = lp + base
+        arr["tail_start"][d, bi] = seg.token_start
+        sp = r.sampling
+        arr["temperature"][d, bi] = sp.temperature
+        arr["top_k"][d, bi] = sp.top_k
+        arr["top_p"][d, bi] = sp.top_p
+        arr["seed"][d, bi] = seed_words(sp.seed)
+        arr["stop_ids"][d, bi, : len(r.stop_ids)] = r.stop_ids
+        for s in older:
+            xd = s.device
+            xi = x_fill[xd]
+            x_fill[xd] += 1
+            arr["x_rows"][xd, xi, : len(rows_idx)] = d * t + rows_idx
+            lp = s.layer_pages
+            arr["x_pages"][xd, xi, :, : lp.shape[1]] = lp + base
+            arr["x_len"][xd, xi] = s.num_tokens
+        return row_ptr
 
     def _dispatch(self, programs: list[tuple[list[int], Callable]], host_inputs: list[dict[str, np.ndarray]],
                   feeds: list[list[tuple[int, Any, int]]]) -> tuple[list[Any], float]:

@@ -760,8 +760,10 @@ def call_records(engine: Any, t0: float) -> list[dict[str, Any]]:
 
 # `GroupRunner` counters reported per mode, summed over the groups: calls run in a larger compiled
 # program, steps that held a prefill for its programs, programs the compile worker process built
-# (`compile_process`; not this process's JAX compile events) and worker failures compiled here
-STALL_COUNTS = ("fallback_calls", "held_prefill_steps", "process_compiles", "process_compile_failures")
+# (`compile_process`; not this process's JAX compile events), worker failures compiled here, and
+# programs compiled with the Triton attention after their Mosaic GPU build failed
+STALL_COUNTS = ("fallback_calls", "held_prefill_steps", "process_compiles", "process_compile_failures",
+                "kernel_fallbacks")
 
 
 def serving_stalls(engine: Any) -> dict[str, Any]:

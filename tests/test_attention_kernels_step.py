@@ -110,3 +110,51 @@ def test_engine_tokens_equal_across_kernels(monkeypatch, model, entry):
         tokens[kernels] = got
         assert bool(calls) == (kernels == "mosaic")
     assert len(tokens["triton"]) == 6 and tokens["mosaic"] == tokens["triton"]
+
+
+def test_a_mosaic_compile_failure_falls_back_to_triton(monkeypatch):
+    """A program whose build with the Mosaic GPU attention fails compiles with the Triton kernels
+    (held under its own spec; counted in `kernel_fallbacks`), and its lane's later programs of
+    the same kind skip the Mosaic build; the tokens equal the reference. A Triton failure is
+    raised."""
+    from pooled_helpers import References, Req, build_runner, drive, f32
+
+    from crosspool_jax.demo import demo_models
+    from crosspool_jax.execution import pool_runner
+    from crosspool_jax.execution.sampling import SamplingParams
+
+    m = demo_models()["demo-mixtral"]
+    models = {"mix": (m.config, f32(m.weights))}
+    real, tried = pool_runner.compile_spec, []
+
+    def failing_mosaic(spec, *args, **kw):
+        tried.append((spec.decode, spec.attention_kernels))
+        if spec.attention_kernels != "triton":
+            raise RuntimeError("Mosaic GPU lowering failed (the test's)\nsecond line")
+        return real(spec, *args, **kw)
+
+    monkeypatch.setattr(pool_runner, "compile_spec", failing_mosaic)
+    runner = build_runner(models, split="1+1", kv_pages=32, attention_kernels="mosaic")
+    reqs = [Req("a", "mix", tuple(range(3, 40)), 6), Req("b", "mix", tuple(range(50, 60)), 9)]
+    log = drive(runner, reqs)
+    refs = References(models)
+    for r in reqs:
+        assert log.tokens[r.rid] == refs(r)[0]
+    # one failed Mosaic build per kind (prefill, decode), every other build straight to Triton:
+    # the decode program of the next page bucket (compiled in the background) among them
+    assert runner.wait_background(timeout=300)
+    held = {**runner._programs, **runner._ready}
+    assert sorted(t for t in tried if t[1] == "mosaic") == [(False, "mosaic"), (True, "mosaic")]
+    assert runner.kernel_fallbacks == 2
+    assert len([t for t in tried if t[1] == "triton"]) == len(held) >= 3
+    assert all(sp.attention_kernels == "mosaic" for sp in held)  # held under the spec asked
+
+    def failing(spec, *args, **kw):
+        raise RuntimeError(f"{spec.attention_kernels} failed")
+
+    monkeypatch.setattr(pool_runner, "compile_spec", failing)
+    for kernels in ("triton", "mosaic"):  # a failure with the Triton kernels is raised
+        other = build_runner(models, split="1+1", kv_pages=32, attention_kernels=kernels)
+        other.submit("c", "mix", (3, 4, 5), 2, SamplingParams())
+        with pytest.raises(RuntimeError, match=r"^triton failed$"):
+            other.step()

@@ -489,6 +489,10 @@ class GroupRunner:
         # the last blocked waits: (seconds, what it waited for, the wanted shape; `describe_spec`)
         self.blocked_log: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=32)
         self.fallback_calls = 0  # program calls run in a larger program than their shape's
+        # programs compiled with the Triton attention after a Mosaic build failed (`_compile_aot`)
+        # and the (lane class, decode) kinds that go straight to Triton since
+        self.kernel_fallbacks = 0
+        self._mosaic_failed: set[tuple[Any, bool]] = set()
         self.held_steps = 0  # steps that held some model's admissions for its warm programs
         self.held_prefill_steps = 0  # steps that held some request's prefill for its programs
         self.preemptions = 0
@@ -729,9 +733,35 @@ class GroupRunner:
 
     def _compile_aot(self, spec: StepSpec) -> Any:
         """`spec`'s program compiled ahead of time (the host-scheduled strategy's small per-layer
-        programs still compile on their first call)."""
+        programs still compile on their first call). A program asking for the Mosaic GPU
+        attention kernels (`attention_kernels` "auto" / "mosaic") whose compile fails is compiled
+        with the Triton kernels instead (the same function; a warning, `kernel_fallbacks`), and so
+        are the later programs of its lane's class and kind (prefill or decode); the program is
+        still held under `spec`. A failure with the Triton kernels is raised."""
         if self.execution == "host":
             return HostScheduledStep(spec, self.store, self.platform)
+        if spec.attention_kernels == "triton":
+            return self._compile_kernels(spec)
+        key = (spec.lanes[0].cls, spec.decode)
+        triton = dataclasses.replace(spec, attention_kernels="triton")
+        if key in self._mosaic_failed:
+            return self._compile_kernels(triton)
+        try:
+            return self._compile_kernels(spec)
+        except Exception as e:  # any compile error: the Triton build decides whether it is real
+            with self._count_lock:
+                self._mosaic_failed.add(key)
+                self.kernel_fallbacks += 1
+            _log.warning("%s with attention_kernels=%r failed to compile (%s: %s); compiling it, and "
+                         "this lane's later %s programs, with the Triton kernels",
+                         describe_spec(spec), spec.attention_kernels, type(e).__name__,
+                         str(e).splitlines()[0][:200] if str(e) else "",
+                         "decode" if spec.decode else "prefill")
+            return self._compile_kernels(triton)
+
+    def _compile_kernels(self, spec: StepSpec) -> Any:
+        """`_compile_aot` of a lowered or measured `spec`: in a compile worker process when the
+        runner has them (a worker's failure: compiled here), else here."""
         if self._process_compiler is not None and self.execution == "lowered":
             try:
                 prog = self._process_compiler.compile(spec, StoreShape.of(self.store), self.platform,

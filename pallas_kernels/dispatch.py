@@ -22,8 +22,8 @@
 Under "auto" and "mosaic" a call the Mosaic kernel cannot take (an f32 arena, a row width other
 than 64 / 128, a GQA group over 64, ...: each kernel's ValueError, raised while tracing) runs the
 Triton kernel instead; nothing else changes. (The engine also compiles a step program with the
-Triton kernels when its Mosaic build fails later, in XLA's compile: `GroupRunner._compile_aot`.) GQA / MQA decode has no Mosaic kernel: it always runs
-`decode.paged_decode_attention`.
+Triton kernels when its Mosaic build fails later, in XLA's compile: `GroupRunner._compile_aot`.)
+GQA / MQA decode has no Mosaic kernel: it always runs `decode.paged_decode_attention`.
 
 Each function takes and returns what the Triton kernel it stands for does (`prefill.
 paged_prefill_attention`, `prefill.paged_mla_prefill_attention`, `decode.paged_mla_decode_attention`).

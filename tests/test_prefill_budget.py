@@ -11,7 +11,12 @@ import pytest
 from pooled_helpers import References, Req, build_runner, drive, f32
 
 from crosspool_jax.demo import demo_models
-from crosspool_jax.execution.prefill_cost import PrefillCostFit, PrefillWork, chunk_work
+from crosspool_jax.execution.prefill_cost import (
+    PrefillCostFit,
+    PrefillWork,
+    chunk_work,
+    dense_flops_per_token,
+)
 from crosspool_jax.execution.sampling import SamplingParams
 from crosspool_jax.memory.planner import KVPlanner, Phase
 from crosspool_jax.models.costs import ModelCosts
@@ -174,6 +179,13 @@ def test_small_budget_reaches_the_planner_and_outputs_equal_reference(monkeypatc
     # the first step (nothing decoding: budget 64) prefills both prompts, 6 + 40 tokens, in ONE
     # call: a request's span of a step is not cut into prefill_chunk pieces (each its own call)
     assert [c.prefill_tokens for c in runner.call_log if not c.decode] == [46] + [8] * 5
+    # each prefill call's padded rows: its program's token rows (T, one KV device) beyond its tokens
+    per_row = dense_flops_per_token(runner._model_costs("mix"))
+    for c in runner.call_log:
+        if not c.decode:
+            rows = int(c.lanes.split(" T")[1].split()[0])
+            assert c.padded_flops == (rows - c.prefill_tokens) * per_row
+    assert any(c.padded_flops > 0 for c in runner.call_log)
     # each call names the launch (step) that dispatched it and how many requests decoded then
     recs = list(runner.call_log)
     assert (recs[0].step, recs[0].step_decoding, recs[0].decode) == (1, 0, False)

@@ -265,10 +265,11 @@ class CallRecord:
     """One program call as `_collect` read it (`GroupRunner.call_log`): `_now()` at dispatch and
     when the host's read of it returned, its device seconds (from the later of its dispatch and the
     previous call's end to its own end, `call_clock`), decode or prefill, the programs' shapes
-    (`describe_spec` of its lanes), prompt tokens and FLOPs of a prefill (`PrefillWork`), and
-    whether it compiled its program or ran in a larger one, how many requests it carried and
-    their KV tokens before it, the launch (step) that dispatched it and how many requests were
-    decoding then (a step with prefill calls and no decode call while requests decode shows)."""
+    (`describe_spec` of its lanes), prompt tokens and FLOPs of a prefill (`PrefillWork`, padded
+    rows included), and whether it compiled its program or ran in a larger one, how many requests
+    it carried and their KV tokens before it, the launch (step) that dispatched it and how many
+    requests were decoding then (a step with prefill calls and no decode call while requests
+    decode shows)."""
 
     dispatched: float
     ready: float
@@ -284,6 +285,7 @@ class CallRecord:
     models: int = 0  # models with requests in the call
     step: int = 0  # `GroupRunner.launches` when it was dispatched
     step_decoding: int = 0  # requests in decode at that launch
+    padded_flops: float = 0.0  # dense FLOPs of the prefill program's rows beyond its tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1390,7 +1392,8 @@ class GroupRunner:
                     call.dispatched, ready, busy, call.decode,
                     " + ".join(describe_lane(ln) for ln in call.lanes), call.prefill_tokens,
                     call.prefill_work.dense_flops, call.prefill_work.attention_flops, call.compiled,
-                    call.requests, call.kv_tokens, len(call.models), call.step, call.step_decoding))
+                    call.requests, call.kv_tokens, len(call.models), call.step, call.step_decoding,
+                    call.prefill_work.padded_flops))
             for lane, place, got in zip(call.lanes, call.places, got_lanes, strict=True):
                 got = got.reshape(got.shape[0], n, lane.slots)
                 for rid, d, bi, count, g0 in place:

@@ -339,21 +339,26 @@ def without_unreachable_eos(cfg: ModelConfig, source: str = "model config") -> M
 
 
 def _from_hf(hf: Mapping[str, Any], family: Family) -> ModelConfig:
+    """The `ModelConfig` of an HF config of `family`: the fields every family has, then the
+    family's own (`_FAMILY_FROM_HF`)."""
+    return _FAMILY_FROM_HF[family](hf, family, _common_from_hf(hf, family))
+
+
+def _common_from_hf(hf: Mapping[str, Any], family: Family) -> dict[str, Any]:
+    """The `ModelConfig` fields every family reads the same way (attention shapes, rope, norms,
+    tokens, dtype; no sliding window)."""
     g = hf.get
     n_layers = int(hf["num_hidden_layers"])
     n_heads = int(hf["num_attention_heads"])
-    n_kv = int(g("num_key_value_heads") or n_heads)
     hidden = int(hf["hidden_size"])
-    head_dim = int(g("head_dim") or hidden // n_heads)
-    dtype = str(g("dtype") or g("torch_dtype") or "float32")
     common: dict[str, Any] = dict(
         family=family,
         vocab_size=int(hf["vocab_size"]),
         hidden_size=hidden,
         num_layers=n_layers,
         num_heads=n_heads,
-        num_kv_heads=n_kv,
-        head_dim=head_dim,
+        num_kv_heads=int(g("num_key_value_heads") or n_heads),
+        head_dim=int(g("head_dim") or hidden // n_heads),
         max_position_embeddings=int(hf["max_position_embeddings"]),
         rms_norm_eps=float(g("rms_norm_eps", 1e-6)),
         rope=_rope_from_hf(hf),
@@ -361,80 +366,114 @@ def _from_hf(hf: Mapping[str, Any], family: Family) -> ModelConfig:
         tie_word_embeddings=bool(g("tie_word_embeddings", False)),
         bos_token_id=g("bos_token_id"),
         eos_token_ids=_eos_ids(g("eos_token_id")),
-        dtype=dtype,
+        dtype=str(g("dtype") or g("torch_dtype") or "float32"),
         sliding_windows=(0,) * n_layers,
     )
     if common["hidden_act"] != "silu":
         raise ConfigError(f"hidden_act {common['hidden_act']!r} is not supported (silu)")
+    return common
 
-    if family == Family.MIXTRAL:
-        sw = int(g("sliding_window") or 0)
-        return ModelConfig(
-            **{**common, "sliding_windows": (sw,) * n_layers},
-            ffn_kinds=(FFNKind.MOE,) * n_layers,
-            num_experts=_num_experts(hf),
-            top_k=int(hf["num_experts_per_tok"]),
-            moe_intermediate_size=int(hf["intermediate_size"]),
-            router=RouterKind.SOFTMAX,
-            norm_topk_prob=True,
-        )
 
-    if family in (Family.QWEN2_MOE, Family.QWEN3_MOE):
-        n_exp = _num_experts(hf)
-        step = int(g("decoder_sparse_step", 1) or 1)
-        mlp_only = set(g("mlp_only_layers") or ())
-        kinds = tuple(
-            FFNKind.MOE if (i not in mlp_only and n_exp > 0 and (i + 1) % step == 0) else FFNKind.DENSE
-            for i in range(n_layers)
-        )
-        windows = (0,) * n_layers
-        layer_types = g("layer_types")
-        if family == Family.QWEN3_MOE and g("use_sliding_window") and g("sliding_window"):
-            windows = (int(hf["sliding_window"]),) * n_layers
-        elif g("use_sliding_window") and g("sliding_window"):
-            if layer_types is None:
-                mwl = int(g("max_window_layers", n_layers))
-                layer_types = [
-                    "sliding_attention" if (i + 1) % 2 and i < mwl else "full_attention"
-                    for i in range(n_layers)
-                ]
-            windows = tuple(int(hf["sliding_window"]) if t == "sliding_attention" else 0 for t in layer_types)
-        shared = int(g("shared_expert_intermediate_size", 0) or 0) if family == Family.QWEN2_MOE else 0
-        return ModelConfig(
-            **{**common, "sliding_windows": windows},
-            qkv_bias=bool(g("qkv_bias", True))
-            if family == Family.QWEN2_MOE
-            else bool(g("attention_bias", False)),
-            o_bias=family == Family.QWEN3_MOE and bool(g("attention_bias", False)),
-            qk_norm=QKNorm.PER_HEAD if family == Family.QWEN3_MOE else QKNorm.NONE,
-            ffn_kinds=kinds,
-            dense_intermediate_size=int(g("intermediate_size", 0) or 0),
-            num_experts=n_exp,
-            top_k=int(g("num_experts_per_tok", 0)),
-            moe_intermediate_size=int(g("moe_intermediate_size", 0)),
-            shared_intermediate_size=shared,
-            shared_expert_gate=shared > 0,
-            router=RouterKind.SOFTMAX,
-            norm_topk_prob=bool(g("norm_topk_prob", False)),
-        )
+def _mixtral_from_hf(hf: Mapping[str, Any], family: Family, common: dict[str, Any]) -> ModelConfig:
+    n_layers = common["num_layers"]
+    sw = int(hf.get("sliding_window") or 0)
+    return ModelConfig(
+        **{**common, "sliding_windows": (sw,) * n_layers},
+        ffn_kinds=(FFNKind.MOE,) * n_layers,
+        num_experts=_num_experts(hf),
+        top_k=int(hf["num_experts_per_tok"]),
+        moe_intermediate_size=int(hf["intermediate_size"]),
+        router=RouterKind.SOFTMAX,
+        norm_topk_prob=True,
+    )
 
-    if family == Family.OLMOE:
-        bias = bool(g("attention_bias", False))
-        return ModelConfig(
-            **common,
-            qkv_bias=bias,
-            o_bias=bias,
-            qk_norm=QKNorm.FULL,
-            clip_qkv=g("clip_qkv"),
-            ffn_kinds=(FFNKind.MOE,) * n_layers,
-            num_experts=_num_experts(hf),
-            top_k=int(hf["num_experts_per_tok"]),
-            moe_intermediate_size=int(hf["intermediate_size"]),
-            router=RouterKind.SOFTMAX,
-            norm_topk_prob=bool(g("norm_topk_prob", False)),
-        )
 
-    # DeepSeek V2 / V3: MLA attention, shared experts, first-k dense layers.
+def _qwen_windows(hf: Mapping[str, Any], family: Family, n_layers: int) -> tuple[int, ...]:
+    """Per-layer sliding windows of a Qwen2-MoE / Qwen3-MoE config (0: full attention)."""
+    g = hf.get
+    if not (g("use_sliding_window") and g("sliding_window")):
+        return (0,) * n_layers
+    if family == Family.QWEN3_MOE:
+        return (int(hf["sliding_window"]),) * n_layers
+    layer_types = g("layer_types")
+    if layer_types is None:
+        mwl = int(g("max_window_layers", n_layers))
+        layer_types = ["sliding_attention" if (i + 1) % 2 and i < mwl else "full_attention"
+                       for i in range(n_layers)]
+    return tuple(int(hf["sliding_window"]) if t == "sliding_attention" else 0 for t in layer_types)
+
+
+def _qwen_moe_from_hf(hf: Mapping[str, Any], family: Family, common: dict[str, Any]) -> ModelConfig:
+    g = hf.get
+    n_layers = common["num_layers"]
+    n_exp = _num_experts(hf)
+    step = int(g("decoder_sparse_step", 1) or 1)
+    mlp_only = set(g("mlp_only_layers") or ())
+    kinds = tuple(
+        FFNKind.MOE if (i not in mlp_only and n_exp > 0 and (i + 1) % step == 0) else FFNKind.DENSE
+        for i in range(n_layers)
+    )
+    qwen2 = family == Family.QWEN2_MOE
+    shared = int(g("shared_expert_intermediate_size", 0) or 0) if qwen2 else 0
+    return ModelConfig(
+        **{**common, "sliding_windows": _qwen_windows(hf, family, n_layers)},
+        qkv_bias=bool(g("qkv_bias", True)) if qwen2 else bool(g("attention_bias", False)),
+        o_bias=not qwen2 and bool(g("attention_bias", False)),
+        qk_norm=QKNorm.NONE if qwen2 else QKNorm.PER_HEAD,
+        ffn_kinds=kinds,
+        dense_intermediate_size=int(g("intermediate_size", 0) or 0),
+        num_experts=n_exp,
+        top_k=int(g("num_experts_per_tok", 0)),
+        moe_intermediate_size=int(g("moe_intermediate_size", 0)),
+        shared_intermediate_size=shared,
+        shared_expert_gate=shared > 0,
+        router=RouterKind.SOFTMAX,
+        norm_topk_prob=bool(g("norm_topk_prob", False)),
+    )
+
+
+def _olmoe_from_hf(hf: Mapping[str, Any], family: Family, common: dict[str, Any]) -> ModelConfig:
+    g = hf.get
+    bias = bool(g("attention_bias", False))
+    return ModelConfig(
+        **common,
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=QKNorm.FULL,
+        clip_qkv=g("clip_qkv"),
+        ffn_kinds=(FFNKind.MOE,) * common["num_layers"],
+        num_experts=_num_experts(hf),
+        top_k=int(hf["num_experts_per_tok"]),
+        moe_intermediate_size=int(hf["intermediate_size"]),
+        router=RouterKind.SOFTMAX,
+        norm_topk_prob=bool(g("norm_topk_prob", False)),
+    )
+
+
+def _deepseek_router(hf: Mapping[str, Any], family: Family) -> tuple[RouterKind, RopeStyle, bool]:
+    """(router, rope style, renormalise the top-k weights) of a DeepSeek-V2 / V3 config."""
+    g = hf.get
+    if family == Family.DEEPSEEK_V3:
+        scoring = g("scoring_func", "sigmoid")
+        if scoring != "sigmoid":
+            raise ConfigError(f"deepseek_v3 scoring_func {scoring!r} is not supported (sigmoid)")
+        style = RopeStyle.INTERLEAVED_SPLIT if g("rope_interleave", True) else RopeStyle.HALF
+        return RouterKind.SIGMOID_GROUPED, style, bool(g("norm_topk_prob", True))
+    method = g("topk_method", "greedy")
+    if method == "greedy":
+        router = RouterKind.SOFTMAX
+    elif method == "group_limited_greedy":
+        router = RouterKind.SOFTMAX_GROUP_LIMITED
+    else:
+        raise ConfigError(f"deepseek_v2 topk_method {method!r} is not supported")
+    # transformers' DeepSeek-V2 router never renormalises the top-k weights.
+    return router, RopeStyle.INTERLEAVED, False
+
+
+def _deepseek_from_hf(hf: Mapping[str, Any], family: Family, common: dict[str, Any]) -> ModelConfig:
+    """DeepSeek V2 / V3: MLA attention, shared experts, first-k dense layers."""
+    g = hf.get
+    n_layers = common["num_layers"]
     n_exp = _num_experts(hf)
     first_dense = int(g("first_k_dense_replace", 0) or 0)
     freq = int(g("moe_layer_freq", 1) or 1)
@@ -445,26 +484,9 @@ def _from_hf(hf: Mapping[str, Any], family: Family) -> ModelConfig:
     nope, rope_d, v_dim = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"]), int(hf["v_head_dim"])
     moe_inter = int(hf["moe_intermediate_size"])
     n_shared = int(g("n_shared_experts", 0) or 0)
-    if family == Family.DEEPSEEK_V3:
-        router = RouterKind.SIGMOID_GROUPED
-        style = RopeStyle.INTERLEAVED_SPLIT if g("rope_interleave", True) else RopeStyle.HALF
-        norm_topk = bool(g("norm_topk_prob", True))
-        scoring = g("scoring_func", "sigmoid")
-        if scoring != "sigmoid":
-            raise ConfigError(f"deepseek_v3 scoring_func {scoring!r} is not supported (sigmoid)")
-    else:
-        method = g("topk_method", "greedy")
-        if method == "greedy":
-            router = RouterKind.SOFTMAX
-        elif method == "group_limited_greedy":
-            router = RouterKind.SOFTMAX_GROUP_LIMITED
-        else:
-            raise ConfigError(f"deepseek_v2 topk_method {method!r} is not supported")
-        style = RopeStyle.INTERLEAVED
-        # transformers' DeepSeek-V2 router never renormalises the top-k weights.
-        norm_topk = False
+    router, style, norm_topk = _deepseek_router(hf, family)
     return ModelConfig(
-        **{**common, "head_dim": nope + rope_d, "num_kv_heads": n_heads},
+        **{**common, "head_dim": nope + rope_d, "num_kv_heads": common["num_heads"]},
         attention=AttentionKind.MLA,
         rope_style=style,
         qkv_bias=bool(g("attention_bias", False)),
@@ -487,6 +509,16 @@ def _from_hf(hf: Mapping[str, Any], family: Family) -> ModelConfig:
         topk_group=int(g("topk_group") or 1),
         router_bias=family == Family.DEEPSEEK_V3,
     )
+
+
+_FAMILY_FROM_HF = {
+    Family.MIXTRAL: _mixtral_from_hf,
+    Family.QWEN2_MOE: _qwen_moe_from_hf,
+    Family.QWEN3_MOE: _qwen_moe_from_hf,
+    Family.OLMOE: _olmoe_from_hf,
+    Family.DEEPSEEK_V2: _deepseek_from_hf,
+    Family.DEEPSEEK_V3: _deepseek_from_hf,
+}
 
 
 def load_hf_config(model_dir: str | os.PathLike[str]) -> ModelConfig:

@@ -453,6 +453,23 @@ class GroupRunner:
         self.planner = KVPlanner(self.kv, self._planner_config)
         self.geoms: dict[str, PageGeometry] = {}
         self.reqs: dict[str, _Req] = {}
+        self._init_programs(max_programs, buckets, warm_programs, warm_slots, warm_context, fallback,
+                            compiler_options, compile_process, compile_workers)
+        self._init_counters()
+        # measured prefill calls -> seconds of a prefill from its FLOPs (`prefill_budget`)
+        self.prefill_fit = PrefillCostFit()
+        self.prefill_share = prefill_share
+        self.mixed_steps = mixed_steps
+        self.mixed_rows = 0  # decode tokens computed as rows of a prefill call (`mixed_steps`)
+        self._costs: dict[str, ModelCosts] = {}  # per model, from its shapes (`_model_costs`)
+        self._init_reading(call_log, overlap, layout)
+
+    def _init_programs(self, max_programs: int, buckets: ShapeBuckets | None, warm_programs: int | None,
+                       warm_slots: int | None, warm_context: int | None, fallback: bool,
+                       compiler_options: dict[str, Any] | None, compile_process: bool,
+                       compile_workers: int) -> None:
+        """The compiled programs' state (held, ready, compiling), the buckets and warm-up box,
+        and how programs compile (`__init__`'s arguments of the same names)."""
         # compiled step programs, least recently used first; bounded because every compiled
         # program holds its own memory mappings and code (on XLA:CPU ~570 mappings each: a
         # process died past ~110 programs at the default vm.max_map_count of 65,530)
@@ -480,6 +497,10 @@ class GroupRunner:
         self._count_lock = threading.Lock()  # the compile threads' counters
         if self._process_compiler is not None:
             weakref.finalize(self, self._process_compiler.close)
+
+    def _init_counters(self) -> None:
+        """The counters the benchmarks and stats read (compiles, stalls, holds, calls, swaps) and
+        the measured link and prefill rates."""
         self.process_compiles = 0  # programs built by the worker process (`compile_process`)
         self.process_compile_failures = 0  # worker failures that fell back to compiling here
         # programs compiled on the serving path (a call waited) or by `precompile`; the background
@@ -505,12 +526,10 @@ class GroupRunner:
         self.swapped_pages = 0
         self.link_rate: float | None = None  # measured host<->device bytes/s (swaps)
         self.prefill_rate: dict[str, float] = {}  # measured prefill tokens/s per model
-        # measured prefill calls -> seconds of a prefill from its FLOPs (`prefill_budget`)
-        self.prefill_fit = PrefillCostFit()
-        self.prefill_share = prefill_share
-        self.mixed_steps = mixed_steps
-        self.mixed_rows = 0  # decode tokens computed as rows of a prefill call (`mixed_steps`)
-        self._costs: dict[str, ModelCosts] = {}  # per model, from its shapes (`_model_costs`)
+
+    def _init_reading(self, call_log: int, overlap: bool, layout: PoolLayout) -> None:
+        """The calls in flight and their reading: the call log, overlap, the call clock, host-side
+        accounting and the host swap space."""
         # the last calls read (`CallRecord`): what the benchmarks report of a run's calls
         self.call_log: collections.deque[CallRecord] = collections.deque(maxlen=call_log)
         # (start, end, decode) of the background compiles, `_now()` seconds (the last 1,024)

@@ -11,13 +11,13 @@ row of the call's program, priced by a token's dense FLOPs, costs at most a real
 one shape do not tell the per-call cost from the per-FLOP ones: such a fit comes out as a
 constant (c_dense = 0), which priced a 2,048-token chunk at 60K tokens of context like one at 0
 and let it run 1.6-2x the decode call it was budgeted to match (one H200, 2026-12-05,
-docs/benchmarks.md). So until the fit has
-`MIN_POINTS` calls, and whenever its c_dense is 0, the calls are priced by a prior instead
-(`_prior`): `FIXED_SHARE` of the shortest call is the per-call cost and the rest of each call's
-seconds scales with its FLOPs (dense and attention alike). `dense_flops` are the projections
-and FFN (top-k experts) of the call's tokens, `attention_flops` its query-key and value products
-over the context each token sees (`models.costs.ModelCosts`). Counting the context is what tells a
-chunk of 512 tokens at position 60,000 (mostly attention) from the same chunk at position 0.
+docs/benchmarks.md). So until the fit has `MIN_POINTS` calls, and whenever its c_dense is 0, the
+calls are priced by a prior instead (`_prior`): `FIXED_SHARE` of the shortest call is the
+per-call cost and the rest of each call's seconds scales with its FLOPs (dense, attention and
+padded rows alike). `dense_flops` are the projections and FFN (top-k experts) of the call's
+tokens, `attention_flops` its query-key and value products over the context each token sees
+(`models.costs.ModelCosts`). Counting the context is what tells a chunk of 512 tokens at position
+60,000 (mostly attention) from the same chunk at position 0.
 
 The budget (`tokens_within`): the most prompt tokens whose predicted seconds, at the context where
 the step's prefill continues, in the program of their token bucket (padded rows priced), fit a

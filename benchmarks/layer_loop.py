@@ -39,6 +39,7 @@ from crosspool_jax.execution.pooled_step import (
     LaneShape,
     StepSpec,
     build_step,
+    empty_lane_inputs,
     input_shapes,
     layer_segments,
     layer_signatures,
@@ -57,15 +58,8 @@ def prefill_inputs(store: Any, cfg: Any, tpp: int, tokens: int, rng: np.random.G
     T = B * tokens
     pages = -(-(context + tokens) // tpp)
     P = 1 << (max(pages, 1) - 1).bit_length()
-    arr = {
-        "tokens": np.zeros((n, T), np.int32), "positions": np.zeros((n, T), np.int32),
-        "tok_slot": np.full((n, T), -1, np.int32), "cu_q": np.zeros((n, B + 1), np.int32),
-        "tail_pages": np.full((n, B, L, P), -1, np.int32), "tail_start": np.zeros((n, B), np.int32),
-        "tail_len": np.zeros((n, B), np.int32), "sample_row": np.full((n, B), -1, np.int32),
-        "temperature": np.zeros((n, B), np.float32), "top_k": np.zeros((n, B), np.int32),
-        "top_p": np.ones((n, B), np.float32), "seed": np.zeros((n, B, 2), np.uint32),
-        "remaining": np.ones((n, B), np.int32), "stop_ids": np.full((n, B, 1), -1, np.int32),
-    }
+    arr = empty_lane_inputs(n, B, T, L, P, 1, decode=False)
+    arr["remaining"][:] = 1
     arr["tokens"][0] = rng.integers(0, cfg.vocab_size, T)
     arr["positions"][0] = np.tile(np.arange(context, context + tokens), B)
     arr["tok_slot"][0] = np.repeat(np.arange(B), tokens)

@@ -40,6 +40,7 @@ from crosspool_jax.execution.pooled_step import (
     LaneShape,
     StepSpec,
     build_step,
+    empty_lane_inputs,
     model_geometry,
     one_model_group_inputs,
 )
@@ -151,16 +152,7 @@ def decode_inputs(store: ArenaStore, cfg: ModelConfig, tpp: int, batch: int, con
     need = batch * pages_per * L
     if need > store.kv_pages:
         raise SystemExit(f"need {need} KV pages, the arena has {store.kv_pages}")
-    arr = {
-        "tokens": np.zeros((n, batch), np.int32), "positions": np.zeros((n, batch), np.int32),
-        "tok_slot": np.full((n, batch), -1, np.int32),
-        "tail_pages": np.full((n, batch, L, P), -1, np.int32),
-        "tail_start": np.zeros((n, batch), np.int32), "tail_len": np.zeros((n, batch), np.int32),
-        "sample_row": np.full((n, batch), -1, np.int32),
-        "temperature": np.zeros((n, batch), np.float32), "top_k": np.zeros((n, batch), np.int32),
-        "top_p": np.ones((n, batch), np.float32), "seed": np.zeros((n, batch, 2), np.uint32),
-        "remaining": np.zeros((n, batch), np.int32), "stop_ids": np.full((n, batch, 1), -1, np.int32),
-    }
+    arr = empty_lane_inputs(n, batch, batch, L, P, 1, decode=True)
     perm = rng.permutation(store.kv_pages)[:need] + base
     arr["tokens"][0] = rng.integers(0, cfg.vocab_size, batch)
     arr["positions"][0] = context

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from crosspool_jax.demo import demo_configs
-from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, one_model_group_inputs
+from crosspool_jax.execution.pooled_step import (
+    LaneShape,
+    StepSpec,
+    build_step,
+    empty_lane_inputs,
+    one_model_group_inputs,
+)
 from crosspool_jax.memory.arena import ArenaStore, model_rows
 from crosspool_jax.memory.topology import PoolTopology, Role
 from crosspool_jax.models.params import weight_specs
@@ -45,23 +51,14 @@ def _store(colocated: bool) -> ArenaStore:
 def _inputs(store: ArenaStore, model: str, lane: LaneShape, decode: bool) -> dict:
     n, b, t, p = store.num_devices, lane.slots, lane.tokens, lane.max_pages
     L = CFGS[model].num_layers
-    z = np.zeros
-    arr = {"tokens": z((n, t), np.int32), "positions": z((n, t), np.int32),
-           "tok_slot": np.full((n, t), -1, np.int32), "tail_pages": np.full((n, b, L, p), -1, np.int32),
-           "tail_start": z((n, b), np.int32), "tail_len": z((n, b), np.int32),
-           "sample_row": np.full((n, b), -1, np.int32), "temperature": z((n, b), np.float32),
-           "top_k": z((n, b), np.int32), "top_p": np.ones((n, b), np.float32),
-           "seed": z((n, b, 2), np.uint32), "remaining": z((n, b), np.int32),
-           "stop_ids": np.full((n, b, lane.stop_width), -1, np.int32)}
+    arr = empty_lane_inputs(n, b, t, L, p, lane.stop_width, decode)
     arr.update(one_model_group_inputs(store, model, [0], t, b))
     for key in ("a_base", "f_base", "grp_rows", "grp_slots"):  # G models: the same one G times
         arr[key] = np.repeat(arr[key], lane.groups, axis=1)
-    if not decode:
-        arr["cu_q"] = z((n, b + 1), np.int32)
     if lane.extras:
         arr["x_rows"] = np.full((n, lane.extras, lane.extra_rows), -1, np.int32)
         arr["x_pages"] = np.full((n, lane.extras, L, p), -1, np.int32)
-        arr["x_len"] = z((n, lane.extras), np.int32)
+        arr["x_len"] = np.zeros((n, lane.extras), np.int32)
     return {k: jax.device_put(v.reshape(-1, *v.shape[2:]), store.sharding) for k, v in arr.items()}
 
 

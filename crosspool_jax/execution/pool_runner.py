@@ -61,7 +61,7 @@ from crosspool_jax.execution.host_step import (
     StrategyTrial,
     trial_key,
 )
-from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, model_geometry
+from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, empty_lane_inputs, model_geometry
 from crosspool_jax.execution.prefill_cost import (
     NO_WORK,
     PrefillCostFit,
@@ -1683,18 +1683,7 @@ class GroupRunner:
         g_count, b, t, pages = shape.groups, shape.slots, shape.tokens, shape.max_pages
         x, c, s_w = shape.extras, shape.extra_rows, shape.stop_width
         L = cls.config.num_layers
-        arr = {
-            "tokens": np.zeros((n, t), np.int32), "positions": np.zeros((n, t), np.int32),
-            "tok_slot": np.full((n, t), -1, np.int32),
-            "tail_pages": np.full((n, b, L, pages), -1, np.int32),
-            "tail_start": np.zeros((n, b), np.int32), "tail_len": np.zeros((n, b), np.int32),
-            "sample_row": np.full((n, b), -1, np.int32),
-            "temperature": np.zeros((n, b), np.float32), "top_k": np.zeros((n, b), np.int32),
-            "top_p": np.ones((n, b), np.float32), "seed": np.zeros((n, b, 2), np.uint32),
-            "remaining": np.zeros((n, b), np.int32), "stop_ids": np.full((n, b, s_w), -1, np.int32),
-        }
-        if not decode:
-            arr["cu_q"] = np.zeros((n, b + 1), np.int32)
+        arr = empty_lane_inputs(n, b, t, L, pages, s_w, decode)
         a_base = [store.models[m].base[Role.KV] for m in names]
         f_base = [store.models[m].base[Role.WEIGHTS] for m in names]
         arr["a_base"] = np.tile(np.array(a_base + a_base[:1] * (g_count - len(names)), np.int32), (n, 1))

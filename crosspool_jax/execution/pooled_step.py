@@ -742,6 +742,27 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
     return jax.jit(f, donate_argnums=(0,))
 
 
+def empty_lane_inputs(num_devices: int, slots: int, tokens: int, layers: int, pages: int,
+                      stop_width: int, decode: bool) -> dict[str, np.ndarray]:
+    """A lane's per-slot and per-row host inputs with no row or slot in use, [N, ...] each (shapes
+    as `input_shapes`, the model-group and extras inputs left out): token rows and slots point
+    nowhere (-1), sampling is greedy, nothing remains; a prefill lane also gets `cu_q`."""
+    n, b, t = num_devices, slots, tokens
+    arr = {
+        "tokens": np.zeros((n, t), np.int32), "positions": np.zeros((n, t), np.int32),
+        "tok_slot": np.full((n, t), -1, np.int32),
+        "tail_pages": np.full((n, b, layers, pages), -1, np.int32),
+        "tail_start": np.zeros((n, b), np.int32), "tail_len": np.zeros((n, b), np.int32),
+        "sample_row": np.full((n, b), -1, np.int32),
+        "temperature": np.zeros((n, b), np.float32), "top_k": np.zeros((n, b), np.int32),
+        "top_p": np.ones((n, b), np.float32), "seed": np.zeros((n, b, 2), np.uint32),
+        "remaining": np.zeros((n, b), np.int32), "stop_ids": np.full((n, b, stop_width), -1, np.int32),
+    }
+    if not decode:
+        arr["cu_q"] = np.zeros((n, b + 1), np.int32)
+    return arr
+
+
 def input_shapes(spec: StepSpec, store: ArenaStore) -> tuple[dict[str, jax.ShapeDtypeStruct], ...]:
     """The global input arrays `build_step(spec, store)` takes, as sharded ShapeDtypeStructs (one
     dict per lane; per-device shapes as in the module docstring, stacked over the pool axis): what

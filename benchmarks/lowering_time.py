@@ -1,0 +1,86 @@
+"""Host seconds to trace and lower step programs for an H200, on any machine (no GPU needed).
+
+The Python half of a step program's compile (tracing, then lowering to StableHLO with the Triton
+kernels' IR) holds the GIL, so in `PooledEngine.precompile`'s threads it runs one program at a
+time; XLA's and Triton's compile of the lowered module (not timed here) runs outside it. This
+times the first --programs decode and --programs prefill programs of the one-lane bucket grid of
+OLMoE-1B-7B's layer structure (16 layers, 64 experts top-8; hidden sizes shrunk so the models fit
+a CPU host's memory: lowering time follows the program's ops, not its dimensions), lowered for
+CUDA with an H200 as the Triton target. To compare two commits, run it in a worktree of each:
+
+    PYTHONPATH=. JAX_PLATFORMS=cpu python -m benchmarks.lowering_time [--programs 4] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+from jax._src.pallas.triton import gpu_info
+
+from benchmarks.step import olmoe_config
+from crosspool_jax.engine import EngineConfig, PooledEngine
+from crosspool_jax.execution.pooled_step import StepSpec, build_step, input_shapes
+
+# OLMoE-1B-7B's structure at CPU-sized widths
+SMALL = dict(hidden_size=256, intermediate_size=128, vocab_size=1024, num_attention_heads=2,
+             num_key_value_heads=2)
+
+
+@contextlib.contextmanager
+def target_h200() -> Iterator[None]:
+    """Pallas' Triton lowering asks the local GPU for its compute capability: inside, an H200."""
+    info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H200)
+    saved = gpu_info.get_gpu_info
+    gpu_info.get_gpu_info = lambda *a, **k: info
+    try:
+        yield
+    finally:
+        gpu_info.get_gpu_info = saved
+
+
+def time_lowering(spec: StepSpec, store: Any) -> tuple[float, float]:
+    """(trace seconds, lower seconds) of `spec`'s step program lowered for CUDA."""
+    arena = jax.ShapeDtypeStruct(store.arena.shape, store.arena.dtype, sharding=store.sharding)
+    t0 = time.perf_counter()
+    traced = build_step(spec, store, "gpu").trace(arena, input_shapes(spec, store))
+    t1 = time.perf_counter()
+    traced.lower(lowering_platforms=("cuda",))
+    return t1 - t0, time.perf_counter() - t1
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--programs", type=int, default=4, help="decode and prefill programs, each")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="times each program is lowered (the best is printed)")
+    args = ap.parse_args(argv)
+    engine = PooledEngine(mode="shared", pools="1", devices=jax.devices()[:1], config=EngineConfig(
+        arena_bytes=3 << 30, page_bytes=256 << 10, prefill_chunk=2048, weights_fraction=0.6))
+    group = engine.groups[0]
+    group.warm_programs = 0  # no background compiles beside the timing
+    for i in range(3):
+        engine.add_random_model(f"olmoe-{i:02d}", olmoe_config(**SMALL), seed=i)
+    specs = group.bucket_specs(131072, 64)
+    pick = [s for s in specs if s.decode][:args.programs] + [s for s in specs if not s.decode][:args.programs]
+    total = 0.0
+    for spec in pick:
+        with target_h200():
+            times = [time_lowering(spec, group.store) for _ in range(args.repeat)]
+        best = min(times, key=sum)
+        total += sum(best)
+        ln = spec.lanes[0]
+        print(f"{'decode' if spec.decode else 'prefill':8s} slots={ln.slots:<4d} tokens={ln.tokens:<5d} "
+              f"pages={ln.max_pages:<5d} G={ln.groups}: trace {best[0]:.2f} s, lower {best[1]:.2f} s "
+              f"(best of {args.repeat})", flush=True)
+    print(f"{len(pick)} programs: {total:.2f} s traced and lowered ({total / max(len(pick), 1):.2f} s "
+          f"each; {len(specs)} programs in this CPU grid)")
+    engine.shutdown(timeout=0)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ def test_prefill_matmul_smoke(tmp_path) -> None:
     assert any(i.startswith("xla batched, groups padded to") for i in impls)
     assert all(r["us"] > 0 and r["tflops"] > 0 for r in res["rows"])
     layers = res["moe_layers"]
-    assert {r["impl"] for r in layers} == {"fused", "unfused"}
+    assert {r["impl"] for r in layers} == set(prefill_matmul.LAYER_VARIANTS)
     assert all(r["ok"] and r["rel_err"] < 1e-2 and r["us"] > 0 for r in layers)
 
 

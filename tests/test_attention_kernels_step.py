@@ -120,12 +120,12 @@ def test_a_mosaic_compile_failure_falls_back_to_triton(monkeypatch):
     from pooled_helpers import References, Req, build_runner, drive, f32
 
     from crosspool_jax.demo import demo_models
-    from crosspool_jax.execution import pool_runner
+    from crosspool_jax.execution import step_programs
     from crosspool_jax.execution.sampling import SamplingParams
 
     m = demo_models()["demo-mixtral"]
     models = {"mix": (m.config, f32(m.weights))}
-    real, tried = pool_runner.compile_spec, []
+    real, tried = step_programs.compile_spec, []
 
     def failing_mosaic(spec, *args, **kw):
         tried.append((spec.decode, spec.attention_kernels))
@@ -133,7 +133,7 @@ def test_a_mosaic_compile_failure_falls_back_to_triton(monkeypatch):
             raise RuntimeError("Mosaic GPU lowering failed (the test's)\nsecond line")
         return real(spec, *args, **kw)
 
-    monkeypatch.setattr(pool_runner, "compile_spec", failing_mosaic)
+    monkeypatch.setattr(step_programs, "compile_spec", failing_mosaic)
     runner = build_runner(models, split="1+1", kv_pages=32, attention_kernels="mosaic")
     reqs = [Req("a", "mix", tuple(range(3, 40)), 6), Req("b", "mix", tuple(range(50, 60)), 9)]
     log = drive(runner, reqs)
@@ -152,7 +152,7 @@ def test_a_mosaic_compile_failure_falls_back_to_triton(monkeypatch):
     def failing(spec, *args, **kw):
         raise RuntimeError(f"{spec.attention_kernels} failed")
 
-    monkeypatch.setattr(pool_runner, "compile_spec", failing)
+    monkeypatch.setattr(step_programs, "compile_spec", failing)
     for kernels in ("triton", "mosaic"):  # a failure with the Triton kernels is raised
         other = build_runner(models, split="1+1", kv_pages=32, attention_kernels=kernels)
         other.submit("c", "mix", (3, 4, 5), 2, SamplingParams())

@@ -2,7 +2,8 @@
 
 `pooled_step` (one jitted step program over both pools: lanes of model classes, layers as loops,
 KV written in place), `host_step` (the same step scheduled layer by layer from the host, one call
-per pool), `pool_runner` (`GroupRunner`: planner -> inputs -> program calls -> tokens; program
-buckets, background compiles), `sampling` (on-device token sampling), `compile_cache` (JAX's
-persistent compilation cache).
+per pool), `pool_runner` (`GroupRunner`: planner -> inputs -> program calls -> tokens),
+`step_programs` (its compiled-programs half: which program serves a call, program buckets,
+background and ahead-of-time compiles, warm-up plans), `sampling` (on-device token sampling),
+`compile_cache` (JAX's persistent compilation cache).
 """

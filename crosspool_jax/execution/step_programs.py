@@ -1,0 +1,683 @@
+"""The compiled-programs half of a device group's runner (`GroupRunner`, which inherits it):
+which compiled step program serves a call (its own, or a larger one that dominates it while its
+own compiles), compiling off the serving path (background threads or worker processes,
+`precompile` ahead of time), the warm-up plan of a newly loaded lane, the admission holds that
+wait for it, and the bucket grid.
+
+`StepPrograms` keeps no state of its own beyond `_init_programs`; it reads the runner's store,
+geometries, planner, requests, buckets, clock (`_now`) and state lock (`_unlocked`), and the
+runner's counters (`_init_counters`). Host-side bookkeeping only: nothing here is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from crosspool_jax.execution import compile_queue
+from crosspool_jax.execution.compile_process import (
+    CompileProcessError,
+    ProcessCompiler,
+    StoreShape,
+    compile_spec,
+)
+from crosspool_jax.execution.host_step import HostScheduledStep, MeasuredChoice, StrategyTrial, trial_key
+from crosspool_jax.execution.pooled_step import LaneShape, StepSpec
+from crosspool_jax.models.config import AttentionKind
+
+_log = logging.getLogger(__name__)
+
+
+def _pow2(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
+
+def lane_dominates(have: LaneShape, want: LaneShape) -> bool:
+    """A program compiled for lane shape `have` can run a lane of shape `want` (same class, every
+    size >=), its inputs padded to `have` as bucket padding already pads them. Split-KV extras
+    must be present in both or in neither (a program with extras merges partial attentions by
+    log-sum-exp: another reduction than the plain one)."""
+    return (have.cls == want.cls and have.groups >= want.groups and have.slots >= want.slots
+            and have.tokens >= want.tokens and have.max_pages >= want.max_pages
+            and (have.extras == 0) == (want.extras == 0) and have.extras >= want.extras
+            and have.extra_rows >= want.extra_rows and have.stop_width >= want.stop_width)
+
+
+def spec_dominates(have: StepSpec, want: StepSpec) -> bool:
+    """`have`'s program can run a call that wants `want`: same decode flag, backends, attention
+    schedule and lane structure, decode steps K >= (slots past their `remaining` idle), and each
+    lane dominating (`lane_dominates`)."""
+    if (have.decode, have.backend, have.attention_schedule, have.matmul_backend, have.unroll_layers,
+            len(have.lanes)) != (want.decode, want.backend, want.attention_schedule,
+                                 want.matmul_backend, want.unroll_layers, len(want.lanes)):
+        return False
+    if have.steps < want.steps or (not want.decode and have.steps != want.steps):
+        return False
+    return all(lane_dominates(h, w) for h, w in zip(have.lanes, want.lanes, strict=True))
+
+
+def describe_spec(spec: StepSpec) -> str:
+    """A step program's shape in one line, e.g. "decode K=4 [G1 B8 T8 P16]" (per lane: models,
+    slots, tokens, pages per layer; +X split-KV extras)."""
+    lanes = " ".join(describe_lane(ln) for ln in spec.lanes)
+    kind = f"decode K={spec.steps}" if spec.decode else "prefill"
+    return f"{kind} {spec.attention_schedule} {lanes}"
+
+
+def describe_lane(ln: LaneShape) -> str:
+    """A lane's shape, e.g. "[G1 B8 T8 P16]" (`describe_spec`)."""
+    extras = f" +X{ln.extras}" if ln.extras else ""
+    return f"[G{ln.groups} B{ln.slots} T{ln.tokens} P{ln.max_pages}{extras}]"
+
+
+def program_cost(spec: StepSpec) -> int:
+    """A rough size of `spec`'s work per call (rows x (1 + pages) per lane, x steps): picks the
+    smallest of several programs that could run a call."""
+    return spec.steps * sum(ln.groups + ln.tokens * (1 + ln.max_pages) * (1 + ln.extras)
+                            for ln in spec.lanes)
+
+
+def _compile_for(ref: weakref.ref, spec: StepSpec) -> Any:
+    """(background thread) `spec`'s program for the runner behind `ref`, compiled ahead of time;
+    None when the runner is gone or the interpreter is exiting (queued work is then skipped)."""
+    runner = ref()
+    if runner is None or compile_queue.exiting():
+        return None
+    start = runner._now()
+    prog = runner._compile_aot(spec)
+    runner.compile_spans.append((start, runner._now(), spec.decode))
+    return prog
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeBuckets:
+    """How a call's sizes round up to the static shapes of a compiled program: the smallest
+    ``floor * growth**k >= n``. Coarser buckets (bigger floor / growth) mean fewer programs to
+    compile and more padding per call. ``fine`` (the CPU default) keeps padding small; ``coarse``
+    (the GPU default) keeps a long run to a few dozen programs, since a GPU compile of a
+    real-size step takes seconds while padded slots and pages cost little there (the kernels skip
+    pages past each sequence's length and rows past each group's size)."""
+
+    slots_floor: int = 1  # B per KV device
+    tokens_floor: int = 8  # prefill query rows T per KV device
+    pages_floor: int = 1  # page-table width P
+    growth: int = 2
+    # a lane's model groups G: "active" = the class's models with work in this call (rounded to a
+    # power of two); "placed" = every model of the class in the group (one G per class: no
+    # program per number of active models; empty groups cost a lane in the kernels' item maps)
+    groups: str = "active"
+    # decode steps per call: False = the power of two covering the most tokens any slot still
+    # needs (up to steps_per_call); True = always steps_per_call (finished slots idle on device)
+    fixed_steps: bool = False
+
+    def round(self, n: int, floor: int) -> int:
+        size = max(1, floor)
+        while size < n:
+            size *= self.growth
+        return size
+
+    def ladder(self, n: int, floor: int) -> list[int]:
+        """Every bucket from the smallest up to `round(n, floor)`, ascending."""
+        out = [max(1, floor)]
+        while out[-1] < n:
+            out.append(out[-1] * self.growth)
+        return out
+
+    @classmethod
+    def fine(cls) -> ShapeBuckets:
+        return cls()
+
+    @classmethod
+    def coarse(cls) -> ShapeBuckets:
+        return cls(slots_floor=8, tokens_floor=32, pages_floor=16, growth=4, groups="placed",
+                   fixed_steps=True)
+
+
+
+class StepPrograms:
+    """Compiled step programs of a `GroupRunner` (module docstring); a base class of it, not used
+    alone."""
+
+    def _init_programs(self, max_programs: int, buckets: ShapeBuckets | None, warm_programs: int | None,
+                       warm_slots: int | None, warm_context: int | None, fallback: bool,
+                       compiler_options: dict[str, Any] | None, compile_process: bool,
+                       compile_workers: int) -> None:
+        """The compiled programs' state (held, ready, compiling), the buckets and warm-up box,
+        and how programs compile (`__init__`'s arguments of the same names)."""
+        # compiled step programs, least recently used first; bounded because every compiled
+        # program holds its own memory mappings and code (on XLA:CPU ~570 mappings each: a
+        # process died past ~110 programs at the default vm.max_map_count of 65,530)
+        self._programs: dict[StepSpec, Callable] = {}
+        self.max_programs = max_programs
+        self._background: dict[StepSpec, Any] = {}  # spec -> Future of its compiled program
+        # compiled in the background, not used by a call yet (`_lookup` puts them in service)
+        self._ready: dict[StepSpec, Callable] = {}
+        self.held_generation = 0  # bumped whenever a program enters or leaves `_programs` / `_ready`
+        # lane key -> ((held_generation, lane groups) it was found at, `_covered_width`)
+        self._covered: dict[Any, tuple[tuple[int, tuple[int, int]], int]] = {}
+        self._warm_sets: dict[Any, set[StepSpec]] = {}  # lane key -> its warm programs (`warm_up`)
+        # lane key -> the warm programs its waiting requests are held for (`held_models`)
+        self._warm_gates: dict[Any, set[StepSpec]] = {}
+        self._executor: Any = None
+        self.buckets = buckets or (ShapeBuckets.coarse() if self.platform == "gpu" else ShapeBuckets.fine())
+        gpu = self.platform == "gpu"
+        self.warm_programs = (8 if gpu else 4) if warm_programs is None else max(0, warm_programs)
+        self.warm_slots = warm_slots or (32 if gpu else 8)
+        self.warm_context = warm_context or (8192 if gpu else 512)
+        self.fallback = fallback
+        self.compiler_options = dict(compiler_options or {})
+        self.compile_workers = compile_workers
+        self._process_compiler = ProcessCompiler(compile_workers) if compile_process else None
+        self._count_lock = threading.Lock()  # the compile threads' counters
+        if self._process_compiler is not None:
+            weakref.finalize(self, self._process_compiler.close)
+
+    # -- compiled programs --
+    def _lookup(self, spec: StepSpec) -> Callable | None:
+        """The compiled program of `spec`, marked most recently used (a finished background
+        compile enters service here); None if there is none yet."""
+        self._poll_background()
+        prog = self._programs.pop(spec, None)
+        if prog is None:
+            prog = self._ready.pop(spec, None)
+            if prog is None:
+                return None
+            self.background_built += 1
+            self._insert(spec, prog)
+            return prog
+        self._programs[spec] = prog
+        return prog
+
+    def _poll_background(self) -> None:
+        """Moves the background thread's finished programs to `_ready` (held, not in service until
+        a call uses one). A failed background compile is dropped: the call that needs the program
+        compiles it on the serving path, where the error is raised."""
+        for spec, fut in list(self._background.items()):
+            if not fut.done():
+                continue
+            del self._background[spec]
+            if fut.cancelled() or fut.exception() is not None or fut.result() is None:
+                continue
+            if spec not in self._programs:
+                self._ready[spec] = fut.result()
+                self.held_generation += 1
+                self._evict()
+
+    def _program_for(self, want: StepSpec) -> tuple[StepSpec, Callable]:
+        """The program a call wanting `want` runs, and its spec: `want`'s own when compiled; else
+        (`fallback`) the smallest compiled program that dominates it, while `want`'s compiles in
+        the background; else, when the background thread is compiling a program that dominates it
+        (and not `want`'s own), that one, waited for (it is done sooner than a fresh compile); else
+        `want`'s, compiled on this thread (`_compile`). The waits count as blocked."""
+        if want.decode and self.fallback:
+            self._anticipate(want)
+        prog = self._lookup(want)
+        if prog is not None:
+            return want, prog
+        if self.fallback:
+            bigger = [sp for sp in (*self._programs, *self._ready) if spec_dominates(sp, want)]
+            if not bigger and not (want in self._background and self._background[want].running()):
+                bigger = [sp for sp, fut in self._background.items()
+                          if fut.running() and spec_dominates(sp, want)]
+                if bigger:
+                    t0 = self._now()
+                    with self._unlocked():  # cancels from other threads free pages meanwhile
+                        self._background[bigger[0]].exception()  # waits; a failure: compiled below
+                    self.blocked_compile_seconds += self._now() - t0
+                    self.blocked_compiles += 1
+                    self.blocked_log.append((self._now() - t0, "a running larger compile",
+                                             describe_spec(want)))
+                    self._poll_background()
+                    bigger = [sp for sp in bigger if sp in self._ready]
+            if bigger:
+                have = min(bigger, key=program_cost)
+                # urgent (before queued warm-ups): until it is ready, every such call runs padded
+                self._compile_in_background(want, compile_queue.URGENT)
+                self.fallback_calls += 1
+                return have, self._lookup(have)
+        return want, self._compile(want)
+
+    def _anticipate(self, want: StepSpec) -> None:
+        """Queues for the background thread the decode program its requests grow into next: the
+        same lanes with page tables one bucket wider (a decode's context only grows), unless it is
+        compiled, queued or past the model's context (`max_position_embeddings`); it runs before
+        queued warm-ups (`compile_queue.URGENT`). A request crossing a page bucket then finds its
+        program compiled (or a dominating one) instead of compiling on the serving path."""
+        lanes = []
+        for ln in want.lanes:
+            model = next(n for n, ma in self.store.models.items() if ma.cls == ln.cls)
+            most = self._pages_bucket(model, ln.cls.config.max_position_embeddings)
+            if ln.max_pages >= most:
+                return
+            lanes.append(dataclasses.replace(ln, max_pages=min(most, ln.max_pages * self.buckets.growth)))
+        nxt = dataclasses.replace(want, lanes=tuple(lanes))
+        self._compile_in_background(nxt, compile_queue.URGENT)
+
+    def _insert(self, spec: StepSpec, prog: Callable) -> None:
+        self._ready.pop(spec, None)
+        self._programs[spec] = prog
+        self.held_generation += 1
+        self._evict()
+
+    def _evict(self) -> None:
+        """Keeps at most `max_programs` programs, in service and ready together: the oldest ready
+        one goes first, then the least recently used one in service."""
+        while len(self._programs) + len(self._ready) > self.max_programs and (
+                self._ready or len(self._programs) > 1):
+            held = self._ready if self._ready else self._programs
+            held.pop(next(iter(held)))
+            self.held_generation += 1
+
+    def _strategy(self, spec: StepSpec, lowered: Callable) -> Callable:
+        """`spec`'s step under this runner's execution strategy, given its lowered program."""
+        if self.execution == "lowered":
+            return lowered
+        if self.execution == "host":
+            return HostScheduledStep(spec, self.store, self.platform)
+        trial = self._trials.setdefault(trial_key(spec), StrategyTrial())
+        if trial.choice == "lowered":
+            return lowered
+        host = HostScheduledStep(spec, self.store, self.platform)
+        return host if trial.choice == "host" else MeasuredChoice(lowered, host, trial)
+
+    def _compile(self, spec: StepSpec) -> Callable:
+        """`spec`'s program, compiled on this thread now (ahead of time, so the time is the
+        compile's), or the background thread's compile of it waited for if already running; the
+        seconds count in `blocked_compile_seconds`."""
+        t0 = self._now()
+        prog = None
+        fut = self._background.pop(spec, None)
+        with self._unlocked():  # cancels from other threads free pages meanwhile
+            if fut is not None and not fut.cancel():  # running: sooner than a new compile
+                try:
+                    prog = fut.result()
+                except Exception:  # compiled again below, where the error is raised
+                    prog = None
+            if prog is None:
+                prog = self._compile_aot(spec)
+        self.blocked_compile_seconds += self._now() - t0
+        self.blocked_compiles += 1
+        self.blocked_log.append((self._now() - t0, "its own compile", describe_spec(spec)))
+        self.programs_built += 1
+        self._insert(spec, prog)
+        return prog
+
+    def _compile_aot(self, spec: StepSpec) -> Any:
+        """`spec`'s program compiled ahead of time (the host-scheduled strategy's small per-layer
+        programs still compile on their first call). A program asking for the Mosaic GPU
+        attention kernels (`attention_kernels` "auto" / "mosaic") whose compile fails is compiled
+        with the Triton kernels instead (the same function; a warning, `kernel_fallbacks`), and so
+        are the later programs of its lane's class and kind (prefill or decode); the program is
+        still held under `spec`. A failure with the Triton kernels is raised."""
+        if self.execution == "host":
+            return HostScheduledStep(spec, self.store, self.platform)
+        if spec.attention_kernels == "triton":
+            return self._compile_kernels(spec)
+        key = (spec.lanes[0].cls, spec.decode)
+        triton = dataclasses.replace(spec, attention_kernels="triton")
+        if key in self._mosaic_failed:
+            return self._compile_kernels(triton)
+        try:
+            return self._compile_kernels(spec)
+        except Exception as e:  # any compile error: the Triton build decides whether it is real
+            with self._count_lock:
+                self._mosaic_failed.add(key)
+                self.kernel_fallbacks += 1
+            _log.warning("%s with attention_kernels=%r failed to compile (%s: %s); compiling it, and "
+                         "this lane's later %s programs, with the Triton kernels",
+                         describe_spec(spec), spec.attention_kernels, type(e).__name__,
+                         str(e).splitlines()[0][:200] if str(e) else "",
+                         "decode" if spec.decode else "prefill")
+            return self._compile_kernels(triton)
+
+    def _compile_kernels(self, spec: StepSpec) -> Any:
+        """`_compile_aot` of a lowered or measured `spec`: in a compile worker process when the
+        runner has them (a worker's failure: compiled here), else here."""
+        if self._process_compiler is not None and self.execution == "lowered":
+            try:
+                prog = self._process_compiler.compile(spec, StoreShape.of(self.store), self.platform,
+                                                      self.compiler_options)
+                with self._count_lock:
+                    self.process_compiles += 1
+                return prog
+            except CompileProcessError as e:
+                with self._count_lock:
+                    self.process_compile_failures += 1
+                _log.warning("compiling %s in this process: %s", describe_spec(spec), e)
+        return self._strategy(spec, compile_spec(spec, self.store, self.platform, self.compiler_options))
+
+    def execution_summary(self) -> dict[str, int]:
+        """Held step programs by the strategy they run: {"lowered": n, "host": n, "measuring": n}
+        ("measuring": `auto` programs still timing both)."""
+        out = {"lowered": 0, "host": 0, "measuring": 0}
+        for prog in self._programs.values():
+            if isinstance(prog, MeasuredChoice):
+                out[prog.choice or "measuring"] += 1
+            else:
+                out["host" if isinstance(prog, HostScheduledStep) else "lowered"] += 1
+        return out
+
+    def _compile_in_background(self, spec: StepSpec, priority: int = compile_queue.WARM) -> None:
+        """Queues `spec`'s compile for the runner's background threads (nothing if it is held
+        or queued already; `priority`: `compile_queue.URGENT` runs before the warm-ups); `_lookup`
+        picks the program up once it is done."""
+        if spec in self._background or spec in self._programs or spec in self._ready:
+            return
+        if self._executor is None:
+            self._executor = compile_queue.CompileQueue(threads=self.compile_workers)
+            # a runner dropped with compiles queued: they are cancelled, the thread ends
+            weakref.finalize(self, self._executor.shutdown)
+        job = functools.partial(_compile_for, weakref.ref(self), spec)
+        self._background[spec] = self._executor.submit(job, priority)
+
+    def warm_specs(self, model: str) -> list[StepSpec]:
+        """The programs `model`'s lane is given at load, first needed first, at most
+        `warm_programs` (the rule, docs/engine.md "Compiles off the serving path"):
+
+        1. the smallest prefill program and the smallest decode program (K = steps_per_call) of
+           the bucket grid, one model per lane (G = 1; "placed" buckets: G = the class's placed
+           models): what a first request runs;
+        2. the box's largest prefill and decode programs (G = the lane's placed models rounded to
+           a power of two, `warm_slots` slots per KV device, pages of `warm_context` tokens,
+           prefill tokens up to `max_prefill_tokens`): they dominate every shape inside the box,
+           so with `fallback` no call inside it compiles on the serving path;
+        3. the rest of the box's grid (G as in 1), smallest first.
+
+        With micro_batches = 2 each decode program also comes as its ping-pong pair (two equal
+        lanes), and on GPU a GQA lane's box decode also with the persistent attention schedule.
+        Stop width: the runner's one `stop_width`; no split-KV extras (those compile when first met)."""
+        return self._warm_plan(model)[0]
+
+    def _warm_plan(self, model: str) -> tuple[list[StepSpec], int]:
+        """(`warm_specs(model)`, how many of them are the gate: items 1 and 2 of its rule, those
+        the lane's waiting requests are held for while other requests run, `held_models`)."""
+        if self.warm_programs <= 0:
+            return [], 0
+        key = self._lane_key(model)
+        cls, bk = key[0], self.buckets
+        g_small = self._lane_groups(key)[0]
+        tpp = self.geoms[model].tokens_per_page
+        slots = bk.ladder(self.warm_slots, bk.slots_floor)
+        pages = bk.ladder(-(-self.warm_context // tpp), bk.pages_floor)
+        tokens = bk.ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor)
+        dec, pre = self._decode_specs, self._prefill_spec
+        first = [pre(cls, g_small, slots[0], tokens[0], pages[0]), *dec(cls, g_small, slots[0], pages[0])]
+        top = self._top_specs(key, pages[-1])
+        rest = [sp for b in slots for p in pages for sp in dec(cls, g_small, b, p)]
+        rest += [pre(cls, g_small, b, t, p) for t in tokens for b in slots if b <= t for p in pages]
+        rest.sort(key=program_cost)
+        gate = len(dict.fromkeys(first + top))
+        specs = list(dict.fromkeys(first + top + rest))[: self.warm_programs]
+        return specs, min(gate, len(specs))
+
+    def _top_specs(self, key: tuple[Any, str | None], pages: int) -> list[StepSpec]:
+        """The box's largest prefill and decode programs of lane `key` (`warm_specs` item 2) with
+        page tables of `pages` pages: G = the lane's models rounded to a power of two, `warm_slots`
+        slots, `max_prefill_tokens` prefill tokens; the decode with its ping-pong pair
+        (micro_batches = 2) and, for a GQA lane on GPU, its persistent-schedule twin. They
+        dominate every call of the lane whose page tables fit `pages`. With `mixed_steps`, also
+        the prefill program of one chunk's tokens in `warm_slots` slots: what a mixed step's call
+        (a chunk beside the lane's decode rows) runs without padding to `max_prefill_tokens`."""
+        cls, bk = key[0], self.buckets
+        g = self._lane_groups(key)[1]
+        b = bk.round(self.warm_slots, bk.slots_floor)
+        t = bk.round(_pow2(self.max_prefill_tokens), bk.tokens_floor)
+        specs = [self._prefill_spec(cls, g, min(b, t), t, pages)]
+        tc = bk.round(min(self.prefill_chunk, t), bk.tokens_floor)
+        if self.mixed_steps and tc < t:  # a mixed step's call: a chunk beside up to b decode rows
+            specs.append(self._prefill_spec(cls, g, min(b, tc), tc, pages))
+        specs += self._decode_specs(cls, g, b, pages)
+        if self.platform == "gpu" and cls.config.attention == AttentionKind.GQA:
+            specs += self._decode_specs(cls, g, b, pages, "persistent")
+        return specs
+
+    def _prefill_spec(self, cls: Any, g: int, slots: int, tokens: int, pages: int) -> StepSpec:
+        """The one-lane prefill program of class `cls`: G = `g`, `slots` slots, `tokens` prompt
+        tokens, page tables of `pages` pages."""
+        return StepSpec((LaneShape(cls, g, slots, tokens, pages, stop_width=self.stop_width),), False, 1,
+                        self.backend, attention_kernels=self.attention_kernels)
+
+    def _decode_specs(self, cls: Any, g: int, slots: int, pages: int,
+                      schedule: str = "split") -> list[StepSpec]:
+        """The one-lane decode program of class `cls` (K = steps_per_call, attention `schedule`)
+        and, with micro_batches = 2, its ping-pong pair (two equal lanes)."""
+        ln = LaneShape(cls, g, slots, slots, pages, stop_width=self.stop_width)
+        out = [StepSpec((ln,), True, self.steps_per_call, self.backend, attention_schedule=schedule,
+                        attention_kernels=self.attention_kernels)]
+        if self.micro_batches == 2:
+            out.append(StepSpec((ln, ln), True, self.steps_per_call, self.backend,
+                                attention_schedule=schedule, attention_kernels=self.attention_kernels))
+        return out
+
+    def _chunk_spec(self, key: tuple[Any, str | None], tokens: int, pages: int) -> StepSpec:
+        """The prefill program of one request's chunk of `tokens` tokens in lane `key` with page
+        tables of `pages` pages (G as `warm_specs` item 1, the smallest slot bucket)."""
+        bk = self.buckets
+        return self._prefill_spec(key[0], self._lane_groups(key)[0], bk.round(1, bk.slots_floor),
+                                  bk.round(tokens, bk.tokens_floor), pages)
+
+    def held_prefills(self) -> frozenset[str]:
+        """Requests whose prefill (running, or waiting to start one) reaches page tables wider than
+        the lane's covered width (`_covered_width`: its top programs compiled; the warm box's
+        `warm_context` at first): the prompt's own chunk program and the lane's top programs at
+        the page bucket of the whole prompt (`_top_specs`: prefill and decode, so the decode that
+        follows is covered too) are queued urgently in the background as soon as the request is
+        seen; the request makes no prefill progress past the covered width until the top programs
+        are ready, while other requests run. A new lane (nothing covered yet) is `held_models`'
+        case, not this. When only held requests have work, nothing is held (the call then waits
+        for its compile)."""
+        if not self.fallback or not self.reqs:
+            return frozenset()
+        self._poll_background()
+        covered: dict[Any, int] = {}
+        held: set[str] = set()
+        live = (*self.planner.running(), *self.planner.waiting())
+        for rid in live:
+            span = self.planner.prefill_span(rid) if rid in self.reqs else None
+            if span is None:
+                continue
+            model = self.reqs[rid].model
+            key = self._lane_key(model)
+            if key not in covered:
+                covered[key] = self._covered_width(key)
+            if not covered[key]:  # a new lane: `held_models`' case
+                continue
+            whole = self._pages_bucket(model, span[1])
+            if whole <= covered[key]:
+                continue
+            # its own chunks' program first (a lone long prompt's calls then run unpadded), then
+            # the lane's top programs, which dominate every call at that width
+            for sp in (self._chunk_spec(key, min(self.prefill_chunk, span[1]), whole),
+                       *self._top_specs(key, whole)):
+                if sp not in self._programs and sp not in self._ready:
+                    self._compile_in_background(sp, compile_queue.URGENT)
+            if self._pages_bucket(model, min(span[1], span[0] + self.max_prefill_tokens)) > covered[key]:
+                held.add(rid)
+        others = any(rid not in held for rid in live)
+        return frozenset(held) if held and others else frozenset()
+
+    def _lane_groups(self, key: tuple[Any, str | None]) -> tuple[int, int]:
+        """(G of the lane's smallest programs, G of its largest): the lane's placed models rounded
+        to a power of two for the largest; 1 for the smallest unless buckets are "placed"."""
+        g_top = _pow2(sum(1 for n in self.store.models if self._lane_key(n) == key))
+        return (g_top if self.buckets.groups == "placed" else 1), g_top
+
+    def _pages_bucket(self, model: str, tokens: int) -> int:
+        """The page-table bucket (pages per layer) of `tokens` tokens of `model`."""
+        return self.buckets.round(-(-tokens // self.geoms[model].tokens_per_page), self.buckets.pages_floor)
+
+    def _covered_width(self, key: tuple[Any, str | None]) -> int:
+        """The widest page tables (pages per layer) at which lane `key`'s top programs
+        (`_top_specs`) are all compiled: every call of the lane up to it has a program (0: none).
+        Kept per lane until the held programs (`held_generation`) or the lane's models change."""
+        stamp = (self.held_generation, self._lane_groups(key))
+        got = self._covered.get(key)
+        if got is not None and got[0] == stamp:
+            return got[1]
+        width = self._find_covered_width(key)
+        self._covered[key] = (stamp, width)
+        return width
+
+    def _find_covered_width(self, key: tuple[Any, str | None]) -> int:
+        # the held programs are walked, not put in a set: a step spec's hash is deep (once per step
+        # per held program was most of the simulator's host time)
+        held = (*self._programs, *self._ready)
+        widths = {ln.max_pages for sp in held if not sp.decode for ln in sp.lanes if ln.cls == key[0]}
+        for w in sorted(widths, reverse=True):
+            if all(sp in self._programs or sp in self._ready for sp in self._top_specs(key, w)):
+                return w
+        return 0
+
+    def warm_up(self, model: str) -> int:
+        """Queues `warm_specs(model)` for the background thread (those not held or queued yet);
+        returns how many it queued. Called by `add_model` / `add_random_model`. The lane's earlier
+        warm programs that left its set (a model added changed G) are dropped if not started."""
+        specs, gate = self._warm_plan(model)
+        key = self._lane_key(model)
+        for old in self._warm_sets.get(key, set()) - set(specs):
+            fut = self._background.get(old)
+            if fut is not None and fut.cancel():
+                del self._background[old]
+        self._warm_sets[key] = set(specs)
+        self._warm_gates[key] = set(specs[:gate])
+        queued = 0
+        for spec in specs:
+            if spec not in self._background and spec not in self._programs and spec not in self._ready:
+                self._compile_in_background(spec)
+                queued += 1
+        return queued
+
+    def held_models(self) -> frozenset[str]:
+        """Models whose waiting requests are not admitted now: while other requests run or wait, a
+        new lane (no program of its class in service yet) whose gate programs (`_warm_plan`: the
+        first and the box's largest) are still compiling in the background is held, so its first
+        call does not compile on the serving path and stall every other request of the group.
+        When only held models have requests, nothing is held (no one to stall: the call then waits
+        for its compile). Waiting requests of other models count: between one request's end and
+        the next one's admission nothing runs, and a held model admitted then would stall the next
+        one."""
+        if not self._warm_gates:
+            return frozenset()
+        self._poll_background()
+        # a lane that has run calls (programs in service) is not new: its gate does not hold it
+        serving = {ln.cls for sp in self._programs for ln in sp.lanes}
+        compiling = {key for key, gate in self._warm_gates.items()
+                     if key[0] not in serving and any(sp in self._background for sp in gate)}
+        if not compiling:
+            return frozenset()
+        held = frozenset(n for n in self.store.models if self._lane_key(n) in compiling)
+        others = bool(self.planner.running()) or any(
+            self.planner.waiting(n) for n in self.store.models if n not in held)
+        return held if others else frozenset()
+
+    def wait_background(self, timeout: float | None = None) -> bool:
+        """Waits until the background thread has finished every queued compile (tests, and a
+        caller that wants the warm programs before serving); True if it did within `timeout`."""
+        import concurrent.futures
+
+        futs = list(self._background.values())
+        _, pending = concurrent.futures.wait(futs, timeout=timeout)
+        return not pending
+
+    def gate_compiles(self) -> list[Any]:
+        """Futures of the gate programs (`_warm_plan`) still compiling in the background: once
+        they are done, every placed model's first request runs without a serving-path compile.
+        Call it on the stepping thread or under its lock."""
+        return [self._background[sp] for gate in self._warm_gates.values() for sp in gate
+                if sp in self._background and not self._background[sp].done()]
+
+    def stop_background(self) -> None:
+        """Cancels the queued background compiles and lets the compile thread end after the one it
+        is running (an engine shutting down: its warm-ups would only burn CPU). The runner still
+        works afterwards: a later background compile starts a new thread."""
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+        self._poll_background()
+
+    # -- ahead-of-time compilation --
+    def _lane_key(self, model: str) -> tuple[Any, str | None]:
+        """The lane a model's slots go to: its class (GQA: shared by the class's models), or
+        (class, model) for MLA (one model per lane)."""
+        cls = self.store.models[model].cls
+        return cls, (model if cls.config.attention == AttentionKind.MLA else None)
+
+    def lane_keys(self) -> list[tuple[Any, list[str]]]:
+        """(model class, the placed models one lane of it holds) per lane the runner can build:
+        one per GQA class, one per MLA model."""
+        lanes: dict[tuple[Any, str | None], list[str]] = {}
+        for name in sorted(self.store.models):
+            lanes.setdefault(self._lane_key(name), []).append(name)
+        return [(key[0], names) for key, names in lanes.items()]
+
+    def bucket_specs(self, max_context: int, max_slots: int) -> list[StepSpec]:
+        """Every one-lane program shape (decode and prefill) of the bucket grid up to `max_context`
+        tokens per request and `max_slots` requests per KV device: what `precompile` compiles.
+        Programs mixing lanes of several classes are not in it (they compile when first met)."""
+        bk = self.buckets
+
+        def ladder(hi: int, floor: int) -> list[int]:
+            out = [bk.round(1, floor)]
+            while out[-1] < hi:
+                out.append(out[-1] * bk.growth)
+            return out
+
+        specs = []
+        steps = [self.steps_per_call] if bk.fixed_steps else ladder(self.steps_per_call, 1)
+        for cls, names in self.lane_keys():
+            g = _pow2(len(names)) if bk.groups == "placed" or len(names) == 1 else None
+            groups = [g] if g else ladder(len(names), 1)
+            tpp = self.geoms[names[0]].tokens_per_page
+            pages = ladder(-(-max_context // tpp), bk.pages_floor)
+            slots = ladder(max_slots, bk.slots_floor)
+            for gg in groups:
+                for p in pages:
+                    for b in slots:
+                        for k in steps:
+                            lane = LaneShape(cls, gg, b, b, p, stop_width=self.stop_width)
+                            specs.append(StepSpec((lane,), True, k, self.backend,
+                                                  attention_kernels=self.attention_kernels))
+                    for t in ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor):
+                        for b in slots:
+                            if b <= t:
+                                lane = LaneShape(cls, gg, b, t, p, stop_width=self.stop_width)
+                                specs.append(StepSpec((lane,), False, 1, self.backend,
+                                                      attention_kernels=self.attention_kernels))
+        return specs
+
+    def precompile(self, specs: Sequence[StepSpec], threads: int = 4,
+                   log: Callable[[str], None] | None = None) -> int:
+        """Compiles the `specs` it does not hold yet ahead of time, `threads` at once (XLA compiles
+        outside the GIL), and keeps them as this runner's programs; returns how many it compiled.
+        Call while idle. Background compiles of these specs not started yet are dropped (compiled
+        here instead); the others stay queued."""
+        import concurrent.futures
+
+        specs = [sp for sp in specs if sp not in self._programs]
+        for sp in specs:
+            fut = self._background.get(sp)
+            if fut is not None and fut.cancel():
+                del self._background[sp]
+            self._ready.pop(sp, None)  # compiled again here (from the persistent cache, mostly)
+        self.max_programs = max(self.max_programs, len(self._programs) + len(specs) + len(self._background))
+
+        def one(sp: StepSpec) -> tuple[StepSpec, Any, float]:
+            t0 = time.perf_counter()
+            return sp, self._compile_aot(sp), time.perf_counter() - t0
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+            for i, (sp, compiled, dt) in enumerate(pool.map(one, specs)):
+                self._programs[sp] = compiled
+                self.programs_built += 1
+                self.held_generation += 1
+                if log is not None:
+                    lane = sp.lanes[0]
+                    log(f"precompiled {i + 1}/{len(specs)}: {'decode' if sp.decode else 'prefill'} "
+                        f"{lane.cls.config.family.value} G={lane.groups} slots={lane.slots} "
+                        f"tokens={lane.tokens} pages={lane.max_pages} ({dt:.1f} s)")
+        return len(specs)

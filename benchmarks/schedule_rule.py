@@ -8,7 +8,7 @@ GQA 32 query / 8 KV heads, d 128, bf16, 16 tokens per page, pages shuffled; the 
 wide as the longest sequence (as the engine's bucketed tables are). Raggedness = max length /
 mean length. Each variant is jitted once and timed (benchmarks/kernels.py `bench`: median of 5
 trials of 10 calls). The table gives both times, their ratio and the raggedness, so the rule in
-`crosspool_jax.execution.pool_runner.attention_schedule` can be read off it. Correctness: both schedules
+`crosspool_jax.execution.step_calls.attention_schedule` can be read off it. Correctness: both schedules
 against the plain-jnp reference on every batch (relative error printed).
 `--smoke` runs tiny sizes in interpret mode on CPU (the numbers then mean nothing).
 """

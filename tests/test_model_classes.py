@@ -18,8 +18,8 @@ from pooled_helpers import References, Req, build_runner, drive, f32
 
 from crosspool_jax.demo import demo_configs
 from crosspool_jax.execution import pooled_step
-from crosspool_jax.execution.pool_runner import ShapeBuckets
 from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.execution.step_programs import ShapeBuckets
 from crosspool_jax.models.config import Family, FFNKind, QKNorm
 from crosspool_jax.models.params import init_random_weights
 

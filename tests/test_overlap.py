@@ -18,7 +18,7 @@ import pytest
 from pooled_helpers import References, Req, build_runner, drive, f32
 
 from crosspool_jax.demo import demo_models
-from crosspool_jax.execution.pool_runner import PENDING
+from crosspool_jax.execution.runner_records import PENDING
 from crosspool_jax.execution.sampling import SamplingParams
 
 MIX, QWEN, DSV3 = "demo-mixtral", "demo-qwen3-moe", "demo-deepseek-v3"

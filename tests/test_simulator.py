@@ -172,7 +172,7 @@ def test_simulated_group_schedules_exactly_as_the_real_runner(monkeypatch) -> No
 
     def spy(label: str, orig):
         def _execute(self, programs, groups, shapes, sorted_rows, decode):
-            from crosspool_jax.execution.pool_runner import lane_placements
+            from crosspool_jax.execution.step_calls import lane_placements
 
             seen[label].append((decode, tuple(shapes),
                                 [lane_placements(pd, decode) for pd, _ in sorted_rows]))

@@ -1,5 +1,5 @@
 """Host-side choices of the step programs, checked by hand: the layer loops' segments
-(`pooled_step.layer_segments`) and the decode attention schedule (`pool_runner.attention_schedule`)."""
+(`pooled_step.layer_segments`) and the decode attention schedule (`step_calls.attention_schedule`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import dataclasses
 import numpy as np
 
 from crosspool_jax.demo import demo_configs
-from crosspool_jax.execution.pool_runner import attention_schedule
 from crosspool_jax.execution.pooled_step import layer_segments, layer_signatures
+from crosspool_jax.execution.step_calls import attention_schedule
 from crosspool_jax.models.config import FFNKind
 
 D, M = FFNKind.DENSE, FFNKind.MOE

@@ -34,8 +34,10 @@ import numpy as np
 
 from benchmarks.sim.costmodel import CostModel, SlotWork, lane_work
 from crosspool_jax.execution import compile_queue
-from crosspool_jax.execution.pool_runner import GroupRunner, _Call, lane_placements
+from crosspool_jax.execution.pool_runner import GroupRunner
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec
+from crosspool_jax.execution.runner_records import _Call
+from crosspool_jax.execution.step_calls import lane_placements
 from crosspool_jax.memory.arena import ArenaBook
 from pallas_kernels.page_layout import PoolLayout
 

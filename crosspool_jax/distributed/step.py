@@ -29,8 +29,9 @@ from jax.sharding import PartitionSpec as P
 
 from crosspool_jax.errors import CrossPoolError, UnavailableError
 from crosspool_jax.execution import compile_queue
-from crosspool_jax.execution.pool_runner import GroupRunner, _feed_tokens, _pow2
+from crosspool_jax.execution.pool_runner import GroupRunner, _feed_tokens
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec
+from crosspool_jax.execution.step_programs import _pow2
 
 KEEP_CALLS = 64  # calls whose outputs a fed token may still come from (far more than are in flight)
 POLL_S = 0.0005  # the leader's wait for a call's tokens re-checks the group's health this often

@@ -2,8 +2,9 @@
 
 `pooled_step` (one jitted step program over both pools: lanes of model classes, layers as loops,
 KV written in place), `host_step` (the same step scheduled layer by layer from the host, one call
-per pool), `pool_runner` (`GroupRunner`: planner -> inputs -> program calls -> tokens),
-`step_programs` (its compiled-programs half: which program serves a call, program buckets,
-background and ahead-of-time compiles, warm-up plans), `sampling` (on-device token sampling),
+per pool), `pool_runner` (`GroupRunner`: planner -> inputs -> program calls -> tokens), with
+`step_calls` (a step's work as program calls: lanes, inputs, dispatch), `step_programs` (which
+compiled program serves a call, program buckets, background and ahead-of-time compiles, warm-up
+plans) and `runner_records` (requests, calls, step results), `sampling` (on-device token sampling),
 `compile_cache` (JAX's persistent compilation cache).
 """

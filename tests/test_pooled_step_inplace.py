@@ -51,14 +51,10 @@ def _store(colocated: bool) -> ArenaStore:
 def _inputs(store: ArenaStore, model: str, lane: LaneShape, decode: bool) -> dict:
     n, b, t, p = store.num_devices, lane.slots, lane.tokens, lane.max_pages
     L = CFGS[model].num_layers
-    arr = empty_lane_inputs(n, b, t, L, p, lane.stop_width, decode)
+    arr = empty_lane_inputs(n, b, t, L, p, lane.stop_width, decode, lane.extras, lane.extra_rows)
     arr.update(one_model_group_inputs(store, model, [0], t, b))
     for key in ("a_base", "f_base", "grp_rows", "grp_slots"):  # G models: the same one G times
         arr[key] = np.repeat(arr[key], lane.groups, axis=1)
-    if lane.extras:
-        arr["x_rows"] = np.full((n, lane.extras, lane.extra_rows), -1, np.int32)
-        arr["x_pages"] = np.full((n, lane.extras, L, p), -1, np.int32)
-        arr["x_len"] = np.zeros((n, lane.extras), np.int32)
     return {k: jax.device_put(v.reshape(-1, *v.shape[2:]), store.sharding) for k, v in arr.items()}
 
 

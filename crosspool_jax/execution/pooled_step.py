@@ -743,10 +743,12 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
 
 
 def empty_lane_inputs(num_devices: int, slots: int, tokens: int, layers: int, pages: int,
-                      stop_width: int, decode: bool) -> dict[str, np.ndarray]:
+                      stop_width: int, decode: bool, extras: int = 0,
+                      extra_rows: int = 1) -> dict[str, np.ndarray]:
     """A lane's per-slot and per-row host inputs with no row or slot in use, [N, ...] each (shapes
-    as `input_shapes`, the model-group and extras inputs left out): token rows and slots point
-    nowhere (-1), sampling is greedy, nothing remains; a prefill lane also gets `cu_q`."""
+    as `input_shapes`, the model-group inputs left out): token rows and slots point nowhere (-1),
+    sampling is greedy, nothing remains; a prefill lane also gets `cu_q`, a lane with `extras`
+    split-KV segments of `extra_rows` query rows their (empty) `x_rows` / `x_pages` / `x_len`."""
     n, b, t = num_devices, slots, tokens
     arr = {
         "tokens": np.zeros((n, t), np.int32), "positions": np.zeros((n, t), np.int32),
@@ -760,6 +762,10 @@ def empty_lane_inputs(num_devices: int, slots: int, tokens: int, layers: int, pa
     }
     if not decode:
         arr["cu_q"] = np.zeros((n, b + 1), np.int32)
+    if extras:
+        arr["x_rows"] = np.full((n, extras, extra_rows), -1, np.int32)
+        arr["x_pages"] = np.full((n, extras, layers, pages), -1, np.int32)
+        arr["x_len"] = np.zeros((n, extras), np.int32)
     return arr
 
 

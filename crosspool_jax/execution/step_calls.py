@@ -289,9 +289,8 @@ class StepCalls:
         store = self.store
         n, n_kv = store.num_devices, store.num_kv
         g_count, b, t, pages = shape.groups, shape.slots, shape.tokens, shape.max_pages
-        x, c, s_w = shape.extras, shape.extra_rows, shape.stop_width
-        L = cls.config.num_layers
-        arr = empty_lane_inputs(n, b, t, L, pages, s_w, decode)
+        arr = empty_lane_inputs(n, b, t, cls.config.num_layers, pages, shape.stop_width, decode,
+                                shape.extras, shape.extra_rows)
         a_base = [store.models[m].base[Role.KV] for m in names]
         f_base = [store.models[m].base[Role.WEIGHTS] for m in names]
         arr["a_base"] = np.tile(np.array(a_base + a_base[:1] * (g_count - len(names)), np.int32), (n, 1))
@@ -300,10 +299,6 @@ class StepCalls:
         arr["grp_slots"] = np.zeros((n, g_count), np.int32)
         arr["tok_grp"] = np.zeros((n, t), np.int32)
         arr["slot_grp"] = np.zeros((n, b), np.int32)
-        if x:
-            arr["x_rows"] = np.full((n, x, c), -1, np.int32)
-            arr["x_pages"] = np.full((n, x, L, pages), -1, np.int32)
-            arr["x_len"] = np.zeros((n, x), np.int32)
         feed: list[tuple[int, Any, int]] = []
         x_fill = [0] * n
         for d in range(n_kv):

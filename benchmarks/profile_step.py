@@ -1,14 +1,18 @@
 """Where a step program's device time goes, kernel by kernel (issues 15 and 16).
 
     PYTHONPATH=. python -m benchmarks.profile_step [--shape olmoe-1b-7b] [--prefill 2048,512] \\
-        [--context 0] [--decode 32] [--decode-context 2048] [--calls 3] [--json OUT]   # one GPU
+        [--context 0] [--decode 32] [--decode-context 2048] [--decode-slots 32] [--decode-pages P] \\
+        [--schedules split,persistent] [--calls 3] [--json OUT]   # one GPU
     JAX_PLATFORMS=cpu PYTHONPATH=. python -m benchmarks.profile_step --smoke              # CPU
 
 The engine's step program (one request colocated on the first device, random weights, as
 `benchmarks/prefill.py` builds it) for a prefill chunk of each `--prefill` size after `--context`
 tokens of KV, and for a decode call (K = 4 steps) of `--decode` requests at `--decode-context`
-tokens each; each program is timed (median of `--calls` calls, a sync each), then run `--calls`
-times more under `jax.profiler.trace`. The device's kernel events of those calls (GPU: the
+tokens each (in `--decode-slots` slots and a `--decode-pages`-wide page table, the rest empty, as
+the engine pads a call to its bucket: e.g. the smoke replay's most common decode call, 1 request
+at ~43K tokens in 8 slots x 4,096 pages), once per `--schedules` entry; each program is timed
+(median of `--calls` calls, a sync each), then run `--calls` times more under
+`jax.profiler.trace`. The device's kernel events of those calls (GPU: the
 "Stream" lines of the device plane; on CPU the XLA thunks of the host's PjRt client thread, which
 only shows the script works) are summed per kernel name: launches and microseconds per call,
 share of the kernel time, and a coarse kind (`kind_of`: our Pallas kernels by their names, XLA's
@@ -165,15 +169,18 @@ def profile_shape(shape: str, layout: Any, platform: str, args: argparse.Namespa
         out.append({"shape": shape, "call": f"prefill {p} after {args.context}", **res})
         print_call(out[-1], args.top)
     if args.decode:
-        arr = decode_inputs(store, cfg, tpp, args.decode, args.decode_context, 4, rng)
-        arr.update(one_model_group_inputs(store, "m", [args.decode], args.decode, args.decode))
+        slots = args.decode_slots or args.decode
+        arr = decode_inputs(store, cfg, tpp, args.decode, args.decode_context, 4, rng,
+                            slots=slots, pages=args.decode_pages)
+        arr.update(one_model_group_inputs(store, "m", [args.decode], slots, slots))
         width = arr["tail_pages"].shape[-1]
-        spec = StepSpec((LaneShape(cls, 1, args.decode, args.decode, width),), True, 4, be,
-                        matmul_backend=be)
-        res = profile_calls(step_runner(store, cfg, platform, spec, arr), args.calls)
-        out.append({"shape": shape, "call": f"decode {args.decode} x {args.decode_context}, K=4",
-                    **res})
-        print_call(out[-1], args.top)
+        for sched in args.schedules.split(","):
+            spec = StepSpec((LaneShape(cls, 1, slots, slots, width),), True, 4, be,
+                            attention_schedule=sched, matmul_backend=be)
+            res = profile_calls(step_runner(store, cfg, platform, spec, arr), args.calls)
+            out.append({"shape": shape, "call": f"decode {args.decode} x {args.decode_context} "
+                        f"in {slots} slots x {width} pages, {sched}, K=4", **res})
+            print_call(out[-1], args.top)
     return out
 
 
@@ -195,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=0, help="KV tokens before each chunk")
     ap.add_argument("--decode", type=int, default=32, help="decode requests (0: no decode call)")
     ap.add_argument("--decode-context", type=int, default=2048)
+    ap.add_argument("--decode-slots", type=int, default=0,
+                    help="the decode call's slots (default --decode; more: empty slots, as the "
+                         "engine pads a call to its bucket)")
+    ap.add_argument("--decode-pages", type=int, default=0,
+                    help="page-table width per slot and layer (default: the context's, to a power of 2)")
+    ap.add_argument("--schedules", default="split",
+                    help="decode attention schedules to profile, comma-separated (split, persistent)")
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--top", type=int, default=25, help="kernels printed per call")
     ap.add_argument("--smoke", action="store_true", help="CPU: demo-mixtral, tiny calls")
@@ -206,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     platform = "gpu" if platform in ("gpu", "cuda", "rocm") else platform
     if args.smoke:
         args.shape, args.prefill, args.decode, args.decode_context = "demo-mixtral", "16", 2, 32
+        args.decode_slots = args.decode_slots or 4
         layout = PoolLayout(16384, "float32", 64, 1)
     else:
         layout = (PoolLayout(262144, "bfloat16", 128, 1) if platform == "gpu"
@@ -220,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(res, f, indent=1)
     print(f"\n{dev.device_kind}: per call, wall / kernels / not in kernels (us)")
     for r in rows:
-        print(f"  {r['shape']} {r['call']:36s} {r['wall_us']:12,.0f} {r['kernel_us']:12,.0f} "
+        print(f"  {r['shape']} {r['call']:60s} {r['wall_us']:12,.0f} {r['kernel_us']:12,.0f} "
               f"{r['not_in_kernels_us']:12,.0f}")
     return 0 if all(r["kernels"] for r in rows) else 1
 

@@ -142,25 +142,34 @@ def build_store(cfg: ModelConfig, topology: PoolTopology | None, colocated: jax.
 
 
 def decode_inputs(store: ArenaStore, cfg: ModelConfig, tpp: int, batch: int, context: int, k: int,
-                  rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Lane inputs: `batch` requests on KV device 0, each with `context` tokens of KV, decoding."""
+                  rng: np.random.Generator, slots: int | None = None, pages: int | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Lane inputs: `batch` requests on KV device 0, each with `context` tokens of KV, decoding.
+
+    slots: the lane's slots (default `batch`; the rest are empty, as in a bucket the engine pads);
+    pages: the page table's width per slot and layer (default the next power of 2 of the pages
+    `context` needs)."""
     n = store.num_devices
     L = cfg.num_layers
     pages_per = -(-(context + k) // tpp)
-    P = 1 << (pages_per - 1).bit_length()
+    P = pages or 1 << (pages_per - 1).bit_length()
+    slots = slots or batch
+    if slots < batch or pages_per > P:
+        raise SystemExit(f"{batch} requests of {pages_per} pages do not fit {slots} slots x {P} pages")
     base = store.kv_first_page
     need = batch * pages_per * L
     if need > store.kv_pages:
         raise SystemExit(f"need {need} KV pages, the arena has {store.kv_pages}")
-    arr = empty_lane_inputs(n, batch, batch, L, P, 1, decode=True)
+    arr = empty_lane_inputs(n, slots, slots, L, P, 1, decode=True)
     perm = rng.permutation(store.kv_pages)[:need] + base
-    arr["tokens"][0] = rng.integers(0, cfg.vocab_size, batch)
-    arr["positions"][0] = context
-    arr["tok_slot"][0] = np.arange(batch)
-    arr["tail_pages"][0, :, :, :pages_per] = perm.reshape(batch, L, pages_per)
-    arr["tail_len"][0] = context + 1
-    arr["sample_row"][0] = np.arange(batch)
-    arr["remaining"][0] = k
+    live = slice(0, batch)
+    arr["tokens"][0, live] = rng.integers(0, cfg.vocab_size, batch)
+    arr["positions"][0, live] = context
+    arr["tok_slot"][0, live] = np.arange(batch)
+    arr["tail_pages"][0, live, :, :pages_per] = perm.reshape(batch, L, pages_per)
+    arr["tail_len"][0, live] = context + 1
+    arr["sample_row"][0, live] = np.arange(batch)
+    arr["remaining"][0, live] = k
     return arr
 
 

@@ -16,7 +16,7 @@ those tail calls (decode and prefill) ran in a larger program (`compiled`), and 
 gaps fall (seconds after the log's first call: a cold start's padded calls cluster early). Call
 logs written since 2026-12-05 also carry each call's `step` (the launch that dispatched it) and
 `step_decoding` (requests decoding then): the steps that dispatched prefill calls and no decode
-call while requests decoded are counted. Plain Python, no JAX.
+call while requests decoded are counted. It only reads the log: nothing runs on a device.
 """
 
 from __future__ import annotations

@@ -11,6 +11,13 @@ trials of 10 calls). The table gives both times, their ratio and the raggedness,
 `crosspool_jax.execution.step_calls.attention_schedule` can be read off it. Correctness: both schedules
 against the plain-jnp reference on every batch (relative error printed).
 `--smoke` runs tiny sizes in interpret mode on CPU (the numbers then mean nothing).
+
+`--cases few-live` (in `all`, the default) times the batches the engine's buckets make when few
+slots are live: 8 slots of which 1 or 2 hold a sequence (the rest empty), with a page table 131,072
+tokens wide, as the one-GPU smoke replay's most common decode call (one request at ~43K tokens in
+an 8-slot, 4,096-page OLMoE bucket). The split grid's split count is chosen from shapes alone (all
+slots assumed live), so with one live slot few programs have work; the persistent work list is cut
+from the live lengths. Raggedness there is over the live slots, as the engine's rule reads it.
 """
 
 from __future__ import annotations
@@ -27,23 +34,34 @@ from benchmarks.kernels import bench, copy_bandwidth, gqa_pool, make_tables, rel
 from pallas_kernels.decode import paged_decode_attention, paged_decode_attention_reference
 
 
-def run(batch: int, long: int, frac: float, backend: str, bw: float) -> dict:
+def batch_lengths(batch: int, long: int, frac: float, live: int | None = None) -> list[int]:
+    """One sequence of `long` tokens, `live - 1` of `long * frac` (at least 1), and the other
+    `batch - live` slots empty (0 tokens); `live` defaults to every slot."""
+    live = batch if live is None else live
+    if not 1 <= live <= batch:
+        raise ValueError(f"live must be 1..{batch}, got {live}")
+    return [long] + [max(1, int(long * frac))] * (live - 1) + [0] * (batch - live)
+
+
+def run(batch: int, long: int, frac: float, backend: str, bw: float, live: int | None = None,
+        table_tokens: int | None = None) -> dict:
     rng = np.random.default_rng(batch * 7 + long)
     t_pp = 16
     pool, geom = gqa_pool(128)
-    short = max(1, int(long * frac))
-    lens = [long] + [short] * (batch - 1)
-    max_pages = -(-long // t_pp)
+    lens = batch_lengths(batch, long, frac, live)
+    n_live = sum(n > 0 for n in lens)
+    max_pages = -(-(table_tokens or long) // t_pp)
     table, n_pages = make_tables(rng, lens, t_pp, max_pages)
     arena = jax.random.normal(jax.random.key(0), pool.arena_shape(n_pages), jnp.bfloat16)
     q = jax.random.normal(jax.random.key(1), (batch, 32, 128), jnp.bfloat16)
     tb, ln = jnp.asarray(table), jnp.asarray(lens, jnp.int32)
     ref = paged_decode_attention_reference(q.astype(jnp.float32), arena.astype(jnp.float32), tb, ln, geom)
-    row = {"batch": batch, "long": long, "short": short, "raggedness": long / (sum(lens) / batch)}
+    row = {"batch": batch, "live": n_live, "long": long, "short": lens[1] if n_live > 1 else 0,
+           "table_tokens": max_pages * t_pp, "raggedness": long / (sum(lens) / n_live)}
     kv_bytes = sum(lens) * geom.bytes_per_token_used
     for sched in ("split", "persistent"):
         f = jax.jit(functools.partial(paged_decode_attention, geom=geom, backend=backend, schedule=sched))
-        row[f"{sched}_err"] = rel_err(f(q, arena, tb, ln), ref)
+        row[f"{sched}_err"] = rel_err(f(q, arena, tb, ln)[:n_live], ref[:n_live])
         t = bench(f, q, arena, tb, ln)
         row[f"{sched}_us"] = t * 1e6
         row[f"{sched}_of_copy"] = kv_bytes / t / bw
@@ -52,24 +70,32 @@ def run(batch: int, long: int, frac: float, backend: str, bw: float) -> dict:
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--cases", choices=("all", "ragged", "few-live"), default="all")
+    args = ap.parse_args(argv)
     backend = "interpret" if args.smoke else "gpu"
     bw = copy_bandwidth(1 << 24 if args.smoke else 1 << 31)
     batches = (4,) if args.smoke else (16, 64)
     longs = (256,) if args.smoke else (4096, 32768)
     fracs = (1.0, 0.0625) if args.smoke else (1.0, 0.5, 0.25, 0.0625, 1 / 128)
-    rows = [run(b, n, f, backend, bw) for b in batches for n in longs for f in fracs]
+    rows = []
+    if args.cases in ("all", "ragged"):
+        rows += [run(b, n, f, backend, bw) for b in batches for n in longs for f in fracs]
+    if args.cases in ("all", "few-live"):
+        table = 1024 if args.smoke else 131072
+        few = ((1, 1.0), (2, 1.0), (2, 0.0625))
+        rows += [run(8, n, f, backend, bw, live=live, table_tokens=table)
+                 for n in ((256,) if args.smoke else (8192, 43008, 100000)) for live, f in few]
     print(f"\n{jax.devices()[0].device_kind}, copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"{'B':>3s} {'long':>6s} {'short':>6s} {'ragged':>7s} {'split us':>9s} {'pers us':>9s} "
-          f"{'pers x':>7s} {'split err':>9s} {'pers err':>9s}")
+    print(f"{'B':>3s} {'live':>4s} {'long':>6s} {'short':>6s} {'table':>6s} {'ragged':>7s} "
+          f"{'split us':>9s} {'pers us':>9s} {'pers x':>7s} {'split err':>9s} {'pers err':>9s}")
     for r in rows:
-        print(f"{r['batch']:3d} {r['long']:6d} {r['short']:6d} {r['raggedness']:7.2f} {r['split_us']:9.1f} "
-              f"{r['persistent_us']:9.1f} {r['persistent_speedup']:7.2f} {r['split_err']:9.1e} "
-              f"{r['persistent_err']:9.1e}")
+        print(f"{r['batch']:3d} {r['live']:4d} {r['long']:6d} {r['short']:6d} {r['table_tokens']:6d} "
+              f"{r['raggedness']:7.2f} {r['split_us']:9.1f} {r['persistent_us']:9.1f} "
+              f"{r['persistent_speedup']:7.2f} {r['split_err']:9.1e} {r['persistent_err']:9.1e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "copy_bandwidth": bw, "rows": rows}, f,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from crosspool_jax.demo import demo_configs
 from crosspool_jax.execution.pooled_step import layer_segments, layer_signatures
@@ -51,3 +52,13 @@ def test_attention_schedule_rule() -> None:
     # the threshold: 8x the mean of live slots
     assert attention_schedule([np.array([[8 * 9, 9, 9, 9, 9, 9, 9, 9, 9]])], MIX, True) == "split"
     assert attention_schedule([np.array([[800, 1, 1, 1, 1, 1, 1, 1, 1]])], MIX, True) == "persistent"
+
+
+def test_schedule_rule_bench_batches_with_few_live_slots() -> None:
+    from benchmarks.schedule_rule import batch_lengths
+
+    assert batch_lengths(4, 100, 0.25) == [100, 25, 25, 25]
+    assert batch_lengths(8, 43008, 1.0, live=1) == [43008] + [0] * 7
+    assert batch_lengths(8, 4096, 0.0625, live=2) == [4096, 256] + [0] * 6
+    with pytest.raises(ValueError, match=r"live must be 1\.\.8"):
+        batch_lengths(8, 64, 1.0, live=0)

@@ -1239,56 +1239,56 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
     return s
 
 
-def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    """The whole benchmark (module docstring); returns the results dict (also written to --out)."""
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+def _parse_modes(spec: str) -> list[str]:
+    """--modes as a list; ValueError naming the unknown ones."""
+    modes = [m.strip() for m in spec.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"--modes: unknown {', '.join(bad) or '(none)'}; known: {', '.join(MODES)}")
-    setup = resolve_setup(args)
-    trace = load_trace(args)
-    models = trace.models
-    for n in models:
-        model_config(n)  # unknown names fail before anything is built
-    resume_path = os.path.join(args.out or ".", "resume.json")
-    earlier = _load_json(resume_path) if getattr(args, "resume", False) else None
+    return modes
+
+
+def _probe_devices(args: argparse.Namespace, setup: Any, earlier: dict[str, Any] | None,
+                   log: Callable[[str], None]) -> tuple[dict[str, Any], str, int]:
+    """(device probe, platform, arena bytes per device before page rounding). Sets the
+    environment the mode children inherit (GPU memory fraction, compilation cache); with
+    --plan-only probes nothing."""
     if args.plan_only:
         probe: dict[str, Any] = {"devices": [], "device_kind": None, "visible": None, "jax": None}
         plat = "gpu" if args.preset.startswith("gpu") else "cpu"
-        arena = setup.arena_bytes or ASSUMED_GPU_ARENA_BYTES
-    else:
-        if args.preset.startswith("gpu"):  # inherited by every spawned child
-            os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION)
-        cache = getattr(args, "compile_cache", None) or os.path.join(args.out or ".", "jax-compile-cache")
-        if cache != "none":
-            os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(cache))
-            os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-        else:  # no cache at all: not the engine's default one either (crosspool_jax.execution.compile_cache)
-            os.environ.setdefault("CROSSPOOL_COMPILATION_CACHE", "off")
-        probe = in_child("_probe", n_devices=setup.devices)
-        if len(probe["devices"]) < setup.devices:
-            raise RuntimeError(
-                f"preset {args.preset} needs {setup.devices} devices, found {probe['visible']} "
-                "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu)")
-        plat = probe["platform"]
-        arena = setup.arena_bytes
-        if arena is None:
-            arena = int(((probe["bytes_limit"] or 16 << 30) - probe["bytes_in_use"]) * GPU_ARENA_SHARE)
-            # with --resume on the same kind of card, the earlier run's arena: free memory differs
-            # by a few MiB between leases, which would not let its modes be kept
-            same_card = earlier is not None and earlier["key"].get("device_kind") == probe["device_kind"]
-            kept = int(earlier["key"]["setup"]["arena_bytes"]) if same_card else None
-            if kept is not None and kept <= arena:
-                log(f"bench: --resume: keeping the earlier run's arena ({kept / MIB:.0f} MiB; "
-                    f"{arena / MIB:.0f} MiB free now)")
-                arena = kept
-    arena -= arena % setup.page_bytes
-    order = add_order(models)
-    plans = {m: memory_plan(m, order, setup, arena, plat) for m in modes}
-    for p in plans.values():
-        p["never_fit_predicted"] = never_fit(p, trace, setup, plat) if p["fits"] else None
-    window = float(trace.meta.get("duration_s", trace.requests[-1].arrival_s)) * args.time_scale
-    results: dict[str, Any] = {
+        return probe, plat, setup.arena_bytes or ASSUMED_GPU_ARENA_BYTES
+    if args.preset.startswith("gpu"):  # inherited by every spawned child
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEM_FRACTION)
+    cache = getattr(args, "compile_cache", None) or os.path.join(args.out or ".", "jax-compile-cache")
+    if cache != "none":
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(cache))
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    else:  # no cache at all: not the engine's default one either (crosspool_jax.execution.compile_cache)
+        os.environ.setdefault("CROSSPOOL_COMPILATION_CACHE", "off")
+    probe = in_child("_probe", n_devices=setup.devices)
+    if len(probe["devices"]) < setup.devices:
+        raise RuntimeError(
+            f"preset {args.preset} needs {setup.devices} devices, found {probe['visible']} "
+            "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu)")
+    arena = setup.arena_bytes
+    if arena is None:
+        arena = int(((probe["bytes_limit"] or 16 << 30) - probe["bytes_in_use"]) * GPU_ARENA_SHARE)
+        # with --resume on the same kind of card, the earlier run's arena: free memory differs
+        # by a few MiB between leases, which would not let its modes be kept
+        same_card = earlier is not None and earlier["key"].get("device_kind") == probe["device_kind"]
+        kept = int(earlier["key"]["setup"]["arena_bytes"]) if same_card else None
+        if kept is not None and kept <= arena:
+            log(f"bench: --resume: keeping the earlier run's arena ({kept / MIB:.0f} MiB; "
+                f"{arena / MIB:.0f} MiB free now)")
+            arena = kept
+    return probe, probe["platform"], arena
+
+
+def _results_head(args: argparse.Namespace, setup: Any, trace: Any, order: list[str],
+                  plans: dict[str, Any], plat: str, probe: dict[str, Any], arena: int,
+                  window: float) -> dict[str, Any]:
+    """results.json before any mode has run: the run's identity, the trace, setup and plans."""
+    return {
         "benchmark": "crosspool bench (benchmarks/runner.py)",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": getattr(args, "command_line", None) or " ".join(sys.argv),
@@ -1298,7 +1298,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
         "preset": args.preset, "trace_file": args.trace, "seed": args.seed, "time_scale": args.time_scale,
         "max_duration_s": args.max_duration_s, "replay_window_s": window, "warmup_passes": args.warmup,
         "compile_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR"),
-        "trace": {"requests": len(trace), "models": models, "add_order": order,
+        "trace": {"requests": len(trace), "models": trace.models, "add_order": order,
                   "duration_s": trace.meta.get("duration_s"),
                   "summary": summarize(trace)},
         "setup": dataclasses.asdict(setup) | {"arena_bytes": arena},
@@ -1317,6 +1317,104 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
             "goodput = requests meeting both SLOs / replay_window_s (the trace duration x time_scale)",
         ],
     }
+
+
+def _choose_slo(args: argparse.Namespace, earlier: dict[str, Any] | None, trace: Any, setup: Any,
+                arena: int, plat: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """results["slo"]: the earlier run's (--resume), the fixed one of --slo-ttft-s / --slo-tpot-s,
+    or one measured from isolated requests (each shape alone, module docstring)."""
+    if earlier is not None:
+        slo, rule = earlier["slo"]["per_shape"], earlier["slo"]["rule"]
+    elif args.slo_ttft_s is not None or args.slo_tpot_s is not None:
+        if args.slo_ttft_s is None or args.slo_tpot_s is None:
+            raise ValueError("--slo-ttft-s and --slo-tpot-s go together")
+        per = {"ttft_s": args.slo_ttft_s, "tpot_s": args.slo_tpot_s}
+        slo = {model_shape(n): {b: per for b, _, _ in LENGTH_BUCKETS} for n in trace.models}
+        rule = (f"fixed: TTFT <= {args.slo_ttft_s} s and TPOT <= {args.slo_tpot_s} s "
+                "(--slo-ttft-s/--slo-tpot-s)")
+    else:
+        slo = measure_slo(trace, setup, arena, plat, args.seed, args.slo_scale, args.reference_requests,
+                          args.request_timeout, log)
+        rule = (f"SLO = {args.slo_scale:g} x the isolated P99 (nearest rank) of TTFT and of mean TPOT per "
+                "(model shape, prompt bucket <8K / 8-32K / >=32K): each shape alone in crosspool mode on "
+                "the same devices and arena, sent the bucket's longest, median and shortest prompt of "
+                f"the trace (up to {args.reference_requests}), one at a time, each twice, the second "
+                "measured; a bucket without a finished isolated request has no SLO (its requests miss)")
+    return {"rule": rule, "scale": args.slo_scale, "per_shape": slo}
+
+
+def _replay_mode(mode: str, args: argparse.Namespace, trace: Any, order: list[str],
+                 plan: dict[str, Any], setup: Any, window: float, precompile_context: int | None,
+                 results: dict[str, Any], log: Callable[[str], None]
+                 ) -> tuple[list[Record], dict[str, Any]] | None:
+    """Replays the trace in `mode` (a child process), writes its requests / calls / mode_<mode>.json
+    to --out and its metrics into results["modes"]; returns (records, run), or None if it failed
+    (the error is in results)."""
+    out_dir, slo = args.out, results["slo"]["per_shape"]
+    recs = [Record(i, r.request_id, r.model, r.prompt_len, r.output_len, r.arrival_s * args.time_scale)
+            for i, r in enumerate(trace.requests)]
+    log(f"bench {mode}: replaying {len(recs)} requests over {window:.0f} s")
+    try:
+        job = in_child("_mode_job", mode=mode, models=order, trace_models=trace.models, plan=plan,
+                       setup=setup, records=recs, seed=args.seed, label=mode,
+                       timeout=args.request_timeout, warmup_passes=args.warmup,
+                       precompile_context=precompile_context, api=args.api)
+    except RuntimeError as e:  # ChildCrashed included: record it, go on with the next mode
+        log(f"bench {mode}: FAILED: {e}")
+        results["modes"][mode] = {"error": str(e)}
+        return None
+    recs, run = job["records"], job["run"]
+    calls = run.pop("calls", [])
+    spans = run.pop("compile_spans", [])
+    v = results["modes"][mode] = mode_metrics(recs, run, slo, window, job["compiles"])
+    v["engine"] = run["describe"]
+    v["weights"] = run["weights"]
+    v["precompile"] = run.get("precompile")
+    if run["warmup"]:
+        v["warmup"] = [{k: x for k, x in w.items() if k != "t0"} for w in run["warmup"]]
+        wc = job["warmup_compiles"]
+        v["warmup_compiles"] = {
+            "count": len(wc), "step_programs": sum(1 for d in wc if d >= BIG_COMPILE_S),
+            "step_program_seconds": round(sum(d for d in wc if d >= BIG_COMPILE_S), 3)}
+    with open(os.path.join(out_dir, f"requests_{mode}.jsonl"), "w", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+    if calls:
+        with open(os.path.join(out_dir, f"calls_{mode}.jsonl"), "w", encoding="utf-8") as f:
+            for c in calls:
+                f.write(json.dumps(c) + "\n")
+        v["calls"] = call_summary(calls) | {"compile_spans": spans}
+    with open(os.path.join(out_dir, f"mode_{mode}.json"), "w", encoding="utf-8") as f:  # what --resume keeps
+        json.dump({"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                   "metrics": v, "records": [dataclasses.asdict(r) for r in recs],
+                   "run": run}, f, default=_json_default)
+    log(f"bench {mode}: done in {run['t_end']:.1f} s: TTFT P99 {_fmt_ms(v['ttft_s']['p99'])} ms, "
+        f"TBT P99 {_fmt_ms(v['tbt_s']['p99'])} ms, goodput {v['goodput_rps']:.3f} req/s, "
+        f"{v['rejected']} rejected, {v['failed']} failed, {v['preemptions']} preemptions, "
+        f"pages after {sum(u for _, u, _ in v['pages_after'])}, serving-path compile stalls "
+        f"{v['compiles']['serving_blocked_s']:.1f} s ({v['compiles']['fallback_calls']} calls in "
+        "a larger program)")
+    return recs, run
+
+
+def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """The whole benchmark (module docstring); returns the results dict (also written to --out)."""
+    modes = _parse_modes(args.modes)
+    setup = resolve_setup(args)
+    trace = load_trace(args)
+    models = trace.models
+    for n in models:
+        model_config(n)  # unknown names fail before anything is built
+    resume_path = os.path.join(args.out or ".", "resume.json")
+    earlier = _load_json(resume_path) if getattr(args, "resume", False) else None
+    probe, plat, arena = _probe_devices(args, setup, earlier, log)
+    arena -= arena % setup.page_bytes
+    order = add_order(models)
+    plans = {m: memory_plan(m, order, setup, arena, plat) for m in modes}
+    for p in plans.values():
+        p["never_fit_predicted"] = never_fit(p, trace, setup, plat) if p["fits"] else None
+    window = float(trace.meta.get("duration_s", trace.requests[-1].arrival_s)) * args.time_scale
+    results = _results_head(args, setup, trace, order, plans, plat, probe, arena, window)
     if args.plan_only:
         return results
     unfit = {m: p["why"] for m, p in plans.items() if not p["fits"]}
@@ -1347,24 +1445,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
             f"KV {kvf:.1%} of each KV-holding device, {p['kv_pages_total']} KV pages in all"
             + (f"; never-fit requests (predicted) {p['never_fit_predicted']}"
                if p["never_fit_predicted"] else ""))
-    if earlier is not None:
-        slo, rule = earlier["slo"]["per_shape"], earlier["slo"]["rule"]
-    elif args.slo_ttft_s is not None or args.slo_tpot_s is not None:
-        if args.slo_ttft_s is None or args.slo_tpot_s is None:
-            raise ValueError("--slo-ttft-s and --slo-tpot-s go together")
-        per = {"ttft_s": args.slo_ttft_s, "tpot_s": args.slo_tpot_s}
-        slo = {model_shape(n): {b: per for b, _, _ in LENGTH_BUCKETS} for n in models}
-        rule = (f"fixed: TTFT <= {args.slo_ttft_s} s and TPOT <= {args.slo_tpot_s} s "
-                "(--slo-ttft-s/--slo-tpot-s)")
-    else:
-        slo = measure_slo(trace, setup, arena, plat, args.seed, args.slo_scale, args.reference_requests,
-                          args.request_timeout, log)
-        rule = (f"SLO = {args.slo_scale:g} x the isolated P99 (nearest rank) of TTFT and of mean TPOT per "
-                "(model shape, prompt bucket <8K / 8-32K / >=32K): each shape alone in crosspool mode on "
-                "the same devices and arena, sent the bucket's longest, median and shortest prompt of "
-                f"the trace (up to {args.reference_requests}), one at a time, each twice, the second "
-                "measured; a bucket without a finished isolated request has no SLO (its requests miss)")
-    results["slo"] = {"rule": rule, "scale": args.slo_scale, "per_shape": slo}
+    results["slo"] = _choose_slo(args, earlier, trace, setup, arena, plat, log)
     if earlier is None:
         with open(resume_path, "w", encoding="utf-8") as f:
             json.dump({"key": resume_key, "slo": results["slo"]}, f, indent=1, default=_json_default)
@@ -1380,52 +1461,10 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str,
             runs[mode] = done["run"]
             log(f"bench {mode}: kept from the earlier run in {out_dir} (--resume; ran {done['date']})")
             continue
-        recs = [Record(i, r.request_id, r.model, r.prompt_len, r.output_len, r.arrival_s * args.time_scale)
-                for i, r in enumerate(trace.requests)]
-        log(f"bench {mode}: replaying {len(recs)} requests over {window:.0f} s")
-        try:
-            job = in_child("_mode_job", mode=mode, models=order, trace_models=models, plan=plans[mode],
-                           setup=setup, records=recs, seed=args.seed, label=mode,
-                           timeout=args.request_timeout, warmup_passes=args.warmup,
-                           precompile_context=precompile_context, api=args.api)
-        except RuntimeError as e:  # ChildCrashed included: record it, go on with the next mode
-            log(f"bench {mode}: FAILED: {e}")
-            results["modes"][mode] = {"error": str(e)}
-            continue
-        recs, run = job["records"], job["run"]
-        calls = run.pop("calls", [])
-        spans = run.pop("compile_spans", [])
-        results["modes"][mode] = mode_metrics(recs, run, slo, window, job["compiles"])
-        results["modes"][mode]["engine"] = run["describe"]
-        results["modes"][mode]["weights"] = run["weights"]
-        results["modes"][mode]["precompile"] = run.get("precompile")
-        if run["warmup"]:
-            results["modes"][mode]["warmup"] = [
-                {k: v for k, v in w.items() if k != "t0"} for w in run["warmup"]]
-            wc = job["warmup_compiles"]
-            results["modes"][mode]["warmup_compiles"] = {
-                "count": len(wc), "step_programs": sum(1 for d in wc if d >= BIG_COMPILE_S),
-                "step_program_seconds": round(sum(d for d in wc if d >= BIG_COMPILE_S), 3)}
-        records[mode], runs[mode] = recs, run
-        with open(os.path.join(out_dir, f"requests_{mode}.jsonl"), "w", encoding="utf-8") as f:
-            for r in recs:
-                f.write(json.dumps(dataclasses.asdict(r)) + "\n")
-        if calls:
-            with open(os.path.join(out_dir, f"calls_{mode}.jsonl"), "w", encoding="utf-8") as f:
-                for c in calls:
-                    f.write(json.dumps(c) + "\n")
-            results["modes"][mode]["calls"] = call_summary(calls) | {"compile_spans": spans}
-        with open(done_path, "w", encoding="utf-8") as f:  # what --resume keeps
-            json.dump({"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                       "metrics": results["modes"][mode], "records": [dataclasses.asdict(r) for r in recs],
-                       "run": run}, f, default=_json_default)
-        v = results["modes"][mode]
-        log(f"bench {mode}: done in {run['t_end']:.1f} s: TTFT P99 {_fmt_ms(v['ttft_s']['p99'])} ms, "
-            f"TBT P99 {_fmt_ms(v['tbt_s']['p99'])} ms, goodput {v['goodput_rps']:.3f} req/s, "
-            f"{v['rejected']} rejected, {v['failed']} failed, {v['preemptions']} preemptions, "
-            f"pages after {sum(u for _, u, _ in v['pages_after'])}, serving-path compile stalls "
-            f"{v['compiles']['serving_blocked_s']:.1f} s ({v['compiles']['fallback_calls']} calls in "
-            "a larger program)")
+        ran = _replay_mode(mode, args, trace, order, plans[mode], setup, window, precompile_context,
+                           results, log)
+        if ran is not None:
+            records[mode], runs[mode] = ran
     files = write_plot_data(out_dir, records, runs)
     pngs = write_plots(out_dir, records, runs, args.preset)
     results["files"] = ["results.json", "trace.jsonl", *(f"requests_{m}.jsonl" for m in records),

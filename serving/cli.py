@@ -14,7 +14,7 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from crosspool_jax.errors import CrossPoolError, InvalidRequestError
@@ -513,46 +513,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         engine_class = None
         if cluster is not None:  # the leader: its followers connect, then every process builds the engine
-            from crosspool_jax.distributed.channel import LeaderChannel
-            from crosspool_jax.distributed.engine import DistributedEngine
-
-            _host, port = cluster.step_address()
-            start_log(f"serve: waiting for {cluster.num_processes - 1} followers on the step channel "
-                      f"(port {port})")
-            channel = LeaderChannel.open("", port, cluster.num_processes - 1, timeout=args.step_timeout)
-            engine_class = functools.partial(DistributedEngine, channel=channel,
-                                             warm_programs=args.warm_programs)
+            channel, engine_class = _leader_engine_class(cluster, args, start_log)
         engine = make_engine(settings, log=start_log, engine_class=engine_class)
         if cluster is not None:
             engine.freeze_models()  # the followers placed these models; LoadModel would diverge
             engine.check_group()  # a follower started differently reports it and the group is lost
         mode = str(getattr(engine, "mode", settings.mode))
-        if settings.warmup if settings.warmup is not None else mode != "reference":
-            from serving.warmup import warm_up
-
-            warm_up(engine, log=start_log)
-        if settings.precompile_context and hasattr(engine, "precompile"):
-            ctx = settings.precompile_context
-            n = engine.precompile(ctx, log=lambda m: start_log(f"precompile: {m}"))
-            start_log(f"precompile: {n} step programs for requests up to {ctx} tokens")
-        if hasattr(engine, "on_compile"):  # a compile while serving stalls the engine: say so
-            engine.on_compile = lambda note: _log(f"engine: {note}")
-        metrics = None
-        if settings.metrics_port is not None:
-            from serving.metrics import ServerMetrics, start_metrics_http
-
-            metrics = ServerMetrics(engine)
-            _httpd, maddr = start_metrics_http(metrics, settings.metrics_port)
-            print(f"crosspool: metrics on http://{maddr}/metrics", flush=True)
-        running.set_ready(engine, metrics)
-        if cluster is not None:
-            def group_lost(msg: str) -> None:
-                _log(f"serve: {msg}; health NOT_SERVING")
-                running.set_not_serving()
-
-            engine.on_group_lost = group_lost
-            if engine.lost_reason is not None:  # lost before the hook was set
-                group_lost(engine.lost_reason)
+        _prepare_engine(engine, settings, mode, start_log)
+        _set_ready(engine, settings, running, leader=cluster is not None)
         signals.interrupt = False  # from here a signal drains (serve_forever)
     except ServeInterrupted as e:
         _log(f"serve: shutting down (signal {e}) while starting")
@@ -585,6 +553,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _log("serve: exit status 1: the group lost a process (its collectives in flight never finish)")
         _hard_exit(1)
     return 0
+
+
+def _leader_engine_class(cluster: Any, args: argparse.Namespace, start_log: Callable[[str], None]
+                         ) -> tuple[Any, Any]:
+    """The leader's step channel (its followers connected) and the engine class built over it."""
+    from crosspool_jax.distributed.channel import LeaderChannel
+    from crosspool_jax.distributed.engine import DistributedEngine
+
+    _host, port = cluster.step_address()
+    start_log(f"serve: waiting for {cluster.num_processes - 1} followers on the step channel "
+              f"(port {port})")
+    channel = LeaderChannel.open("", port, cluster.num_processes - 1, timeout=args.step_timeout)
+    return channel, functools.partial(DistributedEngine, channel=channel,
+                                      warm_programs=args.warm_programs)
+
+
+def _prepare_engine(engine: Any, settings: Any, mode: str, start_log: Callable[[str], None]) -> None:
+    """Warm-up (default: every mode but reference) and the ahead-of-time precompile the settings
+    ask for; from then on a compile while serving is logged."""
+    if settings.warmup if settings.warmup is not None else mode != "reference":
+        from serving.warmup import warm_up
+
+        warm_up(engine, log=start_log)
+    if settings.precompile_context and hasattr(engine, "precompile"):
+        ctx = settings.precompile_context
+        n = engine.precompile(ctx, log=lambda m: start_log(f"precompile: {m}"))
+        start_log(f"precompile: {n} step programs for requests up to {ctx} tokens")
+    if hasattr(engine, "on_compile"):  # a compile while serving stalls the engine: say so
+        engine.on_compile = lambda note: _log(f"engine: {note}")
+
+
+def _set_ready(engine: Any, settings: Any, running: Any, leader: bool) -> None:
+    """Starts the metrics endpoint (if asked) and flips health to SERVING; a group leader's
+    health goes NOT_SERVING when the group loses a process."""
+    metrics = None
+    if settings.metrics_port is not None:
+        from serving.metrics import ServerMetrics, start_metrics_http
+
+        metrics = ServerMetrics(engine)
+        _httpd, maddr = start_metrics_http(metrics, settings.metrics_port)
+        print(f"crosspool: metrics on http://{maddr}/metrics", flush=True)
+    running.set_ready(engine, metrics)
+    if leader:
+        def group_lost(msg: str) -> None:
+            _log(f"serve: {msg}; health NOT_SERVING")
+            running.set_not_serving()
+
+        engine.on_group_lost = group_lost
+        if engine.lost_reason is not None:  # lost before the hook was set
+            group_lost(engine.lost_reason)
 
 
 def _join_cluster(args: argparse.Namespace, settings: Any) -> Any:

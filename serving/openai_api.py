@@ -385,34 +385,43 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def create_app(state: Any, auth_token: str | None = None) -> Starlette:
-    """The ASGI app. `state` has `engine` (None while the server starts), `draining` (True: refuse new
-    requests) and `metrics` (a serving.metrics.ServerMetrics or None), read on every request, so the
-    gRPC servicer (serving.server.CrossPoolServicer) itself serves: both APIs share one life cycle."""
-    token = auth_token.encode() if auth_token else None
+class _Routes:
+    """The HTTP endpoints over one server's `state` (see `create_app`); each method is a route."""
 
-    def ready_engine(request: HTTPRequest) -> Any:
-        if token is not None:
+    def __init__(self, state: Any, auth_token: str | None) -> None:
+        self.state = state
+        self.token = auth_token.encode() if auth_token else None
+
+    def ready_engine(self, request: HTTPRequest) -> Any:
+        """The engine, once the bearer token checks and the server is up and not draining."""
+        if self.token is not None:
             got = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(got, b"Bearer " + token):
+            if not hmac.compare_digest(got, b"Bearer " + self.token):
                 raise APIError(401, "missing or wrong bearer token", "authentication_error",
                                "invalid_api_key")
         from serving.server import REFUSED_MESSAGE, STARTING_MESSAGE
 
-        if state.draining:
+        if self.state.draining:
             raise APIError(503, REFUSED_MESSAGE, "service_unavailable", "shutting_down")
-        if state.engine is None:
+        if self.state.engine is None:
             raise APIError(503, STARTING_MESSAGE, "service_unavailable", "starting")
-        return state.engine
+        return self.state.engine
 
-    def count(request: HTTPRequest, status: int) -> None:
-        m = state.metrics
+    def count(self, request: HTTPRequest, status: int) -> None:
+        m = self.state.metrics
         if m is not None and hasattr(m, "http_request"):
             m.http_request(request.url.path, status)
 
-    async def health(request: HTTPRequest) -> Response:
+    def refused(self, request: HTTPRequest, e: Exception) -> Response:
+        """The OpenAI-style error response for `e` (an APIError or a CrossPoolError), counted."""
+        err = openai_error(e)
+        self.count(request, err.status)
+        return error_response(err)
+
+    async def health(self, request: HTTPRequest) -> Response:
         from serving.server import REFUSED_MESSAGE, STARTING_MESSAGE
 
+        state = self.state
         if state.draining:
             return JSONResponse({"status": "draining", "message": REFUSED_MESSAGE}, status_code=503)
         if state.engine is None:
@@ -422,45 +431,42 @@ def create_app(state: Any, auth_token: str | None = None) -> Starlette:
             return JSONResponse({"status": "unavailable", "message": lost}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    async def models(request: HTTPRequest) -> Response:
+    async def models(self, request: HTTPRequest) -> Response:
         try:
-            engine = ready_engine(request)
+            engine = self.ready_engine(request)
         except APIError as e:
-            count(request, e.status)
-            return error_response(e)
+            return self.refused(request, e)
         created = int(time.time())
         data = [{"id": m.name, "object": "model", "created": created, "owned_by": "crosspool",
                  "max_model_len": m.max_position_embeddings} for m in engine.list_models()]
-        count(request, 200)
+        self.count(request, 200)
         return JSONResponse({"object": "list", "data": data})
 
-    async def generate(request: HTTPRequest, chat: bool) -> Response:
+    async def generate(self, request: HTTPRequest, chat: bool) -> Response:
         try:
-            engine = ready_engine(request)
+            engine = self.ready_engine(request)
             try:
                 body = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise APIError(400, "the request body is not valid JSON") from None
             parsed = parse_request(engine, body, chat)
-            limits = getattr(state, "limits", None)
+            limits = getattr(self.state, "limits", None)
             if limits is not None:  # the gRPC API's request limits (serving/limits.py) apply here too
                 check_generate(limits, model=parsed.model, stop_strings=parsed.stop)
-            run = _Run(engine, parsed, state.metrics, limits)
+            run = _Run(engine, parsed, self.state.metrics, limits)
         except (APIError, CrossPoolError) as e:
-            err = openai_error(e)
-            count(request, err.status)
-            return error_response(err)
-        count(request, 200)
+            return self.refused(request, e)
+        self.count(request, 200)
         rid = ("chatcmpl-" if chat else "cmpl-") + run.handle.request_id
         if parsed.stream:
             return _SSEResponse(_stream(run, rid, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             return await _whole(run, rid, chat)
         finally:
             run.close()
 
-    async def transition(request: HTTPRequest, op: str) -> Response:
+    async def transition(self, request: HTTPRequest, op: str) -> Response:
         """POST /v1/models/{name}/sleep[?to_disk=true] | /wake: engine.sleep / engine.wake (in a
         worker thread: the weight copy blocks); 200 {"id", "object": "model", "state"}."""
         from starlette.concurrency import run_in_threadpool
@@ -468,40 +474,44 @@ def create_app(state: Any, auth_token: str | None = None) -> Starlette:
         from serving.server import model_transition
 
         try:
-            engine = ready_engine(request)
+            engine = self.ready_engine(request)
             name = request.path_params["name"]
-            limits = getattr(state, "limits", None)
+            limits = getattr(self.state, "limits", None)
             if limits is not None:
                 check_generate(limits, model=name, stop_strings=())
             if op == "sleep" and request.query_params.get("to_disk", "").lower() in ("1", "true", "yes"):
                 op = "sleep_to_disk"
             new_state = await run_in_threadpool(model_transition, engine, name, op)
         except (APIError, CrossPoolError) as e:
-            err = openai_error(e)
-            count(request, err.status)
-            return error_response(err)
-        count(request, 200)
+            return self.refused(request, e)
+        self.count(request, 200)
         return JSONResponse({"id": name, "object": "model", "state": new_state})
 
-    async def sleep(request: HTTPRequest) -> Response:
-        return await transition(request, "sleep")
+    async def sleep(self, request: HTTPRequest) -> Response:
+        return await self.transition(request, "sleep")
 
-    async def wake(request: HTTPRequest) -> Response:
-        return await transition(request, "wake")
+    async def wake(self, request: HTTPRequest) -> Response:
+        return await self.transition(request, "wake")
 
-    async def completions(request: HTTPRequest) -> Response:
-        return await generate(request, chat=False)
+    async def completions(self, request: HTTPRequest) -> Response:
+        return await self.generate(request, chat=False)
 
-    async def chat_completions(request: HTTPRequest) -> Response:
-        return await generate(request, chat=True)
+    async def chat_completions(self, request: HTTPRequest) -> Response:
+        return await self.generate(request, chat=True)
 
+
+def create_app(state: Any, auth_token: str | None = None) -> Starlette:
+    """The ASGI app. `state` has `engine` (None while the server starts), `draining` (True: refuse new
+    requests) and `metrics` (a serving.metrics.ServerMetrics or None), read on every request, so the
+    gRPC servicer (serving.server.CrossPoolServicer) itself serves: both APIs share one life cycle."""
+    r = _Routes(state, auth_token)
     return Starlette(routes=[
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{name}/sleep", sleep, methods=["POST"]),
-        Route("/v1/models/{name}/wake", wake, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/health", r.health, methods=["GET"]),
+        Route("/v1/models", r.models, methods=["GET"]),
+        Route("/v1/models/{name}/sleep", r.sleep, methods=["POST"]),
+        Route("/v1/models/{name}/wake", r.wake, methods=["POST"]),
+        Route("/v1/completions", r.completions, methods=["POST"]),
+        Route("/v1/chat/completions", r.chat_completions, methods=["POST"]),
     ])
 
 

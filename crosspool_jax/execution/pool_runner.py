@@ -26,17 +26,17 @@ arena the previous one produced). ``overlap=False`` reads each call's tokens rig
 
 Shapes are bucketed (slots, tokens, pages to powers of two) so a handful of programs serve any mix.
 
-`GroupRunner` is spread over four modules: this one (models, requests, the step loop, reading
+`GroupRunner` is spread over five modules: this one (requests, the step loop, reading
 calls, the prefill budget, swaps), `step_calls` (a step's work as program calls: lanes, inputs,
 dispatch), `step_programs` (which compiled program serves a call, compiling off the serving path,
-warm-up plans) and `runner_records` (the records: requests, calls, results).
+warm-up plans), `runner_models` (placing, sleeping, waking and removing models) and
+`runner_records` (the records: requests, calls, results).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import functools
 import logging
 import threading
@@ -53,19 +53,18 @@ from crosspool_jax.errors import InvalidRequestError
 from crosspool_jax.execution.call_clock import CallClock
 from crosspool_jax.execution.compile_cache import enable_compilation_cache
 from crosspool_jax.execution.host_step import EXECUTIONS, StrategyTrial
-from crosspool_jax.execution.pooled_step import model_geometry
 from crosspool_jax.execution.prefill_cost import (
     PrefillCostFit,
 )
+from crosspool_jax.execution.runner_models import RunnerModels
 from crosspool_jax.execution.runner_records import CallRecord, StepResult, _Call, _Req, _Work
 from crosspool_jax.execution.sampling import SamplingParams
 from crosspool_jax.execution.step_calls import StepCalls
 from crosspool_jax.execution.step_programs import ShapeBuckets, StepPrograms, _pow2, describe_lane
-from crosspool_jax.memory.arena import NO_GUARD, ArenaBook, ArenaStore, HostModel
-from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVVirtualizer
+from crosspool_jax.memory.arena import ArenaBook, ArenaStore
+from crosspool_jax.memory.kv_virtualizer import KVPoolConfig, KVVirtualizer
 from crosspool_jax.memory.planner import (
     KVPlanner,
-    ModelLimits,
     Phase,
     PlannerConfig,
     PreemptionChoice,
@@ -73,9 +72,7 @@ from crosspool_jax.memory.planner import (
     RequestStatus,
 )
 from crosspool_jax.memory.topology import PoolTopology
-from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.costs import ModelCosts, model_costs
-from crosspool_jax.models.params import ModelWeights
 from pallas_kernels import dispatch
 from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
 
@@ -114,7 +111,7 @@ def stop_width(max_stop_ids: int) -> int:
 
 
 
-class GroupRunner(StepPrograms, StepCalls):
+class GroupRunner(RunnerModels, StepPrograms, StepCalls):
     """One device group of the pooled engine (see module docstring).
 
     topology: the group's devices (KV + weights split), or `colocated` for a single device that is
@@ -324,84 +321,6 @@ class GroupRunner(StepPrograms, StepCalls):
         hp = self.kv.config.host_swap_pages
         self._host_swap = (np.zeros((hp, layout.rows_per_page, layout.row_elems), _np_dtype(layout.dtype))
                            if hp else None)
-
-    # -- models --
-    def add_model(self, name: str, cfg: ModelConfig, weights: ModelWeights,
-                  guard: contextlib.AbstractContextManager = NO_GUARD) -> None:
-        """Places a model's weights (`ArenaStore.write_model`) and registers it with the store, the
-        KV planner and the background compiler at one moment. `guard`: the lock the stepping
-        thread holds around its steps; held only around the arena updates and the registration,
-        so the weights' encoding, host-to-device copy and writer compiles do not pause the steps."""
-        geom = model_geometry(cfg, self.store.layout, self.platform)
-        ma = self.store.write_model(name, cfg, weights, guard)
-        self._register_model(name, cfg, geom, ma, guard)
-
-    def add_random_model(self, name: str, cfg: ModelConfig, seed: int = 0,
-                         guard: contextlib.AbstractContextManager = NO_GUARD) -> None:
-        """A model with random weights generated on the devices (benchmarks at real sizes)."""
-        geom = model_geometry(cfg, self.store.layout, self.platform)
-        ma = self.store.write_model_random(name, cfg, seed, guard=guard)
-        self._register_model(name, cfg, geom, ma, guard)
-
-    def _register_model(self, name: str, cfg: ModelConfig, geom: Any, ma: Any,
-                        guard: contextlib.AbstractContextManager, warm: bool = True) -> None:
-        """Registers a placed model with the store, the KV planner and (`warm`: queues its lane's
-        warm programs) the background compiler, under `guard`."""
-        with guard, self._state_lock:
-            self.store.models[name] = ma
-            self.kv.register_model(name, KVGeometry(cfg.num_layers, geom.bytes_per_token_used,
-                                                    tokens_per_page_override=geom.tokens_per_page))
-            self.geoms[name] = geom
-        if warm:
-            with guard:
-                self.warm_up(name)
-
-    def sleep_model(self, name: str, guard: contextlib.AbstractContextManager = NO_GUARD) -> HostModel:
-        """Copies a model with no live request to host memory (`ArenaStore.copy_out`) and frees its
-        arena rows and its KV registration (its pages are free already: no request holds any). Its
-        class's programs stay compiled. `guard` (the stepping thread's lock) is held around the
-        reads' dispatch and the release, not during the copy. RuntimeError while it has live
-        requests (nothing changed)."""
-        with guard, self._state_lock:
-            self._check_no_live(name)
-        host = self.store.copy_out(name, guard)
-        with guard, self._state_lock:
-            self.store.remove_model(name)
-            self.kv.unregister_model(name)
-            del self.geoms[name]
-        return host
-
-    def wake_model(self, name: str, cfg: ModelConfig, host: HostModel,
-                   guard: contextlib.AbstractContextManager = NO_GUARD) -> None:
-        """Places a model slept by `sleep_model` back (`ArenaStore.copy_in`: `guard` held around the
-        allocation and each chunk's write, not the copies) and registers it; compiles nothing (its
-        class's programs and the chunk writers are compiled already). CapacityError (nothing
-        changed) when its rows do not fit."""
-        geom = model_geometry(cfg, self.store.layout, self.platform)
-        ma = self.store.copy_in(name, host, guard)
-        self._register_model(name, cfg, geom, ma, guard, warm=False)
-
-    def remove_model(self, name: str) -> None:
-        with self._state_lock:
-            self._check_no_live(name)
-            self.store.remove_model(name)
-            self.kv.unregister_model(name)
-            del self.geoms[name]
-
-    def _check_no_live(self, name: str) -> None:
-        """RuntimeError if `name` has live requests (before its weights leave the arena)."""
-        live = [r for r in self.reqs.values() if r.model == name and not r.done]
-        if live:
-            raise RuntimeError(f"model {name!r} has {len(live)} live requests; end them first")
-
-    def set_limits(self, limits: dict[str, ModelLimits]) -> None:
-        """Per-model page floors/caps (the `static` mode's fixed reservations). May change while
-        requests run (a model added or removed next to live requests): nothing is preempted, a
-        request live at the change keeps the larger of its old and new cap, later ones are held to
-        the new cap (`KVPlanner.set_model_limits`). The planner keeps its requests and measured costs."""
-        with self._state_lock:
-            self.planner.set_model_limits(limits)
-        self._planner_config = dataclasses.replace(self._planner_config, model_limits=dict(limits))
 
     # -- requests --
     def submit(self, request_id: str, model: str, prompt: Sequence[int], max_new_tokens: int,

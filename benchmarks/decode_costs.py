@@ -79,7 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("logs", nargs="+", help="calls_<mode>.jsonl[.gz] of measured replays")
     ap.add_argument("--json", default=None, metavar="OUT.json")
     args = ap.parse_args(argv)
-    rows = [{"log": p, **analyse(read_calls(p))} for p in args.logs]
+    rows, status = [], 0
+    for p in args.logs:
+        try:
+            rows.append({"log": p, **analyse(read_calls(p))})
+        except ValueError as e:  # too few decode calls to fit: say so, go on with the next log
+            print(f"{p}: {e}")
+            status = 1
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
@@ -94,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             to = f"{b['kv_to']:,}" if b["kv_to"] else "..."
             print(f"  one request, KV {b['kv_from']:,}-{to}: {b['calls']} calls, median "
                   f"{b['median_ms']:.1f} ms at {b['median_kv_tokens']:,.0f} tokens")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ def test_main_reads_a_gzipped_log_and_writes_json(tmp_path, capsys) -> None:
     assert "busy = 15.00 ms + 1.500 ms x requests" in capsys.readouterr().out
 
 
-def test_too_few_calls_is_an_error() -> None:
+def test_too_few_calls_is_an_error(tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match="at least 3"):
         decode_costs.fit([_call(1, 0, 10.0)])
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps(_call(1, 0, 10.0)) + "\n")
+    assert decode_costs.main([str(short)]) == 1  # said, not a traceback
+    assert "1 decode calls: at least 3 are needed" in capsys.readouterr().out

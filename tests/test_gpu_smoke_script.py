@@ -62,6 +62,8 @@ def test_variants_run_in_turn_and_come_back_packed(tmp_path) -> None:
     assert "--trace benchmarks/traces/gpu1_smoke_4olmoe_40s.jsonl" in cold
     assert "2 gaps between decode calls" not in cold and "1 gaps between decode calls" in cold
     assert "'decode_call_s': 0.02" in cold and "rc=0" in cold
+    # decode_costs ran on the log too (two decode calls are too few for its fit: it says so)
+    assert "2 decode calls: at least 3 are needed for the fit" in cold
     assert "bench failed" in (out / "bad.log").read_text() and "rc=3" in (out / "bad.log").read_text()
     with tarfile.open(out / "warm.tgz") as tar:
         names = set(tar.getnames())

@@ -3,10 +3,12 @@
 The Python half of a step program's compile (tracing, then lowering to StableHLO with the Triton
 kernels' IR) holds the GIL, so in `PooledEngine.precompile`'s threads it runs one program at a
 time; XLA's and Triton's compile of the lowered module (not timed here) runs outside it. This
-times the first --programs decode and --programs prefill programs of the one-lane bucket grid of
-OLMoE-1B-7B's layer structure (16 layers, 64 experts top-8; hidden sizes shrunk so the models fit
-a CPU host's memory: lowering time follows the program's ops, not its dimensions), lowered for
-CUDA with an H200 as the Triton target. To compare two commits, run it in a worktree of each:
+times the first --programs decode and --programs prefill programs of the one-lane bucket grid
+(the GPU's coarse buckets) of OLMoE-1B-7B's layer structure (16 layers, 64 experts top-8; hidden
+sizes shrunk so the models fit a CPU host's memory: lowering time follows the program's ops, not
+its dimensions), lowered for CUDA as on an H200 (`target_h200`: every kernel takes its GPU
+lowering, with the H200 as the Triton target). To compare two commits, run it in a worktree of
+each (this file copied into the older one):
 
     PYTHONPATH=. JAX_PLATFORMS=cpu python -m benchmarks.lowering_time [--programs 4] [--repeat 2]
 """
@@ -25,6 +27,7 @@ from jax._src.pallas.triton import gpu_info
 from benchmarks.step import olmoe_config
 from crosspool_jax.engine import EngineConfig, PooledEngine
 from crosspool_jax.execution.pooled_step import StepSpec, build_step, input_shapes
+from crosspool_jax.execution.step_programs import ShapeBuckets
 
 # OLMoE-1B-7B's structure at CPU-sized widths
 SMALL = dict(hidden_size=256, intermediate_size=128, vocab_size=1024, num_attention_heads=2,
@@ -33,14 +36,18 @@ SMALL = dict(hidden_size=256, intermediate_size=128, vocab_size=1024, num_attent
 
 @contextlib.contextmanager
 def target_h200() -> Iterator[None]:
-    """Pallas' Triton lowering asks the local GPU for its compute capability: inside, an H200."""
+    """Inside, the step programs lower as on an H200: the kernels that pick their backend from the
+    platform (`pallas_kernels._common.resolve_backend`: attention, KV append) take their GPU
+    kernels, not the interpreter, and Pallas' Triton lowering, which asks the local GPU for its
+    compute capability, gets an H200's."""
     info = gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H200)
-    saved = gpu_info.get_gpu_info
+    saved = gpu_info.get_gpu_info, jax.default_backend
     gpu_info.get_gpu_info = lambda *a, **k: info
+    jax.default_backend = lambda: "gpu"
     try:
         yield
     finally:
-        gpu_info.get_gpu_info = saved
+        gpu_info.get_gpu_info, jax.default_backend = saved
 
 
 def time_lowering(spec: StepSpec, store: Any) -> tuple[float, float]:
@@ -63,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         arena_bytes=3 << 30, page_bytes=256 << 10, prefill_chunk=2048, weights_fraction=0.6))
     group = engine.groups[0]
     group.warm_programs = 0  # no background compiles beside the timing
+    group.buckets = ShapeBuckets.coarse()  # the GPU's grid, not the CPU's finer one
     for i in range(3):
         engine.add_random_model(f"olmoe-{i:02d}", olmoe_config(**SMALL), seed=i)
     specs = group.bucket_specs(131072, 64)
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
               f"pages={ln.max_pages:<5d} G={ln.groups}: trace {best[0]:.2f} s, lower {best[1]:.2f} s "
               f"(best of {args.repeat})", flush=True)
     print(f"{len(pick)} programs: {total:.2f} s traced and lowered ({total / max(len(pick), 1):.2f} s "
-          f"each; {len(specs)} programs in this CPU grid)")
+          f"each; {len(specs)} programs in this grid)")
     engine.shutdown(timeout=0)
 
 

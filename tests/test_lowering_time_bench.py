@@ -14,3 +14,12 @@ def test_lowers_grid_programs_for_cuda_without_a_gpu(capsys):
     assert [r[0] for r in rows] == ["decode", "prefill"]
     assert all(float(r[2]) > 0 for r in rows)
     assert re.search(r"^2 programs: \d+\.\d+ s traced and lowered", out, re.M)
+
+
+def test_inside_the_h200_target_kernels_take_their_gpu_lowering():
+    from pallas_kernels._common import resolve_backend
+
+    assert resolve_backend(None) == "interpret"  # a CPU host
+    with lowering_time.target_h200():
+        assert resolve_backend(None) == "gpu"  # attention and KV append lower as Triton kernels
+    assert resolve_backend(None) == "interpret"  # restored

@@ -69,10 +69,8 @@ def test_engine_refuses_unknown_kernels():
 
 
 @pytest.mark.parametrize(("model", "entry"), [
-    # (demo-qwen3-moe through the Mosaic GQA prefill gives the same tokens too, checked once on
-    # this machine, 2026-12-05; left out of CI: ~90 s on its 2 cores. The dispatched GQA kernel
-    # is checked against the reference in tests/kernels/test_dispatch.py.)
     ("demo-deepseek-v3", (mdm, "paged_mla_decode_attention_mgpu")),
+    ("demo-qwen3-moe", (pm, "paged_prefill_attention_mgpu")),  # the Mosaic GQA prefill
 ])
 def test_engine_tokens_equal_across_kernels(monkeypatch, model, entry):
     """A bf16 demo model generates the same greedy tokens with the Mosaic GPU kernels (run by

@@ -361,6 +361,21 @@ def test_prefill_what_ifs_price_attention_and_dense_flops_apart() -> None:
     assert fast.decode_s("colocated", d, 4) == cm.decode_s("colocated", d, 4)
 
 
+def test_layer_fixed_what_if_divides_the_per_layer_term_only() -> None:
+    """`--layer-fixed-speedup Z`: every call's layers x a (the fitted fixed seconds per layer) costs
+    1/Z of it, decode (per step) and prefill alike; the bytes and FLOPs terms are untouched."""
+    c = costs_for("olmoe-1b-7b-00", "bfloat16", 262144, "gpu")
+    cm = fit(load_calibration())
+    a = cm.params["colocated"].a
+    z2 = dataclasses.replace(cm, layer_fixed_speedup=2.0)
+    d = lane_work([SlotWork("m", 0, 1, 4000)], {"m": c}, 1, 1, True)
+    assert math.isclose(cm.decode_s("colocated", d, 4) - z2.decode_s("colocated", d, 4),
+                        4 * d.layers * a / 2, rel_tol=1e-9)
+    w = lane_work([SlotWork("m", 0, 512, 30000)], {"m": c}, 1, 1, False)
+    assert math.isclose(cm.prefill_s("colocated", w) - z2.prefill_s("colocated", w),
+                        w.layers * a / 2, rel_tol=1e-9)
+
+
 def test_simulated_worker_waits_for_compiles_when_every_request_is_held(tmp_path, capsys) -> None:
     """One H200, static, the one-GPU smoke trace: at ~35 s every live request is a held prefill
     (its wider programs compiling) and steps dispatch nothing; the simulated worker then waits for

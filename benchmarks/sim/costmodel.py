@@ -220,12 +220,15 @@ class CostModel:
     # (1: as calibrated)
     prefill_attention_speedup: float = 1.0
     prefill_dense_speedup: float = 1.0
+    # what-if (`--layer-fixed-speedup Z`): the fitted fixed seconds per layer (`a`: the launches and
+    # small kernels every call pays whatever it holds) divided by Z, in decode and prefill calls
+    layer_fixed_speedup: float = 1.0
 
     def decode_s(self, topology: str, work: Work, steps: int, padded_slots: int = 0) -> float:
         """A decode call of `steps` steps; `padded_slots`: slots of its program beyond its own
         requests (per KV device), each priced at `padding.decode_s_per_slot_step` per step."""
         p = self.params[topology]
-        return steps * (work.layers * p.a + p.f * work.bytes / self.bandwidth
+        return steps * (work.layers * p.a / self.layer_fixed_speedup + p.f * work.bytes / self.bandwidth
                         + padded_slots * self.padding.decode_s_per_slot_step)
 
     def padded_prefill_s(self, padded_tokens: int) -> float:
@@ -236,7 +239,8 @@ class CostModel:
         p = self.params[topology]
         flops = (work.attention_flops / self.prefill_attention_speedup
                  + (work.flops - work.attention_flops) / self.prefill_dense_speedup)
-        return work.layers * p.a + p.f * work.bytes / self.bandwidth + flops / p.flops_per_s
+        return (work.layers * p.a / self.layer_fixed_speedup + p.f * work.bytes / self.bandwidth
+                + flops / p.flops_per_s)
 
     def outside(self, work: Work, decode: bool, model_shapes: Sequence[str]) -> list[str]:
         """Which calibrated ranges this call leaves ([]: inside all)."""

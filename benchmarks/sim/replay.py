@@ -301,7 +301,7 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
         raise ValueError(f"--modes: unknown {', '.join(bad) or '(none)'}; known: {', '.join(MODES)}")
     cal = load_calibration(args.calibration)
     cost = fit(cal)
-    for key in ("prefill_attention_speedup", "prefill_dense_speedup"):
+    for key in ("prefill_attention_speedup", "prefill_dense_speedup", "layer_fixed_speedup"):
         speedup = getattr(args, key, None)
         if speedup is not None:
             if not speedup > 0:
@@ -453,7 +453,8 @@ def calibration_summary(cal: dict[str, Any], cost: CostModel) -> dict[str, Any]:
             "host_launch_s_per_call": cost.host_launch_s, "ranges": dataclasses.asdict(cost.ranges),
             "notes": list(cost.notes), "sources": list(cost.sources),
             "prefill_attention_speedup": cost.prefill_attention_speedup,
-            "prefill_dense_speedup": cost.prefill_dense_speedup}
+            "prefill_dense_speedup": cost.prefill_dense_speedup,
+            "layer_fixed_speedup": cost.layer_fixed_speedup}
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -523,6 +524,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-dense-speedup", type=float, default=None, metavar="Y",
                    help="what-if: a prefill call's other FLOPs (projections, experts) Y times faster "
                         "than calibrated, e.g. a higher model-FLOP utilisation")
+    g.add_argument("--layer-fixed-speedup", type=float, default=None, metavar="Z",
+                   help="what-if: the fitted fixed cost per layer (launches, small kernels: what a "
+                        "call costs whatever it holds) Z times smaller, in decode and prefill calls")
 
 
 def main_args(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ KV written in place), `host_step` (the same step scheduled layer by layer from t
 per pool), `pool_runner` (`GroupRunner`: planner -> inputs -> program calls -> tokens), with
 `step_calls` (a step's work as program calls: lanes, inputs, dispatch), `step_programs` (which
 compiled program serves a call, program buckets, background and ahead-of-time compiles, warm-up
-plans) and `runner_records` (requests, calls, step results), `sampling` (on-device token sampling),
+plans), `runner_models` (placing, sleeping, waking, removing models) and `runner_records`
+(requests, calls, step results), `sampling` (on-device token sampling),
 `compile_cache` (JAX's persistent compilation cache).
 """

@@ -1,20 +1,20 @@
 """Where a step program's device time goes, kernel by kernel (issues 15 and 16).
 
     PYTHONPATH=. python -m benchmarks.profile_step [--shape olmoe-1b-7b] [--prefill 2048,512] \\
-        [--context 0] [--decode 32] [--decode-context 2048] [--decode-slots 32] [--decode-pages P] \\
-        [--schedules split,persistent] [--calls 3] [--json OUT]   # one GPU
+        [--context 0] [--decode 32[,1]] [--decode-context 2048[,43000]] [--decode-slots 32] \\
+        [--decode-pages P] [--schedules split,persistent] [--calls 3] [--json OUT]   # one GPU
     JAX_PLATFORMS=cpu PYTHONPATH=. python -m benchmarks.profile_step --smoke              # CPU
 
 The engine's step program (one request colocated on the first device, random weights, as
 `benchmarks/prefill.py` builds it) for a prefill chunk of each `--prefill` size after `--context`
-tokens of KV, and for a decode call (K = 4 steps) of `--decode` requests at `--decode-context`
-tokens each (in `--decode-slots` slots and a `--decode-pages`-wide page table, the rest empty, as
-the engine pads a call to its bucket: e.g. the smoke replay's most common decode call, 1 request
-at ~43K tokens in 8 slots x 4,096 pages), once per `--schedules` entry; each program is timed
-(median of `--calls` calls, a sync each), then run `--calls` times more under
-`jax.profiler.trace`. The device's kernel events of those calls (GPU: the
-"Stream" lines of the device plane; on CPU the XLA thunks of the host's PjRt client thread, which
-only shows the script works) are summed per kernel name: launches and microseconds per call,
+tokens of KV, and for a decode call (K = 4 steps) of each `--decode` count of requests at its
+`--decode-context` tokens each (comma lists, zipped; in `--decode-slots` slots and a `--decode-
+pages`-wide page table, the rest empty, as the engine pads a call to its bucket: e.g. the smoke
+replay's most common decode call, 1 request at ~43K tokens in 8 slots x 4,096 pages), once per
+`--schedules` entry; each program is timed (median of `--calls` calls, a sync each), then run
+`--calls` times more under `jax.profiler.trace`. The device's kernel events of those calls (GPU:
+the "Stream" lines of the device plane; on CPU the XLA thunks of the host's PjRt client thread,
+which only shows the script works) are summed per kernel name: launches and microseconds per call,
 share of the kernel time, and a coarse kind (`kind_of`: our Pallas kernels by their names, XLA's
 GEMMs, sorts, other fusions). A call's wall time minus its kernel time is time the device is not
 running a kernel of it (launch gaps, host syncs). The tables print last.
@@ -155,8 +155,9 @@ def profile_shape(shape: str, layout: Any, platform: str, args: argparse.Namespa
     cfg = model_config(name)
     tpp = model_geometry(cfg, layout, platform).tokens_per_page
     prefills = [int(p) for p in args.prefill.split(",") if p]
+    decodes = decode_cases(args.decode, args.decode_context)
     need = max([-(-(args.context + p) // tpp) for p in prefills]
-               + [args.decode * -(-(args.decode_context + 4) // tpp)]) * cfg.num_layers + 1
+               + [n * -(-(c + 4) // tpp) for n, c in decodes]) * cfg.num_layers + 1
     store, cfg = build(name, None, jax.devices()[0], layout, need)
     cls = store.models["m"].cls
     be = "reference" if platform == "cpu" else None
@@ -168,20 +169,31 @@ def profile_shape(shape: str, layout: Any, platform: str, args: argparse.Namespa
         res = profile_calls(step_runner(store, cfg, platform, spec, arr), args.calls)
         out.append({"shape": shape, "call": f"prefill {p} after {args.context}", **res})
         print_call(out[-1], args.top)
-    if args.decode:
-        slots = args.decode_slots or args.decode
-        arr = decode_inputs(store, cfg, tpp, args.decode, args.decode_context, 4, rng,
-                            slots=slots, pages=args.decode_pages)
-        arr.update(one_model_group_inputs(store, "m", [args.decode], slots, slots))
+    for n, ctx in decodes:
+        slots = max(args.decode_slots, n)
+        arr = decode_inputs(store, cfg, tpp, n, ctx, 4, rng, slots=slots, pages=args.decode_pages)
+        arr.update(one_model_group_inputs(store, "m", [n], slots, slots))
         width = arr["tail_pages"].shape[-1]
         for sched in args.schedules.split(","):
             spec = StepSpec((LaneShape(cls, 1, slots, slots, width),), True, 4, be,
                             attention_schedule=sched, matmul_backend=be)
             res = profile_calls(step_runner(store, cfg, platform, spec, arr), args.calls)
-            out.append({"shape": shape, "call": f"decode {args.decode} x {args.decode_context} "
+            out.append({"shape": shape, "call": f"decode {n} x {ctx} "
                         f"in {slots} slots x {width} pages, {sched}, K=4", **res})
             print_call(out[-1], args.top)
     return out
+
+
+def decode_cases(counts: str, contexts: str) -> list[tuple[int, int]]:
+    """(requests, tokens of context) per decode call: `--decode` and `--decode-context` zipped,
+    a single context applying to every count; counts of 0 are skipped."""
+    ns = [int(x) for x in str(counts).split(",") if x]
+    cs = [int(x) for x in str(contexts).split(",") if x]
+    if len(cs) == 1:
+        cs = cs * len(ns)
+    if len(cs) != len(ns):
+        raise SystemExit(f"--decode-context: {len(cs)} contexts for {len(ns)} decode counts")
+    return [(n, c) for n, c in zip(ns, cs, strict=True) if n > 0]
 
 
 def print_call(r: dict[str, Any], top: int) -> None:
@@ -200,11 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="olmoe-1b-7b", help="model shape (runner's model_config)")
     ap.add_argument("--prefill", default="2048,512", help="prefill chunk sizes (tokens)")
     ap.add_argument("--context", type=int, default=0, help="KV tokens before each chunk")
-    ap.add_argument("--decode", type=int, default=32, help="decode requests (0: no decode call)")
-    ap.add_argument("--decode-context", type=int, default=2048)
+    ap.add_argument("--decode", default="32",
+                    help="decode requests per call, comma-separated: one call each (0: none)")
+    ap.add_argument("--decode-context", default="2048",
+                    help="tokens of context of each --decode call's requests (one for all, or one each)")
     ap.add_argument("--decode-slots", type=int, default=0,
-                    help="the decode call's slots (default --decode; more: empty slots, as the "
-                         "engine pads a call to its bucket)")
+                    help="the decode calls' slots (default and at least each call's requests; "
+                         "more: empty slots, as the engine pads a call to its bucket)")
     ap.add_argument("--decode-pages", type=int, default=0,
                     help="page-table width per slot and layer (default: the context's, to a power of 2)")
     ap.add_argument("--schedules", default="split",
@@ -219,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     platform = jax.devices()[0].platform
     platform = "gpu" if platform in ("gpu", "cuda", "rocm") else platform
     if args.smoke:
-        args.shape, args.prefill, args.decode, args.decode_context = "demo-mixtral", "16", 2, 32
+        args.shape, args.prefill, args.decode, args.decode_context = "demo-mixtral", "16", "2,1", "32"
         args.decode_slots = args.decode_slots or 4
         layout = PoolLayout(16384, "float32", 64, 1)
     else:

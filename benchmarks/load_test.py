@@ -125,149 +125,171 @@ def _check_openai(chunks: list, usage: object, case: dict) -> str | None:
     return None
 
 
+class _PassTally:
+    """What one pass's client threads saw; every method takes the one lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts = {"ok": 0, "exhausted": 0, "errors": 0, "mismatch": 0, "tokens": 0}
+        self.errors: list[str] = []
+        self.ttft: list[float] = []
+        self.tbt: list[float] = []
+        self.seen_ids: set[str] = set()
+        self.peak = {"kv_pages_used": 0, "live": 0, "samples": 0}
+
+    def exhausted(self) -> None:
+        with self.lock:
+            self.counts["exhausted"] += 1
+
+    def error(self, message: str) -> None:
+        with self.lock:
+            self.counts["errors"] += 1
+            self.errors.append(message)
+
+    def stream(self, case: dict, ids: set[str], bad: str | None, t0: float, times: list[float]) -> None:
+        """One finished stream (`bad`: why its content is wrong, None if right; `times`: arrival
+        of each token, monotonic seconds, `t0` its send)."""
+        with self.lock:
+            first = min(ids) if ids else ""
+            if bad is None and first in self.seen_ids:
+                bad = f"request id {first} streamed twice"
+            self.seen_ids.update(ids)
+            if bad:
+                self.counts["mismatch"] += 1
+                self.errors.append(f"{case['model']} {case['prompt']!r} k={case['max_new']}: {bad}")
+                return
+            self.counts["ok"] += 1
+            self.counts["tokens"] += len(times)
+            self.ttft.append(times[0] - t0)
+            self.tbt.extend(b - a for a, b in itertools.pairwise(times))
+
+    def sample(self, st: object) -> None:
+        used = sum(k.pages_used for k in st.kv_pages)
+        with self.lock:
+            self.peak["kv_pages_used"] = max(self.peak["kv_pages_used"], used)
+            self.peak["live"] = max(self.peak["live"], len(st.live_request_ids))
+            self.peak["samples"] += 1
+
+
+def _sampler(addr: str, done: threading.Event, tally: _PassTally) -> None:
+    """GetStats every 0.5 s until `done`: the peaks of KV pages in use and live requests."""
+    with CrossPoolClient(addr) as c:
+        while not done.wait(0.5):
+            try:
+                tally.sample(c.stats())
+            except grpc.RpcError:
+                continue
+
+
+def _check_grpc(resps: list, case: dict) -> str | None:
+    """Why a finished gRPC stream is wrong, None if it is right (module doc)."""
+    ids = {r.request_id for r in resps}
+    if not resps or resps[-1].finish_reason == 0:
+        return "lost: no final message"
+    if any(r.finish_reason != 0 for r in resps[:-1]):
+        return "duplicated final message"
+    if len(ids) != 1:
+        return f"several request ids in one stream: {sorted(ids)}"
+    if [r.index for r in resps] != list(range(len(resps))):
+        return f"bad indices {[r.index for r in resps]}"
+    if resps[-1].usage.completion_tokens != len(resps):
+        return "usage mismatch"
+    if [r.token_id for r in resps] != case["ref"]:
+        return "tokens differ from the reference"
+    return None
+
+
+def _grpc_worker(addr: str, args: argparse.Namespace, cases: list[dict], rng: random.Random,
+                 deadline: float, tally: _PassTally) -> None:
+    """Greedy Generate streams back to back until `deadline` (time.time()), each checked."""
+    with CrossPoolClient(addr) as c:
+        while time.time() < deadline:
+            case = rng.choice(cases)
+            t0 = time.monotonic()
+            times: list[float] = []
+            resps = []
+            try:
+                for r in c.generate_stream(case["model"], prompt=case["prompt"],
+                                           max_new_tokens=case["max_new"], timeout=args.stream_timeout):
+                    times.append(time.monotonic())
+                    resps.append(r)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not resps:
+                    tally.exhausted()
+                    time.sleep(rng.uniform(0.05, 0.3))
+                else:
+                    tally.error(f"{e.code().name}: {e.details()}")
+                continue
+            tally.stream(case, {r.request_id for r in resps}, _check_grpc(resps, case), t0, times)
+
+
+def _http_worker(args: argparse.Namespace, cases: list[dict], rng: random.Random, deadline: float,
+                 tally: _PassTally) -> None:
+    """The same over the OpenAI-compatible HTTP API (`--api openai`)."""
+    import openai
+
+    client = openai.OpenAI(base_url=args.http_url + "/v1", api_key="unused", max_retries=0)
+    while time.time() < deadline:
+        case = rng.choice(cases)
+        t0 = time.monotonic()
+        try:
+            times, chunks, usage = _openai_stream(client, case, args.stream_timeout)
+        except openai.RateLimitError:
+            tally.exhausted()
+            time.sleep(rng.uniform(0.05, 0.3))
+            continue
+        except openai.OpenAIError as e:
+            tally.error(f"{type(e).__name__}: {e}")
+            continue
+        tally.stream(case, {chunks[0].id} if chunks else set(), _check_openai(chunks, usage, case),
+                     t0, times)
+    client.close()
+
+
+def _drain(addr: str, wait_s: float = 30.0) -> object:
+    """GetStats once nothing is live and no KV page is in use, or after `wait_s` seconds."""
+    end = time.time() + wait_s
+    with CrossPoolClient(addr) as c:
+        st = c.stats()
+        while (st.live_request_ids or any(k.pages_used for k in st.kv_pages)) and time.time() < end:
+            time.sleep(0.05)
+            st = c.stats()
+    return st
+
+
 def run_pass(index: int, addr: str, args: argparse.Namespace, cases: list[dict]) -> dict:
     """One load phase of --duration seconds against `addr`; returns its numbers (see main)."""
     with CrossPoolClient(addr) as c:
         st0 = c.stats()
-    lock = threading.Lock()
-    tot = {"ok": 0, "exhausted": 0, "errors": 0, "mismatch": 0, "tokens": 0}
-    errors: list[str] = []
-    ttft: list[float] = []
-    tbt: list[float] = []
-    seen_ids: set[str] = set()
-    peak = {"kv_pages_used": 0, "live": 0, "samples": 0}
+    tally = _PassTally()
     t_start = time.time()
     deadline = t_start + args.duration
     done = threading.Event()
-
-    def sampler() -> None:
-        with CrossPoolClient(addr) as c:
-            while not done.wait(0.5):
-                try:
-                    st = c.stats()
-                except grpc.RpcError:
-                    continue
-                used = sum(k.pages_used for k in st.kv_pages)
-                with lock:
-                    peak["kv_pages_used"] = max(peak["kv_pages_used"], used)
-                    peak["live"] = max(peak["live"], len(st.live_request_ids))
-                    peak["samples"] += 1
-
-    def http_worker(i: int) -> None:
-        import openai
-
+    sampler = threading.Thread(target=_sampler, args=(addr, done, tally), daemon=True)
+    sampler.start()
+    threads = []
+    for i in range(args.streams):
         rng = random.Random((args.seed + 7919 * index) * 100003 + i)
-        client = openai.OpenAI(base_url=args.http_url + "/v1", api_key="unused", max_retries=0)
-        while time.time() < deadline:
-            case = rng.choice(cases)
-            t0 = time.monotonic()
-            try:
-                times, chunks, usage = _openai_stream(client, case, args.stream_timeout)
-            except openai.RateLimitError:
-                with lock:
-                    tot["exhausted"] += 1
-                time.sleep(rng.uniform(0.05, 0.3))
-                continue
-            except openai.OpenAIError as e:
-                with lock:
-                    tot["errors"] += 1
-                    errors.append(f"{type(e).__name__}: {e}")
-                continue
-            bad = _check_openai(chunks, usage, case)
-            rid = chunks[0].id if chunks else ""
-            with lock:
-                if bad is None and rid in seen_ids:
-                    bad = f"request id {rid} streamed twice"
-                seen_ids.add(rid)
-                if bad:
-                    tot["mismatch"] += 1
-                    errors.append(f"{case['model']} {case['prompt']!r} k={case['max_new']}: {bad}")
-                else:
-                    tot["ok"] += 1
-                    tot["tokens"] += len(chunks)
-                    ttft.append(times[0] - t0)
-                    tbt.extend(b - a for a, b in itertools.pairwise(times))
-        client.close()
-
-    def worker(i: int) -> None:
-        if args.api == "openai":
-            return http_worker(i)
-        rng = random.Random((args.seed + 7919 * index) * 100003 + i)
-        with CrossPoolClient(addr) as c:
-            while time.time() < deadline:
-                case = rng.choice(cases)
-                t0 = time.monotonic()
-                times: list[float] = []
-                resps = []
-                try:
-                    for r in c.generate_stream(
-                        case["model"],
-                        prompt=case["prompt"],
-                        max_new_tokens=case["max_new"],
-                        timeout=args.stream_timeout,
-                    ):
-                        times.append(time.monotonic())
-                        resps.append(r)
-                except grpc.RpcError as e:
-                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not resps:
-                        with lock:
-                            tot["exhausted"] += 1
-                        time.sleep(rng.uniform(0.05, 0.3))
-                        continue
-                    with lock:
-                        tot["errors"] += 1
-                        errors.append(f"{e.code().name}: {e.details()}")
-                    continue
-                bad = None
-                ids = {r.request_id for r in resps}
-                if not resps or resps[-1].finish_reason == 0:
-                    bad = "lost: no final message"
-                elif any(r.finish_reason != 0 for r in resps[:-1]):
-                    bad = "duplicated final message"
-                elif len(ids) != 1:
-                    bad = f"several request ids in one stream: {sorted(ids)}"
-                elif [r.index for r in resps] != list(range(len(resps))):
-                    bad = f"bad indices {[r.index for r in resps]}"
-                elif resps[-1].usage.completion_tokens != len(resps):
-                    bad = "usage mismatch"
-                elif [r.token_id for r in resps] != case["ref"]:
-                    bad = "tokens differ from the reference"
-                with lock:
-                    if bad is None and resps[0].request_id in seen_ids:
-                        bad = f"request id {resps[0].request_id} streamed twice"
-                    seen_ids.update(ids)
-                    if bad:
-                        tot["mismatch"] += 1
-                        errors.append(f"{case['model']} {case['prompt']!r} k={case['max_new']}: {bad}")
-                    else:
-                        tot["ok"] += 1
-                        tot["tokens"] += len(resps)
-                        ttft.append(times[0] - t0)
-                        tbt.extend(b - a for a, b in itertools.pairwise(times))
-
-    sampler_thread = threading.Thread(target=sampler, daemon=True)
-    sampler_thread.start()
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(args.streams)]
+        work = ((_http_worker, (args, cases, rng, deadline, tally)) if args.api == "openai"
+                else (_grpc_worker, (addr, args, cases, rng, deadline, tally)))
+        threads.append(threading.Thread(target=work[0], args=work[1], daemon=True))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.time() - t_start
     done.set()
-    sampler_thread.join()
-    with CrossPoolClient(addr) as c:
-        end = time.time() + 30
+    sampler.join()
+    return _pass_result(index, args, tally, wall, st0, _drain(addr), len(cases))
 
-        def busy(st: object) -> bool:
-            return bool(st.live_request_ids) or any(k.pages_used for k in st.kv_pages)
 
-        st = c.stats()
-        while busy(st) and time.time() < end:
-            time.sleep(0.05)
-            st = c.stats()
+def _pass_result(index: int, args: argparse.Namespace, tally: _PassTally, wall: float, st0: object,
+                 st: object, num_cases: int) -> dict:
+    """The numbers of one pass (main prints them); ok: nothing failed, lost or left behind."""
+    tot, ttft, tbt = tally.counts, tally.ttft, tally.tbt
     live = list(st.live_request_ids)
     pages_after = sum(k.pages_used for k in st.kv_pages)
-    res = {
+    return {
         "pass": index + 1,
         "api": args.api,
         "mode": st.mode,
@@ -279,7 +301,7 @@ def run_pass(index: int, addr: str, args: argparse.Namespace, cases: list[dict])
         "resource_exhausted": tot["exhausted"],
         "errors": tot["errors"],
         "corrupted_or_lost": tot["mismatch"],
-        "distinct_request_ids": len(seen_ids),
+        "distinct_request_ids": len(tally.seen_ids),
         "tokens": tot["tokens"],
         "tokens_per_s": round(tot["tokens"] / wall, 1),
         "ttft_p50_s": _pct(ttft, 50),
@@ -291,20 +313,19 @@ def run_pass(index: int, addr: str, args: argparse.Namespace, cases: list[dict])
         "live_after": len(live),
         "kv_pages_used_after": pages_after,
         "kv_pages_total": sum(k.pages_total for k in st.kv_pages),
-        "kv_pages_used_peak": peak["kv_pages_used"],
-        "live_requests_peak": peak["live"],
-        "stats_samples": peak["samples"],
+        "kv_pages_used_peak": tally.peak["kv_pages_used"],
+        "live_requests_peak": tally.peak["live"],
+        "stats_samples": tally.peak["samples"],
         "preemptions": st.preemptions,
         "programs_compiled_before_load": st0.programs_compiled,
         "programs_compiled_after_load": st.programs_compiled,
         "server_completed": st.completed,
         "server_cancelled": st.cancelled,
         "server_failed": st.failed,
-        "reference_cases": len(cases),
-        "error_samples": errors[:10],
+        "reference_cases": num_cases,
+        "error_samples": tally.errors[:10],
         "ok": tot["errors"] == 0 and tot["mismatch"] == 0 and not live and pages_after == 0,
     }
-    return res
 
 
 def main(argv: list[str] | None = None) -> int:

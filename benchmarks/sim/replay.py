@@ -291,14 +291,8 @@ def simulate_slo(trace: Any, setup: bench.BenchSetup, arena: int, platform: str,
 # ---- the run ------------------------------------------------------------------------------------
 
 
-def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    """The whole simulation (module docstring); returns the results dict (also written to --json
-    and --out)."""
-    t_start = time.time()
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise ValueError(f"--modes: unknown {', '.join(bad) or '(none)'}; known: {', '.join(MODES)}")
+def _cost_model(args: argparse.Namespace) -> tuple[dict[str, Any], CostModel]:
+    """The calibration (--calibration) and its fitted cost model, with any what-if speedups."""
     cal = load_calibration(args.calibration)
     cost = fit(cal)
     for key in ("prefill_attention_speedup", "prefill_dense_speedup", "layer_fixed_speedup"):
@@ -307,23 +301,36 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
             if not speedup > 0:
                 raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {speedup}")
             cost = dataclasses.replace(cost, **{key: float(speedup)})
+    return cal, cost
+
+
+def _slo(args: argparse.Namespace, trace: Any, setup: bench.BenchSetup, arena: int, platform: str,
+         cost: CostModel) -> dict[str, Any]:
+    """The SLO per (model shape, prompt bucket) and its rule: from a measured results.json
+    (--slo-from), fixed (--slo-ttft-s / --slo-tpot-s), or the bench's rule on simulated isolated
+    runs."""
+    if getattr(args, "slo_from", None):
+        with open(args.slo_from, encoding="utf-8") as f:
+            measured_slo = json.load(f)["slo"]
+        slo, rule = measured_slo["per_shape"], f"from {args.slo_from}: {measured_slo['rule']}"
+    elif args.slo_ttft_s is not None or args.slo_tpot_s is not None:
+        if args.slo_ttft_s is None or args.slo_tpot_s is None:
+            raise ValueError("--slo-ttft-s and --slo-tpot-s go together")
+        per = {"ttft_s": args.slo_ttft_s, "tpot_s": args.slo_tpot_s}
+        slo = {model_shape(n): {b: per for b, _, _ in bench.LENGTH_BUCKETS} for n in trace.models}
+        rule = f"fixed: TTFT <= {args.slo_ttft_s} s and TPOT <= {args.slo_tpot_s} s"
+    else:
+        slo = simulate_slo(trace, setup, arena, platform, cost, args.slo_scale, args.reference_requests)
+        rule = (f"SLO = {args.slo_scale:g} x the isolated P99 (nearest rank) of TTFT and mean TPOT per "
+                "(model shape, prompt bucket), the bench's rule, on simulated isolated runs")
+    return {"rule": rule, "scale": args.slo_scale, "per_shape": slo}
+
+
+def _results_header(args: argparse.Namespace, cal: dict[str, Any], cost: CostModel, trace: Any,
+                    setup: bench.BenchSetup, arena: int, order: list[str], plans: dict[str, Any],
+                    window: float, precompile_context: int | None) -> dict[str, Any]:
+    """The results dict before any mode ran: what was simulated, how, and its notes."""
     platform = cal.get("platform", "gpu")
-    setup = bench.resolve_setup(args)
-    if getattr(args, "max_prefill_tokens", None):
-        setup = dataclasses.replace(setup, max_prefill_tokens=args.max_prefill_tokens)
-    trace = bench.load_trace(args)
-    models = trace.models
-    for n in models:
-        bench.model_config(n)
-    arena = setup.arena_bytes or bench.ASSUMED_GPU_ARENA_BYTES
-    arena -= arena % setup.page_bytes
-    order = bench.add_order(models)
-    plans = {m: bench.memory_plan(m, order, setup, arena, platform) for m in modes}
-    for p in plans.values():
-        p["never_fit_predicted"] = bench.never_fit(p, trace, setup, platform) if p["fits"] else None
-    window = float(trace.meta.get("duration_s", trace.requests[-1].arrival_s)) * args.time_scale
-    pre_on = args.precompile == "on" or (args.precompile == "auto" and platform == "gpu")
-    precompile_context = max(r.prompt_len + r.output_len for r in trace.requests) if pre_on else None
     results: dict[str, Any] = {
         "benchmark": "crosspool simulate (benchmarks/sim/replay.py): a prediction from the cost model "
                      "named under 'calibration', not a measurement",
@@ -335,7 +342,7 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
         "preset": args.preset, "trace_file": args.trace, "seed": args.seed, "time_scale": args.time_scale,
         "max_duration_s": args.max_duration_s, "replay_window_s": window, "warmup_passes": 0,
         "compile_cache": None,
-        "trace": {"requests": len(trace), "models": models, "add_order": order,
+        "trace": {"requests": len(trace), "models": trace.models, "add_order": order,
                   "duration_s": trace.meta.get("duration_s"), "summary": summarize(trace)},
         "setup": dataclasses.asdict(setup) | {"arena_bytes": arena},
         "memory": plans,
@@ -358,71 +365,51 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
     if not setup.arena_bytes:
         results["notes"].append(f"arena per device: {arena / 2**30:.1f} GiB assumed (the bench's "
                                 "--plan-only assumption for one H200); set --arena-mib to change it")
-    unfit = {m: p["why"] for m, p in plans.items() if not p["fits"]}
-    for m, why in unfit.items():
-        results["modes"][m] = {"error": f"the preset's models do not fit: {why}"}
-    if getattr(args, "slo_from", None):
-        with open(args.slo_from, encoding="utf-8") as f:
-            measured_slo = json.load(f)["slo"]
-        slo, rule = measured_slo["per_shape"], f"from {args.slo_from}: {measured_slo['rule']}"
-    elif args.slo_ttft_s is not None or args.slo_tpot_s is not None:
-        if args.slo_ttft_s is None or args.slo_tpot_s is None:
-            raise ValueError("--slo-ttft-s and --slo-tpot-s go together")
-        per = {"ttft_s": args.slo_ttft_s, "tpot_s": args.slo_tpot_s}
-        slo = {model_shape(n): {b: per for b, _, _ in bench.LENGTH_BUCKETS} for n in models}
-        rule = f"fixed: TTFT <= {args.slo_ttft_s} s and TPOT <= {args.slo_tpot_s} s"
-    else:
-        slo = simulate_slo(trace, setup, arena, platform, cost, args.slo_scale, args.reference_requests)
-        rule = (f"SLO = {args.slo_scale:g} x the isolated P99 (nearest rank) of TTFT and mean TPOT per "
-                "(model shape, prompt bucket), the bench's rule, on simulated isolated runs")
-    results["slo"] = {"rule": rule, "scale": args.slo_scale, "per_shape": slo}
-    records: dict[str, list[bench.Record]] = {}
-    runs: dict[str, dict[str, Any]] = {}
-    for mode in modes:
-        if mode in unfit:
-            continue
-        t0 = time.time()
-        eng = build_engine(mode, order, setup, plans[mode], platform, cost, precompile_context)
-        if args.out:  # calls_<mode>.jsonl as the bench writes it (virtual seconds)
-            for g in eng.groups:
-                g.call_log = collections.deque(maxlen=bench.CALL_LOG)
-        recs = [bench.Record(i, r.request_id, r.model, r.prompt_len, r.output_len,
-                             r.arrival_s * args.time_scale) for i, r in enumerate(trace.requests)]
-        run = replay(eng, recs, setup.max_live_requests)
-        wall = time.time() - t0
-        m = bench.mode_metrics(recs, run, slo, window, run["compiles"])
-        m["engine"] = eng.describe
-        m["weights"] = {n: "simulated (no values)" for n in order}
-        m["precompile"] = ({"programs": sum(len(g._programs) for g in eng.groups), "seconds": None,
-                            "max_context": precompile_context} if precompile_context else None)
-        m["simulation"] = {"steps": run["steps"], "calls": run["calls"],
-                           "device_busy_s": run["device_busy_s"], "calls_priced": run["calls_priced"],
-                           "calls_outside_calibration": run["outside_calibration"],
-                           "placement": {n: eng.model_group[n] for n in order}, "wall_s": round(wall, 2)}
-        if args.out:
-            t0 = run["clock_t0"]  # the replay's start in the groups' clocks
-            calls = sorted(({**dataclasses.asdict(c), "group": gi, "dispatched": c.dispatched - t0,
-                             "ready": c.ready - t0} for gi, g in enumerate(eng.groups)
-                            for c in g.call_log), key=lambda d: d["dispatched"])
-            m["calls"] = bench.call_summary(calls) | {"compile_spans": [
-                [gi, round(f.start - t0, 6), round(f.done_at - t0, 6), f.program.spec.decode]
-                for gi, g in enumerate(eng.groups) for f in g.background_futures
-                if f.start is not None and not f.cancelled() and t0 <= f.done_at <= t0 + run["t_end"]]}
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, f"calls_{mode}.jsonl"), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(c) + "\n" for c in calls)
-        results["modes"][mode] = m
-        records[mode], runs[mode] = recs, run
-        log(f"simulate {mode}: {len(recs)} requests in {wall:.1f} s of wall time ({run['steps']} steps): "
-            f"TTFT P99 {bench._fmt_ms(m['ttft_s']['p99'])} ms, TBT P99 {bench._fmt_ms(m['tbt_s']['p99'])} "
-            f"ms, goodput {m['goodput_rps']:.3f} req/s, {m['rejected']} rejected, {m['preemptions']} "
-            "preemptions")
-    results["simulator"] = {"wall_s": round(time.time() - t_start, 2)}
-    if getattr(args, "compare", None):
-        from benchmarks.sim.validate import compare
+    return results
 
-        with open(args.compare, encoding="utf-8") as f:
-            results["comparison"] = {"measured": args.compare, "modes": compare(results, json.load(f))}
+
+def _simulate_mode(args: argparse.Namespace, mode: str, trace: Any, setup: bench.BenchSetup,
+                   order: list[str], plan: dict[str, Any], platform: str, cost: CostModel,
+                   precompile_context: int | None, slo: dict[str, Any], window: float
+                   ) -> tuple[dict[str, Any], list[bench.Record], dict[str, Any]]:
+    """One mode's replay: (its metrics as the bench reports them, its records, the run). With
+    --out, writes calls_<mode>.jsonl (virtual seconds from the replay's start)."""
+    t0 = time.time()
+    eng = build_engine(mode, order, setup, plan, platform, cost, precompile_context)
+    if args.out:  # calls_<mode>.jsonl as the bench writes it (virtual seconds)
+        for g in eng.groups:
+            g.call_log = collections.deque(maxlen=bench.CALL_LOG)
+    recs = [bench.Record(i, r.request_id, r.model, r.prompt_len, r.output_len,
+                         r.arrival_s * args.time_scale) for i, r in enumerate(trace.requests)]
+    run = replay(eng, recs, setup.max_live_requests)
+    wall = time.time() - t0
+    m = bench.mode_metrics(recs, run, slo, window, run["compiles"])
+    m["engine"] = eng.describe
+    m["weights"] = {n: "simulated (no values)" for n in order}
+    m["precompile"] = ({"programs": sum(len(g._programs) for g in eng.groups), "seconds": None,
+                        "max_context": precompile_context} if precompile_context else None)
+    m["simulation"] = {"steps": run["steps"], "calls": run["calls"],
+                       "device_busy_s": run["device_busy_s"], "calls_priced": run["calls_priced"],
+                       "calls_outside_calibration": run["outside_calibration"],
+                       "placement": {n: eng.model_group[n] for n in order}, "wall_s": round(wall, 2)}
+    if args.out:
+        t0 = run["clock_t0"]  # the replay's start in the groups' clocks
+        calls = sorted(({**dataclasses.asdict(c), "group": gi, "dispatched": c.dispatched - t0,
+                         "ready": c.ready - t0} for gi, g in enumerate(eng.groups)
+                        for c in g.call_log), key=lambda d: d["dispatched"])
+        m["calls"] = bench.call_summary(calls) | {"compile_spans": [
+            [gi, round(f.start - t0, 6), round(f.done_at - t0, 6), f.program.spec.decode]
+            for gi, g in enumerate(eng.groups) for f in g.background_futures
+            if f.start is not None and not f.cancelled() and t0 <= f.done_at <= t0 + run["t_end"]]}
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"calls_{mode}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(c) + "\n" for c in calls)
+    return m, recs, run
+
+
+def _write_outputs(args: argparse.Namespace, results: dict[str, Any], cost: CostModel,
+                   records: dict[str, list[bench.Record]], runs: dict[str, dict[str, Any]]) -> None:
+    """--out (results.json, requests_<mode>.jsonl, plot data and plots) and --json."""
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         files = bench.write_plot_data(args.out, records, runs)
@@ -440,6 +427,59 @@ def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict
         os.makedirs(d, exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1, default=bench._json_default)
+
+
+def run_simulation(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """The whole simulation (module docstring); returns the results dict (also written to --json
+    and --out)."""
+    t_start = time.time()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"--modes: unknown {', '.join(bad) or '(none)'}; known: {', '.join(MODES)}")
+    cal, cost = _cost_model(args)
+    platform = cal.get("platform", "gpu")
+    setup = bench.resolve_setup(args)
+    if getattr(args, "max_prefill_tokens", None):
+        setup = dataclasses.replace(setup, max_prefill_tokens=args.max_prefill_tokens)
+    trace = bench.load_trace(args)
+    for n in trace.models:
+        bench.model_config(n)
+    arena = setup.arena_bytes or bench.ASSUMED_GPU_ARENA_BYTES
+    arena -= arena % setup.page_bytes
+    order = bench.add_order(trace.models)
+    plans = {m: bench.memory_plan(m, order, setup, arena, platform) for m in modes}
+    for p in plans.values():
+        p["never_fit_predicted"] = bench.never_fit(p, trace, setup, platform) if p["fits"] else None
+    window = float(trace.meta.get("duration_s", trace.requests[-1].arrival_s)) * args.time_scale
+    pre_on = args.precompile == "on" or (args.precompile == "auto" and platform == "gpu")
+    precompile_context = max(r.prompt_len + r.output_len for r in trace.requests) if pre_on else None
+    results = _results_header(args, cal, cost, trace, setup, arena, order, plans, window,
+                              precompile_context)
+    unfit = {m: p["why"] for m, p in plans.items() if not p["fits"]}
+    for m, why in unfit.items():
+        results["modes"][m] = {"error": f"the preset's models do not fit: {why}"}
+    results["slo"] = _slo(args, trace, setup, arena, platform, cost)
+    records: dict[str, list[bench.Record]] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        if mode in unfit:
+            continue
+        m, recs, run = _simulate_mode(args, mode, trace, setup, order, plans[mode], platform, cost,
+                                      precompile_context, results["slo"]["per_shape"], window)
+        results["modes"][mode] = m
+        records[mode], runs[mode] = recs, run
+        log(f"simulate {mode}: {len(recs)} requests in {m['simulation']['wall_s']:.1f} s of wall time "
+            f"({run['steps']} steps): TTFT P99 {bench._fmt_ms(m['ttft_s']['p99'])} ms, TBT P99 "
+            f"{bench._fmt_ms(m['tbt_s']['p99'])} ms, goodput {m['goodput_rps']:.3f} req/s, "
+            f"{m['rejected']} rejected, {m['preemptions']} preemptions")
+    results["simulator"] = {"wall_s": round(time.time() - t_start, 2)}
+    if getattr(args, "compare", None):
+        from benchmarks.sim.validate import compare
+
+        with open(args.compare, encoding="utf-8") as f:
+            results["comparison"] = {"measured": args.compare, "modes": compare(results, json.load(f))}
+    _write_outputs(args, results, cost, records, runs)
     return results
 
 

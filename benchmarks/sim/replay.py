@@ -124,6 +124,109 @@ def _prompt(n: int) -> tuple[int, ...]:
     return (1,) * n  # token values do not matter to the scheduling; the length does
 
 
+class _Replay:
+    """The event loop of `replay`: arrivals, group steps, frees and KV samples in simulated time
+    (the groups' clocks; `t0` the replay's start)."""
+
+    def __init__(self, engine: SimEngine, records: list[bench.Record], max_live: int, period: float,
+                 t0: float) -> None:
+        self.engine, self.groups, self.max_live, self.period, self.t0 = (
+            engine, engine.groups, max_live, period, t0)
+        self.events: list[tuple[float, int, str, Any]] = []
+        self.seq = 0
+        self.by_id = {r.request_id: r for r in records}
+        self.inbox: list[list[bench.Record]] = [[] for _ in self.groups]
+        self.scheduled = [False] * len(self.groups)
+        self.live = 0
+        self.pending_arrivals = len(records)
+        self.samples: list[dict[str, Any]] = []
+        self.steps = 0
+        self.t_end = 0.0
+        for rec in records:
+            self.push(t0 + rec.arrival_s, "arrive", rec)
+        self.push(t0, "sample", None)
+
+    def push(self, t: float, kind: str, payload: Any) -> None:
+        heapq.heappush(self.events, (t, self.seq, kind, payload))
+        self.seq += 1
+
+    def run(self) -> None:
+        while self.events:
+            t, _, kind, payload = heapq.heappop(self.events)
+            if kind == "arrive":
+                self.arrive(t, payload)
+            elif kind == "step":
+                self.step(payload)
+            elif kind == "free":
+                self.live -= 1
+            else:
+                self.sample(t)
+
+    def arrive(self, t: float, rec: bench.Record) -> None:
+        """A request sent at `t`: rejected at the live-request limit, else queued for its group
+        (whose step is scheduled if it was idle)."""
+        self.pending_arrivals -= 1
+        rec.sent_s = t - self.t0
+        if self.live >= self.max_live:
+            rec.outcome = "rejected"
+            rec.reason = (f"RESOURCE_EXHAUSTED: the engine holds its maximum of {self.max_live} live "
+                          "requests; retry later")
+            rec.end_s = t - self.t0
+            return
+        self.live += 1
+        gi = self.engine.model_group[rec.model]
+        self.inbox[gi].append(rec)
+        if not self.scheduled[gi]:
+            g = self.groups[gi]
+            g.clock = max(g.clock, t)
+            self.scheduled[gi] = True
+            self.push(g.clock, "step", gi)
+
+    def step(self, gi: int) -> None:
+        """Group `gi` submits its inbox and runs one step; tokens and ends are stamped at the
+        group's clock after it."""
+        g, t0 = self.groups[gi], self.t0
+        self.scheduled[gi] = False
+        for rec in self.inbox[gi]:
+            try:
+                g.submit(rec.request_id, rec.model, _prompt(rec.prompt_len), rec.output_len,
+                         SamplingParams())
+            except RequestRejected as e:
+                rec.outcome, rec.reason, rec.end_s = "rejected", f"ABORTED: rejected: {e}", g.clock - t0
+                self.live -= 1
+        self.inbox[gi].clear()
+        if not g.has_work:
+            return
+        g.launch()
+        res = g.result()
+        self.steps += 1
+        if not res.calls and g.has_work:  # all held for compiles: the worker waits for one
+            g.idle()
+        now = g.clock - t0
+        for rid, toks in res.tokens.items():
+            self.by_id[rid].token_s.extend([now] * len(toks))
+        for rid, (reason, _) in res.finished.items():
+            rec = self.by_id[rid]
+            rec.outcome, rec.reason, rec.end_s = "finished", reason, now
+            self.push(now, "free", rid)
+            self.t_end = max(self.t_end, now)
+        if g.has_work or self.inbox[gi]:
+            self.scheduled[gi] = True
+            self.push(g.clock, "step", gi)
+
+    def sample(self, t: float) -> None:
+        """KV pages in use on every device, preemptions, running and waiting requests at `t`."""
+        groups = self.groups
+        running = sum(len(g.planner.running()) for g in groups)
+        self.samples.append({"t": t - self.t0,
+                             "used": [g.kv.config.pages_per_device - g.kv.pages_free(d)
+                                      for g in groups for d in range(g.kv.config.num_devices)],
+                             "preemptions": sum(g.preemptions for g in groups),
+                             "running": running, "waiting": self.live - running})
+        if self.pending_arrivals or self.live:
+            self.push(t + self.period, "sample", None)
+
+
 def replay(engine: SimEngine, records: list[bench.Record], max_live: int,
            period: float = bench.STATS_PERIOD_S) -> dict[str, Any]:
     """Replays `records` (arrival_s = when sent) through the engine's groups in simulated time
@@ -138,109 +241,37 @@ def replay(engine: SimEngine, records: list[bench.Record], max_live: int,
     t0 = max(g.clock for g in groups)
     for g in groups:
         g.clock = t0
-    events: list[tuple[float, int, str, Any]] = []
-    seq = 0
-
-    def push(t: float, kind: str, payload: Any) -> None:
-        nonlocal seq
-        heapq.heappush(events, (t, seq, kind, payload))
-        seq += 1
-
-    for rec in records:
-        push(t0 + rec.arrival_s, "arrive", rec)
-    push(t0, "sample", None)
-    by_id = {r.request_id: r for r in records}
-    inbox: list[list[bench.Record]] = [[] for _ in groups]
-    scheduled = [False] * len(groups)
-    live = 0
-    pending_arrivals = len(records)
-    samples: list[dict[str, Any]] = []
-    steps = 0
-    t_end = 0.0
-    while events:
-        t, _, kind, payload = heapq.heappop(events)
-        if kind == "arrive":
-            rec = payload
-            pending_arrivals -= 1
-            rec.sent_s = t - t0
-            if live >= max_live:
-                rec.outcome = "rejected"
-                rec.reason = (f"RESOURCE_EXHAUSTED: the engine holds its maximum of {max_live} live "
-                              "requests; retry later")
-                rec.end_s = t - t0
-                continue
-            live += 1
-            gi = engine.model_group[rec.model]
-            inbox[gi].append(rec)
-            if not scheduled[gi]:
-                g = groups[gi]
-                g.clock = max(g.clock, t)
-                scheduled[gi] = True
-                push(g.clock, "step", gi)
-        elif kind == "step":
-            gi = payload
-            g = groups[gi]
-            scheduled[gi] = False
-            for rec in inbox[gi]:
-                try:
-                    g.submit(rec.request_id, rec.model, _prompt(rec.prompt_len), rec.output_len,
-                             SamplingParams())
-                except RequestRejected as e:
-                    rec.outcome, rec.reason, rec.end_s = "rejected", f"ABORTED: rejected: {e}", g.clock - t0
-                    live -= 1
-            inbox[gi].clear()
-            if not g.has_work:
-                continue
-            g.launch()
-            res = g.result()
-            steps += 1
-            if not res.calls and g.has_work:  # all held for compiles: the worker waits for one
-                g.idle()
-            now = g.clock - t0
-            for rid, toks in res.tokens.items():
-                by_id[rid].token_s.extend([now] * len(toks))
-            for rid, (reason, _) in res.finished.items():
-                rec = by_id[rid]
-                rec.outcome, rec.reason, rec.end_s = "finished", reason, now
-                push(now, "free", rid)
-                t_end = max(t_end, now)
-            if g.has_work or inbox[gi]:
-                scheduled[gi] = True
-                push(g.clock, "step", gi)
-        elif kind == "free":
-            live -= 1
-        else:  # a KV sample of every device
-            samples.append({"t": t - t0, "used": [g.kv.config.pages_per_device - g.kv.pages_free(d)
-                                             for g in groups for d in range(g.kv.config.num_devices)],
-                            "preemptions": sum(g.preemptions for g in groups),
-                            "running": sum(len(g.planner.running()) for g in groups),
-                            "waiting": live - sum(len(g.planner.running()) for g in groups)})
-            if pending_arrivals or live:
-                push(t + period, "sample", None)
+    rp = _Replay(engine, records, max_live, period, t0)
+    rp.run()
     for r in records:
         r.engine_s = list(r.token_s)
         if r.outcome is None:  # the replay drains every accepted request: this is a simulator bug
             r.outcome, r.reason = "failed", "simulation ended with the request live"
+    t_end = max([rp.t_end, *(r.end_s or 0.0 for r in records)])
+    return _run_dict(groups, rp, t0, t_end)
+
+
+def _run_dict(groups: list[Any], rp: _Replay, t0: float, t_end: float) -> dict[str, Any]:
+    """The bench's run dict of a finished replay (pages after, compiles, calls, busy seconds)."""
     devices = [f"group{gi}/sim:{d}" if len(groups) > 1 else f"sim:{d}"
                for gi, g in enumerate(groups) for d in range(g.kv.config.num_devices)]
     totals = [g.kv.config.pages_per_device for g in groups for d in range(g.kv.config.num_devices)]
     used_after = [g.kv.config.pages_per_device - g.kv.pages_free(d)
                   for g in groups for d in range(g.kv.config.num_devices)]
     blocked = [(e, s) for g in groups for e, s in g.compile_log]
-    t_end = max([t_end, *(r.end_s or 0.0 for r in records)])
     for g in groups:  # the virtual compile thread's starts up to the end (assigned lazily)
         g.compile_queue.advance(t0 + t_end)
     background = [(f.done_at, f.seconds) for g in groups for f in g.background_futures
                   if not f.cancelled() and f.start is not None]
-    return {"t0": 0.0, "t_end": t_end, "samples": samples, "ready_s": round(t0, 3), "clock_t0": t0,
+    return {"t0": 0.0, "t_end": t_end, "samples": rp.samples, "ready_s": round(t0, 3), "clock_t0": t0,
             "pages_after": [[d, u, tot] for d, u, tot in zip(devices, used_after, totals, strict=True)],
             "preemptions": sum(g.preemptions for g in groups), "devices": devices, "pages_total": totals,
-            "live_after": live, "build_s": 0.0,
+            "live_after": rp.live, "build_s": 0.0,
             "serving_blocked_s": sum(g.blocked_compile_seconds for g in groups),
             "serving_blocked_compiles": sum(g.blocked_compiles for g in groups),
             "fallback_calls": sum(g.fallback_calls for g in groups),
             "compiles": [s for e, s in blocked + background if t0 < e <= t0 + t_end],
-            "steps": steps, "calls": sum(g.calls for g in groups),
+            "steps": rp.steps, "calls": sum(g.calls for g in groups),
             "device_busy_s": round(sum(g.busy_seconds for g in groups), 3),
             "outside_calibration": _merge_counts([g.outside for g in groups]),
             "calls_priced": sum(g.calls_priced for g in groups)}

@@ -12,12 +12,14 @@ trials of 10 calls). The table gives both times, their ratio and the raggedness,
 against the plain-jnp reference on every batch (relative error printed).
 `--smoke` runs tiny sizes in interpret mode on CPU (the numbers then mean nothing).
 
-`--cases few-live` (in `all`, the default) times the batches the engine's buckets make when few
-slots are live: 8 slots of which 1 or 2 hold a sequence (the rest empty), with a page table 131,072
-tokens wide, as the one-GPU smoke replay's most common decode call (one request at ~43K tokens in
-an 8-slot, 4,096-page OLMoE bucket). The split grid's split count is chosen from shapes alone (all
-slots assumed live), so with one live slot few programs have work; the persistent work list is cut
-from the live lengths. Raggedness there is over the live slots, as the engine's rule reads it.
+`--cases few-live` (in `all`, the default; `--splits 16,32` also times the split grid at those
+fixed split counts) times the batches the engine's buckets make when few slots are live: 8 slots of
+which 1 or 2 hold a sequence (the rest empty; and all 8, the full bucket, for comparison), with a
+page table 131,072 tokens wide, as the one-GPU smoke replay's most common decode call (one request
+at ~43K tokens in an 8-slot, 4,096-page OLMoE bucket). The split grid's split count is chosen from
+shapes alone (all slots assumed live), so with one live slot few programs have work; the persistent
+work list is cut from the live lengths. Raggedness there is over the live slots, as the engine's
+rule reads it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def batch_lengths(batch: int, long: int, frac: float, live: int | None = None) -
 
 
 def run(batch: int, long: int, frac: float, backend: str, bw: float, live: int | None = None,
-        table_tokens: int | None = None) -> dict:
+        table_tokens: int | None = None, splits: tuple[int, ...] = ()) -> dict:
     rng = np.random.default_rng(batch * 7 + long)
     t_pp = 16
     pool, geom = gqa_pool(128)
@@ -66,6 +68,11 @@ def run(batch: int, long: int, frac: float, backend: str, bw: float, live: int |
         row[f"{sched}_us"] = t * 1e6
         row[f"{sched}_of_copy"] = kv_bytes / t / bw
     row["persistent_speedup"] = row["split_us"] / row["persistent_us"]
+    for ns in splits:  # the split grid at a fixed split count instead of default_num_splits'
+        f = jax.jit(functools.partial(paged_decode_attention, geom=geom, backend=backend,
+                                      schedule="split", num_splits=ns))
+        row[f"split{ns}_err"] = rel_err(f(q, arena, tb, ln)[:n_live], ref[:n_live])
+        row[f"split{ns}_us"] = bench(f, q, arena, tb, ln) * 1e6
     print(json.dumps(row), flush=True)
     return row
 
@@ -75,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--cases", choices=("all", "ragged", "few-live"), default="all")
+    ap.add_argument("--splits", default="",
+                    help="few-live cases: also time the split grid at these split counts "
+                         "(comma-separated), against the default rule's")
     args = ap.parse_args(argv)
     backend = "interpret" if args.smoke else "gpu"
     bw = copy_bandwidth(1 << 24 if args.smoke else 1 << 31)
@@ -86,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         rows += [run(b, n, f, backend, bw) for b in batches for n in longs for f in fracs]
     if args.cases in ("all", "few-live"):
         table = 1024 if args.smoke else 131072
-        few = ((1, 1.0), (2, 1.0), (2, 0.0625))
-        rows += [run(8, n, f, backend, bw, live=live, table_tokens=table)
+        few = ((1, 1.0), (2, 1.0), (2, 0.0625), (8, 1.0))
+        splits = tuple(int(x) for x in args.splits.split(",") if x)
+        rows += [run(8, n, f, backend, bw, live=live, table_tokens=table, splits=splits)
                  for n in ((256,) if args.smoke else (8192, 43008, 100000)) for live, f in few]
     print(f"\n{jax.devices()[0].device_kind}, copy bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'B':>3s} {'live':>4s} {'long':>6s} {'short':>6s} {'table':>6s} {'ragged':>7s} "
@@ -96,6 +107,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['batch']:3d} {r['live']:4d} {r['long']:6d} {r['short']:6d} {r['table_tokens']:6d} "
               f"{r['raggedness']:7.2f} {r['split_us']:9.1f} {r['persistent_us']:9.1f} "
               f"{r['persistent_speedup']:7.2f} {r['split_err']:9.1e} {r['persistent_err']:9.1e}")
+    swept = [r for r in rows if any(k.startswith("split") and k[5:-3].isdigit() for k in r)]
+    if swept:
+        counts = sorted({int(k[5:-3]) for r in swept for k in r if k[5:-3].isdigit() and k.endswith("_us")})
+        print("\nsplit grid at fixed split counts (us; the default rule's and the persistent list's "
+              "for comparison)")
+        print(f"{'live':>4s} {'long':>6s} {'short':>6s} {'default':>9s} {'pers':>9s} "
+              + " ".join(f"{'x' + str(n):>9s}" for n in counts))
+        for r in swept:
+            print(f"{r['live']:4d} {r['long']:6d} {r['short']:6d} {r['split_us']:9.1f} "
+                  f"{r['persistent_us']:9.1f} " + " ".join(f"{r[f'split{n}_us']:9.1f}" for n in counts))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "copy_bandwidth": bw, "rows": rows}, f,

@@ -62,3 +62,14 @@ def test_schedule_rule_bench_batches_with_few_live_slots() -> None:
     assert batch_lengths(8, 4096, 0.0625, live=2) == [4096, 256] + [0] * 6
     with pytest.raises(ValueError, match=r"live must be 1\.\.8"):
         batch_lengths(8, 64, 1.0, live=0)
+
+
+def test_schedule_rule_bench_times_fixed_split_counts() -> None:
+    """`--splits`: the split grid at fixed split counts beside the default rule's, all correct
+    (interpret mode: the times mean nothing)."""
+    from benchmarks.schedule_rule import run
+
+    row = run(4, 64, 1.0, "interpret", 1e9, live=1, table_tokens=256, splits=(2, 8))
+    assert row["live"] == 1 and row["table_tokens"] == 256
+    for key in ("split", "persistent", "split2", "split8"):
+        assert row[f"{key}_us"] > 0 and row[f"{key}_err"] < 1e-2

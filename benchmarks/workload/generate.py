@@ -364,6 +364,84 @@ def _lengths(spec: WorkloadSpec, rng: np.random.Generator, n: int) -> tuple[np.n
     return sampler.sample(rng, n)
 
 
+# (arrival times, model indices) per model, (prompt, output) lengths if the arm sets them, meta
+_Arrivals = tuple[list[np.ndarray], list[np.ndarray], tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]
+
+
+def _model_rngs(rng_arr: np.random.Generator, n: int) -> list[np.random.Generator]:
+    """One arrival generator per model, spawned from one draw of `rng_arr`."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(rng_arr.integers(2**63)).spawn(n)]
+
+
+def _bursty_arrivals(spec: WorkloadSpec, w: np.ndarray, rng_groups: np.random.Generator,
+                     rng_sched: np.random.Generator, rng_arr: np.random.Generator) -> _Arrivals:
+    """bursty-long: models in burst groups sharing on-windows; gamma renewal arrivals while on."""
+    names = spec.names
+    groups = burst_groups(rng_groups, spec.num_models, spec.burst_group_min, spec.burst_group_max)
+    arr_rngs = _model_rngs(rng_arr, len(names))
+    times: list[np.ndarray] = []
+    model_idx: list[np.ndarray] = []
+    group_meta = []
+    for g in groups:
+        win = on_windows(rng_sched, spec)
+        on_total = sum(b - a for a, b in win)
+        group_meta.append({"models": [names[i] for i in g],
+                           "on_windows_s": [[round(a, 3), round(b, 3)] for a, b in win],
+                           "on_fraction": round(on_total / spec.duration_s, 4)})
+        for i in g:
+            on_rate = spec.total_rate * w[i] / (1.0 - spec.off_fraction)
+            tau = gamma_renewal(arr_rngs[i], on_rate, spec.cv, on_total)
+            times.append(map_on_time(tau, win))
+            model_idx.append(np.full(tau.shape[0], i))
+    return times, model_idx, None, {"burst_groups": group_meta}
+
+
+def _uniform_arrivals(spec: WorkloadSpec, w: np.ndarray, rng_arr: np.random.Generator) -> _Arrivals:
+    """uniform: a Poisson process per model at its share of the total rate."""
+    arr_rngs = _model_rngs(rng_arr, len(spec.names))
+    times, model_idx = [], []
+    for i in range(spec.num_models):
+        t = gamma_renewal(arr_rngs[i], spec.total_rate * w[i], 1.0, spec.duration_s)
+        times.append(t)
+        model_idx.append(np.full(t.shape[0], i))
+    return times, model_idx, None, {}
+
+
+def _replay_arrivals(spec: WorkloadSpec, w: np.ndarray, rng_assign: np.random.Generator) -> _Arrivals:
+    """replay: the Mooncake trace's arrivals (time-compressed) and lengths, models drawn by
+    popularity."""
+    table = load_table("mooncake")
+    t = table.arrival_s / spec.time_compression
+    keep = t < spec.duration_s
+    t = t[keep]
+    model_idx = [rng_assign.choice(spec.num_models, size=t.shape[0], p=w)]
+    out_scale = spec.length_scale if spec.output_length_scale is None else spec.output_length_scale
+    sampler = LengthSampler("mooncake", spec.length_scale, out_scale, spec.max_prompt_len,
+                            spec.max_output_len)
+    lens = sampler.cap(scale_lengths(table.prompt_lens[keep], spec.length_scale),
+                       scale_lengths(table.output_lens[keep], out_scale))
+    span = float(table.arrival_s[-1] / spec.time_compression)
+    meta = {"effective_duration_s": min(float(spec.duration_s), span),
+            "replay": {"source": "mooncake", "source_requests_kept": int(keep.sum()),
+                       "source_span_s": float(table.arrival_s[-1]), "compressed_span_s": span}}
+    return [t], model_idx, lens, meta
+
+
+def _ramp_arrivals(spec: WorkloadSpec, rng_arr: np.random.Generator) -> _Arrivals:
+    """ramp: each model's rate ramps up after its start (model k starts k x delay)."""
+    delay = spec.resolved_ramp_delay_s
+    arr_rngs = _model_rngs(rng_arr, len(spec.names))
+    times, model_idx = [], []
+    for k in range(spec.num_models):
+        rate = _ramp_rate(spec, k * delay)
+        t = _thinned_poisson(arr_rngs[k], rate, spec.ramp_peak_rps, spec.duration_s)
+        times.append(t)
+        model_idx.append(np.full(t.shape[0], k))
+    meta = {"ramp": {"delay_s": delay, "starts_s": [k * delay for k in range(spec.num_models)],
+                     "natural_duration_s": ramp_natural_duration_s(spec)}}
+    return times, model_idx, None, meta
+
+
 def generate(spec: WorkloadSpec, seed: int) -> Trace:
     """The trace of ``spec`` for ``seed`` (an int >= 0); see the module docstring for each arm."""
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
@@ -372,82 +450,14 @@ def generate(spec: WorkloadSpec, seed: int) -> Trace:
     rng_groups, rng_sched, rng_arr, rng_len, rng_assign = (np.random.default_rng(s) for s in ss.spawn(5))
     names = spec.names
     w = spec.popularity()
-    meta_extra: dict[str, Any] = {}
-    times: list[np.ndarray] = []
-    model_idx: list[np.ndarray] = []
-    lens: tuple[np.ndarray, np.ndarray] | None = None
-
     if spec.arm == "bursty-long":
-        groups = burst_groups(rng_groups, spec.num_models, spec.burst_group_min, spec.burst_group_max)
-        arr_rngs = [
-            np.random.default_rng(s)
-            for s in np.random.SeedSequence(rng_arr.integers(2**63)).spawn(len(names))
-        ]
-        group_meta = []
-        for g in groups:
-            win = on_windows(rng_sched, spec)
-            on_total = sum(b - a for a, b in win)
-            group_meta.append(
-                {
-                    "models": [names[i] for i in g],
-                    "on_windows_s": [[round(a, 3), round(b, 3)] for a, b in win],
-                    "on_fraction": round(on_total / spec.duration_s, 4),
-                }
-            )
-            for i in g:
-                on_rate = spec.total_rate * w[i] / (1.0 - spec.off_fraction)
-                tau = gamma_renewal(arr_rngs[i], on_rate, spec.cv, on_total)
-                times.append(map_on_time(tau, win))
-                model_idx.append(np.full(tau.shape[0], i))
-        meta_extra["burst_groups"] = group_meta
+        times, model_idx, lens, meta_extra = _bursty_arrivals(spec, w, rng_groups, rng_sched, rng_arr)
     elif spec.arm == "uniform":
-        arr_rngs = [
-            np.random.default_rng(s)
-            for s in np.random.SeedSequence(rng_arr.integers(2**63)).spawn(len(names))
-        ]
-        for i in range(spec.num_models):
-            t = gamma_renewal(arr_rngs[i], spec.total_rate * w[i], 1.0, spec.duration_s)
-            times.append(t)
-            model_idx.append(np.full(t.shape[0], i))
+        times, model_idx, lens, meta_extra = _uniform_arrivals(spec, w, rng_arr)
     elif spec.arm == "replay":
-        table = load_table("mooncake")
-        t = table.arrival_s / spec.time_compression
-        keep = t < spec.duration_s
-        t = t[keep]
-        times.append(t)
-        model_idx.append(rng_assign.choice(spec.num_models, size=t.shape[0], p=w))
-        out_scale = spec.length_scale if spec.output_length_scale is None else spec.output_length_scale
-        sampler = LengthSampler(
-            "mooncake", spec.length_scale, out_scale, spec.max_prompt_len, spec.max_output_len
-        )
-        lens = sampler.cap(
-            scale_lengths(table.prompt_lens[keep], spec.length_scale),
-            scale_lengths(table.output_lens[keep], out_scale),
-        )
-        span = float(table.arrival_s[-1] / spec.time_compression)
-        meta_extra["effective_duration_s"] = min(float(spec.duration_s), span)
-        meta_extra["replay"] = {
-            "source": "mooncake",
-            "source_requests_kept": int(keep.sum()),
-            "source_span_s": float(table.arrival_s[-1]),
-            "compressed_span_s": span,
-        }
-    else:  # ramp
-        delay = spec.resolved_ramp_delay_s
-        arr_rngs = [
-            np.random.default_rng(s)
-            for s in np.random.SeedSequence(rng_arr.integers(2**63)).spawn(len(names))
-        ]
-        for k in range(spec.num_models):
-            rate = _ramp_rate(spec, k * delay)
-            t = _thinned_poisson(arr_rngs[k], rate, spec.ramp_peak_rps, spec.duration_s)
-            times.append(t)
-            model_idx.append(np.full(t.shape[0], k))
-        meta_extra["ramp"] = {
-            "delay_s": delay,
-            "starts_s": [k * delay for k in range(spec.num_models)],
-            "natural_duration_s": ramp_natural_duration_s(spec),
-        }
+        times, model_idx, lens, meta_extra = _replay_arrivals(spec, w, rng_assign)
+    else:
+        times, model_idx, lens, meta_extra = _ramp_arrivals(spec, rng_arr)
 
     t_all = np.round(np.concatenate(times) if times else np.zeros(0), _ARRIVAL_DECIMALS)
     m_all = np.concatenate(model_idx).astype(np.int64) if model_idx else np.zeros(0, np.int64)

@@ -449,86 +449,40 @@ def time_mla(lens: list[int], backend: str, smoke: bool, bw: float,
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="toy sizes, interpret mode (CPU)")
-    ap.add_argument("--json", default=None, help="write all rows here")
-    ap.add_argument("--skip-correctness", action="store_true")
-    ap.add_argument("--correctness-only", action="store_true", help="check, print, exit (no timing)")
-    ap.add_argument("--with-mgpu", action="store_true",
-                    help="also check and time the Mosaic GPU MLA kernel, after everything else")
-    ap.add_argument("--mla-only", action="store_true",
-                    help="only case (d), MLA decode: the GQA cases and their checks are skipped "
-                         "(with --with-mgpu the Mosaic kernel's check still runs first)")
-    args = ap.parse_args()
-    smoke = args.smoke
-    backend = "interpret" if smoke else "gpu"
-    dev = jax.devices()[0]
-    print(f"jax {jax.__version__}  device {dev.device_kind}  platform {dev.platform}  "
-          f"date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
-    t0 = time.time()
-    bw = copy_bandwidth(1 << (20 if smoke else 31))
-    print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s", flush=True)
-    failed = False
+def _report(checks: list[tuple[str, float, float]]) -> bool:
+    """Prints the check rows; True if any failed."""
+    bad = False
+    for name, err, limit in checks:
+        ok = (err <= limit) if limit else err == 0.0
+        bad |= not ok
+        print(f"  check {name:<40} rel err {err:.2e}  (limit {limit:.0e})  "
+              f"{'ok' if ok else 'FAIL'}", flush=True)
+    return bad
 
-    def report(checks: list[tuple[str, float, float]]) -> bool:
-        """Prints the check rows; True if any failed."""
-        bad = False
-        for name, err, limit in checks:
-            ok = (err <= limit) if limit else err == 0.0
-            bad |= not ok
-            print(f"  check {name:<40} rel err {err:.2e}  (limit {limit:.0e})  "
-                  f"{'ok' if ok else 'FAIL'}", flush=True)
-        return bad
 
-    if not args.skip_correctness and not args.mla_only:
-        # With --correctness-only the Mosaic GPU rows come last here; else after the timing.
-        failed |= report(check_correctness(backend, smoke,
-                                           with_mgpu=args.with_mgpu and args.correctness_only))
-        print(f"correctness done in {time.time() - t0:.0f}s", flush=True)
-    if args.correctness_only:
-        print(f"correctness {'FAILED' if failed else 'ok'}")
-        raise SystemExit(1 if failed else 0)
+def _configs(smoke: bool) -> tuple[dict[str, list[int]], list[dict], list[dict], list[int]]:
+    """(GQA cases: lengths by name, our kernel's configurations, the bundled kernel's, MLA lengths)."""
     if smoke:
         cases = {"(a)": [256] * 4, "(b)": [1000] + [32] * 7, "(c)": [128] * 8}
         ours = [dict(), dict(schedule="persistent", num_programs=4)]
-        bundled_cfgs = [dict(k_splits=2, pages_per_compute_block=4, block_h=16)]
-        mla_lens = [200] * 2
-    else:
-        cases = {"(a)": [32768] * 16, "(b)": [100_000] + [32] * 63, "(c)": [2048] * 64}
-        cases["(e)"] = [1024] * 8  # the shape of the recorded bundled-kernel baseline
-        sms = 132
-        ours = [
-            dict(),
-            dict(num_stages=3),
-            dict(schedule="persistent"),
-            dict(schedule="persistent", items_per_program=4),
-            dict(schedule="persistent", block_t=128, num_stages=3),
-            dict(schedule="persistent", num_programs=4 * sms),
-        ]
-        bundled_cfgs = [dict(k_splits=k, pages_per_compute_block=p)
-                        for k, p in ((16, 8), (32, 4), (4, 8))]
-        mla_lens = [8192] * 32
-    if args.mla_only:
-        cases = {}
-    rows = []
-    for name, lens in cases.items():
-        print(f"case {name}: {len(lens)} sequences, {sum(lens)} tokens", flush=True)
-        r64 = (dict(),) if name == "(a)" else ()
-        rows += time_case(name, lens, backend, smoke, bw, ours, bundled_cfgs, r64)
-    print("case (d): MLA decode", flush=True)
-    mla_cfgs = [dict(), dict(schedule="persistent")] if smoke else [
-        dict(), dict(group_block=64, num_warps=8, block_t=32), dict(schedule="persistent")]
-    rows += time_mla(mla_lens, backend, smoke, bw, mla_cfgs)
-    if args.with_mgpu:  # last: a CUDA fault here cannot spoil the numbers above
-        if not args.skip_correctness:
-            print("Mosaic GPU MLA kernel: correctness", flush=True)
-            failed |= report(check_mla_mgpu(backend, smoke))
-        print("case (d): MLA decode, Mosaic GPU kernel", flush=True)
-        mgpu_cfgs = [dict()] if smoke else [dict(), dict(block_t=64), dict(stages=3),
-                                             dict(num_splits=1), dict(num_splits=4)]
-        rows += time_mla(mla_lens, backend, smoke, bw, [], mgpu_configs=mgpu_cfgs)
+        return cases, ours, [dict(k_splits=2, pages_per_compute_block=4, block_h=16)], [200] * 2
+    cases = {"(a)": [32768] * 16, "(b)": [100_000] + [32] * 63, "(c)": [2048] * 64}
+    cases["(e)"] = [1024] * 8  # the shape of the recorded bundled-kernel baseline
+    sms = 132
+    ours = [
+        dict(),
+        dict(num_stages=3),
+        dict(schedule="persistent"),
+        dict(schedule="persistent", items_per_program=4),
+        dict(schedule="persistent", block_t=128, num_stages=3),
+        dict(schedule="persistent", num_programs=4 * sms),
+    ]
+    bundled = [dict(k_splits=k, pages_per_compute_block=p) for k, p in ((16, 8), (32, 4), (4, 8))]
+    return cases, ours, bundled, [8192] * 32
 
+
+def _print_tables(rows: list[dict]) -> None:
+    """Every row as a markdown table, then the best of each implementation kind per case."""
     print("\n| case | implementation | us | KV TB/s | of copy BW | rel err vs XLA | host-loop us |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -555,6 +509,58 @@ def main() -> None:
             line += (f", mgpu {mg['us']:.1f} us ({mg['TFLOP/s']:.0f} TFLOP/s)"
                      + (f" -> {o['us'] / mg['us']:.2f}x ours" if o else ""))
         print(line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="toy sizes, interpret mode (CPU)")
+    ap.add_argument("--json", default=None, help="write all rows here")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--correctness-only", action="store_true", help="check, print, exit (no timing)")
+    ap.add_argument("--with-mgpu", action="store_true",
+                    help="also check and time the Mosaic GPU MLA kernel, after everything else")
+    ap.add_argument("--mla-only", action="store_true",
+                    help="only case (d), MLA decode: the GQA cases and their checks are skipped "
+                         "(with --with-mgpu the Mosaic kernel's check still runs first)")
+    args = ap.parse_args()
+    smoke = args.smoke
+    backend = "interpret" if smoke else "gpu"
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__}  device {dev.device_kind}  platform {dev.platform}  "
+          f"date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
+    t0 = time.time()
+    bw = copy_bandwidth(1 << (20 if smoke else 31))
+    print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s", flush=True)
+    failed = False
+    if not args.skip_correctness and not args.mla_only:
+        # With --correctness-only the Mosaic GPU rows come last here; else after the timing.
+        failed |= _report(check_correctness(backend, smoke,
+                                            with_mgpu=args.with_mgpu and args.correctness_only))
+        print(f"correctness done in {time.time() - t0:.0f}s", flush=True)
+    if args.correctness_only:
+        print(f"correctness {'FAILED' if failed else 'ok'}")
+        raise SystemExit(1 if failed else 0)
+    cases, ours, bundled_cfgs, mla_lens = _configs(smoke)
+    if args.mla_only:
+        cases = {}
+    rows = []
+    for name, lens in cases.items():
+        print(f"case {name}: {len(lens)} sequences, {sum(lens)} tokens", flush=True)
+        r64 = (dict(),) if name == "(a)" else ()
+        rows += time_case(name, lens, backend, smoke, bw, ours, bundled_cfgs, r64)
+    print("case (d): MLA decode", flush=True)
+    mla_cfgs = [dict(), dict(schedule="persistent")] if smoke else [
+        dict(), dict(group_block=64, num_warps=8, block_t=32), dict(schedule="persistent")]
+    rows += time_mla(mla_lens, backend, smoke, bw, mla_cfgs)
+    if args.with_mgpu:  # last: a CUDA fault here cannot spoil the numbers above
+        if not args.skip_correctness:
+            print("Mosaic GPU MLA kernel: correctness", flush=True)
+            failed |= _report(check_mla_mgpu(backend, smoke))
+        print("case (d): MLA decode, Mosaic GPU kernel", flush=True)
+        mgpu_cfgs = [dict()] if smoke else [dict(), dict(block_t=64), dict(stages=3),
+                                             dict(num_splits=1), dict(num_splits=4)]
+        rows += time_mla(mla_lens, backend, smoke, bw, [], mgpu_configs=mgpu_cfgs)
+    _print_tables(rows)
     print(f"total {time.time() - t0:.0f}s; correctness {'FAILED' if failed else 'ok'}")
     out_path = args.json or (os.path.join(os.environ["OUT"], "kernels.json")
                              if os.environ.get("OUT") else None)

@@ -232,6 +232,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="run the crosspool.v1 gRPC server (default: the built-in demo models)",
         description="Flags override the --config file; unset flags keep the file's value or the default.",
     )
+    _add_serve_server(p)
+    _add_serve_modes(p)
+    _add_serve_multihost(p)
+    _add_serve_engine(p)
+    _add_serve_limits(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_serve_server(p: argparse.ArgumentParser) -> None:
+    """serve: the settings file, the listener, models, auth, TLS and the HTTP / metrics ports."""
     p.add_argument(
         "--config", default=None, metavar="FILE.toml", help="settings file (serving/example_config.toml)"
     )
@@ -268,6 +278,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--tls-cert", default=None, metavar="FILE", help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", default=None, metavar="FILE", help="PEM private key of --tls-cert")
+
+
+def _add_serve_modes(p: argparse.ArgumentParser) -> None:
+    """serve: the engine mode, its devices, and what compiles or loads before serving."""
     p.add_argument(
         "--mode",
         default=None,
@@ -306,6 +320,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "(coarse shape buckets: 56 programs per model class at 8K tokens, 84 at 128K, 64 requests); "
         "on CPU the fine buckets make it hundreds",
     )
+
+
+def _add_serve_multihost(p: argparse.ArgumentParser) -> None:
+    """serve: one process per host (docs/deploy.md)."""
     mh = p.add_argument_group(
         "multi-host (one process per host; process 0 leads and alone listens for clients; docs/deploy.md)")
     mh.add_argument("--coordinator", default=None, metavar="HOST:PORT",
@@ -322,6 +340,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     mh.add_argument("--warm-programs", type=int, default=None, metavar="N",
                     help="step programs each model lane compiles in the background at load, on every "
                     "process (default: 4 on CPU, 8 on GPU; 0: none)")
+
+
+def _add_serve_engine(p: argparse.ArgumentParser) -> None:
+    """serve: the pooled engine's settings (EngineConfig)."""
     g = p.add_argument_group(
         "engine (pooled modes; crosspool_jax.engine.EngineConfig, or the [engine] table of --config)"
     )
@@ -373,6 +395,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="host memory for sleeping models' weights; past it the least recently used "
                    "sleeping model loaded from a checkpoint is dropped to disk (re-read on its next "
                    "request); default: 90%% of XLA's pinned host pool")
+
+
+def _add_serve_limits(p: argparse.ArgumentParser) -> None:
+    """serve: what one request may cost (RequestLimits)."""
     lim = p.add_argument_group(
         "limits (what one request may cost; serving.limits.RequestLimits, or the [limits] table of "
         "--config; a request past one is INVALID_ARGUMENT naming it)"
@@ -380,7 +406,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     for name, metavar, default, what in LIMIT_FLAGS:
         lim.add_argument("--" + name.replace("_", "-"), default=None, metavar=metavar,
                          help=f"{what} (default {default})")
-    p.set_defaults(func=cmd_serve)
 
 
 # (RequestLimits field, metavar, default shown, what it bounds)

@@ -34,6 +34,13 @@ from pallas_kernels.page_layout import PageGeometry
 DEFAULT_NUM_SMS = 132  # H100 / H200 SXM; used when the device does not report a core count
 
 
+# GQA decode: one KV split per this many tokens of the page table (not 16,384). Measured on one
+# H100, 2026-12-06 (docs/benchmarks.md): OLMoE-1B-7B's decode call of 1 request at 43K tokens in
+# an 8-slot, 4,096-page bucket 23.6 -> 18.4 ms (its attention 14.5 -> 9.2 ms), the full bucket of
+# 8 x 7.4K 29.1 -> 29.3 ms; 4,096 tokens gave 19.1 ms and 30.5 ms (5% slower on the full bucket).
+DECODE_TOKENS_PER_SPLIT = 8192
+
+
 def num_sms() -> int:
     """Streaming multiprocessors of the default device (DEFAULT_NUM_SMS when not reported)."""
     try:
@@ -156,16 +163,18 @@ def blocks_gpu(
 
 
 def default_num_splits(num_blocks: int, programs_per_block: int, max_tokens: int,
-                       block_t: int) -> int:
+                       block_t: int, tokens_per_split: int = 16384) -> int:
     """Static split-KV factor: enough programs for about 2 waves on the GPU, and at least one
-    split per 16K tokens the page table can hold (a wide table means a long sequence may be
-    there), never a split under one block.
+    split per `tokens_per_split` tokens the page table can hold (a wide table means a long
+    sequence may be there), never a split under one block. The split's length is set at run time
+    from the longest live range, so with few live sequences in a wide bucket every split has
+    work (GQA decode passes `DECODE_TOKENS_PER_SPLIT`).
 
     Only shapes are known here: a batch whose lengths are very uneven is better served by the
     persistent schedule (docs/kernels.md, "Measured").
     """
     want = -(-2 * num_sms() // max(1, num_blocks * programs_per_block))
-    want = max(want, -(-max_tokens // 16384))
+    want = max(want, -(-max_tokens // tokens_per_split))
     return int(max(1, min(want, -(-max_tokens // block_t))))
 
 
@@ -194,6 +203,7 @@ def run_blocks(
     num_programs: int | None = None,
     items_per_program: int = 2,
     return_lse: bool = False,
+    tokens_per_split: int = 16384,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Dispatches query blocks to the backend's kernel. Shapes as `blocks_gpu`.
 
@@ -204,6 +214,7 @@ def run_blocks(
     num_programs / items_per_program: persistent schedule only: programs in the launch (default
     2 x SM count) and work items aimed at per program.
     return_lse: return ``(out, lse)`` as `blocks_gpu` (every backend and schedule).
+    tokens_per_split: split schedule without `num_splits`: `default_num_splits`' table rule.
     """
     if backend in ("tpu", "tpu_interpret"):
         from pallas_kernels.attention_tpu import blocks_tpu
@@ -232,7 +243,8 @@ def run_blocks(
     max_tokens = max_kv_tokens or page_table.shape[1] * geom.tokens_per_page
     if window is not None:
         max_tokens = min(max_tokens, window + qb.shape[2] // rows_per_token)
-    ns = num_splits or default_num_splits(qb.shape[0], qb.shape[1], max_tokens, bt)
+    ns = num_splits or default_num_splits(qb.shape[0], qb.shape[1], max_tokens, bt,
+                                           tokens_per_split)
     return blocks_gpu(qb, blk_seq, blk_pos0, blk_nq, kv_lens, page_table, arena, geom,
                       rows_per_token=rows_per_token, num_gb=num_gb, scale=scale,
                       soft_cap=soft_cap, window=window, num_splits=ns, block_t=bt,

@@ -34,7 +34,7 @@ from pallas_kernels._common import (
     resolve_backend,
     softcap_scores,
 )
-from pallas_kernels.attention_core import run_blocks
+from pallas_kernels.attention_core import DECODE_TOKENS_PER_SPLIT, run_blocks
 from pallas_kernels.page_layout import KVKind, PageGeometry
 from pallas_kernels.paged_reference import read_features
 
@@ -201,7 +201,7 @@ def _paged_decode_attention(q, arena, page_table, lengths, *, geom, scale, soft_
                       schedule=schedule, num_splits=num_splits, block_t=block_t,
                       num_warps=num_warps, num_stages=num_stages,
                       num_programs=num_programs, items_per_program=items_per_program,
-                      return_lse=return_lse)
+                      return_lse=return_lse, tokens_per_split=DECODE_TOKENS_PER_SPLIT)
     if not return_lse:
         return out[:, :, :g, :d].reshape(b, hq, d).astype(q.dtype)
     out, lse = out

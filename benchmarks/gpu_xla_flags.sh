@@ -29,9 +29,10 @@ for i in "${!names[@]}"; do
     extra=()
     [ "${JSON:-0}" = 1 ] && extra=(--json "$out/$name.json")
     echo "=== $name (XLA_FLAGS +${flags[$i]:-nothing}) $(date -u +%T)"
-    env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
-        XLA_FLAGS="${XLA_FLAGS:-} ${flags[$i]}" timeout "${LIMIT:-150}" "$@" "${extra[@]}" \
-        > "$out/$name.log" 2>&1
+    # XLA reads a blank XLA_FLAGS as a file name and aborts: set it only when there are flags
+    xf=$(echo "${XLA_FLAGS:-} ${flags[$i]}" | xargs)
+    env ${xf:+XLA_FLAGS="$xf"} PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+        timeout "${LIMIT:-150}" "$@" "${extra[@]}" > "$out/$name.log" 2>&1
     rc=$?
     echo "rc=$rc $(date -u +%T)" | tee -a "$out/$name.log"
     [ "$rc" -ne 0 ] && status=$rc

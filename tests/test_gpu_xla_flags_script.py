@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # prints the flags and arguments it got; exits 3 when its flags ask for it
-PROBE = ("import os, sys; f = os.environ['XLA_FLAGS']; print('flags=[' + f.strip() + ']', "
+PROBE = ("import os, sys; f = os.environ.get('XLA_FLAGS', 'UNSET'); print('flags=[' + f + ']', "
          "'args=' + ' '.join(sys.argv[1:])); sys.exit(3 if 'fail' in f else 0)")
 
 
@@ -32,6 +32,16 @@ def test_each_variant_runs_with_its_flags_and_log(tmp_path) -> None:
     assert "rc=3" in logs["bad"]  # and the next variant still ran
     assert "flags=[--base --x=1 --y=2]" in logs["last"] and "rc=0" in logs["last"]
     assert proc.stdout.count("=== ") == 4  # each log's tail is printed after its variant
+
+
+def test_no_flags_leaves_xla_flags_unset(tmp_path) -> None:
+    """XLA aborts on a blank XLA_FLAGS (it reads it as a file name): none is set then."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_xla_flags.sh"), "plain", "",
+                           "--", sys.executable, "-c", PROBE],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "flags=[UNSET]" in (tmp_path / "plain.log").read_text()
 
 
 def test_usage_without_a_command() -> None:

@@ -91,13 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     batches = (4,) if args.smoke else (16, 64)
     longs = (256,) if args.smoke else (4096, 32768)
     fracs = (1.0, 0.0625) if args.smoke else (1.0, 0.5, 0.25, 0.0625, 1 / 128)
+    splits = tuple(int(x) for x in args.splits.split(",") if x)
     rows = []
     if args.cases in ("all", "ragged"):
         rows += [run(b, n, f, backend, bw) for b in batches for n in longs for f in fracs]
     if args.cases in ("all", "few-live"):
         table = 1024 if args.smoke else 131072
         few = ((1, 1.0), (2, 1.0), (2, 0.0625), (8, 1.0))
-        splits = tuple(int(x) for x in args.splits.split(",") if x)
         rows += [run(8, n, f, backend, bw, live=live, table_tokens=table, splits=splits)
                  for n in ((256,) if args.smoke else (8192, 43008, 100000)) for live, f in few]
     print(f"\n{jax.devices()[0].device_kind}, copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['batch']:3d} {r['live']:4d} {r['long']:6d} {r['short']:6d} {r['table_tokens']:6d} "
               f"{r['raggedness']:7.2f} {r['split_us']:9.1f} {r['persistent_us']:9.1f} "
               f"{r['persistent_speedup']:7.2f} {r['split_err']:9.1e} {r['persistent_err']:9.1e}")
-    swept = [r for r in rows if any(k.startswith("split") and k[5:-3].isdigit() for k in r)]
+    swept = [r for r in rows if splits and f"split{splits[0]}_us" in r]
     if swept:
-        counts = sorted({int(k[5:-3]) for r in swept for k in r if k[5:-3].isdigit() and k.endswith("_us")})
+        counts = sorted(set(splits))
         print("\nsplit grid at fixed split counts (us; the default rule's and the persistent list's "
               "for comparison)")
         print(f"{'live':>4s} {'long':>6s} {'short':>6s} {'default':>9s} {'pers':>9s} "

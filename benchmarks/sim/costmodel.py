@@ -220,8 +220,8 @@ class CostModel:
     # (1: as calibrated)
     prefill_attention_speedup: float = 1.0
     prefill_dense_speedup: float = 1.0
-    # what-if (`--layer-fixed-speedup Z`): the fitted fixed seconds per layer (`a`: the launches and
-    # small kernels every call pays whatever it holds) divided by Z, in decode and prefill calls
+    # what-if (`--layer-fixed-speedup Z`): the fitted fixed seconds per layer (`a`: what the fit
+    # charges every call per layer whatever it holds) divided by Z, in decode and prefill calls
     layer_fixed_speedup: float = 1.0
 
     def decode_s(self, topology: str, work: Work, steps: int, padded_slots: int = 0) -> float:

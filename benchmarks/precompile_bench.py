@@ -1,6 +1,7 @@
-"""How long `PooledEngine.precompile` takes on this machine: OLMoE-1B-7B-shaped models (random
-weights), one mode, the one-lane shape grid up to --max-context tokens and --max-slots requests per
-KV device, compiled with --threads at once. Prints one line per program and the total.
+"""How long `PooledEngine.precompile` takes on this machine: OLMoE-1B-7B-shaped models (or --model's
+shapes; random weights), one mode, the one-lane shape grid up to --max-context tokens and
+--max-slots requests per KV device, compiled with --threads at once. Prints one line per program,
+the total, and the compile phases' seconds (trace, lower, XLA compile) summed over threads.
 
     PYTHONPATH=. python -m benchmarks.precompile_bench [--mode shared] [--models 3] [--threads 8]
         [--compile-process] [--xla-option xla_gpu_autotune_level=0 ...]
@@ -16,12 +17,14 @@ this process.
 from __future__ import annotations
 
 import argparse
+import collections
+import threading
 import time
 from typing import Any
 
 import jax
 
-from benchmarks.step import olmoe_config
+from benchmarks.step import MODELS
 from crosspool_jax.engine import EngineConfig, PooledEngine
 
 
@@ -40,9 +43,39 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key, value
 
 
+# jax's compile events (`jax._src.dispatch`): tracing, lowering to StableHLO, XLA's compile
+PHASE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+                "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+                "/jax/core/compile/backend_compile_duration": "xla compile"}
+
+
+class PhaseSeconds:
+    """Seconds of each compile phase, summed over this process's threads (so over wall time when
+    several compile at once); worker processes' phases are not seen here."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        from jax import monitoring
+        monitoring.register_event_duration_secs_listener(self._on)
+
+    def _on(self, name: str, secs: float, **_: Any) -> None:
+        phase = PHASE_EVENTS.get(name)
+        if phase is not None:
+            with self._lock:
+                self.seconds[phase] += float(secs)
+                self.counts[phase] += 1
+
+    def summary(self) -> str:
+        return "; ".join(f"{p} {self.seconds[p]:.1f} s over {self.counts[p]}"
+                         for p in PHASE_EVENTS.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="shared")
+    ap.add_argument("--model", choices=sorted(MODELS), default="olmoe", help="the models' shapes")
     ap.add_argument("--models", type=int, default=3)
     ap.add_argument("--max-context", type=int, default=8192)
     ap.add_argument("--max-slots", type=int, default=32)
@@ -60,11 +93,12 @@ def main() -> None:
                           devices=devs[:n])
     t0 = time.perf_counter()
     for i in range(args.models):
-        engine.add_random_model(f"olmoe-{i:02d}", olmoe_config(), seed=i)
+        engine.add_random_model(f"{args.model}-{i:02d}", MODELS[args.model](), seed=i)
     print(f"{devs[0].device_kind}: {args.models} models placed in {time.perf_counter() - t0:.1f} s; "
           f"{engine.describe()}", flush=True)
     for g in engine.groups:
         g.compiler_options = options
+    phases = PhaseSeconds()
     t0 = time.perf_counter()
     count = engine.precompile(args.max_context, args.max_slots, threads=args.threads,
                               log=lambda m: print(m, flush=True))
@@ -72,6 +106,7 @@ def main() -> None:
     how = "worker processes" if args.compile_process else "threads"
     print(f"precompiled {count} programs in {wall:.1f} s with {args.threads} {how}, options {options} "
           f"({wall / max(count, 1):.2f} s per program)", flush=True)
+    print(f"compile phases summed over threads: {phases.summary()}", flush=True)
     engine.shutdown(timeout=0)
 
 

@@ -375,9 +375,10 @@ class _Run:
     def close(self) -> None:
         """Cancels the engine request unless it ended (a disconnect, a stop string); counts a cancel."""
         if not self.ended:
-            self.engine.cancel(self.handle.request_id)
+            # counted first: whoever sees the request gone from the engine sees the cancel counted
             if self.metrics is not None:
                 self.metrics.cancel(self.parsed.model)
+            self.engine.cancel(self.handle.request_id)
             self.ended = True
 
 

@@ -178,7 +178,8 @@ def test_disconnect_mid_stream_frees_pages_and_429(served):
     finally:
         engine.budget = None
     metrics = s.metrics.registry
-    assert metrics.get_sample_value("crosspool_requests_cancelled_total", {"model": MODEL}) >= 2
+    assert _wait(lambda: metrics.get_sample_value("crosspool_requests_cancelled_total",
+                                                  {"model": MODEL}) >= 2)
     assert metrics.get_sample_value("crosspool_http_requests_total",
                                     {"path": "/v1/completions", "status": "429"}) == 1
 

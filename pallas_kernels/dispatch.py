@@ -119,9 +119,10 @@ def prefill_attention(q: jax.Array, arena: jax.Array, page_table: jax.Array, kv_
                       kernels: str = DEFAULT_ATTENTION_KERNELS,
                       scale: float | None = None, soft_cap: float | None = None,
                       window: int | None = None, backend: str | None = None,
-                      return_lse: bool = False) -> Any:
+                      return_lse: bool = False, one_row_decode: bool = False) -> Any:
     """`prefill.paged_prefill_attention` (GQA / MQA / MHA chunked prefill) by the kernel
-    `kernels` picks; same arguments and result."""
+    `kernels` picks; same arguments and result (`one_row_decode`: the Triton kernels only; the
+    Mosaic GPU kernel runs every sequence as a prefill)."""
     be = resolve_backend(backend)
     if wants_mosaic(kernels, be, "gqa_prefill"):
         from pallas_kernels.prefill_mgpu import paged_prefill_attention_mgpu
@@ -133,7 +134,7 @@ def prefill_attention(q: jax.Array, arena: jax.Array, page_table: jax.Array, kv_
             return out
     return paged_prefill_attention(q, arena, page_table, kv_lens, cu_q_lens, geom, scale=scale,
                                    soft_cap=soft_cap, window=window, backend=be,
-                                   return_lse=return_lse)
+                                   return_lse=return_lse, one_row_decode=one_row_decode)
 
 
 def mla_prefill_attention(q_latent: jax.Array, q_rope: jax.Array, arena: jax.Array,

@@ -136,16 +136,20 @@ def paged_mla_prefill_attention_reference(
     return (out, lse[:, 0]) if return_lse else out
 
 
-def query_blocks(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int, block_q: int):
+def query_blocks(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int, block_q: int,
+                 skip_one_row: bool = False):
     """Cuts each sequence's queries into blocks of ``block_q`` tokens.
 
     Returns (blk_seq, blk_pos0, blk_nq: [NB] int32, tok_idx: [NB, block_q] int32 row of q for
     each block slot, ``num_tokens`` where unused) with the static
     ``NB = ceil(num_tokens / block_q) + B``; unused blocks have blk_seq = -1.
+    skip_one_row: sequences with exactly one query get no block (the caller runs them otherwise).
     """
     nseq = kv_lens.shape[0]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     nblk = (q_lens + block_q - 1) // block_q
+    if skip_one_row:
+        nblk = jnp.where(q_lens == 1, 0, nblk)
     ends = jnp.cumsum(nblk)
     max_blocks = -(-num_tokens // block_q) + nseq
     i = jnp.arange(max_blocks, dtype=jnp.int32)
@@ -163,14 +167,15 @@ def query_blocks(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int, bloc
 
 
 def _run_prefill(qp, arena, page_table, kv_lens, cu_q_lens, geom, *, group_block, block_q,
-                 return_lse=False, **kw):
+                 return_lse=False, skip_one_row=False, **kw):
     """qp: [T, KVH, Gp, q_width] -> [T, KVH, Gp, out_width] f32 (rows outside sequences: 0).
 
     return_lse: also return lse [T, KVH, Gp] f32 (rows outside sequences: -inf).
+    skip_one_row: leave the rows of one-query sequences out (0; lse -inf).
     """
     t, kvh, gp, wq = qp.shape
     num_gb = gp // group_block
-    blk_seq, pos0, nq, tok_idx = query_blocks(cu_q_lens, kv_lens, t, block_q)
+    blk_seq, pos0, nq, tok_idx = query_blocks(cu_q_lens, kv_lens, t, block_q, skip_one_row)
     nb = blk_seq.shape[0]
     qrows = jnp.take(qp, tok_idx.reshape(-1), axis=0, mode="fill", fill_value=0)
     qb = qrows.reshape(nb, block_q, kvh, num_gb, group_block, wq)
@@ -214,10 +219,33 @@ _STATIC = ("geom", "scale", "soft_cap", "window", "backend", "schedule", "block_
            "block_t", "group_block", "num_warps", "num_stages", "return_lse")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+def _one_row_decode(q, arena, page_table, kv_lens, cu_q_lens, out, lse, *, geom, scale, soft_cap,
+                    window, backend):
+    """Writes the rows of one-query sequences into (out [T, Hq, d], lse [T, Hq] or None) from the
+    decode kernel: a one-row sequence is a decode step (its query at position kv_len - 1), and the
+    decode kernel's KV split rule serves a long context with enough programs, where a prefill
+    query block would spend block_q rows of tensor-core work on it."""
+    from pallas_kernels.decode import paged_decode_attention
+
+    t = q.shape[0]
+    starts = cu_q_lens[:-1]
+    one = (cu_q_lens[1:] - starts) == 1
+    qd = jnp.take(q, jnp.clip(starts, 0, t - 1), axis=0)  # [B, Hq, d]
+    res = paged_decode_attention(qd, arena, page_table, jnp.where(one, kv_lens, 0), geom,
+                                 scale=scale, soft_cap=soft_cap, window=window, backend=backend,
+                                 return_lse=lse is not None)
+    rows = jnp.where(one, starts, t)  # t: dropped
+    if lse is None:
+        return out.at[rows].set(res.astype(out.dtype), mode="drop"), None
+    od, ld = res
+    return (out.at[rows].set(od.astype(out.dtype), mode="drop"),
+            lse.at[rows].set(ld, mode="drop"))
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "one_row_decode"))
 def _paged_prefill(q, arena, page_table, kv_lens, cu_q_lens, *, geom, scale, soft_cap, window,
                    backend, schedule, block_q, num_splits, block_t, group_block, num_warps,
-                   num_stages, return_lse=False):
+                   num_stages, return_lse=False, one_row_decode=False):
     t, hq, d = q.shape
     kvh = geom.spec.kv_heads
     g = hq // kvh
@@ -231,11 +259,18 @@ def _paged_prefill(q, arena, page_table, kv_lens, cu_q_lens, *, geom, scale, sof
                        cu_q_lens.astype(jnp.int32), geom, group_block=gp, block_q=bq,
                        scale=scale, soft_cap=soft_cap, window=window, backend=backend,
                        schedule=schedule, num_splits=num_splits or 1, block_t=block_t,
-                       num_warps=num_warps, num_stages=num_stages, return_lse=return_lse)
-    if not return_lse:
-        return out[:, :, :g, :d].reshape(t, hq, d).astype(q.dtype)
-    out, lse = out
-    return out[:, :, :g, :d].reshape(t, hq, d).astype(q.dtype), lse[:, :, :g].reshape(t, hq)
+                       num_warps=num_warps, num_stages=num_stages, return_lse=return_lse,
+                       skip_one_row=one_row_decode)
+    lse = None
+    if return_lse:
+        out, lse = out
+        lse = lse[:, :, :g].reshape(t, hq)
+    out = out[:, :, :g, :d].reshape(t, hq, d).astype(q.dtype)
+    if one_row_decode:
+        out, lse = _one_row_decode(q, arena, page_table, kv_lens.astype(jnp.int32),
+                                   cu_q_lens.astype(jnp.int32), out, lse, geom=geom, scale=scale,
+                                   soft_cap=soft_cap, window=window, backend=backend)
+    return out if not return_lse else (out, lse)
 
 
 def check_gqa_prefill_args(q: jax.Array, kv_lens: jax.Array, cu_q_lens: jax.Array,
@@ -268,6 +303,7 @@ def paged_prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     return_lse: bool = False,
+    one_row_decode: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Chunked-prefill attention for a GQA/MQA/MHA model over paged KV (chunk already appended).
 
@@ -283,6 +319,9 @@ def paged_prefill_attention(
       `GPU_PREFILL_DEFAULTS` (128 rows / padded group, 128, 8, 3, 4 splits); elsewhere 64 rows /
       padded group, 64-token blocks, 4 warps, 2 stages, 1 split.
     return_lse: as `paged_decode_attention` (every backend and schedule).
+    one_row_decode: sequences with exactly one query (a mixed step's decode rows) run in the decode
+      kernel (`paged_decode_attention`, its split rule) instead of a query block of block_q rows,
+      a second launch beside the prefill one (same result; the reference backend ignores it).
     Returns [T, num_q_heads, head_dim] in q's dtype; with ``return_lse`` the pair ``(out, lse)``,
     lse [T, num_q_heads] float32 the log-sum-exp of each row's scores over the keys it sees
     (-inf for rows outside every sequence).
@@ -311,7 +350,7 @@ def paged_prefill_attention(
                           soft_cap=soft_cap, window=window, backend=be, schedule=schedule,
                           block_q=block_q, num_splits=num_splits, block_t=block_t,
                           group_block=None, num_warps=num_warps, num_stages=num_stages,
-                          return_lse=return_lse)
+                          return_lse=return_lse, one_row_decode=one_row_decode)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -90,3 +90,24 @@ def test_the_warm_box_holds_a_mixed_call_with_mixed_steps() -> None:
     bk = r.buckets
     chunk = (bk.round(8, bk.slots_floor), bk.round(16, bk.tokens_floor))
     assert chunk in got[True] and chunk not in got[False] and got[False] < got[True]
+
+
+def test_decode_rows_run_in_the_decode_kernel_interpret() -> None:
+    """With mixed_steps every prefill program runs its one-row segments (the decode rows) in the
+    decode attention kernel (`StepSpec.one_row_decode`); with the Pallas kernels in interpret mode
+    the mixed steps' tokens still equal the reference path's."""
+    models = {"mix": MODELS["mix"]}
+    runner = build_runner(models, split=None, colocated=jax.devices()[0], kv_pages=64, prefill_chunk=8,
+                          max_prefill_tokens=8, mixed_steps=True, backend="interpret")
+    reqs = [Req("a", "mix", tuple(range(3, 9)), 6), Req("b", "mix", tuple(range(20, 45)), 3)]
+    log = drive(runner, reqs)
+    refs = References(models)
+    for r in reqs:
+        assert log.tokens[r.rid] == refs(r)[0], r.rid
+    assert runner.mixed_rows > 0
+    prefill = [sp for sp in runner._programs if not sp.decode]
+    assert prefill and all(sp.one_row_decode for sp in prefill)
+    assert not any(sp.one_row_decode for sp in runner._programs if sp.decode)
+    plain = build_runner(models, split=None, colocated=jax.devices()[0], kv_pages=64, prefill_chunk=8,
+                         max_prefill_tokens=8)
+    assert not plain._prefill_spec(plain._lane_key("mix")[0], 1, 8, 8, 4).one_row_decode

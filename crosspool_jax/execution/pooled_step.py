@@ -123,6 +123,8 @@ class StepSpec:
     matmul_backend: str | None = None  # arena matmul backend (None: the Pallas kernel on GPU,
     # "reference" = XLA's ragged_dot over sliced weights elsewhere)
     unroll_layers: bool = False  # True: every layer emitted straight (no loop; benchmarks compare)
+    # GQA prefill: one-row segments (a mixed step's decode rows) in the decode attention kernel
+    one_row_decode: bool = False
 
 
 # ---- reading the arena ------------------------------------------------------------------------------
@@ -404,7 +406,7 @@ class Lane:
         else:
             res = dispatch.prefill_attention(q, arena, tail_pages, st.tail_len, inp["cu_q"],
                                              self.geom, scale=cfg.softmax_scale, kernels=kernels,
-                                             **extra)
+                                             one_row_decode=self.spec.one_row_decode, **extra)
         return res if split else (res, None)
 
     def _split(self, arena, q, q_rope, o, lse, layer, dev, is_kv, kw):

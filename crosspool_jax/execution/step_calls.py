@@ -216,7 +216,8 @@ class StepCalls:
                 decode and self.platform == "gpu" and not any(wanted[i].extras for i in idxs))
             spec, prog = self._program_for(StepSpec(tuple(wanted[i] for i in idxs), decode, steps,
                                                     self.backend, attention_schedule=sched,
-                                                    attention_kernels=self.attention_kernels))
+                                                    attention_kernels=self.attention_kernels,
+                                                    one_row_decode=self.mixed_steps and not decode))
             for i, shape in zip(idxs, spec.lanes, strict=True):
                 shapes[i] = shape
             programs.append((idxs, prog))

@@ -440,7 +440,8 @@ class StepPrograms:
         """The one-lane prefill program of class `cls`: G = `g`, `slots` slots, `tokens` prompt
         tokens, page tables of `pages` pages."""
         return StepSpec((LaneShape(cls, g, slots, tokens, pages, stop_width=self.stop_width),), False, 1,
-                        self.backend, attention_kernels=self.attention_kernels)
+                        self.backend, attention_kernels=self.attention_kernels,
+                        one_row_decode=self.mixed_steps)
 
     def _decode_specs(self, cls: Any, g: int, slots: int, pages: int,
                       schedule: str = "split") -> list[StepSpec]:
@@ -647,7 +648,8 @@ class StepPrograms:
                             if b <= t:
                                 lane = LaneShape(cls, gg, b, t, p, stop_width=self.stop_width)
                                 specs.append(StepSpec((lane,), False, 1, self.backend,
-                                                      attention_kernels=self.attention_kernels))
+                                                      attention_kernels=self.attention_kernels,
+                                                      one_row_decode=self.mixed_steps))
         return specs
 
     def precompile(self, specs: Sequence[StepSpec], threads: int = 4,

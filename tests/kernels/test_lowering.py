@@ -55,6 +55,10 @@ def _programs(backend: str):
             lambda q, a, t, n: paged_decode_attention(q, a, t, n, g, backend=backend,
                                                       schedule="persistent"),
             (bf(4, 32, 128), a, tb, ln))
+        progs["prefill_one_row_decode"] = (  # a mixed step's decode rows in the decode kernel
+            lambda q, a, t, n, c: paged_prefill_attention(q, a, t, n, c, g, backend=backend,
+                                                          one_row_decode=True),
+            (bf(100, 32, 128), a, tb, ln, cu))
     return progs
 
 

@@ -142,3 +142,30 @@ def test_mla_prefill(backend):
     out = paged_mla_prefill_attention(ql, qr, case.arena, case.table, case.lens, cu, case.geom,
                                       scale=0.1, backend=backend)
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_row_sequences_in_the_decode_kernel(dtype):
+    """`one_row_decode`: one-query sequences (a mixed step's decode rows) go to the decode kernel,
+    the rest to the prefill kernel; together the same rows as the reference, lse included, at
+    page boundaries (KV of 8 = one whole page, 9, 35), with a window and a soft cap."""
+    rng = np.random.default_rng(25)
+    case, _, _ = _gqa_case(rng, dtype=dtype)
+    q_lens = [0, 1, 1, 1, 9, 1]  # KV 0, 1, 7, 8, 9, 35: four one-row sequences beside a chunk
+    q = jnp.asarray(rng.standard_normal((sum(q_lens) + PAD_ROWS, 6, 64)), jnp.dtype(dtype))
+    cu = _cu(q_lens)
+    for kw in ({}, {"soft_cap": 3.0, "window": 6}):
+        ref, ref_lse = paged_prefill_attention_reference(q, case.arena, case.table, case.lens, cu,
+                                                         case.geom, return_lse=True, **kw)
+        out, lse = paged_prefill_attention(q, case.arena, case.table, case.lens, cu, case.geom,
+                                           backend="interpret", block_q=4, return_lse=True,
+                                           one_row_decode=True, **kw)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert rel_err(out, ref) < tol(dtype), kw
+        assert float(jnp.abs(out[-PAD_ROWS:].astype(jnp.float32)).max()) == 0.0
+        live = np.isfinite(np.asarray(ref_lse))
+        assert np.array_equal(live, np.isfinite(np.asarray(lse)))
+        assert float(np.abs(np.asarray(lse)[live] - np.asarray(ref_lse)[live]).max()) < 1e-2, kw
+        plain = paged_prefill_attention(q, case.arena, case.table, case.lens, cu, case.geom,
+                                        backend="interpret", block_q=4, **kw)
+        assert rel_err(out, plain) < tol(dtype), kw  # the same result as one launch

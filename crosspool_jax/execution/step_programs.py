@@ -51,7 +51,8 @@ def lane_dominates(have: LaneShape, want: LaneShape) -> bool:
 def spec_dominates(have: StepSpec, want: StepSpec) -> bool:
     """`have`'s program can run a call that wants `want`: same decode flag, backends, attention
     schedule and lane structure, decode steps K >= (slots past their `remaining` idle), and each
-    lane dominating (`lane_dominates`)."""
+    lane dominating (`lane_dominates`). `attention_kernels` and `one_row_decode` are not compared:
+    they pick kernels of the same math."""
     if (have.decode, have.backend, have.attention_schedule, have.matmul_backend, have.unroll_layers,
             len(have.lanes)) != (want.decode, want.backend, want.attention_schedule,
                                  want.matmul_backend, want.unroll_layers, len(want.lanes)):

@@ -34,7 +34,10 @@ from pallas_kernels.page_layout import PageGeometry
 DEFAULT_NUM_SMS = 132  # H100 / H200 SXM; used when the device does not report a core count
 
 
-# GQA decode: one KV split per this many tokens of the page table (not 16,384). Measured on one
+# The split grid's table rule: at least one KV split per this many tokens of the page table
+# (prefill, MLA decode; the Mosaic MLA decode kernel's own rule uses it too).
+TOKENS_PER_SPLIT = 16384
+# GQA decode: one KV split per this many tokens of the page table instead. Measured on one
 # H100, 2026-12-06 (docs/benchmarks.md): OLMoE-1B-7B's decode call of 1 request at 43K tokens in
 # an 8-slot, 4,096-page bucket 23.6 -> 18.4 ms (its attention 14.5 -> 9.2 ms), the full bucket of
 # 8 x 7.4K 29.1 -> 29.3 ms; 4,096 tokens gave 19.1 ms and 30.5 ms (5% slower on the full bucket).
@@ -163,7 +166,7 @@ def blocks_gpu(
 
 
 def default_num_splits(num_blocks: int, programs_per_block: int, max_tokens: int,
-                       block_t: int, tokens_per_split: int = 16384) -> int:
+                       block_t: int, tokens_per_split: int = TOKENS_PER_SPLIT) -> int:
     """Static split-KV factor: enough programs for about 2 waves on the GPU, and at least one
     split per `tokens_per_split` tokens the page table can hold (a wide table means a long
     sequence may be there), never a split under one block. The split's length is set at run time
@@ -203,7 +206,7 @@ def run_blocks(
     num_programs: int | None = None,
     items_per_program: int = 2,
     return_lse: bool = False,
-    tokens_per_split: int = 16384,
+    tokens_per_split: int = TOKENS_PER_SPLIT,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Dispatches query blocks to the backend's kernel. Shapes as `blocks_gpu`.
 

@@ -97,7 +97,6 @@ BARRIER_BYTES = 8  # one mbarrier
 SCORE_REGISTERS = 232  # per thread of each compute warpgroup (setmaxnreg)
 MEMORY_REGISTERS = 40  # per thread of the memory warpgroup
 MIN_SPLIT_TOKENS = 512  # a split shorter than this would spend more on loading Q than on KV
-TOKENS_PER_SPLIT = 16384  # at least one KV split per this many tokens of the page table
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -139,10 +138,10 @@ def max_stages(geom: PageGeometry, block_t: int, itemsize: int = 2) -> int:
 
 def default_num_splits(batch: int, head_blocks: int, max_tokens: int, block_t: int) -> int:
     """KV splits per sequence from static shapes: about one wave of CTAs (one CTA per SM: the
-    shared memory allows no more), at least one split per `TOKENS_PER_SPLIT` tokens the page
-    table can hold, at most one per `MIN_SPLIT_TOKENS` (and per block)."""
+    shared memory allows no more), at least one split per `attention_core.TOKENS_PER_SPLIT`
+    tokens the page table can hold, at most one per `MIN_SPLIT_TOKENS` (and per block)."""
     want = max(1, attention_core.num_sms() // max(1, batch * head_blocks))
-    want = max(want, -(-max_tokens // TOKENS_PER_SPLIT))
+    want = max(want, -(-max_tokens // attention_core.TOKENS_PER_SPLIT))
     cap = max(1, max_tokens // MIN_SPLIT_TOKENS)
     return int(max(1, min(want, cap, -(-max_tokens // block_t))))
 

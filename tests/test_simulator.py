@@ -19,6 +19,7 @@ from pooled_helpers import LAYOUT, arena_pages, build_runner, f32
 from benchmarks import runner as bench
 from benchmarks.sim.costmodel import (
     CalibrationError,
+    CostModel,
     SlotWork,
     _point_work,
     fit,
@@ -37,6 +38,7 @@ from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.pool_runner import GroupRunner
 from crosspool_jax.execution.sampling import SamplingParams
 from crosspool_jax.memory.arena import ArenaBook
+from crosspool_jax.memory.planner import Phase
 from serving.cli import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,6 +202,42 @@ def test_simulated_group_schedules_exactly_as_the_real_runner(monkeypatch) -> No
     assert got["real"][0] == {"q0": 10, "q1": 10, "q2": 9} and got["real"][1] > 0  # the pool was short
     assert seen["sim"] == seen["real"]
     assert sim.busy_seconds > 0 and sim.clock >= sim.busy_seconds
+
+
+def test_a_mixed_call_is_priced_as_its_prefill_plus_one_decode_step(monkeypatch) -> None:
+    """With `mixed_steps`, a prefill call that carries a decoding request's row is priced as a
+    prefill call of its prompt rows plus one step of a decode call of its decode rows (what one
+    H100 measured, docs/benchmarks.md 2026-12-06), not as one more prefill row."""
+    mix = demo_models()["demo-mixtral"]
+    cfg, w = mix.config, f32(mix.weights)
+    priced: list[tuple[str, int, int]] = []  # (kind, tokens or slots, steps)
+    orig_pre, orig_dec = CostModel.prefill_s, CostModel.decode_s
+
+    def prefill_s(self, topology, work):
+        priced.append(("prefill", work.tokens, 0))
+        return orig_pre(self, topology, work)
+
+    def decode_s(self, topology, work, steps, padded_slots=0):
+        priced.append(("decode", work.tokens, steps))
+        return orig_dec(self, topology, work, steps, padded_slots)
+
+    monkeypatch.setattr(CostModel, "prefill_s", prefill_s)
+    monkeypatch.setattr(CostModel, "decode_s", decode_s)
+    attn, _ = arena_pages({"mix": (cfg, w)}, 1, LAYOUT, True)
+    book = ArenaBook(dataclasses.replace(LAYOUT, num_pages=attn + 16), attn, 1, 1, colocated=True)
+    sim = SimulatedGroup(book, book.layout, fit(load_calibration()), platform="cpu", backend="reference",
+                         kv_pages_per_device=16, warm_programs=0, mixed_steps=True, prefill_chunk=8,
+                         max_prefill_tokens=8, fallback=False, steps_per_call=4)
+    sim.add_model("mix", cfg, w)
+    sim.submit("a", "mix", list(range(3, 9)), 12, SamplingParams())
+    while sim.planner.info("a").phase != Phase.DECODE:
+        sim.step()
+    sim.submit("b", "mix", list(range(3, 19)), 2, SamplingParams())
+    priced.clear()
+    sim.step()  # b's first chunk, with a's token as a row of that call
+    assert priced[0] == ("prefill", 7, 0)  # the budget's 8 rows less the folded decode row
+    assert priced[1] == ("decode", 1, 1)  # a's row: one step of a decode call
+    assert sim.mixed_rows == 1
 
 
 def test_models_of_a_class_share_its_object_and_the_covered_width_follows_the_programs() -> None:

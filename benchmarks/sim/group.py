@@ -9,7 +9,11 @@ engine. It replaces only what touches a device, through the runner's seams:
 - the store is an `ArenaBook` (the arena's books, no devices, no array);
 - `_execute` (build inputs, call programs) returns token placeholders (0) and advances the group's
   device timeline by the cost model's seconds for the call's work (`costmodel.lane_work`, per lane
-  group = per program), after the host's launch seconds per call;
+  group = per program), after the host's launch seconds per call. A mixed step's prefill call
+  (`mixed_steps`) is priced as its prompt rows' prefill call plus one step of a decode call of its
+  decode rows: measured on one H100 (2026-12-06, docs/benchmarks.md), such calls cost 1.10x that
+  sum at the median (P10-P90 0.94-1.33x), where pricing the decode rows as prefill rows (their
+  FLOPs) had predicted TTFT P99 1.6x too low;
 - `_read` (read a call's tokens) waits until the call's device work ends in virtual time;
 - `_now` is the group's virtual clock (seconds); `_compile_aot` (a compile on the serving path)
   advances it by the calibrated compile seconds; `_compile_in_background` queues a virtual compile
@@ -256,14 +260,19 @@ class SimulatedGroup(GroupRunner):
         dispatched = self.clock
         seconds = 0.0
         for idxs, prog in programs:
-            slots = []
+            slots, decode_rows = [], []
             for i in idxs:
                 for rows in sorted_rows[i][0]:
                     for w, s0, e0, seg, older, _ in rows:
-                        slots.append(SlotWork(w.req.model, seg.device, e0 - s0, s0,
-                                              samples=decode or (w.samples and e0 == w.end),
-                                              extra=tuple((s.device, s.num_tokens) for s in older)))
-            costs = {s.model: self._model_costs(s.model) for s in slots}
+                        slot = SlotWork(w.req.model, seg.device, e0 - s0, s0,
+                                        samples=decode or (w.samples and e0 == w.end),
+                                        extra=tuple((s.device, s.num_tokens) for s in older))
+                        # a mixed step's decode row (`mixed_steps`): one row past the prompt
+                        row = self.mixed_steps and not decode and e0 - s0 == 1 and s0 >= len(w.req.prompt)
+                        (decode_rows if row else slots).append(slot)
+            if not slots:  # (a prefill call holds at least one prompt row)
+                slots, decode_rows = decode_rows, []
+            costs = {s.model: self._model_costs(s.model) for s in slots + decode_rows}
             work = lane_work(slots, costs, self.store.num_kv, self.store.num_weights, decode)
             steps = prog.spec.steps
             # rows of the program beyond the call's own (a larger program while its own compiles)
@@ -272,6 +281,9 @@ class SimulatedGroup(GroupRunner):
             seconds += (self.cost.decode_s(self.topology_kind, work, steps, max(0, padded)) if decode
                         else self.cost.prefill_s(self.topology_kind, work)
                         + self.cost.padded_prefill_s(max(0, padded)))
+            if decode_rows:  # priced as one step of a decode call of those rows (module docstring)
+                rows_work = lane_work(decode_rows, costs, self.store.num_kv, self.store.num_weights, True)
+                seconds += self.cost.decode_s(self.topology_kind, rows_work, 1)
             for why in self.cost.outside(work, decode, [_shape(m) for m in costs]):
                 self.outside[why] = self.outside.get(why, 0) + 1
             self.calls_priced += 1

@@ -11,12 +11,21 @@ lowering, with the H200 as the Triton target). To compare two commits, run it in
 each (this file copied into the older one):
 
     PYTHONPATH=. JAX_PLATFORMS=cpu python -m benchmarks.lowering_time [--programs 4] [--repeat 2]
+
+With --kernels it also counts the Triton kernels the picked programs carry (`--programs 0`: the
+whole grid): kernel instances (one per distinct kernel of a program) against distinct kernels
+over the programs (by their Triton IR), per kernel name. XLA compiles every instance again unless
+its kernel cache (`JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=all`) has it, so the ratio bounds what
+that cache can save of the kernels' compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import hashlib
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -50,14 +59,29 @@ def target_h200() -> Iterator[None]:
         gpu_info.get_gpu_info, jax.default_backend = saved
 
 
-def time_lowering(spec: StepSpec, store: Any) -> tuple[float, float]:
-    """(trace seconds, lower seconds) of `spec`'s step program lowered for CUDA."""
+def time_lowering(spec: StepSpec, store: Any) -> tuple[float, float, Any]:
+    """(trace seconds, lower seconds, the lowered program) of `spec`'s step program for CUDA."""
     arena = jax.ShapeDtypeStruct(store.arena.shape, store.arena.dtype, sharding=store.sharding)
     t0 = time.perf_counter()
     traced = build_step(spec, store, "gpu").trace(arena, input_shapes(spec, store))
     t1 = time.perf_counter()
-    traced.lower(lowering_platforms=("cuda",))
-    return t1 - t0, time.perf_counter() - t1
+    lowered = traced.lower(lowering_platforms=("cuda",))
+    return t1 - t0, time.perf_counter() - t1, lowered
+
+
+_TRITON_CALL = re.compile(r'custom_call @__gpu\$xla\.gpu\.triton\(.*?\{(.*?)\}\s*:', re.S)
+
+
+def triton_kernels(module_text: str) -> dict[str, str]:
+    """The Triton kernels of a lowered module's text: {digest of the kernel's IR: kernel name}."""
+    out = {}
+    for m in _TRITON_CALL.finditer(module_text):
+        attrs = m.group(1)
+        ir = re.search(r'ir = "([^"]*)"', attrs)
+        name = re.search(r'name = "([^"]*)"', attrs)
+        digest = hashlib.sha1((ir.group(1) if ir else attrs).encode()).hexdigest()
+        out[digest] = name.group(1) if name else "?"
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--programs", type=int, default=4, help="decode and prefill programs, each")
     ap.add_argument("--repeat", type=int, default=1,
                     help="times each program is lowered (the best is printed)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also count the programs' Triton kernels: instances vs distinct (module docstring)")
     args = ap.parse_args(argv)
     engine = PooledEngine(mode="shared", pools="1", devices=jax.devices()[:1], config=EngineConfig(
         arena_bytes=3 << 30, page_bytes=256 << 10, prefill_chunk=2048, weights_fraction=0.6))
@@ -74,19 +100,28 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(3):
         engine.add_random_model(f"olmoe-{i:02d}", olmoe_config(**SMALL), seed=i)
     specs = group.bucket_specs(131072, 64)
-    pick = [s for s in specs if s.decode][:args.programs] + [s for s in specs if not s.decode][:args.programs]
-    total = 0.0
+    n = args.programs or len(specs)
+    pick = [s for s in specs if s.decode][:n] + [s for s in specs if not s.decode][:n]
+    total, instances, names = 0.0, 0, {}
     for spec in pick:
         with target_h200():
             times = [time_lowering(spec, group.store) for _ in range(args.repeat)]
-        best = min(times, key=sum)
-        total += sum(best)
+        best = min(times, key=lambda t: t[0] + t[1])
+        total += best[0] + best[1]
         ln = spec.lanes[0]
+        kernels = triton_kernels(best[2].as_text()) if args.kernels else {}
+        instances += len(kernels)
+        names.update(kernels)
         print(f"{'decode' if spec.decode else 'prefill':8s} slots={ln.slots:<4d} tokens={ln.tokens:<5d} "
               f"pages={ln.max_pages:<5d} G={ln.groups}: trace {best[0]:.2f} s, lower {best[1]:.2f} s "
-              f"(best of {args.repeat})", flush=True)
+              f"(best of {args.repeat})" + (f"; {len(kernels)} Triton kernels" if args.kernels else ""),
+              flush=True)
     print(f"{len(pick)} programs: {total:.2f} s traced and lowered ({total / max(len(pick), 1):.2f} s "
           f"each; {len(specs)} programs in this grid)")
+    if args.kernels:
+        per_name = collections.Counter(names.values())
+        print(f"Triton kernels: {instances} instances in {len(pick)} programs, {len(names)} distinct ("
+              + ", ".join(f"{k} {v}" for k, v in per_name.most_common()) + ")")
     engine.shutdown(timeout=0)
 
 

@@ -505,76 +505,90 @@ def make_engine(
             log(f"serve: engine settings ({', '.join(settings.engine)}) are ignored in mode reference")
         engine = ServingEngine(max_live_requests=settings.max_live_requests)
     else:
-        cls = engine_class or pooled_engine_class()  # engine_class: a multi-host group's engine
-        if cls is None:
-            shown = settings.mode if settings.mode != "auto" else "auto (the pooled engine)"
-            raise SettingsError(f"mode {shown} needs the pooled engine (not available yet)")
-        # a class with config / devices bound by functools.partial (how benchmarks/runner.py passed
-        # them before make_engine took them): those are the defaults of the two keywords
-        bound = getattr(cls, "keywords", None) or {}
-        if engine_config is None:
-            engine_config = bound.get("config")
-        if devices is None:
-            devices = bound.get("devices")
-        if devices is None:
-            import jax
-
-            from crosspool_jax.memory.topology import devices_needed, ensure_cpu_devices
-
-            # CPU only: the virtual devices --pools asks for (auto counts as crosspool)
-            ensure_cpu_devices(devices_needed("crosspool" if settings.mode == "auto" else settings.mode,
-                                              settings.pools) if settings.pools else 0)
-            devices = jax.devices()
-        devices = list(devices)
-        mode, why = resolve_mode(settings, devices)
-        if why:
-            log(f"serve: {why}")
-        config = settings.engine_config(engine_config)
-        # the step programs take as many stop ids as the server lets a request send
-        config = dataclasses.replace(config, max_stop_ids=settings.request_limits().max_stop_token_ids)
-        if config.attention_backend is None and devices and devices[0].platform == "cpu":
-            config = dataclasses.replace(config, attention_backend="reference")
-            log("serve: attention_backend reference on CPU (set engine.attention_backend to override)")
-        try:
-            engine = cls(mode=mode, pools=settings.pools, max_live_requests=settings.max_live_requests,
-                         config=config, devices=devices)
-        except (CrossPoolError, ValueError) as e:
-            msg = " ".join(str(e).split())
-            raise SettingsError(f"mode {mode}: the engine refused its settings: {msg}") from None
-        describe = getattr(engine, "describe", None)
-        if callable(describe):
-            log(f"serve: {describe()}")
-    verb = "loaded" if settings.mode == "reference" else "placed"
+        engine = _pooled_engine(settings, log, engine_config, devices, engine_class)
     try:
-        if settings.load_demo:
-            from crosspool_jax.demo import demo_models
-
-            for name, m in demo_models().items():
-                if name not in settings.models:
-                    t0 = time.perf_counter()
-                    engine.add_model(name, m.config, m.weights, m.tokenizer, source="builtin-demo")
-                    log(f"serve: {verb} {name} ({m.config.family.value}) in {time.perf_counter() - t0:.1f} s"
-                        + _weights_note(engine, name))
-        if settings.models:
-            from checkpoints import load_model  # local import: checkpoints pulls in orbax
-
-            for name, path in settings.models.items():
-                log(f"serve: loading {name} from {path}")
-                t0 = time.perf_counter()
-                if settings.mode != "reference":  # the pooled engine loads to host, then places
-                    engine.load_model(name, path, on_disk=settings.load_on_request)
-                else:
-                    m = load_model(path)
-                    engine.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
-                if settings.load_on_request and settings.mode != "reference":
-                    log(f"serve: registered {name} on disk (loaded at its first request)")
-                else:
-                    log(f"serve: {verb} {name} in {time.perf_counter() - t0:.1f} s"
-                        + _weights_note(engine, name))
+        _add_models(engine, settings, log)
     except BaseException:
         engine.shutdown(timeout=0)
         raise
     return engine
+
+
+def _pooled_engine(settings: ServeSettings, log: Callable[[str], None], engine_config: Any,
+                   devices: list[Any] | None, engine_class: Any) -> Any:
+    """`make_engine`'s pooled engine (no models yet): its class, devices, mode and config."""
+    cls = engine_class or pooled_engine_class()  # engine_class: a multi-host group's engine
+    if cls is None:
+        shown = settings.mode if settings.mode != "auto" else "auto (the pooled engine)"
+        raise SettingsError(f"mode {shown} needs the pooled engine (not available yet)")
+    # a class with config / devices bound by functools.partial (how benchmarks/runner.py passed
+    # them before make_engine took them): those are the defaults of the two keywords
+    bound = getattr(cls, "keywords", None) or {}
+    if engine_config is None:
+        engine_config = bound.get("config")
+    if devices is None:
+        devices = bound.get("devices")
+    if devices is None:
+        import jax
+
+        from crosspool_jax.memory.topology import devices_needed, ensure_cpu_devices
+
+        # CPU only: the virtual devices --pools asks for (auto counts as crosspool)
+        ensure_cpu_devices(devices_needed("crosspool" if settings.mode == "auto" else settings.mode,
+                                          settings.pools) if settings.pools else 0)
+        devices = jax.devices()
+    devices = list(devices)
+    mode, why = resolve_mode(settings, devices)
+    if why:
+        log(f"serve: {why}")
+    config = settings.engine_config(engine_config)
+    # the step programs take as many stop ids as the server lets a request send
+    config = dataclasses.replace(config, max_stop_ids=settings.request_limits().max_stop_token_ids)
+    if config.attention_backend is None and devices and devices[0].platform == "cpu":
+        config = dataclasses.replace(config, attention_backend="reference")
+        log("serve: attention_backend reference on CPU (set engine.attention_backend to override)")
+    try:
+        engine = cls(mode=mode, pools=settings.pools, max_live_requests=settings.max_live_requests,
+                     config=config, devices=devices)
+    except (CrossPoolError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise SettingsError(f"mode {mode}: the engine refused its settings: {msg}") from None
+    describe = getattr(engine, "describe", None)
+    if callable(describe):
+        log(f"serve: {describe()}")
+    return engine
+
+
+def _add_models(engine: Any, settings: ServeSettings, log: Callable[[str], None]) -> None:
+    """`make_engine`'s models: the demo models (unless turned off; a configured model of the same
+    name wins), then each configured checkpoint (the pooled engine loads it to host, then places
+    it, or registers it on disk with `load_on_request`)."""
+    verb = "loaded" if settings.mode == "reference" else "placed"
+    if settings.load_demo:
+        from crosspool_jax.demo import demo_models
+
+        for name, m in demo_models().items():
+            if name not in settings.models:
+                t0 = time.perf_counter()
+                engine.add_model(name, m.config, m.weights, m.tokenizer, source="builtin-demo")
+                log(f"serve: {verb} {name} ({m.config.family.value}) in {time.perf_counter() - t0:.1f} s"
+                    + _weights_note(engine, name))
+    if not settings.models:
+        return
+    from checkpoints import load_model  # local import: checkpoints pulls in orbax
+
+    for name, path in settings.models.items():
+        log(f"serve: loading {name} from {path}")
+        t0 = time.perf_counter()
+        if settings.mode != "reference":  # the pooled engine loads to host, then places
+            engine.load_model(name, path, on_disk=settings.load_on_request)
+        else:
+            m = load_model(path)
+            engine.add_model(name, m.config, m.weights, m.tokenizer, source=str(path))
+        if settings.load_on_request and settings.mode != "reference":
+            log(f"serve: registered {name} on disk (loaded at its first request)")
+        else:
+            log(f"serve: {verb} {name} in {time.perf_counter() - t0:.1f} s" + _weights_note(engine, name))
 
 
 def _weights_note(engine: Any, name: str) -> str:

@@ -503,26 +503,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from serving.tls import server_credentials
 
         server_credentials(settings.tls_cert, settings.tls_key)
-    from serving.server import ServeInterrupted, ShutdownSignals, listen_error, serve_forever, start_server
+    from serving.server import ServeInterrupted, ShutdownSignals, serve_forever
 
     t0 = time.perf_counter()
-    if settings.metrics_port:  # a metrics port in use: say so now, not after the models are loaded
-        why = listen_error("127.0.0.1", settings.metrics_port)
-        if why:
-            raise OSError(f"--metrics-port: cannot listen on 127.0.0.1:{settings.metrics_port}: {why}")
-    # the port first: a port in use is refused before any model is loaded
-    running = start_server(
-        None,
-        settings.host,
-        settings.port,
-        auth_token=settings.auth_token,
-        max_workers=max(32, settings.max_live_requests + 16),
-        tls_cert=settings.tls_cert,
-        tls_key=settings.tls_key,
-        limits=settings.request_limits(),
-        http_port=settings.http_port,
-        http_host=settings.http_host,
-    )
+    running = _listen_first(settings)
     http_note = f" (and HTTP on {running.http_address}: 503 until then)" if running.http else ""
     listening = [f"serve: listening on {running.address}{http_note}; health NOT_SERVING until the models "
                  "are loaded"]
@@ -578,6 +562,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _log("serve: exit status 1: the group lost a process (its collectives in flight never finish)")
         _hard_exit(1)
     return 0
+
+
+def _listen_first(settings: Any) -> Any:
+    """`cmd_serve`'s ports, before any model is loaded (a port in use is refused at once): checks
+    the metrics port, then starts the gRPC server (and the HTTP API) with no engine yet (health
+    NOT_SERVING). Returns the `RunningServer`."""
+    from serving.server import listen_error, start_server
+
+    if settings.metrics_port:  # a metrics port in use: say so now, not after the models are loaded
+        why = listen_error("127.0.0.1", settings.metrics_port)
+        if why:
+            raise OSError(f"--metrics-port: cannot listen on 127.0.0.1:{settings.metrics_port}: {why}")
+    return start_server(
+        None,
+        settings.host,
+        settings.port,
+        auth_token=settings.auth_token,
+        max_workers=max(32, settings.max_live_requests + 16),
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        limits=settings.request_limits(),
+        http_port=settings.http_port,
+        http_host=settings.http_host,
+    )
 
 
 def _leader_engine_class(cluster: Any, args: argparse.Namespace, start_log: Callable[[str], None]

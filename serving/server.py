@@ -561,21 +561,7 @@ def start_server(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = 0
-    why = listen_error(host, port)  # before gRPC tries: its C core would log a line of its own
-    if why is None:
-        try:
-            if creds is None:
-                bound = server.add_insecure_port(f"{host}:{port}")
-            else:
-                bound = server.add_secure_port(f"{host}:{port}", creds)
-        except RuntimeError:  # grpc raises instead of returning 0 for some bind failures
-            bound = 0
-        if bound == 0:
-            why = listen_error(host, port, in_use_only=False) or "gRPC could not bind it"
-    if why is not None:
-        server.stop(None)
-        raise OSError(f"cannot listen on {host}:{port}: {why}")
+    bound = _bind(server, host, port, creds)
     http = None
     if http_port is not None:
         from serving.openai_api import HTTPServer, create_app
@@ -597,6 +583,27 @@ def start_server(
         server, engine, f"{host}:{bound}", bound, health_servicer, metrics, tls=creds is not None,
         servicer=servicer, http=http,
     )
+
+
+def _bind(server: grpc.Server, host: str, port: int, creds: Any) -> int:
+    """Binds `server` to host:port (TLS with `creds`, else plaintext) and returns the bound port;
+    stops the server and raises OSError("cannot listen on HOST:PORT: why") if it cannot."""
+    bound = 0
+    why = listen_error(host, port)  # before gRPC tries: its C core would log a line of its own
+    if why is None:
+        try:
+            if creds is None:
+                bound = server.add_insecure_port(f"{host}:{port}")
+            else:
+                bound = server.add_secure_port(f"{host}:{port}", creds)
+        except RuntimeError:  # grpc raises instead of returning 0 for some bind failures
+            bound = 0
+        if bound == 0:
+            why = listen_error(host, port, in_use_only=False) or "gRPC could not bind it"
+    if why is not None:
+        server.stop(None)
+        raise OSError(f"cannot listen on {host}:{port}: {why}")
+    return bound
 
 
 def demo_engine(max_live_requests: int = 64, names: list[str] | None = None) -> ServingEngine:

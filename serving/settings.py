@@ -43,7 +43,7 @@ import os
 import re
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from crosspool_jax.errors import CrossPoolError
@@ -296,6 +296,20 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return name, path
 
 
+def _config_table(path: str, key: str, value: Any, known: Mapping[str, Any],
+                  check: Callable[[str, Any, str], Any], what: str) -> dict[str, Any]:
+    """A config file's table `key` (e.g. [engine]): each entry checked by check(sub, value, where)
+    -> {sub: checked value}; SettingsError for a non-table or an unknown entry."""
+    if not isinstance(value, dict):
+        raise SettingsError(f"config {path}: key {key!r}: must be {what} (e.g. [{key}])")
+    out = {}
+    for sub, v in value.items():
+        if sub not in known:
+            raise SettingsError(f"config {path}: unknown key '{key}.{sub}' (known: {', '.join(known)})")
+        out[sub] = check(sub, v, f"config {path}: key '{key}.{sub}'")
+    return out
+
+
 def load_config(path: str) -> dict[str, Any]:
     """The settings in the TOML file `path`, as ServeSettings field -> value (only the keys present),
     checked; relative paths resolved against the file's directory."""
@@ -329,51 +343,28 @@ def load_config(path: str) -> dict[str, Any]:
                 models[name] = resolve(p)
             out["models"] = models
         elif key == "engine":
-            if not isinstance(value, dict):
-                raise SettingsError(f"{where}: must be a table of EngineConfig fields (e.g. [engine])")
-            engine = {}
-            for sub, v in value.items():
-                if sub not in ENGINE_CHECKS:
-                    raise SettingsError(
-                        f"config {path}: unknown key 'engine.{sub}' (known: {', '.join(ENGINE_CHECKS)})"
-                    )
-                engine[sub] = check_engine_value(sub, v, f"config {path}: key 'engine.{sub}'")
-            out["engine"] = engine
+            out["engine"] = _config_table(path, key, value, ENGINE_CHECKS, check_engine_value,
+                                          "a table of EngineConfig fields")
         elif key == "limits":
-            if not isinstance(value, dict):
-                raise SettingsError(f"{where}: must be a table of RequestLimits fields (e.g. [limits])")
-            limits = {}
-            for sub, v in value.items():
-                if sub not in LIMIT_CHECKS:
-                    raise SettingsError(
-                        f"config {path}: unknown key 'limits.{sub}' (known: {', '.join(LIMIT_CHECKS)})"
-                    )
-                limits[sub] = check_limit_value(sub, v, f"config {path}: key 'limits.{sub}'")
-            out["limits"] = limits
+            out["limits"] = _config_table(path, key, value, LIMIT_CHECKS, check_limit_value,
+                                          "a table of RequestLimits fields")
         elif key == "tls":
-            if not isinstance(value, dict):
-                raise SettingsError(f"{where}: must be a table with cert and key (e.g. [tls])")
-            for sub, p in value.items():
-                if sub not in TLS_KEYS:
-                    raise SettingsError(
-                        f"config {path}: unknown key 'tls.{sub}' (known: {', '.join(TLS_KEYS)})"
-                    )
+            def file_path(sub: str, p: Any, where: str) -> str:
                 if not isinstance(p, str) or not p.strip():
-                    raise SettingsError(f"config {path}: key 'tls.{sub}': must be a file path, got {p!r}")
-                out[TLS_KEYS[sub]] = resolve(p)
+                    raise SettingsError(f"{where}: must be a file path, got {p!r}")
+                return resolve(p)
+
+            tls = _config_table(path, key, value, TLS_KEYS, file_path, "a table with cert and key")
+            out.update({TLS_KEYS[sub]: p for sub, p in tls.items()})
         elif key == "http":
-            if not isinstance(value, dict):
-                raise SettingsError(f"{where}: must be a table with port (and host) (e.g. [http])")
-            for sub, v in value.items():
-                if sub not in HTTP_KEYS:
-                    raise SettingsError(
-                        f"config {path}: unknown key 'http.{sub}' (known: {', '.join(HTTP_KEYS)})"
-                    )
-                field, check = HTTP_KEYS[sub]
+            def http_value(sub: str, v: Any, where: str) -> Any:
                 try:
-                    out[field] = check(v)
+                    return HTTP_KEYS[sub][1](v)
                 except ValueError as e:
-                    raise SettingsError(f"config {path}: key 'http.{sub}': {e}") from None
+                    raise SettingsError(f"{where}: {e}") from None
+
+            http = _config_table(path, key, value, HTTP_KEYS, http_value, "a table with port (and host)")
+            out.update({HTTP_KEYS[sub][0]: v for sub, v in http.items()})
         else:
             raise SettingsError(f"config {path}: unknown key {key!r} (known: {', '.join(CONFIG_KEYS)})")
     return out

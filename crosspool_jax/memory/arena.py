@@ -233,35 +233,49 @@ TensorPieces = Callable[[int], np.ndarray]
 """Given the index of a device within its pool, that device's host array (all items stacked)."""
 
 
+TensorEntry = tuple[str, Role, tuple[int, ...], int, str, TensorSlot | None, TensorPieces]
+
+
 def model_tensors(cfg: ModelConfig, weights: ModelWeights, num_weights_devices: int
-                  ) -> Iterator[tuple[str, Role, tuple[int, ...], int, str, TensorSlot | None,
-                                      TensorPieces]]:
+                  ) -> Iterator[TensorEntry]:
     """Yields (name, role, per-item shape, items, dtype, None, pieces) for every stored tensor.
 
     A-side: GQA q/k/v are fused into ``wqkv [D, (H + 2K) * Dh]`` (one weight read); a tied LM
     head is stored transposed as ``lm_head [D, V]``. F-side: experts, shared experts and dense FFN
-    sharded as the module docstring says.
+    sharded as the module docstring says. Nothing is read until a piece is called (the weights may
+    be arrays or ShapeDtypeStructs).
     """
-    w = num_weights_devices
-    a, f = weights.attn, weights.ffn  # arrays or ShapeDtypeStructs: nothing is read until a piece is
+    yield from _attention_tensors(cfg, weights.attn)
+    yield from _ffn_tensors(weights.ffn, num_weights_devices)
 
-    def host(x: Any) -> np.ndarray:
-        return np.asarray(x)
 
-    def rep(name: str, role: Role, arr: Any, stacked: bool, get: Callable[[], np.ndarray] | None = None):
-        shape = arr.shape[1:] if stacked else arr.shape
-        items = arr.shape[0] if stacked else 1
-        get = get or (lambda arr=arr: host(arr))
-        return name, role, tuple(shape), items, str(np.dtype(arr.dtype)), None, (lambda j: get())
+def _host(x: Any) -> np.ndarray:
+    return np.asarray(x)
 
-    yield rep("attn/embed", Role.KV, a["embed"], False)
-    yield rep("attn/final_norm", Role.KV, a["final_norm"], False)
+
+def _dtype_name(x: Any) -> str:
+    return str(np.dtype(x.dtype))
+
+
+def _replicated(name: str, role: Role, arr: Any, stacked: bool,
+                get: Callable[[], np.ndarray] | None = None) -> TensorEntry:
+    """A tensor every device of its role holds whole (stacked: its first axis is the items)."""
+    shape = arr.shape[1:] if stacked else arr.shape
+    items = arr.shape[0] if stacked else 1
+    get = get or (lambda arr=arr: _host(arr))
+    return name, role, tuple(shape), items, _dtype_name(arr), None, (lambda j: get())
+
+
+def _attention_tensors(cfg: ModelConfig, a: dict[str, Any]) -> Iterator[TensorEntry]:
+    """`model_tensors`' A-side (KV devices)."""
+    yield _replicated("attn/embed", Role.KV, a["embed"], False)
+    yield _replicated("attn/final_norm", Role.KV, a["final_norm"], False)
     if cfg.tie_word_embeddings:
         e = a["embed"]
-        yield rep("attn/lm_head", Role.KV, jax.ShapeDtypeStruct(e.shape[::-1], e.dtype), False,
-                  lambda e=e: np.ascontiguousarray(host(e).T))
+        yield _replicated("attn/lm_head", Role.KV, jax.ShapeDtypeStruct(e.shape[::-1], e.dtype), False,
+                          lambda e=e: np.ascontiguousarray(_host(e).T))
     else:
-        yield rep("attn/lm_head", Role.KV, a["lm_head"], False)
+        yield _replicated("attn/lm_head", Role.KV, a["lm_head"], False)
     layers = dict(a["layers"])
     if cfg.attention == AttentionKind.GQA:
         for fused, parts in (("wqkv", ("wq", "wk", "wv")), ("bqkv", ("bq", "bk", "bv"))):
@@ -270,51 +284,53 @@ def model_tensors(cfg: ModelConfig, weights: ModelWeights, num_weights_devices: 
             arrs = [layers.pop(p) for p in parts]
             spec = jax.ShapeDtypeStruct((*arrs[0].shape[:-1], sum(x.shape[-1] for x in arrs)),
                                         arrs[0].dtype)
-            yield rep(f"attn/layers/{fused}", Role.KV, spec, True,
-                      lambda arrs=arrs: np.concatenate([host(x) for x in arrs], -1))
+            yield _replicated(f"attn/layers/{fused}", Role.KV, spec, True,
+                              lambda arrs=arrs: np.concatenate([_host(x) for x in arrs], -1))
     for k, v in layers.items():
-        yield rep(f"attn/layers/{k}", Role.KV, v, True)
+        yield _replicated(f"attn/layers/{k}", Role.KV, v, True)
 
-    def dt(x: Any) -> str:
-        return str(np.dtype(x.dtype))
 
+def _ffn_tensors(f: dict[str, Any], w: int) -> Iterator[TensorEntry]:
+    """`model_tensors`' F-side over `w` weights devices: dense FFN and shared experts
+    tensor-parallel, routed experts split by expert."""
     if "dense" in f:
         d = f["dense"]
         inter = d["w_down"].shape[1]
         loc = -(-inter // w)
         gu, dn = d["w_gate_up"], d["w_down"]
-        yield ("ffn/dense/w_gate_up", Role.WEIGHTS, (gu.shape[1], 2 * loc), gu.shape[0], dt(gu),
-               None, lambda j, gu=gu, inter=inter: _tp_gate_up(host(gu), inter, w, j))
-        yield ("ffn/dense/w_down", Role.WEIGHTS, (loc, dn.shape[2]), dn.shape[0], dt(dn),
-               None, lambda j, dn=dn, inter=inter: _tp_down(host(dn), inter, w, j))
-    if "moe" in f:
-        m = f["moe"]
-        lm, num_e, dim, two_i = m["w_gate_up"].shape
-        e_loc = experts_per_device(num_e, w)
-        yield rep("ffn/moe/router", Role.WEIGHTS, m["router"], True)
-        if "router_bias" in m:
-            yield rep("ffn/moe/router_bias", Role.WEIGHTS, m["router_bias"], True)
-        gu, dn = m["w_gate_up"], m["w_down"]
+        yield ("ffn/dense/w_gate_up", Role.WEIGHTS, (gu.shape[1], 2 * loc), gu.shape[0], _dtype_name(gu),
+               None, lambda j, gu=gu, inter=inter: _tp_gate_up(_host(gu), inter, w, j))
+        yield ("ffn/dense/w_down", Role.WEIGHTS, (loc, dn.shape[2]), dn.shape[0], _dtype_name(dn),
+               None, lambda j, dn=dn, inter=inter: _tp_down(_host(dn), inter, w, j))
+    if "moe" not in f:
+        return
+    m = f["moe"]
+    lm, num_e, dim, two_i = m["w_gate_up"].shape
+    e_loc = experts_per_device(num_e, w)
+    yield _replicated("ffn/moe/router", Role.WEIGHTS, m["router"], True)
+    if "router_bias" in m:
+        yield _replicated("ffn/moe/router_bias", Role.WEIGHTS, m["router_bias"], True)
+    gu, dn = m["w_gate_up"], m["w_down"]
 
-        def experts(arr: Any, j: int) -> np.ndarray:
-            lo, hi = j * e_loc, min((j + 1) * e_loc, num_e)
-            part = host(arr[:, lo:hi]) if hi > lo else np.zeros((lm, 0, *arr.shape[2:]), np.dtype(arr.dtype))
-            return _pad_axis(part, 1, e_loc)
+    def experts(arr: Any, j: int) -> np.ndarray:
+        lo, hi = j * e_loc, min((j + 1) * e_loc, num_e)
+        part = _host(arr[:, lo:hi]) if hi > lo else np.zeros((lm, 0, *arr.shape[2:]), np.dtype(arr.dtype))
+        return _pad_axis(part, 1, e_loc)
 
-        yield ("ffn/moe/w_gate_up", Role.WEIGHTS, (e_loc, dim, two_i), lm, dt(gu), None,
-               lambda j, gu=gu: experts(gu, j))
-        yield ("ffn/moe/w_down", Role.WEIGHTS, (e_loc, two_i // 2, dim), lm, dt(dn), None,
-               lambda j, dn=dn: experts(dn, j))
-        if "shared_gate_up" in m:
-            sgu, sdn = m["shared_gate_up"], m["shared_down"]
-            inter = sdn.shape[1]
-            loc = -(-inter // w)
-            yield ("ffn/moe/shared_gate_up", Role.WEIGHTS, (dim, 2 * loc), lm, dt(sgu), None,
-                   lambda j, sgu=sgu, inter=inter: _tp_gate_up(host(sgu), inter, w, j))
-            yield ("ffn/moe/shared_down", Role.WEIGHTS, (loc, dim), lm, dt(sdn), None,
-                   lambda j, sdn=sdn, inter=inter: _tp_down(host(sdn), inter, w, j))
-            if "shared_gate" in m:
-                yield rep("ffn/moe/shared_gate", Role.WEIGHTS, m["shared_gate"], True)
+    yield ("ffn/moe/w_gate_up", Role.WEIGHTS, (e_loc, dim, two_i), lm, _dtype_name(gu), None,
+           lambda j, gu=gu: experts(gu, j))
+    yield ("ffn/moe/w_down", Role.WEIGHTS, (e_loc, two_i // 2, dim), lm, _dtype_name(dn), None,
+           lambda j, dn=dn: experts(dn, j))
+    if "shared_gate_up" in m:
+        sgu, sdn = m["shared_gate_up"], m["shared_down"]
+        inter = sdn.shape[1]
+        loc = -(-inter // w)
+        yield ("ffn/moe/shared_gate_up", Role.WEIGHTS, (dim, 2 * loc), lm, _dtype_name(sgu), None,
+               lambda j, sgu=sgu, inter=inter: _tp_gate_up(_host(sgu), inter, w, j))
+        yield ("ffn/moe/shared_down", Role.WEIGHTS, (loc, dim), lm, _dtype_name(sdn), None,
+               lambda j, sdn=sdn, inter=inter: _tp_down(_host(sdn), inter, w, j))
+        if "shared_gate" in m:
+            yield _replicated("ffn/moe/shared_gate", Role.WEIGHTS, m["shared_gate"], True)
 
 
 def model_rows(cfg: ModelConfig, weights: ModelWeights, num_weights_devices: int,

@@ -147,6 +147,7 @@ def _first_moe_layer(cfg: ModelConfig) -> int:
 
 
 def _family_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF config.json fields of `cfg`'s family (beside the common ones)."""
     f = cfg.family
     bias = cfg.qkv_bias
     window = _uniform_window(cfg)
@@ -160,26 +161,7 @@ def _family_fields(cfg: ModelConfig) -> dict[str, Any]:
             "router_jitter_noise": 0.0,
         }
     if f in (Family.QWEN2_MOE, Family.QWEN3_MOE):
-        d: dict[str, Any] = {
-            "head_dim": cfg.head_dim,
-            "intermediate_size": cfg.dense_intermediate_size,
-            "moe_intermediate_size": cfg.moe_intermediate_size,
-            "num_experts": cfg.num_experts,
-            "num_experts_per_tok": cfg.top_k,
-            "norm_topk_prob": cfg.norm_topk_prob,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": list(cfg.dense_layers) if cfg.num_experts else [],
-            "use_sliding_window": bool(window),
-            "sliding_window": window or None,
-        }
-        if f == Family.QWEN2_MOE:
-            d["shared_expert_intermediate_size"] = cfg.shared_intermediate_size
-            d["qkv_bias"] = bias
-            d["max_window_layers"] = cfg.num_layers
-            d["layer_types"] = ["sliding_attention" if w else "full_attention" for w in cfg.sliding_windows]
-        else:
-            d["attention_bias"] = bias
-        return d
+        return _qwen_moe_fields(cfg, window)
     if f == Family.OLMOE:
         return {
             "head_dim": cfg.head_dim,
@@ -190,7 +172,38 @@ def _family_fields(cfg: ModelConfig) -> dict[str, Any]:
             "clip_qkv": cfg.clip_qkv,
             "attention_bias": bias,
         }
-    # DeepSeek V2 / V3
+    return _deepseek_fields(cfg)  # DeepSeek V2 / V3
+
+
+def _qwen_moe_fields(cfg: ModelConfig, window: int) -> dict[str, Any]:
+    """`_family_fields` of Qwen2-MoE / Qwen3-MoE (`window`: the uniform sliding window, 0: none)."""
+    bias = cfg.qkv_bias
+    d: dict[str, Any] = {
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.dense_intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.top_k,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": list(cfg.dense_layers) if cfg.num_experts else [],
+        "use_sliding_window": bool(window),
+        "sliding_window": window or None,
+    }
+    if cfg.family == Family.QWEN2_MOE:
+        d["shared_expert_intermediate_size"] = cfg.shared_intermediate_size
+        d["qkv_bias"] = bias
+        d["max_window_layers"] = cfg.num_layers
+        d["layer_types"] = ["sliding_attention" if w else "full_attention" for w in cfg.sliding_windows]
+    else:
+        d["attention_bias"] = bias
+    return d
+
+
+def _deepseek_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """`_family_fields` of DeepSeek V2 / V3 (MLA, routed + shared experts, first dense layers)."""
+    f = cfg.family
+    bias = cfg.qkv_bias
     moe_i = cfg.moe_intermediate_size
     d = {
         "num_key_value_heads": cfg.num_heads,

@@ -645,12 +645,7 @@ class StepPrograms:
                             specs.append(StepSpec((lane,), True, k, self.backend,
                                                   attention_kernels=self.attention_kernels))
                     for t in ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor):
-                        for b in slots:
-                            if b <= t:
-                                lane = LaneShape(cls, gg, b, t, p, stop_width=self.stop_width)
-                                specs.append(StepSpec((lane,), False, 1, self.backend,
-                                                      attention_kernels=self.attention_kernels,
-                                                      one_row_decode=self.mixed_steps))
+                        specs += [self._prefill_spec(cls, gg, b, t, p) for b in slots if b <= t]
         return specs
 
     def precompile(self, specs: Sequence[StepSpec], threads: int = 4,

@@ -105,8 +105,9 @@ class EngineConfig:
       `execution.prefill_cost`), so a step that mixes prefill with decode costs ~2 decode steps;
       larger: faster first tokens, slower tokens between. mixed_steps: in a step that prefills a
       lane's prompts, its decoding requests take one token each as rows of the prefill call (one
-      read of the experts for both; `GroupRunner`), default False (docs/engine.md "Mixed steps": on one H200,
-      precompiled, it cut TBT P99 1.9x and raised TTFT P99 1.34x, docs/benchmarks.md).
+      read of the experts for both; `GroupRunner`), default False (docs/engine.md "Mixed steps":
+      precompiled smoke replays, 2026-12-06, cut TBT P99 1.9x / 2.0x and raised TTFT P99 1.34x /
+      1.30x on one H200 / one H100, docs/benchmarks.md).
       compile_process: step programs are traced, lowered and compiled in worker processes and
       loaded here from their serialized executables, so that work never holds the serving
       process's GIL (`execution.compile_process`); None (default): on for GPU, off on CPU (where

@@ -22,11 +22,13 @@ a Dirichlet(2) split, f32 output. Implementations:
 A second table times a whole routed-expert layer as the engine runs it (`MOE_CASES`: a 2,048- or
 4,096-token chunk, top-8): `fused` (the engine's path: the gate/up matmul reads each row's token
 through `x_rows` and applies SwiGLU in its epilogue, bf16 out; the down matmul scales rows by their
-routing weights and stores them token-major; then a [T, k, D] sum) against `unfused` (what the
-engine ran before: a gathered copy of the tokens, an f32 [rows, 2I] product, SwiGLU, an f32 [rows,
-D] product, the routing scale and `moe.unpermute_sum`), both on the Triton kernel at its default
-tiling, and `fused, down 8 warps` (the fused layer, its down matmul at 8 warps: a candidate
-tiling); each output must agree with `unfused` (relative error < 1e-2) before it is timed.
+routing weights and stores them token-major in bf16; then a [T, k, D] sum in f32) against
+`unfused` (what the engine ran before: a gathered copy of the tokens, an f32 [rows, 2I] product,
+SwiGLU, an f32 [rows, D] product, the routing scale and `moe.unpermute_sum`), both on the Triton
+kernel at its default tiling, `fused, 2026-12-05` (the fused layer as the engine ran it before
+the tilings of 2026-12-06: f32 rows) and the variants `--layer-tilings` adds (each matmul's
+tiling, the down rows' dtype); each output must agree with `unfused` (relative error < 1e-2)
+before it is timed.
 
 Correctness first: each of our kernels against a float64 numpy product of its own weight layout on
 ragged groups (empty groups, a tail of rows past sum(sizes) that must be exactly 0). Timing: 3
@@ -226,24 +228,60 @@ def padded_batched_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, capacity
     return jnp.where(valid[:, None], y[gi, jnp.clip(jnp.arange(m) - starts[gi], 0, capacity - 1)], 0.0)
 
 
-LAYER_VARIANTS = ("unfused", "fused", "fused, down 8 warps")
+# a fused layer variant: (gate/up tiling, down tiling, the down rows' dtype or None for f32)
+LayerVariant = tuple[dict[str, int], dict[str, int], str | None]
+LAYER_VARIANTS: dict[str, LayerVariant | None] = {
+    "unfused": None,
+    "fused": ({}, {}, "bfloat16"),  # as the engine runs it
+    # the engine before 2026-12-06 (evening): SwiGLU at bk 64 / 2 stages, the down product's
+    # persistent programs (programs 0: the default's ~2 per SM) and f32 rows
+    "fused, 2026-12-05": ({"bk": 64, "num_stages": 2}, {"programs": 0}, None)}
+TILING_FIELDS = ("bm", "bn", "bk", "num_warps", "num_stages", "programs")
 
 
-def moe_layer(variant: str, backend: str, k: int, inter: int, d: int) -> Callable[..., jax.Array]:
+def parse_layer_tilings(spec: str) -> dict[str, LayerVariant]:
+    """``--layer-tilings``: variants separated by ';', each a comma-separated list of
+    ``gu.FIELD=INT`` (the gate/up matmul), ``dn.FIELD=INT`` (the down matmul; FIELD one of
+    `TILING_FIELDS`) or ``dn.out=bfloat16`` (the down product's rows stored in bf16 before the
+    k-sum instead of f32) -> {label: variant}, the label being the variant's own text."""
+    out: dict[str, LayerVariant] = {}
+    for text in (v.strip() for v in spec.split(";")):
+        if not text:
+            continue
+        gu: dict[str, int] = {}
+        dn: dict[str, int] = {}
+        dn_out = None
+        for item in (i.strip() for i in text.split(",")):
+            key, _, val = item.partition("=")
+            side, _, field = key.partition(".")
+            if side == "dn" and field == "out":
+                if val not in ("bfloat16", "float32"):
+                    raise ValueError(f"{item!r}: dn.out is bfloat16 or float32")
+                dn_out = val
+            elif side in ("gu", "dn") and field in TILING_FIELDS and val.isdigit():
+                (gu if side == "gu" else dn)[field] = int(val)
+            else:
+                raise ValueError(f"{item!r}: expected gu.FIELD=INT, dn.FIELD=INT (FIELD in "
+                                 f"{TILING_FIELDS}) or dn.out=bfloat16")
+        out[f"fused {text}"] = (gu, dn, dn_out)
+    return out
+
+
+def moe_layer(variant: LayerVariant | None, backend: str, k: int, inter: int, d: int
+              ) -> Callable[..., jax.Array]:
     """f(x [T, D], arena, gate/up offsets [E], down offsets [E], order [T k], sizes [E],
-    weights [T k] f32) -> [T, D] f32: one routed-expert layer, one of `LAYER_VARIANTS` (module
-    doc; "fused, down 8 warps": the fused layer with the down matmul at 8 warps instead of its
-    default 4, which ran plain down-projection shapes 1.24-1.38x faster on one H200)."""
+    weights [T k] f32) -> [T, D] f32: one routed-expert layer, unfused (variant None) or fused
+    with the variant's tilings (module doc)."""
     mm = functools.partial(arena_grouped_matmul_gpu, backend=backend)
-    down_warps = 8 if variant == "fused, down 8 warps" else None
 
     def run(x, arena, off_gu, off_dn, order, sizes, weights):
-        if variant != "unfused":
+        if variant is not None:
+            gu, dn, dn_out = variant
             act = mm(x, arena, off_gu, sizes, 2 * inter, x_rows=order // k, swiglu=inter,
-                     out_dtype=x.dtype)
+                     out_dtype=x.dtype, **gu)
             o = mm(act, arena, off_dn, sizes, d, row_scale=weights, out_rows=order,
-                   num_warps=down_warps)
-            return o.reshape(-1, k, d).sum(axis=1)
+                   out_dtype=dn_out or "float32", **dn)
+            return o.reshape(-1, k, d).astype(jnp.float32).sum(axis=1)
         h = mm(x[order // k], arena, off_gu, sizes, 2 * inter)
         act = (jax.nn.silu(h[:, :inter]) * h[:, inter:]).astype(x.dtype)
         o = mm(act, arena, off_dn, sizes, d)
@@ -252,9 +290,11 @@ def moe_layer(variant: str, backend: str, k: int, inter: int, d: int) -> Callabl
     return run
 
 
-def time_moe_layer(case: tuple, backend: str, smoke: bool) -> list[dict[str, Any]]:
-    """`LAYER_VARIANTS` on one `MOE_CASES` layer: each output compared with `unfused`, then each
-    timed (a variant that differs is reported, not timed)."""
+def time_moe_layer(case: tuple, backend: str, smoke: bool, peak: float,
+                   variants: dict[str, LayerVariant | None]) -> list[dict[str, Any]]:
+    """The variants (LAYER_VARIANTS and --layer-tilings') on one `MOE_CASES` layer: each output
+    compared with `unfused`, then each timed (a variant that differs or fails to build is
+    reported, not timed). FLOPs: 6 T k D I (gate, up and down)."""
     name, t, k, e, d, inter = case
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     gu, off_gu = arena_of(e, d, 2 * inter, R, seed=3)
@@ -270,19 +310,27 @@ def time_moe_layer(case: tuple, backend: str, smoke: bool) -> list[dict[str, Any
         x = jax.random.normal(jax.random.key(20 + j), (t, d), jnp.bfloat16)
         w = jnp.asarray(rng.uniform(0.0, 0.3, t * k), jnp.float32)
         sets.append((x, arena, *offs, jnp.asarray(order), jnp.asarray(sizes), w))
-    fns = {v: moe_layer(v, backend, k, inter, d) for v in LAYER_VARIANTS}
-    outs = {v: np.asarray(jax.jit(f)(*sets[0]), np.float64) for v, f in fns.items()}
+    flops = 6 * t * k * d * inter
+    base = np.asarray(jax.jit(moe_layer(None, backend, k, inter, d))(*sets[0]), np.float64)
     rows = []
-    for v, f in fns.items():
-        err = float(np.linalg.norm(outs[v] - outs["unfused"]) / np.linalg.norm(outs["unfused"]))
+    for v, spec in variants.items():
+        f = moe_layer(spec, backend, k, inter, d)
+        try:
+            got = np.asarray(jax.jit(f)(*sets[0]), np.float64)
+        except Exception as ex:  # a tiling the card cannot build (e.g. shared memory)
+            print(f"  {name}: {v}: {type(ex).__name__}: {str(ex)[:400]}", flush=True)
+            rows.append({"case": name, "impl": v, "ok": False, "error": str(ex)[:400]})
+            continue
+        err = float(np.linalg.norm(got - base) / np.linalg.norm(base))
         print(f"  {name}: {v} vs unfused rel err {err:.1e}", flush=True)
         if not err < 1e-2:
             rows.append({"case": name, "impl": v, "rel_err": err, "ok": False})
             continue
         us = bench_in_jit(f, sets) * 1e6
         rows.append({"case": name, "impl": v, "T": t, "k": k, "E": e, "D": d, "I": inter,
-                     "us": us, "rel_err": err, "ok": True})
-        print(f"  {name:18s} {v:20s} {us:9.1f} us", flush=True)
+                     "us": us, "tflops": flops / us / 1e6, "of_peak": flops / (us * 1e-6) / peak,
+                     "rel_err": err, "ok": True})
+        print(f"  {name:18s} {v:40s} {us:9.1f} us", flush=True)
     return rows
 
 
@@ -296,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impls", default=None,
                     help="comma-separated label prefixes of our implementations to time (e.g. "
                          "'triton default,mgpu-ws'; default all)")
+    ap.add_argument("--layer-cases", default=None,
+                    help="comma-separated MoE layer case names (default all; e.g. 'olmoe layer 4K')")
+    ap.add_argument("--layer-tilings", default="",
+                    help="more fused-layer variants: 'gu.num_stages=3;dn.num_warps=8,dn.out=bfloat16' "
+                         "(see parse_layer_tilings)")
     ap.add_argument("--layers-only", action="store_true",
                     help="only the MoE layer table (fused vs unfused): the kernel sweep takes minutes")
     args = ap.parse_args(argv)
@@ -321,10 +374,21 @@ def main(argv: list[str] | None = None) -> int:
             rows += time_case(case, backend, peak, args.smoke, with_ws, impls)
         except Exception:
             print(f"case {case[0]} failed:\n{traceback.format_exc()[-1500:]}", flush=True)
+    try:
+        variants = {**LAYER_VARIANTS, **parse_layer_tilings(args.layer_tilings)}
+    except ValueError as e:
+        ap.error(f"--layer-tilings: {e}")
+    layer_cases = SMOKE_MOE_CASES if args.smoke else MOE_CASES
+    if args.layer_cases:
+        names = [c.strip() for c in args.layer_cases.split(",")]
+        unknown = set(names) - {c[0] for c in layer_cases}
+        if unknown:
+            ap.error(f"--layer-cases: unknown {sorted(unknown)}; known: {[c[0] for c in layer_cases]}")
+        layer_cases = tuple(c for c in layer_cases if c[0] in names)
     layers: list[dict[str, Any]] = []
-    for case in SMOKE_MOE_CASES if args.smoke else MOE_CASES:
+    for case in layer_cases:
         try:
-            layers += time_moe_layer(case, backend, args.smoke)
+            layers += time_moe_layer(case, backend, args.smoke, peak, variants)
         except Exception:
             print(f"case {case[0]} failed:\n{traceback.format_exc()[-1500:]}", flush=True)
     out = {"benchmark": "benchmarks/prefill_matmul.py", "date": datetime.datetime.now(datetime.UTC).isoformat(
@@ -338,18 +402,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':18s} {'implementation':36s} {'us':>9s} {'TFLOP/s':>8s} {'of peak':>8s}")
     for r in rows:
         print(f"{r['case']:18s} {r['impl']:36s} {r['us']:9.1f} {r['tflops']:8.1f} {r['of_peak']:8.1%}")
-    print(f"\n{'MoE layer':18s} {'variant':20s} {'us':>9s} {'vs unfused':>10s} {'rel err':>8s}")
+    print(f"\n{'MoE layer':18s} {'variant':40s} {'us':>9s} {'vs unfused':>10s} {'of peak':>8s} "
+          f"{'rel err':>8s}")
     by = {(r["case"], r["impl"]): r for r in layers}
     for case in {r["case"]: None for r in layers}:
         base = by.get((case, "unfused"))
-        for v in LAYER_VARIANTS:
+        for v in variants:
             r = by.get((case, v))
             if r is None:
                 continue
             if not r["ok"]:
-                print(f"{case:18s} {v:20s} FAILED (differs from unfused: rel err {r['rel_err']:.1e})")
+                why = r.get("error") or f"differs from unfused: rel err {r['rel_err']:.1e}"
+                print(f"{case:18s} {v:40s} FAILED ({why[:80]})")
                 continue
-            print(f"{case:18s} {v:20s} {r['us']:9.1f} {base['us'] / r['us']:9.2f}x {r['rel_err']:8.1e}")
+            vs = f"{base['us'] / r['us']:9.2f}x" if base and base.get("ok") else f"{'-':>10s}"
+            print(f"{case:18s} {v:40s} {r['us']:9.1f} {vs} {r['of_peak']:8.1%} {r['rel_err']:8.1e}")
     ok = all(c["ok"] for c in checks) and all(r["ok"] for r in layers)
     return 0 if ok else 1
 

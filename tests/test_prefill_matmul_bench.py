@@ -56,3 +56,27 @@ def test_case_and_implementation_filters(tmp_path) -> None:
     assert {i for i in ours if not i.startswith("xla batched")} == {"triton default"}
     with pytest.raises(SystemExit):
         prefill_matmul.main(["--smoke", "--cases", "no such case"])
+
+
+def test_layer_tilings_add_fused_variants(tmp_path) -> None:
+    """--layer-tilings adds fused-layer variants (tilings per matmul, bf16 down rows), each
+    checked against the unfused layer and timed; a malformed variant is an error."""
+    import pytest
+
+    spec = "gu.num_stages=2,dn.num_warps=8;dn.out=bfloat16"
+    assert prefill_matmul.parse_layer_tilings(spec) == {
+        "fused gu.num_stages=2,dn.num_warps=8": ({"num_stages": 2}, {"num_warps": 8}, None),
+        "fused dn.out=bfloat16": ({}, {}, "bfloat16")}
+    out = tmp_path / "pm.json"
+    assert prefill_matmul.main(["--smoke", "--layers-only", "--layer-cases", "toy layer",
+                                "--layer-tilings", spec, "--json", str(out)]) == 0
+    layers = json.loads(out.read_text())["moe_layers"]
+    impls = {r["impl"] for r in layers}
+    assert impls == set(prefill_matmul.LAYER_VARIANTS) | {"fused gu.num_stages=2,dn.num_warps=8",
+                                                          "fused dn.out=bfloat16"}
+    assert all(r["ok"] and r["rel_err"] < 1e-2 and r["us"] > 0 and r["of_peak"] > 0 for r in layers)
+    for bad in ("gu.colour=3", "dn.out=int8", "xx.bm=64", "gu.bm=big"):
+        with pytest.raises(ValueError):
+            prefill_matmul.parse_layer_tilings(bad)
+    with pytest.raises(SystemExit):
+        prefill_matmul.main(["--smoke", "--layers-only", "--layer-tilings", "gu.colour=3"])

@@ -101,6 +101,7 @@ def arena_grouped_matmul(
     row_scale: jax.Array | None = None,
     out_rows: jax.Array | None = None,
     out_dtype: str = "float32",
+    group_rows: int | None = None,
 ) -> jax.Array:
     """``y[rows of g] = x[rows of g] @ W_g`` with W_g read in place from the arena (see module doc).
 
@@ -113,6 +114,8 @@ def arena_grouped_matmul(
       out_rows [M] int32, a permutation of [0, M): row i is stored at out_rows[i].
     The GPU kernel fuses them when ``swiglu`` is a multiple of R (else its SwiGLU, scale and
     scatter run as jnp ops after an unfused product).
+    group_rows: the rows a non-empty group is expected to hold, a tiling hint for the GPU kernel
+    (None: M / G; the result does not depend on it).
     Returns [M, N] (or [M, swiglu]) in out_dtype, accumulated in f32.
     """
     check_args(x, arena_rows, offsets, sizes, n)
@@ -128,7 +131,8 @@ def arena_grouped_matmul(
         y = arena_grouped_matmul_gpu(x, arena_rows, offsets, sizes, n, backend=be, x_rows=x_rows)
         return apply_fusions(y, swiglu=swiglu, row_scale=row_scale, out_rows=out_rows,
                              out_dtype=out_dtype)
-    return arena_grouped_matmul_gpu(x, arena_rows, offsets, sizes, n, backend=be, **fused)
+    return arena_grouped_matmul_gpu(x, arena_rows, offsets, sizes, n, backend=be,
+                                    group_rows=group_rows, **fused)
 
 
 __all__ = ["apply_fusions", "arena_grouped_matmul", "arena_grouped_matmul_reference"]

@@ -70,6 +70,12 @@ def _num_sms() -> int:
     return num_sms()
 
 
+def _default_bm(m: int, g: int, group_rows: int | None = None) -> int:
+    """The next power of two of the rows a non-empty group holds (group_rows, or the mean over
+    all groups), within [16, 128]."""
+    return min(128, max(16, next_pow2(group_rows or -(-m // max(1, min(g, m))))))
+
+
 def default_config(m: int, k: int, n: int, g: int, r: int, itemsize: int,
                    num_sms: int | None = None, **given: int | None) -> Config:
     """Static tiling from the shapes only (the live item count is only known on device).
@@ -96,7 +102,7 @@ def default_config(m: int, k: int, n: int, g: int, r: int, itemsize: int,
     if unknown:
         raise TypeError(f"unknown tiling fields {sorted(unknown)}")
     sms = num_sms or _num_sms()
-    bm = given.get("bm") or min(128, max(16, next_pow2(-(-m // max(1, min(g, m))))))
+    bm = given.get("bm") or _default_bm(m, g)
     bn = given.get("bn") or (max(r, 128) if n % max(r, 128) == 0 else r)
     # a [128, 128] x [128, 128] bf16 stage pair would be 64 KiB; bk 64 keeps 3 stages in SMEM
     bk = given.get("bk") or min(128 if itemsize <= 2 and bm < 128 else 64, max(16, next_pow2(k)))
@@ -283,20 +289,40 @@ def _check_fusion(fusion: Fusion, m: int, n: int, r: int, x_rows, row_scale, out
 
 
 def _call_config(m: int, k: int, n_out: int, g: int, r: int, itemsize: int, fusion: Fusion,
-                 **given: int | None) -> Config:
+                 group_rows: int | None = None, **given: int | None) -> Config:
     """`default_config` of one call with its fusions (no K split; SwiGLU: one R-wide chunk per
-    half and 8 warps at 128 x 128), checked against what the kernel can tile; ValueError."""
+    half and 8 warps at 128 x 128), checked against what the kernel can tile; ValueError.
+
+    Prefill-sized groups (bm 128: 65 or more rows a group on average) get the tilings that ran
+    the fused OLMoE-1B-7B and Qwen3-30B-A3B expert layers 1.42-1.58x faster on one H100 at
+    2,048- and 4,096-token chunks (docs/benchmarks.md, "One H100, 2026-12-06 (evening)",
+    `benchmarks/prefill_matmul.py --layer-tilings`): SwiGLU at bk 32 with 4 stages (2 stages of
+    bk 64 before; 48 KiB a stage of one x and two weight tiles is 3 stages at most), and the
+    scattered down product with one program per item instead of ~2 persistent programs per SM
+    (its 1,024- or 768-deep K loop is short, so a persistent program's per-item pipeline fill
+    and epilogue were not hidden). Smaller groups (decode) keep the tilings measured for them.
+    group_rows: the rows a non-empty group is expected to hold, when the caller knows better than
+    the mean over all G groups (a prefill chunk of one model in a program of several: its
+    experts' groups are full, the other models' empty); it sets bm unless bm is given.
+    """
     if fusion.any:
         given["split_k"] = 1
         if fusion.swiglu and given.get("bn") is None:
             given["bn"] = r  # two accumulator sets (gate, up): one R-wide chunk each
+    if given.get("bm") is None and group_rows:
+        given["bm"] = _default_bm(m, g, group_rows)
+    prefill_rows = (given.get("bm") or _default_bm(m, g)) >= 128
+    if fusion.swiglu and prefill_rows and given.get("bk") is None:
+        given["bk"] = min(32, max(16, next_pow2(k)))
+    if fusion.scatter and not fusion.swiglu and prefill_rows and given.get("programs") is None:
+        given["programs"] = 1 << 30  # capped at the item bound by the caller: one item each
     cfg = default_config(m, k, n_out, g, r, itemsize, **given)
     if fusion.swiglu and given.get("num_warps") is None and cfg.bm * cfg.bn >= 128 * 128:
         cfg = cfg._replace(num_warps=8)  # 2 [bm, bn] f32 accumulators: 128 registers a thread
     if fusion.swiglu and given.get("num_stages") is None:
-        # Two weight tiles a stage: at 3 stages the OLMoE prefill layer asked the H200 for
-        # 245,760 bytes of shared memory (232,448 available, 2026-12-05)
-        cfg = cfg._replace(num_stages=2)
+        # Two weight tiles a stage: at 3 stages of bk 64 the OLMoE prefill layer asked the H200
+        # for 245,760 bytes of shared memory (232,448 available, 2026-12-05)
+        cfg = cfg._replace(num_stages=4 if prefill_rows and cfg.bk <= 32 else 2)
     for name in ("bm", "bn", "bk"):
         v = getattr(cfg, name)
         if v < 16 or v & (v - 1):
@@ -309,7 +335,7 @@ def _call_config(m: int, k: int, n_out: int, g: int, r: int, itemsize: int, fusi
 @functools.partial(
     jax.jit,
     static_argnames=("n", "backend", "bm", "bn", "bk", "split_k", "num_warps", "num_stages",
-                     "programs", "swiglu", "out_dtype"),
+                     "programs", "swiglu", "out_dtype", "group_rows"),
 )
 def arena_grouped_matmul_gpu(
     x: jax.Array,
@@ -331,13 +357,17 @@ def arena_grouped_matmul_gpu(
     row_scale: jax.Array | None = None,
     out_rows: jax.Array | None = None,
     out_dtype: str = "float32",
+    group_rows: int | None = None,
 ) -> jax.Array:
     """`pallas_kernels.arena_matmul.arena_grouped_matmul` on the Pallas GPU kernel.
 
     x: [M, K], or [T, K] read through x_rows [M] int32; arena_rows: [num_rows, R]; offsets,
     sizes: [G] int32; n: N (static, N % R == 0). backend: "gpu" (Triton) or "interpret" (CPU).
-    Tiling arguments default to `default_config` (bm >= 16 and bn, bk powers of two; bn a
-    multiple of R dividing N, or dividing ``swiglu``).
+    Tiling arguments default to `default_config` and `_call_config`'s rules for fused calls
+    (bm >= 16 and bn, bk powers of two; bn a multiple of R dividing N, or dividing ``swiglu``;
+    programs 0: the persistent default, ~2 programs per SM, even where the prefill rule would
+    launch one per item); group_rows: a tiling hint, the rows a non-empty group is expected to
+    hold (None: M / G; `_call_config`).
     Fusions (`Fusion`): x_rows (gather), swiglu (static inter: [M, inter] output), row_scale
     [M] f32, out_rows [M] int32 (a permutation of [0, M): where each row is stored); any of them
     runs without a K split.
@@ -359,7 +389,7 @@ def arena_grouped_matmul_gpu(
     if m == 0 or g == 0:
         return jnp.zeros((m, n_out), out_dtype)
     cfg = _call_config(m, k, n_out, g, r, jnp.dtype(arena_rows.dtype).itemsize, fusion,
-                       bm=bm, bn=bn, bk=bk, split_k=split_k, num_warps=num_warps,
+                       group_rows=group_rows, bm=bm, bn=bn, bk=bk, split_k=split_k, num_warps=num_warps,
                        num_stages=num_stages, programs=programs)
     nk = -(-k // cfg.bk)
     split = max(1, min(cfg.split_k, nk))

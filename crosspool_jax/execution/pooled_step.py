@@ -182,7 +182,7 @@ class _Reader:
                 ) -> jax.Array:
         """Local experts of every model: product rows sorted by (model, expert); sizes
         [G * E_loc]. fusions: `arena_grouped_matmul`'s (x_rows, swiglu, row_scale, out_rows,
-        out_dtype); with swiglu the result is [M, swiglu]."""
+        out_dtype, group_rows); with swiglu the result is [M, swiglu]."""
         s, starts = self._start(name, item)
         per_expert = s.item_rows // s.shape[0]
         offs = starts[:, None] + per_expert * jnp.arange(s.shape[0], dtype=jnp.int32)[None]
@@ -460,12 +460,18 @@ class Lane:
         # the gate/up product reads each row's token through `x_rows` and applies SwiGLU; the down
         # product scales each row by its routing weight and stores it token-major (`out_rows`),
         # so a token's k rows are summed in choice order (deterministic on GPU, as
-        # `moe.unpermute_sum`) without a scatter-add
+        # `moe.unpermute_sum`) without a scatter-add. The scaled rows are stored in the model's
+        # dtype and summed in f32, as the reference does (bf16: half the bytes of f32 rows)
+        # A prefill chunk's rows are mostly one model's: tile for its experts' groups (rows x k
+        # over the model's experts), not for the mean over every model's groups (decode keeps the
+        # mean: its rows spread over the models)
+        tiling = {} if self.spec.decode else {"group_rows": -(-key.shape[0] // cfg.num_experts)}
         act = rd.grouped(f_rows, "ffn/moe/w_gate_up", idx, sizes, x_rows=order // k,
-                         swiglu=cfg.moe_intermediate_size, out_dtype=dt)
+                         swiglu=cfg.moe_intermediate_size, out_dtype=dt, **tiling)
         w_sorted = jnp.where(key[order] < n_groups, weights.reshape(-1)[order], 0.0)
-        o = rd.grouped(act, "ffn/moe/w_down", idx, sizes, row_scale=w_sorted, out_rows=order)
-        out = o.reshape(-1, k, o.shape[-1]).sum(axis=1)  # [M, D] f32
+        o = rd.grouped(act, "ffn/moe/w_down", idx, sizes, row_scale=w_sorted, out_rows=order,
+                       out_dtype=dt, **tiling)
+        out = o.reshape(-1, k, o.shape[-1]).astype(jnp.float32).sum(axis=1)  # [M, D] f32
         if self.cls.shared_local:
             sh = self._tensor_parallel(rd, f_rows, f_grp, f_ok, "ffn/moe/shared_gate_up",
                                        "ffn/moe/shared_down", idx, is_w, self.cls.shared_local)

@@ -76,7 +76,9 @@ def routed_experts(
     h = jax.lax.ragged_dot(xs, w_gate_up, group_sizes, preferred_element_type=jnp.float32)
     a = (jax.nn.silu(h[:, :inter]) * h[:, inter:]).astype(w_down.dtype)
     o = jax.lax.ragged_dot(a, w_down, group_sizes, preferred_element_type=jnp.float32)
-    o = o * weights.reshape(-1)[order][:, None]
+    # each scaled row rounded to the model's dtype, then the k rows summed in f32 (what the
+    # engine's fused down product stores and sums)
+    o = (o * weights.reshape(-1)[order][:, None]).astype(x.dtype).astype(jnp.float32)
     return unpermute_sum(o, order, k).astype(x.dtype)
 
 

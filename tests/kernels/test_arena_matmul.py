@@ -136,6 +136,33 @@ def test_default_config():
     assert (pre.bm, pre.bn, pre.bk, pre.split_k) == (128, 128, 64, 1)
 
 
+def test_fused_call_config_prefill_and_decode():
+    """The fused MoE pair's tilings: prefill-sized groups (bm 128) get SwiGLU at bk 32 / 4
+    stages and a down product of one program per item; decode-sized groups keep 2 stages of
+    bk 128 and persistent programs; group_rows overrides the mean over all groups."""
+    from pallas_kernels.arena_matmul_gpu import Fusion, _call_config
+
+    gate_up, down = Fusion(True, 1024, False, False), Fusion(False, 0, True, True)
+    sms = dict(num_sms=132)
+    # OLMoE, a 2,048-token chunk of one model: 16,384 rows over 64 experts
+    gu = _call_config(16384, 2048, 1024, 64, 128, 2, gate_up, **sms)
+    assert (gu.bm, gu.bn, gu.bk, gu.num_warps, gu.num_stages) == (128, 128, 32, 8, 4)
+    dn = _call_config(16384, 1024, 2048, 64, 128, 2, down, **sms)
+    assert (dn.bm, dn.bk, dn.num_stages) == (128, 64, 3) and dn.programs >= 16384 // 128 + 64
+    # the same chunk in a program of 4 models: the mean is 64 rows, the hint says 256
+    assert _call_config(16384, 2048, 1024, 256, 128, 2, gate_up, **sms).bm == 64
+    hinted = _call_config(16384, 2048, 1024, 256, 128, 2, gate_up, group_rows=256, **sms)
+    assert (hinted.bm, hinted.bk, hinted.num_stages) == (128, 32, 4)
+    # decode: 64 rows over 64 experts
+    gu_d = _call_config(64, 2048, 1024, 64, 128, 2, gate_up, **sms)
+    assert (gu_d.bm, gu_d.bk, gu_d.num_stages) == (16, 128, 2)
+    dn_d = _call_config(64, 1024, 2048, 64, 128, 2, down, **sms)
+    assert dn_d.programs == default_config(64, 1024, 2048, 64, 128, 2, num_sms=132, split_k=1).programs
+    # given fields win over the rules
+    given = _call_config(16384, 2048, 1024, 64, 128, 2, gate_up, bk=64, num_stages=2, **sms)
+    assert (given.bk, given.num_stages) == (64, 2)
+
+
 def _consumers(jaxpr, var):
     found = []
     for eqn in jaxpr.eqns:
@@ -172,6 +199,9 @@ FUSED_CASES = {  # name: (sizes, M, T, K, inter, N (>= 2 inter), R, dtype, kerne
     "gate_up_pad_f32": ([6, 0, 13], 24, 9, 48, 64, 192, 64, "float32", {}),
     # R = 128, one item program walking every item
     "gate_up_r128_bf16": ([5, 17, 0, 2], 30, 8, 32, 128, 256, 128, "bfloat16", {"programs": 1}),
+    # prefill-sized groups (~100 rows a group: bm 128): SwiGLU at bk 32 (2 k-blocks), the down
+    # product one program per item; groups straddling 128-row tiles, a tail
+    "prefill_bf16": ([150, 0, 131], 300, 60, 64, 128, 256, 128, "bfloat16", {}),
 }
 
 

@@ -450,8 +450,10 @@ def test_calibration_from_a_runs_call_log(tmp_path) -> None:
     out = tmp_path / "cal.json"
     base = "benchmarks/calibrations/h200_calibrate_2026-12-04.json"
     assert from_calls_main(["--calls", str(calls), "--model", "olmoe-1b-7b-00", "--base", base,
-                            "--date", "2026-12-04", "--json", str(out)]) == 0
+                            "--card", "NVIDIA H100 80GB HBM3", "--date", "2026-12-06",
+                            "--json", str(out)]) == 0
     cal = load_calibration(str(out))
+    assert (cal["card"], cal["date"]) == ("NVIDIA H100 80GB HBM3", "2026-12-06")  # the run's
     colocated = [p for p in cal["prefill_points"] if p["topology"] == "colocated"]
     assert len(colocated) == 5 and all(p["source"] == str(calls) for p in colocated)
     assert cal["decode_points"] == load_calibration(base)["decode_points"]

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", required=True, metavar="FILE", help="a calls_<mode>.jsonl(.gz)")
     ap.add_argument("--model", required=True, help="the trace model whose shapes price the calls")
     ap.add_argument("--base", required=True, metavar="CAL.json")
-    ap.add_argument("--card", default="NVIDIA H200")
+    ap.add_argument("--card", default="NVIDIA H200", help="the card the run was measured on")
     ap.add_argument("--date", required=True, help="the date the run was measured (YYYY-MM-DD)")
     ap.add_argument("--page-bytes", type=int, default=262144)
     ap.add_argument("--results", default=None, metavar="RUN/results.json",
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     cal["padding"] = padding_fit(calls, cal, args.model, args.page_bytes, args.steps_per_call,
                                  args.decode_models, args.calls)
     cal["name"] = args.name or os.path.splitext(os.path.basename(args.json))[0].replace("_", "-")
+    # the colocated points (what a one-GPU simulation prices) are the run's: label the calibration
+    # with the run's card and date, not the base's (`made_by` names the base)
+    cal["card"], cal["date"] = args.card, args.date
     what = "prefill" + (" and decode" if dec else "") + " points" + (", compile points" if comp else "")
     cal["made_by"] = (f"benchmarks/sim/from_calls.py: colocated {what} from {args.calls}"
                       f"{' and ' + args.results if comp else ''}; the rest from "

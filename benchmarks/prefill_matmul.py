@@ -233,7 +233,7 @@ LayerVariant = tuple[dict[str, int], dict[str, int], str | None]
 LAYER_VARIANTS: dict[str, LayerVariant | None] = {
     "unfused": None,
     "fused": ({}, {}, "bfloat16"),  # as the engine runs it
-    # the engine before 2026-12-06 (evening): SwiGLU at bk 64 / 2 stages, the down product's
+    # the engine before 2026-12-06 (later): SwiGLU at bk 64 / 2 stages, the down product's
     # persistent programs (programs 0: the default's ~2 per SM) and f32 rows
     "fused, 2026-12-05": ({"bk": 64, "num_stages": 2}, {"programs": 0}, None)}
 TILING_FIELDS = ("bm", "bn", "bk", "num_warps", "num_stages", "programs")

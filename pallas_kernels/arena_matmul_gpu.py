@@ -295,7 +295,7 @@ def _call_config(m: int, k: int, n_out: int, g: int, r: int, itemsize: int, fusi
 
     Prefill-sized groups (bm 128: 65 or more rows a group on average) get the tilings that ran
     the fused OLMoE-1B-7B and Qwen3-30B-A3B expert layers 1.42-1.58x faster on one H100 at
-    2,048- and 4,096-token chunks (docs/benchmarks.md, "One H100, 2026-12-06 (evening)",
+    2,048- and 4,096-token chunks (docs/benchmarks.md, "One H100, 2026-12-06 (later)",
     `benchmarks/prefill_matmul.py --layer-tilings`): SwiGLU at bk 32 with 4 stages (2 stages of
     bk 64 before; 48 KiB a stage of one x and two weight tiles is 3 stages at most), and the
     scattered down product with one program per item instead of ~2 persistent programs per SM

@@ -6,11 +6,13 @@
 A 2,048-token prefill chunk routed top-8 makes 16,384 expert rows (a 4,096-token chunk 32,768, an
 8,192-token call 65,536):
 cases (rows M, experts G, K, N) for OLMoE-1B-7B (64 experts; gate/up 2048 x 2048, down 1024 x
-2048) and Qwen3-30B-A3B (128 experts; 2048 x 1536, 768 x 2048), bf16, group sizes multinomial over
-a Dirichlet(2) split, f32 output. Implementations:
+2048) and Qwen3-30B-A3B (128 experts; 2048 x 1536, 768 x 2048), and the attention-side
+projections of a 2,048- or 4,096-token chunk (one group: OLMoE qkv 2048 x 6144, o 2048 x 2048;
+Qwen3 qkv 2048 x 5120, o 4096 x 2048), bf16, group sizes multinomial over a Dirichlet(2) split,
+f32 output. Implementations:
 
-- `triton ...`: `arena_grouped_matmul_gpu` (weights row-major in the arena) at its default tiling
-  and the tilings given;
+- `triton ...`: `arena_grouped_matmul_gpu` (weights row-major in the arena) at its default tiling,
+  the tilings of `TRITON_TILINGS` and those `--tilings` adds;
 - `mgpu ...`: `arena_grouped_matmul_mgpu` (Mosaic GPU, one warpgroup, wgmma, TMA; weights as column
   panels) and, with `--with-ws` (always in `--smoke`), `mgpu-ws ...`: `arena_grouped_matmul_mgpu_ws`
   (warp-specialized; opt-in because its first GPU run hit a misaligned TMA store, which leaves the
@@ -66,13 +68,18 @@ CASES = (("olmoe gate/up", 16384, 64, 2048, 2048), ("olmoe down", 16384, 64, 102
          ("qwen3 gate/up", 16384, 128, 2048, 1536), ("qwen3 down", 16384, 128, 768, 2048),
          ("olmoe gate/up 4K", 32768, 64, 2048, 2048), ("qwen3 gate/up 4K", 32768, 128, 2048, 1536),
          ("olmoe down 4K", 32768, 64, 1024, 2048), ("qwen3 down 4K", 32768, 128, 768, 2048),
-         ("olmoe gate/up 8K", 65536, 64, 2048, 2048), ("qwen3 gate/up 8K", 65536, 128, 2048, 1536))
+         ("olmoe gate/up 8K", 65536, 64, 2048, 2048), ("qwen3 gate/up 8K", 65536, 128, 2048, 1536),
+         # the attention-side projections of a prefill chunk: one group (one model)
+         ("olmoe qkv 2K", 2048, 1, 2048, 6144), ("olmoe o 2K", 2048, 1, 2048, 2048),
+         ("olmoe qkv 4K", 4096, 1, 2048, 6144), ("qwen3 qkv 2K", 2048, 1, 2048, 5120),
+         ("qwen3 o 2K", 2048, 1, 4096, 2048))
 SMOKE_CASES = (("toy", 256, 4, 128, 256),)
 # routed-expert layers: (name, tokens T, top-k, experts E, hidden D, expert intermediate I)
 MOE_CASES = (("olmoe layer", 2048, 8, 64, 2048, 1024), ("qwen3 layer", 2048, 8, 128, 2048, 768),
              ("olmoe layer 4K", 4096, 8, 64, 2048, 1024), ("qwen3 layer 4K", 4096, 8, 128, 2048, 768),
              ("olmoe layer 8K", 8192, 8, 64, 2048, 1024))
 SMOKE_MOE_CASES = (("toy layer", 24, 2, 4, 128, 128),)
+TILING_FIELDS = ("bm", "bn", "bk", "num_warps", "num_stages", "programs")
 TRITON_TILINGS: tuple[dict[str, int], ...] = ({}, {"bm": 64, "bk": 128},
                                               {"bm": 128, "bk": 64, "num_warps": 8},
                                               {"bm": 128, "bn": 256, "bk": 64, "num_warps": 8,
@@ -113,10 +120,29 @@ def numpy_product(x: jax.Array, arena: jax.Array, offs: np.ndarray, sizes: np.nd
     return y
 
 
-def implementations(backend: str, with_ws: bool) -> list[tuple[str, bool, Callable[..., jax.Array]]]:
-    """(label, weights as panels, f(x, arena, offsets, sizes, n)) of our kernels."""
+def parse_tilings(spec: str) -> tuple[dict[str, int], ...]:
+    """``--tilings``: Triton tilings separated by ';', each comma-separated ``FIELD=INT`` (FIELD
+    one of `TILING_FIELDS`), e.g. 'programs=100000;num_warps=8,bn=256'; ValueError."""
+    out = []
+    for text in (v.strip() for v in spec.split(";")):
+        if not text:
+            continue
+        tiling = {}
+        for item in (i.strip() for i in text.split(",")):
+            field, _, val = item.partition("=")
+            if field not in TILING_FIELDS or not val.isdigit():
+                raise ValueError(f"{item!r}: expected FIELD=INT with FIELD in {TILING_FIELDS}")
+            tiling[field] = int(val)
+        out.append(tiling)
+    return tuple(out)
+
+
+def implementations(backend: str, with_ws: bool, extra: tuple[dict[str, int], ...] = ()
+                    ) -> list[tuple[str, bool, Callable[..., jax.Array]]]:
+    """(label, weights as panels, f(x, arena, offsets, sizes, n)) of our kernels; extra: more
+    Triton tilings (`--tilings`)."""
     out: list[tuple[str, bool, Callable[..., jax.Array]]] = []
-    for t in TRITON_TILINGS:
+    for t in TRITON_TILINGS + extra:
         label = "triton " + (" ".join(f"{a}={b}" for a, b in t.items()) or "default")
         out.append((label, False, functools.partial(arena_grouped_matmul_gpu, backend=backend, **t)))
     kernels = [("mgpu", arena_grouped_matmul_mgpu, MGPU_CONFIGS)]
@@ -132,7 +158,8 @@ def implementations(backend: str, with_ws: bool) -> list[tuple[str, bool, Callab
 
 
 def check_correctness(backend: str, smoke: bool, with_ws: bool,
-                      impls: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+                      impls: tuple[str, ...] | None = None,
+                      extra: tuple[dict[str, int], ...] = ()) -> list[dict[str, Any]]:
     """Our kernels (those `impls` selects, as in `time_case`) on ragged cases against
     `numpy_product` (rel. error, tail exactly 0)."""
     rng = np.random.default_rng(7)
@@ -145,8 +172,9 @@ def check_correctness(backend: str, smoke: bool, with_ws: bool,
         x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
         sz = np.asarray(sizes, np.int32)
         want = {p: numpy_product(x, arena, offs, sz, k, n, p) for p in (False, True)}
-        for label, panels, f in implementations(backend, with_ws):
-            if (smoke and not label.endswith("default")) or (impls and not label.startswith(impls)):
+        for label, panels, f in implementations(backend, with_ws, extra):
+            if (smoke and not label.endswith("default") and not extra) or (
+                    impls and not label.startswith(impls)):
                 continue
             try:
                 got = np.asarray(f(x, arena, jnp.asarray(offs), jnp.asarray(sz), n=n), np.float64)
@@ -164,7 +192,8 @@ def check_correctness(backend: str, smoke: bool, with_ws: bool,
 
 
 def time_case(case: tuple, backend: str, peak: float, smoke: bool, with_ws: bool,
-              impls: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+              impls: tuple[str, ...] | None = None,
+              extra: tuple[dict[str, int], ...] = ()) -> list[dict[str, Any]]:
     """Times our implementations (those whose label starts with one of `impls`; None: all), then
     the baselines, on one `CASES` row."""
     name, m, g, k, n = case
@@ -187,8 +216,9 @@ def time_case(case: tuple, backend: str, peak: float, smoke: bool, with_ws: bool
         print(f"  {name:18s} {label:36s} {t * 1e6:9.1f} us {flops / t / 1e12:7.1f} TFLOP/s "
               f"{flops / t / peak:6.1%}", flush=True)
 
-    for label, _, f in implementations(backend, with_ws):
-        if smoke and not label.endswith("default"):  # the interpreters are slow: one tiling each
+    for label, _, f in implementations(backend, with_ws, extra):
+        # the interpreters are slow: one tiling each, unless tilings were asked for
+        if smoke and not label.endswith("default") and not extra:
             continue
         if impls is not None and not label.startswith(impls):
             continue
@@ -236,7 +266,6 @@ LAYER_VARIANTS: dict[str, LayerVariant | None] = {
     # the engine before 2026-12-06 (later): SwiGLU at bk 64 / 2 stages, the down product's
     # persistent programs (programs 0: the default's ~2 per SM) and f32 rows
     "fused, 2026-12-05": ({"bk": 64, "num_stages": 2}, {"programs": 0}, None)}
-TILING_FIELDS = ("bm", "bn", "bk", "num_warps", "num_stages", "programs")
 
 
 def parse_layer_tilings(spec: str) -> dict[str, LayerVariant]:
@@ -344,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impls", default=None,
                     help="comma-separated label prefixes of our implementations to time (e.g. "
                          "'triton default,mgpu-ws'; default all)")
+    ap.add_argument("--tilings", default="",
+                    help="more Triton tilings to time: 'programs=100000;num_warps=8,bn=256' "
+                         "(see parse_tilings)")
     ap.add_argument("--layer-cases", default=None,
                     help="comma-separated MoE layer case names (default all; e.g. 'olmoe layer 4K')")
     ap.add_argument("--layer-tilings", default="",
@@ -359,7 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"needs a GPU (found {dev.platform}); use --smoke on CPU", file=sys.stderr)
         return 2
     impls = tuple(i.strip() for i in args.impls.split(",")) if args.impls else None
-    checks = [] if args.layers_only else check_correctness(backend, args.smoke, with_ws, impls)
+    try:
+        extra = parse_tilings(args.tilings)
+    except ValueError as e:
+        ap.error(f"--tilings: {e}")
+    checks = [] if args.layers_only else check_correctness(backend, args.smoke, with_ws, impls,
+                                                           extra)
     peak = matmul_peak(256 if args.smoke else 8192, "bfloat16")
     rows = []
     cases = SMOKE_CASES if args.smoke else CASES
@@ -371,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = tuple(c for c in cases if c[0] in names)
     for case in [] if args.layers_only else cases:
         try:
-            rows += time_case(case, backend, peak, args.smoke, with_ws, impls)
+            rows += time_case(case, backend, peak, args.smoke, with_ws, impls, extra)
         except Exception:
             print(f"case {case[0]} failed:\n{traceback.format_exc()[-1500:]}", flush=True)
     try:

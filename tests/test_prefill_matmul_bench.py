@@ -80,3 +80,24 @@ def test_layer_tilings_add_fused_variants(tmp_path) -> None:
             prefill_matmul.parse_layer_tilings(bad)
     with pytest.raises(SystemExit):
         prefill_matmul.main(["--smoke", "--layers-only", "--layer-tilings", "gu.colour=3"])
+
+
+def test_tilings_add_triton_variants(tmp_path) -> None:
+    """--tilings adds Triton tilings: each checked for correctness and timed; a malformed one is
+    an error."""
+    import pytest
+
+    assert prefill_matmul.parse_tilings("programs=100000;num_warps=8,bn=256") == (
+        {"programs": 100000}, {"num_warps": 8, "bn": 256})
+    out = tmp_path / "pm.json"
+    assert prefill_matmul.main(["--smoke", "--impls", "triton programs", "--cases", "toy",
+                                "--tilings", "programs=100000", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {c["impl"] for c in res["correctness"]} == {"triton programs=100000"}
+    assert all(c["ok"] for c in res["correctness"])
+    assert "triton programs=100000" in {r["impl"] for r in res["rows"]}
+    for bad in ("colour=3", "bm=big"):
+        with pytest.raises(ValueError):
+            prefill_matmul.parse_tilings(bad)
+    with pytest.raises(SystemExit):
+        prefill_matmul.main(["--smoke", "--tilings", "colour=3"])

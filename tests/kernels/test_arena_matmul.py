@@ -158,6 +158,11 @@ def test_fused_call_config_prefill_and_decode():
     assert (gu_d.bm, gu_d.bk, gu_d.num_stages) == (16, 128, 2)
     dn_d = _call_config(64, 1024, 2048, 64, 128, 2, down, **sms)
     assert dn_d.programs == default_config(64, 1024, 2048, 64, 128, 2, num_sms=132, split_k=1).programs
+    # plain products: a prefill chunk's projection one program per item, a decode one as before
+    qkv = _call_config(2048, 2048, 6144, 1, 128, 2, Fusion(), **sms)
+    assert qkv.bm == 128 and qkv.programs >= 2048 // 128 + 1
+    dense = _call_config(32, 4096, 6144, 1, 128, 2, Fusion(), **sms)
+    assert dense == default_config(32, 4096, 6144, 1, 128, 2, num_sms=132)
     # given fields win over the rules
     given = _call_config(16384, 2048, 1024, 64, 128, 2, gate_up, bk=64, num_stages=2, **sms)
     assert (given.bk, given.num_stages) == (64, 2)

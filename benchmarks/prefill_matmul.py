@@ -363,6 +363,18 @@ def time_moe_layer(case: tuple, backend: str, smoke: bool, peak: float,
     return rows
 
 
+def pick_cases(cases: tuple, names: str | None) -> tuple:
+    """The cases named in a comma-separated list (None: all of them); ValueError on a name that
+    is not a case."""
+    if not names:
+        return cases
+    wanted = [c.strip() for c in names.split(",")]
+    unknown = set(wanted) - {c[0] for c in cases}
+    if unknown:
+        raise ValueError(f"unknown cases {sorted(unknown)}; known: {[c[0] for c in cases]}")
+    return tuple(c for c in cases if c[0] in wanted)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes under the interpreters (CPU)")
@@ -399,13 +411,11 @@ def main(argv: list[str] | None = None) -> int:
                                                            extra)
     peak = matmul_peak(256 if args.smoke else 8192, "bfloat16")
     rows = []
-    cases = SMOKE_CASES if args.smoke else CASES
-    if args.cases:
-        names = [c.strip() for c in args.cases.split(",")]
-        unknown = set(names) - {c[0] for c in cases}
-        if unknown:
-            ap.error(f"--cases: unknown {sorted(unknown)}; known: {[c[0] for c in cases]}")
-        cases = tuple(c for c in cases if c[0] in names)
+    try:
+        cases = pick_cases(SMOKE_CASES if args.smoke else CASES, args.cases)
+        layer_cases = pick_cases(SMOKE_MOE_CASES if args.smoke else MOE_CASES, args.layer_cases)
+    except ValueError as e:
+        ap.error(str(e))
     for case in [] if args.layers_only else cases:
         try:
             rows += time_case(case, backend, peak, args.smoke, with_ws, impls, extra)
@@ -415,13 +425,6 @@ def main(argv: list[str] | None = None) -> int:
         variants = {**LAYER_VARIANTS, **parse_layer_tilings(args.layer_tilings)}
     except ValueError as e:
         ap.error(f"--layer-tilings: {e}")
-    layer_cases = SMOKE_MOE_CASES if args.smoke else MOE_CASES
-    if args.layer_cases:
-        names = [c.strip() for c in args.layer_cases.split(",")]
-        unknown = set(names) - {c[0] for c in layer_cases}
-        if unknown:
-            ap.error(f"--layer-cases: unknown {sorted(unknown)}; known: {[c[0] for c in layer_cases]}")
-        layer_cases = tuple(c for c in layer_cases if c[0] in names)
     layers: list[dict[str, Any]] = []
     for case in layer_cases:
         try:

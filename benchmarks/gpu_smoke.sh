@@ -14,12 +14,16 @@
 #
 # Each variant gets LIMIT seconds (default 170; `timeout`), its own fresh compilation cache
 # unless its FLAGS name one. PYTHON: the interpreter (default: python, the GPU image's).
+# A word `tree=DIR` among a variant's FLAGS runs that variant's bench from DIR (relative to this
+# checkout, or absolute): the code of another commit unpacked there with `git archive REV | tar -x
+# -C DIR`, for a baseline on the same machine; the trace and the analysis are this checkout's.
 set -uo pipefail
 if [ $# -lt 2 ] || [ $(($# % 2)) -ne 0 ]; then
     echo "usage: gpu_smoke.sh NAME FLAGS [NAME FLAGS ...]" >&2
     exit 2
 fi
 cd "$(dirname "$0")/.."
+root=$PWD
 export PYTHONPATH=".:.gpu-vendor${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gpu_smoke}
 mkdir -p "$out"
@@ -30,11 +34,18 @@ while [ $# -gt 0 ]; do
     shift 2
     run=/tmp/gpu_smoke_$name
     rm -rf "$run"
+    tree=$root words=()
+    for w in $flags; do
+        case $w in
+            tree=/*) tree=${w#tree=} ;;
+            tree=*) tree=$root/${w#tree=} ;;
+            *) words+=("$w") ;;
+        esac
+    done
     echo "=== $name ($flags) $(date -u +%T)"
-    # shellcheck disable=SC2086  # FLAGS are words
-    timeout "${LIMIT:-170}" "$py" -m benchmarks.runner --preset gpu-2 --devices 1 --modes shared \
-        --trace benchmarks/traces/gpu1_smoke_4olmoe_40s.jsonl --slo-ttft-s 10 --slo-tpot-s 0.2 \
-        $flags --out "$run" > "$out/$name.log" 2>&1
+    (cd "$tree" && PYTHONPATH="$tree:$root/.gpu-vendor" timeout "${LIMIT:-170}" "$py" -m benchmarks.runner \
+        --preset gpu-2 --devices 1 --modes shared --trace "$root/benchmarks/traces/gpu1_smoke_4olmoe_40s.jsonl" \
+        --slo-ttft-s 10 --slo-tpot-s 0.2 "${words[@]}" --out "$run") > "$out/$name.log" 2>&1
     rc=$?
     echo "rc=$rc $(date -u +%T)" | tee -a "$out/$name.log"
     [ "$rc" -ne 0 ] && status=$rc

@@ -21,6 +21,7 @@ if [ "$1" = -m ] && [ "$2" = benchmarks.runner ]; then
     out=""; prev=""
     for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
     echo "flags: $*"
+    echo "cwd: $PWD"
     case " $* " in *" --fail "*) echo "bench failed" >&2; exit 3;; esac
     mkdir -p "$out/jax-compile-cache" && cp "$FAKE_RUN"/* "$out"/
     exit 0
@@ -59,7 +60,8 @@ def test_variants_run_in_turn_and_come_back_packed(tmp_path) -> None:
                                                      "warm.tgz"]
     cold = (out / "cold.log").read_text()
     assert "--warmup 0 --precompile off --out /tmp/gpu_smoke_cold" in cold
-    assert "--trace benchmarks/traces/gpu1_smoke_4olmoe_40s.jsonl" in cold
+    assert f"--trace {ROOT}/benchmarks/traces/gpu1_smoke_4olmoe_40s.jsonl" in cold
+    assert f"cwd: {ROOT}\n" in cold  # this checkout's code
     assert "2 gaps between decode calls" not in cold and "1 gaps between decode calls" in cold
     assert "'decode_call_s': 0.02" in cold and "rc=0" in cold
     # decode_costs ran on the log too (two decode calls are too few for its fit: it says so)
@@ -71,6 +73,28 @@ def test_variants_run_in_turn_and_come_back_packed(tmp_path) -> None:
     assert not any("jax-compile-cache" in n for n in names)
     gaps = json.loads(Path("/tmp/gpu_smoke_warm/gaps.json").read_text())
     assert gaps["gaps"] == 1 and gaps["tail"]["prefill_calls_padded"] == 1
+
+
+def test_a_variant_runs_another_tree(tmp_path) -> None:
+    """`tree=DIR` runs that variant's bench from DIR (another commit's code) on this checkout's
+    trace; the word itself is not passed on."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text(STAND_IN)
+    stand_in.chmod(0o755)
+    _fake_run(tmp_path / "run")
+    old = tmp_path / "old_tree"
+    old.mkdir()
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(stand_in), REAL_PY=sys.executable, FAKE_RUN=str(tmp_path / "run"),
+               OUT=str(out), LIMIT="60")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_smoke.sh"),
+                           "old", f"tree={old} --precompile on"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (out / "old.log").read_text()
+    assert f"cwd: {old}\n" in log and "tree=" not in log.split("cwd:")[0].split("flags:")[1]
+    assert f"--trace {ROOT}/benchmarks/traces/gpu1_smoke_4olmoe_40s.jsonl" in log
+    assert "--precompile on --out /tmp/gpu_smoke_old" in log and (out / "old.tgz").exists()
 
 
 def test_odd_arguments_are_refused(tmp_path) -> None:

@@ -2,12 +2,13 @@
 configurations timed at the engine's page layout, as TFLOP/s and share of the card's bf16 peak.
 
     PYTHONPATH=. python -m benchmarks.prefill_attention [--json OUT] [--smoke] [--configs 0,1]
-        [--with-mgpu [--mgpu-configs 0,1]] [--mla]
+        [--with-mgpu [--mgpu-configs 0,1]] [--mla] [--cases 1x2048@0,1x2048@30K]
 
 Geometries (bf16 KV, head_dim 128, 256-KiB pages of 128-element rows, as the engine's GPU arena):
 OLMoE-1B-7B (16 query heads, 16 KV heads: 32 tokens per page) and Qwen3-30B-A3B (32 query heads,
-4 KV heads: 128 tokens per page). Cases: one request's chunk of 512 tokens after 0, 8K and 32K
-tokens of KV, and a ragged batch of four 512-token chunks after 0, 4K, 16K and 32K tokens.
+4 KV heads: 128 tokens per page). Cases (`--cases`): one request's chunk of 512 tokens after 0, 8K
+and 32K tokens of KV, and a ragged batch of four 512-token chunks after 0, 4K, 16K and 32K tokens
+(the default); and the engine's 2,048-token chunk after 0, 2K and 30K tokens.
 FLOPs = 4 x head_dim x query heads x (query, key) pairs, each query token seeing the keys up to
 and including its own position (causal). The peak is DESIGN.md's measured 790 TFLOP/s (bf16, H200).
 
@@ -58,7 +59,13 @@ CASES = {  # name -> (chunk tokens, [context before the chunk] per request)
     "1x512@8K": (512, [8192]),
     "1x512@32K": (512, [32768]),
     "4x512@0/4K/16K/32K": (512, [0, 4096, 16384, 32768]),
+    # the engine's GPU prefill chunk (2,048 tokens): a prompt's first chunk, its second, one deep
+    # into a long prompt (each already has 16 query blocks x the heads' programs before any split)
+    "1x2048@0": (2048, [0]),
+    "1x2048@2K": (2048, [2048]),
+    "1x2048@30K": (2048, [30720]),
 }
+DEFAULT_CASES = ("1x512@0", "1x512@8K", "1x512@32K", "4x512@0/4K/16K/32K")
 # launch configurations: None = the kernel's defaults; "rows" = query rows per program (block_q =
 # rows / the padded GQA group: 64 rows is the default)
 CONFIGS: list[dict[str, Any] | None] = [
@@ -73,6 +80,9 @@ CONFIGS: list[dict[str, Any] | None] = [
     {"rows": 128, "num_warps": 8, "num_splits": 4},
     {"rows": 128, "block_t": 128, "num_warps": 8, "num_stages": 3, "num_splits": 4},
     {"rows": 32, "num_splits": 4},
+    # the defaults with fewer KV splits (the 2,048-token chunks)
+    {"num_splits": 1},
+    {"num_splits": 2},
 ]
 # `paged_prefill_attention_mgpu` keywords (None = its defaults: 128-key steps, 2 stages, splits by
 # `prefill_mgpu.default_num_splits`)
@@ -163,16 +173,19 @@ def time_config(rows: list[dict[str, Any]], gname: str, cname: str, label: str, 
 
 
 def run(smoke: bool, configs: list[dict[str, Any] | None],
-        mgpu_configs: list[dict[str, Any] | None] | None = None) -> list[dict[str, Any]]:
-    """Every case with every Triton configuration in `configs`; then, if `mgpu_configs` is given,
-    every case again with the Mosaic GPU kernel in each of those (after all Triton runs)."""
+        mgpu_configs: list[dict[str, Any] | None] | None = None,
+        cases: tuple[str, ...] = DEFAULT_CASES) -> list[dict[str, Any]]:
+    """Every case of `cases` with every Triton configuration in `configs`; then, if
+    `mgpu_configs` is given, every case again with the Mosaic GPU kernel in each of those (after
+    all Triton runs)."""
     backend = "interpret" if smoke else "gpu"
     rows: list[dict[str, Any]] = []
     kept = []  # the cases (and their references) for the Mosaic GPU pass
     for gname, (hq, kvh) in GEOMETRIES.items():
         if smoke:
             hq, kvh = hq // 4, max(1, kvh // 4)
-        for cname, (chunk, contexts) in CASES.items():
+        for cname in cases:
+            chunk, contexts = CASES[cname]
             if smoke:
                 chunk, contexts = 16, [c // 256 for c in contexts]
             q, arena, table, lens, cu, geom = build_case(hq, kvh, chunk, contexts, smoke)
@@ -220,13 +233,16 @@ def build_mla_case(heads: int, chunk: int, contexts: list[int], smoke: bool, see
             geom)
 
 
-def run_mla(smoke: bool, with_mgpu: bool) -> list[dict[str, Any]]:
-    """Every case with MLA: the Triton kernel, then (``with_mgpu``) the tensor-core path."""
+def run_mla(smoke: bool, with_mgpu: bool, cases: tuple[str, ...] = DEFAULT_CASES
+            ) -> list[dict[str, Any]]:
+    """Every case of `cases` with MLA: the Triton kernel, then (``with_mgpu``) the tensor-core
+    path."""
     backend = "interpret" if smoke else "gpu"
     heads = 64 if smoke else MLA_HEADS
     rows: list[dict[str, Any]] = []
     kept = []
-    for cname, (chunk, contexts) in CASES.items():
+    for cname in cases:
+        chunk, contexts = CASES[cname]
         if smoke:
             chunk, contexts = 16, [c // 256 for c in contexts]
         ql, qr, arena, table, lens, cu, geom = build_mla_case(heads, chunk, contexts, smoke)
@@ -248,7 +264,7 @@ def run_mla(smoke: bool, with_mgpu: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes, interpret mode (CPU)")
     ap.add_argument("--json", default=None)
@@ -261,13 +277,20 @@ def main() -> None:
                     help="with --with-mgpu: indexes into MGPU_CONFIGS to run (default: all)")
     ap.add_argument("--mla", action="store_true",
                     help="only DeepSeek-V3 MLA (Triton; with --with-mgpu also the Mosaic GPU path)")
-    args = ap.parse_args()
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                    help=f"comma-separated case names (default: the 512-token ones; all: {', '.join(CASES)})")
+    args = ap.parse_args(argv)
+    cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        ap.error(f"--cases: unknown {sorted(unknown)}; known: {list(CASES)}")
     picks = CONFIGS if args.configs is None else [CONFIGS[int(i)] for i in args.configs.split(",")]
     mgpu = None
     if args.with_mgpu:
         mgpu = (MGPU_CONFIGS if args.mgpu_configs is None
                 else [MGPU_CONFIGS[int(i)] for i in args.mgpu_configs.split(",")])
-    rows = run_mla(args.smoke, args.with_mgpu) if args.mla else run(args.smoke, picks, mgpu)
+    rows = (run_mla(args.smoke, args.with_mgpu, cases) if args.mla
+            else run(args.smoke, picks, mgpu, cases))
     dev = jax.devices()[0]
     print(f"\n{dev.device_kind}; TFLOP/s and share of {PEAK_BF16 / 1e12:.0f} TFLOP/s")
     print(f"{'geometry':14s} {'case':20s} {'config':62s} {'us':>9s} {'TFLOP/s':>8s} {'peak':>6s} {'err':>8s}")

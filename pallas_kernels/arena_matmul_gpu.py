@@ -301,7 +301,7 @@ def _call_config(m: int, k: int, n_out: int, g: int, r: int, itemsize: int, fusi
     scattered down product with one program per item instead of ~2 persistent programs per SM
     (its 1,024- or 768-deep K loop is short, so a persistent program's per-item pipeline fill
     and epilogue were not hidden). Plain products of prefill-sized groups (the attention-side
-    projections) also run one program per item: 1.04-1.10x on a 2,048-token chunk's qkv and o
+    projections) also run one program per item: 1.04-1.15x on a 2,048-token chunk's qkv and o
     projections (one H100, the same section; the SwiGLU matmul was not faster that way). Smaller
     groups (decode) keep the tilings measured for them.
     group_rows: the rows a non-empty group is expected to hold, when the caller knows better than
@@ -366,11 +366,11 @@ def arena_grouped_matmul_gpu(
 
     x: [M, K], or [T, K] read through x_rows [M] int32; arena_rows: [num_rows, R]; offsets,
     sizes: [G] int32; n: N (static, N % R == 0). backend: "gpu" (Triton) or "interpret" (CPU).
-    Tiling arguments default to `default_config` and `_call_config`'s rules for fused calls
-    (bm >= 16 and bn, bk powers of two; bn a multiple of R dividing N, or dividing ``swiglu``;
-    programs 0: the persistent default, ~2 programs per SM, even where the prefill rule would
-    launch one per item); group_rows: a tiling hint, the rows a non-empty group is expected to
-    hold (None: M / G; `_call_config`).
+    Tiling arguments default to `default_config` and `_call_config`'s rules (fused calls,
+    prefill-sized groups; bm >= 16 and bn, bk powers of two; bn a multiple of R dividing N, or
+    dividing ``swiglu``; programs 0: the persistent default, ~2 programs per SM, even where the
+    prefill rule would launch one per item); group_rows: a tiling hint, the rows a non-empty
+    group is expected to hold (None: M / G; `_call_config`).
     Fusions (`Fusion`): x_rows (gather), swiglu (static inter: [M, inter] output), row_scale
     [M] f32, out_rows [M] int32 (a permutation of [0, M): where each row is stored); any of them
     runs without a K split.
@@ -392,8 +392,8 @@ def arena_grouped_matmul_gpu(
     if m == 0 or g == 0:
         return jnp.zeros((m, n_out), out_dtype)
     cfg = _call_config(m, k, n_out, g, r, jnp.dtype(arena_rows.dtype).itemsize, fusion,
-                       group_rows=group_rows, bm=bm, bn=bn, bk=bk, split_k=split_k, num_warps=num_warps,
-                       num_stages=num_stages, programs=programs)
+                       group_rows=group_rows, bm=bm, bn=bn, bk=bk, split_k=split_k,
+                       num_warps=num_warps, num_stages=num_stages, programs=programs)
     nk = -(-k // cfg.bk)
     split = max(1, min(cfg.split_k, nk))
     nks = -(-nk // split)

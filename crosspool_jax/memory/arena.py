@@ -290,18 +290,25 @@ def _attention_tensors(cfg: ModelConfig, a: dict[str, Any]) -> Iterator[TensorEn
         yield _replicated(f"attn/layers/{k}", Role.KV, v, True)
 
 
+def _tensor_parallel_pair(gate_up_name: str, down_name: str, gu: Any, dn: Any, w: int
+                          ) -> Iterator[TensorEntry]:
+    """A SwiGLU's stacked gate/up [L, D, 2I] and down [L, I, D] split over `w` weights devices by
+    intermediate columns (each device `cdiv(I, w)` of them, zero-padded)."""
+    items, dim = gu.shape[0], gu.shape[1]
+    inter = dn.shape[1]
+    loc = -(-inter // w)
+    yield (gate_up_name, Role.WEIGHTS, (dim, 2 * loc), items, _dtype_name(gu), None,
+           lambda j: _tp_gate_up(_host(gu), inter, w, j))
+    yield (down_name, Role.WEIGHTS, (loc, dn.shape[2]), items, _dtype_name(dn), None,
+           lambda j: _tp_down(_host(dn), inter, w, j))
+
+
 def _ffn_tensors(f: dict[str, Any], w: int) -> Iterator[TensorEntry]:
     """`model_tensors`' F-side over `w` weights devices: dense FFN and shared experts
     tensor-parallel, routed experts split by expert."""
     if "dense" in f:
-        d = f["dense"]
-        inter = d["w_down"].shape[1]
-        loc = -(-inter // w)
-        gu, dn = d["w_gate_up"], d["w_down"]
-        yield ("ffn/dense/w_gate_up", Role.WEIGHTS, (gu.shape[1], 2 * loc), gu.shape[0], _dtype_name(gu),
-               None, lambda j, gu=gu, inter=inter: _tp_gate_up(_host(gu), inter, w, j))
-        yield ("ffn/dense/w_down", Role.WEIGHTS, (loc, dn.shape[2]), dn.shape[0], _dtype_name(dn),
-               None, lambda j, dn=dn, inter=inter: _tp_down(_host(dn), inter, w, j))
+        yield from _tensor_parallel_pair("ffn/dense/w_gate_up", "ffn/dense/w_down",
+                                         f["dense"]["w_gate_up"], f["dense"]["w_down"], w)
     if "moe" not in f:
         return
     m = f["moe"]
@@ -322,13 +329,8 @@ def _ffn_tensors(f: dict[str, Any], w: int) -> Iterator[TensorEntry]:
     yield ("ffn/moe/w_down", Role.WEIGHTS, (e_loc, two_i // 2, dim), lm, _dtype_name(dn), None,
            lambda j, dn=dn: experts(dn, j))
     if "shared_gate_up" in m:
-        sgu, sdn = m["shared_gate_up"], m["shared_down"]
-        inter = sdn.shape[1]
-        loc = -(-inter // w)
-        yield ("ffn/moe/shared_gate_up", Role.WEIGHTS, (dim, 2 * loc), lm, _dtype_name(sgu), None,
-               lambda j, sgu=sgu, inter=inter: _tp_gate_up(_host(sgu), inter, w, j))
-        yield ("ffn/moe/shared_down", Role.WEIGHTS, (loc, dim), lm, _dtype_name(sdn), None,
-               lambda j, sdn=sdn, inter=inter: _tp_down(_host(sdn), inter, w, j))
+        yield from _tensor_parallel_pair("ffn/moe/shared_gate_up", "ffn/moe/shared_down",
+                                         m["shared_gate_up"], m["shared_down"], w)
         if "shared_gate" in m:
             yield _replicated("ffn/moe/shared_gate", Role.WEIGHTS, m["shared_gate"], True)
 

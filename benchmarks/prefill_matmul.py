@@ -120,15 +120,20 @@ def numpy_product(x: jax.Array, arena: jax.Array, offs: np.ndarray, sizes: np.nd
     return y
 
 
+def _spec_variants(spec: str) -> list[tuple[str, list[str]]]:
+    """'a=1,b=2;c=3' -> [('a=1,b=2', ['a=1', 'b=2']), ('c=3', ['c=3'])]: a sweep option's variants
+    (';'-separated, empty ones dropped) and each one's comma-separated items."""
+    texts = [v.strip() for v in spec.split(";")]
+    return [(t, [i.strip() for i in t.split(",")]) for t in texts if t]
+
+
 def parse_tilings(spec: str) -> tuple[dict[str, int], ...]:
     """``--tilings``: Triton tilings separated by ';', each comma-separated ``FIELD=INT`` (FIELD
     one of `TILING_FIELDS`), e.g. 'programs=100000;num_warps=8,bn=256'; ValueError."""
     out = []
-    for text in (v.strip() for v in spec.split(";")):
-        if not text:
-            continue
+    for _, items in _spec_variants(spec):
         tiling = {}
-        for item in (i.strip() for i in text.split(",")):
+        for item in items:
             field, _, val = item.partition("=")
             if field not in TILING_FIELDS or not val.isdigit():
                 raise ValueError(f"{item!r}: expected FIELD=INT with FIELD in {TILING_FIELDS}")
@@ -274,13 +279,11 @@ def parse_layer_tilings(spec: str) -> dict[str, LayerVariant]:
     `TILING_FIELDS`) or ``dn.out=bfloat16`` (the down product's rows stored in bf16 before the
     k-sum instead of f32) -> {label: variant}, the label being the variant's own text."""
     out: dict[str, LayerVariant] = {}
-    for text in (v.strip() for v in spec.split(";")):
-        if not text:
-            continue
+    for text, items in _spec_variants(spec):
         gu: dict[str, int] = {}
         dn: dict[str, int] = {}
         dn_out = None
-        for item in (i.strip() for i in text.split(",")):
+        for item in items:
             key, _, val = item.partition("=")
             side, _, field = key.partition(".")
             if side == "dn" and field == "out":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,3 +106,108 @@ def test_append_donates_and_aliases_the_arena():
     np.testing.assert_array_equal(np.asarray(out[0, 0]), np.ones(32))
     # That the kernel's output aliases its arena input is checked on the GPU/TPU lowerings in
     # test_lowering.py.
+
+
+# K/V read in place by the GPU kernel (head_dim % R == 0) vs the packed path (padding needed):
+# (kv_heads, head_dim, R, arena dtype, k/v dtype, block_n).
+DIRECT = [
+    (1, 32, 32, "float32", "float32", 16),
+    (2, 64, 32, "float32", "bfloat16", 8),  # cast to the arena dtype first
+    (4, 64, 64, "bfloat16", "bfloat16", 16),
+    (4, 128, 64, "bfloat16", "bfloat16", 8),
+    (2, 64, 64, "bfloat16", "float32", 16),
+    (1, 256, 128, "bfloat16", "bfloat16", 16),
+]
+PACKED = [(2, 48, 32, "float32", "float32", 16), (1, 96, 64, "bfloat16", "bfloat16", 8)]
+
+
+def _geom(kvh: int, d: int, r: int, dtype: str, tail_rows: int = 3):
+    """8 tokens per page plus ``tail_rows`` rows of page-tail padding."""
+    chunks = 2 * kvh * -(-d // r)
+    itemsize = jnp.dtype(dtype).itemsize
+    pool = PoolLayout(page_bytes=(8 * chunks + tail_rows) * r * itemsize, dtype=dtype, row_elems=r)
+    geom = page_geometry(KVSpec.gqa(kvh, d), pool)
+    assert geom.tokens_per_page == 8
+    return pool, geom
+
+
+def _prefill_slots(rng, geom, num_pages: int) -> jnp.ndarray:
+    """A 21-token prefill chunk starting mid-page over shuffled pages (so it crosses three page
+    boundaries), 3 scattered decode tokens on other pages and 2 padding slots: N = 26."""
+    t = geom.tokens_per_page
+    pages = rng.permutation(num_pages)
+    pos = np.arange(5, 26)
+    chunk = pages[pos // t] * t + pos % t
+    decode = pages[4:][rng.choice(num_pages - 4, 3, replace=False)] * t + rng.integers(0, t, 3)
+    return jnp.asarray(np.concatenate([chunk, decode, [-1, -1]]), jnp.int32)
+
+
+def _bits(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.view(f"u{x.dtype.itemsize}")
+
+
+@pytest.mark.parametrize("kvh,d,r,dtype,kv_dtype,block_n", DIRECT + PACKED)
+def test_gpu_append_matches_reference_bitwise(kvh, d, r, dtype, kv_dtype, block_n):
+    rng = np.random.default_rng(14)
+    pool, geom = _geom(kvh, d, r, dtype)
+    num_pages = 9
+    before = _random_arena(rng, pool, num_pages)
+    slots = _prefill_slots(rng, geom, num_pages)
+    n = slots.shape[0]
+    assert n % block_n
+    k = jnp.asarray(rng.standard_normal((n, kvh, d)), jnp.dtype(kv_dtype))
+    v = jnp.asarray(rng.standard_normal((n, kvh, d)), jnp.dtype(kv_dtype))
+    want = kv_append_reference(before, slots, k, v, geom)
+    got = kv_append(jnp.array(before), slots, k, v, geom, backend="interpret", block_n=block_n)
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+    changed = np.asarray(jnp.any(got != before, axis=-1))
+    assert changed.sum() == (n - 2) * geom.chunks_per_token
+
+
+def _primitive_names(jaxpr) -> set[str]:
+    """Primitives of a jaxpr and of every jaxpr nested in its equations (jit, pallas_call, ...)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    names |= _primitive_names(sub)
+    return names
+
+
+def _pallas_calls(jaxpr) -> list:
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+        elif "jaxpr" in eqn.params:
+            found += _pallas_calls(getattr(eqn.params["jaxpr"], "jaxpr", eqn.params["jaxpr"]))
+    return found
+
+
+@pytest.mark.parametrize("backend", ["gpu", "interpret"])
+@pytest.mark.parametrize("kvh,d,r,dtype,kv_dtype,block_n", [DIRECT[2], DIRECT[3], PACKED[0]])
+def test_gpu_append_reads_k_and_v_without_a_packed_copy(backend, kvh, d, r, dtype, kv_dtype,
+                                                        block_n):
+    """head_dim % R == 0: no concatenate anywhere, and the kernel's operands are k and v as
+    [N, KVH * D] (a bitcast of the inputs; no padded copy). Otherwise the packed rows.
+    Tracing only, so backend "gpu" works on CPU too."""
+    pool, geom = _geom(kvh, d, r, dtype)
+    n = 26
+    kv = jax.ShapeDtypeStruct((n, kvh, d), jnp.dtype(kv_dtype))
+    closed = jax.make_jaxpr(
+        lambda a, s, k, v: kv_append(a, s, k, v, geom, backend=backend, block_n=block_n)
+    )(jax.ShapeDtypeStruct(pool.arena_shape(9), jnp.dtype(dtype)),
+      jax.ShapeDtypeStruct((n,), jnp.int32), kv, kv)
+    (call,) = _pallas_calls(closed.jaxpr)
+    n_pad = -(-n // block_n) * block_n
+    shapes = [tuple(x.aval.shape) for x in call.invars]
+    if d % r == 0:
+        assert "concatenate" not in _primitive_names(closed.jaxpr)
+        assert shapes == [(n_pad,), (n, kvh * d), (n, kvh * d), pool.flat_rows_shape(9)]
+    else:
+        assert "concatenate" in _primitive_names(closed.jaxpr)
+        assert shapes == [(n_pad,), (n_pad, geom.chunks_per_token, r), pool.flat_rows_shape(9)]

@@ -257,14 +257,15 @@ def _kernel(*refs, g: int, gp: int, m: int, k: int, n: int, cfg: Config, nks: in
 
 def _store_item(o_ref, dest_ref, outs: list, *, fusion: Fusion, split, col0, row0, rmask, m: int
                 ) -> None:
-    """Stores an item's [bm, R] output tiles (columns ``col0 + c * R``): into the K split's
-    [split, M, N] partials when nothing is fused, else into [M, N_out] at its rows or, with
-    `out_rows`, at the rows `dest_ref` names."""
+    """Stores an item's [bm, R] output tiles (columns ``col0 + c * R``), rounded to the output's
+    dtype: into the K split's [split, M, N] partials when nothing is fused, else into [M, N_out]
+    at its rows or, with `out_rows`, at the rows `dest_ref` names."""
     bm, r = outs[0].shape
     smask = jnp.broadcast_to(rmask[:, None], (bm, r))
     if not fusion.any:
         for c, o in enumerate(outs):
-            pltriton.store(o_ref.at[split, pl.ds(row0, bm), pl.ds(col0 + c * r, r)], o, mask=smask)
+            pltriton.store(o_ref.at[split, pl.ds(row0, bm), pl.ds(col0 + c * r, r)],
+                           o.astype(o_ref.dtype), mask=smask)
         return
     # masked-off rows point past the output: the interpreter writes masked lanes back (a store
     # to row 0 would race the real one); on GPU a masked lane touches no memory
@@ -406,10 +407,12 @@ def arena_grouped_matmul_gpu(
     aux = [a for a in (x_rows, row_scale, out_rows) if a is not None]
     aux = [a.astype(jnp.float32 if a is row_scale else jnp.int32) for a in aux]
     shape = (m, n_out) if fusion.any else (split, m, n_out)
+    # K-split partials are summed in f32 afterwards; otherwise the kernel rounds to out_dtype
+    direct = fusion.any or split == 1
     out = pl.pallas_call(
         kernel,
         grid=(n_out // cfg.bn, split, n_prog),
-        out_shape=jax.ShapeDtypeStruct(shape, jnp.dtype(out_dtype) if fusion.any else jnp.float32),
+        out_shape=jax.ShapeDtypeStruct(shape, jnp.dtype(out_dtype) if direct else jnp.float32),
         interpret=interpret_flag(backend),
         compiler_params=(gpu_compiler_params(cfg.num_warps, cfg.num_stages)
                          if backend == "gpu" else None),

@@ -170,12 +170,13 @@ class _Reader:
         st = self.stacked(name, item)
         return st[0] if self.groups == 1 else jnp.take(st, grp, axis=0)
 
-    def matmul(self, x: jax.Array, name: str, item: int, sizes: jax.Array) -> jax.Array:
+    def matmul(self, x: jax.Array, name: str, item: int, sizes: jax.Array,
+               out_dtype: Any = jnp.float32) -> jax.Array:
         """x [M, K] (rows sorted by model; sizes [G] rows each, the rest 0) @ each model's W read
-        in place from the arena -> [M, N] f32."""
+        in place from the arena -> [M, N] in out_dtype (f32 accumulation, rounded once)."""
         s, starts = self._start(name, item)
         y = arena_grouped_matmul(x, self.rows, starts, sizes.astype(jnp.int32), s.last_padded,
-                                 backend=self.backend)
+                                 backend=self.backend, out_dtype=jnp.dtype(out_dtype).name)
         return y[:, : s.shape[-1]]
 
     def grouped(self, x: jax.Array, name: str, item: int, sizes: jax.Array, **fusions: Any
@@ -302,8 +303,9 @@ class Lane:
         ctx: dict[str, Any] = dict(sizes=sizes, dt=dt, tail_pages=tail_pages, slots=slots)
         if cfg.attention == AttentionKind.GQA:
             H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-            qkv = rd.matmul(h, "attn/layers/wqkv", layer, sizes)
-            if self.cls.has("attn/layers/bqkv"):
+            bias = self.cls.has("attn/layers/bqkv")  # added in f32 before the one rounding
+            qkv = rd.matmul(h, "attn/layers/wqkv", layer, sizes, jnp.float32 if bias else dt)
+            if bias:
                 qkv = qkv + rd.per_row("attn/layers/bqkv", layer, grp).astype(jnp.float32)
             qkv = qkv.astype(dt)
             q, k, v = qkv[:, : H * Dh], qkv[:, H * Dh:(H + K) * Dh], qkv[:, (H + K) * Dh:]
@@ -323,18 +325,20 @@ class Lane:
         H, n, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         R = cfg.kv_lora_rank
         if self.cls.has("attn/layers/wq_a"):
-            qa = rd.matmul(h, "attn/layers/wq_a", layer, sizes)
-            if self.cls.has("attn/layers/bq_a"):
+            bias = self.cls.has("attn/layers/bq_a")
+            qa = rd.matmul(h, "attn/layers/wq_a", layer, sizes, jnp.float32 if bias else dt)
+            if bias:
                 qa = qa + rd.per_row("attn/layers/bq_a", layer, grp).astype(jnp.float32)
             qa = _norm_rows(qa.astype(dt), rd.per_row("attn/layers/q_a_norm", layer, grp), eps)
-            q = rd.matmul(qa, "attn/layers/wq_b", layer, sizes).astype(dt)
+            q = rd.matmul(qa, "attn/layers/wq_b", layer, sizes, dt)
         else:
-            q = rd.matmul(h, "attn/layers/wq", layer, sizes).astype(dt)
+            q = rd.matmul(h, "attn/layers/wq", layer, sizes, dt)
         q = q.reshape(t, H, n + r)
         ctx["q_nope"] = q[..., :n]
         ctx["q_rope"] = apply_rope(q[None, ..., n:], cos, sin, cfg.rope_style)[0]
-        ckv = rd.matmul(h, "attn/layers/wkv_a", layer, sizes)
-        if self.cls.has("attn/layers/bkv_a"):
+        bias = self.cls.has("attn/layers/bkv_a")
+        ckv = rd.matmul(h, "attn/layers/wkv_a", layer, sizes, jnp.float32 if bias else dt)
+        if bias:
             ckv = ckv + rd.per_row("attn/layers/bkv_a", layer, grp).astype(jnp.float32)
         ckv = ckv.astype(dt)
         ctx["latent"] = _norm_rows(ckv[:, :R], rd.per_row("attn/layers/kv_a_norm", layer, grp), eps)
@@ -377,8 +381,9 @@ class Lane:
                 o_lat = self._split(arena, q_lat, ctx["q_rope"], o_lat, lse, layer, dev, is_kv, kw)
             o = jnp.einsum("thc,chv->thv", o_lat.astype(dt), wkv_b[..., n:], precision=hp,
                            preferred_element_type=jnp.float32).astype(dt).reshape(t, H * vd)
-        a = rd.matmul(o, "attn/layers/wo", layer, sizes)
-        if self.cls.has("attn/layers/bo"):
+        bias = self.cls.has("attn/layers/bo")
+        a = rd.matmul(o, "attn/layers/wo", layer, sizes, jnp.float32 if bias else dt)
+        if bias:
             a = a + rd.per_row("attn/layers/bo", layer, grp).astype(jnp.float32)
         x = st.x + a.astype(dt)
         st.x = x
@@ -503,7 +508,7 @@ class Lane:
         """Tensor-parallel SwiGLU partial (this device's intermediate columns) -> [M, D] f32."""
 
         def swiglu(xs: jax.Array, sizes: jax.Array) -> jax.Array:
-            h = rd.matmul(xs, gate_up, idx, sizes).astype(x.dtype)
+            h = rd.matmul(xs, gate_up, idx, sizes, x.dtype)
             a = jax.nn.silu(h[:, :inter_local]) * h[:, inter_local:2 * inter_local]
             return rd.matmul(a.astype(x.dtype), down, idx, sizes)
 

@@ -86,6 +86,26 @@ def test_kernel_matches_reference(name):
     assert np.all(np.asarray(out)[c["total"]:] == 0.0)  # tail rows exactly 0
 
 
+@pytest.mark.parametrize("name", ["moe_bf16", "split_k_bf16"])
+def test_plain_product_in_the_model_dtype(name):
+    """out_dtype of a plain product: the f32 result rounded once, bit for bit; without a K
+    split the kernel writes it directly (no f32 [M, N] in memory), with one the f32 partials
+    are summed first."""
+    sizes, m, k, n, r, dtype, kw = CASES[name]
+    c = make_case(7, sizes, m, k, n, r, dtype)
+    args = (c["x"], c["arena"], c["offsets"], c["sizes"], n)
+    f32 = arena_grouped_matmul_gpu(*args, backend="interpret", **kw)
+    out = arena_grouped_matmul_gpu(*args, backend="interpret", out_dtype=dtype, **kw)
+    assert out.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)),
+                                  np.asarray(f32.astype(dtype).astype(jnp.float32)))
+    text = jax.jit(lambda *a: arena_grouped_matmul_gpu(*a, backend="interpret", out_dtype=dtype,
+                                                       **kw), static_argnums=4
+                   ).lower(*args).as_text()
+    direct = "split_k" not in kw
+    assert (f"tensor<1x{m}x{n}x{'bf16'}>" in text) == direct, name
+
+
 def test_reference_matches_numpy():
     sizes, m, k, n, r, dtype, _ = CASES["moe_r128_f32"]
     c = make_case(1, sizes, m, k, n, r, dtype)

@@ -37,7 +37,7 @@ from pallas_kernels._common import (
     resolve_backend,
     softcap_scores,
 )
-from pallas_kernels.attention_core import run_blocks
+from pallas_kernels.attention_core import num_sms, run_blocks
 from pallas_kernels.page_layout import KVKind, PageGeometry
 from pallas_kernels.paged_reference import read_features
 
@@ -198,13 +198,46 @@ def _run_prefill(qp, arena, page_table, kv_lens, cu_q_lens, geom, *, group_block
 
 
 # GQA / MHA chunked prefill on GPU, unless the caller sets them: 128 query rows per program (block_q
-# = 128 / the padded group), 128-token KV blocks, 8 warps, 3 stages, 4 KV splits. Measured on one
+# = 128 / the padded group), 128-token KV blocks, 8 warps, 3 stages (and then 4 KV splits). Measured on one
 # H200 (benchmarks/prefill_attention.py, docs/kernels.md, 2026-12-04): the fastest of 9
 # configurations at 8K and 32K tokens of context for OLMoE (16/16 heads: 1.22x and 1.44x the
 # previous 64 rows / 64-token blocks / 4 warps / 2 stages / 1 split) and Qwen3-30B-A3B (32/4 heads:
 # 1.02x, 1.08x), and faster than those in all 8 cases of that sweep (a second run: 1.24-1.45x at
 # 8K-32K; one case slower, OLMoE with no context, 313 vs 131 us, the process's first timed kernel).
-GPU_PREFILL_DEFAULTS = {"rows": 128, "block_t": 128, "num_warps": 8, "num_stages": 3, "num_splits": 4}
+GPU_PREFILL_DEFAULTS = {"rows": 128, "block_t": 128, "num_warps": 8, "num_stages": 3}
+# KV splits on GPU, unless the caller sets them: `prefill_num_splits`. Measured on one H100
+# (benchmarks/prefill_attention.py, docs/kernels.md, 2026-12-06), chunks of 2,048 tokens after 0 /
+# 2K / 30K tokens of context and of 512 after 0 / 8K / 32K, at 1, 2 and 4 splits: OLMoE (16/16
+# heads; 17 or 5 query blocks read each KV head) is fastest at 2 / 2 / 4 and 4 / 4 / 4 splits (1
+# split up to 1.31x slower at 30K); Qwen3-30B-A3B (32/4 heads; 129 or 33 query blocks read each
+# KV head) at 1 split in every case (4 splits up to 1.54x slower: the 512-token chunk with no
+# context). Each split adds an f32 partial output that the jnp combine reads (the 4K prefill's
+# `input_scatter_fusion`, 62 us a layer for OLMoE at 4).
+PREFILL_SHARED_KV_BLOCKS = 32  # this many query blocks a sequence: 1 split (they fill the GPU)
+PREFILL_PROGRAMS_PER_SM = 4  # else programs aimed at: this many per SM, to the nearest split
+PREFILL_TOKENS_PER_SPLIT = 8192  # and at least one split per this many tokens of the page table
+PREFILL_MAX_SPLITS = 4
+
+
+def prefill_num_splits(num_blocks: int, kv_heads: int, sequences: int, max_tokens: int,
+                       block_t: int) -> int:
+    """KV splits of a GPU prefill launch from static shapes.
+
+    One split when each sequence has `PREFILL_SHARED_KV_BLOCKS` query blocks or more (many
+    programs then read each KV head, and more splits only add partial outputs to combine);
+    else the nearest whole number of splits to `PREFILL_PROGRAMS_PER_SM` programs per SM, or
+    one per `PREFILL_TOKENS_PER_SPLIT` tokens of the page table if more; 1 to
+    `PREFILL_MAX_SPLITS`, never a split under one KV block.
+
+    num_blocks: query blocks of the launch (``ceil(T / block_q) + B``); kv_heads: programs per
+    block (KV heads x head blocks); sequences: B; max_tokens: the longest KV range a block can
+    see (tokens)."""
+    if (num_blocks - sequences) >= PREFILL_SHARED_KV_BLOCKS * max(1, sequences):
+        return 1
+    programs = max(1, num_blocks * kv_heads)
+    want = max(round(PREFILL_PROGRAMS_PER_SM * num_sms() / programs),
+               -(-max_tokens // PREFILL_TOKENS_PER_SPLIT))
+    return int(max(1, min(want, PREFILL_MAX_SPLITS, -(-max_tokens // block_t))))
 
 
 def _min_rows(backend: str) -> int:
@@ -316,7 +349,8 @@ def paged_prefill_attention(
     scale / soft_cap / window / backend / schedule: as `paged_decode_attention`.
     block_q: query tokens per program; num_splits: KV splits per query block; block_t: KV tokens
       per inner block; num_warps / num_stages: the Triton launch. Defaults: on GPU
-      `GPU_PREFILL_DEFAULTS` (128 rows / padded group, 128, 8, 3, 4 splits); elsewhere 64 rows /
+      `GPU_PREFILL_DEFAULTS` (128 rows / padded group, 128, 8, 3) and `prefill_num_splits` (1 to
+      4 splits from the launch's programs and the page table's width); elsewhere 64 rows /
       padded group, 64-token blocks, 4 warps, 2 stages, 1 split.
     return_lse: as `paged_decode_attention` (every backend and schedule).
     one_row_decode: sequences with exactly one query (a mixed step's decode rows) run in the decode
@@ -344,7 +378,13 @@ def paged_prefill_attention(
         block_t = block_t or min(d["block_t"], 1 << (fit.bit_length() - 1))
         num_warps = num_warps or d["num_warps"]
         num_stages = num_stages or d["num_stages"]
-        num_splits = num_splits or d["num_splits"]
+        if not num_splits:
+            max_tokens = page_table.shape[1] * geom.tokens_per_page
+            if window is not None:
+                max_tokens = min(max_tokens, window + block_q)
+            b = page_table.shape[0]
+            num_splits = prefill_num_splits(-(-q.shape[0] // block_q) + b, geom.spec.kv_heads, b,
+                                            max_tokens, block_t)
     num_warps = num_warps or 4
     return _paged_prefill(q, arena, page_table, kv_lens, cu_q_lens, geom=geom, scale=scale,
                           soft_cap=soft_cap, window=window, backend=be, schedule=schedule,

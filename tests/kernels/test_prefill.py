@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from kvcase import edge_lengths, make_case, np_attention, page_bytes_for, rel_err, tol
 
+from pallas_kernels import prefill as prefill_mod
 from pallas_kernels.decode import paged_decode_attention
 from pallas_kernels.page_layout import KVSpec
 from pallas_kernels.prefill import (
@@ -73,6 +74,39 @@ def test_gqa_prefill_gpu_kernel_interpret(dtype):
         assert out.shape == q.shape and out.dtype == q.dtype
         assert rel_err(out, ref) < tol(dtype), kw
         assert float(jnp.abs(out[-PAD_ROWS:].astype(jnp.float32)).max()) == 0.0
+
+
+def test_prefill_split_rule(monkeypatch):
+    """`prefill_num_splits` on the measured cases (docs/kernels.md, 2026-12-06): one sequence's
+    chunk of 2,048 / 512 tokens is 17 / 5 query blocks (+1) x 16 KV heads for OLMoE, 129 / 33
+    (+1) x 4 for Qwen3-30B-A3B."""
+    monkeypatch.setattr(prefill_mod, "num_sms", lambda: 132)
+    f = prefill_mod.prefill_num_splits
+    assert [f(17, 16, 1, n, 128) for n in (2048, 4096, 32768)] == [2, 2, 4]  # 528 / 272 -> 2
+    assert [f(5, 16, 1, n, 128) for n in (512, 8704, 33280)] == [4, 4, 4]
+    assert [f(129, 4, 1, n, 128) for n in (2048, 4096, 32768)] == [1, 1, 1]  # KV shared
+    assert [f(33, 4, 1, n, 128) for n in (512, 8704, 33280)] == [1, 1, 1]
+    assert f(20, 16, 4, 32768, 128) == 4  # 4 x 512 ragged: 16 blocks for 4 sequences
+    assert f(17, 16, 1, 1 << 20, 128) == 4  # capped at PREFILL_MAX_SPLITS
+    assert f(2, 1, 1, 100, 128) == 1  # never more splits than KV blocks
+    assert f(2, 1, 1, 300, 128) == 3
+
+
+def test_gqa_prefill_gpu_defaults_use_the_split_rule(monkeypatch):
+    """On GPU with no num_splits, the launch gets `prefill_num_splits` of its static shapes."""
+    seen = {}
+    monkeypatch.setattr(prefill_mod, "_paged_prefill", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(prefill_mod, "num_sms", lambda: 132)
+    case, q, q_lens = _gqa_case(np.random.default_rng(23), dtype="bfloat16")
+    paged_prefill_attention(q, case.arena, case.table, case.lens, _cu(q_lens), case.geom,
+                            backend="gpu")
+    group = 4  # 6 query heads over 2 KV heads, padded to a power of two
+    block_q = 128 // group
+    blocks = -(-q.shape[0] // block_q) + case.table.shape[0]
+    max_tokens = case.table.shape[1] * case.geom.tokens_per_page
+    assert seen["block_q"] == block_q
+    assert seen["num_splits"] == prefill_mod.prefill_num_splits(
+        blocks, 2, case.table.shape[0], max_tokens, seen["block_t"])
 
 
 def test_gqa_prefill_window_softcap():

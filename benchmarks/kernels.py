@@ -247,6 +247,11 @@ def check_correctness(backend: str, smoke: bool,
     return rows
 
 
+# The Mosaic GPU MLA kernel's configurations timed by default (keyword arguments; {} = defaults).
+MGPU_CONFIGS = [dict(), dict(block_t=64), dict(stages=3), dict(num_splits=1), dict(num_splits=4),
+                dict(wg0_chunks=2), dict(wg0_chunks=4), dict(wg0_chunks=5)]
+
+
 def check_mla_mgpu(backend: str, smoke: bool) -> list[tuple[str, float, float]]:
     """The Mosaic GPU MLA decode kernel vs the reference: (name, rel err, limit) rows.
 
@@ -280,6 +285,7 @@ def check_mla_mgpu(backend: str, smoke: bool) -> list[tuple[str, float, float]]:
     cases = [(64 if smoke else 128, {}, {})]
     if not smoke:
         cases += [(128, {"block_t": 64}, {}), (128, {"num_splits": 3}, {}),
+                  (128, {"wg0_chunks": 2}, {}), (128, {"wg0_chunks": 5}, {}),
                   (16, {}, {"window": 200, "soft_cap": 30.0})]
     rows = []
     for heads, cfg, masks in cases:
@@ -522,6 +528,9 @@ def main() -> None:
     ap.add_argument("--mla-only", action="store_true",
                     help="only case (d), MLA decode: the GQA cases and their checks are skipped "
                          "(with --with-mgpu the Mosaic kernel's check still runs first)")
+    ap.add_argument("--mgpu-configs", default=None, metavar="JSON",
+                    help="with --with-mgpu: the Mosaic kernel's configurations to time, a JSON "
+                         "list of keyword dicts (default: MGPU_CONFIGS)")
     args = ap.parse_args()
     smoke = args.smoke
     backend = "interpret" if smoke else "gpu"
@@ -557,8 +566,8 @@ def main() -> None:
             print("Mosaic GPU MLA kernel: correctness", flush=True)
             failed |= _report(check_mla_mgpu(backend, smoke))
         print("case (d): MLA decode, Mosaic GPU kernel", flush=True)
-        mgpu_cfgs = [dict()] if smoke else [dict(), dict(block_t=64), dict(stages=3),
-                                             dict(num_splits=1), dict(num_splits=4)]
+        mgpu_cfgs = ([dict()] if smoke else MGPU_CONFIGS) if args.mgpu_configs is None \
+            else json.loads(args.mgpu_configs)
         rows += time_mla(mla_lens, backend, smoke, bw, [], mgpu_configs=mgpu_cfgs)
     _print_tables(rows)
     print(f"total {time.time() - t0:.0f}s; correctness {'FAILED' if failed else 'ok'}")

@@ -28,13 +28,15 @@ M = 64 rows of every wgmma (Triton's MLA kernel runs M = 16 mma). A CTA runs thr
   block i in f32 (base-2 exponentials; scale, soft cap, mask of tokens ``>= length`` and, with a
   window, ``< length - window``); it publishes P (``[64, block_t]`` in the KV dtype) and the
   rescale factor ``alpha`` ([64] f32) in shared memory for warpgroup 1 and computes
-  ``O_0 = alpha * O_0 + P @ V_c`` over the first half of the latent chunks.
-* warpgroup 1, values (232 registers): ``O_1 = alpha * O_1 + P @ V_c`` over the second half.
+  ``O_0 = alpha * O_0 + P @ V_c`` over the first ``wg0_chunks`` latent chunks (`Config`; by
+  default 3 of 8, `default_wg0_chunks`).
+* warpgroup 1, values (232 registers): ``O_1 = alpha * O_1 + P @ V_c`` over the others.
 
 So S is computed once per block, the f32 output [64, kv_lora_rank] is split over two
-warpgroups (128 registers each at 512 columns) and the tensor cores see, per block, the score
-wgmmas of the next block during the softmax, then both P @ V halves. Each compute warpgroup
-releases a stage after its last wgmma on it (and warpgroup 1 releases P for the next block).
+warpgroups (by default 96 and 160 registers of a thread at 512 columns) and the tensor cores
+see, per block, the score wgmmas of the next block during the softmax, then both P @ V parts.
+Each compute warpgroup releases a stage after its last wgmma on it (and warpgroup 1 releases P
+for the next block).
 
 Tokens past the length in a partial last block: their rows may hold anything, NaN included.
 They are masked to -inf in S (P = 0), and since NaN * 0 = NaN, each compute warpgroup also
@@ -64,14 +66,15 @@ P from registers and both accumulate in place (`_pv_accumulate`). Everything els
 TMA indexing, the masks, the softmax, the zeroing) is the same code.
 
 Requirements (ValueError otherwise, so that a caller can fall back to the Triton kernel): an MLA
-geometry, a bf16 or f16 arena, R in (64, 128), T a multiple of 16, an even number of latent
-chunks, rows_per_page a multiple of 8, block_t in (16, 32, 64) dividing T, at least 2 stages and
-the shared-memory plan within 227 KiB. Queries are cast to the arena's dtype; H is padded to a
-multiple of 64 heads.
+geometry, a bf16 or f16 arena, R in (64, 128), T a multiple of 16, at least one latent chunk
+for each compute warpgroup, rows_per_page a multiple of 8, block_t in (16, 32, 64) dividing T,
+at least 2 stages and the shared-memory plan within 227 KiB. Queries are cast to the arena's
+dtype; H is padded to a multiple of 64 heads.
 
 Status: tested in Mosaic GPU's interpreter and cross-lowered on CPU
-(tests/kernels/test_mla_decode_mgpu.py); not yet run or timed on a GPU (the first run:
-``benchmarks/kernels.py --with-mgpu``).
+(tests/kernels/test_mla_decode_mgpu.py); on one H100 (2026-12-05, ``benchmarks/kernels.py
+--with-mgpu``, docs/benchmarks.md) correct and 1.81x the Triton kernel on DeepSeek-V3's 32 x 8K
+ragged batch, 33% of its tensor-core floor.
 """
 
 from __future__ import annotations
@@ -108,11 +111,14 @@ class Config:
     block_t: tokens per KV block (a divisor of T in 16/32/64; wgmma N of the scores, K of P @ V).
     stages: KV blocks in shared memory at once (the memory warpgroup runs ``stages - 1`` ahead).
     num_splits: KV splits per sequence (CTAs per (sequence, head block)).
+    wg0_chunks: value (latent) chunks of the output that warpgroup 0 accumulates beside the
+      scores (warpgroup 1 takes the rest); 0: `default_wg0_chunks`.
     """
 
     block_t: int
     stages: int
     num_splits: int
+    wg0_chunks: int = 0
 
 
 def smem_plan(geom: PageGeometry, block_t: int, stages: int, itemsize: int = 2) -> int:
@@ -146,16 +152,25 @@ def default_num_splits(batch: int, head_blocks: int, max_tokens: int, block_t: i
     return int(max(1, min(want, cap, -(-max_tokens // block_t))))
 
 
+def default_wg0_chunks(latent_chunks: int) -> int:
+    """Warpgroup 0's share of the value chunks: 3 of 8 (at least 1), since it also computes every
+    score wgmma and the softmax. DeepSeek-V3 (8 latent chunks of 64), 32 x 8K ragged, on two
+    H100s (2026-12-06, `benchmarks/kernels.py --with-mgpu`, docs/benchmarks.md), us: 3 of 8 ran
+    215.8 / 228.5, 2: 211.9 / 242.6, 4 (half, the default before): 228.9 / 244.2, 5: 269.7 / -,
+    1: - / 483.4."""
+    return max(1, latent_chunks * 3 // 8)
+
+
 def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: int,
                    itemsize: int = 2, block_t: int | None = None, stages: int | None = None,
-                   num_splits: int | None = None) -> Config:
+                   num_splits: int | None = None, wg0_chunks: int | None = None) -> Config:
     """The launch's `Config` for ``batch`` sequences of ``num_heads`` query heads and at most
     ``max_tokens`` attended tokens each; the arguments given override the defaults.
 
     block_t: the first of 32, 64, 16 that divides T and leaves room for at least 3 stages, else
     the first of 64, 32, 16 that divides T and leaves room for 2 (DeepSeek, R = 64: 32 with 4
     stages; 64 would fit 2 stages, module doc). stages: as many as fit, at most 4.
-    num_splits: `default_num_splits`.
+    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`.
     """
     t = geom.tokens_per_page
     if block_t is None:
@@ -168,7 +183,8 @@ def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: i
     head_blocks = -(-num_heads // HEADS_PER_CTA)
     if num_splits is None:
         num_splits = default_num_splits(batch, head_blocks, max_tokens, block_t)
-    return Config(block_t=block_t, stages=stages, num_splits=num_splits)
+    return Config(block_t=block_t, stages=stages, num_splits=num_splits,
+                  wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks))
 
 
 def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
@@ -183,9 +199,10 @@ def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
         raise ValueError(f"arena row width R={r}: expected 64 or 128")
     if t % 16:
         raise ValueError(f"tokens per page T={t} must be a multiple of 16")
-    if geom.head_chunks % 2:
-        raise ValueError(f"{geom.head_chunks} latent chunks: the two value warpgroups need an "
-                         "even number")
+    wg0 = cfg.wg0_chunks or default_wg0_chunks(geom.head_chunks)
+    if not 1 <= wg0 < geom.head_chunks:
+        raise ValueError(f"wg0_chunks={wg0}: each compute warpgroup needs at least one of the "
+                         f"{geom.head_chunks} latent chunks")
     if geom.rows_per_page % 8:
         raise ValueError(f"rows_per_page={geom.rows_per_page} must be a multiple of 8")
     if cfg.block_t not in (16, 32, 64) or t % cfg.block_t:
@@ -268,8 +285,8 @@ class _Cta:
 
     Static: block_t, stages (`Config`); row_elems (R), tokens_per_page (T), rows_per_page;
     score_chunks: Q / K chunks of R per token (latent, then rope); latent_chunks: value chunks
-    (the output's); wg0_chunks: value chunks [0, wg0_chunks) of warpgroup 0, the first half
-    (warpgroup 1 has the rest); max_pages: page-table width; num_pages: arena pages; dtype: the
+    (the output's); wg0_chunks: value chunks [0, wg0_chunks) of warpgroup 0 (`Config`;
+    warpgroup 1 has the rest); max_pages: page-table width; num_pages: arena pages; dtype: the
     arena's (Q, K/V and P); scale, soft_cap, window, interpret: `_kernel`'s.
     Traced int32 scalars: b (sequence), hb (head block), item (row of o_ref / m_ref / l_ref);
     lo_all: the sequence's first attended token (0, or length - window); lo / hi: the split's
@@ -376,7 +393,8 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
     cta = _Cta(block_t=bt, stages=cfg.stages, row_elems=geom.row_elems,
                tokens_per_page=geom.tokens_per_page, rows_per_page=geom.rows_per_page,
                score_chunks=len(geom.score_chunk_rows), latent_chunks=geom.head_chunks,
-               wg0_chunks=geom.head_chunks // 2, max_pages=table_ref.shape[1],
+               wg0_chunks=cfg.wg0_chunks or default_wg0_chunks(geom.head_chunks),
+               max_pages=table_ref.shape[1],
                num_pages=num_pages, dtype=kv_ref.dtype, scale=scale, soft_cap=soft_cap,
                window=window, interpret=interpret, b=b, hb=hb, item=item, lo_all=lo_all, lo=lo,
                hi=hi, n_blocks=n_blocks, table_ref=table_ref, q_ref=q_ref, kv_ref=kv_ref,
@@ -674,6 +692,7 @@ def paged_mla_decode_attention_mgpu(
     num_splits: int | None = None,
     block_t: int | None = None,
     stages: int | None = None,
+    wg0_chunks: int | None = None,
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """DeepSeek MLA decode attention in absorbed form on Hopper tensor cores (module doc).
@@ -684,7 +703,7 @@ def paged_mla_decode_attention_mgpu(
     geom: an MLA `PageGeometry`; scale: softmax scale; soft_cap: logits -> cap * tanh(logits /
     cap) after scaling; window: attend only to the last ``window`` tokens.
     backend: "gpu" (Mosaic GPU) or "interpret" (Mosaic GPU's interpreter on CPU).
-    num_splits / block_t / stages: tuning (`default_config`).
+    num_splits / block_t / stages / wg0_chunks: tuning (`default_config`).
     Returns [B, H, kv_lora_rank] in q_latent's dtype; with ``return_lse`` also lse [B, H] f32.
     Raises ValueError for what the kernel does not support (`check_supported`).
     """
@@ -710,7 +729,8 @@ def paged_mla_decode_attention_mgpu(
     if window is not None:
         max_tokens = min(max_tokens, window + geom.tokens_per_page)
     cfg = default_config(geom, b, h, max_tokens, jnp.dtype(arena.dtype).itemsize,
-                         block_t=block_t, stages=stages, num_splits=num_splits)
+                         block_t=block_t, stages=stages, num_splits=num_splits,
+                         wg0_chunks=wg0_chunks)
     check_supported(geom, arena, cfg)
     if b == 0:
         out = jnp.zeros(q_latent.shape, q_latent.dtype)
@@ -721,5 +741,5 @@ def paged_mla_decode_attention_mgpu(
                             window=window, backend=backend, return_lse=return_lse)
 
 
-__all__ = ["Config", "check_supported", "default_config", "default_num_splits", "max_stages",
-           "paged_mla_decode_attention_mgpu", "smem_plan"]
+__all__ = ["Config", "check_supported", "default_config", "default_num_splits",
+           "default_wg0_chunks", "max_stages", "paged_mla_decode_attention_mgpu", "smem_plan"]

@@ -82,6 +82,9 @@ def test_interpreted_with_race_detector(race_detection):
     # DeepSeek's latent 512 + rope 64 (9 chunks) in 64-token pages: the default 32-token blocks
     # and 4 stages
     (512, 64, 64, 64, 64, "bfloat16", {}),
+    # 3 latent chunks (1 for warpgroup 0 by default), and 2 of them for it
+    (192, 64, 64, 16, 16, "bfloat16", {}),
+    (192, 64, 64, 16, 16, "bfloat16", {"wg0_chunks": 2, "num_splits": 2}),
 ])
 def test_interpreted_matches_reference(lat, rope, r, t_pp, heads, dtype, kw):
     _run_case(1, lat, rope, r, t_pp, heads, dtype, **kw)
@@ -100,6 +103,7 @@ def _deepseek_geometry(r: int = 64):
     (64, {"block_t": 64}),  # 2 stages
     (64, {"block_t": 32, "stages": 3, "window": 4096, "soft_cap": 30.0}),
     (128, {}),  # 5 chunks of 128: 32-token blocks, 3 stages
+    (64, {"wg0_chunks": 4}),  # half of the 8 latent chunks each (the default is 3 of 8)
 ])
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):
     geom = _deepseek_geometry(r)
@@ -117,7 +121,7 @@ def test_configuration_and_shared_memory_plan(monkeypatch):
     monkeypatch.setattr(attention_core, "num_sms", lambda: 132)
     geom = _deepseek_geometry()
     # 32 sequences x 2 head blocks: 2 splits make 128 CTAs, one wave on 132 SMs
-    assert mgpu.default_config(geom, 32, 128, 8192) == mgpu.Config(32, 4, 2)
+    assert mgpu.default_config(geom, 32, 128, 8192) == mgpu.Config(32, 4, 2, wg0_chunks=3)
     assert mgpu.default_config(geom, 1, 128, 131072).num_splits == 66  # one long sequence
     assert mgpu.default_config(geom, 64, 128, 2048).num_splits == 1  # 128 CTAs: one wave
     assert mgpu.default_config(geom, 4, 16, 600).num_splits == 1  # < 2 x 512 tokens
@@ -156,13 +160,15 @@ def test_rejects_what_it_cannot_do():
                                                case.lens[:0], case.geom, scale=0.1,
                                                backend="interpret", return_lse=True)
     assert out.shape == (0, 4, 128) and lse.shape == (0, 4)  # no sequence: no launch
-    odd = KVSpec.mla(192, 64)  # 3 latent chunks of 64
-    odd_case = make_case(rng, odd, [3], dtype="bfloat16", row_elems=64,
-                         page_bytes=page_bytes_for(odd, 64, "bfloat16", 16))
-    with pytest.raises(ValueError, match="even"):
-        paged_mla_decode_attention_mgpu(jnp.ones((1, 4, 192), jnp.bfloat16), qr[:1],
-                                        odd_case.arena, odd_case.table, odd_case.lens,
-                                        odd_case.geom, scale=0.1, backend="interpret")
+    with pytest.raises(ValueError, match="wg0_chunks=2"):
+        call(wg0_chunks=2)  # 2 latent chunks of 64: none left for warpgroup 1
+    one = KVSpec.mla(64, 64)  # 1 latent chunk of 64: nothing for a second warpgroup
+    one_case = make_case(rng, one, [3], dtype="bfloat16", row_elems=64,
+                         page_bytes=page_bytes_for(one, 64, "bfloat16", 16))
+    with pytest.raises(ValueError, match="at least one"):
+        paged_mla_decode_attention_mgpu(jnp.ones((1, 4, 64), jnp.bfloat16), qr[:1],
+                                        one_case.arena, one_case.table, one_case.lens,
+                                        one_case.geom, scale=0.1, backend="interpret")
     small = make_case(rng, spec, [3], dtype="bfloat16", row_elems=32,
                       page_bytes=page_bytes_for(spec, 32, "bfloat16", 16))
     with pytest.raises(ValueError, match="R=32"):

@@ -244,6 +244,64 @@ def test_fairness_round_robin_across_models() -> None:
     assert planner.waiting() == ("A3", "A4")
 
 
+def test_backfill_starts_a_later_request_of_a_blocked_model() -> None:
+    for backfill, admitted in [(True, ["a3"]), (False, [])]:
+        planner = make_planner(pages_per_device=8, config=PlannerConfig(admission_backfill=backfill))
+        engine = SimEngine(planner)
+        planner.submit(spec("a1", "A", 40, 4))  # 3 rows x 2 layers = 6 pages, also at 44 tokens
+        engine.step()
+        planner.submit(spec("a2", "A", 40, 4))  # 6 pages: 2 free
+        planner.submit(spec("a3", "A", 10, 4))  # 2 pages
+        plan = engine.step()
+        assert [a.request_id for a in plan.admitted] == admitted
+        assert planner.waiting() == (("a2",) if backfill else ("a2", "a3"))
+        planner.check_invariants()
+
+
+def test_a_starving_request_holds_its_pages_until_it_starts() -> None:
+    """b2 (8 pages) does not fit while a1 runs; a later, smaller request of another model fits in
+    the meantime and starts, until b2 has not fit for 2 rounds: then the 4 pages left are held
+    for b2 and the next small request waits behind it, however often it would fit."""
+    planner = make_planner(pages_per_device=12, config=PlannerConfig(starving_after_steps=2))
+    engine = SimEngine(planner)
+    planner.submit(spec("a1", "A", 64, 30))  # 4 rows x 2 layers = 8 pages
+    engine.step()
+    planner.submit(spec("b2", "B", 16, 2))  # 2 rows x 4 layers = 8 pages: 4 free
+    planner.submit(spec("a2", "A", 16, 1))  # 2 pages
+    plan = engine.step()  # round 1 for b2
+    assert [a.request_id for a in plan.admitted] == ["a2"]
+    engine.step()  # round 2: b2 is starving from the next round on; a2 has finished
+    planner.submit(spec("a3", "A", 16, 1))  # 2 pages: fits the 4 free, but they are b2's
+    for _ in range(3):
+        plan = engine.step()
+        assert not plan.admitted and planner.waiting() == ("a3", "b2")
+    engine.end("a1", "finish")
+    plan = engine.step()
+    assert plan.admitted[0].request_id == "b2"
+    planner.check_invariants()
+
+
+def test_starving_counts_only_the_pool() -> None:
+    """A request held back by its model's cap or by the prefill budget is not starving: no pages
+    are held back for it."""
+    config = PlannerConfig(model_limits={"A": ModelLimits(cap_pages=4)}, starving_after_steps=1)
+    planner = make_planner(pages_per_device=8, config=config)
+    engine = SimEngine(planner)
+    planner.submit(spec("a1", "A", 24, 8))  # 2 rows x 2 layers = 4 pages: A at its cap
+    engine.step()
+    planner.submit(spec("a2", "A", 16, 2))  # held by the cap
+    engine.step()
+    engine.step()
+    planner.submit(spec("b1", "B", 8, 2))  # 1 row x 4 layers = 4 pages: the 4 free
+    plan = engine.step()
+    assert [a.request_id for a in plan.admitted] == ["b1"]  # nothing held back for a2
+    planner.submit(spec("b2", "B", 8, 2))
+    for _ in range(3):
+        engine.step(StepInput(prefill_token_budget=0))  # the budget, not the pool
+    assert planner._starving(frozenset()) is None
+    planner.check_invariants()
+
+
 # ---- rejection ----------------------------------------------------------------------------------
 
 
@@ -549,6 +607,8 @@ def scenarios(draw) -> Scenario:
         prefill_tokens_per_s=draw(st.sampled_from([1e3, 1e5, 1e12])),
         allow_split_kv=draw(st.booleans()),
         model_limits=limits,
+        admission_backfill=draw(st.booleans()),
+        starving_after_steps=draw(st.sampled_from([None, 1, 3, 20])),
     )
     return Scenario(num_devices, pages_per_device, page_bytes, draw(st.integers(0, 48)), geometries, config)
 

@@ -11,7 +11,11 @@ no clocks, no threads. The policy and its reasons are in docs/planner.md; in sho
   split-KV allowed) can hold its prefill plus `admission_headroom_tokens` decode tokens, after the
   pages still promised to running prefills and the unused floors of other models with demand.
 - Fairness: round-robin over models with waiting requests; FCFS (by precedence) within a model,
-  and a head that does not fit blocks only its own model's queue.
+  and a head that does not fit blocks only its own model's queue. With `admission_backfill` a
+  later request of that model that fits the pool starts instead. A waiting request that has not
+  fit the pool in `starving_after_steps` admission rounds is starving: the one of best
+  precedence has its pages held back from every other admission (any model's, backfills
+  included) until it starts, so a long prompt is not passed forever by shorter ones.
 - Floors and caps: `ModelLimits.floor_pages` are reserved for a model while it has live requests
   (other models can neither be admitted into nor grow into them, nor preempt its requests below
   them); `cap_pages` bounds the device pages a model may hold.
@@ -95,6 +99,11 @@ class PlannerConfig:
         overridable per model in `model_prefill_tokens_per_s`.
     allow_split_kv: let a request span several KV devices when one device cannot hold it.
     model_limits: floors and caps per model (models not named: no floor, no cap).
+    admission_backfill: when a model's first waiting request does not fit the pool, a later one
+        of that model that fits may start (beside the pages held for a starving request).
+    starving_after_steps: admission rounds (steps) a waiting request may fail to fit the pool
+        before its pages are held back from other admissions (module doc); None: never. A request
+        held back by its model's cap or by the prefill budget is not counted.
     """
 
     admission_headroom_tokens: int = 0
@@ -104,6 +113,8 @@ class PlannerConfig:
     model_prefill_tokens_per_s: Mapping[ModelId, float] = dataclasses.field(default_factory=dict)
     allow_split_kv: bool = True
     model_limits: Mapping[ModelId, ModelLimits] = dataclasses.field(default_factory=dict)
+    admission_backfill: bool = True
+    starving_after_steps: int | None = 20
 
     def __post_init__(self) -> None:
         if self.admission_headroom_tokens < 0:
@@ -112,6 +123,8 @@ class PlannerConfig:
             raise ValueError("host_link_bytes_per_s and prefill_tokens_per_s must be > 0")
         if any(v <= 0 for v in self.model_prefill_tokens_per_s.values()):
             raise ValueError("model_prefill_tokens_per_s values must be > 0")
+        if self.starving_after_steps is not None and self.starving_after_steps < 1:
+            raise ValueError(f"starving_after_steps must be >= 1 or None, got {self.starving_after_steps}")
 
     def limits(self, model: ModelId) -> ModelLimits:
         return self.model_limits.get(model, _NO_LIMITS)
@@ -209,6 +222,7 @@ class _Request:
     cap_pages: int | None = None
     num_preemptions: int = 0
     message: str = ""
+    unfit_rounds: int = 0  # admission rounds this waiting request did not fit the pool
 
     @property
     def precedence(self) -> tuple[int, int]:
@@ -729,45 +743,100 @@ class KVPlanner:
         self, run: list[ScheduledRequest], admitted: list[Admission], budget: int | None,
         held: frozenset[ModelId] = frozenset(), held_prefills: frozenset[RequestId] = frozenset(),
     ) -> int | None:
-        """Round-robin over models with waiting requests (not `held`), each model's first waiting
-        request not in `held_prefills` (a swapped request resuming its decode is never held);
-        returns the prefill budget left."""
+        """Round-robin over models with waiting requests (not `held`): each model's first waiting
+        request not in `held_prefills` (a swapped request resuming its decode is never held), or
+        a backfill (`_pick`); returns the prefill budget left."""
         blocked: set[ModelId] = set(held)
         n = len(self._model_order)
+        starving = self._starving(held_prefills)
+        counted: set[RequestId] = set()
         while True:
             progressed = False
             for i in range(n):
                 index = (self._rr_next + i) % n
                 model = self._model_order[index]
-                queue = self._queues[model]
                 if model in blocked:
                     continue
-                pick = next((j for j, (_, rid) in enumerate(queue)
-                             if rid not in held_prefills or self.prefill_span(rid) is None), None)
-                if pick is None:
-                    continue
-                req = self._requests[queue[pick][1]]
-                # with nothing running, floors reserve pages for requests that cannot start
-                # either: the first admission into an idle pool ignores them (no deadlock)
-                admission, budget_used = self._try_admit(req, budget, ignore_floors=not self._running)
-                if admission is None:
+                picked = self._pick(self._queues[model], budget, held_prefills, starving, counted)
+                if picked is None:
                     blocked.add(model)
                     continue
-                queue.pop(pick)
+                j, admission, budget_used = picked
+                _, rid = self._queues[model].pop(j)
                 admitted.append(admission)
+                if starving is not None and starving[0].spec.request_id == rid:
+                    starving = None
                 if budget is not None:
                     budget -= budget_used
-                run.append(self._scheduled(req, self._kv.num_tokens(req.spec.request_id)))
+                run.append(self._scheduled(self._requests[rid], self._kv.num_tokens(rid)))
                 self._rr_next = (index + 1) % n
                 progressed = True
                 break  # restart the rotation from the next model
             if not progressed:
                 return budget
 
+    def _pick(
+        self, queue: list[tuple[tuple[int, int], RequestId]], budget: int | None,
+        held_prefills: frozenset[RequestId], starving: tuple[_Request, int] | None,
+        counted: set[RequestId],
+    ) -> tuple[int, Admission, int] | None:
+        """Admits the first request of a model's `queue` (not in `held_prefills`) that may start
+        now: (its queue index, the admission, prefill budget used), or None. Past a request that
+        does not fit the pool only with `admission_backfill`; every request but `starving` (the
+        request whose pages are held back, and their count) fits beside those pages."""
+        for j, (_, rid) in enumerate(queue):
+            if rid in held_prefills and self.prefill_span(rid) is not None:
+                continue
+            req = self._requests[rid]
+            held_back = starving[1] if starving is not None and starving[0] is not req else 0
+            # with nothing running, floors reserve pages for requests that cannot start
+            # either: the first admission into an idle pool ignores them (no deadlock)
+            admission, budget_used, unfit = self._try_admit(req, budget, not self._running, held_back)
+            if admission is not None:
+                req.unfit_rounds = 0
+                return j, admission, budget_used
+            if unfit != "pool":
+                return None  # the budget is spent, or the model is at its cap
+            if rid not in counted:  # once per step, however often the rotation tries it
+                counted.add(rid)
+                req.unfit_rounds += 1
+            if not self._config.admission_backfill:
+                return None
+        return None
+
+    def _starving(self, held_prefills: frozenset[RequestId]) -> tuple[_Request, int] | None:
+        """The waiting request of best precedence that has not fit the pool for
+        `starving_after_steps` rounds (not in `held_prefills`), and the pages its admission
+        needs; None if there is none or the policy is off."""
+        after = self._config.starving_after_steps
+        if after is None:
+            return None
+        best = None
+        for queue in self._queues.values():
+            for _, rid in queue:
+                req = self._requests[rid]
+                if req.unfit_rounds >= after and rid not in held_prefills and (
+                        best is None or req.precedence < best.precedence):
+                    best = req
+        if best is None:
+            return None
+        return best, self._kv.layout(best.spec.model).pages_for(self._admission_tokens(best, 0))
+
+    def _admission_tokens(self, req: _Request, step_len: int) -> int:
+        """KV positions the admission forecast must fit for `req`: its prefill (or resumed
+        length) plus the headroom, capped at its max_kv_tokens, and at least `step_len`."""
+        swapped = req.status == RequestStatus.SWAPPED
+        resume_len = req.kv_len if swapped else 0
+        target = req.prefill_target if swapped else req.num_tokens
+        headroom = self._config.admission_headroom_tokens
+        return max(step_len, min(max(target, resume_len) + headroom, req.spec.max_kv_tokens))
+
     def _try_admit(
-        self, req: _Request, budget: int | None, ignore_floors: bool
-    ) -> tuple[Admission | None, int]:
-        """Admit `req` if it fits (device pages allocated, status RUNNING); (None, 0) if not."""
+        self, req: _Request, budget: int | None, ignore_floors: bool, held_back: int = 0
+    ) -> tuple[Admission | None, int, str | None]:
+        """Admit `req` if it fits (device pages allocated, status RUNNING): (admission, prefill
+        tokens it uses, None); else (None, 0, why: "budget", "cap" or "pool"). held_back: pages
+        kept free for a starving request."""
         rid = req.spec.request_id
         model = req.spec.model
         swapped = req.status == RequestStatus.SWAPPED
@@ -775,7 +844,7 @@ class KVPlanner:
         prefill_target = req.prefill_target if swapped else req.num_tokens
         in_prefill = resume_len < prefill_target
         if in_prefill and budget == 0:
-            return None, 0
+            return None, 0, "budget"
         # what this step computes: the next prefill chunk, or one decode token after a swap-in
         if in_prefill:
             chunk = (
@@ -785,10 +854,10 @@ class KVPlanner:
         else:
             chunk = 0
             step_len = resume_len + 1
-        headroom = self._config.admission_headroom_tokens
-        forecast_len = max(step_len, min(max(prefill_target, resume_len) + headroom, req.spec.max_kv_tokens))
-        if not self._forecast_fits(model, forecast_len, ignore_floors, req.cap_pages):
-            return None, 0
+        forecast_len = self._admission_tokens(req, step_len)
+        unfit = self._forecast_unfit(model, forecast_len, ignore_floors, req.cap_pages, held_back)
+        if unfit is not None:
+            return None, 0, unfit
         # the forecast checked that the pool can place forecast_len >= step_len tokens for a new
         # request of this model now, so the swap-in (placed like a new request) and the growth fit
         swap_in = None
@@ -804,24 +873,27 @@ class KVPlanner:
         self._running[rid] = req
         # `_scheduled` (called by the caller) advances kv_len; pages are grown here
         self._kv.grow(rid, step_len, allow_split=self._config.allow_split_kv)
-        return Admission(rid, model, resumed, swap_in), chunk
+        return Admission(rid, model, resumed, swap_in), chunk, None
 
-    def _forecast_fits(self, model: ModelId, tokens: int, ignore_floors: bool, cap: int | None) -> bool:
-        """Whether a new request of `model` holding `tokens` tokens fits the admission forecast
-        (`cap`: the model's cap the request is held to)."""
+    def _forecast_unfit(self, model: ModelId, tokens: int, ignore_floors: bool, cap: int | None,
+                        held_back: int = 0) -> str | None:
+        """Why a new request of `model` holding `tokens` tokens does not fit the admission
+        forecast ("cap": its model's cap, held to `cap`; "pool": the pool, after `held_back`
+        pages kept for a starving request), or None if it fits."""
         layout = self._kv.layout(model)
         pages = layout.pages_for(tokens)
         pending = self._pending_pages()
         if cap is not None and self._kv.model_pages(model) + pending.get(model, 0) + pages > cap:
-            return False
+            return "cap"
         available = (
             self._kv.total_free_pages
             - sum(pending.values())
             - (0 if ignore_floors else self._reserved_for_others(model, pending))
+            - held_back
         )
         if pages > available:
-            return False
-        return self._kv.can_fit(model, tokens, allow_split=self._config.allow_split_kv)
+            return "pool"
+        return None if self._kv.can_fit(model, tokens, allow_split=self._config.allow_split_kv) else "pool"
 
     def _pending_pages(self) -> dict[ModelId, int]:
         """Pages running requests were promised at admission but do not hold yet, per model."""

@@ -135,6 +135,8 @@ class BenchSetup:
     compile_process: bool | None = None  # EngineConfig.compile_process (None: the engine's)
     compile_workers: int | None = None  # EngineConfig.compile_workers (None: the engine's)
     attention_kernels: str = "triton"  # EngineConfig.attention_kernels
+    admission_backfill: bool = True  # EngineConfig.admission_backfill
+    starving_after_steps: int | None = 20  # EngineConfig.starving_after_steps (None: never)
     note: str = ""
 
 
@@ -410,6 +412,8 @@ def _engine_config(setup: BenchSetup, plan: dict[str, Any]) -> Any:
                         mixed_steps=setup.mixed_steps, compile_process=setup.compile_process,
                         compile_workers=setup.compile_workers,
                         attention_kernels=setup.attention_kernels,
+                        admission_backfill=setup.admission_backfill,
+                        starving_after_steps=setup.starving_after_steps,
                         **({} if setup.prefill_share is None else {"prefill_share": setup.prefill_share}))
 
 
@@ -1231,6 +1235,12 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
         over["compile_workers"] = args.compile_workers
     if getattr(args, "attention_kernels", None) is not None:
         over["attention_kernels"] = args.attention_kernels
+    if getattr(args, "admission_backfill", None) is not None:
+        over["admission_backfill"] = args.admission_backfill
+    if getattr(args, "starving_after_steps", None) is not None:
+        if args.starving_after_steps < 0:
+            raise SystemExit(f"--starving-after-steps must be >= 0, got {args.starving_after_steps}")
+        over["starving_after_steps"] = args.starving_after_steps or None
     s = dataclasses.replace(s, **over)
     kv, w = (int(x) for x in s.crosspool_pools.split("+"))
     crosspool_runs = "crosspool" in (getattr(args, "modes", None) or ",".join(MODES)).split(",")
@@ -1552,9 +1562,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-kernels", default=None, choices=("triton", "auto", "mosaic"),
                    help="the engine's attention_kernels (default triton; auto: the Mosaic GPU "
                         "kernels on Hopper where measured faster, docs/kernels.md)")
+    add_admission_flags(g)
     p.add_argument("--plan-only", action="store_true",
                    help="print the per-mode memory plan as JSON and exit (no engine; without GPUs the "
                         f"GPU presets assume a {ASSUMED_GPU_ARENA_BYTES / 2**30:.0f} GiB arena)")
+
+
+def add_admission_flags(g: Any) -> None:
+    """The KV planner's admission rules as flags of an argument group (bench and simulate)."""
+    g.add_argument("--admission-backfill", default=None, action=argparse.BooleanOptionalAction,
+                   help="the engine's admission_backfill: a later request of a model whose first "
+                        "waiting request does not fit the KV pool may start (default on)")
+    g.add_argument("--starving-after-steps", type=int, default=None, metavar="N",
+                   help="the engine's starving_after_steps: a request that has not fit the pool "
+                        "for N steps has its pages held back from other admissions (default 20; "
+                        "0: never)")
 
 
 def _log(msg: str) -> None:

@@ -70,7 +70,12 @@ from crosspool_jax.execution.pool_runner import (
 )
 from crosspool_jax.memory.arena import HostModel, pinned_host_budget, placed_weight_bytes
 from crosspool_jax.memory.model_states import ModelState, ModelStates
-from crosspool_jax.memory.planner import ModelLimits, RequestRejected
+from crosspool_jax.memory.planner import (
+    ModelLimits,
+    PlannerConfig,
+    PreemptionChoice,
+    RequestRejected,
+)
 from crosspool_jax.memory.topology import PoolTopology, Role, devices_needed, ensure_cpu_devices
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.params import ModelWeights
@@ -144,6 +149,11 @@ class EngineConfig:
       recently used sleeping model loaded from a checkpoint (`load_model`) is dropped to disk (its
       next request re-reads the checkpoint). Models added from memory have nothing to re-read and
       stay in host memory. None (default): `arena.pinned_host_budget()` (90% of XLA's pinned pool).
+    admission_backfill / starving_after_steps: the KV planner's admission rules
+      (`memory.planner.PlannerConfig`, docs/planner.md "Backfill and starving requests"): when a
+      model's first waiting request does not fit the KV pool a later one that fits may start
+      (default True); a request that has not fit for this many steps has its pages held back from
+      every other admission until it starts (default 20; None: never).
     """
 
     arena_bytes: int | None = None
@@ -165,6 +175,8 @@ class EngineConfig:
     max_stop_ids: int = DEFAULT_MAX_STOP_IDS
     idle_sleep_s: float | None = None
     host_weights_bytes: int | None = None
+    admission_backfill: bool = True
+    starving_after_steps: int | None = 20
 
 
 @dataclasses.dataclass
@@ -782,14 +794,17 @@ def arena_layout(cfg: EngineConfig, platform: str, arena_bytes: int) -> tuple[Po
 
 def runner_kwargs(cfg: EngineConfig, platform: str) -> dict[str, Any]:
     """The `GroupRunner` keyword arguments of every group of an engine with the resolved `cfg`
-    (`resolve_config`); raises InvalidRequestError for a `max_stop_ids` or `compile_workers`
-    below 1 or a `prefill_share` not above 0."""
+    (`resolve_config`); raises InvalidRequestError for a `max_stop_ids`, `compile_workers` or
+    `starving_after_steps` below 1 or a `prefill_share` not above 0."""
     if cfg.max_stop_ids < 1:
         raise InvalidRequestError(f"max_stop_ids must be >= 1, got {cfg.max_stop_ids}")
     if not cfg.prefill_share > 0:
         raise InvalidRequestError(f"prefill_share must be > 0, got {cfg.prefill_share}")
     if cfg.compile_workers < 1:
         raise InvalidRequestError(f"compile_workers must be >= 1, got {cfg.compile_workers}")
+    if cfg.starving_after_steps is not None and cfg.starving_after_steps < 1:
+        raise InvalidRequestError(f"starving_after_steps must be >= 1 or None, got "
+                                  f"{cfg.starving_after_steps}")
     if cfg.attention_kernels not in ATTENTION_KERNELS:
         raise InvalidRequestError(f"attention_kernels must be one of {ATTENTION_KERNELS}, got "
                                   f"{cfg.attention_kernels!r}")
@@ -798,7 +813,10 @@ def runner_kwargs(cfg: EngineConfig, platform: str) -> dict[str, Any]:
                 platform=platform, micro_batches=cfg.micro_batches, overlap=cfg.overlap,
                 max_stop_ids=cfg.max_stop_ids, prefill_share=cfg.prefill_share,
                 mixed_steps=cfg.mixed_steps, compile_process=cfg.compile_process,
-                compile_workers=cfg.compile_workers, attention_kernels=cfg.attention_kernels)
+                compile_workers=cfg.compile_workers, attention_kernels=cfg.attention_kernels,
+                planner_config=PlannerConfig(preemption=PreemptionChoice.ALWAYS_RECOMPUTE,
+                                             admission_backfill=cfg.admission_backfill,
+                                             starving_after_steps=cfg.starving_after_steps))
 
 
 def placement_order(loads: list[int]) -> list[int]:

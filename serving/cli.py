@@ -373,6 +373,12 @@ def _add_serve_engine(p: argparse.ArgumentParser) -> None:
                         "processes (default: 4 per engine on GPU shared among its groups, else 1)")
     g.add_argument("--micro-batches", type=int, default=None, metavar="N",
                    help="decode lanes per model (2 = ping-pong; default 1)")
+    g.add_argument("--admission-backfill", default=None, action=argparse.BooleanOptionalAction,
+                   help="a later request of a model whose first waiting request does not fit the KV "
+                        "pool may start (default on; docs/planner.md)")
+    g.add_argument("--starving-after-steps", type=int, default=None, metavar="N",
+                   help="a request that has not fit the KV pool for N steps has its pages held back "
+                        "from other admissions until it starts (default 20; 0: never)")
     g.add_argument("--dtype", default=None, metavar="DTYPE",
                    help="arena dtype: float32, bfloat16 or float16 (default: float32 on CPU, else bfloat16)")
     g.add_argument("--attention-backend", default=None, metavar="B",
@@ -427,7 +433,8 @@ ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call
                 "prefill_share", "mixed_steps", "compile_process", "compile_workers",
                 "max_prefill_tokens", "micro_batches",
                 "dtype", "attention_backend", "attention_kernels",
-                "execution", "overlap", "idle_sleep_s", "host_weights_bytes")
+                "execution", "overlap", "idle_sleep_s", "host_weights_bytes",
+                "admission_backfill", "starving_after_steps")
 
 
 def serve_settings(args: argparse.Namespace):  # -> serving.settings.ServeSettings

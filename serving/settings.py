@@ -18,6 +18,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     attention_kernels = "triton"
     execution = "lowered"       overlap = true          idle_sleep_s = 600
     host_weights_bytes = "32GiB"
+    admission_backfill = true   starving_after_steps = 20  # 0: never
     [limits]                    # serving.limits.RequestLimits fields: what one request may cost
     max_request_id_bytes = 128  max_prompt_bytes = "1MiB"   max_stop_token_ids = 16  ...
     [tls]
@@ -137,6 +138,11 @@ def _bool(v: Any) -> bool:
     return v
 
 
+def _steps_or_never(v: Any) -> int | None:
+    """A step count >= 1, or 0 for never (None)."""
+    return _int(0)(v) or None
+
+
 def _seconds(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
         raise ValueError(f"must be a number of seconds >= 0, got {v!r}")
@@ -244,6 +250,8 @@ ENGINE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "overlap": _bool,
     "idle_sleep_s": _seconds,
     "host_weights_bytes": _bytes,
+    "admission_backfill": _bool,
+    "starving_after_steps": _steps_or_never,
 }
 # the [limits] table / limit flags: serving.limits.RequestLimits fields (counts, or byte sizes)
 LIMIT_CHECKS: dict[str, Callable[[Any], Any]] = {

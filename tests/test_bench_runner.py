@@ -5,6 +5,7 @@ after each mode; plus the memory plan and the metric helpers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -147,3 +148,17 @@ def test_engine_flags_reach_the_engine_config() -> None:
     assert (cfg.attention_kernels, cfg.compile_workers, cfg.compile_process) == ("auto", 3, True)
     args = p.parse_args(["--preset", "cpu-tiny", "--no-compile-process"])
     assert runner._engine_config(runner.resolve_setup(args), plan).compile_process is False
+    assert (default.admission_backfill, default.starving_after_steps) == (True, 20)
+    args = p.parse_args(["--preset", "cpu-tiny", "--no-admission-backfill", "--starving-after-steps", "0"])
+    cfg = runner._engine_config(runner.resolve_setup(args), plan)
+    assert (cfg.admission_backfill, cfg.starving_after_steps) == (False, None)  # 0: never
+    args = p.parse_args(["--preset", "cpu-tiny", "--starving-after-steps", "5"])
+    assert runner._engine_config(runner.resolve_setup(args), plan).starving_after_steps == 5
+    # ... and the planner of each of its device groups
+    from crosspool_jax.engine import resolve_config, runner_kwargs
+    from crosspool_jax.errors import InvalidRequestError
+
+    planner = runner_kwargs(resolve_config(cfg, "cpu"), "cpu")["planner_config"]
+    assert (planner.admission_backfill, planner.starving_after_steps) == (False, None)
+    with pytest.raises(InvalidRequestError, match="starving_after_steps"):
+        runner_kwargs(resolve_config(dataclasses.replace(cfg, starving_after_steps=0), "cpu"), "cpu")

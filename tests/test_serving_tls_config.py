@@ -394,6 +394,10 @@ def test_engine_settings_from_file_and_flags(tmp_path):
     assert serve_settings(args).engine["prefill_share"] == 2.0
     args = build_parser().parse_args(["serve", "--config", path, "--no-mixed-steps"])
     assert serve_settings(args).engine["mixed_steps"] is False
+    args = build_parser().parse_args(["serve", "--config", path, "--no-admission-backfill",
+                                      "--starving-after-steps", "0"])
+    engine = serve_settings(args).engine
+    assert engine["admission_backfill"] is False and engine["starving_after_steps"] is None
     args = build_parser().parse_args(["serve", "--config", path, "--precompile-context", "512"])
     assert serve_settings(args).precompile_context == 512
     args = build_parser().parse_args(["serve", "--config", path, "--no-load-on-request",
@@ -412,6 +416,7 @@ def test_engine_settings_from_file_and_flags(tmp_path):
         ("[engine]\nweights_fraction = 1.0", "key 'engine.weights_fraction': must be a number between"),
         ("[engine]\nsteps_per_call = 0", "key 'engine.steps_per_call': must be >= 1"),
         ("[engine]\nprefill_share = 0", "key 'engine.prefill_share': must be a number > 0"),
+        ("[engine]\nstarving_after_steps = -1", "key 'engine.starving_after_steps': must be >= 0"),
         ('[engine]\nmixed_steps = "yes"', "key 'engine.mixed_steps': must be"),
         ("[engine]\nmicro_batches = 1.5", "key 'engine.micro_batches': must be an integer"),
         ('[engine]\ndtype = "int8"', "key 'engine.dtype': must be one of float32, bfloat16, float16"),

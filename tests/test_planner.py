@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVVirtualizer, PhysicalPage
 from crosspool_jax.memory.planner import (
+    BACKFILL_TRIES,
     KVPlanner,
     ModelLimits,
     Phase,
@@ -256,6 +257,15 @@ def test_backfill_starts_a_later_request_of_a_blocked_model() -> None:
         assert [a.request_id for a in plan.admitted] == admitted
         assert planner.waiting() == (("a2",) if backfill else ("a2", "a3"))
         planner.check_invariants()
+    # a fitting request behind more than BACKFILL_TRIES unfit ones is not looked at
+    planner = make_planner(pages_per_device=8)
+    engine = SimEngine(planner)
+    planner.submit(spec("a1", "A", 40, 4))
+    engine.step()
+    for i in range(BACKFILL_TRIES + 1):
+        planner.submit(spec(f"big{i}", "A", 40, 4))
+    planner.submit(spec("small", "A", 10, 4))
+    assert not engine.step().admitted
 
 
 def test_a_starving_request_holds_its_pages_until_it_starts() -> None:

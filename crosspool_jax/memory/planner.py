@@ -131,6 +131,7 @@ class PlannerConfig:
 
 
 _NO_LIMITS = ModelLimits()
+BACKFILL_TRIES = 8  # later requests of a blocked model tried per admission round (backfill)
 
 
 # ---- requests -----------------------------------------------------------------------------------
@@ -782,8 +783,10 @@ class KVPlanner:
     ) -> tuple[int, Admission, int] | None:
         """Admits the first request of a model's `queue` (not in `held_prefills`) that may start
         now: (its queue index, the admission, prefill budget used), or None. Past a request that
-        does not fit the pool only with `admission_backfill`; every request but `starving` (the
-        request whose pages are held back, and their count) fits beside those pages."""
+        does not fit the pool only with `admission_backfill`, at most `BACKFILL_TRIES` of them (a
+        try costs a pass over the running requests); every request but `starving` (the request
+        whose pages are held back, and their count) fits beside those pages."""
+        tries = 0
         for j, (_, rid) in enumerate(queue):
             if rid in held_prefills and self.prefill_span(rid) is not None:
                 continue
@@ -800,7 +803,8 @@ class KVPlanner:
             if rid not in counted:  # once per step, however often the rotation tries it
                 counted.add(rid)
                 req.unfit_rounds += 1
-            if not self._config.admission_backfill:
+            tries += 1
+            if not self._config.admission_backfill or tries > BACKFILL_TRIES:
                 return None
         return None
 

@@ -285,6 +285,8 @@ def test_a_starving_request_holds_its_pages_until_it_starts() -> None:
     for _ in range(3):
         plan = engine.step()
         assert not plan.admitted and planner.waiting() == ("a3", "b2")
+    plan = engine.step(StepInput(held_models=frozenset({"B"})))  # b2 may not start this step:
+    assert [a.request_id for a in plan.admitted] == ["a3"]  # nothing is held back for it
     engine.end("a1", "finish")
     plan = engine.step()
     assert plan.admitted[0].request_id == "b2"
@@ -308,7 +310,7 @@ def test_starving_counts_only_the_pool() -> None:
     planner.submit(spec("b2", "B", 8, 2))
     for _ in range(3):
         engine.step(StepInput(prefill_token_budget=0))  # the budget, not the pool
-    assert planner._starving(frozenset()) is None
+    assert planner._starving(frozenset(), frozenset()) is None
     planner.check_invariants()
 
 

@@ -749,7 +749,7 @@ class KVPlanner:
         a backfill (`_pick`); returns the prefill budget left."""
         blocked: set[ModelId] = set(held)
         n = len(self._model_order)
-        starving = self._starving(held_prefills)
+        starving = self._starving(held, held_prefills)
         counted: set[RequestId] = set()
         while True:
             progressed = False
@@ -808,15 +808,19 @@ class KVPlanner:
                 return None
         return None
 
-    def _starving(self, held_prefills: frozenset[RequestId]) -> tuple[_Request, int] | None:
+    def _starving(self, held: frozenset[ModelId], held_prefills: frozenset[RequestId]
+                  ) -> tuple[_Request, int] | None:
         """The waiting request of best precedence that has not fit the pool for
-        `starving_after_steps` rounds (not in `held_prefills`), and the pages its admission
-        needs; None if there is none or the policy is off."""
+        `starving_after_steps` rounds and may start this step (its model not `held`, itself not
+        in `held_prefills`), and the pages its admission needs; None if there is none or the
+        policy is off."""
         after = self._config.starving_after_steps
         if after is None:
             return None
         best = None
-        for queue in self._queues.values():
+        for model, queue in self._queues.items():
+            if model in held:
+                continue
             for _, rid in queue:
                 req = self._requests[rid]
                 if req.unfit_rounds >= after and rid not in held_prefills and (

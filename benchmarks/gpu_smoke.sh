@@ -2,9 +2,10 @@
 # One device call of the one-GPU smoke replay (issues 15 and 16: TTFT P99, TBT P99 against the
 # decode call), several variants back to back on the same card: each NAME runs `crosspool bench`
 # (mode shared, the 40-s four-OLMoE smoke trace, fixed SLOs) with its FLAGS, then
-# `benchmarks.call_gaps` and `benchmarks.decode_costs` on its call log. For the device tool to
-# bring back (8 files at most): $OUT/NAME.log (the bench's output, the gaps summary, the decode
-# calls' fit, the headline numbers) and $OUT/NAME.tgz (the run's directory without the
+# `benchmarks.call_gaps` and `benchmarks.decode_costs` on its call log and `benchmarks.ttft_tail`
+# on its requests. For the device tool to bring back (8 files at most): $OUT/NAME.log (the
+# bench's output, the gaps summary, the decode calls' fit, the slowest first tokens, the headline
+# numbers) and $OUT/NAME.tgz (the run's directory without the
 # compilation cache: results.json, requests, calls, plots).
 #
 #   bash scripts/gpu_vendor.sh                                          # once, on the dev machine
@@ -52,6 +53,7 @@ while [ $# -gt 0 ]; do
     if [ -f "$run/results.json" ]; then
         "$py" -m benchmarks.call_gaps "$run"/calls_shared.jsonl* --json "$run/gaps.json" 2>&1 | tee -a "$out/$name.log"
         "$py" -m benchmarks.decode_costs "$run"/calls_shared.jsonl* --json "$run/decode_costs.json" 2>&1 | tee -a "$out/$name.log"
+        "$py" -m benchmarks.ttft_tail "$run/requests_shared.jsonl" --json "$run/ttft_tail.json" 2>&1 | tee -a "$out/$name.log"
         "$py" - "$run/results.json" <<'PY' 2>&1 | tee -a "$out/$name.log"
 import json, sys
 m = json.load(open(sys.argv[1]))["modes"]["shared"]

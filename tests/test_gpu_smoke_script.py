@@ -40,6 +40,9 @@ def _fake_run(path: Path) -> None:
              dict(dispatched=0.05, ready=0.07, busy=0.02, decode=True, compiled=False, requests=2,
                   prefill_tokens=0)]
     (path / "calls_shared.jsonl").write_text("".join(json.dumps(c) + "\n" for c in calls))
+    reqs = [dict(index=i, model="m", prompt_len=100 * (i + 1), arrival_s=0.0, token_s=[0.5 + i])
+            for i in range(2)]
+    (path / "requests_shared.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
     shared = {"finished": 2, "ttft_s": {"p99": 1.5}, "decode_call_s": 0.02}
     (path / "results.json").write_text(json.dumps({"modes": {"shared": shared}}))
 
@@ -66,10 +69,11 @@ def test_variants_run_in_turn_and_come_back_packed(tmp_path) -> None:
     assert "'decode_call_s': 0.02" in cold and "rc=0" in cold
     # decode_costs ran on the log too (two decode calls are too few for its fit: it says so)
     assert "2 decode calls: at least 3 are needed for the fit" in cold
+    assert "#0 (100 tokens, first token at 0.50 s)" in cold  # ttft_tail: #1 waited behind #0
     assert "bench failed" in (out / "bad.log").read_text() and "rc=3" in (out / "bad.log").read_text()
     with tarfile.open(out / "warm.tgz") as tar:
         names = set(tar.getnames())
-    assert {"./results.json", "./calls_shared.jsonl", "./gaps.json"} <= names
+    assert {"./results.json", "./calls_shared.jsonl", "./gaps.json", "./ttft_tail.json"} <= names
     assert not any("jax-compile-cache" in n for n in names)
     gaps = json.loads(Path("/tmp/gpu_smoke_warm/gaps.json").read_text())
     assert gaps["gaps"] == 1 and gaps["tail"]["prefill_calls_padded"] == 1

@@ -213,7 +213,7 @@ GPU_PREFILL_DEFAULTS = {"rows": 128, "block_t": 128, "num_warps": 8, "num_stages
 # KV head) at 1 split in every case (4 splits up to 1.54x slower: the 512-token chunk with no
 # context). Each split adds an f32 partial output that the jnp combine reads (the 4K prefill's
 # `input_scatter_fusion`, 62 us a layer for OLMoE at 4).
-PREFILL_SHARED_KV_BLOCKS = 32  # this many query blocks a sequence: 1 split (they fill the GPU)
+PREFILL_SHARED_KV_BLOCKS = 32  # a chunk of this many query blocks: 1 split (they fill the GPU)
 PREFILL_PROGRAMS_PER_SM = 4  # else programs aimed at: this many per SM, to the nearest split
 PREFILL_TOKENS_PER_SPLIT = 8192  # and at least one split per this many tokens of the page table
 PREFILL_MAX_SPLITS = 4
@@ -223,16 +223,17 @@ def prefill_num_splits(num_blocks: int, kv_heads: int, sequences: int, max_token
                        block_t: int) -> int:
     """KV splits of a GPU prefill launch from static shapes.
 
-    One split when each sequence has `PREFILL_SHARED_KV_BLOCKS` query blocks or more (many
-    programs then read each KV head, and more splits only add partial outputs to combine);
-    else the nearest whole number of splits to `PREFILL_PROGRAMS_PER_SM` programs per SM, or
-    one per `PREFILL_TOKENS_PER_SPLIT` tokens of the page table if more; 1 to
-    `PREFILL_MAX_SPLITS`, never a split under one KV block.
+    One split when the chunk's tokens fill `PREFILL_SHARED_KV_BLOCKS` query blocks or more
+    (``ceil(T / block_q)``, whatever the slots: an engine's prefill call pads its slots, and its
+    chunk is mostly one or a few sequences, so many programs read each KV head and more splits
+    only add partial outputs to combine); else the nearest whole number of splits to
+    `PREFILL_PROGRAMS_PER_SM` programs per SM, or one per `PREFILL_TOKENS_PER_SPLIT` tokens of
+    the page table if more; 1 to `PREFILL_MAX_SPLITS`, never a split under one KV block.
 
     num_blocks: query blocks of the launch (``ceil(T / block_q) + B``); kv_heads: programs per
     block (KV heads x head blocks); sequences: B; max_tokens: the longest KV range a block can
     see (tokens)."""
-    if (num_blocks - sequences) >= PREFILL_SHARED_KV_BLOCKS * max(1, sequences):
+    if num_blocks - sequences >= PREFILL_SHARED_KV_BLOCKS:
         return 1
     programs = max(1, num_blocks * kv_heads)
     want = max(round(PREFILL_PROGRAMS_PER_SM * num_sms() / programs),

@@ -77,9 +77,9 @@ def test_gqa_prefill_gpu_kernel_interpret(dtype):
 
 
 def test_prefill_split_rule(monkeypatch):
-    """`prefill_num_splits` on the measured cases (docs/kernels.md, 2026-12-06): one sequence's
-    chunk of 2,048 / 512 tokens is 17 / 5 query blocks (+1) x 16 KV heads for OLMoE, 129 / 33
-    (+1) x 4 for Qwen3-30B-A3B."""
+    """`prefill_num_splits` on the measured cases (docs/kernels.md, 2026-12-06): a chunk of 2,048 /
+    512 tokens is 16 / 4 query blocks (+1 a slot) x 16 KV heads for OLMoE, 128 / 32 (+1 a slot)
+    x 4 for Qwen3-30B-A3B."""
     monkeypatch.setattr(prefill_mod, "num_sms", lambda: 132)
     f = prefill_mod.prefill_num_splits
     assert [f(17, 16, 1, n, 128) for n in (2048, 4096, 32768)] == [2, 2, 4]  # 528 / 272 -> 2
@@ -87,6 +87,7 @@ def test_prefill_split_rule(monkeypatch):
     assert [f(129, 4, 1, n, 128) for n in (2048, 4096, 32768)] == [1, 1, 1]  # KV shared
     assert [f(33, 4, 1, n, 128) for n in (512, 8704, 33280)] == [1, 1, 1]
     assert f(20, 16, 4, 32768, 128) == 4  # 4 x 512 ragged: 16 blocks for 4 sequences
+    assert f(136, 4, 8, 1 << 20, 128) == 1  # Qwen3's 2,048 tokens in an 8-slot, wide program
     assert f(17, 16, 1, 1 << 20, 128) == 4  # capped at PREFILL_MAX_SPLITS
     assert f(2, 1, 1, 100, 128) == 1  # never more splits than KV blocks
     assert f(2, 1, 1, 300, 128) == 3

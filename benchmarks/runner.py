@@ -1562,21 +1562,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-kernels", default=None, choices=("triton", "auto", "mosaic"),
                    help="the engine's attention_kernels (default triton; auto: the Mosaic GPU "
                         "kernels on Hopper where measured faster, docs/kernels.md)")
+    from serving.cli import add_admission_flags
+
     add_admission_flags(g)
     p.add_argument("--plan-only", action="store_true",
                    help="print the per-mode memory plan as JSON and exit (no engine; without GPUs the "
                         f"GPU presets assume a {ASSUMED_GPU_ARENA_BYTES / 2**30:.0f} GiB arena)")
-
-
-def add_admission_flags(g: Any) -> None:
-    """The KV planner's admission rules as flags of an argument group (bench and simulate)."""
-    g.add_argument("--admission-backfill", default=None, action=argparse.BooleanOptionalAction,
-                   help="the engine's admission_backfill: a later request of a model whose first "
-                        "waiting request does not fit the KV pool may start (default on)")
-    g.add_argument("--starving-after-steps", type=int, default=None, metavar="N",
-                   help="the engine's starving_after_steps: a request that has not fit the pool "
-                        "for N steps has its pages held back from other admissions (default 20; "
-                        "0: never)")
 
 
 def _log(msg: str) -> None:

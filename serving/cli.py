@@ -373,12 +373,7 @@ def _add_serve_engine(p: argparse.ArgumentParser) -> None:
                         "processes (default: 4 per engine on GPU shared among its groups, else 1)")
     g.add_argument("--micro-batches", type=int, default=None, metavar="N",
                    help="decode lanes per model (2 = ping-pong; default 1)")
-    g.add_argument("--admission-backfill", default=None, action=argparse.BooleanOptionalAction,
-                   help="a later request of a model whose first waiting request does not fit the KV "
-                        "pool may start (default on; docs/planner.md)")
-    g.add_argument("--starving-after-steps", type=int, default=None, metavar="N",
-                   help="a request that has not fit the KV pool for N steps has its pages held back "
-                        "from other admissions until it starts (default 20; 0: never)")
+    add_admission_flags(g)
     g.add_argument("--dtype", default=None, metavar="DTYPE",
                    help="arena dtype: float32, bfloat16 or float16 (default: float32 on CPU, else bfloat16)")
     g.add_argument("--attention-backend", default=None, metavar="B",
@@ -427,6 +422,17 @@ LIMIT_FLAGS = (
     ("max_stop_strings", "N", "16", "stop strings of a request"),
     ("max_stop_string_bytes", "SIZE", "256", "bytes of one stop string"),
 )
+
+
+def add_admission_flags(g: Any) -> None:
+    """The KV planner's admission rules (`EngineConfig.admission_backfill` /
+    `starving_after_steps`) as flags of an argument group: serve, bench and simulate."""
+    g.add_argument("--admission-backfill", default=None, action=argparse.BooleanOptionalAction,
+                   help="a later request of a model whose first waiting request does not fit the KV "
+                        "pool may start (default on; docs/planner.md)")
+    g.add_argument("--starving-after-steps", type=int, default=None, metavar="N",
+                   help="a request that has not fit the KV pool for N steps has its pages held back "
+                        "from other admissions until it starts (default 20; 0: never)")
 
 
 ENGINE_FLAGS = ("arena_bytes", "page_bytes", "weights_fraction", "steps_per_call", "prefill_chunk",

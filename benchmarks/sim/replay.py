@@ -586,7 +586,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps-per-call", type=int, default=None, metavar="K")
     g.add_argument("--mixed-steps", action="store_true",
                    help="what-if: the engine's mixed_steps (decode rows inside their lane's prefill call)")
-    bench.add_admission_flags(g)
+    from serving.cli import add_admission_flags
+
+    add_admission_flags(g)
     g.add_argument("--compile-workers", type=int, default=None, metavar="N",
                    help="what-if: the engine's compile_workers (background compiles at once; each "
                         "takes the calibrated seconds)")

@@ -210,7 +210,7 @@ GPU_PREFILL_DEFAULTS = {"rows": 128, "block_t": 128, "num_warps": 8, "num_stages
 # 2K / 30K tokens of context and of 512 after 0 / 8K / 32K, at 1, 2 and 4 splits: OLMoE (16/16
 # heads; 17 or 5 query blocks read each KV head) is fastest at 2 / 2 / 4 and 4 / 4 / 4 splits (1
 # split up to 1.31x slower at 30K); Qwen3-30B-A3B (32/4 heads; 129 or 33 query blocks read each
-# KV head) at 1 split in every case (4 splits up to 1.54x slower: the 512-token chunk with no
+# KV head) at 1 split in every case (4 splits up to 1.5x slower: the 512-token chunk with no
 # context). Each split adds an f32 partial output that the jnp combine reads (the 4K prefill's
 # `input_scatter_fusion`, 62 us a layer for OLMoE at 4).
 PREFILL_SHARED_KV_BLOCKS = 32  # a chunk of this many query blocks: 1 split (they fill the GPU)

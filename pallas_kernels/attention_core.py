@@ -42,6 +42,20 @@ TOKENS_PER_SPLIT = 16384
 # an 8-slot, 4,096-page bucket 23.6 -> 18.4 ms (its attention 14.5 -> 9.2 ms), the full bucket of
 # 8 x 7.4K 29.1 -> 29.3 ms; 4,096 tokens gave 19.1 ms and 30.5 ms (5% slower on the full bucket).
 DECODE_TOKENS_PER_SPLIT = 8192
+# A Triton launch's shared memory on an H100 / H200 (bytes a CTA may ask; XLA refuses more)
+TRITON_SMEM_BYTES = 232448
+
+
+def fit_block_t(block_t: int, stages: int, q_rows: int, q_width: int, kv_width: int,
+                itemsize: int, smem_bytes: int = TRITON_SMEM_BYTES) -> int:
+    """The largest block_t (halving from `block_t`, at least 16) whose query tile [q_rows,
+    q_width] plus `stages` KV tiles [block_t, kv_width] fit `smem_bytes`: the Triton kernels'
+    shared memory by the tiles they stage (DeepSeek's MLA in the engine's 128-wide arena rows:
+    5 chunks of 128 = 640 elements a token, 64 query rows, 64-token blocks, 2 stages asked
+    245,760 bytes of an H100's 232,448, 2026-12-06; 576 at 64-wide rows fits)."""
+    while block_t > 16 and (q_rows * q_width + stages * block_t * kv_width) * itemsize > smem_bytes:
+        block_t //= 2
+    return block_t
 
 
 def num_sms() -> int:
@@ -232,6 +246,9 @@ def run_blocks(
         bt, stages = block_t or 128, num_stages or 3
     else:  # MLA keeps 9 [block_t, R] tiles live: 128-token blocks would spill registers.
         bt, stages = block_t or 64, num_stages or 2
+    if block_t is None:  # the default shortened until its tiles fit shared memory
+        bt = fit_block_t(bt, stages, qb.shape[2], qb.shape[3], n_tiles * geom.row_elems,
+                         jnp.dtype(arena.dtype).itemsize)
     if schedule == "persistent":
         from pallas_kernels.persistent import blocks_persistent
 

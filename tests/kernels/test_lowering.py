@@ -110,3 +110,20 @@ def test_kernels_read_the_arena_in_place(backend):
             assert p[-1] == "pallas_call", (name, p)
             if backend == "tpu":
                 assert "reshape" not in p, (name, p)
+
+
+def test_default_kv_blocks_fit_shared_memory():
+    """run_blocks' default block_t shrinks until the Triton tiles fit an H100's shared memory
+    (hand-checked bytes: query tile + stages x KV tile, bf16)."""
+    from pallas_kernels.attention_core import TRITON_SMEM_BYTES, fit_block_t
+
+    # MLA at 128-wide rows (the GPU engine's arena): 64 x 640 query + 2 x 64 x 640 = 245,760 B
+    # > 232,448: 32-token blocks (163,840 B)
+    assert TRITON_SMEM_BYTES < (64 * 640 + 2 * 64 * 640) * 2
+    assert fit_block_t(64, 2, 64, 640, 640, 2) == 32
+    # MLA at 64-wide rows (576 = 9 x 64): 221,184 B fits as it is
+    assert fit_block_t(64, 2, 64, 576, 576, 2) == 64
+    # GQA decode (16 rows of 128, K and V tiles of 128): unchanged
+    assert fit_block_t(64, 2, 16, 128, 256, 2) == 64
+    # never below 16 tokens
+    assert fit_block_t(64, 2, 4096, 4096, 4096, 4) == 16

@@ -64,6 +64,7 @@ CASES = {  # name -> (chunk tokens, [context before the chunk] per request)
     "1x2048@0": (2048, [0]),
     "1x2048@2K": (2048, [2048]),
     "1x2048@30K": (2048, [30720]),
+    "1x4096@0": (4096, [0]),  # a 4K prompt in one chunk (benchmarks/prefill.py's 4K case)
 }
 DEFAULT_CASES = ("1x512@0", "1x512@8K", "1x512@32K", "4x512@0/4K/16K/32K")
 # launch configurations: None = the kernel's defaults; "rows" = query rows per program (block_q =

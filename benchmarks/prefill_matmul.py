@@ -72,7 +72,8 @@ CASES = (("olmoe gate/up", 16384, 64, 2048, 2048), ("olmoe down", 16384, 64, 102
          # the attention-side projections of a prefill chunk: one group (one model)
          ("olmoe qkv 2K", 2048, 1, 2048, 6144), ("olmoe o 2K", 2048, 1, 2048, 2048),
          ("olmoe qkv 4K", 4096, 1, 2048, 6144), ("qwen3 qkv 2K", 2048, 1, 2048, 5120),
-         ("qwen3 o 2K", 2048, 1, 4096, 2048))
+         ("qwen3 o 2K", 2048, 1, 4096, 2048), ("olmoe o 4K", 4096, 1, 2048, 2048),
+         ("qwen3 qkv 4K", 4096, 1, 2048, 5120), ("qwen3 o 4K", 4096, 1, 4096, 2048))
 SMOKE_CASES = (("toy", 256, 4, 128, 256),)
 # routed-expert layers: (name, tokens T, top-k, experts E, hidden D, expert intermediate I)
 MOE_CASES = (("olmoe layer", 2048, 8, 64, 2048, 1024), ("qwen3 layer", 2048, 8, 128, 2048, 768),
@@ -244,7 +245,22 @@ def time_case(case: tuple, backend: str, peak: float, smoke: bool, with_ws: bool
     record(f"xla batched, groups padded to {cap} (pre-sliced)",
            functools.partial(padded_batched_matmul, capacity=cap), pre)
     record("dense (same FLOPs)", lambda x, w, s: jnp.dot(x, w[0], preferred_element_type=jnp.float32), pre)
+    if g == 1:  # a projection: XLA's dot on the weight sliced out of the arena inside the program
+        for dt in ("float32", "bfloat16"):
+            record(f"xla dot, sliced in program, {dt} out", functools.partial(
+                sliced_dot, k=k, n=n, out_dtype=dt), sets)
+            record(f"triton default, {dt} out", functools.partial(
+                arena_grouped_matmul_gpu, n=n, backend=backend, out_dtype=dt), sets)
     return rows
+
+
+def sliced_dot(x: jax.Array, arena: jax.Array, offs: jax.Array, sizes: jax.Array, *, k: int, n: int,
+               out_dtype: str) -> jax.Array:
+    """x [M, K] @ the [K, N] weight at arena row offs[0] (sliced out: a K * N copy), f32
+    accumulation, out_dtype [M, N]; sizes unused (one group of every row)."""
+    del sizes
+    w = lax.dynamic_slice_in_dim(arena, offs[0], k * n // arena.shape[1]).reshape(k, n)
+    return jnp.dot(x, w, preferred_element_type=jnp.dtype(out_dtype))
 
 
 def padded_batched_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, capacity: int) -> jax.Array:

@@ -36,6 +36,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from pallas_kernels.dispatch import ATTENTION_KERNELS, DEFAULT_ATTENTION_KERNELS
+
 KINDS = (  # (kind, substrings of a kernel name), first match wins
     ("expert/projection matmul (ours)", ("arena_grouped_matmul",)),
     ("attention (ours)", ("paged_attention", "persistent", "prefill_attention", "mla_decode")),
@@ -165,7 +167,8 @@ def profile_shape(shape: str, layout: Any, platform: str, args: argparse.Namespa
     out = []
     for p in prefills:
         arr, width = prefill_inputs(store, cfg, tpp, p, rng, context=args.context)
-        spec = StepSpec((LaneShape(cls, 1, 1, p, width),), False, 1, be, matmul_backend=be)
+        spec = StepSpec((LaneShape(cls, 1, 1, p, width),), False, 1, be, matmul_backend=be,
+                        attention_kernels=args.attention_kernels)
         res = profile_calls(step_runner(store, cfg, platform, spec, arr), args.calls)
         out.append({"shape": shape, "call": f"prefill {p} after {args.context}", **res})
         print_call(out[-1], args.top)
@@ -176,7 +179,8 @@ def profile_shape(shape: str, layout: Any, platform: str, args: argparse.Namespa
         width = arr["tail_pages"].shape[-1]
         for sched in args.schedules.split(","):
             spec = StepSpec((LaneShape(cls, 1, slots, slots, width),), True, 4, be,
-                            attention_schedule=sched, matmul_backend=be)
+                            attention_schedule=sched, matmul_backend=be,
+                            attention_kernels=args.attention_kernels)
             res = profile_calls(step_runner(store, cfg, platform, spec, arr), args.calls)
             out.append({"shape": shape, "call": f"decode {n} x {ctx} "
                         f"in {slots} slots x {width} pages, {sched}, K=4", **res})
@@ -223,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="page-table width per slot and layer (default: the context's, to a power of 2)")
     ap.add_argument("--schedules", default="split",
                     help="decode attention schedules to profile, comma-separated (split, persistent)")
+    ap.add_argument("--attention-kernels", default=DEFAULT_ATTENTION_KERNELS, choices=ATTENTION_KERNELS,
+                    help="the step programs' attention kernels (pallas_kernels.dispatch)")
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--top", type=int, default=25, help="kernels printed per call")
     ap.add_argument("--smoke", action="store_true", help="CPU: demo-mixtral, tiny calls")

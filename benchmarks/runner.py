@@ -134,7 +134,7 @@ class BenchSetup:
     mixed_steps: bool = False  # EngineConfig.mixed_steps
     compile_process: bool | None = None  # EngineConfig.compile_process (None: the engine's)
     compile_workers: int | None = None  # EngineConfig.compile_workers (None: the engine's)
-    attention_kernels: str = "triton"  # EngineConfig.attention_kernels
+    attention_kernels: str = "auto"  # EngineConfig.attention_kernels
     admission_backfill: bool = True  # EngineConfig.admission_backfill
     starving_after_steps: int | None = 20  # EngineConfig.starving_after_steps (None: never)
     note: str = ""
@@ -1560,7 +1560,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--compile-process: worker processes; default: the engine's, 4 per engine "
                         "on GPU shared out among its groups, else 1)")
     g.add_argument("--attention-kernels", default=None, choices=("triton", "auto", "mosaic"),
-                   help="the engine's attention_kernels (default triton; auto: the Mosaic GPU "
+                   help="the engine's attention_kernels (default auto: the Mosaic GPU "
                         "kernels on Hopper where measured faster, docs/kernels.md)")
     from serving.cli import add_admission_flags
 

@@ -124,9 +124,9 @@ class EngineConfig:
       3% higher (117.4 vs 113.6 ms; 2026-12-05, docs/benchmarks.md). dtype: the arena's
       (weights and KV)
       dtype, default the platform's ("float32" on CPU, "bfloat16" elsewhere). attention_kernels:
-      "triton" (default), "auto" (on Hopper GPUs the Mosaic GPU kernels where they were measured
-      faster alone; inside the engine the Mosaic GQA prefill ran whole prompts 1.06-1.47x faster on
-      one H200, docs/kernels.md) or "mosaic"
+      "auto" (default: on Hopper GPUs the Mosaic GPU kernels where they were measured faster;
+      inside the engine the Mosaic GQA prefill ran whole 4K prompts 1.08-1.12x faster on one
+      H100, docs/kernels.md), "triton" or "mosaic"
       (`pallas_kernels.dispatch`). micro_batches:
       2 = ping-pong decode lanes.
     execution (crosspool mode): "lowered" = each step is one XLA program over both pools (default:

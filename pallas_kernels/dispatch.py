@@ -4,18 +4,18 @@
 `ATTENTION_KERNELS` (the engine's ``attention_kernels``, `StepSpec.attention_kernels`; default
 `DEFAULT_ATTENTION_KERNELS`):
 
-* "auto": on a Hopper GPU (compute capability 9.x) under the "gpu" backend, the Mosaic
-  GPU kernel for the calls `auto_uses_mosaic` names (the rule measured on an H100, 2026-12-05,
-  docs/kernels.md "Mosaic GPU kernels in the engine"); the Triton kernels everywhere else (other
-  GPUs, other backends, CPU).
-* "triton" (the default): always the Triton kernels (off GPU: the same kernels interpreted, or
-  the jnp reference). "auto" is not the default yet: its rule comes from the kernels timed alone
-  (benchmarks/prefill_attention.py, benchmarks/kernels.py); inside the engine's step programs the
-  Mosaic GQA prefill ran whole prompts 1.06-1.47x faster than Triton on one H200
-  (`benchmarks/prefill.py --variants triton,mosaic`, 2026-12-05) and the OLMoE smoke replay ran
-  on one H100 with it (prefill 1.32x per busy second, TTFT P99 1.08x lower, its grid's precompile
-  1.26x longer), but the MLA kernels have run inside the engine only on CPU (Mosaic GPU's
-  interpreter: the same greedy tokens as with Triton, tests/test_attention_kernels_step.py).
+* "auto" (the default): on a Hopper GPU (compute capability 9.x) under the "gpu" backend, the
+  Mosaic GPU kernel for the calls `auto_uses_mosaic` names (the rule measured on an H100,
+  2026-12-05, docs/kernels.md "Mosaic GPU kernels in the engine"); the Triton kernels everywhere
+  else (other GPUs, other backends, CPU). Inside the engine's step programs the Mosaic GQA
+  prefill ran whole 4K prompts 1.08x (OLMoE-1B-7B) and 1.12x (Qwen3-30B-A3B) faster than Triton
+  on one H100 (2026-12-06, `benchmarks/prefill.py --variants triton,auto`; 1.06-1.47x on one
+  H200, 2026-12-05) and the OLMoE smoke replay prefilled 1.32x faster per busy second (its
+  grid's precompile 1.26x longer). The MLA kernels need pages of a multiple of 16 tokens: the
+  engine's GPU layout (256-KiB pages of 128-element rows) holds 200 MLA tokens a page, so there
+  MLA calls run the Triton kernels (each Mosaic MLA kernel refuses while tracing).
+* "triton": always the Triton kernels (off GPU: the same kernels interpreted, or the jnp
+  reference).
 * "mosaic": the Mosaic GPU kernel wherever one exists for the call, on the backends the Mosaic
   kernels have: "gpu" on a Hopper GPU (wgmma and TMA are sm_90 instructions: another GPU runs the
   Triton kernels) and "interpret" (Mosaic GPU's interpreter on CPU, for tests).
@@ -43,7 +43,7 @@ from pallas_kernels.page_layout import PageGeometry
 from pallas_kernels.prefill import paged_mla_prefill_attention, paged_prefill_attention
 
 ATTENTION_KERNELS = ("auto", "triton", "mosaic")
-DEFAULT_ATTENTION_KERNELS = "triton"
+DEFAULT_ATTENTION_KERNELS = "auto"
 MOSAIC_BACKENDS = ("gpu", "interpret")
 CALLS = ("gqa_prefill", "mla_prefill", "mla_decode")
 # "auto": MLA prefill on the Mosaic decode kernel's rows. On: 1.88-2.09x the Triton kernel on one

@@ -380,8 +380,8 @@ def _add_serve_engine(p: argparse.ArgumentParser) -> None:
                    help="gpu, tpu, interpret, tpu_interpret or reference (default: the platform's; "
                    "reference on CPU)")
     g.add_argument("--attention-kernels", default=None, choices=("auto", "triton", "mosaic"),
-                   help="triton (default), auto (on Hopper GPUs the Mosaic GPU attention kernels "
-                   "where measured faster, else Triton) or mosaic (pallas_kernels.dispatch)")
+                   help="auto (default: on Hopper GPUs the Mosaic GPU attention kernels where "
+                   "measured faster, else Triton), triton or mosaic (pallas_kernels.dispatch)")
     g.add_argument("--execution", default=None, choices=("lowered", "host", "auto"),
                    help="crosspool step strategy: lowered (one program over both pools; default), host "
                    "(host-scheduled per-layer calls on each pool's mesh) or auto (per step shape, "

@@ -15,7 +15,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     prefill_share = 1.0          mixed_steps = false     compile_process = true  # default: GPU on
     compile_workers = 4          # default: 4 per engine on GPU, shared among its groups; else 1
     micro_batches = 1           dtype = "float32"       attention_backend = "reference"
-    attention_kernels = "triton"
+    attention_kernels = "auto"
     execution = "lowered"       overlap = true          idle_sleep_s = 600
     host_weights_bytes = "32GiB"
     admission_backfill = true   starving_after_steps = 20  # 0: never

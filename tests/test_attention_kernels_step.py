@@ -62,7 +62,7 @@ def test_engine_refuses_unknown_kernels():
     with pytest.raises(InvalidRequestError, match="attention_kernels"):
         runner_kwargs(resolve_config(EngineConfig(attention_kernels="cuda"), "cpu"), "cpu")
     default = resolve_config(EngineConfig(), "cpu")
-    assert runner_kwargs(default, "cpu")["attention_kernels"] == "triton"  # the default
+    assert runner_kwargs(default, "cpu")["attention_kernels"] == "auto"  # the default
     with pytest.raises(ValueError, match="attention_kernels"):
         GroupRunner(None, PoolLayout(16384, "float32", 64, 64), 16, colocated=jax.devices()[0],
                     attention_kernels="cuda")

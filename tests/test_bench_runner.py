@@ -141,11 +141,11 @@ def test_engine_flags_reach_the_engine_config() -> None:
     plan = {"arena_bytes": 1 << 24, "weights_fraction": 0.5}
     default = runner._engine_config(runner.resolve_setup(p.parse_args(["--preset", "cpu-tiny"])), plan)
     assert (default.attention_kernels, default.compile_workers, default.compile_process) == (
-        "triton", None, None)  # None: the engine's platform default (`engine.resolve_config`)
-    args = p.parse_args(["--preset", "cpu-tiny", "--attention-kernels", "auto",
+        "auto", None, None)  # None: the engine's platform default (`engine.resolve_config`)
+    args = p.parse_args(["--preset", "cpu-tiny", "--attention-kernels", "triton",
                          "--compile-workers", "3", "--compile-process"])
     cfg = runner._engine_config(runner.resolve_setup(args), plan)
-    assert (cfg.attention_kernels, cfg.compile_workers, cfg.compile_process) == ("auto", 3, True)
+    assert (cfg.attention_kernels, cfg.compile_workers, cfg.compile_process) == ("triton", 3, True)
     args = p.parse_args(["--preset", "cpu-tiny", "--no-compile-process"])
     assert runner._engine_config(runner.resolve_setup(args), plan).compile_process is False
     assert (default.admission_backfill, default.starving_after_steps) == (True, 20)

@@ -179,6 +179,35 @@ def test_mla_prefill(backend):
     assert rel_err(out, ref) < 1e-5
 
 
+def test_mla_prefill_in_the_gpu_engine_rows(monkeypatch):
+    """DeepSeek's MLA (latent 512, rope 64) in the GPU engine's 128-element rows, bf16: 5 rows a
+    token, a 64-row query tile of 640 elements, so the default 64-token KV blocks would not fit
+    an H100's shared memory (it failed to compile there, 2026-12-06); the kernel runs 32-token
+    blocks and matches the reference across pages (16 tokens a page)."""
+    from pallas_kernels import attention_core
+
+    seen = []
+    real = attention_core.blocks_gpu
+    monkeypatch.setattr(attention_core, "blocks_gpu",
+                        lambda *a, **kw: seen.append(kw["block_t"]) or real(*a, **kw))
+    rng = np.random.default_rng(26)
+    spec = KVSpec.mla(512, 64)
+    case = make_case(rng, spec, [0, 17, 40], dtype="bfloat16", row_elems=128,
+                     page_bytes=page_bytes_for(spec, 128, "bfloat16", 16))
+    q_lens, h = [0, 5, 24], 16
+    t = sum(q_lens) + PAD_ROWS
+    ql = jnp.asarray(rng.standard_normal((t, h, 512)), jnp.bfloat16)
+    qr = jnp.asarray(rng.standard_normal((t, h, 64)), jnp.bfloat16)
+    cu = _cu(q_lens)
+    ref = paged_mla_prefill_attention_reference(ql.astype(jnp.float32), qr.astype(jnp.float32),
+                                                case.arena.astype(jnp.float32), case.table,
+                                                case.lens, cu, case.geom, scale=0.05)
+    out = paged_mla_prefill_attention(ql, qr, case.arena, case.table, case.lens, cu, case.geom,
+                                      scale=0.05, backend="interpret")
+    assert seen == [32]
+    assert rel_err(out, ref) < tol("bfloat16")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_one_row_sequences_in_the_decode_kernel(dtype):
     """`one_row_decode`: one-query sequences (a mixed step's decode rows) go to the decode kernel,

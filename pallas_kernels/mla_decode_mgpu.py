@@ -74,7 +74,10 @@ dtype; H is padded to a multiple of 64 heads.
 Status: tested in Mosaic GPU's interpreter and cross-lowered on CPU
 (tests/kernels/test_mla_decode_mgpu.py); on one H100 (2026-12-05, ``benchmarks/kernels.py
 --with-mgpu``, docs/benchmarks.md) correct and 1.81x the Triton kernel on DeepSeek-V3's 32 x 8K
-ragged batch, 33% of its tensor-core floor.
+ragged batch, 33% of its tensor-core floor; with ``wg0_chunks`` 3 of 8, 215.8-228.5 us, 37-39%
+(two H100s, 2026-12-06), 219.2 us on a third. Not run inside the engine on a GPU: its page layout
+there (256-KiB pages of 128-element rows) holds 200 MLA tokens a page, not a multiple of 16, so
+the kernel refuses and `pallas_kernels.dispatch` runs the Triton one.
 """
 
 from __future__ import annotations

@@ -55,15 +55,17 @@ dtype (the Triton kernel's is f32), so an f32 q gets bf16/f16-rounded results.
 Backends: "gpu" (Mosaic GPU) and "interpret" (Mosaic GPU's interpreter on CPU: warpgroups as
 threads, TMA / barriers / shared memory simulated; tests/kernels/test_prefill_mgpu.py).
 
-Status: tested in Mosaic GPU's interpreter and cross-lowered on CPU; not yet run or timed on a GPU.
-Not used by the engine; `benchmarks/prefill_attention.py --with-mgpu` checks and times it. Two
-limits of that testing: the interpreter's wgmma reads A only from shared memory and it runs neither
-`pl.run_state` over accumulators nor stores into them, so under ``backend="interpret"`` P goes
-through shared memory and P V into fresh accumulators (O = O * alpha + P V), while the GPU form
-(P from registers, O rescaled and accumulated in place, as jax's FA3 kernel) is only
-cross-lowered; and its race detector does not see wgmma's reads, so the ordering of a K/V slot's
-reuse after the wgmmas that read it rests on the consumed barriers (the interpreter does check that
-every barrier phase is waited on by every waiter and that nothing deadlocks).
+Status: tested in Mosaic GPU's interpreter and cross-lowered on CPU; on H100s and H200s checked
+against the reference and timed by `benchmarks/prefill_attention.py --with-mgpu` (1.46-1.69x the
+Triton kernel on OLMoE and Qwen3 chunks of 2K-4K tokens, one H100, 2026-12-06; docs/kernels.md). The
+engine runs it for GQA prefill on Hopper under `attention_kernels="auto"`, the default
+(`pallas_kernels.dispatch`). Two limits of the CPU testing: the interpreter's wgmma reads A only
+from shared memory and it runs neither `pl.run_state` over accumulators nor stores into them, so
+under ``backend="interpret"`` P goes through shared memory and P V into fresh accumulators (O = O *
+alpha + P V), while the GPU form (P from registers, O rescaled and accumulated in place, as jax's
+FA3 kernel) is only cross-lowered; and its race detector does not see wgmma's reads, so the ordering
+of a K/V slot's reuse after the wgmmas that read it rests on the consumed barriers (the interpreter
+does check that every barrier phase is waited on by every waiter and that nothing deadlocks).
 """
 
 from __future__ import annotations

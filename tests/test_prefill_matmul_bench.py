@@ -43,6 +43,23 @@ def test_padded_batched_matmul_matches_groups() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_sliced_dot_is_the_projection() -> None:
+    """XLA's dot baseline of a projection: the [K, N] weight sliced from its arena rows, both
+    output dtypes, against the float64 product of the same bf16 values."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    arena, offs = prefill_matmul.arena_of(1, 256, 384, 128)
+    x = jax.random.normal(jax.random.key(0), (40, 256), jnp.bfloat16)
+    want = prefill_matmul.numpy_product(x, arena, offs, np.array([40]), 256, 384, panels=False)
+    for dt, tol in (("float32", 1e-5), ("bfloat16", 1e-2)):
+        got = prefill_matmul.sliced_dot(x, arena, jnp.asarray(offs), None, k=256, n=384, out_dtype=dt)
+        assert got.dtype == jnp.dtype(dt)
+        err = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
+        assert err < tol, (dt, err)
+
+
 def test_case_and_implementation_filters(tmp_path) -> None:
     """--impls keeps only the implementations it names (baselines always run); an unknown --cases
     name is an error."""

@@ -1225,6 +1225,8 @@ def resolve_setup(args: argparse.Namespace) -> BenchSetup:
         over["steps_per_call"] = args.steps_per_call
     if getattr(args, "prefill_share", None) is not None:
         over["prefill_share"] = args.prefill_share
+    if getattr(args, "max_prefill_tokens", None) is not None:
+        over["max_prefill_tokens"] = args.max_prefill_tokens
     if getattr(args, "mixed_steps", False):
         over["mixed_steps"] = True
     if getattr(args, "compile_process", None) is not None:
@@ -1549,6 +1551,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps-per-call", type=int, default=None, metavar="K")
     g.add_argument("--prefill-share", type=float, default=None, metavar="F",
                    help="the engine's prefill_share (default: the engine's, 1.0)")
+    g.add_argument("--max-prefill-tokens", type=int, default=None, metavar="T",
+                   help="the engine's max_prefill_tokens: most prompt tokens a step prefills "
+                        "(default: the preset's; 2048 on the GPU presets)")
     g.add_argument("--mixed-steps", action="store_true",
                    help="the engine's mixed_steps: decoding requests take one token each as rows of "
                         "their lane's prefill call in steps that prefill")

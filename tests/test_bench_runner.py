@@ -132,8 +132,9 @@ def test_metric_helpers() -> None:
 
 
 def test_engine_flags_reach_the_engine_config() -> None:
-    """`--attention-kernels`, `--compile-workers`, `--compile-process` set the bench's setup and
-    the `EngineConfig` each mode's engine gets; the defaults are the engine's."""
+    """`--attention-kernels`, `--compile-workers`, `--compile-process`, `--max-prefill-tokens` set
+    the bench's setup and the `EngineConfig` each mode's engine gets; the defaults are the
+    engine's (the preset's for `--max-prefill-tokens`)."""
     import argparse
 
     p = argparse.ArgumentParser()
@@ -148,6 +149,9 @@ def test_engine_flags_reach_the_engine_config() -> None:
     assert (cfg.attention_kernels, cfg.compile_workers, cfg.compile_process) == ("triton", 3, True)
     args = p.parse_args(["--preset", "cpu-tiny", "--no-compile-process"])
     assert runner._engine_config(runner.resolve_setup(args), plan).compile_process is False
+    assert default.max_prefill_tokens == 512  # cpu-tiny's
+    args = p.parse_args(["--preset", "cpu-tiny", "--max-prefill-tokens", "1024"])
+    assert runner._engine_config(runner.resolve_setup(args), plan).max_prefill_tokens == 1024
     assert (default.admission_backfill, default.starving_after_steps) == (True, 20)
     args = p.parse_args(["--preset", "cpu-tiny", "--no-admission-backfill", "--starving-after-steps", "0"])
     cfg = runner._engine_config(runner.resolve_setup(args), plan)

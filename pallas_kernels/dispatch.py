@@ -11,9 +11,10 @@
   prefill ran whole 4K prompts 1.08x (OLMoE-1B-7B) and 1.12x (Qwen3-30B-A3B) faster than Triton
   on one H100 (2026-12-06, `benchmarks/prefill.py --variants triton,auto`; 1.06-1.47x on one
   H200, 2026-12-05) and the OLMoE smoke replay prefilled 1.32x faster per busy second (its
-  grid's precompile 1.26x longer). The MLA kernels need pages of a multiple of 16 tokens: the
-  engine's GPU layout (256-KiB pages of 128-element rows) holds 200 MLA tokens a page, so there
-  MLA calls run the Triton kernels (each Mosaic MLA kernel refuses while tracing).
+  grid's precompile 1.26x longer). The MLA kernels need pages of a multiple of 16 tokens: since
+  2026-12-06 (night) the engine's GPU layout (256-KiB pages of 128-element rows) holds 192 MLA
+  tokens a page (`page_layout.default_token_align`; 200 before, where each Mosaic MLA kernel
+  refused while tracing and MLA ran Triton).
 * "triton": always the Triton kernels (off GPU: the same kernels interpreted, or the jnp
   reference).
 * "mosaic": the Mosaic GPU kernel wherever one exists for the call, on the backends the Mosaic

@@ -75,9 +75,10 @@ Status: tested in Mosaic GPU's interpreter and cross-lowered on CPU
 (tests/kernels/test_mla_decode_mgpu.py); on one H100 (2026-12-05, ``benchmarks/kernels.py
 --with-mgpu``, docs/benchmarks.md) correct and 1.81x the Triton kernel on DeepSeek-V3's 32 x 8K
 ragged batch, 33% of its tensor-core floor; with ``wg0_chunks`` 3 of 8, 215.8-228.5 us, 37-39%
-(two H100s, 2026-12-06), 219.2 us on a third. Not run inside the engine on a GPU: its page layout
-there (256-KiB pages of 128-element rows) holds 200 MLA tokens a page, not a multiple of 16, so
-the kernel refuses and `pallas_kernels.dispatch` runs the Triton one.
+(two H100s, 2026-12-06), 219.2 us on a third. The engine's GPU page layout (256-KiB pages of
+128-element rows) holds 192 MLA tokens a page since 2026-12-06 (night) (200 before, which this
+kernel refused, so `pallas_kernels.dispatch` ran the Triton one); cross-lowered at that layout on
+CPU.
 """
 
 from __future__ import annotations

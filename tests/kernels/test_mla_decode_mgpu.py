@@ -104,10 +104,16 @@ def _deepseek_geometry(r: int = 64):
     (64, {"block_t": 32, "stages": 3, "window": 4096, "soft_cap": 30.0}),
     (128, {}),  # 5 chunks of 128: 32-token blocks, 3 stages
     (64, {"wg0_chunks": 4}),  # half of the 8 latent chunks each (the default is 3 of 8)
+    (128, {"engine": True}),  # the engine's GPU pages: 256 KiB, 192 tokens (`default_token_align`)
 ])
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):
-    geom = _deepseek_geometry(r)
-    b, h, pages = 32, 128, 8192 // 64
+    kw = dict(kw)
+    if kw.pop("engine", False):
+        geom = page_geometry(KVSpec.mla(512, 64), PoolLayout(256 * 1024, "bfloat16", 128))
+        assert geom.tokens_per_page == 192
+    else:
+        geom = _deepseek_geometry(r)
+    b, h, pages = 32, 128, -(-8192 // geom.tokens_per_page)
     args = (S((b, h, 512), jnp.bfloat16), S((b, h, 64), jnp.bfloat16),
             S((b * pages + 8, geom.rows_per_page, r), jnp.bfloat16), S((b, pages), jnp.int32),
             S((b,), jnp.int32))

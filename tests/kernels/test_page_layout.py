@@ -42,6 +42,22 @@ def test_one_gpu_pool_hosts_every_model():
         assert g.waste_fraction() < 0.02  # 0 for the GQA models, 1.6% for MLA (56 of 56.9)
 
 
+def test_gpu_rounds_16_bit_pages_to_16_tokens_where_it_costs_little():
+    """The engine's GPU pages (256 KiB of 128-element bf16 rows) hold 192 DeepSeek MLA tokens (5
+    rows a token: 204 fit), a multiple of 16 that the Mosaic GPU MLA kernels take; 200 on CPU
+    (8). Where 16 would drop more than a 16th of the tokens the GPU keeps 8's rounding."""
+    mla = MODELS["deepseek-v3"]
+    engine = PoolLayout(page_bytes=256 * 1024, dtype="bfloat16", row_elems=128)
+    assert default_token_align("gpu", "bfloat16") == 16 and default_token_align("gpu", "float32") == 8
+    assert tokens_per_page(mla, engine) == 192 and tokens_per_page(mla, engine, platform="cpu") == 200
+    assert tokens_per_page(mla, PoolLayout(page_bytes=256 * 1024, dtype="float32", row_elems=128)) == 96
+    small = PoolLayout(page_bytes=64 * 1024, dtype="bfloat16", row_elems=64)
+    assert tokens_per_page(mla, small) == 56  # 56.9 fit: 48 would drop 14%
+    assert tokens_per_page(mla, small, token_align=16) == 48  # asked for: always
+    for spec in (MODELS["olmoe"], MODELS["qwen3-30b-a3b"], MODELS["mixtral-8x7b"]):
+        assert tokens_per_page(spec, engine) == tokens_per_page(spec, engine, platform="cpu")
+
+
 def test_tpu_pool_pads_to_lanes():
     pool = PoolLayout(page_bytes=64 * 1024, dtype="bfloat16", row_elems=choose_row_elems(
         list(MODELS.values()), "tpu"))

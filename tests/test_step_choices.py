@@ -1,9 +1,11 @@
 """Host-side choices of the step programs, checked by hand: the layer loops' segments
-(`pooled_step.layer_segments`) and the decode attention schedule (`step_calls.attention_schedule`)."""
+(`pooled_step.layer_segments`), the decode attention schedule (`step_calls.attention_schedule`)
+and the prefill token buckets (`step_programs.ShapeBuckets`, `StepPrograms.token_buckets`)."""
 
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from crosspool_jax.demo import demo_configs
 from crosspool_jax.execution.pooled_step import layer_segments, layer_signatures
 from crosspool_jax.execution.step_calls import attention_schedule
+from crosspool_jax.execution.step_programs import ShapeBuckets, StepPrograms
 from crosspool_jax.models.config import FFNKind
 
 D, M = FFNKind.DENSE, FFNKind.MOE
@@ -73,3 +76,27 @@ def test_schedule_rule_bench_times_fixed_split_counts() -> None:
     assert row["live"] == 1 and row["table_tokens"] == 256
     for key in ("split", "persistent", "split2", "split8"):
         assert row[f"{key}_us"] > 0 and row[f"{key}_err"] < 1e-2
+
+
+def test_prefill_token_buckets_end_at_max_prefill_tokens() -> None:
+    """Coarse buckets (32, 128, 512, 2,048, 8,192) with `max_prefill_tokens` 4,096: a call of
+    2,049-4,096 prompt tokens runs in a 4,096-row program, not in 8,192 rows (the 2026-12-06 H100
+    replay with 4K prefill calls ran its 3,694-token median call in 8,192 rows: 41 ms)."""
+    bk = ShapeBuckets.coarse()
+    assert bk.round(3000, 32) == 8192 and bk.round(3000, 32, 4096) == 4096
+    assert bk.round(2048, 32, 4096) == 2048 and bk.round(100, 32, 4096) == 128
+    assert bk.round(5000, 32, 4096) == 8192  # past the top: the ladder as before
+    assert bk.ladder(4096, 32, 4096) == [32, 128, 512, 2048, 4096]
+    assert bk.ladder(2048, 32, 2048) == bk.ladder(2048, 32) == [32, 128, 512, 2048]
+    assert bk.round(16, 32, 16) == 32 and bk.ladder(16, 32, 16) == [32]  # the floor stays least
+
+    def runner(max_prefill_tokens: int) -> SimpleNamespace:
+        return SimpleNamespace(buckets=bk, max_prefill_tokens=max_prefill_tokens)
+
+    assert StepPrograms.token_buckets(runner(4096)) == [32, 128, 512, 2048, 4096]
+    assert StepPrograms.token_buckets(runner(3000)) == [32, 128, 512, 2048, 4096]  # a power of two
+    assert StepPrograms.token_buckets(runner(2048)) == [32, 128, 512, 2048]
+    got = [StepPrograms.token_bucket(runner(4096), t) for t in (1, 600, 2049, 4096)]
+    assert got == [32, 2048, 4096, 4096]
+    fine = SimpleNamespace(buckets=ShapeBuckets.fine(), max_prefill_tokens=24)
+    assert StepPrograms.token_buckets(fine) == [8, 16, 32]

@@ -517,10 +517,8 @@ class GroupRunner(RunnerModels, StepPrograms, StepCalls):
         if model is not None:
             # priced as one call (a request's tokens of a step run in one, `_run`) in the program
             # of its token bucket: T rows on each KV device
-            bk = self.buckets
             n = self.prefill_fit.tokens_within(seconds, self._model_costs(model), context, most,
-                                               lambda t: bk.round(t, bk.tokens_floor),
-                                               self.store.num_kv)
+                                               self.token_bucket, self.store.num_kv)
         if n is None:  # no prefill call measured yet
             return most
         return int(min(most, max(floor, n)))

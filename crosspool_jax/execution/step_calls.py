@@ -187,7 +187,7 @@ class StepCalls:
             per_dev[row[3].device].append(row)
         b = bk.round(max(len(d) for d in per_dev), bk.slots_floor)
         k = max(r[2] - r[1] for r in rows) if decode else 1
-        t = b if decode else bk.round(max(sum(r[2] - r[1] for r in d) for d in per_dev), bk.tokens_floor)
+        t = b if decode else self.token_bucket(max(sum(r[2] - r[1] for r in d) for d in per_dev))
         pages = bk.round(max(max(r[3].pages_per_layer for r in rows),
                              max((s.pages_per_layer for r in rows for s in r[4]), default=1)),
                          bk.pages_floor)

@@ -116,17 +116,22 @@ class ShapeBuckets:
     # needs (up to steps_per_call); True = always steps_per_call (finished slots idle on device)
     fixed_steps: bool = False
 
-    def round(self, n: int, floor: int) -> int:
+    def round(self, n: int, floor: int, top: int | None = None) -> int:
+        """The bucket of `n`: the smallest ``floor * growth**k >= n``; `top` (>= floor), when given,
+        is a bucket too, the largest: n <= top rounds to at most `top` (so a prefill of
+        `max_prefill_tokens` = 4,096 runs in a 4,096-row program, not in coarse's 8,192)."""
         size = max(1, floor)
         while size < n:
             size *= self.growth
-        return size
+        return size if top is None or n > top else min(size, max(top, floor))
 
-    def ladder(self, n: int, floor: int) -> list[int]:
-        """Every bucket from the smallest up to `round(n, floor)`, ascending."""
+    def ladder(self, n: int, floor: int, top: int | None = None) -> list[int]:
+        """Every bucket from the smallest up to `round(n, floor, top)`, ascending."""
         out = [max(1, floor)]
         while out[-1] < n:
             out.append(out[-1] * self.growth)
+        if top is not None and n <= top:
+            out = [s for s in out if s < top] + [max(top, out[0])]
         return out
 
     @classmethod
@@ -405,7 +410,7 @@ class StepPrograms:
         tpp = self.geoms[model].tokens_per_page
         slots = bk.ladder(self.warm_slots, bk.slots_floor)
         pages = bk.ladder(-(-self.warm_context // tpp), bk.pages_floor)
-        tokens = bk.ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor)
+        tokens = self.token_buckets()
         dec, pre = self._decode_specs, self._prefill_spec
         first = [pre(cls, g_small, slots[0], tokens[0], pages[0]), *dec(cls, g_small, slots[0], pages[0])]
         top = self._top_specs(key, pages[-1])
@@ -427,9 +432,9 @@ class StepPrograms:
         cls, bk = key[0], self.buckets
         g = self._lane_groups(key)[1]
         b = bk.round(self.warm_slots, bk.slots_floor)
-        t = bk.round(_pow2(self.max_prefill_tokens), bk.tokens_floor)
+        t = self.token_buckets()[-1]
         specs = [self._prefill_spec(cls, g, min(b, t), t, pages)]
-        tc = bk.round(min(self.prefill_chunk, t), bk.tokens_floor)
+        tc = self.token_bucket(min(self.prefill_chunk, t))
         if self.mixed_steps and tc < t:  # a mixed step's call: a chunk beside up to b decode rows
             specs.append(self._prefill_spec(cls, g, min(b, tc), tc, pages))
         specs += self._decode_specs(cls, g, b, pages)
@@ -456,12 +461,24 @@ class StepPrograms:
                                 attention_schedule=schedule, attention_kernels=self.attention_kernels))
         return out
 
+    def token_buckets(self) -> list[int]:
+        """The prefill programs' token buckets (query rows T per KV device), ascending: the
+        buckets' ladder topped by `max_prefill_tokens` rounded up to a power of two (itself a
+        bucket: coarse's 512, 2,048, 8,192 would put a 4,096-token call in 8,192 rows)."""
+        bk = self.buckets
+        return bk.ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor, _pow2(self.max_prefill_tokens))
+
+    def token_bucket(self, tokens: int) -> int:
+        """The prefill token bucket of a call of `tokens` query rows per KV device."""
+        bk = self.buckets
+        return bk.round(tokens, bk.tokens_floor, _pow2(self.max_prefill_tokens))
+
     def _chunk_spec(self, key: tuple[Any, str | None], tokens: int, pages: int) -> StepSpec:
         """The prefill program of one request's chunk of `tokens` tokens in lane `key` with page
         tables of `pages` pages (G as `warm_specs` item 1, the smallest slot bucket)."""
         bk = self.buckets
         return self._prefill_spec(key[0], self._lane_groups(key)[0], bk.round(1, bk.slots_floor),
-                                  bk.round(tokens, bk.tokens_floor), pages)
+                                  self.token_bucket(tokens), pages)
 
     def held_prefills(self) -> frozenset[str]:
         """Requests whose prefill (running, or waiting to start one) reaches page tables wider than
@@ -644,7 +661,7 @@ class StepPrograms:
                             lane = LaneShape(cls, gg, b, b, p, stop_width=self.stop_width)
                             specs.append(StepSpec((lane,), True, k, self.backend,
                                                   attention_kernels=self.attention_kernels))
-                    for t in ladder(_pow2(self.max_prefill_tokens), bk.tokens_floor):
+                    for t in self.token_buckets():
                         specs += [self._prefill_spec(cls, gg, b, t, p) for b in slots if b <= t]
         return specs
 

@@ -14,7 +14,9 @@
   grid's precompile 1.26x longer). The MLA kernels need pages of a multiple of 16 tokens: since
   2026-12-06 (night) the engine's GPU layout (256-KiB pages of 128-element rows) holds 192 MLA
   tokens a page (`page_layout.default_token_align`; 200 before, where each Mosaic MLA kernel
-  refused while tracing and MLA ran Triton).
+  refused while tracing and MLA ran Triton). "auto" takes them only for MLA calls of 64 query
+  heads or more (`MLA_AUTO_MIN_HEADS`): with 16 heads (DeepSeek-V2-Lite) they ran slower than
+  Triton inside the engine.
 * "triton": always the Triton kernels (off GPU: the same kernels interpreted, or the jnp
   reference).
 * "mosaic": the Mosaic GPU kernel wherever one exists for the call, on the backends the Mosaic
@@ -51,6 +53,11 @@ CALLS = ("gqa_prefill", "mla_prefill", "mla_decode")
 # H200, 2026-12-05 (DeepSeek-V3, a 512-token chunk after 0 / 8K / 32K tokens and a ragged batch of
 # four; docs/benchmarks.md "One H200, 2026-12-05 (noon)").
 MLA_PREFILL_MOSAIC = True
+# "auto": the Mosaic MLA kernels only for calls of at least this many query heads. The kernel's
+# wgmma takes 64 heads as its rows and pads fewer: DeepSeek-V2-Lite's 16 heads ran slower than
+# the Triton kernels inside the engine (one H100, 2026-12-06 night: decode 0.86x, whole 4K prompts
+# 0.96x; docs/benchmarks.md); the 1.81-2.09x wins were DeepSeek-V3's 128 heads.
+MLA_AUTO_MIN_HEADS = 64
 
 
 def check_kernels(kernels: str) -> str:
@@ -71,8 +78,9 @@ def is_hopper() -> bool:
     return dev.platform in ("gpu", "cuda") and cc.split(".")[0] == "9"
 
 
-def auto_uses_mosaic(call: str) -> bool:
-    """The "auto" rule on Hopper: does `call` (one of `CALLS`) run the Mosaic GPU kernel?
+def auto_uses_mosaic(call: str, heads: int | None = None) -> bool:
+    """The "auto" rule on Hopper: does `call` (one of `CALLS`) of `heads` query heads (None: any)
+    run the Mosaic GPU kernel? MLA calls: only with `MLA_AUTO_MIN_HEADS` heads or more.
 
     Measured on one H100, 2026-12-05, the kernels alone (docs/benchmarks.md "One H100,
     2026-12-05 (morning)"): MLA decode 1.81x the Triton kernel (DeepSeek-V3, batch 32 ragged);
@@ -82,20 +90,21 @@ def auto_uses_mosaic(call: str) -> bool:
     now gives 5 there); on a first chunk (no context, 0.06-0.34 ms, noisy between calls) 0.5-1.6x.
     MLA prefill: see `MLA_PREFILL_MOSAIC`.
     """
-    if call == "mla_decode":
-        return True
-    if call == "mla_prefill":
-        return MLA_PREFILL_MOSAIC
+    if call in ("mla_decode", "mla_prefill"):
+        enough = heads is None or heads >= MLA_AUTO_MIN_HEADS
+        return enough and (call == "mla_decode" or MLA_PREFILL_MOSAIC)
     if call == "gqa_prefill":
         return True
     raise ValueError(f"call {call!r}: expected one of {CALLS}")
 
 
-def wants_mosaic(kernels: str, backend: str, call: str, hopper: bool | None = None) -> bool:
+def wants_mosaic(kernels: str, backend: str, call: str, hopper: bool | None = None,
+                 heads: int | None = None) -> bool:
     """Whether a call tries the Mosaic GPU kernel first (it may still refuse the shapes).
 
     kernels: one of `ATTENTION_KERNELS`; backend: the resolved kernel backend ("gpu",
-    "interpret", "reference", "tpu"); hopper: whether the device is Hopper (default `is_hopper()`).
+    "interpret", "reference", "tpu"); hopper: whether the device is Hopper (default `is_hopper()`);
+    heads: the call's query heads (`auto_uses_mosaic`).
     """
     check_kernels(kernels)
     if kernels == "triton" or backend not in MOSAIC_BACKENDS:
@@ -104,7 +113,7 @@ def wants_mosaic(kernels: str, backend: str, call: str, hopper: bool | None = No
         return kernels == "mosaic"
     if not (is_hopper() if hopper is None else hopper):
         return False
-    return kernels == "mosaic" or auto_uses_mosaic(call)
+    return kernels == "mosaic" or auto_uses_mosaic(call, heads)
 
 
 def _mosaic_or_none(fn, *args: Any, **kw: Any) -> Any:
@@ -147,7 +156,7 @@ def mla_prefill_attention(q_latent: jax.Array, q_rope: jax.Array, arena: jax.Arr
     """`prefill.paged_mla_prefill_attention` (MLA chunked prefill, absorbed form) by the kernel
     `kernels` picks; same arguments and result."""
     be = resolve_backend(backend)
-    if wants_mosaic(kernels, be, "mla_prefill"):
+    if wants_mosaic(kernels, be, "mla_prefill", heads=q_latent.shape[-2]):
         from pallas_kernels.mla_prefill_mgpu import paged_mla_prefill_attention_mgpu
 
         out = _mosaic_or_none(paged_mla_prefill_attention_mgpu, q_latent, q_rope, arena,
@@ -171,7 +180,7 @@ def mla_decode_attention(q_latent: jax.Array, q_rope: jax.Array, arena: jax.Arra
     result (`schedule` applies to the Triton kernel; the Mosaic one splits each sequence's KV
     by its own rule)."""
     be = resolve_backend(backend)
-    if wants_mosaic(kernels, be, "mla_decode"):
+    if wants_mosaic(kernels, be, "mla_decode", heads=q_latent.shape[-2]):
         from pallas_kernels.mla_decode_mgpu import paged_mla_decode_attention_mgpu
 
         out = _mosaic_or_none(paged_mla_decode_attention_mgpu, q_latent, q_rope, arena,
@@ -184,6 +193,6 @@ def mla_decode_attention(q_latent: jax.Array, q_rope: jax.Array, arena: jax.Arra
                                       schedule=schedule, return_lse=return_lse)
 
 
-__all__ = ["ATTENTION_KERNELS", "CALLS", "DEFAULT_ATTENTION_KERNELS", "auto_uses_mosaic",
-           "check_kernels", "is_hopper", "mla_decode_attention", "mla_prefill_attention",
+__all__ = ["ATTENTION_KERNELS", "CALLS", "DEFAULT_ATTENTION_KERNELS", "MLA_AUTO_MIN_HEADS",
+           "auto_uses_mosaic", "check_kernels", "is_hopper", "mla_decode_attention", "mla_prefill_attention",
            "prefill_attention", "wants_mosaic"]

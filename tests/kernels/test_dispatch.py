@@ -44,6 +44,19 @@ def test_rule(kernels, backend, call, hopper, want):
     assert dispatch.wants_mosaic(kernels, backend, call, hopper=hopper) is want
 
 
+@pytest.mark.parametrize(("kernels", "call", "heads", "want"), [
+    ("auto", "mla_decode", 128, True),  # DeepSeek-V3
+    ("auto", "mla_decode", 16, False),  # DeepSeek-V2-Lite: padded to 64 rows, slower than Triton
+    ("auto", "mla_prefill", 16, False),
+    ("auto", "mla_prefill", 64, dispatch.MLA_PREFILL_MOSAIC),
+    ("auto", "gqa_prefill", 16, True),  # GQA: heads do not matter
+    ("mosaic", "mla_decode", 16, True),  # asked for: always tried
+])
+def test_auto_takes_mosaic_mla_from_64_heads(kernels, call, heads, want):
+    assert dispatch.MLA_AUTO_MIN_HEADS == 64
+    assert dispatch.wants_mosaic(kernels, "gpu", call, hopper=True, heads=heads) is want
+
+
 def test_unknown_values_are_refused():
     with pytest.raises(ValueError, match="attention_kernels"):
         dispatch.wants_mosaic("cutlass", "gpu", "mla_decode")

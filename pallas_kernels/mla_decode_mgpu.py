@@ -78,7 +78,9 @@ ragged batch, 33% of its tensor-core floor; with ``wg0_chunks`` 3 of 8, 215.8-22
 (two H100s, 2026-12-06), 219.2 us on a third. The engine's GPU page layout (256-KiB pages of
 128-element rows) holds 192 MLA tokens a page since 2026-12-06 (night) (200 before, which this
 kernel refused, so `pallas_kernels.dispatch` ran the Triton one); cross-lowered at that layout on
-CPU.
+CPU. Inside the engine on one H100 (2026-12-06 night, DeepSeek-V2-Lite: 16 heads, padded to 64)
+it took 3,061 us a decode call of 8 x 4K against Triton's 2,635 (0.86x), so `dispatch`'s "auto"
+runs it only for 64 heads or more (`MLA_AUTO_MIN_HEADS`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ utilisation for OLMoE-1B-7B and Qwen3-30B-A3B shapes at prompts of 512, 4K and 3
 an XLA-only version of the same math, in one run.
 
     PYTHONPATH=. python -m benchmarks.prefill [--shapes olmoe-1b-7b,qwen3-30b-a3b] \\
-        [--prompts 512,4096,32768] [--chunk 2048] [--batch 1,2] [--variants engine,xla] \\
+        [--prompts 512,4096,32768] [--chunk 4096] [--batch 1,2] [--variants engine,xla] \\
         [--iters 5] [--json OUT]                                                 # one GPU
     JAX_PLATFORMS=cpu PYTHONPATH=. python -m benchmarks.prefill --smoke            # CPU, tiny
 
@@ -54,7 +54,7 @@ import numpy as np
 from benchmarks.calibrate import build
 from benchmarks.kernels import matmul_peak
 from benchmarks.layer_loop import median_call_seconds, prefill_inputs
-from benchmarks.runner import GPU_MEM_FRACTION, model_config
+from benchmarks.runner import GPU_MEM_FRACTION, GPU_PRESET_MAX_PREFILL_TOKENS, model_config
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec, build_step, input_shapes, model_geometry
 from crosspool_jax.execution.prefill_cost import chunk_work
 from crosspool_jax.models.costs import model_costs
@@ -158,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(GPU_SHAPES))
     ap.add_argument("--prompts", default=",".join(str(p) for p in GPU_PROMPTS))
-    ap.add_argument("--chunk", type=int, default=2048,
-                    help="tokens of each prompt per call (default 2048)")
+    ap.add_argument("--chunk", type=int, default=GPU_PRESET_MAX_PREFILL_TOKENS,
+                    help=f"tokens of each prompt per call (default {GPU_PRESET_MAX_PREFILL_TOKENS}: the "
+                         "engine's GPU max_prefill_tokens)")
     ap.add_argument("--batch", default="1",
                     help="comma-separated counts of prompts prefilled side by side, each call "
                          "holding --chunk tokens of each (default 1)")

@@ -140,6 +140,9 @@ class BenchSetup:
     note: str = ""
 
 
+# the engine's GPU default (`crosspool_jax.engine.GPU_MAX_PREFILL_TOKENS`, not imported here: the
+# engine imports jax; tests/test_bench_runner.py keeps the two equal)
+GPU_PRESET_MAX_PREFILL_TOKENS = 4096
 SETUPS: dict[str, BenchSetup] = {
     # 2 of the 8 CPU devices, mirroring gpu-2 (1+1 vs 2 colocated); 3.25 MiB = 208 pages of 16 KiB:
     # the weights device holds the 3 demo models' FFN (97 pages) and, in static, the device shared by
@@ -150,15 +153,16 @@ SETUPS: dict[str, BenchSetup] = {
     # 256 KiB pages: 32 tokens of an OLMoE-1B-7B layer per page (16 KiB pages would hold 2, and a
     # 32K-token request would need a 16K-wide page table per layer)
     "gpu-2": BenchSetup(devices=2, crosspool_pools="1+1", arena_bytes=None, page_bytes=262144,
-                        prefill_chunk=512, max_prefill_tokens=2048,
+                        prefill_chunk=512, max_prefill_tokens=GPU_PRESET_MAX_PREFILL_TOKENS,
                         note="2 GPUs; arena = 92% of GPU 0's free memory (95% pool)"),
     "gpu-8": BenchSetup(devices=8, crosspool_pools="4+4", arena_bytes=None, page_bytes=262144,
-                        prefill_chunk=512, max_prefill_tokens=2048,
+                        prefill_chunk=512, max_prefill_tokens=GPU_PRESET_MAX_PREFILL_TOKENS,
                         note="8 GPUs; arena = 92% of GPU 0's free memory (95% pool)"),
     # 100 models: crosspool's FFN weights (1,945 GiB) need 16 weights GPUs of a ~122 GiB arena: 48+16 is
     # the split with the most KV devices that holds it (`--plan-only`); 32 live requests per GPU
     "gpu-64": BenchSetup(devices=64, crosspool_pools="48+16", arena_bytes=None, page_bytes=262144,
-                         prefill_chunk=512, max_prefill_tokens=2048, max_live_requests=2048,
+                         prefill_chunk=512, max_prefill_tokens=GPU_PRESET_MAX_PREFILL_TOKENS,
+                         max_live_requests=2048,
                          note="64 GPUs; arena = 92% of GPU 0's free memory (95% pool)"),
 }
 # GPU: the memory pool JAX may take (the bench sets XLA_PYTHON_CLIENT_MEM_FRACTION to this unless it
@@ -1553,7 +1557,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the engine's prefill_share (default: the engine's, 1.0)")
     g.add_argument("--max-prefill-tokens", type=int, default=None, metavar="T",
                    help="the engine's max_prefill_tokens: most prompt tokens a step prefills "
-                        "(default: the preset's; 2048 on the GPU presets)")
+                        "(default: the preset's; the engine's GPU default on the GPU presets)")
     g.add_argument("--mixed-steps", action="store_true",
                    help="the engine's mixed_steps: decoding requests take one token each as rows of "
                         "their lane's prefill call in steps that prefill")

@@ -89,6 +89,13 @@ MODES = ("crosspool", "shared", "static")
 # shared out among its device groups: 4 ran the cold one-GPU smoke replay's compiles without a
 # serving-path stall on one H200 (2026-12-05); a host with many groups gets one per group.
 GPU_COMPILE_WORKERS = 4
+# Most prompt tokens a GPU step prefills (`EngineConfig.max_prefill_tokens`), since 2026-12-06
+# (night); 2,048 before. One H100 (docs/benchmarks.md "One H100, 2026-12-06 (night)"): a 4K prompt
+# as one call prefilled 1.17-1.18x faster than as two (OLMoE-1B-7B, Qwen3-30B-A3B); the smoke
+# replay with 4,096-token calls had TTFT P99 17.98 s against 19.53 s and TBT P99 126 against
+# 92 ms, measured while such calls still ran padded to 8,192 rows (fixed since, not re-run; the
+# simulator, calibrated on that night's default replay, predicts 14.8 s and 115 ms).
+GPU_MAX_PREFILL_TOKENS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +105,10 @@ class EngineConfig:
     arena_bytes: bytes of each device's arena (default: 64 MiB on CPU; 80% of the device's free
       memory on GPU). page_bytes: bytes of one KV page (default 16 KiB on CPU, 256 KiB on GPU: 32
       tokens of an OLMoE-1B-7B layer, so a long request's page table stays narrow).
-      max_prefill_tokens: most prompt tokens of all requests per step (default 512 on CPU, 2048
-      on GPU; prefill_chunk defaults to 64 / 512). weights_fraction: share of a KV device's
-      arena (crosspool) or of a colocated device's arena (shared/static) reserved for weights.
+      max_prefill_tokens: most prompt tokens of all requests per step (default 512 on CPU, 4096
+      on GPU: `GPU_MAX_PREFILL_TOKENS`; prefill_chunk defaults to 64 / 512). weights_fraction:
+      share of a KV device's arena (crosspool) or of a colocated device's arena (shared/static)
+      reserved for weights.
     steps_per_call: decode tokens per host call (K). prefill_chunk: the least prompt tokens a
       step prefills while requests decode (the budget's floor); a request's prompt tokens of one
       step run in one program call (each MoE prefill call reads every expert). prefill_share:
@@ -161,7 +169,7 @@ class EngineConfig:
     weights_fraction: float = 0.5
     steps_per_call: int = 4
     prefill_chunk: int | None = None  # None: 64 on CPU, 512 on GPU
-    max_prefill_tokens: int | None = None  # None: 512 on CPU, 2048 on GPU
+    max_prefill_tokens: int | None = None  # None: 512 on CPU, GPU_MAX_PREFILL_TOKENS on GPU
     prefill_share: float = DEFAULT_PREFILL_SHARE
     mixed_steps: bool = False
     compile_process: bool | None = None  # None: GPU on, CPU off
@@ -774,7 +782,8 @@ def resolve_config(cfg: EngineConfig, platform: str, groups: int = 1) -> EngineC
         workers = max(1, GPU_COMPILE_WORKERS // max(1, groups)) if process and gpu else 1
     return dataclasses.replace(cfg, page_bytes=cfg.page_bytes or (262144 if gpu else 16384),
                                prefill_chunk=cfg.prefill_chunk or (512 if gpu else 64),
-                               max_prefill_tokens=cfg.max_prefill_tokens or (2048 if gpu else 512),
+                               max_prefill_tokens=cfg.max_prefill_tokens
+                               or (GPU_MAX_PREFILL_TOKENS if gpu else 512),
                                compile_process=process, compile_workers=workers)
 
 

@@ -361,7 +361,7 @@ def _add_serve_engine(p: argparse.ArgumentParser) -> None:
                    help="while requests decode, a step's prefill takes at most this share of a "
                         "measured decode call, at least one chunk (default 1.0)")
     g.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
-                   help="most prompt tokens of all requests per step (default 512)")
+                   help="most prompt tokens of all requests per step (default 512; 4096 on GPU)")
     g.add_argument("--mixed-steps", default=None, action=argparse.BooleanOptionalAction,
                    help="a step that prefills a lane's prompts gives its decoding requests one token "
                         "each as rows of the same prefill call (default off)")

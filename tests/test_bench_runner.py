@@ -150,6 +150,9 @@ def test_engine_flags_reach_the_engine_config() -> None:
     args = p.parse_args(["--preset", "cpu-tiny", "--no-compile-process"])
     assert runner._engine_config(runner.resolve_setup(args), plan).compile_process is False
     assert default.max_prefill_tokens == 512  # cpu-tiny's
+    from crosspool_jax.engine import GPU_MAX_PREFILL_TOKENS
+
+    assert runner.setup_for("gpu-2").max_prefill_tokens == GPU_MAX_PREFILL_TOKENS == 4096
     args = p.parse_args(["--preset", "cpu-tiny", "--max-prefill-tokens", "1024"])
     assert runner._engine_config(runner.resolve_setup(args), plan).max_prefill_tokens == 1024
     assert (default.admission_backfill, default.starving_after_steps) == (True, 20)

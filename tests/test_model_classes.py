@@ -166,6 +166,32 @@ def test_precompiled_programs_serve_a_run_without_compiling(refs) -> None:
     assert runner.kv.pool_stats().pages_used == 0
 
 
+def test_the_precompile_grid_covers_its_whole_width() -> None:
+    """`bucket_specs` holds, at each page bucket, the lane's top programs (here the ping-pong
+    decode pairs of micro_batches = 2; on GPU also the persistent-schedule decode), so once the
+    grid is compiled the lane's covered width is its widest page bucket and no prompt is held for a
+    background compile. (Nothing is compiled: the specs are marked held.)"""
+    models = {m: MODELS[m] for m in ("q3-a", "q3-b")}
+    buckets = ShapeBuckets(slots_floor=2, tokens_floor=16, pages_floor=2, growth=4, groups="placed",
+                           fixed_steps=True)
+    runner = build_runner(models, split=None, colocated=jax.devices()[0], kv_pages=16,
+                          max_prefill_tokens=16, buckets=buckets, micro_batches=2, warm_slots=4)
+    specs = runner.bucket_specs(max_context=16 * 40, max_slots=4)
+    assert len(specs) == len(set(specs))
+    key = runner._lane_key("q3-a")
+    widths = sorted({ln.max_pages for sp in specs for ln in sp.lanes})
+    tpp = runner.geoms["q3-a"].tokens_per_page
+    assert widths[-1] >= 16 * 40 // tpp and widths == [2 * 4**i for i in range(len(widths))]
+    for w in widths:
+        top = runner._top_specs(key, w)
+        assert any(len(sp.lanes) == 2 for sp in top)  # the ping-pong pair
+        assert all(sp in specs for sp in top)
+    for sp in specs:  # as if precompiled
+        runner._programs[sp] = None
+    runner.held_generation += 1
+    assert runner._covered_width(key) == widths[-1]
+
+
 def test_programs_hold_one_class_whatever_the_mix_of_models(refs) -> None:
     """A step runs one program per model class (never a mix), so the programs compiled for a
     class's shapes do not depend on which other models have work: many mixes of three classes

@@ -636,8 +636,14 @@ class StepPrograms:
 
     def bucket_specs(self, max_context: int, max_slots: int) -> list[StepSpec]:
         """Every one-lane program shape (decode and prefill) of the bucket grid up to `max_context`
-        tokens per request and `max_slots` requests per KV device: what `precompile` compiles.
-        Programs mixing lanes of several classes are not in it (they compile when first met)."""
+        tokens per request and `max_slots` requests per KV device, and at each page bucket the
+        lane's top programs (`_top_specs`: with micro_batches = 2 the ping-pong decode pairs, on GPU
+        a GQA lane's persistent-schedule decode, with `mixed_steps` a mixed step's chunk program):
+        what `precompile` compiles. Without the top programs the grid covered no width past the
+        warm box (`_covered_width`), so every prompt past `warm_context` tokens was held
+        (`held_prefills`) until they compiled in the background: 128 held steps in an H100 replay
+        of 2026-12-06, its 8K-75K prompts waiting seconds. Programs mixing lanes of several
+        classes are not in it (they compile when first met)."""
         bk = self.buckets
 
         def ladder(hi: int, floor: int) -> list[int]:
@@ -663,7 +669,9 @@ class StepPrograms:
                                                   attention_kernels=self.attention_kernels))
                     for t in self.token_buckets():
                         specs += [self._prefill_spec(cls, gg, b, t, p) for b in slots if b <= t]
-        return specs
+            key = self._lane_key(names[0])
+            specs += [sp for p in pages for sp in self._top_specs(key, p)]
+        return list(dict.fromkeys(specs))
 
     def precompile(self, specs: Sequence[StepSpec], threads: int = 4,
                    log: Callable[[str], None] | None = None) -> int:

@@ -114,6 +114,10 @@ def build_engine(mode: str, models: Sequence[str], setup: bench.BenchSetup, plan
             raise CapacityError(f"model {name} does not fit any device of mode {mode}")
     if precompile_context:
         for g in groups:
+            # as the bench: the gate programs first (the replay's `ready_s`), then the grid, which
+            # holds them too (`bucket_specs` has every page bucket's top programs)
+            for fut in g.gate_compiles():
+                fut.exception()
             g.precompile(g.bucket_specs(precompile_context, setup.max_live_requests))
     desc = (f"simulated mode {mode}: {where}, K={cfg.steps_per_call} tokens per host call, host work "
             f"{'overlaps device work' if cfg.overlap else 'not overlapped'}; cost model {cost.name}")

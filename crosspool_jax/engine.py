@@ -94,7 +94,8 @@ GPU_COMPILE_WORKERS = 4
 # as one call prefilled 1.17-1.18x faster than as two (OLMoE-1B-7B, Qwen3-30B-A3B); the smoke
 # replay with 4,096-token calls had TTFT P99 17.98 s against 19.53 s and TBT P99 126 against
 # 92 ms, measured while such calls still ran padded to 8,192 rows (fixed since, not re-run; the
-# simulator, calibrated on that night's default replay, predicts 14.8 s and 115 ms).
+# simulator, calibrated on that night's default replay, predicts 14.8 s and 115 ms, and 13.7 s
+# and 109 ms with the precompile grid's fix of the same night, `StepPrograms.bucket_specs`).
 GPU_MAX_PREFILL_TOKENS = 4096
 
 

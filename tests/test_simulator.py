@@ -417,7 +417,8 @@ def test_layer_fixed_what_if_divides_the_per_layer_term_only() -> None:
 def test_simulated_worker_waits_for_compiles_when_every_request_is_held(tmp_path, capsys) -> None:
     """One H200, static, the one-GPU smoke trace: at ~35 s every live request is a held prefill
     (its wider programs compiling) and steps dispatch nothing; the simulated worker then waits for
-    the compile thread (`SimulatedGroup.idle`) instead of stepping at a frozen clock forever."""
+    the compile thread (`SimulatedGroup.idle`) instead of stepping at a frozen clock forever. The
+    steps that held a prefill are counted in results.json, as the bench counts them."""
     out = tmp_path / "static.json"
     rc = cli_main(["simulate", "--preset", "gpu-2", "--devices", "1", "--modes", "static",
                    "--trace", "benchmarks/traces/gpu1_smoke_4olmoe_40s.jsonl", "--precompile", "off",
@@ -426,6 +427,7 @@ def test_simulated_worker_waits_for_compiles_when_every_request_is_held(tmp_path
     assert rc == 0, capsys.readouterr().err
     m = json.loads(out.read_text())["modes"]["static"]
     assert m["finished"] == 50 and m["lost"] == 0 and m["live_after"] == 0
+    assert m["compiles"]["held_prefill_steps"] > 0  # reported, as the bench reports it
 
 
 def test_calibration_from_a_runs_call_log(tmp_path) -> None:

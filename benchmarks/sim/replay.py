@@ -274,6 +274,7 @@ def _run_dict(groups: list[Any], rp: _Replay, t0: float, t_end: float) -> dict[s
             "serving_blocked_s": sum(g.blocked_compile_seconds for g in groups),
             "serving_blocked_compiles": sum(g.blocked_compiles for g in groups),
             "fallback_calls": sum(g.fallback_calls for g in groups),
+            "held_prefill_steps": sum(g.held_prefill_steps for g in groups),
             "compiles": [s for e, s in blocked + background if t0 < e <= t0 + t_end],
             "steps": rp.steps, "calls": sum(g.calls for g in groups),
             "device_busy_s": round(sum(g.busy_seconds for g in groups), 3),

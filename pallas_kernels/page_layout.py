@@ -303,9 +303,11 @@ def tokens_per_page(
             f"one token of {spec} needs {geom_probe.chunks_per_token} rows of {pool.row_elems}; "
             f"a page has {pool.rows_per_page}"
         )
-    align = default_token_align(platform, pool.dtype) if token_align is None else token_align
-    if token_align is None and align == 16 and platform == "gpu" and fit % 16 > fit * GPU_ALIGN_16_MAX_LOSS:
-        align = 8  # the Mosaic MLA kernels' 16 would waste too much of a small page
+    align = token_align
+    if align is None:
+        align = default_token_align(platform, pool.dtype)
+        if platform == "gpu" and fit % align > fit * GPU_ALIGN_16_MAX_LOSS:
+            align = 8  # the Mosaic MLA kernels' 16 would waste too much of a small page
     if align > 1 and fit >= align:
         fit -= fit % align
     return fit

@@ -645,21 +645,14 @@ class StepPrograms:
         of 2026-12-06, its 8K-75K prompts waiting seconds. Programs mixing lanes of several
         classes are not in it (they compile when first met)."""
         bk = self.buckets
-
-        def ladder(hi: int, floor: int) -> list[int]:
-            out = [bk.round(1, floor)]
-            while out[-1] < hi:
-                out.append(out[-1] * bk.growth)
-            return out
-
         specs = []
-        steps = [self.steps_per_call] if bk.fixed_steps else ladder(self.steps_per_call, 1)
+        steps = [self.steps_per_call] if bk.fixed_steps else bk.ladder(self.steps_per_call, 1)
         for cls, names in self.lane_keys():
             g = _pow2(len(names)) if bk.groups == "placed" or len(names) == 1 else None
-            groups = [g] if g else ladder(len(names), 1)
+            groups = [g] if g else bk.ladder(len(names), 1)
             tpp = self.geoms[names[0]].tokens_per_page
-            pages = ladder(-(-max_context // tpp), bk.pages_floor)
-            slots = ladder(max_slots, bk.slots_floor)
+            pages = bk.ladder(-(-max_context // tpp), bk.pages_floor)
+            slots = bk.ladder(max_slots, bk.slots_floor)
             for gg in groups:
                 for p in pages:
                     for b in slots:

@@ -106,6 +106,7 @@ BARRIER_BYTES = 8  # one mbarrier
 SCORE_REGISTERS = 232  # per thread of each compute warpgroup (setmaxnreg)
 MEMORY_REGISTERS = 40  # per thread of the memory warpgroup
 MIN_SPLIT_TOKENS = 512  # a split shorter than this would spend more on loading Q than on KV
+PROFILE_RANGES = 256  # named ranges a warpgroup records when profiling (`profile_dir`)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -450,9 +451,10 @@ def _memory_warpgroup(cta: _Cta, smem: _Smem) -> None:
         page_next = page_of(i + 1)  # issued now, used next step: hides its latency
         slot = lax.rem(i, stages)
 
-        @pl.when(i >= stages)
-        def _():
-            plgpu.barrier_wait(smem.kv_consumed.at[slot])
+        with jax.named_scope("mem_wait_free"):
+            @pl.when(i >= stages)
+            def _():
+                plgpu.barrier_wait(smem.kv_consumed.at[slot])
 
         row0 = page * cta.rows_per_page + lax.rem(lo + i * bt, t_pp)
         for c in range(cta.score_chunks):
@@ -510,30 +512,38 @@ def _scores_block(cta: _Cta, smem: _Smem, i, carry) -> tuple:
     t0 = cta.lo + i * bt
     nslot = lax.rem(i + 1, stages)
 
-    @pl.when(i + 1 < cta.n_blocks)
-    def _():
-        plgpu.barrier_wait(smem.kv_full.at[nslot])
-
-    def step(acc_next):
+    with jax.named_scope("wg0_wait_kv"):
         @pl.when(i + 1 < cta.n_blocks)
         def _():
-            _issue_scores(cta, smem, nslot, acc_next)  # asynchronous: overlaps the softmax
-        m_new, l_new, alpha, p16 = _online_softmax(cta, sc, t0, m_i, l_i)
+            plgpu.barrier_wait(smem.kv_full.at[nslot])
 
-        @pl.when(i >= 1)
-        def _():  # warpgroup 1 is done with the previous P and alpha
-            plgpu.barrier_wait(smem.p_free)
+    def step(acc_next):
+        with jax.named_scope("wg0_issue_s"):
+            @pl.when(i + 1 < cta.n_blocks)
+            def _():
+                _issue_scores(cta, smem, nslot, acc_next)  # asynchronous: overlaps the softmax
+        with jax.named_scope("wg0_softmax"):
+            m_new, l_new, alpha, p16 = _online_softmax(cta, sc, t0, m_i, l_i)
 
-        smem.p[...] = p16
-        smem.alpha[...] = alpha
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(smem.p_full)
-        v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks))
-        _zero_tail_rows(v_refs, cta.hi - t0, bt)
-        o_new = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
-        o_new = _pv_accumulate(o_new, None if cta.interpret else p16, smem.p, v_refs,
-                               cta.interpret)
-        return m_new, l_new, o_new, acc_next[...]
+        with jax.named_scope("wg0_wait_p_free"):
+            @pl.when(i >= 1)
+            def _():  # warpgroup 1 is done with the previous P and alpha
+                plgpu.barrier_wait(smem.p_free)
+
+        with jax.named_scope("wg0_publish"):
+            smem.p[...] = p16
+            smem.alpha[...] = alpha
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(smem.p_full)
+        with jax.named_scope("wg0_pv"):
+            v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks))
+            _zero_tail_rows(v_refs, cta.hi - t0, bt)
+            o_new = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
+            o_new = _pv_accumulate(o_new, None if cta.interpret else p16, smem.p, v_refs,
+                                   cta.interpret)
+        with jax.named_scope("wg0_read_s"):
+            s_next = acc_next[...]
+        return m_new, l_new, o_new, s_next
 
     out = pl.run_scoped(step, plgpu.ACC((HEADS_PER_CTA, bt), jnp.float32))
     plgpu.barrier_arrive(smem.kv_consumed.at[slot])
@@ -574,13 +584,15 @@ def _values_warpgroup(cta: _Cta, smem: _Smem) -> None:
 
     def body(i, o):
         slot = lax.rem(i, stages)
-        plgpu.barrier_wait(smem.kv_full.at[slot])
-        plgpu.barrier_wait(smem.p_full)
-        alpha = plgpu.layout_cast(smem.alpha[...], _ROW_LAYOUT)
-        v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks, cta.latent_chunks))
-        _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * bt), bt)
-        o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
-        o = _pv_accumulate(o, None, smem.p, v_refs, cta.interpret)
+        with jax.named_scope("wg1_wait_p"):
+            plgpu.barrier_wait(smem.kv_full.at[slot])
+            plgpu.barrier_wait(smem.p_full)
+        with jax.named_scope("wg1_pv"):
+            alpha = plgpu.layout_cast(smem.alpha[...], _ROW_LAYOUT)
+            v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks, cta.latent_chunks))
+            _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * bt), bt)
+            o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
+            o = _pv_accumulate(o, None, smem.p, v_refs, cta.interpret)
         plgpu.barrier_arrive(smem.p_free)
         plgpu.barrier_arrive(smem.kv_consumed.at[slot])
         return o
@@ -615,10 +627,10 @@ def _write_empty_partial(cta: _Cta) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("geom", "cfg", "scale", "soft_cap", "window",
-                                             "backend", "return_lse"))
+                                             "backend", "return_lse", "profile_dir"))
 def _mla_decode_mgpu(q_latent, q_rope, arena, page_table, lengths, *, geom: PageGeometry,
                      cfg: Config, scale: float, soft_cap: float | None, window: int | None,
-                     backend: str, return_lse: bool):
+                     backend: str, return_lse: bool, profile_dir: str | None = None):
     """`paged_mla_decode_attention_mgpu` after its checks: packs the query into [B, HB, chunks,
     64, R] tiles (heads padded to HB * 64, each part padded to whole R chunks), computes the
     split size (tokens per split, a multiple of block_t, from the longest attended range),
@@ -669,7 +681,9 @@ def _mla_decode_mgpu(q_latent, q_rope, arena, page_table, lengths, *, geom: Page
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-            reduction_scratch_bytes=0),  # row max / sum of WGMMA tiles: warp shuffles only
+            reduction_scratch_bytes=0,  # row max / sum of WGMMA tiles: warp shuffles only
+            profile_space=PROFILE_RANGES if profile_dir else 0, profile_dir=profile_dir or "",
+            profile_bounds_check=bool(profile_dir)),
         interpret=params,
         kernel_name="mla_decode_mgpu",
     )(lengths, split, page_table.astype(jnp.int32), q,
@@ -700,6 +714,7 @@ def paged_mla_decode_attention_mgpu(
     stages: int | None = None,
     wg0_chunks: int | None = None,
     return_lse: bool = False,
+    profile_dir: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """DeepSeek MLA decode attention in absorbed form on Hopper tensor cores (module doc).
 
@@ -710,6 +725,10 @@ def paged_mla_decode_attention_mgpu(
     cap) after scaling; window: attend only to the last ``window`` tokens.
     backend: "gpu" (Mosaic GPU) or "interpret" (Mosaic GPU's interpreter on CPU).
     num_splits / block_t / stages / wg0_chunks: tuning (`default_config`).
+    profile_dir: GPU only, for timing work: each call writes a Mosaic GPU profiler trace there
+      (Perfetto JSON: the named ranges of each warpgroup of each CTA, the first
+      `PROFILE_RANGES`; they take ``3 x 16 x PROFILE_RANGES`` bytes of shared memory, so pass
+      fewer ``stages`` than the default).
     Returns [B, H, kv_lora_rank] in q_latent's dtype; with ``return_lse`` also lse [B, H] f32.
     Raises ValueError for what the kernel does not support (`check_supported`).
     """
@@ -744,7 +763,8 @@ def paged_mla_decode_attention_mgpu(
     return _mla_decode_mgpu(q_latent, q_rope, arena, page_table, lengths, geom=geom, cfg=cfg,
                             scale=float(scale),
                             soft_cap=None if soft_cap is None else float(soft_cap),
-                            window=window, backend=backend, return_lse=return_lse)
+                            window=window, backend=backend, return_lse=return_lse,
+                            profile_dir=profile_dir)
 
 
 __all__ = ["Config", "check_supported", "default_config", "default_num_splits",

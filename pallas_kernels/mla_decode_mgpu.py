@@ -38,6 +38,17 @@ see, per block, the score wgmmas of the next block during the softmax, then both
 Each compute warpgroup releases a stage after its last wgmma on it (and warpgroup 1 releases P
 for the next block).
 
+Where the time goes (one H100, 2026-12-06 late, `benchmarks/mla_decode_probe.py --profile`, the
+named ranges below): a 32-token block takes ~3,100 cycles, mostly warpgroup 0 in series: issuing
+the 36 score wgmmas ~900 cycles (the issue stalls until most of them have run, so they barely
+overlap the softmax), the softmax ~500, publishing P ~230, its P @ V with the wait ~730;
+warpgroup 1 waits ~2,350 of its ~3,100. All KV reads hitting L2 makes it only 1.08x faster: the
+loop, not HBM, is the bound. A "seesaw" schedule (each compute warpgroup owning every other
+block's scores and softmax and half the output; ad45e85, tested in the interpreter) ran 0.79x
+this one on the same H100: a pair of blocks holds two stages until both warpgroups are done
+with it, so with 4 stages the next pair's loads start too late (its memory warpgroup waited
+~3,600 cycles a block for a free stage); it was removed.
+
 Tokens past the length in a partial last block: their rows may hold anything, NaN included.
 They are masked to -inf in S (P = 0), and since NaN * 0 = NaN, each compute warpgroup also
 zeroes those rows of its own value chunks in shared memory before its P @ V (through the
@@ -119,42 +130,32 @@ class Config:
     stages: KV blocks in shared memory at once (the memory warpgroup runs ``stages - 1`` ahead).
     num_splits: KV splits per sequence (CTAs per (sequence, head block)).
     wg0_chunks: value (latent) chunks of the output that warpgroup 0 accumulates beside the
-      scores (warpgroup 1 takes the rest); 0: `default_wg0_chunks`. "split" schedule only.
-    schedule: how the two compute warpgroups share a block (`SCHEDULES`; module doc).
+      scores (warpgroup 1 takes the rest); 0: `default_wg0_chunks`.
     """
 
     block_t: int
     stages: int
     num_splits: int
     wg0_chunks: int = 0
-    schedule: str = "split"
 
 
-SCHEDULES = ("split", "seesaw")
-DEFAULT_SCHEDULE = "split"
-
-
-def smem_plan(geom: PageGeometry, block_t: int, stages: int, itemsize: int = 2,
-              schedule: str = "split") -> int:
-    """Bytes of shared memory a CTA allocates: Q, the KV stages, P and its statistics (each
-    buffer aligned to `SMEM_ALIGN`) and the barriers. "split": one P and alpha [64] f32;
-    barriers 1 for Q, 2 per stage, 2 for P. "seesaw": two P slots and [2, 3, 64] f32 statistics
-    (alpha, m, l of each slot's block); 2 barriers more."""
+def smem_plan(geom: PageGeometry, block_t: int, stages: int, itemsize: int = 2) -> int:
+    """Bytes of shared memory a CTA allocates: Q, the KV stages, P and alpha (each buffer
+    aligned to `SMEM_ALIGN`) and the barriers (1 for Q, 2 per stage, 2 for P)."""
     r = geom.row_elems
     chunks = len(geom.score_chunk_rows)
-    slots = 2 if schedule == "seesaw" else 1
     buffers = (chunks * HEADS_PER_CTA * r * itemsize,  # Q
                stages * chunks * block_t * r * itemsize,  # KV stages
-               slots * HEADS_PER_CTA * block_t * itemsize,  # P
-               slots * (3 if schedule == "seesaw" else 1) * HEADS_PER_CTA * 4)  # alpha (m, l)
+               HEADS_PER_CTA * block_t * itemsize,  # P
+               HEADS_PER_CTA * 4)  # alpha
     aligned = sum(-(-x // SMEM_ALIGN) * SMEM_ALIGN for x in buffers)
-    return aligned + BARRIER_BYTES * (1 + 2 * slots + 2 * stages)
+    return aligned + BARRIER_BYTES * (3 + 2 * stages)
 
 
-def max_stages(geom: PageGeometry, block_t: int, itemsize: int = 2, schedule: str = "split") -> int:
+def max_stages(geom: PageGeometry, block_t: int, itemsize: int = 2) -> int:
     """The most pipeline stages (2 to 4) whose shared memory fits; 0 if not even 2 do."""
     for stages in (4, 3, 2):
-        if smem_plan(geom, block_t, stages, itemsize, schedule) <= SMEM_BYTES:
+        if smem_plan(geom, block_t, stages, itemsize) <= SMEM_BYTES:
             return stages
     return 0
 
@@ -180,35 +181,28 @@ def default_wg0_chunks(latent_chunks: int) -> int:
 
 def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: int,
                    itemsize: int = 2, block_t: int | None = None, stages: int | None = None,
-                   num_splits: int | None = None, wg0_chunks: int | None = None,
-                   schedule: str | None = None) -> Config:
+                   num_splits: int | None = None, wg0_chunks: int | None = None) -> Config:
     """The launch's `Config` for ``batch`` sequences of ``num_heads`` query heads and at most
     ``max_tokens`` attended tokens each; the arguments given override the defaults.
 
     block_t: the first of 32, 64, 16 that divides T and leaves room for at least 3 stages, else
     the first of 64, 32, 16 that divides T and leaves room for 2 (DeepSeek, R = 64: 32 with 4
     stages; 64 would fit 2 stages, module doc). stages: as many as fit, at most 4.
-    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`. schedule:
-    `DEFAULT_SCHEDULE`.
+    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`.
     """
     t = geom.tokens_per_page
-    schedule = schedule or DEFAULT_SCHEDULE
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule {schedule!r}: expected one of {SCHEDULES}")
     if block_t is None:
-        fits = [bt for bt in (32, 64, 16)
-                if t % bt == 0 and max_stages(geom, bt, itemsize, schedule) >= 3]
+        fits = [bt for bt in (32, 64, 16) if t % bt == 0 and max_stages(geom, bt, itemsize) >= 3]
         fits = fits or [bt for bt in (64, 32, 16)
-                        if t % bt == 0 and max_stages(geom, bt, itemsize, schedule) >= 2]
+                        if t % bt == 0 and max_stages(geom, bt, itemsize) >= 2]
         block_t = fits[0] if fits else 16
     if stages is None:  # 2 when nothing fits: `check_supported` then reports the bytes
-        stages = max(2, max_stages(geom, block_t, itemsize, schedule))
+        stages = max(2, max_stages(geom, block_t, itemsize))
     head_blocks = -(-num_heads // HEADS_PER_CTA)
     if num_splits is None:
         num_splits = default_num_splits(batch, head_blocks, max_tokens, block_t)
     return Config(block_t=block_t, stages=stages, num_splits=num_splits,
-                  wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks),
-                  schedule=schedule)
+                  wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks))
 
 
 def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
@@ -223,11 +217,7 @@ def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
         raise ValueError(f"arena row width R={r}: expected 64 or 128")
     if t % 16:
         raise ValueError(f"tokens per page T={t} must be a multiple of 16")
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"schedule {cfg.schedule!r}: expected one of {SCHEDULES}")
     wg0 = cfg.wg0_chunks or default_wg0_chunks(geom.head_chunks)
-    if cfg.schedule == "seesaw":
-        wg0 = geom.head_chunks // 2
     if not 1 <= wg0 < geom.head_chunks:
         raise ValueError(f"wg0_chunks={wg0}: each compute warpgroup needs at least one of the "
                          f"{geom.head_chunks} latent chunks")
@@ -240,10 +230,7 @@ def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
         # releases block i.
         raise ValueError(f"stages={cfg.stages} must be >= 2 and num_splits={cfg.num_splits} "
                          ">= 1")
-    if cfg.schedule == "seesaw" and cfg.stages < 3:
-        # A warpgroup waits for its next block (two ahead) before it releases its current one.
-        raise ValueError(f"the seesaw schedule needs 3 stages or more, got {cfg.stages}")
-    need = smem_plan(geom, cfg.block_t, cfg.stages, dt.itemsize, cfg.schedule)
+    need = smem_plan(geom, cfg.block_t, cfg.stages, dt.itemsize)
     if need > SMEM_BYTES:
         raise ValueError(f"block_t={cfg.block_t} with {cfg.stages} stages needs {need} bytes of "
                          f"shared memory; a CTA has {SMEM_BYTES}")
@@ -321,9 +308,7 @@ class _Cta:
     arena's (Q, K/V and P); scale, soft_cap, window, interpret: `_kernel`'s.
     Traced int32 scalars: b (sequence), hb (head block), item (row of o_ref / m_ref / l_ref);
     lo_all: the sequence's first attended token (0, or length - window); lo / hi: the split's
-    tokens [lo, hi), lo block-aligned; n_blocks: KV blocks of block_t tokens from lo to hi;
-    n_load: blocks the memory warpgroup loads (n_blocks; "seesaw": rounded up to pairs, the
-    last block of an odd count a fully masked copy of the last page's rows).
+    tokens [lo, hi), lo block-aligned; n_blocks: KV blocks of block_t tokens from lo to hi.
     Global refs (`_kernel`'s arguments): table_ref, q_ref, kv_ref, read by the memory warpgroup;
     o_ref, m_ref, l_ref, written by the epilogues (`_write_partial`, `_write_empty_partial`).
     """
@@ -352,7 +337,6 @@ class _Cta:
     lo: jax.Array
     hi: jax.Array
     n_blocks: jax.Array
-    n_load: jax.Array
     # global refs
     table_ref: object
     q_ref: object
@@ -373,10 +357,6 @@ class _Smem:
     arrival per chunk copy); kv_consumed[stages]: a stage released by both compute warpgroups
     (2 arrivals); p_full: P and alpha published by warpgroup 0; p_free: P and alpha released
     by warpgroup 1.
-    "seesaw" (`_seesaw_warpgroup`): p is [2, 64, block_t], slot w written by warpgroup w (its
-    blocks: those of parity w); alpha is [2, 3, 64] f32, slot w's block's rescale factor, running
-    max (base 2) and sum after it; p_full[2] / p_free[2]: slot w published by warpgroup w /
-    released by the other.
     """
 
     q: object
@@ -428,7 +408,6 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
     lo = jnp.minimum(lo_all // bt * bt + s * split_ref[0], length)  # block-aligned
     hi = jnp.minimum(lo + split_ref[0], length)
     n_blocks = (hi - lo + bt - 1) // bt
-    n_load = (n_blocks + 1) // 2 * 2 if cfg.schedule == "seesaw" else n_blocks
     cta = _Cta(block_t=bt, stages=cfg.stages, row_elems=geom.row_elems,
                tokens_per_page=geom.tokens_per_page, rows_per_page=geom.rows_per_page,
                score_chunks=len(geom.score_chunk_rows), latent_chunks=geom.head_chunks,
@@ -436,36 +415,29 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
                max_pages=table_ref.shape[1],
                num_pages=num_pages, dtype=kv_ref.dtype, scale=scale, soft_cap=soft_cap,
                window=window, interpret=interpret, b=b, hb=hb, item=item, lo_all=lo_all, lo=lo,
-               hi=hi, n_blocks=n_blocks, n_load=n_load, table_ref=table_ref, q_ref=q_ref, kv_ref=kv_ref,
+               hi=hi, n_blocks=n_blocks, table_ref=table_ref, q_ref=q_ref, kv_ref=kv_ref,
                o_ref=o_ref, m_ref=m_ref, l_ref=l_ref)
-
-    seesaw = cfg.schedule == "seesaw"
 
     def warpgroups(*refs):  # run by each of the 3 warpgroups (collective over "wg")
         smem = _Smem(*refs)
         wg = lax.axis_index("wg")
         pl.when(wg == 2)(functools.partial(_memory_warpgroup, cta, smem))
-        if seesaw:
-            for w in (0, 1):
-                pl.when(wg == w)(functools.partial(_seesaw_warpgroup, cta, smem, w))
-        else:
-            pl.when(wg == 0)(functools.partial(_scores_warpgroup, cta, smem))
-            pl.when(wg == 1)(functools.partial(_values_warpgroup, cta, smem))
+        pl.when(wg == 0)(functools.partial(_scores_warpgroup, cta, smem))
+        pl.when(wg == 1)(functools.partial(_values_warpgroup, cta, smem))
 
     n_chunks, m_rows, r, dt = cta.score_chunks, HEADS_PER_CTA, cta.row_elems, cta.dtype
     tf = _swizzled(bt, dt)  # one swizzle for both operands of every wgmma (module doc)
-    slots = (2,) if seesaw else ()
     pl.run_scoped(
         warpgroups,
         plgpu.SMEM((n_chunks, m_rows, r), dt, transforms=tf),  # q
         plgpu.SMEM((cfg.stages, n_chunks, bt, r), dt, transforms=tf),  # kv
-        plgpu.SMEM((*slots, m_rows, bt), dt, transforms=tf),  # p
-        plgpu.SMEM((2, 3, m_rows) if seesaw else (m_rows,), jnp.float32),  # alpha (stats)
+        plgpu.SMEM((m_rows, bt), dt, transforms=tf),  # p
+        plgpu.SMEM((m_rows,), jnp.float32),  # alpha
         plgpu.Barrier(num_arrivals=n_chunks),  # q_bar
         plgpu.Barrier(num_arrivals=n_chunks, num_barriers=cfg.stages),  # kv_full
         plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages),  # kv_consumed
-        plgpu.Barrier(num_arrivals=1, num_barriers=2 if seesaw else 1),  # p_full
-        plgpu.Barrier(num_arrivals=1, num_barriers=2 if seesaw else 1),  # p_free
+        plgpu.Barrier(num_arrivals=1),  # p_full
+        plgpu.Barrier(num_arrivals=1),  # p_free
         collective_axes="wg",
     )
 
@@ -478,7 +450,7 @@ def _memory_warpgroup(cta: _Cta, smem: _Smem) -> None:
     for c in range(cta.score_chunks):
         plgpu.copy_gmem_to_smem(cta.q_ref.at[cta.b, cta.hb, c], smem.q.at[c], smem.q_bar)
     bt, stages, t_pp = cta.block_t, cta.stages, cta.tokens_per_page
-    lo, n_blocks, n_load = cta.lo, cta.n_blocks, cta.n_load
+    lo, n_blocks = cta.lo, cta.n_blocks
 
     def page_of(i):
         """Page id of block i (table index and id clamped: never a fault)."""
@@ -501,10 +473,10 @@ def _memory_warpgroup(cta: _Cta, smem: _Smem) -> None:
             plgpu.copy_gmem_to_smem(src, smem.kv.at[slot, c], smem.kv_full.at[slot])
         return page_next
 
-    lax.fori_loop(0, n_load, load, page_of(0))
+    lax.fori_loop(0, n_blocks, load, page_of(0))
 
     # Observe the last releases too (every phase of a barrier is waited for in order).
-    @pl.loop(jnp.maximum(n_load - stages, 0), n_load)
+    @pl.loop(jnp.maximum(n_blocks - stages, 0), n_blocks)
     def _(i):
         plgpu.barrier_wait(smem.kv_consumed.at[lax.rem(i, stages)])
 
@@ -562,8 +534,7 @@ def _scores_block(cta: _Cta, smem: _Smem, i, carry) -> tuple:
             def _():
                 _issue_scores(cta, smem, nslot, acc_next)  # asynchronous: overlaps the softmax
         with jax.named_scope("wg0_softmax"):
-            m_new, l_new, alpha, p = _online_softmax(cta, sc, t0, m_i, l_i)
-            p16 = p.astype(cta.dtype)
+            m_new, l_new, alpha, p16 = _online_softmax(cta, sc, t0, m_i, l_i)
 
         with jax.named_scope("wg0_wait_p_free"):
             @pl.when(i >= 1)
@@ -597,7 +568,7 @@ def _online_softmax(cta: _Cta, sc: jax.Array, t0: jax.Array, m_i: jax.Array,
     sc: [64, block_t] f32 raw scores of tokens t0.. (scaled, soft-capped and masked here:
     tokens >= hi and, with a window, < lo_all get -inf); m_i / l_i: [64] f32 running max
     (base-2 units) and sum. Returns (m_new, l_new, alpha [64] f32 = 2^(m_i - m_new), the
-    rescale of O and l, P [64, block_t] f32)."""
+    rescale of O and l, P [64, block_t] in the KV dtype)."""
     x = sc * cta.scale
     if cta.soft_cap is not None:
         x = cta.soft_cap * jnp.tanh(x / cta.soft_cap)
@@ -612,7 +583,7 @@ def _online_softmax(cta: _Cta, sc: jax.Array, t0: jax.Array, m_i: jax.Array,
     alpha = jnp.exp2(m_i - m_safe)
     p = jnp.exp2(s2 - lax.broadcast_in_dim(m_safe, s2.shape, [0]))
     l_new = l_i * alpha + p.sum(axis=1)
-    return m_new, l_new, alpha, p
+    return m_new, l_new, alpha, p.astype(cta.dtype)
 
 
 def _values_warpgroup(cta: _Cta, smem: _Smem) -> None:
@@ -642,186 +613,6 @@ def _values_warpgroup(cta: _Cta, smem: _Smem) -> None:
     _write_partial(cta, lax.fori_loop(0, cta.n_blocks, body, o0), cta.wg0_chunks)
 
 
-def _seesaw_chunks(cta: _Cta, w: int) -> range:
-    """The value (latent) chunks whose output warpgroup ``w`` accumulates: half each."""
-    half = cta.latent_chunks // 2
-    return range(0, half) if w == 0 else range(half, cta.latent_chunks)
-
-
-def _seesaw_warpgroup(cta: _Cta, smem: _Smem, w: int) -> None:
-    """Compute warpgroup ``w`` of the "seesaw" schedule (module doc): the scores and softmax
-    of the blocks of parity ``w``, and its half of the output over every block."""
-    plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
-    plgpu.barrier_wait(smem.q_bar)
-    chunks = _seesaw_chunks(cta, w)
-
-    @pl.when(cta.n_blocks == 0)
-    def _():
-        zeros = tuple(_zeros_wgmma((HEADS_PER_CTA, cta.row_elems)) for _ in chunks)
-        _write_partial(cta, zeros, chunks.start)
-        if w == 0:
-            _write_empty_stats(cta)
-
-    pl.when(cta.n_blocks > 0)(functools.partial(_seesaw_pipeline, cta, smem, w))
-
-
-def _seesaw_pipeline(cta: _Cta, smem: _Smem, w: int) -> None:
-    """Warpgroup ``w`` over n_blocks >= 1 blocks, taken in pairs (2j, 2j + 1), block 2j + w its
-    own: the scores of its first block, then `_seesaw_pair` per pair (carry: m, l [64] f32 base 2
-    after the pair; O_w, [64, R] f32 per chunk of `_seesaw_chunks`; the next own block's S), then
-    the epilogue (warpgroup 0 writes m and l)."""
-    m_rows, bt = HEADS_PER_CTA, cta.block_t
-    plgpu.barrier_wait(smem.kv_full.at[w])
-
-    def first(acc_ref):
-        _issue_scores(cta, smem, w, acc_ref)
-        return acc_ref[...]
-
-    s_first = pl.run_scoped(first, plgpu.ACC((m_rows, bt), jnp.float32))
-    m0 = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32), _ROW_LAYOUT)
-    l0 = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), _ROW_LAYOUT)
-    chunks = _seesaw_chunks(cta, w)
-    o0 = tuple(_zeros_wgmma((m_rows, cta.row_elems)) for _ in chunks)
-    n_pairs = cta.n_load // 2
-    m_f, l_f, o, _ = lax.fori_loop(0, n_pairs, functools.partial(_seesaw_pair, cta, smem, w),
-                                   (m0, l0, o0, s_first))
-    plgpu.barrier_wait(smem.p_free.at[w])  # the last release of this slot: every phase observed
-    if w == 0:
-        _write_partial(cta, o, chunks.start, m_f, l_f)
-    else:
-        _write_partial(cta, o, chunks.start)
-
-
-def _read_stats(smem: _Smem, slot: int) -> tuple:
-    """(alpha, m, l) [64] f32 of the block published in P slot ``slot``."""
-    return tuple(plgpu.layout_cast(smem.alpha[slot, k], _ROW_LAYOUT) for k in range(3))
-
-
-def _seesaw_pair(cta: _Cta, smem: _Smem, w: int, j, carry) -> tuple:
-    """Pair j (blocks a = 2j, b = 2j + 1; a + w own) for warpgroup ``w``.
-
-    Own block: the online softmax (after the other warpgroup's block a for w = 1: its max and
-    sum), P and its statistics published in slot w; then the scores of the next own block are
-    issued, so the tensor cores run them during the other warpgroup's softmax; then this
-    warpgroup's output chunks take both blocks at once: O = alpha_a alpha_b O + (alpha_b P_a)
-    V_a + P_b V_b (GPU: P from registers, both wgmmas into one accumulator; interpret: P from
-    shared memory into fresh accumulators, scaled and added in registers).
-    carry: (m, l after the previous pair, O chunks, own block's S [64, block_t] f32)."""
-    m_i, l_i, o, s_own = carry
-    bt, stages = cta.block_t, cta.stages
-    a = 2 * j
-    own, other = a + w, a + 1 - w
-    chunks = _seesaw_chunks(cta, w)
-    if w == 1:  # block a comes first: its statistics are this softmax's running max and sum
-        plgpu.barrier_wait(smem.p_full.at[0])
-        alpha_a, m_i, l_i = _read_stats(smem, 0)
-    with jax.named_scope(f"wg{w}_softmax"):
-        m_new, l_new, alpha_own, p_own = _online_softmax(cta, s_own, cta.lo + own * bt, m_i, l_i)
-        p16 = p_own.astype(cta.dtype)
-
-    with jax.named_scope(f"wg{w}_publish"):
-        @pl.when(j >= 1)
-        def _():  # the other warpgroup is done with this slot's previous P
-            plgpu.barrier_wait(smem.p_free.at[w])
-
-        smem.p[w] = p16
-        smem.alpha[w, 0] = alpha_own
-        smem.alpha[w, 1] = m_new
-        smem.alpha[w, 2] = l_new
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(smem.p_full.at[w])
-
-    def issue_next(acc_next):
-        with jax.named_scope(f"wg{w}_issue_s"):
-            @pl.when(own + 2 < cta.n_load)
-            def _():
-                nslot = lax.rem(own + 2, stages)
-                plgpu.barrier_wait(smem.kv_full.at[nslot])
-                _issue_scores(cta, smem, nslot, acc_next)  # runs during the other's softmax
-
-    # Block own + 2 reuses the stage of block own + 2 - stages: released by the previous pair
-    # for warpgroup 0 (3 stages or more), but for warpgroup 1 with 3 stages it is block a, which
-    # this pair releases: there the scores are issued after the P @ V.
-    early = w == 0 or stages >= 4
-
-    def step(acc_next):
-        if early:
-            issue_next(acc_next)
-        with jax.named_scope(f"wg{w}_wait_other"):
-            if w == 0:
-                plgpu.barrier_wait(smem.p_full.at[1])
-                alpha_b, m_b, l_b = _read_stats(smem, 1)
-                scale_a, scale_b = alpha_own, alpha_b
-            else:
-                m_b, l_b = m_new, l_new
-                scale_a, scale_b = alpha_a, alpha_own
-            plgpu.barrier_wait(smem.kv_full.at[lax.rem(other, stages)])
-        with jax.named_scope(f"wg{w}_pv"):
-            slot_a, slot_b = lax.rem(a, stages), lax.rem(a + 1, stages)
-            v_a = smem.chunk_refs(slot_a, chunks)
-            v_b = smem.chunk_refs(slot_b, chunks)
-            _zero_tail_rows(v_a, cta.hi - (cta.lo + a * bt), bt)
-            _zero_tail_rows(v_b, cta.hi - (cta.lo + (a + 1) * bt), bt)
-            o_new = _seesaw_pv(cta, smem, w, o, (scale_a, scale_b), p_own, v_a, v_b)
-            plgpu.barrier_arrive(smem.kv_consumed.at[slot_a])
-            plgpu.barrier_arrive(smem.kv_consumed.at[slot_b])
-        if not early:
-            issue_next(acc_next)
-        with jax.named_scope(f"wg{w}_read_s"):
-            s_next = acc_next[...]
-        return m_b, l_b, o_new, s_next
-
-    return pl.run_scoped(step, plgpu.ACC((HEADS_PER_CTA, bt), jnp.float32))
-
-
-def _seesaw_pv(cta: _Cta, smem: _Smem, w: int, o: tuple, scales: tuple, p_own: jax.Array,
-               v_a: list, v_b: list) -> tuple:
-    """``alpha_a alpha_b O + (alpha_b P_a) V_a + P_b V_b`` for each of warpgroup w's chunks;
-    releases the other warpgroup's P slot once read. scales: (alpha_a, alpha_b) [64] f32;
-    p_own: this warpgroup's P [64, block_t] f32 (block a + w); the other's is read from its
-    slot 1 - w; v_a / v_b: [block_t, R] shared refs of the two blocks' value chunks."""
-    scale_a, scale_b = scales
-    both = scale_a * scale_b
-    o = tuple(oc * lax.broadcast_in_dim(both, oc.shape, [0]) for oc in o)
-    if cta.interpret:  # P from shared memory, fresh accumulators (module doc)
-        p_refs = (smem.p.at[0], smem.p.at[1])
-        parts = []
-        for p_ref, v_refs in ((p_refs[0], v_a), (p_refs[1], v_b)):
-            parts.append(_pv_accumulate(tuple(jnp.zeros_like(oc) for oc in o), None, p_ref,
-                                        v_refs, True))
-        plgpu.barrier_arrive(smem.p_free.at[1 - w])
-        sb = scale_b
-        return tuple(oc + pa * lax.broadcast_in_dim(sb, oc.shape, [0]) + pb
-                     for oc, pa, pb in zip(o, parts[0], parts[1], strict=True))
-    p_other = plgpu.load(smem.p.at[1 - w], layout=plgpu.Layout.WGMMA)
-    plgpu.barrier_arrive(smem.p_free.at[1 - w])
-    if w == 0:
-        p_a, p_b = p_own, p_other
-    else:
-        p_a, p_b = p_other.astype(jnp.float32), p_own
-    p_a = (p_a * lax.broadcast_in_dim(scale_b, p_a.shape, [0])).astype(cta.dtype)
-    p_b = p_b.astype(cta.dtype)
-
-    def run(*acc_refs):
-        for acc_ref, oc in zip(acc_refs, o, strict=True):
-            acc_ref[...] = oc
-        for acc_ref, v in zip(acc_refs, v_a, strict=True):
-            plgpu.wgmma(acc_ref, p_a, v)
-        for acc_ref, v in zip(acc_refs, v_b, strict=True):
-            plgpu.wgmma(acc_ref, p_b, v)
-        return tuple(acc_ref[...] for acc_ref in acc_refs)
-
-    return pl.run_scoped(run, *(plgpu.ACC(oc.shape, jnp.float32) for oc in o))
-
-
-def _write_empty_stats(cta: _Cta) -> None:
-    """m = -inf, l = 0 for a split without tokens."""
-    m_rows = HEADS_PER_CTA
-    cta.m_ref[cta.item] = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32),
-                                            _ROW_LAYOUT)
-    cta.l_ref[cta.item] = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), _ROW_LAYOUT)
-
-
 def _write_partial(cta: _Cta, o: tuple, first_chunk: int, m_base2: jax.Array | None = None,
                    l_sum: jax.Array | None = None) -> None:
     """Epilogue: a compute warpgroup's unnormalised O chunks ([64, R] f32 each) into
@@ -841,7 +632,9 @@ def _write_empty_partial(cta: _Cta) -> None:
     m_rows = HEADS_PER_CTA
     _write_partial(cta, tuple(_zeros_wgmma((m_rows, cta.row_elems))
                               for _ in range(cta.wg0_chunks)), 0)
-    _write_empty_stats(cta)
+    cta.m_ref[cta.item] = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32),
+                                            _ROW_LAYOUT)
+    cta.l_ref[cta.item] = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), _ROW_LAYOUT)
 
 
 @functools.partial(jax.jit, static_argnames=("geom", "cfg", "scale", "soft_cap", "window",
@@ -931,7 +724,6 @@ def paged_mla_decode_attention_mgpu(
     block_t: int | None = None,
     stages: int | None = None,
     wg0_chunks: int | None = None,
-    schedule: str | None = None,
     return_lse: bool = False,
     profile_dir: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -943,7 +735,7 @@ def paged_mla_decode_attention_mgpu(
     geom: an MLA `PageGeometry`; scale: softmax scale; soft_cap: logits -> cap * tanh(logits /
     cap) after scaling; window: attend only to the last ``window`` tokens.
     backend: "gpu" (Mosaic GPU) or "interpret" (Mosaic GPU's interpreter on CPU).
-    num_splits / block_t / stages / wg0_chunks / schedule: tuning (`default_config`).
+    num_splits / block_t / stages / wg0_chunks: tuning (`default_config`).
     profile_dir: GPU only, for timing work: each call writes a Mosaic GPU profiler trace there
       (Perfetto JSON: the named ranges of each warpgroup of each CTA, the first
       `PROFILE_RANGES`; they take ``3 x 16 x PROFILE_RANGES`` bytes of shared memory, so pass
@@ -974,7 +766,7 @@ def paged_mla_decode_attention_mgpu(
         max_tokens = min(max_tokens, window + geom.tokens_per_page)
     cfg = default_config(geom, b, h, max_tokens, jnp.dtype(arena.dtype).itemsize,
                          block_t=block_t, stages=stages, num_splits=num_splits,
-                         wg0_chunks=wg0_chunks, schedule=schedule)
+                         wg0_chunks=wg0_chunks)
     check_supported(geom, arena, cfg)
     if b == 0:
         out = jnp.zeros(q_latent.shape, q_latent.dtype)

@@ -90,26 +90,6 @@ def test_interpreted_matches_reference(lat, rope, r, t_pp, heads, dtype, kw):
     _run_case(1, lat, rope, r, t_pp, heads, dtype, **kw)
 
 
-@pytest.mark.parametrize("stages", [3, 4])
-def test_seesaw_interpreted_with_race_detector(race_detection, stages):
-    # Both compute warpgroups own every other block (pairs; the odd block counts of lengths 1,
-    # 33 and 131 leave a fully masked copy as the pair's second); 3 stages: warpgroup 1 issues
-    # its next scores after its P @ V, 4: before. 2 head blocks, 16-token blocks in 32-token
-    # pages.
-    _run_case(0, 128, 64, 64, 32, 128, "bfloat16", block_t=16, stages=stages, num_splits=1,
-              schedule="seesaw")
-    assert not interpret_pallas_call.get_races().races_found
-
-
-@pytest.mark.parametrize(("lat", "rope", "r", "t_pp", "heads", "dtype", "kw"), [
-    (512, 64, 64, 64, 64, "bfloat16", {}),  # DeepSeek's 9 chunks: 32-token blocks, 4 stages
-    (128, 64, 64, 16, 16, "bfloat16", {"window": 20, "soft_cap": 5.0, "num_splits": 2}),
-    (256, 64, 128, 32, 64, "float16", {"num_splits": 2}),  # R = 128, f16, an empty split
-])
-def test_seesaw_interpreted_matches_reference(lat, rope, r, t_pp, heads, dtype, kw):
-    _run_case(1, lat, rope, r, t_pp, heads, dtype, schedule="seesaw", **kw)
-
-
 def _deepseek_geometry(r: int = 64):
     width = (512 + 64) if r == 64 else (512 + 128)  # the rope key padded to whole rows
     pool = PoolLayout(page_bytes=64 * width * 2, dtype="bfloat16", row_elems=r)
@@ -125,9 +105,6 @@ def _deepseek_geometry(r: int = 64):
     (128, {}),  # 5 chunks of 128: 32-token blocks, 3 stages
     (64, {"wg0_chunks": 4}),  # half of the 8 latent chunks each (the default is 3 of 8)
     (128, {"engine": True}),  # the engine's GPU pages: 256 KiB, 192 tokens (`default_token_align`)
-    (64, {"schedule": "seesaw"}),  # 32-token blocks, 4 stages: both issue scores before P @ V
-    (64, {"schedule": "seesaw", "stages": 3, "window": 4096, "soft_cap": 30.0}),
-    (128, {"schedule": "seesaw", "engine": True}),  # 3 stages
 ])
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):
     kw = dict(kw)
@@ -161,13 +138,6 @@ def test_configuration_and_shared_memory_plan(monkeypatch):
     assert mgpu.smem_plan(geom, 64, 3) > mgpu.SMEM_BYTES
     assert mgpu.max_stages(_deepseek_geometry(128), 32) == 3
     assert mgpu.default_config(_deepseek_geometry(128), 32, 128, 8192).block_t == 32
-    # seesaw: two P slots (8 KiB) and their [2, 3, 64] f32 statistics (1.5 KiB, 2 KiB aligned),
-    # 2 barriers more; 4 stages still fit at R = 64
-    assert mgpu.smem_plan(geom, 32, 4, schedule="seesaw") == (73728 + 4 * 36864 + 8192 + 2048
-                                                             + 8 * 13)
-    assert mgpu.max_stages(geom, 32, schedule="seesaw") == 4
-    assert mgpu.default_config(geom, 32, 128, 8192, schedule="seesaw") == mgpu.Config(
-        32, 4, 2, wg0_chunks=3, schedule="seesaw")
 
 
 def test_rejects_what_it_cannot_do():
@@ -187,10 +157,6 @@ def test_rejects_what_it_cannot_do():
         call(block_t=32)  # does not divide T = 16
     with pytest.raises(ValueError, match="stages"):
         call(stages=1)
-    with pytest.raises(ValueError, match="3 stages"):
-        call(stages=2, schedule="seesaw")  # its warpgroups wait two blocks ahead
-    with pytest.raises(ValueError, match="schedule"):
-        call(schedule="pingpong")
     with pytest.raises(ValueError, match="backend"):
         call(backend="cuda")
     with pytest.raises(ValueError, match="do not fit"):

@@ -11,7 +11,7 @@ and on variants of it that each remove one suspect:
   their KV once each: with 128 heads two CTAs read the same latents, through L2 when in step;
 - ``r128``: the engine's wide-row layout (128-element arena rows: 4 latent chunks + 1 rope
   chunk padded to 128, 3 stages);
-- tuning rows (`Config` overrides).
+- tuning rows (`Config` overrides), among them the "handoff" schedule's.
 
 Correctness first: every variant's output against the XLA gather path (relative error). Floors
 from the same run: the tensor-core floor (model FLOPs / the measured bf16 matmul peak) and the
@@ -57,7 +57,10 @@ def variants(smoke: bool) -> list[tuple[str, dict]]:
             ("r128", dict(row_elems=128)), ("r128 l2", dict(row_elems=128, l2=True)),
             ("wg0 2", dict(wg0_chunks=2)), ("wg0 4", dict(wg0_chunks=4)),
             ("s3", dict(num_splits=3)), ("s4", dict(num_splits=4)),
-            ("bt64 st2", dict(block_t=64, stages=2)), ("st3", dict(stages=3))]
+            ("bt64 st2", dict(block_t=64, stages=2)), ("st3", dict(stages=3)),
+            ("handoff", dict(schedule="handoff")), ("handoff wg0 4", dict(schedule="handoff", wg0_chunks=4)),
+            ("handoff wg0 5", dict(schedule="handoff", wg0_chunks=5)),
+            ("handoff r128", dict(schedule="handoff", row_elems=128))]
     if smoke:
         rows = [*rows[:3], ("r128", dict(row_elems=128))]
     return [(name, {**base, **kw}) for name, kw in rows]

@@ -635,26 +635,32 @@ def _values_warpgroup(cta: _Cta, smem: _Smem) -> None:
     [wg0_chunks, latent_chunks) (P and alpha from warpgroup 0), releasing P and the stage;
     then the epilogue of O_1."""
     plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
-    bt, stages = cta.block_t, cta.stages
 
     def body(i, o):
-        slot = lax.rem(i, stages)
-        with jax.named_scope("wg1_wait_p"):
-            plgpu.barrier_wait(smem.kv_full.at[slot])
-            plgpu.barrier_wait(smem.p_full)
-        with jax.named_scope("wg1_pv"):
-            alpha = plgpu.layout_cast(smem.alpha[...], _ROW_LAYOUT)
-            v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks, cta.latent_chunks))
-            _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * bt), bt)
-            o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
-            o = _pv_accumulate(o, None, smem.p, v_refs, cta.interpret)
-        plgpu.barrier_arrive(smem.p_free)
-        plgpu.barrier_arrive(smem.kv_consumed.at[slot])
-        return o
+        with jax.named_scope("wg1_wait_kv"):
+            plgpu.barrier_wait(smem.kv_full.at[lax.rem(i, cta.stages)])
+        return _values_block(cta, smem, i, o)
 
     o0 = tuple(_zeros_wgmma((HEADS_PER_CTA, cta.row_elems))
                for _ in range(cta.latent_chunks - cta.wg0_chunks))
     _write_partial(cta, lax.fori_loop(0, cta.n_blocks, body, o0), cta.wg0_chunks)
+
+
+def _values_block(cta: _Cta, smem: _Smem, i, o: tuple) -> tuple:
+    """Warpgroup 1's block i once it landed: waits for P and alpha, ``O_1 = alpha * O_1 + P @
+    V_c`` over the value chunks [wg0_chunks, latent_chunks), then releases P and the stage."""
+    slot = lax.rem(i, cta.stages)
+    with jax.named_scope("wg1_wait_p"):
+        plgpu.barrier_wait(smem.p_full)
+    with jax.named_scope("wg1_pv"):
+        alpha = plgpu.layout_cast(smem.alpha[...], _ROW_LAYOUT)
+        v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks, cta.latent_chunks))
+        _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * cta.block_t), cta.block_t)
+        o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
+        o = _pv_accumulate(o, None, smem.p, v_refs, cta.interpret)
+    plgpu.barrier_arrive(smem.p_free)
+    plgpu.barrier_arrive(smem.kv_consumed.at[slot])
+    return o
 
 
 def _handoff_scores_warpgroup(cta: _Cta, smem: _Smem) -> None:
@@ -692,18 +698,7 @@ def _handoff_scores_warpgroup(cta: _Cta, smem: _Smem) -> None:
         def _():
             scores(i + 1)
 
-        slot = lax.rem(i, stages)
-        with jax.named_scope("wg1_wait_p"):
-            plgpu.barrier_wait(smem.p_full)
-        with jax.named_scope("wg1_pv"):
-            alpha = plgpu.layout_cast(smem.alpha[...], _ROW_LAYOUT)
-            v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks, cta.latent_chunks))
-            _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * bt), bt)
-            o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
-            o = _pv_accumulate(o, None, smem.p, v_refs, cta.interpret)
-        plgpu.barrier_arrive(smem.p_free)
-        plgpu.barrier_arrive(smem.kv_consumed.at[slot])
-        return o
+        return _values_block(cta, smem, i, o)  # block i landed: its scores waited for it
 
     o0 = tuple(_zeros_wgmma((HEADS_PER_CTA, cta.row_elems))
                for _ in range(cta.latent_chunks - cta.wg0_chunks))

@@ -95,7 +95,9 @@ Status: tested in Mosaic GPU's interpreter and cross-lowered on CPU
 (tests/kernels/test_mla_decode_mgpu.py); on one H100 (2026-12-05, ``benchmarks/kernels.py
 --with-mgpu``, docs/benchmarks.md) correct and 1.81x the Triton kernel on DeepSeek-V3's 32 x 8K
 ragged batch, 33% of its tensor-core floor; with ``wg0_chunks`` 3 of 8, 215.8-228.5 us, 37-39%
-(two H100s, 2026-12-06), 219.2 us on a third. The engine's GPU page layout (256-KiB pages of
+(two H100s, 2026-12-06), 219.2 us on a third, 217.8 us on a fourth; on one H200 (2026-12-06
+late, `benchmarks/mla_decode_probe.py`) 226.7 us, 38.2% of that card's floor. The engine's GPU
+page layout (256-KiB pages of
 128-element rows) holds 192 MLA tokens a page since 2026-12-06 (night) (200 before, which this
 kernel refused, so `pallas_kernels.dispatch` ran the Triton one); cross-lowered at that layout on
 CPU. Inside the engine on one H100 (2026-12-06 night, DeepSeek-V2-Lite: 16 heads, padded to 64)

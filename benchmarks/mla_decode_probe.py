@@ -23,8 +23,9 @@ HBM floor (KV bytes once / the measured copy bandwidth). The table prints last.
 ``--profile DIR`` (GPU) instead records one call's Mosaic GPU profiler trace into DIR: the named
 ranges of each warpgroup (`pallas_kernels.mla_decode_mgpu`'s ``jax.named_scope`` regions) of
 the default launch at 32 x 2K tokens with 2 splits and 3 stages (32 blocks a CTA: the ranges must
-fit the profiler's shared-memory buffer); ``--analyze TRACE.json`` (anywhere) prints, per range,
-its mean length in ns and its share of the warpgroup's loop, and the mean period of a block.
+fit the profiler's shared-memory buffer; ``--schedule`` picks the kernel's schedule);
+``--analyze TRACE.json`` (anywhere) prints, per range, its count and mean length in cycles, and
+the mean period of a block.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def run_variant(name: str, s: dict, lens: list[int], backend: str, smoke: bool) 
             "flops": 2 * heads * sum(lens) * (576 + 512), "kv_bytes": sum(lens) * 576 * 2}
 
 
-def profile(out_dir: str) -> None:
-    """Records the profiler trace of one call of the default launch (module doc) into out_dir."""
+def profile(out_dir: str, schedule: str | None = None) -> None:
+    """Records the profiler trace of one call of the default launch (module doc) into out_dir,
+    with the kernel's ``schedule`` (None: its default)."""
     os.makedirs(out_dir, exist_ok=True)
     pool = PoolLayout(page_bytes=64 * 576 * 2, dtype="bfloat16", row_elems=64)
     geom = page_geometry(KVSpec.mla(512, 64), pool)
@@ -106,7 +108,7 @@ def profile(out_dir: str) -> None:
     ql = jax.random.normal(jax.random.key(5), (len(lens), 128, 512), jnp.bfloat16)
     qr = jax.random.normal(jax.random.key(6), (len(lens), 128, 64), jnp.bfloat16)
     args = (ql, qr, arena, jnp.asarray(table), jnp.asarray(lens, jnp.int32))
-    kw = dict(geom=geom, scale=192**-0.5, num_splits=2, stages=3)
+    kw = dict(geom=geom, scale=192**-0.5, num_splits=2, stages=3, schedule=schedule)
     plain = jax.jit(functools.partial(paged_mla_decode_attention_mgpu, **kw))
     t = bench(plain, *args)
     print(f"profile case without the profiler: {t * 1e6:.1f} us", flush=True)
@@ -119,8 +121,9 @@ def profile(out_dir: str) -> None:
 
 def analyze(path: str) -> None:
     """Per range name: count and mean length; the mean period of a block (from one
-    ``wg0_issue_s`` to the next). The profiler stamps ranges with the SM's cycle counter
-    (``%clock``) and writes ``ts`` in thousands of them, so lengths print in cycles."""
+    ``wg0_issue_s``, or "handoff"'s ``wg0_wait_s``, to the next). The profiler stamps ranges
+    with the SM's cycle counter (``%clock``) and writes ``ts`` in thousands of them, so lengths
+    print in cycles."""
     with open(path) as fh:
         events = json.load(fh)["traceEvents"]
     open_at: dict[tuple, float] = {}
@@ -131,7 +134,7 @@ def analyze(path: str) -> None:
         key = (e["pid"], e["tid"], e["name"])
         if e["ph"] == "B":
             open_at[key] = e["ts"]
-            if e["name"] == "wg0_issue_s":
+            if e["name"] in ("wg0_issue_s", "wg0_wait_s"):  # split / handoff
                 starts[e["tid"]].append(e["ts"])
         elif key in open_at:
             total[e["name"]] += e["ts"] - open_at.pop(key)
@@ -141,7 +144,7 @@ def analyze(path: str) -> None:
         print(f"{name:<18} {count[name]:>7} {total[name] / count[name] * 1e3:>12.1f}")
     periods = [b - a for s in starts.values() for a, b in itertools.pairwise(s)]
     if periods:
-        print(f"block period (wg0_issue_s to the next): mean {np.mean(periods) * 1e3:.1f}, "
+        print(f"block period (warpgroup 0's first range to the next): mean {np.mean(periods) * 1e3:.1f}, "
               f"median {np.median(periods) * 1e3:.1f} cycles over {len(periods)}")
 
 
@@ -152,12 +155,13 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", default=None, metavar="DIR", help="record a profiler trace")
     ap.add_argument("--analyze", default=None, metavar="TRACE", help="summarise a trace")
+    ap.add_argument("--schedule", default=None, help="--profile: the kernel's schedule")
     args = ap.parse_args()
     if args.analyze:
         analyze(args.analyze)
         return
     if args.profile:
-        profile(args.profile)
+        profile(args.profile, args.schedule)
         return
     smoke = args.smoke
     backend = "interpret" if smoke else "gpu"

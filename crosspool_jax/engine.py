@@ -93,9 +93,10 @@ GPU_COMPILE_WORKERS = 4
 # (night); 2,048 before. One H100 (docs/benchmarks.md "One H100, 2026-12-06 (night)"): a 4K prompt
 # as one call prefilled 1.17-1.18x faster than as two (OLMoE-1B-7B, Qwen3-30B-A3B); the smoke
 # replay with 4,096-token calls had TTFT P99 17.98 s against 19.53 s and TBT P99 126 against
-# 92 ms, measured while such calls still ran padded to 8,192 rows (fixed since, not re-run; the
-# simulator, calibrated on that night's default replay, predicts 14.8 s and 115 ms, and 13.7 s
-# and 109 ms with the precompile grid's fix of the same night, `StepPrograms.bucket_specs`).
+# 92 ms, measured while such calls still ran padded to 8,192 rows (fixed since). With that fix
+# and the precompile grid's (`StepPrograms.bucket_specs`), one H200 (2026-12-06 late,
+# docs/benchmarks.md "One H200, then H100s, 2026-12-06 (late)"): TTFT P99 9.35 s, TBT P99
+# 106 ms, 2.04x its own decode call per gap.
 GPU_MAX_PREFILL_TOKENS = 4096
 
 

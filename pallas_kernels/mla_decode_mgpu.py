@@ -548,11 +548,8 @@ def _scores_pipeline(cta: _Cta, smem: _Smem) -> None:
         return acc_ref[...]
 
     s_first = pl.run_scoped(first, plgpu.ACC((m_rows, bt), jnp.float32))
-    m0 = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32), _ROW_LAYOUT)
-    l0 = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), _ROW_LAYOUT)
-    o0 = tuple(_zeros_wgmma((m_rows, cta.row_elems)) for _ in range(cta.wg0_chunks))
     m_f, l_f, o, _ = lax.fori_loop(0, cta.n_blocks, functools.partial(_scores_block, cta, smem),
-                                   (m0, l0, o0, s_first))
+                                   (*_wg0_start(cta), s_first))
     plgpu.barrier_wait(smem.p_free)  # the last release of P: every phase is observed
     _write_partial(cta, o, 0, m_f, l_f)
 
@@ -581,23 +578,7 @@ def _scores_block(cta: _Cta, smem: _Smem, i, carry) -> tuple:
                 _issue_scores(cta, smem, nslot, acc_next)  # asynchronous: overlaps the softmax
         with jax.named_scope("wg0_softmax"):
             m_new, l_new, alpha, p16 = _online_softmax(cta, sc, t0, m_i, l_i)
-
-        with jax.named_scope("wg0_wait_p_free"):
-            @pl.when(i >= 1)
-            def _():  # warpgroup 1 is done with the previous P and alpha
-                plgpu.barrier_wait(smem.p_free)
-
-        with jax.named_scope("wg0_publish"):
-            smem.p[...] = p16
-            smem.alpha[...] = alpha
-            plgpu.commit_smem()
-            plgpu.barrier_arrive(smem.p_full)
-        with jax.named_scope("wg0_pv"):
-            v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks))
-            _zero_tail_rows(v_refs, cta.hi - t0, bt)
-            o_new = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
-            o_new = _pv_accumulate(o_new, None if cta.interpret else p16, smem.p, v_refs,
-                                   cta.interpret)
+        o_new = _publish_and_pv0(cta, smem, i, alpha, p16, o)
         with jax.named_scope("wg0_read_s"):
             s_next = acc_next[...]
         return m_new, l_new, o_new, s_next
@@ -605,6 +586,37 @@ def _scores_block(cta: _Cta, smem: _Smem, i, carry) -> tuple:
     out = pl.run_scoped(step, plgpu.ACC((HEADS_PER_CTA, bt), jnp.float32))
     plgpu.barrier_arrive(smem.kv_consumed.at[slot])
     return out
+
+
+def _wg0_start(cta: _Cta) -> tuple:
+    """Warpgroup 0's carry before the first block: m = -inf, l = 0 ([64] f32) and O_0 = 0
+    (wg0_chunks x [64, R] f32)."""
+    m_rows = HEADS_PER_CTA
+    m0 = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32), _ROW_LAYOUT)
+    l0 = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), _ROW_LAYOUT)
+    return m0, l0, tuple(_zeros_wgmma((m_rows, cta.row_elems)) for _ in range(cta.wg0_chunks))
+
+
+def _publish_and_pv0(cta: _Cta, smem: _Smem, i, alpha: jax.Array, p16: jax.Array,
+                     o: tuple) -> tuple:
+    """Warpgroup 0 after block i's softmax (both schedules): publishes P ([64, block_t], KV
+    dtype) and alpha ([64] f32) for warpgroup 1 once it released the previous ones, then returns
+    ``alpha * O_0 + P @ V_c`` over the first wg0_chunks value chunks of the block's stage."""
+    with jax.named_scope("wg0_wait_p_free"):
+        @pl.when(i >= 1)
+        def _():  # warpgroup 1 is done with the previous P and alpha
+            plgpu.barrier_wait(smem.p_free)
+
+    with jax.named_scope("wg0_publish"):
+        smem.p[...] = p16
+        smem.alpha[...] = alpha
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(smem.p_full)
+    with jax.named_scope("wg0_pv"):
+        v_refs = smem.chunk_refs(lax.rem(i, cta.stages), range(cta.wg0_chunks))
+        _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * cta.block_t), cta.block_t)
+        o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
+        return _pv_accumulate(o, None if cta.interpret else p16, smem.p, v_refs, cta.interpret)
 
 
 def _online_softmax(cta: _Cta, sc: jax.Array, t0: jax.Array, m_i: jax.Array,
@@ -723,7 +735,7 @@ def _handoff_softmax_warpgroup(cta: _Cta, smem: _Smem) -> None:
 
     @pl.when(cta.n_blocks > 0)
     def _():
-        bt, stages, m_rows = cta.block_t, cta.stages, HEADS_PER_CTA
+        bt, stages = cta.block_t, cta.stages
 
         def body(i, carry):
             m_i, l_i, o = carry
@@ -734,29 +746,13 @@ def _handoff_softmax_warpgroup(cta: _Cta, smem: _Smem) -> None:
                 plgpu.barrier_arrive(smem.s_free.at[s_slot])
             with jax.named_scope("wg0_softmax"):
                 m_new, l_new, alpha, p16 = _online_softmax(cta, sc, cta.lo + i * bt, m_i, l_i)
-            with jax.named_scope("wg0_publish"):
-                @pl.when(i >= 1)
-                def _():  # warpgroup 1 is done with the previous P and alpha
-                    plgpu.barrier_wait(smem.p_free)
-
-                smem.p[...] = p16
-                smem.alpha[...] = alpha
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(smem.p_full)
-            with jax.named_scope("wg0_pv"):
+            with jax.named_scope("wg0_wait_kv"):  # its value chunks landed (warpgroup 1 waited)
                 plgpu.barrier_wait(smem.kv_full.at[slot])
-                v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks))
-                _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * bt), bt)
-                o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
-                o = _pv_accumulate(o, None if cta.interpret else p16, smem.p, v_refs,
-                                   cta.interpret)
+            o = _publish_and_pv0(cta, smem, i, alpha, p16, o)
             plgpu.barrier_arrive(smem.kv_consumed.at[slot])
             return m_new, l_new, o
 
-        m0 = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32), _ROW_LAYOUT)
-        l0 = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), _ROW_LAYOUT)
-        o0 = tuple(_zeros_wgmma((m_rows, cta.row_elems)) for _ in range(cta.wg0_chunks))
-        m_f, l_f, o = lax.fori_loop(0, cta.n_blocks, body, (m0, l0, o0))
+        m_f, l_f, o = lax.fori_loop(0, cta.n_blocks, body, _wg0_start(cta))
         plgpu.barrier_wait(smem.p_free)  # the last release of P: every phase is observed
         _write_partial(cta, o, 0, m_f, l_f)
 

@@ -70,7 +70,7 @@ from crosspool_jax.memory.arena import ArenaStore, ModelClass, TensorSlot, shard
 from crosspool_jax.memory.topology import POOL_AXIS, Role
 from crosspool_jax.models.config import AttentionKind, FFNKind, ModelConfig, QKNorm
 from crosspool_jax.models.layers import apply_rope, rms_norm, rope_cos_sin
-from crosspool_jax.models.moe import route_logits
+from crosspool_jax.models.moe import group_counts, route_logits
 from pallas_kernels import dispatch, kv_append, mla_kv_append, paged_decode_attention
 from pallas_kernels.arena_matmul import arena_grouped_matmul
 from pallas_kernels.page_layout import KVSpec, PageGeometry, PoolLayout, page_geometry
@@ -460,7 +460,7 @@ class Lane:
         n_groups = g * e_loc  # (model, local expert) groups, model-major
         key = jnp.where(is_local, f_grp[:, None] * e_loc + local, n_groups).reshape(-1)
         order = jnp.argsort(key, stable=True)
-        sizes = jnp.bincount(key, length=n_groups + 1)[:n_groups].astype(jnp.int32)
+        sizes = group_counts(key, n_groups)
         # permute -> grouped matmul -> unpermute with the permutations fused into the matmuls:
         # the gate/up product reads each row's token through `x_rows` and applies SwiGLU; the down
         # product scales each row by its routing weight and stores it token-major (`out_rows`),
@@ -497,7 +497,7 @@ class Lane:
             return fn(jnp.where(ok[:, None], x, 0), jnp.where(is_w, x.shape[0], 0).astype(jnp.int32)[None])
         key = jnp.where(ok, grp, g)
         order = jnp.argsort(key, stable=True)
-        sizes = jnp.bincount(key, length=g + 1)[:g]
+        sizes = group_counts(key, g)
         sizes = jnp.where(is_w, sizes, 0).astype(jnp.int32)
         ys = fn(x[order], sizes)
         return jnp.zeros_like(ys).at[order].set(ys)

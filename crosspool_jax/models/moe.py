@@ -71,7 +71,7 @@ def routed_experts(
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token_of = order // k
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    group_sizes = group_counts(flat, num_experts)
     xs = x[token_of].astype(w_gate_up.dtype)
     h = jax.lax.ragged_dot(xs, w_gate_up, group_sizes, preferred_element_type=jnp.float32)
     a = (jax.nn.silu(h[:, :inter]) * h[:, inter:]).astype(w_down.dtype)
@@ -80,6 +80,14 @@ def routed_experts(
     # engine's fused down product stores and sums)
     o = (o * weights.reshape(-1)[order][:, None]).astype(x.dtype).astype(jnp.float32)
     return unpermute_sum(o, order, k).astype(x.dtype)
+
+
+def group_counts(keys: jax.Array, n: int) -> jax.Array:
+    """[n] int32: how many of keys [M] (int) equal each of 0..n-1 (others are not counted).
+
+    A compare-and-sum (one reduction over [M, n]) instead of `jnp.bincount`: XLA's GPU bincount
+    is a scatter-add whose M atomic adds all land on n counters."""
+    return (keys[:, None] == jnp.arange(n, dtype=keys.dtype)[None]).sum(0, dtype=jnp.int32)
 
 
 def unpermute_sum(rows: jax.Array, order: jax.Array, k: int) -> jax.Array:

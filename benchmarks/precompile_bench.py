@@ -1,7 +1,8 @@
 """How long `PooledEngine.precompile` takes on this machine: OLMoE-1B-7B-shaped models (or --model's
 shapes; random weights), one mode, the one-lane shape grid up to --max-context tokens and
---max-slots requests per KV device, compiled with --threads at once. Prints one line per program,
-the total, and the compile phases' seconds (trace, lower, XLA compile) summed over threads.
+--max-slots requests per KV device, compiled with --threads at once. Prints one line per program
+with the compile phases' seconds so far (trace, lower, XLA compile; summed over this process's
+threads, so a run stopped by a time limit still shows them), then the total.
 
     PYTHONPATH=. python -m benchmarks.precompile_bench [--mode shared] [--models 3] [--threads 8]
         [--compile-process] [--xla-option xla_gpu_autotune_level=0 ...]
@@ -101,7 +102,7 @@ def main() -> None:
     phases = PhaseSeconds()
     t0 = time.perf_counter()
     count = engine.precompile(args.max_context, args.max_slots, threads=args.threads,
-                              log=lambda m: print(m, flush=True))
+                              log=lambda m: print(f"{m} [so far: {phases.summary()}]", flush=True))
     wall = time.perf_counter() - t0
     how = "worker processes" if args.compile_process else "threads"
     print(f"precompiled {count} programs in {wall:.1f} s with {args.threads} {how}, options {options} "

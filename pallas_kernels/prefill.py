@@ -166,6 +166,28 @@ def query_blocks(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int, bloc
     return jnp.where(live, b, -1), pos0, nq, tok_idx
 
 
+def token_block_rows(cu_q_lens: jax.Array, num_tokens: int, block_q: int,
+                     skip_one_row: bool = False) -> jax.Array:
+    """The inverse of `query_blocks`' tok_idx: [num_tokens] int32, each query row's place in the
+    flat block order ``[NB * block_q]`` (block ``i`` slot ``j`` is ``i * block_q + j``), or
+    ``NB * block_q`` (out of range) for rows in no block (before the first sequence or past the
+    last; with skip_one_row, those of one-query sequences). Reading a kernel's blocked output through it
+    (`jnp.take` with ``mode="fill"``) puts rows back in token order as a gather, in the output's
+    own dtype, instead of a scatter into a zeroed f32 array."""
+    nseq = cu_q_lens.shape[0] - 1
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    nblk = (q_lens + block_q - 1) // block_q
+    if skip_one_row:
+        nblk = jnp.where(q_lens == 1, 0, nblk)
+    first_blk = jnp.cumsum(nblk) - nblk
+    none = (-(-num_tokens // block_q) + nseq) * block_q
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    s = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right", method="compare_all") - 1, 0, nseq - 1)
+    p = t - cu_q_lens[s]
+    ok = (t >= cu_q_lens[0]) & (t < cu_q_lens[-1]) & (p < nblk[s] * block_q)
+    return jnp.where(ok, (first_blk[s] + p // block_q) * block_q + p % block_q, none).astype(jnp.int32)
+
+
 def _run_prefill(qp, arena, page_table, kv_lens, cu_q_lens, geom, *, group_block, block_q,
                  return_lse=False, skip_one_row=False, **kw):
     """qp: [T, KVH, Gp, q_width] -> [T, KVH, Gp, out_width] f32 (rows outside sequences: 0).
@@ -187,14 +209,13 @@ def _run_prefill(qp, arena, page_table, kv_lens, cu_q_lens, geom, *, group_block
     wv = out.shape[-1]
     out = out.reshape(nb, kvh, num_gb, block_q, group_block, wv).transpose(0, 3, 1, 2, 4, 5)
     out = out.reshape(nb * block_q, kvh, gp, wv)
-    res = jnp.zeros((t, kvh, gp, wv), jnp.float32)
-    res = res.at[tok_idx.reshape(-1)].set(out, mode="drop")
+    rows = token_block_rows(cu_q_lens, t, block_q, skip_one_row)
+    res = jnp.take(out.astype(jnp.float32), rows, axis=0, mode="fill", fill_value=0)
     if not return_lse:
         return res
     lse = lse.reshape(nb, kvh, num_gb, block_q, group_block).transpose(0, 3, 1, 2, 4)
     lse = lse.reshape(nb * block_q, kvh, gp)
-    lse_res = jnp.full((t, kvh, gp), -jnp.inf, jnp.float32)
-    return res, lse_res.at[tok_idx.reshape(-1)].set(lse, mode="drop")
+    return res, jnp.take(lse, rows, axis=0, mode="fill", fill_value=-jnp.inf)
 
 
 # GQA / MHA chunked prefill on GPU, unless the caller sets them: 128 query rows per program (block_q

@@ -84,7 +84,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import attention_core
 from pallas_kernels._common import next_pow2, pack_query_chunks, split_softmax_combine
 from pallas_kernels.page_layout import PageGeometry
-from pallas_kernels.prefill import check_gqa_prefill_args, query_blocks
+from pallas_kernels.prefill import check_gqa_prefill_args, query_blocks, token_block_rows
 
 COMPUTE_WGS = 2  # compute warpgroups per CTA; + 1 memory warpgroup
 ROWS_PER_WG = 64  # query rows of one compute warpgroup (one wgmma M tile)
@@ -656,19 +656,20 @@ def _prefill_mgpu(q, arena, page_table, kv_lens, cu_q_lens, *, geom, scale, soft
     o = o.transpose(0, 1, 2, 3, 5, 4, 6).reshape(nb, kvh, num_splits, BLOCK_ROWS, w)
     lse = lse.reshape(nb, kvh, num_splits, BLOCK_ROWS)
     if num_splits == 1:
-        o, lse = o[:, :, 0].astype(jnp.float32), lse[:, :, 0]
+        o, lse = o[:, :, 0], lse[:, :, 0]
     else:
         o, lse = split_softmax_combine(o.astype(jnp.float32), lse,
                                        jnp.isfinite(lse).astype(jnp.float32), axis=2,
                                        return_lse=True)
     o = o.reshape(nb, kvh, bq, gp, w).transpose(0, 2, 1, 3, 4).reshape(nb * bq, kvh, gp, w)
-    idx = tok_idx.reshape(-1)
-    out = jnp.zeros((t, kvh, gp, w), jnp.float32).at[idx].set(o, mode="drop")
+    # back to token order as a gather in o's dtype (bf16 unless splits were combined in f32)
+    rows = token_block_rows(cu_q_lens, t, bq)
+    out = jnp.take(o, rows, axis=0, mode="fill", fill_value=0)
     out = out[:, :, :g, :d].reshape(t, hq, d).astype(q.dtype)
     if not return_lse:
         return out
     lse = lse.reshape(nb, kvh, bq, gp).transpose(0, 2, 1, 3).reshape(nb * bq, kvh, gp)
-    lse_out = jnp.full((t, kvh, gp), -jnp.inf, jnp.float32).at[idx].set(lse, mode="drop")
+    lse_out = jnp.take(lse, rows, axis=0, mode="fill", fill_value=-jnp.inf)
     return out, lse_out[:, :, :g].reshape(t, hq)
 
 

@@ -233,3 +233,24 @@ def test_one_row_sequences_in_the_decode_kernel(dtype):
         plain = paged_prefill_attention(q, case.arena, case.table, case.lens, cu, case.geom,
                                         backend="interpret", block_q=4, **kw)
         assert rel_err(out, plain) < tol(dtype), kw  # the same result as one launch
+
+
+@pytest.mark.parametrize("skip_one_row", [False, True])
+def test_token_block_rows_inverts_query_blocks(skip_one_row):
+    """Every query row read back through token_block_rows lands where query_blocks put it;
+    rows in no block (before the first sequence, past the last, skipped one-row sequences) read the
+    out-of-range index. Lengths: empty, one row, block_q +- 1, several blocks."""
+    block_q, t, lead = 4, 42, 2
+    q_lens = [0, 1, 3, 4, 5, 9, 1, 0, 8]  # 2 rows before, 31 rows, then 9 of padding
+    cu = jnp.asarray(lead + np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    kv = jnp.asarray([n + 7 for n in q_lens], jnp.int32)
+    _, _, _, tok_idx = prefill_mod.query_blocks(cu, kv, t, block_q, skip_one_row)
+    rows = np.asarray(prefill_mod.token_block_rows(cu, t, block_q, skip_one_row))
+    flat = np.asarray(tok_idx).reshape(-1)
+    none = flat.shape[0]
+    expect = np.full(t, none)
+    placed = flat < t
+    expect[flat[placed]] = np.nonzero(placed)[0]
+    np.testing.assert_array_equal(rows, expect)
+    skipped = {int(cu[i]) for i, n in enumerate(q_lens) if n == 1} if skip_one_row else set()
+    assert {i for i in range(t) if rows[i] == none} == skipped | {0, 1} | set(range(33, t))

@@ -404,3 +404,24 @@ def test_interpret_kernels_reproduce_reference(demo) -> None:
     reqs = [r for r in demo_requests(demo.refs) if r.rid in ("mx-a", "ds-a")]
     log = drive(runner, reqs)
     assert_matches_reference(demo.refs, reqs, log)
+
+
+def test_qkv_epilogue_kernel_in_prefill_reproduces_reference(demo, monkeypatch) -> None:
+    """The prefill programs' q/k/v epilogue as the Triton kernel (interpret mode; on GPU it runs
+    in every GQA prefill program with a HALF rotary): per-head norms (Qwen3-MoE) and no norm
+    (Mixtral) give the reference's greedy tokens."""
+    from crosspool_jax.execution import pooled_step
+
+    calls = []
+
+    def interpret_in_prefill(decode, matmul_backend, head_dim):
+        calls.append(decode)
+        return "reference" if decode else "interpret"
+
+    monkeypatch.setattr(pooled_step, "qkv_kernel_backend", interpret_in_prefill)
+    models = {n: demo.models[n] for n in (MIX, QWEN)}
+    runner = build_runner(models, kv_pages=8, prefill_chunk=16)
+    reqs = [r for r in demo_requests(demo.refs) if r.rid in ("mx-a", "qw-a", "qw-s")]
+    log = drive(runner, reqs)
+    assert_matches_reference(demo.refs, reqs, log)
+    assert False in calls and True in calls  # traced in prefill and decode programs

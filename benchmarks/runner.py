@@ -1554,7 +1554,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-live-requests", type=int, default=None, metavar="N")
     g.add_argument("--steps-per-call", type=int, default=None, metavar="K")
     g.add_argument("--prefill-share", type=float, default=None, metavar="F",
-                   help="the engine's prefill_share (default: the engine's, 1.0)")
+                   help="the engine's prefill_share (default: the engine's, 0.8)")
     g.add_argument("--max-prefill-tokens", type=int, default=None, metavar="T",
                    help="the engine's max_prefill_tokens: most prompt tokens a step prefills "
                         "(default: the preset's; the engine's GPU default on the GPU presets)")

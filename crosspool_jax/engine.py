@@ -116,7 +116,7 @@ class EngineConfig:
       step run in one program call (each MoE prefill call reads every expert). prefill_share:
       while requests decode, a step prefills the prompt tokens whose predicted seconds fit this
       share of a measured decode call, at least one chunk
-      (default 1.0; the prediction is fitted on the group's own prefill calls,
+      (default 0.8; the prediction is fitted on the group's own prefill calls,
       `execution.prefill_cost`), so a step that mixes prefill with decode costs ~2 decode steps;
       larger: faster first tokens, slower tokens between. mixed_steps: in a step that prefills a
       lane's prompts, its decoding requests take one token each as rows of the prefill call (one

@@ -359,7 +359,7 @@ def _add_serve_engine(p: argparse.ArgumentParser) -> None:
                         "512 on GPU)")
     g.add_argument("--prefill-share", type=float, default=None, metavar="F",
                    help="while requests decode, a step's prefill takes at most this share of a "
-                        "measured decode call, at least one chunk (default 1.0)")
+                        "measured decode call, at least one chunk (default 0.8)")
     g.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
                    help="most prompt tokens of all requests per step (default 512; 4096 on GPU)")
     g.add_argument("--mixed-steps", default=None, action=argparse.BooleanOptionalAction,

@@ -12,7 +12,7 @@ Config file keys are the serve flags with `_` for `-` (see serving/example_confi
     [engine]                    # crosspool_jax.engine.EngineConfig fields (pooled modes)
     arena_bytes = "64MiB"       page_bytes = 16384      weights_fraction = 0.5
     steps_per_call = 4          prefill_chunk = 64      max_prefill_tokens = 512
-    prefill_share = 1.0          mixed_steps = false     compile_process = true  # default: GPU on
+    prefill_share = 0.8          mixed_steps = false     compile_process = true  # default: GPU on
     compile_workers = 4          # default: 4 per engine on GPU, shared among its groups; else 1
     micro_batches = 1           dtype = "float32"       attention_backend = "reference"
     attention_kernels = "auto"

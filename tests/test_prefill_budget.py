@@ -106,7 +106,10 @@ def test_budget_rule() -> None:
         w = chunk_work(costs, 0, n)
         runner.prefill_fit.observe(w, 1e-3 + rate * (w.dense_flops + w.attention_flops))
     assert runner.prefill_fit.coefficients == pytest.approx((1e-3, rate, rate, 0.0), rel=1e-6)
-    # 5 ms (share 1.0): about 40 tokens (1 ms + 40 x 0.1 ms, attention a little more)
+    # the default share 0.8: 4 ms, about 30 tokens (1 ms + 30 x 0.1 ms, attention a little more)
+    assert runner.prefill_share == 0.8
+    assert 26 <= runner.prefill_budget(decoding=True) <= 30
+    runner.prefill_share = 1.0  # 5 ms: about 40 tokens
     assert 36 <= runner.prefill_budget(decoding=True) <= 40
     runner.prefill_share = 0.5
     assert runner.prefill_budget(decoding=True) == 16  # 2.5 ms: ~15 tokens, under the one-chunk floor
@@ -217,7 +220,8 @@ def test_budget_prices_the_longest_running_prefill(monkeypatch) -> None:
             seen["ctx"] = info.kv_len
     assert seen, "b never ran part of its prefill"
     allowance = 0.01  # 10 ms: 29 tokens from position 0, 17 from position 48
-    runner.decode_call_seconds = allowance  # share 1.0
+    runner.prefill_share = 1.0
+    runner.decode_call_seconds = allowance
     want = fit.tokens_within(allowance, costs, seen["ctx"], 64)  # no padded row seen: none priced
     assert runner.prefill_budget(decoding=True) == max(8, want)
     assert 8 < want < fit.tokens_within(allowance, costs, 0, 64) < 64  # a longer context buys fewer

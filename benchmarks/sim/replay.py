@@ -580,7 +580,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
                    help="what-if: the engine's prefill tokens per step per group (default: the preset's)")
     p.add_argument("--prefill-share", type=float, default=None, metavar="F",
-                   help="what-if: the engine's prefill_share (default: the engine's, 1.0)")
+                   help="what-if: the engine's prefill_share (default: the engine's, 0.8)")
     p.add_argument("--slo-ttft-s", type=float, default=None, help="fixed TTFT SLO (skips the isolated runs)")
     p.add_argument("--slo-tpot-s", type=float, default=None, help="fixed TPOT SLO (with --slo-ttft-s)")
     g = p.add_argument_group("setup overrides (default: the preset's)")

@@ -11,7 +11,7 @@ and on variants of it that each remove one suspect:
   their KV once each: with 128 heads two CTAs read the same latents, through L2 when in step;
 - ``r128``: the engine's wide-row layout (128-element arena rows: 4 latent chunks + 1 rope
   chunk padded to 128, 3 stages);
-- tuning rows (`Config` overrides), among them the "handoff" schedule's.
+- tuning rows (`Config` overrides).
 
 Correctness first: every variant's output against the XLA gather path (relative error). Floors
 from the same run: the tensor-core floor (model FLOPs / the measured bf16 matmul peak) and the
@@ -23,9 +23,8 @@ HBM floor (KV bytes once / the measured copy bandwidth). The table prints last.
 ``--profile DIR`` (GPU) instead records one call's Mosaic GPU profiler trace into DIR: the named
 ranges of each warpgroup (`pallas_kernels.mla_decode_mgpu`'s ``jax.named_scope`` regions) of
 the default launch at 32 x 2K tokens with 2 splits and 3 stages (32 blocks a CTA: the ranges must
-fit the profiler's shared-memory buffer; ``--schedule`` picks the kernel's schedule);
-``--analyze TRACE.json`` (anywhere) prints, per range, its count and mean length in cycles, and
-the mean period of a block.
+fit the profiler's shared-memory buffer); ``--analyze TRACE.json`` (anywhere) prints, per range,
+its count and mean length in cycles, and the mean period of a block.
 """
 
 from __future__ import annotations
@@ -58,10 +57,7 @@ def variants(smoke: bool) -> list[tuple[str, dict]]:
             ("r128", dict(row_elems=128)), ("r128 l2", dict(row_elems=128, l2=True)),
             ("wg0 2", dict(wg0_chunks=2)), ("wg0 4", dict(wg0_chunks=4)),
             ("s3", dict(num_splits=3)), ("s4", dict(num_splits=4)),
-            ("bt64 st2", dict(block_t=64, stages=2)), ("st3", dict(stages=3)),
-            ("handoff", dict(schedule="handoff")), ("handoff wg0 4", dict(schedule="handoff", wg0_chunks=4)),
-            ("handoff wg0 5", dict(schedule="handoff", wg0_chunks=5)),
-            ("handoff r128", dict(schedule="handoff", row_elems=128))]
+            ("bt64 st2", dict(block_t=64, stages=2)), ("st3", dict(stages=3))]
     if smoke:
         rows = [*rows[:3], ("r128", dict(row_elems=128))]
     return [(name, {**base, **kw}) for name, kw in rows]
@@ -95,9 +91,8 @@ def run_variant(name: str, s: dict, lens: list[int], backend: str, smoke: bool) 
             "flops": 2 * heads * sum(lens) * (576 + 512), "kv_bytes": sum(lens) * 576 * 2}
 
 
-def profile(out_dir: str, schedule: str | None = None) -> None:
-    """Records the profiler trace of one call of the default launch (module doc) into out_dir,
-    with the kernel's ``schedule`` (None: its default)."""
+def profile(out_dir: str) -> None:
+    """Records the profiler trace of one call of the default launch (module doc) into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     pool = PoolLayout(page_bytes=64 * 576 * 2, dtype="bfloat16", row_elems=64)
     geom = page_geometry(KVSpec.mla(512, 64), pool)
@@ -108,7 +103,7 @@ def profile(out_dir: str, schedule: str | None = None) -> None:
     ql = jax.random.normal(jax.random.key(5), (len(lens), 128, 512), jnp.bfloat16)
     qr = jax.random.normal(jax.random.key(6), (len(lens), 128, 64), jnp.bfloat16)
     args = (ql, qr, arena, jnp.asarray(table), jnp.asarray(lens, jnp.int32))
-    kw = dict(geom=geom, scale=192**-0.5, num_splits=2, stages=3, schedule=schedule)
+    kw = dict(geom=geom, scale=192**-0.5, num_splits=2, stages=3)
     plain = jax.jit(functools.partial(paged_mla_decode_attention_mgpu, **kw))
     t = bench(plain, *args)
     print(f"profile case without the profiler: {t * 1e6:.1f} us", flush=True)
@@ -121,9 +116,8 @@ def profile(out_dir: str, schedule: str | None = None) -> None:
 
 def analyze(path: str) -> None:
     """Per range name: count and mean length; the mean period of a block (from one
-    ``wg0_issue_s``, or "handoff"'s ``wg0_wait_s``, to the next). The profiler stamps ranges
-    with the SM's cycle counter (``%clock``) and writes ``ts`` in thousands of them, so lengths
-    print in cycles."""
+    ``wg0_issue_s`` to the next). The profiler stamps ranges with the SM's cycle counter
+    (``%clock``) and writes ``ts`` in thousands of them, so lengths print in cycles."""
     with open(path) as fh:
         events = json.load(fh)["traceEvents"]
     open_at: dict[tuple, float] = {}
@@ -134,7 +128,7 @@ def analyze(path: str) -> None:
         key = (e["pid"], e["tid"], e["name"])
         if e["ph"] == "B":
             open_at[key] = e["ts"]
-            if e["name"] in ("wg0_issue_s", "wg0_wait_s"):  # split / handoff
+            if e["name"] == "wg0_issue_s":
                 starts[e["tid"]].append(e["ts"])
         elif key in open_at:
             total[e["name"]] += e["ts"] - open_at.pop(key)
@@ -144,7 +138,7 @@ def analyze(path: str) -> None:
         print(f"{name:<18} {count[name]:>7} {total[name] / count[name] * 1e3:>12.1f}")
     periods = [b - a for s in starts.values() for a, b in itertools.pairwise(s)]
     if periods:
-        print(f"block period (warpgroup 0's first range to the next): mean {np.mean(periods) * 1e3:.1f}, "
+        print(f"block period (wg0_issue_s to the next): mean {np.mean(periods) * 1e3:.1f}, "
               f"median {np.median(periods) * 1e3:.1f} cycles over {len(periods)}")
 
 
@@ -155,13 +149,12 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", default=None, metavar="DIR", help="record a profiler trace")
     ap.add_argument("--analyze", default=None, metavar="TRACE", help="summarise a trace")
-    ap.add_argument("--schedule", default=None, help="--profile: the kernel's schedule")
     args = ap.parse_args()
     if args.analyze:
         analyze(args.analyze)
         return
     if args.profile:
-        profile(args.profile, args.schedule)
+        profile(args.profile)
         return
     smoke = args.smoke
     backend = "interpret" if smoke else "gpu"

@@ -49,14 +49,15 @@ this one on the same H100: a pair of blocks holds two stages until both warpgrou
 with it, so with 4 stages the next pair's loads start too late (its memory warpgroup waited
 ~3,600 cycles a block for a free stage); it was removed.
 
-The "handoff" schedule (`Config.schedule`; not the default: built and tested in the
-interpreter and cross-lowered on 2026-12-06 late, after the session's last GPU time, so not yet
-timed) moves the scores to warpgroup 1: it issues block i + 1's score wgmmas and stores S
-([64, block_t] f32) into one of two shared-memory slots (``s_full`` / ``s_free`` barriers)
-while warpgroup 0 reads block i's S from its slot and runs the softmax, then both run their
-P @ V of block i as in "split". So the score wgmmas and the softmax run on different
-warpgroups, which the profile says "split" cannot do. The two 16-KiB S slots leave room for 3
-stages at R = 64 (the "split" default has 4; 3 stages cost "split" 1.03x on one H200).
+A "handoff" schedule (warpgroup 1 issuing block i + 1's score wgmmas and handing S to
+warpgroup 0 through two f32 shared-memory slots while warpgroup 0 ran block i's softmax; 3
+stages at R = 64; 3aa5171, tested in the interpreter) ran 0.90x this one on one H100
+(2026-12-07, `benchmarks/mla_decode_probe.py`, DeepSeek-V3 32 x 8K: 239.5 us against 216.7;
+with ``wg0_chunks`` 4 231.5, 5 215.0 (1.01x, within noise); at R = 128 473.5 us). Its profile
+(the 2K-token case) showed warpgroup 1's score range at ~2,260 cycles a block, warpgroup 0
+waiting ~1,200 a block for S and a block period of ~3,650 cycles against ~3,100 here: moving
+the score wgmmas to the other warpgroup does not shorten a block, since they themselves take
+most of it. It was removed.
 
 Tokens past the length in a partial last block: their rows may hold anything, NaN included.
 They are masked to -inf in S (P = 0), and since NaN * 0 = NaN, each compute warpgroup also
@@ -142,42 +143,31 @@ class Config:
     num_splits: KV splits per sequence (CTAs per (sequence, head block)).
     wg0_chunks: value (latent) chunks of the output that warpgroup 0 accumulates beside the
       scores (warpgroup 1 takes the rest); 0: `default_wg0_chunks`.
-    schedule: which warpgroup computes the scores (`SCHEDULES`): "split", warpgroup 0 beside
-      its softmax; "handoff", warpgroup 1, handing S to warpgroup 0 through shared memory.
     """
 
     block_t: int
     stages: int
     num_splits: int
     wg0_chunks: int = 0
-    schedule: str = "split"
 
 
-SCHEDULES = ("split", "handoff")
-DEFAULT_SCHEDULE = "split"
-
-
-def smem_plan(geom: PageGeometry, block_t: int, stages: int, itemsize: int = 2,
-              schedule: str = "split") -> int:
+def smem_plan(geom: PageGeometry, block_t: int, stages: int, itemsize: int = 2) -> int:
     """Bytes of shared memory a CTA allocates: Q, the KV stages, P and alpha (each buffer
-    aligned to `SMEM_ALIGN`) and the barriers (1 for Q, 2 per stage, 2 for P); "handoff" also
-    two f32 S slots [2, 64, block_t] and their 4 barriers."""
+    aligned to `SMEM_ALIGN`) and the barriers (1 for Q, 2 per stage, 2 for P)."""
     r = geom.row_elems
     chunks = len(geom.score_chunk_rows)
-    handoff = schedule == "handoff"
     buffers = (chunks * HEADS_PER_CTA * r * itemsize,  # Q
                stages * chunks * block_t * r * itemsize,  # KV stages
                HEADS_PER_CTA * block_t * itemsize,  # P
-               HEADS_PER_CTA * 4,  # alpha
-               2 * HEADS_PER_CTA * block_t * 4 if handoff else 0)  # S slots
+               HEADS_PER_CTA * 4)  # alpha
     aligned = sum(-(-x // SMEM_ALIGN) * SMEM_ALIGN for x in buffers)
-    return aligned + BARRIER_BYTES * (3 + 2 * stages + (4 if handoff else 0))
+    return aligned + BARRIER_BYTES * (3 + 2 * stages)
 
 
-def max_stages(geom: PageGeometry, block_t: int, itemsize: int = 2, schedule: str = "split") -> int:
+def max_stages(geom: PageGeometry, block_t: int, itemsize: int = 2) -> int:
     """The most pipeline stages (2 to 4) whose shared memory fits; 0 if not even 2 do."""
     for stages in (4, 3, 2):
-        if smem_plan(geom, block_t, stages, itemsize, schedule) <= SMEM_BYTES:
+        if smem_plan(geom, block_t, stages, itemsize) <= SMEM_BYTES:
             return stages
     return 0
 
@@ -203,35 +193,28 @@ def default_wg0_chunks(latent_chunks: int) -> int:
 
 def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: int,
                    itemsize: int = 2, block_t: int | None = None, stages: int | None = None,
-                   num_splits: int | None = None, wg0_chunks: int | None = None,
-                   schedule: str | None = None) -> Config:
+                   num_splits: int | None = None, wg0_chunks: int | None = None) -> Config:
     """The launch's `Config` for ``batch`` sequences of ``num_heads`` query heads and at most
     ``max_tokens`` attended tokens each; the arguments given override the defaults.
 
     block_t: the first of 32, 64, 16 that divides T and leaves room for at least 3 stages, else
     the first of 64, 32, 16 that divides T and leaves room for 2 (DeepSeek, R = 64: 32 with 4
     stages; 64 would fit 2 stages, module doc). stages: as many as fit, at most 4.
-    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`. schedule:
-    `DEFAULT_SCHEDULE`.
+    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`.
     """
     t = geom.tokens_per_page
-    schedule = schedule or DEFAULT_SCHEDULE
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule {schedule!r}: expected one of {SCHEDULES}")
     if block_t is None:
-        fits = [bt for bt in (32, 64, 16)
-                if t % bt == 0 and max_stages(geom, bt, itemsize, schedule) >= 3]
+        fits = [bt for bt in (32, 64, 16) if t % bt == 0 and max_stages(geom, bt, itemsize) >= 3]
         fits = fits or [bt for bt in (64, 32, 16)
-                        if t % bt == 0 and max_stages(geom, bt, itemsize, schedule) >= 2]
+                        if t % bt == 0 and max_stages(geom, bt, itemsize) >= 2]
         block_t = fits[0] if fits else 16
     if stages is None:  # 2 when nothing fits: `check_supported` then reports the bytes
-        stages = max(2, max_stages(geom, block_t, itemsize, schedule))
+        stages = max(2, max_stages(geom, block_t, itemsize))
     head_blocks = -(-num_heads // HEADS_PER_CTA)
     if num_splits is None:
         num_splits = default_num_splits(batch, head_blocks, max_tokens, block_t)
     return Config(block_t=block_t, stages=stages, num_splits=num_splits,
-                  wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks),
-                  schedule=schedule)
+                  wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks))
 
 
 def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
@@ -246,8 +229,6 @@ def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
         raise ValueError(f"arena row width R={r}: expected 64 or 128")
     if t % 16:
         raise ValueError(f"tokens per page T={t} must be a multiple of 16")
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"schedule {cfg.schedule!r}: expected one of {SCHEDULES}")
     wg0 = cfg.wg0_chunks or default_wg0_chunks(geom.head_chunks)
     if not 1 <= wg0 < geom.head_chunks:
         raise ValueError(f"wg0_chunks={wg0}: each compute warpgroup needs at least one of the "
@@ -261,7 +242,7 @@ def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
         # releases block i.
         raise ValueError(f"stages={cfg.stages} must be >= 2 and num_splits={cfg.num_splits} "
                          ">= 1")
-    need = smem_plan(geom, cfg.block_t, cfg.stages, dt.itemsize, cfg.schedule)
+    need = smem_plan(geom, cfg.block_t, cfg.stages, dt.itemsize)
     if need > SMEM_BYTES:
         raise ValueError(f"block_t={cfg.block_t} with {cfg.stages} stages needs {need} bytes of "
                          f"shared memory; a CTA has {SMEM_BYTES}")
@@ -388,8 +369,6 @@ class _Smem:
     arrival per chunk copy); kv_consumed[stages]: a stage released by both compute warpgroups
     (2 arrivals); p_full: P and alpha published by warpgroup 0; p_free: P and alpha released
     by warpgroup 1.
-    "handoff" only: s [2, 64, block_t] f32, block i's scores in slot i % 2 (written by warpgroup
-    1); s_full[2]: a slot written; s_free[2]: a slot read by warpgroup 0.
     """
 
     q: object
@@ -401,9 +380,6 @@ class _Smem:
     kv_consumed: object
     p_full: object
     p_free: object
-    s: object = None
-    s_full: object = None
-    s_free: object = None
 
     def chunk_refs(self, slot, chunks) -> list:
         """The [block_t, R] refs of ``chunks`` of the block in stage ``slot``."""
@@ -454,24 +430,15 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
                hi=hi, n_blocks=n_blocks, table_ref=table_ref, q_ref=q_ref, kv_ref=kv_ref,
                o_ref=o_ref, m_ref=m_ref, l_ref=l_ref)
 
-    handoff = cfg.schedule == "handoff"
-
     def warpgroups(*refs):  # run by each of the 3 warpgroups (collective over "wg")
         smem = _Smem(*refs)
         wg = lax.axis_index("wg")
         pl.when(wg == 2)(functools.partial(_memory_warpgroup, cta, smem))
-        if handoff:
-            pl.when(wg == 0)(functools.partial(_handoff_softmax_warpgroup, cta, smem))
-            pl.when(wg == 1)(functools.partial(_handoff_scores_warpgroup, cta, smem))
-        else:
-            pl.when(wg == 0)(functools.partial(_scores_warpgroup, cta, smem))
-            pl.when(wg == 1)(functools.partial(_values_warpgroup, cta, smem))
+        pl.when(wg == 0)(functools.partial(_scores_warpgroup, cta, smem))
+        pl.when(wg == 1)(functools.partial(_values_warpgroup, cta, smem))
 
     n_chunks, m_rows, r, dt = cta.score_chunks, HEADS_PER_CTA, cta.row_elems, cta.dtype
     tf = _swizzled(bt, dt)  # one swizzle for both operands of every wgmma (module doc)
-    extra = (plgpu.SMEM((2, m_rows, bt), jnp.float32),  # s
-             plgpu.Barrier(num_arrivals=1, num_barriers=2),  # s_full
-             plgpu.Barrier(num_arrivals=1, num_barriers=2)) if handoff else ()  # s_free
     pl.run_scoped(
         warpgroups,
         plgpu.SMEM((n_chunks, m_rows, r), dt, transforms=tf),  # q
@@ -483,7 +450,6 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
         plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages),  # kv_consumed
         plgpu.Barrier(num_arrivals=1),  # p_full
         plgpu.Barrier(num_arrivals=1),  # p_free
-        *extra,
         collective_axes="wg",
     )
 
@@ -599,9 +565,9 @@ def _wg0_start(cta: _Cta) -> tuple:
 
 def _publish_and_pv0(cta: _Cta, smem: _Smem, i, alpha: jax.Array, p16: jax.Array,
                      o: tuple) -> tuple:
-    """Warpgroup 0 after block i's softmax (both schedules): publishes P ([64, block_t], KV
-    dtype) and alpha ([64] f32) for warpgroup 1 once it released the previous ones, then returns
-    ``alpha * O_0 + P @ V_c`` over the first wg0_chunks value chunks of the block's stage."""
+    """Warpgroup 0 after block i's softmax: publishes P ([64, block_t], KV dtype) and alpha
+    ([64] f32) for warpgroup 1 once it released the previous ones, then returns ``alpha * O_0 +
+    P @ V_c`` over the first wg0_chunks value chunks of the block's stage."""
     with jax.named_scope("wg0_wait_p_free"):
         @pl.when(i >= 1)
         def _():  # warpgroup 1 is done with the previous P and alpha
@@ -651,110 +617,24 @@ def _values_warpgroup(cta: _Cta, smem: _Smem) -> None:
     plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
 
     def body(i, o):
+        slot = lax.rem(i, cta.stages)
         with jax.named_scope("wg1_wait_kv"):
-            plgpu.barrier_wait(smem.kv_full.at[lax.rem(i, cta.stages)])
-        return _values_block(cta, smem, i, o)
+            plgpu.barrier_wait(smem.kv_full.at[slot])
+        with jax.named_scope("wg1_wait_p"):
+            plgpu.barrier_wait(smem.p_full)
+        with jax.named_scope("wg1_pv"):
+            alpha = plgpu.layout_cast(smem.alpha[...], _ROW_LAYOUT)
+            v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks, cta.latent_chunks))
+            _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * cta.block_t), cta.block_t)
+            o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
+            o = _pv_accumulate(o, None, smem.p, v_refs, cta.interpret)
+        plgpu.barrier_arrive(smem.p_free)
+        plgpu.barrier_arrive(smem.kv_consumed.at[slot])
+        return o
 
     o0 = tuple(_zeros_wgmma((HEADS_PER_CTA, cta.row_elems))
                for _ in range(cta.latent_chunks - cta.wg0_chunks))
     _write_partial(cta, lax.fori_loop(0, cta.n_blocks, body, o0), cta.wg0_chunks)
-
-
-def _values_block(cta: _Cta, smem: _Smem, i, o: tuple) -> tuple:
-    """Warpgroup 1's block i once it landed: waits for P and alpha, ``O_1 = alpha * O_1 + P @
-    V_c`` over the value chunks [wg0_chunks, latent_chunks), then releases P and the stage."""
-    slot = lax.rem(i, cta.stages)
-    with jax.named_scope("wg1_wait_p"):
-        plgpu.barrier_wait(smem.p_full)
-    with jax.named_scope("wg1_pv"):
-        alpha = plgpu.layout_cast(smem.alpha[...], _ROW_LAYOUT)
-        v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks, cta.latent_chunks))
-        _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * cta.block_t), cta.block_t)
-        o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
-        o = _pv_accumulate(o, None, smem.p, v_refs, cta.interpret)
-    plgpu.barrier_arrive(smem.p_free)
-    plgpu.barrier_arrive(smem.kv_consumed.at[slot])
-    return o
-
-
-def _handoff_scores_warpgroup(cta: _Cta, smem: _Smem) -> None:
-    """Warpgroup 1 of "handoff" (module doc): block i + 1's scores into S slot (i + 1) % 2
-    while warpgroup 0 runs block i's softmax, then ``O_1 = alpha * O_1 + P @ V_c`` of block i
-    over the value chunks [wg0_chunks, latent_chunks), releasing P and the stage; then the
-    epilogue of O_1."""
-    plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
-    plgpu.barrier_wait(smem.q_bar)
-    bt, stages = cta.block_t, cta.stages
-
-    def scores(i):
-        slot, s_slot = lax.rem(i, stages), lax.rem(i, 2)
-        with jax.named_scope("wg1_scores"):
-            plgpu.barrier_wait(smem.kv_full.at[slot])
-
-            @pl.when(i >= 2)
-            def _():  # warpgroup 0 has read block i - 2's scores from this slot
-                plgpu.barrier_wait(smem.s_free.at[s_slot])
-
-            def run(acc_ref):
-                _issue_scores(cta, smem, slot, acc_ref)
-                return acc_ref[...]
-
-            smem.s.at[s_slot][...] = pl.run_scoped(run, plgpu.ACC((HEADS_PER_CTA, bt),
-                                                                  jnp.float32))
-            plgpu.barrier_arrive(smem.s_full.at[s_slot])
-
-    @pl.when(cta.n_blocks > 0)
-    def _():
-        scores(0)
-
-    def body(i, o):
-        @pl.when(i + 1 < cta.n_blocks)
-        def _():
-            scores(i + 1)
-
-        return _values_block(cta, smem, i, o)  # block i landed: its scores waited for it
-
-    o0 = tuple(_zeros_wgmma((HEADS_PER_CTA, cta.row_elems))
-               for _ in range(cta.latent_chunks - cta.wg0_chunks))
-    o = lax.fori_loop(0, cta.n_blocks, body, o0)
-
-    # Observe the last two releases of the S slots (every phase is waited for in order).
-    @pl.loop(jnp.maximum(cta.n_blocks - 2, 0), cta.n_blocks)
-    def _(i):
-        plgpu.barrier_wait(smem.s_free.at[lax.rem(i, 2)])
-
-    _write_partial(cta, o, cta.wg0_chunks)
-
-
-def _handoff_softmax_warpgroup(cta: _Cta, smem: _Smem) -> None:
-    """Warpgroup 0 of "handoff": per block, its scores from S slot i % 2, the online softmax,
-    P and alpha published for warpgroup 1, and ``O_0 = alpha * O_0 + P @ V_c`` over the first
-    wg0_chunks value chunks; then the epilogue of O_0, m and l."""
-    plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
-    pl.when(cta.n_blocks == 0)(functools.partial(_write_empty_partial, cta))
-
-    @pl.when(cta.n_blocks > 0)
-    def _():
-        bt, stages = cta.block_t, cta.stages
-
-        def body(i, carry):
-            m_i, l_i, o = carry
-            slot, s_slot = lax.rem(i, stages), lax.rem(i, 2)
-            with jax.named_scope("wg0_wait_s"):
-                plgpu.barrier_wait(smem.s_full.at[s_slot])
-                sc = plgpu.load(smem.s.at[s_slot], layout=plgpu.Layout.WGMMA)
-                plgpu.barrier_arrive(smem.s_free.at[s_slot])
-            with jax.named_scope("wg0_softmax"):
-                m_new, l_new, alpha, p16 = _online_softmax(cta, sc, cta.lo + i * bt, m_i, l_i)
-            with jax.named_scope("wg0_wait_kv"):  # its value chunks landed (warpgroup 1 waited)
-                plgpu.barrier_wait(smem.kv_full.at[slot])
-            o = _publish_and_pv0(cta, smem, i, alpha, p16, o)
-            plgpu.barrier_arrive(smem.kv_consumed.at[slot])
-            return m_new, l_new, o
-
-        m_f, l_f, o = lax.fori_loop(0, cta.n_blocks, body, _wg0_start(cta))
-        plgpu.barrier_wait(smem.p_free)  # the last release of P: every phase is observed
-        _write_partial(cta, o, 0, m_f, l_f)
 
 
 def _write_partial(cta: _Cta, o: tuple, first_chunk: int, m_base2: jax.Array | None = None,
@@ -868,7 +748,6 @@ def paged_mla_decode_attention_mgpu(
     block_t: int | None = None,
     stages: int | None = None,
     wg0_chunks: int | None = None,
-    schedule: str | None = None,
     return_lse: bool = False,
     profile_dir: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -880,7 +759,7 @@ def paged_mla_decode_attention_mgpu(
     geom: an MLA `PageGeometry`; scale: softmax scale; soft_cap: logits -> cap * tanh(logits /
     cap) after scaling; window: attend only to the last ``window`` tokens.
     backend: "gpu" (Mosaic GPU) or "interpret" (Mosaic GPU's interpreter on CPU).
-    num_splits / block_t / stages / wg0_chunks / schedule: tuning (`default_config`).
+    num_splits / block_t / stages / wg0_chunks: tuning (`default_config`).
     profile_dir: GPU only, for timing work: each call writes a Mosaic GPU profiler trace there
       (Perfetto JSON: the named ranges of each warpgroup of each CTA, the first
       `PROFILE_RANGES`; they take ``3 x 16 x PROFILE_RANGES`` bytes of shared memory, so pass
@@ -911,7 +790,7 @@ def paged_mla_decode_attention_mgpu(
         max_tokens = min(max_tokens, window + geom.tokens_per_page)
     cfg = default_config(geom, b, h, max_tokens, jnp.dtype(arena.dtype).itemsize,
                          block_t=block_t, stages=stages, num_splits=num_splits,
-                         wg0_chunks=wg0_chunks, schedule=schedule)
+                         wg0_chunks=wg0_chunks)
     check_supported(geom, arena, cfg)
     if b == 0:
         out = jnp.zeros(q_latent.shape, q_latent.dtype)

@@ -90,24 +90,6 @@ def test_interpreted_matches_reference(lat, rope, r, t_pp, heads, dtype, kw):
     _run_case(1, lat, rope, r, t_pp, heads, dtype, **kw)
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_handoff_interpreted_with_race_detector(race_detection, stages):
-    # Warpgroup 1 computes block i + 1's scores into an S slot while warpgroup 0 runs block i's
-    # softmax; 2 head blocks, 16-token blocks in 32-token pages, lengths 0 ... 131.
-    _run_case(0, 128, 64, 64, 32, 128, "bfloat16", block_t=16, stages=stages, num_splits=1,
-              schedule="handoff")
-    assert not interpret_pallas_call.get_races().races_found
-
-
-@pytest.mark.parametrize(("lat", "rope", "r", "t_pp", "heads", "dtype", "kw"), [
-    (512, 64, 64, 64, 64, "bfloat16", {}),  # DeepSeek's 9 chunks: 32-token blocks, 3 stages
-    (128, 64, 64, 16, 16, "bfloat16", {"window": 20, "soft_cap": 5.0, "num_splits": 2}),
-    (256, 64, 128, 32, 64, "float16", {"num_splits": 2, "wg0_chunks": 1}),  # R = 128, f16
-])
-def test_handoff_interpreted_matches_reference(lat, rope, r, t_pp, heads, dtype, kw):
-    _run_case(1, lat, rope, r, t_pp, heads, dtype, schedule="handoff", **kw)
-
-
 def _deepseek_geometry(r: int = 64):
     width = (512 + 64) if r == 64 else (512 + 128)  # the rope key padded to whole rows
     pool = PoolLayout(page_bytes=64 * width * 2, dtype="bfloat16", row_elems=r)
@@ -123,9 +105,6 @@ def _deepseek_geometry(r: int = 64):
     (128, {}),  # 5 chunks of 128: 32-token blocks, 3 stages
     (64, {"wg0_chunks": 4}),  # half of the 8 latent chunks each (the default is 3 of 8)
     (128, {"engine": True}),  # the engine's GPU pages: 256 KiB, 192 tokens (`default_token_align`)
-    (64, {"schedule": "handoff"}),  # 32-token blocks, 3 stages, two f32 S slots
-    (64, {"schedule": "handoff", "wg0_chunks": 5, "window": 4096, "soft_cap": 30.0}),
-    (128, {"schedule": "handoff", "engine": True}),
 ])
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):
     kw = dict(kw)
@@ -159,12 +138,6 @@ def test_configuration_and_shared_memory_plan(monkeypatch):
     assert mgpu.smem_plan(geom, 64, 3) > mgpu.SMEM_BYTES
     assert mgpu.max_stages(_deepseek_geometry(128), 32) == 3
     assert mgpu.default_config(_deepseek_geometry(128), 32, 128, 8192).block_t == 32
-    # handoff: two f32 S slots of [64, 32] (16 KiB) and 4 barriers more: 3 stages at R = 64
-    assert mgpu.smem_plan(geom, 32, 3, schedule="handoff") == (73728 + 3 * 36864 + 4096 + 1024
-                                                              + 16384 + 8 * 13)
-    assert mgpu.max_stages(geom, 32, schedule="handoff") == 3
-    assert mgpu.default_config(geom, 32, 128, 8192, schedule="handoff") == mgpu.Config(
-        32, 3, 2, wg0_chunks=3, schedule="handoff")
 
 
 def test_rejects_what_it_cannot_do():
@@ -184,8 +157,6 @@ def test_rejects_what_it_cannot_do():
         call(block_t=32)  # does not divide T = 16
     with pytest.raises(ValueError, match="stages"):
         call(stages=1)
-    with pytest.raises(ValueError, match="schedule"):
-        call(schedule="seesaw")
     with pytest.raises(ValueError, match="backend"):
         call(backend="cuda")
     with pytest.raises(ValueError, match="do not fit"):

@@ -414,7 +414,7 @@ def test_qkv_epilogue_kernel_in_prefill_reproduces_reference(demo, monkeypatch) 
 
     calls = []
 
-    def interpret_in_prefill(decode, matmul_backend, head_dim):
+    def interpret_in_prefill(decode, matmul_backend, head_dim, attention_kernels):
         calls.append(decode)
         return "reference" if decode else "interpret"
 
@@ -425,3 +425,17 @@ def test_qkv_epilogue_kernel_in_prefill_reproduces_reference(demo, monkeypatch) 
     log = drive(runner, reqs)
     assert_matches_reference(demo.refs, reqs, log)
     assert False in calls and True in calls  # traced in prefill and decode programs
+
+
+def test_qkv_epilogue_kernel_only_in_gpu_prefill_with_the_newer_kernels() -> None:
+    """The rule (`qkv_kernel_backend`): GPU prefill programs with attention_kernels auto / mosaic
+    and d / 2 a power of two; decode, other platforms, "triton" (the compile fallback) and other
+    head sizes run the jnp ops."""
+    from crosspool_jax.execution.pooled_step import qkv_kernel_backend
+
+    assert qkv_kernel_backend(False, "gpu", 128, "auto") == "gpu"
+    assert qkv_kernel_backend(False, "gpu", 128, "mosaic") == "gpu"
+    assert qkv_kernel_backend(False, "gpu", 128, "triton") == "reference"
+    assert qkv_kernel_backend(True, "gpu", 128, "auto") == "reference"
+    assert qkv_kernel_backend(False, "reference", 128, "auto") == "reference"
+    assert qkv_kernel_backend(False, "gpu", 96, "auto") == "reference"

@@ -209,11 +209,15 @@ def _norm_rows(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return rms_norm(x, w, eps)
 
 
-def qkv_kernel_backend(decode: bool, matmul_backend: str | None, head_dim: int) -> str:
+def qkv_kernel_backend(decode: bool, matmul_backend: str | None, head_dim: int,
+                       attention_kernels: str) -> str:
     """Where a program runs `qkv_epilogue`: the Triton kernel in prefill programs on GPU (one
     pass over a chunk's rows instead of XLA's several), "reference" (jnp) elsewhere. Decode
-    programs keep the jnp ops until the kernel is measured there."""
-    ok = not decode and matmul_backend == "gpu" and kernel_supports(head_dim)
+    programs keep the jnp ops until the kernel is measured there. It rides with the newer
+    attention kernels (`attention_kernels` "auto" / "mosaic"), so the compile fallback that
+    rebuilds a failed program with "triton" (`step_programs`) also takes it out."""
+    ok = (not decode and matmul_backend == "gpu" and attention_kernels != "triton"
+          and kernel_supports(head_dim))
     return "gpu" if ok else "reference"
 
 
@@ -361,7 +365,8 @@ class Lane:
 
             return qkv_epilogue_reference(qkv, q_w, k_w, grp, cos, sin, rotary=rotary, **kw)
         return qkv_epilogue(qkv, q_w, k_w, grp, cos, sin,
-                            backend=qkv_kernel_backend(self.spec.decode, rd.backend, d), **kw)
+                            backend=qkv_kernel_backend(self.spec.decode, rd.backend, d,
+                                                       self.spec.attention_kernels), **kw)
 
     def kv_write(self, arena: jax.Array, ctx: dict) -> jax.Array:
         """Appends this layer's new K/V (MLA: latent + rope key) into the pages, in place."""

@@ -136,6 +136,17 @@ def paged_mla_prefill_attention_reference(
     return (out, lse[:, 0]) if return_lse else out
 
 
+def _blocks_per_sequence(cu_q_lens: jax.Array, block_q: int, skip_one_row: bool
+                         ) -> tuple[jax.Array, jax.Array]:
+    """(q_lens [B], query blocks of each sequence [B]); with skip_one_row a one-query sequence
+    has none."""
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    nblk = (q_lens + block_q - 1) // block_q
+    if skip_one_row:
+        nblk = jnp.where(q_lens == 1, 0, nblk)
+    return q_lens, nblk
+
+
 def query_blocks(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int, block_q: int,
                  skip_one_row: bool = False):
     """Cuts each sequence's queries into blocks of ``block_q`` tokens.
@@ -146,10 +157,7 @@ def query_blocks(cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int, bloc
     skip_one_row: sequences with exactly one query get no block (the caller runs them otherwise).
     """
     nseq = kv_lens.shape[0]
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    nblk = (q_lens + block_q - 1) // block_q
-    if skip_one_row:
-        nblk = jnp.where(q_lens == 1, 0, nblk)
+    q_lens, nblk = _blocks_per_sequence(cu_q_lens, block_q, skip_one_row)
     ends = jnp.cumsum(nblk)
     max_blocks = -(-num_tokens // block_q) + nseq
     i = jnp.arange(max_blocks, dtype=jnp.int32)
@@ -171,14 +179,11 @@ def token_block_rows(cu_q_lens: jax.Array, num_tokens: int, block_q: int,
     """The inverse of `query_blocks`' tok_idx: [num_tokens] int32, each query row's place in the
     flat block order ``[NB * block_q]`` (block ``i`` slot ``j`` is ``i * block_q + j``), or
     ``NB * block_q`` (out of range) for rows in no block (before the first sequence or past the
-    last; with skip_one_row, those of one-query sequences). Reading a kernel's blocked output through it
-    (`jnp.take` with ``mode="fill"``) puts rows back in token order as a gather, in the output's
-    own dtype, instead of a scatter into a zeroed f32 array."""
+    last; with skip_one_row, those of one-query sequences). Reading a kernel's blocked output
+    through it (`jnp.take` with ``mode="fill"``) puts rows back in token order as a gather, in
+    the output's own dtype, instead of a scatter into a zeroed f32 array."""
     nseq = cu_q_lens.shape[0] - 1
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    nblk = (q_lens + block_q - 1) // block_q
-    if skip_one_row:
-        nblk = jnp.where(q_lens == 1, 0, nblk)
+    _, nblk = _blocks_per_sequence(cu_q_lens, block_q, skip_one_row)
     first_blk = jnp.cumsum(nblk) - nblk
     none = (-(-num_tokens // block_q) + nseq) * block_q
     t = jnp.arange(num_tokens, dtype=jnp.int32)

@@ -111,9 +111,12 @@ def _kernel(grp_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_heads: int
     def load(col0: int, cols: jax.Array) -> jax.Array:
         return pltriton.load(qkv_ref.at[tok, col0 + cols]).astype(jnp.float32)
 
-    def rms(x: jax.Array, inv: jax.Array, w_ref, w_col0: int) -> jax.Array:
-        """x (dt values in f32) * inv, rounded to dt, times the weight columns, rounded to dt."""
-        w = pltriton.load(w_ref.at[g, w_col0 + half]).astype(jnp.float32)
+    def weight(w_ref, w_col0: int) -> jax.Array:
+        """[BLOCK_T, D / 2] f32: each row's model's norm weights from column w_col0."""
+        return pltriton.load(w_ref.at[g, w_col0 + half]).astype(jnp.float32)
+
+    def rms(x: jax.Array, inv: jax.Array, w: jax.Array) -> jax.Array:
+        """x (dt values in f32) * inv, rounded to dt, times the weights w, rounded to dt."""
         y = (x * inv).astype(dt).astype(jnp.float32)
         return (w * y).astype(dt).astype(jnp.float32)
 
@@ -132,15 +135,18 @@ def _kernel(grp_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_heads: int
                     x = load(col0 + h * d + p * h2, half)
                     ss = ss + jnp.sum(x * x, axis=1, keepdims=True)
             inv_all = inv_rms(ss, nheads * d)
+        if norm == "per_head":  # one [D] weight for every head: loaded once
+            w1, w2 = weight(w_ref, 0), weight(w_ref, h2)
         for h in range(nheads):
             x1, x2 = load(col0 + h * d, half), load(col0 + h * d + h2, half)
             if norm == "full":
-                x1, x2 = rms(x1, inv_all, w_ref, h * d), rms(x2, inv_all, w_ref, h * d + h2)
+                x1 = rms(x1, inv_all, weight(w_ref, h * d))
+                x2 = rms(x2, inv_all, weight(w_ref, h * d + h2))
             x1, x2 = clipped(x1), clipped(x2)
             if norm == "per_head":
                 ss = jnp.sum(x1 * x1, axis=1, keepdims=True) + jnp.sum(x2 * x2, axis=1, keepdims=True)
                 inv = inv_rms(ss, d)
-                x1, x2 = rms(x1, inv, w_ref, 0), rms(x2, inv, w_ref, h2)
+                x1, x2 = rms(x1, inv, w1), rms(x2, inv, w2)
             o1 = (x1 * cos - x2 * sin).astype(out_ref.dtype)
             o2 = (x2 * cos + x1 * sin).astype(out_ref.dtype)
             pltriton.store(out_ref.at[rows, h * d + half], o1, mask=live)

@@ -89,8 +89,9 @@ DEFAULT_MAX_STOP_IDS = 16
 # costs ~2x a pure decode step. Measured on one H200 (docs/benchmarks.md, 2026-12-04): 0.75 with
 # a floor of the smallest bucket made prefill calls of ~170 tokens, each paying a whole read of
 # the experts, and doubled TTFT without lowering TBT P99. With the floor at one whole chunk (4,096
-# tokens on GPU) 0.8 measured on one H100 (2026-12-06, late night): the smoke replay's gaps 1.90x
-# their decode call at q0.96 against 2.01x at 1.0, TTFT P99 17.41 against 15.02 s.
+# tokens on GPU) 0.8 measured on one H100 (docs/benchmarks.md, "One H100, 2026-12-06/07
+# (midnight)"): the smoke replay's gaps 1.90x their decode call at q0.96 against 2.01x at 1.0,
+# TTFT P99 17.41 against 15.02 s.
 DEFAULT_PREFILL_SHARE = 0.8
 
 

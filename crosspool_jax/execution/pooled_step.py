@@ -520,8 +520,7 @@ class Lane:
             return fn(jnp.where(ok[:, None], x, 0), jnp.where(is_w, x.shape[0], 0).astype(jnp.int32)[None])
         key = jnp.where(ok, grp, g)
         order = jnp.argsort(key, stable=True)
-        sizes = group_counts(key, g)
-        sizes = jnp.where(is_w, sizes, 0).astype(jnp.int32)
+        sizes = jnp.where(is_w, group_counts(key, g), 0)
         ys = fn(x[order], sizes)
         return jnp.zeros_like(ys).at[order].set(ys)
 

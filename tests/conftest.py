@@ -8,6 +8,7 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
+import re  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -20,6 +21,18 @@ def pytest_configure(config: pytest.Config) -> None:
     # are an error, never a silent skip.
     if os.environ.get("CROSSPOOL_REQUIRE_FIXTURES") == "1" and not (HF_FIXTURES / "manifest.json").is_file():
         raise pytest.UsageError(f"HF fixtures missing at {HF_FIXTURES}: run `bash scripts/fixtures.sh`")
+
+
+def env_without_device_count(**extra: str) -> dict[str, str]:
+    """os.environ for a subprocess that must find its CPU devices itself, as from a user's shell:
+    the device-count flag is taken out of XLA_FLAGS; the suite's compile-speed flags
+    (scripts/test.sh) stay, since they roughly halve a CPU subprocess's compile time. `extra`: more
+    variables."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if flags.strip():  # XLA reads a blank XLA_FLAGS as a file name
+        env["XLA_FLAGS"] = " ".join(flags.split())
+    return env | extra
 
 
 def fixture_cases() -> list[dict]:

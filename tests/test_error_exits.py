@@ -1,14 +1,13 @@
 """What a new user hits first: error exits without a process abort in every mode, eos ids outside the
 vocabulary, virtual CPU devices asked for by the engine itself, the fixture generator's reload check.
 
-Subprocesses run without XLA_FLAGS (as a user's shell would), so the engine must ask JAX for the
-virtual CPU devices a split needs.
+Subprocesses run without XLA_FLAGS' device count (as from a user's shell), so the engine must ask JAX
+for the virtual CPU devices a split needs (`conftest.env_without_device_count`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import HF_FIXTURES, ROOT
+from conftest import HF_FIXTURES, ROOT, env_without_device_count
 
 from crosspool_jax.models.config import UnreachableEosWarning, from_hf_config
 
@@ -30,9 +29,7 @@ ABORT_MARKS = ("terminate called", "FATAL", "Fatal Python error", "Segmentation 
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    return env
+    return env_without_device_count(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
 
 
 def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:

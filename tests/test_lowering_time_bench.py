@@ -7,15 +7,6 @@ import re
 from benchmarks import lowering_time
 
 
-def test_lowers_grid_programs_for_cuda_without_a_gpu(capsys):
-    lowering_time.main(["--programs", "1"])
-    out = capsys.readouterr().out
-    rows = re.findall(r"^(decode|prefill) .*trace (\d+\.\d+) s, lower (\d+\.\d+) s", out, re.M)
-    assert [r[0] for r in rows] == ["decode", "prefill"]
-    assert all(float(r[2]) > 0 for r in rows)
-    assert re.search(r"^2 programs: \d+\.\d+ s traced and lowered", out, re.M)
-
-
 def test_inside_the_h200_target_kernels_take_their_gpu_lowering():
     from pallas_kernels._common import resolve_backend
 
@@ -25,9 +16,15 @@ def test_inside_the_h200_target_kernels_take_their_gpu_lowering():
     assert resolve_backend(None) == "interpret"  # restored
 
 
-def test_kernels_counts_instances_and_distinct_kernels(capsys):
+def test_lowers_grid_programs_for_cuda_and_counts_their_kernels(capsys):
+    """One run (lowering the grid's programs is the slow part): the per-program trace / lower
+    times, and the Triton kernels each program carries."""
     lowering_time.main(["--programs", "1", "--kernels"])
     out = capsys.readouterr().out
+    rows = re.findall(r"^(decode|prefill) .*trace (\d+\.\d+) s, lower (\d+\.\d+) s", out, re.M)
+    assert [r[0] for r in rows] == ["decode", "prefill"]
+    assert all(float(r[2]) > 0 for r in rows)
+    assert re.search(r"^2 programs: \d+\.\d+ s traced and lowered", out, re.M)
     per_program = [int(n) for n in re.findall(r"; (\d+) Triton kernels$", out, re.M)]
     assert len(per_program) == 2 and all(n > 0 for n in per_program)
     m = re.search(r"^Triton kernels: (\d+) instances in 2 programs, (\d+) distinct \((.*)\)$", out, re.M)

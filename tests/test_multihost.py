@@ -10,7 +10,6 @@ Measured on 2 shared cores: the two group tests take 76-96 s together at load av
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import signal
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import env_without_device_count
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crosspool_jax.demo import demo_models
@@ -72,9 +72,9 @@ class Group:
 
     def __init__(self, tmp: pathlib.Path, cache: pathlib.Path, *extra: str):
         port = _free_port_pair()
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), CROSSPOOL_COMPILATION_CACHE=str(cache),
-                   PYTHONFAULTHANDLER="1")  # a process that has to be aborted prints its threads
+        env = env_without_device_count(  # a process that has to be aborted prints its threads
+            JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), CROSSPOOL_COMPILATION_CACHE=str(cache),
+            PYTHONFAULTHANDLER="1")
         self.logs = [tmp / f"process{i}.log" for i in range(2)]
         self.procs = []
         for i in range(2):

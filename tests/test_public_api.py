@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 
 import crosspool_jax as cp
-from tests.conftest import ROOT
+from tests.conftest import ROOT, env_without_device_count
 
 
 def test_every_public_name_resolves_to_its_module_object():
@@ -34,11 +33,11 @@ def test_unknown_name_is_an_attribute_error():
 
 
 def test_docs_engine_example_runs():
-    """The python block of docs/engine.md, run as written (8 CPU devices, its own process)."""
+    """The python block of docs/engine.md, run as written in its own process (no device count in
+    XLA_FLAGS: the engine asks for the 8 CPU devices)."""
     text = (ROOT / "docs" / "engine.md").read_text()
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("XLA_FLAGS", None)  # the example sets its own
+    env = env_without_device_count(PYTHONPATH=str(ROOT))  # the engine asks for its devices
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

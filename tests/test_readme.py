@@ -1,4 +1,4 @@
-"""The README's commands run as written on a CPU-only machine (no XLA_FLAGS, no downloads).
+"""The README's commands run as written on a CPU-only machine (no XLA_FLAGS device count, no downloads).
 
 The commands of the README's "Use" block and its library example are read from README.md itself
 and run in a scratch directory that holds links to the repo's `.venv` and `serving/` (so the
@@ -8,7 +8,6 @@ serve, then stopped with SIGTERM; their ports are replaced by free ones.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import signal
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, env_without_device_count
 
 README = (ROOT / "README.md").read_text()
 CLI = ROOT / ".venv" / "bin" / "crosspool"
@@ -42,9 +41,7 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+    return env_without_device_count(JAX_PLATFORMS="cpu")
 
 
 def _serve_until_ready(cmd: list[str], cwd: Path, timeout: float = 240) -> str:

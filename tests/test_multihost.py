@@ -72,9 +72,9 @@ class Group:
 
     def __init__(self, tmp: pathlib.Path, cache: pathlib.Path, *extra: str):
         port = _free_port_pair()
-        env = env_without_device_count(  # a process that has to be aborted prints its threads
+        env = env_without_device_count(
             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), CROSSPOOL_COMPILATION_CACHE=str(cache),
-            PYTHONFAULTHANDLER="1")
+            PYTHONFAULTHANDLER="1")  # a process that has to be aborted prints its threads
         self.logs = [tmp / f"process{i}.log" for i in range(2)]
         self.procs = []
         for i in range(2):

@@ -404,38 +404,3 @@ def test_interpret_kernels_reproduce_reference(demo) -> None:
     reqs = [r for r in demo_requests(demo.refs) if r.rid in ("mx-a", "ds-a")]
     log = drive(runner, reqs)
     assert_matches_reference(demo.refs, reqs, log)
-
-
-def test_qkv_epilogue_kernel_in_prefill_reproduces_reference(demo, monkeypatch) -> None:
-    """The prefill programs' q/k/v epilogue as the Triton kernel (interpret mode; on GPU it runs
-    in every GQA prefill program with a HALF rotary): per-head norms (Qwen3-MoE) and no norm
-    (Mixtral) give the reference's greedy tokens."""
-    from crosspool_jax.execution import pooled_step
-
-    calls = []
-
-    def interpret_in_prefill(decode, matmul_backend, head_dim, attention_kernels):
-        calls.append(decode)
-        return "reference" if decode else "interpret"
-
-    monkeypatch.setattr(pooled_step, "qkv_kernel_backend", interpret_in_prefill)
-    models = {n: demo.models[n] for n in (MIX, QWEN)}
-    runner = build_runner(models, kv_pages=8, prefill_chunk=16)
-    reqs = [r for r in demo_requests(demo.refs) if r.rid in ("mx-a", "qw-a", "qw-s")]
-    log = drive(runner, reqs)
-    assert_matches_reference(demo.refs, reqs, log)
-    assert False in calls and True in calls  # traced in prefill and decode programs
-
-
-def test_qkv_epilogue_kernel_only_in_gpu_prefill_with_the_newer_kernels() -> None:
-    """The rule (`qkv_kernel_backend`): GPU prefill programs with attention_kernels auto / mosaic
-    and d / 2 a power of two; decode, other platforms, "triton" (the compile fallback) and other
-    head sizes run the jnp ops."""
-    from crosspool_jax.execution.pooled_step import qkv_kernel_backend
-
-    assert qkv_kernel_backend(False, "gpu", 128, "auto") == "gpu"
-    assert qkv_kernel_backend(False, "gpu", 128, "mosaic") == "gpu"
-    assert qkv_kernel_backend(False, "gpu", 128, "triton") == "reference"
-    assert qkv_kernel_backend(True, "gpu", 128, "auto") == "reference"
-    assert qkv_kernel_backend(False, "reference", 128, "auto") == "reference"
-    assert qkv_kernel_backend(False, "gpu", 96, "auto") == "reference"

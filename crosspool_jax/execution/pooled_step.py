@@ -68,13 +68,12 @@ from jax.sharding import PartitionSpec as P
 from crosspool_jax.execution.sampling import sample_tokens
 from crosspool_jax.memory.arena import ArenaStore, ModelClass, TensorSlot, shard_map
 from crosspool_jax.memory.topology import POOL_AXIS, Role
-from crosspool_jax.models.config import AttentionKind, FFNKind, ModelConfig, QKNorm, RopeStyle
+from crosspool_jax.models.config import AttentionKind, FFNKind, ModelConfig, QKNorm
 from crosspool_jax.models.layers import apply_rope, rms_norm, rope_cos_sin
 from crosspool_jax.models.moe import group_counts, route_logits
 from pallas_kernels import dispatch, kv_append, mla_kv_append, paged_decode_attention
 from pallas_kernels.arena_matmul import arena_grouped_matmul
 from pallas_kernels.page_layout import KVSpec, PageGeometry, PoolLayout, page_geometry
-from pallas_kernels.qkv_epilogue import kernel_supports, qkv_epilogue, qkv_epilogue_reference
 
 
 def kv_spec(cfg: ModelConfig) -> KVSpec:
@@ -209,18 +208,6 @@ def _norm_rows(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return rms_norm(x, w, eps)
 
 
-def qkv_kernel_backend(decode: bool, matmul_backend: str | None, head_dim: int,
-                       attention_kernels: str) -> str:
-    """Where a program runs `qkv_epilogue`: the Triton kernel in prefill programs on GPU (one
-    pass over a chunk's rows instead of XLA's several), "reference" (jnp) elsewhere. Decode
-    programs keep the jnp ops until the kernel is measured there. It rides with the newer
-    attention kernels (`attention_kernels` "auto" / "mosaic"), so the compile fallback that
-    rebuilds a failed program with "triton" (`step_programs`) also takes it out."""
-    ok = (not decode and matmul_backend == "gpu" and attention_kernels != "triton"
-          and kernel_supports(head_dim))
-    return "gpu" if ok else "reference"
-
-
 # ---- one lane's layer ---------------------------------------------------------------------------------
 
 
@@ -315,11 +302,25 @@ class Lane:
         cos, sin = rope_cos_sin(cfg, st.positions[None])
         ctx: dict[str, Any] = dict(sizes=sizes, dt=dt, tail_pages=tail_pages, slots=slots)
         if cfg.attention == AttentionKind.GQA:
+            H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
             bias = self.cls.has("attn/layers/bqkv")  # added in f32 before the one rounding
             qkv = rd.matmul(h, "attn/layers/wqkv", layer, sizes, jnp.float32 if bias else dt)
             if bias:
                 qkv = qkv + rd.per_row("attn/layers/bqkv", layer, grp).astype(jnp.float32)
-            ctx["q"], ctx["k"], ctx["v"] = self._qkv_epilogue(rd, qkv.astype(dt), layer, grp, cos[0], sin[0])
+            qkv = qkv.astype(dt)
+            q, k, v = qkv[:, : H * Dh], qkv[:, H * Dh:(H + K) * Dh], qkv[:, (H + K) * Dh:]
+            if cfg.qk_norm == QKNorm.FULL:
+                q = _norm_rows(q, rd.per_row("attn/layers/q_norm", layer, grp), eps)
+                k = _norm_rows(k, rd.per_row("attn/layers/k_norm", layer, grp), eps)
+            if cfg.clip_qkv is not None:
+                q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+            q, k, v = q.reshape(t, H, Dh), k.reshape(t, K, Dh), v.reshape(t, K, Dh)
+            if cfg.qk_norm == QKNorm.PER_HEAD:
+                q = _norm_rows(q, rd.per_row("attn/layers/q_norm", layer, grp), eps)
+                k = _norm_rows(k, rd.per_row("attn/layers/k_norm", layer, grp), eps)
+            ctx["q"] = apply_rope(q[None], cos, sin, cfg.rope_style)[0]
+            ctx["k"] = apply_rope(k[None], cos, sin, cfg.rope_style)[0]
+            ctx["v"] = v
             return ctx
         H, n, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         R = cfg.kv_lora_rank
@@ -343,30 +344,6 @@ class Lane:
         ctx["latent"] = _norm_rows(ckv[:, :R], rd.per_row("attn/layers/kv_a_norm", layer, grp), eps)
         ctx["k_rope"] = apply_rope(ckv[None, :, None, R:], cos, sin, cfg.rope_style)[0, :, 0]
         return ctx
-
-    def _qkv_epilogue(self, rd: _Reader, qkv: jax.Array, layer: int | jax.Array, grp: jax.Array,
-                      cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """q [T, H, D], k / v [T, K, D] from qkv [T, (H + 2K) * D]: norms, clip, rotary.
-        Prefill programs on GPU run them as one Triton kernel (`pallas_kernels.qkv_epilogue`:
-        one pass over the chunk instead of XLA's slice, norm and concatenate passes); decode
-        programs and other platforms as the same jnp ops."""
-        cfg = self.cfg
-        d = cfg.head_dim
-        norm = cfg.qk_norm.value
-        q_w = k_w = None
-        if cfg.qk_norm != QKNorm.NONE:
-            q_w, k_w = rd.stacked("attn/layers/q_norm", layer), rd.stacked("attn/layers/k_norm", layer)
-            q_w, k_w = q_w.reshape(q_w.shape[0], -1), k_w.reshape(k_w.shape[0], -1)  # [G, width]
-        kw = dict(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=d, norm=norm,
-                  eps=cfg.rms_norm_eps, clip=cfg.clip_qkv)
-        if cfg.rope_style != RopeStyle.HALF:
-            def rotary(x: jax.Array) -> jax.Array:
-                return apply_rope(x[None], cos[None], sin[None], cfg.rope_style)[0]
-
-            return qkv_epilogue_reference(qkv, q_w, k_w, grp, cos, sin, rotary=rotary, **kw)
-        return qkv_epilogue(qkv, q_w, k_w, grp, cos, sin,
-                            backend=qkv_kernel_backend(self.spec.decode, rd.backend, d,
-                                                       self.spec.attention_kernels), **kw)
 
     def kv_write(self, arena: jax.Array, ctx: dict) -> jax.Array:
         """Appends this layer's new K/V (MLA: latent + rope key) into the pages, in place."""

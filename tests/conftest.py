@@ -54,16 +54,22 @@ def _end_dropped_compile_queues():
         gc.collect()
 
 
-# Files with the longest total time in CI (`--durations` of the CI log), slowest first. They run
-# first, so the xdist workers (scripts/test.sh: `--dist loadfile`) take them in turn and end
-# together instead of one worker starting a long file when the others are nearly done.
-SLOW_FILES = ("test_reference_parity.py", "test_pooled_step.py", "test_pooled_engine.py",
-              "test_model_classes.py", "test_error_exits.py", "test_stall_free.py",
-              "test_pooled_step_inplace.py", "test_readme.py", "test_lse.py", "test_sleep_wake.py",
-              "test_host_step.py", "test_bench_runner.py", "test_simulator.py", "test_multihost.py",
-              "test_decode.py", "test_prefill.py", "test_overlap.py", "test_reference_generation.py",
-              "test_static_live.py", "test_engine_groups.py", "test_public_api.py",
-              "test_serving_pooled.py", "test_hf_export.py", "test_prefill_budget.py")
+# Files with the longest total time in a fresh-clone run (`--durations=0`, 2026-12-07: every file
+# over 40 s), slowest first. They run first, so the xdist workers (scripts/test.sh: `--dist
+# loadfile`) take them in turn and end together instead of one worker starting a long file when the
+# others are nearly done.
+SLOW_FILES = ("test_pooled_engine.py", "test_pooled_step.py", "test_stall_free.py",
+              "test_model_classes.py", "test_reference_parity.py", "test_error_exits.py",
+              "test_attention_kernels_step.py", "test_sleep_wake.py", "test_host_step.py",
+              "test_multihost.py", "test_mixed_steps.py", "test_prefill_matmul_bench.py",
+              "test_pooled_step_inplace.py", "test_compile_process.py", "test_lse.py", "test_decode.py",
+              "test_bench_runner.py", "test_readme.py", "test_prefill.py", "test_simulator.py",
+              "test_mla_decode_mgpu.py", "test_prefill_mgpu.py", "test_overlap.py",
+              "test_prefill_bench.py", "test_lowering_time_bench.py", "test_mla_prefill_mgpu.py",
+              "test_arena_matmul_mgpu_ws.py", "test_hf_export.py", "test_engine_groups.py",
+              "test_arena_matmul.py", "test_static_live.py", "test_public_api.py",
+              "test_serving_pooled.py", "test_compile_queue.py", "test_prefill_attention_bench.py",
+              "test_append.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -53,7 +53,8 @@ while [ $# -gt 0 ]; do
     # "precompiled N programs in W s ..." and each program's "precompiled i/N: ... (S s)"
     rows+=("$(awk -v n="$name" -v rc="$rc" '
         /^precompiled [0-9]+ programs in / { progs = $2; wall = $5 }
-        /^precompiled [0-9]+\/[0-9]+: / { s = $(NF - 1); gsub(/[()]/, "", s); sum += s; done++ }
+        /^precompiled [0-9]+\/[0-9]+: / && match($0, /\([0-9.]+ s\)/) {
+            sum += substr($0, RSTART + 1, RLENGTH - 4); done++ }
         END { printf "%-12s rc %-4s programs %-5s wall %-8s s  per-program sum %.1f s over %d\n",
               n, rc, progs ? progs : "-", wall ? wall : "-", sum, done }' "$out/$name.log")")
 done

@@ -13,12 +13,22 @@ this process.
 
 --xla-option KEY=VALUE (repeatable): an XLA option every step program compiles with
 (`GroupRunner.compiler_options`); VALUE is read as an int, a float, true / false, or kept a string.
+
+--programs N: only the first N programs of each group's grid (in the grid's order), so a short
+device call ends with its totals. --profile: compiles them under `jax.profiler.trace` and prints
+where the compile's host time went: the profiler's host events (XLA's compiler passes, LLVM,
+ptxas, the Triton and Mosaic GPU kernel compiles; not Python's, so jax's tracing and lowering
+show only in the phase totals) summed per name
+over all threads, by self time (the event less its nested events) and by total time, largest
+first (`--profile-top` rows each). In-process compiles only (not with --compile-process).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import glob
+import tempfile
 import threading
 import time
 from typing import Any
@@ -73,6 +83,60 @@ class PhaseSeconds:
                          for p in PHASE_EVENTS.values())
 
 
+def event_name(name: str) -> str:
+    """A profiler event's name without its TraceMe metadata ("Name#key=value,...#" -> "Name")."""
+    return name.split("#", 1)[0].strip() or name
+
+
+def add_line_seconds(events: list[tuple[int, int, str]], own: dict[str, float],
+                     total: dict[str, float], count: dict[str, int]) -> None:
+    """Adds one thread line's events (start ns, duration ns, name) to the per-name seconds: total
+    is each event's duration, self (own) its duration less that of the events nested in it, so a
+    line's self times add up to its busy time."""
+    stack: list[tuple[int, str]] = []  # (end ns, name) of the open events
+    for start, dur, name in sorted(events, key=lambda ev: (ev[0], -ev[1])):
+        while stack and stack[-1][0] <= start:
+            stack.pop()
+        if stack:  # nested: its time is not its parent's own
+            own[stack[-1][1]] -= min(dur, stack[-1][0] - start) / 1e9
+        own[name] += dur / 1e9
+        total[name] += dur / 1e9
+        count[name] += 1
+        stack.append((start + dur, name))
+
+
+def host_event_seconds(xplane_path: str) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
+    """(self seconds, total seconds, count) per event name over the host planes' thread lines of
+    one profiler trace (`add_line_seconds`)."""
+    from jax.profiler import ProfileData
+
+    own: dict[str, float] = collections.defaultdict(float)
+    total: dict[str, float] = collections.defaultdict(float)
+    count: dict[str, int] = collections.Counter()
+    for plane in ProfileData.from_file(xplane_path).planes:
+        if plane.name.startswith("/host:"):
+            for line in plane.lines:
+                add_line_seconds([(e.start_ns, e.duration_ns, event_name(e.name)) for e in line.events],
+                                 own, total, count)
+    return own, total, count
+
+
+def print_profile(trace_dir: str, programs: int, top: int) -> None:
+    """The host-event tables of the trace in `trace_dir` (`host_event_seconds`), per program."""
+    paths = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+    if not paths:
+        print(f"no profiler trace under {trace_dir}", flush=True)
+        return
+    own, total, count = host_event_seconds(paths[-1])
+    n = max(programs, 1)
+    for title, table in (("self", own), ("total", total)):
+        print(f"\nhost events by {title} time, seconds per program over {n} programs (all threads):")
+        print(f"{'event':70s} {'s/program':>10s} {'count/program':>14s}")
+        for name, secs in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"{name[:70]:70s} {secs / n:10.3f} {count[name] / n:14.1f}")
+    print(flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", default="shared")
@@ -84,7 +148,12 @@ def main() -> None:
     ap.add_argument("--compile-process", action="store_true",
                     help="compile in --threads worker processes (EngineConfig.compile_process)")
     ap.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--programs", type=int, default=None, help="only the first N of each grid")
+    ap.add_argument("--profile", action="store_true", help="host-event tables of the compile")
+    ap.add_argument("--profile-top", type=int, default=40)
     args = ap.parse_args()
+    if args.profile and args.compile_process:
+        raise SystemExit("--profile sees this process's compiles only: drop --compile-process")
     options = dict(parse_option(o) for o in args.xla_option)
     devs = jax.devices()
     n = 1 if args.mode != "crosspool" else 2
@@ -100,10 +169,23 @@ def main() -> None:
     for g in engine.groups:
         g.compiler_options = options
     phases = PhaseSeconds()
-    t0 = time.perf_counter()
-    count = engine.precompile(args.max_context, args.max_slots, threads=args.threads,
-                              log=lambda m: print(f"{m} [so far: {phases.summary()}]", flush=True))
-    wall = time.perf_counter() - t0
+    log = lambda m: print(f"{m} [so far: {phases.summary()}]", flush=True)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        t0 = time.perf_counter()
+        if args.profile:  # native events only: the Python tracer would slow tracing and lowering
+            opts = jax.profiler.ProfileOptions()
+            opts.python_tracer_level = 0
+            jax.profiler.start_trace(trace_dir, profiler_options=opts)
+        if args.programs is None:
+            count = engine.precompile(args.max_context, args.max_slots, threads=args.threads, log=log)
+        else:
+            slots = args.max_slots or engine.max_live_requests
+            count = sum(g.precompile(g.bucket_specs(args.max_context, slots)[:args.programs],
+                                     threads=args.threads, log=log) for g in engine.groups)
+        wall = time.perf_counter() - t0
+        if args.profile:
+            jax.profiler.stop_trace()
+            print_profile(trace_dir, count, args.profile_top)
     how = "worker processes" if args.compile_process else "threads"
     print(f"precompiled {count} programs in {wall:.1f} s with {args.threads} {how}, options {options} "
           f"({wall / max(count, 1):.2f} s per program)", flush=True)

@@ -18,9 +18,9 @@ this process.
 device call ends with its totals. --profile: compiles them under `jax.profiler.trace` and prints
 where the compile's host time went: the profiler's host events (XLA's compiler passes, LLVM,
 ptxas, the Triton and Mosaic GPU kernel compiles; not Python's, so jax's tracing and lowering
-show only in the phase totals) summed per name
-over all threads, by self time (the event less its nested events) and by total time, largest
-first (`--profile-top` rows each). In-process compiles only (not with --compile-process).
+show only in the phase totals) summed per name over all threads, by self time (the event less
+its nested events) and by total time, largest first (`--profile-top` rows each). In-process
+compiles only (not with --compile-process).
 """
 
 from __future__ import annotations

@@ -98,7 +98,8 @@ def test_models_gone_from_the_pool_leave_the_round_robin() -> None:
     assert not planner.has_live_requests
     planner.virtualizer.unregister_model("B")
     planner.set_model_limits({})
-    assert planner.waiting() == () and "B" not in planner._queues and planner._model_order == ["A", "C"]
+    book = planner._book
+    assert planner.waiting() == () and "B" not in book.queues and book.model_order == ["A", "C"]
     planner.submit(spec("c2", "C", 4, 1))
     engine.step()
     assert planner.info("c2").status == RequestStatus.FINISHED

@@ -36,7 +36,6 @@ no clocks, no threads. The policy and its reasons are in docs/planner.md; in sho
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -69,6 +68,7 @@ from crosspool_jax.memory.planner_types import (
     StepInput,
     StepPlan,
 )
+from crosspool_jax.memory.request_book import RequestBook, RequestRecord
 
 __all__ = [
     "BACKFILL_TRIES",
@@ -95,53 +95,6 @@ __all__ = [
 BACKFILL_TRIES = 8  # later requests of a blocked model tried per admission round (backfill)
 
 
-@dataclasses.dataclass
-class _Request:
-    spec: RequestSpec
-    arrival: int
-    status: RequestStatus = RequestStatus.WAITING
-    generated: list[int] = dataclasses.field(default_factory=list)
-    kv_len: int = 0  # KV positions held (device, or host when swapped)
-    prefill_target: int = 0  # KV positions to reach by prefill before decoding
-    promised_len: int = 0  # KV positions the admission forecast counted on (pending until held)
-    # the model's cap this request is held to: the cap at submission, raised (never lowered) by
-    # limit changes while it is live (`KVPlanner.set_model_limits`); None: no cap
-    cap_pages: int | None = None
-    num_preemptions: int = 0
-    message: str = ""
-    unfit_rounds: int = 0  # admission rounds this waiting request did not fit the pool
-
-    @property
-    def precedence(self) -> tuple[int, int]:
-        """Sort key: smaller runs first and is preempted last."""
-        return (-self.spec.priority, self.arrival)
-
-    @property
-    def num_tokens(self) -> int:
-        """Known tokens: prompt + generated."""
-        return len(self.spec.prompt) + len(self.generated)
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.kv_len < self.prefill_target
-
-    def info(self) -> RequestInfo:
-        phase = None
-        if self.status == RequestStatus.RUNNING:
-            phase = Phase.PREFILL if self.in_prefill else Phase.DECODE
-        return RequestInfo(
-            self.spec.request_id,
-            self.spec.model,
-            self.status,
-            self.spec.prompt,
-            tuple(self.generated),
-            self.kv_len,
-            phase,
-            self.num_preemptions,
-            self.message,
-        )
-
-
 class _Shortfall(NamedTuple):
     cap_bound: bool  # the model's cap, not the pool, is what is short
     text: str
@@ -157,13 +110,7 @@ class KVPlanner:
         self._kv = virtualizer
         self._config = config or PlannerConfig()
         check_floors_fit(self._config, virtualizer.config.total_pages)
-        self._requests: dict[RequestId, _Request] = {}
-        self._running: dict[RequestId, _Request] = {}
-        self._queues: dict[ModelId, list[tuple[tuple[int, int], RequestId]]] = {}  # per model, by precedence
-        self._model_order: list[ModelId] = []  # round-robin order (first submission)
-        self._rr_next = 0
-        self._live_per_model: dict[ModelId, int] = {}
-        self._arrivals = 0
+        self._book = RequestBook()
 
     def set_model_limits(self, limits: Mapping[ModelId, ModelLimits]) -> None:
         """Replaces every model's floor and cap (models not named: none), also while requests are live.
@@ -175,26 +122,9 @@ class KVPlanner:
         next step. Raises ValueError (nothing changed) if the floors exceed the pool."""
         cfg = dataclasses.replace(self._config, model_limits=dict(limits))
         check_floors_fit(cfg, self._kv.config.total_pages)
-        for req in self._requests.values():
-            if not req.status.is_terminal:
-                new = cfg.limits(req.spec.model).cap_pages
-                req.cap_pages = None if new is None or req.cap_pages is None else max(req.cap_pages, new)
+        self._book.keep_larger_caps(lambda model: cfg.limits(model).cap_pages)
         self._config = cfg
-        self._drop_idle_models()
-
-    def _drop_idle_models(self) -> None:
-        """Forgets the round-robin entries of models gone from the pool with no live requests."""
-        gone = [m for m in self._model_order
-                if m not in self._kv.models and not self._live_per_model.get(m) and not self._queues[m]]
-        if not gone:
-            return
-        nxt = self._model_order[self._rr_next] if self._rr_next < len(self._model_order) else None
-        for m in gone:
-            self._model_order.remove(m)
-            del self._queues[m]
-            self._live_per_model.pop(m, None)
-        keep = self._model_order
-        self._rr_next = keep.index(nxt) if nxt in keep else (self._rr_next % len(keep) if keep else 0)
+        self._book.drop_idle_models(self._kv.models)  # models gone from the pool
 
     @property
     def config(self) -> PlannerConfig:
@@ -221,27 +151,19 @@ class KVPlanner:
 
     def submit(self, spec: RequestSpec) -> RequestInfo:
         """Queue a request. Raises RequestRejected (and records it REJECTED) if it could never fit."""
-        if spec.request_id in self._requests:
-            raise PlannerError(f"request id {spec.request_id!r} was already submitted")
-        req = _Request(spec, self._arrivals, cap_pages=self._config.limits(spec.model).cap_pages)
-        self._arrivals += 1
-        self._requests[spec.request_id] = req
+        req = self._book.new_record(spec, self._config.limits(spec.model).cap_pages)
         reason = self._rejection_reason(spec)
         if reason is not None:
             req.status = RequestStatus.REJECTED
             req.message = reason
             raise RequestRejected(spec.request_id, reason)
         req.message = "waiting for admission"
-        if spec.model not in self._queues:
-            self._queues[spec.model] = []
-            self._model_order.append(spec.model)
-        self._live_per_model[spec.model] = self._live_per_model.get(spec.model, 0) + 1
-        self._enqueue(req)
+        self._book.open(req)
         return req.info()
 
     def append_tokens(self, request_id: RequestId, tokens: Sequence[int]) -> RequestInfo:
         """Record tokens sampled for a running request; finishes it at max_new_tokens."""
-        req = self._get(request_id)
+        req = self._book.get(request_id)
         if req.status != RequestStatus.RUNNING:
             raise PlannerError(f"request {request_id!r} is {req.status}, not running: cannot append tokens")
         if req.num_tokens + len(tokens) > req.kv_len + 1:
@@ -263,7 +185,7 @@ class KVPlanner:
         """End a live request normally (e.g. a stop token); frees its pages now. Usually the
         request is running; an engine that plans ahead of its device (placeholder tokens, see
         `revise_tokens`) may learn of a stop token after the request was preempted."""
-        req = self._live(request_id)
+        req = self._book.live(request_id)
         self._end(req, RequestStatus.FINISHED, message)
         return req.info()
 
@@ -274,7 +196,7 @@ class KVPlanner:
         placeholders for the tokens in flight (`append_tokens`: only their count matters to
         planning) and revises them once they arrive. Any state but forgotten is allowed: tokens of a
         request that ended at max_new_tokens on placeholders arrive after it ended."""
-        req = self._get(request_id)
+        req = self._book.get(request_id)
         if not 0 <= start <= start + len(tokens) <= len(req.generated):
             raise PlannerError(f"request {request_id!r}: tokens [{start}, {start + len(tokens)}) "
                                f"outside the {len(req.generated)} generated")
@@ -283,7 +205,7 @@ class KVPlanner:
 
     def cancel(self, request_id: RequestId, message: str = "cancelled") -> RequestInfo:
         """End a live request at the client's wish; frees its pages (device or host) now."""
-        req = self._live(request_id)
+        req = self._book.live(request_id)
         self._end(req, RequestStatus.CANCELLED, message)
         return req.info()
 
@@ -291,43 +213,37 @@ class KVPlanner:
         """End a live request with an error; frees its pages now."""
         if not message:
             raise PlannerError("a failure needs a message")
-        req = self._live(request_id)
+        req = self._book.live(request_id)
         self._end(req, RequestStatus.FAILED, message)
         return req.info()
 
     def info(self, request_id: RequestId) -> RequestInfo:
-        return self._get(request_id).info()
+        return self._book.get(request_id).info()
 
     def prefill_span(self, request_id: RequestId) -> tuple[int, int] | None:
         """(KV positions held, KV positions its prefill reaches) of a request running a prefill or
         waiting to start or resume one (tokens); None when it decodes, resumes a decode or ended.
         Cheap (no snapshot): the runner asks it of every such request each step."""
-        req = self._get(request_id)
-        if req.status in (RequestStatus.RUNNING, RequestStatus.SWAPPED):
-            return (req.kv_len, req.prefill_target) if req.in_prefill else None
-        if req.status == RequestStatus.WAITING:
-            return 0, req.num_tokens
-        return None
+        return self._book.get(request_id).prefill_span()
 
     def forget(self, request_id: RequestId) -> None:
         """Drop the record of a request in a terminal state."""
-        req = self._get(request_id)
+        req = self._book.get(request_id)
         if not req.status.is_terminal:
             raise PlannerError(f"request {request_id!r} is {req.status}; only ended requests are forgotten")
-        del self._requests[request_id]
+        del self._book.requests[request_id]
 
     def running(self) -> tuple[RequestId, ...]:
         """Running requests by precedence."""
-        return tuple(r.spec.request_id for r in sorted(self._running.values(), key=lambda r: r.precedence))
+        return self._book.running_ids()
 
     def waiting(self, model: ModelId | None = None) -> tuple[RequestId, ...]:
         """Waiting and swapped requests in admission order within each model."""
-        models = self._model_order if model is None else [model]
-        return tuple(rid for m in models for _, rid in self._queues.get(m, []))
+        return self._book.waiting_ids(model)
 
     @property
     def has_live_requests(self) -> bool:
-        return bool(self._running) or any(self._queues.values())
+        return self._book.has_live_requests
 
     # -- the step --
 
@@ -340,14 +256,14 @@ class KVPlanner:
         targets = self._decode_targets(step_input.decode_lengths)
         run: list[ScheduledRequest] = []
         preempted: list[Preemption] = []
-        order = sorted(self._running.values(), key=lambda r: r.precedence)
+        order = sorted(self._book.running.values(), key=lambda r: r.precedence)
         leader = True  # the highest-precedence request that grows this step ignores floors
         for req in order:
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
             if req.in_prefill and req.spec.request_id in step_input.held_prefills:
                 continue
-            target, chunk_tokens = self._next_length(req, targets, budget)
+            target, chunk_tokens = req.next_length(targets.get(req.spec.request_id), budget)
             if target == req.kv_len:
                 continue  # a prefill with no budget left this step
             if not self._grow_or_preempt(req, target, preempted, ignore_floors=leader):
@@ -355,7 +271,7 @@ class KVPlanner:
             leader = False
             if budget is not None:
                 budget -= chunk_tokens
-            run.append(self._scheduled(req, target))
+            run.append(req.schedule(target))
         admitted: list[Admission] = []
         if not preempted:
             budget = self._admit(run, admitted, budget, step_input.held_models, step_input.held_prefills)
@@ -365,7 +281,7 @@ class KVPlanner:
 
     def _decode_targets(self, decode_lengths: Mapping[RequestId, int]) -> dict[RequestId, int]:
         for rid, target in decode_lengths.items():
-            req = self._running.get(rid)
+            req = self._book.running.get(rid)
             if req is None or req.in_prefill:
                 raise PlannerError(f"decode length given for {rid!r}, which is not a running decode request")
             if not req.kv_len < target <= req.spec.max_kv_tokens:
@@ -375,31 +291,8 @@ class KVPlanner:
                 )
         return dict(decode_lengths)
 
-    def _next_length(
-        self, req: _Request, targets: Mapping[RequestId, int], budget: int | None
-    ) -> tuple[int, int]:
-        """(KV length after this step, prefill tokens it uses) for a running request."""
-        if req.in_prefill:
-            chunk = req.prefill_target - req.kv_len
-            if budget is not None:
-                chunk = min(chunk, budget)
-            return req.kv_len + chunk, chunk
-        if req.num_tokens != req.kv_len + 1:
-            raise PlannerError(
-                f"request {req.spec.request_id!r}: append the tokens sampled by its last step "
-                f"before planning the next ({req.num_tokens} tokens known, {req.kv_len} positions computed)"
-            )
-        return targets.get(req.spec.request_id, req.kv_len + 1), 0
-
-    def _scheduled(self, req: _Request, target: int) -> ScheduledRequest:
-        start = req.kv_len
-        phase = Phase.PREFILL if req.in_prefill else Phase.DECODE
-        req.kv_len = target
-        samples = phase == Phase.DECODE or target == req.prefill_target
-        return ScheduledRequest(req.spec.request_id, req.spec.model, phase, start, target, samples)
-
     def _grow_or_preempt(
-        self, req: _Request, target: int, preempted: list[Preemption], ignore_floors: bool
+        self, req: RequestRecord, target: int, preempted: list[Preemption], ignore_floors: bool
     ) -> bool:
         """Grow `req` to `target` KV tokens, preempting lower-precedence requests as needed.
 
@@ -425,7 +318,7 @@ class KVPlanner:
             preempted.append(self._preempt(victim, reason))
 
     def _growth_shortfall(
-        self, req: _Request, need: int, target: int, ignore_floors: bool
+        self, req: RequestRecord, need: int, target: int, ignore_floors: bool
     ) -> _Shortfall | None:
         """Why growing `req` by `need` pages is not allowed now (None: it is)."""
         if need == 0:
@@ -445,10 +338,10 @@ class KVPlanner:
             return _Shortfall(False, f"needs {need} pages, the free ones are too scattered over devices")
         return None
 
-    def _pick_victim(self, req: _Request, cap_bound: bool) -> _Request | None:
+    def _pick_victim(self, req: RequestRecord, cap_bound: bool) -> RequestRecord | None:
         """Lowest-precedence running request below `req` whose preemption frees pages `req` may use."""
-        best: _Request | None = None
-        for other in self._running.values():
+        best: RequestRecord | None = None
+        for other in self._book.running.values():
             if other is req or other.precedence < req.precedence:
                 continue
             if self._kv.num_tokens(other.spec.request_id) == 0:
@@ -468,7 +361,7 @@ class KVPlanner:
     def _reserved_for_others(self, model: ModelId, pending: Mapping[ModelId, int] | None) -> int:
         """Unused floor pages of models other than `model` that have live requests."""
         total = 0
-        for other, live in self._live_per_model.items():
+        for other, live in self._book.live_per_model.items():
             if other == model or not live:
                 continue
             floor = self._config.limits(other).floor_pages
@@ -476,7 +369,7 @@ class KVPlanner:
             total += max(0, floor - held)
         return total
 
-    def _choose_mode(self, req: _Request) -> tuple[PreemptionMode, str]:
+    def _choose_mode(self, req: RequestRecord) -> tuple[PreemptionMode, str]:
         rid = req.spec.request_id
         pages = self._kv.device_pages_held(rid)
         if req.kv_len == 0 or pages == 0:
@@ -507,7 +400,7 @@ class KVPlanner:
         rate = cfg.model_prefill_tokens_per_s.get(model, cfg.prefill_tokens_per_s)
         return swap_s, kv_tokens / rate
 
-    def _preempt(self, req: _Request, reason: str) -> Preemption:
+    def _preempt(self, req: RequestRecord, reason: str) -> Preemption:
         rid = req.spec.request_id
         mode, why = self._choose_mode(req)
         kv_len = req.kv_len
@@ -521,10 +414,10 @@ class KVPlanner:
             req.status = RequestStatus.WAITING
             req.kv_len = 0
             req.prefill_target = 0  # set again at admission: prompt + generated
-        del self._running[rid]
+        del self._book.running[rid]
         req.num_preemptions += 1
         req.message = f"preempted ({mode}: {why}): {reason}"
-        self._enqueue(req)
+        self._book.enqueue(req)
         return Preemption(rid, req.spec.model, mode, kv_len, pages, swap_out, f"{reason}; {why}")
 
     def _admit(
@@ -535,29 +428,29 @@ class KVPlanner:
         request not in `held_prefills` (a swapped request resuming its decode is never held), or
         a backfill (`_pick`); returns the prefill budget left."""
         blocked: set[ModelId] = set(held)
-        n = len(self._model_order)
+        n = len(self._book.model_order)
         starving = self._starving(held, held_prefills)
         counted: set[RequestId] = set()
         while True:
             progressed = False
             for i in range(n):
-                index = (self._rr_next + i) % n
-                model = self._model_order[index]
+                index = (self._book.rr_next + i) % n
+                model = self._book.model_order[index]
                 if model in blocked:
                     continue
-                picked = self._pick(self._queues[model], budget, held_prefills, starving, counted)
+                picked = self._pick(self._book.queues[model], budget, held_prefills, starving, counted)
                 if picked is None:
                     blocked.add(model)
                     continue
                 j, admission, budget_used = picked
-                _, rid = self._queues[model].pop(j)
+                _, rid = self._book.queues[model].pop(j)
                 admitted.append(admission)
                 if starving is not None and starving[0].spec.request_id == rid:
                     starving = None
                 if budget is not None:
                     budget -= budget_used
-                run.append(self._scheduled(self._requests[rid], self._kv.num_tokens(rid)))
-                self._rr_next = (index + 1) % n
+                run.append(self._book.requests[rid].schedule(self._kv.num_tokens(rid)))
+                self._book.rr_next = (index + 1) % n
                 progressed = True
                 break  # restart the rotation from the next model
             if not progressed:
@@ -565,7 +458,7 @@ class KVPlanner:
 
     def _pick(
         self, queue: list[tuple[tuple[int, int], RequestId]], budget: int | None,
-        held_prefills: frozenset[RequestId], starving: tuple[_Request, int] | None,
+        held_prefills: frozenset[RequestId], starving: tuple[RequestRecord, int] | None,
         counted: set[RequestId],
     ) -> tuple[int, Admission, int] | None:
         """Admits the first request of a model's `queue` (not in `held_prefills`) that may start
@@ -575,13 +468,13 @@ class KVPlanner:
         whose pages are held back, and their count) fits beside those pages."""
         tries = 0
         for j, (_, rid) in enumerate(queue):
-            if rid in held_prefills and self.prefill_span(rid) is not None:
+            if rid in held_prefills and self._book.requests[rid].prefill_span() is not None:
                 continue
-            req = self._requests[rid]
+            req = self._book.requests[rid]
             held_back = starving[1] if starving is not None and starving[0] is not req else 0
             # with nothing running, floors reserve pages for requests that cannot start
             # either: the first admission into an idle pool ignores them (no deadlock)
-            admission, budget_used, unfit = self._try_admit(req, budget, not self._running, held_back)
+            admission, budget_used, unfit = self._try_admit(req, budget, not self._book.running, held_back)
             if admission is not None:
                 req.unfit_rounds = 0
                 return j, admission, budget_used
@@ -596,7 +489,7 @@ class KVPlanner:
         return None
 
     def _starving(self, held: frozenset[ModelId], held_prefills: frozenset[RequestId]
-                  ) -> tuple[_Request, int] | None:
+                  ) -> tuple[RequestRecord, int] | None:
         """The waiting request of best precedence that has not fit the pool for
         `starving_after_steps` rounds and may start this step (its model not `held`, itself not
         in `held_prefills`), and the pages its admission needs; None if there is none or the
@@ -605,11 +498,11 @@ class KVPlanner:
         if after is None:
             return None
         best = None
-        for model, queue in self._queues.items():
+        for model, queue in self._book.queues.items():
             if model in held:
                 continue
             for _, rid in queue:
-                req = self._requests[rid]
+                req = self._book.requests[rid]
                 if req.unfit_rounds >= after and rid not in held_prefills and (
                         best is None or req.precedence < best.precedence):
                     best = req
@@ -617,7 +510,7 @@ class KVPlanner:
             return None
         return best, self._kv.layout(best.spec.model).pages_for(self._admission_tokens(best, 0))
 
-    def _admission_tokens(self, req: _Request, step_len: int) -> int:
+    def _admission_tokens(self, req: RequestRecord, step_len: int) -> int:
         """KV positions the admission forecast must fit for `req`: its prefill (or resumed
         length) plus the headroom, capped at its max_kv_tokens, and at least `step_len`."""
         swapped = req.status == RequestStatus.SWAPPED
@@ -627,7 +520,7 @@ class KVPlanner:
         return max(step_len, min(max(target, resume_len) + headroom, req.spec.max_kv_tokens))
 
     def _try_admit(
-        self, req: _Request, budget: int | None, ignore_floors: bool, held_back: int = 0
+        self, req: RequestRecord, budget: int | None, ignore_floors: bool, held_back: int = 0
     ) -> tuple[Admission | None, int, str | None]:
         """Admit `req` if it fits (device pages allocated, status RUNNING): (admission, prefill
         tokens it uses, None); else (None, 0, why: "budget", "cap" or "pool"). held_back: pages
@@ -665,8 +558,8 @@ class KVPlanner:
         req.promised_len = forecast_len
         req.status = RequestStatus.RUNNING
         req.message = "running"
-        self._running[rid] = req
-        # `_scheduled` (called by the caller) advances kv_len; pages are grown here
+        self._book.running[rid] = req
+        # `RequestRecord.schedule` (called by the caller) advances kv_len; pages are grown here
         self._kv.grow(rid, step_len, allow_split=self._config.allow_split_kv)
         return Admission(rid, model, resumed, swap_in), chunk, None
 
@@ -693,7 +586,7 @@ class KVPlanner:
     def _pending_pages(self) -> dict[ModelId, int]:
         """Pages running requests were promised at admission but do not hold yet, per model."""
         pending: dict[ModelId, int] = {}
-        for req in self._running.values():
+        for req in self._book.running.values():
             promised_pages = self._kv.layout(req.spec.model).pages_for(req.promised_len)
             extra = max(0, promised_pages - self._kv.device_pages_held(req.spec.request_id))
             if extra:
@@ -729,41 +622,22 @@ class KVPlanner:
                 )
         return None
 
-    def _enqueue(self, req: _Request) -> None:
-        bisect.insort(self._queues[req.spec.model], (req.precedence, req.spec.request_id), key=lambda e: e[0])
-
-    def _end(self, req: _Request, status: RequestStatus, message: str) -> None:
-        rid = req.spec.request_id
-        if req.status == RequestStatus.RUNNING:
-            del self._running[rid]
-        elif req.status in (RequestStatus.WAITING, RequestStatus.SWAPPED):
-            queue = self._queues[req.spec.model]
-            queue.remove((req.precedence, rid))
-        if self._kv.has_request(rid):
-            self._kv.free(rid)
-        self._live_per_model[req.spec.model] -= 1
+    def _end(self, req: RequestRecord, status: RequestStatus, message: str) -> None:
+        """Ends a live request with `status` and frees its pages (device or host)."""
+        self._book.close(req)
+        if self._kv.has_request(req.spec.request_id):
+            self._kv.free(req.spec.request_id)
         req.status = status
         req.message = message
-
-    def _get(self, request_id: RequestId) -> _Request:
-        try:
-            return self._requests[request_id]
-        except KeyError:
-            raise PlannerError(f"unknown request {request_id!r}") from None
-
-    def _live(self, request_id: RequestId) -> _Request:
-        req = self._get(request_id)
-        if req.status.is_terminal:
-            raise PlannerError(f"request {request_id!r} already ended ({req.status}: {req.message})")
-        return req
 
     def check_invariants(self) -> None:
         """Cross-check planner and virtualizer books; raise PlannerError on any inconsistency."""
         self._kv.check_invariants()
-        for rid, req in self._requests.items():
+        running = self._book.running
+        for rid, req in self._book.requests.items():
             in_kv = self._kv.has_request(rid)
             if req.status == RequestStatus.RUNNING:
-                if rid not in self._running or not in_kv or self._kv.residency(rid) != Residency.RESIDENT:
+                if rid not in running or not in_kv or self._kv.residency(rid) != Residency.RESIDENT:
                     raise PlannerError(f"running request {rid!r} not resident")
                 if self._kv.num_tokens(rid) != req.kv_len:
                     raise PlannerError(
@@ -775,9 +649,6 @@ class KVPlanner:
             elif in_kv:
                 raise PlannerError(f"request {rid!r} is {req.status} but holds KV")
         for model in self._kv.models:
-            cap = self._config.limits(model).cap_pages
-            for req in self._requests.values():  # requests live at a limit change keep a larger cap
-                if req.spec.model == model and not req.status.is_terminal and cap is not None:
-                    cap = None if req.cap_pages is None else max(cap, req.cap_pages)
+            cap = self._book.effective_cap(model, self._config.limits(model).cap_pages)
             if cap is not None and self._kv.model_pages(model) > cap:
                 raise PlannerError(f"model {model!r} holds {self._kv.model_pages(model)} pages > cap {cap}")

@@ -1,5 +1,5 @@
-"""Unit tests of the KV planner's parts on their own: floor arithmetic (`planner_config`) and the
-request book, each against hand-computed results.
+"""Unit tests of the KV planner's parts on their own: floor arithmetic (`planner_config`), the request
+book and the preemption decisions, each against hand-computed results.
 
 The planner as a whole (and through it these parts) is tested in tests/test_planner.py.
 """
@@ -11,14 +11,24 @@ import pytest
 from crosspool_jax.memory.planner_config import (
     ModelLimits,
     PlannerConfig,
+    PreemptionChoice,
     check_floors_fit,
+    reserved_for_others,
 )
 from crosspool_jax.memory.planner_types import (
     Phase,
     PlannerError,
+    PreemptionMode,
     RequestSpec,
     RequestStatus,
     ScheduledRequest,
+)
+from crosspool_jax.memory.preemption import (
+    Shortfall,
+    choose_preemption_mode,
+    growth_shortfall,
+    pick_victim,
+    preemption_costs_s,
 )
 from crosspool_jax.memory.request_book import RequestBook, RequestRecord
 
@@ -38,6 +48,16 @@ def book_of(*specs: tuple[str, str, int]) -> RequestBook:
 
 
 # ---- floors -------------------------------------------------------------------------------------
+
+
+def test_reserved_for_others_counts_unused_floors_of_live_models_only() -> None:
+    config = PlannerConfig(model_limits={"A": ModelLimits(6), "B": ModelLimits(4), "C": ModelLimits(0)})
+    live = {"A": 1, "B": 0, "C": 2}
+    held = {"A": 2, "B": 0, "C": 5}.__getitem__
+    assert reserved_for_others(config, "C", live, held) == 4  # A: 6 - 2; B has no live request
+    assert reserved_for_others(config, "A", live, held) == 0  # its own floor is not reserved from it
+    assert reserved_for_others(config, "D", {**live, "B": 1}, held) == 4 + 4
+    assert reserved_for_others(config, "C", live, {"A": 9}.__getitem__) == 0  # A is past its floor
 
 
 def test_check_floors_fit() -> None:
@@ -109,3 +129,60 @@ def test_record_next_length_and_schedule() -> None:
     assert req.prefill_span() is None
     assert req.next_length(None, 0) == (11, 0) and req.next_length(13, 0) == (13, 0)
     assert req.schedule(13) == ScheduledRequest("r", "A", Phase.DECODE, 10, 13, True)
+
+
+# ---- preemption ---------------------------------------------------------------------------------
+
+
+def test_preemption_costs_s() -> None:
+    config = PlannerConfig(host_link_bytes_per_s=1e9, prefill_tokens_per_s=1000.0,
+                           model_prefill_tokens_per_s={"A": 4000.0})
+    swap_s, recompute_s = preemption_costs_s(config, 4096, "A", pages=10, kv_tokens=100)
+    assert swap_s == pytest.approx(2 * 10 * 4096 / 1e9) and recompute_s == pytest.approx(100 / 4000)
+    assert preemption_costs_s(config, 4096, "B", pages=10, kv_tokens=100)[1] == pytest.approx(0.1)
+
+
+def test_choose_preemption_mode() -> None:
+    auto, swap, never = PreemptionChoice.AUTO, PreemptionChoice.PREFER_SWAP, PreemptionChoice.ALWAYS_RECOMPUTE
+    recompute, swap_mode = PreemptionMode.RECOMPUTE, PreemptionMode.SWAP
+    assert choose_preemption_mode(swap, 0, 4, True, 9, (0.0, 1.0)) == (recompute, "nothing computed yet")
+    assert choose_preemption_mode(swap, 16, 0, True, 9, (0.0, 1.0)) == (recompute, "nothing computed yet")
+    assert choose_preemption_mode(never, 16, 2, True, 9, (0.0, 1.0)) == (
+        recompute, "policy: always recompute")
+    assert choose_preemption_mode(swap, 16, 2, False, 1, (0.0, 1.0)) == (
+        recompute, "host swap space too small (1 slots free)")
+    assert choose_preemption_mode(swap, 16, 2, True, 9, (2.0, 1.0)) == (swap_mode, "policy: prefer swap")
+    assert choose_preemption_mode(auto, 16, 2, True, 9, (0.002, 0.001)) == (
+        recompute, "recompute 1 ms < swap 2 ms")
+    assert choose_preemption_mode(auto, 16, 2, True, 9, (0.001, 0.001)) == (
+        swap_mode, "swap 1 ms <= recompute 1 ms")
+
+
+def test_growth_shortfall() -> None:
+    def never_asked() -> bool:
+        raise AssertionError("the device placement is asked only when the page counts allow the growth")
+
+    assert growth_shortfall("A", 0, held=9, cap=4, free=0, reserved=0, fits_devices=never_asked) is None
+    assert growth_shortfall("A", 2, held=3, cap=4, free=10, reserved=0, fits_devices=never_asked) == (
+        Shortfall(True, "model 'A' holds 3 of its 4-page cap, needs 2 more"))
+    assert growth_shortfall("A", 3, held=0, cap=None, free=5, reserved=3, fits_devices=never_asked) == (
+        Shortfall(False, "needs 3 pages, 5 free of which 3 are other models' floors"))
+    assert growth_shortfall("A", 2, 2, 4, 5, 3, lambda: False) == Shortfall(
+        False, "needs 2 pages, the free ones are too scattered over devices")
+    assert growth_shortfall("A", 2, 2, 4, 5, 3, lambda: True) is None
+
+
+def test_pick_victim_takes_the_lowest_precedence_request_that_can_help() -> None:
+    grower = record("g", "A", arrival=1)
+    high = record("high", "A", priority=1, arrival=5)  # runs before the grower: never a victim
+    a_old, a_new = record("a_old", "A", arrival=2), record("a_new", "A", arrival=3)
+    b_new = record("b_new", "B", arrival=4)
+    empty = record("empty", "A", arrival=9)  # holds no KV yet
+    running = [grower, high, a_old, a_new, b_new, empty]
+    tokens = {"g": 5, "high": 5, "a_old": 5, "a_new": 5, "b_new": 5, "empty": 0}.__getitem__
+    above = {"A": True, "B": True}.__getitem__
+    assert pick_victim(grower, running, False, tokens, above) is b_new
+    assert pick_victim(grower, running, True, tokens, above) is a_new  # the cap: only its own model helps
+    at_floor = {"A": False, "B": False}.__getitem__  # the grower's own model's floor does not protect
+    assert pick_victim(grower, running, False, tokens, at_floor) is a_new
+    assert pick_victim(a_new, running, False, tokens, at_floor) is None

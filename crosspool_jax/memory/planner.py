@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 from crosspool_jax.memory.kv_virtualizer import (
     KVVirtualizer,
@@ -53,6 +52,7 @@ from crosspool_jax.memory.planner_config import (
     PlannerConfig,
     PreemptionChoice,
     check_floors_fit,
+    reserved_for_others,
 )
 from crosspool_jax.memory.planner_types import (
     Admission,
@@ -68,6 +68,7 @@ from crosspool_jax.memory.planner_types import (
     StepInput,
     StepPlan,
 )
+from crosspool_jax.memory.preemption import GrowthRound, preemption_costs_s
 from crosspool_jax.memory.request_book import RequestBook, RequestRecord
 
 __all__ = [
@@ -93,11 +94,6 @@ __all__ = [
 ]
 
 BACKFILL_TRIES = 8  # later requests of a blocked model tried per admission round (backfill)
-
-
-class _Shortfall(NamedTuple):
-    cap_bound: bool  # the model's cap, not the pool, is what is short
-    text: str
 
 
 # ---- the planner --------------------------------------------------------------------------------
@@ -146,6 +142,14 @@ class KVPlanner:
     @property
     def virtualizer(self) -> KVVirtualizer:
         return self._kv
+
+    def preemption_costs_s(self, model: ModelId, pages: int, kv_tokens: int) -> tuple[float, float]:
+        """Estimated (swap round trip, recompute) seconds for a request holding `pages` / `kv_tokens`.
+
+        Swap: pages * page_bytes copied out and back over the host link. Recompute: re-prefill of
+        kv_tokens tokens at the model's prefill rate.
+        """
+        return preemption_costs_s(self._config, self._kv.config.page_bytes, model, pages, kv_tokens)
 
     # -- lifecycle API --
 
@@ -254,28 +258,12 @@ class KVPlanner:
         if budget is not None and budget < 0:
             raise PlannerError(f"prefill_token_budget must be >= 0, got {budget}")
         targets = self._decode_targets(step_input.decode_lengths)
-        run: list[ScheduledRequest] = []
-        preempted: list[Preemption] = []
-        order = sorted(self._book.running.values(), key=lambda r: r.precedence)
-        leader = True  # the highest-precedence request that grows this step ignores floors
-        for req in order:
-            if req.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this step
-            if req.in_prefill and req.spec.request_id in step_input.held_prefills:
-                continue
-            target, chunk_tokens = req.next_length(targets.get(req.spec.request_id), budget)
-            if target == req.kv_len:
-                continue  # a prefill with no budget left this step
-            if not self._grow_or_preempt(req, target, preempted, ignore_floors=leader):
-                continue  # it preempted itself
-            leader = False
-            if budget is not None:
-                budget -= chunk_tokens
-            run.append(req.schedule(target))
+        growth = GrowthRound(self._kv, self._config, self._book)
+        run, budget = growth.run(targets, budget, step_input.held_prefills)
         admitted: list[Admission] = []
-        if not preempted:
+        if not growth.preempted:  # a step plan never holds both swap-outs and swap-ins
             budget = self._admit(run, admitted, budget, step_input.held_models, step_input.held_prefills)
-        return StepPlan(tuple(run), tuple(preempted), tuple(admitted))
+        return StepPlan(tuple(run), tuple(growth.preempted), tuple(admitted))
 
     # -- step internals --
 
@@ -290,135 +278,6 @@ class KVPlanner:
                     f"({req.kv_len}, {req.spec.max_kv_tokens}]"
                 )
         return dict(decode_lengths)
-
-    def _grow_or_preempt(
-        self, req: RequestRecord, target: int, preempted: list[Preemption], ignore_floors: bool
-    ) -> bool:
-        """Grow `req` to `target` KV tokens, preempting lower-precedence requests as needed.
-
-        ignore_floors: other models' unused floors do not limit this growth (the step's leader).
-        Returns False if `req` itself had to be preempted.
-        """
-        rid = req.spec.request_id
-        while True:
-            need = self._kv.pages_to_grow(rid, target)
-            shortfall = self._growth_shortfall(req, need, target, ignore_floors)
-            if shortfall is None:
-                self._kv.grow(rid, target, allow_split=self._config.allow_split_kv)
-                return True
-            victim = self._pick_victim(req, cap_bound=shortfall.cap_bound)
-            if victim is None:
-                reason = (
-                    f"could not grow to {target} tokens ({shortfall.text}) and no lower-precedence "
-                    "request could give pages"
-                )
-                preempted.append(self._preempt(req, reason))
-                return False
-            reason = f"gave its pages to {rid!r}, which grows to {target} tokens ({shortfall.text})"
-            preempted.append(self._preempt(victim, reason))
-
-    def _growth_shortfall(
-        self, req: RequestRecord, need: int, target: int, ignore_floors: bool
-    ) -> _Shortfall | None:
-        """Why growing `req` by `need` pages is not allowed now (None: it is)."""
-        if need == 0:
-            return None
-        model = req.spec.model
-        cap = req.cap_pages
-        held = self._kv.model_pages(model)
-        if cap is not None and held + need > cap:
-            return _Shortfall(True, f"model {model!r} holds {held} of its {cap}-page cap, needs {need} more")
-        free = self._kv.total_free_pages
-        reserved = 0 if ignore_floors else self._reserved_for_others(model, pending=None)
-        if need > free - reserved:
-            return _Shortfall(
-                False, f"needs {need} pages, {free} free of which {reserved} are other models' floors"
-            )
-        if not self._kv.can_grow(req.spec.request_id, target, allow_split=self._config.allow_split_kv):
-            return _Shortfall(False, f"needs {need} pages, the free ones are too scattered over devices")
-        return None
-
-    def _pick_victim(self, req: RequestRecord, cap_bound: bool) -> RequestRecord | None:
-        """Lowest-precedence running request below `req` whose preemption frees pages `req` may use."""
-        best: RequestRecord | None = None
-        for other in self._book.running.values():
-            if other is req or other.precedence < req.precedence:
-                continue
-            if self._kv.num_tokens(other.spec.request_id) == 0:
-                continue
-            same_model = other.spec.model == req.spec.model
-            if cap_bound and not same_model:
-                continue
-            if not same_model and not self._above_floor(other.spec.model):
-                continue
-            if best is None or other.precedence > best.precedence:
-                best = other
-        return best
-
-    def _above_floor(self, model: ModelId) -> bool:
-        return self._kv.model_pages(model) > self._config.limits(model).floor_pages
-
-    def _reserved_for_others(self, model: ModelId, pending: Mapping[ModelId, int] | None) -> int:
-        """Unused floor pages of models other than `model` that have live requests."""
-        total = 0
-        for other, live in self._book.live_per_model.items():
-            if other == model or not live:
-                continue
-            floor = self._config.limits(other).floor_pages
-            held = self._kv.model_pages(other) + (pending.get(other, 0) if pending else 0)
-            total += max(0, floor - held)
-        return total
-
-    def _choose_mode(self, req: RequestRecord) -> tuple[PreemptionMode, str]:
-        rid = req.spec.request_id
-        pages = self._kv.device_pages_held(rid)
-        if req.kv_len == 0 or pages == 0:
-            return PreemptionMode.RECOMPUTE, "nothing computed yet"
-        choice = self._config.preemption
-        if choice == PreemptionChoice.ALWAYS_RECOMPUTE:
-            return PreemptionMode.RECOMPUTE, "policy: always recompute"
-        if not self._kv.can_swap_out(rid):
-            return (
-                PreemptionMode.RECOMPUTE,
-                f"host swap space too small ({self._kv.host_free_pages} slots free)",
-            )
-        if choice == PreemptionChoice.PREFER_SWAP:
-            return PreemptionMode.SWAP, "policy: prefer swap"
-        swap_s, recompute_s = self.preemption_costs_s(req.spec.model, pages, req.kv_len)
-        if swap_s <= recompute_s:
-            return PreemptionMode.SWAP, f"swap {swap_s * 1e3:.3g} ms <= recompute {recompute_s * 1e3:.3g} ms"
-        return PreemptionMode.RECOMPUTE, f"recompute {recompute_s * 1e3:.3g} ms < swap {swap_s * 1e3:.3g} ms"
-
-    def preemption_costs_s(self, model: ModelId, pages: int, kv_tokens: int) -> tuple[float, float]:
-        """Estimated (swap round trip, recompute) seconds for a request holding `pages` / `kv_tokens`.
-
-        Swap: pages * page_bytes copied out and back over the host link. Recompute: re-prefill of
-        kv_tokens tokens at the model's prefill rate.
-        """
-        cfg = self._config
-        swap_s = 2 * pages * self._kv.config.page_bytes / cfg.host_link_bytes_per_s
-        rate = cfg.model_prefill_tokens_per_s.get(model, cfg.prefill_tokens_per_s)
-        return swap_s, kv_tokens / rate
-
-    def _preempt(self, req: RequestRecord, reason: str) -> Preemption:
-        rid = req.spec.request_id
-        mode, why = self._choose_mode(req)
-        kv_len = req.kv_len
-        pages = self._kv.request_pages(rid)
-        swap_out = None
-        if mode == PreemptionMode.SWAP:
-            swap_out = self._kv.swap_out(rid)
-            req.status = RequestStatus.SWAPPED
-        else:
-            self._kv.evict(rid)
-            req.status = RequestStatus.WAITING
-            req.kv_len = 0
-            req.prefill_target = 0  # set again at admission: prompt + generated
-        del self._book.running[rid]
-        req.num_preemptions += 1
-        req.message = f"preempted ({mode}: {why}): {reason}"
-        self._book.enqueue(req)
-        return Preemption(rid, req.spec.model, mode, kv_len, pages, swap_out, f"{reason}; {why}")
 
     def _admit(
         self, run: list[ScheduledRequest], admitted: list[Admission], budget: int | None,
@@ -568,20 +427,18 @@ class KVPlanner:
         """Why a new request of `model` holding `tokens` tokens does not fit the admission
         forecast ("cap": its model's cap, held to `cap`; "pool": the pool, after `held_back`
         pages kept for a starving request), or None if it fits."""
-        layout = self._kv.layout(model)
-        pages = layout.pages_for(tokens)
+        kv = self._kv
+        pages = kv.layout(model).pages_for(tokens)
         pending = self._pending_pages()
-        if cap is not None and self._kv.model_pages(model) + pending.get(model, 0) + pages > cap:
+        if cap is not None and kv.model_pages(model) + pending.get(model, 0) + pages > cap:
             return "cap"
-        available = (
-            self._kv.total_free_pages
-            - sum(pending.values())
-            - (0 if ignore_floors else self._reserved_for_others(model, pending))
-            - held_back
+        reserved = 0 if ignore_floors else reserved_for_others(
+            self._config, model, self._book.live_per_model, lambda m: kv.model_pages(m) + pending.get(m, 0)
         )
+        available = kv.total_free_pages - sum(pending.values()) - reserved - held_back
         if pages > available:
             return "pool"
-        return None if self._kv.can_fit(model, tokens, allow_split=self._config.allow_split_kv) else "pool"
+        return None if kv.can_fit(model, tokens, allow_split=self._config.allow_split_kv) else "pool"
 
     def _pending_pages(self) -> dict[ModelId, int]:
         """Pages running requests were promised at admission but do not hold yet, per model."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from crosspool_jax.memory.kv_virtualizer import ModelId
 
@@ -91,3 +91,18 @@ def check_floors_fit(config: PlannerConfig, total_pages: int) -> None:
     if total_floor > total_pages:
         raise ValueError(f"floors add up to {total_floor} pages, more than the pool's {total_pages}")
 
+
+def reserved_for_others(
+    config: PlannerConfig, model: ModelId, live_per_model: Mapping[ModelId, int],
+    held_pages: Callable[[ModelId], int],
+) -> int:
+    """Pages `model` may not use: the unused floor pages of the other models with live requests.
+
+    live_per_model: live requests per model. held_pages: the pages a model holds (plus any promised
+    to it, for an admission forecast)."""
+    total = 0
+    for other, live in live_per_model.items():
+        if other == model or not live:
+            continue
+        total += max(0, config.limits(other).floor_pages - held_pages(other))
+    return total

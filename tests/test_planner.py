@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from crosspool_jax.memory.admission import find_starving
 from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVVirtualizer, PhysicalPage
 from crosspool_jax.memory.planner import (
     BACKFILL_TRIES,
@@ -310,7 +311,8 @@ def test_starving_counts_only_the_pool() -> None:
     planner.submit(spec("b2", "B", 8, 2))
     for _ in range(3):
         engine.step(StepInput(prefill_token_budget=0))  # the budget, not the pool
-    assert planner._starving(frozenset(), frozenset()) is None
+    after = planner.config.starving_after_steps
+    assert find_starving(planner._book, after, frozenset(), frozenset()) is None
     planner.check_invariants()
 
 

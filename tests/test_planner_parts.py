@@ -1,5 +1,5 @@
 """Unit tests of the KV planner's parts on their own: floor arithmetic (`planner_config`), the request
-book and the preemption decisions, each against hand-computed results.
+book, the preemption decisions and the admission decisions, each against hand-computed results.
 
 The planner as a whole (and through it these parts) is tested in tests/test_planner.py.
 """
@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import pytest
 
+from crosspool_jax.memory.admission import (
+    FirstStep,
+    admission_tokens,
+    find_starving,
+    first_step,
+    rejection_reason,
+)
+from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVVirtualizer
 from crosspool_jax.memory.planner_config import (
     ModelLimits,
     PlannerConfig,
@@ -186,3 +194,58 @@ def test_pick_victim_takes_the_lowest_precedence_request_that_can_help() -> None
     at_floor = {"A": False, "B": False}.__getitem__  # the grower's own model's floor does not protect
     assert pick_victim(grower, running, False, tokens, at_floor) is a_new
     assert pick_victim(a_new, running, False, tokens, at_floor) is None
+
+
+# ---- admission ----------------------------------------------------------------------------------
+
+
+def test_rejection_reason() -> None:
+    kv = KVVirtualizer(KVPoolConfig(2, 8, 4096, 0))  # A: 2 layers x 16 tokens/page, 4 rows a device
+    kv.register_model("A", KVGeometry(2, 256))
+    config = PlannerConfig(model_limits={"A": ModelLimits(cap_pages=10)})
+
+    def reason(prompt_len: int, max_new: int, model: str = "A", config: PlannerConfig = config) -> str | None:
+        return rejection_reason(RequestSpec("r", model, tuple(range(prompt_len)), max_new), kv, config)
+
+    assert reason(60, 20) is None  # 79 tokens: 5 rows x 2 layers = 10 pages, split over 2 devices
+    assert reason(60, 22) == "needs up to 12 pages of KV; model 'A' is capped at 10 pages"  # 81 tokens
+    assert reason(100, 30) == ("needs up to 129 tokens of KV (prompt 100 + max_new_tokens 30 - 1); "
+                               "the whole pool holds 128 for model 'A'")
+    assert reason(60, 20, config=PlannerConfig(allow_split_kv=False)) == (
+        "needs up to 79 tokens of KV; one KV device holds 64 and split-KV is off")
+    assert reason(0, 2) == "empty prompt"
+    assert reason(4, 0) == "max_new_tokens must be >= 1, got 0"
+    assert reason(4, 2, model="Z") == "model 'Z' is not registered with the KV pool"
+
+
+def test_admission_tokens_and_first_step() -> None:
+    waiting = record("w", prompt_len=10, max_new=8, generated=[1, 2])  # 12 tokens known; at most 17
+    assert admission_tokens(waiting, step_len=5, headroom=3) == 15  # the prefill, 12, + 3
+    assert admission_tokens(waiting, step_len=5, headroom=10) == 17  # capped at max_kv_tokens
+    assert admission_tokens(waiting, step_len=20, headroom=0) == 20  # at least what the step holds
+    assert first_step(waiting, None) == FirstStep(prefill_target=12, step_len=12, chunk=12)
+    assert first_step(waiting, 5) == FirstStep(12, 5, 5)
+    assert first_step(waiting, 0) is None  # the budget is spent
+    # swapped while decoding: resumes at 14 with one decode token, whatever the budget
+    decoding = record("d", prompt_len=10, max_new=8, generated=[1, 2, 3, 4, 5],
+                      status=RequestStatus.SWAPPED, kv_len=14, prefill_target=10)
+    assert admission_tokens(decoding, step_len=15, headroom=2) == 16
+    assert first_step(decoding, 0) == FirstStep(10, 15, 0)
+    # swapped within its prefill: the rest of it, within the budget
+    prefilling = record("p", prompt_len=10, status=RequestStatus.SWAPPED, kv_len=4, prefill_target=10)
+    assert first_step(prefilling, 3) == FirstStep(10, 7, 3)
+    assert admission_tokens(prefilling, step_len=7, headroom=0) == 10
+
+
+def test_find_starving_takes_the_best_precedence_that_may_start() -> None:
+    book = book_of(("a1", "A", 0), ("b1", "B", 0), ("b2", "B", 1), ("a2", "A", 0))
+    rounds = {"a1": 1, "b1": 3, "b2": 2, "a2": 5}
+    for rid, n in rounds.items():
+        book.requests[rid].unfit_rounds = n
+    none: frozenset = frozenset()
+    assert find_starving(book, 2, none, none) is book.requests["b2"]  # priority 1
+    assert find_starving(book, 3, none, none) is book.requests["b1"]  # b2 not starving yet
+    assert find_starving(book, 3, frozenset({"B"}), none) is book.requests["a2"]
+    assert find_starving(book, 3, none, frozenset({"b1"})) is book.requests["a2"]
+    assert find_starving(book, 6, none, none) is None
+    assert find_starving(book, None, none, none) is None  # the policy is off

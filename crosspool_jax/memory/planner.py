@@ -32,6 +32,13 @@ no clocks, no threads. The policy and its reasons are in docs/planner.md; in sho
 - A request that could never fit (longer than the whole pool, or than its model's cap) is rejected
   at submission. No other request is ever dropped: each ends FINISHED, CANCELLED or FAILED with a
   message.
+
+`KVPlanner` coordinates; the pieces are modules of their own, each plain Python: `planner_config`
+(the knobs, floor arithmetic), `planner_types` (requests, step input and plan, errors),
+`request_book` (where every request is), `preemption` (growth, victim, swap or recompute and its
+cost model), `admission` (rejection at submission, the admission forecast, round-robin with backfill
+and starving requests). The public names of `planner_config` and `planner_types` are importable from
+here too.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+from crosspool_jax.memory.admission import BACKFILL_TRIES, AdmissionRound, rejection_reason
 from crosspool_jax.memory.kv_virtualizer import (
     KVVirtualizer,
     ModelId,
@@ -52,7 +60,6 @@ from crosspool_jax.memory.planner_config import (
     PlannerConfig,
     PreemptionChoice,
     check_floors_fit,
-    reserved_for_others,
 )
 from crosspool_jax.memory.planner_types import (
     Admission,
@@ -92,11 +99,6 @@ __all__ = [
     "StepPlan",
     "SwapPlan",  # kv_virtualizer's, importable from here as before the split
 ]
-
-BACKFILL_TRIES = 8  # later requests of a blocked model tried per admission round (backfill)
-
-
-# ---- the planner --------------------------------------------------------------------------------
 
 
 class KVPlanner:
@@ -156,7 +158,7 @@ class KVPlanner:
     def submit(self, spec: RequestSpec) -> RequestInfo:
         """Queue a request. Raises RequestRejected (and records it REJECTED) if it could never fit."""
         req = self._book.new_record(spec, self._config.limits(spec.model).cap_pages)
-        reason = self._rejection_reason(spec)
+        reason = rejection_reason(spec, self._kv, self._config)
         if reason is not None:
             req.status = RequestStatus.REJECTED
             req.message = reason
@@ -262,7 +264,11 @@ class KVPlanner:
         run, budget = growth.run(targets, budget, step_input.held_prefills)
         admitted: list[Admission] = []
         if not growth.preempted:  # a step plan never holds both swap-outs and swap-ins
-            budget = self._admit(run, admitted, budget, step_input.held_models, step_input.held_prefills)
+            admission = AdmissionRound(
+                self._kv, self._config, self._book, budget, step_input.held_models, step_input.held_prefills
+            )
+            admitted, started = admission.run()
+            run.extend(started)
         return StepPlan(tuple(run), tuple(growth.preempted), tuple(admitted))
 
     # -- step internals --
@@ -279,205 +285,7 @@ class KVPlanner:
                 )
         return dict(decode_lengths)
 
-    def _admit(
-        self, run: list[ScheduledRequest], admitted: list[Admission], budget: int | None,
-        held: frozenset[ModelId] = frozenset(), held_prefills: frozenset[RequestId] = frozenset(),
-    ) -> int | None:
-        """Round-robin over models with waiting requests (not `held`): each model's first waiting
-        request not in `held_prefills` (a swapped request resuming its decode is never held), or
-        a backfill (`_pick`); returns the prefill budget left."""
-        blocked: set[ModelId] = set(held)
-        n = len(self._book.model_order)
-        starving = self._starving(held, held_prefills)
-        counted: set[RequestId] = set()
-        while True:
-            progressed = False
-            for i in range(n):
-                index = (self._book.rr_next + i) % n
-                model = self._book.model_order[index]
-                if model in blocked:
-                    continue
-                picked = self._pick(self._book.queues[model], budget, held_prefills, starving, counted)
-                if picked is None:
-                    blocked.add(model)
-                    continue
-                j, admission, budget_used = picked
-                _, rid = self._book.queues[model].pop(j)
-                admitted.append(admission)
-                if starving is not None and starving[0].spec.request_id == rid:
-                    starving = None
-                if budget is not None:
-                    budget -= budget_used
-                run.append(self._book.requests[rid].schedule(self._kv.num_tokens(rid)))
-                self._book.rr_next = (index + 1) % n
-                progressed = True
-                break  # restart the rotation from the next model
-            if not progressed:
-                return budget
-
-    def _pick(
-        self, queue: list[tuple[tuple[int, int], RequestId]], budget: int | None,
-        held_prefills: frozenset[RequestId], starving: tuple[RequestRecord, int] | None,
-        counted: set[RequestId],
-    ) -> tuple[int, Admission, int] | None:
-        """Admits the first request of a model's `queue` (not in `held_prefills`) that may start
-        now: (its queue index, the admission, prefill budget used), or None. Past a request that
-        does not fit the pool only with `admission_backfill`, at most `BACKFILL_TRIES` of them (a
-        try costs a pass over the running requests); every request but `starving` (the request
-        whose pages are held back, and their count) fits beside those pages."""
-        tries = 0
-        for j, (_, rid) in enumerate(queue):
-            if rid in held_prefills and self._book.requests[rid].prefill_span() is not None:
-                continue
-            req = self._book.requests[rid]
-            held_back = starving[1] if starving is not None and starving[0] is not req else 0
-            # with nothing running, floors reserve pages for requests that cannot start
-            # either: the first admission into an idle pool ignores them (no deadlock)
-            admission, budget_used, unfit = self._try_admit(req, budget, not self._book.running, held_back)
-            if admission is not None:
-                req.unfit_rounds = 0
-                return j, admission, budget_used
-            if unfit != "pool":
-                return None  # the budget is spent, or the model is at its cap
-            if rid not in counted:  # once per step, however often the rotation tries it
-                counted.add(rid)
-                req.unfit_rounds += 1
-            tries += 1
-            if not self._config.admission_backfill or tries > BACKFILL_TRIES:
-                return None
-        return None
-
-    def _starving(self, held: frozenset[ModelId], held_prefills: frozenset[RequestId]
-                  ) -> tuple[RequestRecord, int] | None:
-        """The waiting request of best precedence that has not fit the pool for
-        `starving_after_steps` rounds and may start this step (its model not `held`, itself not
-        in `held_prefills`), and the pages its admission needs; None if there is none or the
-        policy is off."""
-        after = self._config.starving_after_steps
-        if after is None:
-            return None
-        best = None
-        for model, queue in self._book.queues.items():
-            if model in held:
-                continue
-            for _, rid in queue:
-                req = self._book.requests[rid]
-                if req.unfit_rounds >= after and rid not in held_prefills and (
-                        best is None or req.precedence < best.precedence):
-                    best = req
-        if best is None:
-            return None
-        return best, self._kv.layout(best.spec.model).pages_for(self._admission_tokens(best, 0))
-
-    def _admission_tokens(self, req: RequestRecord, step_len: int) -> int:
-        """KV positions the admission forecast must fit for `req`: its prefill (or resumed
-        length) plus the headroom, capped at its max_kv_tokens, and at least `step_len`."""
-        swapped = req.status == RequestStatus.SWAPPED
-        resume_len = req.kv_len if swapped else 0
-        target = req.prefill_target if swapped else req.num_tokens
-        headroom = self._config.admission_headroom_tokens
-        return max(step_len, min(max(target, resume_len) + headroom, req.spec.max_kv_tokens))
-
-    def _try_admit(
-        self, req: RequestRecord, budget: int | None, ignore_floors: bool, held_back: int = 0
-    ) -> tuple[Admission | None, int, str | None]:
-        """Admit `req` if it fits (device pages allocated, status RUNNING): (admission, prefill
-        tokens it uses, None); else (None, 0, why: "budget", "cap" or "pool"). held_back: pages
-        kept free for a starving request."""
-        rid = req.spec.request_id
-        model = req.spec.model
-        swapped = req.status == RequestStatus.SWAPPED
-        resume_len = req.kv_len if swapped else 0
-        prefill_target = req.prefill_target if swapped else req.num_tokens
-        in_prefill = resume_len < prefill_target
-        if in_prefill and budget == 0:
-            return None, 0, "budget"
-        # what this step computes: the next prefill chunk, or one decode token after a swap-in
-        if in_prefill:
-            chunk = (
-                prefill_target - resume_len if budget is None else min(prefill_target - resume_len, budget)
-            )
-            step_len = resume_len + chunk
-        else:
-            chunk = 0
-            step_len = resume_len + 1
-        forecast_len = self._admission_tokens(req, step_len)
-        unfit = self._forecast_unfit(model, forecast_len, ignore_floors, req.cap_pages, held_back)
-        if unfit is not None:
-            return None, 0, unfit
-        # the forecast checked that the pool can place forecast_len >= step_len tokens for a new
-        # request of this model now, so the swap-in (placed like a new request) and the growth fit
-        swap_in = None
-        if swapped:
-            swap_in = self._kv.swap_in(rid, allow_split=self._config.allow_split_kv)
-        else:
-            self._kv.add_request(rid, model)
-            req.prefill_target = prefill_target
-        resumed = req.num_preemptions > 0
-        req.promised_len = forecast_len
-        req.status = RequestStatus.RUNNING
-        req.message = "running"
-        self._book.running[rid] = req
-        # `RequestRecord.schedule` (called by the caller) advances kv_len; pages are grown here
-        self._kv.grow(rid, step_len, allow_split=self._config.allow_split_kv)
-        return Admission(rid, model, resumed, swap_in), chunk, None
-
-    def _forecast_unfit(self, model: ModelId, tokens: int, ignore_floors: bool, cap: int | None,
-                        held_back: int = 0) -> str | None:
-        """Why a new request of `model` holding `tokens` tokens does not fit the admission
-        forecast ("cap": its model's cap, held to `cap`; "pool": the pool, after `held_back`
-        pages kept for a starving request), or None if it fits."""
-        kv = self._kv
-        pages = kv.layout(model).pages_for(tokens)
-        pending = self._pending_pages()
-        if cap is not None and kv.model_pages(model) + pending.get(model, 0) + pages > cap:
-            return "cap"
-        reserved = 0 if ignore_floors else reserved_for_others(
-            self._config, model, self._book.live_per_model, lambda m: kv.model_pages(m) + pending.get(m, 0)
-        )
-        available = kv.total_free_pages - sum(pending.values()) - reserved - held_back
-        if pages > available:
-            return "pool"
-        return None if kv.can_fit(model, tokens, allow_split=self._config.allow_split_kv) else "pool"
-
-    def _pending_pages(self) -> dict[ModelId, int]:
-        """Pages running requests were promised at admission but do not hold yet, per model."""
-        pending: dict[ModelId, int] = {}
-        for req in self._book.running.values():
-            promised_pages = self._kv.layout(req.spec.model).pages_for(req.promised_len)
-            extra = max(0, promised_pages - self._kv.device_pages_held(req.spec.request_id))
-            if extra:
-                pending[req.spec.model] = pending.get(req.spec.model, 0) + extra
-        return pending
-
     # -- helpers --
-
-    def _rejection_reason(self, spec: RequestSpec) -> str | None:
-        if spec.model not in self._kv.models:
-            return f"model {spec.model!r} is not registered with the KV pool"
-        if len(spec.prompt) < 1:
-            return "empty prompt"
-        if spec.max_new_tokens < 1:
-            return f"max_new_tokens must be >= 1, got {spec.max_new_tokens}"
-        longest = spec.max_kv_tokens
-        pool_tokens = self._kv.max_tokens(spec.model)
-        if longest > pool_tokens:
-            return (
-                f"needs up to {longest} tokens of KV (prompt {len(spec.prompt)} + max_new_tokens "
-                f"{spec.max_new_tokens} - 1); the whole pool holds {pool_tokens} for model {spec.model!r}"
-            )
-        cap = self._config.limits(spec.model).cap_pages
-        pages = self._kv.layout(spec.model).pages_for(longest)
-        if cap is not None and pages > cap:
-            return f"needs up to {pages} pages of KV; model {spec.model!r} is capped at {cap} pages"
-        if not self._config.allow_split_kv:
-            per_device = self._kv.max_tokens(spec.model) // self._kv.config.num_devices
-            if longest > per_device:
-                return (
-                    f"needs up to {longest} tokens of KV; one KV device holds {per_device} "
-                    "and split-KV is off"
-                )
-        return None
 
     def _end(self, req: RequestRecord, status: RequestStatus, message: str) -> None:
         """Ends a live request with `status` and frees its pages (device or host)."""

@@ -2,6 +2,7 @@
 
 `arena` (one paged arena per device: model weights as page runs, KV pages, the model classes'
 row layouts), `kv_virtualizer` (KV pages of every model's requests over the KV devices, split-KV
-segments, host swap slots), `planner` (admission, growth, preemption: the KV planner, plain Python),
+segments, host swap slots), `planner` (admission, growth, preemption: the KV planner, plain Python;
+its parts are `planner_config`, `planner_types`, `request_book`, `preemption` and `admission`),
 `topology` (the device split into a KV pool and a weights pool).
 """

@@ -30,8 +30,9 @@ BACKFILL_TRIES = 8  # later requests of a blocked model tried per admission roun
 def rejection_reason(spec: RequestSpec, kv: KVVirtualizer, config: PlannerConfig) -> str | None:
     """Why `spec` could never be served by the pool `kv` under `config` (None: it could).
 
-    Too long for the whole pool (split-KV) or one KV device (no split-KV), more pages than its
-    model's cap, an unregistered model, an empty prompt or max_new_tokens < 1.
+    An unregistered model, an empty prompt, max_new_tokens < 1, or more KV at its longest
+    (`max_kv_tokens`) than the whole pool holds, than its model's cap, or (split-KV off) than one
+    KV device holds.
     """
     if spec.model not in kv.models:
         return f"model {spec.model!r} is not registered with the KV pool"
@@ -132,8 +133,9 @@ def pending_pages(running: Iterable[RequestRecord], kv: KVVirtualizer) -> dict[M
 
 class AdmissionRound:
     """One step's admissions over `kv` (which it drives): round-robin over the models with waiting
-    requests not in `held_models`; `budget`: prefill tokens left this step (None: no limit);
-    `held_prefills`: requests whose prefill may not start this step."""
+    requests, not in `held_models`, each admitting its first waiting request not in `held_prefills`
+    (a swapped request resuming its decode is never held) or a backfill. budget: prefill tokens
+    left this step (None: no limit)."""
 
     def __init__(
         self, kv: KVVirtualizer, config: PlannerConfig, book: RequestBook, budget: int | None,

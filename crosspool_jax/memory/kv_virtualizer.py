@@ -21,352 +21,58 @@ copies. Swap-out / swap-in return the list of page copies for the engine to perf
 from __future__ import annotations
 
 import dataclasses
-import enum
-from collections.abc import Hashable, Iterator
-from typing import NamedTuple, Protocol
+from collections.abc import Iterator
 
 import numpy as np
 
-ModelId = str
-RequestId = Hashable
-
-PAGE_SENTINEL = -1
-"""Value that pads the page-index arrays of `ModelPageTable` (no page)."""
-
-
-# ---- errors -------------------------------------------------------------------------------------
-
-
-class KVPoolError(Exception):
-    """Base class of every error raised by the KV virtualizer."""
-
-
-class KVConfigError(KVPoolError, ValueError):
-    """A pool configuration or model geometry that cannot work (e.g. not one token fits a page)."""
-
-
-class KVOutOfPages(KVPoolError):
-    """An allocation that does not fit the free device pages; nothing was allocated."""
-
-    def __init__(self, message: str, pages_needed: int, pages_free: int) -> None:
-        super().__init__(message)
-        self.pages_needed = pages_needed
-        self.pages_free = pages_free
-
-
-class KVHostSwapFull(KVPoolError):
-    """A swap-out that does not fit the free host swap slots; nothing was changed."""
-
-
-class KVRequestStateError(KVPoolError, ValueError):
-    """An operation on a request in the wrong state (unknown, swapped when it must be resident, ...)."""
-
-
-# ---- configuration ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class KVPoolConfig:
-    """Shape of the KV pool.
-
-    num_devices: KV devices in the pool.
-    pages_per_device: pages in each device's arena (same on every device).
-    page_bytes: bytes of one page.
-    host_swap_pages: host-memory slots of `page_bytes` each for swapped-out pages (0: no swap).
-    """
-
-    num_devices: int
-    pages_per_device: int
-    page_bytes: int
-    host_swap_pages: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("num_devices", "pages_per_device", "page_bytes"):
-            if getattr(self, name) < 1:
-                raise KVConfigError(f"KVPoolConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.host_swap_pages < 0:
-            raise KVConfigError(f"KVPoolConfig.host_swap_pages must be >= 0, got {self.host_swap_pages}")
-
-    @property
-    def total_pages(self) -> int:
-        """Pages in the whole pool (all devices)."""
-        return self.num_devices * self.pages_per_device
-
-    @property
-    def device_bytes(self) -> int:
-        """Bytes of one device's arena."""
-        return self.pages_per_device * self.page_bytes
-
-    @property
-    def total_bytes(self) -> int:
-        """Bytes of all arenas together."""
-        return self.total_pages * self.page_bytes
-
-    @property
-    def host_swap_bytes(self) -> int:
-        """Bytes of host swap space."""
-        return self.host_swap_pages * self.page_bytes
-
-
-class _HasKVShape(Protocol):
-    """What `KVGeometry.from_model_config` reads from a `crosspool_jax.models.config.ModelConfig`."""
-
-    @property
-    def num_layers(self) -> int: ...
-
-    @property
-    def kv_width(self) -> int: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class KVGeometry:
-    """A model's KV shape as the pool sees it.
-
-    num_layers: attention layers, each with its own KV.
-    bytes_per_token_per_layer: KV bytes one token occupies in one layer (K and V together, including
-        any row padding the kernels' page layout adds; `pallas_kernels.page_layout.PageGeometry.
-        bytes_per_token_used`).
-    token_align: tokens per page are rounded down to a multiple of this when at least this many fit
-        (the same rule as `pallas_kernels.page_layout.tokens_per_page`).
-    tokens_per_page_override: use exactly this many tokens per page (e.g. the kernels' own
-        `PageGeometry.tokens_per_page`); must fit in the page.
-    """
-
-    num_layers: int
-    bytes_per_token_per_layer: int
-    token_align: int = 1
-    tokens_per_page_override: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "bytes_per_token_per_layer", "token_align"):
-            if getattr(self, name) < 1:
-                raise KVConfigError(f"KVGeometry.{name} must be >= 1, got {getattr(self, name)}")
-        if self.tokens_per_page_override is not None and self.tokens_per_page_override < 1:
-            raise KVConfigError(
-                f"KVGeometry.tokens_per_page_override must be >= 1, got {self.tokens_per_page_override}"
-            )
-
-    @classmethod
-    def from_model_config(cls, config: _HasKVShape, dtype_bytes: int = 2, token_align: int = 1) -> KVGeometry:
-        """Geometry of a `ModelConfig` whose KV cache is stored with `dtype_bytes` bytes per element."""
-        return cls(config.num_layers, config.kv_width * dtype_bytes, token_align)
-
-    def tokens_per_page(self, page_bytes: int) -> int:
-        """Tokens of one layer that one page of `page_bytes` bytes holds."""
-        fit = page_bytes // self.bytes_per_token_per_layer
-        if self.tokens_per_page_override is not None:
-            if self.tokens_per_page_override > fit:
-                raise KVConfigError(
-                    f"tokens_per_page_override={self.tokens_per_page_override} tokens of "
-                    f"{self.bytes_per_token_per_layer} bytes do not fit a page of {page_bytes} bytes"
-                )
-            return self.tokens_per_page_override
-        if fit < 1:
-            raise KVConfigError(
-                f"a page of {page_bytes} bytes is smaller than one token of {self.bytes_per_token_per_layer} "
-                "bytes/token/layer: no token fits"
-            )
-        if fit >= self.token_align:
-            fit -= fit % self.token_align
-        return fit
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelKVLayout:
-    """A model's geometry resolved against the pool's page size."""
-
-    model: ModelId
-    geometry: KVGeometry
-    page_bytes: int
-    tokens_per_page: int
-
-    @property
-    def num_layers(self) -> int:
-        return self.geometry.num_layers
-
-    def rows_for(self, num_tokens: int) -> int:
-        """Pages per layer (= rows) that `num_tokens` tokens need."""
-        return -(-num_tokens // self.tokens_per_page)
-
-    def pages_for(self, num_tokens: int) -> int:
-        """Pages over all layers that `num_tokens` tokens need."""
-        return self.rows_for(num_tokens) * self.num_layers
-
-    @property
-    def used_bytes_per_page(self) -> int:
-        """Bytes of a full page that hold KV; the rest of the page (page_bytes minus this) is unused."""
-        return self.tokens_per_page * self.geometry.bytes_per_token_per_layer
-
-
-class PhysicalPage(NamedTuple):
-    """One page of the pool: `page` is its index in `device`'s arena."""
-
-    device: int
-    page: int
-
-
-@dataclasses.dataclass(frozen=True)
-class KVSegment:
-    """A contiguous token range of one request whose KV (all layers) lives on one device.
-
-    Tokens [token_start, token_end) are held; `layer_pages[l][i]` is the page index (on `device`) of
-    layer l for tokens [token_start + i*tokens_per_page, token_start + (i+1)*tokens_per_page).
-    The last page may be partly filled.
-    """
-
-    device: int
-    token_start: int
-    token_end: int
-    # [layers, pages_per_layer] int32, read-only: a view of the virtualizer's table as of the call
-    # (rows added later are not in it), so building a step's page tables copies no Python lists
-    layer_pages: np.ndarray = dataclasses.field(compare=False)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.token_end - self.token_start
-
-    @property
-    def pages_per_layer(self) -> int:
-        return int(self.layer_pages.shape[1]) if self.layer_pages.ndim == 2 else 0
-
-
-class Residency(enum.StrEnum):
-    RESIDENT = "resident"  # pages on KV devices (possibly none yet)
-    SWAPPED = "swapped"  # pages copied to host slots; no device pages
-
-
-class SwapDirection(enum.StrEnum):
-    DEVICE_TO_HOST = "device_to_host"
-    HOST_TO_DEVICE = "host_to_device"
-
-
-@dataclasses.dataclass(frozen=True)
-class PageCopy:
-    """Copy one page between a device arena and a host swap slot.
-
-    layer and page_ordinal say which page of the request it is: page_ordinal i of a layer holds the
-    request's tokens [i*tokens_per_page, (i+1)*tokens_per_page).
-    """
-
-    layer: int
-    page_ordinal: int
-    device: int
-    device_page: int
-    host_slot: int
-
-
-@dataclasses.dataclass(frozen=True)
-class SwapPlan:
-    """The copies of one swap-out or swap-in; the engine performs them, in any order.
-
-    Ordering rule for the engine: perform every swap-out's copies before any step writes KV (the
-    device pages are already free in the books), and every swap-in's copies before the step that
-    reads them.
-    """
-
-    request_id: RequestId
-    model: ModelId
-    direction: SwapDirection
-    num_tokens: int
-    page_bytes: int
-    copies: tuple[PageCopy, ...]
-
-    @property
-    def num_pages(self) -> int:
-        return len(self.copies)
-
-    @property
-    def num_bytes(self) -> int:
-        """Bytes moved between host and device."""
-        return len(self.copies) * self.page_bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class EvictedKV:
-    """What `evict` freed: the request's token count and its device pages (now free)."""
-
-    request_id: RequestId
-    model: ModelId
-    num_tokens: int
-    page_bytes: int
-    pages: tuple[PhysicalPage, ...]
-
-    @property
-    def num_bytes(self) -> int:
-        return len(self.pages) * self.page_bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceKVStats:
-    """Occupancy of one KV device. tokens_held counts tokens (not token-layers) stored there."""
-
-    device: int
-    pages_total: int
-    pages_used: int
-    pages_free: int
-    bytes_used: int
-    bytes_free: int
-    tokens_held: int
-    num_requests: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelKVStats:
-    """Occupancy of one model across the pool and host swap."""
-
-    model: ModelId
-    pages_used: int
-    bytes_used: int
-    pages_used_per_device: tuple[int, ...]
-    tokens_held: int
-    num_requests: int  # resident requests
-    num_swapped: int
-    host_pages_used: int
-
-
-@dataclasses.dataclass(frozen=True)
-class PoolKVStats:
-    """Occupancy of the whole pool and host swap."""
-
-    pages_total: int
-    pages_used: int
-    pages_free: int
-    bytes_used: int
-    bytes_free: int
-    host_pages_total: int
-    host_pages_used: int
-    num_requests: int
-    num_swapped: int
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ModelPageTable:
-    """One model's page table on one device, for the attention kernels.
-
-    Row r is one segment of one request (normally the whole request): `page_indices[r, l, i]` is the
-    page (on `device`) of layer l holding the row's tokens [token_start[r] + i*tokens_per_page, ...),
-    padded with PAGE_SENTINEL. num_tokens[r] is the tokens of the row. All arrays are int32.
-    """
-
-    device: int
-    model: ModelId
-    tokens_per_page: int
-    request_ids: tuple[RequestId, ...]
-    segment_index: np.ndarray  # [rows]
-    token_start: np.ndarray  # [rows]
-    num_tokens: np.ndarray  # [rows]
-    page_indices: np.ndarray  # [rows, num_layers, max_pages]
-
-    def as_lists(self) -> dict[tuple[RequestId, int, int], list[int]]:
-        """{(request, segment index, layer): page indices on this device}, without padding."""
-        out: dict[tuple[RequestId, int, int], list[int]] = {}
-        for r, request_id in enumerate(self.request_ids):
-            for layer in range(self.page_indices.shape[1]):
-                row = self.page_indices[r, layer]
-                out[(request_id, int(self.segment_index[r]), layer)] = [
-                    int(p) for p in row if p != PAGE_SENTINEL
-                ]
-        return out
+from crosspool_jax.memory.kv_config import KVGeometry, KVPoolConfig, ModelKVLayout
+from crosspool_jax.memory.kv_types import (
+    PAGE_SENTINEL,
+    DeviceKVStats,
+    EvictedKV,
+    KVConfigError,
+    KVHostSwapFull,
+    KVOutOfPages,
+    KVPoolError,
+    KVRequestStateError,
+    KVSegment,
+    ModelId,
+    ModelKVStats,
+    ModelPageTable,
+    PageCopy,
+    PhysicalPage,
+    PoolKVStats,
+    RequestId,
+    Residency,
+    SwapDirection,
+    SwapPlan,
+)
+
+__all__ = [
+    "PAGE_SENTINEL",
+    "DeviceKVStats",
+    "EvictedKV",
+    "KVConfigError",
+    "KVGeometry",
+    "KVHostSwapFull",
+    "KVOutOfPages",
+    "KVPoolConfig",
+    "KVPoolError",
+    "KVRequestStateError",
+    "KVSegment",
+    "KVVirtualizer",
+    "ModelId",
+    "ModelKVLayout",
+    "ModelKVStats",
+    "ModelPageTable",
+    "PageCopy",
+    "PhysicalPage",
+    "PoolKVStats",
+    "RequestId",
+    "Residency",
+    "SwapDirection",
+    "SwapPlan",
+]
 
 
 # ---- internal state -----------------------------------------------------------------------------

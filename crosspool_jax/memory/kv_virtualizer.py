@@ -20,12 +20,16 @@ copies. Swap-out / swap-in return the list of page copies for the engine to perf
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
-import numpy as np
-
 from crosspool_jax.memory.kv_config import KVGeometry, KVPoolConfig, ModelKVLayout
+from crosspool_jax.memory.kv_requests import (
+    RequestKV,
+    SegmentPages,
+    build_page_table,
+    device_pages_of,
+    segment_views,
+)
 from crosspool_jax.memory.kv_types import (
     PAGE_SENTINEL,
     DeviceKVStats,
@@ -75,57 +79,6 @@ __all__ = [
 ]
 
 
-# ---- internal state -----------------------------------------------------------------------------
-
-
-class _Segment:
-    """One segment's pages: a [layers, capacity] int32 table grown by doubling; `rows` used."""
-
-    def __init__(self, device: int, token_start: int, num_layers: int):
-        self.device = device
-        self.token_start = token_start
-        self.rows = 0
-        self._table = np.empty((num_layers, 8), np.int32)
-
-    @property
-    def layer_pages(self) -> np.ndarray:
-        """[layer, row] page indices in token order (a read-only view)."""
-        view = self._table[:, : self.rows]
-        view.flags.writeable = False
-        return view
-
-    def append_row(self, pages: list[int]) -> None:
-        """Adds one row: `pages[layer]` for every layer."""
-        if self.rows == self._table.shape[1]:
-            grown = np.empty((self._table.shape[0], 2 * self.rows), np.int32)
-            grown[:, : self.rows] = self._table
-            self._table = grown
-        self._table[:, self.rows] = pages
-        self.rows += 1
-
-
-@dataclasses.dataclass
-class _RequestKV:
-    request_id: RequestId
-    layout: ModelKVLayout
-    num_tokens: int = 0
-    residency: Residency = Residency.RESIDENT
-    segments: list[_Segment] = dataclasses.field(default_factory=list)
-    host_slots: list[list[int]] = dataclasses.field(default_factory=list)  # [layer] -> slots, token order
-
-    @property
-    def rows(self) -> int:
-        return sum(s.rows for s in self.segments)
-
-    @property
-    def num_device_pages(self) -> int:
-        return self.rows * self.layout.num_layers
-
-    @property
-    def num_host_pages(self) -> int:
-        return sum(len(s) for s in self.host_slots)
-
-
 # ---- the virtualizer ----------------------------------------------------------------------------
 
 
@@ -146,7 +99,7 @@ class KVVirtualizer:
         ]
         self._host_free: list[int] = list(range(config.host_swap_pages - 1, -1, -1))
         self._layouts: dict[ModelId, ModelKVLayout] = {}
-        self._requests: dict[RequestId, _RequestKV] = {}
+        self._requests: dict[RequestId, RequestKV] = {}
         self._model_pages: dict[ModelId, int] = {}
 
     # -- models --
@@ -204,7 +157,7 @@ class KVVirtualizer:
         """Start tracking `request_id` of `model`, holding 0 tokens."""
         if request_id in self._requests:
             raise KVRequestStateError(f"request {request_id!r} is already in the KV pool")
-        self._requests[request_id] = _RequestKV(request_id, self.layout(model))
+        self._requests[request_id] = RequestKV(request_id, self.layout(model))
 
     def has_request(self, request_id: RequestId) -> bool:
         return request_id in self._requests
@@ -284,7 +237,7 @@ class KVVirtualizer:
         """Drop a resident request's KV (to be recomputed later) and forget it; returns what was freed."""
         req = self._resident(request_id)
         evicted = EvictedKV(
-            request_id, req.layout.model, req.num_tokens, self._config.page_bytes, self._pages_of(req)
+            request_id, req.layout.model, req.num_tokens, self._config.page_bytes, device_pages_of(req)
         )
         self._release_device_pages(req)
         del self._requests[request_id]
@@ -378,13 +331,7 @@ class KVVirtualizer:
 
     def segments(self, request_id: RequestId) -> tuple[KVSegment, ...]:
         """The request's segments in token order (empty if it holds no pages or is swapped)."""
-        req = self._get(request_id)
-        out = []
-        tpp = req.layout.tokens_per_page
-        for seg in req.segments:
-            end = min(req.num_tokens, seg.token_start + seg.rows * tpp)
-            out.append(KVSegment(seg.device, seg.token_start, end, seg.layer_pages))
-        return tuple(out)
+        return segment_views(self._get(request_id))
 
     def layer_pages(self, request_id: RequestId, layer: int) -> tuple[PhysicalPage, ...]:
         """Physical pages of one layer of the request, in token order."""
@@ -399,7 +346,7 @@ class KVVirtualizer:
 
     def request_pages(self, request_id: RequestId) -> tuple[PhysicalPage, ...]:
         """All device pages the request holds."""
-        return self._pages_of(self._get(request_id))
+        return device_pages_of(self._get(request_id))
 
     def page_table(self, device: int, model: ModelId, max_pages: int | None = None) -> ModelPageTable:
         """Page table of `model`'s resident requests on `device` (one row per segment there).
@@ -407,36 +354,7 @@ class KVVirtualizer:
         max_pages: width of the page axis (for a fixed kernel shape); default: the widest row.
         """
         self._check_device(device)
-        layout = self.layout(model)
-        rows: list[tuple[RequestId, int, int, int, np.ndarray]] = []
-        for req in self._requests.values():
-            if req.layout.model != model or req.residency != Residency.RESIDENT:
-                continue
-            for index, seg in enumerate(req.segments):
-                if seg.device == device:
-                    end = min(req.num_tokens, seg.token_start + seg.rows * layout.tokens_per_page)
-                    rows.append(
-                        (req.request_id, index, seg.token_start, end - seg.token_start, seg.layer_pages)
-                    )
-        widest = max((len(r[4][0]) for r in rows), default=0)
-        width = widest if max_pages is None else max_pages
-        if width < widest:
-            raise KVRequestStateError(
-                f"a row on device {device} has {widest} pages, more than max_pages={width}"
-            )
-        pages = np.full((len(rows), layout.num_layers, max(width, 1)), PAGE_SENTINEL, dtype=np.int32)
-        for r, (_, _, _, _, layer_pages) in enumerate(rows):
-            pages[r, :, : layer_pages.shape[1]] = layer_pages
-        return ModelPageTable(
-            device=device,
-            model=model,
-            tokens_per_page=layout.tokens_per_page,
-            request_ids=tuple(r[0] for r in rows),
-            segment_index=np.array([r[1] for r in rows], dtype=np.int32),
-            token_start=np.array([r[2] for r in rows], dtype=np.int32),
-            num_tokens=np.array([r[3] for r in rows], dtype=np.int32),
-            page_indices=pages,
-        )
+        return build_page_table(self._requests.values(), device, self.layout(model), max_pages)
 
     def page_owner(self, page: PhysicalPage) -> RequestId | None:
         """The request holding a physical page, or None if it is free."""
@@ -481,10 +399,7 @@ class KVVirtualizer:
             on_device = [s for s in req.segments if s.device == device]
             if on_device:
                 requests += 1
-                tpp = req.layout.tokens_per_page
-                tokens += sum(
-                    min(req.num_tokens, s.token_start + s.rows * tpp) - s.token_start for s in on_device
-                )
+                tokens += sum(req.segment_end(s) - s.token_start for s in on_device)
         pb = self._config.page_bytes
         return DeviceKVStats(
             device, total, total - free, free, (total - free) * pb, free * pb, tokens, requests
@@ -533,7 +448,7 @@ class KVVirtualizer:
         model_pages = dict.fromkeys(self._layouts, 0)
         for req in self._requests.values():
             self._check_request_consistent(req)
-            for page in self._pages_of(req):
+            for page in device_pages_of(req):
                 if page in seen:
                     raise KVPoolError(f"page {page} mapped by {seen[page]!r} and {req.request_id!r}")
                 if self._owner[page.device][page.page] != req.request_id:
@@ -563,19 +478,19 @@ class KVVirtualizer:
 
     # -- internals --
 
-    def _get(self, request_id: RequestId) -> _RequestKV:
+    def _get(self, request_id: RequestId) -> RequestKV:
         try:
             return self._requests[request_id]
         except KeyError:
             raise KVRequestStateError(f"request {request_id!r} is not in the KV pool") from None
 
-    def _resident(self, request_id: RequestId) -> _RequestKV:
+    def _resident(self, request_id: RequestId) -> RequestKV:
         req = self._get(request_id)
         if req.residency != Residency.RESIDENT:
             raise KVRequestStateError(f"request {request_id!r} is swapped out; swap it in first")
         return req
 
-    def _swapped(self, request_id: RequestId) -> _RequestKV:
+    def _swapped(self, request_id: RequestId) -> RequestKV:
         req = self._get(request_id)
         if req.residency != Residency.SWAPPED:
             raise KVRequestStateError(f"request {request_id!r} is not swapped out")
@@ -586,13 +501,13 @@ class KVVirtualizer:
             raise KVRequestStateError(f"device {device} out of range [0, {self._config.num_devices})")
 
     @staticmethod
-    def _check_new_len(req: _RequestKV, new_len: int) -> None:
+    def _check_new_len(req: RequestKV, new_len: int) -> None:
         if new_len < req.num_tokens:
             raise KVRequestStateError(
                 f"request {req.request_id!r} holds {req.num_tokens} tokens; cannot grow to {new_len}"
             )
 
-    def _check_request_consistent(self, req: _RequestKV) -> None:
+    def _check_request_consistent(self, req: RequestKV) -> None:
         tpp = req.layout.tokens_per_page
         start = 0
         for seg in req.segments:
@@ -609,12 +524,7 @@ class KVVirtualizer:
         ):
             raise KVPoolError(f"request {req.request_id!r}: swapped state inconsistent")
 
-    def _pages_of(self, req: _RequestKV) -> tuple[PhysicalPage, ...]:
-        return tuple(
-            PhysicalPage(s.device, p) for s in req.segments for plist in s.layer_pages.tolist() for p in plist
-        )
-
-    def _place_rows(self, req: _RequestKV, rows: int, allow_split: bool) -> list[tuple[int, int]] | None:
+    def _place_rows(self, req: RequestKV, rows: int, allow_split: bool) -> list[tuple[int, int]] | None:
         last_device = req.segments[-1].device if req.segments else None
         return self._place_rows_for(req.layout, last_device, rows, allow_split)
 
@@ -650,7 +560,7 @@ class KVVirtualizer:
                 return placement
         raise AssertionError("unreachable: free rows were counted above")
 
-    def _allocate_rows(self, req: _RequestKV, placement: list[tuple[int, int]]) -> list[PhysicalPage]:
+    def _allocate_rows(self, req: RequestKV, placement: list[tuple[int, int]]) -> list[PhysicalPage]:
         tpp = req.layout.tokens_per_page
         layers = req.layout.num_layers
         new_pages: list[PhysicalPage] = []
@@ -658,7 +568,7 @@ class KVVirtualizer:
             if req.segments and req.segments[-1].device == device:
                 seg = req.segments[-1]
             else:
-                seg = _Segment(device, req.rows * tpp, layers)
+                seg = SegmentPages(device, req.rows * tpp, layers)
                 req.segments.append(seg)
             free = self._free[device]
             owner = self._owner[device]
@@ -673,7 +583,7 @@ class KVVirtualizer:
         self._model_pages[req.layout.model] += len(new_pages)
         return new_pages
 
-    def _release_device_pages(self, req: _RequestKV) -> None:
+    def _release_device_pages(self, req: RequestKV) -> None:
         # push in reverse allocation order (rows, then layers) so the pages pop back in their order
         for seg in reversed(req.segments):
             free = self._free[seg.device]

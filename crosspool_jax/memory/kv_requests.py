@@ -86,6 +86,11 @@ class RequestKV:
         """Host slots held, all layers."""
         return sum(len(s) for s in self.host_slots)
 
+    @property
+    def last_device(self) -> int | None:
+        """Device of the last segment (None while the request holds no device pages)."""
+        return self.segments[-1].device if self.segments else None
+
     def segment_end(self, seg: SegmentPages) -> int:
         """Token end (exclusive) of `seg`: the end of its last row, or of the request if that is sooner."""
         return min(self.num_tokens, seg.token_start + seg.rows * self.layout.tokens_per_page)

@@ -22,10 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from crosspool_jax.memory.kv_allocation import (
+    DevicePages,
+    Placement,
+    allocate_rows,
+    place_rows,
+    release_rows,
+)
 from crosspool_jax.memory.kv_config import KVGeometry, KVPoolConfig, ModelKVLayout
 from crosspool_jax.memory.kv_requests import (
     RequestKV,
-    SegmentPages,
     build_page_table,
     device_pages_of,
     segment_views,
@@ -90,13 +96,7 @@ class KVVirtualizer:
 
     def __init__(self, config: KVPoolConfig) -> None:
         self._config = config
-        # free page stacks; pop() hands out the lowest index first on a fresh arena
-        self._free: list[list[int]] = [
-            list(range(config.pages_per_device - 1, -1, -1)) for _ in range(config.num_devices)
-        ]
-        self._owner: list[list[RequestId | None]] = [
-            [None] * config.pages_per_device for _ in range(config.num_devices)
-        ]
+        self._pages = DevicePages(config.num_devices, config.pages_per_device)
         self._host_free: list[int] = list(range(config.host_swap_pages - 1, -1, -1))
         self._layouts: dict[ModelId, ModelKVLayout] = {}
         self._requests: dict[RequestId, RequestKV] = {}
@@ -185,13 +185,15 @@ class KVVirtualizer:
         req = self._resident(request_id)
         self._check_new_len(req, new_len)
         extra_rows = req.layout.rows_for(new_len) - req.rows
-        return extra_rows <= 0 or self._place_rows(req, extra_rows, allow_split) is not None
+        if extra_rows <= 0:
+            return True
+        return self._place(req.layout, req.last_device, extra_rows, allow_split) is not None
 
     def can_fit(self, model: ModelId, num_tokens: int, allow_split: bool = True) -> bool:
         """Whether a new request of `model` with `num_tokens` tokens fits the free pages now."""
         layout = self.layout(model)
         rows = layout.rows_for(num_tokens)
-        return rows == 0 or self._place_rows_for(layout, None, rows, allow_split) is not None
+        return rows == 0 or self._place(layout, None, rows, allow_split) is not None
 
     def grow(self, request_id: RequestId, new_len: int, allow_split: bool = True) -> tuple[PhysicalPage, ...]:
         """Hold `new_len` tokens of KV for the request; returns the newly allocated pages.
@@ -205,16 +207,16 @@ class KVVirtualizer:
         extra_rows = req.layout.rows_for(new_len) - req.rows
         new_pages: list[PhysicalPage] = []
         if extra_rows > 0:
-            placement = self._place_rows(req, extra_rows, allow_split)
+            placement = self._place(req.layout, req.last_device, extra_rows, allow_split)
             if placement is None:
                 need = extra_rows * req.layout.num_layers
                 raise KVOutOfPages(
                     f"request {request_id!r} of model {req.layout.model!r}: growing to {new_len} tokens "
                     f"needs {need} more pages ({extra_rows} rows of {req.layout.num_layers} layers) "
                     f"{'split over devices' if allow_split else 'on one device'}; free pages per device: "
-                    f"{[len(f) for f in self._free]}",
+                    f"{self._pages.free_counts()}",
                     need,
-                    self.total_free_pages,
+                    self._pages.total_free,
                 )
             new_pages = self._allocate_rows(req, placement)
         req.num_tokens = new_len
@@ -289,7 +291,7 @@ class KVVirtualizer:
     def can_swap_in(self, request_id: RequestId, allow_split: bool = True) -> bool:
         req = self._swapped(request_id)
         rows = req.layout.rows_for(req.num_tokens)
-        return rows == 0 or self._place_rows_for(req.layout, None, rows, allow_split) is not None
+        return rows == 0 or self._place(req.layout, None, rows, allow_split) is not None
 
     def swap_in(self, request_id: RequestId, allow_split: bool = True) -> SwapPlan:
         """Bring a swapped request back onto device pages (placed like a new request); returns copies.
@@ -298,14 +300,14 @@ class KVVirtualizer:
         """
         req = self._swapped(request_id)
         rows = req.layout.rows_for(req.num_tokens)
-        placement = self._place_rows_for(req.layout, None, rows, allow_split) if rows else []
+        placement = self._place(req.layout, None, rows, allow_split) if rows else []
         if placement is None:
             need = rows * req.layout.num_layers
             raise KVOutOfPages(
                 f"request {request_id!r}: swap-in of {req.num_tokens} tokens needs {need} pages; free pages "
-                f"per device: {[len(f) for f in self._free]}",
+                f"per device: {self._pages.free_counts()}",
                 need,
-                self.total_free_pages,
+                self._pages.total_free,
             )
         req.residency = Residency.RESIDENT
         self._allocate_rows(req, placement)
@@ -359,17 +361,17 @@ class KVVirtualizer:
     def page_owner(self, page: PhysicalPage) -> RequestId | None:
         """The request holding a physical page, or None if it is free."""
         self._check_device(page.device)
-        return self._owner[page.device][page.page]
+        return self._pages.owners[page.device][page.page]
 
     # -- statistics --
 
     def free_pages(self, device: int) -> int:
         self._check_device(device)
-        return len(self._free[device])
+        return len(self._pages.free_stacks[device])
 
     @property
     def total_free_pages(self) -> int:
-        return sum(len(f) for f in self._free)
+        return self._pages.total_free
 
     def model_pages(self, model: ModelId) -> int:
         """Device pages `model`'s requests hold now."""
@@ -387,12 +389,12 @@ class KVVirtualizer:
         """Free pages on `device`: one length read, safe to call from another thread while the
         owner of the pool mutates it (device_stats iterates the requests and is not)."""
         self._check_device(device)
-        return len(self._free[device])
+        return len(self._pages.free_stacks[device])
 
     def device_stats(self, device: int) -> DeviceKVStats:
         self._check_device(device)
         total = self._config.pages_per_device
-        free = len(self._free[device])
+        free = len(self._pages.free_stacks[device])
         tokens = 0
         requests = 0
         for req in self._requests.values():
@@ -451,15 +453,14 @@ class KVVirtualizer:
             for page in device_pages_of(req):
                 if page in seen:
                     raise KVPoolError(f"page {page} mapped by {seen[page]!r} and {req.request_id!r}")
-                if self._owner[page.device][page.page] != req.request_id:
-                    raise KVPoolError(
-                        f"page {page} of {req.request_id!r} has owner {self._owner[page.device][page.page]!r}"
-                    )
+                owner = self._pages.owners[page.device][page.page]
+                if owner != req.request_id:
+                    raise KVPoolError(f"page {page} of {req.request_id!r} has owner {owner!r}")
                 seen[page] = req.request_id
             model_pages[req.layout.model] += req.num_device_pages
         for device in range(cfg.num_devices):
-            free = self._free[device]
-            if len(set(free)) != len(free) or any(self._owner[device][p] is not None for p in free):
+            free = self._pages.free_stacks[device]
+            if len(set(free)) != len(free) or any(self._pages.owners[device][p] is not None for p in free):
                 raise KVPoolError(f"device {device}: free list has duplicates or owned pages")
             used = sum(1 for p in seen if p.device == device)
             if used + len(free) != cfg.pages_per_device:
@@ -524,75 +525,17 @@ class KVVirtualizer:
         ):
             raise KVPoolError(f"request {req.request_id!r}: swapped state inconsistent")
 
-    def _place_rows(self, req: RequestKV, rows: int, allow_split: bool) -> list[tuple[int, int]] | None:
-        last_device = req.segments[-1].device if req.segments else None
-        return self._place_rows_for(req.layout, last_device, rows, allow_split)
-
-    def _place_rows_for(
+    def _place(
         self, layout: ModelKVLayout, last_device: int | None, rows: int, allow_split: bool
-    ) -> list[tuple[int, int]] | None:
-        """Where `rows` new rows go: [(device, rows)], first entry extends `last_device`; None if no fit.
+    ) -> Placement | None:
+        """Where `rows` new rows of `layout`'s model go now (`place_rows` on the free rows)."""
+        return place_rows(self._pages.free_rows(layout.num_layers), last_device, rows, allow_split)
 
-        Policy: extend the last segment's device as far as it has room; then the device with the most
-        free rows (ties: lowest index), and so on. Without split, everything must go on one device
-        (the last segment's device for a request that already holds pages).
-        """
-        free_rows = [len(f) // layout.num_layers for f in self._free]
-        if not allow_split:
-            if last_device is not None:
-                return [(last_device, rows)] if free_rows[last_device] >= rows else None
-            best = max(range(len(free_rows)), key=lambda d: (free_rows[d], -d))
-            return [(best, rows)] if free_rows[best] >= rows else None
-        if sum(free_rows) < rows:
-            return None
-        placement: list[tuple[int, int]] = []
-        remaining = rows
-        order = sorted(range(len(free_rows)), key=lambda d: (-free_rows[d], d))
-        if last_device is not None:
-            order.remove(last_device)
-            order.insert(0, last_device)
-        for device in order:
-            take = min(remaining, free_rows[device])
-            if take:
-                placement.append((device, take))
-                remaining -= take
-            if remaining == 0:
-                return placement
-        raise AssertionError("unreachable: free rows were counted above")
-
-    def _allocate_rows(self, req: RequestKV, placement: list[tuple[int, int]]) -> list[PhysicalPage]:
-        tpp = req.layout.tokens_per_page
-        layers = req.layout.num_layers
-        new_pages: list[PhysicalPage] = []
-        for device, rows in placement:
-            if req.segments and req.segments[-1].device == device:
-                seg = req.segments[-1]
-            else:
-                seg = SegmentPages(device, req.rows * tpp, layers)
-                req.segments.append(seg)
-            free = self._free[device]
-            owner = self._owner[device]
-            rid = req.request_id
-            for _ in range(rows):
-                row = free[-layers:][::-1]  # the pages `layers` pops would hand out, in that order
-                del free[-layers:]
-                for page in row:
-                    owner[page] = rid
-                new_pages.extend([PhysicalPage(device, page) for page in row])
-                seg.append_row(row)
+    def _allocate_rows(self, req: RequestKV, placement: Placement) -> list[PhysicalPage]:
+        new_pages = allocate_rows(self._pages, req, placement)
         self._model_pages[req.layout.model] += len(new_pages)
         return new_pages
 
     def _release_device_pages(self, req: RequestKV) -> None:
-        # push in reverse allocation order (rows, then layers) so the pages pop back in their order
-        for seg in reversed(req.segments):
-            free = self._free[seg.device]
-            owner = self._owner[seg.device]
-            table = seg.layer_pages.tolist()
-            for row in reversed(range(seg.rows)):
-                for plist in reversed(table):
-                    page = plist[row]
-                    owner[page] = None
-                    free.append(page)
         self._model_pages[req.layout.model] -= req.num_device_pages
-        req.segments = []
+        release_rows(self._pages, req)

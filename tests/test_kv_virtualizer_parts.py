@@ -1,0 +1,153 @@
+"""Unit tests of the KV virtualizer's parts on their own: the per-request page tables (`kv_requests`)
+and the device pages with the split-KV placement (`kv_allocation`), each against hand-computed results.
+
+The virtualizer as a whole (and through it these parts) is tested in tests/test_kv_virtualizer.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from crosspool_jax.memory.kv_allocation import DevicePages, allocate_rows, place_rows, release_rows
+from crosspool_jax.memory.kv_config import KVGeometry, ModelKVLayout
+from crosspool_jax.memory.kv_requests import (
+    RequestKV,
+    SegmentPages,
+    build_page_table,
+    device_pages_of,
+    segment_views,
+)
+from crosspool_jax.memory.kv_types import PAGE_SENTINEL, KVRequestStateError, PhysicalPage, Residency
+
+# 2 layers x 256 B/token/layer in 1024-byte pages: 4 tokens a page
+LAYOUT = ModelKVLayout("m", KVGeometry(2, 256), 1024, 4)
+
+
+def split_request(pages: DevicePages) -> RequestKV:
+    """Request "r" of 10 tokens: rows 0-1 on device 1 (tokens [0, 8)), row 2 on device 0 ([8, 12))."""
+    req = RequestKV("r", LAYOUT)
+    allocate_rows(pages, req, [(1, 2), (0, 1)])
+    req.num_tokens = 10
+    return req
+
+
+# ---- placement ----------------------------------------------------------------------------------
+
+
+def test_place_rows_without_split_takes_one_device() -> None:
+    free_rows = [3, 5, 5]
+    # a new request: the device with the most free rows, ties to the lowest index
+    assert place_rows(free_rows, None, 4, allow_split=False) == [(1, 4)]
+    assert place_rows(free_rows, None, 6, allow_split=False) is None  # 13 rows free, 5 on any device
+    # a request holding pages stays on its device: no migration
+    assert place_rows(free_rows, 0, 3, allow_split=False) == [(0, 3)]
+    assert place_rows(free_rows, 0, 4, allow_split=False) is None
+
+
+def test_place_rows_with_split_fills_the_fullest_devices_first() -> None:
+    free_rows = [3, 5, 5]
+    # order by free rows: device 1 (5), device 2 (5, higher index), device 0 (3)
+    assert place_rows(free_rows, None, 12, allow_split=True) == [(1, 5), (2, 5), (0, 2)]
+    assert place_rows(free_rows, None, 13, allow_split=True) == [(1, 5), (2, 5), (0, 3)]
+    assert place_rows(free_rows, None, 14, allow_split=True) is None
+    # the last segment's device is extended first, whatever its free rows
+    assert place_rows(free_rows, 0, 7, allow_split=True) == [(0, 3), (1, 4)]
+    # a full last device: the rows open a segment on the next device
+    assert place_rows([0, 2, 1], 0, 2, allow_split=True) == [(1, 2)]
+    assert place_rows([0, 2, 1], 0, 3, allow_split=True) == [(1, 2), (2, 1)]
+
+
+# ---- device pages -------------------------------------------------------------------------------
+
+
+def test_fresh_device_pages_hand_out_the_lowest_index_first() -> None:
+    pages = DevicePages(2, 5)
+    assert pages.free_counts() == [5, 5] and pages.total_free == 10
+    assert pages.free_rows(2) == [2, 2]
+    assert pages.free_stacks[0][-1] == 0  # the top of the stack
+    assert pages.owners == [[None] * 5, [None] * 5]
+
+
+def test_allocate_rows_fills_rows_layer_by_layer_and_extends_the_last_segment() -> None:
+    pages = DevicePages(2, 6)
+    req = RequestKV("r", LAYOUT)
+    # row i of layer l on a fresh device is page 2 * i + l
+    new = allocate_rows(pages, req, [(1, 2)])
+    assert new == [PhysicalPage(1, 0), PhysicalPage(1, 1), PhysicalPage(1, 2), PhysicalPage(1, 3)]
+    assert [(s.device, s.token_start, s.rows) for s in req.segments] == [(1, 0, 2)]
+    assert req.segments[0].layer_pages.tolist() == [[0, 2], [1, 3]]
+    assert pages.free_counts() == [6, 2] and pages.owners[1][:4] == ["r"] * 4
+    # device 1 again extends the segment; device 0 opens one at token 3 rows x 4 tokens = 12
+    new = allocate_rows(pages, req, [(1, 1), (0, 1)])
+    assert new == [PhysicalPage(1, 4), PhysicalPage(1, 5), PhysicalPage(0, 0), PhysicalPage(0, 1)]
+    assert [(s.device, s.token_start, s.rows) for s in req.segments] == [(1, 0, 3), (0, 12, 1)]
+    assert (req.rows, req.num_device_pages, req.last_device) == (4, 8, 0)
+
+
+def test_release_rows_restores_the_free_stacks_in_order() -> None:
+    pages = DevicePages(2, 6)
+    req = RequestKV("r", LAYOUT)
+    allocate_rows(pages, req, [(1, 2), (0, 1)])
+    allocate_rows(pages, req, [(0, 1)])
+    release_rows(pages, req)
+    assert pages.free_stacks == DevicePages(2, 6).free_stacks
+    assert pages.owners == [[None] * 6, [None] * 6]
+    assert req.segments == [] and req.last_device is None
+
+
+# ---- per-request page tables --------------------------------------------------------------------
+
+
+def test_segment_pages_grow_by_doubling_behind_a_read_only_view() -> None:
+    seg = SegmentPages(device=0, token_start=0, num_layers=2)
+    for row in range(9):  # one past the initial capacity of 8
+        seg.append_row([10 * row, 10 * row + 1])
+    assert seg.rows == 9
+    assert seg.layer_pages.tolist() == [[10 * r for r in range(9)], [10 * r + 1 for r in range(9)]]
+    assert not seg.layer_pages.flags.writeable
+
+
+def test_segments_and_pages_of_a_split_request() -> None:
+    pages = DevicePages(2, 6)
+    req = split_request(pages)
+    views = segment_views(req)
+    assert [(s.device, s.token_start, s.token_end, s.pages_per_layer) for s in views] == [
+        (1, 0, 8, 2),
+        (0, 8, 10, 1),  # the last segment ends inside its page
+    ]
+    assert views[0].layer_pages.tolist() == [[0, 2], [1, 3]]
+    assert [req.segment_end(s) for s in req.segments] == [8, 10]
+    # segment by segment, layer by layer, in token order
+    assert device_pages_of(req) == (
+        PhysicalPage(1, 0), PhysicalPage(1, 2), PhysicalPage(1, 1), PhysicalPage(1, 3),
+        PhysicalPage(0, 0), PhysicalPage(0, 1),
+    )
+    swapped = RequestKV("s", LAYOUT, 5, Residency.SWAPPED, host_slots=[[3, 4], [5, 6]])
+    assert segment_views(swapped) == () and device_pages_of(swapped) == ()
+    assert (swapped.num_device_pages, swapped.num_host_pages) == (0, 4)
+
+
+def test_build_page_table_one_row_per_segment_on_the_device() -> None:
+    pages = DevicePages(2, 8)
+    req = split_request(pages)
+    other_model = RequestKV("o", ModelKVLayout("n", KVGeometry(2, 256), 1024, 4))
+    allocate_rows(pages, other_model, [(1, 1)])
+    swapped = RequestKV("s", LAYOUT, 5, Residency.SWAPPED, host_slots=[[0, 1], [2, 3]])
+    requests = [req, other_model, swapped]
+
+    table = build_page_table(requests, 1, LAYOUT, None)
+    assert (table.device, table.model, table.tokens_per_page, table.request_ids) == (1, "m", 4, ("r",))
+    assert table.segment_index.tolist() == [0] and table.token_start.tolist() == [0]
+    assert table.num_tokens.tolist() == [8]
+    assert table.page_indices.tolist() == [[[0, 2], [1, 3]]]
+
+    table = build_page_table(requests, 0, LAYOUT, 3)
+    assert table.segment_index.tolist() == [1] and table.token_start.tolist() == [8]
+    assert table.num_tokens.tolist() == [2]
+    pad = PAGE_SENTINEL
+    assert table.page_indices.tolist() == [[[0, pad, pad], [1, pad, pad]]]
+
+    with pytest.raises(KVRequestStateError, match="has 2 pages, more than max_pages=1"):
+        build_page_table(requests, 1, LAYOUT, 1)
+    empty = build_page_table([swapped], 0, LAYOUT, None)
+    assert empty.request_ids == () and empty.page_indices.shape == (0, 2, 1)

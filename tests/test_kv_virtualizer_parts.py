@@ -1,5 +1,6 @@
-"""Unit tests of the KV virtualizer's parts on their own: the per-request page tables (`kv_requests`)
-and the device pages with the split-KV placement (`kv_allocation`), each against hand-computed results.
+"""Unit tests of the KV virtualizer's parts on their own: the per-request page tables (`kv_requests`),
+the device pages with the split-KV placement (`kv_allocation`) and the host swap slots with the swap
+copies (`kv_swap`), each against hand-computed results.
 
 The virtualizer as a whole (and through it these parts) is tested in tests/test_kv_virtualizer.py.
 """
@@ -17,7 +18,14 @@ from crosspool_jax.memory.kv_requests import (
     device_pages_of,
     segment_views,
 )
-from crosspool_jax.memory.kv_types import PAGE_SENTINEL, KVRequestStateError, PhysicalPage, Residency
+from crosspool_jax.memory.kv_swap import HostSlots, swap_in_copies, swap_out_copies
+from crosspool_jax.memory.kv_types import (
+    PAGE_SENTINEL,
+    KVRequestStateError,
+    PageCopy,
+    PhysicalPage,
+    Residency,
+)
 
 # 2 layers x 256 B/token/layer in 1024-byte pages: 4 tokens a page
 LAYOUT = ModelKVLayout("m", KVGeometry(2, 256), 1024, 4)
@@ -151,3 +159,44 @@ def test_build_page_table_one_row_per_segment_on_the_device() -> None:
         build_page_table(requests, 1, LAYOUT, 1)
     empty = build_page_table([swapped], 0, LAYOUT, None)
     assert empty.request_ids == () and empty.page_indices.shape == (0, 2, 1)
+
+
+# ---- swap ---------------------------------------------------------------------------------------
+
+
+def test_host_slots_are_a_stack() -> None:
+    host = HostSlots(4)
+    assert host.take(3) == [0, 1, 2] and len(host) == 1
+    assert host.take(0) == [] and host.free_slots == [3]
+    host.give_back([[0, 2], [1]])  # layer by layer, each reversed: taken again in the same order
+    assert host.free_slots == [3, 2, 0, 1]
+    assert host.take(2) == [1, 0]
+
+
+def test_swap_out_copies_go_layer_by_layer_in_token_order() -> None:
+    req = split_request(DevicePages(2, 6))  # layer 0: (1, 0) (1, 2) (0, 0); layer 1: (1, 1) (1, 3) (0, 1)
+    host_slots, copies = swap_out_copies(req, [10, 11, 12, 13, 14, 15])
+    assert host_slots == [[10, 11, 12], [13, 14, 15]]
+    assert copies == (
+        PageCopy(layer=0, page_ordinal=0, device=1, device_page=0, host_slot=10),
+        PageCopy(0, 1, 1, 2, 11),
+        PageCopy(0, 2, 0, 0, 12),
+        PageCopy(1, 0, 1, 1, 13),
+        PageCopy(1, 1, 1, 3, 14),
+        PageCopy(1, 2, 0, 1, 15),
+    )
+    assert [(s.device, s.rows) for s in req.segments] == [(1, 2), (0, 1)]  # nothing changed
+
+
+def test_swap_in_copies_pair_each_slot_with_the_new_page_of_its_ordinal() -> None:
+    req = RequestKV("r", LAYOUT, 10, host_slots=[[10, 11, 12], [13, 14, 15]])
+    allocate_rows(DevicePages(1, 6), req, [(0, 3)])  # layer 0: pages 0 2 4; layer 1: 1 3 5
+    assert swap_in_copies(req) == (
+        PageCopy(0, 0, 0, 0, 10),
+        PageCopy(0, 1, 0, 2, 11),
+        PageCopy(0, 2, 0, 4, 12),
+        PageCopy(1, 0, 0, 1, 13),
+        PageCopy(1, 1, 0, 3, 14),
+        PageCopy(1, 2, 0, 5, 15),
+    )
+    assert req.host_slots == [[10, 11, 12], [13, 14, 15]]  # nothing changed

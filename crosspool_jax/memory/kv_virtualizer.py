@@ -36,6 +36,7 @@ from crosspool_jax.memory.kv_requests import (
     device_pages_of,
     segment_views,
 )
+from crosspool_jax.memory.kv_swap import HostSlots, swap_in_copies, swap_out_copies
 from crosspool_jax.memory.kv_types import (
     PAGE_SENTINEL,
     DeviceKVStats,
@@ -97,7 +98,7 @@ class KVVirtualizer:
     def __init__(self, config: KVPoolConfig) -> None:
         self._config = config
         self._pages = DevicePages(config.num_devices, config.pages_per_device)
-        self._host_free: list[int] = list(range(config.host_swap_pages - 1, -1, -1))
+        self._host = HostSlots(config.host_swap_pages)
         self._layouts: dict[ModelId, ModelKVLayout] = {}
         self._requests: dict[RequestId, RequestKV] = {}
         self._model_pages: dict[ModelId, int] = {}
@@ -230,8 +231,7 @@ class KVVirtualizer:
         req = self._get(request_id)
         released = req.num_device_pages + req.num_host_pages
         self._release_device_pages(req)
-        for slots in req.host_slots:
-            self._host_free.extend(reversed(slots))
+        self._host.give_back(req.host_slots)
         del self._requests[request_id]
         return released
 
@@ -249,10 +249,10 @@ class KVVirtualizer:
 
     @property
     def host_free_pages(self) -> int:
-        return len(self._host_free)
+        return len(self._host)
 
     def can_swap_out(self, request_id: RequestId) -> bool:
-        return self._resident(request_id).num_device_pages <= len(self._host_free)
+        return self._resident(request_id).num_device_pages <= len(self._host)
 
     def swap_out(self, request_id: RequestId) -> SwapPlan:
         """Move a resident request's pages to host slots (in the books); returns the copies to do.
@@ -262,30 +262,17 @@ class KVVirtualizer:
         """
         req = self._resident(request_id)
         need = req.num_device_pages
-        if need > len(self._host_free):
+        if need > len(self._host):
             raise KVHostSwapFull(
-                f"request {request_id!r}: swap-out needs {need} host slots, {len(self._host_free)} free"
+                f"request {request_id!r}: swap-out needs {need} host slots, {len(self._host)} free"
             )
-        copies: list[PageCopy] = []
-        host_slots: list[list[int]] = [[] for _ in range(req.layout.num_layers)]
-        for layer in range(req.layout.num_layers):
-            ordinal = 0
-            for seg in req.segments:
-                for page in seg.layer_pages[layer].tolist():
-                    slot = self._host_free.pop()
-                    host_slots[layer].append(slot)
-                    copies.append(PageCopy(layer, ordinal, seg.device, page, slot))
-                    ordinal += 1
+        host_slots, copies = swap_out_copies(req, self._host.take(need))
         self._release_device_pages(req)
         req.host_slots = host_slots
         req.residency = Residency.SWAPPED
+        page_bytes = self._config.page_bytes
         return SwapPlan(
-            request_id,
-            req.layout.model,
-            SwapDirection.DEVICE_TO_HOST,
-            req.num_tokens,
-            self._config.page_bytes,
-            tuple(copies),
+            request_id, req.layout.model, SwapDirection.DEVICE_TO_HOST, req.num_tokens, page_bytes, copies
         )
 
     def can_swap_in(self, request_id: RequestId, allow_split: bool = True) -> bool:
@@ -311,22 +298,12 @@ class KVVirtualizer:
             )
         req.residency = Residency.RESIDENT
         self._allocate_rows(req, placement)
-        copies: list[PageCopy] = []
-        for layer in range(req.layout.num_layers):
-            device_pages = [(seg.device, p) for seg in req.segments for p in seg.layer_pages[layer].tolist()]
-            for ordinal, ((device, page), slot) in enumerate(
-                zip(device_pages, req.host_slots[layer], strict=True)
-            ):
-                copies.append(PageCopy(layer, ordinal, device, page, slot))
-            self._host_free.extend(reversed(req.host_slots[layer]))
+        copies = swap_in_copies(req)
+        self._host.give_back(req.host_slots)
         req.host_slots = []
+        page_bytes = self._config.page_bytes
         return SwapPlan(
-            request_id,
-            req.layout.model,
-            SwapDirection.HOST_TO_DEVICE,
-            req.num_tokens,
-            self._config.page_bytes,
-            tuple(copies),
+            request_id, req.layout.model, SwapDirection.HOST_TO_DEVICE, req.num_tokens, page_bytes, copies
         )
 
     # -- maps and tables --
@@ -438,7 +415,7 @@ class KVVirtualizer:
             bytes_used=(cfg.total_pages - free) * cfg.page_bytes,
             bytes_free=free * cfg.page_bytes,
             host_pages_total=cfg.host_swap_pages,
-            host_pages_used=cfg.host_swap_pages - len(self._host_free),
+            host_pages_used=cfg.host_swap_pages - len(self._host),
             num_requests=len(self._requests) - swapped,
             num_swapped=swapped,
         )
@@ -470,11 +447,11 @@ class KVVirtualizer:
         if model_pages != self._model_pages:
             raise KVPoolError(f"per-model page counts {self._model_pages} != recount {model_pages}")
         host_used = [s for r in self._requests.values() for slots in r.host_slots for s in slots]
-        if len(set(host_used)) != len(host_used) or set(host_used) & set(self._host_free):
+        if len(set(host_used)) != len(host_used) or set(host_used) & set(self._host.free_slots):
             raise KVPoolError("host slots mapped twice or both used and free")
-        if len(host_used) + len(self._host_free) != cfg.host_swap_pages:
+        if len(host_used) + len(self._host) != cfg.host_swap_pages:
             raise KVPoolError(
-                f"host slots: {len(host_used)} used + {len(self._host_free)} free != {cfg.host_swap_pages}"
+                f"host slots: {len(host_used)} used + {len(self._host)} free != {cfg.host_swap_pages}"
             )
 
     # -- internals --

@@ -1,6 +1,7 @@
 """Unit tests of the KV virtualizer's parts on their own: the per-request page tables (`kv_requests`),
-the device pages with the split-KV placement (`kv_allocation`) and the host swap slots with the swap
-copies (`kv_swap`), each against hand-computed results.
+the device pages with the split-KV placement (`kv_allocation`), the host swap slots with the swap
+copies (`kv_swap`) and the statistics and invariant checks (`kv_accounting`), each against
+hand-computed results.
 
 The virtualizer as a whole (and through it these parts) is tested in tests/test_kv_virtualizer.py.
 """
@@ -9,8 +10,15 @@ from __future__ import annotations
 
 import pytest
 
+from crosspool_jax.memory.kv_accounting import (
+    check_books,
+    check_request_consistent,
+    device_stats,
+    model_stats,
+    pool_stats,
+)
 from crosspool_jax.memory.kv_allocation import DevicePages, allocate_rows, place_rows, release_rows
-from crosspool_jax.memory.kv_config import KVGeometry, ModelKVLayout
+from crosspool_jax.memory.kv_config import KVGeometry, KVPoolConfig, ModelKVLayout
 from crosspool_jax.memory.kv_requests import (
     RequestKV,
     SegmentPages,
@@ -21,9 +29,13 @@ from crosspool_jax.memory.kv_requests import (
 from crosspool_jax.memory.kv_swap import HostSlots, swap_in_copies, swap_out_copies
 from crosspool_jax.memory.kv_types import (
     PAGE_SENTINEL,
+    DeviceKVStats,
+    KVPoolError,
     KVRequestStateError,
+    ModelKVStats,
     PageCopy,
     PhysicalPage,
+    PoolKVStats,
     Residency,
 )
 
@@ -200,3 +212,57 @@ def test_swap_in_copies_pair_each_slot_with_the_new_page_of_its_ordinal() -> Non
         PageCopy(1, 2, 0, 5, 15),
     )
     assert req.host_slots == [[10, 11, 12], [13, 14, 15]]  # nothing changed
+
+
+# ---- statistics and invariants ------------------------------------------------------------------
+
+CONFIG = KVPoolConfig(num_devices=2, pages_per_device=6, page_bytes=1024, host_swap_pages=4)
+
+
+def books() -> tuple[DevicePages, HostSlots, RequestKV, RequestKV]:
+    """The split request "r" (10 tokens, 6 pages) and "s" swapped out with 5 tokens to host slots 0-3."""
+    pages, host = DevicePages(2, 6), HostSlots(4)
+    req = split_request(pages)
+    slots = host.take(4)
+    swapped = RequestKV("s", LAYOUT, 5, Residency.SWAPPED, host_slots=[slots[:2], slots[2:]])
+    return pages, host, req, swapped
+
+
+def test_stats_count_pages_bytes_tokens_and_requests() -> None:
+    _, _, req, swapped = books()
+    # device 1: rows 0-1 (4 pages, tokens [0, 8)); device 0: row 2 (2 pages, tokens [8, 10))
+    assert device_stats(CONFIG, 1, 2, [req, swapped]) == DeviceKVStats(1, 6, 4, 2, 4096, 2048, 8, 1)
+    assert device_stats(CONFIG, 0, 4, [req, swapped]) == DeviceKVStats(0, 6, 2, 4, 2048, 4096, 2, 1)
+    assert model_stats(CONFIG, "m", 6, [req, swapped]) == ModelKVStats("m", 6, 6144, (2, 4), 10, 1, 1, 4)
+    assert model_stats(CONFIG, "n", 0, [req, swapped]) == ModelKVStats("n", 0, 0, (0, 0), 0, 0, 0, 0)
+    assert pool_stats(CONFIG, 6, 0, [req, swapped]) == PoolKVStats(12, 6, 6, 6144, 6144, 4, 4, 1, 1)
+
+
+def test_check_request_consistent() -> None:
+    _, _, req, swapped = books()
+    check_request_consistent(req)
+    check_request_consistent(swapped)
+    req.num_tokens = 13  # 4 rows needed, 3 held
+    with pytest.raises(KVPoolError, match="3 rows for 13 tokens"):
+        check_request_consistent(req)
+    swapped.host_slots[1].pop()  # 3 slots for 2 rows x 2 layers
+    with pytest.raises(KVPoolError, match="swapped state inconsistent"):
+        check_request_consistent(swapped)
+
+
+def test_check_books_finds_each_kind_of_disagreement() -> None:
+    pages, host, req, swapped = books()
+    check_books(CONFIG, ["m"], [req, swapped], pages, host, {"m": 6})
+    with pytest.raises(KVPoolError, match=r"per-model page counts \{'m': 5\} != recount \{'m': 6\}"):
+        check_books(CONFIG, ["m"], [req, swapped], pages, host, {"m": 5})
+    pages.owners[1][2] = "x"
+    with pytest.raises(KVPoolError, match=r"page PhysicalPage\(device=1, page=2\) of 'r' has owner 'x'"):
+        check_books(CONFIG, ["m"], [req, swapped], pages, host, {"m": 6})
+    pages.owners[1][2] = "r"
+    pages.free_stacks[0].pop()  # page 2 of device 0 lost
+    with pytest.raises(KVPoolError, match=r"device 0: 2 used \+ 3 free != 6"):
+        check_books(CONFIG, ["m"], [req, swapped], pages, host, {"m": 6})
+    pages.free_stacks[0].append(2)
+    host.free_slots.append(3)  # slot 3 is swapped's
+    with pytest.raises(KVPoolError, match="host slots mapped twice or both used and free"):
+        check_books(CONFIG, ["m"], [req, swapped], pages, host, {"m": 6})

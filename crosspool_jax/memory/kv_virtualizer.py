@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from crosspool_jax.memory.kv_accounting import check_books, device_stats, model_stats, pool_stats
 from crosspool_jax.memory.kv_allocation import (
     DevicePages,
     Placement,
@@ -370,89 +371,21 @@ class KVVirtualizer:
 
     def device_stats(self, device: int) -> DeviceKVStats:
         self._check_device(device)
-        total = self._config.pages_per_device
         free = len(self._pages.free_stacks[device])
-        tokens = 0
-        requests = 0
-        for req in self._requests.values():
-            on_device = [s for s in req.segments if s.device == device]
-            if on_device:
-                requests += 1
-                tokens += sum(req.segment_end(s) - s.token_start for s in on_device)
-        pb = self._config.page_bytes
-        return DeviceKVStats(
-            device, total, total - free, free, (total - free) * pb, free * pb, tokens, requests
-        )
+        return device_stats(self._config, device, free, self._requests.values())
 
     def model_stats(self, model: ModelId) -> ModelKVStats:
         self.layout(model)
-        per_device = [0] * self._config.num_devices
-        tokens = resident = swapped = host = 0
-        for req in self._requests.values():
-            if req.layout.model != model:
-                continue
-            if req.residency == Residency.SWAPPED:
-                swapped += 1
-                host += req.num_host_pages
-                continue
-            resident += 1
-            tokens += req.num_tokens
-            for seg in req.segments:
-                per_device[seg.device] += seg.rows * req.layout.num_layers
-        used = self._model_pages[model]
-        return ModelKVStats(
-            model, used, used * self._config.page_bytes, tuple(per_device), tokens, resident, swapped, host
-        )
+        return model_stats(self._config, model, self._model_pages[model], self._requests.values())
 
     def pool_stats(self) -> PoolKVStats:
-        cfg = self._config
-        free = self.total_free_pages
-        swapped = sum(1 for r in self._requests.values() if r.residency == Residency.SWAPPED)
-        return PoolKVStats(
-            pages_total=cfg.total_pages,
-            pages_used=cfg.total_pages - free,
-            pages_free=free,
-            bytes_used=(cfg.total_pages - free) * cfg.page_bytes,
-            bytes_free=free * cfg.page_bytes,
-            host_pages_total=cfg.host_swap_pages,
-            host_pages_used=cfg.host_swap_pages - len(self._host),
-            num_requests=len(self._requests) - swapped,
-            num_swapped=swapped,
-        )
+        return pool_stats(self._config, self.total_free_pages, len(self._host), self._requests.values())
 
     def check_invariants(self) -> None:
         """Recount everything from the request maps; raise KVPoolError on any inconsistency."""
-        cfg = self._config
-        seen: dict[PhysicalPage, RequestId] = {}
-        model_pages = dict.fromkeys(self._layouts, 0)
-        for req in self._requests.values():
-            self._check_request_consistent(req)
-            for page in device_pages_of(req):
-                if page in seen:
-                    raise KVPoolError(f"page {page} mapped by {seen[page]!r} and {req.request_id!r}")
-                owner = self._pages.owners[page.device][page.page]
-                if owner != req.request_id:
-                    raise KVPoolError(f"page {page} of {req.request_id!r} has owner {owner!r}")
-                seen[page] = req.request_id
-            model_pages[req.layout.model] += req.num_device_pages
-        for device in range(cfg.num_devices):
-            free = self._pages.free_stacks[device]
-            if len(set(free)) != len(free) or any(self._pages.owners[device][p] is not None for p in free):
-                raise KVPoolError(f"device {device}: free list has duplicates or owned pages")
-            used = sum(1 for p in seen if p.device == device)
-            if used + len(free) != cfg.pages_per_device:
-                raise KVPoolError(
-                    f"device {device}: {used} used + {len(free)} free != {cfg.pages_per_device}"
-                )
-        if model_pages != self._model_pages:
-            raise KVPoolError(f"per-model page counts {self._model_pages} != recount {model_pages}")
-        host_used = [s for r in self._requests.values() for slots in r.host_slots for s in slots]
-        if len(set(host_used)) != len(host_used) or set(host_used) & set(self._host.free_slots):
-            raise KVPoolError("host slots mapped twice or both used and free")
-        if len(host_used) + len(self._host) != cfg.host_swap_pages:
-            raise KVPoolError(
-                f"host slots: {len(host_used)} used + {len(self._host)} free != {cfg.host_swap_pages}"
-            )
+        check_books(
+            self._config, self._layouts, self._requests.values(), self._pages, self._host, self._model_pages
+        )
 
     # -- internals --
 
@@ -484,23 +417,6 @@ class KVVirtualizer:
             raise KVRequestStateError(
                 f"request {req.request_id!r} holds {req.num_tokens} tokens; cannot grow to {new_len}"
             )
-
-    def _check_request_consistent(self, req: RequestKV) -> None:
-        tpp = req.layout.tokens_per_page
-        start = 0
-        for seg in req.segments:
-            if seg.token_start != start or len(seg.layer_pages) != req.layout.num_layers:
-                raise KVPoolError(f"request {req.request_id!r}: segments not contiguous from 0")
-            if seg.rows < 1 or any(len(p) != seg.rows for p in seg.layer_pages):
-                raise KVPoolError(f"request {req.request_id!r}: a segment has uneven or empty layers")
-            start += seg.rows * tpp
-        rows = req.layout.rows_for(req.num_tokens)
-        if req.residency == Residency.RESIDENT and (req.rows != rows or req.host_slots):
-            raise KVPoolError(f"request {req.request_id!r}: {req.rows} rows for {req.num_tokens} tokens")
-        if req.residency == Residency.SWAPPED and (
-            req.segments or req.num_host_pages != rows * req.layout.num_layers
-        ):
-            raise KVPoolError(f"request {req.request_id!r}: swapped state inconsistent")
 
     def _place(
         self, layout: ModelKVLayout, last_device: int | None, rows: int, allow_split: bool

@@ -1,4 +1,5 @@
-"""Unit tests of the KV virtualizer's parts on their own: the per-request page tables (`kv_requests`),
+"""Unit tests of the KV virtualizer's parts on their own: a model's layout in the pool (`kv_config`),
+the per-request page tables (`kv_requests`),
 the device pages with the split-KV placement (`kv_allocation`), the host swap slots with the swap
 copies (`kv_swap`) and the statistics and invariant checks (`kv_accounting`), each against
 hand-computed results.
@@ -18,9 +19,10 @@ from crosspool_jax.memory.kv_accounting import (
     pool_stats,
 )
 from crosspool_jax.memory.kv_allocation import DevicePages, allocate_rows, place_rows, release_rows
-from crosspool_jax.memory.kv_config import KVGeometry, KVPoolConfig, ModelKVLayout
+from crosspool_jax.memory.kv_config import KVGeometry, KVPoolConfig, ModelKVLayout, resolve_layout
 from crosspool_jax.memory.kv_requests import (
     RequestKV,
+    RequestTable,
     SegmentPages,
     build_page_table,
     device_pages_of,
@@ -30,6 +32,8 @@ from crosspool_jax.memory.kv_swap import HostSlots, swap_in_copies, swap_out_cop
 from crosspool_jax.memory.kv_types import (
     PAGE_SENTINEL,
     DeviceKVStats,
+    KVConfigError,
+    KVOutOfPages,
     KVPoolError,
     KVRequestStateError,
     ModelKVStats,
@@ -49,6 +53,19 @@ def split_request(pages: DevicePages) -> RequestKV:
     allocate_rows(pages, req, [(1, 2), (0, 1)])
     req.num_tokens = 10
     return req
+
+
+# ---- layouts ------------------------------------------------------------------------------------
+
+
+def test_resolve_layout_checks_a_token_and_a_row_fit() -> None:
+    config = KVPoolConfig(num_devices=1, pages_per_device=8, page_bytes=4096)
+    # 4096 B / 256 B per token per layer = 16 tokens a page
+    assert resolve_layout(config, "m", KVGeometry(2, 256)) == ModelKVLayout("m", KVGeometry(2, 256), 4096, 16)
+    with pytest.raises(KVConfigError, match="'deep' has 9 layers but a device holds only 8 pages"):
+        resolve_layout(config, "deep", KVGeometry(9, 256))
+    with pytest.raises(KVConfigError, match="no token fits"):  # checked before the layers
+        resolve_layout(config, "wide", KVGeometry(9, 5000))
 
 
 # ---- placement ----------------------------------------------------------------------------------
@@ -86,6 +103,10 @@ def test_fresh_device_pages_hand_out_the_lowest_index_first() -> None:
     assert pages.free_rows(2) == [2, 2]
     assert pages.free_stacks[0][-1] == 0  # the top of the stack
     assert pages.owners == [[None] * 5, [None] * 5]
+    error = pages.out_of_pages("request 'r' needs 12 pages", 12)
+    assert isinstance(error, KVOutOfPages)
+    assert str(error) == "request 'r' needs 12 pages; free pages per device: [5, 5]"
+    assert (error.pages_needed, error.pages_free) == (12, 10)
 
 
 def test_allocate_rows_fills_rows_layer_by_layer_and_extends_the_last_segment() -> None:
@@ -125,6 +146,23 @@ def test_segment_pages_grow_by_doubling_behind_a_read_only_view() -> None:
     assert seg.rows == 9
     assert seg.layer_pages.tolist() == [[10 * r for r in range(9)], [10 * r + 1 for r in range(9)]]
     assert not seg.layer_pages.flags.writeable
+
+
+def test_request_table_lookups_check_presence_and_residency() -> None:
+    table = RequestTable()
+    table["r"] = RequestKV("r", LAYOUT, 10)
+    table["s"] = RequestKV("s", LAYOUT, 5, Residency.SWAPPED)
+    assert table.record("s") is table["s"] and table.resident("r") is table["r"]
+    assert table.swapped("s") is table["s"]
+    with pytest.raises(KVRequestStateError, match="request 'x' is not in the KV pool"):
+        table.record("x")
+    with pytest.raises(KVRequestStateError, match="request 's' is swapped out; swap it in first"):
+        table.resident("s")
+    with pytest.raises(KVRequestStateError, match="request 'r' is not swapped out"):
+        table.swapped("r")
+    table["r"].check_new_len(10)  # growing to the same length is allowed
+    with pytest.raises(KVRequestStateError, match="request 'r' holds 10 tokens; cannot grow to 9"):
+        table["r"].check_new_len(9)
 
 
 def test_segments_and_pages_of_a_split_request() -> None:

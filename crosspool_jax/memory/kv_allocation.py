@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from crosspool_jax.memory.kv_requests import RequestKV, SegmentPages
-from crosspool_jax.memory.kv_types import PhysicalPage, RequestId
+from crosspool_jax.memory.kv_types import KVOutOfPages, PhysicalPage, RequestId
 
 Placement = list[tuple[int, int]]  # [(device, rows)]
 
@@ -40,6 +40,11 @@ class DevicePages:
     def free_rows(self, num_layers: int) -> list[int]:
         """Per device, the rows of `num_layers` pages its free pages hold."""
         return [len(f) // num_layers for f in self.free_stacks]
+
+    def out_of_pages(self, what: str, pages_needed: int) -> KVOutOfPages:
+        """The error for an allocation of `pages_needed` pages that does not fit; `what` says which."""
+        message = f"{what}; free pages per device: {self.free_counts()}"
+        return KVOutOfPages(message, pages_needed, self.total_free)
 
 
 def place_rows(

@@ -4,7 +4,7 @@
 `KVGeometry` is a model's KV (layers, bytes per token per layer); against the pool's page size it
 fixes how many tokens one page holds (`tokens_per_page`), so models of different KV widths share one
 arena. `ModelKVLayout` is the result, with the page arithmetic: rows (pages per layer) and pages for
-a number of tokens.
+a number of tokens. `resolve_layout` makes the layout of a model that registers with the pool.
 """
 
 from __future__ import annotations
@@ -147,3 +147,18 @@ class ModelKVLayout:
         """Bytes of a full page that hold KV; the rest of the page (page_bytes minus this) is unused."""
         return self.tokens_per_page * self.geometry.bytes_per_token_per_layer
 
+
+
+def resolve_layout(config: KVPoolConfig, model: ModelId, geometry: KVGeometry) -> ModelKVLayout:
+    """`model`'s layout in the pool of `config`.
+
+    Raises KVConfigError if not one token fits a page or not one row (`num_layers` pages) fits a
+    device.
+    """
+    tokens_per_page = geometry.tokens_per_page(config.page_bytes)
+    if geometry.num_layers > config.pages_per_device:
+        raise KVConfigError(
+            f"model {model!r} has {geometry.num_layers} layers but a device holds only "
+            f"{config.pages_per_device} pages: not one row of pages fits"
+        )
+    return ModelKVLayout(model, geometry, config.page_bytes, tokens_per_page)

@@ -2,9 +2,10 @@
 
 `RequestKV` is the virtualizer's mutable record of one request: its token count, residency, and
 either its segments on devices (`SegmentPages`: a [layer, row] table of page indices on one device)
-or its host swap slots. `segment_views`, `device_pages_of` and `build_page_table` read these records
-into the values the virtualizer hands out (`KVSegment`, `PhysicalPage`, `ModelPageTable`). Which
-pages a record gets is decided in `kv_allocation`; `KVVirtualizer` coordinates.
+or its host swap slots. `RequestTable` holds the records by request id. `segment_views`,
+`device_pages_of` and `build_page_table` read the records into the values the virtualizer hands out
+(`KVSegment`, `PhysicalPage`, `ModelPageTable`). Which pages a record gets is decided in
+`kv_allocation`; `KVVirtualizer` coordinates.
 """
 
 from __future__ import annotations
@@ -91,9 +92,41 @@ class RequestKV:
         """Device of the last segment (None while the request holds no device pages)."""
         return self.segments[-1].device if self.segments else None
 
+    def check_new_len(self, new_len: int) -> None:
+        """Raise KVRequestStateError if `new_len` tokens is fewer than the request holds (no shrinking)."""
+        if new_len < self.num_tokens:
+            raise KVRequestStateError(
+                f"request {self.request_id!r} holds {self.num_tokens} tokens; cannot grow to {new_len}"
+            )
+
     def segment_end(self, seg: SegmentPages) -> int:
         """Token end (exclusive) of `seg`: the end of its last row, or of the request if that is sooner."""
         return min(self.num_tokens, seg.token_start + seg.rows * self.layout.tokens_per_page)
+
+
+class RequestTable(dict[RequestId, RequestKV]):
+    """The virtualizer's request records by request id; its lookups raise KVRequestStateError."""
+
+    def record(self, request_id: RequestId) -> RequestKV:
+        """The record of `request_id`, resident or swapped."""
+        try:
+            return self[request_id]
+        except KeyError:
+            raise KVRequestStateError(f"request {request_id!r} is not in the KV pool") from None
+
+    def resident(self, request_id: RequestId) -> RequestKV:
+        """The record of `request_id`, which must be resident."""
+        req = self.record(request_id)
+        if req.residency != Residency.RESIDENT:
+            raise KVRequestStateError(f"request {request_id!r} is swapped out; swap it in first")
+        return req
+
+    def swapped(self, request_id: RequestId) -> RequestKV:
+        """The record of `request_id`, which must be swapped out."""
+        req = self.record(request_id)
+        if req.residency != Residency.SWAPPED:
+            raise KVRequestStateError(f"request {request_id!r} is not swapped out")
+        return req
 
 
 def segment_views(req: RequestKV) -> tuple[KVSegment, ...]:

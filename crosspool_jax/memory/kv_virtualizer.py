@@ -16,6 +16,14 @@ all its layers, so the engine can run split-KV decode per segment and combine th
 
 This module is plain Python bookkeeping (numpy only for the exported page tables): no JAX, no
 copies. Swap-out / swap-in return the list of page copies for the engine to perform.
+
+`KVVirtualizer` coordinates; the pieces are modules of their own, each plain Python: `kv_types`
+(ids, errors, pages, segments, swap plans, statistics, page tables), `kv_config` (pool shape, model
+geometry, tokens per page), `kv_requests` (each request's segments and host slots, and the segment
+views and page tables read from them), `kv_allocation` (free pages and owners per device, the
+split-KV placement of new rows), `kv_swap` (host swap slots, the copies of a swap-out or swap-in)
+and `kv_accounting` (statistics, invariant checks). The public names of `kv_types` and `kv_config`
+are importable from here too.
 """
 
 from __future__ import annotations
@@ -30,9 +38,10 @@ from crosspool_jax.memory.kv_allocation import (
     place_rows,
     release_rows,
 )
-from crosspool_jax.memory.kv_config import KVGeometry, KVPoolConfig, ModelKVLayout
+from crosspool_jax.memory.kv_config import KVGeometry, KVPoolConfig, ModelKVLayout, resolve_layout
 from crosspool_jax.memory.kv_requests import (
     RequestKV,
+    RequestTable,
     build_page_table,
     device_pages_of,
     segment_views,
@@ -101,7 +110,7 @@ class KVVirtualizer:
         self._pages = DevicePages(config.num_devices, config.pages_per_device)
         self._host = HostSlots(config.host_swap_pages)
         self._layouts: dict[ModelId, ModelKVLayout] = {}
-        self._requests: dict[RequestId, RequestKV] = {}
+        self._requests = RequestTable()
         self._model_pages: dict[ModelId, int] = {}
 
     # -- models --
@@ -117,13 +126,7 @@ class KVVirtualizer:
             if existing.geometry != geometry:
                 raise KVConfigError(f"model {model!r} is registered with {existing.geometry}, not {geometry}")
             return existing
-        tokens_per_page = geometry.tokens_per_page(self._config.page_bytes)
-        if geometry.num_layers > self._config.pages_per_device:
-            raise KVConfigError(
-                f"model {model!r} has {geometry.num_layers} layers but a device holds only "
-                f"{self._config.pages_per_device} pages: not one row of pages fits"
-            )
-        layout = ModelKVLayout(model, geometry, self._config.page_bytes, tokens_per_page)
+        layout = resolve_layout(self._config, model, geometry)
         self._layouts[model] = layout
         self._model_pages[model] = 0
         return layout
@@ -138,6 +141,7 @@ class KVVirtualizer:
         del self._model_pages[model]
 
     def layout(self, model: ModelId) -> ModelKVLayout:
+        """`model`'s layout; raises KVRequestStateError if it is not registered."""
         try:
             return self._layouts[model]
         except KeyError:
@@ -168,24 +172,25 @@ class KVVirtualizer:
         return tuple(self._requests)
 
     def model_of(self, request_id: RequestId) -> ModelId:
-        return self._get(request_id).layout.model
+        return self._requests.record(request_id).layout.model
 
     def num_tokens(self, request_id: RequestId) -> int:
         """Tokens whose KV the request holds (on device or, if swapped, on host)."""
-        return self._get(request_id).num_tokens
+        return self._requests.record(request_id).num_tokens
 
     def residency(self, request_id: RequestId) -> Residency:
-        return self._get(request_id).residency
+        return self._requests.record(request_id).residency
 
     def pages_to_grow(self, request_id: RequestId, new_len: int) -> int:
         """Device pages a `grow(request_id, new_len)` would allocate."""
-        req = self._resident(request_id)
-        self._check_new_len(req, new_len)
+        req = self._requests.resident(request_id)
+        req.check_new_len(new_len)
         return max(0, req.layout.rows_for(new_len) - req.rows) * req.layout.num_layers
 
     def can_grow(self, request_id: RequestId, new_len: int, allow_split: bool = True) -> bool:
-        req = self._resident(request_id)
-        self._check_new_len(req, new_len)
+        """Whether `grow(request_id, new_len, allow_split)` fits the free pages now."""
+        req = self._requests.resident(request_id)
+        req.check_new_len(new_len)
         extra_rows = req.layout.rows_for(new_len) - req.rows
         if extra_rows <= 0:
             return True
@@ -204,21 +209,19 @@ class KVVirtualizer:
         segments on other devices (most free pages first) if `allow_split`. Raises KVOutOfPages and
         changes nothing if the growth does not fit.
         """
-        req = self._resident(request_id)
-        self._check_new_len(req, new_len)
+        req = self._requests.resident(request_id)
+        req.check_new_len(new_len)
         extra_rows = req.layout.rows_for(new_len) - req.rows
         new_pages: list[PhysicalPage] = []
         if extra_rows > 0:
             placement = self._place(req.layout, req.last_device, extra_rows, allow_split)
             if placement is None:
                 need = extra_rows * req.layout.num_layers
-                raise KVOutOfPages(
+                raise self._pages.out_of_pages(
                     f"request {request_id!r} of model {req.layout.model!r}: growing to {new_len} tokens "
                     f"needs {need} more pages ({extra_rows} rows of {req.layout.num_layers} layers) "
-                    f"{'split over devices' if allow_split else 'on one device'}; free pages per device: "
-                    f"{self._pages.free_counts()}",
+                    f"{'split over devices' if allow_split else 'on one device'}",
                     need,
-                    self._pages.total_free,
                 )
             new_pages = self._allocate_rows(req, placement)
         req.num_tokens = new_len
@@ -229,7 +232,7 @@ class KVVirtualizer:
 
         Returns the number of pages released (device + host).
         """
-        req = self._get(request_id)
+        req = self._requests.record(request_id)
         released = req.num_device_pages + req.num_host_pages
         self._release_device_pages(req)
         self._host.give_back(req.host_slots)
@@ -238,7 +241,7 @@ class KVVirtualizer:
 
     def evict(self, request_id: RequestId) -> EvictedKV:
         """Drop a resident request's KV (to be recomputed later) and forget it; returns what was freed."""
-        req = self._resident(request_id)
+        req = self._requests.resident(request_id)
         evicted = EvictedKV(
             request_id, req.layout.model, req.num_tokens, self._config.page_bytes, device_pages_of(req)
         )
@@ -250,10 +253,12 @@ class KVVirtualizer:
 
     @property
     def host_free_pages(self) -> int:
+        """Free host swap slots (one page each)."""
         return len(self._host)
 
     def can_swap_out(self, request_id: RequestId) -> bool:
-        return self._resident(request_id).num_device_pages <= len(self._host)
+        """Whether the free host slots can take every device page of the resident request."""
+        return self._requests.resident(request_id).num_device_pages <= len(self._host)
 
     def swap_out(self, request_id: RequestId) -> SwapPlan:
         """Move a resident request's pages to host slots (in the books); returns the copies to do.
@@ -261,7 +266,7 @@ class KVVirtualizer:
         The device pages are free on return. Raises KVHostSwapFull and changes nothing if the host
         swap space is too small.
         """
-        req = self._resident(request_id)
+        req = self._requests.resident(request_id)
         need = req.num_device_pages
         if need > len(self._host):
             raise KVHostSwapFull(
@@ -277,7 +282,8 @@ class KVVirtualizer:
         )
 
     def can_swap_in(self, request_id: RequestId, allow_split: bool = True) -> bool:
-        req = self._swapped(request_id)
+        """Whether `swap_in(request_id, allow_split)` fits the free pages now."""
+        req = self._requests.swapped(request_id)
         rows = req.layout.rows_for(req.num_tokens)
         return rows == 0 or self._place(req.layout, None, rows, allow_split) is not None
 
@@ -286,16 +292,13 @@ class KVVirtualizer:
 
         The host slots are free on return. Raises KVOutOfPages and changes nothing if it does not fit.
         """
-        req = self._swapped(request_id)
+        req = self._requests.swapped(request_id)
         rows = req.layout.rows_for(req.num_tokens)
         placement = self._place(req.layout, None, rows, allow_split) if rows else []
         if placement is None:
             need = rows * req.layout.num_layers
-            raise KVOutOfPages(
-                f"request {request_id!r}: swap-in of {req.num_tokens} tokens needs {need} pages; free pages "
-                f"per device: {self._pages.free_counts()}",
-                need,
-                self._pages.total_free,
+            raise self._pages.out_of_pages(
+                f"request {request_id!r}: swap-in of {req.num_tokens} tokens needs {need} pages", need
             )
         req.residency = Residency.RESIDENT
         self._allocate_rows(req, placement)
@@ -311,22 +314,22 @@ class KVVirtualizer:
 
     def segments(self, request_id: RequestId) -> tuple[KVSegment, ...]:
         """The request's segments in token order (empty if it holds no pages or is swapped)."""
-        return segment_views(self._get(request_id))
+        return segment_views(self._requests.record(request_id))
 
     def layer_pages(self, request_id: RequestId, layer: int) -> tuple[PhysicalPage, ...]:
         """Physical pages of one layer of the request, in token order."""
-        req = self._resident(request_id)
+        req = self._requests.resident(request_id)
         if not 0 <= layer < req.layout.num_layers:
             raise KVRequestStateError(f"layer {layer} out of range for model {req.layout.model!r}")
         return tuple(PhysicalPage(s.device, int(p)) for s in req.segments for p in s.layer_pages[layer])
 
     def device_pages_held(self, request_id: RequestId) -> int:
         """Device pages the request holds (0 when swapped)."""
-        return self._get(request_id).num_device_pages
+        return self._requests.record(request_id).num_device_pages
 
     def request_pages(self, request_id: RequestId) -> tuple[PhysicalPage, ...]:
         """All device pages the request holds."""
-        return device_pages_of(self._get(request_id))
+        return device_pages_of(self._requests.record(request_id))
 
     def page_table(self, device: int, model: ModelId, max_pages: int | None = None) -> ModelPageTable:
         """Page table of `model`'s resident requests on `device` (one row per segment there).
@@ -344,11 +347,13 @@ class KVVirtualizer:
     # -- statistics --
 
     def free_pages(self, device: int) -> int:
+        """Free pages on `device`."""
         self._check_device(device)
         return len(self._pages.free_stacks[device])
 
     @property
     def total_free_pages(self) -> int:
+        """Free pages on all devices."""
         return self._pages.total_free
 
     def model_pages(self, model: ModelId) -> int:
@@ -389,34 +394,10 @@ class KVVirtualizer:
 
     # -- internals --
 
-    def _get(self, request_id: RequestId) -> RequestKV:
-        try:
-            return self._requests[request_id]
-        except KeyError:
-            raise KVRequestStateError(f"request {request_id!r} is not in the KV pool") from None
-
-    def _resident(self, request_id: RequestId) -> RequestKV:
-        req = self._get(request_id)
-        if req.residency != Residency.RESIDENT:
-            raise KVRequestStateError(f"request {request_id!r} is swapped out; swap it in first")
-        return req
-
-    def _swapped(self, request_id: RequestId) -> RequestKV:
-        req = self._get(request_id)
-        if req.residency != Residency.SWAPPED:
-            raise KVRequestStateError(f"request {request_id!r} is not swapped out")
-        return req
-
     def _check_device(self, device: int) -> None:
         if not 0 <= device < self._config.num_devices:
             raise KVRequestStateError(f"device {device} out of range [0, {self._config.num_devices})")
 
-    @staticmethod
-    def _check_new_len(req: RequestKV, new_len: int) -> None:
-        if new_len < req.num_tokens:
-            raise KVRequestStateError(
-                f"request {req.request_id!r} holds {req.num_tokens} tokens; cannot grow to {new_len}"
-            )
 
     def _place(
         self, layout: ModelKVLayout, last_device: int | None, rows: int, allow_split: bool
@@ -425,10 +406,12 @@ class KVVirtualizer:
         return place_rows(self._pages.free_rows(layout.num_layers), last_device, rows, allow_split)
 
     def _allocate_rows(self, req: RequestKV, placement: Placement) -> list[PhysicalPage]:
+        """`allocate_rows`, counting the new pages to the request's model."""
         new_pages = allocate_rows(self._pages, req, placement)
         self._model_pages[req.layout.model] += len(new_pages)
         return new_pages
 
     def _release_device_pages(self, req: RequestKV) -> None:
+        """`release_rows`, taking the pages off the request's model's count."""
         self._model_pages[req.layout.model] -= req.num_device_pages
         release_rows(self._pages, req)

@@ -55,6 +55,15 @@ def validate_request(
         )
 
 
+@jax.jit
+def _first_token(logits: jax.Array, last: jax.Array, samp: tuple) -> jax.Array:
+    """The token after the prompt: samples row `last` (int32 scalar, the prompt's last position) of
+    prefill's logits [1, T, V]; one program per (T, V) for every prompt length, where sampling op by
+    op would dispatch (and on first use compile) each of its ops apart. -> [1] int32."""
+    row = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)
+    return sample_tokens(row, *samp, positions=(last + 1)[None])
+
+
 def _bucket(n: int, cap: int, floor: int = 16) -> int:
     """Next power of two >= n (at least `floor`), at most `cap`: bounds the number of compilations."""
     return min(max(floor, 1 << (max(n, 1) - 1).bit_length()), cap)
@@ -116,7 +125,7 @@ class ReferenceGenerator:
             jnp.asarray([seed_words(sampling.seed)], jnp.uint32),
         )
         logits, cache = self._prefill(self.weights, tokens, cache)
-        tok = sample_tokens(logits[:, n - 1], *samp, positions=jnp.asarray([n], jnp.int32))
+        tok = _first_token(logits, jnp.asarray(n - 1, jnp.int32), samp)
         for i in range(max_new_tokens):
             if i:  # the token at position n + i - 1 goes in, the one at n + i comes out
                 tok, cache = self._decode(self.weights, tok, jnp.asarray([n + i - 1], jnp.int32), cache, samp)

@@ -17,6 +17,13 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8 --xla_
 # one compilation cache for the run (and later runs of this checkout): tests that build the same
 # step program compile it once; subprocesses the tests start inherit it
 export CROSSPOOL_COMPILATION_CACHE="${CROSSPOOL_COMPILATION_CACHE:-$PWD/.cache/jax-tests}"
+# engines and runners the tests build compile only the programs their calls use (no background
+# warm-ups at load, no fallback to a larger program meanwhile; crosspool_jax/execution/
+# step_programs.py, WARM_PROGRAMS_ENV): on 2 cores those extra compiles compete with the tests' own
+# (tests/test_pooled_engine.py 254 -> 136 s of CPU, 2026-12-07); tests/test_stall_free.py asks for
+# both explicitly
+export CROSSPOOL_WARM_PROGRAMS="${CROSSPOOL_WARM_PROGRAMS:-0}"
+export CROSSPOOL_COMPILE_FALLBACK="${CROSSPOOL_COMPILE_FALLBACK:-off}"
 # three worker processes on CI's 2-core machine (two left a core idle ~20% of the time: subprocess
 # start-ups, servers waiting for ports, polls); CROSSPOOL_TEST_WORKERS overrides, 0 runs in this
 # process. Test files are the unit of distribution, so a module's fixtures build once.

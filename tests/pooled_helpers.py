@@ -61,9 +61,10 @@ def build_runner(models: Mapping[str, tuple[ModelConfig, ModelWeights]], *, spli
         nw = len(topo.weights_devices)
     attn, wpages = arena_pages(models, nw, layout, colocated is not None)
     num_pages = max(wpages, attn + kv_pages)
-    # no background warm compiles unless a test asks: on CI's 2 cores they would compete with the
-    # test's own compiles
-    kw = {"steps_per_call": 4, "prefill_chunk": 16, "warm_programs": 0, **kw}
+    # no background warm compiles and no fallback unless a test asks (tests/test_stall_free.py):
+    # each call compiles its own program, once; on CI's 2 cores background compiles (warm-ups, a
+    # fallback's exact program) would compete with the test's own
+    kw = {"steps_per_call": 4, "prefill_chunk": 16, "warm_programs": 0, "fallback": False, **kw}
     runner = GroupRunner(topo, dataclasses.replace(layout, num_pages=num_pages), attn, colocated=colocated,
                          kv_pages_per_device=kv_pages, backend=backend, **kw)
     for name, (cfg, w) in models.items():

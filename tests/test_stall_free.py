@@ -21,7 +21,7 @@ from pooled_helpers import GREEDY, References, Req, build_runner, drive, f32
 from crosspool_jax.demo import demo_models
 from crosspool_jax.execution import compile_cache
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec
-from crosspool_jax.execution.step_programs import spec_dominates
+from crosspool_jax.execution.step_programs import FALLBACK_ENV, WARM_PROGRAMS_ENV, env_setting, spec_dominates
 
 QWEN, DSV3 = "demo-qwen3-moe", "demo-deepseek-v3"
 
@@ -94,10 +94,11 @@ def test_dominance_rule(demo) -> None:
     assert spec_dominates(StepSpec((dataclasses.replace(lane, extras=2, max_pages=8),), True, 2), with_x)
 
 
-def test_warm_programs_serve_a_first_request_without_compiling(demo) -> None:
+def test_warm_programs_serve_a_first_request_without_compiling(demo, monkeypatch) -> None:
     """Adding a model queues its first programs for the background thread; once they are done, a
     first request compiles nothing on the serving path and still equals the reference."""
     models, refs = demo
+    monkeypatch.delenv(WARM_PROGRAMS_ENV, raising=False)  # scripts/test.sh sets 0
     # warm_programs=None: the GroupRunner default, whatever build_runner passes by default
     runner = build_runner({QWEN: models[QWEN]}, split="1+1", kv_pages=16, prefill_chunk=32,
                           warm_programs=None, fallback=True)
@@ -308,3 +309,29 @@ def test_placement_holds_the_step_lock_only_around_arena_updates(demo, monkeypat
     reqs = [Req("d", DSV3, _prompt(3, 7), 4)]
     _check(refs, reqs, drive(runner, reqs))
     assert runner.kv.pool_stats().pages_used == 0
+
+
+def test_warm_programs_and_fallback_defaults_read_the_environment(demo, monkeypatch) -> None:
+    """A runner not given `warm_programs` / `fallback` takes `$CROSSPOOL_WARM_PROGRAMS` /
+    `$CROSSPOOL_COMPILE_FALLBACK` (what scripts/test.sh sets), else 4 and on (CPU); bad values
+    are refused naming the variable."""
+    monkeypatch.delenv(WARM_PROGRAMS_ENV, raising=False)
+    monkeypatch.delenv(FALLBACK_ENV, raising=False)
+    assert env_setting(WARM_PROGRAMS_ENV, 4) == 4 and env_setting(FALLBACK_ENV, True) is True
+    for text, want in (("off", False), ("0", False), ("No", False), ("on", True), (" 1 ", True)):
+        monkeypatch.setenv(FALLBACK_ENV, text)
+        assert env_setting(FALLBACK_ENV, True) is want
+    monkeypatch.setenv(WARM_PROGRAMS_ENV, "3")
+    assert env_setting(WARM_PROGRAMS_ENV, 4) == 3
+    for bad_name, bad in ((WARM_PROGRAMS_ENV, "-1"), (WARM_PROGRAMS_ENV, "two"), (FALLBACK_ENV, "maybe")):
+        monkeypatch.setenv(bad_name, bad)
+        with pytest.raises(ValueError, match=bad_name.replace("$", "")):
+            env_setting(bad_name, True if bad_name == FALLBACK_ENV else 4)
+    models, _ = demo
+    monkeypatch.setenv(WARM_PROGRAMS_ENV, "0")
+    monkeypatch.setenv(FALLBACK_ENV, "off")
+    runner = build_runner({QWEN: models[QWEN]}, split="1+1", warm_programs=None, fallback=None)
+    assert runner.warm_programs == 0 and runner.fallback is False and not runner._background
+    monkeypatch.setenv(FALLBACK_ENV, "on")
+    runner = build_runner({QWEN: models[QWEN]}, split="1+1", warm_programs=None, fallback=None)
+    assert runner.fallback is True

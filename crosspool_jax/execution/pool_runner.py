@@ -164,7 +164,9 @@ class GroupRunner(RunnerModels, StepPrograms, StepCalls):
     runs in the smallest compiled program that dominates its shape (`spec_dominates`: inputs padded
     to it) while the exact one compiles in the background; only when none does, the call compiles
     on the serving path (counted in `blocked_compile_seconds`). False: every new shape compiles on
-    the serving path. JAX's persistent compilation cache is turned on (`compile_cache`).
+    the serving path. None (both): `$CROSSPOOL_WARM_PROGRAMS` / `$CROSSPOOL_COMPILE_FALLBACK` when
+    set (`step_programs.env_setting`), else the defaults above (fallback on). JAX's persistent
+    compilation cache is turned on (`compile_cache`).
     compiler_options: XLA options every step program compiles with (`Lowered.compile`; e.g.
     {"xla_gpu_autotune_level": 0}); part of the persistent cache's key. Default: XLA's.
     compile_process: lower and compile step programs in a worker process and load the serialized
@@ -212,7 +214,7 @@ class GroupRunner(RunnerModels, StepPrograms, StepCalls):
         warm_programs: int | None = None,
         warm_slots: int | None = None,
         warm_context: int | None = None,
-        fallback: bool = True,
+        fallback: bool | None = None,
         max_stop_ids: int = DEFAULT_MAX_STOP_IDS,
         prefill_share: float = DEFAULT_PREFILL_SHARE,
         mixed_steps: bool = False,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -32,6 +33,34 @@ from crosspool_jax.execution.pooled_step import LaneShape, StepSpec
 from crosspool_jax.models.config import AttentionKind
 
 _log = logging.getLogger(__name__)
+
+# Process-wide defaults of `warm_programs` and `fallback` where a runner is not given them: e.g. a
+# test run on a 2-core CPU (scripts/test.sh) turns both off, so an engine test compiles only the
+# programs its calls use, on the serving path (background warm-ups and a fallback's exact program
+# would compete with it for the cores); the stall-free tests pass both explicitly.
+WARM_PROGRAMS_ENV = "CROSSPOOL_WARM_PROGRAMS"  # an int >= 0
+FALLBACK_ENV = "CROSSPOOL_COMPILE_FALLBACK"  # on / off (also 1 / 0, true / false, yes / no)
+
+
+def env_setting(name: str, default: int | bool) -> int | bool:
+    """`$name` read as the type of `default` (`default` when unset or empty); ValueError names the
+    variable when its value is not one."""
+    text = os.environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if isinstance(default, bool):
+        words = {"on": True, "1": True, "true": True, "yes": True,
+                 "off": False, "0": False, "false": False, "no": False}
+        if text not in words:
+            raise ValueError(f"${name} must be on or off, got {text!r}")
+        return words[text]
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"${name} must be an integer >= 0, got {text!r}")
+    return value
 
 
 def _pow2(n: int, floor: int = 1) -> int:
@@ -150,7 +179,7 @@ class StepPrograms:
     alone."""
 
     def _init_programs(self, max_programs: int, buckets: ShapeBuckets | None, warm_programs: int | None,
-                       warm_slots: int | None, warm_context: int | None, fallback: bool,
+                       warm_slots: int | None, warm_context: int | None, fallback: bool | None,
                        compiler_options: dict[str, Any] | None, compile_process: bool,
                        compile_workers: int) -> None:
         """The compiled programs' state (held, ready, compiling), the buckets and warm-up box,
@@ -172,10 +201,12 @@ class StepPrograms:
         self._executor: Any = None
         self.buckets = buckets or (ShapeBuckets.coarse() if self.platform == "gpu" else ShapeBuckets.fine())
         gpu = self.platform == "gpu"
-        self.warm_programs = (8 if gpu else 4) if warm_programs is None else max(0, warm_programs)
+        if warm_programs is None:
+            warm_programs = env_setting(WARM_PROGRAMS_ENV, 8 if gpu else 4)
+        self.warm_programs = max(0, warm_programs)
         self.warm_slots = warm_slots or (32 if gpu else 8)
         self.warm_context = warm_context or (8192 if gpu else 512)
-        self.fallback = fallback
+        self.fallback = env_setting(FALLBACK_ENV, True) if fallback is None else fallback
         self.compiler_options = dict(compiler_options or {})
         self.compile_workers = compile_workers
         self._process_compiler = ProcessCompiler(compile_workers) if compile_process else None

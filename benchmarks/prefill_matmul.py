@@ -38,7 +38,8 @@ input sets back to back in one program (`benchmarks.kernels.bench_in_jit`), TFLO
 seconds, and its share of a dense bf16 8192^3 matmul peak measured in the same run
 (`benchmarks.kernels.matmul_peak`: calls back to back, as `benchmarks/prefill.py` measures it).
 The table prints last. `--smoke` runs the same code at toy sizes under the Pallas interpreters on
-CPU: it checks the script, its numbers mean nothing.
+CPU: it checks the script, its numbers mean nothing (so each kernel is timed on one input set,
+once: `SMOKE_SETS`, `SMOKE_TRIALS`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from pallas_kernels.arena_matmul_gpu import arena_grouped_matmul_gpu
 from pallas_kernels.arena_matmul_mgpu import arena_grouped_matmul_mgpu
 
 R = 128  # the GPU arena's row width
+SMOKE_SETS, SMOKE_TRIALS = 1, 1  # --smoke: input sets per program, timed runs (interpreters: slow)
 CASES = (("olmoe gate/up", 16384, 64, 2048, 2048), ("olmoe down", 16384, 64, 1024, 2048),
          ("qwen3 gate/up", 16384, 128, 2048, 1536), ("qwen3 down", 16384, 128, 768, 2048),
          ("olmoe gate/up 4K", 32768, 64, 2048, 2048), ("qwen3 gate/up 4K", 32768, 128, 2048, 1536),
@@ -207,13 +209,13 @@ def time_case(case: tuple, backend: str, peak: float, smoke: bool, with_ws: bool
     arena, offs = arena_of(g, k, n, R)
     sets = [(jax.random.normal(jax.random.key(10 + j), (m, k), jnp.bfloat16), arena, jnp.asarray(offs),
              jnp.asarray(rng.multinomial(m, rng.dirichlet(np.ones(g) * 2)).astype(np.int32)))
-            for j in range(2 if smoke else 3)]
+            for j in range(SMOKE_SETS if smoke else 3)]
     flops = 2 * m * k * n
     rows: list[dict[str, Any]] = []
 
     def record(label: str, f: Callable[..., jax.Array], ss: list) -> None:
         try:
-            t = bench_in_jit(f, ss)
+            t = bench_in_jit(f, ss, trials=SMOKE_TRIALS if smoke else 5)
         except Exception as e:
             print(f"  {name} {label}: {type(e).__name__}: {str(e)[:600]}", flush=True)
             return
@@ -350,7 +352,7 @@ def time_moe_layer(case: tuple, backend: str, smoke: bool, peak: float,
     arena = jnp.concatenate([gu, dn])
     offs = (jnp.asarray(off_gu), jnp.asarray(off_dn + gu.shape[0]))
     sets = []
-    for j in range(2 if smoke else 3):
+    for j in range(SMOKE_SETS if smoke else 3):
         experts = np.stack([rng.choice(e, k, replace=False, p=rng.dirichlet(np.ones(e) * 2))
                             for _ in range(t)]).reshape(-1)
         order = np.argsort(experts, kind="stable").astype(np.int32)
@@ -374,7 +376,7 @@ def time_moe_layer(case: tuple, backend: str, smoke: bool, peak: float,
         if not err < 1e-2:
             rows.append({"case": name, "impl": v, "rel_err": err, "ok": False})
             continue
-        us = bench_in_jit(f, sets) * 1e6
+        us = bench_in_jit(f, sets, trials=SMOKE_TRIALS if smoke else 5) * 1e6
         rows.append({"case": name, "impl": v, "T": t, "k": k, "E": e, "D": d, "I": inter,
                      "us": us, "tflops": flops / us / 1e6, "of_peak": flops / (us * 1e-6) / peak,
                      "rel_err": err, "ok": True})

@@ -12,6 +12,10 @@ each (this file copied into the older one):
 
     PYTHONPATH=. JAX_PLATFORMS=cpu python -m benchmarks.lowering_time [--programs 4] [--repeat 2]
 
+--quick (the test's run) gives the models 8 experts instead of 64 and a 512-MiB arena instead of
+3 GiB: the same programs' structure (op for op; the grouped matmuls' group count is data), but
+the setup writes an eighth of the weights; its times are not the benchmark's.
+
 With --kernels it also counts the Triton kernels the picked programs carry (`--programs 0`: the
 whole grid): kernel instances (one per distinct kernel of a program) against distinct kernels
 over the programs (by their Triton IR), per kernel name. XLA compiles every instance again unless
@@ -41,6 +45,7 @@ from crosspool_jax.execution.step_programs import ShapeBuckets
 # OLMoE-1B-7B's structure at CPU-sized widths
 SMALL = dict(hidden_size=256, intermediate_size=128, vocab_size=1024, num_attention_heads=2,
              num_key_value_heads=2)
+QUICK = dict(num_experts=8, num_experts_per_tok=2)  # --quick
 
 
 @contextlib.contextmanager
@@ -91,14 +96,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="times each program is lowered (the best is printed)")
     ap.add_argument("--kernels", action="store_true",
                     help="also count the programs' Triton kernels: instances vs distinct (module docstring)")
+    ap.add_argument("--quick", action="store_true",
+                    help="8 experts and a 512-MiB arena: checks the script (module docstring)")
     args = ap.parse_args(argv)
+    arena = (512 << 20) if args.quick else (3 << 30)
     engine = PooledEngine(mode="shared", pools="1", devices=jax.devices()[:1], config=EngineConfig(
-        arena_bytes=3 << 30, page_bytes=256 << 10, prefill_chunk=2048, weights_fraction=0.6))
+        arena_bytes=arena, page_bytes=256 << 10, prefill_chunk=2048, weights_fraction=0.6))
     group = engine.groups[0]
     group.warm_programs = 0  # no background compiles beside the timing
     group.buckets = ShapeBuckets.coarse()  # the GPU's grid, not the CPU's finer one
     for i in range(3):
-        engine.add_random_model(f"olmoe-{i:02d}", olmoe_config(**SMALL), seed=i)
+        engine.add_random_model(f"olmoe-{i:02d}", olmoe_config(**SMALL, **(QUICK if args.quick else {})),
+                                seed=i)
     specs = group.bucket_specs(131072, 64)
     n = args.programs or len(specs)
     pick = [s for s in specs if s.decode][:n] + [s for s in specs if not s.decode][:n]

@@ -19,7 +19,7 @@ def test_inside_the_h200_target_kernels_take_their_gpu_lowering():
 def test_lowers_grid_programs_for_cuda_and_counts_their_kernels(capsys):
     """One run (lowering the grid's programs is the slow part): the per-program trace / lower
     times, and the Triton kernels each program carries."""
-    lowering_time.main(["--programs", "1", "--kernels"])
+    lowering_time.main(["--programs", "1", "--kernels", "--quick"])
     out = capsys.readouterr().out
     rows = re.findall(r"^(decode|prefill) .*trace (\d+\.\d+) s, lower (\d+\.\d+) s", out, re.M)
     assert [r[0] for r in rows] == ["decode", "prefill"]

@@ -132,7 +132,8 @@ def test_a_mosaic_compile_failure_falls_back_to_triton(monkeypatch):
         return real(spec, *args, **kw)
 
     monkeypatch.setattr(step_programs, "compile_spec", failing_mosaic)
-    runner = build_runner(models, split="1+1", kv_pages=32, attention_kernels="mosaic")
+    # fallback on: the next page bucket's decode program compiles in the background (below)
+    runner = build_runner(models, split="1+1", kv_pages=32, attention_kernels="mosaic", fallback=True)
     reqs = [Req("a", "mix", tuple(range(3, 40)), 6), Req("b", "mix", tuple(range(50, 60)), 9)]
     log = drive(runner, reqs)
     refs = References(models)

@@ -37,11 +37,20 @@ from crosspool_jax.demo import demo_models
 from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.pool_runner import GroupRunner
 from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.execution.step_programs import FALLBACK_ENV, WARM_PROGRAMS_ENV
 from crosspool_jax.memory.arena import ArenaBook
 from crosspool_jax.memory.planner import Phase
 from serving.cli import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _engine_defaults(monkeypatch) -> None:
+    """The simulator predicts the engine at its defaults (warm programs, fallback), which
+    scripts/test.sh turns off for the rest of the suite; runners built here pass their own."""
+    monkeypatch.delenv(WARM_PROGRAMS_ENV, raising=False)
+    monkeypatch.delenv(FALLBACK_ENV, raising=False)
 
 # ---- trace readers ---------------------------------------------------------------------------------
 

@@ -659,11 +659,14 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
         def one_step(arena, carry):
             toks, poss, lens, rems, dones = carry
             states: list[LaneState] = []
+            # named scopes: XLA's op names (HLO dumps, profiles) say which part of the step a
+            # kernel came from
             for ln, inp, tok, pos, ln_len, done in zip(lanes, inputs, toks, poss, lens, dones,
                                                        strict=True):
-                rd = ln.reader(arena, inp, mm_backend)
-                row_ok, tail_len = ln.live_rows(inp, ln_len, done, is_kv)
-                x = rd.embed(jnp.where(row_ok, tok, 0), inp["tok_grp"])
+                with jax.named_scope("embed"):
+                    rd = ln.reader(arena, inp, mm_backend)
+                    row_ok, tail_len = ln.live_rows(inp, ln_len, done, is_kv)
+                    x = rd.embed(jnp.where(row_ok, tok, 0), inp["tok_grp"])
                 states.append(LaneState(x, pos, row_ok, tail_len, inp))
             # every KV device's rows, as the weights devices see them: model of each row, real or not
             f_meta = []
@@ -681,8 +684,9 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                 with 2+ lanes (micro-batches) the KV devices' attention and the weights devices'
                 experts can run at the same time."""
                 live = [i for i, one in enumerate(sig) if one is not None]
-                ctxs = {i: lanes[i].attention_pre(lanes[i].reader(arena, states[i].inp, mm_backend),
-                                                  states[i], layer, is_kv) for i in live}
+                with jax.named_scope("attention_pre"):
+                    ctxs = {i: lanes[i].attention_pre(lanes[i].reader(arena, states[i].inp, mm_backend),
+                                                      states[i], layer, is_kv) for i in live}
                 # every lane's reads of this version happen before the first write (barrier)
                 # (the residual streams too: XLA would otherwise re-fuse the layer-0 embedding
                 # gather into the residual add after the write, reading the old arena)
@@ -693,14 +697,17 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
                 for st, x in zip(states, xs, strict=True):
                     st.x = x
                 for i in live:
-                    arena = lanes[i].kv_write(arena, ctxs[i])
+                    with jax.named_scope("kv_write"):
+                        arena = lanes[i].kv_write(arena, ctxs[i])
                 pending: list[tuple[int, jax.Array]] = []
                 for i in live:
                     ln, st = lanes[i], states[i]
-                    f_in = ln.attention_post(ln.reader(arena, st.inp, mm_backend), arena, st, layer,
-                                             dev, is_kv, ctxs[i], sig[i][1] or None)
-                    f_rows = lax.all_gather(jnp.where(st.row_ok[:, None], f_in, 0), POOL_AXIS,
-                                            tiled=True)[: n_kv * ln.shape.tokens]
+                    with jax.named_scope("attention_post"):
+                        f_in = ln.attention_post(ln.reader(arena, st.inp, mm_backend), arena, st, layer,
+                                                 dev, is_kv, ctxs[i], sig[i][1] or None)
+                    with jax.named_scope("to_ffn"):
+                        f_rows = lax.all_gather(jnp.where(st.row_ok[:, None], f_in, 0), POOL_AXIS,
+                                                tiled=True)[: n_kv * ln.shape.tokens]
                     pending.append((i, f_rows))
                     if len(pending) > 1:
                         run_ffn(arena, *pending.pop(0), layer, sig)
@@ -711,18 +718,21 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
             def run_ffn(arena: jax.Array, i: int, f_rows: jax.Array, layer: jax.Array,
                         sig: LayerSignature) -> None:
                 ln, st = lanes[i], states[i]
-                idx = jnp.asarray(ln.cfg.ffn_stack_index, jnp.int32)[layer]
-                part = ln.ffn(ln.reader(arena, st.inp, mm_backend), f_rows, *f_meta[i], sig[i][0], idx,
-                              dev, is_w)
-                total = lax.psum(jnp.where(is_w, part, 0.0), POOL_AXIS)
-                t = ln.shape.tokens
-                mine = lax.dynamic_slice_in_dim(total, jnp.minimum(dev, n_kv - 1) * t, t, axis=0)
-                st.x = st.x + mine.astype(st.x.dtype)
+                with jax.named_scope("ffn"):
+                    idx = jnp.asarray(ln.cfg.ffn_stack_index, jnp.int32)[layer]
+                    part = ln.ffn(ln.reader(arena, st.inp, mm_backend), f_rows, *f_meta[i], sig[i][0],
+                                  idx, dev, is_w)
+                with jax.named_scope("from_ffn"):
+                    total = lax.psum(jnp.where(is_w, part, 0.0), POOL_AXIS)
+                    t = ln.shape.tokens
+                    mine = lax.dynamic_slice_in_dim(total, jnp.minimum(dev, n_kv - 1) * t, t, axis=0)
+                    st.x = st.x + mine.astype(st.x.dtype)
 
             arena = run_layers(arena, states, [ln.cfg for ln in lanes], layer_fn, spec.unroll_layers)
-            new = [ln.sample(ln.reader(arena, st.inp, mm_backend), st.x, st.positions, st.inp, rem,
-                             done, is_kv)
-                   for ln, st, rem, done in zip(lanes, states, rems, dones, strict=True)]
+            with jax.named_scope("sample"):
+                new = [ln.sample(ln.reader(arena, st.inp, mm_backend), st.x, st.positions, st.inp, rem,
+                                 done, is_kv)
+                       for ln, st, rem, done in zip(lanes, states, rems, dones, strict=True)]
             return arena, states, new
 
         toks0 = tuple(d["tokens"] for d in inputs)
@@ -738,8 +748,9 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
         def loop(carry, _):
             arena, toks, poss, lens, rems, dones = carry
             arena, _, new = one_step(arena, (toks, poss, lens, rems, dones))
-            nexts = [next_carry(*sampled, *c) for sampled, *c in zip(new, toks, poss, lens, rems, dones,
-                                                                      strict=True)]
+            with jax.named_scope("next_carry"):
+                nexts = [next_carry(*sampled, *c) for sampled, *c in zip(new, toks, poss, lens, rems,
+                                                                          dones, strict=True)]
             toks2, poss2, lens2, rems2, dones2 = (tuple(parts) for parts in zip(*nexts, strict=True))
             return (arena, toks2, poss2, lens2, rems2, dones2), tuple(nxt for nxt, _, _ in new)
 

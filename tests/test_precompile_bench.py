@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ def test_event_name_drops_traceme_metadata():
 def test_profile_of_one_program_on_cpu(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                CROSSPOOL_COMPILATION_CACHE=str(tmp_path / "cache"))
+    env.pop("CROSSPOOL_WARM_PROGRAMS", None)  # the engine's default: the bench turns warm-ups off
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.precompile_bench", "--model", "demo", "--models", "1",
          "--threads", "1", "--max-context", "256", "--max-slots", "4", "--programs", "1", "--profile",
@@ -46,6 +48,9 @@ def test_profile_of_one_program_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
     assert "precompiled 1/1: " in out and "precompiled 1 programs in " in out
+    # the one program asked for, and no warm-up program beside it, was traced, lowered and compiled
+    assert re.search(r"^compile phases summed over threads: trace \S+ s over 1; lower \S+ s over 1; "
+                     r"xla compile \S+ s over 1$", out, re.M), out[-1500:]
     assert "host events by self time, seconds per program over 1 programs" in out
     # XLA's CPU compile shows up by its own events, not only jax's
     assert "CpuCompiler::RunBackend" in out

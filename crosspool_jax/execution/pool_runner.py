@@ -61,6 +61,7 @@ from crosspool_jax.execution.runner_records import CallRecord, StepResult, _Call
 from crosspool_jax.execution.sampling import SamplingParams
 from crosspool_jax.execution.step_calls import StepCalls
 from crosspool_jax.execution.step_programs import ShapeBuckets, StepPrograms, _pow2, describe_lane
+from crosspool_jax.execution.warm_programs import WarmPrograms
 from crosspool_jax.memory.arena import ArenaBook, ArenaStore
 from crosspool_jax.memory.kv_virtualizer import KVPoolConfig, KVVirtualizer
 from crosspool_jax.memory.planner import (
@@ -114,7 +115,7 @@ def stop_width(max_stop_ids: int) -> int:
 
 
 
-class GroupRunner(RunnerModels, StepPrograms, StepCalls):
+class GroupRunner(RunnerModels, StepPrograms, WarmPrograms, StepCalls):
     """One device group of the pooled engine (see module docstring).
 
     topology: the group's devices (KV + weights split), or `colocated` for a single device that is
@@ -261,8 +262,9 @@ class GroupRunner(RunnerModels, StepPrograms, StepCalls):
         self.planner = KVPlanner(self.kv, self._planner_config)
         self.geoms: dict[str, PageGeometry] = {}
         self.reqs: dict[str, _Req] = {}
-        self._init_programs(max_programs, buckets, warm_programs, warm_slots, warm_context, fallback,
-                            compiler_options, compile_process, compile_workers)
+        self._init_programs(max_programs, buckets, fallback, compiler_options, compile_process,
+                            compile_workers)
+        self._init_warm(warm_programs, warm_slots, warm_context)
         self._init_counters()
         # measured prefill calls -> seconds of a prefill from its FLOPs (`prefill_budget`)
         self.prefill_fit = PrefillCostFit()

@@ -1,8 +1,8 @@
 """The compiled-programs half of a device group's runner (`GroupRunner`, which inherits it):
 which compiled step program serves a call (its own, or a larger one that dominates it while its
 own compiles), compiling off the serving path (background threads or worker processes,
-`precompile` ahead of time), the warm-up plan of a newly loaded lane, the admission holds that
-wait for it, and the bucket grid.
+`precompile` ahead of time), and the bucket grid. The warm-up plan of a newly loaded lane and
+the admission holds that wait for it are `warm_programs.WarmPrograms`, the runner's other base.
 
 `StepPrograms` keeps no state of its own beyond `_init_programs`; it reads the runner's store,
 geometries, planner, requests, buckets, clock (`_now`) and state lock (`_unlocked`), and the
@@ -41,7 +41,6 @@ _log = logging.getLogger(__name__)
 WARM_PROGRAMS_ENV = "CROSSPOOL_WARM_PROGRAMS"  # an int >= 0
 FALLBACK_ENV = "CROSSPOOL_COMPILE_FALLBACK"  # on / off (also 1 / 0, true / false, yes / no)
 
-
 def env_setting(name: str, default: int | bool) -> int | bool:
     """`$name` read as the type of `default` (`default` when unset or empty); ValueError names the
     variable when its value is not one."""
@@ -62,7 +61,6 @@ def env_setting(name: str, default: int | bool) -> int | bool:
         raise ValueError(f"${name} must be an integer >= 0, got {text!r}")
     return value
 
-
 def _pow2(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
 
@@ -75,7 +73,6 @@ def lane_dominates(have: LaneShape, want: LaneShape) -> bool:
             and have.tokens >= want.tokens and have.max_pages >= want.max_pages
             and (have.extras == 0) == (want.extras == 0) and have.extras >= want.extras
             and have.extra_rows >= want.extra_rows and have.stop_width >= want.stop_width)
-
 
 def spec_dominates(have: StepSpec, want: StepSpec) -> bool:
     """`have`'s program can run a call that wants `want`: same decode flag, backends, attention
@@ -90,7 +87,6 @@ def spec_dominates(have: StepSpec, want: StepSpec) -> bool:
         return False
     return all(lane_dominates(h, w) for h, w in zip(have.lanes, want.lanes, strict=True))
 
-
 def describe_spec(spec: StepSpec) -> str:
     """A step program's shape in one line, e.g. "decode K=4 [G1 B8 T8 P16]" (per lane: models,
     slots, tokens, pages per layer; +X split-KV extras)."""
@@ -98,19 +94,16 @@ def describe_spec(spec: StepSpec) -> str:
     kind = f"decode K={spec.steps}" if spec.decode else "prefill"
     return f"{kind} {spec.attention_schedule} {lanes}"
 
-
 def describe_lane(ln: LaneShape) -> str:
     """A lane's shape, e.g. "[G1 B8 T8 P16]" (`describe_spec`)."""
     extras = f" +X{ln.extras}" if ln.extras else ""
     return f"[G{ln.groups} B{ln.slots} T{ln.tokens} P{ln.max_pages}{extras}]"
-
 
 def program_cost(spec: StepSpec) -> int:
     """A rough size of `spec`'s work per call (rows x (1 + pages) per lane, x steps): picks the
     smallest of several programs that could run a call."""
     return spec.steps * sum(ln.groups + ln.tokens * (1 + ln.max_pages) * (1 + ln.extras)
                             for ln in spec.lanes)
-
 
 def _compile_for(ref: weakref.ref, spec: StepSpec) -> Any:
     """(background thread) `spec`'s program for the runner behind `ref`, compiled ahead of time;
@@ -122,7 +115,6 @@ def _compile_for(ref: weakref.ref, spec: StepSpec) -> Any:
     prog = runner._compile_aot(spec)
     runner.compile_spans.append((start, runner._now(), spec.decode))
     return prog
-
 
 @dataclasses.dataclass(frozen=True)
 class ShapeBuckets:
@@ -172,18 +164,15 @@ class ShapeBuckets:
         return cls(slots_floor=8, tokens_floor=32, pages_floor=16, growth=4, groups="placed",
                    fixed_steps=True)
 
-
-
 class StepPrograms:
     """Compiled step programs of a `GroupRunner` (module docstring); a base class of it, not used
     alone."""
 
-    def _init_programs(self, max_programs: int, buckets: ShapeBuckets | None, warm_programs: int | None,
-                       warm_slots: int | None, warm_context: int | None, fallback: bool | None,
+    def _init_programs(self, max_programs: int, buckets: ShapeBuckets | None, fallback: bool | None,
                        compiler_options: dict[str, Any] | None, compile_process: bool,
                        compile_workers: int) -> None:
-        """The compiled programs' state (held, ready, compiling), the buckets and warm-up box,
-        and how programs compile (`__init__`'s arguments of the same names)."""
+        """The compiled programs' state (held, ready, compiling), the buckets and how programs
+        compile (`__init__`'s arguments of the same names)."""
         # compiled step programs, least recently used first; bounded because every compiled
         # program holds its own memory mappings and code (on XLA:CPU ~570 mappings each: a
         # process died past ~110 programs at the default vm.max_map_count of 65,530)
@@ -193,19 +182,8 @@ class StepPrograms:
         # compiled in the background, not used by a call yet (`_lookup` puts them in service)
         self._ready: dict[StepSpec, Callable] = {}
         self.held_generation = 0  # bumped whenever a program enters or leaves `_programs` / `_ready`
-        # lane key -> ((held_generation, lane groups) it was found at, `_covered_width`)
-        self._covered: dict[Any, tuple[tuple[int, tuple[int, int]], int]] = {}
-        self._warm_sets: dict[Any, set[StepSpec]] = {}  # lane key -> its warm programs (`warm_up`)
-        # lane key -> the warm programs its waiting requests are held for (`held_models`)
-        self._warm_gates: dict[Any, set[StepSpec]] = {}
         self._executor: Any = None
         self.buckets = buckets or (ShapeBuckets.coarse() if self.platform == "gpu" else ShapeBuckets.fine())
-        gpu = self.platform == "gpu"
-        if warm_programs is None:
-            warm_programs = env_setting(WARM_PROGRAMS_ENV, 8 if gpu else 4)
-        self.warm_programs = max(0, warm_programs)
-        self.warm_slots = warm_slots or (32 if gpu else 8)
-        self.warm_context = warm_context or (8192 if gpu else 512)
         self.fallback = env_setting(FALLBACK_ENV, True) if fallback is None else fallback
         self.compiler_options = dict(compiler_options or {})
         self.compile_workers = compile_workers
@@ -412,45 +390,24 @@ class StepPrograms:
         job = functools.partial(_compile_for, weakref.ref(self), spec)
         self._background[spec] = self._executor.submit(job, priority)
 
-    def warm_specs(self, model: str) -> list[StepSpec]:
-        """The programs `model`'s lane is given at load, first needed first, at most
-        `warm_programs` (the rule, docs/engine.md "Compiles off the serving path"):
+    def _prefill_spec(self, cls: Any, g: int, slots: int, tokens: int, pages: int) -> StepSpec:
+        """The one-lane prefill program of class `cls`: G = `g`, `slots` slots, `tokens` prompt
+        tokens, page tables of `pages` pages."""
+        return StepSpec((LaneShape(cls, g, slots, tokens, pages, stop_width=self.stop_width),), False, 1,
+                        self.backend, attention_kernels=self.attention_kernels,
+                        one_row_decode=self.mixed_steps)
 
-        1. the smallest prefill program and the smallest decode program (K = steps_per_call) of
-           the bucket grid, one model per lane (G = 1; "placed" buckets: G = the class's placed
-           models): what a first request runs;
-        2. the box's largest prefill and decode programs (G = the lane's placed models rounded to
-           a power of two, `warm_slots` slots per KV device, pages of `warm_context` tokens,
-           prefill tokens up to `max_prefill_tokens`): they dominate every shape inside the box,
-           so with `fallback` no call inside it compiles on the serving path;
-        3. the rest of the box's grid (G as in 1), smallest first.
-
-        With micro_batches = 2 each decode program also comes as its ping-pong pair (two equal
-        lanes), and on GPU a GQA lane's box decode also with the persistent attention schedule.
-        Stop width: the runner's one `stop_width`; no split-KV extras (those compile when first met)."""
-        return self._warm_plan(model)[0]
-
-    def _warm_plan(self, model: str) -> tuple[list[StepSpec], int]:
-        """(`warm_specs(model)`, how many of them are the gate: items 1 and 2 of its rule, those
-        the lane's waiting requests are held for while other requests run, `held_models`)."""
-        if self.warm_programs <= 0:
-            return [], 0
-        key = self._lane_key(model)
-        cls, bk = key[0], self.buckets
-        g_small = self._lane_groups(key)[0]
-        tpp = self.geoms[model].tokens_per_page
-        slots = bk.ladder(self.warm_slots, bk.slots_floor)
-        pages = bk.ladder(-(-self.warm_context // tpp), bk.pages_floor)
-        tokens = self.token_buckets()
-        dec, pre = self._decode_specs, self._prefill_spec
-        first = [pre(cls, g_small, slots[0], tokens[0], pages[0]), *dec(cls, g_small, slots[0], pages[0])]
-        top = self._top_specs(key, pages[-1])
-        rest = [sp for b in slots for p in pages for sp in dec(cls, g_small, b, p)]
-        rest += [pre(cls, g_small, b, t, p) for t in tokens for b in slots if b <= t for p in pages]
-        rest.sort(key=program_cost)
-        gate = len(dict.fromkeys(first + top))
-        specs = list(dict.fromkeys(first + top + rest))[: self.warm_programs]
-        return specs, min(gate, len(specs))
+    def _decode_specs(self, cls: Any, g: int, slots: int, pages: int,
+                      schedule: str = "split") -> list[StepSpec]:
+        """The one-lane decode program of class `cls` (K = steps_per_call, attention `schedule`)
+        and, with micro_batches = 2, its ping-pong pair (two equal lanes)."""
+        ln = LaneShape(cls, g, slots, slots, pages, stop_width=self.stop_width)
+        out = [StepSpec((ln,), True, self.steps_per_call, self.backend, attention_schedule=schedule,
+                        attention_kernels=self.attention_kernels)]
+        if self.micro_batches == 2:
+            out.append(StepSpec((ln, ln), True, self.steps_per_call, self.backend,
+                                attention_schedule=schedule, attention_kernels=self.attention_kernels))
+        return out
 
     def _top_specs(self, key: tuple[Any, str | None], pages: int) -> list[StepSpec]:
         """The box's largest prefill and decode programs of lane `key` (`warm_specs` item 2) with
@@ -473,24 +430,15 @@ class StepPrograms:
             specs += self._decode_specs(cls, g, b, pages, "persistent")
         return specs
 
-    def _prefill_spec(self, cls: Any, g: int, slots: int, tokens: int, pages: int) -> StepSpec:
-        """The one-lane prefill program of class `cls`: G = `g`, `slots` slots, `tokens` prompt
-        tokens, page tables of `pages` pages."""
-        return StepSpec((LaneShape(cls, g, slots, tokens, pages, stop_width=self.stop_width),), False, 1,
-                        self.backend, attention_kernels=self.attention_kernels,
-                        one_row_decode=self.mixed_steps)
+    def _lane_groups(self, key: tuple[Any, str | None]) -> tuple[int, int]:
+        """(G of the lane's smallest programs, G of its largest): the lane's placed models rounded
+        to a power of two for the largest; 1 for the smallest unless buckets are "placed"."""
+        g_top = _pow2(sum(1 for n in self.store.models if self._lane_key(n) == key))
+        return (g_top if self.buckets.groups == "placed" else 1), g_top
 
-    def _decode_specs(self, cls: Any, g: int, slots: int, pages: int,
-                      schedule: str = "split") -> list[StepSpec]:
-        """The one-lane decode program of class `cls` (K = steps_per_call, attention `schedule`)
-        and, with micro_batches = 2, its ping-pong pair (two equal lanes)."""
-        ln = LaneShape(cls, g, slots, slots, pages, stop_width=self.stop_width)
-        out = [StepSpec((ln,), True, self.steps_per_call, self.backend, attention_schedule=schedule,
-                        attention_kernels=self.attention_kernels)]
-        if self.micro_batches == 2:
-            out.append(StepSpec((ln, ln), True, self.steps_per_call, self.backend,
-                                attention_schedule=schedule, attention_kernels=self.attention_kernels))
-        return out
+    def _pages_bucket(self, model: str, tokens: int) -> int:
+        """The page-table bucket (pages per layer) of `tokens` tokens of `model`."""
+        return self.buckets.round(-(-tokens // self.geoms[model].tokens_per_page), self.buckets.pages_floor)
 
     def token_buckets(self) -> list[int]:
         """The prefill programs' token buckets (query rows T per KV device), ascending: the
@@ -511,120 +459,6 @@ class StepPrograms:
         return self._prefill_spec(key[0], self._lane_groups(key)[0], bk.round(1, bk.slots_floor),
                                   self.token_bucket(tokens), pages)
 
-    def held_prefills(self) -> frozenset[str]:
-        """Requests whose prefill (running, or waiting to start one) reaches page tables wider than
-        the lane's covered width (`_covered_width`: its top programs compiled; the warm box's
-        `warm_context` at first): the prompt's own chunk program and the lane's top programs at
-        the page bucket of the whole prompt (`_top_specs`: prefill and decode, so the decode that
-        follows is covered too) are queued urgently in the background as soon as the request is
-        seen; the request makes no prefill progress past the covered width until the top programs
-        are ready, while other requests run. A new lane (nothing covered yet) is `held_models`'
-        case, not this. When only held requests have work, nothing is held (the call then waits
-        for its compile)."""
-        if not self.fallback or not self.reqs:
-            return frozenset()
-        self._poll_background()
-        covered: dict[Any, int] = {}
-        held: set[str] = set()
-        live = (*self.planner.running(), *self.planner.waiting())
-        for rid in live:
-            span = self.planner.prefill_span(rid) if rid in self.reqs else None
-            if span is None:
-                continue
-            model = self.reqs[rid].model
-            key = self._lane_key(model)
-            if key not in covered:
-                covered[key] = self._covered_width(key)
-            if not covered[key]:  # a new lane: `held_models`' case
-                continue
-            whole = self._pages_bucket(model, span[1])
-            if whole <= covered[key]:
-                continue
-            # its own chunks' program first (a lone long prompt's calls then run unpadded), then
-            # the lane's top programs, which dominate every call at that width
-            for sp in (self._chunk_spec(key, min(self.prefill_chunk, span[1]), whole),
-                       *self._top_specs(key, whole)):
-                if sp not in self._programs and sp not in self._ready:
-                    self._compile_in_background(sp, compile_queue.URGENT)
-            if self._pages_bucket(model, min(span[1], span[0] + self.max_prefill_tokens)) > covered[key]:
-                held.add(rid)
-        others = any(rid not in held for rid in live)
-        return frozenset(held) if held and others else frozenset()
-
-    def _lane_groups(self, key: tuple[Any, str | None]) -> tuple[int, int]:
-        """(G of the lane's smallest programs, G of its largest): the lane's placed models rounded
-        to a power of two for the largest; 1 for the smallest unless buckets are "placed"."""
-        g_top = _pow2(sum(1 for n in self.store.models if self._lane_key(n) == key))
-        return (g_top if self.buckets.groups == "placed" else 1), g_top
-
-    def _pages_bucket(self, model: str, tokens: int) -> int:
-        """The page-table bucket (pages per layer) of `tokens` tokens of `model`."""
-        return self.buckets.round(-(-tokens // self.geoms[model].tokens_per_page), self.buckets.pages_floor)
-
-    def _covered_width(self, key: tuple[Any, str | None]) -> int:
-        """The widest page tables (pages per layer) at which lane `key`'s top programs
-        (`_top_specs`) are all compiled: every call of the lane up to it has a program (0: none).
-        Kept per lane until the held programs (`held_generation`) or the lane's models change."""
-        stamp = (self.held_generation, self._lane_groups(key))
-        got = self._covered.get(key)
-        if got is not None and got[0] == stamp:
-            return got[1]
-        width = self._find_covered_width(key)
-        self._covered[key] = (stamp, width)
-        return width
-
-    def _find_covered_width(self, key: tuple[Any, str | None]) -> int:
-        # the held programs are walked, not put in a set: a step spec's hash is deep (once per step
-        # per held program was most of the simulator's host time)
-        held = (*self._programs, *self._ready)
-        widths = {ln.max_pages for sp in held if not sp.decode for ln in sp.lanes if ln.cls == key[0]}
-        for w in sorted(widths, reverse=True):
-            if all(sp in self._programs or sp in self._ready for sp in self._top_specs(key, w)):
-                return w
-        return 0
-
-    def warm_up(self, model: str) -> int:
-        """Queues `warm_specs(model)` for the background thread (those not held or queued yet);
-        returns how many it queued. Called by `add_model` / `add_random_model`. The lane's earlier
-        warm programs that left its set (a model added changed G) are dropped if not started."""
-        specs, gate = self._warm_plan(model)
-        key = self._lane_key(model)
-        for old in self._warm_sets.get(key, set()) - set(specs):
-            fut = self._background.get(old)
-            if fut is not None and fut.cancel():
-                del self._background[old]
-        self._warm_sets[key] = set(specs)
-        self._warm_gates[key] = set(specs[:gate])
-        queued = 0
-        for spec in specs:
-            if spec not in self._background and spec not in self._programs and spec not in self._ready:
-                self._compile_in_background(spec)
-                queued += 1
-        return queued
-
-    def held_models(self) -> frozenset[str]:
-        """Models whose waiting requests are not admitted now: while other requests run or wait, a
-        new lane (no program of its class in service yet) whose gate programs (`_warm_plan`: the
-        first and the box's largest) are still compiling in the background is held, so its first
-        call does not compile on the serving path and stall every other request of the group.
-        When only held models have requests, nothing is held (no one to stall: the call then waits
-        for its compile). Waiting requests of other models count: between one request's end and
-        the next one's admission nothing runs, and a held model admitted then would stall the next
-        one."""
-        if not self._warm_gates:
-            return frozenset()
-        self._poll_background()
-        # a lane that has run calls (programs in service) is not new: its gate does not hold it
-        serving = {ln.cls for sp in self._programs for ln in sp.lanes}
-        compiling = {key for key, gate in self._warm_gates.items()
-                     if key[0] not in serving and any(sp in self._background for sp in gate)}
-        if not compiling:
-            return frozenset()
-        held = frozenset(n for n in self.store.models if self._lane_key(n) in compiling)
-        others = bool(self.planner.running()) or any(
-            self.planner.waiting(n) for n in self.store.models if n not in held)
-        return held if others else frozenset()
-
     def wait_background(self, timeout: float | None = None) -> bool:
         """Waits until the background thread has finished every queued compile (tests, and a
         caller that wants the warm programs before serving); True if it did within `timeout`."""
@@ -633,13 +467,6 @@ class StepPrograms:
         futs = list(self._background.values())
         _, pending = concurrent.futures.wait(futs, timeout=timeout)
         return not pending
-
-    def gate_compiles(self) -> list[Any]:
-        """Futures of the gate programs (`_warm_plan`) still compiling in the background: once
-        they are done, every placed model's first request runs without a serving-path compile.
-        Call it on the stepping thread or under its lock."""
-        return [self._background[sp] for gate in self._warm_gates.values() for sp in gate
-                if sp in self._background and not self._background[sp].done()]
 
     def stop_background(self) -> None:
         """Cancels the queued background compiles and lets the compile thread end after the one it

@@ -26,11 +26,12 @@ arena the previous one produced). ``overlap=False`` reads each call's tokens rig
 
 Shapes are bucketed (slots, tokens, pages to powers of two) so a handful of programs serve any mix.
 
-`GroupRunner` is spread over five modules: this one (requests, the step loop, reading
-calls, the prefill budget, swaps), `step_calls` (a step's work as program calls: lanes, inputs,
-dispatch), `step_programs` (which compiled program serves a call, compiling off the serving path,
-warm-up plans), `runner_models` (placing, sleeping, waking and removing models) and
-`runner_records` (the records: requests, calls, results).
+`GroupRunner` is spread over seven modules: this one (requests, the step loop, the prefill
+budget, swaps), `step_calls` (a step's work as program calls: lanes, inputs, dispatch),
+`step_reading` (the calls in flight and reading them), `step_programs` (which compiled program
+serves a call, compiling off the serving path, the bucket grid), `warm_programs` (a new lane's
+warm-up plan and the admission holds that wait for it), `runner_models` (placing, sleeping,
+waking and removing models) and `runner_records` (the records: requests, calls, results).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import functools
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,17 +50,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from crosspool_jax.errors import InvalidRequestError
-from crosspool_jax.execution.call_clock import CallClock
 from crosspool_jax.execution.compile_cache import enable_compilation_cache
 from crosspool_jax.execution.host_step import EXECUTIONS, StrategyTrial
 from crosspool_jax.execution.prefill_cost import (
     PrefillCostFit,
 )
 from crosspool_jax.execution.runner_models import RunnerModels
-from crosspool_jax.execution.runner_records import CallRecord, StepResult, _Call, _Req, _Work
+from crosspool_jax.execution.runner_records import StepResult, _Req, _Work
 from crosspool_jax.execution.sampling import SamplingParams
 from crosspool_jax.execution.step_calls import StepCalls
-from crosspool_jax.execution.step_programs import ShapeBuckets, StepPrograms, _pow2, describe_lane
+from crosspool_jax.execution.step_programs import ShapeBuckets, StepPrograms, _pow2
+from crosspool_jax.execution.step_reading import StepReading
 from crosspool_jax.execution.warm_programs import WarmPrograms
 from crosspool_jax.memory.arena import ArenaBook, ArenaStore
 from crosspool_jax.memory.kv_virtualizer import KVPoolConfig, KVVirtualizer
@@ -70,15 +70,13 @@ from crosspool_jax.memory.planner import (
     PlannerConfig,
     PreemptionChoice,
     RequestSpec,
-    RequestStatus,
 )
 from crosspool_jax.memory.topology import PoolTopology
 from crosspool_jax.models.costs import ModelCosts, model_costs
 from pallas_kernels import dispatch
-from pallas_kernels.page_layout import PageGeometry, PoolLayout, _np_dtype
+from pallas_kernels.page_layout import PageGeometry, PoolLayout
 
 _log = logging.getLogger(__name__)
-
 
 # Stop ids a request may carry by default (`GroupRunner(max_stop_ids=)`, `EngineConfig.max_stop_ids`).
 # Every lane of a runner has ONE stop-id width S = this rounded up to a power of two (ids -1
@@ -95,27 +93,12 @@ DEFAULT_MAX_STOP_IDS = 16
 # TTFT P99 17.41 against 15.02 s.
 DEFAULT_PREFILL_SHARE = 0.8
 
-
 def stop_width(max_stop_ids: int) -> int:
     """The stop-id width S of every lane of a runner that takes up to `max_stop_ids` stop ids per
     request: the power of two >= it (ids, not bytes)."""
     return _pow2(max_stop_ids)
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-class GroupRunner(RunnerModels, StepPrograms, WarmPrograms, StepCalls):
+class GroupRunner(RunnerModels, StepPrograms, WarmPrograms, StepReading, StepCalls):
     """One device group of the pooled engine (see module docstring).
 
     topology: the group's devices (KV + weights split), or `colocated` for a single device that is
@@ -302,32 +285,6 @@ class GroupRunner(RunnerModels, StepPrograms, WarmPrograms, StepCalls):
         self.swapped_pages = 0
         self.link_rate: float | None = None  # measured host<->device bytes/s (swaps)
         self.prefill_rate: dict[str, float] = {}  # measured prefill tokens/s per model
-
-    def _init_reading(self, call_log: int, overlap: bool, layout: PoolLayout) -> None:
-        """The calls in flight and their reading: the call log, overlap, the call clock, host-side
-        accounting and the host swap space."""
-        # the last calls read (`CallRecord`): what the benchmarks report of a run's calls
-        self.call_log: collections.deque[CallRecord] = collections.deque(maxlen=call_log)
-        # (start, end, decode) of the background compiles, `_now()` seconds (the last 1,024)
-        self.compile_spans: collections.deque[tuple[float, float, bool]] = collections.deque(maxlen=1024)
-        self.decode_call_seconds: float | None = None  # measured device time of a decode call (EMA)
-        self.overlap = overlap
-        self._inflight: collections.deque[_Call] = collections.deque()
-        self._read_tokens: dict[str, list[int]] = {}  # read since the last StepResult
-        self._read_finished: dict[str, tuple[str, str]] = {}
-        self._launched: tuple[int, tuple[str, ...]] | None = None  # (calls, preempted) of launch()
-        self._last_end = 0.0  # when the last read call's device work ended
-        self._call_clock = CallClock()  # stamps each real call's end (`call_clock`)
-        weakref.finalize(self, self._call_clock.close)
-        # host-side accounting: seconds in launch() (planning, inputs, dispatch), seconds blocked
-        # reading calls' tokens, tokens sampled for requests that had ended when read (a stop read
-        # one call late with overlap, a cancel)
-        self.launch_seconds = 0.0
-        self.wait_seconds = 0.0
-        self.dropped_tokens = 0
-        hp = self.kv.config.host_swap_pages
-        self._host_swap = (np.zeros((hp, layout.rows_per_page, layout.row_elems), _np_dtype(layout.dtype))
-                           if hp else None)
 
     # -- requests --
     def submit(self, request_id: str, model: str, prompt: Sequence[int], max_new_tokens: int,
@@ -539,112 +496,10 @@ class GroupRunner(RunnerModels, StepPrograms, WarmPrograms, StepCalls):
             self._costs[model] = c
         return c
 
-    def result(self) -> StepResult:
-        """Reads the calls before the last `launch()`'s (all calls without `overlap`): their tokens,
-        and the requests that ended. Blocks until those calls' device work is done."""
-        with self._state_lock:
-            return self._result_locked()
-
-    def _result_locked(self) -> StepResult:
-        if self._launched is None:
-            raise RuntimeError("result() without launch()")
-        calls, preempted = self._launched
-        self._launched = None
-        self._collect(keep=calls if self.overlap else 0)
-        if not self.reqs:  # the calls still in flight hold only ended requests' tokens: let go
-            self.dropped_tokens += sum(p[3] for call in self._inflight for lane in call.places for p in lane)
-            self._inflight.clear()
-        tokens, finished = self._read_tokens, self._read_finished
-        self._read_tokens, self._read_finished = {}, {}
-        return StepResult(tokens, finished, calls, preempted)
-
-    def _now(self) -> float:
-        """The runner's clock in seconds (`time.perf_counter`; a simulated runner's virtual clock)."""
-        return time.perf_counter()
-
-    def _read(self, call: _Call) -> list[np.ndarray]:
-        """A call's sampled tokens per lane ([steps, N * slots] int32), waiting for its device work."""
-        return [np.asarray(o) for o in call.outs]
-
     @functools.cached_property
     def _feed(self) -> Callable:
         """`_feed_tokens` jitted with the step inputs' sharding (built on first use)."""
         return jax.jit(_feed_tokens, out_shardings=self.store.sharding, donate_argnums=(0,))
-
-    def _collect(self, keep: int) -> None:
-        """Reads the oldest calls in flight until `keep` are left: revises placeholders to the
-        sampled tokens, ends requests at a stop token or (all tokens read) at max_new_tokens."""
-        n = self.store.num_devices
-        while len(self._inflight) > keep:
-            call = self._inflight.popleft()
-            t_wait = self._now()
-            with self._unlocked():  # cancels from other threads free pages meanwhile
-                got_lanes = self._read(call)  # waits for the call's device work
-            ready = self._now()
-            self.wait_seconds += ready - t_wait
-            # the device started this call when it was dispatched or when the previous call ended,
-            # whichever was later, and ended when the call clock saw its outputs ready
-            end = call.done_at if call.done_at is not None else (
-                call.end.get(timeout=5.0) if call.end is not None else ready)
-            busy = None if end is None else end - max(call.dispatched, self._last_end)
-            self._last_end = ready if end is None else end
-            # a call that ran in a larger program than its shape's (or compiled its own) measures
-            # that program, not its work
-            if busy is not None and not call.compiled:
-                if call.decode:
-                    old = self.decode_call_seconds
-                    self.decode_call_seconds = busy if old is None else 0.8 * old + 0.2 * busy
-                else:
-                    self._note_prefill(call.prefill_tokens, call.models, busy)
-                    self.prefill_fit.observe(call.prefill_work, busy)
-            if self.call_log.maxlen:
-                self.call_log.append(CallRecord(
-                    call.dispatched, ready, busy, call.decode,
-                    " + ".join(describe_lane(ln) for ln in call.lanes), call.prefill_tokens,
-                    call.prefill_work.dense_flops, call.prefill_work.attention_flops, call.compiled,
-                    call.requests, call.kv_tokens, len(call.models), call.step, call.step_decoding,
-                    call.prefill_work.padded_flops))
-            for lane, place, got in zip(call.lanes, call.places, got_lanes, strict=True):
-                got = got.reshape(got.shape[0], n, lane.slots)
-                for rid, d, bi, count, g0 in place:
-                    r = self.reqs.get(rid)
-                    if r is None or r.done:  # ended since (cancel, stop read earlier, unload)
-                        self.dropped_tokens += count
-                        continue
-                    seq = [int(v) for v in got[:, d, bi] if v >= 0][:count]
-                    self._deliver(r, g0, count, seq)
-
-    def _deliver(self, r: _Req, g0: int, count: int, seq: list[int]) -> None:
-        """The `seq` sampled for placeholders generated[g0 : g0 + count] of `r`."""
-        rid = r.request_id
-        stop_at = next((i for i, t in enumerate(seq) if t in r.stop_ids), None)
-        if stop_at is not None:
-            seq = seq[: stop_at + 1]
-        elif len(seq) != count:
-            raise RuntimeError(f"request {rid}: the device sampled {len(seq)} of {count} tokens "
-                               "without a stop token")
-        r.generated[g0:g0 + len(seq)] = seq
-        r.pending -= count
-        self.planner.revise_tokens(rid, g0, seq)
-        self._read_tokens.setdefault(rid, []).extend(seq)
-        info = self.planner.info(rid)
-        if stop_at is not None:
-            del r.generated[g0 + len(seq):]  # placeholders of later calls: dropped
-            if not info.status.is_terminal:
-                info = self.planner.finish(rid, "stop token")
-            self._read_finished[rid] = ("stop", info.message)
-            self._end(r, "stop", info.message)
-        elif r.pending == 0 and info.status == RequestStatus.FINISHED:
-            self._read_finished[rid] = ("length", info.message)
-            self._end(r, "length", info.message)
-
-    def _note_prefill(self, total: int, models: frozenset[str], seconds: float) -> None:
-        """Measured prefill throughput per model (EMA over calls) -> the planner's recompute cost."""
-        for m in models:
-            rate = total / max(seconds, 1e-9)  # tokens of all models per second of this call
-            old = self.prefill_rate.get(m)
-            self.prefill_rate[m] = rate if old is None else 0.8 * old + 0.2 * rate
-        self.planner.update_costs(prefill_tokens_per_s=dict(self.prefill_rate))
 
     # -- swap --
     def _swap(self, plan: Any, to_host: bool) -> None:
@@ -669,36 +524,18 @@ class GroupRunner(RunnerModels, StepPrograms, WarmPrograms, StepCalls):
         self.link_rate = rate if self.link_rate is None else 0.8 * self.link_rate + 0.2 * rate
         self.planner.update_costs(host_link_bytes_per_s=self.link_rate)
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _feed_tokens(tokens: jax.Array, rows: jax.Array, src: jax.Array, idx: jax.Array) -> jax.Array:
     """tokens [N * T] with tokens[rows[i]] = src.flat[idx[i]]: decode input tokens taken from the
     output [steps, N * B] of the call that sampled them, on the device (rows past the end: padding,
     dropped). Jitted per runner with the step inputs' sharding; donates: tokens."""
     return tokens.at[rows].set(src.reshape(-1)[idx], mode="drop")
 
-
 @functools.partial(jax.jit)
 def _gather_pages(arena: jax.Array, idx: jax.Array) -> jax.Array:
     """[n] global page indices -> [n, rows_per_page, R] (a device-to-host swap's source)."""
     return arena[idx]
 
-
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _scatter_pages(arena: jax.Array, idx: jax.Array, pages: jax.Array) -> jax.Array:
     """Writes [n, rows_per_page, R] pages back at global page indices. donates: the arena."""
     return arena.at[idx].set(pages.astype(arena.dtype))
-
-
-
-

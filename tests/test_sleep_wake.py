@@ -16,6 +16,7 @@ from crosspool_jax.demo import demo_models
 from crosspool_jax.engine import EngineConfig, PooledEngine
 from crosspool_jax.engine_api import FINISH_CANCELLED, make_request
 from crosspool_jax.errors import InvalidRequestError
+from crosspool_jax.execution.step_programs import FALLBACK_ENV
 from crosspool_jax.memory.model_states import ModelState, ModelStates
 from crosspool_jax.memory.topology import Role
 from crosspool_jax.models.reference import ReferenceGenerator
@@ -75,9 +76,13 @@ def test_registry_lru_order() -> None:
 
 @pytest.fixture(scope="module")
 def eng():
-    e = PooledEngine(mode="shared", pools="1",
-                     config=EngineConfig(arena_bytes=8 << 20, weights_fraction=0.3,
-                                         attention_backend="reference", steps_per_call=2))
+    # fallback on (scripts/test.sh turns it off): a step whose mix of requests differs from the
+    # ones compiled runs in a larger program, which "no compile on wake" below relies on
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FALLBACK_ENV, "on")
+        e = PooledEngine(mode="shared", pools="1",
+                         config=EngineConfig(arena_bytes=8 << 20, weights_fraction=0.3,
+                                             attention_backend="reference", steps_per_call=2))
     yield e
     e.shutdown(timeout=0)
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (scratch/hlo_count.py, run below: the first version of benchmarks/hlo_kernels.py, untracked at the time)
 # Branch sort-free (bisect/sortfree) vs main (bisect/main) on one card: overlap and profile_step in
 # each; then the branch's optimized HLO of 4 programs counted by origin; then XLA options vs compile.
 set -u

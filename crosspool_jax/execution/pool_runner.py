@@ -93,10 +93,12 @@ DEFAULT_MAX_STOP_IDS = 16
 # TTFT P99 17.41 against 15.02 s.
 DEFAULT_PREFILL_SHARE = 0.8
 
+
 def stop_width(max_stop_ids: int) -> int:
     """The stop-id width S of every lane of a runner that takes up to `max_stop_ids` stop ids per
     request: the power of two >= it (ids, not bytes)."""
     return _pow2(max_stop_ids)
+
 
 class GroupRunner(RunnerModels, StepPrograms, WarmPrograms, StepReading, StepCalls):
     """One device group of the pooled engine (see module docstring).
@@ -524,16 +526,19 @@ class GroupRunner(RunnerModels, StepPrograms, WarmPrograms, StepReading, StepCal
         self.link_rate = rate if self.link_rate is None else 0.8 * self.link_rate + 0.2 * rate
         self.planner.update_costs(host_link_bytes_per_s=self.link_rate)
 
+
 def _feed_tokens(tokens: jax.Array, rows: jax.Array, src: jax.Array, idx: jax.Array) -> jax.Array:
     """tokens [N * T] with tokens[rows[i]] = src.flat[idx[i]]: decode input tokens taken from the
     output [steps, N * B] of the call that sampled them, on the device (rows past the end: padding,
     dropped). Jitted per runner with the step inputs' sharding; donates: tokens."""
     return tokens.at[rows].set(src.reshape(-1)[idx], mode="drop")
 
+
 @functools.partial(jax.jit)
 def _gather_pages(arena: jax.Array, idx: jax.Array) -> jax.Array:
     """[n] global page indices -> [n, rows_per_page, R] (a device-to-host swap's source)."""
     return arena[idx]
+
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _scatter_pages(arena: jax.Array, idx: jax.Array, pages: jax.Array) -> jax.Array:

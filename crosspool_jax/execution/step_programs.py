@@ -41,6 +41,7 @@ _log = logging.getLogger(__name__)
 WARM_PROGRAMS_ENV = "CROSSPOOL_WARM_PROGRAMS"  # an int >= 0
 FALLBACK_ENV = "CROSSPOOL_COMPILE_FALLBACK"  # on / off (also 1 / 0, true / false, yes / no)
 
+
 def env_setting(name: str, default: int | bool) -> int | bool:
     """`$name` read as the type of `default` (`default` when unset or empty); ValueError names the
     variable when its value is not one."""
@@ -61,8 +62,10 @@ def env_setting(name: str, default: int | bool) -> int | bool:
         raise ValueError(f"${name} must be an integer >= 0, got {text!r}")
     return value
 
+
 def _pow2(n: int, floor: int = 1) -> int:
     return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
+
 
 def lane_dominates(have: LaneShape, want: LaneShape) -> bool:
     """A program compiled for lane shape `have` can run a lane of shape `want` (same class, every
@@ -73,6 +76,7 @@ def lane_dominates(have: LaneShape, want: LaneShape) -> bool:
             and have.tokens >= want.tokens and have.max_pages >= want.max_pages
             and (have.extras == 0) == (want.extras == 0) and have.extras >= want.extras
             and have.extra_rows >= want.extra_rows and have.stop_width >= want.stop_width)
+
 
 def spec_dominates(have: StepSpec, want: StepSpec) -> bool:
     """`have`'s program can run a call that wants `want`: same decode flag, backends, attention
@@ -87,6 +91,7 @@ def spec_dominates(have: StepSpec, want: StepSpec) -> bool:
         return False
     return all(lane_dominates(h, w) for h, w in zip(have.lanes, want.lanes, strict=True))
 
+
 def describe_spec(spec: StepSpec) -> str:
     """A step program's shape in one line, e.g. "decode K=4 [G1 B8 T8 P16]" (per lane: models,
     slots, tokens, pages per layer; +X split-KV extras)."""
@@ -94,16 +99,19 @@ def describe_spec(spec: StepSpec) -> str:
     kind = f"decode K={spec.steps}" if spec.decode else "prefill"
     return f"{kind} {spec.attention_schedule} {lanes}"
 
+
 def describe_lane(ln: LaneShape) -> str:
     """A lane's shape, e.g. "[G1 B8 T8 P16]" (`describe_spec`)."""
     extras = f" +X{ln.extras}" if ln.extras else ""
     return f"[G{ln.groups} B{ln.slots} T{ln.tokens} P{ln.max_pages}{extras}]"
+
 
 def program_cost(spec: StepSpec) -> int:
     """A rough size of `spec`'s work per call (rows x (1 + pages) per lane, x steps): picks the
     smallest of several programs that could run a call."""
     return spec.steps * sum(ln.groups + ln.tokens * (1 + ln.max_pages) * (1 + ln.extras)
                             for ln in spec.lanes)
+
 
 def _compile_for(ref: weakref.ref, spec: StepSpec) -> Any:
     """(background thread) `spec`'s program for the runner behind `ref`, compiled ahead of time;
@@ -115,6 +123,7 @@ def _compile_for(ref: weakref.ref, spec: StepSpec) -> Any:
     prog = runner._compile_aot(spec)
     runner.compile_spans.append((start, runner._now(), spec.decode))
     return prog
+
 
 @dataclasses.dataclass(frozen=True)
 class ShapeBuckets:
@@ -163,6 +172,7 @@ class ShapeBuckets:
     def coarse(cls) -> ShapeBuckets:
         return cls(slots_floor=8, tokens_floor=32, pages_floor=16, growth=4, groups="placed",
                    fixed_steps=True)
+
 
 class StepPrograms:
     """Compiled step programs of a `GroupRunner` (module docstring); a base class of it, not used

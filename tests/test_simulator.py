@@ -37,7 +37,8 @@ from crosspool_jax.demo import demo_models
 from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.pool_runner import GroupRunner
 from crosspool_jax.execution.sampling import SamplingParams
-from crosspool_jax.execution.step_programs import FALLBACK_ENV, WARM_PROGRAMS_ENV
+from crosspool_jax.execution.step_programs import FALLBACK_ENV
+from crosspool_jax.execution.warm_programs import WARM_PROGRAMS_ENV
 from crosspool_jax.memory.arena import ArenaBook
 from crosspool_jax.memory.planner import Phase
 from serving.cli import main as cli_main

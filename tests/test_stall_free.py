@@ -21,7 +21,8 @@ from pooled_helpers import GREEDY, References, Req, build_runner, drive, f32
 from crosspool_jax.demo import demo_models
 from crosspool_jax.execution import compile_cache
 from crosspool_jax.execution.pooled_step import LaneShape, StepSpec
-from crosspool_jax.execution.step_programs import FALLBACK_ENV, WARM_PROGRAMS_ENV, env_setting, spec_dominates
+from crosspool_jax.execution.step_programs import FALLBACK_ENV, env_setting, spec_dominates
+from crosspool_jax.execution.warm_programs import WARM_PROGRAMS_ENV
 
 QWEN, DSV3 = "demo-qwen3-moe", "demo-deepseek-v3"
 

@@ -28,7 +28,8 @@ import logging
 import os
 
 ENV = "CROSSPOOL_COMPILATION_CACHE"
-OFF = ("off", "none", "0", "false", "no")
+OFF = ("off", "none", "0", "false", "no")  # words that turn a setting off (case-insensitive)
+ON = ("on", "1", "true", "yes")  # words that turn an on/off setting on
 MIN_COMPILE_SECS = 0.5
 
 _log = logging.getLogger(__name__)

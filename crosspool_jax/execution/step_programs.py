@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from crosspool_jax.execution import compile_queue
+from crosspool_jax.execution.compile_cache import OFF, ON
 from crosspool_jax.execution.compile_process import (
     CompileProcessError,
     ProcessCompiler,
@@ -34,12 +35,12 @@ from crosspool_jax.models.config import AttentionKind
 
 _log = logging.getLogger(__name__)
 
-# Process-wide defaults of `warm_programs` and `fallback` where a runner is not given them: e.g. a
-# test run on a 2-core CPU (scripts/test.sh) turns both off, so an engine test compiles only the
-# programs its calls use, on the serving path (background warm-ups and a fallback's exact program
-# would compete with it for the cores); the stall-free tests pass both explicitly.
-WARM_PROGRAMS_ENV = "CROSSPOOL_WARM_PROGRAMS"  # an int >= 0
-FALLBACK_ENV = "CROSSPOOL_COMPILE_FALLBACK"  # on / off (also 1 / 0, true / false, yes / no)
+# The process-wide default of `fallback` where a runner is not given it (and
+# `warm_programs.WARM_PROGRAMS_ENV` that of `warm_programs`): e.g. a test run on a 2-core CPU
+# (scripts/test.sh) turns both off, so an engine test compiles only the programs its calls use, on
+# the serving path (background warm-ups and a fallback's exact program would compete with it for
+# the cores); the stall-free tests pass both explicitly.
+FALLBACK_ENV = "CROSSPOOL_COMPILE_FALLBACK"  # `compile_cache.ON` / `OFF` words: on / off, 1 / 0, ...
 
 
 def env_setting(name: str, default: int | bool) -> int | bool:
@@ -49,11 +50,9 @@ def env_setting(name: str, default: int | bool) -> int | bool:
     if not text:
         return default
     if isinstance(default, bool):
-        words = {"on": True, "1": True, "true": True, "yes": True,
-                 "off": False, "0": False, "false": False, "no": False}
-        if text not in words:
+        if text not in ON + OFF:
             raise ValueError(f"${name} must be on or off, got {text!r}")
-        return words[text]
+        return text in ON
     try:
         value = int(text)
     except ValueError:

@@ -16,7 +16,11 @@ from typing import Any
 
 from crosspool_jax.execution import compile_queue
 from crosspool_jax.execution.pooled_step import StepSpec
-from crosspool_jax.execution.step_programs import WARM_PROGRAMS_ENV, env_setting, program_cost
+from crosspool_jax.execution.step_programs import env_setting, program_cost
+
+# The process-wide default of `warm_programs` where a runner is not given it (an int >= 0; see
+# `step_programs.FALLBACK_ENV` for why a test run sets it).
+WARM_PROGRAMS_ENV = "CROSSPOOL_WARM_PROGRAMS"
 
 
 class WarmPrograms:

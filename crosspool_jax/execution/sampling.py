@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from crosspool_jax.errors import InvalidRequestError
 
@@ -61,7 +62,7 @@ def sample_tokens(
 
     safe_t = jnp.where(temperature > 0, temperature, 1.0)
     scaled = logits / safe_t[:, None]
-    order = jnp.argsort(-scaled, axis=-1)
+    order = descending_order(scaled)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(vocab)[None, :]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
@@ -79,6 +80,26 @@ def sample_tokens(
     choice = jax.vmap(draw)(seeds, positions, masked)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy_tok)
+
+
+def descending_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys of float32 ``x`` whose ascending order is x's descending order, with -0.0 equal
+    to 0.0 and NaN last: the order of ``jnp.argsort(-x)``. A plain unsigned comparison, which
+    XLA's GPU sort rewriter hands to CUB's radix sort (a library kernel), where a float sort's
+    NaN-aware comparator compiles into XLA's own sort kernels: ~20 kernels, the largest share of
+    a step program's LLVM time (docs/benchmarks.md, "One H100, 2026-12-07 (day)")."""
+    x = jnp.where(x == 0, jnp.float32(0), x.astype(jnp.float32))  # -0.0 -> 0.0
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    ascending = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+    return jnp.where(jnp.isnan(x), jnp.uint32(0xFFFFFFFF), ~ascending)
+
+
+def descending_order(x: jax.Array) -> jax.Array:
+    """[B, V] int32: each row's indices by descending value, ties in index order (a stable sort
+    of `descending_keys`); equal to ``jnp.argsort(-x, axis=-1, stable=True)`` for float32 x."""
+    iota = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return lax.sort((descending_keys(x), iota), dimension=x.ndim - 1, num_keys=1,
+                    is_stable=True)[1]
 
 
 def seed_words(seed: int) -> tuple[int, int]:

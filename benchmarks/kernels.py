@@ -249,8 +249,7 @@ def check_correctness(backend: str, smoke: bool,
 
 # The Mosaic GPU MLA kernel's configurations timed by default (keyword arguments; {} = defaults).
 MGPU_CONFIGS = [dict(), dict(block_t=64), dict(stages=3), dict(num_splits=1), dict(num_splits=4),
-                dict(wg0_chunks=2), dict(wg0_chunks=4), dict(wg0_chunks=5),
-                dict(value_warpgroups=2)]
+                dict(wg0_chunks=2), dict(wg0_chunks=4), dict(wg0_chunks=5)]
 
 
 def check_mla_mgpu(backend: str, smoke: bool) -> list[tuple[str, float, float]]:
@@ -287,8 +286,6 @@ def check_mla_mgpu(backend: str, smoke: bool) -> list[tuple[str, float, float]]:
     if not smoke:
         cases += [(128, {"block_t": 64}, {}), (128, {"num_splits": 3}, {}),
                   (128, {"wg0_chunks": 2}, {}), (128, {"wg0_chunks": 5}, {}),
-                  (128, {"value_warpgroups": 2}, {}),
-                  (16, {"value_warpgroups": 2}, {"window": 200, "soft_cap": 30.0}),
                   (16, {}, {"window": 200, "soft_cap": 30.0})]
     rows = []
     for heads, cfg, masks in cases:

@@ -57,18 +57,9 @@ def variants(smoke: bool) -> list[tuple[str, dict]]:
             ("r128", dict(row_elems=128)), ("r128 l2", dict(row_elems=128, l2=True)),
             ("wg0 2", dict(wg0_chunks=2)), ("wg0 4", dict(wg0_chunks=4)),
             ("s3", dict(num_splits=3)), ("s4", dict(num_splits=4)),
-            ("bt64 st2", dict(block_t=64, stages=2)), ("st3", dict(stages=3)),
-            # two value warpgroups (4 warpgroups a CTA); "cN": N value chunks on warpgroup 0
-            ("vw2", dict(value_warpgroups=2)), ("vw2 c1", dict(value_warpgroups=2, wg0_chunks=1)),
-            ("vw2 c2", dict(value_warpgroups=2, wg0_chunks=2)),
-            ("vw2 r128", dict(value_warpgroups=2, row_elems=128)),
-            ("vw2 l2", dict(value_warpgroups=2, l2=True)),
-            ("vw2 s3", dict(value_warpgroups=2, num_splits=3)),
-            ("vw2 s4", dict(value_warpgroups=2, num_splits=4)),
-            ("vw2 st3", dict(value_warpgroups=2, stages=3)),
-            ("vw2 bt64 st2", dict(value_warpgroups=2, block_t=64, stages=2))]
+            ("bt64 st2", dict(block_t=64, stages=2)), ("st3", dict(stages=3))]
     if smoke:
-        rows = [*rows[:3], ("r128", dict(row_elems=128)), ("vw2", dict(value_warpgroups=2))]
+        rows = [*rows[:3], ("r128", dict(row_elems=128))]
     return [(name, {**base, **kw}) for name, kw in rows]
 
 
@@ -100,9 +91,8 @@ def run_variant(name: str, s: dict, lens: list[int], backend: str, smoke: bool) 
             "flops": 2 * heads * sum(lens) * (576 + 512), "kv_bytes": sum(lens) * 576 * 2}
 
 
-def profile(out_dir: str, tune: dict | None = None) -> None:
-    """Records the profiler trace of one call of the default launch (module doc), with the
-    kernel keywords ``tune`` on top, into out_dir."""
+def profile(out_dir: str) -> None:
+    """Records the profiler trace of one call of the default launch (module doc) into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     pool = PoolLayout(page_bytes=64 * 576 * 2, dtype="bfloat16", row_elems=64)
     geom = page_geometry(KVSpec.mla(512, 64), pool)
@@ -113,7 +103,7 @@ def profile(out_dir: str, tune: dict | None = None) -> None:
     ql = jax.random.normal(jax.random.key(5), (len(lens), 128, 512), jnp.bfloat16)
     qr = jax.random.normal(jax.random.key(6), (len(lens), 128, 64), jnp.bfloat16)
     args = (ql, qr, arena, jnp.asarray(table), jnp.asarray(lens, jnp.int32))
-    kw = {**dict(geom=geom, scale=192**-0.5, num_splits=2, stages=3), **(tune or {})}
+    kw = dict(geom=geom, scale=192**-0.5, num_splits=2, stages=3)
     plain = jax.jit(functools.partial(paged_mla_decode_attention_mgpu, **kw))
     t = bench(plain, *args)
     print(f"profile case without the profiler: {t * 1e6:.1f} us", flush=True)
@@ -163,11 +153,8 @@ def main() -> None:
     if args.analyze:
         analyze(args.analyze)
         return
-    if args.profile:  # with one --only name: that variant's kernel keywords
-        named = dict(variants(False))
-        tune = {k: v for k, v in named.get(args.only.strip(), {}).items()
-                if k not in ("heads", "row_elems", "l2")}
-        profile(args.profile, tune)
+    if args.profile:
+        profile(args.profile)
         return
     smoke = args.smoke
     backend = "interpret" if smoke else "gpu"

@@ -32,13 +32,6 @@ M = 64 rows of every wgmma (Triton's MLA kernel runs M = 16 mma). A CTA runs thr
   default 3 of 8, `default_wg0_chunks`).
 * warpgroup 1, values (232 registers): ``O_1 = alpha * O_1 + P @ V_c`` over the others.
 
-With ``value_warpgroups=2`` (`Config`) a CTA runs four warpgroups: warpgroup 0 (by default
-without value chunks: scores and softmax only) and two value warpgroups that split the value
-chunks between them, each with as many registers as its output needs (`Config.registers`:
-144 / 168 / 168 / 32 at DeepSeek's 8 chunks of 64), so that warpgroup 0's chain per block is
-its score wgmmas and its softmax, while the value warpgroups' P @ V runs beside the next
-block's scores.
-
 So S is computed once per block, the f32 output [64, kv_lora_rank] is split over two
 warpgroups (by default 96 and 160 registers of a thread at 512 columns) and the tensor cores
 see, per block, the score wgmmas of the next block during the softmax, then both P @ V parts.
@@ -65,6 +58,13 @@ with ``wg0_chunks`` 4 231.5, 5 215.0 (1.01x, within noise); at R = 128 473.5 us)
 waiting ~1,200 a block for S and a block period of ~3,650 cycles against ~3,100 here: moving
 the score wgmmas to the other warpgroup does not shorten a block, since they themselves take
 most of it. It was removed.
+
+Two value warpgroups (c29ec12: four warpgroups a CTA, warpgroup 0 keeping N of the 8 value
+chunks and the other two splitting the rest, each given the registers its output needs; tested
+in the interpreter with the race detector) ran on one H100 (2026-12-07 night,
+`benchmarks/mla_decode_probe.py`, DeepSeek-V3 32 x 8K, us): this kernel 235.4; N = 2 226.1
+(1.04x), N = 1 229.9 (1.02x), N = 0 600.6 (not understood; not profiled); at R = 128 256.8
+against 255.4. Warpgroup 0's own P @ V is not what bounds a block, so it was reverted.
 
 Tokens past the length in a partial last block: their rows may hold anything, NaN included.
 They are masked to -inf in S (P = 0), and since NaN * 0 = NaN, each compute warpgroup also
@@ -117,7 +117,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 
 import jax
@@ -134,12 +133,8 @@ HEADS_PER_CTA = 64  # wgmma M: the query heads of one CTA (a head block)
 SMEM_BYTES = 227 * 1024  # an H100/H200 CTA's dynamic shared memory
 SMEM_ALIGN = 1024  # Mosaic GPU aligns each shared-memory buffer to this many bytes
 BARRIER_BYTES = 8  # one mbarrier
-SCORE_REGISTERS = 232  # per thread of each compute warpgroup (setmaxnreg), 2 compute warpgroups
-MEMORY_REGISTERS = 40  # per thread of the memory warpgroup, 2 compute warpgroups
-REGISTER_POOL = 512  # registers per thread-lane of a CTA: 64K / 128 threads (setmaxnreg's budget)
-MEMORY_REGISTERS_3 = 32  # per thread of the memory warpgroup with 3 compute warpgroups
-ROW_REGISTERS = 40  # a value warpgroup's registers besides its f32 output (estimate)
-SCORES_REGISTERS_MIN = 96  # warpgroup 0's registers besides its output: two S tiles, softmax
+SCORE_REGISTERS = 232  # per thread of each compute warpgroup (setmaxnreg)
+MEMORY_REGISTERS = 40  # per thread of the memory warpgroup
 MIN_SPLIT_TOKENS = 512  # a split shorter than this would spend more on loading Q than on KV
 PROFILE_RANGES = 256  # named ranges a warpgroup records when profiling (`profile_dir`)
 LOG2E = math.log2(math.e)
@@ -154,40 +149,13 @@ class Config:
     stages: KV blocks in shared memory at once (the memory warpgroup runs ``stages - 1`` ahead).
     num_splits: KV splits per sequence (CTAs per (sequence, head block)).
     wg0_chunks: value (latent) chunks of the output that warpgroup 0 accumulates beside the
-      scores (the value warpgroups split the rest); None: `default_wg0_chunks`.
-    value_warpgroups: warpgroups that only accumulate value chunks (1 or 2; module doc).
+      scores (warpgroup 1 takes the rest); 0: `default_wg0_chunks`.
     """
 
     block_t: int
     stages: int
     num_splits: int
-    wg0_chunks: int | None = None
-    value_warpgroups: int = 1
-
-    def chunks_of(self, latent_chunks: int) -> tuple[tuple[int, int], ...]:
-        """[first, last) value chunks of each compute warpgroup: warpgroup 0's
-        ``wg0_chunks``, then the rest split as evenly as possible (the first ones larger)."""
-        wg0 = (default_wg0_chunks(latent_chunks, self.value_warpgroups)
-               if self.wg0_chunks is None else self.wg0_chunks)
-        rest, v = latent_chunks - wg0, self.value_warpgroups
-        bounds = [0, wg0]
-        for k in range(v):
-            bounds.append(bounds[-1] + rest // v + (k < rest % v))
-        return tuple(itertools.pairwise(bounds))
-
-    def registers(self, latent_chunks: int, row_elems: int) -> tuple[int, ...]:
-        """setmaxnreg counts per warpgroup: (warpgroup 0, value warpgroups..., memory). With one
-        value warpgroup 232 / 232 / 40; with two, the memory warpgroup keeps
-        `MEMORY_REGISTERS_3`, each value warpgroup its f32 output's registers (``columns / 2``
-        a thread) + `ROW_REGISTERS`, and warpgroup 0 the rest of `REGISTER_POOL` (at most 232);
-        multiples of 8."""
-        if self.value_warpgroups == 1:
-            return (SCORE_REGISTERS, SCORE_REGISTERS, MEMORY_REGISTERS)
-        cols = [(b - a) * row_elems for a, b in self.chunks_of(latent_chunks)]
-        value = -(-(max(cols[1:]) // 2 + ROW_REGISTERS) // 8) * 8
-        wg0 = min(SCORE_REGISTERS, (REGISTER_POOL - MEMORY_REGISTERS_3
-                                    - self.value_warpgroups * value) // 8 * 8)
-        return (wg0, *([value] * self.value_warpgroups), MEMORY_REGISTERS_3)
+    wg0_chunks: int = 0
 
 
 def smem_plan(geom: PageGeometry, block_t: int, stages: int, itemsize: int = 2) -> int:
@@ -221,29 +189,25 @@ def default_num_splits(batch: int, head_blocks: int, max_tokens: int, block_t: i
     return int(max(1, min(want, cap, -(-max_tokens // block_t))))
 
 
-def default_wg0_chunks(latent_chunks: int, value_warpgroups: int = 1) -> int:
-    """Warpgroup 0's share of the value chunks. With one value warpgroup 3 of 8 (at least 1),
-    since warpgroup 0 also computes every score wgmma and the softmax: DeepSeek-V3 (8 latent
-    chunks of 64), 32 x 8K ragged, on two H100s (2026-12-06, `benchmarks/kernels.py
-    --with-mgpu`, docs/benchmarks.md), us: 3 of 8 ran 215.8 / 228.5, 2: 211.9 / 242.6, 4 (half,
-    the default before): 228.9 / 244.2, 5: 269.7 / -, 1: - / 483.4. With two value warpgroups
-    none: warpgroup 0 only scores."""
-    if value_warpgroups > 1:
-        return 0
+def default_wg0_chunks(latent_chunks: int) -> int:
+    """Warpgroup 0's share of the value chunks: 3 of 8 (at least 1), since it also computes every
+    score wgmma and the softmax. DeepSeek-V3 (8 latent chunks of 64), 32 x 8K ragged, on two
+    H100s (2026-12-06, `benchmarks/kernels.py --with-mgpu`, docs/benchmarks.md), us: 3 of 8 ran
+    215.8 / 228.5, 2: 211.9 / 242.6, 4 (half, the default before): 228.9 / 244.2, 5: 269.7 / -,
+    1: - / 483.4."""
     return max(1, latent_chunks * 3 // 8)
 
 
 def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: int,
                    itemsize: int = 2, block_t: int | None = None, stages: int | None = None,
-                   num_splits: int | None = None, wg0_chunks: int | None = None,
-                   value_warpgroups: int | None = None) -> Config:
+                   num_splits: int | None = None, wg0_chunks: int | None = None) -> Config:
     """The launch's `Config` for ``batch`` sequences of ``num_heads`` query heads and at most
     ``max_tokens`` attended tokens each; the arguments given override the defaults.
 
     block_t: the first of 32, 64, 16 that divides T and leaves room for at least 3 stages, else
     the first of 64, 32, 16 that divides T and leaves room for 2 (DeepSeek, R = 64: 32 with 4
     stages; 64 would fit 2 stages, module doc). stages: as many as fit, at most 4.
-    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`. value_warpgroups: 1.
+    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`.
     """
     t = geom.tokens_per_page
     if block_t is None:
@@ -256,11 +220,8 @@ def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: i
     head_blocks = -(-num_heads // HEADS_PER_CTA)
     if num_splits is None:
         num_splits = default_num_splits(batch, head_blocks, max_tokens, block_t)
-    vw = value_warpgroups or 1
-    if wg0_chunks is None:
-        wg0_chunks = default_wg0_chunks(geom.head_chunks, vw)
-    return Config(block_t=block_t, stages=stages, num_splits=num_splits, wg0_chunks=wg0_chunks,
-                  value_warpgroups=vw)
+    return Config(block_t=block_t, stages=stages, num_splits=num_splits,
+                  wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks))
 
 
 def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
@@ -275,17 +236,10 @@ def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
         raise ValueError(f"arena row width R={r}: expected 64 or 128")
     if t % 16:
         raise ValueError(f"tokens per page T={t} must be a multiple of 16")
-    if cfg.value_warpgroups not in (1, 2):
-        raise ValueError(f"value_warpgroups={cfg.value_warpgroups}: expected 1 or 2")
-    chunks = cfg.chunks_of(geom.head_chunks)
-    wg0 = chunks[0][1]
-    if wg0 < 0 or any(b <= a for a, b in chunks[1:]):
-        raise ValueError(f"wg0_chunks={wg0}: each value warpgroup needs at least one of the "
+    wg0 = cfg.wg0_chunks or default_wg0_chunks(geom.head_chunks)
+    if not 1 <= wg0 < geom.head_chunks:
+        raise ValueError(f"wg0_chunks={wg0}: each compute warpgroup needs at least one of the "
                          f"{geom.head_chunks} latent chunks")
-    regs = cfg.registers(geom.head_chunks, r)
-    if cfg.value_warpgroups > 1 and regs[0] < wg0 * r // 2 + SCORES_REGISTERS_MIN:
-        raise ValueError(f"wg0_chunks={wg0} with {cfg.value_warpgroups} value warpgroups: "
-                         f"warpgroup 0's {regs[0]} registers do not hold its output")
     if geom.rows_per_page % 8:
         raise ValueError(f"rows_per_page={geom.rows_per_page} must be a multiple of 8")
     if cfg.block_t not in (16, 32, 64) or t % cfg.block_t:
@@ -368,11 +322,9 @@ class _Cta:
 
     Static: block_t, stages (`Config`); row_elems (R), tokens_per_page (T), rows_per_page;
     score_chunks: Q / K chunks of R per token (latent, then rope); latent_chunks: value chunks
-    (the output's); chunks: [first, last) value chunks of each compute warpgroup (warpgroup 0,
-    then the value warpgroups; `Config.chunks_of`); registers: setmaxnreg counts of each
-    warpgroup (`Config.registers`; the memory warpgroup last); max_pages: page-table width;
-    num_pages: arena pages; dtype: the arena's (Q, K/V and P); scale, soft_cap, window,
-    interpret: `_kernel`'s.
+    (the output's); wg0_chunks: value chunks [0, wg0_chunks) of warpgroup 0 (`Config`;
+    warpgroup 1 has the rest); max_pages: page-table width; num_pages: arena pages; dtype: the
+    arena's (Q, K/V and P); scale, soft_cap, window, interpret: `_kernel`'s.
     Traced int32 scalars: b (sequence), hb (head block), item (row of o_ref / m_ref / l_ref);
     lo_all: the sequence's first attended token (0, or length - window); lo / hi: the split's
     tokens [lo, hi), lo block-aligned; n_blocks: KV blocks of block_t tokens from lo to hi.
@@ -388,8 +340,7 @@ class _Cta:
     rows_per_page: int
     score_chunks: int
     latent_chunks: int
-    chunks: tuple[tuple[int, int], ...]
-    registers: tuple[int, ...]
+    wg0_chunks: int
     max_pages: int
     num_pages: int
     dtype: jnp.dtype
@@ -413,25 +364,6 @@ class _Cta:
     m_ref: object
     l_ref: object
 
-    @property
-    def wg0_chunks(self) -> int:
-        """Value chunks [0, wg0_chunks) of warpgroup 0."""
-        return self.chunks[0][1]
-
-    @property
-    def value_warpgroups(self) -> int:
-        return len(self.chunks) - 1
-
-
-def _set_registers(count: int, warpgroups: int) -> None:
-    """setmaxnreg to ``count`` registers a thread of this warpgroup, from the even share a CTA
-    of ``warpgroups`` warpgroups starts with (`REGISTER_POOL` / warpgroups, a multiple of 8)."""
-    start = REGISTER_POOL // warpgroups // 8 * 8
-    if count > start:
-        plgpu.set_max_registers(count, action="increase")
-    elif count < start:
-        plgpu.set_max_registers(count, action="decrease")
-
 
 @dataclasses.dataclass(frozen=True)
 class _Smem:
@@ -441,9 +373,9 @@ class _Smem:
     block_t, R] the pipeline, one KV block per stage; p: [64, block_t] P in the KV dtype;
     alpha: [64] f32 the rescale factor of the block in P.
     q_bar: Q landed (one arrival per chunk copy); kv_full[stages]: a stage's block landed (one
-    arrival per chunk copy); kv_consumed[stages]: a stage released by every compute warpgroup
-    (one arrival each); p_full: P and alpha published by warpgroup 0; p_free: P and alpha
-    released by every value warpgroup (one arrival each).
+    arrival per chunk copy); kv_consumed[stages]: a stage released by both compute warpgroups
+    (2 arrivals); p_full: P and alpha published by warpgroup 0; p_free: P and alpha released
+    by warpgroup 1.
     """
 
     q: object
@@ -483,8 +415,7 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
     [num_pages * rows_per_page, R]. o_ref: [items, latent_chunks, 64, R] f32; m_ref / l_ref:
     [items, 64] f32, item = (b * num_splits + split) * HB + head block.
     Computes the split's token range into a `_Cta`, allocates the `_Smem` and runs, per
-    warpgroup, `_scores_warpgroup` (0), `_values_warpgroup` (1 .. value_warpgroups) or
-    `_memory_warpgroup` (the last).
+    warpgroup, `_memory_warpgroup`, `_scores_warpgroup` or `_values_warpgroup`.
     """
     bt = cfg.block_t
     hb = lax.axis_index("hb")
@@ -499,23 +430,19 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
     cta = _Cta(block_t=bt, stages=cfg.stages, row_elems=geom.row_elems,
                tokens_per_page=geom.tokens_per_page, rows_per_page=geom.rows_per_page,
                score_chunks=len(geom.score_chunk_rows), latent_chunks=geom.head_chunks,
-               chunks=cfg.chunks_of(geom.head_chunks),
-               registers=cfg.registers(geom.head_chunks, geom.row_elems),
+               wg0_chunks=cfg.wg0_chunks or default_wg0_chunks(geom.head_chunks),
                max_pages=table_ref.shape[1],
                num_pages=num_pages, dtype=kv_ref.dtype, scale=scale, soft_cap=soft_cap,
                window=window, interpret=interpret, b=b, hb=hb, item=item, lo_all=lo_all, lo=lo,
                hi=hi, n_blocks=n_blocks, table_ref=table_ref, q_ref=q_ref, kv_ref=kv_ref,
                o_ref=o_ref, m_ref=m_ref, l_ref=l_ref)
 
-    vw = cta.value_warpgroups
-
-    def warpgroups(*refs):  # run by each warpgroup (collective over "wg")
+    def warpgroups(*refs):  # run by each of the 3 warpgroups (collective over "wg")
         smem = _Smem(*refs)
         wg = lax.axis_index("wg")
-        pl.when(wg == vw + 1)(functools.partial(_memory_warpgroup, cta, smem))
+        pl.when(wg == 2)(functools.partial(_memory_warpgroup, cta, smem))
         pl.when(wg == 0)(functools.partial(_scores_warpgroup, cta, smem))
-        for k in range(1, vw + 1):
-            pl.when(wg == k)(functools.partial(_values_warpgroup, cta, smem, k))
+        pl.when(wg == 1)(functools.partial(_values_warpgroup, cta, smem))
 
     n_chunks, m_rows, r, dt = cta.score_chunks, HEADS_PER_CTA, cta.row_elems, cta.dtype
     tf = _swizzled(bt, dt)  # one swizzle for both operands of every wgmma (module doc)
@@ -527,18 +454,18 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
         plgpu.SMEM((m_rows,), jnp.float32),  # alpha
         plgpu.Barrier(num_arrivals=n_chunks),  # q_bar
         plgpu.Barrier(num_arrivals=n_chunks, num_barriers=cfg.stages),  # kv_full
-        plgpu.Barrier(num_arrivals=vw + 1, num_barriers=cfg.stages),  # kv_consumed
+        plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages),  # kv_consumed
         plgpu.Barrier(num_arrivals=1),  # p_full
-        plgpu.Barrier(num_arrivals=vw),  # p_free
+        plgpu.Barrier(num_arrivals=1),  # p_free
         collective_axes="wg",
     )
 
 
 def _memory_warpgroup(cta: _Cta, smem: _Smem) -> None:
-    """The last warpgroup (TMA): Q into ``smem.q`` once, then the split's KV blocks into the
-    pipeline stages, block i into stage i % stages once every compute warpgroup released block
+    """Warpgroup 2 (TMA): Q into ``smem.q`` once, then the split's KV blocks into the pipeline
+    stages, block i into stage i % stages once both compute warpgroups released block
     i - stages; page ids read one block ahead (module doc)."""
-    _set_registers(cta.registers[-1], len(cta.registers))
+    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
     for c in range(cta.score_chunks):
         plgpu.copy_gmem_to_smem(cta.q_ref.at[cta.b, cta.hb, c], smem.q.at[c], smem.q_bar)
     bt, stages, t_pp = cta.block_t, cta.stages, cta.tokens_per_page
@@ -575,8 +502,8 @@ def _memory_warpgroup(cta: _Cta, smem: _Smem) -> None:
 
 def _scores_warpgroup(cta: _Cta, smem: _Smem) -> None:
     """Warpgroup 0: waits for Q, then writes the empty result of a split without tokens or runs
-    the score / softmax / first-chunks P @ V pipeline (`_scores_pipeline`)."""
-    _set_registers(cta.registers[0], len(cta.registers))
+    the score / softmax / first-half P @ V pipeline (`_scores_pipeline`)."""
+    plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
     plgpu.barrier_wait(smem.q_bar)
     pl.when(cta.n_blocks == 0)(functools.partial(_write_empty_partial, cta))
     pl.when(cta.n_blocks > 0)(functools.partial(_scores_pipeline, cta, smem))
@@ -646,11 +573,11 @@ def _wg0_start(cta: _Cta) -> tuple:
 def _publish_and_pv0(cta: _Cta, smem: _Smem, i, alpha: jax.Array, p16: jax.Array,
                      o: tuple) -> tuple:
     """Warpgroup 0 after block i's softmax: publishes P ([64, block_t], KV dtype) and alpha
-    ([64] f32) for the value warpgroups once they released the previous ones, then returns
-    ``alpha * O_0 + P @ V_c`` over the first wg0_chunks value chunks of the block's stage."""
+    ([64] f32) for warpgroup 1 once it released the previous ones, then returns ``alpha * O_0 +
+    P @ V_c`` over the first wg0_chunks value chunks of the block's stage."""
     with jax.named_scope("wg0_wait_p_free"):
         @pl.when(i >= 1)
-        def _():  # the value warpgroups are done with the previous P and alpha
+        def _():  # warpgroup 1 is done with the previous P and alpha
             plgpu.barrier_wait(smem.p_free)
 
     with jax.named_scope("wg0_publish"):
@@ -658,8 +585,6 @@ def _publish_and_pv0(cta: _Cta, smem: _Smem, i, alpha: jax.Array, p16: jax.Array
         smem.alpha[...] = alpha
         plgpu.commit_smem()
         plgpu.barrier_arrive(smem.p_full)
-    if not o:
-        return o
     with jax.named_scope("wg0_pv"):
         v_refs = smem.chunk_refs(lax.rem(i, cta.stages), range(cta.wg0_chunks))
         _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * cta.block_t), cta.block_t)
@@ -692,22 +617,21 @@ def _online_softmax(cta: _Cta, sc: jax.Array, t0: jax.Array, m_i: jax.Array,
     return m_new, l_new, alpha, p.astype(cta.dtype)
 
 
-def _values_warpgroup(cta: _Cta, smem: _Smem, k: int) -> None:
-    """Value warpgroup k (1 .. value_warpgroups): per block, O_k = alpha * O_k + P @ V_c over its
-    value chunks ``cta.chunks[k]`` (P and alpha from warpgroup 0), releasing P and the stage;
-    then the epilogue of O_k."""
-    _set_registers(cta.registers[k], len(cta.registers))
-    first, last = cta.chunks[k]
+def _values_warpgroup(cta: _Cta, smem: _Smem) -> None:
+    """Warpgroup 1: per block, O_1 = alpha * O_1 + P @ V_c over the value chunks
+    [wg0_chunks, latent_chunks) (P and alpha from warpgroup 0), releasing P and the stage;
+    then the epilogue of O_1."""
+    plgpu.set_max_registers(SCORE_REGISTERS, action="increase")
 
     def body(i, o):
         slot = lax.rem(i, cta.stages)
-        with jax.named_scope(f"wg{k}_wait_kv"):
+        with jax.named_scope("wg1_wait_kv"):
             plgpu.barrier_wait(smem.kv_full.at[slot])
-        with jax.named_scope(f"wg{k}_wait_p"):
+        with jax.named_scope("wg1_wait_p"):
             plgpu.barrier_wait(smem.p_full)
-        with jax.named_scope(f"wg{k}_pv"):
+        with jax.named_scope("wg1_pv"):
             alpha = plgpu.layout_cast(smem.alpha[...], _ROW_LAYOUT)
-            v_refs = smem.chunk_refs(slot, range(first, last))
+            v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks, cta.latent_chunks))
             _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * cta.block_t), cta.block_t)
             o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
             o = _pv_accumulate(o, None, smem.p, v_refs, cta.interpret)
@@ -715,8 +639,9 @@ def _values_warpgroup(cta: _Cta, smem: _Smem, k: int) -> None:
         plgpu.barrier_arrive(smem.kv_consumed.at[slot])
         return o
 
-    o0 = tuple(_zeros_wgmma((HEADS_PER_CTA, cta.row_elems)) for _ in range(first, last))
-    _write_partial(cta, lax.fori_loop(0, cta.n_blocks, body, o0), first)
+    o0 = tuple(_zeros_wgmma((HEADS_PER_CTA, cta.row_elems))
+               for _ in range(cta.latent_chunks - cta.wg0_chunks))
+    _write_partial(cta, lax.fori_loop(0, cta.n_blocks, body, o0), cta.wg0_chunks)
 
 
 def _write_partial(cta: _Cta, o: tuple, first_chunk: int, m_base2: jax.Array | None = None,
@@ -733,8 +658,8 @@ def _write_partial(cta: _Cta, o: tuple, first_chunk: int, m_base2: jax.Array | N
 
 
 def _write_empty_partial(cta: _Cta) -> None:
-    """Epilogue of warpgroup 0 for a split without tokens: O_0 = 0, m = -inf, l = 0 (the value
-    warpgroups write their zero outputs after their empty loops)."""
+    """Epilogue of warpgroup 0 for a split without tokens: O_0 = 0, m = -inf, l = 0 (warpgroup 1
+    writes its zero O_1 after its empty loop)."""
     m_rows = HEADS_PER_CTA
     _write_partial(cta, tuple(_zeros_wgmma((m_rows, cta.row_elems))
                               for _ in range(cta.wg0_chunks)), 0)
@@ -794,7 +719,7 @@ def _mla_decode_mgpu(q_latent, q_rope, arena, page_table, lengths, *, geom: Page
                   jax.ShapeDtypeStruct((items, HEADS_PER_CTA), jnp.float32)),
         grid=(hb, ns, b),
         grid_names=("hb", "split", "b"),
-        num_threads=cfg.value_warpgroups + 2,
+        num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
@@ -830,7 +755,6 @@ def paged_mla_decode_attention_mgpu(
     block_t: int | None = None,
     stages: int | None = None,
     wg0_chunks: int | None = None,
-    value_warpgroups: int | None = None,
     return_lse: bool = False,
     profile_dir: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -842,10 +766,10 @@ def paged_mla_decode_attention_mgpu(
     geom: an MLA `PageGeometry`; scale: softmax scale; soft_cap: logits -> cap * tanh(logits /
     cap) after scaling; window: attend only to the last ``window`` tokens.
     backend: "gpu" (Mosaic GPU) or "interpret" (Mosaic GPU's interpreter on CPU).
-    num_splits / block_t / stages / wg0_chunks / value_warpgroups: tuning (`default_config`).
+    num_splits / block_t / stages / wg0_chunks: tuning (`default_config`).
     profile_dir: GPU only, for timing work: each call writes a Mosaic GPU profiler trace there
       (Perfetto JSON: the named ranges of each warpgroup of each CTA, the first
-      `PROFILE_RANGES`; they take ``warpgroups x 16 x PROFILE_RANGES`` bytes of shared memory, so pass
+      `PROFILE_RANGES`; they take ``3 x 16 x PROFILE_RANGES`` bytes of shared memory, so pass
       fewer ``stages`` than the default).
     Returns [B, H, kv_lora_rank] in q_latent's dtype; with ``return_lse`` also lse [B, H] f32.
     Raises ValueError for what the kernel does not support (`check_supported`).
@@ -873,7 +797,7 @@ def paged_mla_decode_attention_mgpu(
         max_tokens = min(max_tokens, window + geom.tokens_per_page)
     cfg = default_config(geom, b, h, max_tokens, jnp.dtype(arena.dtype).itemsize,
                          block_t=block_t, stages=stages, num_splits=num_splits,
-                         wg0_chunks=wg0_chunks, value_warpgroups=value_warpgroups)
+                         wg0_chunks=wg0_chunks)
     check_supported(geom, arena, cfg)
     if b == 0:
         out = jnp.zeros(q_latent.shape, q_latent.dtype)

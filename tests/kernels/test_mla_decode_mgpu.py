@@ -65,13 +65,10 @@ def _run_case(seed: int, lat: int, rope: int, r: int, t_pp: int, heads: int, dty
     np.testing.assert_allclose(lse[1:], ref_lse[1:], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("value_warpgroups", [1, 2])
-def test_interpreted_with_race_detector(race_detection, value_warpgroups):
+def test_interpreted_with_race_detector(race_detection):
     # 2 head blocks (H = 128), 2 stages, 16-token blocks in 32-token pages (every other block
-    # starts mid-page); lengths 0, 1, 31, 32, 33, 131. With 2 value warpgroups: one latent
-    # chunk each, none on warpgroup 0 (the barriers' arrival counts change with the count).
-    _run_case(0, 128, 64, 64, 32, 128, "bfloat16", block_t=16, stages=2, num_splits=1,
-              value_warpgroups=value_warpgroups)
+    # starts mid-page); lengths 0, 1, 31, 32, 33, 131.
+    _run_case(0, 128, 64, 64, 32, 128, "bfloat16", block_t=16, stages=2, num_splits=1)
     assert not interpret_pallas_call.get_races().races_found
 
 
@@ -88,12 +85,6 @@ def test_interpreted_with_race_detector(race_detection, value_warpgroups):
     # 3 latent chunks (1 for warpgroup 0 by default), and 2 of them for it
     (192, 64, 64, 16, 16, "bfloat16", {}),
     (192, 64, 64, 16, 16, "bfloat16", {"wg0_chunks": 2, "num_splits": 2}),
-    # two value warpgroups: DeepSeek's 8 latent chunks 0 / 4 / 4; R = 128, f16, window + soft
-    # cap, 2 splits (2 latent chunks: 0 / 1 / 1); 3 chunks 1 / 1 / 1
-    (512, 64, 64, 64, 64, "bfloat16", {"value_warpgroups": 2}),
-    (256, 64, 128, 32, 64, "float16", {"value_warpgroups": 2, "num_splits": 2, "window": 40,
-                                       "soft_cap": 5.0}),
-    (192, 64, 64, 16, 16, "bfloat16", {"value_warpgroups": 2, "wg0_chunks": 1}),
 ])
 def test_interpreted_matches_reference(lat, rope, r, t_pp, heads, dtype, kw):
     _run_case(1, lat, rope, r, t_pp, heads, dtype, **kw)
@@ -113,9 +104,6 @@ def _deepseek_geometry(r: int = 64):
     (64, {"block_t": 32, "stages": 3, "window": 4096, "soft_cap": 30.0}),
     (128, {}),  # 5 chunks of 128: 32-token blocks, 3 stages
     (64, {"wg0_chunks": 4}),  # half of the 8 latent chunks each (the default is 3 of 8)
-    (64, {"value_warpgroups": 2}),  # 4 warpgroups: chunks 0 / 4 / 4
-    (64, {"value_warpgroups": 2, "wg0_chunks": 2}),  # 2 / 3 / 3
-    (128, {"value_warpgroups": 2}),  # 2 latent chunks of 128 each for the value warpgroups
     (128, {"engine": True}),  # the engine's GPU pages: 256 KiB, 192 tokens (`default_token_align`)
 ])
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):

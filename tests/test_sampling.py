@@ -42,8 +42,8 @@ def test_keys_are_ordered_by_hand():
 
 
 def test_the_sort_compares_unsigned_keys_only():
-    """The sort's comparator is one unsigned less-than on its key operands: what XLA's GPU sort
-    rewriter sends to CUB (a float key's comparator is NaN-aware, which it does not take)."""
+    """The sort's comparator is one unsigned less-than on its key operands (a float key's
+    comparator canonicalises NaN and -0.0 on both operands at every comparison)."""
     text = jax.jit(descending_order).lower(jnp.zeros((8, 50304), jnp.float32)).as_text()
     sort = text[text.index("stablehlo.sort"):]
     body = sort[:sort.index("})")]

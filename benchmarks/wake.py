@@ -54,9 +54,9 @@ def _tiny() -> dict[str, Any]:
 
 def _weights_bytes(cfg: Any, dtype: str) -> int:
     """About the arena bytes of one model's weights on one colocated device: its parameters in the
-    arena dtype (`engine.estimated_weight_bytes`) plus 5% for row padding (the replay reports the
+    arena dtype (`engine_models.estimated_weight_bytes`) plus 5% for row padding (the replay reports the
     placed bytes)."""
-    from crosspool_jax.engine import estimated_weight_bytes
+    from crosspool_jax.engine_models import estimated_weight_bytes
 
     return int(estimated_weight_bytes(cfg, dtype) * 1.05)
 

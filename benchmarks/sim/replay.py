@@ -6,8 +6,8 @@
 What runs is the engine's host code: per mode, the same memory plan as `crosspool bench`
 (`runner.memory_plan`), the same `EngineConfig` and arena layout (`engine.arena_layout`), the same
 groups (crosspool: one KV+weights group; shared / static: one colocated group per device), the
-same model placement (`engine.placement_order`: least loaded by weight bytes, heaviest model
-first as the bench adds them) and static's floors = caps (`engine.static_limits`), and in every
+same model placement (`engine_models.placement_order`: least loaded by weight bytes, heaviest model
+first as the bench adds them) and static's floors = caps (`engine_models.static_limits`), and in every
 group the engine's own `GroupRunner` (planner, virtualizer, prefill budget, lane grouping, shape
 buckets, program lookup, token bookkeeping) as a `SimulatedGroup` (benchmarks/sim/group.py), whose
 device calls take the cost model's seconds (benchmarks/sim/costmodel.py).
@@ -52,17 +52,11 @@ from benchmarks.sim.group import SimulatedGroup
 from benchmarks.workload.presets import PRESETS, model_shape
 from benchmarks.workload.stats import summarize
 from benchmarks.workload.trace import TraceFormatError
-from crosspool_jax.engine import (
-    arena_layout,
-    placed_weight_bytes,
-    placement_order,
-    resolve_config,
-    runner_kwargs,
-    static_limits,
-)
+from crosspool_jax.engine import arena_layout, resolve_config, runner_kwargs
+from crosspool_jax.engine_models import placement_order, static_limits
 from crosspool_jax.errors import CapacityError
 from crosspool_jax.execution.sampling import SamplingParams
-from crosspool_jax.memory.arena import ArenaBook
+from crosspool_jax.memory.arena import ArenaBook, placed_weight_bytes
 from crosspool_jax.memory.planner import RequestRejected
 
 MODES = bench.MODES

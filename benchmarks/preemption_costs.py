@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.step import MODELS
-from crosspool_jax.execution.pool_runner import GroupRunner, _gather_pages, _scatter_pages
+from crosspool_jax.execution.pool_runner import GroupRunner
 from crosspool_jax.execution.pooled_step import model_geometry
 from crosspool_jax.execution.sampling import SamplingParams
+from crosspool_jax.execution.step_plan import _gather_pages, _scatter_pages
 from crosspool_jax.memory.arena import model_rows
 from crosspool_jax.memory.topology import PoolTopology, Role
 from crosspool_jax.models.params import weight_specs

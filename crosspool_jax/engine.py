@@ -59,12 +59,8 @@ from crosspool_jax.engine_models import EngineModels
 from crosspool_jax.engine_sleep import SleepingModels, WakeRecord
 from crosspool_jax.errors import CrossPoolError, InvalidRequestError
 from crosspool_jax.execution.host_step import EXECUTIONS
-from crosspool_jax.execution.pool_runner import (
-    DEFAULT_MAX_STOP_IDS,
-    DEFAULT_PREFILL_SHARE,
-    GroupRunner,
-    StepResult,
-)
+from crosspool_jax.execution.pool_runner import DEFAULT_MAX_STOP_IDS, DEFAULT_PREFILL_SHARE, GroupRunner
+from crosspool_jax.execution.runner_records import StepResult
 from crosspool_jax.memory.arena import HostModel, pinned_host_budget
 from crosspool_jax.memory.model_states import ModelState, ModelStates
 from crosspool_jax.memory.planner import (

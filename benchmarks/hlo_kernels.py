@@ -1,8 +1,10 @@
 """Counts the kernels of XLA's optimized HLO dumps, by kind and by the part of the step they came from.
 
 Issue 15's compile time goes into compiling a step program's separate kernels one by one (ptxas,
-LLVM: docs/benchmarks.md, "One H100, 2026-12-07 (day)"), so the kernel count is what to cut. Dump
-a program's optimized HLO, then count it (any machine; the GPU's dump is what matters):
+LLVM: docs/benchmarks.md, "One H100, 2026-12-07 (day)"), so the kernel count is one thing to cut
+(how costly each is to compile is the other: a simpler sort comparator alone compiled 1.34x
+faster with as many kernels, "One H100, 2026-12-07 (night)"). Dump a program's optimized HLO,
+then count it (any machine; the GPU's dump is what matters):
 
     XLA_FLAGS=--xla_dump_to=/tmp/dump python -m benchmarks.precompile_bench --models 2 \\
         --max-context 131072 --max-slots 64 --threads 1 --programs 3
@@ -115,6 +117,14 @@ def count_module(text: str) -> collections.Counter[tuple[str, str]]:
     return out
 
 
+def by_scope(counts: collections.Counter[tuple[str, str]]) -> collections.Counter[str]:
+    """(scope, kind) counts summed per scope."""
+    out: collections.Counter[str] = collections.Counter()
+    for (scope, _), v in counts.items():
+        out[scope] += v
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("dump", help="XLA's --xla_dump_to directory")
@@ -137,19 +147,13 @@ def main(argv: list[str] | None = None) -> None:
             continue
         modules += 1
         total += counts
-        scopes: collections.Counter[str] = collections.Counter()
-        for (scope, _), v in counts.items():
-            scopes[scope] += v
         print(f"{os.path.basename(path)}: {n} kernels; "
-              + ", ".join(f"{s} {v}" for s, v in scopes.most_common()))
+              + ", ".join(f"{s} {v}" for s, v in by_scope(counts).most_common()))
     n = sum(total.values())
     print(f"\n{modules} modules of >= {args.min_kernels} kernels: {n} kernels, "
           f"{n / max(modules, 1):.1f} a module")
-    per_scope: collections.Counter[str] = collections.Counter()
-    for (scope, _), v in total.items():
-        per_scope[scope] += v
     print("\nkernels a module by step scope:")
-    for scope, v in per_scope.most_common():
+    for scope, v in by_scope(total).most_common():
         print(f"  {scope:16s} {v / max(modules, 1):6.1f}")
     print("\nkernels a module by scope and kind:")
     for (scope, kind), v in total.most_common(args.top):

@@ -18,8 +18,9 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8 --xla_
 # step program compile it once; subprocesses the tests start inherit it
 export CROSSPOOL_COMPILATION_CACHE="${CROSSPOOL_COMPILATION_CACHE:-$PWD/.cache/jax-tests}"
 # engines and runners the tests build compile only the programs their calls use (no background
-# warm-ups at load, no fallback to a larger program meanwhile; crosspool_jax/execution/
-# step_programs.py, WARM_PROGRAMS_ENV): on 2 cores those extra compiles compete with the tests' own
+# warm-ups at load, no fallback to a larger program meanwhile; warm_programs.WARM_PROGRAMS_ENV and
+# step_programs.FALLBACK_ENV in crosspool_jax/execution/): on 2 cores those extra compiles compete
+# with the tests' own
 # (tests/test_pooled_engine.py 254 -> 136 s of CPU, 2026-12-07); the tests that rely on them ask
 # for them explicitly (test_stall_free, test_sleep_wake, test_simulator, the Mosaic-fallback test)
 export CROSSPOOL_WARM_PROGRAMS="${CROSSPOOL_WARM_PROGRAMS:-0}"

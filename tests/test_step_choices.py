@@ -1,6 +1,6 @@
 """Host-side choices of the step programs, checked by hand: the layer loops' segments
 (`pooled_step.layer_segments`), the decode attention schedule (`step_calls.attention_schedule`)
-and the prefill token buckets (`step_programs.ShapeBuckets`, `StepPrograms.token_buckets`)."""
+and the prefill token buckets (`step_programs.ShapeBuckets`, `StepGrid.token_buckets`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from crosspool_jax.demo import demo_configs
 from crosspool_jax.execution.pooled_step import layer_segments, layer_signatures
 from crosspool_jax.execution.step_calls import attention_schedule
-from crosspool_jax.execution.step_programs import ShapeBuckets, StepPrograms
+from crosspool_jax.execution.step_grid import StepGrid
+from crosspool_jax.execution.step_programs import ShapeBuckets
 from crosspool_jax.models.config import FFNKind
 
 D, M = FFNKind.DENSE, FFNKind.MOE
@@ -93,10 +94,10 @@ def test_prefill_token_buckets_end_at_max_prefill_tokens() -> None:
     def runner(max_prefill_tokens: int) -> SimpleNamespace:
         return SimpleNamespace(buckets=bk, max_prefill_tokens=max_prefill_tokens)
 
-    assert StepPrograms.token_buckets(runner(4096)) == [32, 128, 512, 2048, 4096]
-    assert StepPrograms.token_buckets(runner(3000)) == [32, 128, 512, 2048, 4096]  # a power of two
-    assert StepPrograms.token_buckets(runner(2048)) == [32, 128, 512, 2048]
-    got = [StepPrograms.token_bucket(runner(4096), t) for t in (1, 600, 2049, 4096)]
+    assert StepGrid.token_buckets(runner(4096)) == [32, 128, 512, 2048, 4096]
+    assert StepGrid.token_buckets(runner(3000)) == [32, 128, 512, 2048, 4096]  # a power of two
+    assert StepGrid.token_buckets(runner(2048)) == [32, 128, 512, 2048]
+    got = [StepGrid.token_bucket(runner(4096), t) for t in (1, 600, 2049, 4096)]
     assert got == [32, 2048, 4096, 4096]
     fine = SimpleNamespace(buckets=ShapeBuckets.fine(), max_prefill_tokens=24)
-    assert StepPrograms.token_buckets(fine) == [8, 16, 32]
+    assert StepGrid.token_buckets(fine) == [8, 16, 32]

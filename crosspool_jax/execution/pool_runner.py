@@ -26,13 +26,13 @@ arena the previous one produced). ``overlap=False`` reads each call's tokens rig
 
 Shapes are bucketed (slots, tokens, pages to powers of two) so a handful of programs serve any mix.
 
-`GroupRunner` is spread over eight modules: this one (its settings, state and requests),
+`GroupRunner` is spread over nine modules: this one (its settings, state and requests),
 `step_plan` (a step's plan from the planner, its swaps, the prefill budget), `step_calls` (a
 step's work as program calls: lanes, inputs, dispatch), `step_reading` (the calls in flight and
 reading them), `step_programs` (which compiled program serves a call, compiling off the serving
-path, the bucket grid), `warm_programs` (a new lane's warm-up plan and the admission holds that
-wait for it), `runner_models` (placing, sleeping, waking and removing models) and
-`runner_records` (the records: requests, calls, results).
+path), `step_grid` (the bucket grid of program shapes), `warm_programs` (a new lane's warm-up
+plan and the admission holds that wait for it), `runner_models` (placing, sleeping, waking and
+removing models) and `runner_records` (the records: requests, calls, results).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from crosspool_jax.execution.runner_models import RunnerModels
 from crosspool_jax.execution.runner_records import _Req
 from crosspool_jax.execution.sampling import SamplingParams
 from crosspool_jax.execution.step_calls import StepCalls
+from crosspool_jax.execution.step_grid import StepGrid
 from crosspool_jax.execution.step_plan import StepPlanning
 from crosspool_jax.execution.step_programs import ShapeBuckets, StepPrograms, _pow2
 from crosspool_jax.execution.step_reading import StepReading
@@ -98,7 +99,8 @@ def stop_width(max_stop_ids: int) -> int:
     return _pow2(max_stop_ids)
 
 
-class GroupRunner(RunnerModels, StepPlanning, StepPrograms, WarmPrograms, StepReading, StepCalls):
+class GroupRunner(RunnerModels, StepPlanning, StepPrograms, StepGrid, WarmPrograms, StepReading,
+                  StepCalls):
     """One device group of the pooled engine (see module docstring).
 
     topology: the group's devices (KV + weights split), or `colocated` for a single device that is

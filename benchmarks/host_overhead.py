@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 
+from crosspool_jax.execution.lane_inputs import _tokens_at
 from crosspool_jax.execution.runner_records import _Req
 from crosspool_jax.execution.sampling import SamplingParams
-from crosspool_jax.execution.step_calls import _tokens_at
 from crosspool_jax.memory.kv_virtualizer import KVGeometry, KVPoolConfig, KVVirtualizer
 
 

@@ -26,13 +26,14 @@ arena the previous one produced). ``overlap=False`` reads each call's tokens rig
 
 Shapes are bucketed (slots, tokens, pages to powers of two) so a handful of programs serve any mix.
 
-`GroupRunner` is spread over nine modules: this one (its settings, state and requests),
+`GroupRunner` is spread over ten modules: this one (its settings, state and requests),
 `step_plan` (a step's plan from the planner, its swaps, the prefill budget), `step_calls` (a
-step's work as program calls: lanes, inputs, dispatch), `step_reading` (the calls in flight and
-reading them), `step_programs` (which compiled program serves a call, compiling off the serving
-path), `step_grid` (the bucket grid of program shapes), `warm_programs` (a new lane's warm-up
-plan and the admission holds that wait for it), `runner_models` (placing, sleeping, waking and
-removing models) and `runner_records` (the records: requests, calls, results).
+step's work as program calls: lanes, dispatch), `lane_inputs` (a lane's host inputs),
+`step_reading` (the calls in flight and reading them), `step_programs` (which compiled program
+serves a call, compiling off the serving path), `step_grid` (the bucket grid of program shapes),
+`warm_programs` (a new lane's warm-up plan and the admission holds that wait for it),
+`runner_models` (placing, sleeping, waking and removing models) and `runner_records` (the
+records: requests, calls, results).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import jax
 from crosspool_jax.errors import InvalidRequestError
 from crosspool_jax.execution.compile_cache import enable_compilation_cache
 from crosspool_jax.execution.host_step import EXECUTIONS, StrategyTrial
+from crosspool_jax.execution.lane_inputs import LaneInputs
 from crosspool_jax.execution.prefill_cost import (
     PrefillCostFit,
 )
@@ -100,7 +102,7 @@ def stop_width(max_stop_ids: int) -> int:
 
 
 class GroupRunner(RunnerModels, StepPlanning, StepPrograms, StepGrid, WarmPrograms, StepReading,
-                  StepCalls):
+                  StepCalls, LaneInputs):
     """One device group of the pooled engine (see module docstring).
 
     topology: the group's devices (KV + weights split), or `colocated` for a single device that is

@@ -109,8 +109,9 @@ def host_event_seconds(xplane_path: str) -> tuple[dict[str, float], dict[str, fl
                                                  dict[str, float]]:
     """(self seconds, total seconds, count) per event name over the host planes' thread lines of
     one profiler trace (`add_line_seconds`), and the self seconds per name of the busiest line
-    alone: the thread that ran the programs' compiles, whose events are the compile's serial
-    path (XLA's work on its other threads overlaps it)."""
+    alone. With --threads 1 that has been the thread that ran the compiles (its top events jax's
+    lowering and XLA's passes, 2026-12-07), so its events are the compile's serial path; XLA's
+    work on its other threads overlaps it. Check the table's events before reading it so."""
     from jax.profiler import ProfileData
 
     own: dict[str, float] = collections.defaultdict(float)

@@ -1,13 +1,18 @@
 """`execution.call_clock.CallClock`: a call's end is stamped when its outputs are ready, in dispatch
-order, whatever the reading thread does; host outputs end at once; a failed call ends with None."""
+order, whatever the reading thread does; host outputs end at once; a failed call ends with None; a
+process exits cleanly with watched calls in flight."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import ROOT
 
 from crosspool_jax.execution.call_clock import CallClock, CallEnd
 
@@ -47,3 +52,26 @@ def test_a_failed_call_ends_with_none() -> None:
     after = clock.watch((jnp.ones(2) * 2,))
     assert after.get(timeout=30.0) is not None
     clock.close()
+
+
+_EXIT_SCRIPT = """
+import jax, jax.numpy as jnp
+from crosspool_jax.execution.call_clock import CallClock
+clock = CallClock()
+f = jax.jit(lambda x: jnp.linalg.matrix_power(x, 64).sum())
+ends = [clock.watch((f(jnp.full((512, 512), 1e-3 * i, jnp.float32)),)) for i in range(8)]
+assert not clock._thread.daemon
+print("exiting with calls in flight", flush=True)
+"""
+
+
+def test_the_process_exits_cleanly_with_calls_in_flight() -> None:
+    """A process that ends with watched calls still running and the clock never closed: the
+    watcher (not a daemon, so never frozen inside XLA at finalization) is closed at exit and ends
+    after those calls; the process exits 0, without an abort or a hang."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "exiting with calls in flight" in p.stdout
+    assert "terminate called" not in p.stderr and "FATAL" not in p.stderr

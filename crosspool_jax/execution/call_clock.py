@@ -6,16 +6,41 @@ measurable end at all. `CallClock` waits on every call's outputs in dispatch ord
 thread (the wait releases the GIL) and stamps `time.perf_counter()` as each becomes ready: the
 device seconds of a call are then its end minus the later of its dispatch and the previous call's
 end (`GroupRunner._collect`), whatever the host was doing.
+
+The watcher is not a daemon: one still waiting inside XLA when the interpreter finalizes aborts
+the process ("terminate called after throwing an instance of ''", seen once in a CI run of
+tests/test_error_exits.py). At interpreter exit, before non-daemon threads are joined, every
+clock is closed, so its thread ends once the calls it already watches are done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
+import weakref
 from typing import Any
 
 import jax
+
+_OPEN: weakref.WeakSet[CallClock] = weakref.WeakSet()  # clocks whose thread may run
+_EXIT_HOOKED = False
+
+
+def _close_open_clocks() -> None:
+    for clock in list(_OPEN):
+        clock.close()
+
+
+def _hook_exit() -> None:
+    """Closes every open clock at interpreter exit, before non-daemon threads are joined."""
+    global _EXIT_HOOKED
+    if _EXIT_HOOKED:
+        return
+    _EXIT_HOOKED = True
+    with contextlib.suppress(RuntimeError):  # already shutting down
+        threading._register_atexit(_close_open_clocks)  # type: ignore[attr-defined]
 
 
 class CallEnd:
@@ -35,7 +60,8 @@ class CallEnd:
 
 
 class CallClock:
-    """A daemon thread stamping the end of each watched call (started on first use)."""
+    """A thread stamping the end of each watched call (started on first use; not a daemon, ended
+    by `close` or at interpreter exit: module docstring)."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[list[jax.Array], CallEnd] | None] = queue.SimpleQueue()
@@ -50,14 +76,17 @@ class CallClock:
             end.set(time.perf_counter())
             return end
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="crosspool-call-clock", daemon=True)
+            _hook_exit()
+            self._thread = threading.Thread(target=self._run, name="crosspool-call-clock", daemon=False)
+            _OPEN.add(self)
             self._thread.start()
         self._queue.put((arrays, end))
         return end
 
     def close(self) -> None:
-        """Ends the thread after the calls already watched."""
-        if self._thread is not None:
+        """Ends the thread after the calls already watched (idempotent)."""
+        if self._thread is not None and self in _OPEN:
+            _OPEN.discard(self)
             self._queue.put(None)
 
     def _run(self) -> None:

@@ -7,10 +7,11 @@ thread (the wait releases the GIL) and stamps `time.perf_counter()` as each beco
 device seconds of a call are then its end minus the later of its dispatch and the previous call's
 end (`GroupRunner._collect`), whatever the host was doing.
 
-The watcher is not a daemon: one still waiting inside XLA when the interpreter finalizes aborts
-the process ("terminate called after throwing an instance of ''", seen once in a CI run of
-tests/test_error_exits.py). At interpreter exit, before non-daemon threads are joined, every
-clock is closed, so its thread ends once the calls it already watches are done.
+The watcher is not a daemon: a daemon thread still waiting inside XLA when the interpreter
+finalizes aborts the process ("terminate called after throwing an instance of ''"; most likely
+what aborted a CI run of tests/test_error_exits.py once, 2026-12-07). At interpreter exit, before
+non-daemon threads are joined, every clock is closed, so its thread ends once the calls it
+already watches are done.
 """
 
 from __future__ import annotations

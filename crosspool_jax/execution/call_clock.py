@@ -7,11 +7,12 @@ thread (the wait releases the GIL) and stamps `time.perf_counter()` as each beco
 device seconds of a call are then its end minus the later of its dispatch and the previous call's
 end (`GroupRunner._collect`), whatever the host was doing.
 
-The watcher is not a daemon: a daemon thread still waiting inside XLA when the interpreter
-finalizes aborts the process ("terminate called after throwing an instance of ''"; most likely
-what aborted a CI run of tests/test_error_exits.py once, 2026-12-07). At interpreter exit, before
-non-daemon threads are joined, every clock is closed, so its thread ends once the calls it
-already watches are done.
+A daemon thread still waiting inside XLA when the interpreter finalizes aborts the process
+("terminate called after throwing an instance of ''"; most likely what aborted a CI run of
+tests/test_error_exits.py once, 2026-12-07). So at interpreter exit, before daemon threads are
+frozen, every clock is closed and its watcher joined for up to `EXIT_JOIN_S` seconds: it ends once
+the calls it already watches are done. The watcher stays a daemon, so a call that never ends (a
+dead peer of a multi-process group) delays the exit by that much instead of hanging it.
 """
 
 from __future__ import annotations
@@ -25,17 +26,23 @@ from typing import Any
 
 import jax
 
+EXIT_JOIN_S = 60.0  # how long interpreter exit waits for each open clock's watched calls
 _OPEN: weakref.WeakSet[CallClock] = weakref.WeakSet()  # clocks whose thread may run
 _EXIT_HOOKED = False
 
 
 def _close_open_clocks() -> None:
-    for clock in list(_OPEN):
+    clocks = list(_OPEN)
+    for clock in clocks:
         clock.close()
+    for clock in clocks:
+        if clock._thread is not None:
+            clock._thread.join(EXIT_JOIN_S)
 
 
 def _hook_exit() -> None:
-    """Closes every open clock at interpreter exit, before non-daemon threads are joined."""
+    """Closes and joins every open clock at interpreter exit (`threading`'s exit hooks run before
+    non-daemon threads are joined and daemon threads frozen)."""
     global _EXIT_HOOKED
     if _EXIT_HOOKED:
         return
@@ -61,8 +68,8 @@ class CallEnd:
 
 
 class CallClock:
-    """A thread stamping the end of each watched call (started on first use; not a daemon, ended
-    by `close` or at interpreter exit: module docstring)."""
+    """A daemon thread stamping the end of each watched call (started on first use; ended by
+    `close`, and closed and joined at interpreter exit: module docstring)."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[list[jax.Array], CallEnd] | None] = queue.SimpleQueue()
@@ -78,7 +85,7 @@ class CallClock:
             return end
         if self._thread is None:
             _hook_exit()
-            self._thread = threading.Thread(target=self._run, name="crosspool-call-clock", daemon=False)
+            self._thread = threading.Thread(target=self._run, name="crosspool-call-clock", daemon=True)
             _OPEN.add(self)
             self._thread.start()
         self._queue.put((arrays, end))

@@ -17,7 +17,6 @@ dead peer of a multi-process group) delays the exit by that much instead of hang
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -26,29 +25,21 @@ from typing import Any
 
 import jax
 
+from crosspool_jax.execution.thread_exit import before_thread_join
+
 EXIT_JOIN_S = 60.0  # how long interpreter exit waits for each open clock's watched calls
 _OPEN: weakref.WeakSet[CallClock] = weakref.WeakSet()  # clocks whose thread may run
-_EXIT_HOOKED = False
 
 
 def _close_open_clocks() -> None:
+    """Closes every open clock and joins its watcher (up to `EXIT_JOIN_S` each): run at
+    interpreter exit (`thread_exit.before_thread_join`)."""
     clocks = list(_OPEN)
     for clock in clocks:
         clock.close()
     for clock in clocks:
         if clock._thread is not None:
             clock._thread.join(EXIT_JOIN_S)
-
-
-def _hook_exit() -> None:
-    """Closes and joins every open clock at interpreter exit (`threading`'s exit hooks run before
-    non-daemon threads are joined and daemon threads frozen)."""
-    global _EXIT_HOOKED
-    if _EXIT_HOOKED:
-        return
-    _EXIT_HOOKED = True
-    with contextlib.suppress(RuntimeError):  # already shutting down
-        threading._register_atexit(_close_open_clocks)  # type: ignore[attr-defined]
 
 
 class CallEnd:
@@ -84,7 +75,7 @@ class CallClock:
             end.set(time.perf_counter())
             return end
         if self._thread is None:
-            _hook_exit()
+            before_thread_join(_close_open_clocks)  # (not registered when already shutting down)
             self._thread = threading.Thread(target=self._run, name="crosspool-call-clock", daemon=True)
             _OPEN.add(self)
             self._thread.start()

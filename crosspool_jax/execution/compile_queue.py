@@ -30,8 +30,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from crosspool_jax.execution.thread_exit import before_thread_join
+
 _EXITING = threading.Event()  # the interpreter is shutting down: queued compiles are skipped
-_EXIT_HOOKED = False
 
 URGENT = 0  # a live request's next program
 WARM = 1  # a newly loaded model's programs
@@ -44,16 +45,9 @@ def exiting() -> bool:
 
 
 def _hook_exit() -> None:
-    """Sets `_EXITING` at interpreter shutdown, before non-daemon threads are joined."""
-    global _EXIT_HOOKED
-    if _EXIT_HOOKED:
-        return
-    _EXIT_HOOKED = True
-    register = getattr(threading, "_register_atexit", None)
-    try:
-        if register is not None:
-            register(_EXITING.set)
-    except RuntimeError:  # already shutting down
+    """Sets `_EXITING` at interpreter shutdown, before non-daemon threads are joined (at once if
+    it is already shutting down)."""
+    if not before_thread_join(_EXITING.set):
         _EXITING.set()
 
 

@@ -20,9 +20,9 @@ export CROSSPOOL_COMPILATION_CACHE="${CROSSPOOL_COMPILATION_CACHE:-$PWD/.cache/j
 # engines and runners the tests build compile only the programs their calls use (no background
 # warm-ups at load, no fallback to a larger program meanwhile; warm_programs.WARM_PROGRAMS_ENV and
 # step_programs.FALLBACK_ENV in crosspool_jax/execution/): on 2 cores those extra compiles compete
-# with the tests' own
-# (tests/test_pooled_engine.py 254 -> 136 s of CPU, 2026-12-07); the tests that rely on them ask
-# for them explicitly (test_stall_free, test_sleep_wake, test_simulator, the Mosaic-fallback test)
+# with the tests' own (tests/test_pooled_engine.py 254 -> 136 s of CPU, 2026-12-07); the tests
+# that rely on them ask for them explicitly (test_stall_free, test_sleep_wake, test_simulator,
+# the Mosaic-fallback test)
 export CROSSPOOL_WARM_PROGRAMS="${CROSSPOOL_WARM_PROGRAMS:-0}"
 export CROSSPOOL_COMPILE_FALLBACK="${CROSSPOOL_COMPILE_FALLBACK:-off}"
 # three worker processes on CI's 2-core machine (two left a core idle ~20% of the time: subprocess

@@ -57,7 +57,11 @@ def variants(smoke: bool) -> list[tuple[str, dict]]:
             ("r128", dict(row_elems=128)), ("r128 l2", dict(row_elems=128, l2=True)),
             ("wg0 2", dict(wg0_chunks=2)), ("wg0 4", dict(wg0_chunks=4)),
             ("s3", dict(num_splits=3)), ("s4", dict(num_splits=4)),
-            ("bt64 st2", dict(block_t=64, stages=2)), ("st3", dict(stages=3))]
+            ("bt64 st2", dict(block_t=64, stages=2)), ("st3", dict(stages=3)),
+            ("in order", dict(lookahead=False)),
+            ("in order bt64 st2", dict(block_t=64, stages=2, lookahead=False)),
+            ("in order bt64 st2 s4", dict(block_t=64, stages=2, lookahead=False, num_splits=4)),
+            ("in order wg0 4", dict(lookahead=False, wg0_chunks=4))]
     if smoke:
         rows = [*rows[:3], ("r128", dict(row_elems=128))]
     return [(name, {**base, **kw}) for name, kw in rows]

@@ -150,12 +150,16 @@ class Config:
     num_splits: KV splits per sequence (CTAs per (sequence, head block)).
     wg0_chunks: value (latent) chunks of the output that warpgroup 0 accumulates beside the
       scores (warpgroup 1 takes the rest); 0: `default_wg0_chunks`.
+    lookahead: warpgroup 0 issues block i+1's score wgmmas before block i's softmax (True), so
+      they overlap it but hold a second stage; False: block i's scores, then its softmax, so
+      only the block in use holds a stage and the other stages load ahead (FlashMLA's order).
     """
 
     block_t: int
     stages: int
     num_splits: int
     wg0_chunks: int = 0
+    lookahead: bool = True
 
 
 def smem_plan(geom: PageGeometry, block_t: int, stages: int, itemsize: int = 2) -> int:
@@ -200,14 +204,15 @@ def default_wg0_chunks(latent_chunks: int) -> int:
 
 def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: int,
                    itemsize: int = 2, block_t: int | None = None, stages: int | None = None,
-                   num_splits: int | None = None, wg0_chunks: int | None = None) -> Config:
+                   num_splits: int | None = None, wg0_chunks: int | None = None,
+                   lookahead: bool | None = None) -> Config:
     """The launch's `Config` for ``batch`` sequences of ``num_heads`` query heads and at most
     ``max_tokens`` attended tokens each; the arguments given override the defaults.
 
     block_t: the first of 32, 64, 16 that divides T and leaves room for at least 3 stages, else
     the first of 64, 32, 16 that divides T and leaves room for 2 (DeepSeek, R = 64: 32 with 4
     stages; 64 would fit 2 stages, module doc). stages: as many as fit, at most 4.
-    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`.
+    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`. lookahead: True.
     """
     t = geom.tokens_per_page
     if block_t is None:
@@ -221,7 +226,8 @@ def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: i
     if num_splits is None:
         num_splits = default_num_splits(batch, head_blocks, max_tokens, block_t)
     return Config(block_t=block_t, stages=stages, num_splits=num_splits,
-                  wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks))
+                  wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks),
+                  lookahead=True if lookahead is None else lookahead)
 
 
 def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
@@ -323,8 +329,9 @@ class _Cta:
     Static: block_t, stages (`Config`); row_elems (R), tokens_per_page (T), rows_per_page;
     score_chunks: Q / K chunks of R per token (latent, then rope); latent_chunks: value chunks
     (the output's); wg0_chunks: value chunks [0, wg0_chunks) of warpgroup 0 (`Config`;
-    warpgroup 1 has the rest); max_pages: page-table width; num_pages: arena pages; dtype: the
-    arena's (Q, K/V and P); scale, soft_cap, window, interpret: `_kernel`'s.
+    warpgroup 1 has the rest); lookahead (`Config`); max_pages: page-table width; num_pages:
+    arena pages; dtype: the arena's (Q, K/V and P); scale, soft_cap, window, interpret:
+    `_kernel`'s.
     Traced int32 scalars: b (sequence), hb (head block), item (row of o_ref / m_ref / l_ref);
     lo_all: the sequence's first attended token (0, or length - window); lo / hi: the split's
     tokens [lo, hi), lo block-aligned; n_blocks: KV blocks of block_t tokens from lo to hi.
@@ -341,6 +348,7 @@ class _Cta:
     score_chunks: int
     latent_chunks: int
     wg0_chunks: int
+    lookahead: bool
     max_pages: int
     num_pages: int
     dtype: jnp.dtype
@@ -431,7 +439,7 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
                tokens_per_page=geom.tokens_per_page, rows_per_page=geom.rows_per_page,
                score_chunks=len(geom.score_chunk_rows), latent_chunks=geom.head_chunks,
                wg0_chunks=cfg.wg0_chunks or default_wg0_chunks(geom.head_chunks),
-               max_pages=table_ref.shape[1],
+               lookahead=cfg.lookahead, max_pages=table_ref.shape[1],
                num_pages=num_pages, dtype=kv_ref.dtype, scale=scale, soft_cap=soft_cap,
                window=window, interpret=interpret, b=b, hb=hb, item=item, lo_all=lo_all, lo=lo,
                hi=hi, n_blocks=n_blocks, table_ref=table_ref, q_ref=q_ref, kv_ref=kv_ref,
@@ -510,21 +518,51 @@ def _scores_warpgroup(cta: _Cta, smem: _Smem) -> None:
 
 
 def _scores_pipeline(cta: _Cta, smem: _Smem) -> None:
-    """Warpgroup 0 over n_blocks >= 1 blocks: block 0's scores, then `_scores_block` per block
-    (carry: m, l [64] f32 base 2; O_0, wg0_chunks x [64, R] f32; the block's S [64, block_t]
-    f32), then the epilogue of O_0, m and l."""
+    """Warpgroup 0 over n_blocks >= 1 blocks: with lookahead, block 0's scores, then
+    `_scores_block` per block (carry: m, l [64] f32 base 2; O_0, wg0_chunks x [64, R] f32; the
+    block's S [64, block_t] f32); without, `_scores_block_in_order` per block (the same carry
+    without S); then the epilogue of O_0, m and l."""
     m_rows, bt = HEADS_PER_CTA, cta.block_t
-    plgpu.barrier_wait(smem.kv_full.at[0])
+    if cta.lookahead:
+        plgpu.barrier_wait(smem.kv_full.at[0])
 
-    def first(acc_ref):
-        _issue_scores(cta, smem, 0, acc_ref)
-        return acc_ref[...]
+        def first(acc_ref):
+            _issue_scores(cta, smem, 0, acc_ref)
+            return acc_ref[...]
 
-    s_first = pl.run_scoped(first, plgpu.ACC((m_rows, bt), jnp.float32))
-    m_f, l_f, o, _ = lax.fori_loop(0, cta.n_blocks, functools.partial(_scores_block, cta, smem),
-                                   (*_wg0_start(cta), s_first))
+        s_first = pl.run_scoped(first, plgpu.ACC((m_rows, bt), jnp.float32))
+        m_f, l_f, o, _ = lax.fori_loop(0, cta.n_blocks, functools.partial(_scores_block, cta, smem),
+                                       (*_wg0_start(cta), s_first))
+    else:
+        m_f, l_f, o = lax.fori_loop(0, cta.n_blocks,
+                                    functools.partial(_scores_block_in_order, cta, smem),
+                                    _wg0_start(cta))
     plgpu.barrier_wait(smem.p_free)  # the last release of P: every phase is observed
     _write_partial(cta, o, 0, m_f, l_f)
+
+
+def _scores_block_in_order(cta: _Cta, smem: _Smem, i, carry) -> tuple:
+    """Block i's scores, softmax and P @ V in that order (no lookahead).
+
+    carry: (m, l [64] f32 base 2, O_0 wg0_chunks x [64, R] f32); returns it for block i + 1.
+    Publishes P and alpha for warpgroup 1 and releases block i's stage."""
+    m_i, l_i, o = carry
+    slot = lax.rem(i, cta.stages)
+    with jax.named_scope("wg0_wait_kv"):
+        plgpu.barrier_wait(smem.kv_full.at[slot])
+
+    def scores(acc_ref):
+        with jax.named_scope("wg0_issue_s"):
+            _issue_scores(cta, smem, slot, acc_ref)
+        with jax.named_scope("wg0_read_s"):
+            return acc_ref[...]
+
+    sc = pl.run_scoped(scores, plgpu.ACC((HEADS_PER_CTA, cta.block_t), jnp.float32))
+    with jax.named_scope("wg0_softmax"):
+        m_new, l_new, alpha, p16 = _online_softmax(cta, sc, cta.lo + i * cta.block_t, m_i, l_i)
+    o_new = _publish_and_pv0(cta, smem, i, alpha, p16, o)
+    plgpu.barrier_arrive(smem.kv_consumed.at[slot])
+    return m_new, l_new, o_new
 
 
 def _scores_block(cta: _Cta, smem: _Smem, i, carry) -> tuple:
@@ -755,6 +793,7 @@ def paged_mla_decode_attention_mgpu(
     block_t: int | None = None,
     stages: int | None = None,
     wg0_chunks: int | None = None,
+    lookahead: bool | None = None,
     return_lse: bool = False,
     profile_dir: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -766,7 +805,7 @@ def paged_mla_decode_attention_mgpu(
     geom: an MLA `PageGeometry`; scale: softmax scale; soft_cap: logits -> cap * tanh(logits /
     cap) after scaling; window: attend only to the last ``window`` tokens.
     backend: "gpu" (Mosaic GPU) or "interpret" (Mosaic GPU's interpreter on CPU).
-    num_splits / block_t / stages / wg0_chunks: tuning (`default_config`).
+    num_splits / block_t / stages / wg0_chunks / lookahead: tuning (`default_config`).
     profile_dir: GPU only, for timing work: each call writes a Mosaic GPU profiler trace there
       (Perfetto JSON: the named ranges of each warpgroup of each CTA, the first
       `PROFILE_RANGES`; they take ``3 x 16 x PROFILE_RANGES`` bytes of shared memory, so pass
@@ -797,7 +836,7 @@ def paged_mla_decode_attention_mgpu(
         max_tokens = min(max_tokens, window + geom.tokens_per_page)
     cfg = default_config(geom, b, h, max_tokens, jnp.dtype(arena.dtype).itemsize,
                          block_t=block_t, stages=stages, num_splits=num_splits,
-                         wg0_chunks=wg0_chunks)
+                         wg0_chunks=wg0_chunks, lookahead=lookahead)
     check_supported(geom, arena, cfg)
     if b == 0:
         out = jnp.zeros(q_latent.shape, q_latent.dtype)

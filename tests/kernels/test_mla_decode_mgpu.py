@@ -85,6 +85,9 @@ def test_interpreted_with_race_detector(race_detection):
     # 3 latent chunks (1 for warpgroup 0 by default), and 2 of them for it
     (192, 64, 64, 16, 16, "bfloat16", {}),
     (192, 64, 64, 16, 16, "bfloat16", {"wg0_chunks": 2, "num_splits": 2}),
+    # no lookahead (each block's scores after the previous block's P @ V): 2 stages, a window
+    (128, 64, 64, 16, 16, "bfloat16", {"lookahead": False, "stages": 2, "window": 20}),
+    (512, 64, 64, 64, 64, "bfloat16", {"lookahead": False, "block_t": 64, "num_splits": 2}),
 ])
 def test_interpreted_matches_reference(lat, rope, r, t_pp, heads, dtype, kw):
     _run_case(1, lat, rope, r, t_pp, heads, dtype, **kw)
@@ -104,6 +107,7 @@ def _deepseek_geometry(r: int = 64):
     (64, {"block_t": 32, "stages": 3, "window": 4096, "soft_cap": 30.0}),
     (128, {}),  # 5 chunks of 128: 32-token blocks, 3 stages
     (64, {"wg0_chunks": 4}),  # half of the 8 latent chunks each (the default is 3 of 8)
+    (64, {"block_t": 64, "lookahead": False}),  # 2 stages, in order (FlashMLA's)
     (128, {"engine": True}),  # the engine's GPU pages: 256 KiB, 192 tokens (`default_token_align`)
 ])
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):

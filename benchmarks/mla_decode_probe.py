@@ -61,7 +61,9 @@ def variants(smoke: bool) -> list[tuple[str, dict]]:
             ("in order", dict(lookahead=False)),
             ("in order bt64 st2", dict(block_t=64, stages=2, lookahead=False)),
             ("in order bt64 st2 s4", dict(block_t=64, stages=2, lookahead=False, num_splits=4)),
-            ("in order wg0 4", dict(lookahead=False, wg0_chunks=4))]
+            ("in order bt64 st2 wg0 2", dict(block_t=64, stages=2, lookahead=False, wg0_chunks=2)),
+            ("approx", dict(approx_math=True)),
+            ("in order bt64 st2 approx", dict(block_t=64, stages=2, lookahead=False, approx_math=True))]
     if smoke:
         rows = [*rows[:3], ("r128", dict(row_elems=128))]
     return [(name, {**base, **kw}) for name, kw in rows]

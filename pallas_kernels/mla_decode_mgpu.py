@@ -153,6 +153,8 @@ class Config:
     lookahead: warpgroup 0 issues block i+1's score wgmmas before block i's softmax (True), so
       they overlap it but hold a second stage; False: block i's scores, then its softmax, so
       only the block in use holds a stage and the other stages load ahead (FlashMLA's order).
+    approx_math: exponentials (and the soft cap's tanh) by the GPU's approximate instructions
+      (``ex2.approx``), as the prefill kernel does; False: MLIR's accurate ones.
     """
 
     block_t: int
@@ -160,6 +162,7 @@ class Config:
     num_splits: int
     wg0_chunks: int = 0
     lookahead: bool = True
+    approx_math: bool = False
 
 
 def smem_plan(geom: PageGeometry, block_t: int, stages: int, itemsize: int = 2) -> int:
@@ -205,14 +208,14 @@ def default_wg0_chunks(latent_chunks: int) -> int:
 def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: int,
                    itemsize: int = 2, block_t: int | None = None, stages: int | None = None,
                    num_splits: int | None = None, wg0_chunks: int | None = None,
-                   lookahead: bool | None = None) -> Config:
+                   lookahead: bool | None = None, approx_math: bool | None = None) -> Config:
     """The launch's `Config` for ``batch`` sequences of ``num_heads`` query heads and at most
     ``max_tokens`` attended tokens each; the arguments given override the defaults.
 
     block_t: the first of 32, 64, 16 that divides T and leaves room for at least 3 stages, else
     the first of 64, 32, 16 that divides T and leaves room for 2 (DeepSeek, R = 64: 32 with 4
     stages; 64 would fit 2 stages, module doc). stages: as many as fit, at most 4.
-    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`. lookahead: True.
+    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`. lookahead: True. approx_math: False.
     """
     t = geom.tokens_per_page
     if block_t is None:
@@ -227,7 +230,8 @@ def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: i
         num_splits = default_num_splits(batch, head_blocks, max_tokens, block_t)
     return Config(block_t=block_t, stages=stages, num_splits=num_splits,
                   wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks),
-                  lookahead=True if lookahead is None else lookahead)
+                  lookahead=True if lookahead is None else lookahead,
+                  approx_math=bool(approx_math))
 
 
 def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
@@ -638,15 +642,16 @@ def _online_softmax(cta: _Cta, sc: jax.Array, t0: jax.Array, m_i: jax.Array,
     tokens >= hi and, with a window, < lo_all get -inf); m_i / l_i: [64] f32 running max
     (base-2 units) and sum. Returns (m_new, l_new, alpha [64] f32 = 2^(m_i - m_new), the
     rescale of O and l, P [64, block_t] in the KV dtype)."""
-    x = sc * cta.scale
-    if cta.soft_cap is not None:
-        x = cta.soft_cap * jnp.tanh(x / cta.soft_cap)
+    if cta.soft_cap is None:  # base-2 logits in one multiply
+        x2 = sc * (cta.scale * LOG2E)
+    else:
+        x2 = (cta.soft_cap * LOG2E) * jnp.tanh(sc * (cta.scale / cta.soft_cap))
     tok = t0 + plgpu.broadcasted_iota(jnp.int32, (HEADS_PER_CTA, cta.block_t), 1,
                                       layout=plgpu.Layout.WGMMA)
     valid = tok < cta.hi
     if cta.window is not None:
         valid = valid & (tok >= cta.lo_all)
-    s2 = jnp.where(valid, x * LOG2E, -jnp.inf)  # base-2 logits
+    s2 = jnp.where(valid, x2, -jnp.inf)
     m_new = jnp.maximum(m_i, s2.max(axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp2(m_i - m_safe)
@@ -760,7 +765,7 @@ def _mla_decode_mgpu(q_latent, q_rope, arena, page_table, lengths, *, geom: Page
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=cfg.approx_math,
             reduction_scratch_bytes=0,  # row max / sum of WGMMA tiles: warp shuffles only
             profile_space=PROFILE_RANGES if profile_dir else 0, profile_dir=profile_dir or "",
             profile_bounds_check=bool(profile_dir)),
@@ -794,6 +799,7 @@ def paged_mla_decode_attention_mgpu(
     stages: int | None = None,
     wg0_chunks: int | None = None,
     lookahead: bool | None = None,
+    approx_math: bool | None = None,
     return_lse: bool = False,
     profile_dir: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -805,7 +811,8 @@ def paged_mla_decode_attention_mgpu(
     geom: an MLA `PageGeometry`; scale: softmax scale; soft_cap: logits -> cap * tanh(logits /
     cap) after scaling; window: attend only to the last ``window`` tokens.
     backend: "gpu" (Mosaic GPU) or "interpret" (Mosaic GPU's interpreter on CPU).
-    num_splits / block_t / stages / wg0_chunks / lookahead: tuning (`default_config`).
+    num_splits / block_t / stages / wg0_chunks / lookahead / approx_math: tuning
+      (`default_config`).
     profile_dir: GPU only, for timing work: each call writes a Mosaic GPU profiler trace there
       (Perfetto JSON: the named ranges of each warpgroup of each CTA, the first
       `PROFILE_RANGES`; they take ``3 x 16 x PROFILE_RANGES`` bytes of shared memory, so pass
@@ -836,7 +843,7 @@ def paged_mla_decode_attention_mgpu(
         max_tokens = min(max_tokens, window + geom.tokens_per_page)
     cfg = default_config(geom, b, h, max_tokens, jnp.dtype(arena.dtype).itemsize,
                          block_t=block_t, stages=stages, num_splits=num_splits,
-                         wg0_chunks=wg0_chunks, lookahead=lookahead)
+                         wg0_chunks=wg0_chunks, lookahead=lookahead, approx_math=approx_math)
     check_supported(geom, arena, cfg)
     if b == 0:
         out = jnp.zeros(q_latent.shape, q_latent.dtype)

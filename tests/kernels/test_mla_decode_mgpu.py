@@ -108,6 +108,7 @@ def _deepseek_geometry(r: int = 64):
     (128, {}),  # 5 chunks of 128: 32-token blocks, 3 stages
     (64, {"wg0_chunks": 4}),  # half of the 8 latent chunks each (the default is 3 of 8)
     (64, {"block_t": 64, "lookahead": False}),  # 2 stages, in order (FlashMLA's)
+    (64, {"approx_math": True, "soft_cap": 30.0}),
     (128, {"engine": True}),  # the engine's GPU pages: 256 KiB, 192 tokens (`default_token_align`)
 ])
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):

@@ -97,8 +97,9 @@ def run_variant(name: str, s: dict, lens: list[int], backend: str, smoke: bool) 
             "flops": 2 * heads * sum(lens) * (576 + 512), "kv_bytes": sum(lens) * 576 * 2}
 
 
-def profile(out_dir: str) -> None:
-    """Records the profiler trace of one call of the default launch (module doc) into out_dir."""
+def profile(out_dir: str, tune: dict | None = None) -> None:
+    """Records the profiler trace of one call of the default launch (module doc), with the
+    kernel's tuning keywords ``tune`` over it, into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     pool = PoolLayout(page_bytes=64 * 576 * 2, dtype="bfloat16", row_elems=64)
     geom = page_geometry(KVSpec.mla(512, 64), pool)
@@ -109,7 +110,7 @@ def profile(out_dir: str) -> None:
     ql = jax.random.normal(jax.random.key(5), (len(lens), 128, 512), jnp.bfloat16)
     qr = jax.random.normal(jax.random.key(6), (len(lens), 128, 64), jnp.bfloat16)
     args = (ql, qr, arena, jnp.asarray(table), jnp.asarray(lens, jnp.int32))
-    kw = dict(geom=geom, scale=192**-0.5, num_splits=2, stages=3)
+    kw = dict(geom=geom, scale=192**-0.5, num_splits=2, stages=3, **(tune or {}))
     plain = jax.jit(functools.partial(paged_mla_decode_attention_mgpu, **kw))
     t = bench(plain, *args)
     print(f"profile case without the profiler: {t * 1e6:.1f} us", flush=True)
@@ -154,13 +155,15 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", default=None, metavar="DIR", help="record a profiler trace")
+    ap.add_argument("--profile-tune", default="{}", metavar="JSON",
+                    help="with --profile: tuning keywords over the profiled launch's")
     ap.add_argument("--analyze", default=None, metavar="TRACE", help="summarise a trace")
     args = ap.parse_args()
     if args.analyze:
         analyze(args.analyze)
         return
     if args.profile:
-        profile(args.profile)
+        profile(args.profile, json.loads(args.profile_tune))
         return
     smoke = args.smoke
     backend = "interpret" if smoke else "gpu"

@@ -23,8 +23,9 @@ M = 64 rows of every wgmma (Triton's MLA kernel runs M = 16 mma). A CTA runs thr
   from the page table one block ahead, so that scalar load's latency hides behind the previous
   block's wait and copies.
 * warpgroup 0, scores (232 registers): for block i, ``S = sum_c Q_c @ K_c^T`` over every score
-  chunk (latent and rope) into one f32 ``[64, block_t]`` accumulator -- issued during block
-  i-1, so block i's score wgmmas run while block i-1's softmax does; then the online softmax of
+  chunk (latent and rope) into one f32 ``[64, block_t]`` accumulator -- with the lookahead
+  (Schedule, below) issued during block i-1, so block i's score wgmmas run while block i-1's
+  softmax does; then the online softmax of
   block i in f32 (base-2 exponentials; scale, soft cap, mask of tokens ``>= length`` and, with a
   window, ``< length - window``); it publishes P (``[64, block_t]`` in the KV dtype) and the
   rescale factor ``alpha`` ([64] f32) in shared memory for warpgroup 1 and computes
@@ -32,13 +33,28 @@ M = 64 rows of every wgmma (Triton's MLA kernel runs M = 16 mma). A CTA runs thr
   default 3 of 8, `default_wg0_chunks`).
 * warpgroup 1, values (232 registers): ``O_1 = alpha * O_1 + P @ V_c`` over the others.
 
-So S is computed once per block, the f32 output [64, kv_lora_rank] is split over two
-warpgroups (by default 96 and 160 registers of a thread at 512 columns) and the tensor cores
-see, per block, the score wgmmas of the next block during the softmax, then both P @ V parts.
-Each compute warpgroup releases a stage after its last wgmma on it (and warpgroup 1 releases P
-for the next block).
+So S is computed once per block and the f32 output [64, kv_lora_rank] is split over two
+warpgroups (by default 96 and 160 registers of a thread at 512 columns). Each compute
+warpgroup releases a stage after its last wgmma on it (and warpgroup 1 releases P for the next
+block).
 
-Where the time goes (one H100, 2026-12-06 late, `benchmarks/mla_decode_probe.py --profile`, the
+Schedule (`Config.lookahead`). With the lookahead, the tensor cores see, per block, the score
+wgmmas of the next block during the softmax, then both P @ V parts; but block i+1 must have
+landed before block i's softmax, so it holds a second stage. Without it, warpgroup 0 runs block
+i's scores, softmax and P @ V in that order (FlashMLA's order): only the block in use holds a
+stage, and the others load ahead. The default (`default_config`) takes the largest block_t
+that fits 2 stages and the lookahead only with 3 stages or more: DeepSeek at R = 64 runs
+64-token blocks in 2 stages in order, so each score wgmma is N = 64 tokens wide and Q (its
+A operand, from shared memory) is read half as often per token as at 32; at R = 128 (the
+engine's rows) 64-token blocks do not fit 2 stages, and it runs 32-token blocks in 3 stages
+with the lookahead. On one H100 (2026-12-08, docs/benchmarks.md "One H100, 2026-12-08"),
+DeepSeek-V3 at R = 64, 32 x 8K: 173.1 us in order at 64 tokens against 223.6 us with the
+lookahead at 32 tokens and 4 stages (the default before; 1.29x), 293.9 against 388.1 us on a
+ragged batch (1.32x); in order at 32 tokens and 4 stages ran 0.92x the lookahead there, and the
+lookahead at 64 tokens in 2 stages 281.8 us (2026-12-06).
+
+Where the time goes with the lookahead at 32-token blocks (the default before 2026-12-08; one
+H100, 2026-12-06 late, `benchmarks/mla_decode_probe.py --profile`, the
 named ranges below): a 32-token block takes ~3,100 cycles, mostly warpgroup 0 in series: issuing
 the 36 score wgmmas ~900 cycles (the issue stalls until most of them have run, so they barely
 overlap the softmax), the softmax ~500, publishing P ~230, its P @ V with the wait ~730;
@@ -81,10 +97,8 @@ of swizzle widths; P @ V contracts over ``block_t`` tokens, so every operand (Q,
 is swizzled ``block_t`` elements wide: 64 B at block_t = 32 (128 B only at block_t = 64).
 
 Shared memory (bf16, DeepSeek R = 64, 9 chunks): Q 72 KiB + ``stages x 9 x block_t x 128`` B of
-pipeline + P + alpha + barriers (`smem_plan`, equal to what Mosaic GPU allocates): block_t = 32
-with 4 stages is 221 KiB of the 227 KiB; block_t = 64 fits 2 stages only, and then warpgroup 0
-waits for each next block it asks for (its stage is refilled only when the block before is
-released), so the default is 32 (`default_config`). One CTA per SM.
+pipeline + P + alpha + barriers (`smem_plan`, equal to what Mosaic GPU allocates): block_t = 64
+with 2 stages is 225 KiB of the 227 KiB, block_t = 32 with 4 stages 221 KiB. One CTA per SM.
 
 Differences between the backends. Mosaic GPU's interpreter cannot run a wgmma whose left
 operand is in registers, nor one into an accumulator set from registers, so under
@@ -110,7 +124,9 @@ page layout (256-KiB pages of
 kernel refused, so `pallas_kernels.dispatch` ran the Triton one); cross-lowered at that layout on
 CPU. Inside the engine on one H100 (2026-12-06 night, DeepSeek-V2-Lite: 16 heads, padded to 64)
 it took 3,061 us a decode call of 8 x 4K against Triton's 2,635 (0.86x), so `dispatch`'s "auto"
-runs it only for 64 heads or more (`MLA_AUTO_MIN_HEADS`).
+runs it only for 64 heads or more (`MLA_AUTO_MIN_HEADS`). In order at 64-token blocks (the
+default at R = 64 since 2026-12-08): 173.1 us on one H100, 49.6% of the floor (60%: not met);
+the engine's R = 128 rows keep the lookahead schedule.
 """
 
 from __future__ import annotations
@@ -153,8 +169,6 @@ class Config:
     lookahead: warpgroup 0 issues block i+1's score wgmmas before block i's softmax (True), so
       they overlap it but hold a second stage; False: block i's scores, then its softmax, so
       only the block in use holds a stage and the other stages load ahead (FlashMLA's order).
-    approx_math: exponentials (and the soft cap's tanh) by the GPU's approximate instructions
-      (``ex2.approx``), as the prefill kernel does; False: MLIR's accurate ones.
     """
 
     block_t: int
@@ -162,7 +176,6 @@ class Config:
     num_splits: int
     wg0_chunks: int = 0
     lookahead: bool = True
-    approx_math: bool = False
 
 
 def smem_plan(geom: PageGeometry, block_t: int, stages: int, itemsize: int = 2) -> int:
@@ -208,20 +221,19 @@ def default_wg0_chunks(latent_chunks: int) -> int:
 def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: int,
                    itemsize: int = 2, block_t: int | None = None, stages: int | None = None,
                    num_splits: int | None = None, wg0_chunks: int | None = None,
-                   lookahead: bool | None = None, approx_math: bool | None = None) -> Config:
+                   lookahead: bool | None = None) -> Config:
     """The launch's `Config` for ``batch`` sequences of ``num_heads`` query heads and at most
     ``max_tokens`` attended tokens each; the arguments given override the defaults.
 
-    block_t: the first of 32, 64, 16 that divides T and leaves room for at least 3 stages, else
-    the first of 64, 32, 16 that divides T and leaves room for 2 (DeepSeek, R = 64: 32 with 4
-    stages; 64 would fit 2 stages, module doc). stages: as many as fit, at most 4.
-    num_splits: `default_num_splits`. wg0_chunks: `default_wg0_chunks`. lookahead: True. approx_math: False.
+    block_t: the first of 64, 32, 16 that divides T and leaves room for 2 stages (DeepSeek:
+    64 at R = 64, 32 at R = 128, where 64 does not fit). stages: as many as fit, at most 4.
+    lookahead: only with 3 stages or more (it holds a second stage, so with 2 nothing would
+    load ahead; module doc, "Schedule"). num_splits: `default_num_splits`. wg0_chunks:
+    `default_wg0_chunks`.
     """
     t = geom.tokens_per_page
     if block_t is None:
-        fits = [bt for bt in (32, 64, 16) if t % bt == 0 and max_stages(geom, bt, itemsize) >= 3]
-        fits = fits or [bt for bt in (64, 32, 16)
-                        if t % bt == 0 and max_stages(geom, bt, itemsize) >= 2]
+        fits = [bt for bt in (64, 32, 16) if t % bt == 0 and max_stages(geom, bt, itemsize) >= 2]
         block_t = fits[0] if fits else 16
     if stages is None:  # 2 when nothing fits: `check_supported` then reports the bytes
         stages = max(2, max_stages(geom, block_t, itemsize))
@@ -230,8 +242,7 @@ def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: i
         num_splits = default_num_splits(batch, head_blocks, max_tokens, block_t)
     return Config(block_t=block_t, stages=stages, num_splits=num_splits,
                   wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks),
-                  lookahead=True if lookahead is None else lookahead,
-                  approx_math=bool(approx_math))
+                  lookahead=stages >= 3 if lookahead is None else lookahead)
 
 
 def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
@@ -765,7 +776,7 @@ def _mla_decode_mgpu(q_latent, q_rope, arena, page_table, lengths, *, geom: Page
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=cfg.approx_math,
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
             reduction_scratch_bytes=0,  # row max / sum of WGMMA tiles: warp shuffles only
             profile_space=PROFILE_RANGES if profile_dir else 0, profile_dir=profile_dir or "",
             profile_bounds_check=bool(profile_dir)),
@@ -799,7 +810,6 @@ def paged_mla_decode_attention_mgpu(
     stages: int | None = None,
     wg0_chunks: int | None = None,
     lookahead: bool | None = None,
-    approx_math: bool | None = None,
     return_lse: bool = False,
     profile_dir: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -811,8 +821,7 @@ def paged_mla_decode_attention_mgpu(
     geom: an MLA `PageGeometry`; scale: softmax scale; soft_cap: logits -> cap * tanh(logits /
     cap) after scaling; window: attend only to the last ``window`` tokens.
     backend: "gpu" (Mosaic GPU) or "interpret" (Mosaic GPU's interpreter on CPU).
-    num_splits / block_t / stages / wg0_chunks / lookahead / approx_math: tuning
-      (`default_config`).
+    num_splits / block_t / stages / wg0_chunks / lookahead: tuning (`default_config`).
     profile_dir: GPU only, for timing work: each call writes a Mosaic GPU profiler trace there
       (Perfetto JSON: the named ranges of each warpgroup of each CTA, the first
       `PROFILE_RANGES`; they take ``3 x 16 x PROFILE_RANGES`` bytes of shared memory, so pass
@@ -843,7 +852,7 @@ def paged_mla_decode_attention_mgpu(
         max_tokens = min(max_tokens, window + geom.tokens_per_page)
     cfg = default_config(geom, b, h, max_tokens, jnp.dtype(arena.dtype).itemsize,
                          block_t=block_t, stages=stages, num_splits=num_splits,
-                         wg0_chunks=wg0_chunks, lookahead=lookahead, approx_math=approx_math)
+                         wg0_chunks=wg0_chunks, lookahead=lookahead)
     check_supported(geom, arena, cfg)
     if b == 0:
         out = jnp.zeros(q_latent.shape, q_latent.dtype)

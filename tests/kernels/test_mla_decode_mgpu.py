@@ -65,10 +65,12 @@ def _run_case(seed: int, lat: int, rope: int, r: int, t_pp: int, heads: int, dty
     np.testing.assert_allclose(lse[1:], ref_lse[1:], rtol=1e-5, atol=1e-4)
 
 
-def test_interpreted_with_race_detector(race_detection):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_interpreted_with_race_detector(race_detection, lookahead):
     # 2 head blocks (H = 128), 2 stages, 16-token blocks in 32-token pages (every other block
-    # starts mid-page); lengths 0, 1, 31, 32, 33, 131.
-    _run_case(0, 128, 64, 64, 32, 128, "bfloat16", block_t=16, stages=2, num_splits=1)
+    # starts mid-page); lengths 0, 1, 31, 32, 33, 131; both schedules of warpgroup 0.
+    _run_case(0, 128, 64, 64, 32, 128, "bfloat16", block_t=16, stages=2, num_splits=1,
+              lookahead=lookahead)
     assert not interpret_pallas_call.get_races().races_found
 
 
@@ -79,15 +81,16 @@ def test_interpreted_with_race_detector(race_detection):
     # R = 128: 2 latent chunks + a rope chunk half padding; f16; 2 KV splits (the second one
     # empty for the short sequences)
     (256, 64, 128, 32, 64, "float16", {"num_splits": 2}),
-    # DeepSeek's latent 512 + rope 64 (9 chunks) in 64-token pages: the default 32-token blocks
-    # and 4 stages
+    # DeepSeek's latent 512 + rope 64 (9 chunks) in 64-token pages: the default 64-token blocks,
+    # 2 stages, in order
     (512, 64, 64, 64, 64, "bfloat16", {}),
     # 3 latent chunks (1 for warpgroup 0 by default), and 2 of them for it
     (192, 64, 64, 16, 16, "bfloat16", {}),
     (192, 64, 64, 16, 16, "bfloat16", {"wg0_chunks": 2, "num_splits": 2}),
-    # no lookahead (each block's scores after the previous block's P @ V): 2 stages, a window
-    (128, 64, 64, 16, 16, "bfloat16", {"lookahead": False, "stages": 2, "window": 20}),
-    (512, 64, 64, 64, 64, "bfloat16", {"lookahead": False, "block_t": 64, "num_splits": 2}),
+    # in order with 4 stages and a window; DeepSeek's geometry with 32-token blocks, 4 stages
+    # and the lookahead (the default before 2026-12-08)
+    (128, 64, 64, 16, 16, "bfloat16", {"lookahead": False, "window": 20}),
+    (512, 64, 64, 64, 64, "bfloat16", {"block_t": 32, "num_splits": 2}),
 ])
 def test_interpreted_matches_reference(lat, rope, r, t_pp, heads, dtype, kw):
     _run_case(1, lat, rope, r, t_pp, heads, dtype, **kw)
@@ -102,13 +105,12 @@ def _deepseek_geometry(r: int = 64):
 
 
 @pytest.mark.parametrize(("r", "kw"), [
-    (64, {}),  # the default: 32-token blocks, 4 stages, 2 splits
-    (64, {"block_t": 64}),  # 2 stages
+    (64, {}),  # the default: 64-token blocks, 2 stages, in order, 2 splits
+    (64, {"block_t": 32}),  # 4 stages, lookahead
     (64, {"block_t": 32, "stages": 3, "window": 4096, "soft_cap": 30.0}),
     (128, {}),  # 5 chunks of 128: 32-token blocks, 3 stages
     (64, {"wg0_chunks": 4}),  # half of the 8 latent chunks each (the default is 3 of 8)
-    (64, {"block_t": 64, "lookahead": False}),  # 2 stages, in order (FlashMLA's)
-    (64, {"approx_math": True, "soft_cap": 30.0}),
+    (64, {"block_t": 64, "lookahead": True}),  # 2 stages with the lookahead
     (128, {"engine": True}),  # the engine's GPU pages: 256 KiB, 192 tokens (`default_token_align`)
 ])
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):
@@ -132,7 +134,10 @@ def test_configuration_and_shared_memory_plan(monkeypatch):
     monkeypatch.setattr(attention_core, "num_sms", lambda: 132)
     geom = _deepseek_geometry()
     # 32 sequences x 2 head blocks: 2 splits make 128 CTAs, one wave on 132 SMs
-    assert mgpu.default_config(geom, 32, 128, 8192) == mgpu.Config(32, 4, 2, wg0_chunks=3)
+    assert mgpu.default_config(geom, 32, 128, 8192) == mgpu.Config(64, 2, 2, wg0_chunks=3,
+                                                                   lookahead=False)
+    assert mgpu.default_config(geom, 32, 128, 8192, block_t=32) == mgpu.Config(
+        32, 4, 2, wg0_chunks=3, lookahead=True)
     assert mgpu.default_config(geom, 1, 128, 131072).num_splits == 66  # one long sequence
     assert mgpu.default_config(geom, 64, 128, 2048).num_splits == 1  # 128 CTAs: one wave
     assert mgpu.default_config(geom, 4, 16, 600).num_splits == 1  # < 2 x 512 tokens
@@ -142,7 +147,8 @@ def test_configuration_and_shared_memory_plan(monkeypatch):
     assert mgpu.max_stages(geom, 32) == 4 and mgpu.max_stages(geom, 64) == 2
     assert mgpu.smem_plan(geom, 64, 3) > mgpu.SMEM_BYTES
     assert mgpu.max_stages(_deepseek_geometry(128), 32) == 3
-    assert mgpu.default_config(_deepseek_geometry(128), 32, 128, 8192).block_t == 32
+    assert mgpu.default_config(_deepseek_geometry(128), 32, 128, 8192) == mgpu.Config(
+        32, 3, 2, wg0_chunks=1, lookahead=True)  # R = 128: 64-token blocks do not fit 2 stages
 
 
 def test_rejects_what_it_cannot_do():

@@ -47,7 +47,7 @@ that fits 2 stages and the lookahead only with 3 stages or more: DeepSeek at R =
 64-token blocks in 2 stages in order, so each score wgmma is N = 64 tokens wide and Q (its
 A operand, from shared memory) is read half as often per token as at 32; at R = 128 (the
 engine's rows) 64-token blocks do not fit 2 stages, and it runs 32-token blocks in 3 stages
-with the lookahead. On one H100 (2026-12-08, docs/benchmarks.md "One H100, 2026-12-08"),
+with the lookahead. On one H100 (docs/benchmarks.md "One H100, 2026-12-08 (night)"),
 DeepSeek-V3 at R = 64, 32 x 8K: 173.1 us in order at 64 tokens against 223.6 us with the
 lookahead at 32 tokens and 4 stages (the default before; 1.29x), 293.9 against 388.1 us on a
 ragged batch (1.32x); in order at 32 tokens and 4 stages ran 0.92x the lookahead there, and the
@@ -266,8 +266,8 @@ def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
     if cfg.block_t not in (16, 32, 64) or t % cfg.block_t:
         raise ValueError(f"block_t={cfg.block_t} must be 16, 32 or 64 and divide T={t}")
     if cfg.stages < 2 or cfg.num_splits < 1:
-        # One stage would deadlock: the scores warpgroup waits for block i+1 before it
-        # releases block i.
+        # One stage would deadlock with the lookahead: the scores warpgroup waits for block
+        # i+1 before it releases block i.
         raise ValueError(f"stages={cfg.stages} must be >= 2 and num_splits={cfg.num_splits} "
                          ">= 1")
     need = smem_plan(geom, cfg.block_t, cfg.stages, dt.itemsize)

@@ -428,6 +428,18 @@ def _issue_scores(cta: _Cta, smem: _Smem, slot, acc_ref) -> None:
         plgpu.wgmma(acc_ref, smem.q.at[c], smem.kv.at[slot, c].T)
 
 
+def _scores_now(cta: _Cta, smem: _Smem, slot) -> jax.Array:
+    """S [64, block_t] f32 of the block in ``slot``: its score wgmmas issued and waited for."""
+
+    def run(acc_ref):
+        with jax.named_scope("wg0_issue_s"):
+            _issue_scores(cta, smem, slot, acc_ref)
+        with jax.named_scope("wg0_read_s"):
+            return acc_ref[...]
+
+    return pl.run_scoped(run, plgpu.ACC((HEADS_PER_CTA, cta.block_t), jnp.float32))
+
+
 def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *,
             geom: PageGeometry, cfg: Config, scale: float, soft_cap: float | None,
             window: int | None, num_pages: int, head_blocks: int, interpret: bool) -> None:
@@ -537,15 +549,9 @@ def _scores_pipeline(cta: _Cta, smem: _Smem) -> None:
     `_scores_block` per block (carry: m, l [64] f32 base 2; O_0, wg0_chunks x [64, R] f32; the
     block's S [64, block_t] f32); without, `_scores_block_in_order` per block (the same carry
     without S); then the epilogue of O_0, m and l."""
-    m_rows, bt = HEADS_PER_CTA, cta.block_t
     if cta.lookahead:
         plgpu.barrier_wait(smem.kv_full.at[0])
-
-        def first(acc_ref):
-            _issue_scores(cta, smem, 0, acc_ref)
-            return acc_ref[...]
-
-        s_first = pl.run_scoped(first, plgpu.ACC((m_rows, bt), jnp.float32))
+        s_first = _scores_now(cta, smem, 0)
         m_f, l_f, o, _ = lax.fori_loop(0, cta.n_blocks, functools.partial(_scores_block, cta, smem),
                                        (*_wg0_start(cta), s_first))
     else:
@@ -565,14 +571,7 @@ def _scores_block_in_order(cta: _Cta, smem: _Smem, i, carry) -> tuple:
     slot = lax.rem(i, cta.stages)
     with jax.named_scope("wg0_wait_kv"):
         plgpu.barrier_wait(smem.kv_full.at[slot])
-
-    def scores(acc_ref):
-        with jax.named_scope("wg0_issue_s"):
-            _issue_scores(cta, smem, slot, acc_ref)
-        with jax.named_scope("wg0_read_s"):
-            return acc_ref[...]
-
-    sc = pl.run_scoped(scores, plgpu.ACC((HEADS_PER_CTA, cta.block_t), jnp.float32))
+    sc = _scores_now(cta, smem, slot)
     with jax.named_scope("wg0_softmax"):
         m_new, l_new, alpha, p16 = _online_softmax(cta, sc, cta.lo + i * cta.block_t, m_i, l_i)
     o_new = _publish_and_pv0(cta, smem, i, alpha, p16, o)

@@ -214,7 +214,8 @@ def default_wg0_chunks(latent_chunks: int) -> int:
     score wgmma and the softmax. DeepSeek-V3 (8 latent chunks of 64), 32 x 8K ragged, on two
     H100s (2026-12-06, `benchmarks/kernels.py --with-mgpu`, docs/benchmarks.md), us: 3 of 8 ran
     215.8 / 228.5, 2: 211.9 / 242.6, 4 (half, the default before): 228.9 / 244.2, 5: 269.7 / -,
-    1: - / 483.4."""
+    1: - / 483.4 (32-token blocks with the lookahead). In order at 64-token blocks (one H100,
+    2026-12-08, docs/benchmarks.md): 2 of 8 ran 0.90x and 4 of 8 0.97x the 3."""
     return max(1, latent_chunks * 3 // 8)
 
 

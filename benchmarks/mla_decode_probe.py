@@ -10,7 +10,8 @@ and on variants of it that each remove one suspect:
 - ``h64 sN``: 64 query heads (one head block) and N splits, so that 128 CTAs (N = 4) read
   their KV once each: with 128 heads two CTAs read the same latents, through L2 when in step;
 - ``r128``: the engine's wide-row layout (128-element arena rows: 4 latent chunks + 1 rope
-  chunk padded to 128, 3 stages);
+  chunk padded to 128, of which the kernel loads 64 columns: the default's 64-token blocks in
+  2 stages, in order); ``r128 bt32 st4 lookahead``: there, the lookahead at 32-token blocks;
 - tuning rows (`Config` overrides).
 
 Correctness first: every variant's output against the XLA gather path (relative error). Floors
@@ -57,6 +58,7 @@ def variants(smoke: bool) -> list[tuple[str, dict]]:
     rows = [("default", {}), ("l2", dict(l2=True)), ("h64 s4", dict(heads=64, num_splits=4)),
             ("h64 s2", dict(heads=64, num_splits=2)), ("h64 s4 l2", dict(heads=64, num_splits=4, l2=True)),
             ("r128", dict(row_elems=128)), ("r128 l2", dict(row_elems=128, l2=True)),
+            ("r128 bt32 st4 lookahead", dict(row_elems=128, block_t=32, stages=4, lookahead=True)),
             ("wg0 2", dict(wg0_chunks=2)), ("wg0 4", dict(wg0_chunks=4)),
             ("s1", dict(num_splits=1)), ("s3", dict(num_splits=3)), ("s4", dict(num_splits=4)),
             ("bt64 st2 lookahead", dict(block_t=64, stages=2, lookahead=True)),

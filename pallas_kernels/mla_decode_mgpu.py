@@ -10,7 +10,9 @@ scaled (capped) logits (-inf for an empty sequence).
 Layout read. The arena is ``[num_pages, rows_per_page, R]``; an MLA page holds T tokens as
 ``[latent_chunks + rope_chunks, T, R]`` (`pallas_kernels.page_layout`), so the ``block_t`` tokens
 of one block (``block_t`` divides T, so a block never straddles pages) are, per chunk, one
-contiguous ``[block_t, R]`` run of rows: one TMA box.
+contiguous ``[block_t, R]`` run of rows: one TMA box. A rope key narrower than a row (DeepSeek's
+64 in the engine's 128-element rows) is loaded, for Q and every block, only `rope_cols` wide
+(the box's first columns; the rest of the row is zero padding, which adds nothing to a score).
 
 Design. One CTA per (head block of 64 query heads, KV split, sequence), head blocks fastest in
 the grid, so the CTAs that read the same latents run side by side (L2). The query heads are the
@@ -43,15 +45,16 @@ wgmmas of the next block during the softmax, then both P @ V parts; but block i+
 landed before block i's softmax, so it holds a second stage. Without it, warpgroup 0 runs block
 i's scores, softmax and P @ V in that order (FlashMLA's order): only the block in use holds a
 stage, and the others load ahead. The default (`default_config`) takes the largest block_t
-that fits 2 stages and the lookahead only with 3 stages or more: DeepSeek at R = 64 runs
-64-token blocks in 2 stages in order, so each score wgmma is N = 64 tokens wide and Q (its
-A operand, from shared memory) is read half as often per token as at 32; at R = 128 (the
-engine's rows) 64-token blocks do not fit 2 stages, and it runs 32-token blocks in 3 stages
-with the lookahead. On one H100 (docs/benchmarks.md "One H100, 2026-12-08 (night)"),
-DeepSeek-V3 at R = 64, 32 x 8K: 173.1 us in order at 64 tokens against 223.6 us with the
-lookahead at 32 tokens and 4 stages (the default before; 1.29x), 293.9 against 388.1 us on a
-ragged batch (1.32x); in order at 32 tokens and 4 stages ran 0.92x the lookahead there, and the
-lookahead at 64 tokens in 2 stages 281.8 us (2026-12-06).
+that fits 2 stages and the lookahead only with 3 stages or more: DeepSeek runs 64-token blocks
+in 2 stages in order, so each score wgmma is N = 64 tokens wide and Q (its A operand, from
+shared memory) is read half as often per token as at 32. That holds at R = 64 and, since the
+rope chunk is loaded 64 columns wide (2026-12-08), at the engine's R = 128 rows too (before, a
+128-wide rope chunk left room for 32-token blocks only, in 3 stages with the lookahead; the
+R = 128 form of the new default is not yet timed). On one H100 (docs/benchmarks.md "One
+H100, 2026-12-08 (night)"), DeepSeek-V3 at R = 64, 32 x 8K: 173.1 us in order at 64 tokens
+against 223.6 us with the lookahead at 32 tokens and 4 stages (the default before; 1.29x),
+293.9 against 388.1 us on a ragged batch (1.32x); in order at 32 tokens and 4 stages ran 0.92x
+the lookahead there, and the lookahead at 64 tokens in 2 stages 281.8 us (2026-12-06).
 
 Where the time goes with the lookahead at 32-token blocks (the default before 2026-12-08; one
 H100, 2026-12-06 late, `benchmarks/mla_decode_probe.py --profile`, the
@@ -96,9 +99,10 @@ Swizzle. A wgmma takes one swizzle for both operands and its contraction must be
 of swizzle widths; P @ V contracts over ``block_t`` tokens, so every operand (Q, K/V chunks, P)
 is swizzled ``block_t`` elements wide: 64 B at block_t = 32 (128 B only at block_t = 64).
 
-Shared memory (bf16, DeepSeek R = 64, 9 chunks): Q 72 KiB + ``stages x 9 x block_t x 128`` B of
-pipeline + P + alpha + barriers (`smem_plan`, equal to what Mosaic GPU allocates): block_t = 64
-with 2 stages is 225 KiB of the 227 KiB, block_t = 32 with 4 stages 221 KiB. One CTA per SM.
+Shared memory (bf16, DeepSeek: 576 elements a token at R = 64, and at R = 128 with the rope
+chunk 64 wide): Q 72 KiB + ``stages x block_t x 1,152`` B of pipeline + P + alpha + barriers
+(`smem_plan`, equal to what Mosaic GPU allocates): block_t = 64 with 2 stages is 225 KiB of the
+227 KiB, block_t = 32 with 4 stages 221 KiB. One CTA per SM.
 
 Differences between the backends. Mosaic GPU's interpreter cannot run a wgmma whose left
 operand is in registers, nor one into an accumulator set from registers, so under
@@ -125,8 +129,8 @@ kernel refused, so `pallas_kernels.dispatch` ran the Triton one); cross-lowered 
 CPU. Inside the engine on one H100 (2026-12-06 night, DeepSeek-V2-Lite: 16 heads, padded to 64)
 it took 3,061 us a decode call of 8 x 4K against Triton's 2,635 (0.86x), so `dispatch`'s "auto"
 runs it only for 64 heads or more (`MLA_AUTO_MIN_HEADS`). In order at 64-token blocks (the
-default at R = 64 since 2026-12-08): 173.1 us on one H100, 49.6% of the floor (60%: not met);
-the engine's R = 128 rows keep the lookahead schedule.
+default since 2026-12-08): 173.1 us on one H100 at R = 64, 49.6% of the floor (60%: not met);
+at the engine's R = 128 rows (the rope chunk 64 wide) not yet timed.
 """
 
 from __future__ import annotations
@@ -178,13 +182,22 @@ class Config:
     lookahead: bool = True
 
 
+def rope_cols(geom: PageGeometry, block_t: int) -> int:
+    """Columns of each rope chunk that the kernel loads (of Q and of every KV block) and
+    contracts: R, or, where the rope key is narrower than one row (DeepSeek's 64 in the engine's
+    128-element rows), its width rounded up to a swizzle (``block_t`` elements of a 16-bit
+    dtype), since the rest of the row is zero padding that adds nothing to a score."""
+    r, rope = geom.row_elems, geom.spec.rope_dim
+    return r if rope >= r else min(r, -(-rope // block_t) * block_t)
+
+
 def smem_plan(geom: PageGeometry, block_t: int, stages: int, itemsize: int = 2) -> int:
-    """Bytes of shared memory a CTA allocates: Q, the KV stages, P and alpha (each buffer
-    aligned to `SMEM_ALIGN`) and the barriers (1 for Q, 2 per stage, 2 for P)."""
-    r = geom.row_elems
-    chunks = len(geom.score_chunk_rows)
-    buffers = (chunks * HEADS_PER_CTA * r * itemsize,  # Q
-               stages * chunks * block_t * r * itemsize,  # KV stages
+    """Bytes of shared memory a CTA allocates: Q (latent, then rope chunks), the KV stages
+    (latent, then rope chunks; rope chunks `rope_cols` wide), P and alpha (each buffer aligned
+    to `SMEM_ALIGN`) and the barriers (1 for Q, 2 per stage, 2 for P)."""
+    lat, rope = geom.head_chunks * geom.row_elems, geom.rope_chunks * rope_cols(geom, block_t)
+    buffers = (lat * HEADS_PER_CTA * itemsize, rope * HEADS_PER_CTA * itemsize,  # Q
+               stages * lat * block_t * itemsize, stages * rope * block_t * itemsize,  # KV
                HEADS_PER_CTA * block_t * itemsize,  # P
                HEADS_PER_CTA * 4)  # alpha
     aligned = sum(-(-x // SMEM_ALIGN) * SMEM_ALIGN for x in buffers)
@@ -227,7 +240,8 @@ def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: i
     ``max_tokens`` attended tokens each; the arguments given override the defaults.
 
     block_t: the first of 64, 32, 16 that divides T and leaves room for 2 stages (DeepSeek:
-    64 at R = 64, 32 at R = 128, where 64 does not fit). stages: as many as fit, at most 4.
+    64, at R = 64 and at R = 128, whose rope chunk is loaded 64 columns wide, `rope_cols`).
+    stages: as many as fit, at most 4.
     lookahead: only with 3 stages or more (it holds a second stage, so with 2 nothing would
     load ahead; module doc, "Schedule"). num_splits: `default_num_splits`. wg0_chunks:
     `default_wg0_chunks`.
@@ -343,11 +357,11 @@ class _Cta:
     """What the warpgroups of one CTA share; built once by `_kernel` (module doc for the roles).
 
     Static: block_t, stages (`Config`); row_elems (R), tokens_per_page (T), rows_per_page;
-    score_chunks: Q / K chunks of R per token (latent, then rope); latent_chunks: value chunks
-    (the output's); wg0_chunks: value chunks [0, wg0_chunks) of warpgroup 0 (`Config`;
-    warpgroup 1 has the rest); lookahead (`Config`); max_pages: page-table width; num_pages:
-    arena pages; dtype: the arena's (Q, K/V and P); scale, soft_cap, window, interpret:
-    `_kernel`'s.
+    score_chunks: Q / K chunks per token (latent, then rope); latent_chunks: value chunks (the
+    output's); rope_cols: the columns of a rope chunk loaded (`rope_cols`); wg0_chunks: value
+    chunks [0, wg0_chunks) of warpgroup 0 (`Config`; warpgroup 1 has the rest); lookahead
+    (`Config`); max_pages: page-table width; num_pages: arena pages; dtype: the arena's (Q,
+    K/V and P); scale, soft_cap, window, interpret: `_kernel`'s.
     Traced int32 scalars: b (sequence), hb (head block), item (row of o_ref / m_ref / l_ref);
     lo_all: the sequence's first attended token (0, or length - window); lo / hi: the split's
     tokens [lo, hi), lo block-aligned; n_blocks: KV blocks of block_t tokens from lo to hi.
@@ -363,6 +377,7 @@ class _Cta:
     rows_per_page: int
     score_chunks: int
     latent_chunks: int
+    rope_cols: int
     wg0_chunks: int
     lookahead: bool
     max_pages: int
@@ -393,9 +408,10 @@ class _Cta:
 class _Smem:
     """The CTA's shared-memory buffers and barriers, in `_kernel`'s allocation order.
 
-    q: [chunks, 64, R] the head block's query (chunks: score chunks); kv: [stages, chunks,
-    block_t, R] the pipeline, one KV block per stage; p: [64, block_t] P in the KV dtype;
-    alpha: [64] f32 the rescale factor of the block in P.
+    q: [latent_chunks, 64, R] and q_rope: [rope_chunks, 64, rope_cols] (None without a rope
+    key) the head block's query; kv: [stages, latent_chunks, block_t, R] and kv_rope: [stages,
+    rope_chunks, block_t, rope_cols] (or None) the pipeline, one KV block per stage; p: [64,
+    block_t] P in the KV dtype; alpha: [64] f32 the rescale factor of the block in P.
     q_bar: Q landed (one arrival per chunk copy); kv_full[stages]: a stage's block landed (one
     arrival per chunk copy); kv_consumed[stages]: a stage released by both compute warpgroups
     (2 arrivals); p_full: P and alpha published by warpgroup 0; p_free: P and alpha released
@@ -403,7 +419,9 @@ class _Smem:
     """
 
     q: object
+    q_rope: object
     kv: object
+    kv_rope: object
     p: object
     alpha: object
     q_bar: object
@@ -413,8 +431,26 @@ class _Smem:
     p_free: object
 
     def chunk_refs(self, slot, chunks) -> list:
-        """The [block_t, R] refs of ``chunks`` of the block in stage ``slot``."""
+        """The [block_t, R] refs of latent ``chunks`` of the block in stage ``slot``."""
         return [self.kv.at[slot, c] for c in chunks]
+
+    def q_chunks(self) -> list:
+        """Q's score chunks in order: [64, R] refs of the latent, then [64, rope_cols] of the
+        rope key."""
+        return _in_score_order(self.q, self.q_rope)
+
+    def k_chunks(self, slot) -> list:
+        """The score chunks of the block in stage ``slot``, in Q's order: [block_t, R] refs,
+        then [block_t, rope_cols]."""
+        return _in_score_order(self.kv.at[slot],
+                               None if self.kv_rope is None else self.kv_rope.at[slot])
+
+
+def _in_score_order(latent, rope) -> list:
+    """``latent.at[c]`` for each latent chunk c, then ``rope.at[c]`` for each rope chunk (none
+    when ``rope`` is None)."""
+    refs = [latent.at[c] for c in range(latent.shape[0])]
+    return refs + ([] if rope is None else [rope.at[c] for c in range(rope.shape[0])])
 
 
 def _zeros_wgmma(shape) -> jax.Array:
@@ -425,8 +461,8 @@ def _zeros_wgmma(shape) -> jax.Array:
 def _issue_scores(cta: _Cta, smem: _Smem, slot, acc_ref) -> None:
     """Issues S += Q_c @ K_c^T over every score chunk of the block in ``slot`` (asynchronous
     wgmmas into ``acc_ref``, [64, block_t] f32)."""
-    for c in range(cta.score_chunks):
-        plgpu.wgmma(acc_ref, smem.q.at[c], smem.kv.at[slot, c].T)
+    for q, k in zip(smem.q_chunks(), smem.k_chunks(slot), strict=True):
+        plgpu.wgmma(acc_ref, q, k.T)
 
 
 def _scores_now(cta: _Cta, smem: _Smem, slot) -> jax.Array:
@@ -447,7 +483,8 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
     """One CTA: (head block, split, sequence) from the grid; module doc for the roles.
 
     len_ref: [B] int32; split_ref: [1] int32 tokens per split (a multiple of block_t);
-    table_ref: [B, max_pages] int32; q_ref: [B, HB, chunks, 64, R]; kv_ref: flat arena rows
+    table_ref: [B, max_pages] int32; q_ref: [B, HB, chunks, 64, R] (a rope chunk's first
+    `rope_cols` columns are read); kv_ref: flat arena rows
     [num_pages * rows_per_page, R]. o_ref: [items, latent_chunks, 64, R] f32; m_ref / l_ref:
     [items, 64] f32, item = (b * num_splits + split) * HB + head block.
     Computes the split's token range into a `_Cta`, allocates the `_Smem` and runs, per
@@ -466,6 +503,7 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
     cta = _Cta(block_t=bt, stages=cfg.stages, row_elems=geom.row_elems,
                tokens_per_page=geom.tokens_per_page, rows_per_page=geom.rows_per_page,
                score_chunks=len(geom.score_chunk_rows), latent_chunks=geom.head_chunks,
+               rope_cols=rope_cols(geom, bt),
                wg0_chunks=cfg.wg0_chunks or default_wg0_chunks(geom.head_chunks),
                lookahead=cfg.lookahead, max_pages=table_ref.shape[1],
                num_pages=num_pages, dtype=kv_ref.dtype, scale=scale, soft_cap=soft_cap,
@@ -473,19 +511,29 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
                hi=hi, n_blocks=n_blocks, table_ref=table_ref, q_ref=q_ref, kv_ref=kv_ref,
                o_ref=o_ref, m_ref=m_ref, l_ref=l_ref)
 
+    n_chunks, m_rows, r, dt = cta.score_chunks, HEADS_PER_CTA, cta.row_elems, cta.dtype
+    n_lat, n_rope, w_rope = cta.latent_chunks, n_chunks - cta.latent_chunks, cta.rope_cols
+
     def warpgroups(*refs):  # run by each of the 3 warpgroups (collective over "wg")
-        smem = _Smem(*refs)
+        it = iter(refs)  # the buffers below, in order; the rope ones only with a rope key
+        q, q_rope = next(it), next(it) if n_rope else None
+        kv, kv_rope = next(it), next(it) if n_rope else None
+        smem = _Smem(q, q_rope, kv, kv_rope, *it)
         wg = lax.axis_index("wg")
         pl.when(wg == 2)(functools.partial(_memory_warpgroup, cta, smem))
         pl.when(wg == 0)(functools.partial(_scores_warpgroup, cta, smem))
         pl.when(wg == 1)(functools.partial(_values_warpgroup, cta, smem))
 
-    n_chunks, m_rows, r, dt = cta.score_chunks, HEADS_PER_CTA, cta.row_elems, cta.dtype
     tf = _swizzled(bt, dt)  # one swizzle for both operands of every wgmma (module doc)
+    q_bufs = [plgpu.SMEM((n_lat, m_rows, r), dt, transforms=tf)]  # q
+    kv_bufs = [plgpu.SMEM((cfg.stages, n_lat, bt, r), dt, transforms=tf)]  # kv
+    if n_rope:
+        q_bufs.append(plgpu.SMEM((n_rope, m_rows, w_rope), dt, transforms=tf))  # q_rope
+        kv_bufs.append(plgpu.SMEM((cfg.stages, n_rope, bt, w_rope), dt, transforms=tf))  # kv_rope
     pl.run_scoped(
         warpgroups,
-        plgpu.SMEM((n_chunks, m_rows, r), dt, transforms=tf),  # q
-        plgpu.SMEM((cfg.stages, n_chunks, bt, r), dt, transforms=tf),  # kv
+        *q_bufs,
+        *kv_bufs,
         plgpu.SMEM((m_rows, bt), dt, transforms=tf),  # p
         plgpu.SMEM((m_rows,), jnp.float32),  # alpha
         plgpu.Barrier(num_arrivals=n_chunks),  # q_bar
@@ -502,8 +550,9 @@ def _memory_warpgroup(cta: _Cta, smem: _Smem) -> None:
     stages, block i into stage i % stages once both compute warpgroups released block
     i - stages; page ids read one block ahead (module doc)."""
     plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-    for c in range(cta.score_chunks):
-        plgpu.copy_gmem_to_smem(cta.q_ref.at[cta.b, cta.hb, c], smem.q.at[c], smem.q_bar)
+    for c, dst in enumerate(smem.q_chunks()):
+        src = cta.q_ref.at[cta.b, cta.hb, c, :, pl.ds(0, dst.shape[-1])]
+        plgpu.copy_gmem_to_smem(src, dst, smem.q_bar)
     bt, stages, t_pp = cta.block_t, cta.stages, cta.tokens_per_page
     lo, n_blocks = cta.lo, cta.n_blocks
 
@@ -523,9 +572,10 @@ def _memory_warpgroup(cta: _Cta, smem: _Smem) -> None:
                 plgpu.barrier_wait(smem.kv_consumed.at[slot])
 
         row0 = page * cta.rows_per_page + lax.rem(lo + i * bt, t_pp)
-        for c in range(cta.score_chunks):
-            src = cta.kv_ref.at[pl.ds(pl.multiple_of(row0 + c * t_pp, 8), bt)]
-            plgpu.copy_gmem_to_smem(src, smem.kv.at[slot, c], smem.kv_full.at[slot])
+        for c, dst in enumerate(smem.k_chunks(slot)):  # a rope chunk: its first rope_cols columns
+            src = cta.kv_ref.at[pl.ds(pl.multiple_of(row0 + c * t_pp, 8), bt),
+                                pl.ds(0, dst.shape[-1])]
+            plgpu.copy_gmem_to_smem(src, dst, smem.kv_full.at[slot])
         return page_next
 
     lax.fori_loop(0, n_blocks, load, page_of(0))
@@ -865,4 +915,5 @@ def paged_mla_decode_attention_mgpu(
 
 
 __all__ = ["Config", "check_supported", "default_config", "default_num_splits",
-           "default_wg0_chunks", "max_stages", "paged_mla_decode_attention_mgpu", "smem_plan"]
+           "default_wg0_chunks", "max_stages", "paged_mla_decode_attention_mgpu", "rope_cols",
+           "smem_plan"]

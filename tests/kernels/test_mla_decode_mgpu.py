@@ -5,7 +5,8 @@
   `paged_mla_decode_attention_reference`: NaN-poisoned arenas (every unwritten row), shuffled
   page tables with -1 past each sequence, the lengths 0, 1, T-1, T, T+1 and several pages in one
   call, 2 head blocks and a padded one, several KV splits, blocks that start inside a page,
-  window + soft cap, R = 128 with a padded rope chunk, bf16 and f16, and the log-sum-exp.
+  window + soft cap, R = 128 with the rope key narrower than a row (its row padding NaN, not
+  read), DeepSeek's geometry in 64- and 128-element rows, bf16 and f16, and the log-sum-exp.
 * Cross-lowered to Mosaic GPU for an abstract H200 at DeepSeek-V3's decode shape (B = 32,
   H = 128, latent 512 + rope 64, 64 tokens per page, 8192-token tables): the Pallas -> Mosaic
   GPU lowering, layout inference and the shared-memory check run here; only ptxas needs the chip.
@@ -41,16 +42,22 @@ def race_detection(monkeypatch):
 
 def _run_case(seed: int, lat: int, rope: int, r: int, t_pp: int, heads: int, dtype: str,
               **kw):
-    """Interpreted kernel vs the reference on one NaN-poisoned case of edge lengths."""
+    """Interpreted kernel vs the reference on one NaN-poisoned case of edge lengths. Where the
+    rope key is narrower than a row, the rest of its row (zero padding, which the kernel skips:
+    `mgpu.rope_cols`) is NaN too."""
     rng = np.random.default_rng(seed)
     spec = KVSpec.mla(lat, rope)
     case = make_case(rng, spec, edge_lengths(t_pp), dtype=dtype, row_elems=r,
                      page_bytes=page_bytes_for(spec, r, dtype, t_pp))
     assert case.geom.tokens_per_page == t_pp
+    arena = case.arena
+    if 0 < rope < r:
+        rope_rows = slice(case.geom.head_chunks * t_pp, (case.geom.head_chunks + 1) * t_pp)
+        arena = arena.at[:, rope_rows, rope:].set(jnp.nan)
     b = len(edge_lengths(t_pp))
     ql = jnp.asarray(rng.standard_normal((b, heads, lat)), jnp.dtype(dtype))
     qr = jnp.asarray(rng.standard_normal((b, heads, rope)), jnp.dtype(dtype))
-    args = (ql, qr, case.arena, case.table, case.lens)
+    args = (ql, qr, arena, case.table, case.lens)
     masks = {k: v for k, v in kw.items() if k in ("window", "soft_cap")}
     ref, ref_lse = jax.jit(functools.partial(  # one compile, not one per op
         paged_mla_decode_attention_reference, geom=case.geom, scale=0.1, return_lse=True,
@@ -78,9 +85,16 @@ def test_interpreted_with_race_detector(race_detection, lookahead):
     # 16 heads padded to a block of 64; a 20-token window (its first block partly masked) and
     # a soft cap; 2 KV splits of the window's range (16-token blocks: the default)
     (128, 64, 64, 16, 16, "bfloat16", {"window": 20, "soft_cap": 5.0, "num_splits": 2}),
-    # R = 128: 2 latent chunks + a rope chunk half padding; f16; 2 KV splits (the second one
-    # empty for the short sequences)
+    # R = 128: 2 latent chunks + a rope chunk half padding (loaded 64 columns wide); f16; 2 KV
+    # splits (the second one empty for the short sequences)
     (256, 64, 128, 32, 64, "float16", {"num_splits": 2}),
+    # a 32-wide rope key in 128-element rows at 16-token blocks: its chunk loaded 32 wide
+    (256, 32, 128, 16, 64, "bfloat16", {}),
+    # no rope key: no rope buffers
+    (128, 0, 64, 16, 16, "bfloat16", {}),
+    # DeepSeek in the engine's 128-element rows: 4 latent chunks of 128 + the rope key's 64
+    # columns; the default 64-token blocks, 2 stages, in order
+    (512, 64, 128, 64, 64, "bfloat16", {}),
     # DeepSeek's latent 512 + rope 64 (9 chunks) in 64-token pages: the default 64-token blocks,
     # 2 stages, in order
     (512, 64, 64, 64, 64, "bfloat16", {}),
@@ -108,7 +122,8 @@ def _deepseek_geometry(r: int = 64):
     (64, {}),  # the default: 64-token blocks, 2 stages, in order, 2 splits
     (64, {"block_t": 32}),  # 4 stages, lookahead
     (64, {"block_t": 32, "stages": 3, "window": 4096, "soft_cap": 30.0}),
-    (128, {}),  # 5 chunks of 128: 32-token blocks, 3 stages
+    (128, {}),  # 4 latent chunks of 128 + 64 rope columns: 64-token blocks, 2 stages, in order
+    (128, {"block_t": 32}),  # 4 stages, lookahead
     (64, {"wg0_chunks": 4}),  # half of the 8 latent chunks each (the default is 3 of 8)
     (64, {"block_t": 64, "lookahead": True}),  # 2 stages with the lookahead
     (128, {"engine": True}),  # the engine's GPU pages: 256 KiB, 192 tokens (`default_token_align`)
@@ -146,9 +161,17 @@ def test_configuration_and_shared_memory_plan(monkeypatch):
     assert mgpu.smem_plan(geom, 32, 4) == 73728 + 4 * 36864 + 4096 + 1024 + 88
     assert mgpu.max_stages(geom, 32) == 4 and mgpu.max_stages(geom, 64) == 2
     assert mgpu.smem_plan(geom, 64, 3) > mgpu.SMEM_BYTES
-    assert mgpu.max_stages(_deepseek_geometry(128), 32) == 3
-    assert mgpu.default_config(_deepseek_geometry(128), 32, 128, 8192) == mgpu.Config(
-        32, 3, 2, wg0_chunks=1, lookahead=True)  # R = 128: 64-token blocks do not fit 2 stages
+    # R = 128: the rope chunk is loaded 64 columns wide, so a token takes 4 x 128 + 64
+    # elements, as at R = 64: Q 64 + 8 KiB, 2 stages of 64 + 8 KiB, P 8 KiB, alpha, 7 barriers
+    wide = _deepseek_geometry(128)
+    assert mgpu.rope_cols(wide, 64) == mgpu.rope_cols(wide, 16) == 64
+    assert mgpu.rope_cols(geom, 64) == 64
+    assert mgpu.smem_plan(wide, 64, 2) == 65536 + 8192 + 2 * (65536 + 8192) + 8192 + 1024 + 56
+    assert mgpu.max_stages(wide, 32) == 4 and mgpu.max_stages(wide, 64) == 2
+    assert mgpu.default_config(wide, 32, 128, 8192) == mgpu.Config(64, 2, 2, wg0_chunks=1,
+                                                                   lookahead=False)
+    narrow = page_geometry(KVSpec.mla(256, 32), PoolLayout(16 * 3 * 256, "bfloat16", 128))
+    assert mgpu.rope_cols(narrow, 16) == 32 and mgpu.rope_cols(narrow, 64) == 64
 
 
 def test_rejects_what_it_cannot_do():

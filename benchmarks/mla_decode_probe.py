@@ -23,9 +23,11 @@ HBM floor (KV bytes once / the measured copy bandwidth). The table prints last.
 
 ``--profile DIR`` (GPU) instead records one call's Mosaic GPU profiler trace into DIR: the named
 ranges of each warpgroup (`pallas_kernels.mla_decode_mgpu`'s ``jax.named_scope`` regions) of
-a launch of 32-token blocks in 3 stages, 2 splits, at 32 x 2K tokens (32 blocks a CTA: the
-ranges must fit the profiler's shared-memory buffer, for which the default's two 64-token
-stages leave no room); ``--profile-tune JSON`` overrides its tuning keywords; ``--analyze
+the default launch at 32 x 2K tokens, 2 splits (16 blocks of 64 tokens a CTA; beside the
+default's two 64-token stages the profiler's buffer holds 41 ranges a warpgroup,
+`profile_ranges`: warpgroup 0's first 5 blocks); ``--profile-tune JSON`` overrides its tuning
+keywords (e.g. ``{"block_t": 32, "stages": 3}``, the launch profiled before 2026-12-08, whose
+buffer holds 256 ranges); ``--analyze
 TRACE.json`` (anywhere) prints, per range, its count and mean length in cycles, and the mean
 period of a block.
 """
@@ -111,7 +113,7 @@ def profile(out_dir: str, tune: dict | None = None) -> None:
     ql = jax.random.normal(jax.random.key(5), (len(lens), 128, 512), jnp.bfloat16)
     qr = jax.random.normal(jax.random.key(6), (len(lens), 128, 64), jnp.bfloat16)
     args = (ql, qr, arena, jnp.asarray(table), jnp.asarray(lens, jnp.int32))
-    kw = dict(geom=geom, scale=192**-0.5, num_splits=2, block_t=32, stages=3, **(tune or {}))
+    kw = dict(geom=geom, scale=192**-0.5, num_splits=2, **(tune or {}))
     plain = jax.jit(functools.partial(paged_mla_decode_attention_mgpu, **kw))
     t = bench(plain, *args)
     print(f"profile case without the profiler: {t * 1e6:.1f} us", flush=True)

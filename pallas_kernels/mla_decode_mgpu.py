@@ -156,7 +156,8 @@ BARRIER_BYTES = 8  # one mbarrier
 SCORE_REGISTERS = 232  # per thread of each compute warpgroup (setmaxnreg)
 MEMORY_REGISTERS = 40  # per thread of the memory warpgroup
 MIN_SPLIT_TOKENS = 512  # a split shorter than this would spend more on loading Q than on KV
-PROFILE_RANGES = 256  # named ranges a warpgroup records when profiling (`profile_dir`)
+PROFILE_RANGES = 256  # most named ranges a warpgroup records when profiling (`profile_ranges`)
+PROFILE_RANGE_BYTES = 3 * 16  # shared memory per range the profiler keeps (3 warpgroups x 16 B)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -258,6 +259,15 @@ def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: i
     return Config(block_t=block_t, stages=stages, num_splits=num_splits,
                   wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks),
                   lookahead=stages >= 3 if lookahead is None else lookahead)
+
+
+def profile_ranges(geom: PageGeometry, cfg: Config, itemsize: int = 2) -> int:
+    """Named ranges each warpgroup can record when profiling (`profile_dir`): the profiler's
+    buffer takes `PROFILE_RANGE_BYTES` of shared memory a range, so as many as the launch's
+    `smem_plan` leaves room for, at most `PROFILE_RANGES` (DeepSeek's default, 64-token blocks
+    in 2 stages: 41, enough for the first 5 blocks of warpgroup 0's 7 ranges a block)."""
+    left = SMEM_BYTES - smem_plan(geom, cfg.block_t, cfg.stages, itemsize)
+    return max(0, min(PROFILE_RANGES, left // PROFILE_RANGE_BYTES))
 
 
 def check_supported(geom: PageGeometry, arena: jax.Array, cfg: Config) -> None:
@@ -828,7 +838,8 @@ def _mla_decode_mgpu(q_latent, q_rope, arena, page_table, lengths, *, geom: Page
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
             reduction_scratch_bytes=0,  # row max / sum of WGMMA tiles: warp shuffles only
-            profile_space=PROFILE_RANGES if profile_dir else 0, profile_dir=profile_dir or "",
+            profile_space=profile_ranges(geom, cfg, jnp.dtype(dt).itemsize) if profile_dir else 0,
+            profile_dir=profile_dir or "",
             profile_bounds_check=bool(profile_dir)),
         interpret=params,
         kernel_name="mla_decode_mgpu",
@@ -874,8 +885,8 @@ def paged_mla_decode_attention_mgpu(
     num_splits / block_t / stages / wg0_chunks / lookahead: tuning (`default_config`).
     profile_dir: GPU only, for timing work: each call writes a Mosaic GPU profiler trace there
       (Perfetto JSON: the named ranges of each warpgroup of each CTA, the first
-      `PROFILE_RANGES`; they take ``3 x 16 x PROFILE_RANGES`` bytes of shared memory, so pass
-      fewer ``stages`` than the default).
+      `profile_ranges`: as many as the shared memory left beside the launch holds; ValueError
+      where none fits).
     Returns [B, H, kv_lora_rank] in q_latent's dtype; with ``return_lse`` also lse [B, H] f32.
     Raises ValueError for what the kernel does not support (`check_supported`).
     """
@@ -904,6 +915,9 @@ def paged_mla_decode_attention_mgpu(
                          block_t=block_t, stages=stages, num_splits=num_splits,
                          wg0_chunks=wg0_chunks, lookahead=lookahead)
     check_supported(geom, arena, cfg)
+    if profile_dir and not profile_ranges(geom, cfg, jnp.dtype(arena.dtype).itemsize):
+        raise ValueError(f"no shared memory is left for the profiler beside {cfg}: pass fewer "
+                         "stages or a smaller block_t")
     if b == 0:
         out = jnp.zeros(q_latent.shape, q_latent.dtype)
         return (out, jnp.zeros((0, h), jnp.float32)) if return_lse else out

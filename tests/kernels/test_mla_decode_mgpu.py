@@ -170,11 +170,14 @@ def test_configuration_and_shared_memory_plan(monkeypatch):
     assert mgpu.max_stages(wide, 32) == 4 and mgpu.max_stages(wide, 64) == 2
     assert mgpu.default_config(wide, 32, 128, 8192) == mgpu.Config(64, 2, 2, wg0_chunks=1,
                                                                    lookahead=False)
+    # the profiler gets the shared memory the launch leaves: 1,992 B beside the default
+    assert mgpu.profile_ranges(geom, mgpu.Config(64, 2, 2)) == (232448 - 230456) // 48 == 41
+    assert mgpu.profile_ranges(geom, mgpu.Config(32, 3, 2)) == mgpu.PROFILE_RANGES
     narrow = page_geometry(KVSpec.mla(256, 32), PoolLayout(16 * 3 * 256, "bfloat16", 128))
     assert mgpu.rope_cols(narrow, 16) == 32 and mgpu.rope_cols(narrow, 64) == 64
 
 
-def test_rejects_what_it_cannot_do():
+def test_rejects_what_it_cannot_do(monkeypatch):
     """Clear ValueErrors (the caller falls back to the Triton kernel); an empty batch."""
     rng = np.random.default_rng(2)
     spec = KVSpec.mla(128, 64)
@@ -193,6 +196,10 @@ def test_rejects_what_it_cannot_do():
         call(stages=1)
     with pytest.raises(ValueError, match="backend"):
         call(backend="cuda")
+    with monkeypatch.context() as mp:  # a launch that fills shared memory: no room to profile
+        mp.setattr(mgpu, "SMEM_BYTES", mgpu.smem_plan(case.geom, 16, 2))
+        with pytest.raises(ValueError, match="profiler"):
+            call(block_t=16, stages=2, profile_dir="/nonexistent")
     with pytest.raises(ValueError, match="do not fit"):
         paged_mla_decode_attention_mgpu(ql, ql, case.arena, case.table, case.lens, case.geom,
                                         scale=0.1, backend="interpret")

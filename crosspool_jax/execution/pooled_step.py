@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -633,8 +633,160 @@ def lane_specs(lane: LaneShape, decode: bool) -> dict[str, P]:
     return {k: P(POOL_AXIS) for k in keys}
 
 
+class _Where(NamedTuple):
+    """This device's place in the pool, traced inside shard_map: its index on the pool axis and
+    whether it is a KV device / a weights device (both, colocated)."""
+
+    dev: jax.Array
+    is_kv: jax.Array
+    is_w: jax.Array
+
+
+# The decode loop's carry: (tokens, positions, tail lengths, remaining, done), each a tuple with
+# one array per lane (tokens / positions [T], the others [B]).
+_Carry = tuple[tuple[jax.Array, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepProgram:
+    """What `build_step` traces for `spec`: its lanes over a pool of `n_kv` KV devices (weights
+    devices from index `w_base`), their weight matmuls on `mm_backend`. The methods run inside
+    shard_map, on one device's shard (module doc)."""
+
+    spec: StepSpec
+    lanes: tuple[Lane, ...]
+    n_kv: int
+    w_base: int
+    mm_backend: str
+
+    def body(self, arena: jax.Array, inputs: tuple[dict[str, jax.Array], ...]
+             ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """The shard_map body: one step (prefill, whatever `spec.steps`), or `spec.steps` decode
+        steps as a scan whose carry feeds each step's sampled tokens to the next. Returns (arena,
+        per lane [K, B] tokens; K = 1 for prefill)."""
+        dev = lax.axis_index(POOL_AXIS)
+        at = _Where(dev, dev < self.n_kv, dev >= self.w_base)
+        decode = self.spec.decode
+        carry = (tuple(d["tokens"] for d in inputs), tuple(d["positions"] for d in inputs),
+                 tuple(d["tail_len"] for d in inputs), tuple(d["remaining"] for d in inputs),
+                 tuple(jnp.logical_not(at.is_kv) | (d["tail_len"] <= 0) if decode
+                       else jnp.zeros_like(d["tail_len"], bool) for d in inputs))
+        if not decode:
+            arena, new = self.one_step(arena, inputs, carry, at)
+            return arena, tuple(nxt[None] for nxt, _, _ in new)
+
+        def loop(c: tuple, _: None) -> tuple:
+            arena, *lane_carry = c
+            arena, new = self.one_step(arena, inputs, tuple(lane_carry), at)
+            with jax.named_scope("next_carry"):
+                nexts = [next_carry(*sampled, *one)
+                         for sampled, *one in zip(new, *lane_carry, strict=True)]
+            lane_carry = tuple(tuple(parts) for parts in zip(*nexts, strict=True))
+            return (arena, *lane_carry), tuple(nxt for nxt, _, _ in new)
+
+        (arena, *_), outs = lax.scan(loop, (arena, *carry), None, length=self.spec.steps)
+        return arena, outs
+
+    def reader(self, i: int, arena: jax.Array, st: LaneState) -> _Reader:
+        """Lane i's weight reader over this version of the arena."""
+        return self.lanes[i].reader(arena, st.inp, self.mm_backend)
+
+    def one_step(self, arena: jax.Array, inputs: tuple[dict[str, jax.Array], ...], carry: _Carry,
+                 at: _Where) -> tuple[jax.Array, list[tuple[jax.Array, ...]]]:
+        """Embeds each lane's tokens, runs every layer (`run_layers` over `layer`) and samples.
+        Returns (arena, per lane `Lane.sample`'s (next token, valid, finished))."""
+        toks, poss, lens, rems, dones = carry
+        states: list[LaneState] = []
+        # named scopes: XLA's op names (HLO dumps, profiles) say which part of the step a kernel
+        # came from
+        for ln, inp, tok, pos, ln_len, done in zip(self.lanes, inputs, toks, poss, lens, dones,
+                                                   strict=True):
+            with jax.named_scope("embed"):
+                rd = ln.reader(arena, inp, self.mm_backend)
+                row_ok, tail_len = ln.live_rows(inp, ln_len, done, at.is_kv)
+                x = rd.embed(jnp.where(row_ok, tok, 0), inp["tok_grp"])
+            states.append(LaneState(x, pos, row_ok, tail_len, inp))
+        # every KV device's rows, as the weights devices see them: model of each row, real or not
+        f_meta = []
+        for ln, st in zip(self.lanes, states, strict=True):
+            m = self.n_kv * ln.shape.tokens
+            f_meta.append((lax.all_gather(st.inp["tok_grp"], POOL_AXIS, tiled=True)[:m],
+                           lax.all_gather(st.row_ok, POOL_AXIS, tiled=True)[:m]))
+
+        def layer_fn(arena: jax.Array, layer: jax.Array, sig: LayerSignature) -> jax.Array:
+            return self.layer(arena, layer, sig, states, f_meta, at)
+
+        arena = run_layers(arena, states, [ln.cfg for ln in self.lanes], layer_fn,
+                           self.spec.unroll_layers)
+        with jax.named_scope("sample"):
+            new = [ln.sample(self.reader(i, arena, st), st.x, st.positions, st.inp, rem, done,
+                             at.is_kv)
+                   for i, (ln, st, rem, done) in enumerate(zip(self.lanes, states, rems, dones,
+                                                               strict=True))]
+        return arena, new
+
+    def layer(self, arena: jax.Array, layer: jax.Array | int, sig: LayerSignature,
+              states: list[LaneState], f_meta: list[tuple[jax.Array, jax.Array]], at: _Where
+              ) -> jax.Array:
+        """One layer of every lane live in it (`sig`: each lane's FFN kind and window, or None
+        past its depth); `layer` may be traced (inside a scan over layers). Every live lane's
+        projections read the arena's current version, then every lane's KV write happens at one
+        point (in place: all earlier reads feed it), then each lane's attention + output
+        projection, emitted next to the FFN of the lane before it, so with 2+ lanes
+        (micro-batches) the KV devices' attention and the weights devices' experts can run at
+        the same time."""
+        lanes = self.lanes
+        live = [i for i, one in enumerate(sig) if one is not None]
+        with jax.named_scope("attention_pre"):
+            ctxs = {i: lanes[i].attention_pre(self.reader(i, arena, states[i]), states[i], layer,
+                                              at.is_kv) for i in live}
+        # every lane's reads of this version happen before the first write (barrier) (the
+        # residual streams too: XLA would otherwise re-fuse the layer-0 embedding gather into
+        # the residual add after the write, reading the old arena)
+        arrs = {i: {k: v for k, v in c.items() if isinstance(v, jax.Array)} for i, c in ctxs.items()}
+        xs = tuple(st.x for st in states)
+        arena, arrs, xs = lax.optimization_barrier((arena, arrs, xs))
+        ctxs = {i: {**ctxs[i], **arrs[i]} for i in live}
+        for st, x in zip(states, xs, strict=True):
+            st.x = x
+        for i in live:
+            with jax.named_scope("kv_write"):
+                arena = lanes[i].kv_write(arena, ctxs[i])
+        pending: list[tuple[int, jax.Array]] = []
+        for i in live:
+            ln, st = lanes[i], states[i]
+            with jax.named_scope("attention_post"):
+                f_in = ln.attention_post(self.reader(i, arena, st), arena, st, layer, at.dev,
+                                         at.is_kv, ctxs[i], sig[i][1] or None)
+            with jax.named_scope("to_ffn"):
+                f_rows = lax.all_gather(jnp.where(st.row_ok[:, None], f_in, 0), POOL_AXIS,
+                                        tiled=True)[: self.n_kv * ln.shape.tokens]
+            pending.append((i, f_rows))
+            if len(pending) > 1:
+                self.ffn(arena, *pending.pop(0), layer, sig, states, f_meta, at)
+        while pending:
+            self.ffn(arena, *pending.pop(0), layer, sig, states, f_meta, at)
+        return arena
+
+    def ffn(self, arena: jax.Array, i: int, f_rows: jax.Array, layer: jax.Array | int,
+            sig: LayerSignature, states: list[LaneState],
+            f_meta: list[tuple[jax.Array, jax.Array]], at: _Where) -> None:
+        """Lane i's FFN of `layer` over the KV devices' rows `f_rows` [n_kv * T, D] on the weights
+        devices, summed over the pool; each KV device adds its own rows to its residual stream."""
+        ln, st = self.lanes[i], states[i]
+        with jax.named_scope("ffn"):
+            idx = jnp.asarray(ln.cfg.ffn_stack_index, jnp.int32)[layer]
+            part = ln.ffn(self.reader(i, arena, st), f_rows, *f_meta[i], sig[i][0], idx, at.dev,
+                          at.is_w)
+        with jax.named_scope("from_ffn"):
+            total = lax.psum(jnp.where(at.is_w, part, 0.0), POOL_AXIS)
+            t = ln.shape.tokens
+            mine = lax.dynamic_slice_in_dim(total, jnp.minimum(at.dev, self.n_kv - 1) * t, t, axis=0)
+            st.x = st.x + mine.astype(st.x.dtype)
+
+
 def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
-    """The jitted one-program step for `spec` over `store`'s devices and models.
+    """The jitted one-program step for `spec` over `store`'s devices and models (`_StepProgram`).
 
     Returns ``step(arena, inputs) -> (arena, outputs)``; inputs: a tuple with one dict per lane of
     global arrays whose leading axis is (devices x per-device shape), sharded over the pool axis;
@@ -642,125 +794,15 @@ def build_step(spec: StepSpec, store: ArenaStore, platform: str) -> Callable:
     """
     n, n_kv = store.num_devices, store.num_kv
     w_base = store.weights_index_base
-    lanes = [Lane(sh, model_geometry(sh.cls.config, store.layout, platform), spec, n, n_kv, w_base)
-             for sh in spec.lanes]
-    ksteps = spec.steps if spec.decode else 1
+    lanes = tuple(Lane(sh, model_geometry(sh.cls.config, store.layout, platform), spec, n, n_kv,
+                       w_base) for sh in spec.lanes)
     # the Pallas arena matmul on GPU (measured faster, docs/benchmarks.md); elsewhere XLA's
     # ragged_dot over sliced weights (the interpreter is too slow for whole models on CPU)
     mm_backend = spec.matmul_backend or ("gpu" if platform == "gpu" else "reference")
-    if not spec.decode and ksteps != 1:
-        raise ValueError("a prefill program runs one step")
-
-    def body(arena: jax.Array, inputs: tuple[dict[str, jax.Array], ...]):
-        dev = lax.axis_index(POOL_AXIS)
-        is_kv = dev < n_kv
-        is_w = dev >= w_base
-
-        def one_step(arena, carry):
-            toks, poss, lens, rems, dones = carry
-            states: list[LaneState] = []
-            # named scopes: XLA's op names (HLO dumps, profiles) say which part of the step a
-            # kernel came from
-            for ln, inp, tok, pos, ln_len, done in zip(lanes, inputs, toks, poss, lens, dones,
-                                                       strict=True):
-                with jax.named_scope("embed"):
-                    rd = ln.reader(arena, inp, mm_backend)
-                    row_ok, tail_len = ln.live_rows(inp, ln_len, done, is_kv)
-                    x = rd.embed(jnp.where(row_ok, tok, 0), inp["tok_grp"])
-                states.append(LaneState(x, pos, row_ok, tail_len, inp))
-            # every KV device's rows, as the weights devices see them: model of each row, real or not
-            f_meta = []
-            for ln, st in zip(lanes, states, strict=True):
-                m = n_kv * ln.shape.tokens
-                f_meta.append((lax.all_gather(st.inp["tok_grp"], POOL_AXIS, tiled=True)[:m],
-                               lax.all_gather(st.row_ok, POOL_AXIS, tiled=True)[:m]))
-
-            def layer_fn(arena: jax.Array, layer: jax.Array, sig: LayerSignature) -> jax.Array:
-                """One layer of every lane live in it (`sig`: each lane's FFN kind and window, or
-                None past its depth); `layer` may be traced (inside a scan over layers). Every live
-                lane's projections read the arena's current version, then every lane's KV write
-                happens at one point (in place: all earlier reads feed it), then each lane's
-                attention + output projection, emitted next to the FFN of the lane before it, so
-                with 2+ lanes (micro-batches) the KV devices' attention and the weights devices'
-                experts can run at the same time."""
-                live = [i for i, one in enumerate(sig) if one is not None]
-                with jax.named_scope("attention_pre"):
-                    ctxs = {i: lanes[i].attention_pre(lanes[i].reader(arena, states[i].inp, mm_backend),
-                                                      states[i], layer, is_kv) for i in live}
-                # every lane's reads of this version happen before the first write (barrier)
-                # (the residual streams too: XLA would otherwise re-fuse the layer-0 embedding
-                # gather into the residual add after the write, reading the old arena)
-                arrs = {i: {k: v for k, v in c.items() if isinstance(v, jax.Array)} for i, c in ctxs.items()}
-                xs = tuple(st.x for st in states)
-                arena, arrs, xs = lax.optimization_barrier((arena, arrs, xs))
-                ctxs = {i: {**ctxs[i], **arrs[i]} for i in live}
-                for st, x in zip(states, xs, strict=True):
-                    st.x = x
-                for i in live:
-                    with jax.named_scope("kv_write"):
-                        arena = lanes[i].kv_write(arena, ctxs[i])
-                pending: list[tuple[int, jax.Array]] = []
-                for i in live:
-                    ln, st = lanes[i], states[i]
-                    with jax.named_scope("attention_post"):
-                        f_in = ln.attention_post(ln.reader(arena, st.inp, mm_backend), arena, st, layer,
-                                                 dev, is_kv, ctxs[i], sig[i][1] or None)
-                    with jax.named_scope("to_ffn"):
-                        f_rows = lax.all_gather(jnp.where(st.row_ok[:, None], f_in, 0), POOL_AXIS,
-                                                tiled=True)[: n_kv * ln.shape.tokens]
-                    pending.append((i, f_rows))
-                    if len(pending) > 1:
-                        run_ffn(arena, *pending.pop(0), layer, sig)
-                while pending:
-                    run_ffn(arena, *pending.pop(0), layer, sig)
-                return arena
-
-            def run_ffn(arena: jax.Array, i: int, f_rows: jax.Array, layer: jax.Array,
-                        sig: LayerSignature) -> None:
-                ln, st = lanes[i], states[i]
-                with jax.named_scope("ffn"):
-                    idx = jnp.asarray(ln.cfg.ffn_stack_index, jnp.int32)[layer]
-                    part = ln.ffn(ln.reader(arena, st.inp, mm_backend), f_rows, *f_meta[i], sig[i][0],
-                                  idx, dev, is_w)
-                with jax.named_scope("from_ffn"):
-                    total = lax.psum(jnp.where(is_w, part, 0.0), POOL_AXIS)
-                    t = ln.shape.tokens
-                    mine = lax.dynamic_slice_in_dim(total, jnp.minimum(dev, n_kv - 1) * t, t, axis=0)
-                    st.x = st.x + mine.astype(st.x.dtype)
-
-            arena = run_layers(arena, states, [ln.cfg for ln in lanes], layer_fn, spec.unroll_layers)
-            with jax.named_scope("sample"):
-                new = [ln.sample(ln.reader(arena, st.inp, mm_backend), st.x, st.positions, st.inp, rem,
-                                 done, is_kv)
-                       for ln, st, rem, done in zip(lanes, states, rems, dones, strict=True)]
-            return arena, states, new
-
-        toks0 = tuple(d["tokens"] for d in inputs)
-        poss0 = tuple(d["positions"] for d in inputs)
-        lens0 = tuple(d["tail_len"] for d in inputs)
-        rems0 = tuple(d["remaining"] for d in inputs)
-        dones0 = tuple(jnp.logical_not(is_kv) | (d["tail_len"] <= 0) if spec.decode
-                       else jnp.zeros_like(d["tail_len"], bool) for d in inputs)
-        if not spec.decode:
-            arena, _, new = one_step(arena, (toks0, poss0, lens0, rems0, dones0))
-            return arena, tuple(nxt[None] for nxt, _, _ in new)
-
-        def loop(carry, _):
-            arena, toks, poss, lens, rems, dones = carry
-            arena, _, new = one_step(arena, (toks, poss, lens, rems, dones))
-            with jax.named_scope("next_carry"):
-                nexts = [next_carry(*sampled, *c) for sampled, *c in zip(new, toks, poss, lens, rems,
-                                                                          dones, strict=True)]
-            toks2, poss2, lens2, rems2, dones2 = (tuple(parts) for parts in zip(*nexts, strict=True))
-            return (arena, toks2, poss2, lens2, rems2, dones2), tuple(nxt for nxt, _, _ in new)
-
-        (arena, *_), outs = lax.scan(loop, (arena, toks0, poss0, lens0, rems0, dones0), None,
-                                     length=ksteps)
-        return arena, outs
-
+    program = _StepProgram(spec, lanes, n_kv, w_base, mm_backend)
     in_specs = (P(POOL_AXIS), tuple(lane_specs(sh, spec.decode) for sh in spec.lanes))
     out_specs = (P(POOL_AXIS), tuple(P(None, POOL_AXIS) for _ in spec.lanes))
-    f = shard_map(body, store.mesh, in_specs=in_specs, out_specs=out_specs)
+    f = shard_map(program.body, store.mesh, in_specs=in_specs, out_specs=out_specs)
     # donates: the arena (KV appends write it in place)
     return jax.jit(f, donate_argnums=(0,))
 

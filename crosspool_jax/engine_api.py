@@ -447,10 +447,6 @@ class ReferenceEngine(EngineCore):
         self._start_workers([threading.Thread(target=self._run, name="crosspool-reference-engine",
                                               daemon=True)])
 
-    @property
-    def _worker(self) -> threading.Thread:
-        return self._workers[0]
-
     # ---- models -------------------------------------------------------------------------------
     def add_model(
         self, name: str, config: ModelConfig, weights: ModelWeights, tokenizer: Any = None, source: str = ""

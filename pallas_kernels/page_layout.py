@@ -115,10 +115,6 @@ class PoolLayout:
     def rows_per_page(self) -> int:
         return self.page_bytes // (self.row_elems * self.itemsize)
 
-    @property
-    def page_elems(self) -> int:
-        return self.rows_per_page * self.row_elems
-
     def arena_shape(self, num_pages: int | None = None) -> tuple[int, int, int]:
         """``[num_pages, rows_per_page, row_elems]``: the arena array's shape."""
         n = self.num_pages if num_pages is None else num_pages

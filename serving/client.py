@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -119,10 +119,6 @@ class CrossPoolClient:
                 "total_tokens": last.usage.total_tokens,
             }
         return out
-
-    def iter_tokens(self, model: str, **kw: Any) -> Iterator[pb.GenerateResponse]:
-        """Yields GenerateResponse messages as they arrive."""
-        yield from self.generate_stream(model, **kw)
 
     def list_models(self) -> list[pb.ModelInfo]:
         return list(self.stub.ListModels(pb.ListModelsRequest(), metadata=self._md).models)

@@ -32,7 +32,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -707,6 +706,3 @@ def serve_forever(
             signals.restore()
 
 
-def new_request_id() -> str:
-    """A fresh request id (the client's default)."""
-    return uuid.uuid4().hex

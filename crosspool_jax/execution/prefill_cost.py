@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -79,14 +79,6 @@ def chunk_work(costs: ModelCosts, start: int, end: int, rows: int = 0) -> Prefil
     pairs = q * start + q * (q + 1) / 2
     per_row = dense_flops_per_token(costs)
     return PrefillWork(q, q * per_row, pairs * costs.attn_flops_per_pair, max(0, rows - q) * per_row)
-
-
-def chunks_work(costs: ModelCosts, spans: Iterable[tuple[int, int]]) -> PrefillWork:
-    """The summed `chunk_work` of several (start, end) spans of one model."""
-    total = NO_WORK
-    for start, end in spans:
-        total = total + chunk_work(costs, start, end)
-    return total
 
 
 Coefficients = tuple[float, float, float, float]  # c_call s, c_dense, c_attn, c_pad s/FLOP

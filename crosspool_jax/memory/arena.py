@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from crosspool_jax.errors import CapacityError, CrossPoolError
 from crosspool_jax.memory.topology import POOL_AXIS, PoolTopology, Role, experts_per_device
-from crosspool_jax.models.config import AttentionKind, FFNKind, ModelConfig
+from crosspool_jax.models.config import AttentionKind, ModelConfig
 from crosspool_jax.models.params import ModelWeights
 from pallas_kernels.page_layout import PoolLayout, _np_dtype
 
@@ -366,9 +366,6 @@ class RowAllocator:
     @property
     def free_rows(self) -> int:
         return sum(n for _, n in self._free)
-
-    def largest_free(self) -> int:
-        return max((n for _, n in self._free), default=0)
 
     def alloc(self, n: int) -> int | None:
         for i, (start, size) in enumerate(self._free):
@@ -936,6 +933,3 @@ def _filler(mesh: Any, rows: int, kind: int, scale: float) -> Callable:
     f = shard_map(body, mesh, in_specs=(P(POOL_AXIS), P(POOL_AXIS), P(), P()), out_specs=P(POOL_AXIS))
     return jax.jit(f, donate_argnums=(0,))
 
-
-def ffn_kind_index(cfg: ModelConfig, layer: int) -> tuple[FFNKind, int]:
-    return cfg.ffn_kinds[layer], cfg.ffn_stack_index[layer]

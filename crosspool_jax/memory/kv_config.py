@@ -42,22 +42,6 @@ class KVPoolConfig:
         """Pages in the whole pool (all devices)."""
         return self.num_devices * self.pages_per_device
 
-    @property
-    def device_bytes(self) -> int:
-        """Bytes of one device's arena."""
-        return self.pages_per_device * self.page_bytes
-
-    @property
-    def total_bytes(self) -> int:
-        """Bytes of all arenas together."""
-        return self.total_pages * self.page_bytes
-
-    @property
-    def host_swap_bytes(self) -> int:
-        """Bytes of host swap space."""
-        return self.host_swap_pages * self.page_bytes
-
-
 class _HasKVShape(Protocol):
     """What `KVGeometry.from_model_config` reads from a `crosspool_jax.models.config.ModelConfig`."""
 

@@ -28,8 +28,6 @@ are importable from here too.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from crosspool_jax.memory.kv_accounting import check_books, device_stats, model_stats, pool_stats
 from crosspool_jax.memory.kv_allocation import (
     DevicePages,
@@ -339,17 +337,7 @@ class KVVirtualizer:
         self._check_device(device)
         return build_page_table(self._requests.values(), device, self.layout(model), max_pages)
 
-    def page_owner(self, page: PhysicalPage) -> RequestId | None:
-        """The request holding a physical page, or None if it is free."""
-        self._check_device(page.device)
-        return self._pages.owners[page.device][page.page]
-
     # -- statistics --
-
-    def free_pages(self, device: int) -> int:
-        """Free pages on `device`."""
-        self._check_device(device)
-        return len(self._pages.free_stacks[device])
 
     @property
     def total_free_pages(self) -> int:
@@ -360,13 +348,6 @@ class KVVirtualizer:
         """Device pages `model`'s requests hold now."""
         self.layout(model)
         return self._model_pages[model]
-
-    def iter_requests_on(self, device: int) -> Iterator[RequestId]:
-        """Requests with at least one segment on `device`."""
-        self._check_device(device)
-        for req in self._requests.values():
-            if any(s.device == device for s in req.segments):
-                yield req.request_id
 
     def pages_free(self, device: int) -> int:
         """Free pages on `device`: one length read, safe to call from another thread while the

@@ -178,10 +178,6 @@ class ModelConfig:
         return tuple(out)
 
     @property
-    def q_head_dim(self) -> int:
-        return self.head_dim
-
-    @property
     def v_dim(self) -> int:
         """Per-head dim of the attention output (v_head_dim for MLA)."""
         return self.v_head_dim if self.attention == AttentionKind.MLA else self.head_dim

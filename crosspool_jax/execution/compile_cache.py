@@ -20,10 +20,26 @@ small model compiles in about 0.5-2 s), unless ``JAX_PERSISTENT_CACHE_MIN_COMPIL
 set, and caches entries of any size.
 
 The cache is trusted code (JAX executes what it reads): keep it in a directory only you can write.
+
+XLA's kernel cache, one file per compile worker process (`claim_kernel_cache`). XLA:GPU can keep
+the kernels it compiled in a file (``xla_gpu_kernel_cache_file``) and reuse them in later
+compiles of other programs, which repeat most of their kernels (the grid's step programs carry
+63 distinct Triton kernels among 352). JAX's own switch for it
+(``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=all``) points every process at one file, which XLA
+rewrites whole after each compile without a lock, so compile processes that share it can fail a
+compile. Here each compile worker claims a file of its own under
+``<cache dir>/xla_kernel_caches/`` (an exclusive `fcntl.flock` held for the worker's life, so
+no two live processes, of one engine or several, write one file) and compiles with it as a
+per-call compiler option (`KERNEL_CACHE_OPTION`), which `exclude_kernel_cache_from_key` keeps out
+of JAX's persistent-cache key: the file does not change the executable, and a program compiled
+by any worker, or by the serving process without the option, keeps one key. On by default for
+GPU compile workers; ``$CROSSPOOL_XLA_KERNEL_CACHE=off`` turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 
@@ -31,6 +47,12 @@ ENV = "CROSSPOOL_COMPILATION_CACHE"
 OFF = ("off", "none", "0", "false", "no")  # words that turn a setting off (case-insensitive)
 ON = ("on", "1", "true", "yes")  # words that turn an on/off setting on
 MIN_COMPILE_SECS = 0.5
+KERNEL_CACHE_ENV = "CROSSPOOL_XLA_KERNEL_CACHE"  # on / off (module doc); default on
+KERNEL_CACHE_OPTION = "xla_gpu_kernel_cache_file"  # the XLA debug option, set per compile
+KERNEL_CACHE_DIR = "xla_kernel_caches"  # under the compilation cache directory
+KERNEL_CACHE_SLOTS = 64  # most compile processes with a kernel cache file at once, per directory
+KERNEL_CACHE_MAX_BYTES = 512 << 20  # a claimed file larger than this starts afresh (XLA reads it
+# whole at every compile)
 
 _log = logging.getLogger(__name__)
 
@@ -74,3 +96,80 @@ def compilation_cache_dir() -> str | None:
     import jax
 
     return jax.config.jax_compilation_cache_dir or None
+
+
+def kernel_cache_wanted() -> bool:
+    """``$CROSSPOOL_XLA_KERNEL_CACHE`` read as on / off (unset or empty: on); ValueError for any
+    other word."""
+    text = os.environ.get(KERNEL_CACHE_ENV, "").strip().lower()
+    if text and text not in ON + OFF:
+        raise ValueError(f"${KERNEL_CACHE_ENV} must be on or off, got {text!r}")
+    return text not in OFF
+
+
+def exclude_kernel_cache_from_key() -> bool:
+    """Keeps `KERNEL_CACHE_OPTION`, given as a per-call compiler option, out of JAX's persistent
+    compilation cache key (as JAX keeps its autotune cache directory out). Returns False where
+    this JAX has no such list (then the kernel cache must stay off: each file would key its own
+    copies of every program)."""
+    try:
+        from jax._src import cache_key
+    except ImportError:  # pragma: no cover - a JAX without the module
+        return False
+    excluded = getattr(cache_key, "env_override_flags_to_exclude_from_cache_key", None)
+    if not isinstance(excluded, set):
+        return False
+    excluded.add(KERNEL_CACHE_OPTION)
+    return True
+
+
+class KernelCacheClaim:
+    """One claimed kernel cache file: `path`, locked for as long as this object is open (module
+    doc). `release()` (or garbage collection of the process) frees the slot."""
+
+    def __init__(self, path: str, lock_fd: int):
+        self.path = path
+        self._fd: int | None = lock_fd
+
+    def discard(self) -> None:
+        """Deletes the file (e.g. after a compile that failed with it: it may be truncated); the
+        next compile writes a new one."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops its flock
+            self._fd = None
+
+
+def claim_kernel_cache(cache_dir: str) -> KernelCacheClaim | None:
+    """The first free kernel cache file slot ``<cache_dir>/xla_kernel_caches/slot-<k>.bin`` (k <
+    `KERNEL_CACHE_SLOTS`), held by a non-blocking exclusive flock on ``slot-<k>.lock``; None when
+    every slot is held or the directory cannot be written. The file keeps the kernels of earlier
+    processes that held the slot, unless it grew past `KERNEL_CACHE_MAX_BYTES` (then it is
+    deleted)."""
+    root = os.path.join(cache_dir, KERNEL_CACHE_DIR)
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    except OSError as e:
+        _log.warning("XLA kernel cache off: cannot create %s (%s)", root, e)
+        return None
+    for k in range(KERNEL_CACHE_SLOTS):
+        try:
+            fd = os.open(os.path.join(root, f"slot-{k}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            _log.warning("XLA kernel cache off: cannot open a lock in %s (%s)", root, e)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by another live process (or another claim of this one)
+            os.close(fd)
+            continue
+        claim = KernelCacheClaim(os.path.join(root, f"slot-{k}.bin"), fd)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.getsize(claim.path) > KERNEL_CACHE_MAX_BYTES:
+                claim.discard()
+        return claim
+    _log.warning("XLA kernel cache off: all %d slots in %s are held", KERNEL_CACHE_SLOTS, root)
+    return None

@@ -1,4 +1,4 @@
-"""Each compile worker's own XLA kernel cache file (`compile_cache` module doc): slots claimed
+"""Each compiling process's own XLA kernel cache file (`compile_cache` module doc): slots claimed
 with a lock, the option kept out of JAX's persistent-cache key, a failed compile retried without
 the file. XLA:CPU has no kernel cache, so what runs here is the plumbing; the cache's effect on a
 GPU compile is measured by `benchmarks/gpu_compile.sh` (docs/benchmarks.md)."""
@@ -100,47 +100,76 @@ class _Claim:
         self.discarded += 1
 
 
-def _fake_compile(monkeypatch, errors: list[str]) -> list[dict]:
-    """compile_spec raising each of `errors` in turn (then succeeding); returns the options of
-    every attempt."""
-    seen: list[dict] = []
+class _Lowered:
+    """`compile` raising each of `errors` in turn, then returning "compiled"; records the options
+    of every attempt."""
 
-    def fake(spec, shape, platform, options):
-        seen.append(dict(options))
-        if len(seen) <= len(errors):
-            raise RuntimeError(errors[len(seen) - 1])
+    def __init__(self, errors: list[str]):
+        self.errors, self.seen = list(errors), []
+
+    def compile(self, compiler_options=None):
+        self.seen.append(compiler_options)
+        if self.errors:
+            raise RuntimeError(self.errors.pop(0))
         return "compiled"
 
-    monkeypatch.setattr(cp, "compile_spec", fake)
+
+def test_a_compile_that_fails_on_the_cache_retries_without_it():
+    claim, low = _Claim(), _Lowered(["could not parse the kernel cache file"])
+    assert cc.compile_with_kernel_cache(low, {"a": 1}, claim) == "compiled"
+    assert low.seen == [{"a": 1, cc.KERNEL_CACHE_OPTION: claim.path}, {"a": 1}]
+    assert claim.discarded == 1
+
+
+def test_other_failures_are_not_retried():
+    claim, low = _Claim(), _Lowered(["shared memory exceeded"])
+    with pytest.raises(RuntimeError, match="shared memory"):
+        cc.compile_with_kernel_cache(low, None, claim)
+    assert len(low.seen) == 1 and claim.discarded == 0
+    low = _Lowered(["kernel cache broken", "kernel cache broken again"])
+    with pytest.raises(RuntimeError, match="again"):
+        cc.compile_with_kernel_cache(low, None, claim)
+    assert len(low.seen) == 2
+    low = _Lowered([])
+    assert cc.compile_with_kernel_cache(low, None, None) == "compiled" and low.seen == [None]
+
+
+def test_no_kernel_cache_on_cpu(tmp_path, monkeypatch):
+    assert jax.default_backend() == "cpu"
+    monkeypatch.setattr(cc, "_process_claim_tried", False)
+    monkeypatch.setattr(cc, "compilation_cache_dir", lambda: str(tmp_path))
+    assert cc.process_kernel_cache() is None
+    assert not (tmp_path / cc.KERNEL_CACHE_DIR).exists()
+    # the worker's jobs compile without it (XLA:CPU has none), with the CPU worker's option
+    monkeypatch.setattr(cp, "compile_spec", lambda spec, shape, platform, options: options)
     import jax.experimental.serialize_executable as se
     monkeypatch.setattr(se, "serialize", lambda compiled: (compiled, "in", "out"))
-    return seen
+    assert cp._compile_job(("spec", "shape", "cpu", {})) == ("ok", cp.CPU_SERIALIZABLE, "in",
+                                                             "out")
 
 
-def test_a_compile_that_fails_on_the_cache_retries_without_it(monkeypatch):
-    claim = _Claim()
-    seen = _fake_compile(monkeypatch, ["could not parse the kernel cache file"])
-    assert cp._compile_job(("spec", "shape", "gpu", {"a": 1}), claim) == ("ok", "compiled", "in",
-                                                                          "out")
-    assert seen[0][cc.KERNEL_CACHE_OPTION] == claim.path and cc.KERNEL_CACHE_OPTION not in seen[1]
-    assert seen[1]["a"] == 1 and claim.discarded == 1
-
-
-def test_other_failures_are_not_retried(monkeypatch):
-    claim = _Claim()
-    seen = _fake_compile(monkeypatch, ["shared memory exceeded"])
-    answer = cp._compile_job(("spec", "shape", "gpu", {}), claim)
-    assert answer[0] == "error" and "shared memory exceeded" in answer[1]
-    assert len(seen) == 1 and claim.discarded == 0
-    seen = _fake_compile(monkeypatch, ["kernel cache broken", "kernel cache broken again"])
-    answer = cp._compile_job(("spec", "shape", "gpu", {}), claim)
-    assert answer[0] == "error" and "again" in answer[1] and len(seen) == 2
-    seen = _fake_compile(monkeypatch, [])
-    assert cp._compile_job(("spec", "shape", "gpu", {}), None)[0] == "ok"
-    assert seen == [cp.CPU_SERIALIZABLE]  # no cache on CPU; the CPU worker's option only
-
-
-def test_the_worker_uses_no_kernel_cache_on_cpu(tmp_path):
-    assert jax.default_backend() == "cpu"
-    assert cp._worker_kernel_cache(str(tmp_path)) is None
-    assert not (tmp_path / cc.KERNEL_CACHE_DIR).exists()
+def test_a_process_claims_one_slot_once(tmp_path, monkeypatch):
+    """As on a GPU (the backend check stubbed): the first call claims a slot, later calls return
+    the same claim; with JAX's own kernel cache on, or the setting off, none."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(cc, "compilation_cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(cache_key, "env_override_flags_to_exclude_from_cache_key",
+                        set(cache_key.env_override_flags_to_exclude_from_cache_key))
+    monkeypatch.setattr(cc, "_process_claim_tried", False)
+    monkeypatch.setattr(cc, "_process_claim", None)
+    claim = cc.process_kernel_cache()
+    assert claim is not None and claim.path.endswith("slot-0.bin")
+    assert cc.process_kernel_cache() is claim
+    assert cc.KERNEL_CACHE_OPTION in cache_key.env_override_flags_to_exclude_from_cache_key
+    claim.release()
+    monkeypatch.setattr(cc, "_process_claim_tried", False)
+    with monkeypatch.context() as mp:
+        mp.setenv(cc.KERNEL_CACHE_ENV, "off")
+        assert cc.process_kernel_cache() is None
+    monkeypatch.setattr(cc, "_process_claim_tried", False)
+    saved = jax.config.jax_persistent_cache_enable_xla_caches
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "all")
+    try:
+        assert cc.process_kernel_cache() is None
+    finally:
+        jax.config.update("jax_persistent_cache_enable_xla_caches", saved)

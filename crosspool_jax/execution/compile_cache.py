@@ -21,19 +21,20 @@ set, and caches entries of any size.
 
 The cache is trusted code (JAX executes what it reads): keep it in a directory only you can write.
 
-XLA's kernel cache, one file per compile worker process (`claim_kernel_cache`). XLA:GPU can keep
+XLA's kernel cache, one file per compiling process (`process_kernel_cache`). XLA:GPU can keep
 the kernels it compiled in a file (``xla_gpu_kernel_cache_file``) and reuse them in later
 compiles of other programs, which repeat most of their kernels (the grid's step programs carry
 63 distinct Triton kernels among 352). JAX's own switch for it
 (``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=all``) points every process at one file, which XLA
 rewrites whole after each compile without a lock, so compile processes that share it can fail a
-compile. Here each compile worker claims a file of its own under
-``<cache dir>/xla_kernel_caches/`` (an exclusive `fcntl.flock` held for the worker's life, so
-no two live processes, of one engine or several, write one file) and compiles with it as a
-per-call compiler option (`KERNEL_CACHE_OPTION`), which `exclude_kernel_cache_from_key` keeps out
-of JAX's persistent-cache key: the file does not change the executable, and a program compiled
-by any worker, or by the serving process without the option, keeps one key. On by default for
-GPU compile workers; ``$CROSSPOOL_XLA_KERNEL_CACHE=off`` turns it off.
+compile. Here each process that compiles step programs on a GPU (the serving process, each
+compile worker) claims a file of its own under ``<cache dir>/xla_kernel_caches/`` (an exclusive
+`fcntl.flock` held for the process's life, so no two live processes, of one engine or several,
+write one file) and compiles with it as a per-call compiler option (`KERNEL_CACHE_OPTION`,
+`compile_with_kernel_cache`), which `exclude_kernel_cache_from_key` keeps out of JAX's
+persistent-cache key: the file does not change the executable, so a program keeps one key
+whichever process compiled it. On by default on GPU; ``$CROSSPOOL_XLA_KERNEL_CACHE=off`` turns it
+off.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
+from typing import Any
 
 ENV = "CROSSPOOL_COMPILATION_CACHE"
 OFF = ("off", "none", "0", "false", "no")  # words that turn a setting off (case-insensitive)
@@ -173,3 +176,49 @@ def claim_kernel_cache(cache_dir: str) -> KernelCacheClaim | None:
         return claim
     _log.warning("XLA kernel cache off: all %d slots in %s are held", KERNEL_CACHE_SLOTS, root)
     return None
+
+
+_process_claim: KernelCacheClaim | None = None
+_process_claim_tried = False
+_process_claim_lock = threading.Lock()
+
+
+def process_kernel_cache() -> KernelCacheClaim | None:
+    """This process's XLA kernel cache file, claimed on first use and held until the process
+    exits; None: off on CPU, without a compilation cache directory, with
+    ``$CROSSPOOL_XLA_KERNEL_CACHE=off``, where JAX's own kernel cache setting is on
+    (``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES``: its file wins), where the option cannot be kept
+    out of the persistent cache's key, or with every slot held."""
+    global _process_claim, _process_claim_tried
+    import jax
+
+    with _process_claim_lock:
+        if _process_claim_tried:
+            return _process_claim
+        _process_claim_tried = True
+        cache_dir = compilation_cache_dir()
+        jax_caches = jax.config.jax_persistent_cache_enable_xla_caches or ""
+        if (not cache_dir or jax.default_backend() == "cpu" or not kernel_cache_wanted()
+                or jax_caches == "all" or KERNEL_CACHE_OPTION in jax_caches
+                or not exclude_kernel_cache_from_key()):
+            return None
+        _process_claim = claim_kernel_cache(cache_dir)
+        return _process_claim
+
+
+def compile_with_kernel_cache(lowered: Any, compiler_options: dict[str, Any] | None,
+                              claim: KernelCacheClaim | None) -> Any:
+    """``lowered.compile`` with `compiler_options`, plus `claim`'s kernel cache file when there is
+    one. A compile with the file that fails naming a cache in its message is retried without
+    it, and the file deleted (a process killed while XLA rewrote it leaves it cut short)."""
+    options = dict(compiler_options or {})
+    if claim is not None:
+        try:
+            return lowered.compile(compiler_options=options | {KERNEL_CACHE_OPTION: claim.path})
+        except Exception as e:
+            if "cache" not in str(e).lower():
+                raise
+            _log.warning("compiling without the XLA kernel cache %s, which is deleted: %s",
+                         claim.path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            claim.discard()
+    return lowered.compile(compiler_options=options or None)

@@ -17,9 +17,9 @@ fresh interpreter, never a fork of a process that holds accelerator state, and n
 caller's main module) over a socket pair, with the parent's environment, its JAX platform and
 persistent compilation cache directory (not on CPU: `CPU_SERIALIZABLE`) and no preallocated
 memory pool (`worker_environment`: the serving process owns the memory; the worker needs the
-device only to compile for it). On GPU each worker compiles with an XLA kernel cache file of its
-own (`compile_cache` module doc), so kernels that its programs repeat compile once. A
-`ProcessCompiler` holds up to `workers` of them (the
+device only to compile for it). On GPU each worker, like the serving process, compiles with an
+XLA kernel cache file of its own (`compile_cache` module doc), so kernels that its programs
+repeat compile once. A `ProcessCompiler` holds up to `workers` of them (the
 runner's `compile_workers`: its compile queue runs that many compiles at once, each waiting on
 its own worker). A worker that dies or fails a job raises `CompileProcessError` in the caller,
 which falls back to compiling in process (`GroupRunner`); the next job starts a new worker.
@@ -105,70 +105,40 @@ def compile_spec(spec: Any, shape: Any, platform: str,
                  compiler_options: dict[str, Any] | None) -> Any:
     """`spec`'s step program over an arena of `shape` (a `StoreShape`, or the `ArenaStore` itself:
     the same attributes), lowered and compiled here (jax.stages.Compiled). The one build of a step
-    program, in the worker and in the serving process alike."""
+    program, in the worker and in the serving process alike; on GPU with this process's XLA
+    kernel cache file (`compile_cache.compile_with_kernel_cache`)."""
+    from crosspool_jax.execution.compile_cache import compile_with_kernel_cache, process_kernel_cache
     from crosspool_jax.execution.pooled_step import build_step, input_shapes
 
     arena = jax.ShapeDtypeStruct(shape.arena_shape, shape.arena_dtype, sharding=shape.sharding)
-    return build_step(spec, shape, platform).lower(arena, input_shapes(spec, shape)).compile(
-        compiler_options=compiler_options or None)
+    lowered = build_step(spec, shape, platform).lower(arena, input_shapes(spec, shape))
+    claim = process_kernel_cache() if platform == "gpu" else None
+    return compile_with_kernel_cache(lowered, compiler_options, claim)
 
 
-def _worker_kernel_cache(cache_dir: str | None) -> Any:
-    """The worker's own XLA kernel cache file (`compile_cache.claim_kernel_cache`), or None: off
-    on CPU, without a compilation cache directory, with ``$CROSSPOOL_XLA_KERNEL_CACHE=off``, where
-    JAX's own kernel cache setting is on (``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES``: its file
-    wins), or where the option cannot be kept out of the persistent cache's key."""
-    from crosspool_jax.execution import compile_cache as cc
-
-    if not cache_dir or jax.default_backend() == "cpu" or not cc.kernel_cache_wanted():
-        return None
-    jax_caches = jax.config.jax_persistent_cache_enable_xla_caches or ""
-    if jax_caches == "all" or cc.KERNEL_CACHE_OPTION in jax_caches:
-        return None
-    if not cc.exclude_kernel_cache_from_key():
-        return None
-    return cc.claim_kernel_cache(cache_dir)
-
-
-def _compile_job(job: tuple, kernel_cache: Any) -> tuple:
-    """One job's answer: ("ok", payload, in_tree, out_tree) or ("error", text). With a kernel
-    cache file, a compile that fails naming a cache is retried once without the file, which is
-    deleted (it may be cut short by a process killed while writing it)."""
+def _compile_job(job: tuple) -> tuple:
+    """One job's answer: ("ok", payload, in_tree, out_tree) or ("error", text)."""
     from jax.experimental.serialize_executable import serialize
-
-    from crosspool_jax.execution.compile_cache import KERNEL_CACHE_OPTION
 
     spec, shape, platform, options = job
     options = dict(options)
     if jax.default_backend() == "cpu":
         options = CPU_SERIALIZABLE | options
-
-    def attempt(opts: dict[str, Any]) -> tuple[tuple, str]:
-        """(the answer, the error's own message: "" when it compiled)."""
-        try:
-            return ("ok", *serialize(compile_spec(spec, shape, platform, opts))), ""
-        except Exception as e:  # every failure goes back to the caller as text
-            return ("error", traceback.format_exc(limit=8)), str(e)
-
-    if kernel_cache is not None:
-        answer, message = attempt(options | {KERNEL_CACHE_OPTION: kernel_cache.path})
-        if answer[0] == "ok" or "cache" not in message.lower():
-            return answer
-        kernel_cache.discard()
-    return attempt(options)[0]
+    try:
+        return ("ok", *serialize(compile_spec(spec, shape, platform, options)))
+    except Exception:  # every failure goes back to the caller as text
+        return ("error", traceback.format_exc(limit=8))
 
 
 def _worker_main(conn: Any, cache_dir: str | None) -> None:
     """The worker's loop: (spec, shape, platform, options) in, ("ok", payload, in_tree, out_tree)
-    or ("error", text) out, until the pipe closes or None arrives. On GPU it compiles with its
-    own XLA kernel cache file (`compile_cache` module doc) unless that is off."""
+    or ("error", text) out, until the pipe closes or None arrives."""
     if cache_dir and jax.default_backend() != "cpu":
         # (CPU: a cached entry may be a split program compiled by the serving process, whose key
         # does not see `CPU_SERIALIZABLE`; the worker compiles afresh there)
         from crosspool_jax.execution.compile_cache import enable_compilation_cache
 
         enable_compilation_cache(cache_dir)  # the serving process's directory and thresholds
-    kernel_cache = _worker_kernel_cache(cache_dir)
     conn.send(("ready", jax.default_backend()))
     while True:
         try:
@@ -177,7 +147,7 @@ def _worker_main(conn: Any, cache_dir: str | None) -> None:
             return
         if job is None:
             return
-        conn.send(_compile_job(job, kernel_cache))
+        conn.send(_compile_job(job))
 
 
 def worker_environment(base: dict[str, str], backend: str) -> dict[str, str]:

@@ -1,9 +1,12 @@
-"""Each compiling process's own XLA kernel cache file (`compile_cache` module doc): slots claimed
+"""Each compiling thread's own XLA kernel cache file (`compile_cache` module doc): slots claimed
 with a lock, the option kept out of JAX's persistent-cache key, a failed compile retried without
 the file. XLA:CPU has no kernel cache, so what runs here is the plumbing; the cache's effect on a
 GPU compile is measured by `benchmarks/gpu_compile.sh` (docs/benchmarks.md)."""
 
 from __future__ import annotations
+
+import gc
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -134,11 +137,15 @@ def test_other_failures_are_not_retried():
     assert cc.compile_with_kernel_cache(low, None, None) == "compiled" and low.seen == [None]
 
 
+def _fresh_thread_state(monkeypatch):
+    monkeypatch.setattr(cc, "_thread_claims", threading.local())
+
+
 def test_no_kernel_cache_on_cpu(tmp_path, monkeypatch):
     assert jax.default_backend() == "cpu"
-    monkeypatch.setattr(cc, "_process_claim_tried", False)
+    _fresh_thread_state(monkeypatch)
     monkeypatch.setattr(cc, "compilation_cache_dir", lambda: str(tmp_path))
-    assert cc.process_kernel_cache() is None
+    assert cc.kernel_cache_for_this_thread() is None
     assert not (tmp_path / cc.KERNEL_CACHE_DIR).exists()
     # the worker's jobs compile without it (XLA:CPU has none), with the CPU worker's option
     monkeypatch.setattr(cp, "compile_spec", lambda spec, shape, platform, options: options)
@@ -148,28 +155,37 @@ def test_no_kernel_cache_on_cpu(tmp_path, monkeypatch):
                                                              "out")
 
 
-def test_a_process_claims_one_slot_once(tmp_path, monkeypatch):
-    """As on a GPU (the backend check stubbed): the first call claims a slot, later calls return
-    the same claim; with JAX's own kernel cache on, or the setting off, none."""
+def test_each_compiling_thread_claims_its_own_slot(tmp_path, monkeypatch):
+    """As on a GPU (the backend check stubbed): a thread's first call claims a slot and later
+    calls return it; another thread gets another slot, freed when that thread ends; with the
+    setting off, or JAX's own kernel cache on, none."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(cc, "compilation_cache_dir", lambda: str(tmp_path))
     monkeypatch.setattr(cache_key, "env_override_flags_to_exclude_from_cache_key",
                         set(cache_key.env_override_flags_to_exclude_from_cache_key))
-    monkeypatch.setattr(cc, "_process_claim_tried", False)
-    monkeypatch.setattr(cc, "_process_claim", None)
-    claim = cc.process_kernel_cache()
+    _fresh_thread_state(monkeypatch)
+    claim = cc.kernel_cache_for_this_thread()
     assert claim is not None and claim.path.endswith("slot-0.bin")
-    assert cc.process_kernel_cache() is claim
+    assert cc.kernel_cache_for_this_thread() is claim
     assert cc.KERNEL_CACHE_OPTION in cache_key.env_override_flags_to_exclude_from_cache_key
+    other: list = []
+    t = threading.Thread(target=lambda: other.append(cc.kernel_cache_for_this_thread().path))
+    t.start()
+    t.join()
+    assert other == [claim.path.replace("slot-0", "slot-1")]
+    gc.collect()  # the thread's claim went with it: its slot is free again
+    again = cc.claim_kernel_cache(str(tmp_path))
+    assert again.path == other[0]
+    again.release()
     claim.release()
-    monkeypatch.setattr(cc, "_process_claim_tried", False)
+    _fresh_thread_state(monkeypatch)
     with monkeypatch.context() as mp:
         mp.setenv(cc.KERNEL_CACHE_ENV, "off")
-        assert cc.process_kernel_cache() is None
-    monkeypatch.setattr(cc, "_process_claim_tried", False)
+        assert cc.kernel_cache_for_this_thread() is None
+    _fresh_thread_state(monkeypatch)
     saved = jax.config.jax_persistent_cache_enable_xla_caches
     jax.config.update("jax_persistent_cache_enable_xla_caches", "all")
     try:
-        assert cc.process_kernel_cache() is None
+        assert cc.kernel_cache_for_this_thread() is None
     finally:
         jax.config.update("jax_persistent_cache_enable_xla_caches", saved)

@@ -21,20 +21,20 @@ set, and caches entries of any size.
 
 The cache is trusted code (JAX executes what it reads): keep it in a directory only you can write.
 
-XLA's kernel cache, one file per compiling process (`process_kernel_cache`). XLA:GPU can keep
-the kernels it compiled in a file (``xla_gpu_kernel_cache_file``) and reuse them in later
+XLA's kernel cache, one file per compiling thread (`kernel_cache_for_this_thread`). XLA:GPU can
+keep the kernels it compiled in a file (``xla_gpu_kernel_cache_file``) and reuse them in later
 compiles of other programs, which repeat most of their kernels (the grid's step programs carry
 63 distinct Triton kernels among 352). JAX's own switch for it
 (``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=all``) points every process at one file, which XLA
 rewrites whole after each compile without a lock, so compile processes that share it can fail a
-compile. Here each process that compiles step programs on a GPU (the serving process, each
-compile worker) claims a file of its own under ``<cache dir>/xla_kernel_caches/`` (an exclusive
-`fcntl.flock` held for the process's life, so no two live processes, of one engine or several,
-write one file) and compiles with it as a per-call compiler option (`KERNEL_CACHE_OPTION`,
-`compile_with_kernel_cache`), which `exclude_kernel_cache_from_key` keeps out of JAX's
-persistent-cache key: the file does not change the executable, so a program keeps one key
-whichever process compiled it. On by default on GPU; ``$CROSSPOOL_XLA_KERNEL_CACHE=off`` turns it
-off.
+compile. Here each thread that compiles step programs on a GPU (a compile worker process's one,
+each compile thread of the serving process) claims a file of its own under
+``<cache dir>/xla_kernel_caches/`` (an exclusive `fcntl.flock` held for the thread's life, so no
+two compiles at once, in one process or several, write one file) and compiles with it as a
+per-call compiler option (`KERNEL_CACHE_OPTION`, `compile_with_kernel_cache`), which
+`exclude_kernel_cache_from_key` keeps out of JAX's persistent-cache key: the file does not change
+the executable, so a program keeps one key whichever thread or process compiled it. On by
+default on GPU; ``$CROSSPOOL_XLA_KERNEL_CACHE=off`` turns it off.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import fcntl
 import logging
 import os
 import threading
+import weakref
 from typing import Any
 
 ENV = "CROSSPOOL_COMPILATION_CACHE"
@@ -127,12 +128,13 @@ def exclude_kernel_cache_from_key() -> bool:
 
 
 class KernelCacheClaim:
-    """One claimed kernel cache file: `path`, locked for as long as this object is open (module
-    doc). `release()` (or garbage collection of the process) frees the slot."""
+    """One claimed kernel cache file: `path`, locked until `release()` (or until this object is
+    garbage collected, e.g. with the thread that held it, or the process exits)."""
 
     def __init__(self, path: str, lock_fd: int):
         self.path = path
-        self._fd: int | None = lock_fd
+        # closing the descriptor drops its flock; the finalizer closes it exactly once
+        self._close = weakref.finalize(self, os.close, lock_fd)
 
     def discard(self) -> None:
         """Deletes the file (e.g. after a compile that failed with it: it may be truncated); the
@@ -141,9 +143,7 @@ class KernelCacheClaim:
             os.remove(self.path)
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops its flock
-            self._fd = None
+        self._close()
 
 
 def claim_kernel_cache(cache_dir: str) -> KernelCacheClaim | None:
@@ -178,32 +178,31 @@ def claim_kernel_cache(cache_dir: str) -> KernelCacheClaim | None:
     return None
 
 
-_process_claim: KernelCacheClaim | None = None
-_process_claim_tried = False
-_process_claim_lock = threading.Lock()
+_thread_claims = threading.local()  # .claim: this thread's KernelCacheClaim or None, once tried
 
 
-def process_kernel_cache() -> KernelCacheClaim | None:
-    """This process's XLA kernel cache file, claimed on first use and held until the process
-    exits; None: off on CPU, without a compilation cache directory, with
-    ``$CROSSPOOL_XLA_KERNEL_CACHE=off``, where JAX's own kernel cache setting is on
-    (``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES``: its file wins), where the option cannot be kept
-    out of the persistent cache's key, or with every slot held."""
-    global _process_claim, _process_claim_tried
+def kernel_cache_for_this_thread() -> KernelCacheClaim | None:
+    """The XLA kernel cache file of the calling thread, claimed on its first call and held until
+    the thread ends: one file per compiling thread, since XLA compiles on the calling thread and
+    rewrites the file after each compile without a lock (a compile worker process compiles on
+    one thread; a process that compiles on several threads holds one slot per thread). None: off
+    on CPU, without a compilation cache directory, with ``$CROSSPOOL_XLA_KERNEL_CACHE=off``, where
+    JAX's own kernel cache setting is on (``JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES``: its file
+    wins), where the option cannot be kept out of the persistent cache's key, or with every slot
+    held."""
     import jax
 
-    with _process_claim_lock:
-        if _process_claim_tried:
-            return _process_claim
-        _process_claim_tried = True
-        cache_dir = compilation_cache_dir()
-        jax_caches = jax.config.jax_persistent_cache_enable_xla_caches or ""
-        if (not cache_dir or jax.default_backend() == "cpu" or not kernel_cache_wanted()
-                or jax_caches == "all" or KERNEL_CACHE_OPTION in jax_caches
-                or not exclude_kernel_cache_from_key()):
-            return None
-        _process_claim = claim_kernel_cache(cache_dir)
-        return _process_claim
+    if hasattr(_thread_claims, "claim"):
+        return _thread_claims.claim
+    claim = None
+    cache_dir = compilation_cache_dir()
+    jax_caches = jax.config.jax_persistent_cache_enable_xla_caches or ""
+    if (cache_dir and jax.default_backend() != "cpu" and kernel_cache_wanted()
+            and jax_caches != "all" and KERNEL_CACHE_OPTION not in jax_caches
+            and exclude_kernel_cache_from_key()):
+        claim = claim_kernel_cache(cache_dir)
+    _thread_claims.claim = claim
+    return claim
 
 
 def compile_with_kernel_cache(lowered: Any, compiler_options: dict[str, Any] | None,

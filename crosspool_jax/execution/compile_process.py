@@ -17,9 +17,9 @@ fresh interpreter, never a fork of a process that holds accelerator state, and n
 caller's main module) over a socket pair, with the parent's environment, its JAX platform and
 persistent compilation cache directory (not on CPU: `CPU_SERIALIZABLE`) and no preallocated
 memory pool (`worker_environment`: the serving process owns the memory; the worker needs the
-device only to compile for it). On GPU each worker, like the serving process, compiles with an
-XLA kernel cache file of its own (`compile_cache` module doc), so kernels that its programs
-repeat compile once. A `ProcessCompiler` holds up to `workers` of them (the
+device only to compile for it). On GPU each worker, like each compile thread of the serving
+process, compiles with an XLA kernel cache file of its own (`compile_cache` module doc), so
+kernels that its programs repeat compile once. A `ProcessCompiler` holds up to `workers` of them (the
 runner's `compile_workers`: its compile queue runs that many compiles at once, each waiting on
 its own worker). A worker that dies or fails a job raises `CompileProcessError` in the caller,
 which falls back to compiling in process (`GroupRunner`); the next job starts a new worker.
@@ -105,14 +105,17 @@ def compile_spec(spec: Any, shape: Any, platform: str,
                  compiler_options: dict[str, Any] | None) -> Any:
     """`spec`'s step program over an arena of `shape` (a `StoreShape`, or the `ArenaStore` itself:
     the same attributes), lowered and compiled here (jax.stages.Compiled). The one build of a step
-    program, in the worker and in the serving process alike; on GPU with this process's XLA
+    program, in the worker and in the serving process alike; on GPU with this thread's XLA
     kernel cache file (`compile_cache.compile_with_kernel_cache`)."""
-    from crosspool_jax.execution.compile_cache import compile_with_kernel_cache, process_kernel_cache
+    from crosspool_jax.execution.compile_cache import (
+        compile_with_kernel_cache,
+        kernel_cache_for_this_thread,
+    )
     from crosspool_jax.execution.pooled_step import build_step, input_shapes
 
     arena = jax.ShapeDtypeStruct(shape.arena_shape, shape.arena_dtype, sharding=shape.sharding)
     lowered = build_step(spec, shape, platform).lower(arena, input_shapes(spec, shape))
-    claim = process_kernel_cache() if platform == "gpu" else None
+    claim = kernel_cache_for_this_thread() if platform == "gpu" else None
     return compile_with_kernel_cache(lowered, compiler_options, claim)
 
 

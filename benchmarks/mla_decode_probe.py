@@ -12,6 +12,7 @@ and on variants of it that each remove one suspect:
 - ``r128``: the engine's wide-row layout (128-element arena rows: 4 latent chunks + 1 rope
   chunk padded to 128, of which the kernel loads 64 columns: the default's 64-token blocks in
   2 stages, in order); ``r128 bt32 st4 lookahead``: there, the lookahead at 32-token blocks;
+- ``wide``: `Config.wide_values` (each warpgroup's P @ V one wgmma per 256 output columns);
 - tuning rows (`Config` overrides).
 
 Correctness first: every variant's output against the XLA gather path (relative error). Floors
@@ -61,6 +62,9 @@ def variants(smoke: bool) -> list[tuple[str, dict]]:
             ("h64 s2", dict(heads=64, num_splits=2)), ("h64 s4 l2", dict(heads=64, num_splits=4, l2=True)),
             ("r128", dict(row_elems=128)), ("r128 l2", dict(row_elems=128, l2=True)),
             ("r128 bt32 st4 lookahead", dict(row_elems=128, block_t=32, stages=4, lookahead=True)),
+            ("wide", dict(wide_values=True)), ("wide wg0 4", dict(wide_values=True, wg0_chunks=4)),
+            ("r128 wide", dict(row_elems=128, wide_values=True)),
+            ("r128 wide wg0 2", dict(row_elems=128, wide_values=True, wg0_chunks=2)),
             ("wg0 2", dict(wg0_chunks=2)), ("wg0 4", dict(wg0_chunks=4)),
             ("s1", dict(num_splits=1)), ("s3", dict(num_splits=3)), ("s4", dict(num_splits=4)),
             ("bt64 st2 lookahead", dict(block_t=64, stages=2, lookahead=True)),

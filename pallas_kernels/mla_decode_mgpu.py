@@ -104,6 +104,17 @@ chunk 64 wide): Q 72 KiB + ``stages x block_t x 1,152`` B of pipeline + P + alph
 (`smem_plan`, equal to what Mosaic GPU allocates): block_t = 64 with 2 stages is 225 KiB of the
 227 KiB, block_t = 32 with 4 stages 221 KiB. One CTA per SM.
 
+Wide values (`Config.wide_values`, off by default: not yet timed). By default a stage holds each
+latent chunk as its own [block_t, R] buffer, so a compute warpgroup's P @ V is one wgmma per
+chunk, N = R = 64 columns at DeepSeek's R = 64 (8 per block between the two warpgroups), each
+reading its shared-memory operands for a narrow output. With wide values a stage holds the
+block's latent as one [block_t, latent_chunks x R] buffer (tiled 8 x swizzle), so a warpgroup's
+P @ V is one wgmma per 256 output columns (`_value_pieces`; FlashMLA runs N = 256), and a score
+chunk is a column slice of it. TMA writes only contiguous shared memory, and in that buffer a
+chunk's 8-token tile rows are not adjacent, so the memory warpgroup loads each chunk 8 tokens a
+box (`_Smem.load_boxes`: 64 boxes of 1 KiB a 64-token block at R = 64, 32 of 2 KiB at R = 128,
+against 9 or 5). The bytes in shared memory are the same.
+
 Differences between the backends. Mosaic GPU's interpreter cannot run a wgmma whose left
 operand is in registers, nor one into an accumulator set from registers, so under
 ``backend="interpret"`` warpgroup 0 reads P from shared memory like warpgroup 1 and each
@@ -138,6 +149,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +162,7 @@ from pallas_kernels._common import split_softmax_combine
 from pallas_kernels.page_layout import KVKind, PageGeometry
 
 HEADS_PER_CTA = 64  # wgmma M: the query heads of one CTA (a head block)
+WGMMA_MAX_N = 256  # widest wgmma (output columns of one P @ V with wide values)
 SMEM_BYTES = 227 * 1024  # an H100/H200 CTA's dynamic shared memory
 SMEM_ALIGN = 1024  # Mosaic GPU aligns each shared-memory buffer to this many bytes
 BARRIER_BYTES = 8  # one mbarrier
@@ -174,6 +187,10 @@ class Config:
     lookahead: warpgroup 0 issues block i+1's score wgmmas before block i's softmax (True), so
       they overlap it but hold a second stage; False: block i's scores, then its softmax, so
       only the block in use holds a stage and the other stages load ahead (FlashMLA's order).
+    wide_values: a stage keeps a block's latent chunks side by side, one [block_t, latent]
+      buffer loaded 8 tokens a TMA box, so each compute warpgroup's P @ V is one wgmma per 256
+      output columns (FlashMLA's N = 256) instead of one per R-wide chunk (module doc, "Wide
+      values"); False: a [block_t, R] buffer per chunk, one TMA box each.
     """
 
     block_t: int
@@ -181,6 +198,7 @@ class Config:
     num_splits: int
     wg0_chunks: int = 0
     lookahead: bool = True
+    wide_values: bool = False
 
 
 def rope_cols(geom: PageGeometry, block_t: int) -> int:
@@ -236,7 +254,7 @@ def default_wg0_chunks(latent_chunks: int) -> int:
 def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: int,
                    itemsize: int = 2, block_t: int | None = None, stages: int | None = None,
                    num_splits: int | None = None, wg0_chunks: int | None = None,
-                   lookahead: bool | None = None) -> Config:
+                   lookahead: bool | None = None, wide_values: bool = False) -> Config:
     """The launch's `Config` for ``batch`` sequences of ``num_heads`` query heads and at most
     ``max_tokens`` attended tokens each; the arguments given override the defaults.
 
@@ -245,7 +263,7 @@ def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: i
     stages: as many as fit, at most 4.
     lookahead: only with 3 stages or more (it holds a second stage, so with 2 nothing would
     load ahead; module doc, "Schedule"). num_splits: `default_num_splits`. wg0_chunks:
-    `default_wg0_chunks`.
+    `default_wg0_chunks`. wide_values: off (not yet timed).
     """
     t = geom.tokens_per_page
     if block_t is None:
@@ -258,7 +276,8 @@ def default_config(geom: PageGeometry, batch: int, num_heads: int, max_tokens: i
         num_splits = default_num_splits(batch, head_blocks, max_tokens, block_t)
     return Config(block_t=block_t, stages=stages, num_splits=num_splits,
                   wg0_chunks=wg0_chunks or default_wg0_chunks(geom.head_chunks),
-                  lookahead=stages >= 3 if lookahead is None else lookahead)
+                  lookahead=stages >= 3 if lookahead is None else lookahead,
+                  wide_values=wide_values)
 
 
 def profile_ranges(geom: PageGeometry, cfg: Config, itemsize: int = 2) -> int:
@@ -369,8 +388,8 @@ class _Cta:
     Static: block_t, stages (`Config`); row_elems (R), tokens_per_page (T), rows_per_page;
     score_chunks: Q / K chunks per token (latent, then rope); latent_chunks: value chunks (the
     output's); rope_cols: the columns of a rope chunk loaded (`rope_cols`); wg0_chunks: value
-    chunks [0, wg0_chunks) of warpgroup 0 (`Config`; warpgroup 1 has the rest); lookahead
-    (`Config`); max_pages: page-table width; num_pages: arena pages; dtype: the arena's (Q,
+    chunks [0, wg0_chunks) of warpgroup 0 (`Config`; warpgroup 1 has the rest); lookahead,
+    wide_values (`Config`); max_pages: page-table width; num_pages: arena pages; dtype: the arena's (Q,
     K/V and P); scale, soft_cap, window, interpret: `_kernel`'s.
     Traced int32 scalars: b (sequence), hb (head block), item (row of o_ref / m_ref / l_ref);
     lo_all: the sequence's first attended token (0, or length - window); lo / hi: the split's
@@ -390,6 +409,7 @@ class _Cta:
     rope_cols: int
     wg0_chunks: int
     lookahead: bool
+    wide_values: bool
     max_pages: int
     num_pages: int
     dtype: jnp.dtype
@@ -419,11 +439,12 @@ class _Smem:
     """The CTA's shared-memory buffers and barriers, in `_kernel`'s allocation order.
 
     q: [latent_chunks, 64, R] and q_rope: [rope_chunks, 64, rope_cols] (None without a rope
-    key) the head block's query; kv: [stages, latent_chunks, block_t, R] and kv_rope: [stages,
-    rope_chunks, block_t, rope_cols] (or None) the pipeline, one KV block per stage; p: [64,
+    key) the head block's query; kv: [stages, latent_chunks, block_t, R] (wide values:
+    [stages, block_t, latent_chunks * R]) and kv_rope: [stages, rope_chunks, block_t,
+    rope_cols] (or None) the pipeline, one KV block per stage; p: [64,
     block_t] P in the KV dtype; alpha: [64] f32 the rescale factor of the block in P.
     q_bar: Q landed (one arrival per chunk copy); kv_full[stages]: a stage's block landed (one
-    arrival per chunk copy); kv_consumed[stages]: a stage released by both compute warpgroups
+    arrival per copy, `_copies_per_block`); kv_consumed[stages]: a stage released by both compute warpgroups
     (2 arrivals); p_full: P and alpha published by warpgroup 0; p_free: P and alpha released
     by warpgroup 1.
     """
@@ -440,27 +461,78 @@ class _Smem:
     p_full: object
     p_free: object
 
-    def chunk_refs(self, slot, chunks) -> list:
-        """The [block_t, R] refs of latent ``chunks`` of the block in stage ``slot``."""
-        return [self.kv.at[slot, c] for c in chunks]
+    wide: bool = False  # `Config.wide_values`: kv is [stages, block_t, latent_chunks * R]
+
+    def latent_chunk(self, slot, c: int):
+        """The [block_t, R] ref of latent chunk c of the block in stage ``slot`` (with wide
+        values a column slice of the stage's one buffer)."""
+        r = self.q.shape[-1]
+        return self.kv.at[slot, :, pl.ds(c * r, r)] if self.wide else self.kv.at[slot, c]
+
+    def value_refs(self, slot, first: int, count: int) -> list:
+        """The [block_t, w] refs that P @ V reads for latent chunks [first, first + count) of
+        the block in stage ``slot``, one per `_value_pieces` piece."""
+        if not self.wide:
+            return [self.kv.at[slot, c] for c in range(first, first + count)]
+        return [self.kv.at[slot, :, pl.ds(c0, w)]
+                for c0, w in _value_pieces(first, count, self.q.shape[-1], True)]
 
     def q_chunks(self) -> list:
         """Q's score chunks in order: [64, R] refs of the latent, then [64, rope_cols] of the
         rope key."""
-        return _in_score_order(self.q, self.q_rope)
+        rope = [] if self.q_rope is None else [self.q_rope.at[c] for c in range(self.q_rope.shape[0])]
+        return [self.q.at[c] for c in range(self.q.shape[0])] + rope
 
     def k_chunks(self, slot) -> list:
         """The score chunks of the block in stage ``slot``, in Q's order: [block_t, R] refs,
         then [block_t, rope_cols]."""
-        return _in_score_order(self.kv.at[slot],
-                               None if self.kv_rope is None else self.kv_rope.at[slot])
+        rope = ([] if self.kv_rope is None
+                else [self.kv_rope.at[slot, c] for c in range(self.kv_rope.shape[1])])
+        return [self.latent_chunk(slot, c) for c in range(self.q.shape[0])] + rope
+
+    def load_boxes(self, slot, block_t: int) -> list[tuple[int, int, Any]]:
+        """The TMA copies that fill stage ``slot``: (score chunk c, first token in the block,
+        destination ref), each of ``dst.shape[0]`` tokens of chunk c (its first
+        ``dst.shape[1]`` columns); with wide values 8 tokens a latent box (one contiguous tile
+        row of the buffer)."""
+        boxes = []
+        r = self.q.shape[-1]
+        for c in range(self.q.shape[0]):
+            if self.wide:
+                boxes += [(c, t, self.kv.at[slot, pl.ds(t, 8), pl.ds(c * r, r)])
+                          for t in range(0, block_t, 8)]
+            else:
+                boxes.append((c, 0, self.kv.at[slot, c]))
+        if self.kv_rope is not None:
+            boxes += [(self.q.shape[0] + c, 0, self.kv_rope.at[slot, c])
+                      for c in range(self.kv_rope.shape[1])]
+        return boxes
 
 
-def _in_score_order(latent, rope) -> list:
-    """``latent.at[c]`` for each latent chunk c, then ``rope.at[c]`` for each rope chunk (none
-    when ``rope`` is None)."""
-    refs = [latent.at[c] for c in range(latent.shape[0])]
-    return refs + ([] if rope is None else [rope.at[c] for c in range(rope.shape[0])])
+def _value_pieces(first: int, count: int, r: int, wide: bool) -> list[tuple[int, int]]:
+    """(first column, width) of the P @ V operands (and output accumulators) of latent chunks
+    [first, first + count): each R-wide chunk, or with wide values runs of at most
+    `WGMMA_MAX_N` columns."""
+    if not wide:
+        return [(c * r, r) for c in range(first, first + count)]
+    lo, hi = first * r, (first + count) * r
+    return [(c0, min(WGMMA_MAX_N, hi - c0)) for c0 in range(lo, hi, WGMMA_MAX_N)]
+
+
+def _copies_per_block(cta: _Cta) -> int:
+    """TMA copies (kv_full arrivals) that fill one stage: one per score chunk, or with wide
+    values one per 8 tokens of each latent chunk and one per rope chunk."""
+    rope = cta.score_chunks - cta.latent_chunks
+    if cta.wide_values:
+        return cta.latent_chunks * (cta.block_t // 8) + rope
+    return cta.score_chunks
+
+
+def _zero_outputs(cta: _Cta, first: int, count: int) -> tuple:
+    """A compute warpgroup's empty O for latent chunks [first, first + count): f32 zeros
+    [64, w] in the WGMMA layout, one per `_value_pieces` piece."""
+    return tuple(_zeros_wgmma((HEADS_PER_CTA, w)) for _, w in
+                 _value_pieces(first, count, cta.row_elems, cta.wide_values))
 
 
 def _zeros_wgmma(shape) -> jax.Array:
@@ -513,7 +585,7 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
     cta = _Cta(block_t=bt, stages=cfg.stages, row_elems=geom.row_elems,
                tokens_per_page=geom.tokens_per_page, rows_per_page=geom.rows_per_page,
                score_chunks=len(geom.score_chunk_rows), latent_chunks=geom.head_chunks,
-               rope_cols=rope_cols(geom, bt),
+               rope_cols=rope_cols(geom, bt), wide_values=cfg.wide_values,
                wg0_chunks=cfg.wg0_chunks or default_wg0_chunks(geom.head_chunks),
                lookahead=cfg.lookahead, max_pages=table_ref.shape[1],
                num_pages=num_pages, dtype=kv_ref.dtype, scale=scale, soft_cap=soft_cap,
@@ -528,7 +600,7 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
         it = iter(refs)  # the buffers below, in order; the rope ones only with a rope key
         q, q_rope = next(it), next(it) if n_rope else None
         kv, kv_rope = next(it), next(it) if n_rope else None
-        smem = _Smem(q, q_rope, kv, kv_rope, *it)
+        smem = _Smem(q, q_rope, kv, kv_rope, *it, wide=cta.wide_values)
         wg = lax.axis_index("wg")
         pl.when(wg == 2)(functools.partial(_memory_warpgroup, cta, smem))
         pl.when(wg == 0)(functools.partial(_scores_warpgroup, cta, smem))
@@ -536,7 +608,8 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
 
     tf = _swizzled(bt, dt)  # one swizzle for both operands of every wgmma (module doc)
     q_bufs = [plgpu.SMEM((n_lat, m_rows, r), dt, transforms=tf)]  # q
-    kv_bufs = [plgpu.SMEM((cfg.stages, n_lat, bt, r), dt, transforms=tf)]  # kv
+    kv_shape = (cfg.stages, bt, n_lat * r) if cfg.wide_values else (cfg.stages, n_lat, bt, r)
+    kv_bufs = [plgpu.SMEM(kv_shape, dt, transforms=tf)]  # kv
     if n_rope:
         q_bufs.append(plgpu.SMEM((n_rope, m_rows, w_rope), dt, transforms=tf))  # q_rope
         kv_bufs.append(plgpu.SMEM((cfg.stages, n_rope, bt, w_rope), dt, transforms=tf))  # kv_rope
@@ -547,7 +620,7 @@ def _kernel(len_ref, split_ref, table_ref, q_ref, kv_ref, o_ref, m_ref, l_ref, *
         plgpu.SMEM((m_rows, bt), dt, transforms=tf),  # p
         plgpu.SMEM((m_rows,), jnp.float32),  # alpha
         plgpu.Barrier(num_arrivals=n_chunks),  # q_bar
-        plgpu.Barrier(num_arrivals=n_chunks, num_barriers=cfg.stages),  # kv_full
+        plgpu.Barrier(num_arrivals=_copies_per_block(cta), num_barriers=cfg.stages),  # kv_full
         plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages),  # kv_consumed
         plgpu.Barrier(num_arrivals=1),  # p_full
         plgpu.Barrier(num_arrivals=1),  # p_free
@@ -582,8 +655,8 @@ def _memory_warpgroup(cta: _Cta, smem: _Smem) -> None:
                 plgpu.barrier_wait(smem.kv_consumed.at[slot])
 
         row0 = page * cta.rows_per_page + lax.rem(lo + i * bt, t_pp)
-        for c, dst in enumerate(smem.k_chunks(slot)):  # a rope chunk: its first rope_cols columns
-            src = cta.kv_ref.at[pl.ds(pl.multiple_of(row0 + c * t_pp, 8), bt),
+        for c, t, dst in smem.load_boxes(slot, bt):  # a rope chunk: its first rope_cols columns
+            src = cta.kv_ref.at[pl.ds(pl.multiple_of(row0 + c * t_pp + t, 8), dst.shape[0]),
                                 pl.ds(0, dst.shape[-1])]
             plgpu.copy_gmem_to_smem(src, dst, smem.kv_full.at[slot])
         return page_next
@@ -680,7 +753,7 @@ def _wg0_start(cta: _Cta) -> tuple:
     m_rows = HEADS_PER_CTA
     m0 = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32), _ROW_LAYOUT)
     l0 = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), _ROW_LAYOUT)
-    return m0, l0, tuple(_zeros_wgmma((m_rows, cta.row_elems)) for _ in range(cta.wg0_chunks))
+    return m0, l0, _zero_outputs(cta, 0, cta.wg0_chunks)
 
 
 def _publish_and_pv0(cta: _Cta, smem: _Smem, i, alpha: jax.Array, p16: jax.Array,
@@ -699,7 +772,7 @@ def _publish_and_pv0(cta: _Cta, smem: _Smem, i, alpha: jax.Array, p16: jax.Array
         plgpu.commit_smem()
         plgpu.barrier_arrive(smem.p_full)
     with jax.named_scope("wg0_pv"):
-        v_refs = smem.chunk_refs(lax.rem(i, cta.stages), range(cta.wg0_chunks))
+        v_refs = smem.value_refs(lax.rem(i, cta.stages), 0, cta.wg0_chunks)
         _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * cta.block_t), cta.block_t)
         o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
         return _pv_accumulate(o, None if cta.interpret else p16, smem.p, v_refs, cta.interpret)
@@ -745,7 +818,7 @@ def _values_warpgroup(cta: _Cta, smem: _Smem) -> None:
             plgpu.barrier_wait(smem.p_full)
         with jax.named_scope("wg1_pv"):
             alpha = plgpu.layout_cast(smem.alpha[...], _ROW_LAYOUT)
-            v_refs = smem.chunk_refs(slot, range(cta.wg0_chunks, cta.latent_chunks))
+            v_refs = smem.value_refs(slot, cta.wg0_chunks, cta.latent_chunks - cta.wg0_chunks)
             _zero_tail_rows(v_refs, cta.hi - (cta.lo + i * cta.block_t), cta.block_t)
             o = tuple(oc * lax.broadcast_in_dim(alpha, oc.shape, [0]) for oc in o)
             o = _pv_accumulate(o, None, smem.p, v_refs, cta.interpret)
@@ -753,19 +826,21 @@ def _values_warpgroup(cta: _Cta, smem: _Smem) -> None:
         plgpu.barrier_arrive(smem.kv_consumed.at[slot])
         return o
 
-    o0 = tuple(_zeros_wgmma((HEADS_PER_CTA, cta.row_elems))
-               for _ in range(cta.latent_chunks - cta.wg0_chunks))
+    o0 = _zero_outputs(cta, cta.wg0_chunks, cta.latent_chunks - cta.wg0_chunks)
     _write_partial(cta, lax.fori_loop(0, cta.n_blocks, body, o0), cta.wg0_chunks)
 
 
 def _write_partial(cta: _Cta, o: tuple, first_chunk: int, m_base2: jax.Array | None = None,
                    l_sum: jax.Array | None = None) -> None:
-    """Epilogue: a compute warpgroup's unnormalised O chunks ([64, R] f32 each) into
-    ``o_ref[item, first_chunk + c]``; with the running max ``m_base2`` (base-2 units) and sum
-    ``l_sum`` ([64] f32, warpgroup 0), also ``m_ref[item]`` (natural-log units) and
-    ``l_ref[item]``."""
-    for c, oc in enumerate(o):
-        cta.o_ref[cta.item, first_chunk + c] = oc
+    """Epilogue: a compute warpgroup's unnormalised O (its `_value_pieces`, [64, w] f32 each,
+    from latent chunk ``first_chunk`` on) into ``o_ref[item, c]``, one R-wide chunk c at a time;
+    with the running max ``m_base2`` (base-2 units) and sum ``l_sum`` ([64] f32, warpgroup 0),
+    also ``m_ref[item]`` (natural-log units) and ``l_ref[item]``."""
+    r, c = cta.row_elems, first_chunk
+    for piece in o:
+        for j in range(piece.shape[1] // r):
+            cta.o_ref[cta.item, c] = piece[:, j * r:(j + 1) * r] if piece.shape[1] > r else piece
+            c += 1
     if m_base2 is not None:
         cta.m_ref[cta.item] = m_base2 * LN2
         cta.l_ref[cta.item] = l_sum
@@ -775,8 +850,7 @@ def _write_empty_partial(cta: _Cta) -> None:
     """Epilogue of warpgroup 0 for a split without tokens: O_0 = 0, m = -inf, l = 0 (warpgroup 1
     writes its zero O_1 after its empty loop)."""
     m_rows = HEADS_PER_CTA
-    _write_partial(cta, tuple(_zeros_wgmma((m_rows, cta.row_elems))
-                              for _ in range(cta.wg0_chunks)), 0)
+    _write_partial(cta, _zero_outputs(cta, 0, cta.wg0_chunks), 0)
     cta.m_ref[cta.item] = plgpu.layout_cast(jnp.full((m_rows,), -jnp.inf, jnp.float32),
                                             _ROW_LAYOUT)
     cta.l_ref[cta.item] = plgpu.layout_cast(jnp.zeros((m_rows,), jnp.float32), _ROW_LAYOUT)
@@ -871,6 +945,7 @@ def paged_mla_decode_attention_mgpu(
     stages: int | None = None,
     wg0_chunks: int | None = None,
     lookahead: bool | None = None,
+    wide_values: bool = False,
     return_lse: bool = False,
     profile_dir: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -882,7 +957,8 @@ def paged_mla_decode_attention_mgpu(
     geom: an MLA `PageGeometry`; scale: softmax scale; soft_cap: logits -> cap * tanh(logits /
     cap) after scaling; window: attend only to the last ``window`` tokens.
     backend: "gpu" (Mosaic GPU) or "interpret" (Mosaic GPU's interpreter on CPU).
-    num_splits / block_t / stages / wg0_chunks / lookahead: tuning (`default_config`).
+    num_splits / block_t / stages / wg0_chunks / lookahead / wide_values: tuning
+      (`default_config`).
     profile_dir: GPU only, for timing work: each call writes a Mosaic GPU profiler trace there
       (Perfetto JSON: the named ranges of each warpgroup of each CTA, the first
       `profile_ranges`: as many as the shared memory left beside the launch holds; ValueError
@@ -913,7 +989,7 @@ def paged_mla_decode_attention_mgpu(
         max_tokens = min(max_tokens, window + geom.tokens_per_page)
     cfg = default_config(geom, b, h, max_tokens, jnp.dtype(arena.dtype).itemsize,
                          block_t=block_t, stages=stages, num_splits=num_splits,
-                         wg0_chunks=wg0_chunks, lookahead=lookahead)
+                         wg0_chunks=wg0_chunks, lookahead=lookahead, wide_values=wide_values)
     check_supported(geom, arena, cfg)
     if profile_dir and not profile_ranges(geom, cfg, jnp.dtype(arena.dtype).itemsize):
         raise ValueError(f"no shared memory is left for the profiler beside {cfg}: pass fewer "

@@ -6,7 +6,8 @@
   page tables with -1 past each sequence, the lengths 0, 1, T-1, T, T+1 and several pages in one
   call, 2 head blocks and a padded one, several KV splits, blocks that start inside a page,
   window + soft cap, R = 128 with the rope key narrower than a row (its row padding NaN, not
-  read), DeepSeek's geometry in 64- and 128-element rows, bf16 and f16, and the log-sum-exp.
+  read), DeepSeek's geometry in 64- and 128-element rows, the wide value buffer, bf16 and f16,
+  and the log-sum-exp.
 * Cross-lowered to Mosaic GPU for an abstract H200 at DeepSeek-V3's decode shape (B = 32,
   H = 128, latent 512 + rope 64, 64 tokens per page, 8192-token tables): the Pallas -> Mosaic
   GPU lowering, layout inference and the shared-memory check run here; only ptxas needs the chip.
@@ -72,12 +73,14 @@ def _run_case(seed: int, lat: int, rope: int, r: int, t_pp: int, heads: int, dty
     np.testing.assert_allclose(lse[1:], ref_lse[1:], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("lookahead", [False, True])
-def test_interpreted_with_race_detector(race_detection, lookahead):
+@pytest.mark.parametrize(("lookahead", "wide_values"), [(False, False), (True, False),
+                                                        (False, True)])
+def test_interpreted_with_race_detector(race_detection, lookahead, wide_values):
     # 2 head blocks (H = 128), 2 stages, 16-token blocks in 32-token pages (every other block
-    # starts mid-page); lengths 0, 1, 31, 32, 33, 131; both schedules of warpgroup 0.
+    # starts mid-page); lengths 0, 1, 31, 32, 33, 131; both schedules of warpgroup 0, and the
+    # wide value buffer (8 tokens a TMA box)
     _run_case(0, 128, 64, 64, 32, 128, "bfloat16", block_t=16, stages=2, num_splits=1,
-              lookahead=lookahead)
+              lookahead=lookahead, wide_values=wide_values)
     assert not interpret_pallas_call.get_races().races_found
 
 
@@ -95,6 +98,12 @@ def test_interpreted_with_race_detector(race_detection, lookahead):
     # DeepSeek in the engine's 128-element rows: 4 latent chunks of 128 + the rope key's 64
     # columns; the default 64-token blocks, 2 stages, in order
     (512, 64, 128, 64, 64, "bfloat16", {}),
+    # wide values: DeepSeek at R = 64 (P @ V as 192 + 256 + 64 columns) and at R = 128 (128 +
+    # 256 + 128); a window, a soft cap and 2 splits
+    (512, 64, 64, 64, 64, "bfloat16", {"wide_values": True}),
+    (512, 64, 128, 64, 64, "bfloat16", {"wide_values": True}),
+    (128, 64, 64, 16, 16, "bfloat16", {"wide_values": True, "window": 20, "soft_cap": 5.0,
+                                       "num_splits": 2}),
     # DeepSeek's latent 512 + rope 64 (9 chunks) in 64-token pages: the default 64-token blocks,
     # 2 stages, in order
     (512, 64, 64, 64, 64, "bfloat16", {}),
@@ -127,6 +136,9 @@ def _deepseek_geometry(r: int = 64):
     (64, {"wg0_chunks": 4}),  # half of the 8 latent chunks each (the default is 3 of 8)
     (64, {"block_t": 64, "lookahead": True}),  # 2 stages with the lookahead
     (128, {"engine": True}),  # the engine's GPU pages: 256 KiB, 192 tokens (`default_token_align`)
+    (64, {"wide_values": True}),  # one [64, 512] value buffer a stage, 8-token TMA boxes
+    (64, {"wide_values": True, "wg0_chunks": 4}),  # P @ V as two N = 256 wgmmas
+    (128, {"engine": True, "wide_values": True}),
 ])
 def test_lowers_to_mosaic_gpu_for_h200(monkeypatch, r, kw):
     kw = dict(kw)
@@ -173,6 +185,12 @@ def test_configuration_and_shared_memory_plan(monkeypatch):
     # the profiler gets the shared memory the launch leaves: 1,992 B beside the default
     assert mgpu.profile_ranges(geom, mgpu.Config(64, 2, 2)) == (232448 - 230456) // 48 == 41
     assert mgpu.profile_ranges(geom, mgpu.Config(32, 3, 2)) == mgpu.PROFILE_RANGES
+    # wide values: the same bytes; P @ V pieces of at most 256 columns
+    assert mgpu.default_config(geom, 32, 128, 8192, wide_values=True) == mgpu.Config(
+        64, 2, 2, wg0_chunks=3, lookahead=False, wide_values=True)
+    assert mgpu._value_pieces(3, 5, 64, True) == [(192, 256), (448, 64)]
+    assert mgpu._value_pieces(1, 3, 128, True) == [(128, 256), (384, 128)]
+    assert mgpu._value_pieces(1, 2, 64, False) == [(64, 64), (128, 64)]
     narrow = page_geometry(KVSpec.mla(256, 32), PoolLayout(16 * 3 * 256, "bfloat16", 128))
     assert mgpu.rope_cols(narrow, 16) == 32 and mgpu.rope_cols(narrow, 64) == 64
 

@@ -498,11 +498,10 @@ class _Smem:
         boxes = []
         r = self.q.shape[-1]
         for c in range(self.q.shape[0]):
-            if self.wide:
-                boxes += [(c, t, self.kv.at[slot, pl.ds(t, 8), pl.ds(c * r, r)])
-                          for t in range(0, block_t, 8)]
-            else:
-                boxes.append((c, 0, self.kv.at[slot, c]))
+            for t, n in _latent_boxes(block_t, self.wide):
+                dst = (self.kv.at[slot, pl.ds(t, n), pl.ds(c * r, r)] if self.wide
+                       else self.kv.at[slot, c])
+                boxes.append((c, t, dst))
         if self.kv_rope is not None:
             boxes += [(self.q.shape[0] + c, 0, self.kv_rope.at[slot, c])
                       for c in range(self.kv_rope.shape[1])]
@@ -519,13 +518,17 @@ def _value_pieces(first: int, count: int, r: int, wide: bool) -> list[tuple[int,
     return [(c0, min(WGMMA_MAX_N, hi - c0)) for c0 in range(lo, hi, WGMMA_MAX_N)]
 
 
+def _latent_boxes(block_t: int, wide: bool) -> list[tuple[int, int]]:
+    """(first token, tokens) of each TMA box that loads one latent chunk of a block: the whole
+    block, or with wide values 8 tokens a box (one contiguous tile row of the wide buffer)."""
+    return [(t, 8) for t in range(0, block_t, 8)] if wide else [(0, block_t)]
+
+
 def _copies_per_block(cta: _Cta) -> int:
-    """TMA copies (kv_full arrivals) that fill one stage: one per score chunk, or with wide
-    values one per 8 tokens of each latent chunk and one per rope chunk."""
+    """TMA copies (kv_full arrivals) that fill one stage, as `_Smem.load_boxes` issues them:
+    `_latent_boxes` per latent chunk, one per rope chunk."""
     rope = cta.score_chunks - cta.latent_chunks
-    if cta.wide_values:
-        return cta.latent_chunks * (cta.block_t // 8) + rope
-    return cta.score_chunks
+    return cta.latent_chunks * len(_latent_boxes(cta.block_t, cta.wide_values)) + rope
 
 
 def _zero_outputs(cta: _Cta, first: int, count: int) -> tuple:

@@ -140,7 +140,8 @@ kernel refused, so `pallas_kernels.dispatch` ran the Triton one); cross-lowered 
 CPU. Inside the engine on one H100 (2026-12-06 night, DeepSeek-V2-Lite: 16 heads, padded to 64)
 it took 3,061 us a decode call of 8 x 4K against Triton's 2,635 (0.86x), so `dispatch`'s "auto"
 runs it only for 64 heads or more (`MLA_AUTO_MIN_HEADS`). In order at 64-token blocks (the
-default since 2026-12-08): 173.1 us on one H100 at R = 64, 49.6% of the floor (60%: not met);
+default since 2026-12-08): 173.1 us on one H100 at R = 64, 49.6% of the floor (60%: not met),
+timed at a5e7ebe, before the rope chunk got shared-memory buffers of its own (not re-timed since);
 at the engine's R = 128 rows (the rope chunk 64 wide) not yet timed.
 """
 
